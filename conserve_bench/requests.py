@@ -1,0 +1,256 @@
+"""lm-eval requests -> engine prompts -> item results, with lm-eval's own semantics.
+
+Everything here works on token sequences and plain data; nothing imports vLLM. A work item
+(one lm-eval request) becomes one or more `Prompt`s; each prompt carries the `Part`s that read
+its output. The engine submits prompts and feeds finished outputs back through `Assembler`,
+which folds parts into item results:
+
+- loglikelihood -> [logprob, is_greedy]
+- loglikelihood_rolling -> logprob (sum over disjoint windows)
+- generate_until -> text
+
+Tokenization follows lm-eval's `TemplateLM`: trailing context whitespace moves to the
+continuation, the pair is encoded whole and split at the context length, an empty context is
+replaced by the prefix token. Single-token continuations that share a context are scored by
+one prompt (the context alone, reading the next-token logprobs of the candidate tokens):
+MMLU's four choices cost one prefill, and that prefill can hit the prefix cache, which
+prompt-logprob requests never do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+KINDS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+MAX_SCORED_TOKENS = 128  # vLLM 0.32.0's MAX_LOGPROB_TOKEN_IDS
+DEFAULT_MAX_GEN_TOKS = 256
+
+
+class Tokenizer(Protocol):
+    bos_token_id: int | None
+    eos_token_id: int | None
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def item_key(kind: str, args: list[Any], model_fingerprint: str) -> str:
+    """Content hash of one request: same request, same model and settings -> same key."""
+    blob = json.dumps([kind, args, model_fingerprint], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# -- parts: how to read one engine output into one item's partial result -------------------
+
+
+@dataclass(frozen=True)
+class NextTokenScore:
+    """Logprob of `token_id` right after the prompt; greedy iff it is what greedy sampling picks."""
+
+    key: str
+    token_id: int
+
+    def read(self, out) -> tuple[float, bool]:
+        completion = out.outputs[0]
+        logprob = completion.logprobs[0][self.token_id].logprob
+        return logprob, completion.token_ids[0] == self.token_id
+
+
+@dataclass(frozen=True)
+class PromptScore:
+    """Sum of prompt logprobs from position `start` on; greedy iff every token ranked first."""
+
+    key: str
+    start: int
+
+    def read(self, out) -> tuple[float, bool]:
+        total, greedy = 0.0, True
+        for token_id, logprobs in zip(out.prompt_token_ids[self.start :],
+                                      out.prompt_logprobs[self.start :]):
+            scored = logprobs[token_id]
+            total += scored.logprob
+            greedy = greedy and scored.rank == 1
+        return total, greedy
+
+
+@dataclass(frozen=True)
+class GeneratedText:
+    key: str
+    until: tuple[str, ...]
+
+    def read(self, out) -> str:
+        text = out.outputs[0].text
+        for stop in self.until:
+            if stop:
+                text = text.split(stop)[0]
+        return text
+
+
+Part = NextTokenScore | PromptScore | GeneratedText
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    params: dict[str, Any]  # keyword arguments of vllm.SamplingParams
+    parts: list[Part] = field(default_factory=list)
+
+
+# -- building prompts -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """lm-eval's tokenization rules for one tokenizer and context length."""
+
+    tokenizer: Tokenizer
+    max_length: int
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if context == "":
+            cont = self.encode(continuation)
+            if cont and cont[0] == self.prefix_token_id:
+                return cont[:1], cont[1:]
+            return [self.prefix_token_id], cont
+        num_spaces = len(context) - len(context.rstrip())
+        if num_spaces:
+            context, continuation = context[:-num_spaces], context[-num_spaces:] + continuation
+        whole = self.encode(context + continuation)
+        num_ctx = len(self.encode(context))
+        return whole[:num_ctx], whole[num_ctx:]
+
+    def rolling_windows(self, text: str) -> list[tuple[list[int], list[int]]]:
+        windows = get_rolling_token_windows(
+            token_list=self.encode(text), prefix_token=self.prefix_token_id,
+            max_seq_len=self.max_length - 1, context_len=1,
+        )
+        return [make_disjoint_window(w) for w in windows]
+
+
+def build_prompts(work: list, encoder: Encoder) -> tuple[list[Prompt], dict[str, int]]:
+    """Turn work items into engine prompts; returns the prompts and each item's part count."""
+    prompts: list[Prompt] = []
+    num_parts: dict[str, int] = {}
+    shared: dict[tuple[int, ...], Prompt] = {}
+    for item in work:
+        if item.kind == "loglikelihood":
+            prompt = _loglikelihood(item, encoder, shared)
+        elif item.kind == "loglikelihood_rolling":
+            windows = _rolling(item, encoder)
+            prompts += windows
+            num_parts[item.key] = len(windows)
+            continue
+        elif item.kind == "generate_until":
+            prompt = _generation(item, encoder)
+        else:
+            raise ValueError(f"unknown request kind {item.kind!r}")
+        num_parts[item.key] = 1
+        if prompt is not None:
+            prompts.append(prompt)
+    return prompts, num_parts
+
+
+def _loglikelihood(item, encoder: Encoder, shared: dict) -> Prompt | None:
+    context, continuation = item.args
+    ctx, cont = encoder.encode_pair(context, continuation)
+    if len(cont) == 1 and 0 < len(ctx) < encoder.max_length:
+        # NOTE: one prompt per distinct context; returns None when an earlier item's prompt
+        # already covers this context, so the caller adds nothing.
+        prompt = shared.get(tuple(ctx))
+        is_new = prompt is None or len(prompt.parts) >= MAX_SCORED_TOKENS
+        if is_new:
+            prompt = Prompt(ctx, {"max_tokens": 1, "temperature": 0.0, "logprob_token_ids": []})
+            shared[tuple(ctx)] = prompt
+        prompt.params["logprob_token_ids"].append(cont[0])
+        prompt.parts.append(NextTokenScore(item.key, cont[0]))
+        return prompt if is_new else None
+    return _scored_prompt(item.key, ctx, cont, encoder.max_length)
+
+
+def _rolling(item, encoder: Encoder) -> list[Prompt]:
+    (text,) = item.args
+    return [_scored_prompt(item.key, ctx, cont, encoder.max_length)
+            for ctx, cont in encoder.rolling_windows(text)]
+
+
+def _scored_prompt(key: str, ctx: list[int], cont: list[int], max_length: int) -> Prompt:
+    # NOTE: like lm-eval, keep the last max_length tokens; the first one is never scored.
+    tokens = (ctx + cont)[-max_length:]
+    start = max(len(tokens) - len(cont), 1)
+    params = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 1}
+    return Prompt(tokens, params, [PromptScore(key, start)])
+
+
+def _generation(item, encoder: Encoder) -> Prompt:
+    context, gen_kwargs = item.args
+    kwargs = dict(gen_kwargs or {})
+    until = kwargs.pop("until", None) or []
+    until = [until] if isinstance(until, str) else list(until)
+    eos = encoder.tokenizer.decode([encoder.tokenizer.eos_token_id])
+    if eos not in until:
+        until.append(eos)
+    max_gen_toks = int(kwargs.pop("max_gen_toks", None) or kwargs.pop("max_new_tokens", None)
+                       or DEFAULT_MAX_GEN_TOKS)
+    temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+    if not kwargs.pop("do_sample", temperature > 0):
+        temperature = 0.0
+    params = {"max_tokens": max_gen_toks, "temperature": temperature, "stop": until}
+    for name in ("top_p", "top_k", "min_p", "seed"):
+        if name in kwargs:
+            params[name] = kwargs[name]
+    ctx = encoder.encode(context)[-(encoder.max_length - max_gen_toks):]
+    return Prompt(ctx, params, [GeneratedText(item.key, tuple(until))])
+
+
+# -- folding outputs back into item results ---------------------------------------------------
+
+
+class Assembler:
+    """Collects partial results per item and reports items whose parts are all in."""
+
+    def __init__(self):
+        self._expected: dict[str, int] = {}
+        self._partial: dict[str, list] = defaultdict(list)
+        self._kind: dict[str, str] = {}
+
+    def expect(self, work: list, num_parts: dict[str, int]) -> None:
+        for item in work:
+            self._expected[item.key] = num_parts[item.key]
+            self._kind[item.key] = item.kind
+
+    def add(self, prompt: Prompt, output) -> list[tuple[str, Any]]:
+        finished = []
+        for part in prompt.parts:
+            self._partial[part.key].append(part.read(output))
+            if len(self._partial[part.key]) == self._expected[part.key]:
+                finished.append((part.key, self._fold(part.key)))
+        return finished
+
+    def _fold(self, key: str) -> Any:
+        values = self._partial.pop(key)
+        kind = self._kind.pop(key)
+        del self._expected[key]
+        if kind == "loglikelihood_rolling":
+            return sum(logprob for logprob, _ in values)
+        if kind == "loglikelihood":
+            logprob, greedy = values[0]
+            return [logprob, greedy]
+        return values[0]
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._expected)

@@ -1,0 +1,114 @@
+"""Task spec -> lm-eval tasks: names are resolved and checked, local data is wired in.
+
+Tasks come from lm-eval's own task system (its built-in YAML plus our `tasks/` folder). With
+a data directory, every task whose dataset is the hub's `cais/mmlu` reads the original MMLU
+CSV files instead (`test/<subject>_test.csv`, `dev/`, `val/`; no header:
+question,A,B,C,D,answer), producing exactly the rows lm-eval gets from the hub.
+
+lm-eval 0.4.13 names relied on: `TaskManager` (`all_tasks`, `match_tasks`, `_factory`),
+`TaskFactory._load_full_config`, and `TaskConfig.custom_dataset`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import DataDirError, UnknownTaskError
+
+MMLU_HUB_PATH = "cais/mmlu"
+MMLU_SPLITS = {"test": "test", "validation": "val", "dev": "dev"}
+LETTERS = "ABCD"
+
+
+@functools.cache
+def _task_manager_class():
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._factory import TaskFactory
+
+    class LocalDataFactory(TaskFactory):
+        """Builds lm-eval tasks, pointing hub datasets we hold locally at local files."""
+
+        def __init__(self, *, meta=None, data_dir: str | None = None):
+            super().__init__(meta=meta)
+            self.data_dir = data_dir
+
+        def _load_full_config(self, entry, overrides=None):
+            cfg = super()._load_full_config(entry, overrides)
+            if self.data_dir and cfg.get("dataset_path") == MMLU_HUB_PATH:
+                cfg["custom_dataset"] = functools.partial(
+                    load_mmlu_csv, self.data_dir, cfg["dataset_name"]
+                )
+            return cfg
+
+    class LocalDataTaskManager(TaskManager):
+        def __init__(self, data_dir: str | None = None, **kwargs):
+            super().__init__(**kwargs)
+            self._factory = LocalDataFactory(meta=self.metadata, data_dir=data_dir)
+
+    return LocalDataTaskManager
+
+
+def task_manager(data_dir: str | None = None):
+    """An lm-eval TaskManager over built-in tasks plus ours, reading MMLU from `data_dir`."""
+    from .tasks import TASKS_DIR
+
+    if data_dir is not None:
+        check_data_dir(data_dir)
+    return _task_manager_class()(data_dir=data_dir, include_path=str(TASKS_DIR))
+
+
+def check_tasks(names: Sequence[str], manager) -> list[str]:
+    """Raise UnknownTaskError (with suggestions) unless every name is a task, group or tag."""
+    known = set(manager.all_tasks)
+    for name in names:
+        if name in known or Path(name).is_file() or manager.match_tasks([name]):
+            continue
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UnknownTaskError(f"unknown task {name!r}{hint}")
+    return list(names)
+
+
+def check_data_dir(data_dir: str) -> None:
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise DataDirError(f"data directory {data_dir!r} does not exist")
+    if not (path / "test").is_dir():
+        raise DataDirError(f"data directory {data_dir!r} has no test/ folder of MMLU CSV files")
+
+
+def load_mmlu_csv(data_dir: str, subject: str, **_metadata):
+    """Load one MMLU subject (or `all`) from CSV in the layout of the hub's `cais/mmlu`."""
+    import datasets
+
+    features = datasets.Features({
+        "question": datasets.Value("string"),
+        "subject": datasets.Value("string"),
+        "choices": datasets.Sequence(datasets.Value("string")),
+        "answer": datasets.ClassLabel(num_classes=4, names=list(LETTERS)),
+    })
+    splits = {}
+    for split, folder in MMLU_SPLITS.items():
+        rows = _read_subject_rows(Path(data_dir) / folder, folder, subject)
+        splits[split] = datasets.Dataset.from_list(rows, features=features)
+    return datasets.DatasetDict(splits)
+
+
+def _read_subject_rows(folder: Path, split: str, subject: str) -> list[dict]:
+    import csv
+
+    pattern = f"*_{split}.csv" if subject == "all" else f"{subject}_{split}.csv"
+    files = sorted(folder.glob(pattern))
+    if not files:
+        raise DataDirError(f"no MMLU file {folder / pattern}")
+    rows = []
+    for file in files:
+        name = file.name[: -len(f"_{split}.csv")]
+        with open(file, newline="", encoding="utf-8") as f:
+            for question, a, b, c, d, answer in csv.reader(f):
+                rows.append({"question": question, "subject": name, "choices": [a, b, c, d],
+                             "answer": LETTERS.index(answer.strip())})
+    return rows

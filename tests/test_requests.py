@@ -1,0 +1,130 @@
+"""Request translation, without vLLM: lm-eval's tokenization rules, prompt sharing, folding."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conserve_bench.requests import (Assembler, Encoder, GeneratedText, NextTokenScore,
+                                     PromptScore, build_prompts, item_key)
+from conserve_bench.store import WorkItem
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_ref):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_ref.path)
+
+
+@pytest.fixture(scope="module")
+def template_lm(tokenizer):
+    """lm-eval's own TemplateLM rules over the same tokenizer: the oracle for encode_pair."""
+    from lm_eval.api.model import TemplateLM
+
+    class Oracle(TemplateLM):
+        backend = "causal"
+        eot_token_id = tokenizer.eos_token_id
+        prefix_token_id = tokenizer.bos_token_id
+
+        def tok_encode(self, string, add_special_tokens=False, **kw):
+            return tokenizer.encode(string, add_special_tokens=False)
+
+        def _loglikelihood_tokens(self, requests, **kw):
+            return [(ctx, cont) for _, ctx, cont in requests]
+
+        loglikelihood_rolling = generate_until = None
+
+    return Oracle()
+
+
+def item(kind, *args, key=None):
+    return WorkItem(key or item_key(kind, list(args), "m"), kind, list(args))
+
+
+text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(context=text, continuation=text.filter(bool))
+def test_encode_pair_matches_lm_eval(tokenizer, template_lm, context, continuation):
+    from lm_eval.api.instance import Instance
+
+    encoder = Encoder(tokenizer, 2047)
+    [(ctx, cont)] = template_lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)],
+                                              disable_tqdm=True)
+    assert encoder.encode_pair(context, continuation) == (ctx, cont)
+
+
+def test_single_token_choices_share_one_prompt(tokenizer):
+    encoder = Encoder(tokenizer, 2047)
+    work = [item("loglikelihood", "Question: 1+1?\nAnswer:", f" {c}") for c in "ABCD"]
+    prompts, num_parts = build_prompts(work, encoder)
+    assert len(prompts) == 1
+    [prompt] = prompts
+    assert prompt.params["max_tokens"] == 1 and "prompt_logprobs" not in prompt.params
+    assert [p.key for p in prompt.parts] == [w.key for w in work]
+    assert len(set(prompt.params["logprob_token_ids"])) == 4
+    assert num_parts == {w.key: 1 for w in work}
+
+
+def test_multi_token_continuation_uses_prompt_logprobs(tokenizer):
+    encoder = Encoder(tokenizer, 2047)
+    [prompt], _ = build_prompts([item("loglikelihood", "The capital of France is", " Paris, France")], encoder)
+    ctx, cont = encoder.encode_pair("The capital of France is", " Paris, France")
+    assert prompt.token_ids == ctx + cont and prompt.params["prompt_logprobs"] == 1
+    assert prompt.parts[0].start == len(ctx)
+
+
+@settings(max_examples=30, deadline=None)
+@given(num_words=st.integers(1, 300), max_length=st.integers(8, 64))
+def test_rolling_windows_score_every_token_once(tokenizer, num_words, max_length):
+    encoder = Encoder(tokenizer, max_length)
+    text_ = " ".join(f"word{i}" for i in range(num_words))
+    prompts, num_parts = build_prompts([item("loglikelihood_rolling", text_, key="r")], encoder)
+    scored = []
+    for p in prompts:
+        assert len(p.token_ids) <= max_length
+        scored += p.token_ids[p.parts[0].start:]
+    assert scored == encoder.encode(text_)
+    assert num_parts["r"] == len(prompts)
+
+
+def test_generation_params_follow_lm_eval(tokenizer):
+    encoder = Encoder(tokenizer, 2047)
+    gen = {"until": ["\n\n", "Q:"], "max_gen_toks": 32, "do_sample": False, "temperature": 0.7}
+    [prompt], _ = build_prompts([item("generate_until", "Q: hi\nA:", gen)], encoder)
+    assert prompt.params["max_tokens"] == 32
+    assert prompt.params["temperature"] == 0.0  # do_sample=False wins, as in lm-eval
+    assert prompt.params["stop"] == ["\n\n", "Q:", tokenizer.eos_token]
+
+
+def logprob(value, rank=1):
+    return SimpleNamespace(logprob=value, rank=rank)
+
+
+def test_assembler_folds_parts_into_lm_eval_results():
+    asm = Assembler()
+    work = [item("loglikelihood", "c", " A", key="a"), item("loglikelihood", "c", " B", key="b"),
+            item("loglikelihood_rolling", "t", key="r"), item("generate_until", "p", {}, key="g")]
+    asm.expect(work, {"a": 1, "b": 1, "r": 2, "g": 1})
+    shared = SimpleNamespace(parts=[NextTokenScore("a", 5), NextTokenScore("b", 6)])
+    out = SimpleNamespace(outputs=[SimpleNamespace(token_ids=[6], logprobs=[{5: logprob(-2.0), 6: logprob(-0.5)}])])
+    assert asm.add(shared, out) == [("a", [-2.0, False]), ("b", [-0.5, True])]
+    window = SimpleNamespace(parts=[PromptScore("r", 1)])
+    first = SimpleNamespace(prompt_token_ids=[1, 7, 8], prompt_logprobs=[None, {7: logprob(-1.0)}, {8: logprob(-2.0, 3)}])
+    assert asm.add(window, first) == []
+    second = SimpleNamespace(prompt_token_ids=[8, 9], prompt_logprobs=[None, {9: logprob(-0.25)}])
+    assert asm.add(window, second) == [("r", -3.25)]
+    gen = SimpleNamespace(parts=[GeneratedText("g", ("\n",))])
+    assert asm.add(gen, SimpleNamespace(outputs=[SimpleNamespace(text="Paris\nQ:")])) == [("g", "Paris")]
+    assert asm.num_pending == 0
+
+
+def test_item_key_depends_on_request_and_model():
+    assert item_key("loglikelihood", ["a", "b"], "m1") == item_key("loglikelihood", ["a", "b"], "m1")
+    assert item_key("loglikelihood", ["a", "b"], "m1") != item_key("loglikelihood", ["a", "b"], "m2")
+    assert item_key("loglikelihood", ["a", "b"], "m1") != item_key("loglikelihood", ["a", "c"], "m1")
