@@ -32,6 +32,10 @@ def engine_environment(cfg: EngineConfig) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(max(1, cfg.kv_cache_gib))))
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # NOTE: vllm-cpu 0.32.0 fails to load its own AOT-compiled artifacts ("'function' object
+    # has no attribute 'finalize_loading'") and recompiles at every start (~80 s on 2 cores);
+    # the regular torch.compile cache loads fine (~45 s).
+    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
 
 class Engine:

@@ -1,0 +1,290 @@
+"""Step-latency model: predicts how long one engine step takes from the shape of its batch.
+
+Owns the feature set (`FEATURES`), the non-negative least-squares fit on relative error, and
+the budget inversions (`max_tokens_within`, `max_decodes_within`) the scheduler plans with.
+Plain data and numpy only: it must never import torch or vLLM, and never measure anything
+itself; samples come from the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+FEATURES = ("fixed", "prefill_tokens", "decodes", "decode_attention", "prefill_attention",
+            "logprob_tokens")
+VERSION = 1
+DEFAULT_MAX_TOKENS = 1 << 20
+
+
+@dataclass(frozen=True)
+class ChunkShape:
+    """One prefill chunk: `num_tokens` new prompt tokens after `num_context` cached ones."""
+
+    num_tokens: int
+    num_context: int
+    prompt_logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 0 or self.num_context < 0:
+            raise ValueError(f"chunk sizes must be >= 0: {self}")
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The batch of one engine step: prefill chunks plus decode requests (one token each)."""
+
+    prefills: tuple[ChunkShape, ...] = ()
+    decode_context_lens: tuple[int, ...] = ()
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.prefills)
+
+    @property
+    def num_decodes(self) -> int:
+        return len(self.decode_context_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefill_tokens + self.num_decodes
+
+    @property
+    def decode_attention(self) -> int:
+        return sum(self.decode_context_lens)
+
+    @property
+    def prefill_attention(self) -> float:
+        return self._twice_prefill_attention / 2
+
+    @property
+    def _twice_prefill_attention(self) -> int:
+        # NOTE: summed as exact integers (2x the value, halved once), so the value does not
+        # depend on chunk order and the budget inversions reproduce it bit for bit.
+        return sum(c.num_tokens * (2 * c.num_context + c.num_tokens) for c in self.prefills)
+
+    @property
+    def num_logprob_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.prefills if c.prompt_logprobs)
+
+    def features(self) -> tuple[float, ...]:
+        """Feature values in `FEATURES` order."""
+        return _features(self.num_prefill_tokens, self.num_decodes, self.decode_attention,
+                         self._twice_prefill_attention, self.num_logprob_tokens)
+
+    def with_chunk(self, chunk: ChunkShape) -> StepShape:
+        return StepShape(self.prefills + (chunk,), self.decode_context_lens)
+
+    def with_decodes(self, context_lens: Sequence[int]) -> StepShape:
+        return StepShape(self.prefills, self.decode_context_lens + tuple(context_lens))
+
+
+def _features(num_prefill_tokens: int, num_decodes: int, decode_attention: int,
+              twice_prefill_attention: int, num_logprob_tokens: int) -> tuple[float, ...]:
+    return (1.0, float(num_prefill_tokens), float(num_decodes), float(decode_attention),
+            twice_prefill_attention / 2, float(num_logprob_tokens))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One measured step: its shape and its wall time in seconds."""
+
+    shape: StepShape
+    step_s: float
+
+
+@dataclass(frozen=True)
+class FitError:
+    """Relative prediction errors |pred - t| / t over `num_samples` samples."""
+
+    median_rel: float
+    p90_rel: float
+    max_rel: float
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """t = sum(coefficients[i] * features[i]); coefficients in `FEATURES` order, all >= 0."""
+
+    coefficients: tuple[float, ...]
+    fit_error: FitError | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.coefficients) != len(FEATURES):
+            raise ValueError(f"expected {len(FEATURES)} coefficients, got {len(self.coefficients)}")
+        # NOTE: non-negative coefficients make predictions monotone in every feature, which the
+        # budget inversions below rely on.
+        if not all(math.isfinite(c) and c >= 0 for c in self.coefficients):
+            raise ValueError(f"coefficients must be finite and >= 0: {self.coefficients}")
+
+    def predict(self, shape: StepShape) -> float:
+        """Predicted step time in seconds."""
+        return self._predict_features(shape.features())
+
+    def _predict_features(self, features: Sequence[float]) -> float:
+        return sum(c * f for c, f in zip(self.coefficients, features))
+
+    def max_tokens_within(self, budget_s: float, base_shape: StepShape, context: int,
+                          prompt_logprobs: bool = False,
+                          max_tokens: int = DEFAULT_MAX_TOKENS) -> int:
+        """Largest n <= max_tokens such that base + one n-token chunk at `context` fits."""
+        _, c_p, _, _, c_ap, c_l = self.coefficients
+        b = base_shape
+        slope = c_p + c_ap * context + (c_l if prompt_logprobs else 0.0)
+        estimate = _solve_quadratic(c_ap / 2, slope, budget_s - self.predict(b))
+
+        def predict_n(n: int) -> float:
+            return self._predict_features(_features(
+                b.num_prefill_tokens + n, b.num_decodes, b.decode_attention,
+                b._twice_prefill_attention + n * (2 * context + n),
+                b.num_logprob_tokens + (n if prompt_logprobs else 0)))
+
+        return _largest_within(predict_n, budget_s, estimate, max_tokens)
+
+    def max_decodes_within(self, budget_s: float, base_shape: StepShape, context_len: int,
+                           max_decodes: int = DEFAULT_MAX_TOKENS) -> int:
+        """Largest k <= max_decodes such that base + k decodes of `context_len` fits."""
+        _, _, c_d, c_ad, _, _ = self.coefficients
+        b = base_shape
+        estimate = _solve_quadratic(0.0, c_d + c_ad * context_len, budget_s - self.predict(b))
+
+        def predict_k(k: int) -> float:
+            return self._predict_features(_features(
+                b.num_prefill_tokens, b.num_decodes + k, b.decode_attention + k * context_len,
+                b._twice_prefill_attention, b.num_logprob_tokens))
+
+        return _largest_within(predict_k, budget_s, estimate, max_decodes)
+
+    def to_dict(self) -> dict[str, Any]:
+        fit_error = None if self.fit_error is None else asdict(self.fit_error)
+        return {"version": VERSION, "features": list(FEATURES),
+                "coefficients": list(self.coefficients), "fit_error": fit_error}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatencyModel:
+        if data.get("version") != VERSION or tuple(data.get("features", ())) != FEATURES:
+            raise ValueError(f"stored latency model has version {data.get('version')!r} and "
+                             f"features {data.get('features')!r}; expected {VERSION}, {FEATURES}")
+        fit_error = data.get("fit_error")
+        return cls(tuple(float(c) for c in data["coefficients"]),
+                   None if fit_error is None else FitError(**fit_error))
+
+
+def _solve_quadratic(a: float, b: float, slack: float) -> float:
+    """Largest real x >= 0 with a*x^2 + b*x <= slack (inf if unbounded, -1 if none)."""
+    if slack < 0:
+        return -1.0
+    # NOTE: 2s / (b + sqrt(b^2 + 4as)) is the root without cancellation when a is tiny.
+    denominator = b + math.sqrt(b * b + 4 * a * slack)
+    return math.inf if denominator == 0 else 2 * slack / denominator
+
+
+def _largest_within(predict_n: Callable[[int], float], budget_s: float, estimate: float,
+                    max_n: int) -> int:
+    """Integer n in [0, max_n] with predict_n(n) <= budget < predict_n(n + 1), from an estimate."""
+    def fits(n: int) -> bool:
+        return predict_n(n) <= budget_s
+
+    if not fits(0):
+        return 0
+    # NOTE: the closed form is exact only up to rounding, so the answer comes from integer
+    # checks: gallop out from the estimate to bracket it, then bisect (O(log error) checks).
+    lo, hi, step = 0, max_n + 1, 1  # invariant: fits(lo), and hi == max_n + 1 or not fits(hi)
+    guess = int(min(max(estimate, 0.0), max_n))
+    if fits(guess):
+        lo = guess
+        while lo + step < hi and fits(lo + step):
+            lo, step = lo + step, step * 2
+        hi = min(hi, lo + step)
+    else:
+        hi = guess
+        while hi - step > lo and not fits(hi - step):
+            hi, step = hi - step, step * 2
+        lo = max(lo, hi - step)
+    return _bisect(fits, lo, hi)
+
+
+def _bisect(fits: Callable[[int], bool], lo: int, hi: int) -> int:
+    """The last n in [lo, hi) that fits, given fits(lo) and that hi does not."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def fit(samples: Sequence[Sample]) -> LatencyModel:
+    """Non-negative least squares on relative error: each row is weighted by 1 / step_s."""
+    if len(samples) < len(FEATURES):
+        raise ValueError(f"need at least {len(FEATURES)} samples to fit {len(FEATURES)} "
+                         f"coefficients, got {len(samples)}")
+    times = np.array([s.step_s for s in samples], dtype=float)
+    if not np.all(np.isfinite(times) & (times > 0)):
+        raise ValueError("every sample needs a finite step_s > 0")
+    design = np.array([s.shape.features() for s in samples]) / times[:, None]
+    # NOTE: features span ~10 orders of magnitude; scaling columns keeps NNLS well conditioned.
+    scale = np.abs(design).max(axis=0)
+    scale[scale == 0] = 1.0
+    solution = _solve_nnls(design / scale, np.ones(len(samples))) / scale
+    model = LatencyModel(tuple(float(max(c, 0.0)) for c in solution))
+    return LatencyModel(model.coefficients, evaluate(model, samples))
+
+
+def evaluate(model: LatencyModel, samples: Sequence[Sample]) -> FitError:
+    """Median, P90 and max of |predicted - measured| / measured over `samples`."""
+    if not samples:
+        raise ValueError("cannot evaluate a latency model on zero samples")
+    rel = np.array([abs(model.predict(s.shape) - s.step_s) / s.step_s for s in samples])
+    return FitError(float(np.median(rel)), float(np.percentile(rel, 90)), float(rel.max()),
+                    len(samples))
+
+
+def split_holdout(samples: Sequence[Sample], fraction: float = 0.25,
+                  seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """Deterministic (train, holdout) split; each keeps the input order."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+    order = np.random.default_rng(seed).permutation(len(samples))
+    held = set(order[:round(len(samples) * fraction)].tolist())
+    train = [s for i, s in enumerate(samples) if i not in held]
+    return train, [s for i, s in enumerate(samples) if i in held]
+
+
+def _solve_nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    try:
+        from scipy.optimize import nnls
+    except ImportError:
+        return _nnls_lawson_hanson(a, b)
+    return nnls(a, b)[0]
+
+
+def _nnls_lawson_hanson(a: np.ndarray, b: np.ndarray, tol: float = 1e-12) -> np.ndarray:
+    """min ||a x - b|| subject to x >= 0 (Lawson & Hanson, 1974): the fallback without scipy."""
+    num_cols = a.shape[1]
+    x, active = np.zeros(num_cols), np.zeros(num_cols, dtype=bool)
+    for _ in range(3 * num_cols + 10):
+        gradient = a.T @ (b - a @ x)
+        if active.all() or gradient[~active].max() <= tol:
+            break
+        active[np.argmax(np.where(active, -np.inf, gradient))] = True
+        x = _nnls_inner(a, b, x, active)
+    return x
+
+
+def _nnls_inner(a: np.ndarray, b: np.ndarray, x: np.ndarray, active: np.ndarray) -> np.ndarray:
+    """Solve on the active set, stepping back toward x until the solution is feasible."""
+    while True:
+        z = np.zeros_like(x)
+        z[active] = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
+        if z[active].min() > 0:
+            return z
+        blocked = active & (z <= 0)
+        alpha = np.min(x[blocked] / np.maximum(x[blocked] - z[blocked], 1e-300))
+        x = x + alpha * (z - x)
+        # NOTE: shrinks the caller's active set in place; at least one index leaves per pass.
+        active &= x > 1e-15
+        if not active.any():
+            return np.zeros_like(x)

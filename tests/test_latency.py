@@ -1,0 +1,228 @@
+"""The step-latency model, without torch or vLLM: fitting, budget inversions, storage."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conserve_bench.latency import (FEATURES, ChunkShape, FitError, LatencyModel, Sample,
+                                    StepShape, _largest_within, _nnls_lawson_hanson,
+                                    evaluate, fit, split_holdout)
+
+# Plausible magnitudes for a small GPU model: 5 ms fixed, 20 us per prefill token, ...
+TRUE_COEFFICIENTS = (5e-3, 2e-5, 4e-5, 2e-8, 1e-9, 3e-4)
+
+
+def random_shape(rng: np.random.Generator) -> StepShape:
+    prefills = tuple(
+        ChunkShape(int(rng.integers(1, 2048)), int(rng.integers(0, 4096)), bool(rng.random() < 0.3))
+        for _ in range(rng.integers(0, 4)))
+    decodes = tuple(int(c) for c in rng.integers(1, 8192, size=rng.integers(0, 64)))
+    return StepShape(prefills, decodes)
+
+
+def synthetic_samples(coefficients, num_samples: int, noise: float = 0.0,
+                      seed: int = 0) -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    model = LatencyModel(coefficients)
+    shapes = [random_shape(rng) for _ in range(num_samples)]
+    # NOTE: multiplicative log-normal noise keeps every step_s > 0, as measurements are.
+    return [Sample(s, model.predict(s) * float(np.exp(noise * rng.standard_normal())))
+            for s in shapes]
+
+
+def test_fit_recovers_noise_free_coefficients():
+    model = fit(synthetic_samples(TRUE_COEFFICIENTS, 200))
+    np.testing.assert_allclose(model.coefficients, TRUE_COEFFICIENTS, rtol=1e-6)
+    assert model.fit_error is not None and model.fit_error.max_rel < 1e-8
+    assert model.fit_error.num_samples == 200
+
+
+def test_noisy_fit_generalises_to_holdout():
+    train, holdout = split_holdout(synthetic_samples(TRUE_COEFFICIENTS, 400, noise=0.03, seed=1))
+    error = evaluate(fit(train), holdout)
+    assert error.num_samples == len(holdout) == 100
+    assert error.median_rel < 0.05
+    assert error.median_rel <= error.p90_rel <= error.max_rel
+
+
+def test_fit_minimises_relative_not_absolute_error():
+    from scipy.optimize import nnls
+
+    rng = np.random.default_rng(5)
+    truth = LatencyModel(TRUE_COEFFICIENTS)
+    shapes = [random_shape(rng) for _ in range(300)]
+    # A term the model cannot express, so relative and absolute fits disagree.
+    samples = [Sample(s, truth.predict(s) + 2e-6 * s.num_decodes ** 2) for s in shapes]
+    features = np.array([s.shape.features() for s in samples])
+    scale = features.max(axis=0)
+    absolute = nnls(features / scale, [s.step_s for s in samples])[0] / scale
+    unweighted = LatencyModel(tuple(float(c) for c in absolute))
+
+    def sum_sq_rel(model: LatencyModel) -> float:
+        return sum(((model.predict(s.shape) - s.step_s) / s.step_s) ** 2 for s in samples)
+
+    assert sum_sq_rel(fit(samples)) < 0.8 * sum_sq_rel(unweighted)
+
+
+@pytest.mark.parametrize("zero_feature", range(1, len(FEATURES)))
+def test_nnls_never_returns_negative_coefficients(zero_feature):
+    coefficients = list(TRUE_COEFFICIENTS)
+    coefficients[zero_feature] = 0.0
+    model = fit(synthetic_samples(tuple(coefficients), 60, noise=0.1, seed=zero_feature))
+    assert all(c >= 0 for c in model.coefficients)
+
+
+def test_lawson_hanson_fallback_matches_scipy():
+    from scipy.optimize import nnls
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        a, b = rng.standard_normal((30, 6)), rng.standard_normal(30)
+        expected = nnls(a, b)[0]
+        got = _nnls_lawson_hanson(a, b)
+        assert got.min() >= 0
+        np.testing.assert_allclose(got, expected, atol=1e-9)
+
+
+def test_fit_rejects_too_few_samples():
+    samples = synthetic_samples(TRUE_COEFFICIENTS, len(FEATURES) - 1)
+    with pytest.raises(ValueError, match="at least 6 samples"):
+        fit(samples)
+
+
+def test_fit_rejects_non_positive_times():
+    samples = synthetic_samples(TRUE_COEFFICIENTS, 20)
+    samples[3] = Sample(samples[3].shape, 0.0)
+    with pytest.raises(ValueError, match="step_s > 0"):
+        fit(samples)
+
+
+def test_split_holdout_is_deterministic_and_disjoint():
+    samples = synthetic_samples(TRUE_COEFFICIENTS, 40)
+    train, holdout = split_holdout(samples, fraction=0.25, seed=7)
+    assert (train, holdout) == split_holdout(samples, fraction=0.25, seed=7)
+    assert len(holdout) == 10 and len(train) == 30
+    assert sorted(map(id, train + holdout)) == sorted(map(id, samples))
+
+
+def test_step_shape_features():
+    shape = StepShape((ChunkShape(10, 100), ChunkShape(4, 0, prompt_logprobs=True)), (7, 9))
+    assert shape.num_prefill_tokens == 14 and shape.num_decodes == 2 and shape.num_tokens == 16
+    assert shape.decode_attention == 16
+    assert shape.prefill_attention == 10 * (100 + 5) + 4 * 2
+    assert shape.features() == (1.0, 14.0, 2.0, 16.0, 1058.0, 4.0)
+    assert shape.with_decodes([3]).decode_context_lens == (7, 9, 3)
+    assert shape.with_chunk(ChunkShape(1, 1)).num_prefill_tokens == 15
+
+
+coefficient = st.floats(0, 1e-2, allow_subnormal=False)
+models = st.builds(LatencyModel, st.tuples(*[coefficient] * len(FEATURES)))
+chunks = st.builds(ChunkShape, st.integers(0, 4096), st.integers(0, 32768), st.booleans())
+shapes = st.builds(StepShape, st.lists(chunks, max_size=4).map(tuple),
+                   st.lists(st.integers(0, 32768), max_size=32).map(tuple))
+budgets = st.floats(0, 2.0, allow_subnormal=False)
+limits = st.sampled_from([1 << 20, 5000, 0])
+
+
+@settings(max_examples=300, deadline=None)
+@given(models, budgets, shapes, st.integers(0, 32768), st.booleans(), limits)
+def test_max_tokens_within_is_the_exact_limit(model, budget_s, base, context, logprobs, limit):
+    def predict(n: int) -> float:
+        return model.predict(base.with_chunk(ChunkShape(n, context, logprobs)))
+
+    n = model.max_tokens_within(budget_s, base, context, logprobs, max_tokens=limit)
+    assert 0 <= n <= limit
+    if model.predict(base) > budget_s:
+        assert n == 0
+        return
+    assert predict(n) <= budget_s
+    if n < limit:
+        assert predict(n + 1) > budget_s
+
+
+@settings(max_examples=300, deadline=None)
+@given(models, budgets, shapes, st.integers(0, 32768), limits)
+def test_max_decodes_within_is_the_exact_limit(model, budget_s, base, context_len, limit):
+    def predict(k: int) -> float:
+        return model.predict(base.with_decodes([context_len] * k))
+
+    k = model.max_decodes_within(budget_s, base, context_len, max_decodes=limit)
+    assert 0 <= k <= limit
+    if model.predict(base) > budget_s:
+        assert k == 0
+        return
+    assert predict(k) <= budget_s
+    if k < limit:
+        assert predict(k + 1) > budget_s
+
+
+def test_max_tokens_within_matches_a_hand_computed_case():
+    model = LatencyModel((1e-3, 1e-5, 0.0, 0.0, 0.0, 0.0))
+    assert model.max_tokens_within(2e-3, StepShape(), context=0) == 100
+    assert model.max_tokens_within(0.5e-3, StepShape(), context=0) == 0
+
+
+@pytest.mark.parametrize("estimate", [0.0, 1.0, 12_344.0, 12_345.0, 12_346.0, 9e5, math.inf, -1.0])
+def test_budget_search_is_exact_and_cheap_from_any_estimate(estimate):
+    calls = []
+
+    def predict_n(n: int) -> float:
+        calls.append(n)
+        return 1.0 + n * 1e-4
+
+    assert _largest_within(predict_n, 1.0 + 12_345.5e-4, estimate, max_n=1 << 20) == 12_345
+    assert len(calls) < 80
+
+
+@settings(max_examples=100)
+@given(shapes, st.integers(1, 4096), st.integers(0, 32768), models, st.floats(1e-7, 1e-2))
+def test_prompt_logprob_chunks_cost_more(base, num_tokens, context, model, c_l):
+    def predict(model: LatencyModel, prompt_logprobs: bool) -> float:
+        return model.predict(base.with_chunk(ChunkShape(num_tokens, context, prompt_logprobs)))
+
+    # NOTE: c_l >= 1e-7 keeps the logprob term far above the rounding of the other terms.
+    scoring = LatencyModel(model.coefficients[:-1] + (c_l,))
+    assert predict(scoring, True) > predict(scoring, False)
+    free = LatencyModel(model.coefficients[:-1] + (0.0,))
+    assert predict(free, True) == predict(free, False)
+
+
+fit_errors = st.builds(FitError, st.floats(0, 10), st.floats(0, 10), st.floats(0, 10),
+                       st.integers(0, 10**6))
+
+
+@given(models, st.none() | fit_errors)
+def test_to_dict_round_trips_through_json(model, fit_error):
+    model = LatencyModel(model.coefficients, fit_error)
+    assert LatencyModel.from_dict(json.loads(json.dumps(model.to_dict()))) == model
+
+
+def test_from_dict_rejects_other_features_or_versions():
+    data = LatencyModel(TRUE_COEFFICIENTS).to_dict()
+    renamed = dict(data, features=[*FEATURES[:-1], "lora_adapters"])
+    with pytest.raises(ValueError, match="features"):
+        LatencyModel.from_dict(renamed)
+    with pytest.raises(ValueError, match="version"):
+        LatencyModel.from_dict(dict(data, version=99))
+
+
+def test_model_rejects_negative_or_misshapen_coefficients():
+    with pytest.raises(ValueError):
+        LatencyModel((1.0, -1e-6, 0.0, 0.0, 0.0, 0.0))
+    with pytest.raises(ValueError):
+        LatencyModel((1.0, 0.0))
+
+
+def test_import_does_not_load_torch_or_vllm():
+    code = ("import sys, conserve_bench.latency; "
+            "print(sorted(m for m in ('torch', 'vllm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,56 @@
+"""The vLLM 0.32.0 and lm-eval 0.4.13 names conserve-bench relies on, checked without an engine.
+
+When an upgrade moves one of them, this fails first and says which.
+"""
+
+from __future__ import annotations
+
+import inspect
+from importlib.metadata import version
+
+import pytest
+
+
+def test_pinned_versions():
+    assert version("lm-eval") == "0.4.13"
+    vllm_version = __import__("vllm").__version__
+    assert vllm_version.startswith("0.32.0"), vllm_version
+
+
+def test_vllm_offline_engine_names():
+    from vllm import LLM, SamplingParams
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    for name in ("add_request", "step", "abort_request", "has_unfinished_requests", "get_tokenizer"):
+        assert callable(getattr(LLMEngine, name, None)), f"LLMEngine.{name} moved"
+    assert "priority" in inspect.signature(LLMEngine.add_request).parameters
+    assert "llm_engine" in inspect.getsource(LLM.__init__)
+    fields = SamplingParams.__dataclass_fields__ if hasattr(SamplingParams, "__dataclass_fields__") \
+        else SamplingParams.__struct_fields__
+    for name in ("logprob_token_ids", "prompt_logprobs", "max_tokens", "stop", "temperature"):
+        assert name in fields, f"SamplingParams.{name} moved"
+
+
+def test_vllm_output_names():
+    from vllm.outputs import CompletionOutput, RequestOutput
+
+    params = inspect.signature(RequestOutput.__init__).parameters
+    for name in ("request_id", "prompt_token_ids", "prompt_logprobs", "outputs", "finished"):
+        assert name in params, f"RequestOutput.{name} moved"
+    for name in ("token_ids", "logprobs", "text"):
+        assert name in CompletionOutput.__dataclass_fields__, f"CompletionOutput.{name} moved"
+
+
+def test_lm_eval_names():
+    from lm_eval.api.model import LM, TemplateLM
+    from lm_eval.api.registry import model_registry
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._factory import TaskFactory
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: F401
+
+    assert hasattr(TaskFactory, "_load_full_config")
+    assert "_factory" in inspect.getsource(TaskManager.__init__)
+    assert "custom_dataset" in inspect.getsource(__import__("lm_eval.api.task").api.task.ConfigurableTask.download)
+    assert hasattr(TemplateLM, "_encode_pair") and hasattr(model_registry, "register")
+    for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        assert getattr(LM, name).__isabstractmethod__, name
