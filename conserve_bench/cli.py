@@ -24,7 +24,8 @@ from rich.text import Text
 
 from . import jobs
 from .config import RunConfig, JobSpec, default_data_dir, default_db_url, DEFAULT_MODEL
-from .errors import ConserveError
+from .client import JobClient
+from .errors import ConserveError, JobStateError
 from .models import resolve_model
 from .store import Store
 
@@ -38,6 +39,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 JobArg = Annotated[str, typer.Argument(help="Job id.")]
 OutputOpt = Annotated[str, typer.Option("--output", help="Directory for results/<job-id>.json.")]
 InflightOpt = Annotated[int, typer.Option("--max-inflight", min=1, help="Work items in flight at once.")]
+ServerOpt = Annotated[Optional[str], typer.Option("--server", help="URL of a running `conserve-bench serve`.")]
+ApiKeyOpt = Annotated[Optional[str], typer.Option("--api-key", envvar="CONSERVE_BENCH_API_KEY", help="Bearer key of the server.")]
 
 
 def _store(db: str | None) -> Store:
@@ -54,10 +57,16 @@ def submit(
     db: DbOpt = None,
     output: OutputOpt = "results",
     max_inflight: InflightOpt = 64,
+    server: ServerOpt = None,
+    api_key: ApiKeyOpt = None,
+    wait: Annotated[bool, typer.Option("--wait", help="With --server: follow the job to the end.")] = False,
     as_json: JsonOpt = False,
 ):
-    """Create a job and run it to completion in-process. Example: submit mmlu --limit 5"""
+    """Create a job and run it in-process, or queue it on a server. Example: submit mmlu --limit 5"""
     spec = _spec(tasks, model, limit, num_fewshot, data_dir or default_data_dir())
+    if server:
+        _submit_remote(JobClient(server, api_key), spec, wait, as_json)
+        return
     store = _store(db)
     job = jobs.submit_job(store, spec)
     if not as_json:
@@ -78,43 +87,80 @@ def resume(job_id: JobArg, db: DbOpt = None, output: OutputOpt = "results",
 
 
 @app.command("jobs")
-def list_jobs(db: DbOpt = None, as_json: JsonOpt = False):
+def list_jobs(db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = None,
+              as_json: JsonOpt = False):
     """List jobs, newest first."""
-    found = _store(db).list_jobs()
+    if server:
+        found = JobClient(server, api_key).jobs()["jobs"]
+    else:
+        found = [j.to_dict() for j in _store(db).list_jobs()]
     if as_json:
-        _print_json({"jobs": [j.to_dict() for j in found]})
+        _print_json({"jobs": found})
         return
     table = Table("id", "state", "done/total", "tasks", "model")
     for j in found:
-        table.add_row(j.id, j.state, f"{j.num_done}/{j.num_total}", ",".join(j.spec.tasks), j.spec.model)
+        table.add_row(j["id"], j["state"], f"{j['done']}/{j['total']}", ",".join(j["tasks"]), j["model"])
     console.print(table)
 
 
 @app.command()
-def status(job_id: JobArg, db: DbOpt = None, as_json: JsonOpt = False):
+def status(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = None,
+           as_json: JsonOpt = False):
     """Show one job's state and progress."""
-    job = _store(db).get_job(job_id)
+    job = JobClient(server, api_key).status(job_id) if server else _store(db).get_job(job_id).to_dict()
     if as_json:
-        _print_json(job.to_dict())
+        _print_json(job)
         return
-    console.print(f"{job.id}: {job.state}, {job.num_done}/{job.num_total} items, "
-                  f"tasks {','.join(job.spec.tasks)}" + (f" ({job.error})" if job.error else ""))
+    console.print(f"{job['id']}: {job['state']}, {job['done']}/{job['total']} items, "
+                  f"tasks {','.join(job['tasks'])}" + (f" ({job['error']})" if job["error"] else ""))
 
 
 @app.command()
-def results(job_id: JobArg, db: DbOpt = None, as_json: JsonOpt = False):
+def results(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = None,
+            as_json: JsonOpt = False):
     """Print a finished job's scores."""
-    _print_results(jobs.job_results(_store(db), job_id), as_json)
+    if server:
+        _print_summary(JobClient(server, api_key).results(job_id), as_json)
+    else:
+        _print_results(jobs.job_results(_store(db), job_id), as_json)
 
 
 @app.command()
-def cancel(job_id: JobArg, db: DbOpt = None, as_json: JsonOpt = False):
+def cancel(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = None,
+           as_json: JsonOpt = False):
     """Cancel a job; its finished items stay stored and reusable."""
-    job = jobs.cancel_job(_store(db), job_id)
+    job = JobClient(server, api_key).cancel(job_id) if server else jobs.cancel_job(_store(db), job_id).to_dict()
     if as_json:
-        _print_json(job.to_dict())
+        _print_json(job)
     else:
-        console.print(f"{job.id}: cancelled at {job.num_done}/{job.num_total} items")
+        console.print(f"{job['id']}: cancelled at {job['done']}/{job['total']} items")
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="smollm2-135m, a model directory, or a hub id.")] = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option(help="Bind address; anything but loopback needs --api-key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    db: DbOpt = None,
+    policy: Annotated[str, typer.Option(help="conserve | priority | online-only")] = "conserve",
+    api_key: ApiKeyOpt = None,
+    ttft_slo_ms: Annotated[float, typer.Option("--ttft-slo-ms", help="Online TTFT target.")] = 1000.0,
+    tbt_slo_ms: Annotated[float, typer.Option("--tbt-slo-ms", help="Online TBT target.")] = 200.0,
+    max_offline_inflight: Annotated[int, typer.Option("--max-offline-inflight", min=1, help="Offline items in flight.")] = 32,
+    data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Local MMLU CSV folder for jobs.")] = None,
+    output: OutputOpt = "results",
+):
+    """Serve online OpenAI traffic and run queued eval jobs in its idle time. Example: serve --port 8000"""
+    from .server import ServeConfig, serve as run_server
+
+    data_dir = data_dir or default_data_dir()
+    cfg = ServeConfig(model=model, host=host, port=port, db_url=db or default_db_url(), policy=policy,
+                      api_key=api_key, ttft_slo_ms=ttft_slo_ms, tbt_slo_ms=tbt_slo_ms,
+                      max_offline_inflight=max_offline_inflight,
+                      data_dir=os.path.abspath(data_dir) if data_dir else None, output_dir=output)
+    _store(cfg.db_url)  # a bad --db fails here, before the engine starts
+    err_console.print(f"serving {model} on http://{host}:{port} (policy {policy})")
+    run_server(cfg)
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -127,6 +173,19 @@ def _spec(tasks: str, model: str, limit, num_fewshot, data_dir) -> JobSpec:
                        data_dir=os.path.abspath(data_dir) if data_dir else None)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+
+
+def _submit_remote(client: "JobClient", spec: JobSpec, wait: bool, as_json: bool) -> None:
+    job = client.submit(list(spec.tasks), spec.limit, spec.num_fewshot, spec.data_dir)
+    if not wait:
+        _print_json(job) if as_json else console.print(f"job [bold]{job['id']}[/] queued on {client.base_url}")
+        return
+    with _progress(disable=as_json) as progress:
+        task = progress.add_task(f"job {job['id']}", total=None)
+        final = client.wait(job["id"], lambda done, total: progress.update(task, completed=done, total=total))
+    if final["state"] != "done":
+        raise JobStateError(f"job {job['id']} ended {final['state']}: {final.get('error') or ''}".strip())
+    _print_summary(client.results(job["id"]), as_json)
 
 
 def _run(store: Store, job_id: str, output: str, max_inflight: int, as_json: bool) -> None:
@@ -162,8 +221,7 @@ def _progress(disable: bool) -> Progress:
 
 def _print_results(results: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        _print_json({"id": results["conserve"]["job"]["id"], "results": jobs.task_metrics(results),
-                     "n-shot": results.get("n-shot", {})})
+        _print_json(jobs.results_summary(results))
         return
     table = Table("task", "metric", "value", "stderr", "n-shot")
     for name, values in results["results"].items():
@@ -176,6 +234,19 @@ def _print_results(results: dict[str, Any], as_json: bool) -> None:
             table.add_row(alias, base, f"{value:.4f}",
                           f"{stderr:.4f}" if isinstance(stderr, (int, float)) else "",
                           str(results.get("n-shot", {}).get(name, "")))
+    console.print(table)
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    """Print a results summary (the job API's form: task -> metric -> value)."""
+    if as_json:
+        _print_json(summary)
+        return
+    table = Table("task", "metric", "value", "n-shot")
+    for name, values in summary["results"].items():
+        for metric, value in values.items():
+            if "_stderr" not in metric and metric != "sample_len":
+                table.add_row(name, metric.split(",")[0], f"{value:.4f}", str(summary["n-shot"].get(name, "")))
     console.print(table)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from .config import EngineConfig, JobSpec, RunConfig
 from .errors import JobStateError
 from .models import ModelRef, resolve_model
-from .runner import Runner
+from .runner import Runner, Stopped
 from .store import Job, Store
 from .taskspec import check_tasks, task_manager
 
@@ -49,7 +49,8 @@ def start_engine(model: ModelRef, **overrides):
 
 def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
             output_dir: str | Path | None = "results",
-            on_progress: ProgressFn | None = None) -> dict[str, Any]:
+            on_progress: ProgressFn | None = None,
+            should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
     """Run a job to completion on `engine`; returns lm-eval's results plus job metadata.
 
     Finished items are reused, items of dead owners are reclaimed, and on any interruption
@@ -62,7 +63,7 @@ def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
     store.set_job_state(job_id, "running")
     tracker = _ProgressTracker(store, job_id, on_progress)
     runner = Runner(store, engine, run_cfg, on_progress=tracker.advance,
-                    should_stop=lambda: store.get_job(job_id).state == "cancelled")
+                    should_stop=lambda: should_stop() or store.get_job(job_id).state == "cancelled")
     t0 = time.perf_counter()
     try:
         output = _evaluate(store, job, runner, engine, manager, tracker)
@@ -70,7 +71,7 @@ def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
         runner.release()
         store.add_run_time(job_id, time.perf_counter() - t0)
         if store.get_job(job_id).state != "cancelled":
-            failed = isinstance(e, Exception) and not isinstance(e, JobCancelled)
+            failed = isinstance(e, Exception) and not isinstance(e, (JobCancelled, Stopped))
             store.set_job_state(job_id, "failed" if failed else "queued", error=_one_line(e))
         raise
     wall_s = time.perf_counter() - t0
@@ -128,6 +129,12 @@ def job_results(store: Store, job_id: str) -> dict[str, Any]:
         raise JobStateError(f"job {job_id} is {job.state} ({job.num_done}/{job.num_total}); "
                             "no results yet")
     return results
+
+
+def results_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The machine-readable results object of `results --json` and the job API."""
+    return {"id": results["conserve"]["job"]["id"], "results": task_metrics(results),
+            "n-shot": results.get("n-shot", {})}
 
 
 def task_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:

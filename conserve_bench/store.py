@@ -18,13 +18,16 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import ArgumentError, OperationalError
 
 from .config import JobSpec
 from .errors import DatabaseURLError, JobNotFoundError
+
+if TYPE_CHECKING:
+    from .profiles import ProfileKey
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 SQLITE_MAX_VARS = 900  # stay under SQLite's bound-parameter limit in IN (...) lists
@@ -72,6 +75,23 @@ job_items = sa.Table(
     sa.Index("ix_job_items_item", "item_key"),
 )
 
+# NOTE: a profile is valid only for its exact key (model, dtype, device, vLLM version, parallel
+# size); the key is the primary key so that re-profiling replaces, never duplicates.
+profiles = sa.Table(
+    "profiles",
+    metadata,
+    sa.Column("model", sa.String(256), primary_key=True),
+    sa.Column("dtype", sa.String(32), primary_key=True),
+    sa.Column("device", sa.String(256), primary_key=True),
+    sa.Column("vllm_version", sa.String(64), primary_key=True),
+    sa.Column("parallel_size", sa.Integer, primary_key=True),
+    sa.Column("model_json", sa.Text, nullable=False),
+    sa.Column("num_samples", sa.Integer, nullable=False),
+    sa.Column("fit_error", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+PROFILE_KEY_COLUMNS = ("model", "dtype", "device", "vllm_version", "parallel_size")
 
 # -- migrations: ordered, named, each run once; version N means the first N have run ----------
 
@@ -81,7 +101,11 @@ def _m001_initial(conn: sa.Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
-MIGRATIONS = [_m001_initial]
+def _m002_profiles(conn: sa.Connection) -> None:
+    profiles.create(conn, checkfirst=True)
+
+
+MIGRATIONS = [_m001_initial, _m002_profiles]
 
 
 def migrate(engine: sa.Engine) -> int:
@@ -192,6 +216,15 @@ class Store:
         with self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
         return [_job_from_row(r) for r in rows]
+
+    def next_runnable_job(self) -> Job | None:
+        """The oldest job that is queued or was running (its runner died or was drained)."""
+        with self.engine.connect() as conn:
+            job_id = conn.execute(
+                sa.select(jobs.c.id).where(jobs.c.state.in_(("queued", "running")))
+                .order_by(jobs.c.created_at).limit(1)
+            ).scalar()
+        return self.get_job(job_id) if job_id else None
 
     def set_job_state(self, job_id: str, state: str, error: str | None = None) -> None:
         assert state in JOB_STATES, state
@@ -352,6 +385,48 @@ class Store:
                 .where(job_items.c.job_id == job_id)
             ).all()
         return {r.key: r.num_runs for r in rows}
+
+    # -- latency profiles ---------------------------------------------------------------------
+
+    def save_profile(self, key: ProfileKey, model: dict[str, Any], num_samples: int,
+                     fit_error: dict[str, Any] | None = None) -> None:
+        """Store a fitted latency model (`LatencyModel.to_dict()`), replacing one with the same key."""
+        with self.engine.begin() as conn:
+            conn.execute(profiles.delete().where(_profile_key_matches(key)))
+            conn.execute(profiles.insert().values(
+                **_profile_key_values(key), model_json=json.dumps(model), num_samples=num_samples,
+                fit_error=None if fit_error is None else json.dumps(fit_error),
+                created_at=time.time()))
+
+    def load_profile(self, key: ProfileKey) -> dict[str, Any] | None:
+        """The profile stored under exactly `key` (every key column equal), or None."""
+        rows = self._select_profiles(_profile_key_matches(key))
+        return rows[0] if rows else None
+
+    def list_profiles(self, model: str | None = None) -> list[dict[str, Any]]:
+        """Every stored profile (of one model), newest first."""
+        return self._select_profiles(sa.true() if model is None else profiles.c.model == model)
+
+    def _select_profiles(self, where) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(profiles).where(where)
+                                .order_by(profiles.c.created_at.desc())).mappings().all()
+        return [_profile_from_row(r) for r in rows]
+
+
+def _profile_key_values(key: ProfileKey) -> dict[str, Any]:
+    return {name: getattr(key, name) for name in PROFILE_KEY_COLUMNS}
+
+
+def _profile_key_matches(key: ProfileKey):
+    return sa.and_(*(profiles.c[name] == value for name, value in _profile_key_values(key).items()))
+
+
+def _profile_from_row(r) -> dict[str, Any]:
+    return {**{name: r[name] for name in PROFILE_KEY_COLUMNS},
+            "latency_model": json.loads(r["model_json"]), "num_samples": r["num_samples"],
+            "fit_error": json.loads(r["fit_error"]) if r["fit_error"] else None,
+            "created_at": r["created_at"]}
 
 
 def _owner_is_dead(owner: str | None, claimed_at: float | None, host: str, lease_s: float) -> bool:

@@ -1,0 +1,94 @@
+"""The job API on the serving app: `/v1/jobs` to submit, list, inspect, fetch, cancel.
+
+Handlers parse, call the same `jobs` functions as the CLI, and return the same JSON
+objects as the CLI's `--json`. A malformed spec is a 422 naming the field, an unknown task a
+400; neither writes anything. The offline pump (not this module) runs the jobs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+
+from . import jobs
+from .config import JobSpec
+from .errors import ConserveError, JobNotFoundError, JobStateError
+
+
+class JobRequest(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    tasks: list[str] = Field(min_length=1)
+    limit: int | None = Field(default=None, ge=1)
+    num_fewshot: int | None = Field(default=None, ge=0)
+    gen_kwargs: dict[str, Any] = Field(default_factory=dict)
+    data_dir: str | None = None
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _split(cls, value):
+        return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
+
+
+def install_job_api(app, store, cfg) -> None:
+    from fastapi import APIRouter
+
+    router = APIRouter(prefix="/v1/jobs", route_class=_route_class())
+
+    @router.post("", status_code=201)
+    def create(request: JobRequest) -> dict[str, Any]:
+        spec = JobSpec(tasks=tuple(request.tasks), model=cfg.model, limit=request.limit,
+                       num_fewshot=request.num_fewshot, gen_kwargs=request.gen_kwargs,
+                       data_dir=request.data_dir or cfg.data_dir)
+        return jobs.submit_job(store, spec).to_dict()
+
+    @router.get("")
+    def list_all() -> dict[str, Any]:
+        return {"jobs": [j.to_dict() for j in store.list_jobs()]}
+
+    @router.get("/{job_id}")
+    def status(job_id: str) -> dict[str, Any]:
+        return store.get_job(job_id).to_dict()
+
+    @router.get("/{job_id}/results")
+    def results(job_id: str) -> dict[str, Any]:
+        return jobs.results_summary(jobs.job_results(store, job_id))
+
+    @router.post("/{job_id}/cancel")
+    def cancel(job_id: str) -> dict[str, Any]:
+        return jobs.cancel_job(store, job_id).to_dict()
+
+    app.include_router(router)
+
+
+def _error_status(exc: ConserveError) -> int:
+    if isinstance(exc, JobNotFoundError):
+        return 404
+    return 409 if isinstance(exc, JobStateError) else 400
+
+
+def _route_class():
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from fastapi.routing import APIRoute
+
+    class ErrorsAsJSON(APIRoute):
+        """Answers a ConserveError with its status and one-line message (app-level handlers
+        cannot be added: vLLM's app has built its middleware stack already)."""
+
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def guarded(request):
+                try:
+                    return await handler(request)
+                except ConserveError as exc:
+                    body = {"error": {"message": str(exc), "type": type(exc).__name__}}
+                    return JSONResponse(body, status_code=_error_status(exc))
+                except RequestValidationError as exc:  # vLLM's app would turn it into a 400
+                    return JSONResponse({"detail": exc.errors()}, status_code=422)
+
+            return guarded
+
+    return ErrorsAsJSON

@@ -1,0 +1,176 @@
+"""`conserve-bench serve`: online OpenAI traffic in front, evaluation jobs behind, one engine.
+
+The online side is vLLM's own OpenAI-compatible app (`build_app` + `init_app_state`):
+completions, chat completions, streaming, models, health, metrics. Every request on the
+online routes is forced to priority 0. The job API (`/v1/jobs`) and the offline pump are
+added to the same app; offline requests run at priority 1 on the same `AsyncLLM`.
+
+vLLM 0.32.0 names relied on: `vllm.entrypoints.launchers.cli_args.make_arg_parser`,
+`vllm.entrypoints.launchers.api_server.entry.build_async_engine_client`,
+`vllm.entrypoints.launchers.app.build_app`,
+`vllm.entrypoints.launchers.api_server.app_state.init_app_state`,
+`vllm.utils.argparse_utils.FlexibleArgumentParser`, and the `--api-key` middleware that
+guards every `/v1` path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import EngineConfig, RunConfig
+from .engine import engine_args, engine_environment
+from .errors import ConserveError
+from .models import resolve_model
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("conserve", "priority", "online-only")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+ONLINE_ROUTES = ("/v1/completions", "/v1/chat/completions")
+
+
+class ServeConfigError(ConserveError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = "smollm2-135m"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    db_url: str = "sqlite:///conserve.db"
+    policy: str = "conserve"
+    api_key: str | None = None
+    ttft_slo_ms: float = 1000.0
+    tbt_slo_ms: float = 200.0
+    max_offline_inflight: int = 32
+    data_dir: str | None = None
+    output_dir: str = "results"
+    engine_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ServeConfigError(f"unknown policy {self.policy!r}: use {', '.join(POLICIES)}")
+        if self.host not in LOOPBACK and not self.api_key:
+            raise ServeConfigError(
+                f"refusing to listen on {self.host} without --api-key; "
+                "only loopback (127.0.0.1) may be served without a key")
+
+
+def vllm_cli_args(cfg: ServeConfig, engine_cfg: EngineConfig) -> list[str]:
+    """The `vllm serve` flags that give the same engine as `submit`, plus the server's own."""
+    flags = []
+    for name, value in engine_args(engine_cfg).items():
+        if name == "model":
+            continue
+        flag = "--" + name.replace("_", "-")
+        flags += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    flags += ["--host", cfg.host, "--port", str(cfg.port),
+              "--served-model-name", cfg.model, "--disable-uvicorn-access-log"]
+    if cfg.policy != "online-only":
+        flags += ["--scheduling-policy", "priority"]
+    if cfg.api_key:
+        flags += ["--api-key", cfg.api_key]
+    return [engine_cfg.model_path, *flags]
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Start the server and block until SIGINT/SIGTERM; then drain and return."""
+    import uvloop
+
+    model = resolve_model(cfg.model)
+    engine_cfg = EngineConfig(model_path=model.path, model_name=model.name, **cfg.engine_overrides)
+    engine_environment(engine_cfg)
+    uvloop.run(_serve(cfg, engine_cfg))
+
+
+async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig) -> None:
+    import uvicorn
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from .jobapi import install_job_api
+    from .metrics import OnlineMetrics
+    from .pump import AsyncEngineAdapter, OfflinePump
+    from .store import Store
+
+    store = Store(cfg.db_url)
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", *vllm_cli_args(cfg, engine_cfg)])
+    async with build_async_engine_client(args) as client:
+        supported_tasks = await client.get_supported_tasks()
+        app = build_app(args, supported_tasks, client.model_config)
+        metrics = OnlineMetrics(cfg.ttft_slo_ms / 1e3, cfg.tbt_slo_ms / 1e3)
+        install_job_api(app, store, cfg)
+        await init_app_state(client, app.state, args, supported_tasks)
+        fingerprint = f"{engine_cfg.model_name}|{engine_cfg.dtype}|{engine_cfg.max_model_len}"
+        adapter = AsyncEngineAdapter(client, asyncio.get_running_loop(), fingerprint,
+                                     engine_cfg.max_model_len, on_tokens=metrics.offline_tokens)
+        pump = OfflinePump(store, adapter, RunConfig(max_inflight=cfg.max_offline_inflight),
+                           cfg.output_dir, on_progress=metrics.job_progress)
+        # NOTE: vLLM's app has built its middleware stack already; ours wraps it from outside.
+        asgi_app = OnlinePriorityMiddleware(app, metrics)
+        server = uvicorn.Server(uvicorn.Config(asgi_app, host=cfg.host, port=cfg.port, log_level="warning",
+                                               timeout_graceful_shutdown=30))
+        if cfg.policy != "online-only":
+            pump.start()
+        try:
+            await server.serve()
+        finally:
+            # NOTE: uvicorn has stopped accepting and drained online requests by now; the pump
+            # admits nothing new and returns its in-flight items to pending before the
+            # engine shuts down.
+            await asyncio.get_running_loop().run_in_executor(None, pump.stop)
+
+
+class OnlinePriorityMiddleware:
+    """Forces priority 0 on online routes and times TTFT/TBT of their streamed responses."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in ONLINE_ROUTES:
+            return await self.app(scope, receive, send)
+        body = await _read_body(receive)
+        streaming = False
+        try:
+            payload = json.loads(body or b"{}")
+            payload["priority"] = 0  # NOTE: clients cannot jump ahead of or behind online work
+            streaming = bool(payload.get("stream"))
+            body = json.dumps(payload).encode()
+        except (ValueError, TypeError, AttributeError):
+            pass  # let vLLM answer malformed JSON with its own 400
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        timer = self.metrics.start_online()
+
+        async def timed_send(message):
+            # NOTE: only streamed responses show TTFT and TBT; a plain response is one chunk.
+            if streaming and message["type"] == "http.response.body" and message.get("more_body"):
+                timer.chunk()
+            await send(message)
+
+        await self.app(scope, replay, timed_send)
+
+
+async def _read_body(receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)

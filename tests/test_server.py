@@ -1,0 +1,160 @@
+"""`conserve-bench serve` for real: loopback, SmolLM2, the openai client, signals.
+
+Each server is a subprocess with its own engine; the embedded reference scores come from the
+session engine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from conserve_bench.config import JobSpec
+from conserve_bench.jobs import run_job, submit_job, task_metrics
+from conserve_bench.store import Store
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+KEY = "test-key"
+TASKS = ["mmlu_anatomy", "mmlu_marketing"]
+LIMIT = 12
+MAX_INFLIGHT = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, db_url: str, data_dir: str, out_dir, api_key: str | None = KEY):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "conserve_bench.cli", "serve", "--port", str(self.port),
+               "--db", db_url, "--data-dir", data_dir, "--output", str(out_dir),
+               "--max-offline-inflight", str(MAX_INFLIGHT)]
+        if api_key:
+            cmd += ["--api-key", api_key]
+        self.log = open(out_dir / f"server-{self.port}.log", "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout_s: float = 400) -> None:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            assert self.proc.poll() is None, open(self.log.name).read()[-3000:]
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise AssertionError("server did not become ready")
+
+    def signal(self, sig) -> int:
+        os.killpg(self.proc.pid, sig)
+        return self.proc.wait(timeout=120)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.signal(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, data_dir):
+    tmp = tmp_path_factory.mktemp("server")
+    srv = Server(f"sqlite:///{tmp / 'server.db'}", data_dir, tmp)
+    srv.db_url = f"sqlite:///{tmp / 'server.db'}"
+    yield srv
+    srv.stop()
+
+
+def wait_job(http, job_id, until=lambda j: j["state"] == "done", timeout_s=600):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        job = http.get(f"/v1/jobs/{job_id}").json()
+        if until(job):
+            return job
+        assert job["state"] not in ("failed", "cancelled"), job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def embedded_scores(engine, data_dir, tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'embedded.db'}")
+    job = submit_job(store, JobSpec(tasks=tuple(TASKS), limit=LIMIT, data_dir=data_dir))
+    return task_metrics(run_job(store, job.id, engine, output_dir=None))
+
+
+def test_auth_is_required_on_online_and_job_routes(server):
+    for path in ("/v1/models", "/v1/jobs"):
+        assert httpx.get(f"{server.url}{path}").status_code == 401
+        assert server.http.get(path).status_code == 200
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_bad_job_specs_write_nothing(server):
+    before = len(server.http.get("/v1/jobs").json()["jobs"])
+    bad = server.http.post("/v1/jobs", json={"tasks": ["mmlu_anatomy"], "limit": -3})
+    assert bad.status_code == 422 and "limit" in bad.text
+    unknown = server.http.post("/v1/jobs", json={"tasks": ["mmlu_nope"]})
+    assert unknown.status_code == 400 and "mmlu_nope" in unknown.json()["error"]["message"]
+    assert len(server.http.get("/v1/jobs").json()["jobs"]) == before
+
+
+def test_online_completion_while_a_job_runs_and_job_matches_embedded(server, engine, data_dir, tmp_path):
+    from openai import OpenAI
+
+    job = server.http.post("/v1/jobs", json={"tasks": TASKS, "limit": LIMIT}).json()
+    wait_job(server.http, job["id"], until=lambda j: j["done"] > 0)
+    client = OpenAI(base_url=f"{server.url}/v1", api_key=KEY)
+    completion = client.completions.create(model="smollm2-135m", prompt="The capital of France is",
+                                           max_tokens=8, temperature=0)
+    assert completion.choices[0].text.strip()
+    stream = client.chat.completions.create(model="smollm2-135m", max_tokens=8, stream=True,
+                                            messages=[{"role": "user", "content": "Say hi"}])
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip()
+    running = server.http.get(f"/v1/jobs/{job['id']}").json()
+    assert running["state"] == "running" and running["done"] < running["total"]
+
+    wait_job(server.http, job["id"])
+    remote = server.http.get(f"/v1/jobs/{job['id']}/results").json()["results"]
+    assert remote == embedded_scores(engine, data_dir, tmp_path)
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert "conserve_online_ttft_seconds_count" in metrics and "conserve_offline_items_total" in metrics
+
+
+def test_sigterm_drains_sigkill_loses_nothing_restart_resumes(tmp_path, engine, data_dir):
+    db_url = f"sqlite:///{tmp_path / 'faults.db'}"
+    store = Store(db_url)
+    first = Server(db_url, data_dir, tmp_path)
+    job = first.http.post("/v1/jobs", json={"tasks": TASKS, "limit": LIMIT}).json()
+    wait_job(first.http, job["id"], until=lambda j: j["done"] >= j["total"] // 4 > 0)
+    assert first.signal(signal.SIGTERM) == 0
+    drained = store.get_job(job["id"])
+    assert drained.state == "queued" and drained.num_done < drained.num_total
+    assert "running" not in store.item_states(job["id"])
+
+    second = Server(db_url, data_dir, tmp_path)  # resumes the queued job by itself
+    wait_job(second.http, job["id"], until=lambda j: j["done"] >= j["total"] // 2 and j["state"] == "running")
+    second.signal(signal.SIGKILL)
+
+    third = Server(db_url, data_dir, tmp_path)
+    try:
+        wait_job(third.http, job["id"])
+        results = third.http.get(f"/v1/jobs/{job['id']}/results").json()["results"]
+    finally:
+        third.signal(signal.SIGTERM)
+    runs = store.run_counts(job["id"])
+    assert min(runs.values()) >= 1
+    assert sum(n - 1 for n in runs.values()) <= 2 * MAX_INFLIGHT  # two interruptions
+    assert results == embedded_scores(engine, data_dir, tmp_path)
