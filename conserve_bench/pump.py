@@ -113,10 +113,15 @@ class OfflinePump:
         self.store.requeue_stale()
         self._thread.start()
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Admit no new offline work; in-flight items return to pending."""
+    def request_stop(self) -> None:
+        """Admit no new offline work (returns at once; `stop` waits for the drain)."""
         self._stop.set()
-        self._thread.join(timeout_s)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Admit no new offline work and wait until in-flight items are back to pending."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
 
     @property
     def stopping(self) -> bool:
@@ -138,5 +143,8 @@ class OfflinePump:
             except Stopped:
                 log.info("offline pump stopped during job %s; its items are pending", job.id)
             except Exception:
+                if self._stop.is_set():  # the engine went down with the server: not the job's fault
+                    self.store.set_job_state(job.id, "queued")
+                    return
                 log.exception("job %s failed", job.id)
                 time.sleep(IDLE_POLL_S)

@@ -16,10 +16,14 @@ guards every `/v1` path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import signal
 from dataclasses import dataclass, field
 from typing import Any
+
+import uvicorn
 
 from .config import EngineConfig, RunConfig
 from .engine import engine_args, engine_environment
@@ -89,7 +93,6 @@ def serve(cfg: ServeConfig) -> None:
 
 
 async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig) -> None:
-    import uvicorn
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
     from vllm.entrypoints.launchers.app import build_app
@@ -116,8 +119,10 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig) -> None:
                            cfg.output_dir, on_progress=metrics.job_progress)
         # NOTE: vLLM's app has built its middleware stack already; ours wraps it from outside.
         asgi_app = OnlinePriorityMiddleware(app, metrics)
-        server = uvicorn.Server(uvicorn.Config(asgi_app, host=cfg.host, port=cfg.port, log_level="warning",
-                                               timeout_graceful_shutdown=30))
+        server = DrainingServer(uvicorn.Config(asgi_app, host=cfg.host, port=cfg.port,
+                                                log_level="warning", timeout_graceful_shutdown=30))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, _on_stop_signal, server, pump)
         if cfg.policy != "online-only":
             pump.start()
         try:
@@ -127,6 +132,19 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig) -> None:
             # admits nothing new and returns its in-flight items to pending before the
             # engine shuts down.
             await asyncio.get_running_loop().run_in_executor(None, pump.stop)
+
+
+class DrainingServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # NOTE: uvicorn re-raises a captured SIGTERM once it has served, which would kill the
+        # process before the pump gives its items back; `_serve` handles the signals itself.
+        yield
+
+
+def _on_stop_signal(server, pump) -> None:
+    pump.request_stop()  # no new offline work from now on
+    server.should_exit = True  # uvicorn stops accepting and lets online requests finish
 
 
 class OnlinePriorityMiddleware:

@@ -61,8 +61,15 @@ class Server:
         raise AssertionError("server did not become ready")
 
     def signal(self, sig) -> int:
-        os.killpg(self.proc.pid, sig)
-        return self.proc.wait(timeout=120)
+        """SIGTERM goes to the server process, as docker and Kubernetes send it; SIGKILL to
+        the whole group, engine processes included, as a machine failure would."""
+        if sig == signal.SIGKILL:
+            os.killpg(self.proc.pid, sig)
+        else:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=120)
+        time.sleep(1)  # let vLLM's engine processes finish exiting
+        return code
 
     def stop(self) -> None:
         if self.proc.poll() is None:
