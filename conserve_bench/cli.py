@@ -137,6 +137,36 @@ def cancel(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: 
 
 
 @app.command()
+def profile(
+    model: Annotated[str, typer.Option(help="smollm2-135m, a model directory, or a hub id.")] = DEFAULT_MODEL,
+    quick: Annotated[bool, typer.Option("--quick", help="A smaller sweep (under 90 s of profiling on 2 CPU cores).")] = False,
+    show: Annotated[bool, typer.Option("--show", help="Print the stored profile for this machine; measure nothing.")] = False,
+    db: DbOpt = None,
+):
+    """Measure the engine's step latency and fit the latency model. Example: profile --quick"""
+    from . import profiler
+
+    store = _store(db)
+    if show:
+        found = profiler.show_profile(store, model)
+    else:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), console=err_console) as progress:
+            task = progress.add_task("starting engine", total=None)
+            result = profiler.run_profile(
+                store, model, quick,
+                on_started=lambda: progress.update(task, description="profiling"),
+                on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+        found = result.profile
+        err_console.print(f"swept {len(result.sweep.samples)} steps in {result.sweep.wall_s:.0f}s")
+    table = Table("quantity", "value", title="step latency model (held-out: shapes not fitted on)")
+    for name, value in profiler.summary_rows(found):
+        table.add_row(name, value)
+    console.print(table)
+
+
+@app.command()
 def serve(
     model: Annotated[str, typer.Option(help="smollm2-135m, a model directory, or a hub id.")] = DEFAULT_MODEL,
     host: Annotated[str, typer.Option(help="Bind address; anything but loopback needs --api-key.")] = "127.0.0.1",

@@ -57,6 +57,8 @@ class EngineConfig:
     seed: int = 0
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
+    scheduler_cls: str | None = None  # "module.Class" of a vLLM scheduler subclass
+    additional_config: dict[str, Any] = field(default_factory=dict)  # vLLM's plug-in config
 
 
 @dataclass(frozen=True)

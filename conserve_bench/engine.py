@@ -17,10 +17,12 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from .config import EngineConfig
 from .requests import Assembler, Encoder, Prompt, build_prompts
+from .steplog import step_log_path
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,20 @@ def engine_environment(cfg: EngineConfig) -> None:
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
 
+def engine_args(cfg: EngineConfig) -> dict[str, Any]:
+    """vLLM engine arguments: the one place `submit`, `serve` and `profile` get them from."""
+    args: dict[str, Any] = dict(
+        model=cfg.model_path, dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
+        max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+        max_logprobs=20,
+    )
+    if cfg.scheduler_cls:
+        args["scheduler_cls"] = cfg.scheduler_cls
+    if cfg.additional_config:
+        args["additional_config"] = dict(cfg.additional_config)
+    return args
+
+
 class Engine:
     """One vLLM engine serving offline work items."""
 
@@ -46,11 +62,7 @@ class Engine:
         from vllm import LLM
 
         self.cfg = cfg
-        self.llm = LLM(
-            cfg.model_path, dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
-            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            max_logprobs=20,
-        )
+        self.llm = LLM(**engine_args(cfg))
         self._engine = self.llm.llm_engine
         tokenizer = self._engine.get_tokenizer()
         # NOTE: one token of the context window is left for the token vLLM always generates.
@@ -102,6 +114,46 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # -- raw token prompts (the profiler's batches); never mixed with work items -------------
+
+    @property
+    def step_log(self) -> str | None:
+        """Where the scheduler logs each step, when started with one (see `steplog`)."""
+        return step_log_path(self.cfg.additional_config)
+
+    def submit_tokens(self, prompts: Sequence[Sequence[int]], **sampling: Any) -> list[str]:
+        """Submit token prompts with `SamplingParams(**sampling)`; returns their request ids.
+
+        Their outputs are not work items: drive them with `step_tokens` or `run_until_idle`.
+        """
+        from vllm import SamplingParams
+
+        params = SamplingParams(**sampling)
+        request_ids = [f"raw-{next(self._ids)}" for _ in prompts]
+        for request_id, token_ids in zip(request_ids, prompts):
+            self._engine.add_request(request_id, {"prompt_token_ids": list(token_ids)}, params)
+        return request_ids
+
+    def step_tokens(self) -> set[str]:
+        """Run one engine step of raw prompts; returns the ids that produced a token."""
+        # NOTE: vLLM's step() blocks on the engine core's output queue; with nothing in
+        # flight it would wait forever.
+        if not self._engine.has_unfinished_requests():
+            return set()
+        return {output.request_id for output in self._engine.step()}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.encoder.tokenizer)
+
+    def run_until_idle(self) -> int:
+        """Step until no request is left; returns the number of steps taken."""
+        num_steps = 0
+        while self._engine.has_unfinished_requests():
+            self._engine.step()
+            num_steps += 1
+        return num_steps
 
     def abort_all(self) -> None:
         if self._prompts:

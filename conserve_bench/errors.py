@@ -39,3 +39,7 @@ class JobStateError(ConserveError):
 
 class EngineUnavailableError(ConserveError):
     pass
+
+
+class ProfileNotFoundError(ConserveError):
+    pass

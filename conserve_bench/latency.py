@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -18,6 +18,7 @@ FEATURES = ("fixed", "prefill_tokens", "decodes", "decode_attention", "prefill_a
             "logprob_tokens")
 VERSION = 1
 DEFAULT_MAX_TOKENS = 1 << 20
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -242,9 +243,9 @@ def evaluate(model: LatencyModel, samples: Sequence[Sample]) -> FitError:
                     len(samples))
 
 
-def split_holdout(samples: Sequence[Sample], fraction: float = 0.25,
-                  seed: int = 0) -> tuple[list[Sample], list[Sample]]:
-    """Deterministic (train, holdout) split; each keeps the input order."""
+def split_holdout(samples: Sequence[T], fraction: float = 0.25,
+                  seed: int = 0) -> tuple[list[T], list[T]]:
+    """Deterministic (train, holdout) split of samples (or of any items); each keeps the order."""
     if not 0 < fraction < 1:
         raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
     order = np.random.default_rng(seed).permutation(len(samples))

@@ -390,7 +390,7 @@ class Store:
 
     def save_profile(self, key: ProfileKey, model: dict[str, Any], num_samples: int,
                      fit_error: dict[str, Any] | None = None) -> None:
-        """Store a fitted latency model (`LatencyModel.to_dict()`), replacing one with the same key."""
+        """Store a fitted `LatencyModel.to_dict()`, replacing any profile with the same key."""
         with self.engine.begin() as conn:
             conn.execute(profiles.delete().where(_profile_key_matches(key)))
             conn.execute(profiles.insert().values(

@@ -44,9 +44,14 @@ def model_ref():
 
 
 @pytest.fixture(scope="session")
-def engine(model_ref):
-    """The one engine of the session (vLLM start-up costs about a minute on 2 CPU cores)."""
-    from conserve_bench.jobs import start_engine
+def engine(model_ref, tmp_path_factory):
+    """The one engine of the session (vLLM start-up costs about a minute on 2 CPU cores).
 
-    with start_engine(model_ref) as engine:
+    It runs ConserveScheduler, which logs every step to a session step log (`engine.step_log`).
+    """
+    from conserve_bench.jobs import start_engine
+    from conserve_bench.steplog import recording_overrides
+
+    step_log = tmp_path_factory.mktemp("steps") / "steps.jsonl"
+    with start_engine(model_ref, **recording_overrides(step_log)) as engine:
         yield engine

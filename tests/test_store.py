@@ -21,6 +21,8 @@ EXPECTED_SCHEMA = {
     "items": {"key", "kind", "args", "state", "result", "owner", "claimed_at", "finished_at",
               "num_runs"},
     "job_items": {"job_id", "item_key", "seq"},
+    "profiles": {"model", "dtype", "device", "vllm_version", "parallel_size", "model_json",
+                 "num_samples", "fit_error", "created_at"},
 }
 
 

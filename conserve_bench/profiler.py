@@ -1,0 +1,274 @@
+"""Profiling: drive a real engine through a sweep of batch shapes and fit the latency model.
+
+Owns the sweeps (prefill chunks, decode batches at several context lengths, mixed batches,
+prompt-logprob prefills) and how each probe becomes prompts of random tokens: distinct per
+request, so no step reads another probe's prefix cache (only a probe that asks for cached
+context primes and reuses its own prefix). Step times come only from the scheduler's step
+log, the engine's own per-step execution time; this module never times a step itself.
+Storage and key matching are `profiles`' job.
+
+    >>> result = run_profile(Store("sqlite:///conserve.db"), "smollm2-135m", quick=True)
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+
+from .latency import FEATURES, FitError, Sample, evaluate, fit, split_holdout
+from .profiles import Profile, current_key, require_profile, save_profile
+from .steplog import log_size, read_step_log, recording_overrides
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .store import Store
+
+ProgressFn = Callable[[int, int], None]  # (num_probes_done, num_probes)
+MIXED_SPACING = 2  # engine steps between two prefills joining a decode batch
+HOLDOUT_FRACTION = 0.25
+FEATURE_UNITS = ("/step", "/prefill token", "/decode", "/decode context token",
+                 "/prefill attention pair", "/prompt-logprob token")
+
+
+@dataclass(frozen=True)
+class PrefillProbe:
+    """Prompts submitted together, each a prefill chunk after `context` cached tokens: one
+    step, or more when vLLM schedules the first request before the next one arrives."""
+
+    chunk_tokens: tuple[int, ...]
+    context: int = 0
+    prompt_logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        # NOTE: a chunk at context > 0 comes from a prefix-cache hit on a primed prefix, and
+        # requests with prompt logprobs never read the prefix cache.
+        if self.context and self.prompt_logprobs:
+            raise ValueError("prompt-logprob prefills cannot start after cached context")
+
+
+@dataclass(frozen=True)
+class DecodeProbe:
+    """`num_requests` prompts of `context` tokens decoding together, the batch halving every
+    `steps_per_level` steps down to one request; the `mixed` prefills (num_tokens,
+    prompt_logprobs) join the decode batch one at a time."""
+
+    context: int
+    num_requests: int
+    mixed: tuple[tuple[int, bool], ...] = ()
+    steps_per_level: int = 2
+
+
+Probe = Union[PrefillProbe, DecodeProbe]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    probes: tuple[Probe, ...]
+    warmup: tuple[Probe, ...] = (PrefillProbe((256,)), PrefillProbe((64,), prompt_logprobs=True),
+                                 DecodeProbe(64, 8))
+
+
+def _decode_probes(contexts: Sequence[int], max_batch_tokens: int,
+                   mixed: Sequence[tuple[tuple[int, bool], ...]]) -> tuple[DecodeProbe, ...]:
+    # NOTE: every decode has its own KV (distinct prompts), so a probe costs context x batch
+    # prefill tokens; the batch is capped by that, as a real engine's KV cache caps it too.
+    return tuple(DecodeProbe(c, min(64, max(1, max_batch_tokens // c)), m)
+                 for c, m in zip(contexts, mixed))
+
+
+QUICK = Sweep("quick", (
+    *(PrefillProbe((n,)) for n in (16, 64, 256, 512, 1024)),
+    PrefillProbe((128,) * 4), PrefillProbe((256,), context=512), PrefillProbe((64,), context=1024),
+    *(PrefillProbe((n,), prompt_logprobs=True) for n in (64, 512)),
+    *_decode_probes((64, 256, 512, 1024), 2048,
+                    [((128, False), (512, False)), ((256, True),), ((64, False),), ((32, False),)]),
+))
+
+FULL = Sweep("full", (
+    *(PrefillProbe((n,)) for n in (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2040)),
+    *(PrefillProbe(chunks) for chunks in ((64,) * 8, (256,) * 4, (512,) * 2, (32,) * 16)),
+    *(PrefillProbe((n,), prompt_logprobs=True) for n in (16, 64, 256, 512, 1024, 2040)),
+    PrefillProbe((128,) * 4, prompt_logprobs=True),
+    *(PrefillProbe(chunks, context=c) for c, chunks in
+      ((256, (256,)), (512, (128,)), (512, (1024,)), (1024, (512,)), (1536, (256,)),
+       (1024, (64,) * 4))),
+    *_decode_probes((64, 128, 256, 512, 1024, 1536), 8192,
+                    [((128, False), (512, False)), ((1024, False),), ((256, True), (64, False)),
+                     ((32, False), (256, False)), ((512, True),), ((128, False),)]),
+))
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """The steps each probe produced, as the scheduler measured them, and the sweep's wall time."""
+
+    samples_by_probe: tuple[tuple[Sample, ...], ...]
+    wall_s: float
+
+    @property
+    def samples(self) -> list[Sample]:
+        return [s for probe in self.samples_by_probe for s in probe]
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    profile: Profile
+    sweep: SweepResult
+    train_error: FitError
+
+
+def run_profile(store: Store, model: str, quick: bool = False,
+                on_progress: ProgressFn | None = None,
+                on_started: Callable[[], None] | None = None) -> ProfileResult:
+    """Start an engine for `model`, profile it, fit, and store the profile under its key."""
+    from .jobs import start_engine
+    from .models import resolve_model
+
+    ref = resolve_model(model)
+    with tempfile.TemporaryDirectory(prefix="conserve-profile-") as workdir:
+        overrides = recording_overrides(Path(workdir) / "steps.jsonl")
+        with start_engine(ref, **overrides) as engine:
+            if on_started is not None:
+                on_started()
+            result = profile_engine(engine, QUICK if quick else FULL, on_progress)
+    save_profile(store, result.profile)
+    return result
+
+
+def show_profile(store: Store, model: str) -> Profile:
+    """The stored profile that applies to `model` on this machine (ProfileNotFoundError if none)."""
+    from .config import EngineConfig
+    from .models import resolve_model
+
+    ref = resolve_model(model)
+    cfg = EngineConfig(model_path=ref.path, model_name=ref.name)
+    return require_profile(store, current_key(cfg.model_name, cfg.dtype))
+
+
+def summary_rows(profile: Profile) -> list[tuple[str, str]]:
+    """(quantity, value) rows: the key, each coefficient with its unit, the fit errors."""
+    key = profile.key
+    rows = [("model", f"{key.model} ({key.dtype})"), ("device", key.device),
+            ("vLLM", key.vllm_version), ("samples", str(profile.num_samples))]
+    rows += [(name, f"{value * 1e3:.4g} ms{unit}") for name, value, unit in
+             zip(FEATURES, profile.model.coefficients, FEATURE_UNITS)]
+    for label, error in (("train", profile.train_error), ("held-out", profile.holdout_error)):
+        if error is not None:
+            rows.append((f"{label} error (median / P90 / max)",
+                         f"{error.median_rel:.1%} / {error.p90_rel:.1%} / {error.max_rel:.1%} "
+                         f"over {error.num_samples} steps"))
+    return rows
+
+
+def profile_engine(engine: Engine, sweep: Sweep, on_progress: ProgressFn | None = None,
+                   seed: int = 0) -> ProfileResult:
+    """Run `sweep` on an engine started with a step log; fit on a training split of shapes."""
+    run_sweep(engine, sweep.warmup, seed=seed + 1)  # NOTE: warm-up steps are dropped
+    result = run_sweep(engine, sweep.probes, on_progress, seed=seed)
+    train, holdout = split_distinct_shapes(result.samples, HOLDOUT_FRACTION, seed)
+    model = fit(train)
+    key = current_key(engine.cfg.model_name, engine.cfg.dtype)
+    holdout_error = evaluate(model, holdout) if holdout else None
+    profile = Profile(key, model, len(result.samples), holdout_error)
+    return ProfileResult(profile, result, model.fit_error)
+
+
+def split_distinct_shapes(samples: Sequence[Sample], fraction: float = HOLDOUT_FRACTION,
+                          seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """(train, holdout) with no batch shape on both sides: the holdout is shapes never fitted."""
+    shapes = list(dict.fromkeys(s.shape for s in samples))
+    held = set(split_holdout(shapes, fraction, seed)[1])
+    return ([s for s in samples if s.shape not in held], [s for s in samples if s.shape in held])
+
+
+def run_sweep(engine: Engine, probes: Sequence[Probe], on_progress: ProgressFn | None = None,
+              seed: int = 0) -> SweepResult:
+    """Run each probe to completion; collect the steps the scheduler logged for it."""
+    if engine.step_log is None:
+        raise ValueError("profiling needs an engine started with a step log "
+                         "(steplog.recording_overrides)")
+    for probe in probes:
+        _check_fits(probe, engine.cfg.max_model_len)
+    draw = _TokenSource(np.random.default_rng(seed), engine.vocab_size)
+    t0 = time.perf_counter()
+    samples_by_probe = []
+    for i, probe in enumerate(probes):
+        offset = log_size(engine.step_log)
+        _RUNNERS[type(probe)](engine, probe, draw)
+        samples_by_probe.append(tuple(read_step_log(engine.step_log, offset)[0]))
+        if on_progress is not None:
+            on_progress(i + 1, len(probes))
+    return SweepResult(tuple(samples_by_probe), time.perf_counter() - t0)
+
+
+def _check_fits(probe: Probe, max_model_len: int) -> None:
+    longest = (probe.context + max(probe.chunk_tokens) if isinstance(probe, PrefillProbe)
+               else max([probe.context] + [n for n, _ in probe.mixed]))
+    # NOTE: vLLM rejects a prompt that leaves no room for the one token it always generates.
+    if longest >= max_model_len:
+        raise ValueError(f"{probe} needs prompts of {longest} tokens; max_model_len is "
+                         f"{max_model_len}")
+
+
+class _TokenSource:
+    """Distinct random prompts (fixed seed), so no probe reads another's prefix cache."""
+
+    def __init__(self, rng: np.random.Generator, vocab_size: int):
+        self._rng = rng
+        self._low = min(1000, vocab_size // 10)  # skip the special tokens at the bottom
+        self._high = vocab_size
+
+    def __call__(self, num_tokens: int) -> list[int]:
+        return self._rng.integers(self._low, self._high, num_tokens).tolist()
+
+
+def _params(max_tokens: int, prompt_logprobs: bool = False) -> dict[str, Any]:
+    return dict(max_tokens=max_tokens, ignore_eos=True, temperature=0.0, detokenize=False,
+                prompt_logprobs=1 if prompt_logprobs else None)
+
+
+def _run_prefill(engine: Engine, probe: PrefillProbe, draw: _TokenSource) -> None:
+    prefix = draw(probe.context)
+    if prefix:  # prime the prefix cache: the chunks below then start at `context`
+        engine.submit_tokens([prefix], **_params(1))
+        engine.run_until_idle()
+    prompts = [prefix + draw(n) for n in probe.chunk_tokens]
+    engine.submit_tokens(prompts, **_params(1, probe.prompt_logprobs))
+    engine.run_until_idle()
+
+
+def _run_decode(engine: Engine, probe: DecodeProbe, draw: _TokenSource) -> None:
+    prefilling: set[str] = set()
+    for max_tokens, num_requests in decode_groups(probe.num_requests, probe.steps_per_level):
+        prompts = [draw(probe.context) for _ in range(num_requests)]
+        prefilling |= set(engine.submit_tokens(prompts, **_params(max_tokens)))
+    while prefilling and engine.has_unfinished():
+        prefilling -= engine.step_tokens()
+    for num_tokens, prompt_logprobs in probe.mixed:
+        engine.submit_tokens([draw(num_tokens)], **_params(1, prompt_logprobs))
+        for _ in range(MIXED_SPACING):
+            engine.step_tokens()
+    engine.run_until_idle()
+
+
+_RUNNERS = {PrefillProbe: _run_prefill, DecodeProbe: _run_decode}
+
+
+def decode_groups(num_requests: int, steps_per_level: int) -> list[tuple[int, int]]:
+    """(max_tokens, num_requests) groups that make a decode batch of `num_requests` halve
+    every `steps_per_level` steps down to one: each level is a new batch size measured."""
+    levels = [num_requests >> h for h in range(num_requests.bit_length())]
+    groups: dict[int, int] = {}
+    for rank in range(num_requests):
+        num_levels = sum(rank < level for level in levels)
+        # NOTE: the first token comes from the prefill step; the rest are decode steps.
+        max_tokens = 1 + steps_per_level * num_levels
+        groups[max_tokens] = groups.get(max_tokens, 0) + 1
+    return sorted(groups.items(), reverse=True)

@@ -1,0 +1,152 @@
+"""The step log: one JSON line per engine step, its batch shape and its model-execution time.
+
+Owns the shape rule (which scheduled request is a prefill chunk and which a decode), the line
+format, and reading lines back as `latency.Sample`s. Plain data only: it must never import
+torch or vLLM; `scheduler.ConserveScheduler` hands it plain values and the profiler reads it.
+
+    {"step_s": 0.0123, "prefills": [[256, 0, false]], "decodes": [64, 64, 65]}
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from .latency import ChunkShape, Sample, StepShape
+
+SCHEDULER_CLS = "conserve_bench.scheduler.ConserveScheduler"
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's part of a step: `num_tokens` new tokens after `num_context` computed ones."""
+
+    num_tokens: int
+    num_context: int
+    num_prompt_tokens: int
+    prompt_logprobs: bool = False
+
+    @property
+    def is_prefill(self) -> bool:
+        # NOTE: vLLM has no prefill phase; a request is prefilling while its computed tokens
+        # have not yet covered its prompt (a resumed, preempted request prefills again).
+        return self.num_context < self.num_prompt_tokens
+
+
+def step_shape(requests: Iterable[ScheduledRequest]) -> StepShape:
+    """The batch shape of one step, requests in scheduling order."""
+    requests = list(requests)
+    prefills = tuple(ChunkShape(r.num_tokens, r.num_context, r.prompt_logprobs)
+                     for r in requests if r.is_prefill)
+    decodes = tuple(r.num_context for r in requests if not r.is_prefill)
+    return StepShape(prefills, decodes)
+
+
+def to_line(sample: Sample) -> str:
+    prefills = [[c.num_tokens, c.num_context, c.prompt_logprobs] for c in sample.shape.prefills]
+    return json.dumps({"step_s": sample.step_s, "prefills": prefills,
+                       "decodes": list(sample.shape.decode_context_lens)})
+
+
+def from_line(line: str) -> Sample:
+    data = json.loads(line)
+    prefills = tuple(ChunkShape(int(n), int(c), bool(lp)) for n, c, lp in data["prefills"])
+    return Sample(StepShape(prefills, tuple(int(c) for c in data["decodes"])),
+                  float(data["step_s"]))
+
+
+def recording_overrides(step_log: str | Path) -> dict[str, Any]:
+    """`EngineConfig` fields that start vLLM with `ConserveScheduler` logging to `step_log`."""
+    return {"scheduler_cls": SCHEDULER_CLS,
+            "additional_config": {"conserve": {"step_log": str(step_log)}}}
+
+
+def step_log_path(additional_config: Any) -> str | None:
+    """`additional_config["conserve"]["step_log"]` (vLLM's plug-in config), or None."""
+    if not isinstance(additional_config, dict):
+        return None
+    return (additional_config.get("conserve") or {}).get("step_log") or None
+
+
+class StepLogWriter:
+    """Appends samples to a JSON-lines file, opened lazily in the process that writes."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file: IO[str] | None = None
+
+    def write(self, sample: Sample) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+        # NOTE: flushed per line, before the step's outputs reach the client, so a reader
+        # that has seen a step's outputs also finds that step in the log.
+        self._file.write(to_line(sample) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_step_log(path: str | Path, offset: int = 0) -> tuple[list[Sample], int]:
+    """Samples written after byte `offset`, and the offset to continue from next time."""
+    path = Path(path)
+    if not path.exists():
+        return [], offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    # NOTE: a line still being written has no newline yet; it is read on the next call.
+    complete = data[: data.rfind(b"\n") + 1]
+    lines = complete.decode("utf-8").splitlines()
+    return [from_line(line) for line in lines if line.strip()], offset + len(complete)
+
+
+def log_size(path: str | Path) -> int:
+    """Current end of the log: the offset from which only later steps are read."""
+    path = Path(path)
+    return path.stat().st_size if path.exists() else 0
+
+
+class StepRecorder:
+    """Pairs each scheduled step with its executed output and logs its shape and time.
+
+    `scheduled` is called when scheduling returns, `executed` when the step's output comes
+    back; the time between is the step's model execution (forward pass and sampling).
+    """
+
+    def __init__(self, writer: StepLogWriter, clock: Callable[[], float] = time.perf_counter):
+        self._writer = writer
+        self._clock = clock
+        self._pending: dict[int, tuple[object, float, StepShape]] = {}
+        self._last_done_at = float("-inf")
+
+    def scheduled(self, step: object, requests: Iterable[ScheduledRequest]) -> None:
+        now = self._clock()
+        shape = step_shape(requests)
+        if shape.num_tokens:
+            # NOTE: keyed by identity and holding `step` alive, so the id cannot be reused
+            # by another object before this step's output comes back.
+            self._pending[id(step)] = (step, now, shape)
+
+    def executed(self, step: object) -> Sample | None:
+        now = self._clock()
+        entry = self._pending.pop(id(step), None)
+        if entry is None:
+            return None
+        _, scheduled_at, shape = entry
+        # NOTE: with a batch queue (async scheduling, pipeline parallelism) a step is scheduled
+        # while the previous one still runs; it starts executing once that one is done.
+        sample = Sample(shape, now - max(scheduled_at, self._last_done_at))
+        self._last_done_at = now
+        self._writer.write(sample)
+        return sample
+
+    def close(self) -> None:
+        self._writer.close()

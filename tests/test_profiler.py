@@ -1,0 +1,136 @@
+"""The profiler: sweep plans and splits without vLLM, then a tiny sweep on the session engine
+(its ConserveScheduler logs every step), checked on shapes, never on timings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conserve_bench.latency import ChunkShape, LatencyModel, Sample, StepShape, fit
+from conserve_bench.profiler import (FULL, QUICK, DecodeProbe, PrefillProbe, Sweep,
+                                     _check_fits, decode_groups, profile_engine, run_sweep,
+                                     split_distinct_shapes, summary_rows)
+from conserve_bench.profiles import current_key, profile_for, save_profile
+
+# -- plans, without an engine -----------------------------------------------------------------
+
+
+@given(st.integers(1, 256), st.integers(1, 4))
+def test_decode_batch_halves_level_by_level(num_requests, steps_per_level):
+    groups = decode_groups(num_requests, steps_per_level)
+    assert sum(n for _, n in groups) == num_requests
+    # batch size alive at each decode step: requests with more tokens left than the step index
+    alive = [sum(n for max_tokens, n in groups if max_tokens - 1 > step)
+             for step in range(max(m for m, _ in groups) - 1)]
+    levels = alive[::steps_per_level]
+    assert levels[0] == num_requests and levels[-1] == 1
+    assert all(b == a // 2 for a, b in zip(levels, levels[1:]))
+
+
+def test_sweeps_fit_the_default_context_window():
+    for sweep in (QUICK, FULL):
+        for probe in sweep.probes + sweep.warmup:
+            _check_fits(probe, 2048)
+    with pytest.raises(ValueError, match="max_model_len"):
+        _check_fits(PrefillProbe((1024,), context=1024), 2048)
+    with pytest.raises(ValueError, match="prompt-logprob"):
+        PrefillProbe((64,), context=512, prompt_logprobs=True)
+
+
+def test_sweeps_cover_every_feature():
+    for sweep in (QUICK, FULL):
+        prefills = [p for p in sweep.probes if isinstance(p, PrefillProbe)]
+        decodes = [p for p in sweep.probes if isinstance(p, DecodeProbe)]
+        assert any(p.prompt_logprobs for p in prefills) and any(p.context for p in prefills)
+        assert len({p.context for p in decodes}) >= 3 and any(p.mixed for p in decodes)
+
+
+@given(st.lists(st.tuples(st.integers(1, 8), st.integers(0, 3)), min_size=2, max_size=60))
+def test_holdout_never_shares_a_shape_with_training(pairs):
+    samples = [Sample(StepShape((ChunkShape(n, 0),), (64,) * d), 0.1 + i)
+               for i, (n, d) in enumerate(pairs)]
+    train, holdout = split_distinct_shapes(samples, 0.25, seed=0)
+    assert sorted(train + holdout, key=lambda s: s.step_s) == samples
+    assert not {s.shape for s in train} & {s.shape for s in holdout}
+
+
+# -- on the session engine --------------------------------------------------------------------
+
+TINY = (PrefillProbe((256,)), PrefillProbe((32,), prompt_logprobs=True),
+        DecodeProbe(32, 8, mixed=((64, False),)), PrefillProbe((48, 48), context=128))
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(engine):
+    return run_sweep(engine, TINY)
+
+
+@pytest.mark.engine
+def test_a_prefill_is_logged_as_one_chunk(tiny_sweep):
+    whole, logprobs, _, cached = tiny_sweep.samples_by_probe
+    assert [s.shape for s in whole] == [StepShape((ChunkShape(256, 0),))]
+    assert [s.shape for s in logprobs] == [StepShape((ChunkShape(32, 0, prompt_logprobs=True),))]
+    # the primed prefix first, then two chunks that start after the cached 128 tokens (in one
+    # step, or two when the engine schedules the first before the second arrives)
+    assert cached[0].shape == StepShape((ChunkShape(128, 0),))
+    assert [c for s in cached[1:] for c in s.shape.prefills] == [ChunkShape(48, 128)] * 2
+    assert all(s.step_s > 0 for s in tiny_sweep.samples)
+
+
+@pytest.mark.engine
+def test_decodes_are_logged_with_their_contexts(tiny_sweep):
+    steps = [s.shape for s in tiny_sweep.samples_by_probe[2]]
+    # distinct random prompts: every prompt token is prefilled exactly once (no cache hits)
+    assert sum(shape.num_prefill_tokens for shape in steps) == 8 * 32 + 64
+    batch_sizes = [shape.num_decodes for shape in steps if shape.num_decodes]
+    assert max(batch_sizes) == 8 and min(batch_sizes) == 1
+    full_batch = next(shape for shape in steps if shape.num_decodes == 8)
+    assert all(32 <= c < 32 + 16 for c in full_batch.decode_context_lens)
+    assert any(ChunkShape(64, 0) in shape.prefills for shape in steps if shape.num_decodes)
+
+
+@pytest.mark.engine
+def test_fit_on_the_sweep_grows_with_the_batch(tiny_sweep):
+    model = fit(tiny_sweep.samples)
+    assert all(c >= 0 for c in model.coefficients)
+    assert model.predict(StepShape((ChunkShape(1024, 0),))) > model.predict(
+        StepShape((ChunkShape(64, 0),)))
+    assert model.predict(StepShape((), (256,) * 32)) > model.predict(StepShape((), (256,)))
+
+
+@pytest.mark.engine
+def test_profile_engine_fits_stores_and_is_found_again(engine, store, tiny_sweep):
+    profile = profile_engine(engine, Sweep("tiny", TINY, warmup=()), seed=3).profile
+    assert profile.key == current_key(engine.cfg.model_name, engine.cfg.dtype)
+    assert profile.holdout_error is not None and profile.holdout_error.num_samples > 0
+    save_profile(store, profile)
+    assert profile_for(store, profile.key).model == profile.model
+    assert any("held-out" in name for name, _ in summary_rows(profile))
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "conserve_bench.cli", *args],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
+
+
+def test_profile_show_prints_the_stored_profile_or_one_line(tmp_path, store):
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    missing = cli("profile", "--show", "--db", url)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().startswith("error: no latency profile for smollm2-135m")
+    assert len(missing.stderr.strip().splitlines()) == 1
+    from conserve_bench.profiles import Profile
+
+    model = LatencyModel((0.04, 2e-3, 2.4e-3, 4e-6, 1e-6, 8e-4))
+    save_profile(store, Profile(current_key("smollm2-135m", "float32"), model, 42))
+    shown = cli("profile", "--show", "--db", url)
+    assert shown.returncode == 0, shown.stderr
+    assert "prefill_tokens" in shown.stdout and "logprob_tokens" in shown.stdout

@@ -1,0 +1,72 @@
+"""Stored latency profiles: round trip through the store, and never a profile from elsewhere."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import pytest
+
+from conserve_bench.errors import ProfileNotFoundError
+from conserve_bench.latency import FitError, LatencyModel
+from conserve_bench.profiles import (Profile, ProfileKey, current_key, profile_for,
+                                     require_profile, save_profile)
+
+KEY = ProfileKey("smollm2-135m", "float32", "AMD EPYC (2 CPUs)", "0.32.0", 1)
+MODEL = LatencyModel((0.04, 2e-3, 2.4e-3, 4e-6, 1e-6, 8e-4),
+                     FitError(0.05, 0.1, 0.2, num_samples=80))
+HOLDOUT = FitError(0.06, 0.12, 0.3, num_samples=25)
+
+
+def stored(store, key=KEY, model=MODEL) -> Profile:
+    profile = Profile(key, model, num_samples=105, holdout_error=HOLDOUT)
+    save_profile(store, profile)
+    return profile
+
+
+def test_profile_round_trips_through_the_store(store):
+    saved = stored(store)
+    loaded = profile_for(store, KEY)
+    assert loaded is not None and loaded.created_at is not None
+    assert replace(loaded, created_at=None) == saved
+    assert loaded.train_error == MODEL.fit_error
+
+
+def test_profiling_again_replaces_the_profile_of_that_key(store):
+    stored(store)
+    newer = LatencyModel((0.03, 1e-3, 2e-3, 3e-6, 1e-6, 7e-4))
+    stored(store, model=newer)
+    assert profile_for(store, KEY).model == newer
+    assert len(store.list_profiles()) == 1
+
+
+@pytest.mark.parametrize("field, value", [("device", "NVIDIA H100 80GB HBM3"),
+                                          ("vllm_version", "0.33.0"), ("dtype", "bfloat16"),
+                                          ("parallel_size", 2)])
+def test_a_profile_from_another_key_is_never_used(store, caplog, field, value):
+    stored(store, replace(KEY, **{field: value}))
+    with caplog.at_level(logging.WARNING, logger="conserve_bench.profiles"):
+        assert profile_for(store, KEY) is None
+    assert field in caplog.text and repr(value) in caplog.text
+    with pytest.raises(ProfileNotFoundError) as error:
+        require_profile(store, KEY)
+    assert "\n" not in str(error.value) and field in str(error.value)
+
+
+def test_no_profile_at_all_is_none_without_a_warning(store, caplog):
+    stored(store, replace(KEY, model="other-model"))
+    with caplog.at_level(logging.WARNING):
+        assert profile_for(store, KEY) is None
+    assert caplog.text == ""
+
+
+def test_key_differences_name_each_field():
+    other = replace(KEY, device="x", parallel_size=2)
+    assert KEY.differences(KEY) == []
+    assert [d.split(":")[0] for d in KEY.differences(other)] == ["device", "parallel_size"]
+
+
+def test_current_key_names_this_machine_and_vllm():
+    key = current_key("smollm2-135m", "float32")
+    assert key.device and key.device != "unknown"
+    assert key.vllm_version.startswith("0.32.0")

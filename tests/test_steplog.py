@@ -1,0 +1,110 @@
+"""The step log without vLLM: shape extraction, the line format, reading back, step timing."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conserve_bench.latency import ChunkShape, Sample, StepShape
+from conserve_bench.steplog import (SCHEDULER_CLS, ScheduledRequest, StepLogWriter, StepRecorder,
+                                    from_line, read_step_log, recording_overrides, step_log_path,
+                                    step_shape, to_line)
+
+
+def test_prefill_chunks_and_decodes_are_told_apart_by_computed_tokens():
+    shape = step_shape([
+        ScheduledRequest(256, 0, 256),                          # a whole prompt
+        ScheduledRequest(1, 300, 300),                          # first decode after its prompt
+        ScheduledRequest(128, 512, 1024, prompt_logprobs=True),  # a later chunk of a long prompt
+        ScheduledRequest(1, 1030, 1024),                        # a decode further on
+    ])
+    assert shape.prefills == (ChunkShape(256, 0), ChunkShape(128, 512, prompt_logprobs=True))
+    assert shape.decode_context_lens == (300, 1030)
+    assert (shape.num_prefill_tokens, shape.num_decodes, shape.num_logprob_tokens) == (384, 2, 128)
+
+
+def test_a_resumed_request_prefills_its_prompt_again():
+    shape = step_shape([ScheduledRequest(70, 0, 64)])  # preempted after 6 outputs, recomputed
+    assert shape.prefills == (ChunkShape(70, 0),) and shape.decode_context_lens == ()
+
+
+shapes = st.builds(
+    StepShape,
+    st.lists(st.builds(ChunkShape, st.integers(0, 4096), st.integers(0, 4096), st.booleans()),
+             max_size=4).map(tuple),
+    st.lists(st.integers(0, 8192), max_size=64).map(tuple))
+
+
+@given(shapes, st.floats(1e-6, 100.0))
+def test_lines_round_trip(shape, step_s):
+    assert from_line(to_line(Sample(shape, step_s))) == Sample(shape, step_s)
+
+
+def test_reader_continues_from_its_offset_and_skips_a_partial_line(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    writer = StepLogWriter(path)
+    first = Sample(StepShape((ChunkShape(16, 0),)), 0.05)
+    writer.write(first)
+    samples, offset = read_step_log(path)
+    assert samples == [first]
+    second = Sample(StepShape((), (10, 11)), 0.04)
+    writer.write(second)
+    with open(path, "a") as f:
+        f.write('{"step_s": 0.1, "pref')  # a line still being written
+    samples, offset = read_step_log(path, offset)
+    assert samples == [second]
+    assert read_step_log(path, offset) == ([], offset)
+    assert read_step_log(tmp_path / "missing.jsonl") == ([], 0)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def recorder(tmp_path):
+    clock = FakeClock()
+    return StepRecorder(StepLogWriter(tmp_path / "steps.jsonl"), clock), clock
+
+
+def test_step_time_is_from_scheduled_to_executed(tmp_path):
+    rec, clock = recorder(tmp_path)
+    step = object()
+    clock.now = 1.0
+    rec.scheduled(step, [ScheduledRequest(8, 0, 8)])
+    clock.now = 1.25
+    sample = rec.executed(step)
+    assert sample == Sample(StepShape((ChunkShape(8, 0),)), 0.25)
+    assert read_step_log(tmp_path / "steps.jsonl")[0] == [sample]
+
+
+def test_overlapped_steps_start_when_the_previous_one_is_done(tmp_path):
+    """With a batch queue the next step is scheduled while this one still runs."""
+    rec, clock = recorder(tmp_path)
+    first, second = object(), object()
+    rec.scheduled(first, [ScheduledRequest(1, 10, 5)])
+    clock.now = 0.1
+    rec.scheduled(second, [ScheduledRequest(1, 11, 5)])
+    clock.now = 0.3
+    assert rec.executed(first).step_s == 0.3
+    clock.now = 0.5
+    assert abs(rec.executed(second).step_s - 0.2) < 1e-12
+
+
+def test_empty_and_unknown_steps_are_not_logged(tmp_path):
+    rec, _ = recorder(tmp_path)
+    empty = object()
+    rec.scheduled(empty, [])
+    assert rec.executed(empty) is None
+    assert rec.executed(object()) is None
+    assert read_step_log(tmp_path / "steps.jsonl") == ([], 0)
+
+
+def test_recording_overrides_name_the_scheduler_and_the_log(tmp_path):
+    overrides = recording_overrides(tmp_path / "s.jsonl")
+    assert overrides["scheduler_cls"] == SCHEDULER_CLS
+    assert step_log_path(overrides["additional_config"]) == str(tmp_path / "s.jsonl")
+    assert step_log_path({}) is None and step_log_path({"conserve": {}}) is None
