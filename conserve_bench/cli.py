@@ -179,6 +179,7 @@ def serve(
     max_offline_inflight: Annotated[int, typer.Option("--max-offline-inflight", min=1, help="Offline items in flight.")] = 32,
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Local MMLU CSV folder for jobs.")] = None,
     output: OutputOpt = "results",
+    profile: Annotated[bool, typer.Option("--profile/--no-profile", help="Load this machine's latency profile (measured once if missing).")] = True,
 ):
     """Serve online OpenAI traffic and run queued eval jobs in its idle time. Example: serve --port 8000"""
     from .server import ServeConfig, serve as run_server
@@ -187,7 +188,8 @@ def serve(
     cfg = ServeConfig(model=model, host=host, port=port, db_url=db or default_db_url(), policy=policy,
                       api_key=api_key, ttft_slo_ms=ttft_slo_ms, tbt_slo_ms=tbt_slo_ms,
                       max_offline_inflight=max_offline_inflight,
-                      data_dir=os.path.abspath(data_dir) if data_dir else None, output_dir=output)
+                      data_dir=os.path.abspath(data_dir) if data_dir else None, output_dir=output,
+                      profile=profile)
     _store(cfg.db_url)  # a bad --db fails here, before the engine starts
     err_console.print(f"serving {model} on http://{host}:{port} (policy {policy})")
     run_server(cfg)

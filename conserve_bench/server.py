@@ -54,6 +54,7 @@ class ServeConfig:
     max_offline_inflight: int = 32
     data_dir: str | None = None
     output_dir: str = "results"
+    profile: bool = True  # load this machine's latency profile; measure it once if missing
     engine_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -89,7 +90,33 @@ def serve(cfg: ServeConfig) -> None:
     model = resolve_model(cfg.model)
     engine_cfg = EngineConfig(model_path=model.path, model_name=model.name, **cfg.engine_overrides)
     engine_environment(engine_cfg)
+    if cfg.profile:
+        load_or_measure_profile(cfg, engine_cfg)
     uvloop.run(_serve(cfg, engine_cfg))
+
+
+def load_or_measure_profile(cfg: ServeConfig, engine_cfg: EngineConfig):
+    """The stored latency profile of this model on this machine; profiled (quick) if none.
+
+    NOTE: a profile from other hardware or another vLLM version never matches the key, so
+    it is never used; `profile_for` logs which fields differ.
+    """
+    from .profiler import run_profile
+    from .profiles import current_key, profile_for
+    from .store import Store
+
+    store = Store(cfg.db_url)
+    found = profile_for(store, current_key(engine_cfg.model_name, engine_cfg.dtype))
+    if found is None:
+        log.warning("no latency profile for %s on this machine: profiling once (--quick)", cfg.model)
+        found = run_profile(store, cfg.model, quick=True).profile
+    log.warning("latency model: %s", _describe_profile(found))
+    return found
+
+
+def _describe_profile(profile) -> str:
+    coefficients = dict(zip(profile.model.to_dict()["features"], profile.model.coefficients))
+    return ", ".join(f"{name}={value:.3g}" for name, value in coefficients.items())
 
 
 async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig) -> None:

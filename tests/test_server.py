@@ -35,7 +35,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, db_url: str, data_dir: str, out_dir, api_key: str | None = KEY):
+    def __init__(self, db_url: str, data_dir: str, out_dir, api_key: str | None = KEY,
+                 profile: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "conserve_bench.cli", "serve", "--port", str(self.port),
@@ -43,6 +44,7 @@ class Server:
                "--max-offline-inflight", str(MAX_INFLIGHT)]
         if api_key:
             cmd += ["--api-key", api_key]
+        cmd += ["--profile" if profile else "--no-profile"]
         self.log = open(out_dir / f"server-{self.port}.log", "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
@@ -78,9 +80,16 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, data_dir):
+    from conserve_bench.latency import FEATURES, LatencyModel
+    from conserve_bench.profiles import Profile, current_key, save_profile
+
     tmp = tmp_path_factory.mktemp("server")
-    srv = Server(f"sqlite:///{tmp / 'server.db'}", data_dir, tmp)
-    srv.db_url = f"sqlite:///{tmp / 'server.db'}"
+    db_url = f"sqlite:///{tmp / 'server.db'}"
+    # A stored profile for this machine: serve must load it rather than profile again.
+    stored = LatencyModel(coefficients=tuple(0.001 * (i + 1) for i in range(len(FEATURES))))
+    save_profile(Store(db_url), Profile(current_key("smollm2-135m", "float32"), stored, num_samples=1))
+    srv = Server(db_url, data_dir, tmp, profile=True)
+    srv.db_url = db_url
     yield srv
     srv.stop()
 
@@ -100,6 +109,12 @@ def embedded_scores(engine, data_dir, tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'embedded.db'}")
     job = submit_job(store, JobSpec(tasks=tuple(TASKS), limit=LIMIT, data_dir=data_dir))
     return task_metrics(run_job(store, job.id, engine, output_dir=None))
+
+
+def test_serve_loads_the_stored_profile(server):
+    log = open(server.log.name).read()
+    assert "latency model: fixed=0.001, prefill_tokens=0.002" in log
+    assert "profiling once" not in log
 
 
 def test_auth_is_required_on_online_and_job_routes(server):
