@@ -129,9 +129,10 @@ class Encoder:
         num_spaces = len(context) - len(context.rstrip())
         if num_spaces:
             context, continuation = context[:-num_spaces], context[-num_spaces:] + continuation
-        whole = self.encode(context + continuation)
-        num_ctx = len(self.encode(context))
-        return whole[:num_ctx], whole[num_ctx:]
+        # NOTE: exactly lm-eval's split: the context as encoded alone, the continuation as the
+        # rest of the whole encoding (even where a token straddles the boundary).
+        ctx = self.encode(context)
+        return ctx, self.encode(context + continuation)[len(ctx):]
 
     def rolling_windows(self, text: str) -> list[tuple[list[int], list[int]]]:
         windows = get_rolling_token_windows(

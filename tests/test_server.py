@@ -180,3 +180,24 @@ def test_sigterm_drains_sigkill_loses_nothing_restart_resumes(tmp_path, engine, 
     assert min(runs.values()) >= 1
     assert sum(n - 1 for n in runs.values()) <= 2 * MAX_INFLIGHT  # two interruptions
     assert results == embedded_scores(engine, data_dir, tmp_path)
+
+
+def test_cli_talks_to_the_server(server):
+    """`submit --server --wait`, `status`, `jobs` and `results` print the embedded JSON shapes."""
+    import json
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "conserve_bench.cli", *args, "--server", server.url,
+                              "--api-key", KEY, "--json"], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    summary = cli("submit", "mmlu_marketing", "--limit", "2", "--wait")
+    assert set(summary["results"]["mmlu_marketing"]) >= {"acc,none"}
+    status = cli("status", summary["id"])
+    assert (status["state"], status["done"], status["total"]) == ("done", 8, 8)
+    assert summary["id"] in [j["id"] for j in cli("jobs")["jobs"]]
+    assert cli("results", summary["id"]) == summary
+    denied = subprocess.run([sys.executable, "-m", "conserve_bench.cli", "jobs", "--server", server.url],
+                            capture_output=True, text=True, timeout=120)
+    assert denied.returncode != 0 and denied.stderr.startswith("error: unauthorized")
