@@ -60,6 +60,15 @@ class EngineConfig:
     scheduler_cls: str | None = None  # "module.Class" of a vLLM scheduler subclass
     additional_config: dict[str, Any] = field(default_factory=dict)  # vLLM's plug-in config
 
+    @property
+    def fingerprint(self) -> str:
+        """What, besides the request itself, decides a result: the model and its numerics.
+
+        NOTE: part of every work item's key; `submit` and `serve` must agree on it, so that a
+        job run on either reuses the other's finished items.
+        """
+        return f"{self.model_name}|{self.dtype}|{self.max_model_len}"
+
 
 @dataclass(frozen=True)
 class RunConfig:

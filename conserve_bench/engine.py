@@ -73,8 +73,7 @@ class Engine:
 
     @property
     def fingerprint(self) -> str:
-        """What, besides the request itself, decides a result: the model and its numerics."""
-        return f"{self.cfg.model_name}|{self.cfg.dtype}|{self.cfg.max_model_len}"
+        return self.cfg.fingerprint
 
     def submit(self, work: list, priority: int = OFFLINE_PRIORITY) -> None:
         from vllm import SamplingParams

@@ -139,8 +139,7 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig) -> None:
         metrics = OnlineMetrics(cfg.ttft_slo_ms / 1e3, cfg.tbt_slo_ms / 1e3)
         install_job_api(app, store, cfg)
         await init_app_state(client, app.state, args, supported_tasks)
-        fingerprint = f"{engine_cfg.model_name}|{engine_cfg.dtype}|{engine_cfg.max_model_len}"
-        adapter = AsyncEngineAdapter(client, asyncio.get_running_loop(), fingerprint,
+        adapter = AsyncEngineAdapter(client, asyncio.get_running_loop(), engine_cfg.fingerprint,
                                      engine_cfg.max_model_len, on_tokens=metrics.offline_tokens)
         pump = OfflinePump(store, adapter, RunConfig(max_inflight=cfg.max_offline_inflight),
                            cfg.output_dir, on_progress=metrics.job_progress)
