@@ -303,22 +303,14 @@ def main() -> None:
     except ConserveError as e:
         sys.stderr.write(f"error: {e}\n")  # NOTE: plain write, so no terminal width wraps it
         sys.exit(e.exit_code)
-    except typer.Abort:
-        err_console.print("aborted")
+    except typer.TyperException as e:  # usage errors: bad option values, missing arguments
+        if message := e.format_message():  # empty after the help that `no_args_is_help` shows
+            sys.stderr.write(f"error: {message}\n")
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.stderr.write("interrupted: in-flight items were returned to pending; "
+                         "run `conserve-bench resume JOB` to continue\n")
         sys.exit(130)
-    except KeyboardInterrupt:
-        err_console.print("interrupted: in-flight items were returned to pending; "
-                          "run `conserve-bench resume JOB` to continue")
-        sys.exit(130)
-    except (typer.BadParameter, typer.Exit) as e:
-        raise
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
 
 
 if __name__ == "__main__":

@@ -58,6 +58,15 @@ def test_bad_input_is_one_line_and_keeps_progress(db, data_dir, args, words):
     assert len(store.list_jobs()) == 1
 
 
+@pytest.mark.parametrize("args, words", [
+    (["submit", "mmlu_anatomy", "--limit", "0"], ["--limit"]),
+    (["status"], ["job_id"]),
+    (["jobs", "--no-such-flag"], ["--no-such-flag"]),
+])
+def test_usage_errors_are_one_line(args, words):
+    assert_one_line_error(cli(*args), *words)
+
+
 def test_malformed_db_url():
     assert_one_line_error(cli("jobs", "--db", "nonsense://"), "nonsense")
     assert_one_line_error(cli("jobs", "--db", "not a url"), "not a url")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import inspect
 from importlib.metadata import version
 
-import pytest
 
 
 def test_pinned_versions():
