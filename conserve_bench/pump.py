@@ -123,10 +123,6 @@ class OfflinePump:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
     def _run_forever(self) -> None:
         from .jobs import run_job
         from .runner import Stopped
