@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 VLLM_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 DATA_DIR ?= $(firstword $(wildcard ../shared/data/mmlu) $(CONSERVE_BENCH_DATA))
 DEMO_ARGS ?= mmlu --limit 2 --num-fewshot 5
+TRACE ?= ../shared/data/traces/azure_llm_2023_conv.csv
+BENCH_ARGS ?=
 
 .PHONY: setup demo test bench clean
 
@@ -26,6 +28,10 @@ $(VENV)/.installed-$(VLLM_EXTRA): pyproject.toml
 
 demo: setup
 	$(VENV)/bin/conserve-bench submit $(DEMO_ARGS) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+# The co-serving benchmark, short setting (under 10 minutes on 2 CPU cores); see README.
+bench: setup
+	$(VENV)/bin/conserve-bench bench --trace $(TRACE) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(BENCH_ARGS)
 
 test: setup
 	$(PY) -m pytest -q -ra

@@ -174,12 +174,15 @@ def serve(
     db: DbOpt = None,
     policy: Annotated[str, typer.Option(help="conserve | priority | online-only")] = "conserve",
     api_key: ApiKeyOpt = None,
-    ttft_slo_ms: Annotated[float, typer.Option("--ttft-slo-ms", help="Online TTFT target.")] = 1000.0,
-    tbt_slo_ms: Annotated[float, typer.Option("--tbt-slo-ms", help="Online TBT target.")] = 200.0,
+    ttft_slo_ms: Annotated[Optional[float], typer.Option("--ttft-slo-ms", help="Online TTFT target [default: 2x a 1024-token prefill, from the profile].")] = None,
+    tbt_slo_ms: Annotated[Optional[float], typer.Option("--tbt-slo-ms", help="Online TBT target [default: 5x a decode step, from the profile].")] = None,
+    slo_margin: Annotated[float, typer.Option("--slo-margin", help="conserve: offline work fills steps up to (1 - margin) x the TBT target.")] = 0.1,
+    quantum_ms: Annotated[Optional[float], typer.Option("--quantum-ms", help="conserve: longest offline-only step [default: 25% of the TTFT target].")] = None,
     max_offline_inflight: Annotated[int, typer.Option("--max-offline-inflight", min=1, help="Offline items in flight.")] = 32,
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Local MMLU CSV folder for jobs.")] = None,
     output: OutputOpt = "results",
     profile: Annotated[bool, typer.Option("--profile/--no-profile", help="Load this machine's latency profile (measured once if missing).")] = True,
+    step_log: Annotated[Optional[str], typer.Option("--step-log", help="Append every engine step (batch shape, time, the plan's kind and prediction) to this JSON-lines file.")] = None,
 ):
     """Serve online OpenAI traffic and run queued eval jobs in its idle time. Example: serve --port 8000"""
     from .server import ServeConfig, serve as run_server
@@ -187,12 +190,96 @@ def serve(
     data_dir = data_dir or default_data_dir()
     cfg = ServeConfig(model=model, host=host, port=port, db_url=db or default_db_url(), policy=policy,
                       api_key=api_key, ttft_slo_ms=ttft_slo_ms, tbt_slo_ms=tbt_slo_ms,
+                      slo_margin=slo_margin, quantum_ms=quantum_ms,
                       max_offline_inflight=max_offline_inflight,
                       data_dir=os.path.abspath(data_dir) if data_dir else None, output_dir=output,
-                      profile=profile)
+                      profile=profile, step_log=step_log)
     _store(cfg.db_url)  # a bad --db fails here, before the engine starts
     err_console.print(f"serving {model} on http://{host}:{port} (policy {policy})")
     run_server(cfg)
+
+
+@app.command("lm-eval", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def lm_eval_command(ctx: typer.Context):
+    """Run lm-eval's command line with the `conserve` backend; every argument goes to lm-eval.
+
+    Example: lm-eval --model conserve --model_args model=smollm2-135m,data_dir=../shared/data/mmlu
+    --tasks mmlu_local_anatomy --limit 10
+    """
+    from .harness import run_lm_eval
+
+    run_lm_eval(list(ctx.args))
+
+
+@app.command()
+def bench(
+    trace: Annotated[Optional[str], typer.Option(help="Azure LLM 2023 trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens).")] = None,
+    policies: Annotated[str, typer.Option(help="Comma-separated, run one after another on fresh servers.")] = "online-only,priority,conserve",
+    rate: Annotated[Optional[float], typer.Option(help="Online requests/s.")] = None,
+    load: Annotated[Optional[float], typer.Option(help="Online rate as a fraction of the measured capacity (0.5 unless --rate).")] = None,
+    arrivals: Annotated[str, typer.Option(help="trace (its timestamps, rescaled) | gamma (Gamma process)")] = "trace",
+    cv: Annotated[float, typer.Option(help="Gamma inter-arrival CV (1 = Poisson).")] = 2.0,
+    trace_offset: Annotated[int, typer.Option("--trace-offset", min=0, help="Skip this many trace requests.")] = 0,
+    duration_s: Annotated[float, typer.Option("--duration-s", help="Replay window per policy.")] = 30.0,
+    token_scale: Annotated[float, typer.Option("--token-scale", help="Multiply trace token counts.")] = 0.125,
+    max_context_tokens: Annotated[int, typer.Option("--max-context-tokens", min=1)] = 512,
+    max_generated_tokens: Annotated[int, typer.Option("--max-generated-tokens", min=1)] = 64,
+    capacity_requests: Annotated[int, typer.Option("--capacity-requests", min=1, help="Requests of the capacity measurement.")] = 24,
+    capacity_concurrency: Annotated[int, typer.Option("--capacity-concurrency", min=1)] = 8,
+    drain_timeout_s: Annotated[float, typer.Option("--drain-timeout-s", help="Wait for online requests after the last arrival.")] = 30.0,
+    offline_tasks: Annotated[str, typer.Option("--offline-tasks", help="The eval job submitted at t=0.")] = "mmlu",
+    offline_limit: Annotated[int, typer.Option("--offline-limit", min=0, help="At most N documents per task (0: all).")] = 20,
+    num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", min=0)] = None,
+    data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Local MMLU CSV folder (env CONSERVE_BENCH_DATA).")] = None,
+    long_prompts: Annotated[int, typer.Option("--long-prompts", min=0, help="Extra offline long-prompt generations.")] = 0,
+    long_prompt_tokens: Annotated[int, typer.Option("--long-prompt-tokens", min=1)] = 1536,
+    long_generated_tokens: Annotated[int, typer.Option("--long-generated-tokens", min=1)] = 128,
+    ttft_slo_ms: Annotated[float, typer.Option("--ttft-slo-ms")] = 1000.0,
+    tbt_slo_ms: Annotated[float, typer.Option("--tbt-slo-ms")] = 200.0,
+    max_offline_inflight: Annotated[int, typer.Option("--max-offline-inflight", min=1)] = 32,
+    model: Annotated[str, typer.Option(help="smollm2-135m, a model directory, or a hub id.")] = DEFAULT_MODEL,
+    server: Annotated[Optional[str], typer.Option("--server", help="Bench a running server (one policy, no offline-only phase).")] = None,
+    api_key: ApiKeyOpt = None,
+    seed: Annotated[int, typer.Option(help="Seeds prompts and Gamma arrivals.")] = 0,
+    output: Annotated[str, typer.Option("--output", help="Parent of bench-<timestamp>/.")] = "results",
+    serve_arg: Annotated[Optional[list[str]], typer.Option("--serve-arg", help="Extra `serve` flag, repeatable: --serve-arg=--quantum-ms=50")] = None,
+    db: Annotated[Optional[str], typer.Option("--db", help="Where the machine's latency profile is kept (env CONSERVE_BENCH_DB); each phase gets its own fresh store.")] = None,
+    as_json: JsonOpt = False,
+):
+    """Co-serving benchmark: replay a trace per policy next to an eval job; report and plots.
+
+    Example: bench --trace ../shared/data/traces/azure_llm_2023_conv.csv --data-dir ../shared/data/mmlu
+    """
+    from .bench import BenchConfig, run_bench
+    from .benchreport import TABLE_COLUMNS, table_rows
+
+    data_dir = data_dir or default_data_dir()
+    cfg = BenchConfig(
+        policies=tuple(p.strip() for p in policies.split(",") if p.strip()), trace=trace,
+        arrivals=arrivals, cv=cv, trace_offset=trace_offset, rate=rate, load=load if load is not None or rate is not None else 0.5,
+        duration_s=duration_s, token_scale=token_scale, max_context_tokens=max_context_tokens,
+        max_generated_tokens=max_generated_tokens, capacity_requests=capacity_requests,
+        capacity_concurrency=capacity_concurrency, drain_timeout_s=drain_timeout_s,
+        offline_tasks=tuple(t.strip() for t in offline_tasks.split(",") if t.strip()),
+        offline_limit=offline_limit or None, num_fewshot=num_fewshot,
+        data_dir=os.path.abspath(data_dir) if data_dir else None, long_prompts=long_prompts,
+        long_prompt_tokens=long_prompt_tokens, long_generated_tokens=long_generated_tokens,
+        ttft_slo_ms=ttft_slo_ms, tbt_slo_ms=tbt_slo_ms, max_offline_inflight=max_offline_inflight,
+        model=model, server=server, api_key=api_key, seed=seed, output_dir=output,
+        serve_args=tuple(serve_arg or ()), profile_db=db or default_db_url())
+    with _progress(disable=as_json) as progress:
+        task = progress.add_task("starting", total=None)
+        out, report = run_bench(cfg, lambda d, done, total: progress.update(
+            task, description=d, completed=done, total=total))
+    if as_json:
+        _print_json(report)
+        return
+    table = Table(*TABLE_COLUMNS, title=report["config"]["workload"])
+    for row in table_rows(report):
+        table.add_row(*row)
+    (console if console.is_terminal else Console(width=160)).print(table)  # NOTE: logs get no 80-column cut
+    console.print(f"wrote {out}/report.json, report.md, latency_cdf.png, offline_throughput.png")
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -45,6 +45,21 @@ class JobClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/jobs/{job_id}/cancel")
 
+    def submit_requests(self, requests: list[dict[str, Any]], label: str = "lm-eval") -> dict[str, Any]:
+        """Queue lm-eval requests (`{"kind", "args"}`); the job's JSON plus each request's key."""
+        return self._call("POST", "/v1/jobs/requests", json={"requests": requests, "label": label})
+
+    def item_results(self, job_id: str, page_size: int = 1000) -> dict[str, Any]:
+        """Key -> result of every finished item of a job, fetched page by page."""
+        results: dict[str, Any] = {}
+        offset: int | None = 0
+        while offset is not None:
+            page = self._call("GET", f"/v1/jobs/{job_id}/items",
+                              params={"offset": offset, "limit": page_size})
+            results.update({i["key"]: i["result"] for i in page["items"] if i["state"] == "done"})
+            offset = page["next_offset"]
+        return results
+
     def wait(self, job_id: str, on_progress: Callable[[int, int], None], poll_s: float = 1.0):
         while True:
             status = self.status(job_id)

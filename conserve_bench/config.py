@@ -15,11 +15,16 @@ from typing import Any
 
 DEFAULT_DB_URL = "sqlite:///conserve.db"
 DEFAULT_MODEL = "smollm2-135m"
+JOB_SOURCES = ("tasks", "requests")
 
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What to evaluate. Two equal specs build identical lm-eval requests."""
+    """What to evaluate. Two equal specs build identical lm-eval requests.
+
+    `source` is "tasks" (lm-eval builds the requests from `tasks`) or "requests" (an lm-eval
+    run elsewhere supplied the work items; `tasks` is only a label and nothing is rebuilt).
+    """
 
     tasks: tuple[str, ...]
     model: str = DEFAULT_MODEL
@@ -28,8 +33,11 @@ class JobSpec:
     data_dir: str | None = None
     gen_kwargs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    source: str = "tasks"
 
     def __post_init__(self):
+        if self.source not in JOB_SOURCES:
+            raise ValueError(f"job source must be one of {', '.join(JOB_SOURCES)}")
         if not self.tasks:
             raise ValueError("a job needs at least one task")
         if self.limit is not None and self.limit < 1:

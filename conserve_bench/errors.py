@@ -43,3 +43,7 @@ class EngineUnavailableError(ConserveError):
 
 class ProfileNotFoundError(ConserveError):
     pass
+
+
+class InvalidRequestError(ConserveError):
+    pass

@@ -3,17 +3,23 @@
 Handlers parse, call the same `jobs` functions as the CLI, and return the same JSON
 objects as the CLI's `--json`. A malformed spec is a 422 naming the field, an unknown task a
 400; neither writes anything. The offline pump (not this module) runs the jobs.
+`POST /v1/jobs/requests` queues lm-eval requests built elsewhere (`--model conserve` in client
+mode), keyed with this server's fingerprint; `GET /v1/jobs/{id}/items` pages their results.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from . import jobs
 from .config import JobSpec
 from .errors import ConserveError, JobNotFoundError, JobStateError
+from .requests import check_request_args
+
+MAX_REQUESTS_PER_JOB = 10_000
+MAX_ITEMS_PER_PAGE = 5_000
 
 
 class JobRequest(BaseModel):
@@ -31,8 +37,33 @@ class JobRequest(BaseModel):
         return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
 
 
-def install_job_api(app, store, cfg) -> None:
-    from fastapi import APIRouter
+class WorkRequest(BaseModel):
+    """One lm-eval request as `Instance.args`: [context, continuation], [text] or
+    [context, gen_kwargs]."""
+
+    model_config = {"extra": "forbid"}
+
+    kind: str
+    args: list[Any]
+
+    @model_validator(mode="after")
+    def _shape(self):
+        check_request_args(self.kind, self.args)  # ValueError -> 422 naming the request
+        return self
+
+
+class RequestsJobRequest(BaseModel):
+    """A job over requests an lm-eval run elsewhere built (`--model conserve` in client mode)."""
+
+    model_config = {"extra": "forbid"}
+
+    requests: list[WorkRequest] = Field(min_length=1, max_length=MAX_REQUESTS_PER_JOB)
+    label: str = Field(default="lm-eval", min_length=1, max_length=64)
+
+
+def install_job_api(app, store, cfg, fingerprint: str) -> None:
+    """Add `/v1/jobs` to `app`; `fingerprint` keys requests jobs' items (the engine's)."""
+    from fastapi import APIRouter, Query
 
     router = APIRouter(prefix="/v1/jobs", route_class=_route_class())
 
@@ -42,6 +73,12 @@ def install_job_api(app, store, cfg) -> None:
                        num_fewshot=request.num_fewshot, gen_kwargs=request.gen_kwargs,
                        data_dir=request.data_dir or cfg.data_dir)
         return jobs.submit_job(store, spec).to_dict()
+
+    @router.post("/requests", status_code=201)
+    def create_from_requests(request: RequestsJobRequest) -> dict[str, Any]:
+        work = [(r.kind, r.args) for r in request.requests]
+        job, keys = jobs.submit_requests(store, work, fingerprint, cfg.model, request.label)
+        return {**job.to_dict(), "keys": keys}
 
     @router.get("")
     def list_all() -> dict[str, Any]:
@@ -54,6 +91,13 @@ def install_job_api(app, store, cfg) -> None:
     @router.get("/{job_id}/results")
     def results(job_id: str) -> dict[str, Any]:
         return jobs.results_summary(jobs.job_results(store, job_id))
+
+    @router.get("/{job_id}/items")
+    def items(job_id: str, offset: int = Query(0, ge=0),
+              limit: int = Query(1000, ge=1, le=MAX_ITEMS_PER_PAGE)) -> dict[str, Any]:
+        store.get_job(job_id)
+        page = store.job_items(job_id, offset, limit)
+        return {"items": page, "next_offset": offset + limit if len(page) == limit else None}
 
     @router.post("/{job_id}/cancel")
     def cancel(job_id: str) -> dict[str, Any]:
@@ -69,6 +113,7 @@ def _error_status(exc: ConserveError) -> int:
 
 
 def _route_class():
+    from fastapi.encoders import jsonable_encoder
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from fastapi.routing import APIRoute
@@ -87,7 +132,7 @@ def _route_class():
                     body = {"error": {"message": str(exc), "type": type(exc).__name__}}
                     return JSONResponse(body, status_code=_error_status(exc))
                 except RequestValidationError as exc:  # vLLM's app would turn it into a 400
-                    return JSONResponse({"detail": exc.errors()}, status_code=422)
+                    return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
 
             return guarded
 

@@ -17,16 +17,17 @@ import logging
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from .config import EngineConfig, JobSpec, RunConfig
-from .errors import JobStateError
+from .errors import InvalidRequestError, JobStateError
 from .models import ModelRef, resolve_model
+from .requests import check_request_args, item_key
 from .runner import Runner, Stopped
-from .store import Job, Store
+from .store import Job, Store, WorkItem
 from .taskspec import check_tasks, task_manager
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,10 @@ def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
     the items this run holds go back to pending.
     """
     job = runnable_job(store, job_id)
-    manager = task_manager(job.spec.data_dir)
-    check_tasks(job.spec.tasks, manager)
+    manager = None
+    if job.spec.source == "tasks":
+        manager = task_manager(job.spec.data_dir)
+        check_tasks(job.spec.tasks, manager)
     store.requeue_stale()
     store.set_job_state(job_id, "running")
     tracker = _ProgressTracker(store, job_id, on_progress)
@@ -97,6 +100,8 @@ class JobCancelled(Exception):
 
 
 def _evaluate(store, job: Job, runner, engine, manager, tracker) -> dict[str, Any]:
+    if job.spec.source == "requests":
+        return _compute_requests(store, job, runner, tracker)
     from lm_eval import simple_evaluate
 
     from .harness.lm import ConserveLM
@@ -112,6 +117,36 @@ def _evaluate(store, job: Job, runner, engine, manager, tracker) -> dict[str, An
     if store.get_job(job.id).state == "cancelled":
         raise JobCancelled(f"job {job.id} was cancelled")
     return output
+
+
+def _compute_requests(store: Store, job: Job, runner: Runner, tracker) -> dict[str, Any]:
+    """A job whose items were supplied by an lm-eval run elsewhere: compute what is pending."""
+    keys = [item["key"] for item in store.job_items(job.id)]
+    tracker.refresh("any", len(keys))
+    runner.run(job.id, keys, None)
+    if store.get_job(job.id).state == "cancelled":
+        raise JobCancelled(f"job {job.id} was cancelled")
+    return {"results": {}}
+
+
+def submit_requests(store: Store, requests: list[tuple[str, list[Any]]], fingerprint: str,
+                    model: str, label: str = "lm-eval") -> tuple[Job, list[str]]:
+    """Record a queued job over lm-eval requests given as (kind, args); returns it and each
+    request's item key. Items finished before (by any job) are reused; a job with nothing
+    left to compute is done at once."""
+    for kind, args in requests:
+        try:
+            check_request_args(kind, args)
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
+    keys = [item_key(kind, args, fingerprint) for kind, args in requests]
+    unique = {k: WorkItem(k, kind, args) for k, (kind, args) in zip(keys, requests)}
+    job = store.create_job(JobSpec(tasks=(label,), model=model, source="requests"))
+    store.add_items(job.id, list(unique.values()))
+    job = store.get_job(job.id)
+    if job.num_done == job.num_total:
+        store.save_results(job.id, {"results": {}, "conserve": {"job": job.to_dict()}})
+    return store.get_job(job.id), keys
 
 
 def cancel_job(store: Store, job_id: str) -> Job:
@@ -158,23 +193,61 @@ def write_results_file(results: dict[str, Any], path: Path) -> Path:
 
 @dataclass
 class Session:
+    """An lm-eval run in this process: one job of requests, its runner, and its engine."""
+
     store: Store
     engine: Any
     runner: Runner
     job_id: str
+    owns_engine: bool = True
+    closed: bool = False
+    t0: float = field(default_factory=time.perf_counter)
+
+    def close(self) -> Job:
+        """Give back held items, finish the job and stop the engine this session started.
+
+        The job ends done when every request it got has a result, cancelled otherwise; either
+        way its finished items stay in the store for the next run to reuse.
+        """
+        if not self.closed:
+            self.closed = True
+            try:
+                self.runner.release()
+                self._finish_job()
+            finally:
+                if self.owns_engine:
+                    self.engine.close()
+        return self.store.get_job(self.job_id)
+
+    def _finish_job(self) -> None:
+        wall_s = time.perf_counter() - self.t0
+        self.store.add_run_time(self.job_id, wall_s)
+        job = self.store.get_job(self.job_id)
+        if job.state == "running" and job.num_done == job.num_total:
+            results = _with_metadata({"results": {}}, job, self.engine, self.runner, wall_s)
+            self.store.save_results(self.job_id, results)
+        elif job.state == "running":
+            self.store.set_job_state(self.job_id, "cancelled", error=(
+                f"the lm-eval run ended with {job.num_done}/{job.num_total} requests computed"))
 
 
-def open_session(model: str, db: str | None, data_dir: str | None,
-                 max_inflight: int) -> Session:
+def open_session(model: str, db: str | None, data_dir: str | None, max_inflight: int,
+                 engine=None) -> Session:
+    """Open a store, start `model` (unless an engine is given) and record a running job whose
+    work items the caller (`ConserveLM`) adds as lm-eval hands it requests."""
     from .config import default_db_url
 
     store = Store(db or default_db_url())
-    engine = start_engine(resolve_model(model))
-    job = store.create_job(JobSpec(tasks=("lm-eval",), model=model, data_dir=data_dir))
+    owns_engine = engine is None
+    engine = engine or start_engine(resolve_model(model))
+    spec = JobSpec(tasks=("lm-eval",), model=model, data_dir=data_dir, source="requests")
+    job = store.create_job(spec)
+    # NOTE: items of a killed earlier run are still marked running under its dead pid;
+    # they go back to pending here, so this run computes them.
     store.requeue_stale()
     store.set_job_state(job.id, "running")
-    return Session(store, engine, Runner(store, engine, RunConfig(max_inflight=max_inflight)),
-                   job.id)
+    runner = Runner(store, engine, RunConfig(max_inflight=max_inflight))
+    return Session(store, engine, runner, job.id, owns_engine)
 
 
 # -- helpers -----------------------------------------------------------------------------------

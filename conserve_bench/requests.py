@@ -46,6 +46,19 @@ def item_key(kind: str, args: list[Any], model_fingerprint: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def check_request_args(kind: str, args: Any) -> None:
+    """Raise ValueError unless `args` has the shape lm-eval gives requests of `kind`."""
+    shapes = {"loglikelihood": (str, str), "loglikelihood_rolling": (str,),
+              "generate_until": (str, dict)}
+    if kind not in shapes:
+        raise ValueError(f"unknown request kind {kind!r} (expected one of {', '.join(KINDS)})")
+    shape = shapes[kind]
+    if (not isinstance(args, (list, tuple)) or len(args) != len(shape)
+            or not all(isinstance(a, t) for a, t in zip(args, shape))):
+        names = ", ".join(t.__name__ for t in shape)
+        raise ValueError(f"{kind} arguments must be [{names}]")
+
+
 # -- parts: how to read one engine output into one item's partial result -------------------
 
 

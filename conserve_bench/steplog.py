@@ -46,10 +46,11 @@ def step_shape(requests: Iterable[ScheduledRequest]) -> StepShape:
     return StepShape(prefills, decodes)
 
 
-def to_line(sample: Sample) -> str:
+def to_line(sample: Sample, notes: dict[str, Any] | None = None) -> str:
+    """One line; `notes` (the scheduler's plan: kind, predicted_s, budget_s) ride along."""
     prefills = [[c.num_tokens, c.num_context, c.prompt_logprobs] for c in sample.shape.prefills]
     return json.dumps({"step_s": sample.step_s, "prefills": prefills,
-                       "decodes": list(sample.shape.decode_context_lens)})
+                       "decodes": list(sample.shape.decode_context_lens), **(notes or {})})
 
 
 def from_line(line: str) -> Sample:
@@ -79,13 +80,13 @@ class StepLogWriter:
         self.path = Path(path)
         self._file: IO[str] | None = None
 
-    def write(self, sample: Sample) -> None:
+    def write(self, sample: Sample, notes: dict[str, Any] | None = None) -> None:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
         # NOTE: flushed per line, before the step's outputs reach the client, so a reader
         # that has seen a step's outputs also finds that step in the log.
-        self._file.write(to_line(sample) + "\n")
+        self._file.write(to_line(sample, notes) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -124,28 +125,29 @@ class StepRecorder:
     def __init__(self, writer: StepLogWriter, clock: Callable[[], float] = time.perf_counter):
         self._writer = writer
         self._clock = clock
-        self._pending: dict[int, tuple[object, float, StepShape]] = {}
+        self._pending: dict[int, tuple[object, float, StepShape, dict[str, Any] | None]] = {}
         self._last_done_at = float("-inf")
 
-    def scheduled(self, step: object, requests: Iterable[ScheduledRequest]) -> None:
+    def scheduled(self, step: object, requests: Iterable[ScheduledRequest],
+                  notes: dict[str, Any] | None = None) -> None:
         now = self._clock()
         shape = step_shape(requests)
         if shape.num_tokens:
             # NOTE: keyed by identity and holding `step` alive, so the id cannot be reused
             # by another object before this step's output comes back.
-            self._pending[id(step)] = (step, now, shape)
+            self._pending[id(step)] = (step, now, shape, notes)
 
     def executed(self, step: object) -> Sample | None:
         now = self._clock()
         entry = self._pending.pop(id(step), None)
         if entry is None:
             return None
-        _, scheduled_at, shape = entry
+        _, scheduled_at, shape, notes = entry
         # NOTE: with a batch queue (async scheduling, pipeline parallelism) a step is scheduled
         # while the previous one still runs; it starts executing once that one is done.
         sample = Sample(shape, now - max(scheduled_at, self._last_done_at))
         self._last_done_at = now
-        self._writer.write(sample)
+        self._writer.write(sample, notes)
         return sample
 
     def close(self) -> None:

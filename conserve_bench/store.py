@@ -376,6 +376,19 @@ class Store:
             ).all()
         return {state: n for state, n in rows}
 
+    def job_items(self, job_id: str, offset: int = 0,
+                  limit: int | None = None) -> list[dict[str, Any]]:
+        """A job's items in the order they were added: key, kind, state, result (None unless done)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(items.c.key, items.c.kind, items.c.state, items.c.result)
+                .join(job_items, job_items.c.item_key == items.c.key)
+                .where(job_items.c.job_id == job_id).order_by(job_items.c.seq)
+                .offset(offset).limit(limit)
+            ).all()
+        return [{"key": r.key, "kind": r.kind, "state": r.state,
+                 "result": json.loads(r.result) if r.state == "done" else None} for r in rows]
+
     def run_counts(self, job_id: str) -> dict[str, int]:
         """How many times each item of a job was sent to an engine (for durability checks)."""
         with self.engine.connect() as conn:

@@ -39,7 +39,7 @@ def _task_manager_class():
             cfg = super()._load_full_config(entry, overrides)
             if self.data_dir and cfg.get("dataset_path") == MMLU_HUB_PATH:
                 cfg["custom_dataset"] = functools.partial(
-                    load_mmlu_csv, self.data_dir, cfg["dataset_name"]
+                    _load_hub_subject, self.data_dir, cfg["dataset_name"]
                 )
             return cfg
 
@@ -57,7 +57,10 @@ def task_manager(data_dir: str | None = None):
 
     if data_dir is not None:
         check_data_dir(data_dir)
-    return _task_manager_class()(data_dir=data_dir, include_path=str(TASKS_DIR))
+    # NOTE: the metadata reaches our own local-data tasks (`mmlu_local_*`) as `data_dir`.
+    metadata = {"data_dir": data_dir} if data_dir is not None else None
+    return _task_manager_class()(data_dir=data_dir, include_path=str(TASKS_DIR),
+                                 metadata=metadata)
 
 
 def check_tasks(names: Sequence[str], manager) -> list[str]:
@@ -78,6 +81,12 @@ def check_data_dir(data_dir: str) -> None:
         raise DataDirError(f"data directory {data_dir!r} does not exist")
     if not (path / "test").is_dir():
         raise DataDirError(f"data directory {data_dir!r} has no test/ folder of MMLU CSV files")
+
+
+def _load_hub_subject(folder: str, hub_subject: str, **_metadata):
+    # NOTE: lm-eval passes the task's metadata as keywords (ours may hold `data_dir`),
+    # hence parameter names no metadata key uses.
+    return load_mmlu_csv(folder, hub_subject)
 
 
 def load_mmlu_csv(data_dir: str, subject: str, **_metadata):

@@ -5,48 +5,86 @@ content hash and attached to a job in the store; only items without a stored res
 the engine. So an interrupted evaluation, run again, reuses every finished request. The
 results are lm-eval's own: `(logprob, is_greedy)`, summed rolling logprobs, generated text.
 
-This class only translates between lm-eval and the runner; it never computes a result itself.
+Two modes: embedded (the model runs in this process, like `submit`) and client
+(`base_url=...`: the requests become jobs on a running `conserve-bench serve`). This class
+only translates between lm-eval and a backend (`backends.py`); it never computes a result.
+
+NOTE: an `LM`, not a `TemplateLM`: the work-item key is the request's text, and tokenization
+(lm-eval's exact context/continuation split) happens next to the engine, in
+`conserve_bench.requests`; a client-mode process holds no tokenizer at all.
 """
 
 from __future__ import annotations
 
+import atexit
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from lm_eval.api.model import LM
 
-from conserve_bench.requests import item_key
 from conserve_bench.runner import Runner
-from conserve_bench.store import Store, WorkItem
+from conserve_bench.store import Store
+
+from .backends import LocalBackend, RemoteBackend
 
 
 class ConserveLM(LM):
     """lm-eval backend over the conserve-bench store and engine.
 
-    Built by `conserve-bench submit` with a ready store, engine and job, or by lm-eval from
-    `--model_args model=smollm2-135m,db=sqlite:///conserve.db,max_inflight=64`.
+    From lm-eval: `--model conserve --model_args model=smollm2-135m,db=sqlite:///conserve.db`
+    (embedded) or `--model_args base_url=http://127.0.0.1:8000,api_key=KEY` (client).
+    From Python:
+
+        >>> with ConserveLM(model="smollm2-135m", db="sqlite:///conserve.db") as lm:
+        ...     simple_evaluate(model=lm, tasks=["mmlu_local_anatomy"], limit=10)
     """
 
     def __init__(self, model: str = "smollm2-135m", db: str | None = None,
-                 max_inflight: int = 64, data_dir: str | None = None, **_ignored):
+                 max_inflight: int = 64, data_dir: str | None = None,
+                 base_url: str | None = None, api_key: str | None = None,
+                 engine: Any = None, progress: bool = True, **_ignored):
         super().__init__()
+        self.session, self.report = None, True
+        if base_url:
+            from conserve_bench.client import JobClient
+
+            self.backend = RemoteBackend(JobClient(base_url, api_key), show_progress=progress)
+            return
         from conserve_bench import jobs
 
-        session = jobs.open_session(model=model, db=db, data_dir=data_dir,
-                                    max_inflight=int(max_inflight))
-        self._bind(session.store, session.runner, session.job_id, session.engine.fingerprint)
+        self.session = jobs.open_session(model=model, db=db, data_dir=data_dir,
+                                         max_inflight=int(max_inflight), engine=engine)
+        self.backend = LocalBackend(self.session.store, self.session.runner, self.session.job_id,
+                                    self.session.engine.fingerprint, show_progress=progress)
+        # NOTE: lm-eval's CLI never closes its model; without this the engine-core
+        # processes outlive the evaluation and the interpreter waits on them.
+        atexit.register(self.close)
 
     @classmethod
     def for_job(cls, store: Store, runner: Runner, job_id: str, fingerprint: str,
                 on_kind: Callable[[str, int], None] | None = None) -> "ConserveLM":
+        """The LM `submit` uses: a ready store, runner and job; progress is the caller's."""
         lm = cls.__new__(cls)
         LM.__init__(lm)
-        lm._bind(store, runner, job_id, fingerprint, on_kind)
+        lm.session, lm.report = None, False
+        lm.backend = LocalBackend(store, runner, job_id, fingerprint, on_kind)
         return lm
 
-    def _bind(self, store, runner, job_id, fingerprint, on_kind=None) -> None:
-        self.store, self.runner, self.job_id, self.fingerprint = store, runner, job_id, fingerprint
-        self.on_kind = on_kind or (lambda kind, num_items: None)
+    @property
+    def job_id(self) -> str | None:
+        return self.session.job_id if self.session else None
+
+    def close(self) -> None:
+        """Finish this run's job and stop the engine it started (embedded mode only)."""
+        if self.session is not None:
+            self.session.close()
+
+    def __enter__(self) -> "ConserveLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- lm-eval's three-method contract ------------------------------------------------------
 
@@ -60,13 +98,10 @@ class ConserveLM(LM):
         return list(self._run("generate_until", requests))
 
     def _run(self, kind: str, requests) -> list[Any]:
-        args = [_plain(req.args) for req in requests]
-        keys = [item_key(kind, a, self.fingerprint) for a in args]
-        unique = {k: WorkItem(k, kind, a) for k, a in zip(keys, args)}
-        self.store.add_items(self.job_id, list(unique.values()))
-        self.on_kind(kind, len(unique))
-        results = self.runner.run(self.job_id, list(unique), kind)
-        return [results[k] for k in keys]
+        results, counts = self.backend.run(kind, [_plain(req.args) for req in requests])
+        if self.report:
+            sys.stderr.write(counts.describe() + "\n")
+        return results
 
 
 def _plain(value: Any) -> Any:

@@ -1,7 +1,8 @@
 """Against the real engine: results agree with lm-eval's own `hf` backend on the same model.
 
 Per request loglikelihoods within 0.05 nats, identical accuracy, greedy generations identical
-on at least 95% of prompts. Uses the session engine (see conftest) and the local MMLU CSVs.
+on at least 95% of prompts. Uses the session engine (see conftest) and the local MMLU CSVs
+through the `mmlu_local_*` task YAML.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from .conftest import TEST_TASKS
 
 pytestmark = pytest.mark.engine
 
-MMLU_TASKS = ["mmlu_abstract_algebra", "mmlu_high_school_geography"]
+# NOTE: the task YAML over the local CSVs (tasks/mmlu_local); tests/test_harness.py checks it
+# builds exactly the requests of lm-eval's own `mmlu_*`.
+MMLU_TASKS = ["mmlu_local_abstract_algebra", "mmlu_local_high_school_geography"]
 NATS = 0.05
 
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import inspect
 from types import SimpleNamespace
 
-from conserve_bench.latency import ChunkShape
+import pytest
+
+from conserve_bench.latency import ChunkShape, LatencyModel
+from conserve_bench.policy import PolicyConfig, Targets
 from conserve_bench.steplog import SCHEDULER_CLS, step_shape
 
 
@@ -80,3 +83,166 @@ def test_scheduled_requests_read_the_context_before_the_step():
     shape = step_shape(ConserveScheduler._scheduled_requests(scheduler, output))
     assert shape.prefills == (ChunkShape(256, 0), ChunkShape(256, 256, prompt_logprobs=True))
     assert shape.decode_context_lens == (64,)
+
+
+# -- the policy carried out by vLLM's real scheduler (no model: outputs are one fixed token) -----
+
+CPU_MODEL = LatencyModel((0.0389, 0.00203, 0.00213, 4.5e-6, 0.82e-6, 0.00067))
+POLICY = PolicyConfig(Targets(ttft_s=2.0, tbt_s=0.2), CPU_MODEL)
+
+
+def make_scheduler(model_path: str, policy: PolicyConfig | None, num_blocks: int = 256,
+                   max_num_batched_tokens: int = 2048, cls=None):
+    """A ConserveScheduler (or `cls`) as EngineCore builds it, over `num_blocks` KV blocks."""
+    import torch
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    from conserve_bench.scheduler import ConserveScheduler
+
+    additional = {"conserve": {"policy": policy.to_dict()}} if policy else {}
+    config = EngineArgs(model=model_path, max_model_len=2048, max_num_seqs=16,
+                        max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=True,
+                        scheduling_policy="priority", additional_config=additional,
+                        dtype="float32").create_engine_config()
+    config.cache_config.num_gpu_blocks = num_blocks
+    block_size = config.cache_config.block_size
+    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=64,
+                             dtype=torch.float32)
+    kv_cache = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
+                             kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)])
+    scheduler = (cls or ConserveScheduler)(
+        vllm_config=config, kv_cache_config=kv_cache, block_size=block_size, log_stats=False,
+        structured_output_manager=StructuredOutputManager(config))
+    # As EngineCore does for prefix caching: every request hashes its full blocks.
+    hash_fn = get_hash_fn_by_name(config.cache_config.prefix_caching_hash_algo)
+    init_none_hash(hash_fn)
+    scheduler.test_block_hasher = get_request_block_hasher(block_size, hash_fn)
+    return scheduler
+
+
+def add(scheduler, request_id: str, num_prompt: int, priority: int, max_tokens: int = 8,
+        first_token: int = 0):
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    prompt = [(first_token + i) % 5000 + 10 for i in range(num_prompt)]
+    scheduler.add_request(Request(request_id, prompt_token_ids=prompt, pooling_params=None,
+                                  sampling_params=SamplingParams(max_tokens=max_tokens,
+                                                                 ignore_eos=True),
+                                  priority=priority, block_hasher=scheduler.test_block_hasher))
+
+
+def run_step(scheduler):
+    """schedule() then update_from_output() with token 7 for every request past its prompt."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    output = scheduler.schedule()
+    req_ids = list(output.num_scheduled_tokens)
+    sampled = [[7] if scheduler.requests[r].num_computed_tokens >= scheduler.requests[r].num_prompt_tokens
+               else [] for r in req_ids]
+    scheduler.update_from_output(output, ModelRunnerOutput(
+        req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+        sampled_token_ids=sampled))
+    return output
+
+
+@pytest.fixture(scope="module")
+def model_path():
+    from conserve_bench.models import resolve_model
+
+    return resolve_model("smollm2-135m").path
+
+
+def test_vllm_carries_out_every_plan_exactly(model_path):
+    scheduler = make_scheduler(model_path, POLICY)
+    for i in range(6):
+        add(scheduler, f"off-{i}", 700, priority=1, max_tokens=4, first_token=1000 * i)
+    kinds = []
+    for step in range(60):
+        if step == 5:
+            add(scheduler, "on-0", 300, priority=0, max_tokens=20)
+        if step == 12:
+            add(scheduler, "on-1", 40, priority=0, max_tokens=20)
+        output = run_step(scheduler)
+        plan = scheduler.last_plan
+        assert dict(output.num_scheduled_tokens) == dict(plan.num_tokens), step
+        if plan.num_offline_tokens and plan.kind == "mixed":
+            assert plan.predicted_s <= POLICY.targets.mixed_budget_s
+        kinds.append(plan.kind)
+    assert {"offline", "mixed"} <= set(kinds)
+    assert not scheduler.requests or all(r.startswith("off") for r in scheduler.requests)
+
+
+def test_online_arrival_is_scheduled_in_the_next_step(model_path):
+    scheduler = make_scheduler(model_path, POLICY)
+    for i in range(4):
+        add(scheduler, f"off-{i}", 1500, priority=1, first_token=1000 * i)
+    run_step(scheduler)
+    add(scheduler, "on", 200, priority=0, first_token=4321)  # no prefix-cache hit
+    output = run_step(scheduler)
+    assert output.num_scheduled_tokens["on"] == 200
+    assert all(not r.startswith("off") or n < 1500 for r, n in output.num_scheduled_tokens.items())
+
+
+def test_kv_pressure_preempts_offline_never_online(model_path):
+    from vllm.v1.request import RequestStatus
+
+    scheduler = make_scheduler(model_path, POLICY, num_blocks=12)  # 12 x 128 tokens
+    add(scheduler, "on-old", 200, priority=0, max_tokens=50)
+    for i in range(4):
+        add(scheduler, f"off-{i}", 250, priority=1, max_tokens=50, first_token=1000 * i)
+    for _ in range(12):
+        run_step(scheduler)
+    assert all(scheduler.requests[f"off-{i}"].status == RequestStatus.RUNNING for i in range(4))
+
+    add(scheduler, "on-new", 500, priority=0, first_token=4000)
+    output = run_step(scheduler)
+    assert output.num_scheduled_tokens.get("on-new", 0) > 0  # a chunk: on-old is decoding
+    statuses = {r: scheduler.requests[r].status for r in scheduler.requests}
+    assert statuses["on-old"] == statuses["on-new"] == RequestStatus.RUNNING
+    assert RequestStatus.PREEMPTED in {statuses[f"off-{i}"] for i in range(4)}
+
+
+def test_a_full_batch_of_offline_requests_makes_a_seat_for_online(model_path):
+    scheduler = make_scheduler(model_path, POLICY)  # max_num_seqs=16
+    for i in range(16):
+        add(scheduler, f"off-{i}", 20, priority=1, max_tokens=100, first_token=1000 * i)
+    for _ in range(20):
+        run_step(scheduler)
+    assert len(scheduler.running) == 16
+    add(scheduler, "on", 50, priority=0, first_token=20000)
+    assert run_step(scheduler).num_scheduled_tokens["on"] == 50
+    assert sum(r.startswith("off") for r in (q.request_id for q in scheduler.running)) == 15
+
+
+def test_without_a_policy_it_schedules_exactly_as_vllm(model_path):
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    plain, conserve = make_scheduler(model_path, None, cls=Scheduler), make_scheduler(model_path, None)
+    for scheduler in (plain, conserve):
+        for i in range(5):
+            add(scheduler, f"r-{i}", 900, priority=i % 2, first_token=1000 * i)
+    for _ in range(10):
+        assert run_step(plain).num_scheduled_tokens == run_step(conserve).num_scheduled_tokens
+
+
+def test_vllm_mechanisms_the_plan_relies_on():
+    """How ConserveScheduler steers vLLM 0.32.0; an upgrade that changes one fails here."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.request import Request
+
+    schedule = inspect.getsource(Scheduler.schedule)
+    # A running request is skipped while current_step < next_decode_eligible_step, and
+    # schedule() advances current_step first.
+    assert schedule.index("self.current_step += 1") < schedule.index(
+        "if self.current_step < request.next_decode_eligible_step:")
+    assert "token_budget = self.max_num_scheduled_tokens" in schedule
+    # Priority preemption takes the largest (priority, arrival_time) in the running list.
+    assert "max(\n                            self.running,\n                            key=lambda r: (r.priority, r.arrival_time)," in schedule
+    assert "self.next_decode_eligible_step = 0" in inspect.getsource(Request.__init__)
+    assert list(inspect.signature(Scheduler._preempt_request).parameters)[:3] == [
+        "self", "request", "timestamp"]

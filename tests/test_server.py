@@ -6,9 +6,8 @@ session engine.
 
 from __future__ import annotations
 
-import os
+import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 
 from conserve_bench.config import JobSpec
 from conserve_bench.jobs import run_job, submit_job, task_metrics
+from conserve_bench.serverproc import ServerProcess
 from conserve_bench.store import Store
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
@@ -28,67 +28,36 @@ LIMIT = 12
 MAX_INFLIGHT = 8
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+class Server(ServerProcess):
     def __init__(self, db_url: str, data_dir: str, out_dir, api_key: str | None = KEY,
-                 profile: bool = False):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "conserve_bench.cli", "serve", "--port", str(self.port),
-               "--db", db_url, "--data-dir", data_dir, "--output", str(out_dir),
-               "--max-offline-inflight", str(MAX_INFLIGHT)]
-        if api_key:
-            cmd += ["--api-key", api_key]
-        cmd += ["--profile" if profile else "--no-profile"]
-        self.log = open(out_dir / f"server-{self.port}.log", "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+                 extra_args: tuple[str, ...] = ()):
+        store_profile(db_url)  # serve loads it (the conserve policy plans with it)
+        args = ["--db", db_url, "--data-dir", data_dir, "--output", str(out_dir),
+                "--max-offline-inflight", str(MAX_INFLIGHT), *extra_args]
+        super().__init__(args + (["--api-key", api_key] if api_key else []), out_dir)
         self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-        self._wait_ready()
-
-    def _wait_ready(self, timeout_s: float = 400) -> None:
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            assert self.proc.poll() is None, open(self.log.name).read()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise AssertionError("server did not become ready")
-
-    def signal(self, sig) -> int:
-        """SIGTERM goes to the server process, as docker and Kubernetes send it; SIGKILL to
-        the whole group, engine processes included, as a machine failure would."""
-        if sig == signal.SIGKILL:
-            os.killpg(self.proc.pid, sig)
-        else:
-            self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=120)
-        time.sleep(1)  # let vLLM's engine processes finish exiting
-        return code
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.signal(signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, data_dir):
-    from conserve_bench.latency import FEATURES, LatencyModel
+def store_profile(db_url: str) -> None:
+    """A profile for this machine, with the coefficients measured on the 2-core CI CPU, so
+    that serve loads it rather than profiling (every test server runs the conserve policy)."""
+    from conserve_bench.latency import LatencyModel
     from conserve_bench.profiles import Profile, current_key, save_profile
 
+    measured = LatencyModel((0.0389, 0.00203, 0.00213, 4.5e-6, 0.82e-6, 0.00067))
+    save_profile(Store(db_url), Profile(current_key("smollm2-135m", "float32"), measured, num_samples=1))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, data_dir):
     tmp = tmp_path_factory.mktemp("server")
     db_url = f"sqlite:///{tmp / 'server.db'}"
-    # A stored profile for this machine: serve must load it rather than profile again.
-    stored = LatencyModel(coefficients=tuple(0.001 * (i + 1) for i in range(len(FEATURES))))
-    save_profile(Store(db_url), Profile(current_key("smollm2-135m", "float32"), stored, num_samples=1))
-    srv = Server(db_url, data_dir, tmp, profile=True)
+    srv = Server(db_url, data_dir, tmp, extra_args=("--step-log", str(tmp / "steps.jsonl")))
+    srv.step_log = tmp / "steps.jsonl"
     srv.db_url = db_url
     yield srv
     srv.stop()
@@ -112,9 +81,10 @@ def embedded_scores(engine, data_dir, tmp_path):
 
 
 def test_serve_loads_the_stored_profile(server):
-    log = open(server.log.name).read()
-    assert "latency model: fixed=0.001, prefill_tokens=0.002" in log
+    log = server.log_tail(10**6)
+    assert "latency model: fixed=0.0389, prefill_tokens=0.00203" in log
     assert "profiling once" not in log
+    assert "online targets: TTFT" in log
 
 
 def test_auth_is_required_on_online_and_job_routes(server):
@@ -153,6 +123,11 @@ def test_online_completion_while_a_job_runs_and_job_matches_embedded(server, eng
     assert remote == embedded_scores(engine, data_dir, tmp_path)
     metrics = httpx.get(f"{server.url}/metrics").text
     assert "conserve_online_ttft_seconds_count" in metrics and "conserve_offline_items_total" in metrics
+    # The engine ran the conserve policy: offline-only steps, and online steps that offline
+    # work filled up to the TBT budget, never beyond the prediction that sized them.
+    steps = [json.loads(line) for line in server.step_log.read_text().splitlines()]
+    assert {"offline", "mixed"} <= {step["kind"] for step in steps}
+    assert all(s["predicted_s"] <= s["budget_s"] for s in steps if s["kind"] == "mixed")
 
 
 def test_sigterm_drains_sigkill_loses_nothing_restart_resumes(tmp_path, engine, data_dir):
@@ -184,8 +159,6 @@ def test_sigterm_drains_sigkill_loses_nothing_restart_resumes(tmp_path, engine, 
 
 def test_cli_talks_to_the_server(server):
     """`submit --server --wait`, `status`, `jobs` and `results` print the embedded JSON shapes."""
-    import json
-
     def cli(*args):
         out = subprocess.run([sys.executable, "-m", "conserve_bench.cli", *args, "--server", server.url,
                               "--api-key", KEY, "--json"], capture_output=True, text=True, timeout=600)

@@ -1,0 +1,393 @@
+"""`conserve-bench bench`: the co-serving benchmark, phase by phase, into results/bench-<ts>/.
+
+Phases, each on a freshly started server with its own fresh SQLite store (so no phase reuses
+another's finished offline items): (1) online capacity, measured closed-loop, when the rate is
+given as `load`; then the offline job alone for the window (the offline-only baseline);
+(2) per policy: the eval job submitted at t=0, the online workload replayed, the server's
+offline counters sampled. Then `benchreport` builds the report and `benchplots` draws it.
+This module does the I/O and the timing; it computes no statistic itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from . import workload
+from .benchreport import PhaseResult, build_report, render_markdown, report_dict
+from .client import JobClient
+from .errors import ConserveError
+from .loadgen import OnlineClient
+from .serverproc import ServerProcess
+from .server import POLICIES
+
+SAMPLE_EVERY_S = 0.5
+ARRIVALS = ("trace", "gamma")
+ProgressFn = Callable[[str, float, float], None]  # (description, completed, total)
+
+
+class BenchConfigError(ConserveError):
+    pass
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run. Token counts are scaled by `token_scale`, then capped."""
+
+    policies: tuple[str, ...] = ("online-only", "priority", "conserve")
+    trace: str | None = None
+    arrivals: str = "trace"  # "trace": the trace's own timestamps; "gamma": a Gamma process
+    cv: float = 2.0  # Gamma inter-arrival CV (burstiness; 1 is Poisson)
+    trace_offset: int = 0  # skip this many trace requests
+    rate: float | None = None  # online requests/s; or
+    load: float | None = 0.5  # a fraction of the measured online capacity
+    duration_s: float = 30.0  # the replay window (and the offline throughput window)
+    token_scale: float = 0.125
+    max_context_tokens: int = 512
+    max_generated_tokens: int = 64
+    capacity_requests: int = 24
+    capacity_concurrency: int = 8
+    drain_timeout_s: float = 30.0  # wait for online requests after the last arrival
+    offline_tasks: tuple[str, ...] = ("mmlu",)
+    offline_limit: int | None = 20  # documents per task (MMLU: 57 subjects x 20 questions)
+    num_fewshot: int | None = None
+    data_dir: str | None = None
+    long_prompts: int = 0  # extra offline generations with long prompts (KV-cache pressure)
+    long_prompt_tokens: int = 1536
+    long_generated_tokens: int = 128
+    ttft_slo_ms: float = 1000.0
+    tbt_slo_ms: float = 200.0
+    max_offline_inflight: int = 32
+    model: str = "smollm2-135m"
+    server: str | None = None  # an existing server: phases run on it, nothing is restarted
+    api_key: str | None = None
+    seed: int = 0
+    output_dir: str = "results"
+    profile_db: str | None = None  # where this machine's latency profile is kept between runs
+    serve_args: tuple[str, ...] = ()  # passed through to every `serve`
+
+    def __post_init__(self):
+        unknown = [p for p in self.policies if p not in POLICIES]
+        if unknown or not self.policies:
+            raise BenchConfigError(f"unknown policy {','.join(unknown)!r}: use {', '.join(POLICIES)}")
+        if self.arrivals not in ARRIVALS:
+            raise BenchConfigError(f"--arrivals must be one of {', '.join(ARRIVALS)}")
+        if (self.rate is None) == (self.load is None):
+            raise BenchConfigError("give exactly one of --rate and --load")
+        if self.trace is None and self.arrivals == "trace":
+            raise BenchConfigError("--trace is required unless --arrivals gamma")
+        if self.server and len(self.policies) != 1:
+            raise BenchConfigError("with --server, --policies names the one policy that server runs")
+        if min(self.rate or 1, self.load or 1, self.duration_s, self.token_scale, self.cv) <= 0:
+            raise BenchConfigError("--rate, --load, --duration-s, --token-scale and --cv must be positive")
+
+
+def run_bench(cfg: BenchConfig, on_progress: ProgressFn = lambda d, c, t: None,
+              now: datetime | None = None) -> tuple[Path, dict[str, Any]]:
+    """Run every phase and write report.json, report.md and the plots; (folder, report)."""
+    base = _base_requests(cfg)  # NOTE: a bad trace fails here, before any server starts
+    started = now or datetime.now()
+    out = Path(cfg.output_dir) / f"bench-{started:%Y%m%d-%H%M%S}"
+    out.mkdir(parents=True, exist_ok=False)
+    steps = _Steps(on_progress, 1 + len(cfg.policies))
+    profiles = _ProfileCache(cfg)
+    capacity, rate, offline_only = _baseline_phase(cfg, base, out, steps, profiles)
+    requests = timed_requests(cfg, base, rate)
+    phases = [_policy_phase(cfg, policy, requests, out, steps, profiles) for policy in cfg.policies]
+    config = {**report_dict(cfg), "started_at": started.isoformat(timespec="seconds"),
+              "online_capacity_rps": capacity, "online_rate_rps": rate,
+              "num_online_requests": len(requests), "workload": _describe(cfg, rate)}
+    report = build_report(config, offline_only, phases)
+    _write_outputs(out, report, offline_only, phases)
+    steps.finish()
+    return out, report
+
+
+# -- workload ----------------------------------------------------------------------------------
+
+
+def _base_requests(cfg: BenchConfig) -> list[workload.OnlineRequest]:
+    """The trace's requests (token counts scaled and capped), or fixed-size ones."""
+    if cfg.trace is None:
+        sized = workload.fixed_requests(100_000, cfg.max_context_tokens, cfg.max_generated_tokens)
+    else:
+        sized = workload.read_azure_trace(cfg.trace)
+        if len(sized) <= cfg.trace_offset + 1:
+            raise BenchConfigError(f"the trace has {len(sized)} requests: --trace-offset {cfg.trace_offset} leaves too few")
+    return workload.scale_tokens(sized, cfg.token_scale, cfg.max_context_tokens, cfg.max_generated_tokens)
+
+
+def timed_requests(cfg: BenchConfig, base, rate: float) -> list[workload.OnlineRequest]:
+    """The requests of the window [0, duration_s) at `rate`, in the trace's shape or Gamma's.
+
+    NOTE: the trace segment is rescaled on its own (rate * duration requests from
+    `trace_offset`), so the window gets the requested rate whatever the trace's local rate.
+    """
+    base = base[cfg.trace_offset:]
+    if cfg.arrivals == "gamma":
+        num = math.ceil(rate * cfg.duration_s * 3) + 10
+        timed = workload.with_arrivals(base[:num], workload.gamma_arrivals(num, rate, cfg.cv, cfg.seed))
+    else:
+        timed = workload.rescale_to_rate(base[:max(2, round(rate * cfg.duration_s))], rate)
+    return [r for r in timed if r.arrival_s < cfg.duration_s]
+
+
+def _describe(cfg: BenchConfig, rate: float) -> str:
+    source = Path(cfg.trace).name if cfg.trace else "fixed sizes"
+    shape = f"Gamma arrivals (CV {cfg.cv:g})" if cfg.arrivals == "gamma" else "trace arrivals"
+    return (f"{source}, {shape} at {rate:.2f} req/s for {cfg.duration_s:g} s, tokens x{cfg.token_scale:g} "
+            f"capped at {cfg.max_context_tokens}/{cfg.max_generated_tokens}")
+
+
+# -- phases ------------------------------------------------------------------------------------
+
+
+def _baseline_phase(cfg: BenchConfig, base, out: Path, steps: "_Steps", profiles: "_ProfileCache"):
+    """(capacity or None, the online rate, the offline-only phase)."""
+    steps.next("offline-only: starting server")
+    timer = _Timer()
+    with _server(cfg, "priority", out / "offline-only", profiles) as (url, phase_dir):
+        timer.lap("server_start_s")
+        capacity = None
+        if cfg.load is not None:
+            steps.describe("measuring online capacity")
+            capacity = _run(_capacity(cfg, url, base[cfg.trace_offset:][:cfg.capacity_requests]))
+            timer.lap("capacity_s")
+        rate = cfg.rate if cfg.load is None else cfg.load * capacity
+        if cfg.server:  # NOTE: its store would hand the finished items to the next phase
+            return capacity, rate, PhaseResult("offline-only", cfg.duration_s)
+        phase = _measure(cfg, "offline-only", "priority", url, phase_dir, [], steps, timer)
+    return capacity, rate, timer.finish(phase)
+
+
+def _policy_phase(cfg: BenchConfig, policy: str, requests, out: Path, steps: "_Steps",
+                  profiles: "_ProfileCache") -> PhaseResult:
+    steps.next(f"{policy}: starting server")
+    timer = _Timer()
+    with _server(cfg, policy, out / policy, profiles) as (url, phase_dir):
+        timer.lap("server_start_s")
+        phase = _measure(cfg, policy, policy, url, phase_dir, requests, steps, timer)
+    return timer.finish(phase)
+
+
+def _measure(cfg: BenchConfig, label: str, policy: str, url: str, phase_dir: Path, requests,
+             steps: "_Steps", timer: "_Timer") -> PhaseResult:
+    """Submit the eval job; once it runs, replay from t=0 and sample; then cancel the job.
+
+    NOTE: t=0 waits until the job's items are built (lm-eval's set-up), so the window measures
+    co-serving rather than set-up. Under `online-only` the job stays queued: no wait.
+    """
+    steps.describe(f"{label}: submitting the eval job")
+    jobs = JobClient(url, cfg.api_key, timeout_s=600)
+    job_id = _submit_offline(cfg, jobs, phase_dir)
+    if policy != "online-only":
+        _wait_running(jobs, job_id)
+    timer.lap("job_start_s")
+    steps.describe(label)
+    phase = _run(_drive(cfg, url, requests, steps))
+    timer.lap("replay_s")
+    final = jobs.status(job_id)
+    with contextlib.suppress(ConserveError):  # a job that finished cannot be cancelled
+        jobs.cancel(job_id)
+    return replace(phase, policy=label, extra={"offline_job_state": final["state"],
+                                               "offline_job_items_done": final["done"],
+                                               "offline_job_items_total": final["total"]})
+
+
+def _wait_running(jobs: JobClient, job_id: str, timeout_s: float = 900) -> None:
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        job = jobs.status(job_id)
+        if job["state"] in ("failed", "cancelled"):
+            raise BenchError(f"offline job {job_id} {job['state']}: {job.get('error') or ''}".strip())
+        if job["state"] == "done" or (job["state"] == "running" and job["total"] > 0):
+            return
+        time.sleep(0.2)
+    raise BenchError(f"offline job {job_id} did not start within {timeout_s:.0f}s")
+
+
+class _Timer:
+    """Wall seconds of each step of a phase, server start and stop included."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name], self.last = now - self.last, now
+
+    def finish(self, phase: PhaseResult) -> PhaseResult:
+        self.lap("server_stop_s")
+        timings = {**self.laps, "phase_wall_s": self.last - self.start}
+        return replace(phase, extra={**phase.extra, "timings": timings})
+
+
+@contextlib.contextmanager
+def _server(cfg: BenchConfig, policy: str, phase_dir: Path, profiles: "_ProfileCache"):
+    """(url, phase folder) of a fresh server with a fresh store, or of `--server`."""
+    phase_dir.mkdir(parents=True)
+    if cfg.server:
+        yield cfg.server, phase_dir
+        return
+    db_url = f"sqlite:///{(phase_dir / 'jobs.db').resolve()}"
+    profiles.copy_to(db_url)
+    args = ["--policy", policy, "--db", db_url,
+            "--output", str(phase_dir), "--ttft-slo-ms", str(cfg.ttft_slo_ms),
+            "--tbt-slo-ms", str(cfg.tbt_slo_ms), "--max-offline-inflight", str(cfg.max_offline_inflight),
+            "--model", cfg.model, *cfg.serve_args]
+    if cfg.data_dir:
+        args += ["--data-dir", cfg.data_dir]
+    with ServerProcess(args, phase_dir) as server:
+        profiles.learn_from(db_url)
+        yield server.url, phase_dir
+
+
+class _ProfileCache:
+    """This machine's latency profile, copied into every phase's fresh store.
+
+    NOTE: without it each fresh server would profile itself again (about 90 s on 2 cores);
+    the first one that does is remembered in `profile_db` for the next run.
+    """
+
+    def __init__(self, cfg: BenchConfig):
+        from .config import EngineConfig
+        from .models import resolve_model
+        from .profiles import current_key
+        from .store import Store
+
+        self.store = Store(cfg.profile_db) if cfg.profile_db and not cfg.server else None
+        if self.store is not None:
+            engine = EngineConfig(model_path="", model_name=resolve_model(cfg.model).name)
+            self.key = current_key(engine.model_name, engine.dtype)
+
+    def copy_to(self, db_url: str) -> None:
+        from .profiles import profile_for, save_profile
+        from .store import Store
+
+        if self.store is not None and (found := profile_for(self.store, self.key)) is not None:
+            save_profile(Store(db_url), found)
+
+    def learn_from(self, db_url: str) -> None:
+        from .profiles import profile_for, save_profile
+        from .store import Store
+
+        if self.store is not None and profile_for(self.store, self.key) is None:
+            if (found := profile_for(Store(db_url), self.key)) is not None:
+                save_profile(self.store, found)
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+async def _capacity(cfg: BenchConfig, url: str, requests) -> float:
+    """Online requests/s at saturation: completed requests over the wall time of a closed loop."""
+    client = OnlineClient(url, cfg.model, cfg.seed + 1, cfg.api_key)
+    try:
+        records, wall_s = await client.closed_loop(requests, cfg.capacity_concurrency)
+    finally:
+        await client.close()
+    num_done = sum(r.completed for r in records)
+    if not num_done:
+        raise BenchError(f"no online request completed while measuring capacity: {records[0].error}")
+    return num_done / wall_s
+
+
+class BenchError(ConserveError):
+    pass
+
+
+async def _drive(cfg: BenchConfig, url: str, requests, steps: "_Steps") -> PhaseResult:
+    """Replay `requests` from t=0 while sampling the offline counters; at least `duration_s`."""
+    client = OnlineClient(url, cfg.model, cfg.seed, cfg.api_key)
+    t0 = time.perf_counter()
+    samples, num_done = [await client.offline_counters(t0)], [0]
+    steps.total(len(requests) or cfg.duration_s)
+
+    def on_done(record):
+        num_done[0] += 1
+        steps.advance(num_done[0])
+
+    async def sample_until(stop: asyncio.Event):
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), SAMPLE_EVERY_S)
+            samples.append(await client.offline_counters(t0))
+            if not requests:
+                steps.advance(min(cfg.duration_s, samples[-1].t_s))
+
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(sample_until(stop))
+    try:
+        records = await client.replay(requests, cfg.drain_timeout_s, on_done)
+        await asyncio.sleep(max(0.0, t0 + cfg.duration_s + SAMPLE_EVERY_S - time.perf_counter()))
+        stop.set()
+        await sampler
+    finally:
+        await client.close()
+    return PhaseResult("", cfg.duration_s, tuple(records), tuple(samples))
+
+
+def _submit_offline(cfg: BenchConfig, jobs: JobClient, phase_dir: Path) -> str:
+    """The eval job; with long prompts, their task first in the same job.
+
+    NOTE: the pump runs one job at a time and a job runs lm-eval's request kinds in task
+    order, so a second job (or a task after MMLU) would wait for all of MMLU.
+    """
+    tasks = list(cfg.offline_tasks)
+    if cfg.long_prompts:
+        from .longprompts import write_long_prompt_task
+
+        tasks.insert(0, str(write_long_prompt_task(phase_dir, cfg.long_prompts, cfg.long_prompt_tokens,
+                                                   cfg.long_generated_tokens, cfg.seed)))
+    return jobs.submit(tasks, limit=cfg.offline_limit, num_fewshot=cfg.num_fewshot,
+                       data_dir=cfg.data_dir)["id"]
+
+
+# -- outputs -----------------------------------------------------------------------------------
+
+
+def _write_outputs(out: Path, report: dict[str, Any], offline_only: PhaseResult, phases) -> None:
+    from .benchplots import plot_latency_cdfs, plot_offline_throughput
+
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(render_markdown(report))
+    (out / "records.json").write_text(json.dumps(
+        {p.policy: [r.__dict__ for r in p.records] for p in phases}, default=list) + "\n")
+    plot_latency_cdfs(phases, out / "latency_cdf.png", report["config"])
+    plot_offline_throughput([offline_only, *phases], out / "offline_throughput.png")
+
+
+class _Steps:
+    """Progress as `(description, completed, total)` for each phase in turn."""
+
+    def __init__(self, on_progress: ProgressFn, num_phases: int):
+        self.on_progress, self.num_phases = on_progress, num_phases
+        self.index, self.label, self._total = 0, "", 0.0
+
+    def next(self, label: str) -> None:
+        self.index += 1
+        self.describe(label)
+
+    def describe(self, label: str) -> None:
+        self.label = label
+        self.on_progress(f"[{self.index}/{self.num_phases}] {label}", 0, None)
+
+    def total(self, total: float) -> None:
+        self._total = total
+        self.on_progress(f"[{self.index}/{self.num_phases}] {self.label}", 0, total)
+
+    def advance(self, completed: float) -> None:
+        self.on_progress(f"[{self.index}/{self.num_phases}] {self.label}", completed, self._total)
+
+    def finish(self) -> None:
+        self.on_progress("done", 1, 1)

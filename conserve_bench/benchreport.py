@@ -1,0 +1,224 @@
+"""The `bench` report: per-request records and counter samples in, `report.json` out.
+
+Pure functions over plain data (no HTTP, no clock, no files), so that every number of the
+report can be checked against its parts. Latencies are measured on the client side; the
+offline side is read from the server's `conserve_offline_*_total` counters over the window.
+
+SLO attainment: the share of online requests that completed all their tokens with a TTFT
+within the TTFT SLO and every gap between tokens within the TBT SLO.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PERCENTILES = (50, 90, 99)
+RATIO_BASES = ("online-only", "priority")
+RATIO_METRICS = ("ttft_ms.p50", "ttft_ms.p90", "ttft_ms.p99", "tbt_ms.p50", "tbt_ms.p90",
+                 "tbt_ms.p99", "slo_attainment", "online_rps", "offline_tokens_per_s",
+                 "offline_items_per_s")
+
+
+@dataclass(frozen=True)
+class OnlineRecord:
+    """One online request as the client saw it; times in seconds since the phase's t=0."""
+
+    index: int
+    arrival_s: float  # when the workload says it arrives
+    context_tokens: int
+    generated_tokens: int  # requested (`max_tokens`, EOS ignored)
+    ttft_s: float | None = None
+    tbt_s: tuple[float, ...] = ()  # one gap per token after the first
+    finished_s: float | None = None
+    error: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tbt_s) + 1 if self.ttft_s is not None else 0
+
+    @property
+    def completed(self) -> bool:
+        return self.error is None and self.num_tokens == self.generated_tokens
+
+    def meets_slo(self, ttft_slo_s: float, tbt_slo_s: float) -> bool:
+        return (self.completed and self.ttft_s <= ttft_slo_s
+                and all(gap <= tbt_slo_s for gap in self.tbt_s))
+
+
+@dataclass(frozen=True)
+class CounterSample:
+    """The server's offline counters at `t_s` (seconds since the phase's t=0)."""
+
+    t_s: float
+    tokens: float
+    items: float
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    policy: str
+    window_s: float  # the offline throughput window: [0, window_s]
+    records: tuple[OnlineRecord, ...] = ()
+    samples: tuple[CounterSample, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def percentiles(values, pcts=PERCENTILES) -> dict[str, float | None]:
+    """Linear-interpolated percentiles (numpy's default), `None` for no values."""
+    ordered = sorted(values)
+    return {f"p{p}": _percentile(ordered, p) for p in pcts}
+
+
+def _percentile(ordered: list[float], pct: float) -> float | None:
+    if not ordered:
+        return None
+    rank = (len(ordered) - 1) * pct / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def counter_at(samples: tuple[CounterSample, ...], t_s: float) -> tuple[float, float]:
+    """(tokens, items) at `t_s`, linear between the samples around it, clamped at the ends."""
+    if not samples:
+        return 0.0, 0.0
+    before = [s for s in samples if s.t_s <= t_s] or [samples[0]]
+    after = [s for s in samples if s.t_s >= t_s] or [samples[-1]]
+    a, b = before[-1], after[0]
+    w = (t_s - a.t_s) / (b.t_s - a.t_s) if b.t_s > a.t_s else 0.0
+    return a.tokens + w * (b.tokens - a.tokens), a.items + w * (b.items - a.items)
+
+
+def offline_totals(phase: PhaseResult) -> tuple[float, float]:
+    """Offline (tokens, items) done inside the window."""
+    start, end = counter_at(phase.samples, 0.0), counter_at(phase.samples, phase.window_s)
+    return end[0] - start[0], end[1] - start[1]
+
+
+def summarize_online(records, ttft_slo_s: float, tbt_slo_s: float) -> dict[str, Any]:
+    done = [r for r in records if r.completed]
+    num_met = sum(r.meets_slo(ttft_slo_s, tbt_slo_s) for r in records)
+    first = min((r.arrival_s for r in records), default=0.0)
+    last = max((r.finished_s for r in done), default=first)
+    return {
+        "ttft_ms": _ms(percentiles([r.ttft_s for r in done])),
+        "tbt_ms": _ms(percentiles([gap for r in done for gap in r.tbt_s])),
+        "slo_attainment": num_met / len(records) if records else None,
+        "online_rps": len(done) / (last - first) if last > first else 0.0,
+        "num_requests": len(records),
+        "num_completed": len(done),
+        "num_failed": len(records) - len(done),
+        "num_slo_met": num_met,
+        "num_tbt_samples": sum(len(r.tbt_s) for r in done),
+        "online_tokens": sum(r.num_tokens for r in done),
+        "online_span_s": last - first,
+    }
+
+
+def _ms(values: dict[str, float | None]) -> dict[str, float | None]:
+    return {k: None if v is None else v * 1e3 for k, v in values.items()}
+
+
+def summarize_phase(phase: PhaseResult, ttft_slo_s: float, tbt_slo_s: float,
+                    offline_only_tokens_per_s: float | None) -> dict[str, Any]:
+    tokens, items = offline_totals(phase)
+    tokens_per_s = tokens / phase.window_s if phase.window_s > 0 else 0.0
+    return {
+        **summarize_online(phase.records, ttft_slo_s, tbt_slo_s),
+        "offline_tokens_per_s": tokens_per_s,
+        "offline_items_per_s": items / phase.window_s if phase.window_s > 0 else 0.0,
+        "offline_pct_of_offline_only": _ratio(tokens_per_s, offline_only_tokens_per_s, 100.0),
+        "offline_tokens": tokens,
+        "offline_items": items,
+        "window_s": phase.window_s,
+        **phase.extra,
+    }
+
+
+def _ratio(part, whole, scale: float = 1.0) -> float | None:
+    return None if part is None or not whole else scale * part / whole
+
+
+def metric(summary: dict[str, Any], name: str):
+    """A metric by dotted name: 'ttft_ms.p99' -> summary['ttft_ms']['p99']."""
+    for key in name.split("."):
+        summary = summary.get(key) if isinstance(summary, dict) else None
+    return summary
+
+
+def ratios(summary: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
+    """Each RATIO_METRIC of `summary` divided by the same of `base` (None where undefined)."""
+    return {name: _ratio(metric(summary, name), metric(base, name)) for name in RATIO_METRICS}
+
+
+def build_report(config: dict[str, Any], offline_only: PhaseResult,
+                 phases: list[PhaseResult]) -> dict[str, Any]:
+    """The whole report: config, offline-only baseline, one entry per policy, ratios."""
+    ttft_slo_s, tbt_slo_s = config["ttft_slo_ms"] / 1e3, config["tbt_slo_ms"] / 1e3
+    baseline = summarize_phase(offline_only, ttft_slo_s, tbt_slo_s, None)
+    policies = {p.policy: summarize_phase(p, ttft_slo_s, tbt_slo_s, baseline["offline_tokens_per_s"])
+                for p in phases}
+    for summary in policies.values():
+        summary["ratios"] = {f"vs_{b}": ratios(summary, policies[b]) for b in RATIO_BASES if b in policies}
+    offline = {k: baseline[k] for k in ("offline_tokens_per_s", "offline_items_per_s",
+                                        "offline_tokens", "offline_items", "window_s")}
+    offline["measured"] = bool(offline_only.samples)
+    offline["timings"] = offline_only.extra.get("timings", {})
+    return {"config": config, "offline_only": offline, "policies": policies}
+
+
+def report_dict(config) -> dict[str, Any]:
+    """A frozen dataclass config as JSON-ready data."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
+TABLE_COLUMNS = ("policy", "TTFT p50/p90/p99 ms", "TBT p50/p90/p99 ms", "SLO %", "online req/s",
+                 "offline tok/s", "offline items/s", "offline % of offline-only")
+
+
+def table_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One row of display strings per policy, in TABLE_COLUMNS order."""
+    rows = []
+    for policy, s in report["policies"].items():
+        rows.append((policy, _triple(s["ttft_ms"]), _triple(s["tbt_ms"]),
+                     _num(s["slo_attainment"], 100, 1), _num(s["online_rps"], 1, 2),
+                     _num(s["offline_tokens_per_s"], 1, 1), _num(s["offline_items_per_s"], 1, 2),
+                     _num(s["offline_pct_of_offline_only"], 1, 1)))
+    return rows
+
+
+def ratio_rows(report: dict[str, Any], names=("ttft_ms.p99", "tbt_ms.p99", "slo_attainment",
+                                               "offline_tokens_per_s")) -> list[tuple[str, ...]]:
+    """(policy, base, ratio per name) for every policy and ratio base but itself."""
+    return [(policy, base.removeprefix("vs_"), *(_num(r[n], 1, 2) for n in names))
+            for policy, s in report["policies"].items() for base, r in s["ratios"].items()
+            if base != f"vs_{policy}"]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    cfg, off = report["config"], report["offline_only"]
+    lines = [f"# conserve-bench bench ({cfg.get('started_at', '')})", "",
+             f"Model {cfg['model']}; online: {cfg['workload']}; offline: {cfg['offline_tasks']}; "
+             f"SLOs: TTFT {cfg['ttft_slo_ms']:g} ms, TBT {cfg['tbt_slo_ms']:g} ms; "
+             f"window {off['window_s']:.1f} s; offline-only: {off['offline_tokens_per_s']:.1f} tok/s, "
+             f"{off['offline_items_per_s']:.2f} items/s.", ""]
+    lines += _md_table(TABLE_COLUMNS, table_rows(report))
+    lines += ["", "Ratios (policy / base):", ""]
+    lines += _md_table(("policy", "base", "TTFT p99", "TBT p99", "SLO attainment", "offline tok/s"),
+                       ratio_rows(report))
+    lines += ["", "![latency CDFs](latency_cdf.png)", "", "![offline throughput](offline_throughput.png)", ""]
+    return "\n".join(lines)
+
+
+def _md_table(header, rows) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def _triple(values: dict[str, float | None]) -> str:
+    return "/".join(_num(values[f"p{p}"], 1, 0) for p in PERCENTILES)
+
+
+def _num(value, scale: float, digits: int) -> str:
+    return "-" if value is None else f"{value * scale:.{digits}f}"

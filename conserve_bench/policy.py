@@ -1,0 +1,260 @@
+"""ConServe's scheduling policy: which requests run in the next engine step, with how many tokens.
+
+`plan_step(online, offline, model, targets, max_num_tokens)` plans one step over plain data.
+Online work is planned first, as vLLM would plan it alone except that a long online prefill is
+chunked while online decodes wait on the step; offline work then takes only what the latency
+model says fits: the TBT target minus a margin while online work is present, a preemption
+quantum while it is not. Pure functions: this module must never import vLLM or
+torch, or read a clock. `scheduler.ConserveScheduler` builds the inputs and applies the plan.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .latency import ChunkShape, LatencyModel, StepShape
+
+DEFAULT_MARGIN = 0.1  # offline work may use (1 - margin) of the TBT target
+QUANTUM_FRACTION = 0.25  # default quantum: a quarter of the TTFT target
+# Defaults derived from a latency profile (`default_targets`): a decode-only step is the TBT
+# floor; a prefill of a typical chat prompt is the TTFT floor.
+TBT_DECODE_FACTOR = 5.0
+TBT_DECODE_CONTEXT = 512
+TTFT_PREFILL_FACTOR = 2.0
+TTFT_PREFILL_TOKENS = 1024
+
+
+class PolicyError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A request that could take part in the next step, as the policy sees it."""
+
+    request_id: str
+    num_new_tokens: int  # what it still needs: the rest of its prompt, or 1 for a decode
+    num_context: int  # tokens already in its KV cache (computed, or hit in the prefix cache)
+    decode: bool = False  # past its prompt: it adds one token per step
+    prompt_logprobs: bool = False
+    running: bool = True  # in vLLM's running list (holds KV blocks), not waiting
+
+    def __post_init__(self) -> None:
+        if self.num_new_tokens < 1 or self.num_context < 0:
+            raise PolicyError(f"a pending request needs >= 1 new token and context >= 0: {self}")
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Online latency targets and the two offline budgets derived from them (seconds)."""
+
+    ttft_s: float
+    tbt_s: float
+    margin: float = DEFAULT_MARGIN
+    quantum_s: float | None = None  # None: QUANTUM_FRACTION of the TTFT target
+
+    def __post_init__(self) -> None:
+        if not (self.ttft_s > 0 and self.tbt_s > 0):
+            raise PolicyError(f"TTFT and TBT targets must be > 0, got {self.ttft_s}, {self.tbt_s}")
+        if not 0 <= self.margin < 1:
+            raise PolicyError(f"the SLO margin must be in [0, 1), got {self.margin}")
+        if self.quantum_s is not None and not self.quantum_s > 0:
+            raise PolicyError(f"the preemption quantum must be > 0, got {self.quantum_s}")
+
+    @property
+    def mixed_budget_s(self) -> float:
+        """The longest step offline work may stretch to while online work is present."""
+        return self.tbt_s * (1 - self.margin)
+
+    @property
+    def offline_budget_s(self) -> float:
+        """The longest offline-only step: how long an online arrival may wait behind it."""
+        return self.quantum_s if self.quantum_s is not None else self.ttft_s * QUANTUM_FRACTION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Targets:
+        return cls(**data)
+
+
+def default_targets(model: LatencyModel, margin: float = DEFAULT_MARGIN,
+                    quantum_s: float | None = None) -> Targets:
+    """Targets from a latency profile, for when the user sets none.
+
+    TBT: TBT_DECODE_FACTOR x one decode at TBT_DECODE_CONTEXT tokens of context (the floor of
+    any step); TTFT: TTFT_PREFILL_FACTOR x a TTFT_PREFILL_TOKENS-token prefill.
+    """
+    decode = model.predict(StepShape(decode_context_lens=(TBT_DECODE_CONTEXT,)))
+    prefill = model.predict(StepShape(prefills=(ChunkShape(TTFT_PREFILL_TOKENS, 0),)))
+    return Targets(ttft_s=TTFT_PREFILL_FACTOR * prefill, tbt_s=TBT_DECODE_FACTOR * decode,
+                   margin=margin, quantum_s=quantum_s)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step: tokens per request, in the order vLLM takes them, and what sized it."""
+
+    num_tokens: tuple[tuple[str, int], ...] = ()  # (request id, tokens), vLLM's order
+    deferred_ids: frozenset[str] = frozenset()  # running offline requests held back this step
+    num_online_tokens: int = 0
+    budget_s: float = 0.0  # what offline work was sized against
+    predicted_s: float = 0.0  # the latency model's prediction for the whole step
+    shape: StepShape = field(default_factory=StepShape)
+
+    @property
+    def token_budget(self) -> int:
+        return sum(n for _, n in self.num_tokens)
+
+    @property
+    def num_offline_tokens(self) -> int:
+        return self.token_budget - self.num_online_tokens
+
+    @property
+    def kind(self) -> str:
+        """"idle", "online", "mixed" or "offline" (only offline-only steps may be cut short
+        at a layer safepoint: layer-wise preemption)."""
+        if not self.num_tokens:
+            return "idle"
+        if self.num_online_tokens == 0:
+            return "offline"
+        return "mixed" if self.num_offline_tokens else "online"
+
+
+def plan_step(online: Sequence[Pending], offline: Sequence[Pending], model: LatencyModel,
+              targets: Targets, max_num_tokens: int) -> StepPlan:
+    """Plan one engine step.
+
+    `online` and `offline` come in vLLM's order: running requests (in running-list order), then
+    waiting ones (in queue order). `max_num_tokens` is vLLM's per-step token budget.
+
+    Online first: running decodes, then prefills (running, then waiting), each
+    `min(need, tokens left)`. While online decodes are running, an online prefill chunk is
+    held to what fits in `targets.mixed_budget_s`, but never below its TTFT share (`_ttft_chunk`),
+    so that no decode stalls behind a whole long prompt. Offline requests follow, offline
+    decodes first (each holds KV blocks and frees them soonest), while the predicted step time
+    stays within `targets.mixed_budget_s` (online work present) or `targets.offline_budget_s`
+    (none). With no online work, the first offline request always gets at least one token.
+    """
+    step = _Step(model, max_num_tokens)
+    decodes_waiting = any(r.decode for r in online)
+    online_waiting_planned = stopped = False
+    for request in _decodes_first(online):
+        num = min(request.num_new_tokens, step.num_tokens_left)
+        if decodes_waiting and not request.decode:
+            num = min(num, max(step.fit(request, targets.mixed_budget_s),
+                               _ttft_chunk(request, targets)))
+        step.add(request, num)
+        online_waiting_planned |= num > 0 and not request.running
+        # NOTE: vLLM gives a request min(need, budget left): after a partial chunk, anything
+        # planned later in vLLM's order would hand that chunk its tokens.
+        if num < request.num_new_tokens:
+            stopped = True
+            break
+    num_online_tokens = max_num_tokens - step.num_tokens_left
+    has_online = bool(online)
+    budget_s = targets.mixed_budget_s if has_online else targets.offline_budget_s
+    deferred = set()
+    for request in _decodes_first(offline):
+        num = 0 if stopped else step.fit(request, budget_s)
+        # NOTE: vLLM takes every running request before any waiting one: a running offline
+        # request given a partial chunk would take the tokens planned for waiting online work.
+        partial = num < request.num_new_tokens
+        if request.running and (num == 0 or (partial and online_waiting_planned)):
+            deferred.add(request.request_id)  # vLLM skips it this step (it keeps its blocks)
+            continue
+        if num == 0:
+            break  # waiting requests are admitted in queue order: nothing after it fits either
+        step.add(request, num)
+        stopped = partial
+    if not has_online and not step.entries and offline:
+        first = _decodes_first(offline)[0]
+        step.add(first, 1)  # NOTE: offline always progresses while online is idle
+        deferred.discard(first.request_id)
+    return StepPlan(tuple(step.entries), frozenset(deferred), num_online_tokens, budget_s,
+                    model.predict(step.shape), step.shape)
+
+
+def _ttft_chunk(request: Pending, targets: Targets) -> int:
+    """The smallest chunk that still finishes the prompt within the TTFT target if every step
+    takes the TBT target: its (tbt / ttft) share of the prompt."""
+    num_prompt = request.num_context + request.num_new_tokens
+    return max(1, math.ceil(num_prompt * targets.tbt_s / targets.ttft_s))
+
+
+def _decodes_first(requests: Sequence[Pending]) -> list[Pending]:
+    """vLLM's order with decodes moved ahead of prefills among the running requests."""
+    running = [r for r in requests if r.running]
+    return ([r for r in running if r.decode] + [r for r in running if not r.decode]
+            + [r for r in requests if not r.running])
+
+
+class _Step:
+    """The step being planned: its shape so far and the tokens still available."""
+
+    def __init__(self, model: LatencyModel, max_num_tokens: int):
+        self.model, self.num_tokens_left = model, max_num_tokens
+        self.shape = StepShape()
+        self.entries: list[tuple[str, int]] = []
+
+    def add(self, request: Pending, num: int) -> None:
+        if num <= 0:
+            return
+        if request.decode:
+            self.shape = self.shape.with_decodes([request.num_context] * num)
+        else:
+            self.shape = self.shape.with_chunk(
+                ChunkShape(num, request.num_context, request.prompt_logprobs))
+        self.entries.append((request.request_id, num))
+        self.num_tokens_left -= num
+
+    def fit(self, request: Pending, budget_s: float) -> int:
+        """The most tokens of `request` (up to its need) that keep the step within budget."""
+        limit = min(request.num_new_tokens, self.num_tokens_left)
+        if limit <= 0:
+            return 0
+        if request.decode:
+            return self.model.max_decodes_within(budget_s, self.shape, request.num_context,
+                                                 max_decodes=limit)
+        return self.model.max_tokens_within(budget_s, self.shape, request.num_context,
+                                            request.prompt_logprobs, max_tokens=limit)
+
+
+def offline_to_preempt(num_free_blocks: int, num_blocks_needed: int,
+                       offline_blocks: Sequence[tuple[str, int]],
+                       num_free_seats: int = 1) -> list[str]:
+    """Offline requests to preempt so that the next waiting online request finds KV blocks
+    and a seat in the batch (vLLM's `max_num_seqs`).
+
+    `offline_blocks` lists running offline requests with the blocks each holds, in the order
+    to give them up (lowest priority, latest arrival first, as vLLM picks its own victims).
+    Online requests are never listed: none is preempted while an offline one holds blocks.
+    """
+    victims = []
+    for request_id, num_blocks in offline_blocks:
+        if num_free_blocks >= num_blocks_needed and num_free_seats >= 1:
+            break
+        victims.append(request_id)
+        num_free_blocks += num_blocks
+        num_free_seats += 1
+    return victims
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """What the engine-side scheduler needs: targets and the latency model. It travels to the
+    engine process in vLLM's `additional_config["conserve"]["policy"]` as plain JSON."""
+
+    targets: Targets
+    model: LatencyModel
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"targets": self.targets.to_dict(), "latency_model": self.model.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PolicyConfig:
+        return cls(Targets.from_dict(data["targets"]), LatencyModel.from_dict(data["latency_model"]))

@@ -1,0 +1,126 @@
+"""Where `ConserveLM`'s requests are computed: in this process, or on a `conserve-bench serve`.
+
+Both backends take one lm-eval request kind with its arguments as plain data and return the
+results in request order. `LocalBackend` keys each request by content hash, attaches it to a
+job in the store and lets the runner compute only items without a stored result.
+`RemoteBackend` sends the requests as jobs to a server (which keys them with its own model
+fingerprint), polls them and fetches results by key. Neither computes a result itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from conserve_bench.errors import JobStateError
+from conserve_bench.requests import item_key
+from conserve_bench.store import WorkItem
+
+REQUESTS_PER_JOB = 1000  # a server job per this many requests keeps each POST small
+POLL_S = 0.5
+
+
+@dataclass
+class RunCounts:
+    """What one kind of requests cost: how many were unique, and how many were already stored."""
+
+    kind: str
+    num_requests: int
+    num_reused: int
+
+    def describe(self) -> str:
+        return (f"conserve: {self.kind}: {self.num_requests} requests, {self.num_reused} reused "
+                f"from the store, {self.num_requests - self.num_reused} computed")
+
+
+class LocalBackend:
+    """Requests -> work items of `job_id` -> the runner (and its engine) in this process."""
+
+    def __init__(self, store, runner, job_id: str, fingerprint: str,
+                 on_kind: Callable[[str, int], None] | None = None, show_progress: bool = False):
+        self.store, self.runner, self.job_id, self.fingerprint = store, runner, job_id, fingerprint
+        self.on_kind = on_kind or (lambda kind, num_items: None)
+        self.show_progress = show_progress
+
+    def run(self, kind: str, args: list[Any]) -> tuple[list[Any], RunCounts]:
+        keys = [item_key(kind, a, self.fingerprint) for a in args]
+        unique = {k: WorkItem(k, kind, a) for k, a in zip(keys, args)}
+        self.store.add_items(self.job_id, list(unique.values()))
+        self.on_kind(kind, len(unique))
+        counts = RunCounts(kind, len(unique), len(self.store.results_for(list(unique))))
+        if self.show_progress:
+            with progress_bar(kind, counts.num_requests, counts.num_reused) as advance:
+                self.runner.on_progress = advance
+                results = self.runner.run(self.job_id, list(unique), kind)
+        else:
+            results = self.runner.run(self.job_id, list(unique), kind)
+        return [results[k] for k in keys], counts
+
+
+class RemoteBackend:
+    """Requests -> jobs on a running `conserve-bench serve` (`POST /v1/jobs/requests`)."""
+
+    def __init__(self, client, poll_s: float = POLL_S, show_progress: bool = True):
+        self.client, self.poll_s, self.show_progress = client, poll_s, show_progress
+
+    def run(self, kind: str, args: list[Any]) -> tuple[list[Any], RunCounts]:
+        jobs = [self.client.submit_requests([{"kind": kind, "args": a} for a in chunk])
+                for chunk in _chunks(args, REQUESTS_PER_JOB)]
+        keys = [k for job in jobs for k in job["keys"]]
+        counts = RunCounts(kind, sum(j["total"] for j in jobs), sum(j["done"] for j in jobs))
+        with progress_bar(kind, counts.num_requests, counts.num_reused,
+                          disable=not self.show_progress) as advance:
+            self._wait(jobs, advance)
+        results: dict[str, Any] = {}
+        for job in jobs:
+            results.update(self.client.item_results(job["id"]))
+        return [results[k] for k in keys], counts
+
+    def _wait(self, jobs: list[dict[str, Any]], advance: Callable[[int], None]) -> None:
+        """Poll until every job is done; advance the bar by what each poll newly finds done."""
+        num_done = {job["id"]: job["done"] for job in jobs}
+        pending = [job["id"] for job in jobs if job["state"] != "done"]
+        while pending:
+            for job_id in list(pending):
+                status = self.client.status(job_id)
+                if status["state"] in ("failed", "cancelled"):
+                    raise JobStateError(f"server job {job_id} ended {status['state']}: "
+                                        f"{status.get('error') or ''}".strip())
+                advance(status["done"] - num_done[job_id])
+                num_done[job_id] = status["done"]
+                if status["state"] == "done":
+                    pending.remove(job_id)
+            if pending:
+                time.sleep(self.poll_s)
+
+
+@contextlib.contextmanager
+def progress_bar(kind: str, total: int, done: int,
+                 disable: bool = False) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr (done/total, requests/s, ETA); yields `advance(n)`."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeRemainingColumn)
+
+    columns = (TextColumn("conserve {task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}", style="cyan"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(file=sys.stderr), disable=disable) as progress:
+        task = progress.add_task(kind, total=total, completed=done, rate="-- req/s")
+        t0, num_done = time.perf_counter(), 0
+
+        def advance(num_items: int) -> None:
+            nonlocal num_done
+            num_done += num_items
+            rate = num_done / max(time.perf_counter() - t0, 1e-3)
+            progress.update(task, advance=num_items, rate=f"{rate:.2f} req/s")
+
+        yield advance
+
+
+def _chunks(seq: list, size: int) -> Iterator[list]:
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]

@@ -1,0 +1,194 @@
+"""`bench`: the report from synthetic records (pure), and one short real run end to end.
+
+The real run starts two servers one after the other (the offline-only baseline, then
+`priority`) on a handful of requests and a tiny offline job; it checks that the report is complete and internally
+consistent and asserts no timing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conserve_bench.benchreport import (PERCENTILES, RATIO_METRICS, CounterSample, OnlineRecord,
+                                        PhaseResult, build_report, counter_at, metric, percentiles,
+                                        render_markdown, table_rows)
+from conserve_bench.loadgen import parse_counters
+
+TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
+POLICY_KEYS = {"ttft_ms", "tbt_ms", "slo_attainment", "online_rps", "offline_tokens_per_s",
+               "offline_items_per_s", "offline_pct_of_offline_only"}
+CONFIG = {"ttft_slo_ms": 100.0, "tbt_slo_ms": 50.0, "model": "m", "workload": "w", "offline_tasks": ["mmlu"]}
+
+
+def _record(index, ttft_s, gaps, arrival_s=0.0, error=None, generated=None):
+    finished = arrival_s + ttft_s + sum(gaps) if ttft_s is not None else None
+    return OnlineRecord(index, arrival_s, 10, generated or len(gaps) + 1, ttft_s, tuple(gaps), finished, error)
+
+
+def _samples(tokens_per_s, items_per_s, until_s=12.0, step_s=0.5):
+    ts = [i * step_s for i in range(int(until_s / step_s) + 1)]
+    return tuple(CounterSample(t, 1000 + tokens_per_s * t, 7 + items_per_s * t) for t in ts)
+
+
+def _phase(policy, records, tokens_per_s, items_per_s):
+    return PhaseResult(policy, 10.0, tuple(records), _samples(tokens_per_s, items_per_s))
+
+
+def _phases():
+    fast = [_record(i, 0.05, [0.02, 0.03, 0.04], arrival_s=i) for i in range(8)]
+    slow = [_record(0, 0.5, [0.02, 0.3]), _record(1, 0.08, [0.04]), _record(2, 0.09, [0.01, 0.02]),
+            _record(3, None, [], error="drain timeout", generated=4)]
+    offline_only = _phase("offline-only", [], 200.0, 4.0)
+    return offline_only, [_phase("online-only", fast, 0.0, 0.0), _phase("priority", slow, 150.0, 3.0),
+                          _phase("conserve", fast[:6], 100.0, 2.0)]
+
+
+def test_report_counts_slo_and_offline_rates():
+    offline_only, phases = _phases()
+    report = build_report(CONFIG, offline_only, phases)
+    assert set(report) >= {"config", "policies", "offline_only"}
+    assert report["offline_only"]["offline_tokens_per_s"] == pytest.approx(200.0)
+    priority = report["policies"]["priority"]
+    assert set(priority) >= POLICY_KEYS
+    assert (priority["num_requests"], priority["num_completed"], priority["num_failed"]) == (4, 3, 1)
+    # met: only request 2 (request 0 misses TTFT and TBT, request 1 meets... TTFT 80 <= 100, TBT 40 <= 50)
+    assert priority["num_slo_met"] == 2 and priority["slo_attainment"] == pytest.approx(2 / 4)
+    assert priority["num_tbt_samples"] == 2 + 1 + 2
+    assert priority["offline_tokens_per_s"] == pytest.approx(150.0)
+    assert priority["offline_items_per_s"] == pytest.approx(3.0)
+    assert priority["offline_pct_of_offline_only"] == pytest.approx(75.0)
+    online_only = report["policies"]["online-only"]
+    assert online_only["offline_pct_of_offline_only"] == 0.0 and online_only["slo_attainment"] == 1.0
+    assert online_only["online_rps"] == pytest.approx(8 / (7 + 0.05 + 0.09))
+
+
+def test_ratios_equal_their_parts():
+    offline_only, phases = _phases()
+    report = build_report(CONFIG, offline_only, phases)
+    for summary in report["policies"].values():
+        for base_key, ratios in summary["ratios"].items():
+            base = report["policies"][base_key.removeprefix("vs_")]
+            assert set(ratios) == set(RATIO_METRICS)
+            for name, ratio in ratios.items():
+                if metric(base, name):
+                    assert ratio == pytest.approx(metric(summary, name) / metric(base, name))
+                else:
+                    assert ratio is None  # undefined against zero (online-only's offline side)
+    assert report["policies"]["priority"]["ratios"]["vs_priority"]["ttft_ms.p99"] == pytest.approx(1.0)
+
+
+@given(st.lists(st.floats(0, 1e4, allow_nan=False), min_size=1, max_size=200))
+def test_percentiles_are_ordered_and_bounded(values):
+    p = percentiles(values)
+    ordered = [p[f"p{q}"] for q in PERCENTILES]
+    assert min(values) <= ordered[0] <= ordered[1] <= ordered[2] <= max(values)
+
+
+def test_percentiles_interpolate_like_numpy():
+    import numpy as np
+
+    values = [5.0, 1.0, 3.0, 10.0, 7.5]
+    assert list(percentiles(values).values()) == pytest.approx(list(np.percentile(values, PERCENTILES)))
+    assert percentiles([]) == {"p50": None, "p90": None, "p99": None}
+
+
+def test_counters_are_interpolated_inside_and_clamped_outside():
+    samples = (CounterSample(0.0, 0, 0), CounterSample(1.0, 10, 2), CounterSample(3.0, 30, 4))
+    assert counter_at(samples, 0.5) == (5.0, 1.0)
+    assert counter_at(samples, 2.0) == (20.0, 3.0)
+    assert counter_at(samples, 9.0) == (30.0, 4.0)
+    assert counter_at((), 1.0) == (0.0, 0.0)
+
+
+def test_parses_the_offline_counters_from_prometheus_text():
+    text = ("# HELP conserve_offline_tokens_total Tokens.\n# TYPE conserve_offline_tokens_total counter\n"
+            "conserve_offline_tokens_total 1234.0\nconserve_offline_tokens_created 1.7e9\n"
+            "conserve_offline_items_total 56.0\n")
+    assert parse_counters(text) == {"tokens": 1234.0, "items": 56.0}
+    assert parse_counters("") == {"tokens": 0.0, "items": 0.0}
+
+
+def test_markdown_and_table_show_every_policy():
+    offline_only, phases = _phases()
+    report = build_report(CONFIG, offline_only, phases)
+    rows = table_rows(report)
+    assert [r[0] for r in rows] == ["online-only", "priority", "conserve"]
+    assert rows[1][3] == "50.0" and rows[1][7] == "75.0"
+    md = render_markdown(report)
+    lines = md.splitlines()
+    assert sum(line.startswith("| priority |") for line in lines) == 2  # the table; vs online-only
+    assert sum(line.startswith("| conserve |") for line in lines) == 3  # the table; vs both
+    assert "latency_cdf.png" in md and "offline_throughput.png" in md
+
+
+@pytest.mark.skipif(not TRACE.is_file(), reason="shared trace not present")
+@pytest.mark.parametrize("arrivals", ["trace", "gamma"])
+def test_the_window_gets_the_requested_rate(arrivals):
+    from conserve_bench.bench import BenchConfig, _base_requests, timed_requests
+    from conserve_bench.workload import mean_rate
+
+    cfg = BenchConfig(trace=str(TRACE), arrivals=arrivals, cv=1.0, duration_s=100.0, trace_offset=50)
+    requests = timed_requests(cfg, _base_requests(cfg), rate=2.0)
+    assert all(0 <= r.arrival_s < 100.0 for r in requests)
+    assert [r.arrival_s for r in requests] == sorted(r.arrival_s for r in requests)
+    assert all(1 <= r.context_tokens <= 512 and 1 <= r.generated_tokens <= 64 for r in requests)
+    if arrivals == "trace":
+        assert len(requests) == 200 and mean_rate(requests) == pytest.approx(2.0)
+    else:
+        assert 150 <= len(requests) <= 250  # Poisson: 200 +- 3.5 sigma
+
+
+def test_missing_trace_is_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "conserve_bench.cli", "bench", "--trace",
+                          str(tmp_path / "nope.csv"), "--output", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == f"error: trace file '{tmp_path / 'nope.csv'}' not found"
+    assert not list(tmp_path.glob("bench-*"))
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@pytest.mark.skipif(not TRACE.is_file(), reason="shared trace not present")
+def test_short_bench_run_writes_a_complete_consistent_report(tmp_path, data_dir):
+    from conserve_bench.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(policies=("priority",), trace=str(TRACE), rate=1.0, load=None,
+                      duration_s=4.0, token_scale=0.02, max_context_tokens=32, max_generated_tokens=6,
+                      drain_timeout_s=60.0, offline_tasks=("mmlu_anatomy",), offline_limit=20,
+                      data_dir=data_dir, output_dir=str(tmp_path), serve_args=("--no-profile",))
+    events = []
+    out, report = run_bench(cfg, lambda d, c, t: events.append(d))
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    for name in ("report.md", "latency_cdf.png", "offline_throughput.png"):
+        assert (out / name).stat().st_size > 0
+    assert any("priority" in e for e in events) and events[-1] == "done"
+
+    num_requests = report["config"]["num_online_requests"]
+    assert num_requests >= 2
+    for policy, s in report["policies"].items():
+        assert set(s) >= POLICY_KEYS, policy
+        assert s["num_requests"] == num_requests
+        assert s["num_completed"] + s["num_failed"] == num_requests
+        assert s["num_completed"] > 0
+        for key in ("ttft_ms", "tbt_ms"):
+            assert s[key]["p50"] <= s[key]["p90"] <= s[key]["p99"]
+        assert 0 <= s["num_slo_met"] <= s["num_completed"]
+        assert s["slo_attainment"] == pytest.approx(s["num_slo_met"] / num_requests)
+        assert s["offline_tokens_per_s"] == pytest.approx(s["offline_tokens"] / s["window_s"])
+        assert s["offline_items_per_s"] == pytest.approx(s["offline_items"] / s["window_s"])
+    priority = report["policies"]["priority"]
+    assert report["offline_only"]["offline_tokens_per_s"] > 0 and priority["offline_tokens_per_s"] > 0
+    assert priority["offline_pct_of_offline_only"] == pytest.approx(
+        100 * priority["offline_tokens_per_s"] / report["offline_only"]["offline_tokens_per_s"])
+    assert set(priority["ratios"]) == {"vs_priority"}  # online-only did not run
+    assert priority["ratios"]["vs_priority"]["ttft_ms.p99"] == pytest.approx(1.0)
+    assert priority["timings"]["phase_wall_s"] > 0

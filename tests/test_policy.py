@@ -1,0 +1,218 @@
+"""The ConServe policy as pure functions: budgets, online first, offline progress, and that
+vLLM's own greedy fill reproduces every plan. No torch, no vLLM."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conserve_bench.latency import ChunkShape, LatencyModel, StepShape
+from conserve_bench.policy import (
+    Pending,
+    PolicyConfig,
+    PolicyError,
+    StepPlan,
+    Targets,
+    default_targets,
+    offline_to_preempt,
+    plan_step,
+)
+
+# Coefficients fitted on this 2-core CPU with SmolLM2-135M (README, latency model).
+CPU_MODEL = LatencyModel((0.0389, 0.00203, 0.00213, 4.5e-6, 0.82e-6, 0.00067))
+TARGETS = Targets(ttft_s=2.0, tbt_s=0.2)
+MAX_TOKENS = 4096
+
+
+def decode(request_id, context=300):
+    return Pending(request_id, 1, context, decode=True)
+
+
+def prefill(request_id, num_tokens, context=0, running=False, logprobs=False):
+    return Pending(request_id, num_tokens, context, prompt_logprobs=logprobs, running=running)
+
+
+def tokens(plan: StepPlan) -> dict[str, int]:
+    return dict(plan.num_tokens)
+
+
+def test_online_first_then_offline_up_to_the_tbt_budget():
+    online = [decode("on-1"), decode("on-2")]
+    offline = [decode("off-1"), prefill("off-2", 600, context=450)]
+    plan = plan_step(online, offline, CPU_MODEL, TARGETS, MAX_TOKENS)
+
+    assert plan.kind == "mixed"
+    assert plan.num_tokens[:2] == (("on-1", 1), ("on-2", 1))
+    assert plan.budget_s == pytest.approx(0.2 * 0.9)
+    assert plan.predicted_s <= plan.budget_s
+    chunk = tokens(plan)["off-2"]
+    assert 0 < chunk < 600
+    one_more = plan.shape.with_chunk(ChunkShape(1, 450 + chunk))
+    assert CPU_MODEL.predict(one_more) > plan.budget_s  # the chunk is as large as fits
+
+
+def test_a_long_online_prompt_is_chunked_while_online_decodes_wait():
+    online = [prefill("on-new", 1000), decode("on-1")]  # the decode is planned first
+    plan = plan_step(online, [decode("off-1")], CPU_MODEL, TARGETS, MAX_TOKENS)
+
+    fits = CPU_MODEL.max_tokens_within(TARGETS.mixed_budget_s,
+                                       StepShape(decode_context_lens=(300,)), 0)
+    ttft_share = math.ceil(1000 * TARGETS.tbt_s / TARGETS.ttft_s)  # 100 tokens
+    assert plan.num_tokens == (("on-1", 1), ("on-new", max(fits, ttft_share)))
+    assert plan.deferred_ids == {"off-1"}  # the step is full: offline waits
+    alone = plan_step([prefill("on-new", 1000)], [], CPU_MODEL, TARGETS, MAX_TOKENS)
+    assert tokens(alone) == {"on-new": 1000}  # nothing waits on it: no chunking
+
+
+def test_offline_only_steps_are_capped_by_the_quantum():
+    offline = [prefill(f"off-{i}", 700) for i in range(8)]
+    plan = plan_step([], offline, CPU_MODEL, TARGETS, MAX_TOKENS)
+
+    assert plan.kind == "offline"
+    assert plan.budget_s == pytest.approx(TARGETS.offline_budget_s) == pytest.approx(0.5)
+    assert 0 < plan.token_budget < 700
+    assert plan.predicted_s <= plan.budget_s
+
+
+def test_offline_waits_when_online_work_fills_the_step():
+    online = [prefill("on-1", 2000)]  # a long online prefill: far over the TBT target alone
+    plan = plan_step(online, [decode("off-1"), prefill("off-2", 100)], CPU_MODEL, TARGETS,
+                     MAX_TOKENS)
+
+    assert tokens(plan) == {"on-1": 2000}
+    assert plan.kind == "online"
+    assert plan.deferred_ids == {"off-1"}
+
+
+def test_a_running_offline_chunk_is_never_cut_ahead_of_waiting_online_work():
+    online = [prefill("on-new", 20)]  # waiting: vLLM takes it after every running request
+    offline = [prefill("off-run", 500, context=100, running=True), prefill("off-wait", 500)]
+    plan = plan_step(online, offline, CPU_MODEL, TARGETS, MAX_TOKENS)
+
+    assert "off-run" in plan.deferred_ids
+    assert tokens(plan)["on-new"] == 20
+    assert 0 < tokens(plan)["off-wait"] < 500  # the waiting one comes last: it may be cut
+
+
+def test_offline_progresses_when_even_one_token_is_over_the_quantum():
+    slow = LatencyModel((1.0, 0, 0, 0, 0, 0))  # every step takes 1 s: over any quantum
+    plan = plan_step([], [prefill("off", 100)], slow, Targets(ttft_s=1.0, tbt_s=0.1), MAX_TOKENS)
+    assert tokens(plan) == {"off": 1}
+
+
+def test_default_targets_come_from_the_profile():
+    targets = default_targets(CPU_MODEL)
+    decode_s = CPU_MODEL.predict(StepShape(decode_context_lens=(512,)))
+    prefill_s = CPU_MODEL.predict(StepShape(prefills=(ChunkShape(1024, 0),)))
+    assert targets.tbt_s == pytest.approx(5 * decode_s)
+    assert targets.ttft_s == pytest.approx(2 * prefill_s)
+    assert targets.offline_budget_s == pytest.approx(0.25 * targets.ttft_s)
+    assert default_targets(CPU_MODEL, quantum_s=0.05).offline_budget_s == 0.05
+
+
+@pytest.mark.parametrize("kwargs", [dict(ttft_s=0, tbt_s=0.1), dict(ttft_s=1, tbt_s=-1),
+                                    dict(ttft_s=1, tbt_s=0.1, margin=1.0),
+                                    dict(ttft_s=1, tbt_s=0.1, quantum_s=0)])
+def test_bad_targets_are_refused(kwargs):
+    with pytest.raises(PolicyError):
+        Targets(**kwargs)
+
+
+def test_policy_config_round_trips_as_json_data():
+    config = PolicyConfig(Targets(1.5, 0.15, margin=0.2, quantum_s=0.1), CPU_MODEL)
+    assert PolicyConfig.from_dict(config.to_dict()) == config
+
+
+def test_kv_pressure_preempts_offline_until_online_fits():
+    held = [("off-late", 3), ("off-mid", 2), ("off-early", 4)]
+    assert offline_to_preempt(10, 4, held) == []
+    assert offline_to_preempt(1, 4, held) == ["off-late"]
+    assert offline_to_preempt(0, 4, held) == ["off-late", "off-mid"]
+    assert offline_to_preempt(0, 100, held) == ["off-late", "off-mid", "off-early"]
+    assert offline_to_preempt(10, 4, held, num_free_seats=0) == ["off-late"]  # a batch seat
+
+
+# -- properties -------------------------------------------------------------------------------
+
+coefficients = st.tuples(*[st.floats(0, scale) for scale in (0.05, 0.005, 0.005, 1e-5, 2e-6, 2e-3)])
+
+
+@st.composite
+def requests(draw, prefix: str):
+    num = draw(st.integers(0, 6))
+    out = []
+    for i in range(num):
+        running = draw(st.booleans())
+        if running and draw(st.booleans()):
+            out.append(Pending(f"{prefix}{i}", 1, draw(st.integers(1, 2000)), decode=True))
+        else:
+            out.append(Pending(f"{prefix}{i}", draw(st.integers(1, 1500)), draw(st.integers(0, 1500)),
+                               prompt_logprobs=draw(st.booleans()), running=running))
+    # vLLM's order: running requests first, then waiting ones
+    return [r for r in out if r.running] + [r for r in out if not r.running]
+
+
+plans = st.tuples(requests("on-"), requests("off-"), coefficients,
+                  st.floats(0.01, 3.0), st.floats(0.005, 0.5), st.integers(1, 4096))
+
+
+def make_plan(online, offline, coeffs, ttft_s, tbt_s, max_tokens):
+    model = LatencyModel(coeffs)
+    return plan_step(online, offline, model, Targets(ttft_s, tbt_s), max_tokens), model
+
+
+@settings(max_examples=300, deadline=None)
+@given(plans)
+def test_no_step_exceeds_its_budget(case):
+    online, offline, *_ = case
+    plan, model = make_plan(*case)
+    assert plan.token_budget <= case[-1]
+    assert math.isclose(plan.predicted_s, model.predict(plan.shape))
+    minimum_progress = not online and [n for _, n in plan.num_tokens] == [1]
+    if plan.num_offline_tokens and not minimum_progress:
+        assert plan.predicted_s <= plan.budget_s * (1 + 1e-9)
+
+
+@settings(max_examples=300, deadline=None)
+@given(plans)
+def test_online_work_is_never_starved(case):
+    online, offline, *rest = case
+    plan, _ = make_plan(*case)
+    alone, _ = make_plan(online, [], *rest)
+    online_ids = {r.request_id for r in online}
+    assert [e for e in plan.num_tokens if e[0] in online_ids] == list(alone.num_tokens)
+    assert plan.num_online_tokens == alone.token_budget
+    assert not plan.deferred_ids & online_ids
+
+
+@settings(max_examples=300, deadline=None)
+@given(plans)
+def test_offline_work_progresses_when_online_is_idle(case):
+    online, offline, *rest = case
+    if offline:
+        plan, _ = make_plan([], offline, *rest)
+        assert plan.num_offline_tokens >= 1
+        assert plan.kind == "offline"
+
+
+@settings(max_examples=300, deadline=None)
+@given(plans)
+def test_vllms_greedy_fill_reproduces_the_plan(case):
+    """What ConserveScheduler makes vLLM do: running requests in plan order minus the deferred
+    ones, then the waiting queue (online first), each taking min(need, budget left)."""
+    online, offline, *_ = case
+    plan, _ = make_plan(*case)
+    rank = {request_id: i for i, (request_id, _) in enumerate(plan.num_tokens)}
+    running = sorted((r for r in online + offline if r.running),
+                     key=lambda r: rank.get(r.request_id, len(rank)))
+    waiting = [r for r in online + offline if not r.running]
+    budget, filled = plan.token_budget, {}
+    for request in running + waiting:
+        if request.request_id in plan.deferred_ids or budget == 0:
+            continue
+        filled[request.request_id] = min(request.num_new_tokens, budget)
+        budget -= filled[request.request_id]
+    assert filled == tokens(plan)
