@@ -25,9 +25,9 @@ from typing import Any
 from .config import EngineConfig, JobSpec, RunConfig
 from .errors import InvalidRequestError, JobStateError
 from .models import ModelRef, resolve_model
-from .requests import check_request_args, item_key
+from .requests import check_request_args, keyed_items
 from .runner import Runner, Stopped
-from .store import Job, Store, WorkItem
+from .store import Job, Store
 from .taskspec import check_tasks, task_manager
 
 log = logging.getLogger(__name__)
@@ -139,10 +139,9 @@ def submit_requests(store: Store, requests: list[tuple[str, list[Any]]], fingerp
             check_request_args(kind, args)
         except ValueError as e:
             raise InvalidRequestError(str(e)) from None
-    keys = [item_key(kind, args, fingerprint) for kind, args in requests]
-    unique = {k: WorkItem(k, kind, args) for k, (kind, args) in zip(keys, requests)}
+    keys, items = keyed_items(requests, fingerprint)
     job = store.create_job(JobSpec(tasks=(label,), model=model, source="requests"))
-    store.add_items(job.id, list(unique.values()))
+    store.add_items(job.id, items)
     job = store.get_job(job.id)
     if job.num_done == job.num_total:
         store.save_results(job.id, {"results": {}, "conserve": {"job": job.to_dict()}})

@@ -23,9 +23,12 @@ import hashlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from .store import WorkItem
 
 KINDS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
 MAX_SCORED_TOKENS = 128  # vLLM 0.32.0's MAX_LOGPROB_TOKEN_IDS
@@ -44,6 +47,14 @@ def item_key(kind: str, args: list[Any], model_fingerprint: str) -> str:
     """Content hash of one request: same request, same model and settings -> same key."""
     blob = json.dumps([kind, args, model_fingerprint], sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def keyed_items(requests: Sequence[tuple[str, list[Any]]],
+                model_fingerprint: str) -> tuple[list[str], list[WorkItem]]:
+    """Each (kind, args) request's item key, in request order, and one work item per key."""
+    keys = [item_key(kind, args, model_fingerprint) for kind, args in requests]
+    unique = {k: WorkItem(k, kind, args) for k, (kind, args) in zip(keys, requests)}
+    return keys, list(unique.values())
 
 
 def check_request_args(kind: str, args: Any) -> None:

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conserve_bench.errors import JobStateError
-from conserve_bench.requests import item_key
-from conserve_bench.store import WorkItem
+from conserve_bench.requests import keyed_items
 
 REQUESTS_PER_JOB = 1000  # a server job per this many requests keeps each POST small
 POLL_S = 0.5
@@ -47,17 +46,17 @@ class LocalBackend:
         self.show_progress = show_progress
 
     def run(self, kind: str, args: list[Any]) -> tuple[list[Any], RunCounts]:
-        keys = [item_key(kind, a, self.fingerprint) for a in args]
-        unique = {k: WorkItem(k, kind, a) for k, a in zip(keys, args)}
-        self.store.add_items(self.job_id, list(unique.values()))
-        self.on_kind(kind, len(unique))
-        counts = RunCounts(kind, len(unique), len(self.store.results_for(list(unique))))
+        keys, items = keyed_items([(kind, a) for a in args], self.fingerprint)
+        self.store.add_items(self.job_id, items)
+        self.on_kind(kind, len(items))
+        item_keys = [item.key for item in items]
+        counts = RunCounts(kind, len(items), len(self.store.results_for(item_keys)))
         if self.show_progress:
             with progress_bar(kind, counts.num_requests, counts.num_reused) as advance:
                 self.runner.on_progress = advance
-                results = self.runner.run(self.job_id, list(unique), kind)
+                results = self.runner.run(self.job_id, item_keys, kind)
         else:
-            results = self.runner.run(self.job_id, list(unique), kind)
+            results = self.runner.run(self.job_id, item_keys, kind)
         return [results[k] for k in keys], counts
 
 
