@@ -118,11 +118,9 @@ class ConserveScheduler(Scheduler):
         num_new = request.num_tokens_with_spec + request.num_output_placeholders - num_computed
         if num_new < 1:
             return None
-        params = request.sampling_params
         return Pending(request.request_id, num_new, num_computed,
                        decode=num_new == 1 and num_computed >= request.num_prompt_tokens,
-                       prompt_logprobs=params is not None and params.prompt_logprobs is not None,
-                       running=running)
+                       prompt_logprobs=_wants_prompt_logprobs(request), running=running)
 
     # -- carrying a plan out with vLLM's own schedule() ------------------------------------
 
@@ -168,12 +166,11 @@ class ConserveScheduler(Scheduler):
         scheduled = []
         for req_id, num_tokens in output.num_scheduled_tokens.items():
             request = self.requests[req_id]
-            params = request.sampling_params
             # NOTE: super().schedule() has already advanced num_computed_tokens by this
             # step's tokens (`_update_after_schedule`); the context is what came before.
             scheduled.append(ScheduledRequest(
                 num_tokens, request.num_computed_tokens - num_tokens, request.num_prompt_tokens,
-                params is not None and params.prompt_logprobs is not None))
+                _wants_prompt_logprobs(request)))
         return scheduled
 
 
@@ -182,6 +179,11 @@ def conserve_config(additional_config: Any) -> dict[str, Any]:
     if not isinstance(additional_config, dict):
         return {}
     return additional_config.get("conserve") or {}
+
+
+def _wants_prompt_logprobs(request) -> bool:
+    params = request.sampling_params
+    return params is not None and params.prompt_logprobs is not None
 
 
 def _plan_notes(plan: StepPlan | None) -> dict[str, Any] | None:
