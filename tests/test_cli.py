@@ -62,6 +62,9 @@ def test_bad_input_is_one_line_and_keeps_progress(db, data_dir, args, words):
     (["submit", "mmlu_anatomy", "--limit", "0"], ["--limit"]),
     (["status"], ["job_id"]),
     (["jobs", "--no-such-flag"], ["--no-such-flag"]),
+    (["serve", "--no-profile"], ["conserve policy", "--no-profile"]),
+    (["serve", "--quantum-ms", "-5"], ["--quantum-ms"]),
+    (["serve", "--slo-margin", "1.5"], ["--slo-margin"]),
 ])
 def test_usage_errors_are_one_line(args, words):
     assert_one_line_error(cli(*args), *words)
