@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import workload
-from .benchreport import PhaseResult, build_report, render_markdown, report_dict
+from .benchreport import PhaseResult, StepRecord, build_report, render_markdown, report_dict
 from .client import JobClient
 from .errors import ConserveError
 from .loadgen import OnlineClient
@@ -30,6 +30,7 @@ from .serverproc import ServerProcess
 from .server import POLICIES
 
 SAMPLE_EVERY_S = 0.5
+STEP_LOG = "steps.jsonl"  # every engine step of a phase, in its folder
 ARRIVALS = ("trace", "gamma")
 ProgressFn = Callable[[str, float, float], None]  # (description, completed, total)
 
@@ -165,7 +166,7 @@ def _baseline_phase(cfg: BenchConfig, base, out: Path, steps: "_Steps", profiles
         if cfg.server:  # NOTE: its store would hand the finished items to the next phase
             return capacity, rate, PhaseResult("offline-only", cfg.duration_s)
         phase = _measure(cfg, "offline-only", "priority", url, phase_dir, [], steps, timer)
-    return capacity, rate, timer.finish(phase)
+    return capacity, rate, timer.finish(_with_steps(phase, phase_dir))
 
 
 def _policy_phase(cfg: BenchConfig, policy: str, requests, out: Path, steps: "_Steps",
@@ -175,7 +176,22 @@ def _policy_phase(cfg: BenchConfig, policy: str, requests, out: Path, steps: "_S
     with _server(cfg, policy, out / policy, profiles) as (url, phase_dir):
         timer.lap("server_start_s")
         phase = _measure(cfg, policy, policy, url, phase_dir, requests, steps, timer)
-    return timer.finish(phase)
+    return timer.finish(_with_steps(phase, phase_dir))
+
+
+def _with_steps(phase: PhaseResult, phase_dir: Path) -> PhaseResult:
+    """The phase with its server's engine steps, timed from the phase's t=0."""
+    path = phase_dir / STEP_LOG
+    if phase.started_at is None or not path.exists():  # NOTE: `--server` logs no steps here
+        return phase
+    records = []
+    for line in path.read_text().splitlines():
+        step = json.loads(line)
+        records.append(StepRecord(
+            step["end_at"] - phase.started_at, step["step_s"],
+            sum(n for n, _, _ in step["prefills"]) + len(step["decodes"]),
+            step.get("offline_tokens", 0), step.get("predicted_s")))
+    return replace(phase, steps=tuple(records))
 
 
 def _measure(cfg: BenchConfig, label: str, policy: str, url: str, phase_dir: Path, requests,
@@ -243,7 +259,7 @@ def _server(cfg: BenchConfig, policy: str, phase_dir: Path, profiles: "_ProfileC
     args = ["--policy", policy, "--db", db_url,
             "--output", str(phase_dir), "--ttft-slo-ms", str(cfg.ttft_slo_ms),
             "--tbt-slo-ms", str(cfg.tbt_slo_ms), "--max-offline-inflight", str(cfg.max_offline_inflight),
-            "--model", cfg.model, *cfg.serve_args]
+            "--step-log", str(phase_dir / STEP_LOG), "--model", cfg.model, *cfg.serve_args]
     if cfg.data_dir:
         args += ["--data-dir", cfg.data_dir]
     with ServerProcess(args, phase_dir) as server:
@@ -309,7 +325,7 @@ class BenchError(ConserveError):
 async def _drive(cfg: BenchConfig, url: str, requests, steps: "_Steps") -> PhaseResult:
     """Replay `requests` from t=0 while sampling the offline counters; at least `duration_s`."""
     client = OnlineClient(url, cfg.model, cfg.seed, cfg.api_key)
-    t0 = time.perf_counter()
+    t0, started_at = time.perf_counter(), time.time()
     samples, num_done = [await client.offline_counters(t0)], [0]
     steps.total(len(requests) or cfg.duration_s)
 
@@ -334,7 +350,7 @@ async def _drive(cfg: BenchConfig, url: str, requests, steps: "_Steps") -> Phase
         await sampler
     finally:
         await client.close()
-    return PhaseResult("", cfg.duration_s, tuple(records), tuple(samples))
+    return PhaseResult("", cfg.duration_s, tuple(records), tuple(samples), started_at=started_at)
 
 
 def _submit_offline(cfg: BenchConfig, jobs: JobClient, phase_dir: Path) -> str:

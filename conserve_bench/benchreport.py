@@ -57,12 +57,36 @@ class CounterSample:
 
 
 @dataclass(frozen=True)
+class StepRecord:
+    """One engine step from the server's step log; `end_s` in seconds since the phase's t=0."""
+
+    end_s: float
+    step_s: float
+    num_tokens: int
+    num_offline_tokens: int
+    predicted_s: float | None = None  # the ConServe plan's prediction (conserve only)
+
+    @property
+    def kind(self) -> str:
+        """"online", "mixed" or "offline", by whose tokens the step ran (as `StepPlan.kind`)."""
+        if self.num_offline_tokens == 0:
+            return "online"
+        return "offline" if self.num_offline_tokens == self.num_tokens else "mixed"
+
+    def overlap_s(self, window_s: float) -> float:
+        """How much of this step ran inside [0, window_s]."""
+        return max(0.0, min(self.end_s, window_s) - max(self.end_s - self.step_s, 0.0))
+
+
+@dataclass(frozen=True)
 class PhaseResult:
     policy: str
     window_s: float  # the offline throughput window: [0, window_s]
     records: tuple[OnlineRecord, ...] = ()
     samples: tuple[CounterSample, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    steps: tuple[StepRecord, ...] = ()
+    started_at: float | None = None  # t=0 as Unix time, to place the server's steps
 
 
 def percentiles(values, pcts=PERCENTILES) -> dict[str, float | None]:
@@ -120,12 +144,43 @@ def _ms(values: dict[str, float | None]) -> dict[str, float | None]:
     return {k: None if v is None else v * 1e3 for k, v in values.items()}
 
 
+def summarize_steps(steps: tuple[StepRecord, ...], window_s: float) -> dict[str, Any] | None:
+    """How the engine spent the window, from its step log (None without one).
+
+    Each step counts by the share of it that ran inside the window, so a long step that
+    straddles an edge counts in part: `offline_computed_tokens_per_s` is the offline tokens
+    the engine computed, a finer measure than the completions behind `offline_tokens_per_s`
+    (it also counts work that a preemption later threw away).
+    """
+    inside = [(s, s.overlap_s(window_s) / s.step_s) for s in steps if s.step_s > 0]
+    inside = [(s, share) for s, share in inside if share > 0]
+    if not inside or window_s <= 0:
+        return None
+    by_kind = {}
+    for kind in ("online", "mixed", "offline"):
+        of_kind = [(s, share) for s, share in inside if s.kind == kind]
+        by_kind[kind] = {"num_steps": len(of_kind),
+                         "busy_pct": 100 * sum(s.step_s * share for s, share in of_kind) / window_s,
+                         "step_ms": _ms(percentiles([s.step_s for s, _ in of_kind]))}
+    predicted = [abs(s.predicted_s - s.step_s) / s.step_s for s, _ in inside
+                 if s.predicted_s is not None]
+    return {
+        "num_steps": len(inside),
+        "busy_pct": 100 * sum(s.step_s * share for s, share in inside) / window_s,
+        "offline_computed_tokens_per_s":
+            sum(s.num_offline_tokens * share for s, share in inside) / window_s,
+        "by_kind": by_kind,
+        "prediction_rel_error": percentiles(predicted) if predicted else None,
+    }
+
+
 def summarize_phase(phase: PhaseResult, ttft_slo_s: float, tbt_slo_s: float,
                     offline_only_tokens_per_s: float | None) -> dict[str, Any]:
     tokens, items = offline_totals(phase)
     tokens_per_s = tokens / phase.window_s if phase.window_s > 0 else 0.0
     return {
         **summarize_online(phase.records, ttft_slo_s, tbt_slo_s),
+        "steps": summarize_steps(phase.steps, phase.window_s),
         "offline_tokens_per_s": tokens_per_s,
         "offline_items_per_s": items / phase.window_s if phase.window_s > 0 else 0.0,
         "offline_pct_of_offline_only": _ratio(tokens_per_s, offline_only_tokens_per_s, 100.0),
@@ -196,6 +251,26 @@ def ratio_rows(report: dict[str, Any], names=("ttft_ms.p99", "tbt_ms.p99", "slo_
             if base != f"vs_{policy}"]
 
 
+STEP_COLUMNS = ("policy", "steps", "busy %", "online / mixed / offline busy %",
+                "mixed step p50/p90/p99 ms", "offline computed tok/s", "prediction error p50/p90")
+
+
+def step_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Per policy with a step log: how the engine spent the window (STEP_COLUMNS order)."""
+    rows = []
+    for policy, s in report["policies"].items():
+        steps = s.get("steps")
+        if not steps:
+            continue
+        kinds = steps["by_kind"]
+        error = steps["prediction_rel_error"]
+        rows.append((policy, str(steps["num_steps"]), _num(steps["busy_pct"], 1, 1),
+                     " / ".join(_num(kinds[k]["busy_pct"], 1, 1) for k in ("online", "mixed", "offline")),
+                     _triple(kinds["mixed"]["step_ms"]), _num(steps["offline_computed_tokens_per_s"], 1, 1),
+                     "-" if error is None else f"{error['p50']:.1%} / {error['p90']:.1%}"))
+    return rows
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     cfg, off = report["config"], report["offline_only"]
     lines = [f"# conserve-bench bench ({cfg.get('started_at', '')})", "",
@@ -207,6 +282,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "Ratios (policy / base):", ""]
     lines += _md_table(("policy", "base", "TTFT p99", "TBT p99", "SLO attainment", "offline tok/s"),
                        ratio_rows(report))
+    if rows := step_rows(report):
+        lines += ["", "Engine steps in the window (server step logs; a step counts by its share "
+                  "inside the window):", ""]
+        lines += _md_table(STEP_COLUMNS, rows)
     lines += ["", "![latency CDFs](latency_cdf.png)", "", "![offline throughput](offline_throughput.png)", ""]
     return "\n".join(lines)
 

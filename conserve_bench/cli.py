@@ -252,7 +252,7 @@ def bench(
     Example: bench --trace ../shared/data/traces/azure_llm_2023_conv.csv --data-dir ../shared/data/mmlu
     """
     from .bench import BenchConfig, run_bench
-    from .benchreport import TABLE_COLUMNS, table_rows
+    from .benchreport import STEP_COLUMNS, TABLE_COLUMNS, step_rows, table_rows
 
     data_dir = data_dir or default_data_dir()
     cfg = BenchConfig(
@@ -275,10 +275,13 @@ def bench(
     if as_json:
         _print_json(report)
         return
-    table = Table(*TABLE_COLUMNS, title=report["config"]["workload"])
-    for row in table_rows(report):
-        table.add_row(*row)
-    (console if console.is_terminal else Console(width=160)).print(table)  # NOTE: logs get no 80-column cut
+    out_console = console if console.is_terminal else Console(width=160)  # NOTE: logs get no 80-column cut
+    for columns, rows, title in ((TABLE_COLUMNS, table_rows(report), report["config"]["workload"]),
+                                 (STEP_COLUMNS, step_rows(report), "engine steps in the window")):
+        table = Table(*columns, title=title)
+        for row in rows:
+            table.add_row(*row)
+        out_console.print(table)
     console.print(f"wrote {out}/report.json, report.md, latency_cdf.png, offline_throughput.png")
 
 

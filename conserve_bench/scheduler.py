@@ -79,8 +79,9 @@ class ConserveScheduler(Scheduler):
                                        self.max_num_scheduled_tokens)
             output = self._schedule_plan(self.last_plan, throttle_prefills)
         if self._recorder is not None:
-            self._recorder.scheduled(output, self._scheduled_requests(output),
-                                     _plan_notes(self.last_plan) if policy else None)
+            notes = {"offline_tokens": self._num_offline_tokens(output),
+                     **(_plan_notes(self.last_plan) if policy else {})}
+            self._recorder.scheduled(output, self._scheduled_requests(output), notes)
         return output
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
@@ -174,6 +175,11 @@ class ConserveScheduler(Scheduler):
         return scheduled
 
 
+    def _num_offline_tokens(self, output: SchedulerOutput) -> int:
+        return sum(n for req_id, n in output.num_scheduled_tokens.items()
+                   if self.requests[req_id].priority > ONLINE_PRIORITY)
+
+
 def conserve_config(additional_config: Any) -> dict[str, Any]:
     """`additional_config["conserve"]` (vLLM's plug-in config), or {}."""
     if not isinstance(additional_config, dict):
@@ -186,9 +192,9 @@ def _wants_prompt_logprobs(request) -> bool:
     return params is not None and params.prompt_logprobs is not None
 
 
-def _plan_notes(plan: StepPlan | None) -> dict[str, Any] | None:
+def _plan_notes(plan: StepPlan | None) -> dict[str, Any]:
     """What the step log keeps of a plan, to compare with the measured step time."""
     if plan is None:
-        return None
+        return {}
     return {"kind": plan.kind, "predicted_s": round(plan.predicted_s, 6),
-            "budget_s": round(plan.budget_s, 6), "offline_tokens": plan.num_offline_tokens}
+            "budget_s": round(plan.budget_s, 6)}

@@ -4,7 +4,11 @@ Owns the shape rule (which scheduled request is a prefill chunk and which a deco
 format, and reading lines back as `latency.Sample`s. Plain data only: it must never import
 torch or vLLM; `scheduler.ConserveScheduler` hands it plain values and the profiler reads it.
 
-    {"step_s": 0.0123, "prefills": [[256, 0, false]], "decodes": [64, 64, 65]}
+    {"step_s": 0.0123, "prefills": [[256, 0, false]], "decodes": [64, 64, 65],
+     "end_at": 1795012345.678, "offline_tokens": 256}
+
+`end_at` (Unix time the step's output came back) lets a reader line steps up with events
+measured elsewhere, such as a benchmark's window; the scheduler's notes ride along.
 """
 
 from __future__ import annotations
@@ -122,9 +126,11 @@ class StepRecorder:
     back; the time between is the step's model execution (forward pass and sampling).
     """
 
-    def __init__(self, writer: StepLogWriter, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, writer: StepLogWriter, clock: Callable[[], float] = time.perf_counter,
+                 wall_clock: Callable[[], float] = time.time):
         self._writer = writer
         self._clock = clock
+        self._wall_clock = wall_clock
         self._pending: dict[int, tuple[object, float, StepShape, dict[str, Any] | None]] = {}
         self._last_done_at = float("-inf")
 
@@ -147,7 +153,7 @@ class StepRecorder:
         # while the previous one still runs; it starts executing once that one is done.
         sample = Sample(shape, now - max(scheduled_at, self._last_done_at))
         self._last_done_at = now
-        self._writer.write(sample, notes)
+        self._writer.write(sample, {"end_at": round(self._wall_clock(), 6), **(notes or {})})
         return sample
 
     def close(self) -> None:

@@ -15,8 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conserve_bench.benchreport import (PERCENTILES, RATIO_METRICS, CounterSample, OnlineRecord,
-                                        PhaseResult, build_report, counter_at, metric, percentiles,
-                                        render_markdown, table_rows)
+                                        PhaseResult, StepRecord, build_report, counter_at, metric,
+                                        percentiles, render_markdown, step_rows, summarize_steps,
+                                        table_rows)
 from conserve_bench.loadgen import parse_counters
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
@@ -105,6 +106,34 @@ def test_counters_are_interpolated_inside_and_clamped_outside():
     assert counter_at((), 1.0) == (0.0, 0.0)
 
 
+def test_steps_count_by_their_share_inside_the_window():
+    steps = (StepRecord(end_s=0.5, step_s=1.0, num_tokens=10, num_offline_tokens=10),  # half before t=0
+             StepRecord(2.0, 1.0, 8, 0, predicted_s=1.1),                           # online only
+             StepRecord(3.0, 0.5, 20, 5, predicted_s=0.4),                          # mixed
+             StepRecord(4.5, 1.0, 100, 100),                                        # half after the end
+             StepRecord(9.0, 1.0, 7, 7))                                            # all after
+    summary = summarize_steps(steps, window_s=4.0)
+    assert summary["num_steps"] == 4
+    assert summary["busy_pct"] == pytest.approx(100 * (0.5 + 1.0 + 0.5 + 0.5) / 4.0)
+    assert summary["offline_computed_tokens_per_s"] == pytest.approx((5 + 0 + 5 + 50) / 4.0)
+    kinds = summary["by_kind"]
+    assert {k: v["num_steps"] for k, v in kinds.items()} == {"online": 1, "mixed": 1, "offline": 2}
+    assert kinds["offline"]["busy_pct"] == pytest.approx(100 * 1.0 / 4.0)
+    assert kinds["mixed"]["step_ms"]["p50"] == pytest.approx(500.0)
+    assert summary["prediction_rel_error"]["p50"] == pytest.approx((0.1 + 0.2) / 2)
+    assert summarize_steps((), 4.0) is None and summarize_steps(steps[-1:], 4.0) is None
+
+
+def test_markdown_shows_engine_steps_when_the_phases_have_them():
+    offline_only, phases = _phases()
+    steps = (StepRecord(1.0, 0.2, 30, 20, predicted_s=0.22), StepRecord(2.0, 0.1, 3, 0, predicted_s=0.1))
+    phases[-1] = PhaseResult("conserve", 10.0, phases[-1].records, phases[-1].samples, steps=steps)
+    report = build_report(CONFIG, offline_only, phases)
+    assert [row[0] for row in step_rows(report)] == ["conserve"]
+    assert report["policies"]["priority"]["steps"] is None
+    assert "| conserve | 2 | 3.0 | 1.0 / 2.0 / 0.0 | 200/200/200 | 2.0 | 5.0% / 9.0% |" in render_markdown(report)
+
+
 def test_parses_the_offline_counters_from_prometheus_text():
     text = ("# HELP conserve_offline_tokens_total Tokens.\n# TYPE conserve_offline_tokens_total counter\n"
             "conserve_offline_tokens_total 1234.0\nconserve_offline_tokens_created 1.7e9\n"
@@ -187,6 +216,12 @@ def test_short_bench_run_writes_a_complete_consistent_report(tmp_path, data_dir)
         assert s["offline_items_per_s"] == pytest.approx(s["offline_items"] / s["window_s"])
     priority = report["policies"]["priority"]
     assert report["offline_only"]["offline_tokens_per_s"] > 0 and priority["offline_tokens_per_s"] > 0
+    # The phase's own step log, placed on the window: the engine computed the offline tokens
+    # that completed, and never ran more than one step at a time.
+    steps = priority["steps"]
+    assert steps["num_steps"] > 0 and 0 < steps["busy_pct"] <= 100 + 1e-6
+    assert steps["offline_computed_tokens_per_s"] > 0
+    assert sum(k["num_steps"] for k in steps["by_kind"].values()) == steps["num_steps"]
     assert priority["offline_pct_of_offline_only"] == pytest.approx(
         100 * priority["offline_tokens_per_s"] / report["offline_only"]["offline_tokens_per_s"])
     assert set(priority["ratios"]) == {"vs_priority"}  # online-only did not run

@@ -128,6 +128,13 @@ def test_online_completion_while_a_job_runs_and_job_matches_embedded(server, eng
     steps = [json.loads(line) for line in server.step_log.read_text().splitlines()]
     assert {"offline", "mixed"} <= {step["kind"] for step in steps}
     assert all(s["predicted_s"] <= s["budget_s"] for s in steps if s["kind"] == "mixed")
+    # Each line also says whose tokens ran (what `bench` reads) and when the step ended.
+    def num_tokens(step):
+        return sum(n for n, _, _ in step["prefills"]) + len(step["decodes"])
+    assert all(s["offline_tokens"] == num_tokens(s) for s in steps if s["kind"] == "offline")
+    assert all(0 < s["offline_tokens"] < num_tokens(s) for s in steps if s["kind"] == "mixed")
+    assert all(s["offline_tokens"] == 0 for s in steps if s["kind"] == "online")
+    assert [s["end_at"] for s in steps] == sorted(s["end_at"] for s in steps)
 
 
 def test_sigterm_drains_sigkill_loses_nothing_restart_resumes(tmp_path, engine, data_dir):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -79,6 +81,18 @@ def test_step_time_is_from_scheduled_to_executed(tmp_path):
     sample = rec.executed(step)
     assert sample == Sample(StepShape((ChunkShape(8, 0),)), 0.25)
     assert read_step_log(tmp_path / "steps.jsonl")[0] == [sample]
+
+
+def test_lines_carry_the_wall_clock_end_and_the_notes(tmp_path):
+    clock = FakeClock()
+    rec = StepRecorder(StepLogWriter(tmp_path / "steps.jsonl"), clock, wall_clock=lambda: 1795e6 + 0.5)
+    step = object()
+    rec.scheduled(step, [ScheduledRequest(8, 0, 8)], {"offline_tokens": 8, "kind": "offline"})
+    clock.now = 0.1
+    rec.executed(step)
+    line = json.loads((tmp_path / "steps.jsonl").read_text())
+    assert line == {"step_s": 0.1, "prefills": [[8, 0, False]], "decodes": [],
+                    "end_at": 1795e6 + 0.5, "offline_tokens": 8, "kind": "offline"}
 
 
 def test_overlapped_steps_start_when_the_previous_one_is_done(tmp_path):
