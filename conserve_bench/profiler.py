@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from .latency import FEATURES, FitError, Sample, evaluate, fit, split_holdout
+from .latency import FEATURES, FitError, Sample, evaluate_shapes, fit, split_holdout
 from .profiles import Profile, current_key, require_profile, save_profile
 from .steplog import log_size, read_step_log, recording_overrides
 
@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 ProgressFn = Callable[[int, int], None]  # (num_probes_done, num_probes)
 MIXED_SPACING = 2  # engine steps between two prefills joining a decode batch
 HOLDOUT_FRACTION = 0.25
+# NOTE: the first prompt-logprob prefill of a new size ran 25-30% slower than its repeats on
+# a 2-core CPU (fresh memory for its full-vocabulary logits); repeats let the fit and the
+# held-out error (`latency.evaluate_shapes`, a shape's median step) see its steady time.
+LOGPROB_REPEATS = 3
 FEATURE_UNITS = ("/step", "/prefill token", "/decode", "/decode context token",
                  "/prefill attention pair", "/prompt-logprob token")
 
@@ -39,17 +43,21 @@ FEATURE_UNITS = ("/step", "/prefill token", "/decode", "/decode context token",
 @dataclass(frozen=True)
 class PrefillProbe:
     """Prompts submitted together, each a prefill chunk after `context` cached tokens: one
-    step, or more when vLLM schedules the first request before the next one arrives."""
+    step, or more when vLLM schedules the first request before the next one arrives; run
+    `repeats` times, each time with new prompts."""
 
     chunk_tokens: tuple[int, ...]
     context: int = 0
     prompt_logprobs: bool = False
+    repeats: int = 1
 
     def __post_init__(self) -> None:
         # NOTE: a chunk at context > 0 comes from a prefix-cache hit on a primed prefix, and
         # requests with prompt logprobs never read the prefix cache.
         if self.context and self.prompt_logprobs:
             raise ValueError("prompt-logprob prefills cannot start after cached context")
+        if self.repeats < 1:
+            raise ValueError(f"a probe runs at least once, got repeats={self.repeats}")
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,7 @@ def _decode_probes(contexts: Sequence[int], max_batch_tokens: int,
 QUICK = Sweep("quick", (
     *(PrefillProbe((n,)) for n in (16, 64, 256, 512, 1024)),
     PrefillProbe((128,) * 4), PrefillProbe((256,), context=512), PrefillProbe((64,), context=1024),
-    *(PrefillProbe((n,), prompt_logprobs=True) for n in (64, 512)),
+    *(PrefillProbe((n,), prompt_logprobs=True, repeats=LOGPROB_REPEATS) for n in (64, 512)),
     *_decode_probes((64, 256, 512, 1024), 2048,
                     [((128, False), (512, False)), ((256, True),), ((64, False),), ((32, False),)]),
 ))
@@ -94,8 +102,9 @@ QUICK = Sweep("quick", (
 FULL = Sweep("full", (
     *(PrefillProbe((n,)) for n in (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2040)),
     *(PrefillProbe(chunks) for chunks in ((64,) * 8, (256,) * 4, (512,) * 2, (32,) * 16)),
-    *(PrefillProbe((n,), prompt_logprobs=True) for n in (16, 64, 256, 512, 1024, 2040)),
-    PrefillProbe((128,) * 4, prompt_logprobs=True),
+    *(PrefillProbe((n,), prompt_logprobs=True, repeats=LOGPROB_REPEATS)
+      for n in (16, 64, 256, 512, 1024, 2040)),
+    PrefillProbe((128,) * 4, prompt_logprobs=True, repeats=LOGPROB_REPEATS),
     *(PrefillProbe(chunks, context=c) for c, chunks in
       ((256, (256,)), (512, (128,)), (512, (1024,)), (1024, (512,)), (1536, (256,)),
        (1024, (64,) * 4))),
@@ -159,11 +168,12 @@ def summary_rows(profile: Profile) -> list[tuple[str, str]]:
             ("vLLM", key.vllm_version), ("samples", str(profile.num_samples))]
     rows += [(name, f"{value * 1e3:.4g} ms{unit}") for name, value, unit in
              zip(FEATURES, profile.model.coefficients, FEATURE_UNITS)]
-    for label, error in (("train", profile.train_error), ("held-out", profile.holdout_error)):
+    for label, error, unit in (("train", profile.train_error, "steps"),
+                               ("held-out", profile.holdout_error, "shapes")):
         if error is not None:
             rows.append((f"{label} error (median / P90 / max)",
                          f"{error.median_rel:.1%} / {error.p90_rel:.1%} / {error.max_rel:.1%} "
-                         f"over {error.num_samples} steps"))
+                         f"over {error.num_samples} {unit}"))
     return rows
 
 
@@ -175,7 +185,7 @@ def profile_engine(engine: Engine, sweep: Sweep, on_progress: ProgressFn | None 
     train, holdout = split_distinct_shapes(result.samples, HOLDOUT_FRACTION, seed)
     model = fit(train)
     key = current_key(engine.cfg.model_name, engine.cfg.dtype)
-    holdout_error = evaluate(model, holdout) if holdout else None
+    holdout_error = evaluate_shapes(model, holdout) if holdout else None
     profile = Profile(key, model, len(result.samples), holdout_error)
     return ProfileResult(profile, result, model.fit_error)
 
@@ -235,13 +245,14 @@ def _params(max_tokens: int, prompt_logprobs: bool = False) -> dict[str, Any]:
 
 
 def _run_prefill(engine: Engine, probe: PrefillProbe, draw: _TokenSource) -> None:
-    prefix = draw(probe.context)
-    if prefix:  # prime the prefix cache: the chunks below then start at `context`
-        engine.submit_tokens([prefix], **_params(1))
+    for _ in range(probe.repeats):
+        prefix = draw(probe.context)
+        if prefix:  # prime the prefix cache: the chunks below then start at `context`
+            engine.submit_tokens([prefix], **_params(1))
+            engine.run_until_idle()
+        prompts = [prefix + draw(n) for n in probe.chunk_tokens]
+        engine.submit_tokens(prompts, **_params(1, probe.prompt_logprobs))
         engine.run_until_idle()
-    prompts = [prefix + draw(n) for n in probe.chunk_tokens]
-    engine.submit_tokens(prompts, **_params(1, probe.prompt_logprobs))
-    engine.run_until_idle()
 
 
 def _run_decode(engine: Engine, probe: DecodeProbe, draw: _TokenSource) -> None:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from conserve_bench.latency import (FEATURES, ChunkShape, FitError, LatencyModel, Sample,
                                     StepShape, _largest_within, _nnls_lawson_hanson,
-                                    evaluate, fit, split_holdout)
+                                    evaluate, evaluate_shapes, fit, split_holdout)
 
 # Plausible magnitudes for a small GPU model: 5 ms fixed, 20 us per prefill token, ...
 TRUE_COEFFICIENTS = (5e-3, 2e-5, 4e-5, 2e-8, 1e-9, 3e-4)
@@ -51,6 +51,16 @@ def test_noisy_fit_generalises_to_holdout():
     assert error.num_samples == len(holdout) == 100
     assert error.median_rel < 0.05
     assert error.median_rel <= error.p90_rel <= error.max_rel
+
+
+def test_a_shape_measured_several_times_is_judged_once_by_its_median():
+    model = LatencyModel((0.01, 0, 0, 0, 0, 0))  # every step: 10 ms
+    steps = [Sample(StepShape((ChunkShape(8, 0, True),)), t) for t in (0.010, 0.0125, 0.020)]
+    other = Sample(StepShape(decode_context_lens=(5,)), 0.008)
+    assert evaluate_shapes(model, steps + [other]) == evaluate(
+        model, [Sample(steps[0].shape, 0.0125), other])
+    assert evaluate_shapes(model, steps).num_samples == 1
+    assert evaluate(model, steps).max_rel == pytest.approx(0.5)  # the slow step on its own
 
 
 def test_fit_minimises_relative_not_absolute_error():

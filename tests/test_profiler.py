@@ -40,6 +40,8 @@ def test_sweeps_fit_the_default_context_window():
         _check_fits(PrefillProbe((1024,), context=1024), 2048)
     with pytest.raises(ValueError, match="prompt-logprob"):
         PrefillProbe((64,), context=512, prompt_logprobs=True)
+    with pytest.raises(ValueError, match="at least once"):
+        PrefillProbe((64,), repeats=0)
 
 
 def test_sweeps_cover_every_feature():
@@ -61,7 +63,7 @@ def test_holdout_never_shares_a_shape_with_training(pairs):
 
 # -- on the session engine --------------------------------------------------------------------
 
-TINY = (PrefillProbe((256,)), PrefillProbe((32,), prompt_logprobs=True),
+TINY = (PrefillProbe((256,)), PrefillProbe((32,), prompt_logprobs=True, repeats=2),
         DecodeProbe(32, 8, mixed=((64, False),)), PrefillProbe((48, 48), context=128))
 
 
@@ -74,7 +76,7 @@ def tiny_sweep(engine):
 def test_a_prefill_is_logged_as_one_chunk(tiny_sweep):
     whole, logprobs, _, cached = tiny_sweep.samples_by_probe
     assert [s.shape for s in whole] == [StepShape((ChunkShape(256, 0),))]
-    assert [s.shape for s in logprobs] == [StepShape((ChunkShape(32, 0, prompt_logprobs=True),))]
+    assert [s.shape for s in logprobs] == [StepShape((ChunkShape(32, 0, prompt_logprobs=True),))] * 2
     # the primed prefix first, then two chunks that start after the cached 128 tokens (in one
     # step, or two when the engine schedules the first before the second arrives)
     assert cached[0].shape == StepShape((ChunkShape(128, 0),))
