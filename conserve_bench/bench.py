@@ -28,6 +28,7 @@ from .errors import ConserveError
 from .loadgen import OnlineClient
 from .serverproc import ServerProcess
 from .server import POLICIES
+from .steplog import read_step_log_with_notes
 
 SAMPLE_EVERY_S = 0.5
 STEP_LOG = "steps.jsonl"  # every engine step of a phase, in its folder
@@ -181,17 +182,13 @@ def _policy_phase(cfg: BenchConfig, policy: str, requests, out: Path, steps: "_S
 
 def _with_steps(phase: PhaseResult, phase_dir: Path) -> PhaseResult:
     """The phase with its server's engine steps, timed from the phase's t=0."""
-    path = phase_dir / STEP_LOG
-    if phase.started_at is None or not path.exists():  # NOTE: `--server` logs no steps here
+    if phase.started_at is None:
         return phase
-    records = []
-    for line in path.read_text().splitlines():
-        step = json.loads(line)
-        records.append(StepRecord(
-            step["end_at"] - phase.started_at, step["step_s"],
-            sum(n for n, _, _ in step["prefills"]) + len(step["decodes"]),
-            step.get("offline_tokens", 0), step.get("predicted_s")))
-    return replace(phase, steps=tuple(records))
+    records = tuple(
+        StepRecord(notes["end_at"] - phase.started_at, sample.step_s, sample.shape.num_tokens,
+                   notes.get("offline_tokens", 0), notes.get("predicted_s"))
+        for sample, notes in read_step_log_with_notes(phase_dir / STEP_LOG))  # none: no log
+    return replace(phase, steps=records)
 
 
 def _measure(cfg: BenchConfig, label: str, policy: str, url: str, phase_dir: Path, requests,

@@ -58,10 +58,15 @@ def to_line(sample: Sample, notes: dict[str, Any] | None = None) -> str:
 
 
 def from_line(line: str) -> Sample:
+    return from_line_with_notes(line)[0]
+
+
+def from_line_with_notes(line: str) -> tuple[Sample, dict[str, Any]]:
+    """The sample, and everything else the line carries (`end_at`, the scheduler's notes)."""
     data = json.loads(line)
-    prefills = tuple(ChunkShape(int(n), int(c), bool(lp)) for n, c, lp in data["prefills"])
-    return Sample(StepShape(prefills, tuple(int(c) for c in data["decodes"])),
-                  float(data["step_s"]))
+    prefills = tuple(ChunkShape(int(n), int(c), bool(lp)) for n, c, lp in data.pop("prefills"))
+    shape = StepShape(prefills, tuple(int(c) for c in data.pop("decodes")))
+    return Sample(shape, float(data.pop("step_s"))), data
 
 
 def recording_overrides(step_log: str | Path) -> dict[str, Any]:
@@ -101,6 +106,16 @@ class StepLogWriter:
 
 def read_step_log(path: str | Path, offset: int = 0) -> tuple[list[Sample], int]:
     """Samples written after byte `offset`, and the offset to continue from next time."""
+    lines, offset = _read_lines(path, offset)
+    return [from_line(line) for line in lines], offset
+
+
+def read_step_log_with_notes(path: str | Path) -> list[tuple[Sample, dict[str, Any]]]:
+    """Every step of the log as (sample, notes)."""
+    return [from_line_with_notes(line) for line in _read_lines(path, 0)[0]]
+
+
+def _read_lines(path: str | Path, offset: int) -> tuple[list[str], int]:
     path = Path(path)
     if not path.exists():
         return [], offset
@@ -110,7 +125,7 @@ def read_step_log(path: str | Path, offset: int = 0) -> tuple[list[Sample], int]
     # NOTE: a line still being written has no newline yet; it is read on the next call.
     complete = data[: data.rfind(b"\n") + 1]
     lines = complete.decode("utf-8").splitlines()
-    return [from_line(line) for line in lines if line.strip()], offset + len(complete)
+    return [line for line in lines if line.strip()], offset + len(complete)
 
 
 def log_size(path: str | Path) -> int:

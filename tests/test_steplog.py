@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 from hypothesis import given
 from hypothesis import strategies as st
 
 from conserve_bench.latency import ChunkShape, Sample, StepShape
 from conserve_bench.steplog import (SCHEDULER_CLS, ScheduledRequest, StepLogWriter, StepRecorder,
-                                    from_line, read_step_log, recording_overrides, step_log_path,
+                                    from_line, read_step_log, read_step_log_with_notes,
+                                    recording_overrides, step_log_path,
                                     step_shape, to_line)
 
 
@@ -90,9 +89,10 @@ def test_lines_carry_the_wall_clock_end_and_the_notes(tmp_path):
     rec.scheduled(step, [ScheduledRequest(8, 0, 8)], {"offline_tokens": 8, "kind": "offline"})
     clock.now = 0.1
     rec.executed(step)
-    line = json.loads((tmp_path / "steps.jsonl").read_text())
-    assert line == {"step_s": 0.1, "prefills": [[8, 0, False]], "decodes": [],
-                    "end_at": 1795e6 + 0.5, "offline_tokens": 8, "kind": "offline"}
+    [(sample, notes)] = read_step_log_with_notes(tmp_path / "steps.jsonl")
+    assert sample == Sample(StepShape((ChunkShape(8, 0),)), 0.1)
+    assert notes == {"end_at": 1795e6 + 0.5, "offline_tokens": 8, "kind": "offline"}
+    assert read_step_log_with_notes(tmp_path / "missing.jsonl") == []
 
 
 def test_overlapped_steps_start_when_the_previous_one_is_done(tmp_path):
