@@ -80,7 +80,7 @@ class ConserveScheduler(Scheduler):
             output = self._schedule_plan(self.last_plan, throttle_prefills)
         if self._recorder is not None:
             notes = {"offline_tokens": self._num_offline_tokens(output),
-                     **(_plan_notes(self.last_plan) if policy else {})}
+                     **_plan_notes(self.last_plan)}
             self._recorder.scheduled(output, self._scheduled_requests(output), notes)
         return output
 
@@ -173,7 +173,6 @@ class ConserveScheduler(Scheduler):
                 num_tokens, request.num_computed_tokens - num_tokens, request.num_prompt_tokens,
                 _wants_prompt_logprobs(request)))
         return scheduled
-
 
     def _num_offline_tokens(self, output: SchedulerOutput) -> int:
         return sum(n for req_id, n in output.num_scheduled_tokens.items()
