@@ -14,6 +14,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .policy import step_kind
+
 PERCENTILES = (50, 90, 99)
 RATIO_BASES = ("online-only", "priority")
 RATIO_METRICS = ("ttft_ms.p50", "ttft_ms.p90", "ttft_ms.p99", "tbt_ms.p50", "tbt_ms.p90",
@@ -68,10 +70,7 @@ class StepRecord:
 
     @property
     def kind(self) -> str:
-        """"online", "mixed" or "offline", by whose tokens the step ran (as `StepPlan.kind`)."""
-        if self.num_offline_tokens == 0:
-            return "online"
-        return "offline" if self.num_offline_tokens == self.num_tokens else "mixed"
+        return step_kind(self.num_tokens, self.num_offline_tokens)
 
     def overlap_s(self, window_s: float) -> float:
         """How much of this step ran inside [0, window_s]."""
@@ -156,17 +155,19 @@ def summarize_steps(steps: tuple[StepRecord, ...], window_s: float) -> dict[str,
     inside = [(s, share) for s, share in inside if share > 0]
     if not inside or window_s <= 0:
         return None
+    def busy_pct(pairs) -> float:
+        return 100 * sum(s.step_s * share for s, share in pairs) / window_s
+
     by_kind = {}
     for kind in ("online", "mixed", "offline"):
         of_kind = [(s, share) for s, share in inside if s.kind == kind]
-        by_kind[kind] = {"num_steps": len(of_kind),
-                         "busy_pct": 100 * sum(s.step_s * share for s, share in of_kind) / window_s,
+        by_kind[kind] = {"num_steps": len(of_kind), "busy_pct": busy_pct(of_kind),
                          "step_ms": _ms(percentiles([s.step_s for s, _ in of_kind]))}
     predicted = [abs(s.predicted_s - s.step_s) / s.step_s for s, _ in inside
                  if s.predicted_s is not None]
     return {
         "num_steps": len(inside),
-        "busy_pct": 100 * sum(s.step_s * share for s, share in inside) / window_s,
+        "busy_pct": busy_pct(inside),
         "offline_computed_tokens_per_s":
             sum(s.num_offline_tokens * share for s, share in inside) / window_s,
         "by_kind": by_kind,

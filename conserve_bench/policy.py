@@ -116,13 +116,17 @@ class StepPlan:
 
     @property
     def kind(self) -> str:
-        """"idle", "online", "mixed" or "offline" (only offline-only steps may be cut short
-        at a layer safepoint: layer-wise preemption)."""
-        if not self.num_tokens:
-            return "idle"
-        if self.num_online_tokens == 0:
-            return "offline"
-        return "mixed" if self.num_offline_tokens else "online"
+        return step_kind(self.token_budget, self.num_offline_tokens)
+
+
+def step_kind(num_tokens: int, num_offline_tokens: int) -> str:
+    """"idle", "online", "mixed" or "offline", by whose tokens a step runs (only offline-only
+    steps may be cut short at a layer safepoint: layer-wise preemption)."""
+    if not num_tokens:
+        return "idle"
+    if num_offline_tokens == num_tokens:
+        return "offline"
+    return "mixed" if num_offline_tokens else "online"
 
 
 def plan_step(online: Sequence[Pending], offline: Sequence[Pending], model: LatencyModel,
