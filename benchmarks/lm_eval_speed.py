@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def model_args(backend: str, args, workdir: Path, url: str | None) -> str:
-    from conserve_bench.models import resolve_model
+    from conserve_bench.engine.models import resolve_model
 
     path = resolve_model("smollm2-135m").path
     return {
@@ -81,7 +81,7 @@ def worker(args) -> None:
 
 def start_server(workdir: Path, data_dir: str):
     """`conserve-bench serve` (policy priority, fresh store); returns it and its start-up time."""
-    from conserve_bench.serverproc import ServerProcess
+    from conserve_bench.serve.process import ServerProcess
 
     t0 = time.perf_counter()
     server = ServerProcess(["--policy", "priority", "--no-profile", "--db",

@@ -49,8 +49,8 @@ def hf_worker(args) -> None:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from conserve_bench.models import resolve_model
-    from conserve_bench.taskspec import task_manager
+    from conserve_bench.engine.models import resolve_model
+    from conserve_bench.jobs.taskspec import task_manager
 
     lm = HFLM(pretrained=resolve_model("smollm2-135m").path, dtype="float32", device="cpu",
               batch_size=args.hf_batch_size)

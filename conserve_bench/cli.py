@@ -22,12 +22,12 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
-from . import jobs
-from .config import RunConfig, JobSpec, default_data_dir, default_db_url, DEFAULT_MODEL
-from .client import JobClient
-from .errors import ConserveError, JobStateError
-from .models import resolve_model
-from .store import Store
+from conserve_bench.jobs import lifecycle
+from conserve_bench.config import RunConfig, JobSpec, default_data_dir, default_db_url, DEFAULT_MODEL
+from conserve_bench.serve.client import JobClient
+from conserve_bench.errors import ConserveError, JobStateError
+from conserve_bench.engine.models import resolve_model
+from conserve_bench.store import Store
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run LLM evaluation suites on the idle cycles of a serving GPU.")
@@ -68,7 +68,7 @@ def submit(
         _submit_remote(JobClient(server, api_key), spec, wait, as_json)
         return
     store = _store(db)
-    job = jobs.submit_job(store, spec)
+    job = lifecycle.submit_job(store, spec)
     if not as_json:
         console.print(f"job [bold]{job.id}[/] submitted: {', '.join(spec.tasks)} on {spec.model}")
     _run(store, job.id, output, max_inflight, as_json)
@@ -81,7 +81,7 @@ def resume(job_id: JobArg, db: DbOpt = None, output: OutputOpt = "results",
     store = _store(db)
     job = store.get_job(job_id)
     if job.state == "done":
-        _print_results(jobs.job_results(store, job_id), as_json)
+        _print_results(lifecycle.job_results(store, job_id), as_json)
         return
     _run(store, job_id, output, max_inflight, as_json)
 
@@ -122,14 +122,14 @@ def results(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key:
     if server:
         _print_summary(JobClient(server, api_key).results(job_id), as_json)
     else:
-        _print_results(jobs.job_results(_store(db), job_id), as_json)
+        _print_results(lifecycle.job_results(_store(db), job_id), as_json)
 
 
 @app.command()
 def cancel(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = None,
            as_json: JsonOpt = False):
     """Cancel a job; its finished items stay stored and reusable."""
-    job = JobClient(server, api_key).cancel(job_id) if server else jobs.cancel_job(_store(db), job_id).to_dict()
+    job = JobClient(server, api_key).cancel(job_id) if server else lifecycle.cancel_job(_store(db), job_id).to_dict()
     if as_json:
         _print_json(job)
     else:
@@ -144,7 +144,7 @@ def profile(
     db: DbOpt = None,
 ):
     """Measure the engine's step latency and fit the latency model. Example: profile --quick"""
-    from . import profiler
+    from conserve_bench.sched import profiler
 
     store = _store(db)
     if show:
@@ -185,7 +185,7 @@ def serve(
     step_log: Annotated[Optional[str], typer.Option("--step-log", help="Append every engine step (batch shape, time, the plan's kind and prediction) to this JSON-lines file.")] = None,
 ):
     """Serve online OpenAI traffic and run queued eval jobs in its idle time. Example: serve --port 8000"""
-    from .server import ServeConfig, serve as run_server
+    from conserve_bench.serve.server import ServeConfig, serve as run_server
 
     data_dir = data_dir or default_data_dir()
     cfg = ServeConfig(model=model, host=host, port=port, db_url=db or default_db_url(), policy=policy,
@@ -207,7 +207,7 @@ def lm_eval_command(ctx: typer.Context):
     Example: lm-eval --model conserve --model_args model=smollm2-135m,data_dir=../shared/data/mmlu
     --tasks mmlu_local_anatomy --limit 10
     """
-    from .harness import run_lm_eval
+    from conserve_bench.harness import run_lm_eval
 
     run_lm_eval(list(ctx.args))
 
@@ -251,8 +251,8 @@ def bench(
 
     Example: bench --trace ../shared/data/traces/azure_llm_2023_conv.csv --data-dir ../shared/data/mmlu
     """
-    from .bench import BenchConfig, run_bench
-    from .benchreport import STEP_COLUMNS, TABLE_COLUMNS, step_rows, table_rows
+    from conserve_bench.bench.run import BenchConfig, run_bench
+    from conserve_bench.bench.report import STEP_COLUMNS, TABLE_COLUMNS, step_rows, table_rows
 
     data_dir = data_dir or default_data_dir()
     cfg = BenchConfig(
@@ -311,17 +311,17 @@ def _submit_remote(client: "JobClient", spec: JobSpec, wait: bool, as_json: bool
 
 
 def _run(store: Store, job_id: str, output: str, max_inflight: int, as_json: bool) -> None:
-    job = jobs.runnable_job(store, job_id)
+    job = lifecycle.runnable_job(store, job_id)
     model = resolve_model(job.spec.model)
     with _progress(disable=as_json) as progress:
         task = progress.add_task("starting engine", total=None)
-        with jobs.start_engine(model) as engine:
+        with lifecycle.start_engine(model) as engine:
             progress.update(task, description=f"job {job_id}")
 
             def on_progress(num_done: int, num_total: int) -> None:
                 progress.update(task, completed=num_done, total=num_total)
 
-            results = jobs.run_job(store, job_id, engine, RunConfig(max_inflight=max_inflight),
+            results = lifecycle.run_job(store, job_id, engine, RunConfig(max_inflight=max_inflight),
                                    output_dir=output, on_progress=on_progress)
     _print_results(results, as_json)
     if not as_json:
@@ -343,7 +343,7 @@ def _progress(disable: bool) -> Progress:
 
 def _print_results(results: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        _print_json(jobs.results_summary(results))
+        _print_json(lifecycle.results_summary(results))
         return
     table = Table("task", "metric", "value", "stderr", "n-shot")
     for name, values in results["results"].items():

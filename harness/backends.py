@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conserve_bench.errors import JobStateError
-from conserve_bench.requests import keyed_items
+from conserve_bench.engine.prompts import keyed_items
 
 REQUESTS_PER_JOB = 1000  # a server job per this many requests keeps each POST small
 POLL_S = 0.5

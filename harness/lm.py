@@ -11,7 +11,7 @@ only translates between lm-eval and a backend (`backends.py`); it never computes
 
 NOTE: an `LM`, not a `TemplateLM`: the work-item key is the request's text, and tokenization
 (lm-eval's exact context/continuation split) happens next to the engine, in
-`conserve_bench.requests`; a client-mode process holds no tokenizer at all.
+`conserve_bench.engine.prompts`; a client-mode process holds no tokenizer at all.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 from lm_eval.api.model import LM
 
-from conserve_bench.runner import Runner
+from conserve_bench.jobs.runner import Runner
 from conserve_bench.store import Store
 
 from .backends import LocalBackend, RemoteBackend
@@ -47,7 +47,7 @@ class ConserveLM(LM):
         super().__init__()
         self.session, self.report = None, True
         if base_url:
-            from conserve_bench.client import JobClient
+            from conserve_bench.serve.client import JobClient
 
             self.backend = RemoteBackend(JobClient(base_url, api_key), show_progress=progress)
             return

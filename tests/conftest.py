@@ -38,7 +38,7 @@ def data_dir() -> str:
 
 @pytest.fixture(scope="session")
 def model_ref():
-    from conserve_bench.models import resolve_model
+    from conserve_bench.engine.models import resolve_model
 
     return resolve_model("smollm2-135m")
 
@@ -49,8 +49,8 @@ def engine(model_ref, tmp_path_factory):
 
     It runs ConserveScheduler, which logs every step to a session step log (`engine.step_log`).
     """
-    from conserve_bench.jobs import start_engine
-    from conserve_bench.steplog import recording_overrides
+    from conserve_bench.jobs.lifecycle import start_engine
+    from conserve_bench.sched.steplog import recording_overrides
 
     step_log = tmp_path_factory.mktemp("steps") / "steps.jsonl"
     with start_engine(model_ref, **recording_overrides(step_log)) as engine:

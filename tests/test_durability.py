@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conserve_bench.config import JobSpec
-from conserve_bench.jobs import run_job, submit_job, task_metrics
+from conserve_bench.jobs.lifecycle import run_job, submit_job, task_metrics
 from conserve_bench.store import Store
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]

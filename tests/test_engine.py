@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 
 from conserve_bench.config import JobSpec, RunConfig
-from conserve_bench.jobs import run_job, submit_job, task_metrics
+from conserve_bench.jobs.lifecycle import run_job, submit_job, task_metrics
 from conserve_bench.harness.lm import ConserveLM
-from conserve_bench.runner import Runner
-from conserve_bench.taskspec import task_manager
+from conserve_bench.jobs.runner import Runner
+from conserve_bench.jobs.taskspec import task_manager
 
 from .conftest import TEST_TASKS
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conserve_bench.harness.lm import ConserveLM
-from conserve_bench.jobs import task_metrics
+from conserve_bench.jobs.lifecycle import task_metrics
 from conserve_bench.store import Store
 from conserve_bench.tasks import TASKS_DIR
 
@@ -73,7 +73,7 @@ def assert_same_responses(ours, theirs, tol=1e-4):
 
 def test_mmlu_local_yaml_builds_the_requests_of_lm_evals_mmlu(data_dir):
     """`mmlu_local_*` (our YAML over the CSVs) asks exactly what lm-eval's `mmlu_*` asks."""
-    from conserve_bench.taskspec import task_manager
+    from conserve_bench.jobs.taskspec import task_manager
 
     def request_args(name, manager):
         task = manager.load([name])["tasks"][name]
@@ -90,9 +90,9 @@ def test_requests_job_api_validates_keys_by_content_and_pages_results(store):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from conserve_bench.jobapi import install_job_api
-    from conserve_bench.requests import item_key
-    from conserve_bench.server import ServeConfig
+    from conserve_bench.serve.jobapi import install_job_api
+    from conserve_bench.engine.prompts import item_key
+    from conserve_bench.serve.server import ServeConfig
 
     app = FastAPI()
     install_job_api(app, store, ServeConfig(), "fp")

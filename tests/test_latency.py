@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conserve_bench.latency import (FEATURES, ChunkShape, FitError, LatencyModel, Sample,
+from conserve_bench.sched.latency import (FEATURES, ChunkShape, FitError, LatencyModel, Sample,
                                     StepShape, _largest_within, _nnls_lawson_hanson,
                                     evaluate, evaluate_shapes, fit, split_holdout)
 
@@ -232,7 +232,7 @@ def test_model_rejects_negative_or_misshapen_coefficients():
 
 
 def test_import_does_not_load_torch_or_vllm():
-    code = ("import sys, conserve_bench.latency; "
+    code = ("import sys, conserve_bench.sched.latency; "
             "print(sorted(m for m in ('torch', 'vllm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

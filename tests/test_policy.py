@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conserve_bench.latency import ChunkShape, LatencyModel, StepShape
-from conserve_bench.policy import (
+from conserve_bench.sched.latency import ChunkShape, LatencyModel, StepShape
+from conserve_bench.sched.policy import (
     Pending,
     PolicyConfig,
     PolicyError,

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conserve_bench.latency import ChunkShape, LatencyModel, Sample, StepShape, fit
-from conserve_bench.profiler import (FULL, QUICK, DecodeProbe, PrefillProbe, Sweep,
+from conserve_bench.sched.latency import ChunkShape, LatencyModel, Sample, StepShape, fit
+from conserve_bench.sched.profiler import (FULL, QUICK, DecodeProbe, PrefillProbe, Sweep,
                                      _check_fits, decode_groups, profile_engine, run_sweep,
                                      split_distinct_shapes, summary_rows)
-from conserve_bench.profiles import current_key, profile_for, save_profile
+from conserve_bench.sched.profiles import current_key, profile_for, save_profile
 
 # -- plans, without an engine -----------------------------------------------------------------
 
@@ -128,7 +128,7 @@ def test_profile_show_prints_the_stored_profile_or_one_line(tmp_path, store):
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().startswith("error: no latency profile for smollm2-135m")
     assert len(missing.stderr.strip().splitlines()) == 1
-    from conserve_bench.profiles import Profile
+    from conserve_bench.sched.profiles import Profile
 
     model = LatencyModel((0.04, 2e-3, 2.4e-3, 4e-6, 1e-6, 8e-4))
     save_profile(store, Profile(current_key("smollm2-135m", "float32"), model, 42))

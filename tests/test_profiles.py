@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 
 from conserve_bench.errors import ProfileNotFoundError
-from conserve_bench.latency import FitError, LatencyModel
-from conserve_bench.profiles import (Profile, ProfileKey, current_key, profile_for,
+from conserve_bench.sched.latency import FitError, LatencyModel
+from conserve_bench.sched.profiles import (Profile, ProfileKey, current_key, profile_for,
                                      require_profile, save_profile)
 
 KEY = ProfileKey("smollm2-135m", "float32", "AMD EPYC (2 CPUs)", "0.32.0", 1)
@@ -45,7 +45,7 @@ def test_profiling_again_replaces_the_profile_of_that_key(store):
                                           ("parallel_size", 2)])
 def test_a_profile_from_another_key_is_never_used(store, caplog, field, value):
     stored(store, replace(KEY, **{field: value}))
-    with caplog.at_level(logging.WARNING, logger="conserve_bench.profiles"):
+    with caplog.at_level(logging.WARNING, logger="conserve_bench.sched.profiles"):
         assert profile_for(store, KEY) is None
     assert field in caplog.text and repr(value) in caplog.text
     with pytest.raises(ProfileNotFoundError) as error:

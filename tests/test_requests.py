@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from conserve_bench.requests import (Assembler, Encoder, GeneratedText, NextTokenScore,
+from conserve_bench.engine.prompts import (Assembler, Encoder, GeneratedText, NextTokenScore,
                                      PromptScore, build_prompts, item_key)
 from conserve_bench.store import WorkItem
 

@@ -8,16 +8,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from conserve_bench.latency import ChunkShape, LatencyModel
-from conserve_bench.policy import PolicyConfig, Targets
-from conserve_bench.steplog import SCHEDULER_CLS, step_shape
+from conserve_bench.sched.latency import ChunkShape, LatencyModel
+from conserve_bench.sched.policy import PolicyConfig, Targets
+from conserve_bench.sched.steplog import SCHEDULER_CLS, step_shape
 
 
 def test_scheduler_cls_resolves_to_a_vllm_scheduler_subclass():
     from vllm.utils.import_utils import resolve_obj_by_qualname
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from conserve_bench.scheduler import ConserveScheduler
+    from conserve_bench.sched.scheduler import ConserveScheduler
 
     assert resolve_obj_by_qualname(SCHEDULER_CLS) is ConserveScheduler
     assert issubclass(ConserveScheduler, Scheduler)
@@ -70,7 +70,7 @@ def test_vllm_cpu_runs_without_a_batch_queue():
 
 
 def test_scheduled_requests_read_the_context_before_the_step():
-    from conserve_bench.scheduler import ConserveScheduler
+    from conserve_bench.sched.scheduler import ConserveScheduler
 
     def request(num_computed, num_prompt, prompt_logprobs=None):
         return SimpleNamespace(num_computed_tokens=num_computed, num_prompt_tokens=num_prompt,
@@ -101,7 +101,7 @@ def make_scheduler(model_path: str, policy: PolicyConfig | None, num_blocks: int
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
     from vllm.v1.structured_output import StructuredOutputManager
 
-    from conserve_bench.scheduler import ConserveScheduler
+    from conserve_bench.sched.scheduler import ConserveScheduler
 
     additional = {"conserve": {"policy": policy.to_dict()}} if policy else {}
     config = EngineArgs(model=model_path, max_model_len=2048, max_num_seqs=16,
@@ -152,7 +152,7 @@ def run_step(scheduler):
 
 @pytest.fixture(scope="module")
 def model_path():
-    from conserve_bench.models import resolve_model
+    from conserve_bench.engine.models import resolve_model
 
     return resolve_model("smollm2-135m").path
 

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from conserve_bench.config import JobSpec
-from conserve_bench.jobs import run_job, submit_job, task_metrics
-from conserve_bench.serverproc import ServerProcess
+from conserve_bench.jobs.lifecycle import run_job, submit_job, task_metrics
+from conserve_bench.serve.process import ServerProcess
 from conserve_bench.store import Store
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
@@ -45,8 +45,8 @@ class Server(ServerProcess):
 def store_profile(db_url: str) -> None:
     """A profile for this machine, with the coefficients measured on the 2-core CI CPU, so
     that serve loads it rather than profiling (every test server runs the conserve policy)."""
-    from conserve_bench.latency import LatencyModel
-    from conserve_bench.profiles import Profile, current_key, save_profile
+    from conserve_bench.sched.latency import LatencyModel
+    from conserve_bench.sched.profiles import Profile, current_key, save_profile
 
     measured = LatencyModel((0.0389, 0.00203, 0.00213, 4.5e-6, 0.82e-6, 0.00067))
     save_profile(Store(db_url), Profile(current_key("smollm2-135m", "float32"), measured, num_samples=1))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conserve_bench.latency import ChunkShape, Sample, StepShape
-from conserve_bench.steplog import (SCHEDULER_CLS, ScheduledRequest, StepLogWriter, StepRecorder,
+from conserve_bench.sched.latency import ChunkShape, Sample, StepShape
+from conserve_bench.sched.steplog import (SCHEDULER_CLS, ScheduledRequest, StepLogWriter, StepRecorder,
                                     from_line, read_step_log, read_step_log_with_notes,
                                     recording_overrides, step_log_path,
                                     step_shape, to_line)

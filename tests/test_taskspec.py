@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conserve_bench.errors import DataDirError, UnknownTaskError
-from conserve_bench.taskspec import check_tasks, load_mmlu_csv, task_manager
+from conserve_bench.jobs.taskspec import check_tasks, load_mmlu_csv, task_manager
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conserve_bench.workload import (OnlineRequest, TraceError, gamma_arrivals, mean_rate,
+from conserve_bench.bench.workload import (OnlineRequest, TraceError, gamma_arrivals, mean_rate,
                                      prompt_token_ids, read_azure_trace, rescale_to_rate,
                                      scale_tokens, with_arrivals)
 

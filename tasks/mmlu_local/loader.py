@@ -2,13 +2,13 @@
 
 lm-eval calls it with the task's metadata (which holds --model_args and --metadata, so
 `data_dir=...` in either works) and `dataset_kwargs` (the subject). It returns exactly the
-rows lm-eval gets from the hub's `cais/mmlu`, via `conserve_bench.taskspec.load_mmlu_csv`.
+rows lm-eval gets from the hub's `cais/mmlu`, via `conserve_bench.jobs.taskspec.load_mmlu_csv`.
 """
 
 import os
 
 from conserve_bench.errors import DataDirError
-from conserve_bench.taskspec import check_data_dir, load_mmlu_csv
+from conserve_bench.jobs.taskspec import check_data_dir, load_mmlu_csv
 
 
 def load_mmlu(subject: str, data_dir: str | None = None, **_metadata):

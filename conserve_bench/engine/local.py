@@ -20,9 +20,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .config import EngineConfig
-from .requests import Assembler, Encoder, Prompt, build_prompts
-from .steplog import step_log_path
+from conserve_bench.config import EngineConfig
+from conserve_bench.engine.prompts import Assembler, Encoder, Prompt, build_prompts
+from conserve_bench.sched.steplog import step_log_path
 
 log = logging.getLogger(__name__)
 

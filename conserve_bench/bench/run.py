@@ -21,14 +21,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import workload
-from .benchreport import PhaseResult, StepRecord, build_report, render_markdown, report_dict
-from .client import JobClient
-from .errors import ConserveError
-from .loadgen import OnlineClient
-from .serverproc import ServerProcess
-from .server import POLICIES
-from .steplog import read_step_log_with_notes
+from conserve_bench.bench import workload
+from conserve_bench.bench.report import PhaseResult, StepRecord, build_report, render_markdown, report_dict
+from conserve_bench.serve.client import JobClient
+from conserve_bench.errors import ConserveError
+from conserve_bench.bench.loadgen import OnlineClient
+from conserve_bench.serve.process import ServerProcess
+from conserve_bench.serve.server import POLICIES
+from conserve_bench.sched.steplog import read_step_log_with_notes
 
 SAMPLE_EVERY_S = 0.5
 STEP_LOG = "steps.jsonl"  # every engine step of a phase, in its folder
@@ -290,10 +290,10 @@ class _ProfileCache:
     """
 
     def __init__(self, cfg: BenchConfig):
-        from .config import EngineConfig
-        from .models import resolve_model
-        from .profiles import current_key
-        from .store import Store
+        from conserve_bench.config import EngineConfig
+        from conserve_bench.engine.models import resolve_model
+        from conserve_bench.sched.profiles import current_key
+        from conserve_bench.store import Store
 
         self.store = Store(cfg.profile_db) if cfg.profile_db and not cfg.server else None
         if self.store is not None:
@@ -301,15 +301,15 @@ class _ProfileCache:
             self.key = current_key(engine.model_name, engine.dtype)
 
     def copy_to(self, db_url: str) -> None:
-        from .profiles import profile_for, save_profile
-        from .store import Store
+        from conserve_bench.sched.profiles import profile_for, save_profile
+        from conserve_bench.store import Store
 
         if self.store is not None and (found := profile_for(self.store, self.key)) is not None:
             save_profile(Store(db_url), found)
 
     def learn_from(self, db_url: str) -> None:
-        from .profiles import profile_for, save_profile
-        from .store import Store
+        from conserve_bench.sched.profiles import profile_for, save_profile
+        from conserve_bench.store import Store
 
         if self.store is not None and profile_for(self.store, self.key) is None:
             if (found := profile_for(Store(db_url), self.key)) is not None:
@@ -376,7 +376,7 @@ def _submit_offline(cfg: BenchConfig, jobs: JobClient, phase_dir: Path) -> str:
     """
     tasks = list(cfg.offline_tasks)
     if cfg.long_prompts:
-        from .longprompts import write_long_prompt_task
+        from conserve_bench.bench.longprompts import write_long_prompt_task
 
         tasks.insert(0, str(write_long_prompt_task(phase_dir, cfg.long_prompts, cfg.long_prompt_tokens,
                                                    cfg.long_generated_tokens, cfg.seed)))
@@ -388,7 +388,7 @@ def _submit_offline(cfg: BenchConfig, jobs: JobClient, phase_dir: Path) -> str:
 
 
 def _write_outputs(out: Path, report: dict[str, Any], offline_only: PhaseResult, phases) -> None:
-    from .benchplots import plot_latency_cdfs, plot_offline_throughput
+    from conserve_bench.bench.plots import plot_latency_cdfs, plot_offline_throughput
 
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(report))

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .errors import ConserveError, EngineUnavailableError, JobNotFoundError, JobStateError
+from conserve_bench.errors import ConserveError, EngineUnavailableError, JobNotFoundError, JobStateError
 
 FINAL_STATES = ("done", "failed", "cancelled")
 

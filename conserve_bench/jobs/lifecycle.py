@@ -22,13 +22,13 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from .config import EngineConfig, JobSpec, RunConfig
-from .errors import InvalidRequestError, JobStateError
-from .models import ModelRef, resolve_model
-from .requests import check_request_args, keyed_items
-from .runner import Runner, Stopped
-from .store import Job, Store
-from .taskspec import check_tasks, task_manager
+from conserve_bench.config import EngineConfig, JobSpec, RunConfig
+from conserve_bench.errors import InvalidRequestError, JobStateError
+from conserve_bench.engine.models import ModelRef, resolve_model
+from conserve_bench.engine.prompts import check_request_args, keyed_items
+from conserve_bench.jobs.runner import Runner, Stopped
+from conserve_bench.store import Job, Store
+from conserve_bench.jobs.taskspec import check_tasks, task_manager
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def submit_job(store: Store, spec: JobSpec) -> Job:
 
 
 def start_engine(model: ModelRef, **overrides):
-    from .engine import Engine
+    from conserve_bench.engine.local import Engine
 
     return Engine(EngineConfig(model_path=model.path, model_name=model.name, **overrides))
 
@@ -104,7 +104,7 @@ def _evaluate(store, job: Job, runner, engine, manager, tracker) -> dict[str, An
         return _compute_requests(store, job, runner, tracker)
     from lm_eval import simple_evaluate
 
-    from .harness.lm import ConserveLM
+    from conserve_bench.harness.lm import ConserveLM
 
     lm = ConserveLM.for_job(store, runner, job.id, engine.fingerprint, on_kind=tracker.refresh)
     spec = job.spec
@@ -234,7 +234,7 @@ def open_session(model: str, db: str | None, data_dir: str | None, max_inflight:
                  engine=None) -> Session:
     """Open a store, start `model` (unless an engine is given) and record a running job whose
     work items the caller (`ConserveLM`) adds as lm-eval hands it requests."""
-    from .config import default_db_url
+    from conserve_bench.config import default_db_url
 
     store = Store(db or default_db_url())
     owns_engine = engine is None

@@ -16,7 +16,7 @@ import functools
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import DataDirError, UnknownTaskError
+from conserve_bench.errors import DataDirError, UnknownTaskError
 
 MMLU_HUB_PATH = "cais/mmlu"
 MMLU_SPLITS = {"test": "test", "validation": "val", "dev": "dev"}
@@ -53,7 +53,7 @@ def _task_manager_class():
 
 def task_manager(data_dir: str | None = None):
     """An lm-eval TaskManager over built-in tasks plus ours, reading MMLU from `data_dir`."""
-    from .tasks import TASKS_DIR
+    from conserve_bench.tasks import TASKS_DIR
 
     if data_dir is not None:
         check_data_dir(data_dir)

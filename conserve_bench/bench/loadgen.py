@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import httpx
 
-from .benchreport import CounterSample, OnlineRecord
-from .workload import OnlineRequest, prompt_token_ids
+from conserve_bench.bench.report import CounterSample, OnlineRecord
+from conserve_bench.bench.workload import OnlineRequest, prompt_token_ids
 
 OFFLINE_COUNTERS = {"conserve_offline_tokens_total": "tokens", "conserve_offline_items_total": "items"}
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import RunConfig
-from .store import Store, default_owner
+from conserve_bench.config import RunConfig
+from conserve_bench.store import Store, default_owner
 
 COMMIT_INTERVAL_S = 1.0
 WAIT_FOR_OTHERS_S = 0.5

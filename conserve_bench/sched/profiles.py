@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, fields
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from .errors import ProfileNotFoundError
-from .latency import FitError, LatencyModel
+from conserve_bench.errors import ProfileNotFoundError
+from conserve_bench.sched.latency import FitError, LatencyModel
 
 if TYPE_CHECKING:
-    from .store import Store
+    from conserve_bench.store import Store
 
 log = logging.getLogger(__name__)
 

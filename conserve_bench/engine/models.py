@@ -16,8 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import cache_home
-from .errors import ModelNotFoundError
+from conserve_bench.config import cache_home
+from conserve_bench.errors import ModelNotFoundError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_MODELS = {"smollm2-135m"}
@@ -91,7 +91,7 @@ def _check_config(model_dir: Path) -> None:
     assert "quantization_config" not in config, "conversion left a quantization_config"
 
 
-if __name__ == "__main__":  # `python -m conserve_bench.models smollm2-135m` (used by `make setup`)
+if __name__ == "__main__":  # `python -m conserve_bench.engine.models smollm2-135m` (used by `make setup`)
     import sys
 
     print(resolve_model(sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m").path)

@@ -13,10 +13,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from . import jobs
-from .config import JobSpec
-from .errors import ConserveError, JobNotFoundError, JobStateError
-from .requests import check_request_args
+from conserve_bench.jobs import lifecycle
+from conserve_bench.config import JobSpec
+from conserve_bench.errors import ConserveError, JobNotFoundError, JobStateError
+from conserve_bench.engine.prompts import check_request_args
 
 MAX_REQUESTS_PER_JOB = 10_000
 MAX_ITEMS_PER_PAGE = 5_000
@@ -72,12 +72,12 @@ def install_job_api(app, store, cfg, fingerprint: str) -> None:
         spec = JobSpec(tasks=tuple(request.tasks), model=cfg.model, limit=request.limit,
                        num_fewshot=request.num_fewshot, gen_kwargs=request.gen_kwargs,
                        data_dir=request.data_dir or cfg.data_dir)
-        return jobs.submit_job(store, spec).to_dict()
+        return lifecycle.submit_job(store, spec).to_dict()
 
     @router.post("/requests", status_code=201)
     def create_from_requests(request: RequestsJobRequest) -> dict[str, Any]:
         work = [(r.kind, r.args) for r in request.requests]
-        job, keys = jobs.submit_requests(store, work, fingerprint, cfg.model, request.label)
+        job, keys = lifecycle.submit_requests(store, work, fingerprint, cfg.model, request.label)
         return {**job.to_dict(), "keys": keys}
 
     @router.get("")
@@ -90,7 +90,7 @@ def install_job_api(app, store, cfg, fingerprint: str) -> None:
 
     @router.get("/{job_id}/results")
     def results(job_id: str) -> dict[str, Any]:
-        return jobs.results_summary(jobs.job_results(store, job_id))
+        return lifecycle.results_summary(lifecycle.job_results(store, job_id))
 
     @router.get("/{job_id}/items")
     def items(job_id: str, offset: int = Query(0, ge=0),
@@ -101,7 +101,7 @@ def install_job_api(app, store, cfg, fingerprint: str) -> None:
 
     @router.post("/{job_id}/cancel")
     def cancel(job_id: str) -> dict[str, Any]:
-        return jobs.cancel_job(store, job_id).to_dict()
+        return lifecycle.cancel_job(store, job_id).to_dict()
 
     app.include_router(router)
 

@@ -28,13 +28,13 @@ from typing import Any
 
 import uvicorn
 
-from .config import EngineConfig, RunConfig
-from .engine import engine_args, engine_environment
-from .errors import ConserveError
-from .latency import LatencyModel
-from .models import resolve_model
-from .policy import DEFAULT_MARGIN, PolicyConfig, Targets, default_targets
-from .steplog import SCHEDULER_CLS
+from conserve_bench.config import EngineConfig, RunConfig
+from conserve_bench.engine.local import engine_args, engine_environment
+from conserve_bench.errors import ConserveError
+from conserve_bench.sched.latency import LatencyModel
+from conserve_bench.engine.models import resolve_model
+from conserve_bench.sched.policy import DEFAULT_MARGIN, PolicyConfig, Targets, default_targets
+from conserve_bench.sched.steplog import SCHEDULER_CLS
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +150,9 @@ def load_or_measure_profile(cfg: ServeConfig, engine_cfg: EngineConfig):
     NOTE: a profile from other hardware or another vLLM version never matches the key, so
     it is never used; `profile_for` logs which fields differ.
     """
-    from .profiler import run_profile
-    from .profiles import current_key, profile_for
-    from .store import Store
+    from conserve_bench.sched.profiler import run_profile
+    from conserve_bench.sched.profiles import current_key, profile_for
+    from conserve_bench.store import Store
 
     store = Store(cfg.db_url)
     found = profile_for(store, current_key(engine_cfg.model_name, engine_cfg.dtype))
@@ -175,10 +175,11 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets) -
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from .jobapi import install_job_api
-    from .metrics import OnlineMetrics
-    from .pump import AsyncEngineAdapter, OfflinePump
-    from .store import Store
+    from conserve_bench.serve.jobapi import install_job_api
+    from conserve_bench.serve.metrics import OnlineMetrics
+    from conserve_bench.engine.async_llm import AsyncEngineAdapter
+    from conserve_bench.serve.pump import OfflinePump
+    from conserve_bench.store import Store
 
     store = Store(cfg.db_url)
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", *vllm_cli_args(cfg, engine_cfg)])

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from .store import WorkItem
+from conserve_bench.store import WorkItem
 
 KINDS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
 MAX_SCORED_TOKENS = 128  # vLLM 0.32.0's MAX_LOGPROB_TOKEN_IDS

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .latency import ChunkShape, LatencyModel, StepShape
+from conserve_bench.sched.latency import ChunkShape, LatencyModel, StepShape
 
 DEFAULT_MARGIN = 0.1  # offline work may use (1 - margin) of the TBT target
 QUANTUM_FRACTION = 0.25  # default quantum: a quarter of the TTFT target

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import ConserveError
+from conserve_bench.errors import ConserveError
 
 TRACE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 # NOTE: prompt token ids are drawn from this range: above every tokenizer's special tokens at

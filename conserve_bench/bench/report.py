@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .policy import step_kind
+from conserve_bench.sched.policy import step_kind
 
 PERCENTILES = (50, 90, 99)
 RATIO_BASES = ("online-only", "priority")

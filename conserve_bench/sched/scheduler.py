@@ -15,8 +15,8 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from .policy import Pending, PolicyConfig, StepPlan, offline_to_preempt, plan_step
-from .steplog import ScheduledRequest, StepLogWriter, StepRecorder, step_log_path
+from conserve_bench.sched.policy import Pending, PolicyConfig, StepPlan, offline_to_preempt, plan_step
+from conserve_bench.sched.steplog import ScheduledRequest, StepLogWriter, StepRecorder, step_log_path
 
 ONLINE_PRIORITY = 0  # online routes run at 0; offline jobs at OFFLINE_PRIORITY (> 0)
 

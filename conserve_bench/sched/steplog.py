@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .latency import ChunkShape, Sample, StepShape
+from conserve_bench.sched.latency import ChunkShape, Sample, StepShape
 
-SCHEDULER_CLS = "conserve_bench.scheduler.ConserveScheduler"
+SCHEDULER_CLS = "conserve_bench.sched.scheduler.ConserveScheduler"
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from .latency import FEATURES, FitError, Sample, evaluate_shapes, fit, split_holdout
-from .profiles import Profile, current_key, require_profile, save_profile
-from .steplog import log_size, read_step_log, recording_overrides
+from conserve_bench.sched.latency import FEATURES, FitError, Sample, evaluate_shapes, fit, split_holdout
+from conserve_bench.sched.profiles import Profile, current_key, require_profile, save_profile
+from conserve_bench.sched.steplog import log_size, read_step_log, recording_overrides
 
 if TYPE_CHECKING:
-    from .engine import Engine
-    from .store import Store
+    from conserve_bench.engine.local import Engine
+    from conserve_bench.store import Store
 
 ProgressFn = Callable[[int, int], None]  # (num_probes_done, num_probes)
 MIXED_SPACING = 2  # engine steps between two prefills joining a decode batch
@@ -137,8 +137,8 @@ def run_profile(store: Store, model: str, quick: bool = False,
                 on_progress: ProgressFn | None = None,
                 on_started: Callable[[], None] | None = None) -> ProfileResult:
     """Start an engine for `model`, profile it, fit, and store the profile under its key."""
-    from .jobs import start_engine
-    from .models import resolve_model
+    from conserve_bench.jobs.lifecycle import start_engine
+    from conserve_bench.engine.models import resolve_model
 
     ref = resolve_model(model)
     with tempfile.TemporaryDirectory(prefix="conserve-profile-") as workdir:
@@ -153,8 +153,8 @@ def run_profile(store: Store, model: str, quick: bool = False,
 
 def show_profile(store: Store, model: str) -> Profile:
     """The stored profile that applies to `model` on this machine (ProfileNotFoundError if none)."""
-    from .config import EngineConfig
-    from .models import resolve_model
+    from conserve_bench.config import EngineConfig
+    from conserve_bench.engine.models import resolve_model
 
     ref = resolve_model(model)
     cfg = EngineConfig(model_path=ref.path, model_name=ref.name)

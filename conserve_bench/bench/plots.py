@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .benchreport import PhaseResult
+from conserve_bench.bench.report import PhaseResult
 
 SMOOTH_S = 2.0
 

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.exc import ArgumentError, OperationalError
 
-from .config import JobSpec
-from .errors import DatabaseURLError, JobNotFoundError
+from conserve_bench.config import JobSpec
+from conserve_bench.errors import DatabaseURLError, JobNotFoundError
 
 if TYPE_CHECKING:
-    from .profiles import ProfileKey
+    from conserve_bench.sched.profiles import ProfileKey
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 SQLITE_MAX_VARS = 900  # stay under SQLite's bound-parameter limit in IN (...) lists

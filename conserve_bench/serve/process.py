@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from .errors import ConserveError
+from conserve_bench.errors import ConserveError
 
 
 class ServerStartError(ConserveError):

@@ -1,0 +1,7 @@
+"""The engine layer: vLLM driven item by item, through its own plug points only.
+
+`prompts` turns lm-eval requests into token prompts and engine outputs back into item
+results (lm-eval's exact semantics); `local` runs vLLM in this process (`submit`, `profile`,
+the lm-eval backend); `async_llm` drives the server's `AsyncLLM`; `models` resolves a
+`--model` value to a directory vLLM can load. Nothing here touches the store.
+"""
