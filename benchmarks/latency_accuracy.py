@@ -57,7 +57,7 @@ def split_spread(samples) -> dict[str, list[float]]:
 def measure(model_name: str, sweep_name: str) -> tuple[object, float]:
     from conserve_bench.jobs.lifecycle import start_engine
     from conserve_bench.engine.models import resolve_model
-    from conserve_bench.sched.profiler import FULL, QUICK, profile_engine
+    from conserve_bench.sched.profiler import profile_engine, sweep_for
     from conserve_bench.sched.steplog import recording_overrides
 
     with tempfile.TemporaryDirectory(prefix="conserve-latency-") as workdir:
@@ -65,7 +65,7 @@ def measure(model_name: str, sweep_name: str) -> tuple[object, float]:
         overrides = recording_overrides(Path(workdir) / "steps.jsonl")
         with start_engine(resolve_model(model_name), **overrides) as engine:
             startup_s = time.perf_counter() - t0
-            result = profile_engine(engine, FULL if sweep_name == "full" else QUICK)
+            result = profile_engine(engine, sweep_for(sweep_name == "quick", engine.max_model_len))
     return result, startup_s
 
 

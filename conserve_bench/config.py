@@ -60,22 +60,24 @@ class EngineConfig:
     model_path: str
     model_name: str
     dtype: str = "float32"
-    max_model_len: int = 2048
+    # None: the model's own context length, capped only by what the KV cache can hold
+    max_model_len: int | None = None
     kv_cache_gib: float = 2.0
     seed: int = 0
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
+    enforce_eager: bool | None = None  # None: the platform's default (see engine_args)
     scheduler_cls: str | None = None  # "module.Class" of a vLLM scheduler subclass
     additional_config: dict[str, Any] = field(default_factory=dict)  # vLLM's plug-in config
 
-    @property
-    def fingerprint(self) -> str:
-        """What, besides the request itself, decides a result: the model and its numerics.
+    def fingerprint(self, max_model_len: int) -> str:
+        """What, besides the request itself, decides a result: the model, its numerics and
+        the context length the engine really runs with (where long contexts are truncated).
 
         NOTE: part of every work item's key; `submit` and `serve` must agree on it, so that a
         job run on either reuses the other's finished items.
         """
-        return f"{self.model_name}|{self.dtype}|{self.max_model_len}"
+        return f"{self.model_name}|{self.dtype}|{max_model_len}"
 
 
 @dataclass(frozen=True)

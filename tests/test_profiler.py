@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from conserve_bench.sched.latency import ChunkShape, LatencyModel, Sample, StepShape, fit
 from conserve_bench.sched.profiler import (FULL, QUICK, DecodeProbe, PrefillProbe, Sweep,
-                                     _check_fits, decode_groups, profile_engine, run_sweep,
-                                     split_distinct_shapes, summary_rows)
+                                           _check_fits, decode_groups, profile_engine, run_sweep,
+                                           split_distinct_shapes, summary_rows, sweep_for)
 from conserve_bench.sched.profiles import current_key, profile_for, save_profile
 
 # -- plans, without an engine -----------------------------------------------------------------
@@ -32,10 +32,14 @@ def test_decode_batch_halves_level_by_level(num_requests, steps_per_level):
     assert all(b == a // 2 for a, b in zip(levels, levels[1:]))
 
 
-def test_sweeps_fit_the_default_context_window():
-    for sweep in (QUICK, FULL):
-        for probe in sweep.probes + sweep.warmup:
-            _check_fits(probe, 2048)
+@pytest.mark.parametrize("max_model_len", [2048, 4096, 8192, 32768])
+@pytest.mark.parametrize("quick", [True, False])
+def test_sweeps_fit_and_reach_into_the_engines_context(quick, max_model_len):
+    sweep = sweep_for(quick, max_model_len)
+    for probe in sweep.probes + sweep.warmup:
+        _check_fits(probe, max_model_len)
+    longest = max(p.context + max(getattr(p, "chunk_tokens", (0,))) for p in sweep.probes)
+    assert longest >= min(max_model_len // 2, 2040)  # the latency model covers long prompts
     with pytest.raises(ValueError, match="max_model_len"):
         _check_fits(PrefillProbe((1024,), context=1024), 2048)
     with pytest.raises(ValueError, match="prompt-logprob"):

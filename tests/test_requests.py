@@ -53,7 +53,7 @@ text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",))
 def test_encode_pair_matches_lm_eval(tokenizer, template_lm, context, continuation):
     from lm_eval.api.instance import Instance
 
-    encoder = Encoder(tokenizer, 2047)
+    encoder = Encoder(tokenizer, 2048)
     # NOTE: lm-eval itself raises IndexError on an empty context with a continuation of no
     # tokens (a lone control character); our split for it is pinned below.
     assume(context or tokenizer.encode(continuation, add_special_tokens=False))
@@ -63,13 +63,13 @@ def test_encode_pair_matches_lm_eval(tokenizer, template_lm, context, continuati
 
 
 def test_a_continuation_of_no_tokens_after_no_context_scores_no_tokens(tokenizer):
-    encoder = Encoder(tokenizer, 2047)
+    encoder = Encoder(tokenizer, 2048)
     assert tokenizer.encode("\x16", add_special_tokens=False) == []
     assert encoder.encode_pair("", "\x16") == ([encoder.prefix_token_id], [])
 
 
 def test_single_token_choices_share_one_prompt(tokenizer):
-    encoder = Encoder(tokenizer, 2047)
+    encoder = Encoder(tokenizer, 2048)
     work = [item("loglikelihood", "Question: 1+1?\nAnswer:", f" {c}") for c in "ABCD"]
     prompts, num_parts = build_prompts(work, encoder)
     assert len(prompts) == 1
@@ -81,7 +81,7 @@ def test_single_token_choices_share_one_prompt(tokenizer):
 
 
 def test_multi_token_continuation_uses_prompt_logprobs(tokenizer):
-    encoder = Encoder(tokenizer, 2047)
+    encoder = Encoder(tokenizer, 2048)
     [prompt], _ = build_prompts([item("loglikelihood", "The capital of France is", " Paris, France")], encoder)
     ctx, cont = encoder.encode_pair("The capital of France is", " Paris, France")
     assert prompt.token_ids == ctx + cont and prompt.params["prompt_logprobs"] == 1
@@ -89,21 +89,21 @@ def test_multi_token_continuation_uses_prompt_logprobs(tokenizer):
 
 
 @settings(max_examples=30, deadline=None)
-@given(num_words=st.integers(1, 300), max_length=st.integers(8, 64))
-def test_rolling_windows_score_every_token_once(tokenizer, num_words, max_length):
-    encoder = Encoder(tokenizer, max_length)
+@given(num_words=st.integers(1, 300), max_model_len=st.integers(8, 64))
+def test_rolling_windows_score_every_token_once(tokenizer, num_words, max_model_len):
+    encoder = Encoder(tokenizer, max_model_len)
     text_ = " ".join(f"word{i}" for i in range(num_words))
     prompts, num_parts = build_prompts([item("loglikelihood_rolling", text_, key="r")], encoder)
     scored = []
     for p in prompts:
-        assert len(p.token_ids) <= max_length
+        assert len(p.token_ids) < max_model_len  # vLLM keeps a position for its one token
         scored += p.token_ids[p.parts[0].start:]
     assert scored == encoder.encode(text_)
     assert num_parts["r"] == len(prompts)
 
 
 def test_generation_params_follow_lm_eval(tokenizer):
-    encoder = Encoder(tokenizer, 2047)
+    encoder = Encoder(tokenizer, 2048)
     gen = {"until": ["\n\n", "Q:"], "max_gen_toks": 32, "do_sample": False, "temperature": 0.7}
     [prompt], _ = build_prompts([item("generate_until", "Q: hi\nA:", gen)], encoder)
     assert prompt.params["max_tokens"] == 32
@@ -137,3 +137,34 @@ def test_item_key_depends_on_request_and_model():
     assert item_key("loglikelihood", ["a", "b"], "m1") == item_key("loglikelihood", ["a", "b"], "m1")
     assert item_key("loglikelihood", ["a", "b"], "m1") != item_key("loglikelihood", ["a", "b"], "m2")
     assert item_key("loglikelihood", ["a", "b"], "m1") != item_key("loglikelihood", ["a", "c"], "m1")
+
+
+def _words(num_tokens: int, tokenizer) -> str:
+    text_ = " ".join(f"w{i}" for i in range(num_tokens))
+    while len(tokenizer.encode(text_, add_special_tokens=False)) > num_tokens:
+        text_ = text_.rsplit(" ", 1)[0]
+    return text_
+
+
+@pytest.mark.parametrize("extra", [-1, 0, 1, 40])
+def test_contexts_are_scored_whole_up_to_the_context_length(tokenizer, extra):
+    """A context that fits the engine's prompt is never truncated (one prefill); a longer one
+    is cut from the left like lm-eval's hf, keeping the continuation whole."""
+    encoder = Encoder(tokenizer, 256)
+    context = _words(encoder.max_prompt_len + extra, tokenizer)
+    ctx, cont = encoder.encode_pair(context, " B")
+    [prompt], _ = build_prompts([item("loglikelihood", context, " B")], encoder)
+    if len(ctx) <= encoder.max_prompt_len:
+        assert prompt.token_ids == ctx and prompt.params["logprob_token_ids"] == cont
+    else:
+        assert prompt.token_ids == (ctx + cont)[-encoder.max_prompt_len:]
+        assert prompt.token_ids[prompt.parts[0].start:] == cont
+
+
+def test_generation_context_leaves_room_for_max_gen_toks_like_lm_eval(tokenizer):
+    encoder = Encoder(tokenizer, 256)
+    context = _words(400, tokenizer)
+    gen = {"until": ["\n"], "max_gen_toks": 56}
+    [prompt], _ = build_prompts([item("generate_until", context, gen)], encoder)
+    # NOTE: hf keeps the last `max_length - max_gen_toks` tokens of the context
+    assert prompt.token_ids == encoder.encode(context)[-(256 - 56):]

@@ -30,6 +30,20 @@ def test_vllm_offline_engine_names():
         assert name in fields, f"SamplingParams.{name} moved"
 
 
+def test_vllm_context_length_names():
+    """max_model_len=-1 auto-fits (the model's maximum, capped by the KV cache) and the
+    frontend learns the fitted value; the model's own maximum stays one call away."""
+    from vllm.config import ModelConfig
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.engine.core_client import MPClient
+
+    assert ModelConfig.__pydantic_fields__["max_model_len"].metadata[0].ge == -1
+    assert callable(ModelConfig.get_and_verify_max_len)
+    assert callable(kv_cache_utils._auto_fit_max_model_len)
+    assert "max_model_len" in inspect.getsource(MPClient._apply_ready_response)
+    assert "timeout" in inspect.signature(MPClient.shutdown).parameters
+
+
 def test_vllm_output_names():
     from vllm.outputs import CompletionOutput, RequestOutput
 
@@ -47,7 +61,12 @@ def test_lm_eval_names():
     from lm_eval.tasks._factory import TaskFactory
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: F401
 
+    import lm_eval.tasks.manager as manager
+
     assert hasattr(TaskFactory, "_load_full_config")
+    # NOTE: taskspec's index cache swaps this module global while a TaskManager is built
+    assert "TaskIndex()" in inspect.getsource(TaskManager.__init__)
+    assert list(inspect.signature(manager.TaskIndex.build).parameters)[0] == "paths"
     assert "_factory" in inspect.getsource(TaskManager.__init__)
     assert "custom_dataset" in inspect.getsource(__import__("lm_eval.api.task").api.task.ConfigurableTask.download)
     assert hasattr(TemplateLM, "_encode_pair") and hasattr(model_registry, "register")

@@ -27,7 +27,7 @@ class AsyncEngineAdapter:
     def __init__(self, client, loop: asyncio.AbstractEventLoop, fingerprint: str,
                  max_model_len: int, on_tokens=None):
         self.client, self.loop, self.fingerprint = client, loop, fingerprint
-        self.encoder = Encoder(client.get_tokenizer(), max_model_len - 1)
+        self.encoder = Encoder(client.get_tokenizer(), max_model_len)
         self.on_tokens = on_tokens or (lambda num_tokens: None)
         self._assembler = Assembler()
         self._finished: queue.Queue = queue.Queue()

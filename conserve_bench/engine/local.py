@@ -6,7 +6,9 @@ finished. It never touches the store; the runner decides what to submit and when
 
 vLLM 0.32.0 names relied on (tests/test_vllm_contract.py fails loudly if they move):
 `vllm.LLM`, `LLM.llm_engine` (`add_request`, `step`, `abort_request`,
-`has_unfinished_requests`, `get_tokenizer`, `engine_core.shutdown`), `vllm.SamplingParams` with
+`has_unfinished_requests`, `get_tokenizer`, `engine_core.shutdown(timeout=)`, `model_config`
+(`max_model_len`, auto-fitted when given -1, and `get_and_verify_max_len(-1)`, the model's
+own maximum)), `vllm.SamplingParams` with
 `logprob_token_ids`, `prompt_logprobs`, `priority` on `add_request`, `RequestOutput`
 (`finished`, `request_id`, `prompt_token_ids`, `prompt_logprobs`, `outputs[0].token_ids`,
 `.logprobs`, `.text`).
@@ -26,6 +28,8 @@ from conserve_bench.sched.steplog import step_log_path
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_TIMEOUT_S = 1.0
+
 OFFLINE_PRIORITY = 1  # online requests run at priority 0; lower runs first
 
 
@@ -43,15 +47,31 @@ def engine_environment(cfg: EngineConfig) -> None:
 def engine_args(cfg: EngineConfig) -> dict[str, Any]:
     """vLLM engine arguments: the one place `submit`, `serve` and `profile` get them from."""
     args: dict[str, Any] = dict(
-        model=cfg.model_path, dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
+        # NOTE: -1 is vLLM's auto-fit: the model's own maximum, reduced only if the KV cache
+        # cannot hold one sequence that long (read the result back with `context_length`).
+        model=cfg.model_path, dtype=cfg.dtype, max_model_len=cfg.max_model_len or -1, seed=cfg.seed,
         max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
         max_logprobs=20,
     )
+    if cfg.enforce_eager is not None:
+        args["enforce_eager"] = cfg.enforce_eager
     if cfg.scheduler_cls:
         args["scheduler_cls"] = cfg.scheduler_cls
     if cfg.additional_config:
         args["additional_config"] = dict(cfg.additional_config)
     return args
+
+
+def context_length(model_config) -> int:
+    """The context length a started engine runs with, from its `ModelConfig`; says once, in
+    one line, when the KV cache capped it below the model's own maximum."""
+    effective = model_config.max_model_len
+    model_max = model_config.get_and_verify_max_len(-1)
+    if effective < model_max:
+        log.warning("context length capped at %d tokens by the KV cache (the model supports %d); "
+                    "give it more memory (VLLM_CPU_KVCACHE_SPACE, or gpu_memory_utilization) "
+                    "to score longer contexts whole", effective, model_max)
+    return effective
 
 
 class Engine:
@@ -64,16 +84,15 @@ class Engine:
         self.cfg = cfg
         self.llm = LLM(**engine_args(cfg))
         self._engine = self.llm.llm_engine
-        tokenizer = self._engine.get_tokenizer()
-        # NOTE: one token of the context window is left for the token vLLM always generates.
-        self.encoder = Encoder(tokenizer, cfg.max_model_len - 1)
+        self.max_model_len = context_length(self._engine.model_config)
+        self.encoder = Encoder(self._engine.get_tokenizer(), self.max_model_len)
         self._assembler = Assembler()
         self._prompts: dict[str, Prompt] = {}
         self._ids = itertools.count()
 
     @property
     def fingerprint(self) -> str:
-        return self.cfg.fingerprint
+        return self.cfg.fingerprint(self.max_model_len)
 
     def submit(self, work: list, priority: int = OFFLINE_PRIORITY) -> None:
         from vllm import SamplingParams
@@ -106,7 +125,9 @@ class Engine:
 
     def close(self) -> None:
         """Stop vLLM's engine-core processes (otherwise the interpreter waits on them at exit)."""
-        self._engine.engine_core.shutdown()
+        # NOTE: vLLM gives its processes 5 s to exit on SIGTERM, and its CPU worker takes all
+        # of them; nothing of ours lives there (results are committed), so 1 s is enough.
+        self._engine.engine_core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
 
     def __enter__(self) -> "Engine":
         return self

@@ -131,10 +131,22 @@ class Prompt:
 
 @dataclass(frozen=True)
 class Encoder:
-    """lm-eval's tokenization rules for one tokenizer and context length."""
+    """lm-eval's tokenization rules for one tokenizer and the engine's context length.
+
+    `max_model_len` is what lm-eval's `hf` backend calls `max_length` (the model's own,
+    unless the KV cache capped it). NOTE: vLLM keeps one position for the token it always
+    generates, so a prompt holds at most `max_prompt_len` tokens, where hf scores windows of
+    `max_length + 1`: any context and continuation that fit in `max_prompt_len` tokens are
+    scored whole, exactly as hf scores them; longer ones are cut from the left like hf's, two
+    tokens shorter.
+    """
 
     tokenizer: Tokenizer
-    max_length: int
+    max_model_len: int
+
+    @property
+    def max_prompt_len(self) -> int:
+        return self.max_model_len - 1
 
     @property
     def prefix_token_id(self) -> int:
@@ -161,7 +173,7 @@ class Encoder:
     def rolling_windows(self, text: str) -> list[tuple[list[int], list[int]]]:
         windows = get_rolling_token_windows(
             token_list=self.encode(text), prefix_token=self.prefix_token_id,
-            max_seq_len=self.max_length - 1, context_len=1,
+            max_seq_len=self.max_prompt_len - 1, context_len=1,
         )
         return [make_disjoint_window(w) for w in windows]
 
@@ -192,7 +204,7 @@ def build_prompts(work: list, encoder: Encoder) -> tuple[list[Prompt], dict[str,
 def _loglikelihood(item, encoder: Encoder, shared: dict) -> Prompt | None:
     context, continuation = item.args
     ctx, cont = encoder.encode_pair(context, continuation)
-    if len(cont) == 1 and 0 < len(ctx) < encoder.max_length:
+    if len(cont) == 1 and 0 < len(ctx) <= encoder.max_prompt_len:
         # NOTE: one prompt per distinct context; returns None when an earlier item's prompt
         # already covers this context, so the caller adds nothing.
         prompt = shared.get(tuple(ctx))
@@ -203,18 +215,18 @@ def _loglikelihood(item, encoder: Encoder, shared: dict) -> Prompt | None:
         prompt.params["logprob_token_ids"].append(cont[0])
         prompt.parts.append(NextTokenScore(item.key, cont[0]))
         return prompt if is_new else None
-    return _scored_prompt(item.key, ctx, cont, encoder.max_length)
+    return _scored_prompt(item.key, ctx, cont, encoder.max_prompt_len)
 
 
 def _rolling(item, encoder: Encoder) -> list[Prompt]:
     (text,) = item.args
-    return [_scored_prompt(item.key, ctx, cont, encoder.max_length)
+    return [_scored_prompt(item.key, ctx, cont, encoder.max_prompt_len)
             for ctx, cont in encoder.rolling_windows(text)]
 
 
-def _scored_prompt(key: str, ctx: list[int], cont: list[int], max_length: int) -> Prompt:
-    # NOTE: like lm-eval, keep the last max_length tokens; the first one is never scored.
-    tokens = (ctx + cont)[-max_length:]
+def _scored_prompt(key: str, ctx: list[int], cont: list[int], max_prompt_len: int) -> Prompt:
+    # NOTE: like lm-eval, keep the last tokens that fit; the first one is never scored.
+    tokens = (ctx + cont)[-max_prompt_len:]
     start = max(len(tokens) - len(cont), 1)
     params = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 1}
     return Prompt(tokens, params, [PromptScore(key, start)])
@@ -237,7 +249,9 @@ def _generation(item, encoder: Encoder) -> Prompt:
     for name in ("top_p", "top_k", "min_p", "seed"):
         if name in kwargs:
             params[name] = kwargs[name]
-    ctx = encoder.encode(context)[-(encoder.max_length - max_gen_toks):]
+    # NOTE: lm-eval's hf keeps the last `max_length - max_gen_toks` context tokens, so that
+    # prompt and generation fit in the model's context together.
+    ctx = encoder.encode(context)[-max(1, encoder.max_model_len - max_gen_toks):]
     return Prompt(ctx, params, [GeneratedText(item.key, tuple(until))])
 
 

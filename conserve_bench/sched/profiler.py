@@ -114,6 +114,29 @@ FULL = Sweep("full", (
 ))
 
 
+BASE_CONTEXT = 2048  # QUICK and FULL stay within this context; longer ones come from the engine
+
+
+def sweep_for(quick: bool, max_model_len: int) -> Sweep:
+    """QUICK or FULL, plus probes at the long contexts this engine scores: the latency model
+    must cover the prompts it will plan (MMLU 5-shot prompts reach ~3,000 tokens)."""
+    base = QUICK if quick else FULL
+    return Sweep(base.name, base.probes + long_context_probes(max_model_len, quick), base.warmup)
+
+
+def long_context_probes(max_model_len: int, quick: bool) -> tuple[Probe, ...]:
+    """Prefills of long prompts and chunks after long cached contexts, and decodes at long
+    contexts, up to half the engine's context length (nothing when it is BASE_CONTEXT or less)."""
+    contexts = [c for c in (max_model_len // 4, max_model_len // 2) if c > BASE_CONTEXT // 2]
+    if quick:
+        contexts = contexts[-1:]
+    probes: list[Probe] = []
+    for context in contexts:
+        probes += [PrefillProbe((min(context, 4096),)), PrefillProbe((256,), context=context),
+                   DecodeProbe(context, max(1, 2 * BASE_CONTEXT // context))]
+    return tuple(probes)
+
+
 @dataclass(frozen=True)
 class SweepResult:
     """The steps each probe produced, as the scheduler measured them, and the sweep's wall time."""
@@ -146,7 +169,7 @@ def run_profile(store: Store, model: str, quick: bool = False,
         with start_engine(ref, **overrides) as engine:
             if on_started is not None:
                 on_started()
-            result = profile_engine(engine, QUICK if quick else FULL, on_progress)
+            result = profile_engine(engine, sweep_for(quick, engine.max_model_len), on_progress)
     save_profile(store, result.profile)
     return result
 
@@ -205,7 +228,7 @@ def run_sweep(engine: Engine, probes: Sequence[Probe], on_progress: ProgressFn |
         raise ValueError("profiling needs an engine started with a step log "
                          "(steplog.recording_overrides)")
     for probe in probes:
-        _check_fits(probe, engine.cfg.max_model_len)
+        _check_fits(probe, engine.max_model_len)
     draw = _TokenSource(np.random.default_rng(seed), engine.vocab_size)
     t0 = time.perf_counter()
     samples_by_probe = []

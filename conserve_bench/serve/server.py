@@ -29,7 +29,7 @@ from typing import Any
 import uvicorn
 
 from conserve_bench.config import EngineConfig, RunConfig
-from conserve_bench.engine.local import engine_args, engine_environment
+from conserve_bench.engine.local import context_length, engine_args, engine_environment
 from conserve_bench.errors import ConserveError
 from conserve_bench.sched.latency import LatencyModel
 from conserve_bench.engine.models import resolve_model
@@ -187,10 +187,12 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets) -
         supported_tasks = await client.get_supported_tasks()
         app = build_app(args, supported_tasks, client.model_config)
         metrics = OnlineMetrics(targets.ttft_s, targets.tbt_s)
-        install_job_api(app, store, cfg, engine_cfg.fingerprint)
+        max_model_len = context_length(client.model_config)
+        fingerprint = engine_cfg.fingerprint(max_model_len)
+        install_job_api(app, store, cfg, fingerprint)
         await init_app_state(client, app.state, args, supported_tasks)
-        adapter = AsyncEngineAdapter(client, asyncio.get_running_loop(), engine_cfg.fingerprint,
-                                     engine_cfg.max_model_len, on_tokens=metrics.offline_tokens)
+        adapter = AsyncEngineAdapter(client, asyncio.get_running_loop(), fingerprint,
+                                     max_model_len, on_tokens=metrics.offline_tokens)
         pump = OfflinePump(store, adapter, RunConfig(max_inflight=cfg.max_offline_inflight),
                            cfg.output_dir, on_progress=metrics.job_progress)
         # NOTE: vLLM's app has built its middleware stack already; ours wraps it from outside.
