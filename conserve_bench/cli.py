@@ -1,7 +1,8 @@
 """The `conserve-bench` command line: each command parses, calls one function, prints.
 
 Errors the user can fix are `ConserveError`s, printed by `main` as one line on stderr with a
-non-zero exit; no traceback. `--json` prints one machine-readable JSON object.
+non-zero exit; no traceback. `--json` prints one machine-readable JSON object. What reaches
+the terminal goes through `output.out`; a job's library output goes to its log.
 
     conserve-bench submit mmlu_anatomy --limit 20 --data-dir ../shared/data/mmlu
     conserve-bench status 3f2a9c1d0b7e --json
@@ -9,30 +10,26 @@ non-zero exit; no traceback. `--json` prints one machine-readable JSON object.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
+import traceback
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn,
-                           TextColumn, TimeRemainingColumn)
 from rich.table import Table
-from rich.text import Text
 
 from conserve_bench.jobs import lifecycle
 from conserve_bench.config import RunConfig, JobSpec, default_data_dir, default_db_url, DEFAULT_MODEL
 from conserve_bench.serve.client import JobClient
 from conserve_bench.errors import ConserveError, JobStateError
 from conserve_bench.engine.models import resolve_model
+from conserve_bench.output import Phases, out
 from conserve_bench.store import Store
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run LLM evaluation suites on the idle cycles of a serving GPU.")
-console = Console()
-err_console = Console(stderr=True)
 
 DbOpt = Annotated[Optional[str], typer.Option("--db", help="Job store URL [env CONSERVE_BENCH_DB; default sqlite:///conserve.db]")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
@@ -40,6 +37,7 @@ JobArg = Annotated[str, typer.Argument(help="Job id.")]
 OutputOpt = Annotated[str, typer.Option("--output", help="Directory for results/<job-id>.json.")]
 InflightOpt = Annotated[int, typer.Option("--max-inflight", min=1, help="Work items in flight at once.")]
 ServerOpt = Annotated[Optional[str], typer.Option("--server", help="URL of a running `conserve-bench serve`.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show vLLM's and lm-eval's own output on the terminal instead of in results/<job-id>.log.")]
 ApiKeyOpt = Annotated[Optional[str], typer.Option("--api-key", envvar="CONSERVE_BENCH_API_KEY", help="Bearer key of the server.")]
 
 
@@ -61,6 +59,7 @@ def submit(
     api_key: ApiKeyOpt = None,
     wait: Annotated[bool, typer.Option("--wait", help="With --server: follow the job to the end.")] = False,
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ):
     """Create a job and run it in-process, or queue it on a server. Example: submit mmlu --limit 5"""
     spec = _spec(tasks, model, limit, num_fewshot, data_dir or default_data_dir())
@@ -70,20 +69,20 @@ def submit(
     store = _store(db)
     job = lifecycle.submit_job(store, spec)
     if not as_json:
-        console.print(f"job [bold]{job.id}[/] submitted: {', '.join(spec.tasks)} on {spec.model}")
-    _run(store, job.id, output, max_inflight, as_json)
+        out.stdout.print(f"job [bold]{job.id}[/] submitted: {', '.join(spec.tasks)} on {spec.model}")
+    _run(store, job.id, output, max_inflight, as_json, verbose)
 
 
 @app.command()
 def resume(job_id: JobArg, db: DbOpt = None, output: OutputOpt = "results",
-           max_inflight: InflightOpt = 64, as_json: JsonOpt = False):
+           max_inflight: InflightOpt = 64, as_json: JsonOpt = False, verbose: VerboseOpt = False):
     """Continue a job where it stopped; finished items are reused. Example: resume 3f2a9c1d0b7e"""
     store = _store(db)
     job = store.get_job(job_id)
     if job.state == "done":
         _print_results(lifecycle.job_results(store, job_id), as_json)
         return
-    _run(store, job_id, output, max_inflight, as_json)
+    _run(store, job_id, output, max_inflight, as_json, verbose)
 
 
 @app.command("jobs")
@@ -95,12 +94,12 @@ def list_jobs(db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = N
     else:
         found = [j.to_dict() for j in _store(db).list_jobs()]
     if as_json:
-        _print_json({"jobs": found})
+        out.json({"jobs": found})
         return
     table = Table("id", "state", "done/total", "tasks", "model")
     for j in found:
         table.add_row(j["id"], j["state"], f"{j['done']}/{j['total']}", ",".join(j["tasks"]), j["model"])
-    console.print(table)
+    out.stdout.print(table)
 
 
 @app.command()
@@ -109,9 +108,9 @@ def status(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: 
     """Show one job's state and progress."""
     job = JobClient(server, api_key).status(job_id) if server else _store(db).get_job(job_id).to_dict()
     if as_json:
-        _print_json(job)
+        out.json(job)
         return
-    console.print(f"{job['id']}: {job['state']}, {job['done']}/{job['total']} items, "
+    out.stdout.print(f"{job['id']}: {job['state']}, {job['done']}/{job['total']} items, "
                   f"tasks {','.join(job['tasks'])}" + (f" ({job['error']})" if job["error"] else ""))
 
 
@@ -131,9 +130,9 @@ def cancel(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: 
     """Cancel a job; its finished items stay stored and reusable."""
     job = JobClient(server, api_key).cancel(job_id) if server else lifecycle.cancel_job(_store(db), job_id).to_dict()
     if as_json:
-        _print_json(job)
+        out.json(job)
     else:
-        console.print(f"{job['id']}: cancelled at {job['done']}/{job['total']} items")
+        out.stdout.print(f"{job['id']}: cancelled at {job['done']}/{job['total']} items")
 
 
 @app.command()
@@ -150,8 +149,7 @@ def profile(
     if show:
         found = profiler.show_profile(store, model)
     else:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeRemainingColumn(), console=err_console) as progress:
+        with out.progress() as progress:
             task = progress.add_task("starting engine", total=None)
             result = profiler.run_profile(
                 store, model, quick,
@@ -159,11 +157,11 @@ def profile(
                 on_progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
         found = result.profile
-        err_console.print(f"swept {len(result.sweep.samples)} steps in {result.sweep.wall_s:.0f}s")
+        out.stderr.print(f"swept {len(result.sweep.samples)} steps in {result.sweep.wall_s:.0f}s")
     table = Table("quantity", "value", title="step latency model (held-out: shapes not fitted on)")
     for name, value in profiler.summary_rows(found):
         table.add_row(name, value)
-    console.print(table)
+    out.stdout.print(table)
 
 
 @app.command()
@@ -195,7 +193,7 @@ def serve(
                       data_dir=os.path.abspath(data_dir) if data_dir else None, output_dir=output,
                       profile=profile, step_log=step_log)
     _store(cfg.db_url)  # a bad --db fails here, before the engine starts
-    err_console.print(f"serving {model} on http://{host}:{port} (policy {policy})")
+    out.stderr.print(f"serving {model} on http://{host}:{port} (policy {policy})")
     run_server(cfg)
 
 
@@ -268,21 +266,20 @@ def bench(
         ttft_slo_ms=ttft_slo_ms, tbt_slo_ms=tbt_slo_ms, max_offline_inflight=max_offline_inflight,
         model=model, server=server, api_key=api_key, seed=seed, output_dir=output,
         serve_args=tuple(serve_arg or ()), profile_db=db or default_db_url())
-    with _progress(disable=as_json) as progress:
+    with out.progress(disable=as_json) as progress:
         task = progress.add_task("starting", total=None)
-        out, report = run_bench(cfg, lambda d, done, total: progress.update(
+        folder, report = run_bench(cfg, lambda d, done, total: progress.update(
             task, description=d, completed=done, total=total))
     if as_json:
-        _print_json(report)
+        out.json(report)
         return
-    out_console = console if console.is_terminal else Console(width=160)  # NOTE: logs get no 80-column cut
     for columns, rows, title in ((TABLE_COLUMNS, table_rows(report), report["config"]["workload"]),
                                  (STEP_COLUMNS, step_rows(report), "engine steps in the window")):
         table = Table(*columns, title=title)
         for row in rows:
             table.add_row(*row)
-        out_console.print(table)
-    console.print(f"wrote {out}/report.json, report.md, latency_cdf.png, offline_throughput.png")
+        out.stdout.print(table)
+    out.stdout.print(f"wrote {folder}/report.json, report.md, latency_cdf.png, offline_throughput.png")
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -300,9 +297,9 @@ def _spec(tasks: str, model: str, limit, num_fewshot, data_dir) -> JobSpec:
 def _submit_remote(client: "JobClient", spec: JobSpec, wait: bool, as_json: bool) -> None:
     job = client.submit(list(spec.tasks), spec.limit, spec.num_fewshot, spec.data_dir)
     if not wait:
-        _print_json(job) if as_json else console.print(f"job [bold]{job['id']}[/] queued on {client.base_url}")
+        out.json(job) if as_json else out.stdout.print(f"job [bold]{job['id']}[/] queued on {client.base_url}")
         return
-    with _progress(disable=as_json) as progress:
+    with out.progress(disable=as_json) as progress:
         task = progress.add_task(f"job {job['id']}", total=None)
         final = client.wait(job["id"], lambda done, total: progress.update(task, completed=done, total=total))
     if final["state"] != "done":
@@ -310,40 +307,41 @@ def _submit_remote(client: "JobClient", spec: JobSpec, wait: bool, as_json: bool
     _print_summary(client.results(job["id"]), as_json)
 
 
-def _run(store: Store, job_id: str, output: str, max_inflight: int, as_json: bool) -> None:
+def _run(store: Store, job_id: str, output: str, max_inflight: int, as_json: bool,
+         verbose: bool) -> None:
     job = lifecycle.runnable_job(store, job_id)
     model = resolve_model(job.spec.model)
-    with _progress(disable=as_json) as progress:
+    if not verbose:
+        out.capture(Path(output) / f"{job_id}.log")
+    phases = Phases(out.stderr, enabled=not as_json)
+    with out.progress(disable=as_json) as progress:
         task = progress.add_task("starting engine", total=None)
         with lifecycle.start_engine(model) as engine:
-            progress.update(task, description=f"job {job_id}")
+            phases.end("engine ready", f"{model.name}, context {engine.max_model_len} tokens")
+            progress.update(task, description="building requests (lm-eval)")
+            built = []
 
             def on_progress(num_done: int, num_total: int) -> None:
+                if not built and num_total:
+                    built.append(num_done)
+                    phases.end("requests built", f"{num_total} items, {num_done} already done")
+                    progress.update(task, description=f"job {job_id}")
                 progress.update(task, completed=num_done, total=num_total)
 
             results = lifecycle.run_job(store, job_id, engine, RunConfig(max_inflight=max_inflight),
-                                   output_dir=output, on_progress=on_progress)
+                                        output_dir=output, on_progress=on_progress)
+            meta = results["conserve"]
+            phases.end("evaluated", f"{meta['num_items_computed']} items computed, "
+                                    f"{meta['items_per_s'] or 0:.2f} items/s")
     _print_results(results, as_json)
     if not as_json:
-        meta = results["conserve"]
-        console.print(f"wrote {output}/{job_id}.json  ({meta['num_items_computed']} items "
-                      f"computed in {meta['wall_s']:.1f}s, {meta['items_per_s'] or 0:.2f} items/s)")
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text(f"{task.speed:.2f} req/s" if task.speed else "-- req/s", style="cyan")
-
-
-def _progress(disable: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    _RateColumn(), TimeRemainingColumn(), console=err_console,
-                    disable=disable, transient=False)
+        log = f"; log {out.log_path}" if out.log_path else ""
+        out.stdout.print(f"wrote {output}/{job_id}.json{log}", highlight=False)
 
 
 def _print_results(results: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        _print_json(lifecycle.results_summary(results))
+        out.json(lifecycle.results_summary(results))
         return
     table = Table("task", "metric", "value", "stderr", "n-shot")
     for name, values in results["results"].items():
@@ -356,24 +354,20 @@ def _print_results(results: dict[str, Any], as_json: bool) -> None:
             table.add_row(alias, base, f"{value:.4f}",
                           f"{stderr:.4f}" if isinstance(stderr, (int, float)) else "",
                           str(results.get("n-shot", {}).get(name, "")))
-    console.print(table)
+    out.stdout.print(table)
 
 
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     """Print a results summary (the job API's form: task -> metric -> value)."""
     if as_json:
-        _print_json(summary)
+        out.json(summary)
         return
     table = Table("task", "metric", "value", "n-shot")
     for name, values in summary["results"].items():
         for metric, value in values.items():
             if "_stderr" not in metric and metric != "sample_len":
                 table.add_row(name, metric.split(",")[0], f"{value:.4f}", str(summary["n-shot"].get(name, "")))
-    console.print(table)
-
-
-def _print_json(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    out.stdout.print(table)
 
 
 def _quiet_libraries() -> None:
@@ -391,16 +385,23 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except ConserveError as e:
-        sys.stderr.write(f"error: {e}\n")  # NOTE: plain write, so no terminal width wraps it
+        out.error(f"error: {e}")  # NOTE: a plain line, so no terminal width wraps it
         sys.exit(e.exit_code)
     except typer.TyperException as e:  # usage errors: bad option values, missing arguments
         if message := e.format_message():  # empty after the help that `no_args_is_help` shows
-            sys.stderr.write(f"error: {message}\n")
+            out.error(f"error: {message}")
         sys.exit(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        sys.stderr.write("interrupted: in-flight items were returned to pending; "
-                         "run `conserve-bench resume JOB` to continue\n")
+        out.error("interrupted: in-flight items were returned to pending; "
+                  "run `conserve-bench resume JOB` to continue")
         sys.exit(130)
+    except Exception as e:
+        if out.log_path is None:
+            raise
+        traceback.print_exc()  # NOTE: into the log; the terminal gets one line pointing at it
+        out.error(f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                  f" (details in {out.log_path})")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -5,18 +5,32 @@ a data directory, every task whose dataset is the hub's `cais/mmlu` reads the or
 CSV files instead (`test/<subject>_test.csv`, `dev/`, `val/`; no header:
 question,A,B,C,D,answer), producing exactly the rows lm-eval gets from the hub.
 
+lm-eval's task index (its ~15,000 YAML files parsed, 10-20 s on 2 CPU cores) is cached on
+disk, keyed by every indexed file's path, size and modification time.
+
 lm-eval 0.4.13 names relied on: `TaskManager` (`all_tasks`, `match_tasks`, `_factory`),
+`lm_eval.tasks.manager.TaskIndex` (`build(paths)`, which `TaskManager.__init__` calls),
 `TaskFactory._load_full_config`, and `TaskConfig.custom_dataset`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
-from collections.abc import Sequence
+import hashlib
+import logging
+import os
+import pickle
+import tempfile
+from collections.abc import Iterable, Sequence
+from importlib.metadata import version
 from pathlib import Path
 
+from conserve_bench.config import cache_home
 from conserve_bench.errors import DataDirError, UnknownTaskError
+
+log = logging.getLogger(__name__)
 
 MMLU_HUB_PATH = "cais/mmlu"
 MMLU_SPLITS = {"test": "test", "validation": "val", "dev": "dev"}
@@ -45,14 +59,68 @@ def _task_manager_class():
 
     class LocalDataTaskManager(TaskManager):
         def __init__(self, data_dir: str | None = None, **kwargs):
-            super().__init__(**kwargs)
+            with _cached_task_index():
+                super().__init__(**kwargs)
             self._factory = LocalDataFactory(meta=self.metadata, data_dir=data_dir)
 
     return LocalDataTaskManager
 
 
+@contextlib.contextmanager
+def _cached_task_index():
+    """While a TaskManager is built, its index comes from the disk cache.
+
+    NOTE: `TaskManager.__init__` builds its index with `TaskIndex().build(paths)`, looked up in
+    its module at call time; swapping in a subclass whose `build` caches is the one way in.
+    """
+    import lm_eval.tasks.manager as manager
+
+    base = manager.TaskIndex
+
+    class CachedTaskIndex(base):
+        @staticmethod
+        def build(paths: Iterable[Path], **kwargs):
+            return load_task_index(list(paths), lambda: base.build(paths, **kwargs))
+
+    manager.TaskIndex = CachedTaskIndex
+    try:
+        yield
+    finally:
+        manager.TaskIndex = base
+
+
+def load_task_index(paths: list[Path], build):
+    """The index `build()` returns for `paths`, cached under a key of every file below them."""
+    cache = cache_home() / "task-index" / f"{_index_key(paths)}.pickle"
+    with contextlib.suppress(OSError, pickle.UnpicklingError, EOFError, AttributeError):
+        return pickle.loads(cache.read_bytes())
+    index = build()
+    with contextlib.suppress(OSError, pickle.PicklingError):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache.parent, delete=False) as f:
+            f.write(pickle.dumps(index))
+        os.replace(f.name, cache)  # NOTE: atomic: a concurrent reader never sees half a file
+    return index
+
+
+def _index_key(paths: list[Path]) -> str:
+    digest = hashlib.sha256(f"lm-eval {version('lm-eval')}".encode())
+    for root in paths:
+        digest.update(f"\0{Path(root).resolve()}".encode())
+        for folder, dirs, files in sorted(os.walk(root)):
+            dirs.sort()
+            for name in sorted(files):
+                st = os.stat(os.path.join(folder, name))
+                digest.update(f"\0{folder}/{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=4)
 def task_manager(data_dir: str | None = None):
-    """An lm-eval TaskManager over built-in tasks plus ours, reading MMLU from `data_dir`."""
+    """An lm-eval TaskManager over built-in tasks plus ours, reading MMLU from `data_dir`.
+
+    One per data directory and process: it holds only the task index and how to load.
+    """
     from conserve_bench.tasks import TASKS_DIR
 
     if data_dir is not None:
