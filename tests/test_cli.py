@@ -63,8 +63,8 @@ def test_bad_input_is_one_line_and_keeps_progress(db, data_dir, args, words):
     (["status"], ["job_id"]),
     (["jobs", "--no-such-flag"], ["--no-such-flag"]),
     (["serve", "--no-profile"], ["conserve policy", "--no-profile"]),
-    (["serve", "--quantum-ms", "-5"], ["--quantum-ms"]),
-    (["serve", "--slo-margin", "1.5"], ["--slo-margin"]),
+    (["serve", "--quantum-ms", "-5"], ["preemption quantum", "-5 ms"]),
+    (["serve", "--slo-margin", "1.5"], ["SLO margin", "1.5"]),
 ])
 def test_usage_errors_are_one_line(args, words):
     assert_one_line_error(cli(*args), *words)

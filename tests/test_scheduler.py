@@ -10,7 +10,8 @@ import pytest
 
 from conserve_bench.sched.latency import ChunkShape, LatencyModel
 from conserve_bench.sched.policy import PolicyConfig, Targets
-from conserve_bench.sched.steplog import SCHEDULER_CLS, step_shape
+from conserve_bench.engine.plugin import SCHEDULER_CLS
+from conserve_bench.sched.steplog import step_shape
 
 
 def test_scheduler_cls_resolves_to_a_vllm_scheduler_subclass():

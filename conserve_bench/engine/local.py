@@ -1,8 +1,9 @@
 """The in-process vLLM engine, driven item by item.
 
-`Engine` owns one vLLM `LLMEngine` (V1) and speaks work items: `submit(items)` turns them into
-prompts (see `requests.py`) and `step()` runs one engine step and returns the items that
-finished. It never touches the store; the runner decides what to submit and when to commit.
+`Engine` owns one vLLM `LLMEngine` (V1) and keeps the engine contract (`contract.ItemEngine`):
+`submit(items)` turns them into prompts (`prompts.py`, through `contract.PromptBook`) and
+`step()` runs one engine step and returns the items that finished. It never touches the
+store; the runner decides what to submit and when to commit.
 
 vLLM 0.32.0 names relied on (tests/test_vllm_contract.py fails loudly if they move):
 `vllm.LLM`, `LLM.llm_engine` (`add_request`, `step`, `abort_request`,
@@ -21,12 +22,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from conserve_bench.config import EngineConfig
-from conserve_bench.engine.prompts import Assembler, Encoder, Prompt, build_prompts
-from conserve_bench.sched.steplog import step_log_path
+from conserve_bench.engine.contract import PromptBook
+from conserve_bench.engine.plugin import OFFLINE_PRIORITY, step_log_path
 
 log = logging.getLogger(__name__)
-
-OFFLINE_PRIORITY = 1  # online requests run at priority 0; lower runs first
 
 
 def engine_environment(cfg: EngineConfig) -> None:
@@ -64,12 +63,8 @@ class Engine:
         self.cfg = cfg
         self.llm = LLM(**engine_args(cfg))
         self._engine = self.llm.llm_engine
-        tokenizer = self._engine.get_tokenizer()
-        # NOTE: one token of the context window is left for the token vLLM always generates.
-        self.encoder = Encoder(tokenizer, cfg.max_model_len - 1)
-        self._assembler = Assembler()
-        self._prompts: dict[str, Prompt] = {}
-        self._ids = itertools.count()
+        self._book = PromptBook(self._engine.get_tokenizer(), cfg.max_model_len, "item")
+        self._raw_ids = itertools.count()
 
     @property
     def fingerprint(self) -> str:
@@ -78,11 +73,7 @@ class Engine:
     def submit(self, work: list, priority: int = OFFLINE_PRIORITY) -> None:
         from vllm import SamplingParams
 
-        prompts, num_parts = build_prompts(work, self.encoder)
-        self._assembler.expect(work, num_parts)
-        for prompt in prompts:
-            request_id = f"item-{next(self._ids)}"
-            self._prompts[request_id] = prompt
+        for request_id, prompt in self._book.add(work):
             self._engine.add_request(
                 request_id, {"prompt_token_ids": prompt.token_ids},
                 SamplingParams(**prompt.params), priority=priority,
@@ -92,14 +83,14 @@ class Engine:
         """Run one engine step; return (item key, result) for every item that finished."""
         finished: list[tuple[str, Any]] = []
         for output in self._engine.step():
-            if output.finished:
-                prompt = self._prompts.pop(output.request_id)
-                finished += self._assembler.add(prompt, output)
+            # NOTE: an aborted request may still report its end; its prompt is gone by then.
+            if output.finished and (prompt := self._book.take(output.request_id)) is not None:
+                finished += self._book.fold(prompt, output)
         return finished
 
     @property
     def num_pending_items(self) -> int:
-        return self._assembler.num_pending
+        return self._book.num_pending_items
 
     def has_unfinished(self) -> bool:
         return self._engine.has_unfinished_requests()
@@ -129,7 +120,7 @@ class Engine:
         from vllm import SamplingParams
 
         params = SamplingParams(**sampling)
-        request_ids = [f"raw-{next(self._ids)}" for _ in prompts]
+        request_ids = [f"raw-{next(self._raw_ids)}" for _ in prompts]
         for request_id, token_ids in zip(request_ids, prompts):
             self._engine.add_request(request_id, {"prompt_token_ids": list(token_ids)}, params)
         return request_ids
@@ -144,7 +135,7 @@ class Engine:
 
     @property
     def vocab_size(self) -> int:
-        return len(self.encoder.tokenizer)
+        return len(self._book.encoder.tokenizer)
 
     def run_until_idle(self) -> int:
         """Step until no request is left; returns the number of steps taken."""
@@ -155,7 +146,5 @@ class Engine:
         return num_steps
 
     def abort_all(self) -> None:
-        if self._prompts:
-            self._engine.abort_request(list(self._prompts))
-        self._prompts.clear()
-        self._assembler = Assembler()
+        if request_ids := self._book.clear():
+            self._engine.abort_request(request_ids)
