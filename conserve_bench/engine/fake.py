@@ -33,8 +33,9 @@ class FakeEngineError(RuntimeError):
 
 
 class FakeEngine:
-    """`items_per_step` items finish per `step()`; `fail_after` items in, `step()` raises;
-    `stall_after` items in, `step()` only sleeps (a process to kill at a known point)."""
+    """`items_per_step` items finish per `step()`. Once `fail_after` items have finished, the
+    next `step()` raises, once; once `stall_after` have, `step()` only sleeps (a process to
+    kill at a known point)."""
 
     def __init__(self, items_per_step: int = 4, fingerprint: str = FAKE_FINGERPRINT,
                  fail_after: int | None = None, stall_after: int | None = None,
@@ -55,14 +56,14 @@ class FakeEngine:
         self.num_steps += 1
         time.sleep(self.step_s)
         if self.fail_after is not None and self.num_finished >= self.fail_after:
+            self.fail_after = None  # NOTE: a transient failure; the engine works again after
             raise FakeEngineError(f"fake engine failed after {self.num_finished} items")
-        num = self.items_per_step
-        if self.stall_after is not None:
-            num = min(num, self.stall_after - self.num_finished)
-            if num <= 0:
-                time.sleep(0.05)
-                return []
-        finished = [self._queue.popleft() for _ in range(min(num, len(self._queue)))]
+        if self.stall_after is not None and self.num_finished >= self.stall_after:
+            time.sleep(0.05)
+            return []
+        limits = [n - self.num_finished for n in (self.fail_after, self.stall_after) if n is not None]
+        num = min([self.items_per_step, len(self._queue), *limits])
+        finished = [self._queue.popleft() for _ in range(num)]
         self.num_finished += len(finished)
         return [(item.key, fake_result(item.key, item.kind)) for item in finished]
 
