@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from conserve_bench.config import JobSpec
 from conserve_bench.store import Store, WorkItem
 
-
-def cli(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "conserve_bench.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+from .conftest import cli
 
 
 @pytest.fixture

@@ -152,10 +152,8 @@ def run_step(scheduler):
 
 
 @pytest.fixture(scope="module")
-def model_path():
-    from conserve_bench.engine.models import resolve_model
-
-    return resolve_model("smollm2-135m").path
+def model_path(model_ref):
+    return model_ref.path
 
 
 def test_vllm_carries_out_every_plan_exactly(model_path):
