@@ -3,6 +3,8 @@ next start (what `serve` does around SIGTERM and after a SIGKILL)."""
 
 from __future__ import annotations
 
+import contextlib
+
 from conserve_bench.config import RunConfig
 from conserve_bench.engine.fake import FAKE_FINGERPRINT, FakeEngine
 from conserve_bench.jobs.lifecycle import submit_requests
@@ -24,15 +26,24 @@ def pump(store, engine, progress=None) -> OfflinePump:
                        on_progress=lambda *a: progress.append(a) if progress is not None else None)
 
 
+@contextlib.contextmanager
+def running(p: OfflinePump):
+    p.start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def wait_done(store, job, timeout_s: float = 30) -> None:
+    wait_for(lambda: store.get_job(job.id).state == "done", f"job {job.id}", timeout_s)
+
+
 def test_a_started_pump_runs_queued_jobs_oldest_first(store):
     first, second = requests_job(store, 6, "a"), requests_job(store, 6, "b")
     engine, progress = FakeEngine(items_per_step=2), []
-    p = pump(store, engine, progress)
-    p.start()
-    try:
-        wait_for(lambda: store.get_job(second.id).state == "done", "both jobs", timeout_s=30)
-    finally:
-        p.stop()
+    with running(pump(store, engine, progress)):
+        wait_done(store, second)
     assert store.get_job(first.id).state == "done"
     assert engine.submitted == [i["key"] for j in (first, second) for i in store.job_items(j.id)]
     assert (first.id, 6, 6) in progress and (second.id, 6, 6) in progress
@@ -49,12 +60,8 @@ def test_stop_drains_in_flight_items_to_pending_and_the_next_start_resumes(store
     assert (drained.state, drained.num_done) == ("queued", 8)
     assert store.item_states(job.id) == {"done": 8, "pending": 12}
 
-    second = pump(store, FakeEngine())
-    second.start()
-    try:
-        wait_for(lambda: store.get_job(job.id).state == "done", "the resumed job", timeout_s=30)
-    finally:
-        second.stop()
+    with running(pump(store, FakeEngine())):
+        wait_done(store, job)
     runs = store.run_counts(job.id)
     assert sum(n - 1 for n in runs.values()) <= WINDOW.max_inflight  # only what was in flight
 
@@ -63,12 +70,8 @@ def test_a_start_takes_back_a_killed_servers_running_job(store):
     job = requests_job(store, 10)
     store.set_job_state(job.id, "running")
     store.claim_items(job.id, dead_owner(), 4)  # the killed server's in-flight items
-    p = pump(store, FakeEngine())
-    p.start()
-    try:
-        wait_for(lambda: store.get_job(job.id).state == "done", "the job", timeout_s=30)
-    finally:
-        p.stop()
+    with running(pump(store, FakeEngine())):
+        wait_done(store, job)
     assert store.item_states(job.id) == {"done": 10}
 
 
@@ -77,12 +80,8 @@ def test_a_failing_job_does_not_stop_the_pump(store, monkeypatch):
 
     monkeypatch.setattr(pump_module, "IDLE_POLL_S", 0.01)
     bad, good = requests_job(store, 6, "bad"), requests_job(store, 6, "good")
-    p = pump(store, FakeEngine(fail_after=3))
-    p.start()
-    try:
-        wait_for(lambda: store.get_job(good.id).state == "done", "the next job", timeout_s=30)
-    finally:
-        p.stop()
+    with running(pump(store, FakeEngine(fail_after=3))):
+        wait_done(store, good)
     failed = store.get_job(bad.id)
     assert failed.state == "failed" and failed.error.startswith("FakeEngineError")
     assert store.item_states(bad.id) == {"done": 3, "pending": 3}

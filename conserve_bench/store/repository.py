@@ -212,17 +212,20 @@ class Store:
             if kind is not None:
                 query = query.where(items.c.kind == kind)
             rows = conn.execute(query).all()
-            claimed = [WorkItem(r.key, r.kind, json.loads(r.args)) for r in rows]
-            for chunk in _chunks([w.key for w in claimed]):
+            candidates = [WorkItem(r.key, r.kind, json.loads(r.args)) for r in rows]
+            got: set[str] = set()
+            for chunk in _chunks([w.key for w in candidates]):
                 # NOTE: the state guard makes a claim race between two owners harmless:
-                # whoever updates second changes nothing for rows it did not get.
-                conn.execute(
+                # whoever updates second gets none of the rows the first took, and returns
+                # only the rows its own update changed.
+                got.update(conn.execute(
                     items.update()
                     .where(items.c.key.in_(chunk), items.c.state == ItemState.PENDING)
                     .values(state=ItemState.RUNNING, owner=owner, claimed_at=time.time(),
                             num_runs=items.c.num_runs + 1)
-                )
-        return claimed
+                    .returning(items.c.key)
+                ).scalars())
+        return [w for w in candidates if w.key in got]
 
     def complete_items(self, owner: str, results: Mapping[str, Any]) -> int:
         """Commit finished items in one transaction (the batched commit of the runner); returns
