@@ -191,12 +191,13 @@ def lm_eval_output(out_dir: Path) -> dict:
 def test_lm_eval_cli_runs_the_conserve_backend(reference, session_engine_for_entry_points, data_dir,
                                                tmp_path, monkeypatch, capsys):
     """`conserve-bench lm-eval ...` as a user types it (the engine is the session's)."""
-    import atexit
+    from types import SimpleNamespace
 
+    from conserve_bench.harness import lm as harness_lm
     from conserve_bench.harness import run_lm_eval
 
-    closers = []
-    monkeypatch.setattr(atexit, "register", closers.append)  # ConserveLM closes at exit
+    closers = []  # ConserveLM closes at exit; here, at the end of the test
+    monkeypatch.setattr(harness_lm, "atexit", SimpleNamespace(register=closers.append))
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     run_lm_eval(lm_eval_args(url, data_dir, tmp_path / "out"))
     for close in closers:
