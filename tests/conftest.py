@@ -145,12 +145,13 @@ def store_profile(db_url: str) -> None:
 class Server(ServerProcess):
     """`conserve-bench serve` (conserve policy, API key, step log) on `db_url`."""
 
-    def __init__(self, db_url: str, data_dir: str, out_dir: Path):
+    def __init__(self, db_url: str, data_dir: str, out_dir: Path, wait: bool = True):
         store_profile(db_url)
         self.db_url, self.step_log = db_url, Path(out_dir) / "steps.jsonl"
         super().__init__(["--db", db_url, "--data-dir", data_dir, "--output", str(out_dir),
                           "--max-offline-inflight", str(SERVER_MAX_INFLIGHT),
-                          "--step-log", str(self.step_log), "--api-key", KEY], Path(out_dir))
+                          "--step-log", str(self.step_log), "--api-key", KEY], Path(out_dir),
+                         wait=wait)
         self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"},
                                  timeout=60)
 
@@ -164,17 +165,22 @@ class Server(ServerProcess):
 
 
 class SharedServer:
-    """The session's server, started on first use; a test that kills it `take`s it, and the
-    next user gets a fresh one on the same store."""
+    """The session's server, started early (see below) or on first use; a test that kills it
+    `take`s it, and the next user gets a fresh one on the same store."""
 
     def __init__(self, folder: Path, data_dir: str):
         self.folder, self.data_dir = folder, data_dir
         self.db_url = f"sqlite:///{folder / 'server.db'}"
         self._server: Server | None = None
 
-    def get(self) -> Server:
+    def start(self) -> None:
+        """Start it without waiting: its vLLM start-up overlaps the tests that run first."""
         if self._server is None:
-            self._server = Server(self.db_url, self.data_dir, self.folder)
+            self._server = Server(self.db_url, self.data_dir, self.folder, wait=False)
+
+    def get(self) -> Server:
+        self.start()
+        self._server.wait_ready()
         return self._server
 
     def take(self) -> Server:
@@ -191,6 +197,15 @@ def shared_server(tmp_path_factory, data_dir):
     shared = SharedServer(tmp_path_factory.mktemp("server"), data_dir)
     yield shared
     shared.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_server_starts_early(request):
+    """When a selected test needs the session's server, start it at the first test."""
+    uses = {"server", "shared_server"}
+    if (DATA_DIR / "test").is_dir() and any(uses & set(item.fixturenames)
+                                            for item in request.session.items):
+        request.getfixturevalue("shared_server").start()
 
 
 @pytest.fixture
