@@ -1,8 +1,12 @@
 """conserve-bench: LLM evaluation suites on the idle cycles of a serving engine (ConServe).
 
-Data path, one module each: task spec (`taskspec`) -> lm-eval instances (`harness`) -> work
-items (`store`) -> engine requests (`requests`, `engine`) -> results committed (`runner`)
--> lm-eval metrics -> `results/*.json` (`jobs`). The CLI (`cli`) is a thin shell over `jobs`.
+Layers, one subpackage each: `jobs` (task specs, job lifecycle, the runner) over `store`
+(durable jobs and work items, all SQL) and `engine` (vLLM driven item by item; the engine
+contract and the vLLM conventions); `sched` (latency model, the pure ConServe policy, vLLM's
+scheduler subclass, profiling); `serve` (online OpenAI traffic with jobs behind it) and
+`bench` (what co-serving costs and gains). `cli` is a thin shell over them; the lm-eval
+backend is `conserve_bench.harness`. The data path: task spec -> lm-eval instances -> work
+items -> engine requests -> results committed -> lm-eval metrics -> `results/*.json`.
 """
 
 __version__ = "0.1.0"

@@ -26,7 +26,7 @@ from conserve_bench.serve.client import JobClient
 from conserve_bench.errors import ConserveError, JobStateError
 from conserve_bench.engine.models import resolve_model
 from conserve_bench.output import Phases, out
-from conserve_bench.store import Store
+from conserve_bench.store import JobState, Store
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run LLM evaluation suites on the idle cycles of a serving GPU.")
@@ -79,7 +79,7 @@ def resume(job_id: JobArg, db: DbOpt = None, output: OutputOpt = "results",
     """Continue a job where it stopped; finished items are reused. Example: resume 3f2a9c1d0b7e"""
     store = _store(db)
     job = store.get_job(job_id)
-    if job.state == "done":
+    if job.state == JobState.DONE:
         _print_results(lifecycle.job_results(store, job_id), as_json)
         return
     _run(store, job_id, output, max_inflight, as_json, verbose)
@@ -302,7 +302,7 @@ def _submit_remote(client: "JobClient", spec: JobSpec, wait: bool, as_json: bool
     with out.progress(disable=as_json) as progress:
         task = progress.add_task(f"job {job['id']}", total=None)
         final = client.wait(job["id"], lambda done, total: progress.update(task, completed=done, total=total))
-    if final["state"] != "done":
+    if final["state"] != JobState.DONE:
         raise JobStateError(f"job {job['id']} ended {final['state']}: {final.get('error') or ''}".strip())
     _print_summary(client.results(job["id"]), as_json)
 

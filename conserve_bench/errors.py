@@ -47,3 +47,7 @@ class ProfileNotFoundError(ConserveError):
 
 class InvalidRequestError(ConserveError):
     pass
+
+
+class ModelArgsError(ConserveError, TypeError):
+    """An lm-eval `--model_args` key the `conserve` backend does not know (e.g. a typo)."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conserve_bench.errors import JobStateError
+from conserve_bench.store.states import JobState
 from conserve_bench.engine.prompts import keyed_items
 
 REQUESTS_PER_JOB = 1000  # a server job per this many requests keeps each POST small
@@ -82,16 +83,16 @@ class RemoteBackend:
     def _wait(self, jobs: list[dict[str, Any]], advance: Callable[[int], None]) -> None:
         """Poll until every job is done; advance the bar by what each poll newly finds done."""
         num_done = {job["id"]: job["done"] for job in jobs}
-        pending = [job["id"] for job in jobs if job["state"] != "done"]
+        pending = [job["id"] for job in jobs if job["state"] != JobState.DONE]
         while pending:
             for job_id in list(pending):
                 status = self.client.status(job_id)
-                if status["state"] in ("failed", "cancelled"):
+                if status["state"] in (JobState.FAILED, JobState.CANCELLED):
                     raise JobStateError(f"server job {job_id} ended {status['state']}: "
                                         f"{status.get('error') or ''}".strip())
                 advance(status["done"] - num_done[job_id])
                 num_done[job_id] = status["done"]
-                if status["state"] == "done":
+                if status["state"] == JobState.DONE:
                     pending.remove(job_id)
             if pending:
                 time.sleep(self.poll_s)

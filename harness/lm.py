@@ -17,14 +17,21 @@ NOTE: an `LM`, not a `TemplateLM`: the work-item key is the request's text, and 
 from __future__ import annotations
 
 import atexit
+import difflib
+import inspect
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from lm_eval.api.model import LM
 
+from conserve_bench.errors import ModelArgsError
 from conserve_bench.jobs.runner import Runner
 from conserve_bench.store import Store
+
+# lm-eval's own options, which `create_from_arg_string` hands every backend; this one batches
+# by itself (`max_inflight`) and runs where its engine runs, so it accepts and ignores them.
+LM_EVAL_OPTIONS = ("batch_size", "max_batch_size", "device")
 
 from .backends import LocalBackend, RemoteBackend
 
@@ -43,18 +50,19 @@ class ConserveLM(LM):
     def __init__(self, model: str = "smollm2-135m", db: str | None = None,
                  max_inflight: int = 64, data_dir: str | None = None,
                  base_url: str | None = None, api_key: str | None = None,
-                 engine: Any = None, progress: bool = True, **_ignored):
+                 engine: Any = None, progress: bool = True, **lm_eval_options: Any):
         super().__init__()
+        _check_options(lm_eval_options)
         self.session, self.report = None, True
         if base_url:
             from conserve_bench.serve.client import JobClient
 
             self.backend = RemoteBackend(JobClient(base_url, api_key), show_progress=progress)
             return
-        from conserve_bench import jobs
+        from conserve_bench.jobs.lifecycle import open_session
 
-        self.session = jobs.open_session(model=model, db=db, data_dir=data_dir,
-                                         max_inflight=int(max_inflight), engine=engine)
+        self.session = open_session(model=model, db=db, data_dir=data_dir,
+                                    max_inflight=int(max_inflight), engine=engine)
         self.backend = LocalBackend(self.session.store, self.session.runner, self.session.job_id,
                                     self.session.engine.fingerprint, show_progress=progress)
         # NOTE: lm-eval's CLI never closes its model; without this the engine-core
@@ -102,6 +110,20 @@ class ConserveLM(LM):
         if self.report:
             sys.stderr.write(counts.describe() + "\n")
         return results
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """Refuse model_args this backend does not know, naming the closest known one."""
+    unknown = sorted(set(options) - set(LM_EVAL_OPTIONS))
+    if not unknown:
+        return
+    known = [name for name in inspect.signature(ConserveLM.__init__).parameters
+             if name not in ("self", "engine", "lm_eval_options")]
+    hints = [f"{name!r}" + (f" (did you mean {close[0]!r}?)"
+                            if (close := difflib.get_close_matches(name, known, n=1)) else "")
+             for name in unknown]
+    raise ModelArgsError(f"unknown --model_args for conserve: {', '.join(hints)}; "
+                         f"known: {', '.join(known)}")
 
 
 def _plain(value: Any) -> Any:

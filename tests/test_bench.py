@@ -193,12 +193,9 @@ def test_phases_log_steps_except_baselines_under_cuda_vllm(monkeypatch):
 
 
 def test_missing_trace_is_one_line_error(tmp_path):
-    import subprocess
-    import sys
+    from .conftest import cli
 
-    out = subprocess.run([sys.executable, "-m", "conserve_bench.cli", "bench", "--trace",
-                          str(tmp_path / "nope.csv"), "--output", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)
+    out = cli("bench", "--trace", str(tmp_path / "nope.csv"), "--output", str(tmp_path))
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == f"error: trace file '{tmp_path / 'nope.csv'}' not found"
     assert not list(tmp_path.glob("bench-*"))
@@ -246,4 +243,6 @@ def test_short_bench_run_writes_a_complete_consistent_report(tmp_path, data_dir)
         100 * priority["offline_tokens_per_s"] / report["offline_only"]["offline_tokens_per_s"])
     assert set(priority["ratios"]) == {"vs_priority"}  # online-only did not run
     assert priority["ratios"]["vs_priority"]["ttft_ms.p99"] == pytest.approx(1.0)
-    assert priority["timings"]["phase_wall_s"] > 0
+    laps = {k: v for k, v in priority["timings"].items() if k != "phase_wall_s"}
+    assert set(laps) == {"server_start_s", "job_start_s", "replay_s", "server_stop_s"}
+    assert priority["timings"]["phase_wall_s"] == pytest.approx(sum(laps.values()))

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from conserve_bench.config import JobSpec
 from conserve_bench.store import Store, WorkItem
 
-
-def cli(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "conserve_bench.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+from .conftest import cli
 
 
 @pytest.fixture
@@ -63,8 +57,8 @@ def test_bad_input_is_one_line_and_keeps_progress(db, data_dir, args, words):
     (["status"], ["job_id"]),
     (["jobs", "--no-such-flag"], ["--no-such-flag"]),
     (["serve", "--no-profile"], ["conserve policy", "--no-profile"]),
-    (["serve", "--quantum-ms", "-5"], ["--quantum-ms"]),
-    (["serve", "--slo-margin", "1.5"], ["--slo-margin"]),
+    (["serve", "--quantum-ms", "-5"], ["preemption quantum", "-5 ms"]),
+    (["serve", "--slo-margin", "1.5"], ["SLO margin", "1.5"]),
 ])
 def test_usage_errors_are_one_line(args, words):
     assert_one_line_error(cli(*args), *words)

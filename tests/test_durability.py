@@ -1,7 +1,10 @@
-"""A real kill: SIGKILL `submit` at about half progress, `resume`, compare with a clean run.
+"""A real kill: SIGKILL `submit` (the CLI and vLLM's engine processes) at about half progress,
+then `resume`; compare with an uninterrupted run.
 
 No item is lost, at most the in-flight window is computed twice, and the final scores equal
-those of an uninterrupted run (computed on the session engine).
+those of an uninterrupted run. `resume` and the reference run in this process, on the session
+engine; the killed `submit` starts its own. tests/test_runner.py proves the runner's window
+and requeue on the fake engine, tests/test_server.py kills `serve`.
 """
 
 from __future__ import annotations
@@ -10,8 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 
@@ -19,46 +20,41 @@ from conserve_bench.config import JobSpec
 from conserve_bench.jobs.lifecycle import run_job, submit_job, task_metrics
 from conserve_bench.store import Store
 
+from .conftest import cli_command, wait_for
+
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 TASKS = "mmlu_high_school_geography,mmlu_anatomy"
-LIMIT = 40
+LIMIT = 20
 MAX_INFLIGHT = 16
 
 
-def cli(*args):
-    return [sys.executable, "-m", "conserve_bench.cli", *args]
+def test_sigkill_then_resume_loses_nothing(tmp_path, session_engine_for_entry_points, data_dir, capsys):
+    from conserve_bench import cli
 
-
-def wait_for_half(store: Store, proc, timeout_s=600) -> tuple[str, int]:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
-        found = store.list_jobs()
-        if found and found[0].num_total and found[0].num_done >= found[0].num_total // 2:
-            return found[0].id, found[0].num_done
-        time.sleep(0.05)
-    raise AssertionError("submit never reached half progress")
-
-
-def test_sigkill_then_resume_loses_nothing(tmp_path, engine, data_dir):
+    engine = session_engine_for_entry_points
     url = f"sqlite:///{tmp_path / 'kill.db'}"
     store = Store(url)
     submit = subprocess.Popen(
-        cli("submit", TASKS, "--limit", str(LIMIT), "--data-dir", data_dir, "--db", url,
-            "--max-inflight", str(MAX_INFLIGHT), "--output", str(tmp_path), "--json"),
+        cli_command("submit", TASKS, "--limit", str(LIMIT), "--data-dir", data_dir, "--db", url,
+                    "--max-inflight", str(MAX_INFLIGHT), "--output", str(tmp_path), "--json"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        job_id, done_at_kill = wait_for_half(store, submit)
+        def half_done():
+            assert submit.poll() is None, submit.stderr.read()
+            jobs = store.list_jobs()
+            return jobs[0] if jobs and jobs[0].num_total and jobs[0].num_done >= jobs[0].num_total // 2 else None
+
+        job_id = wait_for(half_done, "half progress").id
     finally:
         os.killpg(submit.pid, signal.SIGKILL)  # the CLI and vLLM's engine processes
         submit.wait()
     job = store.get_job(job_id)
     assert job.state == "running" and 0 < job.num_done < job.num_total
 
-    resumed = subprocess.run(cli("resume", job_id, "--db", url, "--output", str(tmp_path), "--json"),
-                             capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr
+    capsys.readouterr()
+    cli.app(["resume", job_id, "--db", url, "--output", str(tmp_path), "--json"], standalone_mode=False)
+    resumed = json.loads(capsys.readouterr().out)
     job = store.get_job(job_id)
     assert job.state == "done" and job.num_done == job.num_total == 2 * LIMIT * 4
     runs = store.run_counts(job_id)
@@ -68,5 +64,5 @@ def test_sigkill_then_resume_loses_nothing(tmp_path, engine, data_dir):
     clean_store = Store(f"sqlite:///{tmp_path / 'clean.db'}")
     clean = submit_job(clean_store, JobSpec(tasks=tuple(TASKS.split(",")), limit=LIMIT, data_dir=data_dir))
     expected = task_metrics(run_job(clean_store, clean.id, engine, output_dir=None))
-    assert json.loads(resumed.stdout)["results"] == expected
+    assert resumed["results"] == expected
     assert task_metrics(json.loads((tmp_path / f"{job_id}.json").read_text())) == expected

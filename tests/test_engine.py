@@ -126,13 +126,3 @@ def test_job_accuracy_matches_hf_and_reuses_items(store, engine, data_dir, hf_lm
     rerun = run_job(store, again.id, engine, output_dir=None)
     assert rerun["conserve"]["num_items_computed"] == 0
     assert task_metrics(rerun) == ours
-
-
-def test_generation_and_rolling_tasks_run_as_a_job(store, engine, tmp_path):
-    tasks = (str(TEST_TASKS / "conserve_tiny_gen.yaml"), str(TEST_TASKS / "conserve_tiny_rolling.yaml"))
-    job = submit_job(store, JobSpec(tasks=tasks))
-    metrics = task_metrics(run_job(store, job.id, engine, output_dir=tmp_path))
-    assert 0.0 <= metrics["conserve_tiny_gen"]["exact_match,none"] <= 1.0
-    assert metrics["conserve_tiny_rolling"]["word_perplexity,none"] > 1.0
-    assert store.get_job(job.id).state == "done"
-    assert store.item_states(job.id) == {"done": 10 + 4}

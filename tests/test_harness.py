@@ -1,43 +1,47 @@
-"""The lm-eval backend `conserve` for real: lm-eval's CLI, Python, client mode, resume.
+"""The lm-eval backend `conserve`: lm-eval's CLI, Python, client mode, resume after a kill.
 
-- `conserve-bench lm-eval` (lm-eval's own command line) SIGKILLed midway and run again:
-  every committed request is reused from the store and the scores equal an uninterrupted run.
-- `simple_evaluate(model=ConserveLM(...))` finishes its job and, run again, computes nothing.
+- `conserve-bench lm-eval` (lm-eval's own command line) runs `--model conserve` and scores
+  like `simple_evaluate(model=ConserveLM(...))`, which, run again, computes nothing.
+- An embedded run SIGKILLed midway and run again reuses every committed request and scores
+  like an uninterrupted run (on the fake engine: the store and runner are what is tested;
+  tests/test_durability.py kills the real engine).
 - The local MMLU task YAML (`tasks/mmlu_local`) builds exactly lm-eval's `mmlu_*` requests;
   tests/test_engine.py compares it with lm-eval's `hf` backend.
-- Client mode (`base_url=`) against a `conserve-bench serve` gives the embedded results.
-The uninterrupted reference runs on the session engine; each subprocess starts its own.
+- Client mode (`base_url=`) against the session's `conserve-bench serve` gives the embedded
+  results. The uninterrupted reference runs on the session engine.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from conserve_bench.errors import ModelArgsError
 from conserve_bench.harness.lm import ConserveLM
 from conserve_bench.jobs.lifecycle import task_metrics
 from conserve_bench.store import Store
 from conserve_bench.tasks import TASKS_DIR
 
-from .conftest import TEST_TASKS
+from .conftest import KEY, TEST_TASKS, wait_for
 
 MMLU_TASKS = ["mmlu_local_anatomy", "mmlu_local_marketing"]
 TINY_TASKS = [str(TEST_TASKS / "conserve_tiny_gen.yaml"), str(TEST_TASKS / "conserve_tiny_rolling.yaml")]
 LIMIT = 8
 NUM_GENERATE, NUM_ROLLING = min(LIMIT, 10), min(LIMIT, 4)  # documents of the tiny tasks
 NUM_FEWSHOT = 5
-MAX_INFLIGHT = 4
 
 
+@functools.cache
 def lm_eval_tasks(data_dir):
-    """The TaskManager lm-eval's CLI builds for `--include_path tasks/ --model_args data_dir=`."""
+    """The TaskManager lm-eval's CLI builds for `--include_path tasks/ --model_args data_dir=`
+    (built once: indexing lm-eval's tasks takes seconds)."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(TASKS_DIR), metadata={"data_dir": data_dir})
@@ -118,6 +122,16 @@ def test_requests_job_api_validates_keys_by_content_and_pages_results(store):
     assert again["id"] != job["id"] and (again["state"], again["done"], again["total"]) == ("done", 2, 2)
 
 
+def test_unknown_model_args_are_refused_in_one_line():
+    """lm-eval's generic options pass; a typo does not vanish silently (create_from_arg_string)."""
+    with pytest.raises(ModelArgsError) as e:
+        ConserveLM.create_from_arg_string("base_url=http://127.0.0.1:1,max_inflght=4",
+                                          {"batch_size": 1, "max_batch_size": None, "device": None})
+    assert "'max_inflght' (did you mean 'max_inflight'?)" in str(e.value) and "\n" not in str(e.value)
+    lm = ConserveLM.create_from_arg_string("base_url=http://127.0.0.1:1", {"batch_size": 8, "device": "cpu"})
+    assert lm.job_id is None  # client mode: nothing started
+
+
 def test_register_keeps_lm_evals_own_backends():
     from lm_eval.api.registry import get_model
 
@@ -159,26 +173,13 @@ def test_simple_evaluate_with_conserve_lm_finishes_its_job_and_reruns_from_the_s
     assert store.get_job(lm.job_id).state == "done"
 
 
-# -- subprocesses with their own engine --------------------------------------------------------
+# -- lm-eval's command line, in this process on the session engine ------------------------------
 
 
-def lm_eval_cli(url, data_dir, out_dir):
-    model_args = f"model=smollm2-135m,db={url},data_dir={data_dir},max_inflight={MAX_INFLIGHT}"
-    return [sys.executable, "-m", "conserve_bench.cli", "lm-eval", "--model", "conserve",
-            "--model_args", model_args, "--tasks", ",".join(MMLU_TASKS), "--limit", str(LIMIT),
-            "--num_fewshot", str(NUM_FEWSHOT), "--output_path", str(out_dir)]
-
-
-def wait_for_progress(store: Store, proc, timeout_s=600) -> str:
-    """The job id once some but not all of its items are committed."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
-        found = store.list_jobs()
-        if found and 0 < found[0].num_done < found[0].num_total:
-            return found[0].id
-        time.sleep(0.02)
-    raise AssertionError("lm-eval never got part way")
+def lm_eval_args(url, data_dir, out_dir):
+    model_args = f"model=smollm2-135m,db={url},data_dir={data_dir},max_inflight=4"
+    return ["--model", "conserve", "--model_args", model_args, "--tasks", ",".join(MMLU_TASKS),
+            "--limit", str(LIMIT), "--num_fewshot", str(NUM_FEWSHOT), "--output_path", str(out_dir)]
 
 
 def lm_eval_output(out_dir: Path) -> dict:
@@ -187,60 +188,116 @@ def lm_eval_output(out_dir: Path) -> dict:
 
 
 @pytest.mark.engine
-@pytest.mark.slow
-def test_lm_eval_cli_sigkilled_then_rerun_reuses_finished_requests(reference, data_dir, tmp_path):
+def test_lm_eval_cli_runs_the_conserve_backend(reference, session_engine_for_entry_points, data_dir,
+                                               tmp_path, monkeypatch, capsys):
+    """`conserve-bench lm-eval ...` as a user types it (the engine is the session's)."""
+    from types import SimpleNamespace
+
+    from conserve_bench.harness import lm as harness_lm
+    from conserve_bench.harness import run_lm_eval
+
+    closers = []  # ConserveLM closes at exit; here, at the end of the test
+    monkeypatch.setattr(harness_lm, "atexit", SimpleNamespace(register=closers.append))
     url = f"sqlite:///{tmp_path / 'cli.db'}"
-    store = Store(url)
-    first = subprocess.Popen(lm_eval_cli(url, data_dir, tmp_path / "killed"), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        killed_id = wait_for_progress(store, first)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)  # lm-eval and vLLM's engine processes
-        first.wait()
-    done_at_kill = {i["key"] for i in store.job_items(killed_id) if i["state"] == "done"}
-    num_total = len(store.job_items(killed_id))
-    assert 0 < len(done_at_kill) < num_total
-
-    second = subprocess.run(lm_eval_cli(url, data_dir, tmp_path / "rerun"), capture_output=True,
-                            text=True, timeout=900)
-    assert second.returncode == 0, second.stderr[-3000:]
-    (line,) = [ln for ln in second.stderr.splitlines() if ln.startswith("conserve: loglikelihood")]
-    num_reused = int(line.split(", ")[1].split()[0])
-    assert len(done_at_kill) <= num_reused < num_total, line
-    runs = store.run_counts(killed_id)
-    assert all(runs[key] == 1 for key in done_at_kill)  # finished items never ran again
-    assert sum(n - 1 for n in runs.values()) <= MAX_INFLIGHT  # only the lost window did
-    rerun = store.list_jobs()[0]
-    assert rerun.id != killed_id and rerun.state == "done" and rerun.num_done == num_total
-
-    expected = task_metrics(reference["mmlu"])
-    got = task_metrics(lm_eval_output(tmp_path / "rerun"))
+    run_lm_eval(lm_eval_args(url, data_dir, tmp_path / "out"))
+    for close in closers:
+        close()
+    num_mmlu = len(MMLU_TASKS) * LIMIT * 4
+    assert f"loglikelihood: {num_mmlu} requests, 0 reused from the store, {num_mmlu} computed" \
+        in capsys.readouterr().err
+    (job,) = Store(url).list_jobs()
+    assert (job.state, job.num_done, job.num_total) == ("done", num_mmlu, num_mmlu)
+    got, expected = task_metrics(lm_eval_output(tmp_path / "out")), task_metrics(reference["mmlu"])
     assert {t: got[t]["acc,none"] for t in MMLU_TASKS} == {t: expected[t]["acc,none"] for t in MMLU_TASKS}
-    stored = {i["key"]: [i["result"]] for i in store.job_items(rerun.id)}
-    uninterrupted = {i["key"]: [i["result"]]
-                     for i in Store(reference["url"]).job_items(reference["job_id"])}
-    assert_same_responses(stored, {key: uninterrupted[key] for key in stored})
+
+
+# -- an embedded run SIGKILLed, then run again (fake engine: the store and runner at work) ------
+
+KILLED_RUN = """
+import sys
+from lm_eval import simple_evaluate
+from lm_eval.tasks import TaskManager
+from conserve_bench.engine.fake import FakeEngine
+from conserve_bench.harness.lm import ConserveLM
+url, stall_after, limit, folder = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+lm = ConserveLM(db=url, engine=FakeEngine(stall_after=stall_after), max_inflight=4, progress=False)
+simple_evaluate(model=lm, tasks=["conserve_tiny_gen", "conserve_tiny_rolling"], limit=limit,
+                task_manager=TaskManager(include_path=folder, include_defaults=False))
+"""
+
+
+def fake_evaluate(url):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from conserve_bench.engine.fake import FakeEngine
+
+    tasks = TaskManager(include_path=str(TEST_TASKS), include_defaults=False)
+    with ConserveLM(db=url, engine=FakeEngine(), max_inflight=4, progress=False) as lm:
+        output = simple_evaluate(model=lm, tasks=["conserve_tiny_gen", "conserve_tiny_rolling"],
+                                 limit=LIMIT, task_manager=tasks, log_samples=True)
+    return output, lm.job_id
+
+
+def reuse_counts(stderr: str) -> dict[str, tuple[int, int]]:
+    """kind -> (requests, reused), from the lines `conserve: KIND: N requests, M reused ...`."""
+    counts = {}
+    for line in stderr.splitlines():
+        if line.startswith("conserve: "):
+            kind, requests, reused = line.split(": ")[1], *line.split(": ")[2].split(", ")[:2]
+            counts[kind] = (int(requests.split()[0]), int(reused.split()[0]))
+    return counts
+
+
+def test_an_embedded_run_sigkilled_then_rerun_reuses_every_committed_request(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'killed.db'}"
+    store, num_done_at_kill = Store(url), 6
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_RUN, url, str(num_done_at_kill),
+                               str(LIMIT), str(TEST_TASKS)], stderr=subprocess.PIPE, text=True)
+    try:
+        def stalled():
+            assert killed.poll() is None, killed.stderr.read()
+            jobs = store.list_jobs()
+            return jobs[0] if jobs and jobs[0].num_done == num_done_at_kill else None
+
+        killed_job = wait_for(stalled, "the stall", timeout_s=300)
+    finally:
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait()
+    done_at_kill = {i["key"] for i in store.job_items(killed_job.id) if i["state"] == "done"}
+    assert len(done_at_kill) == num_done_at_kill and killed_job.state == "running"
+    assert store.item_states(killed_job.id)["running"] > 0  # claimed by the dead process
+
+    capsys.readouterr()
+    rerun, rerun_id = fake_evaluate(url)
+    counts = reuse_counts(capsys.readouterr().err)
+    assert {kind: n for kind, (n, _) in counts.items()} == {
+        "generate_until": NUM_GENERATE, "loglikelihood_rolling": NUM_ROLLING}
+    assert sum(reused for _, reused in counts.values()) == num_done_at_kill
+    runs = store.run_counts(rerun_id)
+    assert all(runs[key] == 1 for key in done_at_kill)  # finished items never ran again
+    assert sum(n - 1 for n in runs.values()) <= 4  # only the lost window did
+    assert store.get_job(rerun_id).state == "done" and store.get_job(killed_job.id).state == "running"
+    uninterrupted, _ = fake_evaluate(f"sqlite:///{tmp_path / 'clean.db'}")
+    assert task_metrics(rerun) == task_metrics(uninterrupted)
+    assert_same_responses(responses(rerun), responses(uninterrupted), tol=0.0)
+
+
+# -- client mode, on the session's server ------------------------------------------------------
 
 
 @pytest.mark.engine
 @pytest.mark.slow
-def test_client_mode_against_serve_matches_embedded_and_is_idempotent(reference, data_dir, tmp_path, capsys):
-    from .test_server import KEY, Server
-
-    server = Server(f"sqlite:///{tmp_path / 'server.db'}", data_dir, tmp_path)
-    try:
-        lm = ConserveLM(base_url=server.url, api_key=KEY)
-        mmlu = evaluate(lm, MMLU_TASKS, data_dir, NUM_FEWSHOT)
-        tiny = evaluate(lm, TINY_TASKS, data_dir)
-        capsys.readouterr()
-        again = evaluate(lm, TINY_TASKS, data_dir)
-        reused = f"generate_until: {NUM_GENERATE} requests, {NUM_GENERATE} reused from the store, 0 computed"
-        assert reused in capsys.readouterr().err
-        bad = server.http.post("/v1/jobs/requests", json={"requests": [{"kind": "loglikelihood", "args": ["x"]}]})
-        assert bad.status_code == 422 and "loglikelihood arguments" in bad.text
-    finally:
-        server.stop()
+def test_client_mode_against_serve_matches_embedded_and_is_idempotent(reference, server, data_dir, capsys):
+    lm = ConserveLM(base_url=server.url, api_key=KEY)
+    mmlu = evaluate(lm, MMLU_TASKS, data_dir, NUM_FEWSHOT)
+    tiny = evaluate(lm, TINY_TASKS, data_dir)
+    capsys.readouterr()
+    again = evaluate(lm, TINY_TASKS, data_dir)
+    reused = f"generate_until: {NUM_GENERATE} requests, {NUM_GENERATE} reused from the store, 0 computed"
+    assert reused in capsys.readouterr().err
+    bad = server.http.post("/v1/jobs/requests", json={"requests": [{"kind": "loglikelihood", "args": ["x"]}]})
+    assert bad.status_code == 422 and "loglikelihood arguments" in bad.text
     assert task_metrics(mmlu) == task_metrics(reference["mmlu"])
     assert_same_responses(responses(mmlu), responses(reference["mmlu"]))
     assert_same_responses(responses(tiny), responses(reference["tiny"]))

@@ -10,7 +10,8 @@ import pytest
 
 from conserve_bench.sched.latency import ChunkShape, LatencyModel
 from conserve_bench.sched.policy import PolicyConfig, Targets
-from conserve_bench.sched.steplog import SCHEDULER_CLS, step_shape
+from conserve_bench.engine.plugin import SCHEDULER_CLS
+from conserve_bench.sched.steplog import step_shape
 
 
 def test_scheduler_cls_resolves_to_a_vllm_scheduler_subclass():
@@ -151,10 +152,8 @@ def run_step(scheduler):
 
 
 @pytest.fixture(scope="module")
-def model_path():
-    from conserve_bench.engine.models import resolve_model
-
-    return resolve_model("smollm2-135m").path
+def model_path(model_ref):
+    return model_ref.path
 
 
 def test_vllm_carries_out_every_plan_exactly(model_path):

@@ -5,11 +5,14 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+import pytest
+
+from conserve_bench.engine.plugin import (SCHEDULER_CLS, conserve_config, conserve_overrides,
+                                          step_log_path)
 from conserve_bench.sched.latency import ChunkShape, Sample, StepShape
-from conserve_bench.sched.steplog import (SCHEDULER_CLS, ScheduledRequest, StepLogWriter, StepRecorder,
-                                    from_line, read_step_log, read_step_log_with_notes,
-                                    recording_overrides, step_log_path,
-                                    step_shape, to_line)
+from conserve_bench.sched.steplog import (ScheduledRequest, StepLogWriter, StepRecorder,
+                                          from_line, read_step_log, read_step_log_with_notes,
+                                          recording_overrides, step_shape, to_line)
 
 
 def test_prefill_chunks_and_decodes_are_told_apart_by_computed_tokens():
@@ -122,3 +125,16 @@ def test_recording_overrides_name_the_scheduler_and_the_log(tmp_path):
     assert overrides["scheduler_cls"] == SCHEDULER_CLS
     assert step_log_path(overrides["additional_config"]) == str(tmp_path / "s.jsonl")
     assert step_log_path({}) is None and step_log_path({"conserve": {}}) is None
+
+
+def test_plugin_config_entries_add_up_and_keep_the_rest(tmp_path):
+    """serve adds the step log, then the policy; neither drops the other or vLLM's own keys."""
+    first = conserve_overrides({"other_plugin": 1}, step_log="s.jsonl")
+    both = conserve_overrides(first["additional_config"], policy={"targets": {}})
+    assert both["scheduler_cls"] == SCHEDULER_CLS
+    assert both["additional_config"]["other_plugin"] == 1
+    assert conserve_config(both["additional_config"]) == {"step_log": "s.jsonl",
+                                                          "policy": {"targets": {}}}
+    assert conserve_config(None) == {} and conserve_config({"conserve": None}) == {}
+    with pytest.raises(ValueError, match="step_logs"):
+        conserve_overrides(step_logs="typo.jsonl")

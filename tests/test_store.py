@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import sqlalchemy as sa
 from hypothesis import given, settings
@@ -12,7 +9,12 @@ from hypothesis import strategies as st
 
 from conserve_bench.config import JobSpec
 from conserve_bench.errors import DatabaseURLError, JobNotFoundError
-from conserve_bench.store import MIGRATIONS, Store, WorkItem
+from conserve_bench.store import MIGRATIONS, JobState, Store, WorkItem
+from conserve_bench.store.db import create_engine
+from conserve_bench.store.migrations import migrate
+from conserve_bench.store.schema import metadata
+
+from .conftest import dead_owner
 
 EXPECTED_SCHEMA = {
     "schema_version": {"version"},
@@ -39,6 +41,35 @@ def test_blank_database_migrates_to_expected_schema(tmp_path):
     with sa.create_engine(url).connect() as conn:
         assert conn.execute(sa.text("select version from schema_version")).scalar() == len(MIGRATIONS)
         assert conn.execute(sa.text("pragma journal_mode")).scalar() == "wal"
+
+
+def sqlite_schema(engine) -> dict[str, str]:
+    """Every table and index, by name, as the DDL SQLite keeps for it."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("select name, sql from sqlite_master "
+                                    "where name not like 'sqlite_%'")).all()
+    return {name: sql for name, sql in rows}
+
+
+@pytest.mark.parametrize("old_version", range(1, len(MIGRATIONS)))
+def test_an_old_store_migrates_to_exactly_the_schema_of_a_blank_one(tmp_path, old_version):
+    """Frozen migrations: a store made by the first migrations only, then opened, ends up
+    with the schema a blank store gets, which is the schema the queries are written against."""
+    old_url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = create_engine(old_url)
+    assert migrate(old, MIGRATIONS[:old_version]) == old_version
+    with old.begin() as conn:  # a job as the first schema stored it
+        conn.execute(sa.text("insert into jobs (id, state, spec, num_total, created_at, "
+                             "updated_at, run_s) values ('j1', 'queued', :spec, 0, 1.0, 1.0, 0.0)"),
+                     {"spec": '{"tasks": ["mmlu"]}'})
+    assert Store(old_url).get_job("j1").spec.tasks == ("mmlu",)  # migrates on open
+
+    blank = Store(f"sqlite:///{tmp_path / 'blank.db'}").engine
+    current = create_engine(f"sqlite:///{tmp_path / 'current.db'}")
+    metadata.create_all(current)
+    assert sqlite_schema(old) == sqlite_schema(blank) == sqlite_schema(current)
+    with old.connect() as conn:
+        assert conn.execute(sa.text("select version from schema_version")).scalar() == len(MIGRATIONS)
 
 
 def test_reopening_keeps_data_and_version(tmp_path):
@@ -69,17 +100,43 @@ def test_claims_follow_job_order_and_kind(store):
 
 
 def test_dead_owner_items_return_to_pending(store):
+    from conserve_bench.store import default_owner
+
     job = store.create_job(JobSpec(tasks=("t",)))
     store.add_items(job.id, items_for(4))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
-    import socket
-
-    store.claim_items(job.id, f"{socket.gethostname()}:{dead}", 2)
-    store.claim_items(job.id, f"{socket.gethostname()}:{__import__('os').getpid()}", 1)
+    store.claim_items(job.id, dead_owner(), 2)
+    store.claim_items(job.id, default_owner(), 1)
     assert store.item_states(job.id) == {"running": 3, "pending": 1}
     assert store.requeue_stale() == 2  # only the dead process's claims
     assert store.item_states(job.id) == {"running": 1, "pending": 3}
+
+
+def test_only_the_owner_holding_an_item_completes_it(store):
+    """The fence fleet mode builds on: a worker presumed dead cannot overwrite the result of
+    the worker that took its items over, nor complete items it never claimed."""
+    job = store.create_job(JobSpec(tasks=("t",)))
+    store.add_items(job.id, items_for(4))
+    store.claim_items(job.id, "a", 2)  # k0, k1
+    assert store.complete_items("b", {"k0": "b", "k1": "b"}) == 0  # held by a
+    assert store.complete_items("a", {"k0": "a", "k2": "a"}) == 1  # k2 is pending, not a's
+    store.release_items("a")  # a presumed dead: k1 back to pending
+    assert [w.key for w in store.claim_items(job.id, "b", 4)] == ["k1", "k2", "k3"]
+    assert store.complete_items("a", {"k1": "late"}) == 0
+    assert store.complete_items("b", {"k1": "b", "k2": "b", "k3": "b"}) == 3
+    assert store.complete_items("b", {"k1": "again"}) == 0  # done already
+    assert store.results_for(["k0", "k1"]) == {"k0": "a", "k1": "b"}
+    assert store.item_states(job.id) == {"done": 4}
+
+
+def test_job_states_are_stored_as_their_names(store):
+    job = store.create_job(JobSpec(tasks=("t",)))
+    store.set_job_state(job.id, JobState.RUNNING)
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.text("select state from jobs")).scalar() == "running"
+    found = store.get_job(job.id)
+    assert found.state is JobState.RUNNING and found.to_dict()["state"] == "running"
+    with pytest.raises(ValueError):
+        store.set_job_state(job.id, "paused")
 
 
 def test_release_returns_an_owners_items(store):

@@ -29,6 +29,7 @@ from conserve_bench.bench.loadgen import OnlineClient
 from conserve_bench.serve.process import ServerProcess
 from conserve_bench.serve.server import POLICIES
 from conserve_bench.sched.steplog import read_step_log_with_notes
+from conserve_bench.store.states import JobState
 
 SAMPLE_EVERY_S = 0.5
 STEP_LOG = "steps.jsonl"  # every engine step of a phase, in its folder
@@ -219,9 +220,9 @@ def _wait_running(jobs: JobClient, job_id: str, timeout_s: float = 900) -> None:
     deadline = time.perf_counter() + timeout_s
     while time.perf_counter() < deadline:
         job = jobs.status(job_id)
-        if job["state"] in ("failed", "cancelled"):
+        if job["state"] in (JobState.FAILED, JobState.CANCELLED):
             raise BenchError(f"offline job {job_id} {job['state']}: {job.get('error') or ''}".strip())
-        if job["state"] == "done" or (job["state"] == "running" and job["total"] > 0):
+        if job["state"] == JobState.DONE or (job["state"] == JobState.RUNNING and job["total"] > 0):
             return
         time.sleep(0.2)
     raise BenchError(f"offline job {job_id} did not start within {timeout_s:.0f}s")

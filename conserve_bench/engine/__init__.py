@@ -1,7 +1,10 @@
 """The engine layer: vLLM driven item by item, through its own plug points only.
 
-`prompts` turns lm-eval requests into token prompts and engine outputs back into item
-results (lm-eval's exact semantics); `local` runs vLLM in this process (`submit`, `profile`,
-the lm-eval backend); `async_llm` drives the server's `AsyncLLM`; `models` resolves a
+`contract` writes down what the runner asks of an engine (`ItemEngine`) and the prompt
+bookkeeping the vLLM engines share; `prompts` turns lm-eval requests into token prompts and
+engine outputs back into item results (lm-eval's exact semantics); `local` runs vLLM in this
+process (`submit`, `profile`, the lm-eval backend); `async_llm` drives the server's
+`AsyncLLM`; `fake` is a deterministic engine for tests; `plugin` holds the conventions shared
+with vLLM (priorities, scheduler class, `additional_config` layout); `models` resolves a
 `--model` value to a directory vLLM can load. Nothing here touches the store.
 """

@@ -1,8 +1,9 @@
 """The in-process vLLM engine, driven item by item.
 
-`Engine` owns one vLLM `LLMEngine` (V1) and speaks work items: `submit(items)` turns them into
-prompts (see `requests.py`) and `step()` runs one engine step and returns the items that
-finished. It never touches the store; the runner decides what to submit and when to commit.
+`Engine` owns one vLLM `LLMEngine` (V1) and keeps the engine contract (`contract.ItemEngine`):
+`submit(items)` turns them into prompts (`prompts.py`, through `contract.PromptBook`) and
+`step()` runs one engine step and returns the items that finished. It never touches the
+store; the runner decides what to submit and when to commit.
 
 vLLM 0.32.0 names relied on (tests/test_vllm_contract.py fails loudly if they move):
 `vllm.LLM`, `LLM.llm_engine` (`add_request`, `step`, `abort_request`,
@@ -23,15 +24,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from conserve_bench.config import EngineConfig
-from conserve_bench.engine.prompts import Assembler, Encoder, Prompt, build_prompts
-from conserve_bench.sched.steplog import step_log_path
+from conserve_bench.engine.contract import PromptBook
+from conserve_bench.engine.plugin import OFFLINE_PRIORITY, step_log_path
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT_S = 1.0
-
-OFFLINE_PRIORITY = 1  # online requests run at priority 0; lower runs first
-
 
 def engine_environment(cfg: EngineConfig) -> None:
     """Environment vLLM's CPU build reads at start-up; set before vLLM is imported."""
@@ -85,10 +83,13 @@ class Engine:
         self.llm = LLM(**engine_args(cfg))
         self._engine = self.llm.llm_engine
         self.max_model_len = context_length(self._engine.model_config)
-        self.encoder = Encoder(self._engine.get_tokenizer(), self.max_model_len)
-        self._assembler = Assembler()
-        self._prompts: dict[str, Prompt] = {}
-        self._ids = itertools.count()
+        self._book = PromptBook(self._engine.get_tokenizer(), self.max_model_len, "item")
+        self._raw_ids = itertools.count()
+
+    @property
+    def encoder(self):
+        """lm-eval's tokenization rules at this engine's context length."""
+        return self._book.encoder
 
     @property
     def fingerprint(self) -> str:
@@ -97,11 +98,7 @@ class Engine:
     def submit(self, work: list, priority: int = OFFLINE_PRIORITY) -> None:
         from vllm import SamplingParams
 
-        prompts, num_parts = build_prompts(work, self.encoder)
-        self._assembler.expect(work, num_parts)
-        for prompt in prompts:
-            request_id = f"item-{next(self._ids)}"
-            self._prompts[request_id] = prompt
+        for request_id, prompt in self._book.add(work):
             self._engine.add_request(
                 request_id, {"prompt_token_ids": prompt.token_ids},
                 SamplingParams(**prompt.params), priority=priority,
@@ -111,14 +108,14 @@ class Engine:
         """Run one engine step; return (item key, result) for every item that finished."""
         finished: list[tuple[str, Any]] = []
         for output in self._engine.step():
-            if output.finished:
-                prompt = self._prompts.pop(output.request_id)
-                finished += self._assembler.add(prompt, output)
+            # NOTE: an aborted request may still report its end; its prompt is gone by then.
+            if output.finished and (prompt := self._book.take(output.request_id)) is not None:
+                finished += self._book.fold(prompt, output)
         return finished
 
     @property
     def num_pending_items(self) -> int:
-        return self._assembler.num_pending
+        return self._book.num_pending_items
 
     def has_unfinished(self) -> bool:
         return self._engine.has_unfinished_requests()
@@ -150,7 +147,7 @@ class Engine:
         from vllm import SamplingParams
 
         params = SamplingParams(**sampling)
-        request_ids = [f"raw-{next(self._ids)}" for _ in prompts]
+        request_ids = [f"raw-{next(self._raw_ids)}" for _ in prompts]
         for request_id, token_ids in zip(request_ids, prompts):
             self._engine.add_request(request_id, {"prompt_token_ids": list(token_ids)}, params)
         return request_ids
@@ -165,7 +162,7 @@ class Engine:
 
     @property
     def vocab_size(self) -> int:
-        return len(self.encoder.tokenizer)
+        return len(self._book.encoder.tokenizer)
 
     def run_until_idle(self) -> int:
         """Step until no request is left; returns the number of steps taken."""
@@ -176,7 +173,5 @@ class Engine:
         return num_steps
 
     def abort_all(self) -> None:
-        if self._prompts:
-            self._engine.abort_request(list(self._prompts))
-        self._prompts.clear()
-        self._assembler = Assembler()
+        if request_ids := self._book.clear():
+            self._engine.abort_request(request_ids)

@@ -27,7 +27,7 @@ from conserve_bench.errors import InvalidRequestError, JobStateError
 from conserve_bench.engine.models import ModelRef, resolve_model
 from conserve_bench.engine.prompts import check_request_args, keyed_items
 from conserve_bench.jobs.runner import Runner, Stopped
-from conserve_bench.store import Job, Store
+from conserve_bench.store import Job, JobState, Store
 from conserve_bench.jobs.taskspec import check_tasks, task_manager
 
 log = logging.getLogger(__name__)
@@ -63,23 +63,24 @@ def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
         manager = task_manager(job.spec.data_dir)
         check_tasks(job.spec.tasks, manager)
     store.requeue_stale()
-    store.set_job_state(job_id, "running")
+    store.set_job_state(job_id, JobState.RUNNING)
     tracker = _ProgressTracker(store, job_id, on_progress)
     runner = Runner(store, engine, run_cfg, on_progress=tracker.advance,
-                    should_stop=lambda: should_stop() or store.get_job(job_id).state == "cancelled")
+                    should_stop=lambda: should_stop() or _cancelled(store, job_id))
     t0 = time.perf_counter()
     try:
         output = _evaluate(store, job, runner, engine, manager, tracker)
     except BaseException as e:
         runner.release()
         store.add_run_time(job_id, time.perf_counter() - t0)
-        if store.get_job(job_id).state != "cancelled":
+        if not _cancelled(store, job_id):
             failed = isinstance(e, Exception) and not isinstance(e, (JobCancelled, Stopped))
-            store.set_job_state(job_id, "failed" if failed else "queued", error=_one_line(e))
+            store.set_job_state(job_id, JobState.FAILED if failed else JobState.QUEUED,
+                                error=_one_line(e))
         raise
     wall_s = time.perf_counter() - t0
     store.add_run_time(job_id, wall_s)
-    store.set_job_state(job_id, "done")
+    store.set_job_state(job_id, JobState.DONE)
     results = _with_metadata(output, store.get_job(job_id), engine, runner, wall_s)
     store.save_results(job_id, results)
     if output_dir is not None:
@@ -90,13 +91,22 @@ def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
 def runnable_job(store: Store, job_id: str) -> Job:
     """The job, if it can still run; raises JobStateError for done or cancelled jobs."""
     job = store.get_job(job_id)
-    if job.state in ("done", "cancelled"):
+    if job.state in (JobState.DONE, JobState.CANCELLED):
         raise JobStateError(f"job {job_id} is {job.state}; nothing to run")
     return job
 
 
 class JobCancelled(Exception):
     pass
+
+
+def _cancelled(store: Store, job_id: str) -> bool:
+    return store.get_job(job_id).state == JobState.CANCELLED
+
+
+def _raise_if_cancelled(store: Store, job_id: str) -> None:
+    if _cancelled(store, job_id):
+        raise JobCancelled(f"job {job_id} was cancelled")
 
 
 def _evaluate(store, job: Job, runner, engine, manager, tracker) -> dict[str, Any]:
@@ -114,8 +124,7 @@ def _evaluate(store, job: Job, runner, engine, manager, tracker) -> dict[str, An
         random_seed=spec.seed, numpy_random_seed=spec.seed, torch_random_seed=spec.seed,
         fewshot_random_seed=spec.seed,
     )
-    if store.get_job(job.id).state == "cancelled":
-        raise JobCancelled(f"job {job.id} was cancelled")
+    _raise_if_cancelled(store, job.id)
     return output
 
 
@@ -123,9 +132,8 @@ def _compute_requests(store: Store, job: Job, runner: Runner, tracker) -> dict[s
     """A job whose items were supplied by an lm-eval run elsewhere: compute what is pending."""
     keys = [item["key"] for item in store.job_items(job.id)]
     tracker.refresh("any", len(keys))
-    runner.run(job.id, keys, None)
-    if store.get_job(job.id).state == "cancelled":
-        raise JobCancelled(f"job {job.id} was cancelled")
+    runner.run(job.id, keys)
+    _raise_if_cancelled(store, job.id)
     return {"results": {}}
 
 
@@ -150,9 +158,9 @@ def submit_requests(store: Store, requests: list[tuple[str, list[Any]]], fingerp
 
 def cancel_job(store: Store, job_id: str) -> Job:
     job = store.get_job(job_id)
-    if job.state in ("done", "cancelled"):
+    if job.state in (JobState.DONE, JobState.CANCELLED):
         raise JobStateError(f"job {job_id} is already {job.state}")
-    store.set_job_state(job_id, "cancelled")
+    store.set_job_state(job_id, JobState.CANCELLED)
     return store.get_job(job_id)
 
 
@@ -222,11 +230,11 @@ class Session:
         wall_s = time.perf_counter() - self.t0
         self.store.add_run_time(self.job_id, wall_s)
         job = self.store.get_job(self.job_id)
-        if job.state == "running" and job.num_done == job.num_total:
+        if job.state == JobState.RUNNING and job.num_done == job.num_total:
             results = _with_metadata({"results": {}}, job, self.engine, self.runner, wall_s)
             self.store.save_results(self.job_id, results)
-        elif job.state == "running":
-            self.store.set_job_state(self.job_id, "cancelled", error=(
+        elif job.state == JobState.RUNNING:
+            self.store.set_job_state(self.job_id, JobState.CANCELLED, error=(
                 f"the lm-eval run ended with {job.num_done}/{job.num_total} requests computed"))
 
 
@@ -244,7 +252,7 @@ def open_session(model: str, db: str | None, data_dir: str | None, max_inflight:
     # NOTE: items of a killed earlier run are still marked running under its dead pid;
     # they go back to pending here, so this run computes them.
     store.requeue_stale()
-    store.set_job_state(job.id, "running")
+    store.set_job_state(job.id, JobState.RUNNING)
     runner = Runner(store, engine, RunConfig(max_inflight=max_inflight))
     return Session(store, engine, runner, job.id, owns_engine)
 

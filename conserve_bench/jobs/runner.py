@@ -1,20 +1,22 @@
-"""The job runner: feeds a job's pending work items to the engine and commits the results.
+"""The job runner: feeds a job's pending work items to an engine and commits the results.
 
 Contract: at most `max_inflight` items are claimed and not yet committed at any instant
 (in the engine or finished and waiting for the next commit). Finished items are committed
 in batches (one transaction per `commit_every` items or per second, whichever comes first),
-so a killed process loses at most that window: exactly what `resume` computes again. Never holds a store transaction
-while the engine runs.
+so a killed process loses at most that window: exactly what `resume` computes again. It
+drives any `engine.contract.ItemEngine` and never holds a store transaction while the engine
+runs.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from conserve_bench.config import RunConfig
+from conserve_bench.engine.contract import ItemEngine
 from conserve_bench.store import Store, default_owner
 
 COMMIT_INTERVAL_S = 1.0
@@ -29,14 +31,15 @@ class Stopped(Exception):
 class RunStats:
     """What one runner did; `store_s` is the bookkeeping share of `wall_s`."""
 
-    num_items: int = 0
+    num_items: int = 0  # items this runner computed and committed
     wall_s: float = 0.0
     store_s: float = 0.0
-    _t0: float = field(default_factory=time.perf_counter, repr=False)
 
 
 class Runner:
-    def __init__(self, store: Store, engine, cfg: RunConfig = RunConfig(),
+    """Computes a job's items on one engine, as one owner of the store's claims."""
+
+    def __init__(self, store: Store, engine: ItemEngine, cfg: RunConfig = RunConfig(),
                  owner: str | None = None,
                  on_progress: Callable[[int], None] | None = None,
                  should_stop: Callable[[], bool] | None = None):
@@ -50,8 +53,11 @@ class Runner:
         self._uncommitted: dict[str, Any] = {}
         self._last_commit = time.monotonic()
 
-    def run(self, job_id: str, keys: list[str], kind: str) -> dict[str, Any]:
-        """Compute every item of `keys` that is not done yet; return all their results."""
+    def run(self, job_id: str, keys: list[str], kind: str | None = None) -> dict[str, Any]:
+        """Compute every item of `keys` that is not done yet; return all their results.
+
+        Claims only the job's pending items of `kind` (None: of any kind), in job order.
+        """
         t0 = time.perf_counter()
         try:
             self._run(job_id, set(keys), kind)
@@ -60,7 +66,7 @@ class Runner:
             self.stats.wall_s += time.perf_counter() - t0
         return self._timed(self.store.results_for, keys)
 
-    def _run(self, job_id: str, keys: set[str], kind: str) -> None:
+    def _run(self, job_id: str, keys: set[str], kind: str | None) -> None:
         exhausted = False
         while True:
             # NOTE: uncommitted results count against the window, so at most `max_inflight`
@@ -97,9 +103,11 @@ class Runner:
         if not self._uncommitted:
             return
         batch, self._uncommitted = self._uncommitted, {}
-        self._timed(self.store.complete_items, self.owner, batch)
-        self.stats.num_items += len(batch)
-        self.on_progress(len(batch))
+        # NOTE: an item this owner no longer holds (given back while it was presumed dead)
+        # is not committed; its new owner computes it, and `_all_done` waits for that.
+        num_committed = self._timed(self.store.complete_items, self.owner, batch)
+        self.stats.num_items += num_committed
+        self.on_progress(num_committed)
 
     def release(self) -> int:
         """Give back whatever this runner holds (graceful stop); uncommitted work is lost."""

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from conserve_bench.errors import ConserveError
 from conserve_bench.sched.latency import ChunkShape, LatencyModel, StepShape
 
 DEFAULT_MARGIN = 0.1  # offline work may use (1 - margin) of the TBT target
@@ -27,7 +28,7 @@ TTFT_PREFILL_FACTOR = 2.0
 TTFT_PREFILL_TOKENS = 1024
 
 
-class PolicyError(ValueError):
+class PolicyError(ConserveError, ValueError):
     pass
 
 
@@ -57,12 +58,7 @@ class Targets:
     quantum_s: float | None = None  # None: QUANTUM_FRACTION of the TTFT target
 
     def __post_init__(self) -> None:
-        if not (self.ttft_s > 0 and self.tbt_s > 0):
-            raise PolicyError(f"TTFT and TBT targets must be > 0, got {self.ttft_s}, {self.tbt_s}")
-        if not 0 <= self.margin < 1:
-            raise PolicyError(f"the SLO margin must be in [0, 1), got {self.margin}")
-        if self.quantum_s is not None and not self.quantum_s > 0:
-            raise PolicyError(f"the preemption quantum must be > 0, got {self.quantum_s}")
+        check_targets(self.ttft_s, self.tbt_s, self.margin, self.quantum_s)
 
     @property
     def mixed_budget_s(self) -> float:
@@ -80,6 +76,17 @@ class Targets:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Targets:
         return cls(**data)
+
+
+def check_targets(ttft_s: float | None, tbt_s: float | None, margin: float,
+                  quantum_s: float | None) -> None:
+    """What every set of targets obeys (None: not given, derived later); PolicyError if not."""
+    for name, value in (("TTFT target", ttft_s), ("TBT target", tbt_s),
+                        ("preemption quantum", quantum_s)):
+        if value is not None and not value > 0:
+            raise PolicyError(f"the {name} must be > 0, got {value * 1e3:g} ms")
+    if not 0 <= margin < 1:
+        raise PolicyError(f"the SLO margin must be in [0, 1), got {margin:g}")
 
 
 def default_targets(model: LatencyModel, margin: float = DEFAULT_MARGIN,

@@ -3,7 +3,8 @@
 Owns `ProfileKey` (model, dtype, device, vLLM version, parallel size) and the rule that a
 profile is used only under the exact key it was measured with. A profile from other hardware
 or another vLLM version must never be used silently: `profile_for` returns None and logs
-what differs. Rows live in the store (`Store.save_profile`); nothing here measures anything.
+what differs. Rows live in the store (`Store.save_profile`, which knows only their columns);
+nothing here measures anything.
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ def vllm_version() -> str:
 
 def save_profile(store: Store, profile: Profile) -> None:
     holdout = None if profile.holdout_error is None else asdict(profile.holdout_error)
-    store.save_profile(profile.key, profile.model.to_dict(), num_samples=profile.num_samples,
-                       fit_error={"holdout": holdout})
+    store.save_profile(profile.key.to_dict(), profile.model.to_dict(),
+                       num_samples=profile.num_samples, fit_error={"holdout": holdout})
 
 
 def profile_for(store: Store, key: ProfileKey) -> Profile | None:
@@ -123,7 +124,7 @@ def require_profile(store: Store, key: ProfileKey) -> Profile:
 
 def _lookup(store: Store, key: ProfileKey) -> tuple[Profile | None, list[ProfileKey]]:
     """The exact match, else the keys of this model's profiles measured elsewhere."""
-    row = store.load_profile(key)
+    row = store.load_profile(key.to_dict())
     if row is not None:
         return _profile_from_row(row), []
     return None, [_key_from_row(r) for r in store.list_profiles(key.model)]

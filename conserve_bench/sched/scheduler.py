@@ -15,10 +15,9 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from conserve_bench.engine.plugin import POLICY, conserve_config, is_online, step_log_path
 from conserve_bench.sched.policy import Pending, PolicyConfig, StepPlan, offline_to_preempt, plan_step
-from conserve_bench.sched.steplog import ScheduledRequest, StepLogWriter, StepRecorder, step_log_path
-
-ONLINE_PRIORITY = 0  # online routes run at 0; offline jobs at OFFLINE_PRIORITY (> 0)
+from conserve_bench.sched.steplog import ScheduledRequest, StepLogWriter, StepRecorder
 
 
 class ConserveScheduler(Scheduler):
@@ -61,8 +60,8 @@ class ConserveScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         conserve = conserve_config(self.vllm_config.additional_config)
         # NOTE: not `self.policy`: vLLM's scheduler keeps its SchedulingPolicy there.
-        self.conserve_policy = (PolicyConfig.from_dict(conserve["policy"])
-                                if "policy" in conserve else None)
+        self.conserve_policy = (PolicyConfig.from_dict(conserve[POLICY])
+                                if POLICY in conserve else None)
         if self.conserve_policy is not None and self.policy != SchedulingPolicy.PRIORITY:
             raise ValueError("the ConServe policy needs vLLM's scheduling_policy='priority'")
         self.last_plan: StepPlan | None = None
@@ -107,7 +106,7 @@ class ConserveScheduler(Scheduler):
         for request, running in [(r, True) for r in self.running] + [(r, False) for r in waiting]:
             pending = self._as_pending(request, running)
             if pending is not None:
-                (online if request.priority <= ONLINE_PRIORITY else offline).append(pending)
+                (online if is_online(request.priority) else offline).append(pending)
         return online, offline
 
     def _as_pending(self, request, running: bool) -> Pending | None:
@@ -145,7 +144,7 @@ class ConserveScheduler(Scheduler):
         """Preempt offline requests holding the KV blocks or the batch seat that the next
         waiting online request needs."""
         online_waiting = next(iter(self.waiting), None)  # priority order: online comes first
-        if online_waiting is None or online_waiting.priority > ONLINE_PRIORITY:
+        if online_waiting is None or not is_online(online_waiting.priority):
             return
         num_needed = -(-min(online_waiting.num_tokens, self.max_num_scheduled_tokens)
                        // self.block_size)
@@ -153,7 +152,7 @@ class ConserveScheduler(Scheduler):
         num_free_seats = self.max_num_running_reqs - len(self.running)
         if num_free >= num_needed and num_free_seats >= 1:
             return
-        offline = sorted((r for r in self.running if r.priority > ONLINE_PRIORITY),
+        offline = sorted((r for r in self.running if not is_online(r.priority)),
                          key=lambda r: (r.priority, r.arrival_time), reverse=True)
         held = [(r.request_id, len(self.kv_cache_manager.get_block_ids(r.request_id)[0]))
                 for r in offline]
@@ -176,14 +175,7 @@ class ConserveScheduler(Scheduler):
 
     def _num_offline_tokens(self, output: SchedulerOutput) -> int:
         return sum(n for req_id, n in output.num_scheduled_tokens.items()
-                   if self.requests[req_id].priority > ONLINE_PRIORITY)
-
-
-def conserve_config(additional_config: Any) -> dict[str, Any]:
-    """`additional_config["conserve"]` (vLLM's plug-in config), or {}."""
-    if not isinstance(additional_config, dict):
-        return {}
-    return additional_config.get("conserve") or {}
+                   if not is_online(self.requests[req_id].priority))
 
 
 def _wants_prompt_logprobs(request) -> bool:

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from conserve_bench.engine.plugin import conserve_overrides
 from conserve_bench.sched.latency import ChunkShape, Sample, StepShape
-
-SCHEDULER_CLS = "conserve_bench.sched.scheduler.ConserveScheduler"
 
 
 @dataclass(frozen=True)
@@ -71,15 +70,7 @@ def from_line_with_notes(line: str) -> tuple[Sample, dict[str, Any]]:
 
 def recording_overrides(step_log: str | Path) -> dict[str, Any]:
     """`EngineConfig` fields that start vLLM with `ConserveScheduler` logging to `step_log`."""
-    return {"scheduler_cls": SCHEDULER_CLS,
-            "additional_config": {"conserve": {"step_log": str(step_log)}}}
-
-
-def step_log_path(additional_config: Any) -> str | None:
-    """`additional_config["conserve"]["step_log"]` (vLLM's plug-in config), or None."""
-    if not isinstance(additional_config, dict):
-        return None
-    return (additional_config.get("conserve") or {}).get("step_log") or None
+    return conserve_overrides(step_log=str(step_log))
 
 
 class StepLogWriter:

@@ -11,8 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from conserve_bench.errors import ConserveError, EngineUnavailableError, JobNotFoundError, JobStateError
-
-FINAL_STATES = ("done", "failed", "cancelled")
+from conserve_bench.store.states import ItemState, JobState
 
 
 class ServerError(ConserveError):
@@ -56,7 +55,7 @@ class JobClient:
         while offset is not None:
             page = self._call("GET", f"/v1/jobs/{job_id}/items",
                               params={"offset": offset, "limit": page_size})
-            results.update({i["key"]: i["result"] for i in page["items"] if i["state"] == "done"})
+            results.update({i["key"]: i["result"] for i in page["items"] if i["state"] == ItemState.DONE})
             offset = page["next_offset"]
         return results
 
@@ -64,7 +63,7 @@ class JobClient:
         while True:
             status = self.status(job_id)
             on_progress(status["done"], status["total"])
-            if status["state"] in FINAL_STATES:
+            if JobState(status["state"]).is_final:
                 return status
             time.sleep(poll_s)
 

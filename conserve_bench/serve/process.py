@@ -37,18 +37,18 @@ class ServerProcess:
         httpx.get(f"{server.url}/health")
     """
 
-    def __init__(self, serve_args: list[str], log_dir: Path, ready_timeout_s: float = 400):
+    def __init__(self, serve_args: list[str], log_dir: Path, ready_timeout_s: float = 400,
+                 wait: bool = True):
+        """Start the server; with `wait=False`, return at once (`wait_ready` before use)."""
         self.port = free_port()
+        self.ready_timeout_s, self._ready = ready_timeout_s, False
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_dir) / f"server-{self.port}.log"
         cmd = [sys.executable, "-m", "conserve_bench.cli", "serve", "--port", str(self.port), *serve_args]
         self.log = self.log_path.open("w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            self._wait_ready(ready_timeout_s)
-        except BaseException:
-            self.kill()
-            raise
+        if wait:
+            self.wait_ready()
 
     def __enter__(self) -> "ServerProcess":
         return self
@@ -56,7 +56,15 @@ class ServerProcess:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self) -> None:
+        """Return once `/health` answers; on a failed start, kill the group and raise."""
+        try:
+            self._ready = self._ready or self._poll_ready(self.ready_timeout_s)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _poll_ready(self, timeout_s: float) -> bool:
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -64,7 +72,7 @@ class ServerProcess:
                                        f"see {self.log_path}: {self.log_tail(300)!r}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
+                    return True
             except httpx.HTTPError:
                 pass
             time.sleep(1)

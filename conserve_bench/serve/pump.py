@@ -16,7 +16,7 @@ from pathlib import Path
 
 from conserve_bench.config import RunConfig
 from conserve_bench.engine.async_llm import AsyncEngineAdapter
-from conserve_bench.store import Store
+from conserve_bench.store import JobState, Store
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class OfflinePump:
                 log.info("offline pump stopped during job %s; its items are pending", job.id)
             except Exception:
                 if self._stop.is_set():  # the engine went down with the server: not the job's fault
-                    self.store.set_job_state(job.id, "queued")
+                    self.store.set_job_state(job.id, JobState.QUEUED)
                     return
                 log.exception("job %s failed", job.id)
                 time.sleep(IDLE_POLL_S)

@@ -30,11 +30,12 @@ import uvicorn
 
 from conserve_bench.config import EngineConfig, RunConfig
 from conserve_bench.engine.local import context_length, engine_args, engine_environment
+from conserve_bench.engine.plugin import ONLINE_PRIORITY, conserve_overrides
 from conserve_bench.errors import ConserveError
 from conserve_bench.sched.latency import LatencyModel
 from conserve_bench.engine.models import resolve_model
-from conserve_bench.sched.policy import DEFAULT_MARGIN, PolicyConfig, Targets, default_targets
-from conserve_bench.sched.steplog import SCHEDULER_CLS
+from conserve_bench.sched.policy import (DEFAULT_MARGIN, PolicyConfig, Targets, check_targets,
+                                         default_targets)
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,13 @@ class ServeConfig:
         if self.policy == "conserve" and not self.profile:
             raise ServeConfigError("the conserve policy sizes offline work with this machine's "
                                    "latency profile: drop --no-profile, or use --policy priority")
-        for name in ("ttft_slo_ms", "tbt_slo_ms", "quantum_ms"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ServeConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-        if not 0 <= self.slo_margin < 1:
-            raise ServeConfigError(f"--slo-margin must be in [0, 1), got {self.slo_margin}")
+        # NOTE: the policy's own rules, so a flag the engine would refuse fails here, at once.
+        check_targets(_seconds(self.ttft_slo_ms), _seconds(self.tbt_slo_ms), self.slo_margin,
+                      _seconds(self.quantum_ms))
+
+
+def _seconds(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1e3
 
 
 def vllm_cli_args(cfg: ServeConfig, engine_cfg: EngineConfig) -> list[str]:
@@ -130,18 +132,15 @@ def resolve_targets(cfg: ServeConfig, model: LatencyModel | None) -> Targets:
         ttft_s, tbt_s = derived.ttft_s, derived.tbt_s
     else:
         ttft_s, tbt_s = FALLBACK_TTFT_MS / 1e3, FALLBACK_TBT_MS / 1e3
-    return Targets(ttft_s=cfg.ttft_slo_ms / 1e3 if cfg.ttft_slo_ms else ttft_s,
-                   tbt_s=cfg.tbt_slo_ms / 1e3 if cfg.tbt_slo_ms else tbt_s,
-                   margin=cfg.slo_margin,
-                   quantum_s=cfg.quantum_ms / 1e3 if cfg.quantum_ms else None)
+    return Targets(ttft_s=_seconds(cfg.ttft_slo_ms) or ttft_s,
+                   tbt_s=_seconds(cfg.tbt_slo_ms) or tbt_s,
+                   margin=cfg.slo_margin, quantum_s=_seconds(cfg.quantum_ms))
 
 
 def with_conserve_config(engine_cfg: EngineConfig, **entries: Any) -> EngineConfig:
     """The engine config with ConserveScheduler and `entries` added to its plug-in config
-    (`additional_config["conserve"]`: "policy", "step_log")."""
-    additional = dict(engine_cfg.additional_config)
-    additional["conserve"] = {**additional.get("conserve", {}), **entries}
-    return replace(engine_cfg, scheduler_cls=SCHEDULER_CLS, additional_config=additional)
+    (`engine.plugin`: "policy", "step_log")."""
+    return replace(engine_cfg, **conserve_overrides(engine_cfg.additional_config, **entries))
 
 
 def load_or_measure_profile(cfg: ServeConfig, engine_cfg: EngineConfig):
@@ -238,7 +237,7 @@ class OnlinePriorityMiddleware:
         streaming = False
         try:
             payload = json.loads(body or b"{}")
-            payload["priority"] = 0  # NOTE: clients cannot jump ahead of or behind online work
+            payload["priority"] = ONLINE_PRIORITY  # NOTE: clients cannot jump ahead of or behind online work
             streaming = bool(payload.get("stream"))
             body = json.dumps(payload).encode()
         except (ValueError, TypeError, AttributeError):

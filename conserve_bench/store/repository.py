@@ -2,11 +2,13 @@
 
 A work item is one lm-eval request, keyed by a content hash (request kind, arguments, model,
 generation settings), so items are shared across jobs and a rebuilt job reuses every finished
-one. This module owns all SQL; callers use the small repository API below. It never talks to
-the engine and never holds a transaction open across engine work.
+one. This module owns all SQL (tables in `schema`, their history in `migrations`); callers
+use the small repository API below and see plain dataclasses. It never talks to the engine
+and never holds a transaction open across engine work.
 
-Life of an item: pending -> running (claimed by an owner, e.g. "host:pid") -> done.
-Items whose owner died go back to pending in `requeue_stale`.
+Life of an item (`states.ItemState`): pending -> running (claimed by an owner, e.g.
+"host:pid") -> done, completed only by the owner that holds it. Items whose owner died go back
+to pending in `requeue_stale`.
 """
 
 from __future__ import annotations
@@ -16,110 +18,21 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import OperationalError
 
 from conserve_bench.config import JobSpec
 from conserve_bench.errors import DatabaseURLError, JobNotFoundError
+from conserve_bench.store.db import create_engine, insert_ignore
+from conserve_bench.store.migrations import migrate
+from conserve_bench.store.schema import PROFILE_KEY_COLUMNS, job_items, jobs, items, profiles
+from conserve_bench.store.states import ItemState, JobState
 
-if TYPE_CHECKING:
-    from conserve_bench.sched.profiles import ProfileKey
-
-JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 SQLITE_MAX_VARS = 900  # stay under SQLite's bound-parameter limit in IN (...) lists
-
-metadata = sa.MetaData()
-
-schema_version = sa.Table(
-    "schema_version", metadata, sa.Column("version", sa.Integer, nullable=False)
-)
-
-jobs = sa.Table(
-    "jobs",
-    metadata,
-    sa.Column("id", sa.String(32), primary_key=True),
-    sa.Column("state", sa.String(16), nullable=False, index=True),
-    sa.Column("spec", sa.Text, nullable=False),
-    sa.Column("num_total", sa.Integer, nullable=False, default=0),
-    sa.Column("results", sa.Text),
-    sa.Column("error", sa.Text),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("updated_at", sa.Float, nullable=False),
-    sa.Column("run_s", sa.Float, nullable=False, default=0.0),
-)
-
-items = sa.Table(
-    "items",
-    metadata,
-    sa.Column("key", sa.String(64), primary_key=True),
-    sa.Column("kind", sa.String(32), nullable=False),
-    sa.Column("args", sa.Text, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False, index=True),
-    sa.Column("result", sa.Text),
-    sa.Column("owner", sa.String(128)),
-    sa.Column("claimed_at", sa.Float),
-    sa.Column("finished_at", sa.Float),
-    sa.Column("num_runs", sa.Integer, nullable=False, default=0),
-)
-
-job_items = sa.Table(
-    "job_items",
-    metadata,
-    sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id"), primary_key=True),
-    sa.Column("item_key", sa.String(64), sa.ForeignKey("items.key"), primary_key=True),
-    sa.Column("seq", sa.Integer, nullable=False),
-    sa.Index("ix_job_items_item", "item_key"),
-)
-
-# NOTE: a profile is valid only for its exact key (model, dtype, device, vLLM version, parallel
-# size); the key is the primary key so that re-profiling replaces, never duplicates.
-profiles = sa.Table(
-    "profiles",
-    metadata,
-    sa.Column("model", sa.String(256), primary_key=True),
-    sa.Column("dtype", sa.String(32), primary_key=True),
-    sa.Column("device", sa.String(256), primary_key=True),
-    sa.Column("vllm_version", sa.String(64), primary_key=True),
-    sa.Column("parallel_size", sa.Integer, primary_key=True),
-    sa.Column("model_json", sa.Text, nullable=False),
-    sa.Column("num_samples", sa.Integer, nullable=False),
-    sa.Column("fit_error", sa.Text),
-    sa.Column("created_at", sa.Float, nullable=False),
-)
-
-PROFILE_KEY_COLUMNS = ("model", "dtype", "device", "vllm_version", "parallel_size")
-
-# -- migrations: ordered, named, each run once; version N means the first N have run ----------
-
-
-def _m001_initial(conn: sa.Connection) -> None:
-    for table in (jobs, items, job_items):
-        table.create(conn, checkfirst=True)
-
-
-def _m002_profiles(conn: sa.Connection) -> None:
-    profiles.create(conn, checkfirst=True)
-
-
-MIGRATIONS = [_m001_initial, _m002_profiles]
-
-
-def migrate(engine: sa.Engine) -> int:
-    """Bring a database to the latest schema; returns the resulting version."""
-    with engine.begin() as conn:
-        schema_version.create(conn, checkfirst=True)
-        current = conn.execute(sa.select(schema_version.c.version)).scalar()
-        if current is None:
-            conn.execute(schema_version.insert().values(version=0))
-            current = 0
-        for migration in MIGRATIONS[current:]:
-            migration(conn)
-        conn.execute(schema_version.update().values(version=len(MIGRATIONS)))
-    return len(MIGRATIONS)
 
 
 # -- plain data handed to callers -------------------------------------------------------------
@@ -135,7 +48,7 @@ class WorkItem:
 @dataclass(frozen=True)
 class Job:
     id: str
-    state: str
+    state: JobState
     spec: JobSpec
     num_total: int
     num_done: int
@@ -147,7 +60,7 @@ class Job:
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
-            "state": self.state,
+            "state": self.state.value,
             "done": self.num_done,
             "total": self.num_total,
             "tasks": list(self.spec.tasks),
@@ -175,7 +88,7 @@ class Store:
 
     def __init__(self, url: str):
         self.url = url
-        self.engine = _create_engine(url)
+        self.engine = create_engine(url)
         try:
             migrate(self.engine)
         except OperationalError as e:
@@ -189,7 +102,7 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(
                 jobs.insert().values(
-                    id=job_id, state="queued", spec=json.dumps(spec.to_dict()),
+                    id=job_id, state=JobState.QUEUED, spec=json.dumps(spec.to_dict()),
                     num_total=0, created_at=now, updated_at=now, run_s=0.0,
                 )
             )
@@ -208,7 +121,7 @@ class Store:
         num_done = (
             sa.select(sa.func.count())
             .select_from(job_items.join(items, items.c.key == job_items.c.item_key))
-            .where(job_items.c.job_id == jobs.c.id, items.c.state == "done")
+            .where(job_items.c.job_id == jobs.c.id, items.c.state == ItemState.DONE)
             .scalar_subquery()
         )
         query = sa.select(jobs, num_done.label("num_done")).where(where)
@@ -221,17 +134,16 @@ class Store:
         """The oldest job that is queued or was running (its runner died or was drained)."""
         with self.engine.connect() as conn:
             job_id = conn.execute(
-                sa.select(jobs.c.id).where(jobs.c.state.in_(("queued", "running")))
+                sa.select(jobs.c.id).where(jobs.c.state.in_((JobState.QUEUED, JobState.RUNNING)))
                 .order_by(jobs.c.created_at).limit(1)
             ).scalar()
         return self.get_job(job_id) if job_id else None
 
-    def set_job_state(self, job_id: str, state: str, error: str | None = None) -> None:
-        assert state in JOB_STATES, state
+    def set_job_state(self, job_id: str, state: JobState, error: str | None = None) -> None:
         with self.engine.begin() as conn:
             conn.execute(
                 jobs.update().where(jobs.c.id == job_id)
-                .values(state=state, error=error, updated_at=time.time())
+                .values(state=JobState(state), error=error, updated_at=time.time())
             )
 
     def add_run_time(self, job_id: str, run_s: float) -> None:
@@ -245,7 +157,7 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(
                 jobs.update().where(jobs.c.id == job_id)
-                .values(results=json.dumps(results), state="done", error=None,
+                .values(results=json.dumps(results), state=JobState.DONE, error=None,
                         updated_at=time.time())
             )
 
@@ -265,7 +177,7 @@ class Store:
                 .where(job_items.c.job_id == job_id)
             ).scalar()
             item_rows = [
-                {"key": w.key, "kind": w.kind, "args": json.dumps(w.args), "state": "pending",
+                {"key": w.key, "kind": w.kind, "args": json.dumps(w.args), "state": ItemState.PENDING,
                  "num_runs": 0}
                 for w in work
             ]
@@ -273,9 +185,9 @@ class Store:
                 {"job_id": job_id, "item_key": w.key, "seq": base + i} for i, w in enumerate(work)
             ]
             for chunk in _chunks(item_rows, 500):
-                conn.execute(_insert_ignore(items, conn), list(chunk))
+                conn.execute(insert_ignore(items, conn), list(chunk))
             for chunk in _chunks(link_rows, 500):
-                conn.execute(_insert_ignore(job_items, conn), list(chunk))
+                conn.execute(insert_ignore(job_items, conn), list(chunk))
             total = conn.execute(
                 sa.select(sa.func.count()).select_from(job_items)
                 .where(job_items.c.job_id == job_id)
@@ -293,45 +205,56 @@ class Store:
             query = (
                 sa.select(items.c.key, items.c.kind, items.c.args)
                 .join(job_items, job_items.c.item_key == items.c.key)
-                .where(job_items.c.job_id == job_id, items.c.state == "pending")
+                .where(job_items.c.job_id == job_id, items.c.state == ItemState.PENDING)
                 .order_by(job_items.c.seq)
                 .limit(limit)
             )
             if kind is not None:
                 query = query.where(items.c.kind == kind)
             rows = conn.execute(query).all()
-            claimed = [WorkItem(r.key, r.kind, json.loads(r.args)) for r in rows]
-            for chunk in _chunks([w.key for w in claimed]):
+            candidates = [WorkItem(r.key, r.kind, json.loads(r.args)) for r in rows]
+            got: set[str] = set()
+            for chunk in _chunks([w.key for w in candidates]):
                 # NOTE: the state guard makes a claim race between two owners harmless:
-                # whoever updates second changes nothing for rows it did not get.
-                conn.execute(
+                # whoever updates second gets none of the rows the first took, and returns
+                # only the rows its own update changed.
+                got.update(conn.execute(
                     items.update()
-                    .where(items.c.key.in_(chunk), items.c.state == "pending")
-                    .values(state="running", owner=owner, claimed_at=time.time(),
+                    .where(items.c.key.in_(chunk), items.c.state == ItemState.PENDING)
+                    .values(state=ItemState.RUNNING, owner=owner, claimed_at=time.time(),
                             num_runs=items.c.num_runs + 1)
-                )
-        return claimed
+                    .returning(items.c.key)
+                ).scalars())
+        return [w for w in candidates if w.key in got]
 
-    def complete_items(self, owner: str, results: dict[str, Any]) -> None:
-        """Commit finished items in one transaction (the batched commit of the runner)."""
+    def complete_items(self, owner: str, results: Mapping[str, Any]) -> int:
+        """Commit finished items in one transaction (the batched commit of the runner); returns
+        how many were completed.
+
+        NOTE: only items `owner` holds in state running are completed: an item given back to
+        pending (its owner presumed dead) or claimed by another owner since keeps that owner's
+        result. Fencing a presumed-dead worker rests on this guard.
+        """
         if not results:
-            return
+            return 0
         now = time.time()
         with self.engine.begin() as conn:
-            conn.execute(
+            return conn.execute(
                 items.update()
-                .where(items.c.key == sa.bindparam("k"))
-                .values(state="done", result=sa.bindparam("r"), finished_at=now, owner=None),
+                .where(items.c.key == sa.bindparam("k"), items.c.owner == owner,
+                       items.c.state == ItemState.RUNNING)
+                .values(state=ItemState.DONE, result=sa.bindparam("r"), finished_at=now,
+                        owner=None),
                 [{"k": key, "r": json.dumps(value)} for key, value in results.items()],
-            )
+            ).rowcount
 
     def release_items(self, owner: str) -> int:
         """Return every item `owner` holds to pending (a graceful stop or drain)."""
         with self.engine.begin() as conn:
             return conn.execute(
                 items.update()
-                .where(items.c.owner == owner, items.c.state == "running")
-                .values(state="pending", owner=None, claimed_at=None)
+                .where(items.c.owner == owner, items.c.state == ItemState.RUNNING)
+                .values(state=ItemState.PENDING, owner=None, claimed_at=None)
             ).rowcount
 
     def requeue_stale(self, lease_s: float = 600.0) -> int:
@@ -344,15 +267,15 @@ class Store:
         with self.engine.begin() as conn:
             running = conn.execute(
                 sa.select(items.c.owner, sa.func.min(items.c.claimed_at))
-                .where(items.c.state == "running").group_by(items.c.owner)
+                .where(items.c.state == ItemState.RUNNING).group_by(items.c.owner)
             ).all()
             dead = [o for o, claimed_at in running if _owner_is_dead(o, claimed_at, host, lease_s)]
             num = 0
             for chunk in _chunks(dead):
                 num += conn.execute(
                     items.update()
-                    .where(items.c.owner.in_(chunk), items.c.state == "running")
-                    .values(state="pending", owner=None, claimed_at=None)
+                    .where(items.c.owner.in_(chunk), items.c.state == ItemState.RUNNING)
+                    .values(state=ItemState.PENDING, owner=None, claimed_at=None)
                 ).rowcount
         return num
 
@@ -362,7 +285,7 @@ class Store:
             for chunk in _chunks(list(keys)):
                 rows = conn.execute(
                     sa.select(items.c.key, items.c.result)
-                    .where(items.c.key.in_(chunk), items.c.state == "done")
+                    .where(items.c.key.in_(chunk), items.c.state == ItemState.DONE)
                 ).all()
                 out.update({r.key: json.loads(r.result) for r in rows})
         return out
@@ -387,7 +310,7 @@ class Store:
                 .offset(offset).limit(limit)
             ).all()
         return [{"key": r.key, "kind": r.kind, "state": r.state,
-                 "result": json.loads(r.result) if r.state == "done" else None} for r in rows]
+                 "result": json.loads(r.result) if r.state == ItemState.DONE else None} for r in rows]
 
     def run_counts(self, job_id: str) -> dict[str, int]:
         """How many times each item of a job was sent to an engine (for durability checks)."""
@@ -401,9 +324,10 @@ class Store:
 
     # -- latency profiles ---------------------------------------------------------------------
 
-    def save_profile(self, key: ProfileKey, model: dict[str, Any], num_samples: int,
+    def save_profile(self, key: Mapping[str, Any], model: dict[str, Any], num_samples: int,
                      fit_error: dict[str, Any] | None = None) -> None:
-        """Store a fitted `LatencyModel.to_dict()`, replacing any profile with the same key."""
+        """Store a fitted `LatencyModel.to_dict()` under `key` (a value for each of
+        PROFILE_KEY_COLUMNS), replacing any profile with the same key."""
         with self.engine.begin() as conn:
             conn.execute(profiles.delete().where(_profile_key_matches(key)))
             conn.execute(profiles.insert().values(
@@ -411,7 +335,7 @@ class Store:
                 fit_error=None if fit_error is None else json.dumps(fit_error),
                 created_at=time.time()))
 
-    def load_profile(self, key: ProfileKey) -> dict[str, Any] | None:
+    def load_profile(self, key: Mapping[str, Any]) -> dict[str, Any] | None:
         """The profile stored under exactly `key` (every key column equal), or None."""
         rows = self._select_profiles(_profile_key_matches(key))
         return rows[0] if rows else None
@@ -427,11 +351,11 @@ class Store:
         return [_profile_from_row(r) for r in rows]
 
 
-def _profile_key_values(key: ProfileKey) -> dict[str, Any]:
-    return {name: getattr(key, name) for name in PROFILE_KEY_COLUMNS}
+def _profile_key_values(key: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: key[name] for name in PROFILE_KEY_COLUMNS}
 
 
-def _profile_key_matches(key: ProfileKey):
+def _profile_key_matches(key: Mapping[str, Any]):
     return sa.and_(*(profiles.c[name] == value for name, value in _profile_key_values(key).items()))
 
 
@@ -463,48 +387,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _job_from_row(r) -> Job:
     return Job(
-        id=r["id"], state=r["state"], spec=JobSpec.from_dict(json.loads(r["spec"])),
+        id=r["id"], state=JobState(r["state"]), spec=JobSpec.from_dict(json.loads(r["spec"])),
         num_total=r["num_total"], num_done=r["num_done"], created_at=r["created_at"],
         updated_at=r["updated_at"], run_s=r["run_s"], error=r["error"],
     )
-
-
-def _insert_ignore(table: sa.Table, conn: sa.Connection):
-    dialect = conn.dialect.name
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    elif dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        raise DatabaseURLError(f"unsupported database dialect {dialect!r}")
-    return insert(table).on_conflict_do_nothing()
-
-
-def _create_engine(url: str) -> sa.Engine:
-    try:
-        parsed = sa.make_url(url)
-    except ArgumentError:
-        raise DatabaseURLError(
-            f"malformed database URL {url!r} (expected e.g. sqlite:///conserve.db)"
-        ) from None
-    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
-        raise DatabaseURLError(f"unsupported database {parsed.get_backend_name()!r} in {url!r}")
-    if parsed.get_backend_name() != "sqlite":
-        return sa.create_engine(parsed, pool_pre_ping=True)
-    if parsed.database and parsed.database != ":memory:":
-        directory = os.path.dirname(os.path.abspath(parsed.database))
-        if not os.path.isdir(directory):
-            raise DatabaseURLError(f"database directory {directory!r} does not exist")
-    engine = sa.create_engine(parsed, connect_args={"timeout": 30})
-
-    @sa.event.listens_for(engine, "connect")
-    def _sqlite_pragmas(dbapi_conn, _record):
-        # NOTE: WAL lets `status` read while a job commits; synchronous=NORMAL is durable
-        # across process kills (only a power loss can drop the last commit).
-        cursor = dbapi_conn.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    return engine

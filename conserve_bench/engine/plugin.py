@@ -1,0 +1,48 @@
+"""How conserve-bench plugs into vLLM: the conventions both sides of the engine must share.
+
+Owns the request priorities (online 0, offline 1), the scheduler class path handed to vLLM as
+`scheduler_cls`, and the layout of vLLM's plug-in config `additional_config["conserve"]`
+("policy": a `policy.PolicyConfig` dict; "step_log": a path). Read in the engine process by
+`sched.scheduler`, written by `serve`, `profile` and the tests. Plain data: it must never
+import torch or vLLM, so the pure policy side (`sched.steplog`) can import it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# NOTE: vLLM's priority scheduling runs lower values first; online routes are forced to
+# ONLINE_PRIORITY (serve's middleware), offline work items run at OFFLINE_PRIORITY.
+ONLINE_PRIORITY = 0
+OFFLINE_PRIORITY = 1
+SCHEDULER_CLS = "conserve_bench.sched.scheduler.ConserveScheduler"
+CONFIG_KEY = "conserve"  # additional_config[CONFIG_KEY]: {"policy": ..., "step_log": ...}
+POLICY, STEP_LOG = "policy", "step_log"
+
+
+def is_online(priority: int) -> bool:
+    return priority <= ONLINE_PRIORITY
+
+
+def conserve_config(additional_config: Any) -> dict[str, Any]:
+    """`additional_config["conserve"]`, or {} (vLLM hands the engine whatever it was given)."""
+    if not isinstance(additional_config, dict):
+        return {}
+    return additional_config.get(CONFIG_KEY) or {}
+
+
+def step_log_path(additional_config: Any) -> str | None:
+    """`additional_config["conserve"]["step_log"]`, or None."""
+    return conserve_config(additional_config).get(STEP_LOG) or None
+
+
+def conserve_overrides(additional_config: dict[str, Any] | None = None,
+                       **entries: Any) -> dict[str, Any]:
+    """`EngineConfig` fields that start vLLM with `ConserveScheduler`, with `entries` ("policy",
+    "step_log") added to the plug-in config of `additional_config`."""
+    unknown = set(entries) - {POLICY, STEP_LOG}
+    if unknown:
+        raise ValueError(f"unknown {CONFIG_KEY} config entries: {', '.join(sorted(unknown))}")
+    additional = dict(additional_config or {})
+    additional[CONFIG_KEY] = {**conserve_config(additional), **entries}
+    return {"scheduler_cls": SCHEDULER_CLS, "additional_config": additional}

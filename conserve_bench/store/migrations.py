@@ -1,0 +1,89 @@
+"""Schema migrations: ordered, named, each run once, each frozen as the day it was written.
+
+Version N means the first N migrations have run (`schema_version`). A migration declares the
+tables it creates or alters itself, in its own `MetaData`; it must never use the live tables
+of `schema.py`, which follow the current schema: an old store and a blank one must end up
+identical (tests/test_store.py). Add a migration at the end; never edit one that shipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlalchemy as sa
+
+from conserve_bench.store.schema import schema_version
+
+
+def m001_initial(conn: sa.Connection) -> None:
+    """Jobs, work items and the job -> item links (f2e394e, the walking skeleton)."""
+    meta = sa.MetaData()
+    jobs = sa.Table(
+        "jobs", meta,
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("state", sa.String(16), nullable=False, index=True),
+        sa.Column("spec", sa.Text, nullable=False),
+        sa.Column("num_total", sa.Integer, nullable=False),
+        sa.Column("results", sa.Text),
+        sa.Column("error", sa.Text),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("updated_at", sa.Float, nullable=False),
+        sa.Column("run_s", sa.Float, nullable=False),
+    )
+    items = sa.Table(
+        "items", meta,
+        sa.Column("key", sa.String(64), primary_key=True),
+        sa.Column("kind", sa.String(32), nullable=False),
+        sa.Column("args", sa.Text, nullable=False),
+        sa.Column("state", sa.String(16), nullable=False, index=True),
+        sa.Column("result", sa.Text),
+        sa.Column("owner", sa.String(128)),
+        sa.Column("claimed_at", sa.Float),
+        sa.Column("finished_at", sa.Float),
+        sa.Column("num_runs", sa.Integer, nullable=False),
+    )
+    job_items = sa.Table(
+        "job_items", meta,
+        sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id"), primary_key=True),
+        sa.Column("item_key", sa.String(64), sa.ForeignKey("items.key"), primary_key=True),
+        sa.Column("seq", sa.Integer, nullable=False),
+        sa.Index("ix_job_items_item", "item_key"),
+    )
+    for table in (jobs, items, job_items):
+        table.create(conn, checkfirst=True)
+
+
+def m002_profiles(conn: sa.Connection) -> None:
+    """Latency profiles, keyed by everything a step time depends on (0c4d538)."""
+    sa.Table(
+        "profiles", sa.MetaData(),
+        sa.Column("model", sa.String(256), primary_key=True),
+        sa.Column("dtype", sa.String(32), primary_key=True),
+        sa.Column("device", sa.String(256), primary_key=True),
+        sa.Column("vllm_version", sa.String(64), primary_key=True),
+        sa.Column("parallel_size", sa.Integer, primary_key=True),
+        sa.Column("model_json", sa.Text, nullable=False),
+        sa.Column("num_samples", sa.Integer, nullable=False),
+        sa.Column("fit_error", sa.Text),
+        sa.Column("created_at", sa.Float, nullable=False),
+    ).create(conn, checkfirst=True)
+
+
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [m001_initial, m002_profiles]
+
+
+def migrate(engine: sa.Engine, migrations=MIGRATIONS) -> int:
+    """Run the migrations a database has not run yet (one transaction); the resulting version.
+
+    `migrations` is for tests that build an old store from the first few.
+    """
+    with engine.begin() as conn:
+        schema_version.create(conn, checkfirst=True)
+        current = conn.execute(sa.select(schema_version.c.version)).scalar()
+        if current is None:
+            conn.execute(schema_version.insert().values(version=0))
+            current = 0
+        for migration in migrations[current:]:
+            migration(conn)
+        conn.execute(schema_version.update().values(version=max(current, len(migrations))))
+    return max(current, len(migrations))

@@ -1,0 +1,71 @@
+"""The current schema: the tables every query of the store is written against.
+
+This is what `migrations.MIGRATIONS` must produce, from a blank database or from any older
+one (tests/test_store.py checks both). Change a table here only together with a new
+migration that brings existing databases to it; never edit an old migration instead.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+schema_version = sa.Table(
+    "schema_version", metadata, sa.Column("version", sa.Integer, nullable=False)
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("spec", sa.Text, nullable=False),
+    sa.Column("num_total", sa.Integer, nullable=False, default=0),
+    sa.Column("results", sa.Text),
+    sa.Column("error", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("run_s", sa.Float, nullable=False, default=0.0),
+)
+
+items = sa.Table(
+    "items",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("args", sa.Text, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("result", sa.Text),
+    sa.Column("owner", sa.String(128)),
+    sa.Column("claimed_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("num_runs", sa.Integer, nullable=False, default=0),
+)
+
+job_items = sa.Table(
+    "job_items",
+    metadata,
+    sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id"), primary_key=True),
+    sa.Column("item_key", sa.String(64), sa.ForeignKey("items.key"), primary_key=True),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Index("ix_job_items_item", "item_key"),
+)
+
+# NOTE: a profile is valid only for its exact key (model, dtype, device, vLLM version, parallel
+# size); the key is the primary key so that re-profiling replaces, never duplicates.
+profiles = sa.Table(
+    "profiles",
+    metadata,
+    sa.Column("model", sa.String(256), primary_key=True),
+    sa.Column("dtype", sa.String(32), primary_key=True),
+    sa.Column("device", sa.String(256), primary_key=True),
+    sa.Column("vllm_version", sa.String(64), primary_key=True),
+    sa.Column("parallel_size", sa.Integer, primary_key=True),
+    sa.Column("model_json", sa.Text, nullable=False),
+    sa.Column("num_samples", sa.Integer, nullable=False),
+    sa.Column("fit_error", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+PROFILE_KEY_COLUMNS = ("model", "dtype", "device", "vllm_version", "parallel_size")

@@ -1,0 +1,40 @@
+"""The states of jobs and work items: one definition, stored as their plain string values.
+
+A job: queued -> running -> done | failed | cancelled (a drained or interrupted job goes back
+to queued). An item: pending -> running (claimed by one owner) -> done; a running item whose
+owner died or let go returns to pending. The values are what the database and the JSON of
+`status`/`jobs` hold; they must never change.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class _StrEnum(str, Enum):
+    """Equal to, hashed like and formatted as its value (so JSON and f-strings see "done")."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class JobState(_StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        """Nothing will run: done, failed or cancelled."""
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+class ItemState(_StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"

@@ -1,0 +1,87 @@
+"""The offline pump on the fake engine: start, run queued jobs, drain on stop, resume on the
+next start (what `serve` does around SIGTERM and after a SIGKILL)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from conserve_bench.config import RunConfig
+from conserve_bench.engine.fake import FAKE_FINGERPRINT, FakeEngine
+from conserve_bench.jobs.lifecycle import submit_requests
+from conserve_bench.serve.pump import OfflinePump
+
+from .conftest import dead_owner, wait_for
+
+WINDOW = RunConfig(max_inflight=4)
+
+
+def requests_job(store, num: int, label: str = "lm-eval"):
+    job, _ = submit_requests(store, [("loglikelihood_rolling", [f"{label} {i}"]) for i in range(num)],
+                             FAKE_FINGERPRINT, "fake-model", label)
+    return job
+
+
+def pump(store, engine, progress=None) -> OfflinePump:
+    return OfflinePump(store, engine, WINDOW, output_dir=None,
+                       on_progress=lambda *a: progress.append(a) if progress is not None else None)
+
+
+@contextlib.contextmanager
+def running(p: OfflinePump):
+    p.start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def wait_done(store, job, timeout_s: float = 30) -> None:
+    wait_for(lambda: store.get_job(job.id).state == "done", f"job {job.id}", timeout_s)
+
+
+def test_a_started_pump_runs_queued_jobs_oldest_first(store):
+    first, second = requests_job(store, 6, "a"), requests_job(store, 6, "b")
+    engine, progress = FakeEngine(items_per_step=2), []
+    with running(pump(store, engine, progress)):
+        wait_done(store, second)
+    assert store.get_job(first.id).state == "done"
+    assert engine.submitted == [i["key"] for j in (first, second) for i in store.job_items(j.id)]
+    assert (first.id, 6, 6) in progress and (second.id, 6, 6) in progress
+
+
+def test_stop_drains_in_flight_items_to_pending_and_the_next_start_resumes(store):
+    job = requests_job(store, 20)
+    first = pump(store, FakeEngine(items_per_step=1, stall_after=8))
+    first.start()
+    wait_for(lambda: store.get_job(job.id).num_done == 8, "the stall")
+    assert store.item_states(job.id)["running"] > 0
+    first.stop(timeout_s=10)
+    drained = store.get_job(job.id)
+    assert (drained.state, drained.num_done) == ("queued", 8)
+    assert store.item_states(job.id) == {"done": 8, "pending": 12}
+
+    with running(pump(store, FakeEngine())):
+        wait_done(store, job)
+    runs = store.run_counts(job.id)
+    assert sum(n - 1 for n in runs.values()) <= WINDOW.max_inflight  # only what was in flight
+
+
+def test_a_start_takes_back_a_killed_servers_running_job(store):
+    job = requests_job(store, 10)
+    store.set_job_state(job.id, "running")
+    store.claim_items(job.id, dead_owner(), 4)  # the killed server's in-flight items
+    with running(pump(store, FakeEngine())):
+        wait_done(store, job)
+    assert store.item_states(job.id) == {"done": 10}
+
+
+def test_a_failing_job_does_not_stop_the_pump(store, monkeypatch):
+    from conserve_bench.serve import pump as pump_module
+
+    monkeypatch.setattr(pump_module, "IDLE_POLL_S", 0.01)
+    bad, good = requests_job(store, 6, "bad"), requests_job(store, 6, "good")
+    with running(pump(store, FakeEngine(fail_after=3))):
+        wait_done(store, good)
+    failed = store.get_job(bad.id)
+    assert failed.state == "failed" and failed.error.startswith("FakeEngineError")
+    assert store.item_states(bad.id) == {"done": 3, "pending": 3}

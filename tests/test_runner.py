@@ -1,0 +1,124 @@
+"""The runner on the fake engine: its window, batched commits, stopping, dead and live owners.
+
+What `submit`, `serve` and the lm-eval backend rely on, proven in milliseconds; the real
+engine under a real SIGKILL is tests/test_durability.py.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from conserve_bench.config import JobSpec, RunConfig
+from conserve_bench.engine.contract import ItemEngine
+from conserve_bench.engine.fake import FakeEngine, FakeEngineError, fake_result
+from conserve_bench.jobs import runner as runner_module
+from conserve_bench.jobs.runner import Runner, Stopped
+from conserve_bench.store import WorkItem
+
+from .conftest import dead_owner, wait_for
+
+KINDS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+
+
+def add_job(store, num_items: int):
+    job = store.create_job(JobSpec(tasks=("t",), source="requests"))
+    work = [WorkItem(f"k{i:03d}", KINDS[i % 3], {"i": i}) for i in range(num_items)]
+    store.add_items(job.id, work)
+    return job.id, [w.key for w in work]
+
+
+class CommitLog:
+    """Wraps `store.complete_items` to see each batch the runner commits."""
+
+    def __init__(self, store):
+        self.batches: list[int] = []
+        complete = store.complete_items
+
+        def logged(owner, results):
+            self.batches.append(len(results))
+            return complete(owner, results)
+
+        store.complete_items = logged
+
+
+def test_the_fake_engine_keeps_the_engine_contract():
+    assert isinstance(FakeEngine(), ItemEngine)
+
+
+def test_window_bounds_claimed_uncommitted_items_at_every_step(store):
+    job_id, keys = add_job(store, 100)
+    seen = []
+    engine = FakeEngine(items_per_step=3,
+                        on_step=lambda: seen.append(store.item_states(job_id).get("running", 0)))
+    commits = CommitLog(store)
+    results = Runner(store, engine, RunConfig(max_inflight=8)).run(job_id, keys)
+    assert results == {w: fake_result(w, KINDS[int(w[1:]) % 3]) for w in keys}
+    assert max(seen) == 8  # the window is filled, never exceeded
+    assert store.item_states(job_id) == {"done": 100}
+    # half a window per transaction (the last may be smaller), never more than the window
+    assert all(4 <= n <= 8 for n in commits.batches[:-1]) and sum(commits.batches) == 100
+
+
+def test_commits_come_per_second_when_items_finish_slowly(store, monkeypatch):
+    monkeypatch.setattr(runner_module, "COMMIT_INTERVAL_S", 0.05)
+    job_id, keys = add_job(store, 6)
+    commits = CommitLog(store)
+    Runner(store, FakeEngine(items_per_step=1, step_s=0.03), RunConfig(max_inflight=64)).run(job_id, keys)
+    assert len(commits.batches) >= 3 and max(commits.batches) < 32  # not one batch at the end
+
+
+def test_runner_claims_only_the_kind_it_is_given(store):
+    job_id, keys = add_job(store, 9)
+    engine = FakeEngine()
+    Runner(store, engine).run(job_id, keys[::3], "loglikelihood")
+    assert engine.submitted == keys[::3]
+    assert store.item_states(job_id) == {"done": 3, "pending": 6}
+
+
+def test_a_stop_request_keeps_what_was_committed_and_release_returns_the_rest(store):
+    job_id, keys = add_job(store, 40)
+    runner = Runner(store, FakeEngine(items_per_step=2), RunConfig(max_inflight=8),
+                    should_stop=lambda: store.item_states(job_id).get("done", 0) > 0)
+    with pytest.raises(Stopped):
+        runner.run(job_id, keys)
+    states = store.item_states(job_id)
+    assert 0 < states["done"] <= 8 and states.get("running", 0) > 0
+    assert runner.release() == states["running"]
+    assert store.item_states(job_id) == {"done": states["done"], "pending": 40 - states["done"]}
+    assert runner.stats.num_items == states["done"]
+
+
+def test_an_engine_failure_propagates_and_loses_no_committed_item(store):
+    job_id, keys = add_job(store, 40)
+    runner = Runner(store, FakeEngine(items_per_step=4, fail_after=12), RunConfig(max_inflight=8))
+    with pytest.raises(FakeEngineError):
+        runner.run(job_id, keys)
+    runner.release()
+    assert store.item_states(job_id) == {"done": 12, "pending": 28}  # the finally commit
+
+
+def test_items_of_a_dead_worker_are_requeued_and_computed(store):
+    job_id, keys = add_job(store, 10)
+    store.claim_items(job_id, dead_owner(), 4)  # a runner SIGKILLed while these were in flight
+    engine = FakeEngine()
+    Runner(store, engine, RunConfig(max_inflight=4)).run(job_id, keys)
+    assert store.item_states(job_id) == {"done": 10}
+    assert sorted(engine.submitted) == keys
+    assert store.run_counts(job_id) == {k: 2 if i < 4 else 1 for i, k in enumerate(keys)}
+
+
+def test_items_a_live_owner_holds_are_waited_for_not_taken(store, monkeypatch):
+    monkeypatch.setattr(runner_module, "WAIT_FOR_OTHERS_S", 0.01)
+    job_id, keys = add_job(store, 6)
+    other = "elsewhere:1"  # another host, its claim fresh: presumed alive
+    held = [w.key for w in store.claim_items(job_id, other, 2)]
+    engine, results = FakeEngine(), {}
+    thread = threading.Thread(target=lambda: results.update(Runner(store, engine).run(job_id, keys)))
+    thread.start()
+    wait_for(lambda: store.item_states(job_id).get("done") == 4, "the free items")
+    assert thread.is_alive() and set(engine.submitted) == set(keys) - set(held)
+    assert store.complete_items(other, {k: "theirs" for k in held}) == 2
+    thread.join(10)
+    assert not thread.is_alive() and all(results[k] == "theirs" for k in held)
