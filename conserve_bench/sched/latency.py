@@ -18,6 +18,12 @@ FEATURES = ("fixed", "prefill_tokens", "decodes", "decode_attention", "prefill_a
             "logprob_tokens")
 VERSION = 1
 DEFAULT_MAX_TOKENS = 1 << 20
+# Outlier rejection in `fit`: passes, the cut in robust standard deviations, a floor below
+# which no step is an outlier, and the largest share of samples ever dropped.
+OUTLIER_PASSES = 4
+OUTLIER_MADS = 3.0
+OUTLIER_FLOOR = 0.05
+MAX_OUTLIER_SHARE = 0.2
 T = TypeVar("T")
 
 
@@ -217,8 +223,19 @@ def _bisect(fits: Callable[[int], bool], lo: int, hi: int) -> int:
     return lo
 
 
-def fit(samples: Sequence[Sample]) -> LatencyModel:
-    """Non-negative least squares on relative error: each row is weighted by 1 / step_s."""
+def fit(samples: Sequence[Sample], prior: LatencyModel | None = None,
+        prior_weight: float = 0.0) -> LatencyModel:
+    """Non-negative least squares on relative error (each row weighted by 1 / step_s), with
+    outlier rejection; `prior` (weight per sample) pulls each coefficient toward its value.
+
+    NOTE: outliers are rejected rather than averaged away: on a shared CPU a step is slowed,
+    never sped up, by another process, so the misses are one-sided and a squared loss would
+    let a few 30%-slow steps raise every coefficient. Each pass drops the samples whose
+    relative residual is more than OUTLIER_MADS robust standard deviations (1.4826 x MAD)
+    from the median residual, never one within OUTLIER_FLOOR of the fit and never more than
+    MAX_OUTLIER_SHARE of the samples; it works on live steps too, where no shape repeats
+    exactly (decode contexts grow every step), which a median over repeats would need.
+    """
     if len(samples) < len(FEATURES):
         raise ValueError(f"need at least {len(FEATURES)} samples to fit {len(FEATURES)} "
                          f"coefficients, got {len(samples)}")
@@ -226,12 +243,44 @@ def fit(samples: Sequence[Sample]) -> LatencyModel:
     if not np.all(np.isfinite(times) & (times > 0)):
         raise ValueError("every sample needs a finite step_s > 0")
     design = np.array([s.shape.features() for s in samples]) / times[:, None]
-    # NOTE: features span ~10 orders of magnitude; scaling columns keeps NNLS well conditioned.
-    scale = np.abs(design).max(axis=0)
-    scale[scale == 0] = 1.0
-    solution = _solve_nnls(design / scale, np.ones(len(samples))) / scale
-    model = LatencyModel(tuple(float(max(c, 0.0)) for c in solution))
+    kept = np.ones(len(samples), dtype=bool)
+    for _ in range(OUTLIER_PASSES):
+        coefficients = _solve_relative(design[kept], prior, prior_weight * kept.sum())
+        residuals = design @ coefficients - 1.0
+        keep_next = _inliers(residuals)
+        if (keep_next == kept).all():
+            break
+        kept = keep_next
+    model = LatencyModel(tuple(float(max(c, 0.0)) for c in coefficients))
     return LatencyModel(model.coefficients, evaluate(model, samples))
+
+
+def _inliers(residuals: np.ndarray) -> np.ndarray:
+    """Samples whose relative residual is not an outlier (see `fit`)."""
+    center = np.median(residuals)
+    distance = np.abs(residuals - center)
+    cutoff = max(OUTLIER_MADS * 1.4826 * float(np.median(distance)), OUTLIER_FLOOR)
+    # NOTE: whatever the spread, at most the worst MAX_OUTLIER_SHARE go (ties at the cap stay).
+    cap = float(np.quantile(distance, 1 - MAX_OUTLIER_SHARE, method="higher"))
+    return distance <= max(cutoff, cap)
+
+
+def _solve_relative(design: np.ndarray, prior: LatencyModel | None,
+                    weight: float) -> np.ndarray:
+    """min sum (design @ c - 1)^2 + weight * sum_j (c_j / prior_j - 1)^2 over c >= 0, where
+    the prior is > 0 (a zero prior coefficient is not pulled on)."""
+    rows, targets = design, np.ones(len(design))
+    if prior is not None and weight > 0:
+        pulled = [j for j, c in enumerate(prior.coefficients) if c > 0]
+        penalty = np.zeros((len(pulled), len(FEATURES)))
+        for i, j in enumerate(pulled):
+            penalty[i, j] = math.sqrt(weight) / prior.coefficients[j]
+        rows = np.vstack([design, penalty])
+        targets = np.concatenate([targets, np.full(len(pulled), math.sqrt(weight))])
+    # NOTE: features span ~10 orders of magnitude; scaling columns keeps NNLS well conditioned.
+    scale = np.abs(rows).max(axis=0)
+    scale[scale == 0] = 1.0
+    return _solve_nnls(rows / scale, targets) / scale
 
 
 def evaluate(model: LatencyModel, samples: Sequence[Sample]) -> FitError:
