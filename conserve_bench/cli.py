@@ -147,8 +147,9 @@ def profile(
     from conserve_bench.sched import profiler
 
     store = _store(db)
+    refit = None
     if show:
-        found = profiler.show_profile(store, model)
+        found, refit = profiler.show_profile(store, model)
     else:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=err_console) as progress:
@@ -160,9 +161,10 @@ def profile(
             )
         found = result.profile
         err_console.print(f"swept {len(result.sweep.samples)} steps in {result.sweep.wall_s:.0f}s")
-    table = Table("quantity", "value", title="step latency model (held-out: shapes not fitted on)")
-    for name, value in profiler.summary_rows(found):
-        table.add_row(name, value)
+    columns = ("quantity", "profile") + (("live refit",) if refit else ())
+    table = Table(*columns, title="step latency model (held-out: shapes not fitted on)")
+    for row in profiler.summary_rows(found, refit):
+        table.add_row(*row[:len(columns)])
     console.print(table)
 
 
@@ -174,10 +176,12 @@ def serve(
     db: DbOpt = None,
     policy: Annotated[str, typer.Option(help="conserve | priority | online-only")] = "conserve",
     api_key: ApiKeyOpt = None,
-    ttft_slo_ms: Annotated[Optional[float], typer.Option("--ttft-slo-ms", help="Online TTFT target [default: 2x a 1024-token prefill, from the profile].")] = None,
-    tbt_slo_ms: Annotated[Optional[float], typer.Option("--tbt-slo-ms", help="Online TBT target [default: 5x a decode step, from the profile].")] = None,
-    slo_margin: Annotated[float, typer.Option("--slo-margin", help="conserve: offline work fills steps up to (1 - margin) x the TBT target.")] = 0.1,
-    quantum_ms: Annotated[Optional[float], typer.Option("--quantum-ms", help="conserve: longest offline-only step [default: 25% of the TTFT target].")] = None,
+    ttft_slo_ms: Annotated[Optional[float], typer.Option("--ttft-slo-ms", help="Online TTFT target; given (or --tbt-slo-ms), conserve spends it on offline work [default: counted only, 2x a 1024-token prefill, from the profile].")] = None,
+    tbt_slo_ms: Annotated[Optional[float], typer.Option("--tbt-slo-ms", help="Online TBT target; given, conserve fills steps up to it [default: counted only, 5x a decode step, from the profile].")] = None,
+    slo_margin: Annotated[float, typer.Option("--slo-margin", help="conserve with SLOs: offline work fills steps up to (1 - margin) x the TBT target.")] = 0.1,
+    quantum_ms: Annotated[Optional[float], typer.Option("--quantum-ms", help="conserve: longest offline-only step [default: the slowdown share of the median online prompt's prefill; with SLOs, 25% of the TTFT target].")] = None,
+    max_slowdown: Annotated[Optional[float], typer.Option("--max-slowdown", help="conserve without SLOs: the share offline work may add to online steps [default: derived from 1.25x and the profile's error, about 0.2].")] = None,
+    refit: Annotated[bool, typer.Option("--refit/--no-refit", help="conserve: plan with the latency model refitted from live steps while it predicts them better.")] = True,
     max_offline_inflight: Annotated[int, typer.Option("--max-offline-inflight", min=1, help="Offline items in flight.")] = 32,
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Local MMLU CSV folder for jobs.")] = None,
     output: OutputOpt = "results",
@@ -190,8 +194,8 @@ def serve(
     data_dir = data_dir or default_data_dir()
     cfg = ServeConfig(model=model, host=host, port=port, db_url=db or default_db_url(), policy=policy,
                       api_key=api_key, ttft_slo_ms=ttft_slo_ms, tbt_slo_ms=tbt_slo_ms,
-                      slo_margin=slo_margin, quantum_ms=quantum_ms,
-                      max_offline_inflight=max_offline_inflight,
+                      slo_margin=slo_margin, quantum_ms=quantum_ms, max_slowdown=max_slowdown,
+                      refit=refit, max_offline_inflight=max_offline_inflight,
                       data_dir=os.path.abspath(data_dir) if data_dir else None, output_dir=output,
                       profile=profile, step_log=step_log)
     _store(cfg.db_url)  # a bad --db fails here, before the engine starts

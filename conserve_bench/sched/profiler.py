@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 
 from conserve_bench.sched.latency import FEATURES, FitError, Sample, evaluate_shapes, fit, split_holdout
-from conserve_bench.sched.profiles import Profile, current_key, require_profile, save_profile
+from conserve_bench.sched.profiles import (Profile, current_key, refit_for, require_profile,
+                                           save_profile)
 from conserve_bench.sched.steplog import log_size, read_step_log, recording_overrides
 
 if TYPE_CHECKING:
     from conserve_bench.engine.local import Engine
+    from conserve_bench.sched.refit import RefitStatus
     from conserve_bench.store import Store
 
 ProgressFn = Callable[[int, int], None]  # (num_probes_done, num_probes)
@@ -151,30 +153,50 @@ def run_profile(store: Store, model: str, quick: bool = False,
     return result
 
 
-def show_profile(store: Store, model: str) -> Profile:
-    """The stored profile that applies to `model` on this machine (ProfileNotFoundError if none)."""
+def show_profile(store: Store, model: str) -> tuple[Profile, tuple[RefitStatus, float] | None]:
+    """The stored profile that applies to `model` on this machine (ProfileNotFoundError if
+    none), and its latest live refit with when it was stored (None if no server refitted it)."""
     from conserve_bench.config import EngineConfig
     from conserve_bench.engine.models import resolve_model
 
     ref = resolve_model(model)
     cfg = EngineConfig(model_path=ref.path, model_name=ref.name)
-    return require_profile(store, current_key(cfg.model_name, cfg.dtype))
+    profile = require_profile(store, current_key(cfg.model_name, cfg.dtype))
+    return profile, refit_for(store, profile.key)
 
 
-def summary_rows(profile: Profile) -> list[tuple[str, str]]:
-    """(quantity, value) rows: the key, each coefficient with its unit, the fit errors."""
+def summary_rows(profile: Profile,
+                 refit: tuple[RefitStatus, float] | None = None) -> list[tuple[str, str, str]]:
+    """(quantity, profile's value, live refit's value) rows: the key, each coefficient with its
+    unit, the fit errors; the refit's column is empty without one."""
     key = profile.key
-    rows = [("model", f"{key.model} ({key.dtype})"), ("device", key.device),
-            ("vLLM", key.vllm_version), ("samples", str(profile.num_samples))]
-    rows += [(name, f"{value * 1e3:.4g} ms{unit}") for name, value, unit in
-             zip(FEATURES, profile.model.coefficients, FEATURE_UNITS)]
+    status = refit[0] if refit else None
+    rows = [("model", f"{key.model} ({key.dtype})", ""), ("device", key.device, ""),
+            ("vLLM", key.vllm_version, ""),
+            ("samples", f"{profile.num_samples} profiled steps",
+             f"{status.num_steps} live steps, {status.num_refits} refits" if status else "")]
+    refit_coefficients = status.refit.coefficients if status else (None,) * len(FEATURES)
+    rows += [(name, _ms(value, unit), _ms(live, unit)) for name, value, live, unit in
+             zip(FEATURES, profile.model.coefficients, refit_coefficients, FEATURE_UNITS)]
     for label, error, unit in (("train", profile.train_error, "steps"),
                                ("held-out", profile.holdout_error, "shapes")):
         if error is not None:
-            rows.append((f"{label} error (median / P90 / max)",
-                         f"{error.median_rel:.1%} / {error.p90_rel:.1%} / {error.max_rel:.1%} "
-                         f"over {error.num_samples} {unit}"))
+            rows.append((f"{label} error (median / P90 / max)", _error(error, unit), ""))
+    if status is not None:
+        rows.append(("error on the newest live steps (median / P90 / max)",
+                     _error(status.profile_error, "steps"), _error(status.refit_error, "steps")))
+        rows.append(("plans while serving", "" if status.adopted else "yes",
+                     "yes" if status.adopted else ""))
     return rows
+
+
+def _ms(value: float | None, unit: str) -> str:
+    return "" if value is None else f"{value * 1e3:.4g} ms{unit}"
+
+
+def _error(error: FitError, unit: str) -> str:
+    return (f"{error.median_rel:.1%} / {error.p90_rel:.1%} / {error.max_rel:.1%} "
+            f"over {error.num_samples} {unit}")
 
 
 def profile_engine(engine: Engine, sweep: Sweep, on_progress: ProgressFn | None = None,

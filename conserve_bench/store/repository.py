@@ -93,6 +93,20 @@ profiles = sa.Table(
 
 PROFILE_KEY_COLUMNS = ("model", "dtype", "device", "vllm_version", "parallel_size")
 
+# NOTE: the latest live refit of a profile (`sched.refit`), under the profile's key; a new
+# profile of that key replaces the refit with nothing, as it was fitted around the old one.
+profile_refits = sa.Table(
+    "profile_refits",
+    metadata,
+    sa.Column("model", sa.String(256), primary_key=True),
+    sa.Column("dtype", sa.String(32), primary_key=True),
+    sa.Column("device", sa.String(256), primary_key=True),
+    sa.Column("vllm_version", sa.String(64), primary_key=True),
+    sa.Column("parallel_size", sa.Integer, primary_key=True),
+    sa.Column("state_json", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
 # -- migrations: ordered, named, each run once; version N means the first N have run ----------
 
 
@@ -105,7 +119,11 @@ def _m002_profiles(conn: sa.Connection) -> None:
     profiles.create(conn, checkfirst=True)
 
 
-MIGRATIONS = [_m001_initial, _m002_profiles]
+def _m003_profile_refits(conn: sa.Connection) -> None:
+    profile_refits.create(conn, checkfirst=True)
+
+
+MIGRATIONS = [_m001_initial, _m002_profiles, _m003_profile_refits]
 
 
 def migrate(engine: sa.Engine) -> int:
@@ -406,6 +424,7 @@ class Store:
         """Store a fitted `LatencyModel.to_dict()`, replacing any profile with the same key."""
         with self.engine.begin() as conn:
             conn.execute(profiles.delete().where(_profile_key_matches(key)))
+            conn.execute(profile_refits.delete().where(_profile_key_matches(key, profile_refits)))
             conn.execute(profiles.insert().values(
                 **_profile_key_values(key), model_json=json.dumps(model), num_samples=num_samples,
                 fit_error=None if fit_error is None else json.dumps(fit_error),
@@ -420,6 +439,20 @@ class Store:
         """Every stored profile (of one model), newest first."""
         return self._select_profiles(sa.true() if model is None else profiles.c.model == model)
 
+    def save_refit(self, key: ProfileKey, state: dict[str, Any]) -> None:
+        """Store the latest live refit (`RefitStatus.to_dict()`) of the profile under `key`."""
+        with self.engine.begin() as conn:
+            conn.execute(profile_refits.delete().where(_profile_key_matches(key, profile_refits)))
+            conn.execute(profile_refits.insert().values(
+                **_profile_key_values(key), state_json=json.dumps(state), created_at=time.time()))
+
+    def load_refit(self, key: ProfileKey) -> dict[str, Any] | None:
+        """The latest live refit stored under exactly `key` (with its `created_at`), or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(profile_refits).where(
+                _profile_key_matches(key, profile_refits))).mappings().first()
+        return None if row is None else {**json.loads(row["state_json"]), "created_at": row["created_at"]}
+
     def _select_profiles(self, where) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(profiles).where(where)
@@ -431,8 +464,8 @@ def _profile_key_values(key: ProfileKey) -> dict[str, Any]:
     return {name: getattr(key, name) for name in PROFILE_KEY_COLUMNS}
 
 
-def _profile_key_matches(key: ProfileKey):
-    return sa.and_(*(profiles.c[name] == value for name, value in _profile_key_values(key).items()))
+def _profile_key_matches(key: ProfileKey, table: sa.Table = profiles):
+    return sa.and_(*(table.c[name] == value for name, value in _profile_key_values(key).items()))
 
 
 def _profile_from_row(r) -> dict[str, Any]:
