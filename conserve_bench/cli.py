@@ -239,8 +239,8 @@ def bench(
     long_prompts: Annotated[int, typer.Option("--long-prompts", min=0, help="Extra offline long-prompt generations.")] = 0,
     long_prompt_tokens: Annotated[int, typer.Option("--long-prompt-tokens", min=1)] = 1536,
     long_generated_tokens: Annotated[int, typer.Option("--long-generated-tokens", min=1)] = 128,
-    ttft_slo_ms: Annotated[float, typer.Option("--ttft-slo-ms")] = 1000.0,
-    tbt_slo_ms: Annotated[float, typer.Option("--tbt-slo-ms")] = 200.0,
+    ttft_slo_ms: Annotated[Optional[float], typer.Option("--ttft-slo-ms", help="TTFT SLO, also given to every serve [default: from this machine's latency profile, serve's rule].")] = None,
+    tbt_slo_ms: Annotated[Optional[float], typer.Option("--tbt-slo-ms", help="TBT SLO, also given to every serve [default: from the profile, serve's rule].")] = None,
     max_offline_inflight: Annotated[int, typer.Option("--max-offline-inflight", min=1)] = 32,
     model: Annotated[str, typer.Option(help="smollm2-135m, a model directory, or a hub id.")] = DEFAULT_MODEL,
     server: Annotated[Optional[str], typer.Option("--server", help="Bench a running server (one policy, no offline-only phase).")] = None,
@@ -256,7 +256,8 @@ def bench(
     Example: bench --trace ../shared/data/traces/azure_llm_2023_conv.csv --data-dir ../shared/data/mmlu
     """
     from conserve_bench.bench.run import BenchConfig, run_bench
-    from conserve_bench.bench.report import STEP_COLUMNS, TABLE_COLUMNS, step_rows, table_rows
+    from conserve_bench.bench.report import (GOAL_COLUMNS, STEP_COLUMNS, TABLE_COLUMNS, goal_rows,
+                                            step_rows, table_rows)
 
     data_dir = data_dir or default_data_dir()
     cfg = BenchConfig(
@@ -275,12 +276,13 @@ def bench(
     with _progress(disable=as_json) as progress:
         task = progress.add_task("starting", total=None)
         out, report = run_bench(cfg, lambda d, done, total: progress.update(
-            task, description=d, completed=done, total=total))
+            task, description=d, completed=done, total=total), on_note=progress.console.print)
     if as_json:
         _print_json(report)
         return
     out_console = console if console.is_terminal else Console(width=160)  # NOTE: logs get no 80-column cut
     for columns, rows, title in ((TABLE_COLUMNS, table_rows(report), report["config"]["workload"]),
+                                 (GOAL_COLUMNS, goal_rows(report), report["goal"]),
                                  (STEP_COLUMNS, step_rows(report), "engine steps in the window")):
         table = Table(*columns, title=title)
         for row in rows:

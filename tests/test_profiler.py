@@ -40,8 +40,6 @@ def test_sweeps_fit_the_default_context_window():
         _check_fits(PrefillProbe((1024,), context=1024), 2048)
     with pytest.raises(ValueError, match="prompt-logprob"):
         PrefillProbe((64,), context=512, prompt_logprobs=True)
-    with pytest.raises(ValueError, match="at least once"):
-        PrefillProbe((64,), repeats=0)
 
 
 def test_sweeps_cover_every_feature():
@@ -63,30 +61,30 @@ def test_holdout_never_shares_a_shape_with_training(pairs):
 
 # -- on the session engine --------------------------------------------------------------------
 
-TINY = (PrefillProbe((256,)), PrefillProbe((32,), prompt_logprobs=True, repeats=2),
+TINY = (PrefillProbe((256,)), PrefillProbe((32,), prompt_logprobs=True),
         DecodeProbe(32, 8, mixed=((64, False),)), PrefillProbe((48, 48), context=128))
 
 
 @pytest.fixture(scope="module")
 def tiny_sweep(engine):
-    return run_sweep(engine, TINY)
+    return run_sweep(engine, TINY[:2], rounds=2), run_sweep(engine, TINY[2:])
 
 
 @pytest.mark.engine
-def test_a_prefill_is_logged_as_one_chunk(tiny_sweep):
-    whole, logprobs, _, cached = tiny_sweep.samples_by_probe
-    assert [s.shape for s in whole] == [StepShape((ChunkShape(256, 0),))]
+def test_a_prefill_is_logged_as_one_chunk_in_every_round(tiny_sweep):
+    (whole, logprobs), (_, cached) = (s.samples_by_probe for s in tiny_sweep)
+    assert [s.shape for s in whole] == [StepShape((ChunkShape(256, 0),))] * 2
     assert [s.shape for s in logprobs] == [StepShape((ChunkShape(32, 0, prompt_logprobs=True),))] * 2
     # the primed prefix first, then two chunks that start after the cached 128 tokens (in one
     # step, or two when the engine schedules the first before the second arrives)
     assert cached[0].shape == StepShape((ChunkShape(128, 0),))
     assert [c for s in cached[1:] for c in s.shape.prefills] == [ChunkShape(48, 128)] * 2
-    assert all(s.step_s > 0 for s in tiny_sweep.samples)
+    assert all(s.step_s > 0 for sweep in tiny_sweep for s in sweep.samples)
 
 
 @pytest.mark.engine
 def test_decodes_are_logged_with_their_contexts(tiny_sweep):
-    steps = [s.shape for s in tiny_sweep.samples_by_probe[2]]
+    steps = [s.shape for s in tiny_sweep[1].samples_by_probe[0]]
     # distinct random prompts: every prompt token is prefilled exactly once (no cache hits)
     assert sum(shape.num_prefill_tokens for shape in steps) == 8 * 32 + 64
     batch_sizes = [shape.num_decodes for shape in steps if shape.num_decodes]
@@ -98,7 +96,7 @@ def test_decodes_are_logged_with_their_contexts(tiny_sweep):
 
 @pytest.mark.engine
 def test_fit_on_the_sweep_grows_with_the_batch(tiny_sweep):
-    model = fit(tiny_sweep.samples)
+    model = fit(tiny_sweep[0].samples + tiny_sweep[1].samples)
     assert all(c >= 0 for c in model.coefficients)
     assert model.predict(StepShape((ChunkShape(1024, 0),))) > model.predict(
         StepShape((ChunkShape(64, 0),)))
@@ -106,12 +104,12 @@ def test_fit_on_the_sweep_grows_with_the_batch(tiny_sweep):
 
 @pytest.mark.engine
 def test_profile_engine_fits_stores_and_is_found_again(engine, store, tiny_sweep):
-    profile = profile_engine(engine, Sweep("tiny", TINY, warmup=()), seed=3).profile
+    profile = profile_engine(engine, Sweep("tiny", TINY, warmup=(), rounds=1), seed=3).profile
     assert profile.key == current_key(engine.cfg.model_name, engine.cfg.dtype)
     assert profile.holdout_error is not None and profile.holdout_error.num_samples > 0
     save_profile(store, profile)
     assert profile_for(store, profile.key).model == profile.model
-    assert any("held-out" in name for name, _ in summary_rows(profile))
+    assert any("held-out" in name for name, *_ in summary_rows(profile))
 
 
 # -- the CLI ----------------------------------------------------------------------------------

@@ -299,10 +299,15 @@ def evaluate_shapes(model: LatencyModel, samples: Sequence[Sample]) -> FitError:
     logprobs especially); the model predicts a shape's typical time, so a shape measured
     several times is judged by its median, and counts once.
     """
+    return evaluate(model, shape_medians(samples))
+
+
+def shape_medians(samples: Sequence[Sample]) -> list[Sample]:
+    """One sample per distinct batch shape, at the median of its measured steps."""
     times: dict[StepShape, list[float]] = {}
     for sample in samples:
         times.setdefault(sample.shape, []).append(sample.step_s)
-    return evaluate(model, [Sample(shape, float(np.median(t))) for shape, t in times.items()])
+    return [Sample(shape, float(np.median(t))) for shape, t in times.items()]
 
 
 def split_holdout(samples: Sequence[T], fraction: float = 0.25,

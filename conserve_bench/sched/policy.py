@@ -26,6 +26,8 @@ TBT_DECODE_FACTOR = 5.0
 TBT_DECODE_CONTEXT = 512
 TTFT_PREFILL_FACTOR = 2.0
 TTFT_PREFILL_TOKENS = 1024
+SLO_RULE = (f"TTFT = {TTFT_PREFILL_FACTOR:g} x a {TTFT_PREFILL_TOKENS}-token prefill, "
+            f"TBT = {TBT_DECODE_FACTOR:g} x a decode step at {TBT_DECODE_CONTEXT} tokens of context")
 # The bounded mode's promise: online P99 TTFT and TBT within HARM_BOUND x what online work
 # alone gets. Its share is derived from the bound and the latency model's error
 # (`derived_max_slowdown`): a step predicted 20% longer may run 20% x (1 + error) longer.
@@ -140,7 +142,7 @@ class Targets:
 
 def default_targets(model: LatencyModel, margin: float = DEFAULT_MARGIN,
                     quantum_s: float | None = None, max_slowdown: float | None = None) -> Targets:
-    """Targets from a latency profile, for when the user sets none.
+    """Targets from a latency profile, for when the user sets none (`SLO_RULE`).
 
     TBT: TBT_DECODE_FACTOR x one decode at TBT_DECODE_CONTEXT tokens of context (the floor of
     any step); TTFT: TTFT_PREFILL_FACTOR x a TTFT_PREFILL_TOKENS-token prefill.

@@ -1,11 +1,11 @@
 """Profiling: drive a real engine through a sweep of batch shapes and fit the latency model.
 
 Owns the sweeps (prefill chunks, decode batches at several context lengths, mixed batches,
-prompt-logprob prefills) and how each probe becomes prompts of random tokens: distinct per
-request, so no step reads another probe's prefix cache (only a probe that asks for cached
-context primes and reuses its own prefix). Step times come only from the scheduler's step
-log, the engine's own per-step execution time; this module never times a step itself.
-Storage and key matching are `profiles`' job.
+prompt-logprob prefills), run in interleaved rounds, and how each probe becomes prompts of
+random tokens: distinct per request, so no step reads another probe's prefix cache (only a
+probe that asks for cached context primes and reuses its own prefix). Step times come only
+from the scheduler's step log, the engine's own per-step execution time; this module never
+times a step itself. Storage and key matching are `profiles`' job.
 
     >>> result = run_profile(Store("sqlite:///conserve.db"), "smollm2-135m", quick=True)
 """
@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from conserve_bench.sched.latency import FEATURES, FitError, Sample, evaluate_shapes, fit, split_holdout
+from conserve_bench.sched.latency import (FEATURES, FitError, Sample, evaluate_shapes, fit,
+                                          shape_medians, split_holdout)
 from conserve_bench.sched.profiles import (Profile, current_key, refit_for, require_profile,
                                            save_profile)
 from conserve_bench.sched.steplog import log_size, read_step_log, recording_overrides
@@ -34,10 +35,12 @@ if TYPE_CHECKING:
 ProgressFn = Callable[[int, int], None]  # (num_probes_done, num_probes)
 MIXED_SPACING = 2  # engine steps between two prefills joining a decode batch
 HOLDOUT_FRACTION = 0.25
-# NOTE: the first prompt-logprob prefill of a new size ran 25-30% slower than its repeats on
-# a 2-core CPU (fresh memory for its full-vocabulary logits); repeats let the fit and the
-# held-out error (`latency.evaluate_shapes`, a shape's median step) see its steady time.
-LOGPROB_REPEATS = 3
+# NOTE: a sweep runs ROUNDS times, one whole round after another, so every shape is measured
+# ROUNDS times minutes apart: a burst of load from another process (a shared 2-core host)
+# slows one round of a shape, not all, and the fit and the held-out error use each shape's
+# median step. It also covers the first prompt-logprob prefill of a new size, 25-30% slower
+# than its repeats (fresh memory for its full-vocabulary logits).
+ROUNDS = 3
 FEATURE_UNITS = ("/step", "/prefill token", "/decode", "/decode context token",
                  "/prefill attention pair", "/prompt-logprob token")
 
@@ -45,21 +48,17 @@ FEATURE_UNITS = ("/step", "/prefill token", "/decode", "/decode context token",
 @dataclass(frozen=True)
 class PrefillProbe:
     """Prompts submitted together, each a prefill chunk after `context` cached tokens: one
-    step, or more when vLLM schedules the first request before the next one arrives; run
-    `repeats` times, each time with new prompts."""
+    step, or more when vLLM schedules the first request before the next one arrives."""
 
     chunk_tokens: tuple[int, ...]
     context: int = 0
     prompt_logprobs: bool = False
-    repeats: int = 1
 
     def __post_init__(self) -> None:
         # NOTE: a chunk at context > 0 comes from a prefix-cache hit on a primed prefix, and
         # requests with prompt logprobs never read the prefix cache.
         if self.context and self.prompt_logprobs:
             raise ValueError("prompt-logprob prefills cannot start after cached context")
-        if self.repeats < 1:
-            raise ValueError(f"a probe runs at least once, got repeats={self.repeats}")
 
 
 @dataclass(frozen=True)
@@ -81,6 +80,7 @@ Probe = Union[PrefillProbe, DecodeProbe]
 class Sweep:
     name: str
     probes: tuple[Probe, ...]
+    rounds: int = ROUNDS
     warmup: tuple[Probe, ...] = (PrefillProbe((256,)), PrefillProbe((64,), prompt_logprobs=True),
                                  DecodeProbe(64, 8))
 
@@ -96,7 +96,7 @@ def _decode_probes(contexts: Sequence[int], max_batch_tokens: int,
 QUICK = Sweep("quick", (
     *(PrefillProbe((n,)) for n in (16, 64, 256, 512, 1024)),
     PrefillProbe((128,) * 4), PrefillProbe((256,), context=512), PrefillProbe((64,), context=1024),
-    *(PrefillProbe((n,), prompt_logprobs=True, repeats=LOGPROB_REPEATS) for n in (64, 512)),
+    *(PrefillProbe((n,), prompt_logprobs=True) for n in (64, 512)),
     *_decode_probes((64, 256, 512, 1024), 2048,
                     [((128, False), (512, False)), ((256, True),), ((64, False),), ((32, False),)]),
 ))
@@ -104,9 +104,8 @@ QUICK = Sweep("quick", (
 FULL = Sweep("full", (
     *(PrefillProbe((n,)) for n in (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2040)),
     *(PrefillProbe(chunks) for chunks in ((64,) * 8, (256,) * 4, (512,) * 2, (32,) * 16)),
-    *(PrefillProbe((n,), prompt_logprobs=True, repeats=LOGPROB_REPEATS)
-      for n in (16, 64, 256, 512, 1024, 2040)),
-    PrefillProbe((128,) * 4, prompt_logprobs=True, repeats=LOGPROB_REPEATS),
+    *(PrefillProbe((n,), prompt_logprobs=True) for n in (16, 64, 256, 512, 1024, 2040)),
+    PrefillProbe((128,) * 4, prompt_logprobs=True),
     *(PrefillProbe(chunks, context=c) for c, chunks in
       ((256, (256,)), (512, (128,)), (512, (1024,)), (1024, (512,)), (1536, (256,)),
        (1024, (64,) * 4))),
@@ -201,11 +200,12 @@ def _error(error: FitError, unit: str) -> str:
 
 def profile_engine(engine: Engine, sweep: Sweep, on_progress: ProgressFn | None = None,
                    seed: int = 0) -> ProfileResult:
-    """Run `sweep` on an engine started with a step log; fit on a training split of shapes."""
+    """Run `sweep` on an engine started with a step log; fit each training shape's median
+    step (a shape measured in several rounds counts once, at its typical time)."""
     run_sweep(engine, sweep.warmup, seed=seed + 1)  # NOTE: warm-up steps are dropped
-    result = run_sweep(engine, sweep.probes, on_progress, seed=seed)
+    result = run_sweep(engine, sweep.probes, on_progress, seed=seed, rounds=sweep.rounds)
     train, holdout = split_distinct_shapes(result.samples, HOLDOUT_FRACTION, seed)
-    model = fit(train)
+    model = fit(shape_medians(train))
     key = current_key(engine.cfg.model_name, engine.cfg.dtype)
     holdout_error = evaluate_shapes(model, holdout) if holdout else None
     profile = Profile(key, model, len(result.samples), holdout_error)
@@ -221,8 +221,9 @@ def split_distinct_shapes(samples: Sequence[Sample], fraction: float = HOLDOUT_F
 
 
 def run_sweep(engine: Engine, probes: Sequence[Probe], on_progress: ProgressFn | None = None,
-              seed: int = 0) -> SweepResult:
-    """Run each probe to completion; collect the steps the scheduler logged for it."""
+              seed: int = 0, rounds: int = 1) -> SweepResult:
+    """Run each probe to completion, the whole list `rounds` times (new prompts each time);
+    collect the steps the scheduler logged for each probe, over all rounds."""
     if engine.step_log is None:
         raise ValueError("profiling needs an engine started with a step log "
                          "(steplog.recording_overrides)")
@@ -230,14 +231,14 @@ def run_sweep(engine: Engine, probes: Sequence[Probe], on_progress: ProgressFn |
         _check_fits(probe, engine.cfg.max_model_len)
     draw = _TokenSource(np.random.default_rng(seed), engine.vocab_size)
     t0 = time.perf_counter()
-    samples_by_probe = []
-    for i, probe in enumerate(probes):
+    samples_by_probe: list[list[Sample]] = [[] for _ in probes]
+    for done, (i, probe) in enumerate(((i, p) for _ in range(rounds) for i, p in enumerate(probes)), 1):
         offset = log_size(engine.step_log)
         _RUNNERS[type(probe)](engine, probe, draw)
-        samples_by_probe.append(tuple(read_step_log(engine.step_log, offset)[0]))
+        samples_by_probe[i] += read_step_log(engine.step_log, offset)[0]
         if on_progress is not None:
-            on_progress(i + 1, len(probes))
-    return SweepResult(tuple(samples_by_probe), time.perf_counter() - t0)
+            on_progress(done, rounds * len(probes))
+    return SweepResult(tuple(map(tuple, samples_by_probe)), time.perf_counter() - t0)
 
 
 def _check_fits(probe: Probe, max_model_len: int) -> None:
@@ -267,14 +268,13 @@ def _params(max_tokens: int, prompt_logprobs: bool = False) -> dict[str, Any]:
 
 
 def _run_prefill(engine: Engine, probe: PrefillProbe, draw: _TokenSource) -> None:
-    for _ in range(probe.repeats):
-        prefix = draw(probe.context)
-        if prefix:  # prime the prefix cache: the chunks below then start at `context`
-            engine.submit_tokens([prefix], **_params(1))
-            engine.run_until_idle()
-        prompts = [prefix + draw(n) for n in probe.chunk_tokens]
-        engine.submit_tokens(prompts, **_params(1, probe.prompt_logprobs))
+    prefix = draw(probe.context)
+    if prefix:  # prime the prefix cache: the chunks below then start at `context`
+        engine.submit_tokens([prefix], **_params(1))
         engine.run_until_idle()
+    prompts = [prefix + draw(n) for n in probe.chunk_tokens]
+    engine.submit_tokens(prompts, **_params(1, probe.prompt_logprobs))
+    engine.run_until_idle()
 
 
 def _run_decode(engine: Engine, probe: DecodeProbe, draw: _TokenSource) -> None:
