@@ -104,7 +104,7 @@ def run_bench(cfg: BenchConfig, on_progress: ProgressFn = lambda d, c, t: None,
     out = Path(cfg.output_dir) / f"bench-{started:%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=False)
     steps = _Steps(on_progress, 1 + len(cfg.policies))
-    profiles = _ProfileCache(cfg)
+    profiles = ProfileCache(cfg.profile_db, cfg.model, copies=not cfg.server)
     capacity, rate, offline_only = _baseline_phase(cfg, base, out, steps, profiles)
     slos = bench_slos(cfg, profiles.profile())  # NOTE: after the baseline, which may profile
     on_note(f"SLOs: TTFT {slos['ttft_slo_ms']:.0f} ms, TBT {slos['tbt_slo_ms']:.0f} ms "
@@ -175,7 +175,7 @@ def _describe(cfg: BenchConfig, rate: float) -> str:
 # -- phases ------------------------------------------------------------------------------------
 
 
-def _baseline_phase(cfg: BenchConfig, base, out: Path, steps: "_Steps", profiles: "_ProfileCache"):
+def _baseline_phase(cfg: BenchConfig, base, out: Path, steps: "_Steps", profiles: "ProfileCache"):
     """(capacity or None, the online rate, the offline-only phase)."""
     steps.next("offline-only: starting server")
     timer = _Timer()
@@ -194,7 +194,7 @@ def _baseline_phase(cfg: BenchConfig, base, out: Path, steps: "_Steps", profiles
 
 
 def _policy_phase(cfg: BenchConfig, policy: str, requests, out: Path, steps: "_Steps",
-                  profiles: "_ProfileCache") -> PhaseResult:
+                  profiles: "ProfileCache") -> PhaseResult:
     steps.next(f"{policy}: starting server")
     timer = _Timer()
     with _server(cfg, policy, out / policy, profiles) as (url, phase_dir):
@@ -226,7 +226,7 @@ def _measure(cfg: BenchConfig, label: str, policy: str, url: str, phase_dir: Pat
     jobs = JobClient(url, cfg.api_key, timeout_s=600)
     job_id = _submit_offline(cfg, jobs, phase_dir)
     if policy != "online-only":
-        _wait_running(jobs, job_id)
+        wait_running(jobs, job_id)
     timer.lap("job_start_s")
     steps.describe(label)
     phase = _run(_drive(cfg, url, requests, steps))
@@ -239,7 +239,7 @@ def _measure(cfg: BenchConfig, label: str, policy: str, url: str, phase_dir: Pat
                                                "offline_job_items_total": final["total"]})
 
 
-def _wait_running(jobs: JobClient, job_id: str, timeout_s: float = 900) -> None:
+def wait_running(jobs: JobClient, job_id: str, timeout_s: float = 900) -> None:
     deadline = time.perf_counter() + timeout_s
     while time.perf_counter() < deadline:
         job = jobs.status(job_id)
@@ -269,7 +269,7 @@ class _Timer:
 
 
 @contextlib.contextmanager
-def _server(cfg: BenchConfig, policy: str, phase_dir: Path, profiles: "_ProfileCache"):
+def _server(cfg: BenchConfig, policy: str, phase_dir: Path, profiles: "ProfileCache"):
     """(url, phase folder) of a fresh server with a fresh store, or of `--server`."""
     phase_dir.mkdir(parents=True)
     if cfg.server:
@@ -310,23 +310,23 @@ def _logs_steps(policy: str) -> bool:
     return True
 
 
-class _ProfileCache:
+class ProfileCache:
     """This machine's latency profile, copied into every phase's fresh store.
 
     NOTE: without it each fresh server would profile itself again (about 90 s on 2 cores);
     the first one that does is remembered in `profile_db` for the next run.
     """
 
-    def __init__(self, cfg: BenchConfig):
+    def __init__(self, profile_db: str | None, model: str, copies: bool = True):
         from conserve_bench.config import EngineConfig
         from conserve_bench.engine.models import resolve_model
         from conserve_bench.sched.profiles import current_key
         from conserve_bench.store import Store
 
-        self.store = Store(cfg.profile_db) if cfg.profile_db else None
-        self.copies = not cfg.server  # NOTE: a running server has its own store
+        self.store = Store(profile_db) if profile_db else None
+        self.copies = copies  # NOTE: False for a running server: it has its own store
         if self.store is not None:
-            engine = EngineConfig(model_path="", model_name=resolve_model(cfg.model).name)
+            engine = EngineConfig(model_path="", model_name=resolve_model(model).name)
             self.key = current_key(engine.model_name, engine.dtype)
 
     def profile(self):
