@@ -133,3 +133,15 @@ def test_profile_show_prints_the_stored_profile_or_one_line(tmp_path, store):
     shown = cli("profile", "--show", "--db", url)
     assert shown.returncode == 0, shown.stderr
     assert "prefill_tokens" in shown.stdout and "logprob_tokens" in shown.stdout
+    assert "live refit" not in shown.stdout
+    from conserve_bench.sched.latency import FitError
+    from conserve_bench.sched.profiles import save_refit
+    from conserve_bench.sched.refit import RefitStatus
+
+    refit = LatencyModel((0.0512, 2e-3, 2.4e-3, 4e-6, 1e-6, 8e-4))
+    save_refit(store, current_key("smollm2-135m", "float32"), RefitStatus(
+        FitError(0.213, 0.3, 0.5, 96), FitError(0.021, 0.05, 0.1, 96), True, refit, 3, 500))
+    with_refit = cli("profile", "--show", "--db", url)
+    assert with_refit.returncode == 0, with_refit.stderr
+    for text in ("live refit", "51.2 ms/step", "21.3%", "2.1%", "500 live steps"):
+        assert text in with_refit.stdout, text

@@ -24,6 +24,7 @@ OUTLIER_PASSES = 4
 OUTLIER_MADS = 3.0
 OUTLIER_FLOOR = 0.05
 MAX_OUTLIER_SHARE = 0.2
+DECODE_CONTEXT_BUCKET = 16  # decode steps this close in mean context are one shape (`shape_class`)
 T = TypeVar("T")
 
 
@@ -293,7 +294,7 @@ def evaluate(model: LatencyModel, samples: Sequence[Sample]) -> FitError:
 
 
 def evaluate_shapes(model: LatencyModel, samples: Sequence[Sample]) -> FitError:
-    """`evaluate` once per distinct batch shape, against the median of its measured steps.
+    """`evaluate` once per batch shape (`shape_class`), against the median of its steps.
 
     NOTE: one step of a shape can run 20% slower or faster than the next on a busy CPU (prompt
     logprobs especially); the model predicts a shape's typical time, so a shape measured
@@ -302,12 +303,25 @@ def evaluate_shapes(model: LatencyModel, samples: Sequence[Sample]) -> FitError:
     return evaluate(model, shape_medians(samples))
 
 
+def shape_class(shape: StepShape) -> tuple:
+    """What makes two steps the same batch shape: the same prefill chunks and decode count,
+    and decode contexts that differ by less than DECODE_CONTEXT_BUCKET tokens on average.
+
+    NOTE: a decode batch's contexts grow by one every step, so its steps never repeat exactly;
+    a few tokens of context change its time by far less than a busy host's noise does, and
+    grouping them lets the median of several steps stand for the shape.
+    """
+    num = shape.num_decodes
+    return shape.prefills, num, round(shape.decode_attention / num / DECODE_CONTEXT_BUCKET) if num else 0
+
+
 def shape_medians(samples: Sequence[Sample]) -> list[Sample]:
-    """One sample per distinct batch shape, at the median of its measured steps."""
-    times: dict[StepShape, list[float]] = {}
+    """One sample per `shape_class`: its first step's shape, at the median time of its steps."""
+    classes: dict[tuple, list[Sample]] = {}
     for sample in samples:
-        times.setdefault(sample.shape, []).append(sample.step_s)
-    return [Sample(shape, float(np.median(t))) for shape, t in times.items()]
+        classes.setdefault(shape_class(sample.shape), []).append(sample)
+    return [Sample(steps[0].shape, float(np.median([s.step_s for s in steps])))
+            for steps in classes.values()]
 
 
 def split_holdout(samples: Sequence[T], fraction: float = 0.25,

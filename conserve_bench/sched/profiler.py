@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 
 from conserve_bench.sched.latency import (FEATURES, FitError, Sample, evaluate_shapes, fit,
-                                          shape_medians, split_holdout)
+                                          shape_class, shape_medians, split_holdout)
 from conserve_bench.sched.profiles import (Profile, current_key, refit_for, require_profile,
                                            save_profile)
 from conserve_bench.sched.steplog import log_size, read_step_log, recording_overrides
@@ -70,7 +70,7 @@ class DecodeProbe:
     context: int
     num_requests: int
     mixed: tuple[tuple[int, bool], ...] = ()
-    steps_per_level: int = 2
+    steps_per_level: int = 3  # NOTE: steps of one level are one shape class, measured 3x a round
 
 
 Probe = Union[PrefillProbe, DecodeProbe]
@@ -214,10 +214,12 @@ def profile_engine(engine: Engine, sweep: Sweep, on_progress: ProgressFn | None 
 
 def split_distinct_shapes(samples: Sequence[Sample], fraction: float = HOLDOUT_FRACTION,
                           seed: int = 0) -> tuple[list[Sample], list[Sample]]:
-    """(train, holdout) with no batch shape on both sides: the holdout is shapes never fitted."""
-    shapes = list(dict.fromkeys(s.shape for s in samples))
-    held = set(split_holdout(shapes, fraction, seed)[1])
-    return ([s for s in samples if s.shape not in held], [s for s in samples if s.shape in held])
+    """(train, holdout) with no batch shape (`shape_class`) on both sides: the holdout is
+    shapes never fitted."""
+    classes = list(dict.fromkeys(shape_class(s.shape) for s in samples))
+    held = set(split_holdout(classes, fraction, seed)[1])
+    return ([s for s in samples if shape_class(s.shape) not in held],
+            [s for s in samples if shape_class(s.shape) in held])
 
 
 def run_sweep(engine: Engine, probes: Sequence[Probe], on_progress: ProgressFn | None = None,
