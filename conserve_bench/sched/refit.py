@@ -23,9 +23,9 @@ from conserve_bench.sched.latency import FitError, LatencyModel, Sample, evaluat
 class RefitConfig:
     """How the live model is refitted. Steps count only when usable (see `LiveModel.observe`)."""
 
-    window: int = 384  # live steps kept: the most recent ones
-    every: int = 64  # refit after this many new steps
-    min_samples: int = 128  # no refit on fewer
+    window: int = 256  # live steps kept: the most recent ones
+    every: int = 32  # refit after this many new steps
+    min_samples: int = 64  # no refit on fewer
     judge_fraction: float = 0.25  # the newest share of the window, held out to judge by
     warmup_steps: int = 16  # the engine's first steps (allocations, compiled graphs) never count
     # NOTE: each coefficient is pulled toward the profile's with this weight per live step,
