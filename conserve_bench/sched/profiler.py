@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from conserve_bench.sched.latency import (FEATURES, FitError, Sample, evaluate_shapes, fit,
-                                          shape_class, shape_medians, split_holdout)
+from conserve_bench.sched.latency import (FEATURES, FitError, LatencyModel, Sample,
+                                          evaluate_shapes, fit, shape_class, shape_medians,
+                                          split_holdout)
 from conserve_bench.sched.profiles import (Profile, current_key, refit_for, require_profile,
                                            save_profile)
 from conserve_bench.sched.steplog import log_size, read_step_log, recording_overrides
@@ -204,12 +205,17 @@ def profile_engine(engine: Engine, sweep: Sweep, on_progress: ProgressFn | None 
     step (a shape measured in several rounds counts once, at its typical time)."""
     run_sweep(engine, sweep.warmup, seed=seed + 1)  # NOTE: warm-up steps are dropped
     result = run_sweep(engine, sweep.probes, on_progress, seed=seed, rounds=sweep.rounds)
-    train, holdout = split_distinct_shapes(result.samples, HOLDOUT_FRACTION, seed)
-    model = fit(shape_medians(train))
+    model, holdout_error = fit_holdout(result.samples, seed)
     key = current_key(engine.cfg.model_name, engine.cfg.dtype)
-    holdout_error = evaluate_shapes(model, holdout) if holdout else None
     profile = Profile(key, model, len(result.samples), holdout_error)
     return ProfileResult(profile, result, model.fit_error)
+
+
+def fit_holdout(samples: Sequence[Sample], seed: int = 0) -> tuple[LatencyModel, FitError | None]:
+    """The model fitted on a training split of shapes, and its error on the held-out shapes."""
+    train, holdout = split_distinct_shapes(samples, HOLDOUT_FRACTION, seed)
+    model = fit(shape_medians(train))
+    return model, evaluate_shapes(model, holdout) if holdout else None
 
 
 def split_distinct_shapes(samples: Sequence[Sample], fraction: float = HOLDOUT_FRACTION,
