@@ -1,5 +1,6 @@
 """The live latency model (`sched.refit`) on synthetic step streams: when it refits, what it
-never fits on, and that it plans only while it predicts the newest steps better. No vLLM."""
+never fits on, that it plans only while it predicts the newest steps better, and how the
+server reads what the engine wrote. No engine."""
 
 from __future__ import annotations
 
@@ -116,3 +117,31 @@ def test_import_does_not_load_torch_or_vllm():
             "print(sorted(m for m in ('torch', 'vllm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_server_shows_and_stores_what_the_engine_wrote(tmp_path, store):
+    """The engine-core process writes its refit to a file; the API server's watcher sets the
+    /metrics gauges from it and stores it under the profile's key."""
+    from prometheus_client import REGISTRY
+
+    from conserve_bench.sched.profiles import current_key, refit_for
+    from conserve_bench.sched.scheduler import write_refit_state
+    from conserve_bench.serve.metrics import RefitWatcher
+
+    key = current_key("smollm2-135m", "float32")
+    path = tmp_path / "refit.json"
+    watcher = RefitWatcher(str(path), store, key)
+    assert watcher.poll() is None  # nothing written yet
+    slower = LatencyModel(tuple(1.5 * c for c in PROFILE.coefficients))
+    live = LiveModel(PROFILE, CFG)
+    status = feed(live, steps(slower, 10 + 100))[-1]
+    write_refit_state(str(path), status, refit_s=0.001)
+    assert watcher.poll() == status and watcher.poll() is None  # each refit once
+
+    def gauge(model, quantile):
+        return REGISTRY.get_sample_value("conserve_latency_model_rel_error",
+                                         {"model": model, "quantile": quantile})
+    assert gauge("profile", "0.9") == pytest.approx(status.profile_error.p90_rel)
+    assert gauge("refit", "0.5") == pytest.approx(status.refit_error.median_rel)
+    assert REGISTRY.get_sample_value("conserve_latency_model_refit_adopted") == 1
+    assert refit_for(store, key)[0] == status

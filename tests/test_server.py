@@ -56,7 +56,10 @@ def store_profile(db_url: str) -> None:
 def server(tmp_path_factory, data_dir):
     tmp = tmp_path_factory.mktemp("server")
     db_url = f"sqlite:///{tmp / 'server.db'}"
-    srv = Server(db_url, data_dir, tmp, extra_args=("--step-log", str(tmp / "steps.jsonl")))
+    # NOTE: a longer offline-only step than the bounded default's (a share of the prefill of
+    # the tests' few-token prompts), so the jobs here finish in seconds.
+    srv = Server(db_url, data_dir, tmp, extra_args=("--step-log", str(tmp / "steps.jsonl"),
+                                                     "--quantum-ms", "300"))
     srv.step_log = tmp / "steps.jsonl"
     srv.db_url = db_url
     yield srv

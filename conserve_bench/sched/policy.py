@@ -35,8 +35,8 @@ HARM_BOUND = 1.25
 DEFAULT_MODEL_ERROR = 0.05  # assumed when the profile carries no held-out error
 MIN_SLOWDOWN = 0.05
 # An online arrival waits behind an offline-only step at most `max_slowdown` x the prefill of
-# a reference prompt: the median of recent online prompts (`ConserveScheduler`), this many
-# tokens until the first arrives.
+# a reference prompt: the 90th percentile of recent online prompts (`ConserveScheduler`),
+# this many tokens until the first arrives.
 DEFAULT_REFERENCE_PROMPT_TOKENS = 256
 
 
@@ -130,7 +130,7 @@ class Targets:
         return (f"bounded: offline work adds <= {self.max_slowdown:.0%} to a step's online "
                 f"decodes, nothing to online prefills; offline-only steps <= {quantum:.0f} ms "
                 f"({self.max_slowdown:.0%} of a {self.reference_prompt_tokens}-token prefill, "
-                f"then of the median online prompt); {slos} (counted only)")
+                f"then of the 90th-percentile online prompt); {slos} (counted only)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from collections import deque
 from dataclasses import replace
@@ -28,7 +27,12 @@ from conserve_bench.sched.refit import LiveModel, RefitConfig, RefitStatus
 from conserve_bench.sched.steplog import ScheduledRequest, StepLogWriter, StepRecorder, step_log_path
 
 ONLINE_PRIORITY = 0  # online routes run at 0; offline jobs at OFFLINE_PRIORITY (> 0)
-NUM_RECENT_PROMPTS = 64  # online prompts the reference prompt is the median of
+# NOTE: the reference prompt (`Targets.reference_prompt_tokens`) is the 90th percentile of the
+# last NUM_RECENT_PROMPTS online prompts: the promise is about P99 TTFT, which the longest
+# prompts set, and an offline-only step of `max_slowdown` x their prefill adds at most that
+# share to it (a short prompt may wait longer than that share of its own, shorter, prefill).
+NUM_RECENT_PROMPTS = 64
+REFERENCE_PROMPT_QUANTILE = 0.9
 
 
 class ConserveScheduler(Scheduler):
@@ -243,8 +247,9 @@ def _plan_notes(plan: StepPlan | None, live: LiveModel | None) -> dict[str, Any]
 
 
 def _with_reference_prompt(targets: Targets, prompt_lens) -> Targets:
-    """The targets with the median of recent online prompts as the reference prompt."""
-    reference = statistics.median_low(prompt_lens)
+    """The targets with REFERENCE_PROMPT_QUANTILE of recent online prompts as the reference."""
+    ordered = sorted(prompt_lens)
+    reference = ordered[min(len(ordered) - 1, int(REFERENCE_PROMPT_QUANTILE * len(ordered)))]
     if reference == targets.reference_prompt_tokens:
         return targets
     return replace(targets, reference_prompt_tokens=max(1, reference))

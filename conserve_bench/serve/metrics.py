@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -23,8 +22,6 @@ from conserve_bench.sched.refit import RefitStatus
 if TYPE_CHECKING:
     from conserve_bench.sched.profiles import ProfileKey
     from conserve_bench.store import Store
-
-log = logging.getLogger(__name__)
 
 BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 
