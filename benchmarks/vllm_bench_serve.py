@@ -37,7 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--offline-tasks", default="mmlu")
-    parser.add_argument("--offline-limit", type=int, default=None, help="Questions per subject.")
+    parser.add_argument("--offline-limit", type=int, default=50, help="Questions per subject (0: all).")
     parser.add_argument("--num-fewshot", type=int, default=5)
     parser.add_argument("--data-dir", default=os.environ.get("CONSERVE_BENCH_DATA", "../shared/data/mmlu"))
     parser.add_argument("--db", default=os.environ.get("CONSERVE_BENCH_DB", "sqlite:///conserve.db"),
@@ -94,7 +94,7 @@ def run_policy(args, policy: str, out: Path, profiles) -> dict:
     with ServerProcess(serve_args, phase_dir) as server:
         profiles.learn_from(db_url)
         jobs = JobClient(server.url, timeout_s=600)
-        job = jobs.submit(args.offline_tasks.split(","), limit=args.offline_limit,
+        job = jobs.submit(args.offline_tasks.split(","), limit=args.offline_limit or None,
                           num_fewshot=args.num_fewshot, data_dir=os.path.abspath(args.data_dir))
         if policy != "online-only":
             wait_running(jobs, job["id"])
