@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conserve_bench.sched.latency import ChunkShape, LatencyModel, Sample, StepShape, fit
-from conserve_bench.sched.profiler import (FULL, QUICK, DecodeProbe, PrefillProbe, Sweep,
+from conserve_bench.sched.profiler import (BLOCKER_TOKENS, FULL, QUICK, DecodeProbe, PrefillProbe, Sweep,
                                      _check_fits, decode_groups, profile_engine, run_sweep,
                                      split_distinct_shapes, summary_rows)
 from conserve_bench.sched.profiles import current_key, profile_for, save_profile
@@ -67,7 +67,7 @@ TINY = (PrefillProbe((256,)), PrefillProbe((32,), prompt_logprobs=True),
 
 @pytest.fixture(scope="module")
 def tiny_sweep(engine):
-    return run_sweep(engine, TINY[:2], rounds=2), run_sweep(engine, TINY[2:])
+    return run_sweep(engine, TINY[:2], rounds=2), run_sweep(engine, TINY[2:], seed=1)
 
 
 @pytest.mark.engine
@@ -85,8 +85,11 @@ def test_a_prefill_is_logged_as_one_chunk_in_every_round(tiny_sweep):
 @pytest.mark.engine
 def test_decodes_are_logged_with_their_contexts(tiny_sweep):
     steps = [s.shape for s in tiny_sweep[1].samples_by_probe[0]]
-    # distinct random prompts: every prompt token is prefilled exactly once (no cache hits)
-    assert sum(shape.num_prefill_tokens for shape in steps) == 8 * 32 + 64
+    # distinct random prompts: every prompt token is prefilled exactly once (no cache hits);
+    # the blocker first, then the probe's 8 prompts together, in one step
+    assert sum(shape.num_prefill_tokens for shape in steps) == BLOCKER_TOKENS + 8 * 32 + 64
+    assert steps[0] == StepShape((ChunkShape(BLOCKER_TOKENS, 0),))
+    assert steps[1] == StepShape((ChunkShape(32, 0),) * 8)
     batch_sizes = [shape.num_decodes for shape in steps if shape.num_decodes]
     assert max(batch_sizes) == 8 and min(batch_sizes) == 1
     full_batch = next(shape for shape in steps if shape.num_decodes == 8)

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 ProgressFn = Callable[[int, int], None]  # (num_probes_done, num_probes)
 MIXED_SPACING = 2  # engine steps between two prefills joining a decode batch
+BLOCKER_TOKENS = 256  # the prefill that holds the engine while a decode probe is queued
 HOLDOUT_FRACTION = 0.25
 # NOTE: a sweep runs ROUNDS times, one whole round after another, so every shape is measured
 # ROUNDS times minutes apart: a burst of load from another process (a shared 2-core host)
@@ -286,6 +287,11 @@ def _run_prefill(engine: Engine, probe: PrefillProbe, draw: _TokenSource) -> Non
 
 
 def _run_decode(engine: Engine, probe: DecodeProbe, draw: _TokenSource) -> None:
+    # NOTE: the engine core steps as soon as a request reaches it. A blocker prefill keeps it
+    # busy while the probe's prompts are queued, so they prefill together in its next steps,
+    # alike in every round; else how they split depends on timing, and each round logs other
+    # shapes, each measured once.
+    engine.submit_tokens([draw(BLOCKER_TOKENS)], **_params(1))
     prefilling: set[str] = set()
     for max_tokens, num_requests in decode_groups(probe.num_requests, probe.steps_per_level):
         prompts = [draw(probe.context) for _ in range(num_requests)]
