@@ -224,7 +224,35 @@ def _bisect(fits: Callable[[int], bool], lo: int, hi: int) -> int:
     return lo
 
 
-def fit(samples: Sequence[Sample], prior: LatencyModel | None = None,
+@dataclass(frozen=True)
+class StepTable:
+    """Samples as arrays, one row of `FEATURES` values and one time per step: what `fit` and
+    `evaluate` compute on (the live refit keeps its window in this form)."""
+
+    features: np.ndarray  # (n, len(FEATURES))
+    times: np.ndarray  # (n,) seconds
+
+    @classmethod
+    def of(cls, samples: Sequence[Sample] | StepTable) -> StepTable:
+        if isinstance(samples, StepTable):
+            return samples
+        return cls.from_rows([s.shape.features() for s in samples], [s.step_s for s in samples])
+
+    @classmethod
+    def from_rows(cls, features: Sequence[Sequence[float]], times: Sequence[float]) -> StepTable:
+        return cls(np.array(features, dtype=float).reshape(-1, len(FEATURES)),
+                   np.array(times, dtype=float))
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def split(self, index: int) -> tuple[StepTable, StepTable]:
+        """(rows before `index`, rows from it on)."""
+        return (StepTable(self.features[:index], self.times[:index]),
+                StepTable(self.features[index:], self.times[index:]))
+
+
+def fit(samples: Sequence[Sample] | StepTable, prior: LatencyModel | None = None,
         prior_weight: float = 0.0) -> LatencyModel:
     """Non-negative least squares on relative error (each row weighted by 1 / step_s), with
     outlier rejection; `prior` (weight per sample) pulls each coefficient toward its value.
@@ -237,14 +265,14 @@ def fit(samples: Sequence[Sample], prior: LatencyModel | None = None,
     MAX_OUTLIER_SHARE of the samples; it works on live steps too, where no shape repeats
     exactly (decode contexts grow every step), which a median over repeats would need.
     """
-    if len(samples) < len(FEATURES):
+    table = StepTable.of(samples)
+    if len(table) < len(FEATURES):
         raise ValueError(f"need at least {len(FEATURES)} samples to fit {len(FEATURES)} "
-                         f"coefficients, got {len(samples)}")
-    times = np.array([s.step_s for s in samples], dtype=float)
-    if not np.all(np.isfinite(times) & (times > 0)):
+                         f"coefficients, got {len(table)}")
+    if not np.all(np.isfinite(table.times) & (table.times > 0)):
         raise ValueError("every sample needs a finite step_s > 0")
-    design = np.array([s.shape.features() for s in samples]) / times[:, None]
-    kept = np.ones(len(samples), dtype=bool)
+    design = table.features / table.times[:, None]
+    kept = np.ones(len(table), dtype=bool)
     for _ in range(OUTLIER_PASSES):
         coefficients = _solve_relative(design[kept], prior, prior_weight * kept.sum())
         residuals = design @ coefficients - 1.0
@@ -253,7 +281,7 @@ def fit(samples: Sequence[Sample], prior: LatencyModel | None = None,
             break
         kept = keep_next
     model = LatencyModel(tuple(float(max(c, 0.0)) for c in coefficients))
-    return LatencyModel(model.coefficients, evaluate(model, samples))
+    return LatencyModel(model.coefficients, evaluate(model, table))
 
 
 def _inliers(residuals: np.ndarray) -> np.ndarray:
@@ -284,13 +312,14 @@ def _solve_relative(design: np.ndarray, prior: LatencyModel | None,
     return _solve_nnls(rows / scale, targets) / scale
 
 
-def evaluate(model: LatencyModel, samples: Sequence[Sample]) -> FitError:
+def evaluate(model: LatencyModel, samples: Sequence[Sample] | StepTable) -> FitError:
     """Median, P90 and max of |predicted - measured| / measured over `samples`."""
-    if not samples:
+    table = StepTable.of(samples)
+    if not len(table):
         raise ValueError("cannot evaluate a latency model on zero samples")
-    rel = np.array([abs(model.predict(s.shape) - s.step_s) / s.step_s for s in samples])
+    rel = np.abs(table.features @ np.array(model.coefficients) - table.times) / table.times
     return FitError(float(np.median(rel)), float(np.percentile(rel, 90)), float(rel.max()),
-                    len(samples))
+                    len(table))
 
 
 def evaluate_shapes(model: LatencyModel, samples: Sequence[Sample]) -> FitError:

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from conserve_bench.sched.latency import FitError, LatencyModel, Sample, evaluate, fit
+from conserve_bench.sched.latency import FitError, LatencyModel, Sample, StepTable, evaluate, fit
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,8 @@ class LiveModel:
         self.profile, self.cfg = profile, cfg
         self.model = profile  # the one that plans
         self.status: RefitStatus | None = None
-        self._window: deque[Sample] = deque(maxlen=cfg.window)
+        # NOTE: kept as feature rows, so that a refit is array work only (about a millisecond)
+        self._window: deque[tuple[tuple[float, ...], float]] = deque(maxlen=cfg.window)
         self._num_steps = self._num_new = 0
 
     @property
@@ -93,19 +94,20 @@ class LiveModel:
         self._num_steps += 1
         if not usable or self._num_steps <= self.cfg.warmup_steps or not sample.step_s > 0:
             return None
-        self._window.append(sample)
+        self._window.append((sample.shape.features(), sample.step_s))
         self._num_new += 1
         if self._num_new < self.cfg.every or len(self._window) < self.cfg.min_samples:
             return None
         self._num_new = 0
-        self.status = self._refit(list(self._window))
+        features, times = zip(*self._window)
+        self.status = self._refit(StepTable.from_rows(features, times))
         self.model = self.status.refit if self.status.adopted else self.profile
         return self.status
 
-    def _refit(self, samples: list[Sample]) -> RefitStatus:
+    def _refit(self, samples: StepTable) -> RefitStatus:
         """Fit on the older steps, judge both models on the newest; refit on all of them."""
         num_judged = max(1, round(len(samples) * self.cfg.judge_fraction))
-        older, newest = samples[:-num_judged], samples[-num_judged:]
+        older, newest = samples.split(len(samples) - num_judged)
         candidate = fit(older, self.profile, self.cfg.prior_weight)
         profile_error, refit_error = evaluate(self.profile, newest), evaluate(candidate, newest)
         adopted = self.cfg.adopt and _better(refit_error, profile_error)
