@@ -357,7 +357,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"window {off['window_s']:.1f} s; offline-only: {off['offline_tokens_per_s']:.1f} tok/s, "
              f"{off['offline_items_per_s']:.2f} items/s.", ""]
     lines += _md_table(TABLE_COLUMNS, table_rows(report))
-    lines += ["", f"Goal: {report['goal']}.", ""]
+    lines += ["", f"{report['goal'][:1].upper()}{report['goal'][1:]}.", ""]
     lines += _md_table(GOAL_COLUMNS, goal_rows(report))
     lines += ["", "Ratios (policy / base):", ""]
     lines += _md_table(("policy", "base", "TTFT p99", "TBT p99", "SLO attainment", "offline tok/s"),
