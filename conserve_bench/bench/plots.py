@@ -35,7 +35,7 @@ def plot_latency_cdfs(phases: list[PhaseResult], path: Path, config: dict) -> Pa
             if values:
                 xs = sorted(v * 1e3 for v in values)
                 ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=phase.policy)
-        ax.axvline(slo, color="grey", linestyle="--", linewidth=1, label=f"SLO {slo:g} ms")
+        ax.axvline(slo, color="grey", linestyle="--", linewidth=1, label=f"SLO {slo:.0f} ms")
         ax.set(xscale="log", xlabel=f"{name} (ms, client side)", ylabel="fraction of samples",
                title=f"online {name}", ylim=(0, 1.02))
         # NOTE: on a log axis spanning less than a decade or two matplotlib labels the minor
