@@ -179,7 +179,9 @@ def summary_rows(profile: Profile,
     refit_coefficients = status.refit.coefficients if status else (None,) * len(FEATURES)
     rows += [(name, _ms(value, unit), _ms(live, unit)) for name, value, live, unit in
              zip(FEATURES, profile.model.coefficients, refit_coefficients, FEATURE_UNITS)]
-    for label, error, unit in (("train", profile.train_error, "steps"),
+    if profile.created_at is not None:
+        rows.append(("stored", _when(profile.created_at), _when(refit[1]) if refit else ""))
+    for label, error, unit in (("train", profile.train_error, "shapes"),
                                ("held-out", profile.holdout_error, "shapes")):
         if error is not None:
             rows.append((f"{label} error (median / P90 / max)", _error(error, unit), ""))
@@ -189,6 +191,10 @@ def summary_rows(profile: Profile,
         rows.append(("plans while serving", "" if status.adopted else "yes",
                      "yes" if status.adopted else ""))
     return rows
+
+
+def _when(unix_s: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix_s))
 
 
 def _ms(value: float | None, unit: str) -> str:
