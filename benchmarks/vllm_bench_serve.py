@@ -9,6 +9,11 @@ random dataset, `--input-len` prompt tokens, `--output-len` out, Poisson `--requ
 `conserve_offline_items_total` over the benchmark's duration) per policy, and the ratios to
 online-only, as a markdown table and JSON in `--out`.
 
+vLLM 0.32.0 names relied on (tests/test_bench.py checks them): `vllm.benchmarks.serve`
+(`add_cli_args(parser)`, `async main_async(args) -> dict` with `p50_ttft_ms`, `p99_ttft_ms`,
+`p50_tpot_ms`, `p99_tpot_ms`, `completed`, `failed`, `duration`) and
+`vllm.utils.argparse_utils.FlexibleArgumentParser`.
+
     python benchmarks/vllm_bench_serve.py                   # 60 prompts at 0.25 req/s per policy
     python benchmarks/vllm_bench_serve.py --num-prompts 4 --request-rate 1 --input-len 32 \
         --output-len 8 --offline-limit 2                     # a tiny end-to-end run

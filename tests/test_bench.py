@@ -278,3 +278,27 @@ def test_short_bench_run_writes_a_complete_consistent_report(tmp_path, data_dir)
     assert set(priority["ratios"]) == {"vs_priority"}  # online-only did not run
     assert priority["ratios"]["vs_priority"]["ttft_ms.p99"] == pytest.approx(1.0)
     assert priority["timings"]["phase_wall_s"] > 0
+
+
+def test_vllm_bench_serve_speaks_vllms_own_benchmark_client():
+    """benchmarks/vllm_bench_serve.py parses its run with vLLM's parser and awaits its main."""
+    import argparse
+    import importlib.util
+    import inspect
+
+    from vllm.benchmarks.serve import main_async
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "vllm_bench_serve.py"
+    spec = importlib.util.spec_from_file_location("vllm_bench_serve", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ours = argparse.Namespace(input_len=256, output_len=64, num_prompts=7, request_rate=0.25, seed=3)
+    args = script.vllm_bench_args(ours, "http://127.0.0.1:9", "/models/m", "m")
+    assert (args.dataset_name, args.random_input_len, args.random_output_len) == ("random", 256, 64)
+    assert (args.num_prompts, args.request_rate, args.burstiness, args.seed) == (7, 0.25, 1.0, 3)
+    assert (args.base_url, args.model, args.tokenizer) == ("http://127.0.0.1:9", "m", "/models/m")
+    assert args.metric_percentiles == "50,90,99" and "tpot" in args.percentile_metrics
+    assert inspect.iscoroutinefunction(main_async)
+    # the p50/p99 keys the script reads are built per metric and percentile
+    assert 'result[f"p{p_word}_{metric_attribute_name}_ms"] = value' in inspect.getsource(
+        importlib.import_module("vllm.benchmarks.serve").benchmark)
