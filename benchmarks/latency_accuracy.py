@@ -4,10 +4,11 @@ Starts the engine with ConserveScheduler logging every step, runs the profiler's
 by default), fits on the training shapes and reports the absolute relative error on held-out
 shapes (targets: median <= 5%, P90 <= 10%), overall and per kind of step, plus the spread of
 the headline numbers over other random splits. A shape measured several times (the profiler
-repeats prompt-logprob prefills) is judged by its median step; the error of every single
+runs its sweep in three rounds) is judged by its median step; the error of every single
 held-out step is reported too. Writes results/latency-accuracy.json.
 
-    python benchmarks/latency_accuracy.py            # full sweep, about 4 minutes on 2 cores
+    python benchmarks/latency_accuracy.py            # full sweep, about 6 minutes on 2 cores
+    python benchmarks/latency_accuracy.py --sweep quick
 """
 
 from __future__ import annotations
@@ -42,16 +43,10 @@ def errors_by_kind(model, samples) -> dict[str, dict]:
 
 def split_spread(samples) -> dict[str, list[float]]:
     """Held-out median and P90 over NUM_SPLITS random shape splits (refit each time)."""
-    from conserve_bench.sched.latency import evaluate_shapes, fit
-    from conserve_bench.sched.profiler import HOLDOUT_FRACTION, split_distinct_shapes
+    from conserve_bench.sched.profiler import fit_holdout
 
-    medians, p90s = [], []
-    for seed in range(NUM_SPLITS):
-        train, holdout = split_distinct_shapes(samples, HOLDOUT_FRACTION, seed)
-        error = evaluate_shapes(fit(train), holdout)
-        medians.append(error.median_rel)
-        p90s.append(error.p90_rel)
-    return {"median_rel": medians, "p90_rel": p90s}
+    errors = [fit_holdout(samples, seed)[1] for seed in range(NUM_SPLITS)]
+    return {"median_rel": [e.median_rel for e in errors], "p90_rel": [e.p90_rel for e in errors]}
 
 
 def measure(model_name: str, sweep_name: str) -> tuple[object, float]:

@@ -138,7 +138,7 @@ def cancel(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: 
 @app.command()
 def profile(
     model: Annotated[str, typer.Option(help="smollm2-135m, a model directory, or a hub id.")] = DEFAULT_MODEL,
-    quick: Annotated[bool, typer.Option("--quick", help="A smaller sweep (under 90 s of profiling on 2 CPU cores).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="A smaller sweep (about 60 s of profiling on an idle 2-core CPU).")] = False,
     show: Annotated[bool, typer.Option("--show", help="Print the stored profile for this machine; measure nothing.")] = False,
     db: DbOpt = None,
 ):
@@ -146,8 +146,9 @@ def profile(
     from conserve_bench.sched import profiler
 
     store = _store(db)
+    refit = None
     if show:
-        found = profiler.show_profile(store, model)
+        found, refit = profiler.show_profile(store, model)
     else:
         with out.progress() as progress:
             task = progress.add_task("starting engine", total=None)
@@ -158,9 +159,10 @@ def profile(
             )
         found = result.profile
         out.stderr.print(f"swept {len(result.sweep.samples)} steps in {result.sweep.wall_s:.0f}s")
-    table = Table("quantity", "value", title="step latency model (held-out: shapes not fitted on)")
-    for name, value in profiler.summary_rows(found):
-        table.add_row(name, value)
+    columns = ("quantity", "profile") + (("live refit",) if refit else ())
+    table = Table(*columns, title="step latency model (held-out: shapes not fitted on)")
+    for row in profiler.summary_rows(found, refit):
+        table.add_row(*row[:len(columns)])
     out.stdout.print(table)
 
 
@@ -172,10 +174,12 @@ def serve(
     db: DbOpt = None,
     policy: Annotated[str, typer.Option(help="conserve | priority | online-only")] = "conserve",
     api_key: ApiKeyOpt = None,
-    ttft_slo_ms: Annotated[Optional[float], typer.Option("--ttft-slo-ms", help="Online TTFT target [default: 2x a 1024-token prefill, from the profile].")] = None,
-    tbt_slo_ms: Annotated[Optional[float], typer.Option("--tbt-slo-ms", help="Online TBT target [default: 5x a decode step, from the profile].")] = None,
-    slo_margin: Annotated[float, typer.Option("--slo-margin", help="conserve: offline work fills steps up to (1 - margin) x the TBT target.")] = 0.1,
-    quantum_ms: Annotated[Optional[float], typer.Option("--quantum-ms", help="conserve: longest offline-only step [default: 25% of the TTFT target].")] = None,
+    ttft_slo_ms: Annotated[Optional[float], typer.Option("--ttft-slo-ms", help="Online TTFT target; given (or --tbt-slo-ms), conserve spends it on offline work [default: counted only, 2x a 1024-token prefill, from the profile].")] = None,
+    tbt_slo_ms: Annotated[Optional[float], typer.Option("--tbt-slo-ms", help="Online TBT target; given, conserve fills steps up to it [default: counted only, 5x a decode step, from the profile].")] = None,
+    slo_margin: Annotated[float, typer.Option("--slo-margin", help="conserve with SLOs: offline work fills steps up to (1 - margin) x the TBT target.")] = 0.1,
+    quantum_ms: Annotated[Optional[float], typer.Option("--quantum-ms", help="conserve: longest offline-only step [default: the slowdown share of the 90th-percentile online prompt's prefill; with SLOs, 25% of the TTFT target].")] = None,
+    max_slowdown: Annotated[Optional[float], typer.Option("--max-slowdown", help="conserve without SLOs: the share offline work may add to online steps [default: derived from 1.25x and the profile's error, about 0.2].")] = None,
+    refit: Annotated[bool, typer.Option("--refit/--no-refit", help="conserve: plan with the latency model refitted from live steps while it predicts them better.")] = True,
     max_offline_inflight: Annotated[int, typer.Option("--max-offline-inflight", min=1, help="Offline items in flight.")] = 32,
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Local MMLU CSV folder for jobs.")] = None,
     output: OutputOpt = "results",
@@ -188,8 +192,8 @@ def serve(
     data_dir = data_dir or default_data_dir()
     cfg = ServeConfig(model=model, host=host, port=port, db_url=db or default_db_url(), policy=policy,
                       api_key=api_key, ttft_slo_ms=ttft_slo_ms, tbt_slo_ms=tbt_slo_ms,
-                      slo_margin=slo_margin, quantum_ms=quantum_ms,
-                      max_offline_inflight=max_offline_inflight,
+                      slo_margin=slo_margin, quantum_ms=quantum_ms, max_slowdown=max_slowdown,
+                      refit=refit, max_offline_inflight=max_offline_inflight,
                       data_dir=os.path.abspath(data_dir) if data_dir else None, output_dir=output,
                       profile=profile, step_log=step_log)
     _store(cfg.db_url)  # a bad --db fails here, before the engine starts
@@ -233,8 +237,8 @@ def bench(
     long_prompts: Annotated[int, typer.Option("--long-prompts", min=0, help="Extra offline long-prompt generations.")] = 0,
     long_prompt_tokens: Annotated[int, typer.Option("--long-prompt-tokens", min=1)] = 1536,
     long_generated_tokens: Annotated[int, typer.Option("--long-generated-tokens", min=1)] = 128,
-    ttft_slo_ms: Annotated[float, typer.Option("--ttft-slo-ms")] = 1000.0,
-    tbt_slo_ms: Annotated[float, typer.Option("--tbt-slo-ms")] = 200.0,
+    ttft_slo_ms: Annotated[Optional[float], typer.Option("--ttft-slo-ms", help="TTFT SLO, also given to every serve [default: from this machine's latency profile, serve's rule].")] = None,
+    tbt_slo_ms: Annotated[Optional[float], typer.Option("--tbt-slo-ms", help="TBT SLO, also given to every serve [default: from the profile, serve's rule].")] = None,
     max_offline_inflight: Annotated[int, typer.Option("--max-offline-inflight", min=1)] = 32,
     model: Annotated[str, typer.Option(help="smollm2-135m, a model directory, or a hub id.")] = DEFAULT_MODEL,
     server: Annotated[Optional[str], typer.Option("--server", help="Bench a running server (one policy, no offline-only phase).")] = None,
@@ -250,7 +254,8 @@ def bench(
     Example: bench --trace ../shared/data/traces/azure_llm_2023_conv.csv --data-dir ../shared/data/mmlu
     """
     from conserve_bench.bench.run import BenchConfig, run_bench
-    from conserve_bench.bench.report import STEP_COLUMNS, TABLE_COLUMNS, step_rows, table_rows
+    from conserve_bench.bench.report import (GOAL_COLUMNS, STEP_COLUMNS, TABLE_COLUMNS, goal_rows,
+                                            step_rows, table_rows)
 
     data_dir = data_dir or default_data_dir()
     cfg = BenchConfig(
@@ -269,11 +274,12 @@ def bench(
     with out.progress(disable=as_json) as progress:
         task = progress.add_task("starting", total=None)
         folder, report = run_bench(cfg, lambda d, done, total: progress.update(
-            task, description=d, completed=done, total=total))
+            task, description=d, completed=done, total=total), on_note=progress.console.print)
     if as_json:
         out.json(report)
         return
     for columns, rows, title in ((TABLE_COLUMNS, table_rows(report), report["config"]["workload"]),
+                                 (GOAL_COLUMNS, goal_rows(report), report["goal"]),
                                  (STEP_COLUMNS, step_rows(report), "engine steps in the window")):
         table = Table(*columns, title=title)
         for row in rows:

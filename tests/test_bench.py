@@ -15,9 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conserve_bench.bench.report import (PERCENTILES, RATIO_METRICS, CounterSample, OnlineRecord,
-                                        PhaseResult, StepRecord, build_report, counter_at, metric,
-                                        percentiles, render_markdown, step_rows, summarize_steps,
-                                        table_rows)
+                                        PhaseResult, StepRecord, build_report, counter_at, goal_rows,
+                                        metric, percentiles, render_markdown, step_rows,
+                                        summarize_steps, table_rows)
 from conserve_bench.bench.loadgen import parse_counters
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
@@ -134,6 +134,37 @@ def test_markdown_shows_engine_steps_when_the_phases_have_them():
     assert "| conserve | 2 | 3.0 | 1.0 / 2.0 / 0.0 | 200/200/200 | 2.0 | 5.0% / 9.0% |" in render_markdown(report)
 
 
+def test_slack_and_goal_put_each_policy_next_to_online_only():
+    offline_only, phases = _phases()
+    # online-only's engine: busy 1 s of the 10 s window, so idle 90%
+    phases[0] = PhaseResult("online-only", 10.0, phases[0].records, phases[0].samples,
+                            steps=(StepRecord(2.0, 1.0, 8, 0),))
+    report = build_report(CONFIG, offline_only, phases)
+    assert report["slack"]["online_only_idle_share"] == pytest.approx(0.9)
+    assert report["slack"]["tokens_per_s"] == pytest.approx(200.0 * 0.9)
+    priority = report["policies"]["priority"]["goal"]
+    assert priority["slo_attainment_ratio"] == pytest.approx(0.5 / 1.0)
+    assert priority["slo_attainment_difference"] == pytest.approx(-0.5)
+    assert priority["attainment_met"] is False
+    assert priority["harvest_pct_of_slack"] == pytest.approx(100 * 150.0 / 180.0)
+    conserve = report["policies"]["conserve"]["goal"]
+    assert conserve["attainment_met"] is True and conserve["slack_tokens_per_s"] == pytest.approx(180.0)
+    assert [row[0] for row in goal_rows(report)] == ["online-only", "priority", "conserve"]
+    assert "within 5% of online-only" in render_markdown(report)
+    # without online-only's step log there is no slack to compare with
+    assert build_report(CONFIG, *_phases())["slack"] is None
+
+
+def test_profile_and_refit_errors_are_compared_on_the_same_steps():
+    steps = (StepRecord(1.0, 0.1, 5, 0, 0.1, profile_predicted_s=0.12),  # before the first refit
+             StepRecord(2.0, 0.1, 5, 0, 0.1, profile_predicted_s=0.13, refit_predicted_s=0.1),
+             StepRecord(3.0, 0.2, 5, 0, 0.2, profile_predicted_s=0.26, refit_predicted_s=0.22))
+    errors = summarize_steps(steps, window_s=4.0)["model_rel_error"]
+    assert errors["num_steps"] == 2
+    assert errors["profile"]["p50"] == pytest.approx(0.3) and errors["refit"]["p50"] == pytest.approx(0.05)
+    assert summarize_steps(steps[:1], window_s=4.0)["model_rel_error"] is None
+
+
 def test_parses_the_offline_counters_from_prometheus_text():
     text = ("# HELP conserve_offline_tokens_total Tokens.\n# TYPE conserve_offline_tokens_total counter\n"
             "conserve_offline_tokens_total 1234.0\nconserve_offline_tokens_created 1.7e9\n"
@@ -150,8 +181,8 @@ def test_markdown_and_table_show_every_policy():
     assert rows[1][3] == "50.0" and rows[1][7] == "75.0"
     md = render_markdown(report)
     lines = md.splitlines()
-    assert sum(line.startswith("| priority |") for line in lines) == 2  # the table; vs online-only
-    assert sum(line.startswith("| conserve |") for line in lines) == 3  # the table; vs both
+    assert sum(line.startswith("| priority |") for line in lines) == 3  # table, goal, vs online-only
+    assert sum(line.startswith("| conserve |") for line in lines) == 4  # table, goal, vs both
     assert "latency_cdf.png" in md and "offline_throughput.png" in md
 
 
@@ -246,3 +277,27 @@ def test_short_bench_run_writes_a_complete_consistent_report(tmp_path, data_dir)
     laps = {k: v for k, v in priority["timings"].items() if k != "phase_wall_s"}
     assert set(laps) == {"server_start_s", "job_start_s", "replay_s", "server_stop_s"}
     assert priority["timings"]["phase_wall_s"] == pytest.approx(sum(laps.values()))
+
+
+def test_vllm_bench_serve_speaks_vllms_own_benchmark_client():
+    """benchmarks/vllm_bench_serve.py parses its run with vLLM's parser and awaits its main."""
+    import argparse
+    import importlib.util
+    import inspect
+
+    from vllm.benchmarks.serve import main_async
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "vllm_bench_serve.py"
+    spec = importlib.util.spec_from_file_location("vllm_bench_serve", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ours = argparse.Namespace(input_len=256, output_len=64, num_prompts=7, request_rate=0.25, seed=3)
+    args = script.vllm_bench_args(ours, "http://127.0.0.1:9", "/models/m", "m")
+    assert (args.dataset_name, args.random_input_len, args.random_output_len) == ("random", 256, 64)
+    assert (args.num_prompts, args.request_rate, args.burstiness, args.seed) == (7, 0.25, 1.0, 3)
+    assert (args.base_url, args.model, args.tokenizer) == ("http://127.0.0.1:9", "m", "/models/m")
+    assert args.metric_percentiles == "50,90,99" and "tpot" in args.percentile_metrics
+    assert inspect.iscoroutinefunction(main_async)
+    # the p50/p99 keys the script reads are built per metric and percentile
+    assert 'result[f"p{p_word}_{metric_attribute_name}_ms"] = value' in inspect.getsource(
+        importlib.import_module("vllm.benchmarks.serve").benchmark)

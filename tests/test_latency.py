@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from conserve_bench.sched.latency import (FEATURES, ChunkShape, FitError, LatencyModel, Sample,
                                     StepShape, _largest_within, _nnls_lawson_hanson,
-                                    evaluate, evaluate_shapes, fit, split_holdout)
+                                    evaluate, evaluate_shapes, fit, shape_class, shape_medians,
+                                    split_holdout)
 
 # Plausible magnitudes for a small GPU model: 5 ms fixed, 20 us per prefill token, ...
 TRUE_COEFFICIENTS = (5e-3, 2e-5, 4e-5, 2e-8, 1e-9, 3e-4)
@@ -61,6 +62,16 @@ def test_a_shape_measured_several_times_is_judged_once_by_its_median():
         model, [Sample(steps[0].shape, 0.0125), other])
     assert evaluate_shapes(model, steps).num_samples == 1
     assert evaluate(model, steps).max_rel == pytest.approx(0.5)  # the slow step on its own
+
+
+def test_decode_steps_a_few_tokens_apart_are_one_shape():
+    model = LatencyModel((0.01, 0, 1e-3, 0, 0, 0))
+    level = [Sample(StepShape(decode_context_lens=(c, c)), t)
+             for c, t in ((64, 0.012), (65, 0.030), (66, 0.012))]  # one step slowed by the host
+    other = Sample(StepShape(decode_context_lens=(200, 200)), 0.012)
+    assert shape_class(level[0].shape) == shape_class(level[2].shape) != shape_class(other.shape)
+    assert [s.step_s for s in shape_medians(level + [other])] == [0.012, 0.012]
+    assert evaluate_shapes(model, level + [other]).max_rel == pytest.approx(0.0)
 
 
 def test_fit_minimises_relative_not_absolute_error():

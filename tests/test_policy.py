@@ -14,9 +14,11 @@ from conserve_bench.sched.policy import (
     Pending,
     PolicyConfig,
     PolicyError,
+    HARM_BOUND,
     StepPlan,
     Targets,
     default_targets,
+    derived_max_slowdown,
     offline_to_preempt,
     plan_step,
 )
@@ -115,7 +117,9 @@ def test_default_targets_come_from_the_profile():
 
 @pytest.mark.parametrize("kwargs", [dict(ttft_s=0, tbt_s=0.1), dict(ttft_s=1, tbt_s=-1),
                                     dict(ttft_s=1, tbt_s=0.1, margin=1.0),
-                                    dict(ttft_s=1, tbt_s=0.1, quantum_s=0)])
+                                    dict(ttft_s=1, tbt_s=0.1, quantum_s=0),
+                                    dict(ttft_s=1, tbt_s=0.1, max_slowdown=0),
+                                    dict(ttft_s=1, tbt_s=0.1, reference_prompt_tokens=0)])
 def test_bad_targets_are_refused(kwargs):
     with pytest.raises(PolicyError):
         Targets(**kwargs)
@@ -124,6 +128,44 @@ def test_bad_targets_are_refused(kwargs):
 def test_policy_config_round_trips_as_json_data():
     config = PolicyConfig(Targets(1.5, 0.15, margin=0.2, quantum_s=0.1), CPU_MODEL)
     assert PolicyConfig.from_dict(config.to_dict()) == config
+    bounded = PolicyConfig(Targets(1.5, 0.15, max_slowdown=0.2, reference_prompt_tokens=100), CPU_MODEL)
+    assert PolicyConfig.from_dict(bounded.to_dict()) == bounded
+
+
+# -- the bounded mode (the default without SLOs) ----------------------------------------------
+
+BOUNDED = Targets(ttft_s=2.0, tbt_s=0.2, max_slowdown=0.2, reference_prompt_tokens=256)
+
+
+def test_the_share_is_derived_from_the_bound_and_the_model_error():
+    assert (1 + derived_max_slowdown(0.04)) * 1.04 == pytest.approx(HARM_BOUND)
+    assert derived_max_slowdown(None) == derived_max_slowdown(0.05)
+    assert derived_max_slowdown(0.5) == 0.05  # a poor model still lets offline work progress
+
+
+def test_bounded_offline_adds_at_most_the_share_to_online_decodes():
+    online = [decode("on-1"), decode("on-2")]
+    plan = plan_step(online, [prefill("off", 600)], CPU_MODEL, BOUNDED, MAX_TOKENS)
+    alone = CPU_MODEL.predict(StepShape(decode_context_lens=(300, 300)))
+    assert plan.kind == "mixed" and plan.budget_s == pytest.approx(1.2 * alone)
+    assert alone < plan.predicted_s <= 1.2 * alone
+
+
+def test_bounded_online_prompts_run_as_vllm_alone_and_get_no_offline_company():
+    online = [prefill("on-new", 1000), decode("on-1")]
+    plan = plan_step(online, [decode("off-1"), prefill("off-2", 50)], CPU_MODEL, BOUNDED, MAX_TOKENS)
+    assert plan.num_tokens == (("on-1", 1), ("on-new", 1000))  # not chunked, as vLLM alone
+    assert plan.deferred_ids == {"off-1"} and plan.kind == "online"
+
+
+def test_bounded_offline_only_steps_are_a_share_of_the_reference_prefill():
+    plan = plan_step([], [prefill(f"off-{i}", 700) for i in range(4)], CPU_MODEL, BOUNDED, MAX_TOKENS)
+    reference = CPU_MODEL.predict(StepShape((ChunkShape(256, 0),)))
+    assert plan.budget_s == pytest.approx(0.2 * reference)
+    assert 0 < plan.token_budget and plan.predicted_s <= plan.budget_s
+    given = Targets(2.0, 0.2, quantum_s=0.05, max_slowdown=0.2)
+    assert plan_step([], [prefill("off", 700)], CPU_MODEL, given, MAX_TOKENS).budget_s == 0.05
+    assert "bounded" in BOUNDED.describe(CPU_MODEL) and "20%" in BOUNDED.describe(CPU_MODEL)
 
 
 def test_kv_pressure_preempts_offline_until_online_fits():
@@ -155,13 +197,15 @@ def requests(draw, prefix: str):
     return [r for r in out if r.running] + [r for r in out if not r.running]
 
 
-plans = st.tuples(requests("on-"), requests("off-"), coefficients,
-                  st.floats(0.01, 3.0), st.floats(0.005, 0.5), st.integers(1, 4096))
+slowdowns = st.none() | st.floats(0.01, 0.5)
+plans = st.tuples(requests("on-"), requests("off-"), coefficients, st.floats(0.01, 3.0),
+                  st.floats(0.005, 0.5), st.integers(1, 4096), slowdowns, st.integers(1, 2048))
 
 
-def make_plan(online, offline, coeffs, ttft_s, tbt_s, max_tokens):
+def make_plan(online, offline, coeffs, ttft_s, tbt_s, max_tokens, max_slowdown, reference):
     model = LatencyModel(coeffs)
-    return plan_step(online, offline, model, Targets(ttft_s, tbt_s), max_tokens), model
+    targets = Targets(ttft_s, tbt_s, max_slowdown=max_slowdown, reference_prompt_tokens=reference)
+    return plan_step(online, offline, model, targets, max_tokens), model
 
 
 @settings(max_examples=300, deadline=None)
@@ -169,7 +213,7 @@ def make_plan(online, offline, coeffs, ttft_s, tbt_s, max_tokens):
 def test_no_step_exceeds_its_budget(case):
     online, offline, *_ = case
     plan, model = make_plan(*case)
-    assert plan.token_budget <= case[-1]
+    assert plan.token_budget <= case[5]
     assert math.isclose(plan.predicted_s, model.predict(plan.shape))
     minimum_progress = not online and [n for _, n in plan.num_tokens] == [1]
     if plan.num_offline_tokens and not minimum_progress:
@@ -216,3 +260,57 @@ def test_vllms_greedy_fill_reproduces_the_plan(case):
         filled[request.request_id] = min(request.num_new_tokens, budget)
         budget -= filled[request.request_id]
     assert filled == tokens(plan)
+
+
+def online_shape(plan: StepPlan, online) -> StepShape:
+    """The shape of the plan's online part alone."""
+    by_id = {r.request_id: r for r in online}
+    shape = StepShape()
+    for request_id, num in plan.num_tokens:
+        if request_id in by_id:
+            r = by_id[request_id]
+            shape = (shape.with_decodes([r.num_context]) if r.decode else
+                     shape.with_chunk(ChunkShape(num, r.num_context, r.prompt_logprobs)))
+    return shape
+
+
+bounded_plans = plans.filter(lambda case: case[6] is not None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(bounded_plans)
+def test_bounded_online_work_runs_exactly_as_vllm_would_alone(case):
+    """No chunking, no reordering beyond decodes first: min(need, budget left) in order."""
+    online, _, *rest = case
+    plan, _ = make_plan(*case)
+    left, expected = rest[3], []
+    for request in [r for r in online if r.running and r.decode] + [
+            r for r in online if r.running and not r.decode] + [r for r in online if not r.running]:
+        num = min(request.num_new_tokens, left)
+        if num:
+            expected.append((request.request_id, num))
+        left -= num
+        if num < request.num_new_tokens:
+            break
+    online_ids = {r.request_id for r in online}
+    assert [e for e in plan.num_tokens if e[0] in online_ids] == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(bounded_plans)
+def test_bounded_harm_holds_in_the_model(case):
+    """Every step with online work is predicted at most (1 + share) x its online part, and
+    exactly its online part when that carries a prompt; an offline-only step at most the share
+    of the reference prefill, hence of the prefill of any arrival at least as long."""
+    online, offline, coeffs, *_, share, reference = case
+    plan, model = make_plan(*case)
+    slack = 1 + 1e-9
+    if online:
+        part = online_shape(plan, online)
+        assert plan.predicted_s <= (1 + share) * model.predict(part) * slack
+        if part.prefills:
+            assert plan.predicted_s <= model.predict(part) * slack
+    elif plan.num_offline_tokens > 1:
+        for arrival in (reference, reference + 1, 2 * reference):
+            own_prefill = model.predict(StepShape((ChunkShape(arrival, 0),)))
+            assert plan.predicted_s <= share * own_prefill * slack

@@ -8,9 +8,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conserve_bench.sched.latency import ChunkShape, LatencyModel, Sample, StepShape, fit
-from conserve_bench.sched.profiler import (FULL, QUICK, DecodeProbe, PrefillProbe, Sweep,
-                                           _check_fits, decode_groups, profile_engine, run_sweep,
-                                           split_distinct_shapes, summary_rows, sweep_for)
+from conserve_bench.sched.profiler import (BLOCKER_TOKENS, FULL, QUICK, DecodeProbe,
+                                           PrefillProbe, Sweep, _check_fits, decode_groups,
+                                           profile_engine, run_sweep, split_distinct_shapes,
+                                           summary_rows, sweep_for)
 from conserve_bench.sched.profiles import current_key, profile_for, save_profile
 
 from .conftest import cli
@@ -42,8 +43,6 @@ def test_sweeps_fit_and_reach_into_the_engines_context(quick, max_model_len):
         _check_fits(PrefillProbe((1024,), context=1024), 2048)
     with pytest.raises(ValueError, match="prompt-logprob"):
         PrefillProbe((64,), context=512, prompt_logprobs=True)
-    with pytest.raises(ValueError, match="at least once"):
-        PrefillProbe((64,), repeats=0)
 
 
 def test_sweeps_cover_every_feature():
@@ -65,32 +64,34 @@ def test_holdout_never_shares_a_shape_with_training(pairs):
 
 # -- on the session engine --------------------------------------------------------------------
 
-TINY = (PrefillProbe((256,)), PrefillProbe((32,), prompt_logprobs=True, repeats=2),
+TINY = (PrefillProbe((256,)), PrefillProbe((32,), prompt_logprobs=True),
         DecodeProbe(32, 8, mixed=((64, False),)), PrefillProbe((48, 48), context=128))
 
 
 @pytest.fixture(scope="module")
 def tiny_sweep(engine):
-    return run_sweep(engine, TINY)
+    return run_sweep(engine, TINY[:2], rounds=2), run_sweep(engine, TINY[2:], seed=1)
 
 
 @pytest.mark.engine
-def test_a_prefill_is_logged_as_one_chunk(tiny_sweep):
-    whole, logprobs, _, cached = tiny_sweep.samples_by_probe
-    assert [s.shape for s in whole] == [StepShape((ChunkShape(256, 0),))]
+def test_a_prefill_is_logged_as_one_chunk_in_every_round(tiny_sweep):
+    (whole, logprobs), (_, cached) = (s.samples_by_probe for s in tiny_sweep)
+    assert [s.shape for s in whole] == [StepShape((ChunkShape(256, 0),))] * 2
     assert [s.shape for s in logprobs] == [StepShape((ChunkShape(32, 0, prompt_logprobs=True),))] * 2
     # the primed prefix first, then two chunks that start after the cached 128 tokens (in one
     # step, or two when the engine schedules the first before the second arrives)
     assert cached[0].shape == StepShape((ChunkShape(128, 0),))
     assert [c for s in cached[1:] for c in s.shape.prefills] == [ChunkShape(48, 128)] * 2
-    assert all(s.step_s > 0 for s in tiny_sweep.samples)
+    assert all(s.step_s > 0 for sweep in tiny_sweep for s in sweep.samples)
 
 
 @pytest.mark.engine
 def test_decodes_are_logged_with_their_contexts(tiny_sweep):
-    steps = [s.shape for s in tiny_sweep.samples_by_probe[2]]
-    # distinct random prompts: every prompt token is prefilled exactly once (no cache hits)
-    assert sum(shape.num_prefill_tokens for shape in steps) == 8 * 32 + 64
+    steps = [s.shape for s in tiny_sweep[1].samples_by_probe[0]]
+    # distinct random prompts: every prompt token is prefilled exactly once (no cache hits);
+    # the blocker first (the probe's prompts join its step or follow it, as timing goes)
+    assert sum(shape.num_prefill_tokens for shape in steps) == BLOCKER_TOKENS + 8 * 32 + 64
+    assert steps[0].prefills[0] == ChunkShape(BLOCKER_TOKENS, 0)
     batch_sizes = [shape.num_decodes for shape in steps if shape.num_decodes]
     assert max(batch_sizes) == 8 and min(batch_sizes) == 1
     full_batch = next(shape for shape in steps if shape.num_decodes == 8)
@@ -100,19 +101,19 @@ def test_decodes_are_logged_with_their_contexts(tiny_sweep):
 
 @pytest.mark.engine
 def test_fit_on_the_sweep_grows_with_the_batch(tiny_sweep):
-    model = fit(tiny_sweep.samples)
+    model = fit(tiny_sweep[0].samples + tiny_sweep[1].samples)
     assert model.predict(StepShape((ChunkShape(1024, 0),))) > model.predict(
         StepShape((ChunkShape(64, 0),)))
 
 
 @pytest.mark.engine
 def test_profile_engine_fits_stores_and_is_found_again(engine, store, tiny_sweep):
-    profile = profile_engine(engine, Sweep("tiny", TINY, warmup=()), seed=3).profile
+    profile = profile_engine(engine, Sweep("tiny", TINY, warmup=(), rounds=1), seed=3).profile
     assert profile.key == current_key(engine.cfg.model_name, engine.cfg.dtype)
     assert profile.holdout_error is not None and profile.holdout_error.num_samples > 0
     save_profile(store, profile)
     assert profile_for(store, profile.key).model == profile.model
-    assert any("held-out" in name for name, _ in summary_rows(profile))
+    assert any("held-out" in name for name, *_ in summary_rows(profile))
 
 
 # -- the CLI ----------------------------------------------------------------------------------
@@ -131,3 +132,15 @@ def test_profile_show_prints_the_stored_profile_or_one_line(tmp_path, store):
     shown = cli("profile", "--show", "--db", url)
     assert shown.returncode == 0, shown.stderr
     assert "prefill_tokens" in shown.stdout and "logprob_tokens" in shown.stdout
+    assert "live refit" not in shown.stdout
+    from conserve_bench.sched.latency import FitError
+    from conserve_bench.sched.profiles import save_refit
+    from conserve_bench.sched.refit import RefitStatus
+
+    refit = LatencyModel((0.0512, 2e-3, 2.4e-3, 4e-6, 1e-6, 8e-4))
+    save_refit(store, current_key("smollm2-135m", "float32"), RefitStatus(
+        FitError(0.213, 0.3, 0.5, 96), FitError(0.021, 0.05, 0.1, 96), True, refit, 3, 500))
+    with_refit = cli("profile", "--show", "--db", url)
+    assert with_refit.returncode == 0, with_refit.stderr
+    for text in ("live refit", "51.2 ms/step", "21.3%", "2.1%", "500 live steps"):
+        assert text in with_refit.stdout, text

@@ -10,7 +10,8 @@ import pytest
 from conserve_bench.errors import ProfileNotFoundError
 from conserve_bench.sched.latency import FitError, LatencyModel
 from conserve_bench.sched.profiles import (Profile, ProfileKey, current_key, profile_for,
-                                     require_profile, save_profile)
+                                           refit_for, require_profile, save_profile, save_refit)
+from conserve_bench.sched.refit import RefitStatus
 
 KEY = ProfileKey("smollm2-135m", "float32", "AMD EPYC (2 CPUs)", "0.32.0", 1)
 MODEL = LatencyModel((0.04, 2e-3, 2.4e-3, 4e-6, 1e-6, 8e-4),
@@ -70,3 +71,16 @@ def test_current_key_names_this_machine_and_vllm():
     key = current_key("smollm2-135m", "float32")
     assert key.device and key.device != "unknown"
     assert key.vllm_version.startswith("0.32.0")
+
+
+def test_a_live_refit_is_kept_under_its_profiles_key_until_the_next_profile(store):
+    stored(store)
+    refit = LatencyModel((0.05, 2.5e-3, 2.4e-3, 4e-6, 1e-6, 8e-4), FitError(0.02, 0.04, 0.1, 300))
+    status = RefitStatus(FitError(0.2, 0.3, 0.5, 96), FitError(0.02, 0.05, 0.1, 96), True, refit,
+                         num_refits=4, num_steps=700)
+    save_refit(store, KEY, status)
+    found, created_at = refit_for(store, KEY)
+    assert found == status and created_at > 0
+    assert refit_for(store, replace(KEY, device="other")) is None
+    stored(store)  # profiling again: the old refit was fitted around the old profile
+    assert refit_for(store, KEY) is None

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -33,6 +34,7 @@ def test_vllm_scheduler_names():
     assert list(inspect.signature(Scheduler.schedule).parameters) == ["self", "throttle_prefills"]
     assert list(inspect.signature(Scheduler.update_from_output).parameters) == [
         "self", "scheduler_output", "model_runner_output"]
+    assert list(inspect.signature(Scheduler.add_request).parameters) == ["self", "request"]
     assert callable(Scheduler.shutdown)
     assert "num_scheduled_tokens" in SchedulerOutput.__dataclass_fields__
     assert "additional_config" in VllmConfig.__dataclass_fields__
@@ -60,6 +62,11 @@ def test_engine_core_step_schedules_then_updates_from_output():
         source = inspect.getsource(step)
         assert 0 < source.index("self.scheduler.schedule(") < source.index(
             "self.scheduler.update_from_output(")
+    # Requests aborted while a step runs leave `Scheduler.requests` before update_from_output,
+    # which is how ConserveScheduler keeps such a step out of the live refit.
+    source = inspect.getsource(EngineCore.step)
+    assert source.index("self._process_aborts_queue()") < source.index(
+        "self.scheduler.update_from_output(")
 
 
 def test_vllm_cpu_runs_without_a_batch_queue():
@@ -93,8 +100,9 @@ POLICY = PolicyConfig(Targets(ttft_s=2.0, tbt_s=0.2), CPU_MODEL)
 
 
 def make_scheduler(model_path: str, policy: PolicyConfig | None, num_blocks: int = 256,
-                   max_num_batched_tokens: int = 2048, cls=None):
-    """A ConserveScheduler (or `cls`) as EngineCore builds it, over `num_blocks` KV blocks."""
+                   max_num_batched_tokens: int = 2048, cls=None, **conserve):
+    """A ConserveScheduler (or `cls`) as EngineCore builds it, over `num_blocks` KV blocks;
+    `conserve` adds entries to its plug-in config."""
     import torch
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
@@ -104,7 +112,7 @@ def make_scheduler(model_path: str, policy: PolicyConfig | None, num_blocks: int
 
     from conserve_bench.sched.scheduler import ConserveScheduler
 
-    additional = {"conserve": {"policy": policy.to_dict()}} if policy else {}
+    additional = {"conserve": {"policy": policy.to_dict(), **conserve}} if policy else {}
     config = EngineArgs(model=model_path, max_model_len=2048, max_num_seqs=16,
                         max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=True,
                         scheduling_policy="priority", additional_config=additional,
@@ -245,3 +253,64 @@ def test_vllm_mechanisms_the_plan_relies_on():
     assert "self.next_decode_eligible_step = 0" in inspect.getsource(Request.__init__)
     assert list(inspect.signature(Scheduler._preempt_request).parameters)[:3] == [
         "self", "request", "timestamp"]
+
+
+# -- the live latency model and the reference prompt, on vLLM's real scheduler ----------------
+
+BOUNDED = PolicyConfig(Targets(ttft_s=2.0, tbt_s=0.2, max_slowdown=0.2), CPU_MODEL)
+REFIT = {"window": 40, "every": 20, "min_samples": 20, "warmup_steps": 2}
+
+
+def make_live_scheduler(model_path, tmp_path):
+    """As serve configures it: the refit settings and the file the server reads."""
+    from conserve_bench.sched.refit import RefitConfig
+
+    return make_scheduler(model_path, BOUNDED, refit=RefitConfig(**REFIT).to_dict(),
+                          refit_state=str(tmp_path / "refit.json"),
+                          step_log=str(tmp_path / "steps.jsonl"))
+
+
+def test_live_steps_refit_the_model_that_plans(model_path, tmp_path):
+    from conserve_bench.sched.steplog import read_step_log_with_notes
+
+    scheduler = make_live_scheduler(model_path, tmp_path)
+    for i in range(8):
+        add(scheduler, f"off-{i}", 300, priority=1, max_tokens=12, first_token=1000 * i)
+    for _ in range(60):
+        run_step(scheduler)
+    # Without a model a step takes microseconds: the profile's 39 ms per step is far off, and
+    # the refit that predicts the live steps better plans from the first refit on.
+    live = scheduler.live
+    assert live.status is not None and live.status.adopted and live.model is live.refit
+    assert live.status.refit_error.median_rel < live.status.profile_error.median_rel
+    state = json.loads((tmp_path / "refit.json").read_text())
+    assert state["adopted"] and state["num_refits"] == live.status.num_refits
+    steps = [notes for _, notes in read_step_log_with_notes(tmp_path / "steps.jsonl")]
+    assert all("profile_predicted_s" in n for n in steps)
+    assert any("refit_predicted_s" in n for n in steps) and "refit_predicted_s" not in steps[0]
+    assert steps[-1]["predicted_s"] == steps[-1]["refit_predicted_s"]
+
+
+def test_a_step_whose_request_was_aborted_is_never_fitted_on(model_path, tmp_path):
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.request import RequestStatus
+
+    scheduler = make_live_scheduler(model_path, tmp_path)
+    add(scheduler, "off-0", 100, priority=1)
+    for _ in range(4):
+        run_step(scheduler)
+    num_fitted = len(scheduler.live._window)
+    output = scheduler.schedule()
+    scheduler.finish_requests("off-0", RequestStatus.FINISHED_ABORTED)  # as EngineCore does
+    scheduler.update_from_output(output, ModelRunnerOutput(req_ids=[], req_id_to_index={},
+                                                           sampled_token_ids=[]))
+    assert len(scheduler.live._window) == num_fitted
+
+
+def test_the_reference_prompt_follows_recent_online_prompts(model_path, tmp_path):
+    scheduler = make_live_scheduler(model_path, tmp_path)
+    assert scheduler._targets.reference_prompt_tokens == BOUNDED.targets.reference_prompt_tokens
+    for i, size in enumerate((90, 120, 100, 40, 60, 70, 80, 50, 110, 30)):
+        add(scheduler, f"on-{i}", size, priority=0, first_token=100 * i)
+    add(scheduler, "off", 1000, priority=1)  # offline prompts do not count
+    assert scheduler._targets.reference_prompt_tokens == 120  # the 90th percentile of 10

@@ -85,6 +85,17 @@ def test_step_time_is_from_scheduled_to_executed(tmp_path):
     assert read_step_log(tmp_path / "steps.jsonl")[0] == [sample]
 
 
+def test_without_a_writer_steps_are_only_timed(tmp_path):
+    """What the live latency model needs when no step log is asked for."""
+    clock = FakeClock()
+    rec, step = StepRecorder(None, clock), object()
+    rec.scheduled(step, [ScheduledRequest(8, 0, 8)])
+    clock.now = 0.5
+    assert rec.executed(step) == Sample(StepShape((ChunkShape(8, 0),)), 0.5)
+    rec.close()
+    assert not list(tmp_path.iterdir())
+
+
 def test_lines_carry_the_wall_clock_end_and_the_notes(tmp_path):
     clock = FakeClock()
     rec = StepRecorder(StepLogWriter(tmp_path / "steps.jsonl"), clock, wall_clock=lambda: 1795e6 + 0.5)

@@ -25,6 +25,8 @@ EXPECTED_SCHEMA = {
     "job_items": {"job_id", "item_key", "seq"},
     "profiles": {"model", "dtype", "device", "vllm_version", "parallel_size", "model_json",
                  "num_samples", "fit_error", "created_at"},
+    "profile_refits": {"model", "dtype", "device", "vllm_version", "parallel_size", "state_json",
+                       "created_at"},
 }
 
 

@@ -5,7 +5,10 @@ report can be checked against its parts. Latencies are measured on the client si
 offline side is read from the server's `conserve_offline_*_total` counters over the window.
 
 SLO attainment: the share of online requests that completed all their tokens with a TTFT
-within the TTFT SLO and every gap between tokens within the TBT SLO.
+within the TTFT SLO and every gap between tokens within the TBT SLO. The slack: what the
+engine could harvest beside online work alone, offline-only tokens/s x the share of the window
+`online-only`'s engine was idle (from its step log). Conserve's goal (`GOAL`): attainment within
+5% of online-only's while harvesting what the slack allows.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from typing import Any
 from conserve_bench.sched.policy import step_kind
 
 PERCENTILES = (50, 90, 99)
+GOAL_ATTAINMENT_RATIO = 0.95
+GOAL = ("conserve's goal: SLO attainment within 5% of online-only's (ratio >= 0.95) while "
+        "harvesting as much offline work as the slack allows (offline-only tok/s x "
+        "online-only's idle share)")
 RATIO_BASES = ("online-only", "priority")
 RATIO_METRICS = ("ttft_ms.p50", "ttft_ms.p90", "ttft_ms.p99", "tbt_ms.p50", "tbt_ms.p90",
                  "tbt_ms.p99", "slo_attainment", "online_rps", "offline_tokens_per_s",
@@ -67,6 +74,8 @@ class StepRecord:
     num_tokens: int
     num_offline_tokens: int
     predicted_s: float | None = None  # the ConServe plan's prediction (conserve only)
+    profile_predicted_s: float | None = None  # the profile's model on the same step
+    refit_predicted_s: float | None = None  # the latest live refit's (once there is one)
 
     @property
     def kind(self) -> str:
@@ -172,7 +181,21 @@ def summarize_steps(steps: tuple[StepRecord, ...], window_s: float) -> dict[str,
             sum(s.num_offline_tokens * share for s, share in inside) / window_s,
         "by_kind": by_kind,
         "prediction_rel_error": percentiles(predicted) if predicted else None,
+        "model_rel_error": _model_errors([s for s, _ in inside]),
     }
+
+
+def _model_errors(steps: list[StepRecord]) -> dict[str, Any] | None:
+    """The profile's and the live refit's prediction errors, side by side on the same steps:
+    those that had a refit to predict them (None before the first refit)."""
+    both = [s for s in steps if s.refit_predicted_s is not None and s.profile_predicted_s is not None]
+    if not both:
+        return None
+    def rel(predicted: str) -> dict[str, float | None]:
+        return percentiles([abs(getattr(s, predicted) - s.step_s) / s.step_s for s in both])
+
+    return {"num_steps": len(both), "profile": rel("profile_predicted_s"),
+            "refit": rel("refit_predicted_s")}
 
 
 def summarize_phase(phase: PhaseResult, ttft_slo_s: float, tbt_slo_s: float,
@@ -210,7 +233,7 @@ def ratios(summary: dict[str, Any], base: dict[str, Any]) -> dict[str, float | N
 
 def build_report(config: dict[str, Any], offline_only: PhaseResult,
                  phases: list[PhaseResult]) -> dict[str, Any]:
-    """The whole report: config, offline-only baseline, one entry per policy, ratios."""
+    """The whole report: config, offline-only baseline, slack, one entry per policy, ratios."""
     ttft_slo_s, tbt_slo_s = config["ttft_slo_ms"] / 1e3, config["tbt_slo_ms"] / 1e3
     baseline = summarize_phase(offline_only, ttft_slo_s, tbt_slo_s, None)
     policies = {p.policy: summarize_phase(p, ttft_slo_s, tbt_slo_s, baseline["offline_tokens_per_s"])
@@ -221,7 +244,43 @@ def build_report(config: dict[str, Any], offline_only: PhaseResult,
                                         "offline_tokens", "offline_items", "window_s")}
     offline["measured"] = bool(offline_only.samples)
     offline["timings"] = offline_only.extra.get("timings", {})
-    return {"config": config, "offline_only": offline, "policies": policies}
+    slack = slack_of(offline["offline_tokens_per_s"] if offline["measured"] else None,
+                     policies.get("online-only"))
+    for summary in policies.values():
+        summary["goal"] = goal_of(summary, policies.get("online-only"), slack)
+    return {"config": config, "offline_only": offline, "slack": slack, "policies": policies,
+            "goal": GOAL}
+
+
+def slack_of(offline_only_tokens_per_s: float | None,
+             online_only: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Offline-only tokens/s x the share of the window online-only's engine was idle (None
+    without both: no offline-only phase, or no online-only phase with a step log)."""
+    steps = (online_only or {}).get("steps")
+    if offline_only_tokens_per_s is None or not steps:
+        return None
+    idle_share = max(0.0, 1 - steps["busy_pct"] / 100)
+    return {"offline_only_tokens_per_s": offline_only_tokens_per_s,
+            "online_only_idle_share": idle_share,
+            "tokens_per_s": offline_only_tokens_per_s * idle_share}
+
+
+def goal_of(summary: dict[str, Any], online_only: dict[str, Any] | None,
+            slack: dict[str, Any] | None) -> dict[str, Any]:
+    """A policy against the goal: its attainment next to online-only's (ratio, difference)
+    and its harvest next to the slack."""
+    base = None if online_only is None else online_only["slo_attainment"]
+    own = summary["slo_attainment"]
+    ratio = _ratio(own, base)
+    return {
+        "slo_attainment": own, "online_only_slo_attainment": base,
+        "slo_attainment_ratio": ratio,
+        "slo_attainment_difference": None if own is None or base is None else own - base,
+        "attainment_met": None if ratio is None else ratio >= GOAL_ATTAINMENT_RATIO,
+        "slack_tokens_per_s": None if slack is None else slack["tokens_per_s"],
+        "harvest_pct_of_slack": _ratio(summary["offline_tokens_per_s"],
+                                       None if slack is None else slack["tokens_per_s"], 100.0),
+    }
 
 
 def report_dict(config) -> dict[str, Any]:
@@ -253,7 +312,22 @@ def ratio_rows(report: dict[str, Any], names=("ttft_ms.p99", "tbt_ms.p99", "slo_
 
 
 STEP_COLUMNS = ("policy", "steps", "busy %", "online / mixed / offline busy %",
-                "mixed step p50/p90/p99 ms", "offline computed tok/s", "prediction error p50/p90")
+                "mixed step p50/p90/p99 ms", "offline computed tok/s", "prediction error p50/p90",
+                "profile / refit error p90 (same steps)")
+GOAL_COLUMNS = ("policy", "SLO %", "online-only SLO %", "ratio", "difference (points)",
+                "online req/s", "offline tok/s", "slack tok/s", "% of slack")
+
+
+def goal_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Per policy: attainment next to online-only's, and harvest next to the slack."""
+    rows = []
+    for policy, s in report["policies"].items():
+        g = s["goal"]
+        rows.append((policy, _num(g["slo_attainment"], 100, 1), _num(g["online_only_slo_attainment"], 100, 1),
+                     _num(g["slo_attainment_ratio"], 1, 2), _num(g["slo_attainment_difference"], 100, 1),
+                     _num(s["online_rps"], 1, 2), _num(s["offline_tokens_per_s"], 1, 1),
+                     _num(g["slack_tokens_per_s"], 1, 1), _num(g["harvest_pct_of_slack"], 1, 1)))
+    return rows
 
 
 def step_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -264,11 +338,13 @@ def step_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
         if not steps:
             continue
         kinds = steps["by_kind"]
-        error = steps["prediction_rel_error"]
+        error, models = steps["prediction_rel_error"], steps.get("model_rel_error")
         rows.append((policy, str(steps["num_steps"]), _num(steps["busy_pct"], 1, 1),
                      " / ".join(_num(kinds[k]["busy_pct"], 1, 1) for k in ("online", "mixed", "offline")),
                      _triple(kinds["mixed"]["step_ms"]), _num(steps["offline_computed_tokens_per_s"], 1, 1),
-                     "-" if error is None else f"{error['p50']:.1%} / {error['p90']:.1%}"))
+                     "-" if error is None else f"{error['p50']:.1%} / {error['p90']:.1%}",
+                     "-" if not models else
+                     f"{models['profile']['p90']:.1%} / {models['refit']['p90']:.1%} ({models['num_steps']})"))
     return rows
 
 
@@ -276,10 +352,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     cfg, off = report["config"], report["offline_only"]
     lines = [f"# conserve-bench bench ({cfg.get('started_at', '')})", "",
              f"Model {cfg['model']}; online: {cfg['workload']}; offline: {cfg['offline_tasks']}; "
-             f"SLOs: TTFT {cfg['ttft_slo_ms']:g} ms, TBT {cfg['tbt_slo_ms']:g} ms; "
+             f"SLOs: TTFT {cfg['ttft_slo_ms']:.0f} ms, TBT {cfg['tbt_slo_ms']:.0f} ms "
+             f"({cfg.get('slo_source', 'given')}); "
              f"window {off['window_s']:.1f} s; offline-only: {off['offline_tokens_per_s']:.1f} tok/s, "
              f"{off['offline_items_per_s']:.2f} items/s.", ""]
     lines += _md_table(TABLE_COLUMNS, table_rows(report))
+    lines += ["", f"{report['goal'][:1].upper()}{report['goal'][1:]}.", ""]
+    lines += _md_table(GOAL_COLUMNS, goal_rows(report))
     lines += ["", "Ratios (policy / base):", ""]
     lines += _md_table(("policy", "base", "TTFT p99", "TBT p99", "SLO attainment", "offline tok/s"),
                        ratio_rows(report))

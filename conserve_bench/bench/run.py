@@ -4,7 +4,9 @@ Phases, each on a freshly started server with its own fresh SQLite store (so no 
 another's finished offline items): (1) online capacity, measured closed-loop, when the rate is
 given as `load`; then the offline job alone for the window (the offline-only baseline);
 (2) per policy: the eval job submitted at t=0, the online workload replayed, the server's
-offline counters sampled. Then `benchreport` builds the report and `benchplots` draws it.
+offline counters sampled. SLOs not given are derived from this machine's latency profile by
+`serve`'s own rule (`server.slo_targets`), and each `serve` then derives them itself (so
+`conserve` runs its bounded default). Then `report` builds the report and `plots` draws it.
 This module does the I/O and the timing; it computes no statistic itself.
 """
 
@@ -27,7 +29,7 @@ from conserve_bench.serve.client import JobClient
 from conserve_bench.errors import ConserveError
 from conserve_bench.bench.loadgen import OnlineClient
 from conserve_bench.serve.process import ServerProcess
-from conserve_bench.serve.server import POLICIES
+from conserve_bench.serve.server import POLICIES, slo_targets
 from conserve_bench.sched.steplog import read_step_log_with_notes
 from conserve_bench.store.states import JobState
 
@@ -35,6 +37,7 @@ SAMPLE_EVERY_S = 0.5
 STEP_LOG = "steps.jsonl"  # every engine step of a phase, in its folder
 ARRIVALS = ("trace", "gamma")
 ProgressFn = Callable[[str, float, float], None]  # (description, completed, total)
+NoteFn = Callable[[str], None]  # a line for the user
 
 
 class BenchConfigError(ConserveError):
@@ -66,8 +69,8 @@ class BenchConfig:
     long_prompts: int = 0  # extra offline generations with long prompts (KV-cache pressure)
     long_prompt_tokens: int = 1536
     long_generated_tokens: int = 128
-    ttft_slo_ms: float = 1000.0
-    tbt_slo_ms: float = 200.0
+    ttft_slo_ms: float | None = None  # None: from this machine's latency profile, as `serve`
+    tbt_slo_ms: float | None = None
     max_offline_inflight: int = 32
     model: str = "smollm2-135m"
     server: str | None = None  # an existing server: phases run on it, nothing is restarted
@@ -94,24 +97,44 @@ class BenchConfig:
 
 
 def run_bench(cfg: BenchConfig, on_progress: ProgressFn = lambda d, c, t: None,
-              now: datetime | None = None) -> tuple[Path, dict[str, Any]]:
+              now: datetime | None = None,
+              on_note: NoteFn = lambda line: None) -> tuple[Path, dict[str, Any]]:
     """Run every phase and write report.json, report.md and the plots; (folder, report)."""
     base = _base_requests(cfg)  # NOTE: a bad trace fails here, before any server starts
     started = now or datetime.now()
     out = Path(cfg.output_dir) / f"bench-{started:%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=False)
     steps = _Steps(on_progress, 1 + len(cfg.policies))
-    profiles = _ProfileCache(cfg)
+    profiles = ProfileCache(cfg.profile_db, cfg.model, copies=not cfg.server)
     capacity, rate, offline_only = _baseline_phase(cfg, base, out, steps, profiles)
+    slos = bench_slos(cfg, profiles.profile())  # NOTE: after the baseline, which may profile
+    on_note(f"SLOs: TTFT {slos['ttft_slo_ms']:.0f} ms, TBT {slos['tbt_slo_ms']:.0f} ms "
+            f"({slos['slo_source']})")
     requests = timed_requests(cfg, base, rate)
     phases = [_policy_phase(cfg, policy, requests, out, steps, profiles) for policy in cfg.policies]
-    config = {**report_dict(cfg), "started_at": started.isoformat(timespec="seconds"),
+    config = {**report_dict(cfg), **slos, "started_at": started.isoformat(timespec="seconds"),
               "online_capacity_rps": capacity, "online_rate_rps": rate,
               "num_online_requests": len(requests), "workload": _describe(cfg, rate)}
     report = build_report(config, offline_only, phases)
     _write_outputs(out, report, offline_only, phases)
     steps.finish()
     return out, report
+
+
+def bench_slos(cfg: BenchConfig, profile) -> dict[str, Any]:
+    """The SLOs attainment is counted against, and where they come from."""
+    from conserve_bench.sched.policy import SLO_RULE
+
+    ttft_s, tbt_s = slo_targets(cfg.ttft_slo_ms, cfg.tbt_slo_ms, profile.model if profile else None)
+    if cfg.ttft_slo_ms and cfg.tbt_slo_ms:
+        source = "given"
+    elif profile is None:
+        source = "no latency profile on this machine: serve's fallback"
+    else:
+        source = f"this machine's latency profile, serve's rule: {SLO_RULE}"
+        if cfg.ttft_slo_ms or cfg.tbt_slo_ms:
+            source = f"one given, the other from {source}"
+    return {"ttft_slo_ms": ttft_s * 1e3, "tbt_slo_ms": tbt_s * 1e3, "slo_source": source}
 
 
 # -- workload ----------------------------------------------------------------------------------
@@ -153,7 +176,7 @@ def _describe(cfg: BenchConfig, rate: float) -> str:
 # -- phases ------------------------------------------------------------------------------------
 
 
-def _baseline_phase(cfg: BenchConfig, base, out: Path, steps: "_Steps", profiles: "_ProfileCache"):
+def _baseline_phase(cfg: BenchConfig, base, out: Path, steps: "_Steps", profiles: "ProfileCache"):
     """(capacity or None, the online rate, the offline-only phase)."""
     steps.next("offline-only: starting server")
     timer = _Timer()
@@ -172,7 +195,7 @@ def _baseline_phase(cfg: BenchConfig, base, out: Path, steps: "_Steps", profiles
 
 
 def _policy_phase(cfg: BenchConfig, policy: str, requests, out: Path, steps: "_Steps",
-                  profiles: "_ProfileCache") -> PhaseResult:
+                  profiles: "ProfileCache") -> PhaseResult:
     steps.next(f"{policy}: starting server")
     timer = _Timer()
     with _server(cfg, policy, out / policy, profiles) as (url, phase_dir):
@@ -187,7 +210,8 @@ def _with_steps(phase: PhaseResult, phase_dir: Path) -> PhaseResult:
         return phase
     records = tuple(
         StepRecord(notes["end_at"] - phase.started_at, sample.step_s, sample.shape.num_tokens,
-                   notes.get("offline_tokens", 0), notes.get("predicted_s"))
+                   notes.get("offline_tokens", 0), notes.get("predicted_s"),
+                   notes.get("profile_predicted_s"), notes.get("refit_predicted_s"))
         for sample, notes in read_step_log_with_notes(phase_dir / STEP_LOG))  # none: no log
     return replace(phase, steps=records)
 
@@ -203,7 +227,7 @@ def _measure(cfg: BenchConfig, label: str, policy: str, url: str, phase_dir: Pat
     jobs = JobClient(url, cfg.api_key, timeout_s=600)
     job_id = _submit_offline(cfg, jobs, phase_dir)
     if policy != "online-only":
-        _wait_running(jobs, job_id)
+        wait_running(jobs, job_id)
     timer.lap("job_start_s")
     steps.describe(label)
     phase = _run(_drive(cfg, url, requests, steps))
@@ -216,7 +240,7 @@ def _measure(cfg: BenchConfig, label: str, policy: str, url: str, phase_dir: Pat
                                                "offline_job_items_total": final["total"]})
 
 
-def _wait_running(jobs: JobClient, job_id: str, timeout_s: float = 900) -> None:
+def wait_running(jobs: JobClient, job_id: str, timeout_s: float = 900) -> None:
     deadline = time.perf_counter() + timeout_s
     while time.perf_counter() < deadline:
         job = jobs.status(job_id)
@@ -246,7 +270,7 @@ class _Timer:
 
 
 @contextlib.contextmanager
-def _server(cfg: BenchConfig, policy: str, phase_dir: Path, profiles: "_ProfileCache"):
+def _server(cfg: BenchConfig, policy: str, phase_dir: Path, profiles: "ProfileCache"):
     """(url, phase folder) of a fresh server with a fresh store, or of `--server`."""
     phase_dir.mkdir(parents=True)
     if cfg.server:
@@ -254,10 +278,14 @@ def _server(cfg: BenchConfig, policy: str, phase_dir: Path, profiles: "_ProfileC
         return
     db_url = f"sqlite:///{(phase_dir / 'jobs.db').resolve()}"
     profiles.copy_to(db_url)
-    args = ["--policy", policy, "--db", db_url,
-            "--output", str(phase_dir), "--ttft-slo-ms", str(cfg.ttft_slo_ms),
-            "--tbt-slo-ms", str(cfg.tbt_slo_ms), "--max-offline-inflight", str(cfg.max_offline_inflight),
-            "--model", cfg.model, *cfg.serve_args]
+    # NOTE: SLOs go to serve only when given: without them serve derives the same ones from
+    # the same profile and `conserve` runs its bounded default rather than spending them.
+    args = ["--policy", policy, "--db", db_url, "--output", str(phase_dir),
+            "--max-offline-inflight", str(cfg.max_offline_inflight), "--model", cfg.model]
+    for flag, value in (("--ttft-slo-ms", cfg.ttft_slo_ms), ("--tbt-slo-ms", cfg.tbt_slo_ms)):
+        if value:
+            args += [flag, str(value)]
+    args += cfg.serve_args
     if _logs_steps(policy):
         args += ["--step-log", str(phase_dir / STEP_LOG)]
     if cfg.data_dir:
@@ -283,36 +311,43 @@ def _logs_steps(policy: str) -> bool:
     return True
 
 
-class _ProfileCache:
+class ProfileCache:
     """This machine's latency profile, copied into every phase's fresh store.
 
     NOTE: without it each fresh server would profile itself again (about 90 s on 2 cores);
     the first one that does is remembered in `profile_db` for the next run.
     """
 
-    def __init__(self, cfg: BenchConfig):
+    def __init__(self, profile_db: str | None, model: str, copies: bool = True):
         from conserve_bench.config import EngineConfig
         from conserve_bench.engine.models import resolve_model
         from conserve_bench.sched.profiles import current_key
         from conserve_bench.store import Store
 
-        self.store = Store(cfg.profile_db) if cfg.profile_db and not cfg.server else None
+        self.store = Store(profile_db) if profile_db else None
+        self.copies = copies  # NOTE: False for a running server: it has its own store
         if self.store is not None:
-            engine = EngineConfig(model_path="", model_name=resolve_model(cfg.model).name)
+            engine = EngineConfig(model_path="", model_name=resolve_model(model).name)
             self.key = current_key(engine.model_name, engine.dtype)
 
+    def profile(self):
+        """The stored profile of this machine, or None."""
+        from conserve_bench.sched.profiles import profile_for
+
+        return None if self.store is None else profile_for(self.store, self.key)
+
     def copy_to(self, db_url: str) -> None:
-        from conserve_bench.sched.profiles import profile_for, save_profile
+        from conserve_bench.sched.profiles import save_profile
         from conserve_bench.store import Store
 
-        if self.store is not None and (found := profile_for(self.store, self.key)) is not None:
+        if self.copies and (found := self.profile()) is not None:
             save_profile(Store(db_url), found)
 
     def learn_from(self, db_url: str) -> None:
         from conserve_bench.sched.profiles import profile_for, save_profile
         from conserve_bench.store import Store
 
-        if self.store is not None and profile_for(self.store, self.key) is None:
+        if self.copies and self.store is not None and self.profile() is None:
             if (found := profile_for(Store(db_url), self.key)) is not None:
                 save_profile(self.store, found)
 

@@ -2,7 +2,8 @@
 
 Owns the request priorities (online 0, offline 1), the scheduler class path handed to vLLM as
 `scheduler_cls`, and the layout of vLLM's plug-in config `additional_config["conserve"]`
-("policy": a `policy.PolicyConfig` dict; "step_log": a path). Read in the engine process by
+("policy": a `policy.PolicyConfig` dict; "step_log": a path; "refit": a `refit.RefitConfig`
+dict; "refit_state": the file the live refit is reported in). Read in the engine process by
 `sched.scheduler`, written by `serve`, `profile` and the tests. Plain data: it must never
 import torch or vLLM, so the pure policy side (`sched.steplog`) can import it.
 """
@@ -17,7 +18,8 @@ ONLINE_PRIORITY = 0
 OFFLINE_PRIORITY = 1
 SCHEDULER_CLS = "conserve_bench.sched.scheduler.ConserveScheduler"
 CONFIG_KEY = "conserve"  # additional_config[CONFIG_KEY]: {"policy": ..., "step_log": ...}
-POLICY, STEP_LOG = "policy", "step_log"
+POLICY, STEP_LOG, REFIT, REFIT_STATE = "policy", "step_log", "refit", "refit_state"
+ENTRIES = (POLICY, STEP_LOG, REFIT, REFIT_STATE)
 
 
 def is_online(priority: int) -> bool:
@@ -38,9 +40,9 @@ def step_log_path(additional_config: Any) -> str | None:
 
 def conserve_overrides(additional_config: dict[str, Any] | None = None,
                        **entries: Any) -> dict[str, Any]:
-    """`EngineConfig` fields that start vLLM with `ConserveScheduler`, with `entries` ("policy",
-    "step_log") added to the plug-in config of `additional_config`."""
-    unknown = set(entries) - {POLICY, STEP_LOG}
+    """`EngineConfig` fields that start vLLM with `ConserveScheduler`, with `entries` (any of
+    ENTRIES) added to the plug-in config of `additional_config`."""
+    unknown = set(entries) - set(ENTRIES)
     if unknown:
         raise ValueError(f"unknown {CONFIG_KEY} config entries: {', '.join(sorted(unknown))}")
     additional = dict(additional_config or {})

@@ -18,6 +18,13 @@ FEATURES = ("fixed", "prefill_tokens", "decodes", "decode_attention", "prefill_a
             "logprob_tokens")
 VERSION = 1
 DEFAULT_MAX_TOKENS = 1 << 20
+# Outlier rejection in `fit`: passes, the cut in robust standard deviations, a floor below
+# which no step is an outlier, and the largest share of samples ever dropped.
+OUTLIER_PASSES = 4
+OUTLIER_MADS = 3.0
+OUTLIER_FLOOR = 0.05
+MAX_OUTLIER_SHARE = 0.2
+DECODE_CONTEXT_BUCKET = 16  # decode steps this close in mean context are one shape (`shape_class`)
 T = TypeVar("T")
 
 
@@ -217,43 +224,133 @@ def _bisect(fits: Callable[[int], bool], lo: int, hi: int) -> int:
     return lo
 
 
-def fit(samples: Sequence[Sample]) -> LatencyModel:
-    """Non-negative least squares on relative error: each row is weighted by 1 / step_s."""
-    if len(samples) < len(FEATURES):
+@dataclass(frozen=True)
+class StepTable:
+    """Samples as arrays, one row of `FEATURES` values and one time per step: what `fit` and
+    `evaluate` compute on (the live refit keeps its window in this form)."""
+
+    features: np.ndarray  # (n, len(FEATURES))
+    times: np.ndarray  # (n,) seconds
+
+    @classmethod
+    def of(cls, samples: Sequence[Sample] | StepTable) -> StepTable:
+        if isinstance(samples, StepTable):
+            return samples
+        return cls.from_rows([s.shape.features() for s in samples], [s.step_s for s in samples])
+
+    @classmethod
+    def from_rows(cls, features: Sequence[Sequence[float]], times: Sequence[float]) -> StepTable:
+        return cls(np.array(features, dtype=float).reshape(-1, len(FEATURES)),
+                   np.array(times, dtype=float))
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def split(self, index: int) -> tuple[StepTable, StepTable]:
+        """(rows before `index`, rows from it on)."""
+        return (StepTable(self.features[:index], self.times[:index]),
+                StepTable(self.features[index:], self.times[index:]))
+
+
+def fit(samples: Sequence[Sample] | StepTable, prior: LatencyModel | None = None,
+        prior_weight: float = 0.0) -> LatencyModel:
+    """Non-negative least squares on relative error (each row weighted by 1 / step_s), with
+    outlier rejection; `prior` (weight per sample) pulls each coefficient toward its value.
+
+    NOTE: outliers are rejected rather than averaged away: on a shared CPU a step is slowed,
+    never sped up, by another process, so the misses are one-sided and a squared loss would
+    let a few 30%-slow steps raise every coefficient. Each pass drops the samples whose
+    relative residual is more than OUTLIER_MADS robust standard deviations (1.4826 x MAD)
+    from the median residual, never one within OUTLIER_FLOOR of the fit and never more than
+    MAX_OUTLIER_SHARE of the samples; it works on live steps too, where no shape repeats
+    exactly (decode contexts grow every step), which a median over repeats would need.
+    """
+    table = StepTable.of(samples)
+    if len(table) < len(FEATURES):
         raise ValueError(f"need at least {len(FEATURES)} samples to fit {len(FEATURES)} "
-                         f"coefficients, got {len(samples)}")
-    times = np.array([s.step_s for s in samples], dtype=float)
-    if not np.all(np.isfinite(times) & (times > 0)):
+                         f"coefficients, got {len(table)}")
+    if not np.all(np.isfinite(table.times) & (table.times > 0)):
         raise ValueError("every sample needs a finite step_s > 0")
-    design = np.array([s.shape.features() for s in samples]) / times[:, None]
+    design = table.features / table.times[:, None]
+    kept = np.ones(len(table), dtype=bool)
+    for _ in range(OUTLIER_PASSES):
+        coefficients = _solve_relative(design[kept], prior, prior_weight * kept.sum())
+        residuals = design @ coefficients - 1.0
+        keep_next = _inliers(residuals)
+        if (keep_next == kept).all():
+            break
+        kept = keep_next
+    model = LatencyModel(tuple(float(max(c, 0.0)) for c in coefficients))
+    return LatencyModel(model.coefficients, evaluate(model, table))
+
+
+def _inliers(residuals: np.ndarray) -> np.ndarray:
+    """Samples whose relative residual is not an outlier (see `fit`)."""
+    center = np.median(residuals)
+    distance = np.abs(residuals - center)
+    cutoff = max(OUTLIER_MADS * 1.4826 * float(np.median(distance)), OUTLIER_FLOOR)
+    # NOTE: whatever the spread, at most the worst MAX_OUTLIER_SHARE go (ties at the cap stay).
+    cap = float(np.quantile(distance, 1 - MAX_OUTLIER_SHARE, method="higher"))
+    return distance <= max(cutoff, cap)
+
+
+def _solve_relative(design: np.ndarray, prior: LatencyModel | None,
+                    weight: float) -> np.ndarray:
+    """min sum (design @ c - 1)^2 + weight * sum_j (c_j / prior_j - 1)^2 over c >= 0, where
+    the prior is > 0 (a zero prior coefficient is not pulled on)."""
+    rows, targets = design, np.ones(len(design))
+    if prior is not None and weight > 0:
+        pulled = [j for j, c in enumerate(prior.coefficients) if c > 0]
+        penalty = np.zeros((len(pulled), len(FEATURES)))
+        for i, j in enumerate(pulled):
+            penalty[i, j] = math.sqrt(weight) / prior.coefficients[j]
+        rows = np.vstack([design, penalty])
+        targets = np.concatenate([targets, np.full(len(pulled), math.sqrt(weight))])
     # NOTE: features span ~10 orders of magnitude; scaling columns keeps NNLS well conditioned.
-    scale = np.abs(design).max(axis=0)
+    scale = np.abs(rows).max(axis=0)
     scale[scale == 0] = 1.0
-    solution = _solve_nnls(design / scale, np.ones(len(samples))) / scale
-    model = LatencyModel(tuple(float(max(c, 0.0)) for c in solution))
-    return LatencyModel(model.coefficients, evaluate(model, samples))
+    return _solve_nnls(rows / scale, targets) / scale
 
 
-def evaluate(model: LatencyModel, samples: Sequence[Sample]) -> FitError:
+def evaluate(model: LatencyModel, samples: Sequence[Sample] | StepTable) -> FitError:
     """Median, P90 and max of |predicted - measured| / measured over `samples`."""
-    if not samples:
+    table = StepTable.of(samples)
+    if not len(table):
         raise ValueError("cannot evaluate a latency model on zero samples")
-    rel = np.array([abs(model.predict(s.shape) - s.step_s) / s.step_s for s in samples])
+    rel = np.abs(table.features @ np.array(model.coefficients) - table.times) / table.times
     return FitError(float(np.median(rel)), float(np.percentile(rel, 90)), float(rel.max()),
-                    len(samples))
+                    len(table))
 
 
 def evaluate_shapes(model: LatencyModel, samples: Sequence[Sample]) -> FitError:
-    """`evaluate` once per distinct batch shape, against the median of its measured steps.
+    """`evaluate` once per batch shape (`shape_class`), against the median of its steps.
 
     NOTE: one step of a shape can run 20% slower or faster than the next on a busy CPU (prompt
     logprobs especially); the model predicts a shape's typical time, so a shape measured
     several times is judged by its median, and counts once.
     """
-    times: dict[StepShape, list[float]] = {}
+    return evaluate(model, shape_medians(samples))
+
+
+def shape_class(shape: StepShape) -> tuple:
+    """What makes two steps the same batch shape: the same prefill chunks and decode count,
+    and decode contexts that differ by less than DECODE_CONTEXT_BUCKET tokens on average.
+
+    NOTE: a decode batch's contexts grow by one every step, so its steps never repeat exactly;
+    a few tokens of context change its time by far less than a busy host's noise does, and
+    grouping them lets the median of several steps stand for the shape.
+    """
+    num = shape.num_decodes
+    return shape.prefills, num, round(shape.decode_attention / num / DECODE_CONTEXT_BUCKET) if num else 0
+
+
+def shape_medians(samples: Sequence[Sample]) -> list[Sample]:
+    """One sample per `shape_class`: its first step's shape, at the median time of its steps."""
+    classes: dict[tuple, list[Sample]] = {}
     for sample in samples:
-        times.setdefault(sample.shape, []).append(sample.step_s)
-    return evaluate(model, [Sample(shape, float(np.median(t))) for shape, t in times.items()])
+        classes.setdefault(shape_class(sample.shape), []).append(sample)
+    return [Sample(steps[0].shape, float(np.median([s.step_s for s in steps])))
+            for steps in classes.values()]
 
 
 def split_holdout(samples: Sequence[T], fraction: float = 0.25,

@@ -1,11 +1,12 @@
 """ConServe's scheduling policy: which requests run in the next engine step, with how many tokens.
 
 `plan_step(online, offline, model, targets, max_num_tokens)` plans one step over plain data.
-Online work is planned first, as vLLM would plan it alone except that a long online prefill is
-chunked while online decodes wait on the step; offline work then takes only what the latency
-model says fits: the TBT target minus a margin while online work is present, a preemption
-quantum while it is not. Pure functions: this module must never import vLLM or
-torch, or read a clock. `scheduler.ConserveScheduler` builds the inputs and applies the plan.
+Online work is planned first; offline work then takes only what the latency model says fits.
+Two modes (`Targets.max_slowdown`): *bounded* (the default) plans online work exactly as vLLM
+alone would and lets offline work add at most a share to it; *SLO* spends explicit TTFT/TBT
+targets (steps filled up to the TBT target, long online prompts chunked). Pure functions: this
+module must never import vLLM or torch, or read a clock. `scheduler.ConserveScheduler` builds
+the inputs and applies the plan.
 """
 
 from __future__ import annotations
@@ -26,6 +27,18 @@ TBT_DECODE_FACTOR = 5.0
 TBT_DECODE_CONTEXT = 512
 TTFT_PREFILL_FACTOR = 2.0
 TTFT_PREFILL_TOKENS = 1024
+SLO_RULE = (f"TTFT = {TTFT_PREFILL_FACTOR:g} x a {TTFT_PREFILL_TOKENS}-token prefill, "
+            f"TBT = {TBT_DECODE_FACTOR:g} x a decode step at {TBT_DECODE_CONTEXT} tokens of context")
+# The bounded mode's promise: online P99 TTFT and TBT within HARM_BOUND x what online work
+# alone gets. Its share is derived from the bound and the latency model's error
+# (`derived_max_slowdown`): a step predicted 20% longer may run 20% x (1 + error) longer.
+HARM_BOUND = 1.25
+DEFAULT_MODEL_ERROR = 0.05  # assumed when the profile carries no held-out error
+MIN_SLOWDOWN = 0.05
+# An online arrival waits behind an offline-only step at most `max_slowdown` x the prefill of
+# a reference prompt: the 90th percentile of recent online prompts (`ConserveScheduler`),
+# this many tokens until the first arrives.
+DEFAULT_REFERENCE_PROMPT_TOKENS = 256
 
 
 class PolicyError(ConserveError, ValueError):
@@ -50,25 +63,70 @@ class Pending:
 
 @dataclass(frozen=True)
 class Targets:
-    """Online latency targets and the two offline budgets derived from them (seconds)."""
+    """Online latency targets (seconds) and how offline work is sized against them.
+
+    `max_slowdown` None: SLO mode, offline work fills a step with online work up to
+    `mixed_budget_s` and an offline-only step up to `offline_budget_s`. A share (bounded mode):
+    offline work adds at most that share to a step's online decodes, nothing to a step that
+    carries an online prompt, and an offline-only step is at most that share of the prefill
+    of `reference_prompt_tokens` (or `quantum_s` when given); `ttft_s`/`tbt_s` then only
+    count SLO attainment.
+    """
 
     ttft_s: float
     tbt_s: float
     margin: float = DEFAULT_MARGIN
-    quantum_s: float | None = None  # None: QUANTUM_FRACTION of the TTFT target
+    quantum_s: float | None = None  # None: QUANTUM_FRACTION of the TTFT target (SLO mode)
+    max_slowdown: float | None = None  # None: SLO mode
+    reference_prompt_tokens: int = DEFAULT_REFERENCE_PROMPT_TOKENS
 
     def __post_init__(self) -> None:
         check_targets(self.ttft_s, self.tbt_s, self.margin, self.quantum_s)
+        if self.max_slowdown is not None and not self.max_slowdown > 0:
+            raise PolicyError(f"the slowdown share must be > 0, got {self.max_slowdown:g}")
+        if self.reference_prompt_tokens < 1:
+            raise PolicyError(f"the reference prompt needs >= 1 token, got {self.reference_prompt_tokens}")
+
+    @property
+    def bounded(self) -> bool:
+        return self.max_slowdown is not None
 
     @property
     def mixed_budget_s(self) -> float:
-        """The longest step offline work may stretch to while online work is present."""
+        """SLO mode: the longest step offline work may stretch to while online work is present."""
         return self.tbt_s * (1 - self.margin)
 
     @property
     def offline_budget_s(self) -> float:
-        """The longest offline-only step: how long an online arrival may wait behind it."""
+        """SLO mode: the longest offline-only step, how long an online arrival may wait behind it."""
         return self.quantum_s if self.quantum_s is not None else self.ttft_s * QUANTUM_FRACTION
+
+    def quantum_for(self, model: LatencyModel) -> float:
+        """The longest offline-only step: how long an online arrival may wait behind it."""
+        if not self.bounded or self.quantum_s is not None:
+            return self.offline_budget_s
+        reference = StepShape(prefills=(ChunkShape(self.reference_prompt_tokens, 0),))
+        return self.max_slowdown * model.predict(reference)
+
+    def budget_for(self, model: LatencyModel, online: StepShape) -> float:
+        """The longest step offline work may make of a step whose online part is `online`."""
+        if not self.bounded:
+            return self.mixed_budget_s
+        if online.prefills:  # NOTE: its TTFT has paid the wait behind an offline-only step
+            return model.predict(online)
+        return (1 + self.max_slowdown) * model.predict(online)
+
+    def describe(self, model: LatencyModel) -> str:
+        """One line: what bounds offline work (printed at start-up)."""
+        slos = f"SLOs TTFT {self.ttft_s * 1e3:.0f} ms, TBT {self.tbt_s * 1e3:.0f} ms"
+        quantum = self.quantum_for(model) * 1e3
+        if not self.bounded:
+            return (f"{slos} (spent: steps with online work up to {self.mixed_budget_s * 1e3:.0f} "
+                    f"ms, offline-only steps up to {quantum:.0f} ms)")
+        return (f"bounded: offline work adds <= {self.max_slowdown:.0%} to a step's online "
+                f"decodes, nothing to online prefills; offline-only steps <= {quantum:.0f} ms "
+                f"({self.max_slowdown:.0%} of a {self.reference_prompt_tokens}-token prefill, "
+                f"then of the 90th-percentile online prompt); {slos} (counted only)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,8 +148,8 @@ def check_targets(ttft_s: float | None, tbt_s: float | None, margin: float,
 
 
 def default_targets(model: LatencyModel, margin: float = DEFAULT_MARGIN,
-                    quantum_s: float | None = None) -> Targets:
-    """Targets from a latency profile, for when the user sets none.
+                    quantum_s: float | None = None, max_slowdown: float | None = None) -> Targets:
+    """Targets from a latency profile, for when the user sets none (`SLO_RULE`).
 
     TBT: TBT_DECODE_FACTOR x one decode at TBT_DECODE_CONTEXT tokens of context (the floor of
     any step); TTFT: TTFT_PREFILL_FACTOR x a TTFT_PREFILL_TOKENS-token prefill.
@@ -99,7 +157,14 @@ def default_targets(model: LatencyModel, margin: float = DEFAULT_MARGIN,
     decode = model.predict(StepShape(decode_context_lens=(TBT_DECODE_CONTEXT,)))
     prefill = model.predict(StepShape(prefills=(ChunkShape(TTFT_PREFILL_TOKENS, 0),)))
     return Targets(ttft_s=TTFT_PREFILL_FACTOR * prefill, tbt_s=TBT_DECODE_FACTOR * decode,
-                   margin=margin, quantum_s=quantum_s)
+                   margin=margin, quantum_s=quantum_s, max_slowdown=max_slowdown)
+
+
+def derived_max_slowdown(model_error: float | None) -> float:
+    """The share offline work may add when a step's time is known to within `model_error`
+    (relative, e.g. the profile's held-out P90): (1 + share) x (1 + error) = HARM_BOUND."""
+    error = DEFAULT_MODEL_ERROR if model_error is None else model_error
+    return max(MIN_SLOWDOWN, HARM_BOUND / (1 + error) - 1)
 
 
 @dataclass(frozen=True)
@@ -144,19 +209,20 @@ def plan_step(online: Sequence[Pending], offline: Sequence[Pending], model: Late
     waiting ones (in queue order). `max_num_tokens` is vLLM's per-step token budget.
 
     Online first: running decodes, then prefills (running, then waiting), each
-    `min(need, tokens left)`. While online decodes are running, an online prefill chunk is
-    held to what fits in `targets.mixed_budget_s`, but never below its TTFT share (`_ttft_chunk`),
-    so that no decode stalls behind a whole long prompt. Offline requests follow, offline
-    decodes first (each holds KV blocks and frees them soonest), while the predicted step time
-    stays within `targets.mixed_budget_s` (online work present) or `targets.offline_budget_s`
-    (none). With no online work, the first offline request always gets at least one token.
+    `min(need, tokens left)`. In SLO mode, while online decodes are running, an online prefill
+    chunk is held to what fits in `targets.mixed_budget_s`, but never below its TTFT share
+    (`_ttft_chunk`), so that no decode stalls behind a whole long prompt. Offline requests
+    follow, offline decodes first (each holds KV blocks and frees them soonest), while the
+    predicted step time stays within `targets.budget_for` the online part (online work
+    present) or `targets.quantum_for` (none). With no online work, the first offline request
+    always gets at least one token.
     """
     step = _Step(model, max_num_tokens)
-    decodes_waiting = any(r.decode for r in online)
+    chunk_online = not targets.bounded and any(r.decode for r in online)
     online_waiting_planned = stopped = False
     for request in _decodes_first(online):
         num = min(request.num_new_tokens, step.num_tokens_left)
-        if decodes_waiting and not request.decode:
+        if chunk_online and not request.decode:
             num = min(num, max(step.fit(request, targets.mixed_budget_s),
                                _ttft_chunk(request, targets)))
         step.add(request, num)
@@ -168,7 +234,7 @@ def plan_step(online: Sequence[Pending], offline: Sequence[Pending], model: Late
             break
     num_online_tokens = max_num_tokens - step.num_tokens_left
     has_online = bool(online)
-    budget_s = targets.mixed_budget_s if has_online else targets.offline_budget_s
+    budget_s = targets.budget_for(model, step.shape) if has_online else targets.quantum_for(model)
     deferred = set()
     for request in _decodes_first(offline):
         num = 0 if stopped else step.fit(request, budget_s)

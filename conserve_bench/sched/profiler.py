@@ -1,11 +1,11 @@
 """Profiling: drive a real engine through a sweep of batch shapes and fit the latency model.
 
 Owns the sweeps (prefill chunks, decode batches at several context lengths, mixed batches,
-prompt-logprob prefills) and how each probe becomes prompts of random tokens: distinct per
-request, so no step reads another probe's prefix cache (only a probe that asks for cached
-context primes and reuses its own prefix). Step times come only from the scheduler's step
-log, the engine's own per-step execution time; this module never times a step itself.
-Storage and key matching are `profiles`' job.
+prompt-logprob prefills), run in interleaved rounds, and how each probe becomes prompts of
+random tokens: distinct per request, so no step reads another probe's prefix cache (only a
+probe that asks for cached context primes and reuses its own prefix). Step times come only
+from the scheduler's step log, the engine's own per-step execution time; this module never
+times a step itself. Storage and key matching are `profiles`' job.
 
     >>> result = run_profile(Store("sqlite:///conserve.db"), "smollm2-135m", quick=True)
 """
@@ -15,27 +15,34 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from conserve_bench.sched.latency import FEATURES, FitError, Sample, evaluate_shapes, fit, split_holdout
-from conserve_bench.sched.profiles import Profile, current_key, require_profile, save_profile
+from conserve_bench.sched.latency import (FEATURES, FitError, LatencyModel, Sample,
+                                          evaluate_shapes, fit, shape_class, shape_medians,
+                                          split_holdout)
+from conserve_bench.sched.profiles import (Profile, current_key, refit_for, require_profile,
+                                           save_profile)
 from conserve_bench.sched.steplog import log_size, read_step_log, recording_overrides
 
 if TYPE_CHECKING:
     from conserve_bench.engine.local import Engine
+    from conserve_bench.sched.refit import RefitStatus
     from conserve_bench.store import Store
 
 ProgressFn = Callable[[int, int], None]  # (num_probes_done, num_probes)
 MIXED_SPACING = 2  # engine steps between two prefills joining a decode batch
+BLOCKER_TOKENS = 256  # the prefill that holds the engine while a decode probe is queued
 HOLDOUT_FRACTION = 0.25
-# NOTE: the first prompt-logprob prefill of a new size ran 25-30% slower than its repeats on
-# a 2-core CPU (fresh memory for its full-vocabulary logits); repeats let the fit and the
-# held-out error (`latency.evaluate_shapes`, a shape's median step) see its steady time.
-LOGPROB_REPEATS = 3
+# NOTE: a sweep runs ROUNDS times, one whole round after another, so every shape is measured
+# ROUNDS times minutes apart: a burst of load from another process (a shared 2-core host)
+# slows one round of a shape, not all, and the fit and the held-out error use each shape's
+# median step. It also covers the first prompt-logprob prefill of a new size, 25-30% slower
+# than its repeats (fresh memory for its full-vocabulary logits).
+ROUNDS = 3
 FEATURE_UNITS = ("/step", "/prefill token", "/decode", "/decode context token",
                  "/prefill attention pair", "/prompt-logprob token")
 
@@ -43,21 +50,17 @@ FEATURE_UNITS = ("/step", "/prefill token", "/decode", "/decode context token",
 @dataclass(frozen=True)
 class PrefillProbe:
     """Prompts submitted together, each a prefill chunk after `context` cached tokens: one
-    step, or more when vLLM schedules the first request before the next one arrives; run
-    `repeats` times, each time with new prompts."""
+    step, or more when vLLM schedules the first request before the next one arrives."""
 
     chunk_tokens: tuple[int, ...]
     context: int = 0
     prompt_logprobs: bool = False
-    repeats: int = 1
 
     def __post_init__(self) -> None:
         # NOTE: a chunk at context > 0 comes from a prefix-cache hit on a primed prefix, and
         # requests with prompt logprobs never read the prefix cache.
         if self.context and self.prompt_logprobs:
             raise ValueError("prompt-logprob prefills cannot start after cached context")
-        if self.repeats < 1:
-            raise ValueError(f"a probe runs at least once, got repeats={self.repeats}")
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class DecodeProbe:
     context: int
     num_requests: int
     mixed: tuple[tuple[int, bool], ...] = ()
-    steps_per_level: int = 2
+    steps_per_level: int = 3  # NOTE: steps of one level are one shape class, measured 3x a round
 
 
 Probe = Union[PrefillProbe, DecodeProbe]
@@ -79,6 +82,7 @@ Probe = Union[PrefillProbe, DecodeProbe]
 class Sweep:
     name: str
     probes: tuple[Probe, ...]
+    rounds: int = ROUNDS
     warmup: tuple[Probe, ...] = (PrefillProbe((256,)), PrefillProbe((64,), prompt_logprobs=True),
                                  DecodeProbe(64, 8))
 
@@ -94,7 +98,7 @@ def _decode_probes(contexts: Sequence[int], max_batch_tokens: int,
 QUICK = Sweep("quick", (
     *(PrefillProbe((n,)) for n in (16, 64, 256, 512, 1024)),
     PrefillProbe((128,) * 4), PrefillProbe((256,), context=512), PrefillProbe((64,), context=1024),
-    *(PrefillProbe((n,), prompt_logprobs=True, repeats=LOGPROB_REPEATS) for n in (64, 512)),
+    *(PrefillProbe((n,), prompt_logprobs=True) for n in (64, 512)),
     *_decode_probes((64, 256, 512, 1024), 2048,
                     [((128, False), (512, False)), ((256, True),), ((64, False),), ((32, False),)]),
 ))
@@ -102,9 +106,8 @@ QUICK = Sweep("quick", (
 FULL = Sweep("full", (
     *(PrefillProbe((n,)) for n in (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2040)),
     *(PrefillProbe(chunks) for chunks in ((64,) * 8, (256,) * 4, (512,) * 2, (32,) * 16)),
-    *(PrefillProbe((n,), prompt_logprobs=True, repeats=LOGPROB_REPEATS)
-      for n in (16, 64, 256, 512, 1024, 2040)),
-    PrefillProbe((128,) * 4, prompt_logprobs=True, repeats=LOGPROB_REPEATS),
+    *(PrefillProbe((n,), prompt_logprobs=True) for n in (16, 64, 256, 512, 1024, 2040)),
+    PrefillProbe((128,) * 4, prompt_logprobs=True),
     *(PrefillProbe(chunks, context=c) for c, chunks in
       ((256, (256,)), (512, (128,)), (512, (1024,)), (1024, (512,)), (1536, (256,)),
        (1024, (64,) * 4))),
@@ -121,20 +124,20 @@ def sweep_for(quick: bool, max_model_len: int) -> Sweep:
     """QUICK or FULL, plus probes at the long contexts this engine scores: the latency model
     must cover the prompts it will plan (MMLU 5-shot prompts reach ~3,000 tokens)."""
     base = QUICK if quick else FULL
-    return Sweep(base.name, base.probes + long_context_probes(max_model_len, quick), base.warmup)
+    return replace(base, probes=base.probes + long_context_probes(max_model_len, quick))
 
 
 def long_context_probes(max_model_len: int, quick: bool) -> tuple[Probe, ...]:
-    """Prefills of long prompts and chunks after long cached contexts, and decodes at long
-    contexts, up to half the engine's context length (nothing when it is BASE_CONTEXT or less)."""
+    """Long prompts, chunks after long cached contexts and decodes at long contexts, up to half
+    the engine's context length (none when that is within BASE_CONTEXT); QUICK takes a
+    quarter of the context length only, and no long prompt from scratch."""
     contexts = [c for c in (max_model_len // 4, max_model_len // 2) if c > BASE_CONTEXT // 2]
     if quick:
-        contexts = contexts[-1:]
-    probes: list[Probe] = []
-    for context in contexts:
-        probes += [PrefillProbe((min(context, 4096),)), PrefillProbe((256,), context=context),
-                   DecodeProbe(context, max(1, 2 * BASE_CONTEXT // context))]
-    return tuple(probes)
+        return tuple(p for c in contexts[:1]
+                     for p in (PrefillProbe((1024,), context=c), DecodeProbe(c, 1)))
+    return tuple(p for c in contexts
+                 for p in (PrefillProbe((min(c, 4096),)), PrefillProbe((256,), context=c),
+                           DecodeProbe(c, max(1, 2 * BASE_CONTEXT // c))))
 
 
 @dataclass(frozen=True)
@@ -174,56 +177,91 @@ def run_profile(store: Store, model: str, quick: bool = False,
     return result
 
 
-def show_profile(store: Store, model: str) -> Profile:
-    """The stored profile that applies to `model` on this machine (ProfileNotFoundError if none)."""
+def show_profile(store: Store, model: str) -> tuple[Profile, tuple[RefitStatus, float] | None]:
+    """The stored profile that applies to `model` on this machine (ProfileNotFoundError if
+    none), and its latest live refit with when it was stored (None if no server refitted it)."""
     from conserve_bench.config import EngineConfig
     from conserve_bench.engine.models import resolve_model
 
     ref = resolve_model(model)
     cfg = EngineConfig(model_path=ref.path, model_name=ref.name)
-    return require_profile(store, current_key(cfg.model_name, cfg.dtype))
+    profile = require_profile(store, current_key(cfg.model_name, cfg.dtype))
+    return profile, refit_for(store, profile.key)
 
 
-def summary_rows(profile: Profile) -> list[tuple[str, str]]:
-    """(quantity, value) rows: the key, each coefficient with its unit, the fit errors."""
+def summary_rows(profile: Profile,
+                 refit: tuple[RefitStatus, float] | None = None) -> list[tuple[str, str, str]]:
+    """(quantity, profile's value, live refit's value) rows: the key, each coefficient with its
+    unit, the fit errors; the refit's column is empty without one."""
     key = profile.key
-    rows = [("model", f"{key.model} ({key.dtype})"), ("device", key.device),
-            ("vLLM", key.vllm_version), ("samples", str(profile.num_samples))]
-    rows += [(name, f"{value * 1e3:.4g} ms{unit}") for name, value, unit in
-             zip(FEATURES, profile.model.coefficients, FEATURE_UNITS)]
-    for label, error, unit in (("train", profile.train_error, "steps"),
+    status = refit[0] if refit else None
+    rows = [("model", f"{key.model} ({key.dtype})", ""), ("device", key.device, ""),
+            ("vLLM", key.vllm_version, ""),
+            ("samples", f"{profile.num_samples} profiled steps",
+             f"{status.num_steps} live steps, {status.num_refits} refits" if status else "")]
+    refit_coefficients = status.refit.coefficients if status else (None,) * len(FEATURES)
+    rows += [(name, _ms(value, unit), _ms(live, unit)) for name, value, live, unit in
+             zip(FEATURES, profile.model.coefficients, refit_coefficients, FEATURE_UNITS)]
+    if profile.created_at is not None:
+        rows.append(("stored", _when(profile.created_at), _when(refit[1]) if refit else ""))
+    for label, error, unit in (("train", profile.train_error, "shapes"),
                                ("held-out", profile.holdout_error, "shapes")):
         if error is not None:
-            rows.append((f"{label} error (median / P90 / max)",
-                         f"{error.median_rel:.1%} / {error.p90_rel:.1%} / {error.max_rel:.1%} "
-                         f"over {error.num_samples} {unit}"))
+            rows.append((f"{label} error (median / P90 / max)", _error(error, unit), ""))
+    if status is not None:
+        rows.append(("error on the newest live steps (median / P90 / max)",
+                     _error(status.profile_error, "steps"), _error(status.refit_error, "steps")))
+        rows.append(("plans while serving", "" if status.adopted else "yes",
+                     "yes" if status.adopted else ""))
     return rows
+
+
+def _when(unix_s: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix_s))
+
+
+def _ms(value: float | None, unit: str) -> str:
+    return "" if value is None else f"{value * 1e3:.4g} ms{unit}"
+
+
+def _error(error: FitError, unit: str) -> str:
+    return (f"{error.median_rel:.1%} / {error.p90_rel:.1%} / {error.max_rel:.1%} "
+            f"over {error.num_samples} {unit}")
 
 
 def profile_engine(engine: Engine, sweep: Sweep, on_progress: ProgressFn | None = None,
                    seed: int = 0) -> ProfileResult:
-    """Run `sweep` on an engine started with a step log; fit on a training split of shapes."""
+    """Run `sweep` on an engine started with a step log; fit each training shape's median
+    step (a shape measured in several rounds counts once, at its typical time)."""
     run_sweep(engine, sweep.warmup, seed=seed + 1)  # NOTE: warm-up steps are dropped
-    result = run_sweep(engine, sweep.probes, on_progress, seed=seed)
-    train, holdout = split_distinct_shapes(result.samples, HOLDOUT_FRACTION, seed)
-    model = fit(train)
+    result = run_sweep(engine, sweep.probes, on_progress, seed=seed, rounds=sweep.rounds)
+    model, holdout_error = fit_holdout(result.samples, seed)
     key = current_key(engine.cfg.model_name, engine.cfg.dtype)
-    holdout_error = evaluate_shapes(model, holdout) if holdout else None
     profile = Profile(key, model, len(result.samples), holdout_error)
     return ProfileResult(profile, result, model.fit_error)
 
 
+def fit_holdout(samples: Sequence[Sample], seed: int = 0) -> tuple[LatencyModel, FitError | None]:
+    """The model fitted on a training split of shapes, and its error on the held-out shapes."""
+    train, holdout = split_distinct_shapes(samples, HOLDOUT_FRACTION, seed)
+    model = fit(shape_medians(train))
+    return model, evaluate_shapes(model, holdout) if holdout else None
+
+
 def split_distinct_shapes(samples: Sequence[Sample], fraction: float = HOLDOUT_FRACTION,
                           seed: int = 0) -> tuple[list[Sample], list[Sample]]:
-    """(train, holdout) with no batch shape on both sides: the holdout is shapes never fitted."""
-    shapes = list(dict.fromkeys(s.shape for s in samples))
-    held = set(split_holdout(shapes, fraction, seed)[1])
-    return ([s for s in samples if s.shape not in held], [s for s in samples if s.shape in held])
+    """(train, holdout) with no batch shape (`shape_class`) on both sides: the holdout is
+    shapes never fitted."""
+    classes = list(dict.fromkeys(shape_class(s.shape) for s in samples))
+    held = set(split_holdout(classes, fraction, seed)[1])
+    return ([s for s in samples if shape_class(s.shape) not in held],
+            [s for s in samples if shape_class(s.shape) in held])
 
 
 def run_sweep(engine: Engine, probes: Sequence[Probe], on_progress: ProgressFn | None = None,
-              seed: int = 0) -> SweepResult:
-    """Run each probe to completion; collect the steps the scheduler logged for it."""
+              seed: int = 0, rounds: int = 1) -> SweepResult:
+    """Run each probe to completion, the whole list `rounds` times (new prompts each time);
+    collect the steps the scheduler logged for each probe, over all rounds."""
     if engine.step_log is None:
         raise ValueError("profiling needs an engine started with a step log "
                          "(steplog.recording_overrides)")
@@ -231,14 +269,14 @@ def run_sweep(engine: Engine, probes: Sequence[Probe], on_progress: ProgressFn |
         _check_fits(probe, engine.max_model_len)
     draw = _TokenSource(np.random.default_rng(seed), engine.vocab_size)
     t0 = time.perf_counter()
-    samples_by_probe = []
-    for i, probe in enumerate(probes):
+    samples_by_probe: list[list[Sample]] = [[] for _ in probes]
+    for done, (i, probe) in enumerate(((i, p) for _ in range(rounds) for i, p in enumerate(probes)), 1):
         offset = log_size(engine.step_log)
         _RUNNERS[type(probe)](engine, probe, draw)
-        samples_by_probe.append(tuple(read_step_log(engine.step_log, offset)[0]))
+        samples_by_probe[i] += read_step_log(engine.step_log, offset)[0]
         if on_progress is not None:
-            on_progress(i + 1, len(probes))
-    return SweepResult(tuple(samples_by_probe), time.perf_counter() - t0)
+            on_progress(done, rounds * len(probes))
+    return SweepResult(tuple(map(tuple, samples_by_probe)), time.perf_counter() - t0)
 
 
 def _check_fits(probe: Probe, max_model_len: int) -> None:
@@ -268,17 +306,21 @@ def _params(max_tokens: int, prompt_logprobs: bool = False) -> dict[str, Any]:
 
 
 def _run_prefill(engine: Engine, probe: PrefillProbe, draw: _TokenSource) -> None:
-    for _ in range(probe.repeats):
-        prefix = draw(probe.context)
-        if prefix:  # prime the prefix cache: the chunks below then start at `context`
-            engine.submit_tokens([prefix], **_params(1))
-            engine.run_until_idle()
-        prompts = [prefix + draw(n) for n in probe.chunk_tokens]
-        engine.submit_tokens(prompts, **_params(1, probe.prompt_logprobs))
+    prefix = draw(probe.context)
+    if prefix:  # prime the prefix cache: the chunks below then start at `context`
+        engine.submit_tokens([prefix], **_params(1))
         engine.run_until_idle()
+    prompts = [prefix + draw(n) for n in probe.chunk_tokens]
+    engine.submit_tokens(prompts, **_params(1, probe.prompt_logprobs))
+    engine.run_until_idle()
 
 
 def _run_decode(engine: Engine, probe: DecodeProbe, draw: _TokenSource) -> None:
+    # NOTE: the engine core steps as soon as a request reaches it. A blocker prefill keeps it
+    # busy while the probe's prompts are queued, so they prefill together in its next steps,
+    # alike in every round; else how they split depends on timing, and each round logs other
+    # shapes, each measured once.
+    engine.submit_tokens([draw(BLOCKER_TOKENS)], **_params(1))
     prefilling: set[str] = set()
     for max_tokens, num_requests in decode_groups(probe.num_requests, probe.steps_per_level):
         prompts = [draw(probe.context) for _ in range(num_requests)]

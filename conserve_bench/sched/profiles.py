@@ -3,8 +3,9 @@
 Owns `ProfileKey` (model, dtype, device, vLLM version, parallel size) and the rule that a
 profile is used only under the exact key it was measured with. A profile from other hardware
 or another vLLM version must never be used silently: `profile_for` returns None and logs
-what differs. Rows live in the store (`Store.save_profile`, which knows only their columns);
-nothing here measures anything.
+what differs. A profile's latest live refit (`refit.RefitStatus`) is kept under its key.
+Rows live in the store (`Store.save_profile`, which knows only their columns); nothing here
+measures anything.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from conserve_bench.errors import ProfileNotFoundError
 from conserve_bench.sched.latency import FitError, LatencyModel
+from conserve_bench.sched.refit import RefitStatus
 
 if TYPE_CHECKING:
     from conserve_bench.store import Store
@@ -98,6 +100,16 @@ def save_profile(store: Store, profile: Profile) -> None:
     holdout = None if profile.holdout_error is None else asdict(profile.holdout_error)
     store.save_profile(profile.key.to_dict(), profile.model.to_dict(),
                        num_samples=profile.num_samples, fit_error={"holdout": holdout})
+
+
+def save_refit(store: Store, key: ProfileKey, status: RefitStatus) -> None:
+    store.save_refit(key.to_dict(), status.to_dict())
+
+
+def refit_for(store: Store, key: ProfileKey) -> tuple[RefitStatus, float] | None:
+    """The latest live refit of the profile under `key` and when it was stored, or None."""
+    row = store.load_refit(key.to_dict())
+    return None if row is None else (RefitStatus.from_dict(row), row["created_at"])
 
 
 def profile_for(store: Store, key: ProfileKey) -> Profile | None:

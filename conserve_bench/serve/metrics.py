@@ -3,14 +3,25 @@
 Online: TTFT and TBT histograms measured at the HTTP layer (time to the first streamed
 chunk, gaps between chunks) and SLO-attainment counters against the configured targets.
 Offline: tokens and items counters (Prometheus derives the rates) and per-job progress.
-This module only observes; it never changes what the server does.
+Latency model: the live refit's and the profile's errors on the newest live steps, read from
+the file the engine's scheduler writes (`RefitWatcher`, which also stores the refit under the
+profile's key). This module only observes; it never changes what the server does.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
+
+from conserve_bench.sched.refit import RefitStatus
+
+if TYPE_CHECKING:
+    from conserve_bench.sched.profiles import ProfileKey
+    from conserve_bench.store import Store
 
 BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 
@@ -24,6 +35,12 @@ _OFFLINE_TOKENS = Counter("conserve_offline_tokens_total", "Tokens processed for
 _OFFLINE_ITEMS = Counter("conserve_offline_items_total", "Offline work items committed.")
 _JOB_DONE = Gauge("conserve_job_items_done", "Finished items of a job.", ["job"])
 _JOB_TOTAL = Gauge("conserve_job_items_total", "Items of a job.", ["job"])
+_MODEL_ERROR = Gauge("conserve_latency_model_rel_error",
+                     "Relative step-time error on the newest live steps, per latency model.",
+                     ["model", "quantile"])
+_REFIT_ADOPTED = Gauge("conserve_latency_model_refit_adopted",
+                       "1 while the live refit plans, 0 while the profile's model does.")
+_REFITS = Gauge("conserve_latency_model_refits", "Live refits since the engine started.")
 
 
 class OnlineMetrics:
@@ -68,3 +85,45 @@ class _RequestTimer:
             self.metrics.observe_tbt(now - self.last)
         self.num_chunks += 1
         self.last = now
+
+
+class RefitWatcher:
+    """Reads the live refit the engine-core process writes (a JSON file: vLLM gives the
+    scheduler no channel to the API server), sets the latency-model gauges, and stores each
+    new refit under the profile's key (`profile --show` prints it)."""
+
+    def __init__(self, path: str, store: Store, key: ProfileKey | None):
+        self.path, self.store, self.key = path, store, key
+        self._seen_at: float | None = None
+
+    async def run(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            self.poll()
+
+    def poll(self) -> RefitStatus | None:
+        """The newest refit, if the engine wrote one since the last poll."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return None  # none yet (or the engine is replacing it: next poll)
+        if data.get("at") == self._seen_at:
+            return None
+        self._seen_at = data.get("at")
+        status = RefitStatus.from_dict(data)
+        self.show(status)
+        if self.key is not None:
+            from conserve_bench.sched.profiles import save_refit
+
+            save_refit(self.store, self.key, status)
+        return status
+
+    @staticmethod
+    def show(status: RefitStatus) -> None:
+        for model, error in (("profile", status.profile_error), ("refit", status.refit_error)):
+            for quantile, value in (("0.5", error.median_rel), ("0.9", error.p90_rel),
+                                    ("1", error.max_rel)):
+                _MODEL_ERROR.labels(model, quantile).set(value)
+        _REFIT_ADOPTED.set(1 if status.adopted else 0)
+        _REFITS.set(status.num_refits)

@@ -5,7 +5,8 @@ completions, chat completions, streaming, models, health, metrics. Every request
 online routes is forced to priority 0. The job API (`/v1/jobs`) and the offline pump are
 added to the same app; offline requests run at priority 1 on the same `AsyncLLM`. Under the
 `conserve` policy the engine runs `scheduler.ConserveScheduler`, given the latency profile and
-the targets (`resolve_targets`) through vLLM's `additional_config`.
+the targets (`resolve_targets`) through vLLM's `additional_config`; the live refit it writes
+to a file is read back here for `/metrics` and stored under the profile's key.
 
 vLLM 0.32.0 names relied on: `vllm.entrypoints.launchers.cli_args.make_arg_parser`,
 `vllm.entrypoints.launchers.api_server.entry.build_async_engine_client`,
@@ -23,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,7 +37,8 @@ from conserve_bench.errors import ConserveError
 from conserve_bench.sched.latency import LatencyModel
 from conserve_bench.engine.models import resolve_model
 from conserve_bench.sched.policy import (DEFAULT_MARGIN, PolicyConfig, Targets, check_targets,
-                                         default_targets)
+                                         default_targets, derived_max_slowdown)
+from conserve_bench.sched.refit import RefitConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ POLICIES = ("conserve", "priority", "online-only")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ONLINE_ROUTES = ("/v1/completions", "/v1/chat/completions")
 FALLBACK_TTFT_MS, FALLBACK_TBT_MS = 1000.0, 200.0  # SLO metrics without a profile
+REFIT_POLL_S = 5.0  # how often the server reads the engine's live refit
 
 
 class ServeConfigError(ConserveError):
@@ -61,6 +65,8 @@ class ServeConfig:
     tbt_slo_ms: float | None = None
     slo_margin: float = DEFAULT_MARGIN
     quantum_ms: float | None = None  # None: QUANTUM_FRACTION of the TTFT target
+    max_slowdown: float | None = None  # bounded mode's share; None: derived from the profile
+    refit: bool = True  # plan with the live refit when it predicts the live steps better
     max_offline_inflight: int = 32
     data_dir: str | None = None
     output_dir: str = "results"
@@ -81,6 +87,16 @@ class ServeConfig:
         # NOTE: the policy's own rules, so a flag the engine would refuse fails here, at once.
         check_targets(_seconds(self.ttft_slo_ms), _seconds(self.tbt_slo_ms), self.slo_margin,
                       _seconds(self.quantum_ms))
+        if self.max_slowdown is not None and not self.max_slowdown > 0:
+            raise ServeConfigError(f"--max-slowdown must be > 0, got {self.max_slowdown:g}")
+        if self.max_slowdown is not None and self.spends_slos:
+            raise ServeConfigError("--max-slowdown bounds offline work when no SLO is given; "
+                                   "with --ttft-slo-ms/--tbt-slo-ms offline work spends the SLOs")
+
+    @property
+    def spends_slos(self) -> bool:
+        """Whether explicit SLOs size offline work (else the bounded mode does)."""
+        return self.ttft_slo_ms is not None or self.tbt_slo_ms is not None
 
 
 def _seconds(ms: float | None) -> float | None:
@@ -112,34 +128,50 @@ def serve(cfg: ServeConfig) -> None:
     engine_cfg = EngineConfig(model_path=model.path, model_name=model.name, **cfg.engine_overrides)
     engine_environment(engine_cfg)
     profile = load_or_measure_profile(cfg, engine_cfg) if cfg.profile else None
-    targets = resolve_targets(cfg, profile.model if profile else None)
-    log.warning("online targets: TTFT %.0f ms, TBT %.0f ms; offline steps: %.0f ms with online "
-                "work, %.0f ms without", targets.ttft_s * 1e3, targets.tbt_s * 1e3,
-                targets.mixed_budget_s * 1e3, targets.offline_budget_s * 1e3)
+    targets = resolve_targets(cfg, profile)
+    if cfg.policy == "conserve":
+        log.warning("conserve: %s", targets.describe(profile.model))
+    else:
+        log.warning("online targets: TTFT %.0f ms, TBT %.0f ms (SLO metrics)",
+                    targets.ttft_s * 1e3, targets.tbt_s * 1e3)
     if cfg.step_log:
         engine_cfg = with_conserve_config(engine_cfg, step_log=os.path.abspath(cfg.step_log))
-    if cfg.policy == "conserve":
-        engine_cfg = with_conserve_config(
-            engine_cfg, policy=PolicyConfig(targets, profile.model).to_dict())
-    uvloop.run(_serve(cfg, engine_cfg, targets))
+    with tempfile.TemporaryDirectory(prefix="conserve-serve-") as workdir:
+        refit_state = os.path.join(workdir, "refit.json")
+        if cfg.policy == "conserve":
+            engine_cfg = with_conserve_config(
+                engine_cfg, policy=PolicyConfig(targets, profile.model).to_dict(),
+                refit=RefitConfig(adopt=cfg.refit).to_dict(), refit_state=refit_state)
+        uvloop.run(_serve(cfg, engine_cfg, targets, profile, refit_state))
 
 
-def resolve_targets(cfg: ServeConfig, model: LatencyModel | None) -> Targets:
-    """The SLOs the server works to: the flags where given, else derived from the profile
-    (`policy.default_targets`), else FALLBACK_*_MS (no profile: policies other than conserve)."""
+def slo_targets(ttft_slo_ms: float | None, tbt_slo_ms: float | None,
+                model: LatencyModel | None) -> tuple[float, float]:
+    """(TTFT, TBT) SLOs in seconds: the values given, else derived from the latency profile
+    (`policy.default_targets`), else FALLBACK_*_MS. `serve` and `bench` both use this rule."""
     if model is not None:
-        derived = default_targets(model, cfg.slo_margin)
+        derived = default_targets(model)
         ttft_s, tbt_s = derived.ttft_s, derived.tbt_s
     else:
         ttft_s, tbt_s = FALLBACK_TTFT_MS / 1e3, FALLBACK_TBT_MS / 1e3
-    return Targets(ttft_s=_seconds(cfg.ttft_slo_ms) or ttft_s,
-                   tbt_s=_seconds(cfg.tbt_slo_ms) or tbt_s,
-                   margin=cfg.slo_margin, quantum_s=_seconds(cfg.quantum_ms))
+    return (_seconds(ttft_slo_ms) or ttft_s, _seconds(tbt_slo_ms) or tbt_s)
+
+
+def resolve_targets(cfg: ServeConfig, profile) -> Targets:
+    """The targets the server works to (`slo_targets`); without explicit SLOs, the bounded
+    mode with `--max-slowdown` or the share derived from the profile's held-out P90 error."""
+    ttft_s, tbt_s = slo_targets(cfg.ttft_slo_ms, cfg.tbt_slo_ms, profile.model if profile else None)
+    max_slowdown = None
+    if not cfg.spends_slos:
+        error = profile.holdout_error.p90_rel if profile and profile.holdout_error else None
+        max_slowdown = cfg.max_slowdown or derived_max_slowdown(error)
+    return Targets(ttft_s=ttft_s, tbt_s=tbt_s, margin=cfg.slo_margin,
+                   quantum_s=_seconds(cfg.quantum_ms), max_slowdown=max_slowdown)
 
 
 def with_conserve_config(engine_cfg: EngineConfig, **entries: Any) -> EngineConfig:
     """The engine config with ConserveScheduler and `entries` added to its plug-in config
-    (`engine.plugin`: "policy", "step_log")."""
+    (`engine.plugin.ENTRIES`)."""
     return replace(engine_cfg, **conserve_overrides(engine_cfg.additional_config, **entries))
 
 
@@ -167,7 +199,8 @@ def _describe_profile(profile) -> str:
     return ", ".join(f"{name}={value:.3g}" for name, value in coefficients.items())
 
 
-async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets) -> None:
+async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, profile,
+                 refit_state: str) -> None:
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
     from vllm.entrypoints.launchers.app import build_app
@@ -175,7 +208,7 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets) -
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     from conserve_bench.serve.jobapi import install_job_api
-    from conserve_bench.serve.metrics import OnlineMetrics
+    from conserve_bench.serve.metrics import OnlineMetrics, RefitWatcher
     from conserve_bench.engine.async_llm import AsyncEngineAdapter
     from conserve_bench.serve.pump import OfflinePump
     from conserve_bench.store import Store
@@ -202,9 +235,13 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets) -
             asyncio.get_running_loop().add_signal_handler(sig, _on_stop_signal, server, pump)
         if cfg.policy != "online-only":
             pump.start()
+        watcher = RefitWatcher(refit_state, store, profile.key if profile else None)
+        polling = asyncio.create_task(watcher.run(REFIT_POLL_S))
         try:
             await server.serve()
         finally:
+            polling.cancel()
+            watcher.poll()  # NOTE: the last refit the engine wrote is stored too
             # NOTE: uvicorn has stopped accepting and drained online requests by now; the pump
             # admits nothing new and returns its in-flight items to pending before the
             # engine shuts down.

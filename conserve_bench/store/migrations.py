@@ -69,7 +69,22 @@ def m002_profiles(conn: sa.Connection) -> None:
     ).create(conn, checkfirst=True)
 
 
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [m001_initial, m002_profiles]
+def m003_profile_refits(conn: sa.Connection) -> None:
+    """The latest live refit of each latency profile, under the profile's key (#14)."""
+    sa.Table(
+        "profile_refits", sa.MetaData(),
+        sa.Column("model", sa.String(256), primary_key=True),
+        sa.Column("dtype", sa.String(32), primary_key=True),
+        sa.Column("device", sa.String(256), primary_key=True),
+        sa.Column("vllm_version", sa.String(64), primary_key=True),
+        sa.Column("parallel_size", sa.Integer, primary_key=True),
+        sa.Column("state_json", sa.Text, nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+    ).create(conn, checkfirst=True)
+
+
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [m001_initial, m002_profiles,
+                                                      m003_profile_refits]
 
 
 def migrate(engine: sa.Engine, migrations=MIGRATIONS) -> int:

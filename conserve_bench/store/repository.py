@@ -29,7 +29,8 @@ from conserve_bench.config import JobSpec
 from conserve_bench.errors import DatabaseURLError, JobNotFoundError
 from conserve_bench.store.db import create_engine, insert_ignore
 from conserve_bench.store.migrations import migrate
-from conserve_bench.store.schema import PROFILE_KEY_COLUMNS, job_items, jobs, items, profiles
+from conserve_bench.store.schema import (PROFILE_KEY_COLUMNS, items, job_items, jobs,
+                                         profile_refits, profiles)
 from conserve_bench.store.states import ItemState, JobState
 
 SQLITE_MAX_VARS = 900  # stay under SQLite's bound-parameter limit in IN (...) lists
@@ -330,6 +331,7 @@ class Store:
         PROFILE_KEY_COLUMNS), replacing any profile with the same key."""
         with self.engine.begin() as conn:
             conn.execute(profiles.delete().where(_profile_key_matches(key)))
+            conn.execute(profile_refits.delete().where(_profile_key_matches(key, profile_refits)))
             conn.execute(profiles.insert().values(
                 **_profile_key_values(key), model_json=json.dumps(model), num_samples=num_samples,
                 fit_error=None if fit_error is None else json.dumps(fit_error),
@@ -344,6 +346,20 @@ class Store:
         """Every stored profile (of one model), newest first."""
         return self._select_profiles(sa.true() if model is None else profiles.c.model == model)
 
+    def save_refit(self, key: Mapping[str, Any], state: dict[str, Any]) -> None:
+        """Store the latest live refit (`RefitStatus.to_dict()`) of the profile under `key`."""
+        with self.engine.begin() as conn:
+            conn.execute(profile_refits.delete().where(_profile_key_matches(key, profile_refits)))
+            conn.execute(profile_refits.insert().values(
+                **_profile_key_values(key), state_json=json.dumps(state), created_at=time.time()))
+
+    def load_refit(self, key: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The latest live refit stored under exactly `key` (with its `created_at`), or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(profile_refits).where(
+                _profile_key_matches(key, profile_refits))).mappings().first()
+        return None if row is None else {**json.loads(row["state_json"]), "created_at": row["created_at"]}
+
     def _select_profiles(self, where) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(profiles).where(where)
@@ -355,8 +371,8 @@ def _profile_key_values(key: Mapping[str, Any]) -> dict[str, Any]:
     return {name: key[name] for name in PROFILE_KEY_COLUMNS}
 
 
-def _profile_key_matches(key: Mapping[str, Any]):
-    return sa.and_(*(profiles.c[name] == value for name, value in _profile_key_values(key).items()))
+def _profile_key_matches(key: Mapping[str, Any], table: sa.Table = profiles):
+    return sa.and_(*(table.c[name] == value for name, value in _profile_key_values(key).items()))
 
 
 def _profile_from_row(r) -> dict[str, Any]:

@@ -69,3 +69,17 @@ profiles = sa.Table(
 )
 
 PROFILE_KEY_COLUMNS = ("model", "dtype", "device", "vllm_version", "parallel_size")
+
+# NOTE: the latest live refit of a profile (`sched.refit`), under the profile's key; a new
+# profile of that key replaces the refit with nothing, as it was fitted around the old one.
+profile_refits = sa.Table(
+    "profile_refits",
+    metadata,
+    sa.Column("model", sa.String(256), primary_key=True),
+    sa.Column("dtype", sa.String(32), primary_key=True),
+    sa.Column("device", sa.String(256), primary_key=True),
+    sa.Column("vllm_version", sa.String(64), primary_key=True),
+    sa.Column("parallel_size", sa.Integer, primary_key=True),
+    sa.Column("state_json", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)

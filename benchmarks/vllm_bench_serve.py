@@ -1,0 +1,166 @@
+"""Online latency under co-serving, measured by vLLM's own benchmark client.
+
+Per policy (default online-only, priority, conserve with its default targets): a fresh
+`conserve-bench serve` with its own job store (this machine's latency profile copied in from
+`--db`), an MMLU 5-shot job submitted behind (`--data-dir`, the local CSVs) and running, then
+`vllm.benchmarks.serve` called from Python (the CPU build's `vllm` console script is broken):
+random dataset, `--input-len` prompt tokens, `--output-len` out, Poisson `--request-rate`,
+`--num-prompts` requests. Reports TTFT and TPOT p50/p99 and offline items/s (the server's
+`conserve_offline_items_total` over the benchmark's duration) per policy, and the ratios to
+online-only, as a markdown table and JSON in `--out`.
+
+vLLM 0.32.0 names relied on (tests/test_bench.py checks them): `vllm.benchmarks.serve`
+(`add_cli_args(parser)`, `async main_async(args) -> dict` with `p50_ttft_ms`, `p99_ttft_ms`,
+`p50_tpot_ms`, `p99_tpot_ms`, `completed`, `failed`, `duration`) and
+`vllm.utils.argparse_utils.FlexibleArgumentParser`.
+
+    python benchmarks/vllm_bench_serve.py                   # 60 prompts at 0.25 req/s per policy
+    python benchmarks/vllm_bench_serve.py --num-prompts 4 --request-rate 1 --input-len 32 \
+        --output-len 8 --offline-limit 2                     # a tiny end-to-end run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+POLICIES = ("online-only", "priority", "conserve")
+METRICS = ("p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--num-prompts", type=int, default=60)
+    parser.add_argument("--request-rate", type=float, default=0.25)
+    parser.add_argument("--input-len", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--offline-tasks", default="mmlu")
+    parser.add_argument("--offline-limit", type=int, default=50, help="Questions per subject (0: all).")
+    parser.add_argument("--num-fewshot", type=int, default=5)
+    parser.add_argument("--data-dir", default=os.environ.get("CONSERVE_BENCH_DATA", "../shared/data/mmlu"))
+    parser.add_argument("--db", default=os.environ.get("CONSERVE_BENCH_DB", "sqlite:///conserve.db"),
+                        help="Where this machine's latency profile is kept.")
+    parser.add_argument("--serve-arg", action="append", default=[], help="Extra `serve` flag.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="Folder [results/vllm-bench-serve-<time>].")
+    return parser.parse_args()
+
+
+def vllm_bench_args(args, url: str, model_path: str, served_name: str) -> argparse.Namespace:
+    """The arguments of `vllm bench serve`, parsed by vLLM's own parser."""
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    return parser.parse_args([
+        "--backend", "vllm", "--base-url", url, "--endpoint", "/v1/completions",
+        "--model", served_name, "--tokenizer", model_path,
+        "--dataset-name", "random", "--random-input-len", str(args.input_len),
+        "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
+        "--request-rate", str(args.request_rate), "--burstiness", "1.0", "--seed", str(args.seed),
+        "--temperature", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
+        "--metric-percentiles", "50,90,99", "--disable-tqdm",
+    ])
+
+
+def offline_items(url: str) -> float:
+    import httpx
+
+    from conserve_bench.bench.loadgen import parse_counters
+
+    return parse_counters(httpx.get(f"{url}/metrics", timeout=30).text)["items"]
+
+
+def run_policy(args, policy: str, out: Path, profiles) -> dict:
+    """One fresh server: the eval job running behind, vLLM's benchmark in front."""
+    from vllm.benchmarks.serve import main_async
+
+    from conserve_bench.bench.run import wait_running
+    from conserve_bench.engine.models import resolve_model
+    from conserve_bench.errors import ConserveError
+    from conserve_bench.serve.client import JobClient
+    from conserve_bench.serve.process import ServerProcess
+
+    phase_dir = out / policy
+    phase_dir.mkdir(parents=True)
+    db_url = f"sqlite:///{(phase_dir / 'jobs.db').resolve()}"
+    profiles.copy_to(db_url)
+    serve_args = ["--policy", policy, "--db", db_url, "--output", str(phase_dir), "--model", args.model,
+                  "--data-dir", os.path.abspath(args.data_dir), "--step-log", str(phase_dir / "steps.jsonl"),
+                  *args.serve_arg]
+    with ServerProcess(serve_args, phase_dir) as server:
+        profiles.learn_from(db_url)
+        jobs = JobClient(server.url, timeout_s=600)
+        job = jobs.submit(args.offline_tasks.split(","), limit=args.offline_limit or None,
+                          num_fewshot=args.num_fewshot, data_dir=os.path.abspath(args.data_dir))
+        if policy != "online-only":
+            wait_running(jobs, job["id"])
+        items_before, t0 = offline_items(server.url), time.perf_counter()
+        result = asyncio.run(main_async(vllm_bench_args(args, server.url, resolve_model(args.model).path,
+                                                        args.model)))
+        items = offline_items(server.url) - items_before
+        wall_s = time.perf_counter() - t0
+        with contextlib.suppress(ConserveError):  # a job that finished cannot be cancelled
+            jobs.cancel(job["id"])
+        targets_line = next((line for line in server.log_tail(10**6).splitlines()
+                             if "conserve:" in line or "online targets:" in line), "")
+    (phase_dir / "vllm_bench_serve.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    return {**{m: result.get(m) for m in METRICS}, "completed": result.get("completed"),
+            "failed": result.get("failed"), "duration_s": result.get("duration"),
+            "offline_items": items, "offline_items_per_s": items / result["duration"],
+            "bench_wall_s": wall_s, "serve_targets": targets_line.split("WARNING")[-1].strip()}
+
+
+def with_ratios(rows: dict[str, dict]) -> dict[str, dict]:
+    base = rows.get("online-only")
+    for row in rows.values():
+        row["vs_online_only"] = None if base is None else {
+            m: (row[m] / base[m] if row[m] and base[m] else None) for m in METRICS}
+    return rows
+
+
+def markdown(rows: dict[str, dict], args) -> str:
+    lines = [f"vLLM's benchmark client (`vllm.benchmarks.serve`): random {args.input_len}-token prompts, "
+             f"{args.output_len} tokens out, Poisson {args.request_rate:g} req/s, {args.num_prompts} "
+             f"prompts; offline: {args.offline_tasks} {args.num_fewshot}-shot behind.", "",
+             "| policy | TTFT p50/p99 ms | TPOT p50/p99 ms | offline items/s | TTFT p99 / online-only "
+             "| TPOT p99 / online-only |", "|---|---|---|---|---|---|"]
+    for policy, r in rows.items():
+        ratio = r["vs_online_only"] or {}
+        lines.append(f"| {policy} | {r['p50_ttft_ms']:.0f}/{r['p99_ttft_ms']:.0f} | "
+                     f"{r['p50_tpot_ms']:.0f}/{r['p99_tpot_ms']:.0f} | {r['offline_items_per_s']:.2f} | "
+                     f"{_x(ratio.get('p99_ttft_ms'))} | {_x(ratio.get('p99_tpot_ms'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _x(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def main() -> None:
+    from conserve_bench.bench.run import ProfileCache
+
+    args = parse_args()
+    out = Path(args.out or f"results/vllm-bench-serve-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=False)
+    profiles = ProfileCache(args.db, args.model)
+    rows = with_ratios({p: run_policy(args, p, out, profiles) for p in args.policies.split(",")})
+    report = {"config": vars(args), "policies": rows}
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "report.md").write_text(markdown(rows, args))
+    print(markdown(rows, args))
+    for policy, row in rows.items():
+        print(f"{policy}: {row['serve_targets']}")
+    print(f"wrote {out}/report.json, report.md")
+
+
+if __name__ == "__main__":  # NOTE: vLLM spawns processes that re-import this file
+    main()

@@ -1,0 +1,122 @@
+"""Keeping the latency model true while serving: refit it from the engine's live steps.
+
+Owns the bounded window of recent live steps, when to refit, and which model plans: a refit
+replaces the profile's model only while it predicts the newest live steps better than the
+profile does. Pure: numpy through `latency`, no vLLM, no clock; `ConserveScheduler` feeds it
+each executed step and plans with `LiveModel.model`.
+
+    live = LiveModel(profile_model)
+    live.observe(sample)          # after every step; refits every `RefitConfig.every` steps
+    live.model, live.status       # the model that plans, and both models' live errors
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from conserve_bench.sched.latency import FitError, LatencyModel, Sample, StepTable, evaluate, fit
+
+
+@dataclass(frozen=True)
+class RefitConfig:
+    """How the live model is refitted. Steps count only when usable (see `LiveModel.observe`)."""
+
+    window: int = 256  # live steps kept: the most recent ones
+    every: int = 32  # refit after this many new steps
+    min_samples: int = 64  # no refit on fewer
+    judge_fraction: float = 0.25  # the newest share of the window, held out to judge by
+    warmup_steps: int = 16  # the engine's first steps (allocations, compiled graphs) never count
+    # NOTE: each coefficient is pulled toward the profile's with this weight per live step,
+    # so a feature the live window never varies (no prompt-logprob prefill in it, say) keeps
+    # the profile's value instead of whatever fits the other features best.
+    prior_weight: float = 0.01
+    adopt: bool = True  # False: refit and report, but the profile's model always plans
+
+    def __post_init__(self) -> None:
+        if not (0 < self.judge_fraction < 1 and self.every >= 1 and self.window >= self.min_samples >= 8):
+            raise ValueError(f"bad refit settings: {self}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RefitConfig:
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RefitStatus:
+    """One refit: both models judged on the same newest live steps, and which one plans."""
+
+    profile_error: FitError  # the profile's model on the judged steps
+    refit_error: FitError  # the refit (fitted on the older steps) on the same steps
+    adopted: bool  # the refit plans from now on (else the profile's model does)
+    refit: LatencyModel  # fitted on the whole window
+    num_refits: int
+    num_steps: int  # live steps seen so far
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"profile_error": asdict(self.profile_error), "refit_error": asdict(self.refit_error),
+                "adopted": self.adopted, "refit": self.refit.to_dict(),
+                "num_refits": self.num_refits, "num_steps": self.num_steps}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RefitStatus:
+        return cls(FitError(**data["profile_error"]), FitError(**data["refit_error"]),
+                   bool(data["adopted"]), LatencyModel.from_dict(data["refit"]),
+                   int(data["num_refits"]), int(data["num_steps"]))
+
+
+class LiveModel:
+    """The profile's latency model, refitted from live steps when that predicts them better."""
+
+    def __init__(self, profile: LatencyModel, cfg: RefitConfig = RefitConfig()):
+        self.profile, self.cfg = profile, cfg
+        self.model = profile  # the one that plans
+        self.status: RefitStatus | None = None
+        # NOTE: kept as feature rows, so that a refit is array work only (about a millisecond)
+        self._window: deque[tuple[tuple[float, ...], float]] = deque(maxlen=cfg.window)
+        self._num_steps = self._num_new = 0
+
+    @property
+    def refit(self) -> LatencyModel | None:
+        """The latest refit, adopted or not (None before the first)."""
+        return None if self.status is None else self.status.refit
+
+    def observe(self, sample: Sample, usable: bool = True) -> RefitStatus | None:
+        """Add one executed step; refit when due. The new status when a refit ran.
+
+        `usable` False: the step's time does not measure its whole shape (it was cut short,
+        or its requests aborted), and it is never fitted on; nor are warm-up steps.
+        """
+        self._num_steps += 1
+        if not usable or self._num_steps <= self.cfg.warmup_steps or not sample.step_s > 0:
+            return None
+        self._window.append((sample.shape.features(), sample.step_s))
+        self._num_new += 1
+        if self._num_new < self.cfg.every or len(self._window) < self.cfg.min_samples:
+            return None
+        self._num_new = 0
+        features, times = zip(*self._window)
+        self.status = self._refit(StepTable.from_rows(features, times))
+        self.model = self.status.refit if self.status.adopted else self.profile
+        return self.status
+
+    def _refit(self, samples: StepTable) -> RefitStatus:
+        """Fit on the older steps, judge both models on the newest; refit on all of them."""
+        num_judged = max(1, round(len(samples) * self.cfg.judge_fraction))
+        older, newest = samples.split(len(samples) - num_judged)
+        candidate = fit(older, self.profile, self.cfg.prior_weight)
+        profile_error, refit_error = evaluate(self.profile, newest), evaluate(candidate, newest)
+        adopted = self.cfg.adopt and _better(refit_error, profile_error)
+        refit = fit(samples, self.profile, self.cfg.prior_weight)
+        num_refits = 1 + (self.status.num_refits if self.status else 0)
+        return RefitStatus(profile_error, refit_error, adopted, refit, num_refits, self._num_steps)
+
+
+def _better(candidate: FitError, incumbent: FitError) -> bool:
+    """Whether `candidate` predicts the same steps better: its median plus P90 relative
+    error, the typical step and the tail the budgets are sized against, is lower."""
+    return candidate.median_rel + candidate.p90_rel < incumbent.median_rel + incumbent.p90_rel

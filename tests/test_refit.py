@@ -1,0 +1,147 @@
+"""The live latency model (`sched.refit`) on synthetic step streams: when it refits, what it
+never fits on, that it plans only while it predicts the newest steps better, and how the
+server reads what the engine wrote. No engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conserve_bench.sched.latency import ChunkShape, LatencyModel, Sample, StepShape, evaluate, fit
+from conserve_bench.sched.refit import LiveModel, RefitConfig, RefitStatus
+
+PROFILE = LatencyModel((0.02, 1e-3, 1.3e-3, 4e-6, 0.8e-6, 0.5e-3))
+CFG = RefitConfig(window=200, every=50, min_samples=100, warmup_steps=10)
+
+
+def live_shapes(num: int, seed: int = 0, logprobs: bool = False) -> list[StepShape]:
+    """What a serving engine runs: decode batches, some with a prefill chunk."""
+    rng = np.random.default_rng(seed)
+    shapes = []
+    for _ in range(num):
+        decodes = tuple(int(c) for c in rng.integers(32, 1024, size=rng.integers(1, 16)))
+        chunks = ((ChunkShape(int(rng.integers(8, 512)), int(rng.integers(0, 512)), logprobs),)
+                  if rng.random() < 0.5 else ())
+        shapes.append(StepShape(chunks, decodes))
+    return shapes
+
+
+def steps(truth: LatencyModel, num: int, seed: int = 0, noise: float = 0.0,
+          slow_share: float = 0.0) -> list[Sample]:
+    rng = np.random.default_rng(seed + 100)
+    samples = []
+    for shape in live_shapes(num, seed):
+        t = truth.predict(shape) * float(np.exp(noise * rng.standard_normal()))
+        if rng.random() < slow_share:
+            t *= 2.0  # another process took the CPU for this step
+        samples.append(Sample(shape, t))
+    return samples
+
+
+def feed(live: LiveModel, samples, usable: bool = True) -> list[RefitStatus]:
+    return [s for s in (live.observe(x, usable) for x in samples) if s is not None]
+
+
+def test_no_refit_before_warmup_and_enough_steps_then_every_n():
+    live = LiveModel(PROFILE, CFG)
+    statuses = feed(live, steps(PROFILE, 10 + 99))
+    assert statuses == [] and live.refit is None and live.model is PROFILE
+    statuses = feed(live, steps(PROFILE, 1 + 100, seed=1))  # usable steps 100, 150, 200
+    assert [s.num_refits for s in statuses] == [1, 2, 3]
+    assert [s.num_steps for s in statuses] == [110, 160, 210]
+
+
+def test_unusable_steps_are_never_fitted_on():
+    live = LiveModel(PROFILE, CFG)
+    assert feed(live, steps(PROFILE, 500), usable=False) == []
+    assert live.refit is None
+
+
+def test_a_slower_host_is_learned_and_plans():
+    slower = LatencyModel(tuple(1.5 * c for c in PROFILE.coefficients))
+    live = LiveModel(PROFILE, CFG)
+    status = feed(live, steps(slower, 10 + 200, noise=0.02))[-1]
+    assert status.adopted and live.model is status.refit
+    assert status.refit_error.median_rel < 0.05 < status.profile_error.median_rel
+    assert evaluate(live.model, steps(slower, 100, seed=7)).p90_rel < 0.08
+
+
+def test_a_true_profile_keeps_planning():
+    live = LiveModel(PROFILE, CFG)
+    status = feed(live, steps(PROFILE, 10 + 200))[-1]
+    assert not status.adopted and live.model is PROFILE
+    assert status.profile_error.max_rel < 1e-9
+
+
+def test_without_adopt_the_refit_is_reported_but_never_plans():
+    slower = LatencyModel(tuple(2 * c for c in PROFILE.coefficients))
+    live = LiveModel(PROFILE, RefitConfig(**{**CFG.to_dict(), "adopt": False}))
+    status = feed(live, steps(slower, 10 + 200))[-1]
+    assert not status.adopted and live.model is PROFILE
+    assert status.refit_error.p90_rel < status.profile_error.p90_rel
+
+
+def test_a_feature_the_live_steps_never_vary_keeps_the_profiles_value():
+    slower = LatencyModel(tuple(1.3 * c for c in PROFILE.coefficients[:-1]) + (0.0,))
+    live = LiveModel(PROFILE, CFG)
+    feed(live, steps(slower, 10 + 200))  # no prompt-logprob chunk among them
+    assert live.refit.coefficients[-1] == pytest.approx(PROFILE.coefficients[-1], rel=0.05)
+
+
+def test_steps_slowed_by_other_processes_do_not_drag_the_fit():
+    samples = steps(PROFILE, 300, seed=3, noise=0.02, slow_share=0.1)
+    robust = fit(samples)
+    clean = steps(PROFILE, 100, seed=4)
+    assert evaluate(robust, clean).median_rel < 0.03
+    assert np.allclose(robust.coefficients[:3], PROFILE.coefficients[:3], rtol=0.15)
+
+
+def test_status_round_trips_through_json():
+    live = LiveModel(PROFILE, CFG)
+    status = feed(live, steps(PROFILE, 10 + 100, noise=0.05))[-1]
+    assert RefitStatus.from_dict(json.loads(json.dumps(status.to_dict()))) == status
+    assert RefitConfig.from_dict(json.loads(json.dumps(CFG.to_dict()))) == CFG
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError):
+        RefitConfig(window=50, min_samples=100)
+
+
+def test_import_does_not_load_torch_or_vllm():
+    code = ("import sys, conserve_bench.sched.refit; "
+            "print(sorted(m for m in ('torch', 'vllm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_server_shows_and_stores_what_the_engine_wrote(tmp_path, store):
+    """The engine-core process writes its refit to a file; the API server's watcher sets the
+    /metrics gauges from it and stores it under the profile's key."""
+    from prometheus_client import REGISTRY
+
+    from conserve_bench.sched.profiles import current_key, refit_for
+    from conserve_bench.sched.scheduler import write_refit_state
+    from conserve_bench.serve.metrics import RefitWatcher
+
+    key = current_key("smollm2-135m", "float32")
+    path = tmp_path / "refit.json"
+    watcher = RefitWatcher(str(path), store, key)
+    assert watcher.poll() is None  # nothing written yet
+    slower = LatencyModel(tuple(1.5 * c for c in PROFILE.coefficients))
+    live = LiveModel(PROFILE, CFG)
+    status = feed(live, steps(slower, 10 + 100))[-1]
+    write_refit_state(str(path), status, refit_s=0.001)
+    assert watcher.poll() == status and watcher.poll() is None  # each refit once
+
+    def gauge(model, quantile):
+        return REGISTRY.get_sample_value("conserve_latency_model_rel_error",
+                                         {"model": model, "quantile": quantile})
+    assert gauge("profile", "0.9") == pytest.approx(status.profile_error.p90_rel)
+    assert gauge("refit", "0.5") == pytest.approx(status.refit_error.median_rel)
+    assert REGISTRY.get_sample_value("conserve_latency_model_refit_adopted") == 1
+    assert refit_for(store, key)[0] == status
