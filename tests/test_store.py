@@ -17,7 +17,7 @@ from conserve_bench.store import MIGRATIONS, Store, WorkItem
 EXPECTED_SCHEMA = {
     "schema_version": {"version"},
     "jobs": {"id", "state", "spec", "num_total", "results", "error", "created_at",
-             "updated_at", "run_s"},
+             "updated_at", "run_s", "run_key"},
     "items": {"key", "kind", "args", "state", "result", "owner", "claimed_at", "finished_at",
               "num_runs"},
     "job_items": {"job_id", "item_key", "seq"},
@@ -39,6 +39,56 @@ def test_blank_database_migrates_to_expected_schema(tmp_path):
     with sa.create_engine(url).connect() as conn:
         assert conn.execute(sa.text("select version from schema_version")).scalar() == len(MIGRATIONS)
         assert conn.execute(sa.text("pragma journal_mode")).scalar() == "wal"
+
+
+# A store at version 2, before `run_key` (m003): the DDL that day's m001 + m002 ran on SQLite.
+V2_SCHEMA = [
+    "CREATE TABLE schema_version (version INTEGER NOT NULL)",
+    "CREATE TABLE jobs (id VARCHAR(32) NOT NULL, state VARCHAR(16) NOT NULL, spec TEXT NOT NULL, "
+    "num_total INTEGER NOT NULL, results TEXT, error TEXT, created_at FLOAT NOT NULL, "
+    "updated_at FLOAT NOT NULL, run_s FLOAT NOT NULL, PRIMARY KEY (id))",
+    "CREATE INDEX ix_jobs_state ON jobs (state)",
+    'CREATE TABLE items ("key" VARCHAR(64) NOT NULL, kind VARCHAR(32) NOT NULL, args TEXT NOT NULL, '
+    "state VARCHAR(16) NOT NULL, result TEXT, owner VARCHAR(128), claimed_at FLOAT, "
+    'finished_at FLOAT, num_runs INTEGER NOT NULL, PRIMARY KEY ("key"))',
+    "CREATE INDEX ix_items_state ON items (state)",
+    "CREATE TABLE job_items (job_id VARCHAR(32) NOT NULL, item_key VARCHAR(64) NOT NULL, "
+    "seq INTEGER NOT NULL, PRIMARY KEY (job_id, item_key), FOREIGN KEY(job_id) REFERENCES jobs (id), "
+    'FOREIGN KEY(item_key) REFERENCES items ("key"))',
+    "CREATE INDEX ix_job_items_item ON job_items (item_key)",
+    "CREATE TABLE profiles (model VARCHAR(256) NOT NULL, dtype VARCHAR(32) NOT NULL, "
+    "device VARCHAR(256) NOT NULL, vllm_version VARCHAR(64) NOT NULL, parallel_size INTEGER NOT NULL, "
+    "model_json TEXT NOT NULL, num_samples INTEGER NOT NULL, fit_error TEXT, created_at FLOAT NOT NULL, "
+    "PRIMARY KEY (model, dtype, device, vllm_version, parallel_size))",
+    "INSERT INTO schema_version VALUES (2)",
+    """INSERT INTO jobs VALUES ('oldjob', 'done', '{"tasks": ["mmlu_anatomy"], "limit": 3}', 0, NULL, NULL, 1.0, 1.0, 0.5)""",
+]
+
+
+def test_a_version_2_store_migrates_and_keeps_its_jobs(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    with sa.create_engine(url).begin() as conn:
+        for statement in V2_SCHEMA:
+            conn.execute(sa.text(statement))
+    store = Store(url)
+    old = store.get_job("oldjob")
+    assert (old.state, old.spec.tasks, old.spec.limit, old.run_key) == ("done", ("mmlu_anatomy",), 3, None)
+    inspector = sa.inspect(sa.create_engine(url))
+    assert {c["name"] for c in inspector.get_columns("jobs")} == EXPECTED_SCHEMA["jobs"]
+    assert any(i["unique"] and i["column_names"] == ["run_key"] for i in inspector.get_indexes("jobs"))
+    keyed = store.create_job(JobSpec(tasks=("t",)), run_key="nightly")
+    assert store.create_job(JobSpec(tasks=("t",)), run_key="nightly").id == keyed.id
+    assert Store(url).job_by_run_key("nightly").id == keyed.id  # reopening migrates nothing twice
+
+
+def test_a_run_key_names_one_job_and_many_jobs_have_none(store):
+    first = store.create_job(JobSpec(tasks=("a",)), run_key="2024-06-01-abc")
+    again = store.create_job(JobSpec(tasks=("other",)), run_key="2024-06-01-abc")
+    assert again.id == first.id and again.spec.tasks == ("a",)  # the caller compares specs
+    assert store.job_by_run_key("2024-06-01-abc").to_dict()["run_key"] == "2024-06-01-abc"
+    assert store.job_by_run_key("nope") is None
+    unnamed = [store.create_job(JobSpec(tasks=("a",))) for _ in range(2)]
+    assert len({j.id for j in unnamed} | {first.id}) == 3
 
 
 def test_reopening_keeps_data_and_version(tmp_path):

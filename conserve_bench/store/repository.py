@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
 from conserve_bench.config import JobSpec
 from conserve_bench.errors import DatabaseURLError, JobNotFoundError
@@ -50,6 +50,7 @@ jobs = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("run_s", sa.Float, nullable=False, default=0.0),
+    sa.Column("run_key", sa.String(200)),  # from m003; unique, see `_m003_run_key`
 )
 
 items = sa.Table(
@@ -105,7 +106,17 @@ def _m002_profiles(conn: sa.Connection) -> None:
     profiles.create(conn, checkfirst=True)
 
 
-MIGRATIONS = [_m001_initial, _m002_profiles]
+def _m003_run_key(conn: sa.Connection) -> None:
+    """A caller's name for a job (`ci --run-key`), unique, so that a rerun finds its job."""
+    # NOTE: m001 creates `jobs` from the table above, which has the column already; only a
+    # store made before m003 existed needs it added.
+    if "run_key" not in {c["name"] for c in sa.inspect(conn).get_columns("jobs")}:
+        conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN run_key VARCHAR(200)"))
+    # NOTE: unique, yet many jobs have none: SQLite and PostgreSQL never count NULLs as equal.
+    conn.execute(sa.text("CREATE UNIQUE INDEX IF NOT EXISTS ux_jobs_run_key ON jobs (run_key)"))
+
+
+MIGRATIONS = [_m001_initial, _m002_profiles, _m003_run_key]
 
 
 def migrate(engine: sa.Engine) -> int:
@@ -143,6 +154,7 @@ class Job:
     updated_at: float
     run_s: float
     error: str | None = None
+    run_key: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -158,6 +170,7 @@ class Job:
             "updated_at": self.updated_at,
             "run_s": round(self.run_s, 3),
             "error": self.error,
+            "run_key": self.run_key,
         }
 
 
@@ -183,17 +196,29 @@ class Store:
 
     # -- jobs ---------------------------------------------------------------------------------
 
-    def create_job(self, spec: JobSpec) -> Job:
+    def create_job(self, spec: JobSpec, run_key: str | None = None) -> Job:
+        """Record a queued job. With a `run_key` that a job holds already, that job is
+        answered instead (whatever its spec: the caller checks), so two racing creators
+        end with one job."""
         now = time.time()
         job_id = uuid.uuid4().hex[:12]
-        with self.engine.begin() as conn:
-            conn.execute(
-                jobs.insert().values(
-                    id=job_id, state="queued", spec=json.dumps(spec.to_dict()),
-                    num_total=0, created_at=now, updated_at=now, run_s=0.0,
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    jobs.insert().values(
+                        id=job_id, state="queued", spec=json.dumps(spec.to_dict()),
+                        num_total=0, created_at=now, updated_at=now, run_s=0.0, run_key=run_key,
+                    )
                 )
-            )
+        except IntegrityError:
+            if run_key is None or (existing := self.job_by_run_key(run_key)) is None:
+                raise
+            return existing
         return self.get_job(job_id)
+
+    def job_by_run_key(self, run_key: str) -> Job | None:
+        found = self._select_jobs(jobs.c.run_key == run_key)
+        return found[0] if found else None
 
     def get_job(self, job_id: str) -> Job:
         jobs_found = self._select_jobs(jobs.c.id == job_id)
@@ -465,7 +490,7 @@ def _job_from_row(r) -> Job:
     return Job(
         id=r["id"], state=r["state"], spec=JobSpec.from_dict(json.loads(r["spec"])),
         num_total=r["num_total"], num_done=r["num_done"], created_at=r["created_at"],
-        updated_at=r["updated_at"], run_s=r["run_s"], error=r["error"],
+        updated_at=r["updated_at"], run_s=r["run_s"], error=r["error"], run_key=r["run_key"],
     )
 
 
