@@ -51,8 +51,13 @@ def _task_manager_class():
     return LocalDataTaskManager
 
 
+@functools.lru_cache(maxsize=8)
 def task_manager(data_dir: str | None = None):
-    """An lm-eval TaskManager over built-in tasks plus ours, reading MMLU from `data_dir`."""
+    """An lm-eval TaskManager over built-in tasks plus ours, reading MMLU from `data_dir`.
+
+    NOTE: cached: indexing lm-eval's task folders takes seconds (half a minute on a busy
+    2-core machine), and a manager only indexes; every load builds fresh task objects.
+    """
     from conserve_bench.tasks import TASKS_DIR
 
     if data_dir is not None:
