@@ -39,10 +39,13 @@ def run_cli(capsys, monkeypatch):
 
     def run(*args) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["conserve-bench", *map(str, args)])
-        with pytest.raises(SystemExit) as exited:
+        try:
             main()
+            code = 0
+        except SystemExit as exited:
+            code = exited.code
         out = capsys.readouterr()
-        return exited.value.code, out.out, out.err
+        return code, out.out, out.err
 
     return run
 

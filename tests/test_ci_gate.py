@@ -262,3 +262,27 @@ def test_junit_parses_with_a_junit_library(tmp_path):
     incomplete.write_text(to_junit(report_for(cfg, None, stopped="interrupted by SIGTERM")))
     errors = [c.result[0] for s in JUnitXml.fromfile(str(incomplete)) for c in s]
     assert all(isinstance(e, Error) and "interrupted by SIGTERM" in e.message for e in errors) and len(errors) == 2
+
+
+# -- stopping ---------------------------------------------------------------------------------------
+
+
+def test_stopper_deadline_margin_and_signals():
+    import signal
+
+    from conserve_bench.ci.run import STOP_MARGIN_S, Stopper, parse_deadline
+
+    now = [0.0]
+    stopper = Stopper(deadline=100.0, clock=lambda: now[0])
+    now[0] = 100.0 - STOP_MARGIN_S - 0.01
+    assert not stopper() and stopper.reason is None
+    now[0] = 100.0 - STOP_MARGIN_S  # stop claiming in time to release, report and exit
+    assert stopper() and stopper.reason == "deadline reached"
+    stopper.on_signal(signal.SIGTERM)
+    assert stopper.reason == "interrupted by SIGTERM"
+    with pytest.raises(KeyboardInterrupt):  # a second signal stops at once
+        stopper.on_signal(signal.SIGINT)
+    assert not Stopper()()
+    assert parse_deadline("2030-01-01T00:00:00Z", "90m", now=lambda: 1000.0) == 1000.0 + 5400
+    assert parse_deadline("1893456000", None) == parse_deadline("2030-01-01T00:00:00+00:00", None)
+    assert parse_deadline(None, "1h30m", now=lambda: 0.0) == parse_deadline(None, "5400", now=lambda: 0.0)

@@ -9,6 +9,10 @@ only what was missing. `--compare-to` pairs runs per document.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 
 import pytest
 import scipy.stats
@@ -44,7 +48,8 @@ def baseline_run(tmp_path_factory, engine, data_dir):
     options = CIOptions(run_key="base", write_baseline=True, output_dir=str(tmp / "results"), db_url=db,
                         max_inflight=MAX_INFLIGHT)
     report = run_ci(load_configs([str(config)], needs_baselines=False), options, engine=engine)
-    assert report.exit_code == ExitCode.PASS, report
+    assert (report.status, report.exit_code) == ("baseline written", ExitCode.PASS), report
+    assert report.notes[-1] == f"baselines written to {config}"
     return tmp, db, config, report
 
 
@@ -172,3 +177,35 @@ def test_compare_to_itself_and_to_a_run_with_flipped_answers(baseline_run, engin
     assert rows["mmlu_local_anatomy"].p == scipy.stats.binomtest(0, num_wrong).pvalue < 0.05
     assert rows["mmlu_local_marketing"].p == 1.0
     assert compared.exit_code == ExitCode.PASS  # a comparison reports; the baseline gates
+
+
+def test_sigterm_gives_claimed_items_back_and_reports_incomplete(tmp_path, engine, data_dir):
+    """What CI sends on cancel, delivered to this process while the job runs."""
+    db = f"sqlite:///{tmp_path / 'ci.db'}"
+    store = Store(db)
+    configs = load_configs([str(write_config(tmp_path / "c.yaml", data_dir, limit=12,
+                                             tasks=("mmlu_local_high_school_geography",),
+                                             metrics={"acc": {"baseline": 0.25, "atol": 1.0}}))])
+
+    def send_sigterm_at_a_third():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            jobs = store.list_jobs()
+            if jobs and jobs[0].num_total and jobs[0].num_done >= jobs[0].num_total // 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.02)
+
+    stopper = Stopper()
+    killer = threading.Thread(target=send_sigterm_at_a_third)
+    with stopper.handling_signals():
+        killer.start()
+        report = run_ci(configs, CIOptions(run_key="cancelled", db_url=db, output_dir=None,
+                                           max_inflight=MAX_INFLIGHT), engine=engine, stopper=stopper)
+    killer.join()
+    assert (report.status, report.exit_code) == ("incomplete", ExitCode.INCOMPLETE)
+    assert report.message.startswith("interrupted by SIGTERM: 0 of 1 jobs finished")
+    (job,) = store.list_jobs()
+    assert job.state == "queued" and job.num_done < job.num_total
+    assert store.item_states(job.id).get("running", 0) == 0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again

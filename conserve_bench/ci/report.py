@@ -20,7 +20,7 @@ from conserve_bench.ci.gate import Measured, Verdict, judge, leaf_tasks, measure
 from conserve_bench.ci.stats import Comparison, compare_paired
 from conserve_bench.jobs.samples import PER_SAMPLE_KEY, metric_values
 
-STATUS_EXIT = {"pass": ExitCode.PASS, "regression": ExitCode.REGRESSION,
+STATUS_EXIT = {"pass": ExitCode.PASS, "baseline written": ExitCode.PASS, "regression": ExitCode.REGRESSION,
                "config error": ExitCode.USAGE, "error": ExitCode.INFRASTRUCTURE,
                "incomplete": ExitCode.INCOMPLETE}
 MEAN_SLACK = 1e-9  # a per-document table is comparable when its mean is the reported score
@@ -51,7 +51,7 @@ class Row:
 
 @dataclass(frozen=True)
 class Report:
-    status: str  # pass | regression | config error | error | incomplete
+    status: str  # pass | baseline written | regression | config error | error | incomplete
     exit_code: int
     rows: tuple[Row, ...]
     jobs: tuple[dict[str, Any], ...] = ()
@@ -91,6 +91,14 @@ def build_report(configs: Sequence[CIConfig], outcomes: Sequence[JobOutcome],
     return Report(status, int(STATUS_EXIT[status]), tuple(rows),
                   tuple(_job_line(o) for o in outcomes), run_key, commit, compared_to,
                   error or stopped, tuple(dict.fromkeys(notes)))
+
+
+def with_baselines_written(report: Report, paths: Sequence[str]) -> Report:
+    """The report of a --write-baseline run once its configs hold the new baselines: a pass
+    (its verdicts, against the old baselines, only tell what moved)."""
+    note = f"baselines written to {', '.join(paths)}"
+    return replace(report, status="baseline written", exit_code=int(ExitCode.PASS),
+                   notes=(*report.notes, note))
 
 
 def task_rows(cfg: CIConfig, task: TaskCheck, outcome: JobOutcome | None,

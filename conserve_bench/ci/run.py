@@ -22,7 +22,7 @@ from typing import Any
 from conserve_bench.ci import ExitCode
 from conserve_bench.ci.baseline import write_baselines
 from conserve_bench.ci.config import CIConfig, CIConfigError, job_run_key
-from conserve_bench.ci.report import JobOutcome, Report, build_report
+from conserve_bench.ci.report import JobOutcome, Report, build_report, with_baselines_written
 from conserve_bench.config import JobSpec, RunConfig
 from conserve_bench.errors import ConserveError, DataDirError, EngineUnavailableError, JobStateError
 from conserve_bench.jobs import lifecycle
@@ -152,7 +152,7 @@ def run_ci(configs: Sequence[CIConfig], options: CIOptions, *, engine=None,
     report = build_report(configs, outcomes, reference, run_key=options.run_key, commit=options.commit,
                           compared_to=options.compare_to, stopped=stopped, error=error)
     if options.write_baseline and report.exit_code in (ExitCode.PASS, ExitCode.REGRESSION):
-        write_baselines(report, outcomes)
+        report = with_baselines_written(report, [str(p) for p in write_baselines(report, outcomes)])
     return report
 
 
@@ -173,14 +173,15 @@ def _run_all(backend, planned: list[_PlannedJob], stopper: Stopper,
     except ConserveError:
         raise
     except Exception as e:  # the engine died, or vLLM failed to start
-        return None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        return None, lifecycle.one_line_error(e)
     if any(p.results is None for p in planned):
         for p in (p for p in planned if p.job and p.results is None):
             with contextlib.suppress(ConserveError):  # progress for the report, if reachable
                 p.job = backend.status(p.job["id"])
         done = sum(p.results is not None for p in planned)
-        return (f"{stopper.reason or 'interrupted'}: {done} of {len(planned)} jobs finished; "
-                "run again with the same --run-key to resume"), None
+        how = ("run again with the same --run-key to resume" if planned[0].run_key
+               else "run again to resume (finished items are reused)")
+        return f"{stopper.reason or 'interrupted'}: {done} of {len(planned)} jobs finished; {how}", None
     return None, None
 
 

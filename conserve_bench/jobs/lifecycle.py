@@ -85,7 +85,7 @@ def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
         store.add_run_time(job_id, time.perf_counter() - t0)
         if store.get_job(job_id).state != "cancelled":
             failed = isinstance(e, Exception) and not isinstance(e, (JobCancelled, Stopped))
-            store.set_job_state(job_id, "failed" if failed else "queued", error=_one_line(e))
+            store.set_job_state(job_id, "failed" if failed else "queued", error=one_line_error(e))
         raise
     wall_s = time.perf_counter() - t0
     store.add_run_time(job_id, wall_s)
@@ -335,6 +335,7 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def _one_line(e: BaseException) -> str:
+def one_line_error(e: BaseException) -> str:
+    """`Type: first line of the message`, as a job's error and a report's reason show it."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"

@@ -5,7 +5,8 @@ objects as the CLI's `--json`. A malformed spec is a 422 naming the field, an un
 400; neither writes anything. The offline pump (not this module) runs the jobs.
 `POST /v1/jobs/requests` queues lm-eval requests built elsewhere (`--model conserve` in client
 mode), keyed with this server's fingerprint; `GET /v1/jobs/{id}/items` pages their results.
-A `run_key` on `POST /v1/jobs` names the job: posting it again answers the same job (200).
+A `run_key` on `POST /v1/jobs` names the job: posting it again answers the same job (200),
+queued again if it had failed.
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ def install_job_api(app, store, cfg, fingerprint: str) -> None:
     def create(request: JobRequest):
         spec = request.spec(cfg.model, cfg.data_dir)
         if request.run_key and (known := store.job_by_run_key(request.run_key)) and known.spec == spec:
-            return JSONResponse(known.to_dict(), status_code=200)  # re-attached, not created
+            if known.state == "failed":  # asked for again: the pump retries it, as `ci` would
+                store.set_job_state(known.id, "queued")
+            return JSONResponse(store.get_job(known.id).to_dict(), status_code=200)  # re-attached
         return lifecycle.submit_job(store, spec, request.run_key).to_dict()
 
     @router.post("/requests", status_code=201)
