@@ -107,13 +107,17 @@ def run_ci(cmd: list[str]) -> tuple[int, dict, float]:
 
 def kill_at_half(cmd: list[str], url: str, run_key: str, sig: signal.Signals) -> dict:
     """Start the ci run, signal it once its job is half done; what it reported and when."""
-    http = httpx.Client(base_url=url, timeout=30)
+    http = httpx.Client(base_url=url, timeout=120)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     t0 = time.perf_counter()
     job = None
     while proc.poll() is None:
-        jobs = [j for j in http.get("/v1/jobs").json()["jobs"] if (j["run_key"] or "").startswith(run_key + "/")]
+        try:  # NOTE: while the server builds a job's requests (lm-eval, in Python) it answers slowly
+            listed = http.get("/v1/jobs").json()["jobs"]
+        except httpx.TimeoutException:
+            continue
+        jobs = [j for j in listed if (j["run_key"] or "").startswith(run_key + "/")]
         if jobs and jobs[0]["total"] and jobs[0]["done"] >= jobs[0]["total"] / 2:
             job = jobs[0]
             os.killpg(proc.pid, sig)

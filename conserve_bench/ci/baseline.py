@@ -60,7 +60,8 @@ def _metric_entries(raw: Any) -> dict[str, Any]:
 
 
 def _metric_entry(entry: dict[str, Any], row: Row) -> dict[str, Any]:
-    entry = {**entry, "baseline": round(row.measured, 6), "n": row.n,
+    # NOTE: the baseline unrounded, so that a rerun of the same model passes even at atol 0.
+    entry = {**entry, "baseline": row.measured, "n": row.n,
              "stderr": None if row.stderr is None else round(row.stderr, 6)}
     if "atol" not in entry and "rtol" not in entry:
         entry["atol"] = round(STDERRS_OF_TOLERANCE * (row.stderr or 0.0), 4)

@@ -31,6 +31,7 @@ from conserve_bench.jobs.samples import PER_SAMPLE_KEY
 
 STOP_MARGIN_S = 15.0  # stop claiming this long before the deadline: release, report, exit
 POLL_S = 1.0
+SERVER_PATIENCE_S = 300.0  # how long a server may not answer before the run is an error
 
 ProgressFn = Callable[[str, int, int], None]  # (job_id, num_done, num_total)
 
@@ -296,7 +297,7 @@ class _ServerBackend:
         """Follow the job until done; at a stop the job stays on the server (a rerun with the
         same key re-attaches to it, and whatever the pump finished meanwhile is kept)."""
         job_id = p.job["id"]
-        while (status := self.client.status(job_id))["state"] != "done":
+        while (status := self._status(job_id, stopper))["state"] != "done":
             on_progress(job_id, status["done"], status["total"])
             if status["state"] == "cancelled":
                 raise JobStateError(f"job {job_id} was cancelled on the server; use a new --run-key")
@@ -311,6 +312,23 @@ class _ServerBackend:
 
     def status(self, job_id: str) -> dict[str, Any]:
         return self.client.status(job_id)
+
+    def _status(self, job_id: str, stopper: Stopper) -> dict[str, Any]:
+        """The job's status, waiting out a server that is busy or restarting.
+
+        NOTE: the job is durable on the server (a restarted `serve` resumes it), so a few
+        minutes without an answer are not yet an infrastructure failure.
+        """
+        give_up = time.monotonic() + SERVER_PATIENCE_S
+        while True:
+            try:
+                return self.client.status(job_id)
+            except EngineUnavailableError:
+                if stopper():
+                    raise Stopped(stopper.reason) from None
+                if time.monotonic() > give_up:
+                    raise
+                time.sleep(POLL_S)
 
     def close(self) -> None:
         pass
