@@ -24,6 +24,8 @@ class JobSpec:
 
     `source` is "tasks" (lm-eval builds the requests from `tasks`) or "requests" (an lm-eval
     run elsewhere supplied the work items; `tasks` is only a label and nothing is rebuilt).
+    `samples` fixes the documents of some tasks (task -> doc indices, sorted), in place of
+    `limit`; tasks it does not name run all their documents.
     """
 
     tasks: tuple[str, ...]
@@ -34,6 +36,7 @@ class JobSpec:
     gen_kwargs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     source: str = "tasks"
+    samples: dict[str, list[int]] | None = None
 
     def __post_init__(self):
         if self.source not in JOB_SOURCES:
@@ -44,6 +47,17 @@ class JobSpec:
             raise ValueError("--limit must be at least 1")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise ValueError("--num-fewshot must be 0 or more")
+        if self.samples is not None:
+            self._check_samples()
+
+    def _check_samples(self) -> None:
+        if self.limit is not None:
+            raise ValueError("a job takes a limit or fixed samples, not both")
+        for task, indices in self.samples.items():
+            # NOTE: lm-eval maps the k-th selected document to indices[k], which is its
+            # index only when the indices are sorted.
+            if not indices or any(i < 0 for i in indices) or list(indices) != sorted(set(indices)):
+                raise ValueError(f"samples of {task}: doc indices must be distinct, sorted, >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "tasks": list(self.tasks)}

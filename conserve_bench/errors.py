@@ -2,7 +2,8 @@
 
 Every failure a user can cause (bad task name, missing data, unreadable model, malformed
 database URL, unknown job) is raised as a `ConserveError` subclass. The CLI prints
-`str(error)` on stderr and exits non-zero; it never shows a traceback for these.
+`str(error)` on stderr and exits with its `exit_code` (2; 3 for infrastructure: a server
+that cannot be reached, an engine that died); it never shows a traceback for these.
 Never raise one after a partial write: validate first, then touch the store.
 """
 
@@ -38,7 +39,9 @@ class JobStateError(ConserveError):
 
 
 class EngineUnavailableError(ConserveError):
-    pass
+    """The server cannot be reached or failed, or the engine died: infrastructure, not input."""
+
+    exit_code = 3
 
 
 class ProfileNotFoundError(ConserveError):

@@ -29,9 +29,10 @@ class Output:
     """The process's two consoles; `capture` reroutes everything else to a log file."""
 
     def __init__(self):
-        self.stdout = _console(sys.stdout)
-        self.stderr = _console(sys.stderr)
-        self._json_file: IO[str] = sys.stdout
+        # NOTE: no file given: rich writes to whatever sys.stdout/sys.stderr are at the time
+        self.stdout = Console(width=None if sys.stdout.isatty() else LOG_WIDTH)
+        self.stderr = Console(stderr=True, width=None if sys.stderr.isatty() else LOG_WIDTH)
+        self._terminal_out: IO[str] | None = None
         self.log_path: Path | None = None
 
     def capture(self, log_path: Path) -> None:
@@ -51,12 +52,17 @@ class Output:
         os.environ["TQDM_DISABLE"] = "1"
         self.stdout = _console(terminal_out)
         self.stderr = _console(terminal_err)
-        self._json_file = terminal_out
+        self._terminal_out = terminal_out
         self.log_path = log_path
 
     def json(self, obj: dict[str, Any]) -> None:
-        self._json_file.write(json.dumps(obj, default=str) + "\n")
-        self._json_file.flush()
+        self.write(json.dumps(obj, default=str) + "\n")
+
+    def write(self, text: str) -> None:
+        """Text on the terminal's stdout as it is (no markup, no wrapping)."""
+        file = self._terminal_out or sys.stdout
+        file.write(text)
+        file.flush()
 
     def error(self, message: str) -> None:
         """One line on the terminal's stderr, whatever is captured; never wrapped."""

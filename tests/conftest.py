@@ -71,6 +71,27 @@ def store(tmp_path):
     return Store(f"sqlite:///{tmp_path / 'store.db'}")
 
 
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """`conserve-bench ARGS` in this process (the console script's `main`): (exit code, stdout,
+    stderr). Cheaper than a subprocess: lm-eval's task index is built once per test session."""
+    import sys
+
+    from conserve_bench.cli import main
+
+    def run(*args) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["conserve-bench", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exited:
+            code = exited.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> str:
     if not (DATA_DIR / "test").is_dir():

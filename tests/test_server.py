@@ -136,3 +136,45 @@ def test_sigkill_loses_nothing_restart_resumes_sigterm_drains(shared_server, eng
     assert min(runs.values()) >= 1
     assert sum(n - 1 for n in runs.values()) <= 2 * SERVER_MAX_INFLIGHT  # two interruptions
     assert results == embedded_scores(engine, data_dir, tmp_path, tasks)
+
+
+def test_a_run_key_answers_the_same_job(server):
+    body = {"tasks": ["mmlu_marketing"], "limit": 3, "run_key": "api-1"}
+    first, again = server.http.post("/v1/jobs", json=body), server.http.post("/v1/jobs", json=body)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json()["id"] == first.json()["id"] and again.json()["run_key"] == "api-1"
+    other = server.http.post("/v1/jobs", json={**body, "limit": 4})
+    assert other.status_code == 409 and "api-1" in other.json()["error"]["message"]
+    unsorted = server.http.post("/v1/jobs", json={"tasks": ["mmlu_marketing"], "run_key": "api-2",
+                                                  "samples": {"mmlu_marketing": [3, 1]}})
+    assert unsorted.status_code == 422 and "doc indices must be distinct, sorted" in unsorted.text
+    assert server.http.post("/v1/jobs", json={**body, "run_key": ""}).status_code == 422
+
+
+def test_ci_on_the_server_stops_at_its_deadline_and_resumes_by_run_key(server, tmp_path, run_cli):
+    import yaml
+
+    doc = {"model": "smollm2-135m", "limit": LIMIT,
+           "tasks": {t: {"metrics": {"acc": {"baseline": 0.0, "atol": 1.0}}} for t in TASKS}}
+    config = tmp_path / "nightly.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    args = ["ci", config, "--server", server.url, "--api-key", KEY, "--run-key", "srv", "--json",
+            "--output", tmp_path / "results"]
+    code, stdout, stderr = run_cli(*args, "--time-budget", "1")  # past its stop time at once
+    stopped = json.loads(stdout)
+    assert code == 4 and stopped["status"] == "incomplete", stderr
+    (job,) = stopped["jobs"]
+    assert job["run_key"].startswith("srv/")
+    code, stdout, stderr = run_cli(*args)
+    done = json.loads(stdout)
+    assert code == 0, stderr
+    assert [j["id"] for j in done["jobs"]] == [job["id"]] and done["jobs"][0]["state"] == "done"
+    assert [j["id"] for j in server.http.get("/v1/jobs").json()["jobs"] if j["run_key"] == job["run_key"]] == [job["id"]]
+    assert {r["task"]: r["n"] for r in done["rows"]} == {t: LIMIT for t in TASKS}
+    assert (tmp_path / "results" / f"{job['id']}.samples.jsonl").is_file()  # fetched with the results
+    code, _, stderr = run_cli(*args[:-2], "--output", tmp_path / "r2", "--compare-to", job["id"])
+    assert code == 0, stderr
+    doc["model"] = "another-model"
+    config.write_text(yaml.safe_dump(doc))
+    code, _, stderr = run_cli(*args)
+    assert code == 2 and "model: the server at" in stderr and "serves smollm2-135m, not another-model" in stderr

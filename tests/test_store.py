@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import sqlalchemy as sa
 from hypothesis import given, settings
@@ -19,7 +21,7 @@ from .conftest import dead_owner
 EXPECTED_SCHEMA = {
     "schema_version": {"version"},
     "jobs": {"id", "state", "spec", "num_total", "results", "error", "created_at",
-             "updated_at", "run_s"},
+             "updated_at", "run_s", "run_key"},
     "items": {"key", "kind", "args", "state", "result", "owner", "claimed_at", "finished_at",
               "num_runs"},
     "job_items": {"job_id", "item_key", "seq"},
@@ -45,12 +47,19 @@ def test_blank_database_migrates_to_expected_schema(tmp_path):
         assert conn.execute(sa.text("pragma journal_mode")).scalar() == "wal"
 
 
-def sqlite_schema(engine) -> dict[str, str]:
-    """Every table and index, by name, as the DDL SQLite keeps for it."""
-    with engine.connect() as conn:
-        rows = conn.execute(sa.text("select name, sql from sqlite_master "
-                                    "where name not like 'sqlite_%'")).all()
-    return {name: sql for name, sql in rows}
+def sqlite_schema(engine) -> dict[str, Any]:
+    """Every table's columns (name, type, nullable, primary key), indexes and foreign keys.
+
+    NOTE: structure, not DDL text: SQLite keeps an added column's DDL as the ALTER wrote it."""
+    inspector = sa.inspect(engine)
+    return {table: {
+        "columns": [(c["name"], str(c["type"]), c["nullable"], c["primary_key"])
+                    for c in inspector.get_columns(table)],
+        "indexes": sorted((i["name"], tuple(i["column_names"]), bool(i["unique"]))
+                          for i in inspector.get_indexes(table)),
+        "foreign_keys": sorted((tuple(f["constrained_columns"]), f["referred_table"])
+                               for f in inspector.get_foreign_keys(table)),
+    } for table in sorted(inspector.get_table_names())}
 
 
 @pytest.mark.parametrize("old_version", range(1, len(MIGRATIONS)))
@@ -72,6 +81,16 @@ def test_an_old_store_migrates_to_exactly_the_schema_of_a_blank_one(tmp_path, ol
     assert sqlite_schema(old) == sqlite_schema(blank) == sqlite_schema(current)
     with old.connect() as conn:
         assert conn.execute(sa.text("select version from schema_version")).scalar() == len(MIGRATIONS)
+
+
+def test_a_run_key_names_one_job_and_many_jobs_have_none(store):
+    first = store.create_job(JobSpec(tasks=("a",)), run_key="2024-06-01-abc")
+    again = store.create_job(JobSpec(tasks=("other",)), run_key="2024-06-01-abc")
+    assert again.id == first.id and again.spec.tasks == ("a",)  # the caller compares specs
+    assert store.job_by_run_key("2024-06-01-abc").to_dict()["run_key"] == "2024-06-01-abc"
+    assert store.job_by_run_key("nope") is None
+    unnamed = [store.create_job(JobSpec(tasks=("a",))) for _ in range(2)]
+    assert len({j.id for j in unnamed} | {first.id}) == 3
 
 
 def test_reopening_keeps_data_and_version(tmp_path):

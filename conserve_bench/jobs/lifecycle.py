@@ -27,6 +27,8 @@ from conserve_bench.errors import InvalidRequestError, JobStateError
 from conserve_bench.engine.models import ModelRef, resolve_model
 from conserve_bench.engine.prompts import check_request_args, keyed_items
 from conserve_bench.jobs.runner import Runner, Stopped
+from conserve_bench.jobs.samples import (PER_SAMPLE_KEY, read_samples_file, sample_table,
+                                         samples_path, task_hashes, write_samples_file)
 from conserve_bench.store import Job, JobState, Store
 from conserve_bench.jobs.taskspec import check_tasks, task_manager
 
@@ -35,11 +37,19 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]  # (num_done, num_total)
 
 
-def submit_job(store: Store, spec: JobSpec) -> Job:
-    """Validate a spec (tasks, data directory, model) and record a queued job."""
+def submit_job(store: Store, spec: JobSpec, run_key: str | None = None) -> Job:
+    """Validate a spec (tasks, data directory, model) and record a queued job.
+
+    With a `run_key` a job already holds, that job is answered (in whatever state), so a rerun
+    re-attaches to it; a different spec under the same key is a JobStateError.
+    """
     check_tasks(spec.tasks, task_manager(spec.data_dir))
     resolve_model(spec.model)
-    return store.create_job(spec)
+    job = store.create_job(spec, run_key)
+    if job.spec != spec:
+        raise JobStateError(f"run key {run_key!r} belongs to job {job.id}, of another spec "
+                            f"({', '.join(job.spec.tasks)}); use a new key")
+    return job
 
 
 def start_engine(model: ModelRef, **overrides):
@@ -76,7 +86,7 @@ def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
         if not _cancelled(store, job_id):
             failed = isinstance(e, Exception) and not isinstance(e, (JobCancelled, Stopped))
             store.set_job_state(job_id, JobState.FAILED if failed else JobState.QUEUED,
-                                error=_one_line(e))
+                                error=one_line_error(e))
         raise
     wall_s = time.perf_counter() - t0
     store.add_run_time(job_id, wall_s)
@@ -118,9 +128,12 @@ def _evaluate(store, job: Job, runner, engine, manager, tracker) -> dict[str, An
 
     lm = ConserveLM.for_job(store, runner, job.id, engine.fingerprint, on_kind=tracker.refresh)
     spec = job.spec
+    # NOTE: log_samples for the per-document metric values (`samples.sample_table`) that
+    # let a later run be compared with this one question by question.
     output = simple_evaluate(
         model=lm, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot, limit=spec.limit,
-        task_manager=manager, log_samples=False, gen_kwargs=spec.gen_kwargs or None,
+        samples=spec.samples, task_manager=manager, log_samples=True,
+        gen_kwargs=spec.gen_kwargs or None,
         random_seed=spec.seed, numpy_random_seed=spec.seed, torch_random_seed=spec.seed,
         fewshot_random_seed=spec.seed,
     )
@@ -188,11 +201,24 @@ def task_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def write_results_file(results: dict[str, Any], path: Path) -> Path:
+    """lm-eval's results layout at `path`; the per-document table, if any, as JSON lines
+    beside it (`<job-id>.samples.jsonl`), so the results file stays readable."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if (table := results.get(PER_SAMPLE_KEY)) is not None:
+        write_samples_file(table, samples_path(path))
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=False))
+    tmp.write_text(json.dumps({k: v for k, v in results.items() if k != PER_SAMPLE_KEY},
+                              indent=2, sort_keys=False))
     tmp.replace(path)
     return path
+
+
+def read_results_file(path: Path) -> dict[str, Any]:
+    """A results file written by `write_results_file`, with its per-document table."""
+    results = json.loads(Path(path).read_text())
+    if (table_path := samples_path(path)).is_file():
+        results[PER_SAMPLE_KEY] = read_samples_file(table_path)
+    return results
 
 
 # -- an embedded session for lm-eval's own CLI (`--model conserve`) -----------------------------
@@ -285,6 +311,9 @@ def _with_metadata(output: dict[str, Any], job: Job, engine, runner: Runner,
     keep = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
             "higher_is_better", "n-samples")
     results = {k: output[k] for k in keep if k in output}
+    if output.get("samples"):
+        results["task_hashes"] = task_hashes(output["samples"])
+        results[PER_SAMPLE_KEY] = sample_table(output["samples"])
     results = json.loads(json.dumps(results, default=handle_non_serializable))
     stats = runner.stats
     results["conserve"] = {
@@ -314,6 +343,7 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def _one_line(e: BaseException) -> str:
+def one_line_error(e: BaseException) -> str:
+    """`Type: first line of the message`, as a job's error and a report's reason show it."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"

@@ -27,9 +27,11 @@ class JobClient:
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
 
     def submit(self, tasks: list[str], limit=None, num_fewshot=None, data_dir=None,
-               gen_kwargs=None) -> dict[str, Any]:
+               gen_kwargs=None, samples=None, run_key: str | None = None) -> dict[str, Any]:
+        """Queue a job; with a `run_key` the server holds already, its job is answered."""
         body = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot,
-                "gen_kwargs": gen_kwargs or {}, "data_dir": data_dir}
+                "gen_kwargs": gen_kwargs or {}, "data_dir": data_dir, "samples": samples,
+                "run_key": run_key}
         return self._call("POST", "/v1/jobs", json=body)
 
     def jobs(self) -> dict[str, Any]:
@@ -38,8 +40,13 @@ class JobClient:
     def status(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/jobs/{job_id}")
 
-    def results(self, job_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/v1/jobs/{job_id}/results")
+    def results(self, job_id: str, full: bool = False) -> dict[str, Any]:
+        """The results summary; `full`: everything stored, per-document table included."""
+        return self._call("GET", f"/v1/jobs/{job_id}/results", params={"full": "true"} if full else None)
+
+    def model(self) -> str:
+        """The name of the model the server serves."""
+        return self._call("GET", "/v1/models")["data"][0]["id"]
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/jobs/{job_id}/cancel")
@@ -88,8 +95,10 @@ def _error(response) -> ConserveError:
         return ServerError("unauthorized: pass the server's key with --api-key")
     if response.status_code == 422:
         first = (body.get("detail") or [{}])[0]
-        field = ".".join(str(p) for p in first.get("loc", [])[1:])
+        field = ".".join(str(p) for p in first.get("loc", [])[1:]) or "body"
         return ServerError(f"invalid job spec: {field}: {first.get('msg', 'invalid')}")
     message = body.get("error", {}).get("message") if isinstance(body.get("error"), dict) else None
+    if response.status_code >= 500:  # the server or its engine failed, not the request
+        return EngineUnavailableError(f"{response.status_code} from the server: {message or 'no detail'}")
     cls = {404: JobNotFoundError, 409: JobStateError}.get(response.status_code, ServerError)
     return cls(message or f"server answered {response.status_code}")

@@ -5,6 +5,8 @@ objects as the CLI's `--json`. A malformed spec is a 422 naming the field, an un
 400; neither writes anything. The offline pump (not this module) runs the jobs.
 `POST /v1/jobs/requests` queues lm-eval requests built elsewhere (`--model conserve` in client
 mode), keyed with this server's fingerprint; `GET /v1/jobs/{id}/items` pages their results.
+A `run_key` on `POST /v1/jobs` names the job: posting it again answers the same job (200),
+queued again if it had failed.
 """
 
 from __future__ import annotations
@@ -30,11 +32,23 @@ class JobRequest(BaseModel):
     num_fewshot: int | None = Field(default=None, ge=0)
     gen_kwargs: dict[str, Any] = Field(default_factory=dict)
     data_dir: str | None = None
+    samples: dict[str, list[int]] | None = None
+    run_key: str | None = Field(default=None, min_length=1, max_length=200)
 
     @field_validator("tasks", mode="before")
     @classmethod
     def _split(cls, value):
         return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _valid_spec(self):
+        self.spec(model="", data_dir=None)  # JobSpec's own checks; ValueError -> 422
+        return self
+
+    def spec(self, model: str, data_dir: str | None) -> JobSpec:
+        return JobSpec(tasks=tuple(self.tasks), model=model, limit=self.limit,
+                       num_fewshot=self.num_fewshot, gen_kwargs=self.gen_kwargs,
+                       data_dir=self.data_dir or data_dir, samples=self.samples)
 
 
 class WorkRequest(BaseModel):
@@ -64,15 +78,18 @@ class RequestsJobRequest(BaseModel):
 def install_job_api(app, store, cfg, fingerprint: str) -> None:
     """Add `/v1/jobs` to `app`; `fingerprint` keys requests jobs' items (the engine's)."""
     from fastapi import APIRouter, Query
+    from fastapi.responses import JSONResponse
 
     router = APIRouter(prefix="/v1/jobs", route_class=_route_class())
 
     @router.post("", status_code=201)
-    def create(request: JobRequest) -> dict[str, Any]:
-        spec = JobSpec(tasks=tuple(request.tasks), model=cfg.model, limit=request.limit,
-                       num_fewshot=request.num_fewshot, gen_kwargs=request.gen_kwargs,
-                       data_dir=request.data_dir or cfg.data_dir)
-        return lifecycle.submit_job(store, spec).to_dict()
+    def create(request: JobRequest):
+        spec = request.spec(cfg.model, cfg.data_dir)
+        if request.run_key and (known := store.job_by_run_key(request.run_key)) and known.spec == spec:
+            if known.state == "failed":  # asked for again: the pump retries it, as `ci` would
+                store.set_job_state(known.id, "queued")
+            return JSONResponse(store.get_job(known.id).to_dict(), status_code=200)  # re-attached
+        return lifecycle.submit_job(store, spec, request.run_key).to_dict()
 
     @router.post("/requests", status_code=201)
     def create_from_requests(request: RequestsJobRequest) -> dict[str, Any]:
@@ -89,8 +106,11 @@ def install_job_api(app, store, cfg, fingerprint: str) -> None:
         return store.get_job(job_id).to_dict()
 
     @router.get("/{job_id}/results")
-    def results(job_id: str) -> dict[str, Any]:
-        return lifecycle.results_summary(lifecycle.job_results(store, job_id))
+    def results(job_id: str, full: bool = False) -> dict[str, Any]:
+        """Task -> metric -> value; `?full=true`: everything stored (lm-eval's layout, the job's
+        metadata, the per-document table)."""
+        found = lifecycle.job_results(store, job_id)
+        return found if full else lifecycle.results_summary(found)
 
     @router.get("/{job_id}/items")
     def items(job_id: str, offset: int = Query(0, ge=0),

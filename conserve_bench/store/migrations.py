@@ -83,8 +83,14 @@ def m003_profile_refits(conn: sa.Connection) -> None:
     ).create(conn, checkfirst=True)
 
 
+def m004_run_key(conn: sa.Connection) -> None:
+    """A caller's name for a job (`ci --run-key`), unique, so that a rerun finds its job (#18)."""
+    conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN run_key VARCHAR(200)"))
+    conn.execute(sa.text("CREATE UNIQUE INDEX ux_jobs_run_key ON jobs (run_key)"))
+
+
 MIGRATIONS: list[Callable[[sa.Connection], None]] = [m001_initial, m002_profiles,
-                                                      m003_profile_refits]
+                                                      m003_profile_refits, m004_run_key]
 
 
 def migrate(engine: sa.Engine, migrations=MIGRATIONS) -> int:

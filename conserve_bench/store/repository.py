@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from conserve_bench.config import JobSpec
 from conserve_bench.errors import DatabaseURLError, JobNotFoundError
@@ -57,6 +57,7 @@ class Job:
     updated_at: float
     run_s: float
     error: str | None = None
+    run_key: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +73,7 @@ class Job:
             "updated_at": self.updated_at,
             "run_s": round(self.run_s, 3),
             "error": self.error,
+            "run_key": self.run_key,
         }
 
 
@@ -97,17 +99,29 @@ class Store:
 
     # -- jobs ---------------------------------------------------------------------------------
 
-    def create_job(self, spec: JobSpec) -> Job:
+    def create_job(self, spec: JobSpec, run_key: str | None = None) -> Job:
+        """Record a queued job. With a `run_key` that a job holds already, that job is
+        answered instead (whatever its spec: the caller checks), so two racing creators
+        end with one job."""
         now = time.time()
         job_id = uuid.uuid4().hex[:12]
-        with self.engine.begin() as conn:
-            conn.execute(
-                jobs.insert().values(
-                    id=job_id, state=JobState.QUEUED, spec=json.dumps(spec.to_dict()),
-                    num_total=0, created_at=now, updated_at=now, run_s=0.0,
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    jobs.insert().values(
+                        id=job_id, state=JobState.QUEUED, spec=json.dumps(spec.to_dict()),
+                        num_total=0, created_at=now, updated_at=now, run_s=0.0, run_key=run_key,
+                    )
                 )
-            )
+        except IntegrityError:
+            if run_key is None or (existing := self.job_by_run_key(run_key)) is None:
+                raise
+            return existing
         return self.get_job(job_id)
+
+    def job_by_run_key(self, run_key: str) -> Job | None:
+        found = self._select_jobs(jobs.c.run_key == run_key)
+        return found[0] if found else None
 
     def get_job(self, job_id: str) -> Job:
         jobs_found = self._select_jobs(jobs.c.id == job_id)
@@ -405,5 +419,5 @@ def _job_from_row(r) -> Job:
     return Job(
         id=r["id"], state=JobState(r["state"]), spec=JobSpec.from_dict(json.loads(r["spec"])),
         num_total=r["num_total"], num_done=r["num_done"], created_at=r["created_at"],
-        updated_at=r["updated_at"], run_s=r["run_s"], error=r["error"],
+        updated_at=r["updated_at"], run_s=r["run_s"], error=r["error"], run_key=r["run_key"],
     )

@@ -27,6 +27,10 @@ jobs = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("run_s", sa.Float, nullable=False, default=0.0),
+    # NOTE: a caller's name for a job (`ci --run-key`): unique, yet many jobs have none, and
+    # neither SQLite nor PostgreSQL counts NULLs as equal.
+    sa.Column("run_key", sa.String(200)),
+    sa.Index("ux_jobs_run_key", "run_key", unique=True),
 )
 
 items = sa.Table(

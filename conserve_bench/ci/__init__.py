@@ -1,0 +1,19 @@
+"""`conserve-bench ci`: nightly eval runs that gate on baselines, resume and report for CI.
+
+config (YAML files -> frozen checks) -> run (jobs by run key, embedded or on a server, until
+done, a deadline or a signal) -> gate (verdict per task and metric) and stats (paired
+comparison with an earlier run) -> report (markdown, JUnit, JSON). Only `run` touches the
+store, an engine or a server; the others are pure. Exit codes are `ExitCode`.
+"""
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What `conserve-bench ci` exits with; a run that did not finish is never a pass."""
+
+    PASS = 0
+    REGRESSION = 1
+    USAGE = 2  # a malformed config or flag, an unknown task, a metric the run did not report
+    INFRASTRUCTURE = 3  # the server cannot be reached, the engine died
+    INCOMPLETE = 4  # the deadline was reached or the run was interrupted
