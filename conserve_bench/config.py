@@ -67,6 +67,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096
     scheduler_cls: str | None = None  # "module.Class" of a vLLM scheduler subclass
     additional_config: dict[str, Any] = field(default_factory=dict)  # vLLM's plug-in config
+    worker_cls: str | None = None  # "module.Class" of a vLLM worker subclass
+    kv_transfer_config: dict[str, Any] | None = None  # loads a KV connector (ours: engine.connector)
+    async_scheduling: bool | None = None  # None: vLLM decides
 
     @property
     def fingerprint(self) -> str:

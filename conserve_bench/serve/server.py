@@ -5,7 +5,9 @@ completions, chat completions, streaming, models, health, metrics. Every request
 online routes is forced to priority 0. The job API (`/v1/jobs`) and the offline pump are
 added to the same app; offline requests run at priority 1 on the same `AsyncLLM`. Under the
 `conserve` policy the engine runs `scheduler.ConserveScheduler`, given the latency profile and
-the targets (`resolve_targets`) through vLLM's `additional_config`.
+the targets (`resolve_targets`) through vLLM's `additional_config`, and by default layer-wise
+preemption: `engine.connector.ConserveConnector` cuts offline-only steps short at a layer
+safepoint when the middleware stamps an online arrival (`engine.arrivals.ArrivalSignal`).
 
 vLLM 0.32.0 names relied on: `vllm.entrypoints.launchers.cli_args.make_arg_parser`,
 `vllm.entrypoints.launchers.api_server.entry.build_async_engine_client`,
@@ -29,11 +31,13 @@ from typing import Any
 import uvicorn
 
 from conserve_bench.config import EngineConfig, RunConfig
+from conserve_bench.engine.arrivals import ArrivalSignal
 from conserve_bench.engine.local import engine_args, engine_environment
 from conserve_bench.errors import ConserveError
 from conserve_bench.sched.latency import LatencyModel
 from conserve_bench.engine.models import resolve_model
-from conserve_bench.sched.policy import DEFAULT_MARGIN, PolicyConfig, Targets, default_targets
+from conserve_bench.sched.policy import (DEFAULT_MARGIN, SAFEPOINT_EVERY, PolicyConfig, Targets,
+                                         default_offline_step_s, default_targets)
 from conserve_bench.sched.steplog import SCHEDULER_CLS
 
 log = logging.getLogger(__name__)
@@ -60,6 +64,9 @@ class ServeConfig:
     tbt_slo_ms: float | None = None
     slo_margin: float = DEFAULT_MARGIN
     quantum_ms: float | None = None  # None: QUANTUM_FRACTION of the TTFT target
+    layer_preemption: bool | None = None  # None: on under the conserve policy
+    safepoint_every: int = SAFEPOINT_EVERY
+    offline_step_ms: float | None = None  # None: from the profile (`default_offline_step_s`)
     max_offline_inflight: int = 32
     data_dir: str | None = None
     output_dir: str = "results"
@@ -77,12 +84,30 @@ class ServeConfig:
         if self.policy == "conserve" and not self.profile:
             raise ServeConfigError("the conserve policy sizes offline work with this machine's "
                                    "latency profile: drop --no-profile, or use --policy priority")
-        for name in ("ttft_slo_ms", "tbt_slo_ms", "quantum_ms"):
+        for name in ("ttft_slo_ms", "tbt_slo_ms", "quantum_ms", "offline_step_ms"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ServeConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         if not 0 <= self.slo_margin < 1:
             raise ServeConfigError(f"--slo-margin must be in [0, 1), got {self.slo_margin}")
+        self._check_layer_preemption()
+
+    @property
+    def preempts_layers(self) -> bool:
+        """Whether offline-only steps are cut short at layer safepoints by online arrivals."""
+        return self.policy == "conserve" if self.layer_preemption is None else self.layer_preemption
+
+    def _check_layer_preemption(self) -> None:
+        if self.layer_preemption and self.policy != "conserve":
+            raise ServeConfigError("--layer-preemption on needs --policy conserve")
+        if self.safepoint_every < 1:
+            raise ServeConfigError(f"--safepoint-every must be >= 1, got {self.safepoint_every}")
+        if self.preempts_layers and self.quantum_ms is not None:
+            raise ServeConfigError("--quantum-ms caps offline-only steps only with "
+                                   "--layer-preemption off; with it on, use --offline-step-ms")
+        if not self.preempts_layers and self.offline_step_ms is not None:
+            raise ServeConfigError("--offline-step-ms sizes offline-only steps only with "
+                                   "--layer-preemption on; with it off, use --quantum-ms")
 
 
 def vllm_cli_args(cfg: ServeConfig, engine_cfg: EngineConfig) -> list[str]:
@@ -92,6 +117,9 @@ def vllm_cli_args(cfg: ServeConfig, engine_cfg: EngineConfig) -> list[str]:
         if name == "model":
             continue
         flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):  # NOTE: vLLM's boolean flags: --x / --no-x
+            flags.append(flag if value else "--no-" + flag[2:])
+            continue
         flags += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
     flags += ["--host", cfg.host, "--port", str(cfg.port),
               "--served-model-name", cfg.model, "--disable-uvicorn-access-log"]
@@ -110,30 +138,57 @@ def serve(cfg: ServeConfig) -> None:
     engine_cfg = EngineConfig(model_path=model.path, model_name=model.name, **cfg.engine_overrides)
     engine_environment(engine_cfg)
     profile = load_or_measure_profile(cfg, engine_cfg) if cfg.profile else None
-    targets = resolve_targets(cfg, profile.model if profile else None)
+    targets = resolve_targets(cfg, profile.model if profile else None,
+                              engine_cfg.max_num_batched_tokens)
     log.warning("online targets: TTFT %.0f ms, TBT %.0f ms; offline steps: %.0f ms with online "
-                "work, %.0f ms without", targets.ttft_s * 1e3, targets.tbt_s * 1e3,
-                targets.mixed_budget_s * 1e3, targets.offline_budget_s * 1e3)
+                "work, %.0f ms without%s", targets.ttft_s * 1e3, targets.tbt_s * 1e3,
+                targets.mixed_budget_s * 1e3, targets.offline_budget_s * 1e3,
+                f" (cut at a safepoint every {cfg.safepoint_every} layers when online work "
+                "arrives)" if cfg.preempts_layers else "")
     if cfg.step_log:
         engine_cfg = with_conserve_config(engine_cfg, step_log=os.path.abspath(cfg.step_log))
     if cfg.policy == "conserve":
         engine_cfg = with_conserve_config(
             engine_cfg, policy=PolicyConfig(targets, profile.model).to_dict())
-    uvloop.run(_serve(cfg, engine_cfg, targets))
+    arrivals = ArrivalSignal.create_temporary() if cfg.preempts_layers else None
+    try:
+        if arrivals is not None:
+            engine_cfg = with_layer_preemption(engine_cfg, cfg.safepoint_every, arrivals)
+        uvloop.run(_serve(cfg, engine_cfg, targets, arrivals))
+    finally:
+        if arrivals is not None:
+            arrivals.remove()
 
 
-def resolve_targets(cfg: ServeConfig, model: LatencyModel | None) -> Targets:
+def with_layer_preemption(engine_cfg: EngineConfig, safepoint_every: int,
+                          arrivals: ArrivalSignal) -> EngineConfig:
+    """The engine config with `ConserveConnector` loaded, reading `arrivals`."""
+    from conserve_bench.engine.connector import ConnectorConfig
+
+    connector = ConnectorConfig(safepoint_every=safepoint_every, arrival_path=str(arrivals.path))
+    return replace(engine_cfg, **connector.engine_overrides())
+
+
+def resolve_targets(cfg: ServeConfig, model: LatencyModel | None,
+                    max_num_tokens: int) -> Targets:
     """The SLOs the server works to: the flags where given, else derived from the profile
-    (`policy.default_targets`), else FALLBACK_*_MS (no profile: policies other than conserve)."""
+    (`policy.default_targets`), else FALLBACK_*_MS (no profile: policies other than conserve).
+    With layer-wise preemption, offline-only steps are sized by `--offline-step-ms`, else by
+    throughput (`policy.default_offline_step_s`), instead of the quantum."""
     if model is not None:
         derived = default_targets(model, cfg.slo_margin)
         ttft_s, tbt_s = derived.ttft_s, derived.tbt_s
     else:
         ttft_s, tbt_s = FALLBACK_TTFT_MS / 1e3, FALLBACK_TBT_MS / 1e3
+    offline_step_s = None
+    if cfg.preempts_layers:
+        offline_step_s = (cfg.offline_step_ms / 1e3 if cfg.offline_step_ms
+                          else default_offline_step_s(model, max_num_tokens))
     return Targets(ttft_s=cfg.ttft_slo_ms / 1e3 if cfg.ttft_slo_ms else ttft_s,
                    tbt_s=cfg.tbt_slo_ms / 1e3 if cfg.tbt_slo_ms else tbt_s,
                    margin=cfg.slo_margin,
-                   quantum_s=cfg.quantum_ms / 1e3 if cfg.quantum_ms else None)
+                   quantum_s=cfg.quantum_ms / 1e3 if cfg.quantum_ms else None,
+                   offline_step_s=offline_step_s)
 
 
 def with_conserve_config(engine_cfg: EngineConfig, **entries: Any) -> EngineConfig:
@@ -168,7 +223,8 @@ def _describe_profile(profile) -> str:
     return ", ".join(f"{name}={value:.3g}" for name, value in coefficients.items())
 
 
-async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets) -> None:
+async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets,
+                 arrivals: ArrivalSignal | None) -> None:
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
     from vllm.entrypoints.launchers.app import build_app
@@ -194,7 +250,7 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets) -
         pump = OfflinePump(store, adapter, RunConfig(max_inflight=cfg.max_offline_inflight),
                            cfg.output_dir, on_progress=metrics.job_progress)
         # NOTE: vLLM's app has built its middleware stack already; ours wraps it from outside.
-        asgi_app = OnlinePriorityMiddleware(app, metrics)
+        asgi_app = OnlinePriorityMiddleware(app, metrics, arrivals)
         server = DrainingServer(uvicorn.Config(asgi_app, host=cfg.host, port=cfg.port,
                                                 log_level="warning", timeout_graceful_shutdown=30))
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -224,14 +280,17 @@ def _on_stop_signal(server, pump) -> None:
 
 
 class OnlinePriorityMiddleware:
-    """Forces priority 0 on online routes and times TTFT/TBT of their streamed responses."""
+    """Forces priority 0 on online routes, times TTFT/TBT of their streamed responses, and
+    stamps each online arrival on `arrivals` (layer-wise preemption)."""
 
-    def __init__(self, app, metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics, arrivals: ArrivalSignal | None = None):
+        self.app, self.metrics, self.arrivals = app, metrics, arrivals
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] not in ONLINE_ROUTES:
             return await self.app(scope, receive, send)
+        if self.arrivals is not None:
+            self.arrivals.stamp()  # NOTE: first thing: the engine may cut an offline step now
         body = await _read_body(receive)
         streaming = False
         try:
