@@ -317,3 +317,50 @@ def test_steps_with_online_work_are_not_armed():
     output = SimpleNamespace(num_scheduled_tokens={"x": 1})
     preemption.after_schedule(output, planned_at_ns=0, offline_only=False)
     assert preemption.armed_step(output) is None
+
+
+# -- serve's configuration ------------------------------------------------------------------------
+
+
+def test_serve_turns_layer_preemption_on_under_conserve_only():
+    from conserve_bench.serve.server import ServeConfig, ServeConfigError
+
+    assert ServeConfig().preempts_layers
+    assert not ServeConfig(policy="priority").preempts_layers
+    assert not ServeConfig(layer_preemption=False).preempts_layers
+    for kwargs, message in (({"policy": "priority", "layer_preemption": True}, "needs --policy conserve"),
+                            ({"quantum_ms": 50.0}, "--quantum-ms caps offline-only steps only with"),
+                            ({"layer_preemption": False, "offline_step_ms": 300.0}, "--offline-step-ms sizes"),
+                            ({"offline_step_ms": -1.0}, "--offline-step-ms must be > 0"),
+                            ({"safepoint_every": 0}, "--safepoint-every must be >= 1")):
+        with pytest.raises(ServeConfigError, match=message):
+            ServeConfig(**kwargs)
+
+
+def test_serve_sizes_offline_steps_for_throughput_with_preemption_and_by_the_quantum_without():
+    from conserve_bench.serve.server import ServeConfig, resolve_targets
+
+    on = resolve_targets(ServeConfig(ttft_slo_ms=1000.0), MODEL, 4096)
+    assert on.offline_budget_s == pytest.approx(default_offline_step_s(MODEL, 4096))
+    assert resolve_targets(ServeConfig(offline_step_ms=700.0), MODEL, 4096).offline_budget_s == 0.7
+    off = resolve_targets(ServeConfig(ttft_slo_ms=1000.0, layer_preemption=False), MODEL, 4096)
+    assert off.offline_step_s is None and off.offline_budget_s == pytest.approx(0.25)
+
+
+def test_serve_starts_vllm_with_the_connector_worker_and_no_async_scheduling(tmp_path):
+    """The flags `serve` gives vLLM's own argument parser load the connector as configured."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from conserve_bench.config import EngineConfig
+    from conserve_bench.engine.connector import WORKER_CLS
+    from conserve_bench.serve.server import ServeConfig, vllm_cli_args, with_layer_preemption
+
+    signal = ArrivalSignal(SharedInt.create(tmp_path / "a.bin").path)
+    engine_cfg = with_layer_preemption(EngineConfig(model_path="m", model_name="m"), 2, signal)
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(
+        ["--model", *vllm_cli_args(ServeConfig(), engine_cfg)])
+    assert args.async_scheduling is False and args.worker_cls == WORKER_CLS
+    extra = args.kv_transfer_config.kv_connector_extra_config["conserve"]
+    assert extra == {"safepoint_every": 2, "arrival_path": str(signal.path), "test_abort_path": None}
+    assert args.kv_transfer_config.kv_connector_module_path == "conserve_bench.engine.connector"

@@ -72,8 +72,20 @@ class StepRecord:
     aborted: bool = False  # abandoned at a layer safepoint: its tokens were discarded
     abort_layer: int | None = None  # attention layers it had completed
     arrival_to_abort_ms: float | None = None  # from the online arrival to the abort
+    arrival_ns: int | None = None  # which arrival cut it (the server's monotonic clock)
     layer_group_ms: float | None = None  # the layer group that ended at the safepoint
     online_queue_ms: tuple[float, ...] = ()  # per online request it scheduled first
+
+    @classmethod
+    def from_log(cls, sample, notes: dict[str, Any], started_at: float) -> StepRecord:
+        """A step of the server's step log (`steplog.read_step_log_with_notes`), timed from
+        `started_at` (Unix time)."""
+        return cls(notes["end_at"] - started_at, sample.step_s, sample.shape.num_tokens,
+                   notes.get("offline_tokens", 0), notes.get("predicted_s"),
+                   aborted=bool(notes.get("aborted")), abort_layer=notes.get("abort_layer"),
+                   arrival_to_abort_ms=notes.get("arrival_to_abort_ms"),
+                   arrival_ns=notes.get("arrival_ns"), layer_group_ms=notes.get("layer_group_ms"),
+                   online_queue_ms=tuple(notes.get("online_queue_ms", ())))
 
     @property
     def kind(self) -> str:
@@ -190,16 +202,25 @@ def _inside(steps: tuple[StepRecord, ...], window_s: float) -> list[tuple[StepRe
 
 
 def summarize_preemptions(steps: tuple[StepRecord, ...], window_s: float) -> dict[str, Any] | None:
-    """The steps abandoned at a layer safepoint in the window (None without a step log)."""
+    """The steps abandoned at a layer safepoint in the window (None without a step log).
+
+    `arrival_to_abort_ms` counts the first step each arrival cut: a step planned before its
+    request reached the scheduler is cut again at its first safepoint, and that wait is the
+    front end's hand-off, not the safepoint's.
+    """
     inside = _inside(steps, window_s)
     if not inside:
         return None
     aborted = [s for s, _ in inside if s.aborted]
     layers = [s.abort_layer for s in aborted if s.abort_layer is not None]
+    first_cuts = {}
+    for step in sorted(aborted, key=lambda s: s.end_s):
+        if step.arrival_to_abort_ms is not None:
+            first_cuts.setdefault(step.arrival_ns, step.arrival_to_abort_ms)
     return {
         "num_preemptions": len(aborted),
-        "arrival_to_abort_ms": percentiles([s.arrival_to_abort_ms for s in aborted
-                                            if s.arrival_to_abort_ms is not None], (50, 99)),
+        "num_arrivals": len(first_cuts),
+        "arrival_to_abort_ms": percentiles(first_cuts.values(), (50, 99)),
         "layer_group_ms": percentiles([s.layer_group_ms for s in aborted
                                        if s.layer_group_ms is not None], (50, 99)),
         "abort_layer": {**percentiles(layers, (50,)), "min": min(layers, default=None),

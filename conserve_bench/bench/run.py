@@ -222,18 +222,9 @@ def _with_steps(phase: PhaseResult, phase_dir: Path) -> PhaseResult:
     """The phase with its server's engine steps, timed from the phase's t=0."""
     if phase.started_at is None:
         return phase
-    records = tuple(_step_record(sample, notes, phase.started_at)
+    records = tuple(StepRecord.from_log(sample, notes, phase.started_at)
                     for sample, notes in read_step_log_with_notes(phase_dir / STEP_LOG))  # none: no log
     return replace(phase, steps=records)
-
-
-def _step_record(sample, notes: dict[str, Any], started_at: float) -> StepRecord:
-    return StepRecord(notes["end_at"] - started_at, sample.step_s, sample.shape.num_tokens,
-                      notes.get("offline_tokens", 0), notes.get("predicted_s"),
-                      aborted=bool(notes.get("aborted")), abort_layer=notes.get("abort_layer"),
-                      arrival_to_abort_ms=notes.get("arrival_to_abort_ms"),
-                      layer_group_ms=notes.get("layer_group_ms"),
-                      online_queue_ms=tuple(notes.get("online_queue_ms", ())))
 
 
 def _measure(cfg: BenchConfig, label: str, policy: str, url: str, phase_dir: Path, requests,

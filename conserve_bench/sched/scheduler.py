@@ -245,7 +245,8 @@ def _abort_notes(report: AbortReport) -> dict[str, Any]:
     to_abort_s = report.arrival_to_abort_s
     return {"aborted": True, "abort_layer": report.layer, "num_layers": report.num_layers,
             "layer_group_ms": round(report.layer_group_s * 1e3, 3),
-            "arrival_to_abort_ms": None if to_abort_s is None else round(to_abort_s * 1e3, 3)}
+            "arrival_to_abort_ms": None if to_abort_s is None else round(to_abort_s * 1e3, 3),
+            "arrival_ns": report.arrival_ns or None}
 
 
 def _plan_notes(plan: StepPlan | None) -> dict[str, Any]:
