@@ -12,6 +12,8 @@ from __future__ import annotations
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import pytest
 
@@ -22,7 +24,8 @@ from conserve_bench.sched.steplog import read_step_log_with_notes
 pytestmark = pytest.mark.engine
 
 CUT_AT_LAYER = 8
-MAX_STEPS = 400  # NOTE: a step that never completes (a hang) fails instead of blocking
+MAX_STEPS = 400
+STEP_TIMEOUT_S = 180  # NOTE: a hang fails the test instead of blocking it (steps take seconds)
 LOGPROB_TOLERANCE = 1e-3
 
 
@@ -45,11 +48,19 @@ class Preemptible:
 
     def _drain(self, request_ids) -> list:
         llm_engine, done = self.engine.llm.llm_engine, {}
-        for _ in range(MAX_STEPS):
-            if not llm_engine.has_unfinished_requests():
-                return [done[r] for r in request_ids]
-            done.update((o.request_id, o) for o in llm_engine.step() if o.finished)
-        pytest.fail(f"requests still unfinished after {MAX_STEPS} steps")
+        pool = ThreadPoolExecutor(1)
+        try:
+            for _ in range(MAX_STEPS):
+                if not llm_engine.has_unfinished_requests():
+                    return [done[r] for r in request_ids]
+                try:  # NOTE: a request that can never be scheduled again blocks step() for good
+                    outputs = pool.submit(llm_engine.step).result(timeout=STEP_TIMEOUT_S)
+                except FutureTimeout:
+                    pytest.fail(f"no engine output for {STEP_TIMEOUT_S} s: the engine hangs")
+                done.update((o.request_id, o) for o in outputs if o.finished)
+            pytest.fail(f"requests still unfinished after {MAX_STEPS} steps")
+        finally:
+            pool.shutdown(wait=False)
 
     def steps(self):
         return read_step_log_with_notes(self.step_log)

@@ -20,7 +20,8 @@ attention layer while metadata is bound, at run time: the attention op is a cust
 to torch.compile), `SchedulerOutput.kv_connector_metadata`, `VllmConfig` (`scheduler_config.
 async_scheduling`, `.scheduler_cls`, `speculative_config`, `parallel_config.tensor_parallel_size`,
 `.pipeline_parallel_size`, `.worker_cls`, `use_v2_model_runner`), `KVCacheConfig.kv_cache_groups`
-(`layer_names`, `kv_cache_spec`), `FullAttentionSpec`, `vllm.platforms.current_platform`.
+(`layer_names`, `kv_cache_spec`), `FullAttentionSpec`, `MLAAttentionSpec`,
+`vllm.platforms.current_platform` (`is_cpu`, `is_cuda_alike`), `torch.cuda.Event(blocking=)`.
 """
 
 from __future__ import annotations
@@ -260,6 +261,8 @@ class ConserveConnector(KVConnectorBase_V1):
         self.safepoints.after_layer()
 
     def wait_for_save(self) -> None:
+        # NOTE: vLLM calls this for an abandoned step too (from a `finally`): anything saved
+        # here (incremental checkpoints) must skip a step whose `safepoints.report` is set.
         self.safepoints.end()
 
     def build_connector_worker_meta(self) -> AbortReport | None:

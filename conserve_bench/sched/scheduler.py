@@ -118,7 +118,10 @@ class ConserveScheduler(Scheduler):
     def _abandoned(self, scheduler_output: SchedulerOutput, model_runner_output: Any,
                    report: AbortReport) -> dict[int, Any]:
         """Roll back a step the worker abandoned; vLLM then sees it with no tokens scheduled."""
-        self._preemption.undo(self._preemption.armed_step(scheduler_output))
+        step = self._preemption.armed_step(scheduler_output)
+        if step is None:  # NOTE: the worker only abandons steps whose metadata armed them
+            raise RuntimeError(f"the worker abandoned step {report.step_index}, which was not armed")
+        self._preemption.undo(step)
         if self._recorder is not None:
             self._recorder.executed(scheduler_output, _abort_notes(report))
         # NOTE: with no tokens scheduled vLLM's own bookkeeping (connector output, stats, KV
