@@ -364,3 +364,24 @@ def test_serve_starts_vllm_with_the_connector_worker_and_no_async_scheduling(tmp
     extra = args.kv_transfer_config.kv_connector_extra_config["conserve"]
     assert extra == {"safepoint_every": 2, "arrival_path": str(signal.path), "test_abort_path": None}
     assert args.kv_transfer_config.kv_connector_module_path == "conserve_bench.engine.connector"
+
+
+# -- the step log ---------------------------------------------------------------------------------
+
+
+def test_an_abandoned_step_is_logged_but_never_fitted_on(tmp_path):
+    from conserve_bench.sched.steplog import (ScheduledRequest, StepLogWriter, StepRecorder,
+                                              read_step_log, read_step_log_with_notes)
+
+    ticks = iter([0.0, 0.5, 1.0, 1.1])
+    recorder = StepRecorder(StepLogWriter(tmp_path / "steps.jsonl"), clock=lambda: next(ticks),
+                            wall_clock=lambda: 1795e6)
+    for aborted in (False, True):
+        step = object()
+        recorder.scheduled(step, [ScheduledRequest(256, 0, 512)], {"offline_tokens": 256})
+        recorder.executed(step, {"aborted": True, "abort_layer": 8} if aborted else None)
+    samples, _ = read_step_log(tmp_path / "steps.jsonl")
+    assert [s.step_s for s in samples] == [0.5]  # the complete step only
+    logged = read_step_log_with_notes(tmp_path / "steps.jsonl")
+    assert logged[1][1] == {"end_at": 1795e6, "offline_tokens": 256, "aborted": True, "abort_layer": 8}
+    assert logged[1][0].step_s == pytest.approx(0.1)
