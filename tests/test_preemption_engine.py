@@ -21,7 +21,7 @@ from conserve_bench.engine.arrivals import ArrivalSignal, SharedInt
 from conserve_bench.engine.local import OFFLINE_PRIORITY
 from conserve_bench.sched.steplog import read_step_log_with_notes
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.slow]  # its own engine: the connector loaded
 
 CUT_AT_LAYER = 8
 MAX_STEPS = 400

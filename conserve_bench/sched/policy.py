@@ -5,7 +5,8 @@ Online work is planned first, as vLLM would plan it alone except that a long onl
 chunked while online decodes wait on the step; offline work then takes only what the latency
 model says fits: the TBT target minus a margin while online work is present, a preemption
 quantum while it is not (or, with layer-wise preemption, a step sized for throughput). Pure
-functions: this module must never import vLLM or torch, or read a clock. `scheduler.ConserveScheduler` builds the inputs and applies the plan.
+functions: this module must never import vLLM or torch, or read a clock.
+`scheduler.ConserveScheduler` builds the inputs and applies the plan.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ class ConserveScheduler(Scheduler):
     `vllm.v1.core.sched.output.SchedulerOutput.num_scheduled_tokens`, `Request`
     (`request_id`, `priority`, `arrival_time`, `num_computed_tokens`, `num_prompt_tokens`,
     `num_tokens_with_spec`, `num_output_placeholders`, `next_decode_eligible_step`,
-    `sampling_params.prompt_logprobs`, `arrival_time` (wall clock, set by the front end)),
+    `sampling_params.prompt_logprobs`; `arrival_time` is the front end's wall clock),
     `VllmConfig.additional_config`, `Scheduler.connector`, `add_request(request)`,
     `SchedulerOutput.scheduled_new_reqs` (`req_id`), `ModelRunnerOutput.kv_connector_output.
     kv_connector_worker_meta`, and `EngineCore.step` calling `schedule()` then
