@@ -26,6 +26,7 @@ from conserve_bench.serve.client import JobClient
 from conserve_bench.errors import ConserveError, JobStateError
 from conserve_bench.engine.models import resolve_model
 from conserve_bench.output import Phases, out
+from conserve_bench.sched.policy import SAFEPOINT_EVERY
 from conserve_bench.store import JobState, Store
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -177,9 +178,12 @@ def serve(
     ttft_slo_ms: Annotated[Optional[float], typer.Option("--ttft-slo-ms", help="Online TTFT target; given (or --tbt-slo-ms), conserve spends it on offline work [default: counted only, 2x a 1024-token prefill, from the profile].")] = None,
     tbt_slo_ms: Annotated[Optional[float], typer.Option("--tbt-slo-ms", help="Online TBT target; given, conserve fills steps up to it [default: counted only, 5x a decode step, from the profile].")] = None,
     slo_margin: Annotated[float, typer.Option("--slo-margin", help="conserve with SLOs: offline work fills steps up to (1 - margin) x the TBT target.")] = 0.1,
-    quantum_ms: Annotated[Optional[float], typer.Option("--quantum-ms", help="conserve: longest offline-only step [default: the slowdown share of the 90th-percentile online prompt's prefill; with SLOs, 25% of the TTFT target].")] = None,
+    quantum_ms: Annotated[Optional[float], typer.Option("--quantum-ms", help="conserve with --layer-preemption off: longest offline-only step [default: the slowdown share of the 90th-percentile online prompt's prefill; with SLOs, 25% of the TTFT target].")] = None,
     max_slowdown: Annotated[Optional[float], typer.Option("--max-slowdown", help="conserve without SLOs: the share offline work may add to online steps [default: derived from 1.25x and the profile's error, about 0.2].")] = None,
     refit: Annotated[bool, typer.Option("--refit/--no-refit", help="conserve: plan with the latency model refitted from live steps while it predicts them better.")] = True,
+    layer_preemption: Annotated[Optional[str], typer.Option("--layer-preemption", help="on | off: an online arrival cuts an offline-only step short at the next layer safepoint [default: on under conserve].")] = None,
+    safepoint_every: Annotated[int, typer.Option("--safepoint-every", min=1, help="With layer preemption: a safepoint every k decoder layers.")] = SAFEPOINT_EVERY,
+    offline_step_ms: Annotated[Optional[float], typer.Option("--offline-step-ms", help="With layer preemption: offline-only step length [default: the smallest step within 5% of peak offline tokens/s, from the profile].")] = None,
     max_offline_inflight: Annotated[int, typer.Option("--max-offline-inflight", min=1, help="Offline items in flight.")] = 32,
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Local MMLU CSV folder for jobs.")] = None,
     output: OutputOpt = "results",
@@ -193,7 +197,9 @@ def serve(
     cfg = ServeConfig(model=model, host=host, port=port, db_url=db or default_db_url(), policy=policy,
                       api_key=api_key, ttft_slo_ms=ttft_slo_ms, tbt_slo_ms=tbt_slo_ms,
                       slo_margin=slo_margin, quantum_ms=quantum_ms, max_slowdown=max_slowdown,
-                      refit=refit, max_offline_inflight=max_offline_inflight,
+                      refit=refit, layer_preemption=_on_off("--layer-preemption", layer_preemption),
+                      safepoint_every=safepoint_every, offline_step_ms=offline_step_ms,
+                      max_offline_inflight=max_offline_inflight,
                       data_dir=os.path.abspath(data_dir) if data_dir else None, output_dir=output,
                       profile=profile, step_log=step_log)
     _store(cfg.db_url)  # a bad --db fails here, before the engine starts
@@ -271,7 +277,7 @@ def lm_eval_command(ctx: typer.Context):
 @app.command()
 def bench(
     trace: Annotated[Optional[str], typer.Option(help="Azure LLM 2023 trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens).")] = None,
-    policies: Annotated[str, typer.Option(help="Comma-separated, run one after another on fresh servers.")] = "online-only,priority,conserve",
+    policies: Annotated[str, typer.Option(help="Comma-separated, run one after another on fresh servers; POLICY:FLAGS runs a policy with its own serve flags, e.g. conserve,conserve:--layer-preemption=off.")] = "online-only,priority,conserve",
     rate: Annotated[Optional[float], typer.Option(help="Online requests/s.")] = None,
     load: Annotated[Optional[float], typer.Option(help="Online rate as a fraction of the measured capacity (0.5 unless --rate).")] = None,
     arrivals: Annotated[str, typer.Option(help="trace (its timestamps, rescaled) | gamma (Gamma process)")] = "trace",
@@ -308,8 +314,9 @@ def bench(
     Example: bench --trace ../shared/data/traces/azure_llm_2023_conv.csv --data-dir ../shared/data/mmlu
     """
     from conserve_bench.bench.run import BenchConfig, run_bench
-    from conserve_bench.bench.report import (GOAL_COLUMNS, STEP_COLUMNS, TABLE_COLUMNS, goal_rows,
-                                            step_rows, table_rows)
+    from conserve_bench.bench.report import (GOAL_COLUMNS, PREEMPTION_COLUMNS, STEP_COLUMNS,
+                                             TABLE_COLUMNS, goal_rows, preemption_rows,
+                                             step_rows, table_rows)
 
     data_dir = data_dir or default_data_dir()
     cfg = BenchConfig(
@@ -334,7 +341,9 @@ def bench(
         return
     for columns, rows, title in ((TABLE_COLUMNS, table_rows(report), report["config"]["workload"]),
                                  (GOAL_COLUMNS, goal_rows(report), report["goal"]),
-                                 (STEP_COLUMNS, step_rows(report), "engine steps in the window")):
+                                 (STEP_COLUMNS, step_rows(report), "engine steps in the window"),
+                                 (PREEMPTION_COLUMNS, preemption_rows(report),
+                                  "layer-wise preemption and the server-side online queue")):
         table = Table(*columns, title=title)
         for row in rows:
             table.add_row(*row)
@@ -343,6 +352,14 @@ def bench(
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+def _on_off(flag: str, value: str | None) -> bool | None:
+    if value is None:
+        return None
+    if value not in ("on", "off"):
+        raise typer.BadParameter(f"{flag} takes on or off, not {value!r}")
+    return value == "on"
 
 
 def _spec(tasks: str, model: str, limit, num_fewshot, data_dir) -> JobSpec:

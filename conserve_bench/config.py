@@ -83,6 +83,9 @@ class EngineConfig:
     enforce_eager: bool | None = None  # None: the platform's default (see engine_args)
     scheduler_cls: str | None = None  # "module.Class" of a vLLM scheduler subclass
     additional_config: dict[str, Any] = field(default_factory=dict)  # vLLM's plug-in config
+    worker_cls: str | None = None  # "module.Class" of a vLLM worker subclass
+    kv_transfer_config: dict[str, Any] | None = None  # loads a KV connector (ours: engine.connector)
+    async_scheduling: bool | None = None  # None: vLLM decides
 
     def fingerprint(self, max_model_len: int) -> str:
         """What, besides the request itself, decides a result: the model, its numerics and

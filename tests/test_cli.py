@@ -60,6 +60,9 @@ def test_bad_input_is_one_line_and_keeps_progress(db, data_dir, args, words):
     (["serve", "--quantum-ms", "-5"], ["preemption quantum", "-5 ms"]),
     (["serve", "--slo-margin", "1.5"], ["SLO margin", "1.5"]),
     (["serve", "--max-slowdown", "0.3", "--tbt-slo-ms", "100"], ["--max-slowdown", "SLO"]),
+    (["serve", "--layer-preemption", "maybe"], ["--layer-preemption", "on or off"]),
+    (["serve", "--quantum-ms", "50"], ["--quantum-ms", "--layer-preemption off"]),
+    (["serve", "--policy", "priority", "--layer-preemption", "on"], ["--policy conserve"]),
 ])
 def test_usage_errors_are_one_line(args, words):
     assert_one_line_error(cli(*args), *words)

@@ -89,6 +89,10 @@ def test_online_completion_while_a_job_runs_and_job_matches_embedded(server, eng
     assert all(0 < s["offline_tokens"] < num_tokens(s) for s in steps if s["kind"] == "mixed")
     assert all(s["offline_tokens"] == 0 for s in steps if s["kind"] == "online")
     assert [s["end_at"] for s in steps] == sorted(s["end_at"] for s in steps)
+    # Layer-wise preemption (on under conserve) cut offline-only steps alone, and the scores
+    # above are unchanged; each online request is logged once, with its server-side queue.
+    assert all(s["kind"] == "offline" for s in steps if s.get("aborted"))
+    assert sum(len(s.get("online_queue_ms", ())) for s in steps) == 2
 
 
 def test_cli_talks_to_the_server(server):

@@ -8,7 +8,9 @@ SLO attainment: the share of online requests that completed all their tokens wit
 within the TTFT SLO and every gap between tokens within the TBT SLO. The slack: what the
 engine could harvest beside online work alone, offline-only tokens/s x the share of the window
 `online-only`'s engine was idle (from its step log). Conserve's goal (`GOAL`): attainment within
-5% of online-only's while harvesting what the slack allows.
+5% of online-only's while harvesting what the slack allows. Also from the server's step log:
+layer-wise preemptions (steps abandoned at a safepoint) and how long online requests queued in
+the server before a step first scheduled them.
 """
 
 from __future__ import annotations
@@ -76,6 +78,24 @@ class StepRecord:
     predicted_s: float | None = None  # the ConServe plan's prediction (conserve only)
     profile_predicted_s: float | None = None  # the profile's model on the same step
     refit_predicted_s: float | None = None  # the latest live refit's (once there is one)
+    aborted: bool = False  # abandoned at a layer safepoint: its tokens were discarded
+    abort_layer: int | None = None  # attention layers it had completed
+    arrival_to_abort_ms: float | None = None  # from the online arrival to the abort
+    arrival_ns: int | None = None  # which arrival cut it (the server's monotonic clock)
+    layer_group_ms: float | None = None  # the layer group that ended at the safepoint
+    online_queue_ms: tuple[float, ...] = ()  # per online request it scheduled first
+
+    @classmethod
+    def from_log(cls, sample, notes: dict[str, Any], started_at: float) -> StepRecord:
+        """A step of the server's step log (`steplog.read_step_log_with_notes`), timed from
+        `started_at` (Unix time)."""
+        return cls(notes["end_at"] - started_at, sample.step_s, sample.shape.num_tokens,
+                   notes.get("offline_tokens", 0), notes.get("predicted_s"),
+                   profile_predicted_s=notes.get("profile_predicted_s"),
+                   refit_predicted_s=notes.get("refit_predicted_s"), aborted=bool(notes.get("aborted")), abort_layer=notes.get("abort_layer"),
+                   arrival_to_abort_ms=notes.get("arrival_to_abort_ms"),
+                   arrival_ns=notes.get("arrival_ns"), layer_group_ms=notes.get("layer_group_ms"),
+                   online_queue_ms=tuple(notes.get("online_queue_ms", ())))
 
     @property
     def kind(self) -> str:
@@ -157,12 +177,11 @@ def summarize_steps(steps: tuple[StepRecord, ...], window_s: float) -> dict[str,
 
     Each step counts by the share of it that ran inside the window, so a long step that
     straddles an edge counts in part: `offline_computed_tokens_per_s` is the offline tokens
-    the engine computed, a finer measure than the completions behind `offline_tokens_per_s`
-    (it also counts work that a preemption later threw away).
+    the engine computed in steps that ran to the end, a finer measure than the completions
+    behind `offline_tokens_per_s` (it also counts work that a preemption later threw away).
     """
-    inside = [(s, s.overlap_s(window_s) / s.step_s) for s in steps if s.step_s > 0]
-    inside = [(s, share) for s, share in inside if share > 0]
-    if not inside or window_s <= 0:
+    inside = _inside(steps, window_s)
+    if not inside:
         return None
     def busy_pct(pairs) -> float:
         return 100 * sum(s.step_s * share for s, share in pairs) / window_s
@@ -178,7 +197,7 @@ def summarize_steps(steps: tuple[StepRecord, ...], window_s: float) -> dict[str,
         "num_steps": len(inside),
         "busy_pct": busy_pct(inside),
         "offline_computed_tokens_per_s":
-            sum(s.num_offline_tokens * share for s, share in inside) / window_s,
+            sum(s.num_offline_tokens * share for s, share in inside if not s.aborted) / window_s,
         "by_kind": by_kind,
         "prediction_rel_error": percentiles(predicted) if predicted else None,
         "model_rel_error": _model_errors([s for s, _ in inside]),
@@ -198,6 +217,51 @@ def _model_errors(steps: list[StepRecord]) -> dict[str, Any] | None:
             "refit": rel("refit_predicted_s")}
 
 
+def _inside(steps: tuple[StepRecord, ...], window_s: float) -> list[tuple[StepRecord, float]]:
+    """(step, share of it inside [0, window_s]) for the steps that ran in the window."""
+    if window_s <= 0:
+        return []
+    shares = [(s, s.overlap_s(window_s) / s.step_s) for s in steps if s.step_s > 0]
+    return [(s, share) for s, share in shares if share > 0]
+
+
+def summarize_preemptions(steps: tuple[StepRecord, ...], window_s: float) -> dict[str, Any] | None:
+    """The steps abandoned at a layer safepoint in the window (None without a step log).
+
+    `arrival_to_abort_ms` counts the first step each arrival cut: a step planned before its
+    request reached the scheduler is cut again at its first safepoint, and that wait is the
+    front end's hand-off, not the safepoint's.
+    """
+    inside = _inside(steps, window_s)
+    if not inside:
+        return None
+    aborted = [s for s, _ in inside if s.aborted]
+    layers = [s.abort_layer for s in aborted if s.abort_layer is not None]
+    first_cuts = {}
+    for step in sorted(aborted, key=lambda s: s.end_s):
+        if step.arrival_to_abort_ms is not None:
+            first_cuts.setdefault(step.arrival_ns, step.arrival_to_abort_ms)
+    return {
+        "num_preemptions": len(aborted),
+        "num_arrivals": len(first_cuts),
+        "arrival_to_abort_ms": percentiles(first_cuts.values(), (50, 99)),
+        "layer_group_ms": percentiles([s.layer_group_ms for s in aborted
+                                       if s.layer_group_ms is not None], (50, 99)),
+        "abort_layer": {**percentiles(layers, (50,)), "min": min(layers, default=None),
+                        "max": max(layers, default=None)},
+        "offline_tokens_discarded": sum(s.num_offline_tokens for s in aborted),
+    }
+
+
+def summarize_online_queue(steps: tuple[StepRecord, ...], window_s: float) -> dict[str, Any] | None:
+    """Server side, per online request first scheduled in the window: from its arrival at the
+    server to the first step that scheduled it (None without a step log)."""
+    inside = _inside(steps, window_s)
+    if not inside:
+        return None
+    return percentiles([wait for s, _ in inside for wait in s.online_queue_ms], (50, 99))
+
+
 def summarize_phase(phase: PhaseResult, ttft_slo_s: float, tbt_slo_s: float,
                     offline_only_tokens_per_s: float | None) -> dict[str, Any]:
     tokens, items = offline_totals(phase)
@@ -205,6 +269,8 @@ def summarize_phase(phase: PhaseResult, ttft_slo_s: float, tbt_slo_s: float,
     return {
         **summarize_online(phase.records, ttft_slo_s, tbt_slo_s),
         "steps": summarize_steps(phase.steps, phase.window_s),
+        "preemptions": summarize_preemptions(phase.steps, phase.window_s),
+        "online_queue_ms": summarize_online_queue(phase.steps, phase.window_s),
         "offline_tokens_per_s": tokens_per_s,
         "offline_items_per_s": items / phase.window_s if phase.window_s > 0 else 0.0,
         "offline_pct_of_offline_only": _ratio(tokens_per_s, offline_only_tokens_per_s, 100.0),
@@ -348,6 +414,26 @@ def step_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+PREEMPTION_COLUMNS = ("policy", "preemptions", "arrival to abort p50/p99 ms",
+                      "layer group p50/p99 ms", "layer reached p50 (min-max)",
+                      "offline tokens discarded", "online queue p50/p99 ms")
+
+
+def preemption_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Per policy with a step log: layer-wise preemptions and the server-side online queue."""
+    rows = []
+    for policy, s in report["policies"].items():
+        p, queue = s.get("preemptions"), s.get("online_queue_ms")
+        if not p:
+            continue
+        layer = p["abort_layer"]
+        rows.append((policy, str(p["num_preemptions"]), _pair(p["arrival_to_abort_ms"]),
+                     _pair(p["layer_group_ms"]),
+                     "-" if layer["p50"] is None else f"{layer['p50']:.0f} ({layer['min']}-{layer['max']})",
+                     str(p["offline_tokens_discarded"]), _pair(queue) if queue else "-"))
+    return rows
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     cfg, off = report["config"], report["offline_only"]
     lines = [f"# conserve-bench bench ({cfg.get('started_at', '')})", "",
@@ -366,6 +452,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "Engine steps in the window (server step logs; a step counts by its share "
                   "inside the window):", ""]
         lines += _md_table(STEP_COLUMNS, rows)
+    if rows := preemption_rows(report):
+        lines += ["", "Layer-wise preemption and the server-side online queue (step logs):", ""]
+        lines += _md_table(PREEMPTION_COLUMNS, rows)
     lines += ["", "![latency CDFs](latency_cdf.png)", "", "![offline throughput](offline_throughput.png)", ""]
     return "\n".join(lines)
 
@@ -377,6 +466,10 @@ def _md_table(header, rows) -> list[str]:
 
 def _triple(values: dict[str, float | None]) -> str:
     return "/".join(_num(values[f"p{p}"], 1, 0) for p in PERCENTILES)
+
+
+def _pair(values: dict[str, float | None]) -> str:
+    return f"{_num(values['p50'], 1, 1)}/{_num(values['p99'], 1, 1)}"
 
 
 def _num(value, scale: float, digits: int) -> str:

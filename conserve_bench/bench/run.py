@@ -3,10 +3,11 @@
 Phases, each on a freshly started server with its own fresh SQLite store (so no phase reuses
 another's finished offline items): (1) online capacity, measured closed-loop, when the rate is
 given as `load`; then the offline job alone for the window (the offline-only baseline);
-(2) per policy: the eval job submitted at t=0, the online workload replayed, the server's
-offline counters sampled. SLOs not given are derived from this machine's latency profile by
-`serve`'s own rule (`server.slo_targets`), and each `serve` then derives them itself (so
-`conserve` runs its bounded default). Then `report` builds the report and `plots` draws it.
+(2) per `--policies` entry (a policy, with its own `serve` flags if given: `PolicyRun`): the
+eval job submitted at t=0, the online workload replayed, the server's offline counters
+sampled. SLOs not given are derived from this machine's latency profile by `serve`'s own rule
+(`server.slo_targets`), and each `serve` then derives them itself (so `conserve` runs its
+bounded default). Then `report` builds the report and `plots` draws it.
 This module does the I/O and the timing; it computes no statistic itself.
 """
 
@@ -16,6 +17,8 @@ import asyncio
 import contextlib
 import json
 import math
+import re
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -42,6 +45,34 @@ NoteFn = Callable[[str], None]  # a line for the user
 
 class BenchConfigError(ConserveError):
     pass
+
+
+@dataclass(frozen=True)
+class PolicyRun:
+    """One `--policies` entry: `POLICY`, or `POLICY:FLAGS` to run it with its own `serve`
+    flags (space-separated, after every `--serve-arg`), so one policy can run twice side by
+    side: "conserve,conserve:--layer-preemption=off". The entry as written is its label."""
+
+    label: str
+    policy: str
+    serve_args: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, entry: str) -> PolicyRun:
+        policy, _, flags = entry.partition(":")
+        run = cls(entry.strip(), policy.strip(), tuple(shlex.split(flags)))
+        if run.policy not in POLICIES:
+            raise BenchConfigError(f"unknown policy {run.policy!r} in --policies entry {entry!r}: "
+                                   f"use {', '.join(POLICIES)}")
+        if run.serve_args[:1] and not run.serve_args[0].startswith("--"):
+            raise BenchConfigError(f"--policies entry {entry!r}: after ':' come `serve` flags "
+                                   "such as --layer-preemption=off")
+        return run
+
+    @property
+    def folder(self) -> str:
+        """The phase's folder name: the label, filesystem-safe."""
+        return re.sub(r"[^A-Za-z0-9._=-]+", "_", self.label)
 
 
 @dataclass(frozen=True)
@@ -81,9 +112,13 @@ class BenchConfig:
     serve_args: tuple[str, ...] = ()  # passed through to every `serve`
 
     def __post_init__(self):
-        unknown = [p for p in self.policies if p not in POLICIES]
-        if unknown or not self.policies:
-            raise BenchConfigError(f"unknown policy {','.join(unknown)!r}: use {', '.join(POLICIES)}")
+        if not self.policies:
+            raise BenchConfigError(f"--policies is empty: use {', '.join(POLICIES)}")
+        labels = [run.label for run in self.policy_runs]
+        if len(set(labels)) < len(labels):
+            raise BenchConfigError(f"--policies names an entry twice: {','.join(self.policies)}")
+        if self.server and any(run.serve_args for run in self.policy_runs):
+            raise BenchConfigError("with --server, a --policies entry cannot carry `serve` flags")
         if self.arrivals not in ARRIVALS:
             raise BenchConfigError(f"--arrivals must be one of {', '.join(ARRIVALS)}")
         if (self.rate is None) == (self.load is None):
@@ -94,6 +129,10 @@ class BenchConfig:
             raise BenchConfigError("with --server, --policies names the one policy that server runs")
         if min(self.rate or 1, self.load or 1, self.duration_s, self.token_scale, self.cv) <= 0:
             raise BenchConfigError("--rate, --load, --duration-s, --token-scale and --cv must be positive")
+
+    @property
+    def policy_runs(self) -> tuple[PolicyRun, ...]:
+        return tuple(PolicyRun.parse(entry) for entry in self.policies)
 
 
 def run_bench(cfg: BenchConfig, on_progress: ProgressFn = lambda d, c, t: None,
@@ -111,7 +150,7 @@ def run_bench(cfg: BenchConfig, on_progress: ProgressFn = lambda d, c, t: None,
     on_note(f"SLOs: TTFT {slos['ttft_slo_ms']:.0f} ms, TBT {slos['tbt_slo_ms']:.0f} ms "
             f"({slos['slo_source']})")
     requests = timed_requests(cfg, base, rate)
-    phases = [_policy_phase(cfg, policy, requests, out, steps, profiles) for policy in cfg.policies]
+    phases = [_policy_phase(cfg, run, requests, out, steps, profiles) for run in cfg.policy_runs]
     config = {**report_dict(cfg), **slos, "started_at": started.isoformat(timespec="seconds"),
               "online_capacity_rps": capacity, "online_rate_rps": rate,
               "num_online_requests": len(requests), "workload": _describe(cfg, rate)}
@@ -194,13 +233,13 @@ def _baseline_phase(cfg: BenchConfig, base, out: Path, steps: "_Steps", profiles
     return capacity, rate, timer.finish(_with_steps(phase, phase_dir))
 
 
-def _policy_phase(cfg: BenchConfig, policy: str, requests, out: Path, steps: "_Steps",
+def _policy_phase(cfg: BenchConfig, run: PolicyRun, requests, out: Path, steps: "_Steps",
                   profiles: "ProfileCache") -> PhaseResult:
-    steps.next(f"{policy}: starting server")
+    steps.next(f"{run.label}: starting server")
     timer = _Timer()
-    with _server(cfg, policy, out / policy, profiles) as (url, phase_dir):
+    with _server(cfg, run.policy, out / run.folder, profiles, run.serve_args) as (url, phase_dir):
         timer.lap("server_start_s")
-        phase = _measure(cfg, policy, policy, url, phase_dir, requests, steps, timer)
+        phase = _measure(cfg, run.label, run.policy, url, phase_dir, requests, steps, timer)
     return timer.finish(_with_steps(phase, phase_dir))
 
 
@@ -208,11 +247,8 @@ def _with_steps(phase: PhaseResult, phase_dir: Path) -> PhaseResult:
     """The phase with its server's engine steps, timed from the phase's t=0."""
     if phase.started_at is None:
         return phase
-    records = tuple(
-        StepRecord(notes["end_at"] - phase.started_at, sample.step_s, sample.shape.num_tokens,
-                   notes.get("offline_tokens", 0), notes.get("predicted_s"),
-                   notes.get("profile_predicted_s"), notes.get("refit_predicted_s"))
-        for sample, notes in read_step_log_with_notes(phase_dir / STEP_LOG))  # none: no log
+    records = tuple(StepRecord.from_log(sample, notes, phase.started_at)
+                    for sample, notes in read_step_log_with_notes(phase_dir / STEP_LOG))  # none: no log
     return replace(phase, steps=records)
 
 
@@ -270,8 +306,10 @@ class _Timer:
 
 
 @contextlib.contextmanager
-def _server(cfg: BenchConfig, policy: str, phase_dir: Path, profiles: "ProfileCache"):
-    """(url, phase folder) of a fresh server with a fresh store, or of `--server`."""
+def _server(cfg: BenchConfig, policy: str, phase_dir: Path, profiles: "ProfileCache",
+            serve_args: tuple[str, ...] = ()):
+    """(url, phase folder) of a fresh server with a fresh store, or of `--server`; the
+    phase's own `serve_args` come last, so they win over `--serve-arg`."""
     phase_dir.mkdir(parents=True)
     if cfg.server:
         yield cfg.server, phase_dir
@@ -285,7 +323,7 @@ def _server(cfg: BenchConfig, policy: str, phase_dir: Path, profiles: "ProfileCa
     for flag, value in (("--ttft-slo-ms", cfg.ttft_slo_ms), ("--tbt-slo-ms", cfg.tbt_slo_ms)):
         if value:
             args += [flag, str(value)]
-    args += cfg.serve_args
+    args += [*cfg.serve_args, *serve_args]
     if _logs_steps(policy):
         args += ["--step-log", str(phase_dir / STEP_LOG)]
     if cfg.data_dir:

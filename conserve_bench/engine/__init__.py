@@ -6,5 +6,7 @@ engine outputs back into item results (lm-eval's exact semantics); `local` runs 
 process (`submit`, `profile`, the lm-eval backend); `async_llm` drives the server's
 `AsyncLLM`; `fake` is a deterministic engine for tests; `plugin` holds the conventions shared
 with vLLM (priorities, scheduler class, `additional_config` layout); `models` resolves a
-`--model` value to a directory vLLM can load. Nothing here touches the store.
+`--model` value to a directory vLLM can load; `connector` (vLLM's KV connector), `worker`
+(vLLM's worker) and `arrivals` (the shared arrival signal) carry layer-wise preemption.
+Nothing here touches the store.
 """

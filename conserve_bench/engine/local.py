@@ -40,6 +40,10 @@ def engine_environment(cfg: EngineConfig) -> None:
     # has no attribute 'finalize_loading'") and recompiles at every start (~80 s on 2 cores);
     # the regular torch.compile cache loads fine (~45 s).
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+    if cfg.kv_transfer_config:
+        # NOTE: our worker subclass catches abandoned steps in vLLM's V1 model runner; CUDA
+        # vLLM would otherwise pick its V2 runner (the connector refuses to start under it).
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
 
 def engine_args(cfg: EngineConfig) -> dict[str, Any]:
@@ -57,6 +61,9 @@ def engine_args(cfg: EngineConfig) -> dict[str, Any]:
         args["scheduler_cls"] = cfg.scheduler_cls
     if cfg.additional_config:
         args["additional_config"] = dict(cfg.additional_config)
+    for name in ("worker_cls", "kv_transfer_config", "async_scheduling"):
+        if getattr(cfg, name) is not None:
+            args[name] = getattr(cfg, name)
     return args
 
 
@@ -139,8 +146,10 @@ class Engine:
         """Where the scheduler logs each step, when started with one (see `steplog`)."""
         return step_log_path(self.cfg.additional_config)
 
-    def submit_tokens(self, prompts: Sequence[Sequence[int]], **sampling: Any) -> list[str]:
-        """Submit token prompts with `SamplingParams(**sampling)`; returns their request ids.
+    def submit_tokens(self, prompts: Sequence[Sequence[int]], priority: int = 0,
+                      **sampling: Any) -> list[str]:
+        """Submit token prompts with `SamplingParams(**sampling)` at `priority` (0: online,
+        as the profiler's probes; OFFLINE_PRIORITY: offline); returns their request ids.
 
         Their outputs are not work items: drive them with `step_tokens` or `run_until_idle`.
         """
@@ -149,7 +158,8 @@ class Engine:
         params = SamplingParams(**sampling)
         request_ids = [f"raw-{next(self._raw_ids)}" for _ in prompts]
         for request_id, token_ids in zip(request_ids, prompts):
-            self._engine.add_request(request_id, {"prompt_token_ids": list(token_ids)}, params)
+            self._engine.add_request(request_id, {"prompt_token_ids": list(token_ids)}, params,
+                                     priority=priority)
         return request_ids
 
     def step_tokens(self) -> set[str]:

@@ -1,7 +1,7 @@
 """How conserve-bench plugs into vLLM: the conventions both sides of the engine must share.
 
-Owns the request priorities (online 0, offline 1), the scheduler class path handed to vLLM as
-`scheduler_cls`, and the layout of vLLM's plug-in config `additional_config["conserve"]`
+Owns the request priorities (online 0, offline 1), the plug-in paths handed to vLLM
+(`scheduler_cls`, `worker_cls`, `kv_connector_module_path`), and the layout of vLLM's plug-in config `additional_config["conserve"]`
 ("policy": a `policy.PolicyConfig` dict; "step_log": a path; "refit": a `refit.RefitConfig`
 dict; "refit_state": the file the live refit is reported in). Read in the engine process by
 `sched.scheduler`, written by `serve`, `profile` and the tests. Plain data: it must never
@@ -17,6 +17,10 @@ from typing import Any
 ONLINE_PRIORITY = 0
 OFFLINE_PRIORITY = 1
 SCHEDULER_CLS = "conserve_bench.sched.scheduler.ConserveScheduler"
+# Layer-wise preemption: the KV connector vLLM loads by module path, and the worker that
+# catches a step the connector abandons.
+CONNECTOR_MODULE = "conserve_bench.engine.connector"
+WORKER_CLS = "conserve_bench.engine.worker.PreemptibleWorker"
 CONFIG_KEY = "conserve"  # additional_config[CONFIG_KEY]: {"policy": ..., "step_log": ...}
 POLICY, STEP_LOG, REFIT, REFIT_STATE = "policy", "step_log", "refit", "refit_state"
 ENTRIES = (POLICY, STEP_LOG, REFIT, REFIT_STATE)

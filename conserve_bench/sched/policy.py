@@ -4,9 +4,10 @@
 Online work is planned first; offline work then takes only what the latency model says fits.
 Two modes (`Targets.max_slowdown`): *bounded* (the default) plans online work exactly as vLLM
 alone would and lets offline work add at most a share to it; *SLO* spends explicit TTFT/TBT
-targets (steps filled up to the TBT target, long online prompts chunked). Pure functions: this
-module must never import vLLM or torch, or read a clock. `scheduler.ConserveScheduler` builds
-the inputs and applies the plan.
+targets (steps filled up to the TBT target, long online prompts chunked). An offline-only step
+is capped by how long an online arrival may wait behind it (a quantum) or, with layer-wise
+preemption, sized for throughput. Pure functions: this module must never import vLLM or
+torch, or read a clock. `scheduler.ConserveScheduler` builds the inputs and applies the plan.
 """
 
 from __future__ import annotations
@@ -39,6 +40,15 @@ MIN_SLOWDOWN = 0.05
 # a reference prompt: the 90th percentile of recent online prompts (`ConserveScheduler`),
 # this many tokens until the first arrives.
 DEFAULT_REFERENCE_PROMPT_TOKENS = 256
+# Layer-wise preemption: an offline-only step may be abandoned every this many decoder layers
+# (the paper's k).
+SAFEPOINT_EVERY = 4
+# With layer-wise preemption, an offline-only step is the smallest that reaches this share of
+# the best offline tokens/s the latency model predicts for one step.
+OFFLINE_STEP_THROUGHPUT_SHARE = 0.95
+# An arrival stamped before the plan, by a request the scheduler has not received yet, still
+# cuts a step planned up to this long after it (the front end's hand-off: tokenizing, IPC).
+ARRIVAL_HANDOFF_NS = 50_000_000
 
 
 class PolicyError(ConserveError, ValueError):
@@ -70,7 +80,8 @@ class Targets:
     offline work adds at most that share to a step's online decodes, nothing to a step that
     carries an online prompt, and an offline-only step is at most that share of the prefill
     of `reference_prompt_tokens` (or `quantum_s` when given); `ttft_s`/`tbt_s` then only
-    count SLO attainment.
+    count SLO attainment. In either mode, `offline_step_s` (layer-wise preemption) sizes
+    offline-only steps for throughput instead: an arrival cuts them at the next safepoint.
     """
 
     ttft_s: float
@@ -79,6 +90,9 @@ class Targets:
     quantum_s: float | None = None  # None: QUANTUM_FRACTION of the TTFT target (SLO mode)
     max_slowdown: float | None = None  # None: SLO mode
     reference_prompt_tokens: int = DEFAULT_REFERENCE_PROMPT_TOKENS
+    # With layer-wise preemption: the offline-only step, sized for throughput (replaces the
+    # quantum, since an arrival no longer waits for the step to end). None: no preemption.
+    offline_step_s: float | None = None
 
     def __post_init__(self) -> None:
         check_targets(self.ttft_s, self.tbt_s, self.margin, self.quantum_s)
@@ -86,10 +100,17 @@ class Targets:
             raise PolicyError(f"the slowdown share must be > 0, got {self.max_slowdown:g}")
         if self.reference_prompt_tokens < 1:
             raise PolicyError(f"the reference prompt needs >= 1 token, got {self.reference_prompt_tokens}")
+        if self.offline_step_s is not None and not self.offline_step_s > 0:
+            raise PolicyError(f"the offline step must be > 0, got {self.offline_step_s * 1e3:g} ms")
 
     @property
     def bounded(self) -> bool:
         return self.max_slowdown is not None
+
+    @property
+    def preemptive(self) -> bool:
+        """Layer-wise preemption cuts offline-only steps: they are sized for throughput."""
+        return self.offline_step_s is not None
 
     @property
     def mixed_budget_s(self) -> float:
@@ -98,12 +119,16 @@ class Targets:
 
     @property
     def offline_budget_s(self) -> float:
-        """SLO mode: the longest offline-only step, how long an online arrival may wait behind it."""
+        """SLO mode: the longest offline-only step: the throughput-sized step under layer-wise
+        preemption, else the quantum (how long an online arrival may wait behind it)."""
+        if self.offline_step_s is not None:
+            return self.offline_step_s
         return self.quantum_s if self.quantum_s is not None else self.ttft_s * QUANTUM_FRACTION
 
     def quantum_for(self, model: LatencyModel) -> float:
-        """The longest offline-only step: how long an online arrival may wait behind it."""
-        if not self.bounded or self.quantum_s is not None:
+        """The longest offline-only step: sized for throughput under layer-wise preemption
+        (an arrival waits one layer group, not the step), else how long an arrival may wait."""
+        if not self.bounded or self.quantum_s is not None or self.preemptive:
             return self.offline_budget_s
         reference = StepShape(prefills=(ChunkShape(self.reference_prompt_tokens, 0),))
         return self.max_slowdown * model.predict(reference)
@@ -120,13 +145,17 @@ class Targets:
         """One line: what bounds offline work (printed at start-up)."""
         slos = f"SLOs TTFT {self.ttft_s * 1e3:.0f} ms, TBT {self.tbt_s * 1e3:.0f} ms"
         quantum = self.quantum_for(model) * 1e3
+        offline_only = (f"offline-only steps of {quantum:.0f} ms, cut at a layer safepoint when "
+                        "online work arrives" if self.preemptive else
+                        f"offline-only steps <= {quantum:.0f} ms")
         if not self.bounded:
             return (f"{slos} (spent: steps with online work up to {self.mixed_budget_s * 1e3:.0f} "
-                    f"ms, offline-only steps up to {quantum:.0f} ms)")
+                    f"ms, {offline_only})")
+        if not self.preemptive and self.quantum_s is None:
+            offline_only += (f" ({self.max_slowdown:.0%} of a {self.reference_prompt_tokens}-token "
+                             "prefill, then of the 90th-percentile online prompt)")
         return (f"bounded: offline work adds <= {self.max_slowdown:.0%} to a step's online "
-                f"decodes, nothing to online prefills; offline-only steps <= {quantum:.0f} ms "
-                f"({self.max_slowdown:.0%} of a {self.reference_prompt_tokens}-token prefill, "
-                f"then of the 90th-percentile online prompt); {slos} (counted only)")
+                f"decodes, nothing to online prefills; {offline_only}; {slos} (counted only)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,6 +194,16 @@ def derived_max_slowdown(model_error: float | None) -> float:
     (relative, e.g. the profile's held-out P90): (1 + share) x (1 + error) = HARM_BOUND."""
     error = DEFAULT_MODEL_ERROR if model_error is None else model_error
     return max(MIN_SLOWDOWN, HARM_BOUND / (1 + error) - 1)
+
+
+def default_offline_step_s(model: LatencyModel, max_num_tokens: int,
+                           share: float = OFFLINE_STEP_THROUGHPUT_SHARE) -> float:
+    """The predicted time of the smallest offline-only prefill step whose tokens/s is within
+    `share` of the best any step of up to `max_num_tokens` reaches (layer-wise preemption)."""
+    times = {n: max(model.predict(StepShape(prefills=(ChunkShape(n, 0),))), 1e-9)
+             for n in range(1, max_num_tokens + 1)}
+    best = max(n / t for n, t in times.items())
+    return next(t for n, t in times.items() if n / t >= share * best)
 
 
 @dataclass(frozen=True)
@@ -335,3 +374,17 @@ class PolicyConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PolicyConfig:
         return cls(Targets.from_dict(data["targets"]), LatencyModel.from_dict(data["latency_model"]))
+
+
+def abort_after_ns(planned_at_ns: int, last_arrival_ns: int, last_online_added_ns: int,
+                   handoff_ns: int = ARRIVAL_HANDOFF_NS) -> int:
+    """Arrivals stamped after this time cut an offline-only step planned at `planned_at_ns`.
+
+    The plan time, unless the last arrival stamped is newer than the last online request the
+    scheduler received: that request is still on its way (or was refused before it reached
+    the engine), and a step planned less than `handoff_ns` after its arrival is cut too, at
+    its first safepoint. All times on one monotonic clock, in nanoseconds.
+    """
+    if last_arrival_ns > last_online_added_ns:
+        return planned_at_ns - handoff_ns
+    return planned_at_ns

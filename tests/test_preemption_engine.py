@@ -1,0 +1,184 @@
+"""Layer-wise preemption on the real engine: abandoned steps change no result.
+
+One engine for the module, with `ConserveConnector` loaded, small steps (256 tokens, so prompts
+are chunked), an arrival file and the test trigger (a shared integer: while it holds L, every
+step is cut at layer L the first time its work is attempted). The requests are all offline,
+so every step is armed. Each test runs its workload uninterrupted first, with the
+prefix cache reset, then cut, and compares greedy tokens and logprobs.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import pytest
+
+from conserve_bench.engine.arrivals import ArrivalSignal, SharedInt
+from conserve_bench.engine.plugin import OFFLINE_PRIORITY
+from conserve_bench.sched.steplog import read_step_log_with_notes
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]  # its own engine: the connector loaded
+
+CUT_AT_LAYER = 8
+MAX_STEPS = 400
+STEP_TIMEOUT_S = 180  # NOTE: a hang fails the test instead of blocking it (steps take seconds)
+LOGPROB_TOLERANCE = 1e-3
+
+
+class Preemptible:
+    def __init__(self, engine, arrivals: ArrivalSignal, test_abort: SharedInt, step_log):
+        self.engine, self.arrivals, self.test_abort, self.step_log = engine, arrivals, test_abort, step_log
+
+    def run(self, *batches: tuple[list, dict], cut: bool = False) -> list:
+        """Outputs of every `(prompts, sampling)` batch, submitted together and run to the end
+        (with every step cut once at CUT_AT_LAYER if `cut`), in order."""
+        # NOTE: before submitting: vLLM's engine core steps as soon as requests reach it
+        self.test_abort.write(CUT_AT_LAYER if cut else 0)
+        try:
+            request_ids = [request_id for prompts, sampling in batches
+                           for request_id in self.engine.submit_tokens(
+                               prompts, priority=OFFLINE_PRIORITY, **sampling)]
+            return self._drain(request_ids)
+        finally:
+            self.test_abort.write(0)
+
+    def _drain(self, request_ids) -> list:
+        llm_engine, done = self.engine.llm.llm_engine, {}
+        pool = ThreadPoolExecutor(1)
+        try:
+            for _ in range(MAX_STEPS):
+                if not llm_engine.has_unfinished_requests():
+                    return [done[r] for r in request_ids]
+                try:  # NOTE: a request that can never be scheduled again blocks step() for good
+                    outputs = pool.submit(llm_engine.step).result(timeout=STEP_TIMEOUT_S)
+                except FutureTimeout:
+                    pytest.fail(f"no engine output for {STEP_TIMEOUT_S} s: the engine hangs")
+                done.update((o.request_id, o) for o in outputs if o.finished)
+            pytest.fail(f"requests still unfinished after {MAX_STEPS} steps")
+        finally:
+            pool.shutdown(wait=False)
+
+    def steps(self):
+        return read_step_log_with_notes(self.step_log)
+
+    def reset_prefix_cache(self) -> None:
+        assert self.engine.llm.reset_prefix_cache()
+
+
+@pytest.fixture(scope="module")
+def preemptible(model_ref, tmp_path_factory):
+    from conserve_bench.engine.connector import ConnectorConfig
+    from conserve_bench.jobs.lifecycle import start_engine
+    from conserve_bench.sched.steplog import recording_overrides
+
+    folder = tmp_path_factory.mktemp("preemption")
+    arrivals = ArrivalSignal(SharedInt.create(folder / "arrivals.bin").path)
+    test_abort = SharedInt.create(folder / "test_abort.bin")
+    connector = ConnectorConfig(arrival_path=str(arrivals.path), test_abort_path=str(test_abort.path))
+    step_log = folder / "steps.jsonl"
+    overrides = {**recording_overrides(step_log), **connector.engine_overrides(),
+                 "max_num_batched_tokens": 256, "max_num_seqs": 16}
+    with start_engine(model_ref, **overrides) as engine:
+        yield Preemptible(engine, arrivals, test_abort, step_log)
+
+
+def random_prompts(seed: int, lengths, vocab: int = 40_000) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab) for _ in range(n)] for n in lengths]
+
+
+def assert_same_outputs(cut, baseline) -> None:
+    for a, b in zip(cut, baseline):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids, a.request_id
+        for got, want in zip(a.outputs[0].logprobs or [], b.outputs[0].logprobs or []):
+            for token, logprob in want.items():
+                assert abs(got[token].logprob - logprob.logprob) < LOGPROB_TOLERANCE
+        for got, want in zip(a.prompt_logprobs or [], b.prompt_logprobs or []):
+            for token, logprob in (want or {}).items():
+                assert abs(got[token].logprob - logprob.logprob) < LOGPROB_TOLERANCE
+
+
+def aborted_since(preemptible, num_steps_before: int) -> list:
+    return [(sample, notes) for sample, notes in preemptible.steps()[num_steps_before:]
+            if notes.get("aborted")]
+
+
+def test_cut_steps_give_the_uninterrupted_results(preemptible):
+    """Prefill chunks, decodes and mixed prefill+decode steps, each cut once at layer 8."""
+    short = random_prompts(1, [40, 57, 33, 70])
+    long = random_prompts(2, [700, 600])
+    generate = dict(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
+    score = dict(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+
+    def workload(cut: bool):
+        preemptible.reset_prefix_cache()
+        # NOTE: the first step admits everything (prefill only); then the long prompts' chunks
+        # share steps with the short prompts' decodes (mixed); then decodes run alone.
+        return preemptible.run((short + long[:1], generate), (long[1:], score), cut=cut)
+
+    baseline = workload(cut=False)
+    num_steps = len(preemptible.steps())
+    cut = workload(cut=True)
+
+    assert_same_outputs(cut, baseline)
+    aborted = aborted_since(preemptible, num_steps)
+    shapes = {(bool(s.shape.prefills), bool(s.shape.decode_context_lens)) for s, _ in aborted}
+    assert shapes == {(True, False), (False, True), (True, True)}, shapes
+    assert all(notes["abort_layer"] == CUT_AT_LAYER for _, notes in aborted)
+    assert all(notes["arrival_to_abort_ms"] is None for _, notes in aborted)  # the test trigger
+
+
+def test_a_cut_step_leaves_no_half_written_prefix_in_the_cache(preemptible):
+    """A computes a shared prefix in steps that are cut; B, run alone afterwards, hits it."""
+    prefix, suffix_a, suffix_b = random_prompts(3, [384, 20, 30])
+    generate = dict(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1)
+
+    def a_then_b(cut_a: bool):
+        preemptible.reset_prefix_cache()
+        first = preemptible.run(([prefix + suffix_a], generate), cut=cut_a)
+        return first + preemptible.run(([prefix + suffix_b], generate))
+
+    baseline = a_then_b(cut_a=False)
+    num_steps = len(preemptible.steps())
+    cut = a_then_b(cut_a=True)
+
+    assert_same_outputs(cut, baseline)
+    aborted = aborted_since(preemptible, num_steps)
+    assert any(c.num_context == 0 for s, _ in aborted for c in s.shape.prefills)  # A's first chunk
+
+
+def test_an_arrival_from_another_thread_cuts_a_long_prefill(preemptible):
+    prompt = random_prompts(4, [1800])
+    # NOTE: no prompt logprobs: the forward pass is nearly the whole step, so an arrival
+    # lands before a safepoint (one after the last one is served by the next step)
+    generate = dict(temperature=0.0, max_tokens=2, ignore_eos=True, logprobs=1)
+    preemptible.reset_prefix_cache()
+    baseline = preemptible.run((prompt, generate))
+    preemptible.reset_prefix_cache()
+    num_steps = len(preemptible.steps())
+    stamps = []
+
+    def arrive():
+        for _ in range(3):  # seven 256-token chunks: the prefill is under way throughout
+            time.sleep(0.8)
+            preemptible.arrivals.stamp()
+            stamps.append(preemptible.arrivals.last_arrival_ns())
+
+    thread = threading.Thread(target=arrive)
+    thread.start()
+    cut = preemptible.run((prompt, generate))
+    thread.join()
+
+    assert_same_outputs(cut, baseline)
+    aborted = [(s, notes) for s, notes in aborted_since(preemptible, num_steps)
+               if notes["arrival_ns"] is not None]
+    assert aborted, "no arrival cut a step"
+    for sample, notes in aborted:
+        assert notes["arrival_ns"] in stamps
+        # NOTE: stamped during the step, or just before it was planned (the hand-off allowance)
+        assert 0 <= notes["arrival_to_abort_ms"] <= 1e3 * sample.step_s + 60
+        assert notes["abort_layer"] % 4 == 0 and notes["abort_layer"] < notes["num_layers"]
