@@ -37,8 +37,8 @@ class Output:
 
     def capture(self, log_path: Path) -> None:
         """From now on, whatever is written to fd 1 or 2 by anyone else goes to `log_path`."""
-        if self.log_path is not None:
-            return
+        if self.log_path is not None or not _is_fd(sys.stdout, 1) or not _is_fd(sys.stderr, 2):
+            return  # NOTE: embedded (pytest, a notebook): the host owns the streams; leave them
         log_path.parent.mkdir(parents=True, exist_ok=True)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -93,6 +93,13 @@ class Phases:
             suffix = f" ({detail})" if detail else ""
             self.console.print(f"{what} in {seconds:.1f}s{suffix}", highlight=False, soft_wrap=True)
         return seconds
+
+
+def _is_fd(stream: IO[str], fd: int) -> bool:
+    try:
+        return stream.fileno() == fd
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return False
 
 
 def _console(file: IO[str]) -> Console:

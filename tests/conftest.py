@@ -171,10 +171,8 @@ class Server(ServerProcess):
         self.db_url, self.step_log = db_url, Path(out_dir) / "steps.jsonl"
         super().__init__(["--db", db_url, "--data-dir", data_dir, "--output", str(out_dir),
                           "--max-offline-inflight", str(SERVER_MAX_INFLIGHT),
-                          "--step-log", str(self.step_log), "--api-key", KEY,
-                          # NOTE: a longer offline-only step than the bounded default's (a share
-                          # of the prefill of the tests' few-token prompts), so jobs finish fast
-                          "--quantum-ms", "300"], Path(out_dir), wait=wait)
+                          "--step-log", str(self.step_log), "--api-key", KEY],
+                         Path(out_dir), wait=wait)
         self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"},
                                  timeout=60)
 

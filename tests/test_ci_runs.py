@@ -53,7 +53,7 @@ def baseline_run(tmp_path_factory, engine, data_dir):
     return tmp, db, config, report
 
 
-def test_write_baseline_records_scores_and_provenance(baseline_run):
+def test_write_baseline_records_scores_and_provenance(baseline_run, engine):
     tmp, db, config, report = baseline_run
     (job,) = report.jobs
     written = yaml.safe_load(config.read_text())
@@ -66,7 +66,7 @@ def test_write_baseline_records_scores_and_provenance(baseline_run):
         assert acc["atol"] == pytest.approx(2 * acc["stderr"], abs=1e-4)
         assert entry["task_hash"] == results["task_hashes"][task] and len(entry["task_hash"]) == 64
     provenance = written["provenance"]
-    assert provenance["model_fingerprint"] == "smollm2-135m|float32|2048"
+    assert provenance["model_fingerprint"] == f"smollm2-135m|float32|{engine.max_model_len}"
     assert provenance["lm_eval"] == "0.4.13" and provenance["conserve_bench"] and provenance["jobs"] == [job["id"]]
     assert (tmp / "results" / f"{job['id']}.json").is_file()
     table = (tmp / "results" / f"{job['id']}.samples.jsonl").read_text().splitlines()

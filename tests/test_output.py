@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 from rich.console import Console
 
-from conserve_bench.output import LineProgress, Phases, describe_progress
+from conserve_bench.output import LineProgress, Output, Phases, describe_progress
 
 
 class Clock:
@@ -55,3 +57,31 @@ def test_phases_print_one_line_each_timed_back_to_back():
     quiet = Phases(Console(file=silent), enabled=False, clock=clock)
     clock.now = 50.0
     assert quiet.end("x") == 6.0 and silent.getvalue() == ""
+
+
+CAPTURING_CLI = """
+import os, sys
+from pathlib import Path
+from conserve_bench.output import out
+out.capture(Path(sys.argv[1]))
+print("library chatter")
+os.write(2, b"engine process chatter\\n")
+out.json({"ok": True})
+out.error("error: one line")
+"""
+
+
+def test_capture_sends_everything_but_results_and_errors_to_the_log(tmp_path):
+    log = tmp_path / "job.log"
+    run = subprocess.run([sys.executable, "-c", CAPTURING_CLI, str(log)], capture_output=True,
+                         text=True, check=True)
+    assert run.stdout == '{"ok": true}\n' and run.stderr == "error: one line\n"
+    assert log.read_text().splitlines() == ["library chatter", "engine process chatter"]
+
+
+def test_capture_leaves_an_embedding_hosts_streams_alone(tmp_path, capsys):
+    output = Output()
+    output.capture(tmp_path / "job.log")  # pytest's capsys owns sys.stdout: not fd 1
+    output.json({"ok": True})
+    assert output.log_path is None and not (tmp_path / "job.log").exists()
+    assert capsys.readouterr().out == '{"ok": true}\n'
