@@ -22,6 +22,8 @@ pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 TASKS = ["mmlu_anatomy", "mmlu_marketing"]
 LIMIT = 12
+# NOTE: big enough that the job outlives the online requests sent while it runs, on fast hosts too
+ONLINE_TEST_LIMIT = 40
 
 
 def embedded_scores(engine, data_dir, tmp_path, tasks=TASKS, limit=LIMIT):
@@ -60,7 +62,7 @@ def test_bad_job_specs_write_nothing(server):
 def test_online_completion_while_a_job_runs_and_job_matches_embedded(server, engine, data_dir, tmp_path):
     from openai import OpenAI
 
-    job = server.http.post("/v1/jobs", json={"tasks": TASKS, "limit": LIMIT}).json()
+    job = server.http.post("/v1/jobs", json={"tasks": TASKS, "limit": ONLINE_TEST_LIMIT}).json()
     server.wait_job(job["id"], until=lambda j: j["done"] > 0)
     client = OpenAI(base_url=f"{server.url}/v1", api_key=KEY)
     completion = client.completions.create(model="smollm2-135m", prompt="The capital of France is",
@@ -74,7 +76,7 @@ def test_online_completion_while_a_job_runs_and_job_matches_embedded(server, eng
 
     server.wait_job(job["id"])
     remote = server.http.get(f"/v1/jobs/{job['id']}/results").json()["results"]
-    assert remote == embedded_scores(engine, data_dir, tmp_path)
+    assert remote == embedded_scores(engine, data_dir, tmp_path, limit=ONLINE_TEST_LIMIT)
     metrics = httpx.get(f"{server.url}/metrics").text
     assert "conserve_online_ttft_seconds_count" in metrics and "conserve_offline_items_total" in metrics
     # The engine ran the conserve policy: offline-only steps, and online steps that offline
