@@ -56,34 +56,34 @@ job_items = sa.Table(
     sa.Index("ix_job_items_item", "item_key"),
 )
 
+def _profile_key() -> list[sa.Column]:
+    return [sa.Column("model", sa.String(256), primary_key=True),
+            sa.Column("dtype", sa.String(32), primary_key=True),
+            sa.Column("device", sa.String(256), primary_key=True),
+            sa.Column("vllm_version", sa.String(64), primary_key=True),
+            sa.Column("parallel_size", sa.Integer, primary_key=True)]
+
+
 # NOTE: a profile is valid only for its exact key (model, dtype, device, vLLM version, parallel
 # size); the key is the primary key so that re-profiling replaces, never duplicates.
 profiles = sa.Table(
     "profiles",
     metadata,
-    sa.Column("model", sa.String(256), primary_key=True),
-    sa.Column("dtype", sa.String(32), primary_key=True),
-    sa.Column("device", sa.String(256), primary_key=True),
-    sa.Column("vllm_version", sa.String(64), primary_key=True),
-    sa.Column("parallel_size", sa.Integer, primary_key=True),
+    *_profile_key(),
     sa.Column("model_json", sa.Text, nullable=False),
     sa.Column("num_samples", sa.Integer, nullable=False),
     sa.Column("fit_error", sa.Text),
     sa.Column("created_at", sa.Float, nullable=False),
 )
 
-PROFILE_KEY_COLUMNS = ("model", "dtype", "device", "vllm_version", "parallel_size")
+PROFILE_KEY_COLUMNS = tuple(column.name for column in _profile_key())
 
 # NOTE: the latest live refit of a profile (`sched.refit`), under the profile's key; a new
 # profile of that key replaces the refit with nothing, as it was fitted around the old one.
 profile_refits = sa.Table(
     "profile_refits",
     metadata,
-    sa.Column("model", sa.String(256), primary_key=True),
-    sa.Column("dtype", sa.String(32), primary_key=True),
-    sa.Column("device", sa.String(256), primary_key=True),
-    sa.Column("vllm_version", sa.String(64), primary_key=True),
-    sa.Column("parallel_size", sa.Integer, primary_key=True),
+    *_profile_key(),
     sa.Column("state_json", sa.Text, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
 )
