@@ -56,6 +56,7 @@ job_items = sa.Table(
     sa.Index("ix_job_items_item", "item_key"),
 )
 
+
 def _profile_key() -> list[sa.Column]:
     return [sa.Column("model", sa.String(256), primary_key=True),
             sa.Column("dtype", sa.String(32), primary_key=True),
