@@ -144,8 +144,9 @@ def accuracies(results: dict, prefix: str) -> dict[str, float]:
 
 
 def compare(conserve: dict, hf: dict) -> dict:
-    subjects = sorted(set(conserve["acc"]) | set(hf["acc"]))
-    differing = [s for s in subjects if conserve["acc"].get(s) != hf["acc"].get(s)]
+    # NOTE: `mmlu_local` has no category groups (stem, humanities...): compare the names both have
+    subjects = sorted(set(conserve["acc"]) & set(hf["acc"]))
+    differing = [s for s in subjects if conserve["acc"][s] != hf["acc"][s]]
     return {"end_to_end_x": hf["total_s"] / conserve["total_s"],
             "eval_x": hf["eval_s"] / conserve["eval_s"],
             "num_subjects": len(subjects), "differing": differing,
