@@ -9,7 +9,6 @@ import inspect
 from importlib.metadata import version
 
 
-
 def test_pinned_versions():
     assert version("lm-eval") == "0.4.13"
     vllm_version = __import__("vllm").__version__

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT_S = 1.0
 
+
 def engine_environment(cfg: EngineConfig) -> None:
     """Environment vLLM's CPU build reads at start-up; set before vLLM is imported."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(max(1, cfg.kv_cache_gib))))
