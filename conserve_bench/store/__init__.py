@@ -8,7 +8,7 @@ itself on open. Nothing here imports the engine, the scheduler or lm-eval.
 """
 
 from conserve_bench.store.migrations import MIGRATIONS
-from conserve_bench.store.repository import Job, Store, WorkItem, default_owner
-from conserve_bench.store.states import ItemState, JobState
+from conserve_bench.store.repository import Job, Store, WorkItem
+from conserve_bench.store.states import ItemState, JobState, WorkerState
 
-__all__ = ["MIGRATIONS", "ItemState", "Job", "JobState", "Store", "WorkItem", "default_owner"]
+__all__ = ["MIGRATIONS", "ItemState", "Job", "JobState", "Store", "WorkItem", "WorkerState"]
