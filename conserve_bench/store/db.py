@@ -3,7 +3,8 @@
 SQLite (WAL, the embedded default) and PostgreSQL are supported; any other URL is refused
 with a one-line `DatabaseURLError` before anything is written. Here live the dialects'
 differences the store needs: INSERT ... ON CONFLICT, the database's clock, the lock that
-serialises migrations, and which errors are a passing outage worth retrying.
+serialises migrations, fresh planner statistics, and which errors are a passing outage
+worth retrying.
 """
 
 from __future__ import annotations
@@ -90,3 +91,14 @@ def is_transient(error: sa.exc.DBAPIError) -> bool:
     if not isinstance(error, sa.exc.OperationalError):
         return False
     return "sqlite" not in type(error.orig).__module__ or "database is locked" in str(error.orig)
+
+
+def refresh_statistics(conn: sa.Connection, tables: list[sa.Table]) -> None:
+    """Let the planner see a table that just grew by thousands of rows.
+
+    NOTE: PostgreSQL plans a claim from its statistics; right after a job's items arrive,
+    before autovacuum has analysed them, it would join every item of the job to sort them,
+    instead of walking the claim index. SQLite plans from its indexes alone.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("ANALYZE " + ", ".join(t.name for t in tables)))

@@ -31,7 +31,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from conserve_bench.config import JobSpec, LeaseConfig
 from conserve_bench.errors import DatabaseURLError, JobNotFoundError, StoreUnavailableError
 from conserve_bench.store import leases
-from conserve_bench.store.db import create_engine, insert_ignore, is_transient, now_s
+from conserve_bench.store.db import (create_engine, insert_ignore, is_transient, now_s,
+                                     refresh_statistics)
 from conserve_bench.store.migrations import migrate
 from conserve_bench.store.schema import (PROFILE_KEY_COLUMNS, items, job_items, jobs,
                                          profile_refits, profiles, workers)
@@ -43,6 +44,7 @@ T = TypeVar("T")
 SQLITE_MAX_VARS = 900  # stay under SQLite's bound-parameter limit in IN (...) lists
 RETRY_FIRST_S, RETRY_MAX_S = 0.1, 2.0  # backoff while the database is unreachable
 MAX_ITEM_ERRORS = 5  # failed items `item_errors` lists
+ANALYZE_AFTER_ITEMS = 1000  # items added at once that refresh the planner's statistics
 
 
 # -- plain data handed to callers -------------------------------------------------------------
@@ -298,6 +300,8 @@ class Store:
                                  .where(job_items.c.job_id == job_id)).scalar()
             conn.execute(jobs.update().where(jobs.c.id == job_id)
                          .values(num_total=total, updated_at=time.time()))
+            if len(work) >= ANALYZE_AFTER_ITEMS:
+                refresh_statistics(conn, [items, job_items])
 
         self._write(add)
 
