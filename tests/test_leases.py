@@ -229,3 +229,30 @@ def test_a_commit_whose_connection_drops_is_retried_and_counted_once(pg_store, a
                                        {w.key: w.attempt for w in claimed}) == 3
     assert pg_store.item_states(job_id) == {"done": 3}
     assert pg_store.results_for(["k0"]) == {"k0": "k0"}
+
+
+def test_replicas_starting_together_migrate_a_blank_database_once(postgres):
+    import sqlalchemy as sa
+
+    from conserve_bench.store import MIGRATIONS
+
+    url = postgres.create_database()
+    errors: list[Exception] = []
+
+    def open_store() -> None:
+        try:
+            Store(url).engine.dispose()
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_store) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        versions = conn.execute(sa.text("select version from schema_version")).scalars().all()
+    engine.dispose()
+    postgres.drop_database(url)
+    assert not errors and versions == [len(MIGRATIONS)]

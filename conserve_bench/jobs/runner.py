@@ -20,6 +20,7 @@ from typing import Any
 from conserve_bench.config import RunConfig
 from conserve_bench.engine.contract import ItemEngine, ItemError
 from conserve_bench.errors import ItemsFailedError
+from conserve_bench.jobs.worker import new_worker_id
 from conserve_bench.store import Store
 
 COMMIT_INTERVAL_S = 1.0
@@ -51,8 +52,6 @@ class Runner:
                  owner: str | None = None,
                  on_progress: Callable[[int], None] | None = None,
                  should_stop: Callable[[], bool] | None = None):
-        from conserve_bench.jobs.worker import new_worker_id
-
         self.store = store
         self.engine = engine
         self.cfg = cfg
