@@ -94,7 +94,7 @@ def resume(job_id: JobArg, db: DbOpt = None, output: OutputOpt = "results",
 @app.command("jobs")
 def list_jobs(db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = None,
               as_json: JsonOpt = False):
-    """List jobs, newest first."""
+    """List jobs, newest first, and the live replicas (workers) of the store."""
     found = JobClient(server, api_key).jobs() if server else lifecycle.fleet_overview(_store(db))
     if as_json:
         out.json(found)
@@ -114,7 +114,7 @@ def list_jobs(db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = N
 @app.command()
 def status(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = None,
            as_json: JsonOpt = False):
-    """Show one job's state and progress."""
+    """Show one job's state, progress per replica, and items that failed every attempt."""
     job = JobClient(server, api_key).status(job_id) if server else lifecycle.job_status(_store(db), job_id)
     if as_json:
         out.json(job)
