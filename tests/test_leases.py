@@ -129,6 +129,9 @@ def test_the_last_live_worker_leaving_a_job_sets_its_state(store):
     store.leave_job(job_id, "w2", JobState.FAILED, "boom")
     job = store.get_job(job_id)
     assert (job.state, job.error) == (JobState.FAILED, "boom")
+    assert not store.start_job(job_id, "w1", failed_too=False)  # a replica picked it running
+    assert store.get_job_state(job_id) == JobState.FAILED
+    assert store.start_job(job_id, "w1")  # `resume`
     store.set_job_state(job_id, JobState.CANCELLED)
     assert not store.start_job(job_id, "w1")
 

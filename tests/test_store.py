@@ -3,7 +3,6 @@ batched commits (leases, fencing and outages: tests/test_leases.py)."""
 
 from __future__ import annotations
 
-
 import pytest
 import sqlalchemy as sa
 from hypothesis import given, settings

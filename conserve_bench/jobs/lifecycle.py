@@ -65,13 +65,13 @@ def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
             output_dir: str | Path | None = "results",
             on_progress: ProgressFn | None = None,
             should_stop: Callable[[], bool] = lambda: False,
-            worker: Worker | None = None) -> dict[str, Any]:
+            worker: Worker | None = None, retry_failed: bool = True) -> dict[str, Any]:
     """Run a job to completion on `engine`; returns lm-eval's results plus job metadata.
 
     Finished items are reused and other workers' expired leases reclaimed; any number of
     processes may run the same job at once, as `worker`s of a fleet (None: this call is
-    one). A failed job is given its failed items back. On any interruption the items this
-    run holds go back to pending.
+    one). A failed job is given its failed items back, unless `retry_failed` is False (then
+    it is a JobStateError). On any interruption the items this run holds go back to pending.
     """
     job = runnable_job(store, job_id)
     manager = None
@@ -82,14 +82,14 @@ def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
         if worker is None:
             worker = stack.enter_context(Worker(store, "submit"))
         return _run_as(store, job, engine, run_cfg, output_dir, on_progress, should_stop,
-                       worker, manager)
+                       worker, manager, retry_failed)
 
 
 def _run_as(store: Store, job: Job, engine, run_cfg: RunConfig, output_dir, on_progress,
-            should_stop, worker: Worker, manager) -> dict[str, Any]:
-    if job.state == JobState.FAILED:
+            should_stop, worker: Worker, manager, retry_failed: bool) -> dict[str, Any]:
+    if job.state == JobState.FAILED and retry_failed:
         store.retry_failed_items(job.id)
-    if not store.start_job(job.id, worker.id):
+    if not store.start_job(job.id, worker.id, failed_too=retry_failed):
         raise JobStateError(f"job {job.id} is {store.get_job_state(job.id)}; nothing to run")
     tracker = _ProgressTracker(store, job.id, on_progress)
     runner = Runner(store, engine, run_cfg, owner=worker.id, on_progress=tracker.advance,

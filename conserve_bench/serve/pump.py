@@ -17,7 +17,7 @@ from pathlib import Path
 
 from conserve_bench.config import RunConfig
 from conserve_bench.engine.async_llm import AsyncEngineAdapter
-from conserve_bench.errors import StoreUnavailableError
+from conserve_bench.errors import JobStateError, StoreUnavailableError
 from conserve_bench.jobs.worker import Worker
 from conserve_bench.store import Store
 
@@ -72,11 +72,16 @@ class OfflinePump:
         if job is None:
             return False
         try:
+            # NOTE: never retry_failed: the job may have failed (on another replica) since it
+            # was picked; its failed items are retried by `resume`, not by every replica.
             run_job(self.store, job.id, self.engine, self.run_cfg, output_dir=self.output_dir,
                     on_progress=lambda d, t, j=job.id: self.on_progress(j, d, t),
-                    should_stop=self._stop.is_set, worker=self.worker)
+                    should_stop=self._stop.is_set, worker=self.worker, retry_failed=False)
         except Stopped:
             log.info("offline pump stopped during job %s; its items are pending", job.id)
+        except JobStateError as e:
+            log.info("offline pump skips job %s: %s", job.id, e)
+            return False
         except StoreUnavailableError:
             raise
         except Exception:

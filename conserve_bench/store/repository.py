@@ -225,12 +225,14 @@ class Store:
             jobs.update().where(jobs.c.id == job_id)
             .values(state=state, error=error, updated_at=time.time())))
 
-    def start_job(self, job_id: str, worker_id: str) -> bool:
-        """Mark the job running with `worker_id` on it; False if it is done or cancelled."""
+    def start_job(self, job_id: str, worker_id: str, failed_too: bool = True) -> bool:
+        """Mark the job running with `worker_id` on it; False if it is done or cancelled (or
+        failed, unless `failed_too`)."""
+        startable = [JobState.QUEUED, JobState.RUNNING] + ([JobState.FAILED] if failed_too else [])
+
         def start(conn: sa.Connection) -> bool:
             started = conn.execute(
-                jobs.update().where(jobs.c.id == job_id, jobs.c.state.in_(
-                    (JobState.QUEUED, JobState.RUNNING, JobState.FAILED)))
+                jobs.update().where(jobs.c.id == job_id, jobs.c.state.in_(startable))
                 .values(state=JobState.RUNNING, updated_at=time.time())).rowcount
             conn.execute(workers.update().where(workers.c.id == worker_id).values(job_id=job_id))
             return started == 1
