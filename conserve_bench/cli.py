@@ -21,7 +21,8 @@ import typer
 from rich.table import Table
 
 from conserve_bench.jobs import lifecycle
-from conserve_bench.config import RunConfig, JobSpec, default_data_dir, default_db_url, DEFAULT_MODEL
+from conserve_bench.config import (DEFAULT_MODEL, JobSpec, LeaseConfig, RunConfig,
+                                   default_data_dir, default_db_url)
 from conserve_bench.serve.client import JobClient
 from conserve_bench.errors import ConserveError, JobStateError
 from conserve_bench.engine.models import resolve_model
@@ -58,17 +59,21 @@ def submit(
     max_inflight: InflightOpt = 64,
     server: ServerOpt = None,
     api_key: ApiKeyOpt = None,
-    wait: Annotated[bool, typer.Option("--wait", help="With --server: follow the job to the end.")] = False,
+    wait: Annotated[Optional[bool], typer.Option("--wait/--no-wait", help="Follow the job to the end, or only record it (for the `serve` replicas on --db or --server to run) [default: --wait, --no-wait with --server].")] = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ):
-    """Create a job and run it in-process, or queue it on a server. Example: submit mmlu --limit 5"""
+    """Create a job and run it in-process, or queue it for servers. Example: submit mmlu --limit 5"""
     spec = _spec(tasks, model, limit, num_fewshot, data_dir or default_data_dir())
     if server:
-        _submit_remote(JobClient(server, api_key), spec, wait, as_json)
+        _submit_remote(JobClient(server, api_key), spec, bool(wait), as_json)
         return
     store = _store(db)
     job = lifecycle.submit_job(store, spec)
+    if wait is False:
+        out.json(job.to_dict()) if as_json else out.stdout.print(
+            f"job [bold]{job.id}[/] queued: {', '.join(spec.tasks)} on {spec.model}")
+        return
     if not as_json:
         out.stdout.print(f"job [bold]{job.id}[/] submitted: {', '.join(spec.tasks)} on {spec.model}")
     _run(store, job.id, output, max_inflight, as_json, verbose)
@@ -89,30 +94,41 @@ def resume(job_id: JobArg, db: DbOpt = None, output: OutputOpt = "results",
 @app.command("jobs")
 def list_jobs(db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = None,
               as_json: JsonOpt = False):
-    """List jobs, newest first."""
-    if server:
-        found = JobClient(server, api_key).jobs()["jobs"]
-    else:
-        found = [j.to_dict() for j in _store(db).list_jobs()]
+    """List jobs, newest first, and the live replicas (workers) of the store."""
+    found = JobClient(server, api_key).jobs() if server else lifecycle.fleet_overview(_store(db))
     if as_json:
-        out.json({"jobs": found})
+        out.json(found)
         return
-    table = Table("id", "state", "done/total", "tasks", "model")
-    for j in found:
-        table.add_row(j["id"], j["state"], f"{j['done']}/{j['total']}", ",".join(j["tasks"]), j["model"])
+    table = Table("id", "state", "done/total", "failed", "tasks", "model")
+    for j in found["jobs"]:
+        table.add_row(j["id"], j["state"], f"{j['done']}/{j['total']}", str(j["failed"] or ""),
+                      ",".join(j["tasks"]), j["model"])
     out.stdout.print(table)
+    if found["replicas"]:
+        live = Table("live replica", "label", "job", "heartbeat", title="live replicas")
+        for r in found["replicas"]:
+            live.add_row(r["id"], r["label"], r["job"] or "-", f"{r['heartbeat_age_s']:.0f}s ago")
+        out.stdout.print(live)
 
 
 @app.command()
 def status(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = None,
            as_json: JsonOpt = False):
-    """Show one job's state and progress."""
-    job = JobClient(server, api_key).status(job_id) if server else _store(db).get_job(job_id).to_dict()
+    """Show one job's state, progress per replica, and items that failed every attempt."""
+    job = JobClient(server, api_key).status(job_id) if server else lifecycle.job_status(_store(db), job_id)
     if as_json:
         out.json(job)
         return
-    out.stdout.print(f"{job['id']}: {job['state']}, {job['done']}/{job['total']} items, "
-                  f"tasks {','.join(job['tasks'])}" + (f" ({job['error']})" if job["error"] else ""))
+    failed = f", {job['failed']} failed" if job["failed"] else ""
+    out.stdout.print(f"{job['id']}: {job['state']}, {job['done']}/{job['total']} items{failed}, "
+                     f"tasks {','.join(job['tasks'])}" + (f" ({job['error']})" if job["error"] else ""),
+                     highlight=False)
+    for r in job["replicas"]:
+        out.stdout.print(f"  {r['id']} ({r['label'] or 'unknown'}, {'live' if r['live'] else 'gone'}): "
+                         f"{r['done']} done, {r['running']} in flight", highlight=False)
+    for e in job["item_errors"]:
+        out.stdout.print(f"  failed {e['kind']} {e['key'][:12]} after {e['attempts']} attempts: {e['error']}",
+                         highlight=False)
 
 
 @app.command()
@@ -189,6 +205,9 @@ def serve(
     output: OutputOpt = "results",
     profile: Annotated[bool, typer.Option("--profile/--no-profile", help="Load this machine's latency profile (measured once if missing).")] = True,
     step_log: Annotated[Optional[str], typer.Option("--step-log", help="Append every engine step (batch shape, time, the plan's kind and prediction) to this JSON-lines file.")] = None,
+    lease_s: Annotated[float, typer.Option("--lease-s", help="Fleet: a claim lasts this long unless renewed; a dead replica's items wait this long.")] = LeaseConfig.lease_s,
+    heartbeat_s: Annotated[float, typer.Option("--heartbeat-s", help="Fleet: how often a replica renews its lease (at most half of it).")] = LeaseConfig.heartbeat_s,
+    max_attempts: Annotated[int, typer.Option("--max-attempts", help="Fleet: an item whose engine failed, or whose replica died, this many times is failed.")] = LeaseConfig.max_attempts,
 ):
     """Serve online OpenAI traffic and run queued eval jobs in its idle time. Example: serve --port 8000"""
     from conserve_bench.serve.server import ServeConfig, serve as run_server
@@ -201,7 +220,9 @@ def serve(
                       safepoint_every=safepoint_every, offline_step_ms=offline_step_ms,
                       max_offline_inflight=max_offline_inflight,
                       data_dir=os.path.abspath(data_dir) if data_dir else None, output_dir=output,
-                      profile=profile, step_log=step_log)
+                      profile=profile, step_log=step_log,
+                      leases=_checked(LeaseConfig, lease_s=lease_s, heartbeat_s=heartbeat_s,
+                                      max_attempts=max_attempts))
     _store(cfg.db_url)  # a bad --db fails here, before the engine starts
     out.stderr.print(f"serving {model} on http://{host}:{port} (policy {policy})")
     run_server(cfg)
@@ -364,9 +385,14 @@ def _on_off(flag: str, value: str | None) -> bool | None:
 
 def _spec(tasks: str, model: str, limit, num_fewshot, data_dir) -> JobSpec:
     names = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    return _checked(JobSpec, tasks=names, model=model, limit=limit, num_fewshot=num_fewshot,
+                    data_dir=os.path.abspath(data_dir) if data_dir else None)
+
+
+def _checked(config_cls, **values):
+    """A config dataclass from flags; its own checks become a usage error."""
     try:
-        return JobSpec(tasks=names, model=model, limit=limit, num_fewshot=num_fewshot,
-                       data_dir=os.path.abspath(data_dir) if data_dir else None)
+        return config_cls(**values)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
 

@@ -111,6 +111,34 @@ class RunConfig:
             object.__setattr__(self, "commit_every", max(1, self.max_inflight // 2))
 
 
+@dataclass(frozen=True)
+class LeaseConfig:
+    """How long a worker owns what it claims, and how often an item may be tried.
+
+    - `lease_s`: a claim lasts this long on the database's clock unless renewed; a worker
+      that died is noticed by the others after at most this long. 30 s rides out a database
+      restart or a stalled process, and costs little next to an evaluation of minutes.
+    - `heartbeat_s`: a live worker renews its lease this often (six beats per lease by
+      default, so five in a row may be lost before anything is reclaimed).
+    - `max_attempts`: an item whose engine reported an error, or whose holder died, this
+      many times is failed with its error instead of tried again (3: item errors are
+      nearly always deterministic, and two unlucky crashes should not fail an item).
+    """
+
+    lease_s: float = 30.0
+    heartbeat_s: float = 5.0
+    max_attempts: int = 3
+
+    def __post_init__(self):
+        if not self.lease_s > 0:
+            raise ValueError("--lease-s must be positive")
+        if not 0 < self.heartbeat_s <= self.lease_s / 2:
+            raise ValueError(f"--heartbeat-s must be positive and at most half the lease "
+                             f"({self.lease_s / 2:g} s), so one lost beat loses no lease")
+        if self.max_attempts < 1:
+            raise ValueError("--max-attempts must be at least 1")
+
+
 def default_db_url() -> str:
     return os.environ.get("CONSERVE_BENCH_DB", DEFAULT_DB_URL)
 

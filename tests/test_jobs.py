@@ -16,6 +16,7 @@ from conserve_bench.jobs.runner import Stopped
 
 from .conftest import TEST_TASKS
 
+BOTH_DIALECTS = True
 REQUESTS = [("loglikelihood", [f"Q{i}:", " A"]) for i in range(24)]
 SMALL_WINDOW = RunConfig(max_inflight=4)  # commits (and looks at stop requests) every 2 items
 

@@ -10,15 +10,16 @@ import threading
 
 import pytest
 
-from conserve_bench.config import JobSpec, RunConfig
+from conserve_bench.config import JobSpec, LeaseConfig, RunConfig
 from conserve_bench.engine.contract import ItemEngine
 from conserve_bench.engine.fake import FakeEngine, FakeEngineError, fake_result
 from conserve_bench.jobs import runner as runner_module
 from conserve_bench.jobs.runner import Runner, Stopped
-from conserve_bench.store import WorkItem
+from conserve_bench.store import Store, WorkItem
 
-from .conftest import dead_owner, wait_for
+from .conftest import wait_for
 
+BOTH_DIALECTS = True
 KINDS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
 
 
@@ -36,9 +37,9 @@ class CommitLog:
         self.batches: list[int] = []
         complete = store.complete_items
 
-        def logged(owner, results):
+        def logged(owner, results, attempts=None):
             self.batches.append(len(results))
-            return complete(owner, results)
+            return complete(owner, results, attempts)
 
         store.complete_items = logged
 
@@ -99,9 +100,11 @@ def test_an_engine_failure_propagates_and_loses_no_committed_item(store):
     assert store.item_states(job_id) == {"done": 12, "pending": 28}  # the finally commit
 
 
-def test_items_of_a_dead_worker_are_requeued_and_computed(store):
+def test_items_of_a_dead_worker_are_reclaimed_once_its_lease_expires(store, monkeypatch):
+    monkeypatch.setattr(runner_module, "WAIT_FOR_OTHERS_S", 0.05)
     job_id, keys = add_job(store, 10)
-    store.claim_items(job_id, dead_owner(), 4)  # a runner SIGKILLed while these were in flight
+    short = Store(store.url, LeaseConfig(lease_s=0.5, heartbeat_s=0.1))
+    short.claim_items(job_id, "killed", 4)  # a runner SIGKILLed while these were in flight
     engine = FakeEngine()
     Runner(store, engine, RunConfig(max_inflight=4)).run(job_id, keys)
     assert store.item_states(job_id) == {"done": 10}

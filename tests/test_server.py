@@ -184,3 +184,35 @@ def test_ci_on_the_server_stops_at_its_deadline_and_resumes_by_run_key(server, t
     config.write_text(yaml.safe_dump(doc))
     code, _, stderr = run_cli(*args)
     assert code == 2 and "model: the server at" in stderr and "serves smollm2-135m, not another-model" in stderr
+
+
+FLEET_LIMIT = 10
+
+
+def test_two_replicas_on_postgresql_share_one_job(postgres, engine, data_dir, tmp_path):
+    """Fleet mode for real: two `serve` replicas on one PostgreSQL store and a job recorded by
+    `submit --no-wait`; both compute its items, and its scores are those of one embedded run.
+    (Kills, drains, poisoned items and database restarts: tests/test_fleet.py, fake engine.)"""
+    url = postgres.create_database()
+    folders = [tmp_path / f"replica{i}" for i in range(2)]
+    replicas = []
+    try:
+        for folder in folders:
+            folder.mkdir()
+            replicas.append(Server(url, data_dir, folder, wait=False))  # both start at once
+        for replica in replicas:
+            replica.wait_ready()
+        queued = cli("submit", "mmlu_marketing", "--limit", str(FLEET_LIMIT), "--data-dir", data_dir,
+                     "--db", url, "--no-wait", "--json")
+        assert queued.returncode == 0, queued.stderr
+        job_id = json.loads(queued.stdout)["id"]
+        assert len(replicas[1].http.get("/v1/jobs").json()["replicas"]) == 2
+        status = replicas[0].wait_job(job_id)
+        remote = replicas[1].http.get(f"/v1/jobs/{job_id}/results").json()["results"]
+    finally:
+        for replica in replicas:
+            replica.stop()
+    assert status["done"] == status["total"] == 4 * FLEET_LIMIT
+    assert len(status["replicas"]) == 2 and all(r["done"] > 0 for r in status["replicas"])
+    assert set(Store(url).run_counts(job_id).values()) == {1}
+    assert remote == embedded_scores(engine, data_dir, tmp_path, ["mmlu_marketing"], FLEET_LIMIT)

@@ -1,8 +1,7 @@
-"""The store: schema migration, item dedupe, claims, batched commits, stale requeue."""
+"""The store on SQLite and PostgreSQL: schema and frozen migrations, item dedupe, claims,
+batched commits (leases, fencing and outages: tests/test_leases.py)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -16,19 +15,22 @@ from conserve_bench.store.db import create_engine
 from conserve_bench.store.migrations import migrate
 from conserve_bench.store.schema import metadata
 
-from .conftest import dead_owner
+
+BOTH_DIALECTS = True  # every test taking `store` runs on SQLite and on PostgreSQL
 
 EXPECTED_SCHEMA = {
     "schema_version": {"version"},
     "jobs": {"id", "state", "spec", "num_total", "results", "error", "created_at",
              "updated_at", "run_s", "run_key"},
     "items": {"key", "kind", "args", "state", "result", "owner", "claimed_at", "finished_at",
-              "num_runs"},
+              "num_runs", "seq", "lease_until", "num_failures", "error"},
     "job_items": {"job_id", "item_key", "seq"},
     "profiles": {"model", "dtype", "device", "vllm_version", "parallel_size", "model_json",
                  "num_samples", "fit_error", "created_at"},
     "profile_refits": {"model", "dtype", "device", "vllm_version", "parallel_size", "state_json",
                        "created_at"},
+    "workers": {"id", "host", "pid", "label", "state", "started_at", "heartbeat_at",
+                "lease_until", "job_id"},
 }
 
 
@@ -36,51 +38,62 @@ def items_for(n, kind="loglikelihood", prefix="k"):
     return [WorkItem(f"{prefix}{i}", kind, {"i": i}) for i in range(n)]
 
 
-def test_blank_database_migrates_to_expected_schema(tmp_path):
-    url = f"sqlite:///{tmp_path / 'blank.db'}"
-    Store(url)
-    inspector = sa.inspect(sa.create_engine(url))
+def test_blank_database_migrates_to_expected_schema(new_db_url):
+    url = new_db_url()
+    engine = Store(url).engine
+    inspector = sa.inspect(engine)
     schema = {t: {c["name"] for c in inspector.get_columns(t)} for t in inspector.get_table_names()}
     assert schema == EXPECTED_SCHEMA
-    with sa.create_engine(url).connect() as conn:
+    with engine.connect() as conn:
         assert conn.execute(sa.text("select version from schema_version")).scalar() == len(MIGRATIONS)
-        assert conn.execute(sa.text("pragma journal_mode")).scalar() == "wal"
+        if engine.dialect.name == "sqlite":
+            assert conn.execute(sa.text("pragma journal_mode")).scalar() == "wal"
 
 
-def sqlite_schema(engine) -> dict[str, Any]:
-    """Every table's columns (name, type, nullable, primary key), indexes and foreign keys.
-
-    NOTE: structure, not DDL text: SQLite keeps an added column's DDL as the ALTER wrote it."""
+def schema_of(engine) -> dict:
+    """Every table as the database reports it: columns in order (name, type, nullable,
+    default), primary key, foreign keys, indexes."""
     inspector = sa.inspect(engine)
     return {table: {
-        "columns": [(c["name"], str(c["type"]), c["nullable"], c["primary_key"])
+        "columns": [(c["name"], str(c["type"]), c["nullable"], c["default"])
                     for c in inspector.get_columns(table)],
+        "pk": inspector.get_pk_constraint(table)["constrained_columns"],
+        "fks": sorted((tuple(f["constrained_columns"]), f["referred_table"])
+                      for f in inspector.get_foreign_keys(table)),
         "indexes": sorted((i["name"], tuple(i["column_names"]), bool(i["unique"]))
                           for i in inspector.get_indexes(table)),
-        "foreign_keys": sorted((tuple(f["constrained_columns"]), f["referred_table"])
-                               for f in inspector.get_foreign_keys(table)),
-    } for table in sorted(inspector.get_table_names())}
+    } for table in inspector.get_table_names()}
 
 
 @pytest.mark.parametrize("old_version", range(1, len(MIGRATIONS)))
-def test_an_old_store_migrates_to_exactly_the_schema_of_a_blank_one(tmp_path, old_version):
-    """Frozen migrations: a store made by the first migrations only, then opened, ends up
-    with the schema a blank store gets, which is the schema the queries are written against."""
-    old_url = f"sqlite:///{tmp_path / 'old.db'}"
+def test_an_old_store_migrates_to_exactly_the_schema_of_a_blank_one(new_db_url, old_version):
+    """Frozen migrations: a store made by the first migrations only, holding a job with a
+    half-done item list, is upgraded in place on open, to the schema a blank store gets,
+    which is the schema the queries are written against; its items stay claimable."""
+    old_url = new_db_url()
     old = create_engine(old_url)
     assert migrate(old, MIGRATIONS[:old_version]) == old_version
-    with old.begin() as conn:  # a job as the first schema stored it
+    with old.begin() as conn:  # a job as the first schema stored it, one item done
         conn.execute(sa.text("insert into jobs (id, state, spec, num_total, created_at, "
-                             "updated_at, run_s) values ('j1', 'queued', :spec, 0, 1.0, 1.0, 0.0)"),
+                             "updated_at, run_s) values ('j1', 'running', :spec, 3, 1.0, 1.0, 0.0)"),
                      {"spec": '{"tasks": ["mmlu"]}'})
-    assert Store(old_url).get_job("j1").spec.tasks == ("mmlu",)  # migrates on open
+        for seq, (key, state) in enumerate([("b", "done"), ("c", "pending"), ("a", "pending")]):
+            conn.execute(sa.text("insert into items (key, kind, args, state, num_runs) "
+                                 "values (:k, 'loglikelihood', '{}', :s, 0)"), {"k": key, "s": state})
+            conn.execute(sa.text("insert into job_items (job_id, item_key, seq) values ('j1', :k, :q)"),
+                         {"k": key, "q": seq})
+    upgraded = Store(old_url)  # migrates on open
+    assert upgraded.get_job("j1").spec.tasks == ("mmlu",)
+    assert [w.key for w in upgraded.claim_items("j1", "me", 5)] == ["c", "a"]  # job order
 
-    blank = Store(f"sqlite:///{tmp_path / 'blank.db'}").engine
-    current = create_engine(f"sqlite:///{tmp_path / 'current.db'}")
+    blank = Store(new_db_url()).engine
+    current = create_engine(new_db_url())
     metadata.create_all(current)
-    assert sqlite_schema(old) == sqlite_schema(blank) == sqlite_schema(current)
+    assert schema_of(old) == schema_of(blank) == schema_of(current)
     with old.connect() as conn:
         assert conn.execute(sa.text("select version from schema_version")).scalar() == len(MIGRATIONS)
+    for engine in (old, blank, current):
+        engine.dispose()
 
 
 def test_a_run_key_names_one_job_and_many_jobs_have_none(store):
@@ -118,18 +131,6 @@ def test_claims_follow_job_order_and_kind(store):
     assert [w.key for w in store.claim_items(job.id, "me", 3, kind="generate_until")] == ["g0", "g1", "g2"]
     assert [w.key for w in store.claim_items(job.id, "me", 3, kind="loglikelihood")] == ["k0", "k1"]
     assert store.claim_items(job.id, "other", 3, kind="loglikelihood") == []
-
-
-def test_dead_owner_items_return_to_pending(store):
-    from conserve_bench.store import default_owner
-
-    job = store.create_job(JobSpec(tasks=("t",)))
-    store.add_items(job.id, items_for(4))
-    store.claim_items(job.id, dead_owner(), 2)
-    store.claim_items(job.id, default_owner(), 1)
-    assert store.item_states(job.id) == {"running": 3, "pending": 1}
-    assert store.requeue_stale() == 2  # only the dead process's claims
-    assert store.item_states(job.id) == {"running": 1, "pending": 3}
 
 
 def test_only_the_owner_holding_an_item_completes_it(store):

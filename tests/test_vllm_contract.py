@@ -29,6 +29,17 @@ def test_vllm_offline_engine_names():
         assert name in fields, f"SamplingParams.{name} moved"
 
 
+def test_vllm_request_error_names():
+    """A refused request raises a client error; only EngineDeadError means the engine died."""
+    from vllm.exceptions import VLLMClientError, VLLMValidationError
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    assert issubclass(VLLMValidationError, VLLMClientError)
+    assert "except EngineDeadError" in inspect.getsource(AsyncLLM.generate)
+    assert not issubclass(EngineDeadError, VLLMClientError)
+
+
 def test_vllm_context_length_names():
     """max_model_len=-1 auto-fits (the model's maximum, capped by the KV cache) and the
     frontend learns the fitted value; the model's own maximum stays one call away."""

@@ -6,7 +6,9 @@ same prompt bookkeeping as the in-process engine (`contract.PromptBook`); offlin
 at offline priority. It never touches the store.
 
 vLLM 0.32.0 names relied on: `AsyncLLM.generate(prompt, params, request_id, priority=)`,
-`AsyncLLM.abort(request_id)`, `AsyncLLM.get_tokenizer()`, `SamplingParams`.
+`AsyncLLM.abort(request_id)`, `AsyncLLM.get_tokenizer()`, `SamplingParams`,
+`vllm.v1.engine.exceptions.EngineDeadError` (what `generate` raises when the engine, not
+the request, failed; any other exception fails the request's items alone).
 """
 
 from __future__ import annotations
@@ -62,10 +64,11 @@ class AsyncEngineAdapter:
             batch.append(self._finished.get_nowait())
         for request_id, output in batch:
             prompt = self._book.take(request_id)
-            if isinstance(output, BaseException):
-                raise RuntimeError(f"offline request failed: {output}") from output
             if prompt is None or output is None:
                 continue  # aborted
+            if isinstance(output, BaseException):
+                finished += self._book.fail(prompt, _request_error(output))
+                continue
             self.on_tokens(len(prompt.token_ids) + len(output.outputs[0].token_ids))
             finished += self._book.fold(prompt, output)
         return finished
@@ -77,3 +80,12 @@ class AsyncEngineAdapter:
     def abort_all(self) -> None:
         if request_ids := self._book.clear():
             asyncio.run_coroutine_threadsafe(self.client.abort(request_ids), self.loop)
+
+
+def _request_error(error: BaseException) -> Exception:
+    """The error, if it is the request's alone; raises it if the engine itself failed."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(error, EngineDeadError) or not isinstance(error, Exception):
+        raise RuntimeError(f"offline request failed: {error}") from error
+    return error

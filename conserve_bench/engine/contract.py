@@ -11,9 +11,18 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from conserve_bench.engine.prompts import Assembler, Encoder, Prompt, build_prompts
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """The result of an item the engine could not compute while the engine itself is fine
+    (e.g. generation settings vLLM refuses); the runner records a failed attempt."""
+
+    message: str
 
 
 @runtime_checkable
@@ -72,6 +81,12 @@ class PromptBook:
     def fold(self, prompt: Prompt, output) -> list[tuple[str, Any]]:
         """(key, result) of every item that `output` (of `prompt`) completes."""
         return self._assembler.add(prompt, output)
+
+    def fail(self, prompt: Prompt, error: BaseException) -> list[tuple[str, Any]]:
+        """(key, ItemError) of every item `prompt` was part of; their other prompts' outputs
+        are dropped when they come."""
+        message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        return [(key, ItemError(message)) for key in self._assembler.drop(prompt)]
 
     def clear(self) -> list[str]:
         """Forget everything in flight; returns the request ids to abort in the engine."""

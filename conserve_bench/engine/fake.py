@@ -4,7 +4,8 @@ For tests of what sits above an engine (the runner's window and commits, cancell
 pump, job states, resume after a kill): results are derived from a hash of each item's key,
 so every run of the same items returns the same results in the same shapes as lm-eval's.
 It finishes `items_per_step` items per step, first in first out, and can fail or stall after
-a given number of items. It must never be used where the real engine's behaviour is tested.
+a given number of items, or report chosen items as failed (`ItemError`: a poisoned request).
+It must never be used where the real engine's behaviour is tested.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
+
+from conserve_bench.engine.contract import ItemError
 
 FAKE_FINGERPRINT = "fake|float32|2048"
 
@@ -35,12 +38,14 @@ class FakeEngineError(RuntimeError):
 class FakeEngine:
     """`items_per_step` items finish per `step()`. Once `fail_after` items have finished, the
     next `step()` raises, once; once `stall_after` have, `step()` only sleeps (a process to
-    kill at a known point)."""
+    kill at a known point). Items whose key is in `poisoned` finish as an `ItemError`."""
 
     def __init__(self, items_per_step: int = 4, fingerprint: str = FAKE_FINGERPRINT,
                  fail_after: int | None = None, stall_after: int | None = None,
-                 step_s: float = 0.0, on_step: Callable[[], None] | None = None):
+                 step_s: float = 0.0, on_step: Callable[[], None] | None = None,
+                 poisoned: Collection[str] = ()):
         self.items_per_step, self.fingerprint = items_per_step, fingerprint
+        self.poisoned = frozenset(poisoned)
         self.fail_after, self.stall_after, self.step_s = fail_after, stall_after, step_s
         self.on_step = on_step or (lambda: None)
         self.num_finished = self.num_steps = 0
@@ -65,7 +70,12 @@ class FakeEngine:
         num = min([self.items_per_step, len(self._queue), *limits])
         finished = [self._queue.popleft() for _ in range(num)]
         self.num_finished += len(finished)
-        return [(item.key, fake_result(item.key, item.kind)) for item in finished]
+        return [(item.key, self._result(item)) for item in finished]
+
+    def _result(self, item) -> Any:
+        if item.key in self.poisoned:
+            return ItemError(f"FakeEngineError: item {item.key} is poisoned")
+        return fake_result(item.key, item.kind)
 
     @property
     def num_pending_items(self) -> int:

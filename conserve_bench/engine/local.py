@@ -10,7 +10,8 @@ vLLM 0.32.0 names relied on (tests/test_vllm_contract.py fails loudly if they mo
 `has_unfinished_requests`, `get_tokenizer`, `engine_core.shutdown(timeout=)`, `model_config`
 (`max_model_len`, auto-fitted when given -1, and `get_and_verify_max_len(-1)`, the model's
 own maximum)), `vllm.SamplingParams` with
-`logprob_token_ids`, `prompt_logprobs`, `priority` on `add_request`, `RequestOutput`
+`logprob_token_ids`, `prompt_logprobs`, `priority` on `add_request` (a refused request raises
+`ValueError`, `TypeError` or `vllm.exceptions.VLLMClientError`), `RequestOutput`
 (`finished`, `request_id`, `prompt_token_ids`, `prompt_logprobs`, `outputs[0].token_ids`,
 `.logprobs`, `.text`).
 """
@@ -93,6 +94,7 @@ class Engine:
         self.max_model_len = context_length(self._engine.model_config)
         self._book = PromptBook(self._engine.get_tokenizer(), self.max_model_len, "item")
         self._raw_ids = itertools.count()
+        self._refused: list[tuple[str, Any]] = []  # (key, ItemError) not yet returned by step()
 
     @property
     def encoder(self):
@@ -105,16 +107,22 @@ class Engine:
 
     def submit(self, work: list, priority: int = OFFLINE_PRIORITY) -> None:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
 
         for request_id, prompt in self._book.add(work):
-            self._engine.add_request(
-                request_id, {"prompt_token_ids": prompt.token_ids},
-                SamplingParams(**prompt.params), priority=priority,
-            )
+            try:
+                params = SamplingParams(**prompt.params)
+                self._engine.add_request(request_id, {"prompt_token_ids": prompt.token_ids},
+                                         params, priority=priority)
+            except (ValueError, TypeError, VLLMClientError) as e:  # this request alone is refused
+                self._book.take(request_id)
+                self._refused += self._book.fail(prompt, e)
 
     def step(self) -> list[tuple[str, Any]]:
         """Run one engine step; return (item key, result) for every item that finished."""
-        finished: list[tuple[str, Any]] = []
+        finished, self._refused = self._refused, []
+        if not self._engine.has_unfinished_requests():
+            return finished  # NOTE: step() would block with nothing in flight
         for output in self._engine.step():
             # NOTE: an aborted request may still report its end; its prompt is gone by then.
             if output.finished and (prompt := self._book.take(output.request_id)) is not None:
@@ -123,7 +131,7 @@ class Engine:
 
     @property
     def num_pending_items(self) -> int:
-        return self._book.num_pending_items
+        return self._book.num_pending_items + len(self._refused)
 
     def has_unfinished(self) -> bool:
         return self._engine.has_unfinished_requests()
@@ -184,5 +192,6 @@ class Engine:
         return num_steps
 
     def abort_all(self) -> None:
+        self._refused.clear()
         if request_ids := self._book.clear():
             self._engine.abort_request(request_ids)

@@ -274,10 +274,20 @@ class Assembler:
     def add(self, prompt: Prompt, output) -> list[tuple[str, Any]]:
         finished = []
         for part in prompt.parts:
+            if part.key not in self._expected:
+                continue  # the item failed through another of its prompts
             self._partial[part.key].append(part.read(output))
             if len(self._partial[part.key]) == self._expected[part.key]:
                 finished.append((part.key, self._fold(part.key)))
         return finished
+
+    def drop(self, prompt: Prompt) -> list[str]:
+        """Forget the items `prompt` is part of (their request failed); their keys."""
+        keys = [key for key in dict.fromkeys(part.key for part in prompt.parts) if key in self._expected]
+        for key in keys:
+            self._partial.pop(key, None)
+            del self._kind[key], self._expected[key]
+        return keys
 
     def _fold(self, key: str) -> Any:
         values = self._partial.pop(key)

@@ -3,7 +3,8 @@
 The one data path: task spec -> lm-eval instances (lm-eval builds them) -> work items in the
 store (`ConserveLM`) -> engine -> results committed -> lm-eval metrics -> results file.
 Every function here validates its input before writing anything, and an interrupted run
-gives its in-flight items back, so stored progress is never lost.
+gives its in-flight items back, so stored progress is never lost. Every run is a worker of
+the store's fleet (`jobs.worker`): several processes may run one job together.
 
     >>> store = Store("sqlite:///conserve.db")
     >>> job = submit_job(store, JobSpec(tasks=("mmlu_anatomy",), limit=10))
@@ -12,6 +13,7 @@ gives its in-flight items back, so stored progress is never lost.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
@@ -29,6 +31,7 @@ from conserve_bench.engine.prompts import check_request_args, keyed_items
 from conserve_bench.jobs.runner import Runner, Stopped
 from conserve_bench.jobs.samples import (PER_SAMPLE_KEY, read_samples_file, sample_table,
                                          samples_path, task_hashes, write_samples_file)
+from conserve_bench.jobs.worker import Worker
 from conserve_bench.store import Job, JobState, Store
 from conserve_bench.jobs.taskspec import check_tasks, task_manager
 
@@ -61,40 +64,57 @@ def start_engine(model: ModelRef, **overrides):
 def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
             output_dir: str | Path | None = "results",
             on_progress: ProgressFn | None = None,
-            should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+            should_stop: Callable[[], bool] = lambda: False,
+            worker: Worker | None = None, retry_failed: bool = True) -> dict[str, Any]:
     """Run a job to completion on `engine`; returns lm-eval's results plus job metadata.
 
-    Finished items are reused, items of dead owners are reclaimed, and on any interruption
-    the items this run holds go back to pending.
+    Finished items are reused and other workers' expired leases reclaimed; any number of
+    processes may run the same job at once, as `worker`s of a fleet (None: this call is
+    one). A failed job is given its failed items back, unless `retry_failed` is False (then
+    it is a JobStateError). On any interruption the items this run holds go back to pending.
     """
     job = runnable_job(store, job_id)
     manager = None
     if job.spec.source == "tasks":
         manager = task_manager(job.spec.data_dir)
         check_tasks(job.spec.tasks, manager)
-    store.requeue_stale()
-    store.set_job_state(job_id, JobState.RUNNING)
-    tracker = _ProgressTracker(store, job_id, on_progress)
-    runner = Runner(store, engine, run_cfg, on_progress=tracker.advance,
-                    should_stop=lambda: should_stop() or _cancelled(store, job_id))
+    with contextlib.ExitStack() as stack:
+        if worker is None:
+            worker = stack.enter_context(Worker(store, "submit"))
+        return _run_as(store, job, engine, run_cfg, output_dir, on_progress, should_stop,
+                       worker, manager, retry_failed)
+
+
+def _run_as(store: Store, job: Job, engine, run_cfg: RunConfig, output_dir, on_progress,
+            should_stop, worker: Worker, manager, retry_failed: bool) -> dict[str, Any]:
+    if job.state == JobState.FAILED and retry_failed:
+        store.retry_failed_items(job.id)
+    if not store.start_job(job.id, worker.id, failed_too=retry_failed):
+        raise JobStateError(f"job {job.id} is {store.get_job_state(job.id)}; nothing to run")
+    tracker = _ProgressTracker(store, job.id, on_progress)
+    runner = Runner(store, engine, run_cfg, owner=worker.id, on_progress=tracker.advance,
+                    should_stop=lambda: should_stop() or _cancelled(store, job.id))
     t0 = time.perf_counter()
     try:
         output = _evaluate(store, job, runner, engine, manager, tracker)
     except BaseException as e:
         runner.release()
-        store.add_run_time(job_id, time.perf_counter() - t0)
-        if not _cancelled(store, job_id):
-            failed = isinstance(e, Exception) and not isinstance(e, (JobCancelled, Stopped))
-            store.set_job_state(job_id, JobState.FAILED if failed else JobState.QUEUED,
-                                error=one_line_error(e))
+        store.add_run_time(job.id, time.perf_counter() - t0)
+        # NOTE: an error while stopping is the stop's (the engine went down with the
+        # server), not the job's; and a job others still work on stays theirs, running.
+        failed = (isinstance(e, Exception) and not isinstance(e, (JobCancelled, Stopped))
+                  and not should_stop())
+        store.leave_job(job.id, worker.id, JobState.FAILED if failed else JobState.QUEUED,
+                        error=one_line_error(e))
         raise
     wall_s = time.perf_counter() - t0
-    store.add_run_time(job_id, wall_s)
-    store.set_job_state(job_id, JobState.DONE)
-    results = _with_metadata(output, store.get_job(job_id), engine, runner, wall_s)
-    store.save_results(job_id, results)
+    store.add_run_time(job.id, wall_s)
+    store.set_job_state(job.id, JobState.DONE)
+    results = _with_metadata(output, store.get_job(job.id), engine, runner, wall_s)
+    store.save_results(job.id, results)
+    store.leave_job(job.id, worker.id)
     if output_dir is not None:
-        write_results_file(results, Path(output_dir) / f"{job_id}.json")
+        write_results_file(results, Path(output_dir) / f"{job.id}.json")
     return results
 
 
@@ -111,7 +131,7 @@ class JobCancelled(Exception):
 
 
 def _cancelled(store: Store, job_id: str) -> bool:
-    return store.get_job(job_id).state == JobState.CANCELLED
+    return store.get_job_state(job_id) == JobState.CANCELLED
 
 
 def _raise_if_cancelled(store: Store, job_id: str) -> None:
@@ -177,6 +197,18 @@ def cancel_job(store: Store, job_id: str) -> Job:
     return store.get_job(job_id)
 
 
+def job_status(store: Store, job_id: str) -> dict[str, Any]:
+    """What `status` and `GET /v1/jobs/{id}` show: the job, the workers that computed or hold
+    its items (per-replica progress), and its failed items with their errors."""
+    return {**store.get_job(job_id).to_dict(), "replicas": store.job_workers(job_id),
+            "item_errors": store.item_errors(job_id)}
+
+
+def fleet_overview(store: Store) -> dict[str, Any]:
+    """What `jobs` and `GET /v1/jobs` show: jobs, newest first, and the live workers."""
+    return {"jobs": [j.to_dict() for j in store.list_jobs()], "replicas": store.live_workers()}
+
+
 def job_results(store: Store, job_id: str) -> dict[str, Any]:
     results = store.get_results(job_id)
     if results is None:
@@ -232,6 +264,7 @@ class Session:
     engine: Any
     runner: Runner
     job_id: str
+    worker: Worker
     owns_engine: bool = True
     closed: bool = False
     t0: float = field(default_factory=time.perf_counter)
@@ -247,6 +280,8 @@ class Session:
             try:
                 self.runner.release()
                 self._finish_job()
+                self.store.leave_job(self.job_id, self.worker.id)
+                self.worker.stop()
             finally:
                 if self.owns_engine:
                     self.engine.close()
@@ -275,12 +310,12 @@ def open_session(model: str, db: str | None, data_dir: str | None, max_inflight:
     engine = engine or start_engine(resolve_model(model))
     spec = JobSpec(tasks=("lm-eval",), model=model, data_dir=data_dir, source="requests")
     job = store.create_job(spec)
-    # NOTE: items of a killed earlier run are still marked running under its dead pid;
-    # they go back to pending here, so this run computes them.
-    store.requeue_stale()
-    store.set_job_state(job.id, JobState.RUNNING)
-    runner = Runner(store, engine, RunConfig(max_inflight=max_inflight))
-    return Session(store, engine, runner, job.id, owns_engine)
+    # NOTE: items a killed earlier run held are reclaimed by this run's claims (at once if
+    # it ran on this host: the worker's start ends a dead neighbour's lease).
+    worker = Worker(store, "lm-eval").start()
+    store.start_job(job.id, worker.id)
+    runner = Runner(store, engine, RunConfig(max_inflight=max_inflight), owner=worker.id)
+    return Session(store, engine, runner, job.id, worker, owns_engine)
 
 
 # -- helpers -----------------------------------------------------------------------------------

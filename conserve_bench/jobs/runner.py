@@ -3,9 +3,11 @@
 Contract: at most `max_inflight` items are claimed and not yet committed at any instant
 (in the engine or finished and waiting for the next commit). Finished items are committed
 in batches (one transaction per `commit_every` items or per second, whichever comes first),
-so a killed process loses at most that window: exactly what `resume` computes again. It
-drives any `engine.contract.ItemEngine` and never holds a store transaction while the engine
-runs.
+so a killed process loses at most that window: exactly what another worker, or `resume`,
+computes again. Each commit is fenced by the attempt each item was claimed under. Any
+number of runners, in any number of processes, may run the same job: they share its items
+through the store's claims. It drives any `engine.contract.ItemEngine` and never holds a
+store transaction while the engine runs.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from conserve_bench.config import RunConfig
-from conserve_bench.engine.contract import ItemEngine
-from conserve_bench.store import Store, default_owner
+from conserve_bench.engine.contract import ItemEngine, ItemError
+from conserve_bench.errors import ItemsFailedError
+from conserve_bench.jobs.worker import new_worker_id
+from conserve_bench.store import Store
 
 COMMIT_INTERVAL_S = 1.0
 WAIT_FOR_OTHERS_S = 0.5
@@ -32,12 +36,17 @@ class RunStats:
     """What one runner did; `store_s` is the bookkeeping share of `wall_s`."""
 
     num_items: int = 0  # items this runner computed and committed
+    num_failed: int = 0  # failed attempts it recorded
     wall_s: float = 0.0
     store_s: float = 0.0
 
 
 class Runner:
-    """Computes a job's items on one engine, as one owner of the store's claims."""
+    """Computes a job's items on one engine, as one owner of the store's claims.
+
+    `owner` is the id of this process's `jobs.worker.Worker`, whose heartbeat keeps the
+    claims leased; None: a fresh id, whose claims simply last one lease.
+    """
 
     def __init__(self, store: Store, engine: ItemEngine, cfg: RunConfig = RunConfig(),
                  owner: str | None = None,
@@ -46,66 +55,85 @@ class Runner:
         self.store = store
         self.engine = engine
         self.cfg = cfg
-        self.owner = owner or default_owner()
+        self.owner = owner or new_worker_id()
         self.on_progress = on_progress or (lambda num_done: None)
         self.should_stop = should_stop or (lambda: False)
         self.stats = RunStats()
+        self._attempts: dict[str, int] = {}  # claimed, not yet committed: key -> attempt
         self._uncommitted: dict[str, Any] = {}
+        self._failed: dict[str, str] = {}  # key -> the engine's error
         self._last_commit = time.monotonic()
 
     def run(self, job_id: str, keys: list[str], kind: str | None = None) -> dict[str, Any]:
         """Compute every item of `keys` that is not done yet; return all their results.
 
         Claims only the job's pending items of `kind` (None: of any kind), in job order.
+        Raises `ItemsFailedError` when nothing is left to compute but some items failed.
         """
         t0 = time.perf_counter()
         try:
-            self._run(job_id, set(keys), kind)
+            self._run(job_id, kind)
         finally:
             self._commit()
             self.stats.wall_s += time.perf_counter() - t0
         return self._timed(self.store.results_for, keys)
 
-    def _run(self, job_id: str, keys: set[str], kind: str | None) -> None:
+    def _run(self, job_id: str, kind: str | None) -> None:
         exhausted = False
         while True:
             # NOTE: uncommitted results count against the window, so at most `max_inflight`
             # items are ever claimed and not yet committed: the most a kill can cost.
-            room = self.cfg.max_inflight - self.engine.num_pending_items - len(self._uncommitted)
+            room = self.cfg.max_inflight - len(self._attempts)
             if not exhausted and room >= max(1, self.cfg.max_inflight // 4):
-                claimed = self._timed(self.store.claim_items, job_id, self.owner, room, kind)
-                exhausted = len(claimed) < room
-                if claimed:
-                    self.engine.submit(claimed)
+                exhausted = len(self._claim(job_id, room, kind)) < room
             if self.engine.num_pending_items == 0:
-                if exhausted and self._all_done(keys):
+                if exhausted and self._finished(job_id, kind):
                     return
-                exhausted = False  # items held by another live owner: wait, then look again
+                exhausted = False  # items held by other live workers: wait, then look again
                 time.sleep(WAIT_FOR_OTHERS_S)
                 continue
             for key, result in self.engine.step():
-                self._uncommitted[key] = result
-            if (len(self._uncommitted) >= self.cfg.commit_every
+                if isinstance(result, ItemError):
+                    self._failed[key] = result.message
+                else:
+                    self._uncommitted[key] = result
+            if (len(self._uncommitted) + len(self._failed) >= self.cfg.commit_every
                     or time.monotonic() - self._last_commit > COMMIT_INTERVAL_S):
                 self._commit()
                 if self._timed(self.should_stop):
                     raise Stopped("stopped on request")
 
-    def _all_done(self, keys: set[str]) -> bool:
+    def _claim(self, job_id: str, room: int, kind: str | None) -> list:
+        claimed = self._timed(self.store.claim_items, job_id, self.owner, room, kind,
+                              list(self._attempts))
+        self._attempts.update((w.key, w.attempt) for w in claimed)
+        if claimed:
+            self.engine.submit(claimed)
+        return claimed
+
+    def _finished(self, job_id: str, kind: str | None) -> bool:
+        """Nothing of the job (of `kind`) is pending or leased; raises if any item failed."""
         self._commit()
-        missing = len(keys) - len(self._timed(self.store.results_for, list(keys)))
-        if missing:
-            self._timed(self.store.requeue_stale)
-        return missing == 0
+        if self._timed(self.store.num_unfinished, job_id, kind):
+            return False
+        if errors := self._timed(self.store.item_errors, job_id, kind, None):
+            first = errors[0]
+            raise ItemsFailedError(
+                f"{len(errors)} item(s) failed {first['attempts']} attempt(s); first, "
+                f"{first['kind']} {first['key'][:12]}: {first['error']}")
+        return True
 
     def _commit(self) -> None:
         self._last_commit = time.monotonic()
-        if not self._uncommitted:
+        if not self._uncommitted and not self._failed:
             return
-        batch, self._uncommitted = self._uncommitted, {}
-        # NOTE: an item this owner no longer holds (given back while it was presumed dead)
-        # is not committed; its new owner computes it, and `_all_done` waits for that.
-        num_committed = self._timed(self.store.complete_items, self.owner, batch)
+        done, self._uncommitted = self._uncommitted, {}
+        failed, self._failed = self._failed, {}
+        attempts = {key: self._attempts.pop(key) for key in (*done, *failed)}
+        # NOTE: an item this owner no longer holds (its lease expired and another worker
+        # took it) is not committed; its new owner computes it, and `_finished` waits.
+        num_committed = self._timed(self.store.complete_items, self.owner, done, attempts)
+        self.stats.num_failed += self._timed(self.store.fail_items, self.owner, failed, attempts)
         self.stats.num_items += num_committed
         self.on_progress(num_committed)
 
@@ -113,6 +141,8 @@ class Runner:
         """Give back whatever this runner holds (graceful stop); uncommitted work is lost."""
         self.engine.abort_all()
         self._uncommitted.clear()
+        self._failed.clear()
+        self._attempts.clear()
         return self.store.release_items(self.owner)
 
     def _timed(self, fn, *args):

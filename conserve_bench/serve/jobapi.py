@@ -99,11 +99,11 @@ def install_job_api(app, store, cfg, fingerprint: str) -> None:
 
     @router.get("")
     def list_all() -> dict[str, Any]:
-        return {"jobs": [j.to_dict() for j in store.list_jobs()]}
+        return lifecycle.fleet_overview(store)
 
     @router.get("/{job_id}")
     def status(job_id: str) -> dict[str, Any]:
-        return store.get_job(job_id).to_dict()
+        return lifecycle.job_status(store, job_id)
 
     @router.get("/{job_id}/results")
     def results(job_id: str, full: bool = False) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any
 
 import uvicorn
 
-from conserve_bench.config import EngineConfig, RunConfig
+from conserve_bench.config import EngineConfig, LeaseConfig, RunConfig
 from conserve_bench.engine.arrivals import ArrivalSignal
 from conserve_bench.engine.local import context_length, engine_args, engine_environment
 from conserve_bench.engine.plugin import ONLINE_PRIORITY, conserve_overrides
@@ -80,6 +80,7 @@ class ServeConfig:
     output_dir: str = "results"
     profile: bool = True  # load this machine's latency profile; measure it once if missing
     step_log: str | None = None  # append every engine step (shape, time, plan) to this file
+    leases: LeaseConfig = LeaseConfig()  # fleet mode: lease, heartbeat, attempts
     engine_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -267,7 +268,7 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
     from conserve_bench.serve.pump import OfflinePump
     from conserve_bench.store import Store
 
-    store = Store(cfg.db_url)
+    store = Store(cfg.db_url, cfg.leases)
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", *vllm_cli_args(cfg, engine_cfg)])
     async with build_async_engine_client(args) as client:
         supported_tasks = await client.get_supported_tasks()
@@ -280,7 +281,8 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
         adapter = AsyncEngineAdapter(client, asyncio.get_running_loop(), fingerprint,
                                      max_model_len, on_tokens=metrics.offline_tokens)
         pump = OfflinePump(store, adapter, RunConfig(max_inflight=cfg.max_offline_inflight),
-                           cfg.output_dir, on_progress=metrics.job_progress)
+                           cfg.output_dir, on_progress=metrics.job_progress,
+                           label=f"serve {cfg.host}:{cfg.port}")
         # NOTE: vLLM's app has built its middleware stack already; ours wraps it from outside.
         asgi_app = OnlinePriorityMiddleware(app, metrics, arrivals)
         server = DrainingServer(uvicorn.Config(asgi_app, host=cfg.host, port=cfg.port,

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
+from conserve_bench.store.db import lock_for_migration
 from conserve_bench.store.schema import schema_version
 
 
@@ -89,8 +90,52 @@ def m004_run_key(conn: sa.Connection) -> None:
     conn.execute(sa.text("CREATE UNIQUE INDEX ux_jobs_run_key ON jobs (run_key)"))
 
 
+def m005_leases(conn: sa.Connection) -> None:
+    """Fleet mode: items leased on the database's clock, attempts and failures, claim order;
+    one heartbeat row per worker (issue #19)."""
+    for column in (
+        sa.Column("seq", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+        sa.Column("lease_until", sa.Float),
+        sa.Column("num_failures", sa.Integer, nullable=False, server_default=sa.text("0")),
+        sa.Column("error", sa.Text),
+    ):
+        _add_column(conn, "items", column)
+    # NOTE: an item's first position in any job is its claim order (new items: store-wide).
+    conn.execute(sa.text("UPDATE items SET seq = COALESCE((SELECT MIN(job_items.seq) FROM "
+                         "job_items WHERE job_items.item_key = items.key), 0)"))
+    conn.execute(sa.text("DROP INDEX ix_items_state"))
+    meta = sa.MetaData()
+    items = sa.Table("items", meta, sa.Column("state"), sa.Column("seq"), sa.Column("lease_until"))
+    sa.Index("ix_items_claim", items.c.state, items.c.seq).create(conn)
+    sa.Index("ix_items_lease", items.c.state, items.c.lease_until).create(conn)
+    sa.Table(
+        "workers", meta,
+        sa.Column("id", sa.String(128), primary_key=True),
+        sa.Column("host", sa.String(256), nullable=False),
+        sa.Column("pid", sa.Integer, nullable=False),
+        sa.Column("label", sa.String(128), nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("started_at", sa.Float, nullable=False),
+        sa.Column("heartbeat_at", sa.Float, nullable=False),
+        sa.Column("lease_until", sa.Float, nullable=False),
+        sa.Column("job_id", sa.String(32)),
+        sa.Index("ix_workers_lease", "state", "lease_until"),
+    ).create(conn, checkfirst=True)
+
+
+def _add_column(conn: sa.Connection, table: str, column: sa.Column) -> None:
+    """ALTER TABLE ... ADD COLUMN, typed as this dialect types the column in a CREATE TABLE."""
+    ddl = f"ALTER TABLE {table} ADD COLUMN {column.name} {column.type.compile(conn.dialect)}"
+    if column.server_default is not None:
+        ddl += f" DEFAULT {column.server_default.arg.text}"
+    if not column.nullable:
+        ddl += " NOT NULL"
+    conn.execute(sa.text(ddl))
+
+
 MIGRATIONS: list[Callable[[sa.Connection], None]] = [m001_initial, m002_profiles,
-                                                      m003_profile_refits, m004_run_key]
+                                                      m003_profile_refits, m004_run_key,
+                                                      m005_leases]
 
 
 def migrate(engine: sa.Engine, migrations=MIGRATIONS) -> int:
@@ -99,6 +144,7 @@ def migrate(engine: sa.Engine, migrations=MIGRATIONS) -> int:
     `migrations` is for tests that build an old store from the first few.
     """
     with engine.begin() as conn:
+        lock_for_migration(conn)
         schema_version.create(conn, checkfirst=True)
         current = conn.execute(sa.select(schema_version.c.version)).scalar()
         if current is None:

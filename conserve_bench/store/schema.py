@@ -33,18 +33,28 @@ jobs = sa.Table(
     sa.Index("ux_jobs_run_key", "run_key", unique=True),
 )
 
+# NOTE: `owner` is the worker holding a running item, the one that computed a done item,
+# the one that failed it last; `num_runs` counts claims and is the attempt that fences a
+# completion (owner, attempt); `lease_until` and `claimed_at` are on the database's clock.
 items = sa.Table(
     "items",
     metadata,
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("kind", sa.String(32), nullable=False),
     sa.Column("args", sa.Text, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("state", sa.String(16), nullable=False),
     sa.Column("result", sa.Text),
     sa.Column("owner", sa.String(128)),
     sa.Column("claimed_at", sa.Float),
     sa.Column("finished_at", sa.Float),
     sa.Column("num_runs", sa.Integer, nullable=False, default=0),
+    sa.Column("seq", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+    sa.Column("lease_until", sa.Float),
+    sa.Column("num_failures", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("error", sa.Text),
+    # claims walk pending items in the order they were added, and expired leases by age
+    sa.Index("ix_items_claim", "state", "seq"),
+    sa.Index("ix_items_lease", "state", "lease_until"),
 )
 
 job_items = sa.Table(
@@ -75,6 +85,23 @@ profiles = sa.Table(
     sa.Column("num_samples", sa.Integer, nullable=False),
     sa.Column("fit_error", sa.Text),
     sa.Column("created_at", sa.Float, nullable=False),
+)
+
+# One row per worker process (a `serve` replica, a `submit`, an lm-eval session): its
+# heartbeat keeps `lease_until` (database clock) ahead; `job_id` is the job it works on now.
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("host", sa.String(256), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("label", sa.String(128), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+    sa.Column("lease_until", sa.Float, nullable=False),
+    sa.Column("job_id", sa.String(32)),
+    sa.Index("ix_workers_lease", "state", "lease_until"),
 )
 
 PROFILE_KEY_COLUMNS = tuple(column.name for column in _profile_key())

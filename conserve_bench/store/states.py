@@ -1,9 +1,10 @@
 """The states of jobs and work items: one definition, stored as their plain string values.
 
 A job: queued -> running -> done | failed | cancelled (a drained or interrupted job goes back
-to queued). An item: pending -> running (claimed by one owner) -> done; a running item whose
-owner died or let go returns to pending. The values are what the database and the JSON of
-`status`/`jobs` hold; they must never change.
+to queued once no other worker is on it). An item: pending -> running (leased by one owner)
+-> done; a running item whose owner let go returns to pending, one whose lease expired is
+taken by the next claim; an item that failed `max_attempts` attempts is failed. The values
+are what the database and the JSON of `status`/`jobs` hold; they must never change.
 """
 
 from __future__ import annotations
@@ -38,3 +39,9 @@ class ItemState(_StrEnum):
     PENDING = "pending"
     RUNNING = "running"
     DONE = "done"
+    FAILED = "failed"
+
+
+class WorkerState(_StrEnum):
+    ACTIVE = "active"  # heartbeating; alive while its lease has not expired
+    STOPPED = "stopped"  # stopped cleanly, holding nothing

@@ -1,0 +1,170 @@
+"""The job store under a fleet: claim + commit throughput with 1-8 worker processes, side by side
+on PostgreSQL and SQLite, and one big job through 8 workers with nothing lost or done twice.
+
+Each worker is a process running the job runner (`jobs.runner.Runner`, the window of `submit`:
+64 items, commits of 32) as a heartbeating `jobs.worker.Worker`, on the fake engine with no
+compute time: what is measured is the store alone. Reported per (database, workers): items/s
+over the whole job, and the store's cost per item (time inside store calls, summed over the
+workers, per item). PostgreSQL is a throwaway cluster started here (`store.pgcluster`, fsync
+on: a real server's durability) unless `--pg-url` names one. Then `--big-items` items through
+8 workers: every item done, each claimed once, each completion counted once.
+
+    python benchmarks/store_fleet.py --items 2000 --big-items 5000        # about a minute
+    python benchmarks/store_fleet.py                                      # the measured run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from conserve_bench.config import JobSpec, RunConfig  # noqa: E402
+from conserve_bench.store import Store, WorkItem  # noqa: E402
+
+TARGET_STORE_MS = 2.0  # per item, at 8 workers
+WINDOW = RunConfig(max_inflight=64)
+
+
+def worker_main(url: str, job_id: str, start, out) -> None:
+    """One worker process: wait for the start, run the job's items to the end, report."""
+    from conserve_bench.engine.fake import FakeEngine
+    from conserve_bench.jobs.runner import Runner
+    from conserve_bench.jobs.worker import Worker
+
+    store = Store(url)
+    with Worker(store, "bench") as worker:
+        runner = Runner(store, FakeEngine(items_per_step=16), WINDOW, owner=worker.id)
+        start.wait()
+        runner.run(job_id, [])
+    out.put({"num_items": runner.stats.num_items, "store_s": runner.stats.store_s,
+             "wall_s": runner.stats.wall_s})
+
+
+def run_job(url: str, num_items: int, num_workers: int) -> dict:
+    """A fresh job of `num_items` items through `num_workers` processes; what it cost."""
+    store = Store(url)
+    job = store.create_job(JobSpec(tasks=("bench",), source="requests"))
+    for first in range(0, num_items, 10_000):
+        store.add_items(job.id, [WorkItem(f"{job.id}-{i:07d}", "loglikelihood", {"i": i})
+                                 for i in range(first, min(num_items, first + 10_000))])
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=worker_main, args=(url, job.id, start, out)) for _ in range(num_workers)]
+    for proc in procs:
+        proc.start()
+    _wait_for_workers(store, num_workers)
+    t0 = time.perf_counter()
+    start.set()
+    reports = [out.get(timeout=3600) for _ in procs]
+    wall_s = time.perf_counter() - t0
+    for proc in procs:
+        proc.join()
+    return _summary(store, job.id, num_items, num_workers, wall_s, reports)
+
+
+def _wait_for_workers(store: Store, num_workers: int) -> None:
+    deadline = time.time() + 300
+    while len([w for w in store.live_workers() if w["label"] == "bench"]) < num_workers:
+        if time.time() > deadline:
+            raise RuntimeError("workers did not start")
+        time.sleep(0.2)
+
+
+def _summary(store: Store, job_id: str, num_items: int, num_workers: int, wall_s: float,
+             reports: list[dict]) -> dict:
+    runs = store.run_counts(job_id)
+    committed = sum(r["num_items"] for r in reports)
+    store_s = sum(r["store_s"] for r in reports)
+    return {
+        "database": store.dialect, "workers": num_workers, "items": num_items,
+        "wall_s": round(wall_s, 3), "items_per_s": round(num_items / wall_s, 1),
+        "store_ms_per_item": round(1e3 * store_s / num_items, 4),
+        "per_worker_items": sorted(r["num_items"] for r in reports),
+        "lost": num_items - store.item_states(job_id).get("done", 0),
+        "claimed_twice": sum(1 for n in runs.values() if n > 1),
+        "completed_twice": committed - num_items,
+    }
+
+
+def databases(args) -> list[tuple[str, object]]:
+    """(name, a callable giving a fresh database URL) for each database benchmarked."""
+    folder = Path(tempfile.mkdtemp(prefix="store-fleet-"))
+    counter = iter(range(10**6))
+    found = [("sqlite", lambda: f"sqlite:///{folder / f'fleet{next(counter)}.db'}")]
+    if args.pg_url:
+        found.append(("postgresql", lambda: _fresh_pg_database(args.pg_url, next(counter))))
+    else:
+        from conserve_bench.store.pgcluster import ThrowawayCluster
+
+        args.cluster = ThrowawayCluster(durable=True)
+        found.append(("postgresql", args.cluster.create_database))
+    return found
+
+
+def _fresh_pg_database(url: str, n: int) -> str:
+    import sqlalchemy as sa
+
+    name = f"store_fleet_{int(time.time())}_{n}"
+    with sa.create_engine(url, isolation_level="AUTOCOMMIT").connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    return str(sa.make_url(url).set(database=name).render_as_string(hide_password=False))
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| workers | " + " | ".join(f"{r['database']} items/s | {r['database']} store ms/item"
+                                         for r in rows if r["workers"] == rows[0]["workers"]) + " |"]
+    lines.append("|---" * (1 + 2 * len({r["database"] for r in rows})) + "|")
+    for num in sorted({r["workers"] for r in rows}):
+        cells = [f"{r['items_per_s']:.0f} | {r['store_ms_per_item']:.3f}" for r in rows if r["workers"] == num]
+        lines.append(f"| {num} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=20_000, help="Items per (database, workers) run.")
+    parser.add_argument("--workers", default="1,2,4,8")
+    parser.add_argument("--big-items", type=int, default=100_000, help="Items of the 8-worker job.")
+    parser.add_argument("--pg-url", help="An existing PostgreSQL (a database per run is created there).")
+    parser.add_argument("--out", default=str(REPO / "results" / "store-fleet.json"))
+    args = parser.parse_args()
+    args.cluster = None
+    try:
+        report = measure(args)
+    finally:
+        if args.cluster is not None:
+            args.cluster.remove()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+def measure(args) -> dict:
+    sweep, big = [], []
+    for name, new_url in databases(args):
+        for num_workers in (int(n) for n in args.workers.split(",")):
+            sweep.append(run_job(new_url(), args.items, num_workers))
+            print(json.dumps(sweep[-1]), flush=True)
+        big.append(run_job(new_url(), args.big_items, 8))
+        print(json.dumps(big[-1]), flush=True)
+    print(f"\nclaim + commit, {args.items} items per run, fake engine (no compute):\n")
+    print(table(sorted(sweep, key=lambda r: (r["workers"], r["database"]))))
+    for r in big:
+        verdict = "PASS" if r["store_ms_per_item"] < TARGET_STORE_MS else "FAIL"
+        print(f"\n{r['database']}: {r['items']} items through 8 workers in {r['wall_s']:.1f} s "
+              f"({r['items_per_s']:.0f}/s): lost {r['lost']}, claimed twice {r['claimed_twice']}, "
+              f"completed twice {r['completed_twice']}; store {r['store_ms_per_item']:.3f} ms/item "
+              f"(target < {TARGET_STORE_MS} ms: {verdict})")
+    return {"sweep": sweep, "big": big, "target_store_ms_per_item": TARGET_STORE_MS}
+
+
+if __name__ == "__main__":
+    main()
