@@ -64,7 +64,7 @@ def _locked(query: sa.Select, limit: int, name: str) -> sa.CTE:
             .prefix_with("MATERIALIZED"))
 
 
-def _held(owner: str, fenced: bool):
+def held(owner: str, fenced: bool):
     """The rows `owner` holds; with `fenced`, only under the attempt bound as `attempt`."""
     conditions = [items.c.key == sa.bindparam("item_key"), items.c.owner == owner,
                   items.c.state == RUNNING]
@@ -79,7 +79,7 @@ def complete(owner: str, fenced: bool, now) -> sa.Update:
     NOTE: the fence. An item whose lease was reclaimed has another owner or a newer attempt,
     so a worker that lost its lease can never overwrite a newer attempt's result.
     """
-    return items.update().where(_held(owner, fenced)).values(
+    return items.update().where(held(owner, fenced)).values(
         state=ItemState.DONE.value, result=sa.bindparam("item_result"), finished_at=now,
         lease_until=None)
 
@@ -88,7 +88,7 @@ def fail(owner: str, fenced: bool, max_attempts: int) -> sa.Update:
     """Executed with rows {item_key, attempt, item_error}: one more failed attempt; back to
     pending, or failed for good once out of attempts. Fenced like `complete`."""
     out_of_attempts = items.c.num_failures + 1 >= max_attempts
-    return items.update().where(_held(owner, fenced)).values(
+    return items.update().where(held(owner, fenced)).values(
         state=sa.case((out_of_attempts, ItemState.FAILED.value), else_=PENDING),
         owner=sa.case((out_of_attempts, items.c.owner), else_=None),
         num_failures=items.c.num_failures + 1, error=sa.bindparam("item_error"), lease_until=None)
