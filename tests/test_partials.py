@@ -22,7 +22,7 @@ from conserve_bench.store import MIGRATIONS, Store, WorkItem
 from conserve_bench.store.db import create_engine
 from conserve_bench.store.migrations import migrate
 
-from .conftest import dead_owner
+from .conftest import dead_worker
 
 # -- the pure part: a generation split at any checkpoint, streamed in any deltas --------------
 
@@ -162,7 +162,8 @@ def test_a_killed_run_continues_its_generations_from_their_checkpoints(tmp_path)
     cfg = RunConfig(max_inflight=6, checkpoint_tokens=5, checkpoint_s=60)
     first = FakeEngine(gen_tokens=GEN_TOKENS)
     kill_after(first, 6 * GEN_TOKENS // 2)
-    runner = Runner(store, first, cfg, owner=dead_owner())
+    killed = dead_worker(store)
+    runner = Runner(store, first, cfg, owner=killed)
     try:
         runner.run(job_id, keys)
     except Killed:
@@ -172,7 +173,7 @@ def test_a_killed_run_continues_its_generations_from_their_checkpoints(tmp_path)
     assert 6 * (GEN_TOKENS // 2 - 5) <= status.num_partial_tokens <= 6 * GEN_TOKENS // 2
     assert runner.stats.num_checkpoints >= 3
 
-    assert store.requeue_stale() == 6
+    assert store.end_leases([killed]) == 6  # its host knows it is dead: the leases end
     second = FakeEngine(gen_tokens=GEN_TOKENS)
     results = Runner(store, second, cfg).run(job_id, keys)
     assert results == expected_results(keys)  # as if never interrupted
@@ -223,7 +224,8 @@ def test_checkpoints_come_every_n_tokens_each_batched_in_one_transaction(store):
     job_id, keys = add_generations(store, 8)
     batches = []
     save = store.save_partials
-    store.save_partials = lambda owner, partials: batches.append(len(partials)) or save(owner, partials)
+    store.save_partials = lambda owner, partials, *rest: batches.append(len(partials)) or save(
+        owner, partials, *rest)
     runner = Runner(store, FakeEngine(gen_tokens=GEN_TOKENS), RunConfig(
         max_inflight=8, checkpoint_tokens=10, checkpoint_s=600))
     assert runner.run(job_id, keys) == expected_results(keys)
@@ -254,9 +256,9 @@ def test_only_the_owner_of_a_running_item_checkpoints_it(store):
 
 
 def test_a_store_of_the_previous_schema_migrates_and_its_generations_resume(tmp_path):
-    """A job interrupted under the schema before partials (its items running for a dead owner)
-    opens on this version: the items are requeued, checkpointed as they run, and a second
-    interruption continues from the checkpoints."""
+    """A job interrupted under the schema before partials (its items leased by a worker that
+    died) opens on this version: the items are taken over, checkpointed as they run, and a
+    second interruption continues from the checkpoints."""
     url = f"sqlite:///{tmp_path / 'old.db'}"
     previous = MIGRATIONS[:-1]
     assert migrate(create_engine(url), previous) == len(previous)
@@ -264,24 +266,24 @@ def test_a_store_of_the_previous_schema_migrates_and_its_generations_resume(tmp_
         conn.execute(sa.text("insert into jobs (id, state, spec, num_total, created_at, updated_at,"
                              " run_s) values ('j1', 'running', :spec, 3, 1.0, 1.0, 0.0)"),
                      {"spec": '{"tasks": ["t"], "source": "requests"}'})
-        for i in range(3):
+        for i in range(3):  # leased by a worker that died, the lease long expired
             conn.execute(sa.text("insert into items (key, kind, args, state, owner, claimed_at,"
-                                 " num_runs) values (:k, 'generate_until', '{}', 'running', :o,"
-                                 " 1.0, 1)"), {"k": f"g{i}", "o": dead_owner()})
+                                 " num_runs, lease_until, seq) values (:k, 'generate_until', '{}',"
+                                 " 'running', 'gone:1', 1.0, 1, 1.0, :i)"), {"k": f"g{i}", "i": i})
             conn.execute(sa.text("insert into job_items (job_id, item_key, seq) values"
                                  " ('j1', :k, :i)"), {"k": f"g{i}", "i": i})
     store = Store(url)  # migrates on open
     assert store.get_job("j1").to_dict()["partial_items"] == 0
-    assert store.requeue_stale() == 3
     keys = ["g0", "g1", "g2"]
     cfg = RunConfig(max_inflight=3, checkpoint_tokens=4, checkpoint_s=60)
     first = FakeEngine(gen_tokens=GEN_TOKENS)
     kill_after(first, 3 * 20)
+    killed = dead_worker(store)
     try:
-        Runner(store, first, cfg, owner=dead_owner()).run("j1", keys)
+        Runner(store, first, cfg, owner=killed).run("j1", keys)
     except Killed:
         pass
-    assert store.requeue_stale() == 3
+    assert store.end_leases([killed]) == 3
     second = FakeEngine(gen_tokens=GEN_TOKENS)
     assert Runner(store, second, cfg).run("j1", keys) == expected_results(keys)
     assert min(second.continued.values()) >= 20 - 4

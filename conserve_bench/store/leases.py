@@ -64,9 +64,10 @@ def _locked(query: sa.Select, limit: int, name: str) -> sa.CTE:
             .prefix_with("MATERIALIZED"))
 
 
-def held(owner: str, fenced: bool):
-    """The rows `owner` holds; with `fenced`, only under the attempt bound as `attempt`."""
-    conditions = [items.c.key == sa.bindparam("item_key"), items.c.owner == owner,
+def held(owner: str, fenced: bool, key: str = "item_key"):
+    """The rows `owner` holds (the key bound as `key`); with `fenced`, only under the attempt
+    bound as `attempt`."""
+    conditions = [items.c.key == sa.bindparam(key), items.c.owner == owner,
                   items.c.state == RUNNING]
     if fenced:
         conditions.append(items.c.num_runs == sa.bindparam("attempt"))

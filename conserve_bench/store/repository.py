@@ -472,8 +472,9 @@ class Store:
         if not partials:
             return 0
         now, fenced = time.time(), attempts is not None
-        held = sa.select(items.c.key).where(leases.held(owner, fenced))
-        rows = [{"item_key": key, "t": json.dumps(list(ids)), "n": len(ids),
+        # NOTE: `item_key` names a column of item_partials: bound as "k" in its UPDATE
+        held = sa.select(items.c.key).where(leases.held(owner, fenced, key="k"))
+        rows = [{"k": key, "t": json.dumps(list(ids)), "n": len(ids),
                  **_attempt(attempts, key)} for key, ids in partials.items()]
 
         def save(conn: sa.Connection) -> int:
@@ -483,7 +484,7 @@ class Store:
                      "num_reused_tokens": 0, "updated_at": now} for key in chunk])
             return conn.execute(
                 item_partials.update()
-                .where(item_partials.c.item_key == sa.bindparam("item_key"),
+                .where(item_partials.c.item_key == sa.bindparam("k"),
                        item_partials.c.item_key.in_(held))
                 .values(token_ids=sa.bindparam("t"), num_tokens=sa.bindparam("n"), updated_at=now),
                 rows).rowcount
