@@ -21,8 +21,9 @@ import typer
 from rich.table import Table
 
 from conserve_bench.jobs import lifecycle
-from conserve_bench.config import (DEFAULT_MODEL, JobSpec, LeaseConfig, RunConfig,
-                                   default_data_dir, default_db_url)
+from conserve_bench.config import (DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS, DEFAULT_MODEL,
+                                   JobSpec, LeaseConfig, RunConfig, default_data_dir,
+                                   default_db_url)
 from conserve_bench.serve.client import JobClient
 from conserve_bench.errors import ConserveError, JobStateError
 from conserve_bench.engine.models import resolve_model
@@ -40,6 +41,8 @@ OutputOpt = Annotated[str, typer.Option("--output", help="Directory for results/
 InflightOpt = Annotated[int, typer.Option("--max-inflight", min=1, help="Work items in flight at once.")]
 ServerOpt = Annotated[Optional[str], typer.Option("--server", help="URL of a running `conserve-bench serve`.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show vLLM's and lm-eval's own output on the terminal instead of in results/<job-id>.log.")]
+CheckpointTokensOpt = Annotated[int, typer.Option("--checkpoint-tokens", min=0, help="Checkpoint each generation in flight every N new tokens, so an interrupted one continues; 0: off (it starts over).")]
+CheckpointSOpt = Annotated[float, typer.Option("--checkpoint-s", min=0.001, help="...or every S seconds, whichever comes first.")]
 ApiKeyOpt = Annotated[Optional[str], typer.Option("--api-key", envvar="CONSERVE_BENCH_API_KEY", help="Bearer key of the server.")]
 
 
@@ -57,6 +60,8 @@ def submit(
     db: DbOpt = None,
     output: OutputOpt = "results",
     max_inflight: InflightOpt = 64,
+    checkpoint_tokens: CheckpointTokensOpt = DEFAULT_CHECKPOINT_TOKENS,
+    checkpoint_s: CheckpointSOpt = DEFAULT_CHECKPOINT_S,
     server: ServerOpt = None,
     api_key: ApiKeyOpt = None,
     wait: Annotated[Optional[bool], typer.Option("--wait/--no-wait", help="Follow the job to the end, or only record it (for the `serve` replicas on --db or --server to run) [default: --wait, --no-wait with --server].")] = None,
@@ -76,19 +81,25 @@ def submit(
         return
     if not as_json:
         out.stdout.print(f"job [bold]{job.id}[/] submitted: {', '.join(spec.tasks)} on {spec.model}")
-    _run(store, job.id, output, max_inflight, as_json, verbose)
+    _run(store, job.id, output, _run_config(max_inflight, checkpoint_tokens, checkpoint_s), as_json,
+         verbose)
 
 
 @app.command()
 def resume(job_id: JobArg, db: DbOpt = None, output: OutputOpt = "results",
-           max_inflight: InflightOpt = 64, as_json: JsonOpt = False, verbose: VerboseOpt = False):
-    """Continue a job where it stopped; finished items are reused. Example: resume 3f2a9c1d0b7e"""
+           max_inflight: InflightOpt = 64,
+           checkpoint_tokens: CheckpointTokensOpt = DEFAULT_CHECKPOINT_TOKENS,
+           checkpoint_s: CheckpointSOpt = DEFAULT_CHECKPOINT_S,
+           as_json: JsonOpt = False, verbose: VerboseOpt = False):
+    """Continue a job where it stopped: finished items are reused, interrupted generations
+    continue from their checkpoints. Example: resume 3f2a9c1d0b7e"""
     store = _store(db)
     job = store.get_job(job_id)
     if job.state == JobState.DONE:
         _print_results(lifecycle.job_results(store, job_id), as_json)
         return
-    _run(store, job_id, output, max_inflight, as_json, verbose)
+    _run(store, job_id, output, _run_config(max_inflight, checkpoint_tokens, checkpoint_s), as_json,
+         verbose)
 
 
 @app.command("jobs")
@@ -120,7 +131,9 @@ def status(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: 
         out.json(job)
         return
     failed = f", {job['failed']} failed" if job["failed"] else ""
-    out.stdout.print(f"{job['id']}: {job['state']}, {job['done']}/{job['total']} items{failed}, "
+    partial = (f" ({job['partial_items']} partly generated, {job['partial_tokens']:,} tokens)"
+               if job.get("partial_items") else "")
+    out.stdout.print(f"{job['id']}: {job['state']}, {job['done']}/{job['total']} items{partial}{failed}, "
                      f"tasks {','.join(job['tasks'])}" + (f" ({job['error']})" if job["error"] else ""),
                      highlight=False)
     for r in job["replicas"]:
@@ -201,6 +214,8 @@ def serve(
     safepoint_every: Annotated[int, typer.Option("--safepoint-every", min=1, help="With layer preemption: a safepoint every k decoder layers.")] = SAFEPOINT_EVERY,
     offline_step_ms: Annotated[Optional[float], typer.Option("--offline-step-ms", help="With layer preemption: offline-only step length [default: the smallest step within 5% of peak offline tokens/s, from the profile].")] = None,
     max_offline_inflight: Annotated[int, typer.Option("--max-offline-inflight", min=1, help="Offline items in flight.")] = 32,
+    checkpoint_tokens: CheckpointTokensOpt = DEFAULT_CHECKPOINT_TOKENS,
+    checkpoint_s: CheckpointSOpt = DEFAULT_CHECKPOINT_S,
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Local MMLU CSV folder for jobs.")] = None,
     output: OutputOpt = "results",
     profile: Annotated[bool, typer.Option("--profile/--no-profile", help="Load this machine's latency profile (measured once if missing).")] = True,
@@ -219,6 +234,7 @@ def serve(
                       refit=refit, layer_preemption=_on_off("--layer-preemption", layer_preemption),
                       safepoint_every=safepoint_every, offline_step_ms=offline_step_ms,
                       max_offline_inflight=max_offline_inflight,
+                      checkpoint_tokens=checkpoint_tokens, checkpoint_s=checkpoint_s,
                       data_dir=os.path.abspath(data_dir) if data_dir else None, output_dir=output,
                       profile=profile, step_log=step_log,
                       leases=_checked(LeaseConfig, lease_s=lease_s, heartbeat_s=heartbeat_s,
@@ -410,7 +426,12 @@ def _submit_remote(client: "JobClient", spec: JobSpec, wait: bool, as_json: bool
     _print_summary(client.results(job["id"]), as_json)
 
 
-def _run(store: Store, job_id: str, output: str, max_inflight: int, as_json: bool,
+def _run_config(max_inflight: int, checkpoint_tokens: int, checkpoint_s: float) -> RunConfig:
+    return RunConfig(max_inflight=max_inflight, checkpoint_tokens=checkpoint_tokens,
+                     checkpoint_s=checkpoint_s)
+
+
+def _run(store: Store, job_id: str, output: str, run_cfg: RunConfig, as_json: bool,
          verbose: bool) -> None:
     job = lifecycle.runnable_job(store, job_id)
     model = resolve_model(job.spec.model)
@@ -424,18 +445,20 @@ def _run(store: Store, job_id: str, output: str, max_inflight: int, as_json: boo
             progress.update(task, description="building requests (lm-eval)")
             built = []
 
-            def on_progress(num_done: int, num_total: int) -> None:
+            def on_progress(num_done: int, num_total: int, num_tokens: int) -> None:
                 if not built and num_total:
                     built.append(num_done)
                     phases.end("requests built", f"{num_total} items, {num_done} already done")
                     progress.update(task, description=f"job {job_id}")
-                progress.update(task, completed=num_done, total=num_total)
+                progress.update(task, completed=num_done, total=num_total, tokens=num_tokens)
 
-            results = lifecycle.run_job(store, job_id, engine, RunConfig(max_inflight=max_inflight),
-                                        output_dir=output, on_progress=on_progress)
+            results = lifecycle.run_job(store, job_id, engine, run_cfg, output_dir=output,
+                                        on_progress=on_progress)
             meta = results["conserve"]
+            tokens = (f", {meta['num_generated_tokens']:,} tokens generated"
+                      if meta["num_generated_tokens"] else "")
             phases.end("evaluated", f"{meta['num_items_computed']} items computed, "
-                                    f"{meta['items_per_s'] or 0:.2f} items/s")
+                                    f"{meta['items_per_s'] or 0:.2f} items/s{tokens}")
     _print_results(results, as_json)
     if not as_json:
         log = f"; log {out.log_path}" if out.log_path else ""

@@ -97,16 +97,32 @@ class EngineConfig:
         return f"{self.model_name}|{self.dtype}|{max_model_len}"
 
 
+DEFAULT_CHECKPOINT_TOKENS = 16
+DEFAULT_CHECKPOINT_S = 2.0
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """How the job runner feeds the engine."""
+    """How the job runner feeds the engine.
+
+    Generations in flight are checkpointed once they have `checkpoint_tokens` new tokens each,
+    or every `checkpoint_s` seconds; `checkpoint_tokens=0` turns partial generations off (an
+    interrupted generation starts over). The defaults are measured in README *Partial
+    generations*.
+    """
 
     max_inflight: int = 64
     commit_every: int | None = None  # default: half the window, so the engine never idles
+    checkpoint_tokens: int = DEFAULT_CHECKPOINT_TOKENS
+    checkpoint_s: float = DEFAULT_CHECKPOINT_S
 
     def __post_init__(self):
         if self.max_inflight < 1:
             raise ValueError("--max-inflight must be at least 1")
+        if self.checkpoint_tokens < 0:
+            raise ValueError("--checkpoint-tokens must be 0 (off) or more")
+        if self.checkpoint_s <= 0:
+            raise ValueError("--checkpoint-s must be positive")
         if self.commit_every is None:
             object.__setattr__(self, "commit_every", max(1, self.max_inflight // 2))
 

@@ -74,8 +74,8 @@ class Output:
         """A live bar on a terminal; a plain line every few seconds in a log."""
         if disable or self.stderr.is_terminal:
             return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            _RateColumn(), TimeRemainingColumn(), console=self.stderr,
-                            disable=disable, transient=False)
+                            _RateColumn(), _TokensColumn(), TimeRemainingColumn(),
+                            console=self.stderr, disable=disable, transient=False)
         return LineProgress(self.stderr)
 
 
@@ -111,6 +111,13 @@ class _RateColumn(ProgressColumn):
         return Text(f"{task.speed:.2f} req/s" if task.speed else "-- req/s", style="cyan")
 
 
+class _TokensColumn(ProgressColumn):
+    """Tokens generated so far (the `tokens` field), and their rate; empty before the first."""
+
+    def render(self, task) -> Text:
+        return Text(describe_tokens(task.fields.get("tokens", 0), task.elapsed or 0.0))
+
+
 class LineProgress:
     """The part of rich's `Progress` the CLI uses, printed as plain lines: at most one every
     `every_s` per task, plus its last state when the task or the display ends."""
@@ -130,15 +137,15 @@ class LineProgress:
     def add_task(self, description: str, total: float | None = None, **_fields) -> int:
         task_id = len(self._tasks)
         self._tasks[task_id] = {"description": description, "total": None, "completed": 0,
-                                "started": None, "printed": None, "last_line": None}
+                                "tokens": 0, "started": None, "printed": None, "last_line": None}
         self.update(task_id, total=total)
         return task_id
 
     def update(self, task_id: int, *, description: str | None = None, completed=None,
-               total=None, **_fields) -> None:
+               total=None, tokens=None, **_fields) -> None:
         task = self._tasks[task_id]
         for name, value in (("description", description), ("completed", completed),
-                            ("total", total)):
+                            ("total", total), ("tokens", tokens)):
             if value is not None:
                 task[name] = value
         if task["total"] and task["started"] is None:
@@ -151,21 +158,30 @@ class LineProgress:
         if task["started"] is None or (not force and now - task["printed"] < self.every_s):
             return
         line = describe_progress(task["description"], task["completed"], task["total"],
-                                 now - task["started"])
+                                 now - task["started"], task["tokens"])
         if line != task["last_line"]:
             self.console.print(line, highlight=False, soft_wrap=True)
             task["printed"], task["last_line"] = now, line
 
 
 def describe_progress(description: str, completed: float, total: float | None,
-                      elapsed_s: float) -> str:
-    """`job 3f2a: 120/456 (26%), 3.1 req/s, ETA 1m48s` (what a plain progress line says)."""
+                      elapsed_s: float, tokens: int = 0) -> str:
+    """`job 3f2a: 120/456 (26%), 3.1 req/s, 5,120 tokens (41 tok/s), ETA 1m48s` (what a plain
+    progress line says; the tokens only once some were generated)."""
     if not total:
         return description
     rate = completed / elapsed_s if elapsed_s > 0 else 0.0
     eta = f", ETA {format_duration((total - completed) / rate)}" if rate > 0 and completed < total else ""
+    generated = f", {describe_tokens(tokens, elapsed_s)}" if tokens else ""
     return (f"{description}: {int(completed)}/{int(total)} ({completed / total:.0%}), "
-            f"{rate:.1f} req/s{eta}")
+            f"{rate:.1f} req/s{generated}{eta}")
+
+
+def describe_tokens(tokens: int, elapsed_s: float) -> str:
+    """`5,120 tokens (41 tok/s)`; empty for none."""
+    if not tokens:
+        return ""
+    return f"{tokens:,} tokens" + (f" ({tokens / elapsed_s:.0f} tok/s)" if elapsed_s > 0 else "")
 
 
 def format_duration(seconds: float) -> str:

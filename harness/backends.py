@@ -55,6 +55,7 @@ class LocalBackend:
         if self.show_progress:
             with progress_bar(kind, counts.num_requests, counts.num_reused) as advance:
                 self.runner.on_progress = advance
+                self.runner.on_tokens = lambda num_tokens: advance(0, num_tokens)
                 results = self.runner.run(self.job_id, item_keys, kind)
         else:
             results = self.runner.run(self.job_id, item_keys, kind)
@@ -100,23 +101,26 @@ class RemoteBackend:
 
 @contextlib.contextmanager
 def progress_bar(kind: str, total: int, done: int,
-                 disable: bool = False) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr (done/total, requests/s, ETA); yields `advance(n)`."""
+                 disable: bool = False) -> Iterator[Callable[..., None]]:
+    """A rich progress bar on stderr (done/total, requests/s, generated tokens, ETA); yields
+    `advance(num_items, num_new_tokens=0)`."""
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeRemainingColumn)
 
     columns = (TextColumn("conserve {task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}", style="cyan"), TimeRemainingColumn())
+               TextColumn("{task.fields[rate]}", style="cyan"), TextColumn("{task.fields[tokens]}"),
+               TimeRemainingColumn())
     with Progress(*columns, console=Console(file=sys.stderr), disable=disable) as progress:
-        task = progress.add_task(kind, total=total, completed=done, rate="-- req/s")
-        t0, num_done = time.perf_counter(), 0
+        task = progress.add_task(kind, total=total, completed=done, rate="-- req/s", tokens="")
+        t0, num_done, num_tokens = time.perf_counter(), 0, 0
 
-        def advance(num_items: int) -> None:
-            nonlocal num_done
-            num_done += num_items
+        def advance(num_items: int, num_new_tokens: int = 0) -> None:
+            nonlocal num_done, num_tokens
+            num_done, num_tokens = num_done + num_items, num_tokens + num_new_tokens
             rate = num_done / max(time.perf_counter() - t0, 1e-3)
-            progress.update(task, advance=num_items, rate=f"{rate:.2f} req/s")
+            progress.update(task, advance=num_items, rate=f"{rate:.2f} req/s",
+                            tokens=f"{num_tokens:,} tokens" if num_tokens else "")
 
         yield advance
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from lm_eval.api.model import LM
 
+from conserve_bench.config import DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS, RunConfig
 from conserve_bench.errors import ModelArgsError
 from conserve_bench.jobs.runner import Runner
 from conserve_bench.store import Store
@@ -49,6 +50,8 @@ class ConserveLM(LM):
 
     def __init__(self, model: str = "smollm2-135m", db: str | None = None,
                  max_inflight: int = 64, data_dir: str | None = None,
+                 checkpoint_tokens: int = DEFAULT_CHECKPOINT_TOKENS,
+                 checkpoint_s: float = DEFAULT_CHECKPOINT_S,
                  base_url: str | None = None, api_key: str | None = None,
                  engine: Any = None, progress: bool = True, **lm_eval_options: Any):
         super().__init__()
@@ -61,8 +64,13 @@ class ConserveLM(LM):
             return
         from conserve_bench.jobs.lifecycle import open_session
 
-        self.session = open_session(model=model, db=db, data_dir=data_dir,
-                                    max_inflight=int(max_inflight), engine=engine)
+        try:
+            run_cfg = RunConfig(max_inflight=int(max_inflight), checkpoint_s=float(checkpoint_s),
+                                checkpoint_tokens=int(checkpoint_tokens))
+        except ValueError as e:
+            raise ModelArgsError(str(e)) from None
+        self.session = open_session(model=model, db=db, data_dir=data_dir, run_cfg=run_cfg,
+                                    engine=engine)
         self.backend = LocalBackend(self.session.store, self.session.runner, self.session.job_id,
                                     self.session.engine.fingerprint, show_progress=progress)
         # NOTE: lm-eval's CLI never closes its model; without this the engine-core

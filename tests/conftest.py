@@ -273,6 +273,11 @@ class SharedServer:
         server, self._server = self.get(), None
         return server
 
+    def give(self, server: Server) -> None:
+        """A test's own server (on the same store) becomes the session's: no start more."""
+        assert self._server is None and server.db_url == self.db_url
+        self._server = server
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.signal(signal.SIGKILL)

@@ -116,7 +116,7 @@ def test_requests_job_api_validates_keys_by_content_and_pages_results(store):
     store.complete_items("me", {keys[0]: [-1.5, True], keys[1]: -7.0})
     page = http.get(f"/v1/jobs/{job['id']}/items", params={"limit": 1}).json()
     assert page == {"items": [{"key": keys[0], "kind": "loglikelihood", "state": "done",
-                               "result": [-1.5, True]}], "next_offset": 1}
+                               "result": [-1.5, True], "num_resumes": 0}], "next_offset": 1}
 
     again = http.post("/v1/jobs/requests", json={"requests": work}).json()
     assert again["id"] != job["id"] and (again["state"], again["done"], again["total"]) == ("done", 2, 2)

@@ -32,7 +32,7 @@ def test_a_job_runs_queued_then_running_then_done(store, tmp_path):
     engine = FakeEngine(on_step=lambda: states.append(store.get_job(job.id).state))
     progress = []
     results = run_job(store, job.id, engine, output_dir=tmp_path,
-                      on_progress=lambda done, total: progress.append((done, total)))
+                      on_progress=lambda done, total, tokens: progress.append((done, total)))
     assert job.state == "queued" and set(states) == {"running"}
     final = store.get_job(job.id)
     assert (final.state, final.num_done, final.num_total) == ("done", 24, 24)

@@ -43,6 +43,8 @@ def test_progress_line_formats():
     assert describe_progress("job", 0, None, 3.0) == "job"
     assert describe_progress("job", 30, 120, 10.0) == "job: 30/120 (25%), 3.0 req/s, ETA 30s"
     assert describe_progress("job", 10, 5000, 10.0).endswith("ETA 83m10s")
+    assert (describe_progress("job", 30, 120, 10.0, tokens=5120)
+            == "job: 30/120 (25%), 3.0 req/s, 5,120 tokens (512 tok/s), ETA 30s")
 
 
 def test_phases_print_one_line_each_timed_back_to_back():

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from conserve_bench.engine.generation import Generation
 from conserve_bench.engine.prompts import (Assembler, Encoder, GeneratedText, NextTokenScore,
                                      PromptScore, build_prompts, item_key)
 from conserve_bench.store import WorkItem
@@ -129,7 +130,9 @@ def test_assembler_folds_parts_into_lm_eval_results():
     second = SimpleNamespace(prompt_token_ids=[8, 9], prompt_logprobs=[None, {9: logprob(-0.25)}])
     assert asm.add(window, second) == [("r", -3.25)]
     gen = SimpleNamespace(parts=[GeneratedText("g", ("\n",))])
-    assert asm.add(gen, SimpleNamespace(outputs=[SimpleNamespace(text="Paris\nQ:")])) == [("g", "Paris")]
+    generation = Generation.start("g", ("\n",), 32, lambda ids: "".join(map(chr, ids)))
+    generation.extend([ord(c) for c in "Paris\nQ:"])
+    assert asm.add(gen, generation) == [("g", "Paris")]  # read from its tokens
     assert asm.num_pending == 0
 
 

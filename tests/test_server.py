@@ -13,10 +13,10 @@ import httpx
 import pytest
 
 from conserve_bench.config import JobSpec
-from conserve_bench.jobs.lifecycle import run_job, submit_job, task_metrics
+from conserve_bench.jobs.lifecycle import job_results, run_job, submit_job, task_metrics
 from conserve_bench.store import Store
 
-from .conftest import KEY, SERVER_MAX_INFLIGHT, Server, cli
+from .conftest import KEY, SERVER_MAX_INFLIGHT, TEST_TASKS, Server, cli
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -112,6 +112,41 @@ def test_cli_talks_to_the_server(server):
     assert remote("results", summary["id"]) == summary
     denied = cli("jobs", "--server", server.url)
     assert denied.returncode != 0 and denied.stderr.startswith("error: unauthorized")
+
+
+def test_sigkill_mid_generation_restart_continues_every_generation(shared_server, engine,
+                                                                    data_dir, tmp_path):
+    """A generation job on the server, SIGKILLed once half its tokens are checkpointed; the
+    restarted server continues each generation from its checkpoint (texts of an uninterrupted
+    run, only the rest generated) and then serves as the session's server."""
+    task = str(TEST_TASKS / "conserve_tiny_long.yaml")
+    total_tokens = 4 * 256  # its 4 openings never meet the stop string
+    killed = shared_server.take()
+    job = killed.http.post("/v1/jobs", json={"tasks": [task]}).json()
+    killed.wait_job(job["id"], until=lambda j: j["partial_tokens"] >= total_tokens // 2)
+    killed.signal(signal.SIGKILL)
+    store = Store(killed.db_url)
+    at_kill = store.get_job(job["id"])
+    assert at_kill.num_done == 0 and at_kill.num_partial_items == 4
+
+    restarted = Server(killed.db_url, data_dir, tmp_path)
+    try:
+        restarted.wait_job(job["id"])
+        summary = restarted.http.get(f"/v1/jobs/{job['id']}/results").json()
+    except BaseException:
+        restarted.kill()
+        raise
+    shared_server.give(restarted)
+    assert summary["resumes"]["num_resumes"] == 4
+    assert summary["resumes"]["num_reused_tokens"] == at_kill.num_partial_tokens
+    meta = job_results(store, job["id"])["conserve"]
+    assert meta["num_generated_tokens"] == total_tokens - at_kill.num_partial_tokens
+
+    clean_store = Store(f"sqlite:///{tmp_path / 'clean.db'}")
+    clean = submit_job(clean_store, JobSpec(tasks=(task,)))
+    run_job(clean_store, clean.id, engine, output_dir=None)
+    assert ([i["result"] for i in store.job_items(job["id"])]
+            == [i["result"] for i in clean_store.job_items(clean.id)])
 
 
 # NOTE: last in this module: it kills the shared server (a later user would start another).

@@ -31,6 +31,8 @@ EXPECTED_SCHEMA = {
                        "created_at"},
     "workers": {"id", "host", "pid", "label", "state", "started_at", "heartbeat_at",
                 "lease_until", "job_id"},
+    "item_partials": {"item_key", "token_ids", "num_tokens", "num_resumes", "num_reused_tokens",
+                      "updated_at"},
 }
 
 

@@ -82,3 +82,19 @@ def test_lm_eval_names():
     assert hasattr(TemplateLM, "_encode_pair") and hasattr(model_registry, "register")
     for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
         assert getattr(LM, name).__isabstractmethod__, name
+
+
+def test_vllm_streaming_names():
+    """Generations stream new tokens only (DELTA) so they can be checkpointed; closing the
+    async stream early (a stop string across a checkpoint) aborts the request in vLLM."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    fields = SamplingParams.__dataclass_fields__ if hasattr(SamplingParams, "__dataclass_fields__") \
+        else SamplingParams.__struct_fields__
+    assert "output_kind" in fields
+    assert {"DELTA", "FINAL_ONLY"} <= set(RequestOutputKind.__members__)
+    assert inspect.isasyncgenfunction(AsyncLLM.generate)
+    source = inspect.getsource(AsyncLLM.generate)
+    assert "GeneratorExit" in source and "abort" in source

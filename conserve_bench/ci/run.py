@@ -244,7 +244,7 @@ class _EmbeddedBackend:
         if self.store.get_job(job_id).state != "done":
             lifecycle.run_job(self.store, job_id, self._engine_for(p.spec.model),
                               RunConfig(max_inflight=self.options.max_inflight), output_dir=None,
-                              on_progress=lambda done, total: on_progress(job_id, done, total),
+                              on_progress=lambda done, total, _tokens: on_progress(job_id, done, total),
                               should_stop=stopper)
         p.job = self.store.get_job(job_id).to_dict()
         return _keep(lifecycle.job_results(self.store, job_id), self.options.output_dir)

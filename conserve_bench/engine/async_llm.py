@@ -1,23 +1,27 @@
 """The async engine: vLLM's `AsyncLLM` (the server's engine) driven item by item.
 
-`AsyncEngineAdapter` keeps the engine contract (`contract.ItemEngine`: submit, step,
+`AsyncEngineAdapter` keeps the engine contract (`contract.ItemEngine`: submit, step, partials,
 num_pending_items, abort_all) over the `AsyncLLM` that also serves online traffic, with the
 same prompt bookkeeping as the in-process engine (`contract.PromptBook`); offline requests run
-at offline priority. It never touches the store.
+at offline priority, and generations stream their tokens into the book as they come. It never
+touches the store.
 
-vLLM 0.32.0 names relied on: `AsyncLLM.generate(prompt, params, request_id, priority=)`,
-`AsyncLLM.abort(request_id)`, `AsyncLLM.get_tokenizer()`, `SamplingParams`,
-`vllm.v1.engine.exceptions.EngineDeadError` (what `generate` raises when the engine, not
-the request, failed; any other exception fails the request's items alone).
+vLLM 0.32.0 names relied on: `AsyncLLM.generate(prompt, params, request_id, priority=)` (an
+async generator; closing it early aborts the request), `AsyncLLM.abort(request_id)`,
+`AsyncLLM.get_tokenizer()`, `vllm.v1.engine.exceptions.EngineDeadError` (what `generate`
+raises when the engine, not the request, failed; any other exception fails the request's
+items alone), and what `local.sampling_params` relies on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 from typing import Any
 
-from conserve_bench.engine.contract import PromptBook
+from conserve_bench.engine.contract import Partials, PromptBook
+from conserve_bench.engine.local import new_tokens, sampling_params
 from conserve_bench.engine.plugin import OFFLINE_PRIORITY
 from conserve_bench.engine.prompts import Prompt
 
@@ -35,47 +39,56 @@ class AsyncEngineAdapter:
         self._book = PromptBook(client.get_tokenizer(), max_model_len, "offline")
         self._finished: queue.Queue = queue.Queue()
 
-    def submit(self, work: list) -> None:
-        for request_id, prompt in self._book.add(work):
+    def submit(self, work: list, partials: Partials | None = None) -> None:
+        for request_id, prompt in self._book.add(work, partials):
             asyncio.run_coroutine_threadsafe(self._generate(request_id, prompt), self.loop)
 
     async def _generate(self, request_id: str, prompt: Prompt) -> None:
-        from vllm import SamplingParams
-
-        final = None
+        final, num_tokens = None, len(prompt.token_ids)
         try:
-            async for output in self.client.generate(
-                {"prompt_token_ids": prompt.token_ids}, SamplingParams(**prompt.params),
-                request_id, priority=OFFLINE_PRIORITY,
-            ):
-                final = output
+            stream = self.client.generate({"prompt_token_ids": prompt.token_ids},
+                                          sampling_params(prompt), request_id,
+                                          priority=OFFLINE_PRIORITY)
+            async with contextlib.aclosing(stream) as outputs:
+                async for output in outputs:
+                    final, token_ids = output, new_tokens(output)
+                    num_tokens += len(token_ids)
+                    if self._book.extend(request_id, token_ids, output.finished):
+                        break  # NOTE: closing the stream aborts the request in vLLM
         except BaseException as e:  # surfaced in step(), on the pump thread
             final = e
-        self._finished.put((request_id, final))
+        self._finished.put((request_id, final, num_tokens))
 
     def step(self) -> list[tuple[str, Any]]:
         """Wait up to 50 ms for finished requests; (item key, result) of every finished item."""
-        finished: list[tuple[str, Any]] = []
+        finished = self._book.take_ready()
         try:
-            batch = [self._finished.get(timeout=0.05)]
+            batch = [self._finished.get(block=not finished, timeout=0.05)]
         except queue.Empty:
             return finished
         while not self._finished.empty():
             batch.append(self._finished.get_nowait())
-        for request_id, output in batch:
-            prompt = self._book.take(request_id)
-            if prompt is None or output is None:
-                continue  # aborted
+        for request_id, output, num_tokens in batch:
             if isinstance(output, BaseException):
-                finished += self._book.fail(prompt, _request_error(output))
+                if self._book.in_flight(request_id):  # else aborted
+                    finished += self._book.fail(request_id, _request_error(output))
                 continue
-            self.on_tokens(len(prompt.token_ids) + len(output.outputs[0].token_ids))
-            finished += self._book.fold(prompt, output)
+            results = None if output is None else self._book.finish(request_id, output)
+            if results is not None:  # else aborted
+                self.on_tokens(num_tokens)
+                finished += results
         return finished
+
+    def partials(self) -> dict[str, list[int]]:
+        return self._book.partials()
 
     @property
     def num_pending_items(self) -> int:
         return self._book.num_pending_items
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return self._book.num_generated_tokens
 
     def abort_all(self) -> None:
         if request_ids := self._book.clear():

@@ -2,7 +2,8 @@
 
 `Engine` owns one vLLM `LLMEngine` (V1) and keeps the engine contract (`contract.ItemEngine`):
 `submit(items)` turns them into prompts (`prompts.py`, through `contract.PromptBook`) and
-`step()` runs one engine step and returns the items that finished. It never touches the
+`step()` runs one engine step and returns the items that finished. Generations stream their
+tokens (`RequestOutputKind.DELTA`), so the runner can checkpoint them. It never touches the
 store; the runner decides what to submit and when to commit.
 
 vLLM 0.32.0 names relied on (tests/test_vllm_contract.py fails loudly if they move):
@@ -10,10 +11,11 @@ vLLM 0.32.0 names relied on (tests/test_vllm_contract.py fails loudly if they mo
 `has_unfinished_requests`, `get_tokenizer`, `engine_core.shutdown(timeout=)`, `model_config`
 (`max_model_len`, auto-fitted when given -1, and `get_and_verify_max_len(-1)`, the model's
 own maximum)), `vllm.SamplingParams` with
-`logprob_token_ids`, `prompt_logprobs`, `priority` on `add_request` (a refused request raises
-`ValueError`, `TypeError` or `vllm.exceptions.VLLMClientError`), `RequestOutput`
-(`finished`, `request_id`, `prompt_token_ids`, `prompt_logprobs`, `outputs[0].token_ids`,
-`.logprobs`, `.text`).
+`logprob_token_ids`, `prompt_logprobs`, `output_kind` (`vllm.sampling_params.
+RequestOutputKind.DELTA`: each output carries only the tokens new since the last one;
+`FINAL_ONLY`), `priority` on `add_request` (a refused request raises `ValueError`, `TypeError`
+or `vllm.exceptions.VLLMClientError`), `RequestOutput` (`finished`, `request_id`,
+`prompt_token_ids`, `prompt_logprobs`, `outputs[0].token_ids`, `.logprobs`).
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from conserve_bench.config import EngineConfig
-from conserve_bench.engine.contract import PromptBook
+from conserve_bench.engine.contract import Partials, PromptBook
 from conserve_bench.engine.plugin import OFFLINE_PRIORITY, step_log_path
+from conserve_bench.engine.prompts import Prompt
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT_S = 1.0
-
 
 def engine_environment(cfg: EngineConfig) -> None:
     """Environment vLLM's CPU build reads at start-up; set before vLLM is imported."""
@@ -67,6 +69,16 @@ def engine_args(cfg: EngineConfig) -> dict[str, Any]:
         if getattr(cfg, name) is not None:
             args[name] = getattr(cfg, name)
     return args
+
+
+def sampling_params(prompt: Prompt):
+    """vLLM's `SamplingParams` for a prompt: a generation streams its new tokens as they come
+    (to be checkpointed); a scored prompt reports once, when it is done."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    kind = RequestOutputKind.DELTA if prompt.generates else RequestOutputKind.FINAL_ONLY
+    return SamplingParams(**prompt.params, output_kind=kind)
 
 
 def context_length(model_config) -> int:
@@ -105,33 +117,44 @@ class Engine:
     def fingerprint(self) -> str:
         return self.cfg.fingerprint(self.max_model_len)
 
-    def submit(self, work: list, priority: int = OFFLINE_PRIORITY) -> None:
-        from vllm import SamplingParams
+    def submit(self, work: list, partials: Partials | None = None,
+               priority: int = OFFLINE_PRIORITY) -> None:
         from vllm.exceptions import VLLMClientError
 
-        for request_id, prompt in self._book.add(work):
+        for request_id, prompt in self._book.add(work, partials):
             try:
-                params = SamplingParams(**prompt.params)
                 self._engine.add_request(request_id, {"prompt_token_ids": prompt.token_ids},
-                                         params, priority=priority)
+                                         sampling_params(prompt), priority=priority)
             except (ValueError, TypeError, VLLMClientError) as e:  # this request alone is refused
-                self._book.take(request_id)
-                self._refused += self._book.fail(prompt, e)
+                self._refused += self._book.fail(request_id, e)
 
     def step(self) -> list[tuple[str, Any]]:
         """Run one engine step; return (item key, result) for every item that finished."""
-        finished, self._refused = self._refused, []
+        finished, self._refused = self._book.take_ready() + self._refused, []
+        # NOTE: vLLM's step() blocks on the engine core's output queue; with nothing in
+        # flight (only items their partials completed) it would wait forever.
         if not self._engine.has_unfinished_requests():
-            return finished  # NOTE: step() would block with nothing in flight
+            return finished
         for output in self._engine.step():
-            # NOTE: an aborted request may still report its end; its prompt is gone by then.
-            if output.finished and (prompt := self._book.take(output.request_id)) is not None:
-                finished += self._book.fold(prompt, output)
+            request_id = output.request_id
+            stop = self._book.extend(request_id, new_tokens(output), output.finished)
+            if stop and not output.finished:
+                self._engine.abort_request([request_id])
+            # NOTE: an aborted request may still report its end; it is gone from the book.
+            if output.finished or stop:
+                finished += self._book.finish(request_id, output) or []
         return finished
+
+    def partials(self) -> dict[str, list[int]]:
+        return self._book.partials()
 
     @property
     def num_pending_items(self) -> int:
         return self._book.num_pending_items + len(self._refused)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return self._book.num_generated_tokens
 
     def has_unfinished(self) -> bool:
         return self._engine.has_unfinished_requests()
@@ -195,3 +218,8 @@ class Engine:
         self._refused.clear()
         if request_ids := self._book.clear():
             self._engine.abort_request(request_ids)
+
+
+def new_tokens(output) -> list[int]:
+    """The tokens a streamed (DELTA) output brings; none for an output without completions."""
+    return list(output.outputs[0].token_ids) if output.outputs else []

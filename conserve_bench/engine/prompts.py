@@ -7,7 +7,7 @@ which folds parts into item results:
 
 - loglikelihood -> [logprob, is_greedy]
 - loglikelihood_rolling -> logprob (sum over disjoint windows)
-- generate_until -> text
+- generate_until -> text (from its tokens, `generation.py`)
 
 Tokenization follows lm-eval's `TemplateLM`: trailing context whitespace moves to the
 continuation, the pair is encoded whole and split at the context length, an empty context is
@@ -105,15 +105,14 @@ class PromptScore:
 
 @dataclass(frozen=True)
 class GeneratedText:
+    """The generated text, cut at `until`; read from the item's `generation.Generation`
+    (all its tokens, a checkpoint it continued from included), never from the engine's text."""
+
     key: str
     until: tuple[str, ...]
 
-    def read(self, out) -> str:
-        text = out.outputs[0].text
-        for stop in self.until:
-            if stop:
-                text = text.split(stop)[0]
-        return text
+    def read(self, generation) -> str:
+        return generation.text()
 
 
 Part = NextTokenScore | PromptScore | GeneratedText
@@ -124,6 +123,11 @@ class Prompt:
     token_ids: list[int]
     params: dict[str, Any]  # keyword arguments of vllm.SamplingParams
     parts: list[Part] = field(default_factory=list)
+
+    @property
+    def generates(self) -> bool:
+        """A generation (one `generate_until` item), rather than a scored prompt."""
+        return any(isinstance(part, GeneratedText) for part in self.parts)
 
 
 # -- building prompts -------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from conserve_bench.jobs.taskspec import check_tasks, task_manager
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int], None]  # (num_done, num_total)
+ProgressFn = Callable[[int, int, int], None]  # (num_done, num_total, num_generated_tokens)
 
 
 def submit_job(store: Store, spec: JobSpec, run_key: str | None = None) -> Job:
@@ -93,7 +93,8 @@ def _run_as(store: Store, job: Job, engine, run_cfg: RunConfig, output_dir, on_p
         raise JobStateError(f"job {job.id} is {store.get_job_state(job.id)}; nothing to run")
     tracker = _ProgressTracker(store, job.id, on_progress)
     runner = Runner(store, engine, run_cfg, owner=worker.id, on_progress=tracker.advance,
-                    should_stop=lambda: should_stop() or _cancelled(store, job.id))
+                    should_stop=lambda: should_stop() or _cancelled(store, job.id),
+                    on_tokens=tracker.add_tokens)
     t0 = time.perf_counter()
     try:
         output = _evaluate(store, job, runner, engine, manager, tracker)
@@ -110,7 +111,7 @@ def _run_as(store: Store, job: Job, engine, run_cfg: RunConfig, output_dir, on_p
     wall_s = time.perf_counter() - t0
     store.add_run_time(job.id, wall_s)
     store.set_job_state(job.id, JobState.DONE)
-    results = _with_metadata(output, store.get_job(job.id), engine, runner, wall_s)
+    results = _with_metadata(output, store, store.get_job(job.id), engine, runner, wall_s)
     store.save_results(job.id, results)
     store.leave_job(job.id, worker.id)
     if output_dir is not None:
@@ -221,7 +222,18 @@ def job_results(store: Store, job_id: str) -> dict[str, Any]:
 def results_summary(results: dict[str, Any]) -> dict[str, Any]:
     """The machine-readable results object of `results --json` and the job API."""
     return {"id": results["conserve"]["job"]["id"], "results": task_metrics(results),
-            "n-shot": results.get("n-shot", {})}
+            "n-shot": results.get("n-shot", {}),
+            "resumes": results["conserve"].get("resumes", resume_summary({}))}
+
+
+def resume_summary(resumes: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """What a job's results say of its partial generations (`Store.resumes`): how many items
+    continued a checkpoint, how many resumes and reused tokens that took, and per item (only
+    those that resumed) how many resumes it took."""
+    return {"num_items": len(resumes),
+            "num_resumes": sum(r["num_resumes"] for r in resumes.values()),
+            "num_reused_tokens": sum(r["num_reused_tokens"] for r in resumes.values()),
+            "items": {key: r["num_resumes"] for key, r in resumes.items()}}
 
 
 def task_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -292,14 +304,15 @@ class Session:
         self.store.add_run_time(self.job_id, wall_s)
         job = self.store.get_job(self.job_id)
         if job.state == JobState.RUNNING and job.num_done == job.num_total:
-            results = _with_metadata({"results": {}}, job, self.engine, self.runner, wall_s)
+            results = _with_metadata({"results": {}}, self.store, job, self.engine, self.runner,
+                                     wall_s)
             self.store.save_results(self.job_id, results)
         elif job.state == JobState.RUNNING:
             self.store.set_job_state(self.job_id, JobState.CANCELLED, error=(
                 f"the lm-eval run ended with {job.num_done}/{job.num_total} requests computed"))
 
 
-def open_session(model: str, db: str | None, data_dir: str | None, max_inflight: int,
+def open_session(model: str, db: str | None, data_dir: str | None, run_cfg: RunConfig,
                  engine=None) -> Session:
     """Open a store, start `model` (unless an engine is given) and record a running job whose
     work items the caller (`ConserveLM`) adds as lm-eval hands it requests."""
@@ -314,7 +327,7 @@ def open_session(model: str, db: str | None, data_dir: str | None, max_inflight:
     # it ran on this host: the worker's start ends a dead neighbour's lease).
     worker = Worker(store, "lm-eval").start()
     store.start_job(job.id, worker.id)
-    runner = Runner(store, engine, RunConfig(max_inflight=max_inflight), owner=worker.id)
+    runner = Runner(store, engine, run_cfg, owner=worker.id)
     return Session(store, engine, runner, job.id, worker, owns_engine)
 
 
@@ -322,24 +335,32 @@ def open_session(model: str, db: str | None, data_dir: str | None, max_inflight:
 
 
 class _ProgressTracker:
-    """Turns committed-item counts into (done, total) for a progress display."""
+    """Turns committed-item counts and generated tokens into (done, total, tokens) for a
+    progress display."""
 
     def __init__(self, store: Store, job_id: str, on_progress: ProgressFn | None):
         self.store, self.job_id = store, job_id
-        self.on_progress = on_progress or (lambda done, total: None)
-        self.num_done = self.num_total = 0
+        self.on_progress = on_progress or (lambda done, total, tokens: None)
+        self.num_done = self.num_total = self.num_tokens = 0
 
     def refresh(self, kind: str, num_items: int) -> None:
         job = self.store.get_job(self.job_id)
         self.num_done, self.num_total = job.num_done, job.num_total
-        self.on_progress(self.num_done, self.num_total)
+        self._report()
 
     def advance(self, num_items: int) -> None:
         self.num_done += num_items
-        self.on_progress(self.num_done, self.num_total)
+        self._report()
+
+    def add_tokens(self, num_tokens: int) -> None:
+        self.num_tokens += num_tokens
+        self._report()
+
+    def _report(self) -> None:
+        self.on_progress(self.num_done, self.num_total, self.num_tokens)
 
 
-def _with_metadata(output: dict[str, Any], job: Job, engine, runner: Runner,
+def _with_metadata(output: dict[str, Any], store: Store, job: Job, engine, runner: Runner,
                    wall_s: float) -> dict[str, Any]:
     from lm_eval.utils import handle_non_serializable
 
@@ -364,6 +385,10 @@ def _with_metadata(output: dict[str, Any], job: Job, engine, runner: Runner,
         "items_per_s": round(stats.num_items / stats.wall_s, 3) if stats.wall_s else None,
         "store_s": round(stats.store_s, 3),
         "store_share": round(stats.store_s / stats.wall_s, 4) if stats.wall_s else None,
+        "num_generated_tokens": stats.num_generated_tokens,
+        "num_checkpoints": stats.num_checkpoints,
+        "checkpoint_s": round(stats.checkpoint_s, 3),
+        "resumes": resume_summary(store.resumes(job.id)),
     }
     return results
 

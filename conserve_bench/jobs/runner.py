@@ -6,8 +6,11 @@ in batches (one transaction per `commit_every` items or per second, whichever co
 so a killed process loses at most that window: exactly what another worker, or `resume`,
 computes again. Each commit is fenced by the attempt each item was claimed under. Any
 number of runners, in any number of processes, may run the same job: they share its items
-through the store's claims. It drives any `engine.contract.ItemEngine` and never holds a
-store transaction while the engine runs.
+through the store's claims. Inside that window, generations in flight are checkpointed
+(their tokens so far, every `checkpoint_tokens` tokens or `checkpoint_s` seconds, all in one
+transaction, fenced like commits), and a claimed generation continues from its checkpoint:
+a kill costs a generation at most the tokens since. It drives any
+`engine.contract.ItemEngine` and never holds a store transaction while the engine runs.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from conserve_bench.store import Store
 
 COMMIT_INTERVAL_S = 1.0
 WAIT_FOR_OTHERS_S = 0.5
+# NOTE: a checkpoint waits at least 1 / MAX_CHECKPOINT_SHARE times as long as the previous one
+# took, so checkpoints never take more than this share of the wall time, however slow the store.
+MAX_CHECKPOINT_SHARE = 0.005
 
 
 class Stopped(Exception):
@@ -33,12 +39,16 @@ class Stopped(Exception):
 
 @dataclass
 class RunStats:
-    """What one runner did; `store_s` is the bookkeeping share of `wall_s`."""
+    """What one runner did; `store_s` (checkpoints included) is the bookkeeping share of
+    `wall_s`."""
 
     num_items: int = 0  # items this runner computed and committed
     num_failed: int = 0  # failed attempts it recorded
+    num_generated_tokens: int = 0  # tokens its engine generated for them (not those continued from)
+    num_checkpoints: int = 0
     wall_s: float = 0.0
     store_s: float = 0.0
+    checkpoint_s: float = 0.0
 
 
 class Runner:
@@ -51,18 +61,25 @@ class Runner:
     def __init__(self, store: Store, engine: ItemEngine, cfg: RunConfig = RunConfig(),
                  owner: str | None = None,
                  on_progress: Callable[[int], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None):
+                 should_stop: Callable[[], bool] | None = None,
+                 on_tokens: Callable[[int], None] | None = None):
         self.store = store
         self.engine = engine
         self.cfg = cfg
         self.owner = owner or new_worker_id()
         self.on_progress = on_progress or (lambda num_done: None)
         self.should_stop = should_stop or (lambda: False)
+        self.on_tokens = on_tokens or (lambda num_tokens: None)
         self.stats = RunStats()
         self._attempts: dict[str, int] = {}  # claimed, not yet committed: key -> attempt
         self._uncommitted: dict[str, Any] = {}
         self._failed: dict[str, str] = {}  # key -> the engine's error
         self._last_commit = time.monotonic()
+        self._saved: dict[str, int] = {}  # generation in flight -> tokens its checkpoint holds
+        self._to_clear: set[str] = set()  # finished items whose checkpoint goes once committed
+        self._num_tokens_seen = self._num_tokens_at_checkpoint = engine.num_generated_tokens
+        self._last_checkpoint = time.monotonic()
+        self._min_checkpoint_interval_s = 0.0
 
     def run(self, job_id: str, keys: list[str], kind: str | None = None) -> dict[str, Any]:
         """Compute every item of `keys` that is not done yet; return all their results.
@@ -92,11 +109,7 @@ class Runner:
                 exhausted = False  # items held by other live workers: wait, then look again
                 time.sleep(WAIT_FOR_OTHERS_S)
                 continue
-            for key, result in self.engine.step():
-                if isinstance(result, ItemError):
-                    self._failed[key] = result.message
-                else:
-                    self._uncommitted[key] = result
+            self._step()
             if (len(self._uncommitted) + len(self._failed) >= self.cfg.commit_every
                     or time.monotonic() - self._last_commit > COMMIT_INTERVAL_S):
                 self._commit()
@@ -108,8 +121,61 @@ class Runner:
                               list(self._attempts))
         self._attempts.update((w.key, w.attempt) for w in claimed)
         if claimed:
-            self.engine.submit(claimed)
+            self._submit(claimed)
         return claimed
+
+    def _submit(self, claimed: list) -> None:
+        """Hand claimed items to the engine; generations continue from their checkpoints."""
+        keys = [w.key for w in claimed if w.kind == "generate_until"]
+        partials = {}
+        if keys and self.cfg.checkpoint_tokens:
+            partials = self._timed(self.store.resume_partials, keys)
+            self._saved.update({key: len(partials.get(key, ())) for key in keys})
+        self.engine.submit(claimed, partials)
+
+    def _step(self) -> None:
+        for key, result in self.engine.step():
+            if isinstance(result, ItemError):
+                self._failed[key] = result.message
+                self._saved.pop(key, None)
+                continue
+            self._uncommitted[key] = result
+            if self._saved.pop(key, 0):
+                self._to_clear.add(key)
+        num_tokens = self.engine.num_generated_tokens - self._num_tokens_seen
+        if num_tokens:
+            self._num_tokens_seen += num_tokens
+            self.stats.num_generated_tokens += num_tokens
+            self.on_tokens(num_tokens)
+        if self._checkpoint_due():
+            self._checkpoint()
+
+    def _checkpoint_due(self) -> bool:
+        """Due once the generations in flight have `checkpoint_tokens` new tokens each (on
+        average), or `checkpoint_s` passed, but never sooner than the share bound allows."""
+        since_s = time.monotonic() - self._last_checkpoint
+        num_new = self._num_tokens_seen - self._num_tokens_at_checkpoint
+        if not self._saved or not num_new or since_s < self._min_checkpoint_interval_s:
+            return False
+        return (num_new >= self.cfg.checkpoint_tokens * len(self._saved)
+                or since_s >= self.cfg.checkpoint_s)
+
+    def _checkpoint(self) -> None:
+        """Store the new tokens of every generation in flight, in one transaction."""
+        t0 = time.perf_counter()
+        partials = {key: token_ids for key, token_ids in self.engine.partials().items()
+                    if len(token_ids) > self._saved.get(key, len(token_ids))
+                    and key in self._attempts}
+        if partials:
+            self._timed(self.store.save_partials, self.owner, partials,
+                        {key: self._attempts[key] for key in partials})
+            self._saved.update({key: len(token_ids) for key, token_ids in partials.items()})
+            self.stats.num_checkpoints += 1
+        took_s = time.perf_counter() - t0
+        self.stats.checkpoint_s += took_s
+        self._min_checkpoint_interval_s = took_s / MAX_CHECKPOINT_SHARE
+        self._last_checkpoint = time.monotonic()
+        self._num_tokens_at_checkpoint = self._num_tokens_seen
 
     def _finished(self, job_id: str, kind: str | None) -> bool:
         """Nothing of the job (of `kind`) is pending or leased; raises if any item failed."""
@@ -134,15 +200,23 @@ class Runner:
         # took it) is not committed; its new owner computes it, and `_finished` waits.
         num_committed = self._timed(self.store.complete_items, self.owner, done, attempts)
         self.stats.num_failed += self._timed(self.store.fail_items, self.owner, failed, attempts)
+        if cleared := self._to_clear & set(done):
+            self._timed(self.store.clear_partials, list(cleared))
+            self._to_clear -= cleared
         self.stats.num_items += num_committed
         self.on_progress(num_committed)
 
     def release(self) -> int:
-        """Give back whatever this runner holds (graceful stop); uncommitted work is lost."""
+        """Give back whatever this runner holds (graceful stop). Generations in flight are
+        checkpointed first, so they continue where they were; other uncommitted work is lost."""
+        if self._saved:
+            self._checkpoint()  # NOTE: before abort_all drops their tokens
         self.engine.abort_all()
         self._uncommitted.clear()
         self._failed.clear()
         self._attempts.clear()
+        self._saved.clear()
+        self._to_clear.clear()
         return self.store.release_items(self.owner)
 
     def _timed(self, fn, *args):

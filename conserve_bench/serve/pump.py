@@ -75,7 +75,7 @@ class OfflinePump:
             # NOTE: never retry_failed: the job may have failed (on another replica) since it
             # was picked; its failed items are retried by `resume`, not by every replica.
             run_job(self.store, job.id, self.engine, self.run_cfg, output_dir=self.output_dir,
-                    on_progress=lambda d, t, j=job.id: self.on_progress(j, d, t),
+                    on_progress=lambda d, t, _tokens, j=job.id: self.on_progress(j, d, t),
                     should_stop=self._stop.is_set, worker=self.worker, retry_failed=False)
         except Stopped:
             log.info("offline pump stopped during job %s; its items are pending", job.id)

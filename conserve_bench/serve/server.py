@@ -33,7 +33,8 @@ from typing import Any
 
 import uvicorn
 
-from conserve_bench.config import EngineConfig, LeaseConfig, RunConfig
+from conserve_bench.config import (DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS, EngineConfig,
+                                   LeaseConfig, RunConfig)
 from conserve_bench.engine.arrivals import ArrivalSignal
 from conserve_bench.engine.local import context_length, engine_args, engine_environment
 from conserve_bench.engine.plugin import ONLINE_PRIORITY, conserve_overrides
@@ -76,6 +77,8 @@ class ServeConfig:
     safepoint_every: int = SAFEPOINT_EVERY
     offline_step_ms: float | None = None  # None: from the profile (`default_offline_step_s`)
     max_offline_inflight: int = 32
+    checkpoint_tokens: int = DEFAULT_CHECKPOINT_TOKENS  # offline generations' checkpoints
+    checkpoint_s: float = DEFAULT_CHECKPOINT_S
     data_dir: str | None = None
     output_dir: str = "results"
     profile: bool = True  # load this machine's latency profile; measure it once if missing
@@ -104,6 +107,16 @@ class ServeConfig:
             raise ServeConfigError("--max-slowdown bounds offline work when no SLO is given; "
                                    "with --ttft-slo-ms/--tbt-slo-ms offline work spends the SLOs")
         self._check_layer_preemption()
+        try:
+            self.offline_run_config
+        except ValueError as e:
+            raise ServeConfigError(str(e)) from None
+
+    @property
+    def offline_run_config(self) -> RunConfig:
+        """How the offline pump's runner feeds the engine."""
+        return RunConfig(max_inflight=self.max_offline_inflight,
+                         checkpoint_tokens=self.checkpoint_tokens, checkpoint_s=self.checkpoint_s)
 
     @property
     def spends_slos(self) -> bool:
@@ -280,8 +293,8 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
         await init_app_state(client, app.state, args, supported_tasks)
         adapter = AsyncEngineAdapter(client, asyncio.get_running_loop(), fingerprint,
                                      max_model_len, on_tokens=metrics.offline_tokens)
-        pump = OfflinePump(store, adapter, RunConfig(max_inflight=cfg.max_offline_inflight),
-                           cfg.output_dir, on_progress=metrics.job_progress,
+        pump = OfflinePump(store, adapter, cfg.offline_run_config, cfg.output_dir,
+                           on_progress=metrics.job_progress,
                            label=f"serve {cfg.host}:{cfg.port}")
         # NOTE: vLLM's app has built its middleware stack already; ours wraps it from outside.
         asgi_app = OnlinePriorityMiddleware(app, metrics, arrivals)

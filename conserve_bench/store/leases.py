@@ -64,9 +64,10 @@ def _locked(query: sa.Select, limit: int, name: str) -> sa.CTE:
             .prefix_with("MATERIALIZED"))
 
 
-def _held(owner: str, fenced: bool):
-    """The rows `owner` holds; with `fenced`, only under the attempt bound as `attempt`."""
-    conditions = [items.c.key == sa.bindparam("item_key"), items.c.owner == owner,
+def held(owner: str, fenced: bool, key: str = "item_key"):
+    """The rows `owner` holds (the key bound as `key`); with `fenced`, only under the attempt
+    bound as `attempt`."""
+    conditions = [items.c.key == sa.bindparam(key), items.c.owner == owner,
                   items.c.state == RUNNING]
     if fenced:
         conditions.append(items.c.num_runs == sa.bindparam("attempt"))
@@ -79,7 +80,7 @@ def complete(owner: str, fenced: bool, now) -> sa.Update:
     NOTE: the fence. An item whose lease was reclaimed has another owner or a newer attempt,
     so a worker that lost its lease can never overwrite a newer attempt's result.
     """
-    return items.update().where(_held(owner, fenced)).values(
+    return items.update().where(held(owner, fenced)).values(
         state=ItemState.DONE.value, result=sa.bindparam("item_result"), finished_at=now,
         lease_until=None)
 
@@ -88,7 +89,7 @@ def fail(owner: str, fenced: bool, max_attempts: int) -> sa.Update:
     """Executed with rows {item_key, attempt, item_error}: one more failed attempt; back to
     pending, or failed for good once out of attempts. Fenced like `complete`."""
     out_of_attempts = items.c.num_failures + 1 >= max_attempts
-    return items.update().where(_held(owner, fenced)).values(
+    return items.update().where(held(owner, fenced)).values(
         state=sa.case((out_of_attempts, ItemState.FAILED.value), else_=PENDING),
         owner=sa.case((out_of_attempts, items.c.owner), else_=None),
         num_failures=items.c.num_failures + 1, error=sa.bindparam("item_error"), lease_until=None)

@@ -133,9 +133,24 @@ def _add_column(conn: sa.Connection, table: str, column: sa.Column) -> None:
     conn.execute(sa.text(ddl))
 
 
+def m006_item_partials(conn: sa.Connection) -> None:
+    """The checkpointed tokens of unfinished generations and each item's resumes (#17)."""
+    meta = sa.MetaData()
+    sa.Table("items", meta, sa.Column("key", sa.String(64), primary_key=True))  # the FK's target
+    sa.Table(
+        "item_partials", meta,
+        sa.Column("item_key", sa.String(64), sa.ForeignKey("items.key"), primary_key=True),
+        sa.Column("token_ids", sa.Text, nullable=False),
+        sa.Column("num_tokens", sa.Integer, nullable=False),
+        sa.Column("num_resumes", sa.Integer, nullable=False),
+        sa.Column("num_reused_tokens", sa.Integer, nullable=False),
+        sa.Column("updated_at", sa.Float, nullable=False),
+    ).create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Callable[[sa.Connection], None]] = [m001_initial, m002_profiles,
                                                       m003_profile_refits, m004_run_key,
-                                                      m005_leases]
+                                                      m005_leases, m006_item_partials]
 
 
 def migrate(engine: sa.Engine, migrations=MIGRATIONS) -> int:

@@ -13,6 +13,9 @@ the worker and attempt that hold it; or back to pending (given back, or its atte
 or taken by another worker's claim once the lease expired; failed after `max_attempts` failed
 attempts. Several processes on several machines may share one PostgreSQL store this way.
 A passing outage (a restart of the database) is retried for up to one lease.
+A running `generate_until` item's tokens so far are checkpointed (`save_partials`, by the
+worker and attempt that hold it) and handed to its next run (`resume_partials`), so an
+interrupted generation continues instead of starting over.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ from conserve_bench.store import leases
 from conserve_bench.store.db import (create_engine, insert_ignore, is_transient, now_s,
                                      refresh_statistics)
 from conserve_bench.store.migrations import migrate
-from conserve_bench.store.schema import (PROFILE_KEY_COLUMNS, items, job_items, jobs,
-                                         profile_refits, profiles, workers)
+from conserve_bench.store.schema import (PROFILE_KEY_COLUMNS, item_partials, items,
+                                         job_items, jobs, profile_refits, profiles,
+                                         workers)
 from conserve_bench.store.states import ItemState, JobState, WorkerState
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,8 @@ class Job:
     error: str | None = None
     run_key: str | None = None
     num_failed: int = 0
+    num_partial_items: int = 0  # unfinished items with checkpointed tokens
+    num_partial_tokens: int = 0  # their tokens
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +88,8 @@ class Job:
             "done": self.num_done,
             "total": self.num_total,
             "failed": self.num_failed,
+            "partial_items": self.num_partial_items,
+            "partial_tokens": self.num_partial_tokens,
             "tasks": list(self.spec.tasks),
             "model": self.spec.model,
             "limit": self.spec.limit,
@@ -206,8 +214,18 @@ class Store:
                     .where(job_items.c.job_id == jobs.c.id, items.c.state == state)
                     .scalar_subquery())
 
+        partial = (job_items.join(items, items.c.key == job_items.c.item_key)
+                   .join(item_partials, item_partials.c.item_key == items.c.key))
+        partial_where = (job_items.c.job_id == jobs.c.id, items.c.state != ItemState.DONE,
+                         item_partials.c.num_tokens > 0)
+        num_partial_items = sa.select(sa.func.count()).select_from(partial).where(*partial_where)
+        num_partial_tokens = (sa.select(sa.func.coalesce(sa.func.sum(item_partials.c.num_tokens), 0))
+                              .select_from(partial).where(*partial_where))
         query = sa.select(jobs, count(ItemState.DONE).label("num_done"),
-                          count(ItemState.FAILED).label("num_failed")).where(where)
+                          count(ItemState.FAILED).label("num_failed"),
+                          num_partial_items.scalar_subquery().label("num_partial_items"),
+                          num_partial_tokens.scalar_subquery().label("num_partial_tokens"),
+                          ).where(where)
         query = query.order_by(jobs.c.created_at.desc()).limit(limit)
         rows = self._read(lambda conn: conn.execute(query).mappings().all())
         return [_job_from_row(r) for r in rows]
@@ -427,14 +445,104 @@ class Store:
 
     def job_items(self, job_id: str, offset: int = 0,
                   limit: int | None = None) -> list[dict[str, Any]]:
-        """A job's items in the order they were added: key, kind, state, result (None unless done)."""
+        """A job's items in the order they were added: key, kind, state, result (None unless
+        done), and how many of its runs continued a checkpointed generation (`num_resumes`)."""
         rows = self._read(lambda conn: conn.execute(
-            sa.select(items.c.key, items.c.kind, items.c.state, items.c.result)
+            sa.select(items.c.key, items.c.kind, items.c.state, items.c.result,
+                      item_partials.c.num_resumes)
             .join(job_items, job_items.c.item_key == items.c.key)
+            .outerjoin(item_partials, item_partials.c.item_key == items.c.key)
             .where(job_items.c.job_id == job_id).order_by(job_items.c.seq)
             .offset(offset).limit(limit)).all())
         return [{"key": r.key, "kind": r.kind, "state": r.state,
-                 "result": json.loads(r.result) if r.state == ItemState.DONE else None} for r in rows]
+                 "result": json.loads(r.result) if r.state == ItemState.DONE else None,
+                 "num_resumes": r.num_resumes or 0} for r in rows]
+
+    # -- partial generations ------------------------------------------------------------------
+
+    def save_partials(self, owner: str, partials: Mapping[str, Sequence[int]],
+                      attempts: Mapping[str, int] | None = None) -> int:
+        """Checkpoint the tokens generated so far by running items, by key, in one transaction
+        (the runner's batched checkpoint); returns how many were saved.
+
+        NOTE: fenced like `complete_items`: only items `owner` holds (under the same attempt,
+        when `attempts` is given) are written, so a worker that lost its lease cannot
+        overwrite the checkpoint of the attempt that holds the item now.
+        """
+        if not partials:
+            return 0
+        now, fenced = time.time(), attempts is not None
+        # NOTE: `item_key` names a column of item_partials: bound as "k" in its UPDATE
+        held = sa.select(items.c.key).where(leases.held(owner, fenced, key="k"))
+        rows = [{"k": key, "t": json.dumps(list(ids)), "n": len(ids),
+                 **_attempt(attempts, key)} for key, ids in partials.items()]
+
+        def save(conn: sa.Connection) -> int:
+            for chunk in _chunks(list(partials), 500):
+                conn.execute(insert_ignore(item_partials, conn), [
+                    {"item_key": key, "token_ids": "[]", "num_tokens": 0, "num_resumes": 0,
+                     "num_reused_tokens": 0, "updated_at": now} for key in chunk])
+            return conn.execute(
+                item_partials.update()
+                .where(item_partials.c.item_key == sa.bindparam("k"),
+                       item_partials.c.item_key.in_(held))
+                .values(token_ids=sa.bindparam("t"), num_tokens=sa.bindparam("n"), updated_at=now),
+                rows).rowcount
+
+        return self._write(save)
+
+    def resume_partials(self, keys: Sequence[str]) -> dict[str, list[int]]:
+        """The checkpointed tokens of items just claimed, by key (those that have any); each
+        counts as a resume of its item. One transaction."""
+        now = time.time()
+
+        def resume(conn: sa.Connection) -> dict[str, list[int]]:
+            out: dict[str, list[int]] = {}
+            for chunk in _chunks(list(keys)):
+                found = (item_partials.c.item_key.in_(chunk), item_partials.c.num_tokens > 0)
+                # NOTE: the write comes first, so SQLite takes its write lock before reading.
+                conn.execute(item_partials.update().where(*found).values(
+                    num_resumes=item_partials.c.num_resumes + 1, updated_at=now,
+                    num_reused_tokens=item_partials.c.num_reused_tokens + item_partials.c.num_tokens))
+                rows = conn.execute(sa.select(item_partials.c.item_key, item_partials.c.token_ids)
+                                    .where(*found)).all()
+                out.update({r.item_key: json.loads(r.token_ids) for r in rows})
+            return out
+
+        return self._write(resume)
+
+    def clear_partials(self, keys: Sequence[str]) -> None:
+        """Drop the checkpointed tokens of items that are done (their resume counts stay)."""
+        done = sa.select(items.c.key).where(items.c.state == ItemState.DONE)
+
+        def clear(conn: sa.Connection) -> None:
+            for chunk in _chunks(list(keys)):
+                conn.execute(item_partials.update()
+                             .where(item_partials.c.item_key.in_(chunk),
+                                    item_partials.c.item_key.in_(done))
+                             .values(token_ids="[]", num_tokens=0, updated_at=time.time()))
+
+        self._write(clear)
+
+    def partials(self, job_id: str) -> dict[str, list[int]]:
+        """The checkpointed tokens of a job's unfinished items, by key."""
+        rows = self._read(lambda conn: conn.execute(
+            sa.select(item_partials.c.item_key, item_partials.c.token_ids)
+            .join(job_items, job_items.c.item_key == item_partials.c.item_key)
+            .join(items, items.c.key == item_partials.c.item_key)
+            .where(job_items.c.job_id == job_id, items.c.state != ItemState.DONE,
+                   item_partials.c.num_tokens > 0)).all())
+        return {r.item_key: json.loads(r.token_ids) for r in rows}
+
+    def resumes(self, job_id: str) -> dict[str, dict[str, int]]:
+        """Per item of a job that continued a checkpoint: `num_resumes`, `num_reused_tokens`."""
+        rows = self._read(lambda conn: conn.execute(
+            sa.select(item_partials.c.item_key, item_partials.c.num_resumes,
+                      item_partials.c.num_reused_tokens)
+            .join(job_items, job_items.c.item_key == item_partials.c.item_key)
+            .where(job_items.c.job_id == job_id, item_partials.c.num_resumes > 0)).all())
+        return {r.item_key: {"num_resumes": r.num_resumes, "num_reused_tokens": r.num_reused_tokens}
+                for r in rows}
 
     def run_counts(self, job_id: str) -> dict[str, int]:
         """How many times each item of a job was sent to an engine (for durability checks)."""
@@ -595,6 +703,7 @@ def _job_from_row(r) -> Job:
         num_total=r["num_total"], num_done=r["num_done"], created_at=r["created_at"],
         updated_at=r["updated_at"], run_s=r["run_s"], error=r["error"], run_key=r["run_key"],
         num_failed=r["num_failed"],
+        num_partial_items=r["num_partial_items"], num_partial_tokens=r["num_partial_tokens"],
     )
 
 

@@ -115,3 +115,17 @@ profile_refits = sa.Table(
     sa.Column("state_json", sa.Text, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
 )
+
+# NOTE: the tokens a `generate_until` item generated before its run was interrupted, so its
+# next run continues after them (`engine.generation`). A row lives as long as its item: the
+# tokens are cleared when the item is done, the resume counts stay for its results.
+item_partials = sa.Table(
+    "item_partials",
+    metadata,
+    sa.Column("item_key", sa.String(64), sa.ForeignKey("items.key"), primary_key=True),
+    sa.Column("token_ids", sa.Text, nullable=False),  # JSON list
+    sa.Column("num_tokens", sa.Integer, nullable=False),
+    sa.Column("num_resumes", sa.Integer, nullable=False),  # runs that continued a checkpoint
+    sa.Column("num_reused_tokens", sa.Integer, nullable=False),  # tokens they did not redo
+    sa.Column("updated_at", sa.Float, nullable=False),
+)

@@ -30,3 +30,17 @@ def load_generation(**_):
 
 def load_text(**_):
     return datasets.DatasetDict({"test": datasets.Dataset.from_list([{"text": t} for t in TEXTS])})
+
+
+# NOTE: openings the small model continues for hundreds of tokens without its stop string
+# (conserve_tiny_long: generations long enough to be interrupted and continued).
+STORIES = [
+    "Once upon a time, in a small village by the sea, there lived",
+    "The history of the Roman Empire begins",
+    "Chapter 1\n\nThe train pulled into the station at dawn, and",
+    "The following is an essay about climate change.\n\n",
+]
+
+
+def load_stories(**_):
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list([{"opening": s} for s in STORIES])})
