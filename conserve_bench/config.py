@@ -86,6 +86,7 @@ class EngineConfig:
     worker_cls: str | None = None  # "module.Class" of a vLLM worker subclass
     kv_transfer_config: dict[str, Any] | None = None  # loads a KV connector (ours: engine.connector)
     async_scheduling: bool | None = None  # None: vLLM decides
+    num_gpu_blocks: int | None = None  # None: as many KV blocks as kv_cache_gib holds
 
     def fingerprint(self, max_model_len: int) -> str:
         """What, besides the request itself, decides a result: the model, its numerics and

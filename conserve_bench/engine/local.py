@@ -64,6 +64,8 @@ def engine_args(cfg: EngineConfig) -> dict[str, Any]:
     for name in ("worker_cls", "kv_transfer_config", "async_scheduling"):
         if getattr(cfg, name) is not None:
             args[name] = getattr(cfg, name)
+    if cfg.num_gpu_blocks is not None:
+        args["num_gpu_blocks_override"] = cfg.num_gpu_blocks
     return args
 
 
