@@ -21,7 +21,8 @@ import typer
 from rich.table import Table
 
 from conserve_bench.jobs import lifecycle
-from conserve_bench.config import RunConfig, JobSpec, default_data_dir, default_db_url, DEFAULT_MODEL
+from conserve_bench.config import (RunConfig, JobSpec, default_data_dir, default_db_url,
+                                   default_kv_checkpoint_gib, DEFAULT_MODEL)
 from conserve_bench.serve.client import JobClient
 from conserve_bench.errors import ConserveError, JobStateError
 from conserve_bench.engine.models import resolve_model
@@ -37,6 +38,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 JobArg = Annotated[str, typer.Argument(help="Job id.")]
 OutputOpt = Annotated[str, typer.Option("--output", help="Directory for results/<job-id>.json.")]
 InflightOpt = Annotated[int, typer.Option("--max-inflight", min=1, help="Work items in flight at once.")]
+CheckpointOpt = Annotated[Optional[float], typer.Option("--kv-checkpoint-gib", min=0, help="Host memory for KV checkpoints of offline requests, so a preempted one resumes by loading its KV instead of recomputing it; 0 turns them off [default: a quarter of the free RAM, in quarter GiB].")]
 ServerOpt = Annotated[Optional[str], typer.Option("--server", help="URL of a running `conserve-bench serve`.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show vLLM's and lm-eval's own output on the terminal instead of in results/<job-id>.log.")]
 ApiKeyOpt = Annotated[Optional[str], typer.Option("--api-key", envvar="CONSERVE_BENCH_API_KEY", help="Bearer key of the server.")]
@@ -59,6 +61,7 @@ def submit(
     server: ServerOpt = None,
     api_key: ApiKeyOpt = None,
     wait: Annotated[bool, typer.Option("--wait", help="With --server: follow the job to the end.")] = False,
+    kv_checkpoint_gib: CheckpointOpt = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ):
@@ -71,19 +74,20 @@ def submit(
     job = lifecycle.submit_job(store, spec)
     if not as_json:
         out.stdout.print(f"job [bold]{job.id}[/] submitted: {', '.join(spec.tasks)} on {spec.model}")
-    _run(store, job.id, output, max_inflight, as_json, verbose)
+    _run(store, job.id, output, max_inflight, as_json, verbose, kv_checkpoint_gib)
 
 
 @app.command()
 def resume(job_id: JobArg, db: DbOpt = None, output: OutputOpt = "results",
-           max_inflight: InflightOpt = 64, as_json: JsonOpt = False, verbose: VerboseOpt = False):
+           max_inflight: InflightOpt = 64, kv_checkpoint_gib: CheckpointOpt = None,
+           as_json: JsonOpt = False, verbose: VerboseOpt = False):
     """Continue a job where it stopped; finished items are reused. Example: resume 3f2a9c1d0b7e"""
     store = _store(db)
     job = store.get_job(job_id)
     if job.state == JobState.DONE:
         _print_results(lifecycle.job_results(store, job_id), as_json)
         return
-    _run(store, job_id, output, max_inflight, as_json, verbose)
+    _run(store, job_id, output, max_inflight, as_json, verbose, kv_checkpoint_gib)
 
 
 @app.command("jobs")
@@ -183,6 +187,7 @@ def serve(
     refit: Annotated[bool, typer.Option("--refit/--no-refit", help="conserve: plan with the latency model refitted from live steps while it predicts them better.")] = True,
     layer_preemption: Annotated[Optional[str], typer.Option("--layer-preemption", help="on | off: an online arrival cuts an offline-only step short at the next layer safepoint [default: on under conserve].")] = None,
     safepoint_every: Annotated[int, typer.Option("--safepoint-every", min=1, help="With layer preemption: a safepoint every k decoder layers.")] = SAFEPOINT_EVERY,
+    kv_checkpoint_gib: Annotated[Optional[float], typer.Option("--kv-checkpoint-gib", min=0, help="conserve: host memory for KV checkpoints of offline requests, so a preempted one resumes by loading its KV; 0 turns them off [default: a quarter of the free RAM].")] = None,
     offline_step_ms: Annotated[Optional[float], typer.Option("--offline-step-ms", help="With layer preemption: offline-only step length [default: the smallest step within 5% of peak offline tokens/s, from the profile].")] = None,
     max_offline_inflight: Annotated[int, typer.Option("--max-offline-inflight", min=1, help="Offline items in flight.")] = 32,
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Local MMLU CSV folder for jobs.")] = None,
@@ -198,7 +203,8 @@ def serve(
                       api_key=api_key, ttft_slo_ms=ttft_slo_ms, tbt_slo_ms=tbt_slo_ms,
                       slo_margin=slo_margin, quantum_ms=quantum_ms, max_slowdown=max_slowdown,
                       refit=refit, layer_preemption=_on_off("--layer-preemption", layer_preemption),
-                      safepoint_every=safepoint_every, offline_step_ms=offline_step_ms,
+                      safepoint_every=safepoint_every, kv_checkpoint_gib=kv_checkpoint_gib,
+                      offline_step_ms=offline_step_ms,
                       max_offline_inflight=max_offline_inflight,
                       data_dir=os.path.abspath(data_dir) if data_dir else None, output_dir=output,
                       profile=profile, step_log=step_log)
@@ -305,6 +311,7 @@ def bench(
     api_key: ApiKeyOpt = None,
     seed: Annotated[int, typer.Option(help="Seeds prompts and Gamma arrivals.")] = 0,
     output: Annotated[str, typer.Option("--output", help="Parent of bench-<timestamp>/.")] = "results",
+    kv_checkpoint_gib: Annotated[Optional[float], typer.Option("--kv-checkpoint-gib", min=0, help="Given to every conserve `serve` (a POLICY:FLAGS entry's own wins) [default: serve's].")] = None,
     serve_arg: Annotated[Optional[list[str]], typer.Option("--serve-arg", help="Extra `serve` flag, repeatable: --serve-arg=--quantum-ms=50")] = None,
     db: Annotated[Optional[str], typer.Option("--db", help="Where the machine's latency profile is kept (env CONSERVE_BENCH_DB); each phase gets its own fresh store.")] = None,
     as_json: JsonOpt = False,
@@ -314,8 +321,9 @@ def bench(
     Example: bench --trace ../shared/data/traces/azure_llm_2023_conv.csv --data-dir ../shared/data/mmlu
     """
     from conserve_bench.bench.run import BenchConfig, run_bench
-    from conserve_bench.bench.report import (GOAL_COLUMNS, PREEMPTION_COLUMNS, STEP_COLUMNS,
-                                             TABLE_COLUMNS, goal_rows, preemption_rows,
+    from conserve_bench.bench.report import (GOAL_COLUMNS, KV_RESUME_COLUMNS,
+                                             PREEMPTION_COLUMNS, STEP_COLUMNS, TABLE_COLUMNS,
+                                             goal_rows, kv_resume_rows, preemption_rows,
                                              step_rows, table_rows)
 
     data_dir = data_dir or default_data_dir()
@@ -331,7 +339,8 @@ def bench(
         long_prompt_tokens=long_prompt_tokens, long_generated_tokens=long_generated_tokens,
         ttft_slo_ms=ttft_slo_ms, tbt_slo_ms=tbt_slo_ms, max_offline_inflight=max_offline_inflight,
         model=model, server=server, api_key=api_key, seed=seed, output_dir=output,
-        serve_args=tuple(serve_arg or ()), profile_db=db or default_db_url())
+        serve_args=tuple(serve_arg or ()), profile_db=db or default_db_url(),
+        kv_checkpoint_gib=kv_checkpoint_gib)
     with out.progress(disable=as_json) as progress:
         task = progress.add_task("starting", total=None)
         folder, report = run_bench(cfg, lambda d, done, total: progress.update(
@@ -343,7 +352,9 @@ def bench(
                                  (GOAL_COLUMNS, goal_rows(report), report["goal"]),
                                  (STEP_COLUMNS, step_rows(report), "engine steps in the window"),
                                  (PREEMPTION_COLUMNS, preemption_rows(report),
-                                  "layer-wise preemption and the server-side online queue")):
+                                  "layer-wise preemption and the server-side online queue"),
+                                 (KV_RESUME_COLUMNS, kv_resume_rows(report),
+                                  "offline requests preempted for KV blocks, resumed")):
         table = Table(*columns, title=title)
         for row in rows:
             table.add_row(*row)
@@ -385,7 +396,7 @@ def _submit_remote(client: "JobClient", spec: JobSpec, wait: bool, as_json: bool
 
 
 def _run(store: Store, job_id: str, output: str, max_inflight: int, as_json: bool,
-         verbose: bool) -> None:
+         verbose: bool, kv_checkpoint_gib: float | None = None) -> None:
     job = lifecycle.runnable_job(store, job_id)
     model = resolve_model(job.spec.model)
     if not verbose:
@@ -393,7 +404,8 @@ def _run(store: Store, job_id: str, output: str, max_inflight: int, as_json: boo
     phases = Phases(out.stderr, enabled=not as_json)
     with out.progress(disable=as_json) as progress:
         task = progress.add_task("starting engine", total=None)
-        with lifecycle.start_engine(model) as engine:
+        gib = default_kv_checkpoint_gib() if kv_checkpoint_gib is None else kv_checkpoint_gib
+        with lifecycle.start_engine(model, **lifecycle.checkpoint_overrides(gib)) as engine:
             phases.end("engine ready", f"{model.name}, context {engine.max_model_len} tokens")
             progress.update(task, description="building requests (lm-eval)")
             built = []

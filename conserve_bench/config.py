@@ -112,6 +112,25 @@ class RunConfig:
             object.__setattr__(self, "commit_every", max(1, self.max_inflight // 2))
 
 
+# NOTE: the pool holds offline requests' KV only, at most what the device KV cache held of
+# them times the preemptions in flight; a quarter of the memory free at start leaves the rest
+# to the server, lm-eval's data and the OS. On the CPU build the pool takes pages only as it
+# fills; on CUDA it is pinned, so committed whole at start-up.
+KV_CHECKPOINT_SHARE_OF_FREE_RAM = 0.25
+MAX_DEFAULT_KV_CHECKPOINT_GIB = 64.0
+
+
+def default_kv_checkpoint_gib() -> float:
+    """`--kv-checkpoint-gib` when not given: a share of this host's free memory, in quarters
+    of a GiB (0 where the free memory is unknown)."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+    gib = KV_CHECKPOINT_SHARE_OF_FREE_RAM * free / 2**30
+    return min(MAX_DEFAULT_KV_CHECKPOINT_GIB, int(gib * 4) / 4)
+
+
 def default_db_url() -> str:
     return os.environ.get("CONSERVE_BENCH_DB", DEFAULT_DB_URL)
 
