@@ -7,7 +7,8 @@ copies on a side stream ordered by events (written for CUDA, never run: no GPU h
 never decides what to copy, and never copies outside the hooks vLLM calls it from.
 
 vLLM 0.32.0 names relied on (tests/test_checkpoint_contract.py): the CPU attention backend's
-KV cache with the block as dim 0 (`CPUModelRunner._zero_block_ids` indexes it `kv[block_id]`),
+per-layer KV cache with the block as dim 0 (`CPUAttentionBackend.supported_kv_cache_layouts`
+LBHNC; `CPUModelRunner._zero_block_ids` indexes it `kv[block_id]`),
 `vllm.platforms.current_platform` (`is_cpu`, `is_cuda_alike`).
 """
 
