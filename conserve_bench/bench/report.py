@@ -316,6 +316,13 @@ def ratios(summary: dict[str, Any], base: dict[str, Any]) -> dict[str, float | N
     return {name: _ratio(metric(summary, name), metric(base, name)) for name in RATIO_METRICS}
 
 
+def ratio_bases(label: str, labels) -> list[str]:
+    """What a `--policies` entry is compared with: RATIO_BASES, and the other entries of the
+    same policy (`conserve` and `conserve:--kv-checkpoint-gib=0` with each other)."""
+    same_policy = [b for b in labels if b != label and b.partition(":")[0] == label.partition(":")[0]]
+    return [b for b in RATIO_BASES if b in labels] + [b for b in same_policy if b not in RATIO_BASES]
+
+
 def build_report(config: dict[str, Any], offline_only: PhaseResult,
                  phases: list[PhaseResult]) -> dict[str, Any]:
     """The whole report: config, offline-only baseline, slack, one entry per policy, ratios."""
@@ -323,8 +330,8 @@ def build_report(config: dict[str, Any], offline_only: PhaseResult,
     baseline = summarize_phase(offline_only, ttft_slo_s, tbt_slo_s, None)
     policies = {p.policy: summarize_phase(p, ttft_slo_s, tbt_slo_s, baseline["offline_tokens_per_s"])
                 for p in phases}
-    for summary in policies.values():
-        summary["ratios"] = {f"vs_{b}": ratios(summary, policies[b]) for b in RATIO_BASES if b in policies}
+    for label, summary in policies.items():
+        summary["ratios"] = {f"vs_{b}": ratios(summary, policies[b]) for b in ratio_bases(label, policies)}
     offline = {k: baseline[k] for k in ("offline_tokens_per_s", "offline_items_per_s",
                                         "offline_tokens", "offline_items", "window_s")}
     offline["measured"] = bool(offline_only.samples)
