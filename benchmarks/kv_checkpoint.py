@@ -23,30 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from layer_preemption import alternating_rates, prompts, run_offline  # NOTE: run from benchmarks/ or as a script
+
 TARGET_OVERHEAD = 0.03  # checkpointing may cost at most 3% of offline tokens/s
-
-
-def prompts(seed: int, num: int, num_tokens: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(100, 40_000) for _ in range(num_tokens)] for _ in range(num)]
-
-
-def run_offline(engine, batch, **sampling) -> float:
-    """Wall seconds to finish `batch` at offline priority."""
-    from conserve_bench.engine.plugin import OFFLINE_PRIORITY
-
-    llm_engine = engine.llm.llm_engine
-    t0 = time.perf_counter()
-    engine.submit_tokens(batch, priority=OFFLINE_PRIORITY, **sampling)
-    while llm_engine.has_unfinished_requests():
-        llm_engine.step()
-    return time.perf_counter() - t0
 
 
 def start(model, folder: Path, name: str, pool_gib: float):
@@ -62,15 +46,7 @@ def start(model, folder: Path, name: str, pool_gib: float):
 
 def overhead(engines: dict, args) -> dict:
     """Offline tokens/s per engine over alternating rounds of the same workload."""
-    sampling = dict(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    rates: dict[str, list[float]] = {name: [] for name in engines}
-    for round_index in range(args.rounds):
-        batch = prompts(round_index, args.num_prompts, args.prompt_tokens)
-        num_tokens = len(batch) * (args.prompt_tokens + args.max_tokens)
-        order = list(engines.items())  # NOTE: alternate who goes first: the load drifts
-        for name, engine in order[::-1] if round_index % 2 else order:
-            assert engine.llm.reset_prefix_cache()
-            rates[name].append(num_tokens / run_offline(engine, batch, **sampling))
+    rates = alternating_rates(engines, args)
     off, on = (statistics.median(rates[n]) for n in ("off", "on"))
     return {"tokens_per_s": rates, "off_median": off, "on_median": on, "overhead": 1 - on / off,
             "target": TARGET_OVERHEAD, "met": 1 - on / off <= TARGET_OVERHEAD}
@@ -88,7 +64,7 @@ def recompute_s(engine, num_tokens: int, rounds: int) -> float:
     for round_index in range(rounds):
         assert engine.llm.reset_prefix_cache()
         times.append(run_offline(engine, prompts(1000 + round_index, 1, num_tokens),
-                                 temperature=0.0, max_tokens=1))
+                                 temperature=0.0, max_tokens=1)[1])
     return statistics.median(times)
 
 

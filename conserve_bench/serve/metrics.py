@@ -98,6 +98,13 @@ class _RequestTimer:
         self.last = now
 
 
+async def poll_every(every_s: float, poll) -> None:
+    """Call `poll()` every `every_s` seconds until cancelled."""
+    while True:
+        await asyncio.sleep(every_s)
+        poll()
+
+
 class RefitWatcher:
     """Reads the live refit the engine-core process writes (a JSON file: vLLM gives the
     scheduler no channel to the API server), sets the latency-model gauges, and stores each
@@ -108,9 +115,7 @@ class RefitWatcher:
         self._seen_at: float | None = None
 
     async def run(self, every_s: float) -> None:
-        while True:
-            await asyncio.sleep(every_s)
-            self.poll()
+        await poll_every(every_s, self.poll)
 
     def poll(self) -> RefitStatus | None:
         """The newest refit, if the engine wrote one since the last poll."""
@@ -148,9 +153,7 @@ class CheckpointWatcher:
         self.path = path
 
     async def run(self, every_s: float) -> None:
-        while True:
-            await asyncio.sleep(every_s)
-            self.poll()
+        await poll_every(every_s, self.poll)
 
     def poll(self) -> dict | None:
         try:
