@@ -87,6 +87,7 @@ class EngineConfig:
     kv_transfer_config: dict[str, Any] | None = None  # loads a KV connector (ours: engine.connector)
     async_scheduling: bool | None = None  # None: vLLM decides
     num_gpu_blocks: int | None = None  # None: as many KV blocks as kv_cache_gib holds
+    enable_prefix_caching: bool | None = None  # None: vLLM's default (on)
 
     def fingerprint(self, max_model_len: int) -> str:
         """What, besides the request itself, decides a result: the model, its numerics and
