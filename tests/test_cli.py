@@ -63,6 +63,7 @@ def test_bad_input_is_one_line_and_keeps_progress(db, data_dir, args, words):
     (["serve", "--layer-preemption", "maybe"], ["--layer-preemption", "on or off"]),
     (["serve", "--quantum-ms", "50"], ["--quantum-ms", "--layer-preemption off"]),
     (["serve", "--policy", "priority", "--layer-preemption", "on"], ["--policy conserve"]),
+    (["serve", "--policy", "priority", "--kv-checkpoint-gib", "2"], ["--kv-checkpoint-gib", "--policy conserve"]),
 ])
 def test_usage_errors_are_one_line(args, words):
     assert_one_line_error(cli(*args), *words)
