@@ -303,6 +303,12 @@ class Checkpoints:
         self._progress = ()
         self._write_state()
 
+    def release(self, req_id: str) -> None:
+        """A request finished or was aborted: its checkpoint is freed."""
+        self.book.release(req_id)
+        if not self.book.stats().num_requests:
+            self._write_state(force=True)  # NOTE: an idle engine writes nothing else
+
     def take_resumes(self) -> list[Resume]:
         resumes, self._resumes = self._resumes, []
         return resumes
@@ -317,10 +323,10 @@ class Checkpoints:
                 "loaded_tokens": self.num_loaded_tokens,
                 "recomputed_tokens": self.num_recomputed_tokens}
 
-    def _write_state(self) -> None:
-        """Replace the state file atomically, at most once every STATE_EVERY_S."""
+    def _write_state(self, force: bool = False) -> None:
+        """Replace the state file atomically, at most once every STATE_EVERY_S unless `force`."""
         now = time.monotonic()
-        if self._state_path is None or now - self._state_written_at < STATE_EVERY_S:
+        if self._state_path is None or (not force and now - self._state_written_at < STATE_EVERY_S):
             return
         self._state_written_at = now
         tmp = f"{self._state_path}.tmp"
@@ -408,7 +414,7 @@ class ConserveConnector(KVConnectorBase_V1):
         self.checkpoints.admitted(request, blocks.get_block_ids()[0], num_external_tokens)
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self.checkpoints.book.release(request.request_id)
+        self.checkpoints.release(request.request_id)
         return False, None
 
     def step_finished(self, ran: bool) -> None:
