@@ -57,8 +57,9 @@ def start(model, folder: Path, name: str, max_num_batched_tokens: int, connector
     return start_engine(model, **overrides)
 
 
-def overhead(engines: dict, args) -> dict:
-    """Offline tokens/s per engine over alternating rounds of the same workload."""
+def alternating_rates(engines: dict, args) -> dict[str, list[float]]:
+    """Offline tokens/s per engine over alternating rounds of the same workload
+    (`args.rounds` rounds of `args.num_prompts` x `args.prompt_tokens` + `args.max_tokens`)."""
     sampling = dict(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     rates: dict[str, list[float]] = {name: [] for name in engines}
     for round_index in range(args.rounds):
@@ -69,6 +70,12 @@ def overhead(engines: dict, args) -> dict:
             assert engine.llm.reset_prefix_cache()
             _, wall_s = run_offline(engine, batch, **sampling)
             rates[name].append(num_tokens / wall_s)
+    return rates
+
+
+def overhead(engines: dict, args) -> dict:
+    """Offline tokens/s per engine over alternating rounds of the same workload."""
+    rates = alternating_rates(engines, args)
     plain, armed = (statistics.median(rates[n]) for n in ("plain", "armed"))
     return {"tokens_per_s": rates, "plain_median": plain, "armed_median": armed,
             "overhead": 1 - armed / plain, "target": TARGET_OVERHEAD,

@@ -39,6 +39,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 JobArg = Annotated[str, typer.Argument(help="Job id.")]
 OutputOpt = Annotated[str, typer.Option("--output", help="Directory for results/<job-id>.json.")]
 InflightOpt = Annotated[int, typer.Option("--max-inflight", min=1, help="Work items in flight at once.")]
+KVCheckpointOpt = Annotated[float, typer.Option("--kv-checkpoint-gib", min=0, help="Host memory for KV checkpoints, so a request vLLM preempts (its KV cache full) resumes by loading its KV instead of recomputing it; 0 turns them off [default: 0 in-process, where no online work preempts; serve's default is a quarter of the free RAM].")]
 ServerOpt = Annotated[Optional[str], typer.Option("--server", help="URL of a running `conserve-bench serve`.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show vLLM's and lm-eval's own output on the terminal instead of in results/<job-id>.log.")]
 CheckpointTokensOpt = Annotated[int, typer.Option("--checkpoint-tokens", min=0, help="Checkpoint each generation in flight every N new tokens, so an interrupted one continues; 0: off (it starts over).")]
@@ -65,6 +66,7 @@ def submit(
     server: ServerOpt = None,
     api_key: ApiKeyOpt = None,
     wait: Annotated[Optional[bool], typer.Option("--wait/--no-wait", help="Follow the job to the end, or only record it (for the `serve` replicas on --db or --server to run) [default: --wait, --no-wait with --server].")] = None,
+    kv_checkpoint_gib: KVCheckpointOpt = 0.0,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ):
@@ -82,12 +84,12 @@ def submit(
     if not as_json:
         out.stdout.print(f"job [bold]{job.id}[/] submitted: {', '.join(spec.tasks)} on {spec.model}")
     _run(store, job.id, output, _run_config(max_inflight, checkpoint_tokens, checkpoint_s), as_json,
-         verbose)
+         verbose, kv_checkpoint_gib)
 
 
 @app.command()
 def resume(job_id: JobArg, db: DbOpt = None, output: OutputOpt = "results",
-           max_inflight: InflightOpt = 64,
+           max_inflight: InflightOpt = 64, kv_checkpoint_gib: KVCheckpointOpt = 0.0,
            checkpoint_tokens: CheckpointTokensOpt = DEFAULT_CHECKPOINT_TOKENS,
            checkpoint_s: CheckpointSOpt = DEFAULT_CHECKPOINT_S,
            as_json: JsonOpt = False, verbose: VerboseOpt = False):
@@ -99,7 +101,7 @@ def resume(job_id: JobArg, db: DbOpt = None, output: OutputOpt = "results",
         _print_results(lifecycle.job_results(store, job_id), as_json)
         return
     _run(store, job_id, output, _run_config(max_inflight, checkpoint_tokens, checkpoint_s), as_json,
-         verbose)
+         verbose, kv_checkpoint_gib)
 
 
 @app.command("jobs")
@@ -212,6 +214,7 @@ def serve(
     refit: Annotated[bool, typer.Option("--refit/--no-refit", help="conserve: plan with the latency model refitted from live steps while it predicts them better.")] = True,
     layer_preemption: Annotated[Optional[str], typer.Option("--layer-preemption", help="on | off: an online arrival cuts an offline-only step short at the next layer safepoint [default: on under conserve].")] = None,
     safepoint_every: Annotated[int, typer.Option("--safepoint-every", min=1, help="With layer preemption: a safepoint every k decoder layers.")] = SAFEPOINT_EVERY,
+    kv_checkpoint_gib: Annotated[Optional[float], typer.Option("--kv-checkpoint-gib", min=0, help="conserve: host memory for KV checkpoints of offline requests, so a preempted one resumes by loading its KV; 0 turns them off [default: a quarter of the free RAM].")] = None,
     offline_step_ms: Annotated[Optional[float], typer.Option("--offline-step-ms", help="With layer preemption: offline-only step length [default: the smallest step within 5% of peak offline tokens/s, from the profile].")] = None,
     max_offline_inflight: Annotated[int, typer.Option("--max-offline-inflight", min=1, help="Offline items in flight.")] = 32,
     checkpoint_tokens: CheckpointTokensOpt = DEFAULT_CHECKPOINT_TOKENS,
@@ -232,7 +235,8 @@ def serve(
                       api_key=api_key, ttft_slo_ms=ttft_slo_ms, tbt_slo_ms=tbt_slo_ms,
                       slo_margin=slo_margin, quantum_ms=quantum_ms, max_slowdown=max_slowdown,
                       refit=refit, layer_preemption=_on_off("--layer-preemption", layer_preemption),
-                      safepoint_every=safepoint_every, offline_step_ms=offline_step_ms,
+                      safepoint_every=safepoint_every, kv_checkpoint_gib=kv_checkpoint_gib,
+                      offline_step_ms=offline_step_ms,
                       max_offline_inflight=max_offline_inflight,
                       checkpoint_tokens=checkpoint_tokens, checkpoint_s=checkpoint_s,
                       data_dir=os.path.abspath(data_dir) if data_dir else None, output_dir=output,
@@ -342,6 +346,7 @@ def bench(
     api_key: ApiKeyOpt = None,
     seed: Annotated[int, typer.Option(help="Seeds prompts and Gamma arrivals.")] = 0,
     output: Annotated[str, typer.Option("--output", help="Parent of bench-<timestamp>/.")] = "results",
+    kv_checkpoint_gib: Annotated[Optional[float], typer.Option("--kv-checkpoint-gib", min=0, help="Given to every conserve `serve` (a POLICY:FLAGS entry's own wins) [default: serve's].")] = None,
     serve_arg: Annotated[Optional[list[str]], typer.Option("--serve-arg", help="Extra `serve` flag, repeatable: --serve-arg=--quantum-ms=50")] = None,
     db: Annotated[Optional[str], typer.Option("--db", help="Where the machine's latency profile is kept (env CONSERVE_BENCH_DB); each phase gets its own fresh store.")] = None,
     as_json: JsonOpt = False,
@@ -351,8 +356,9 @@ def bench(
     Example: bench --trace ../shared/data/traces/azure_llm_2023_conv.csv --data-dir ../shared/data/mmlu
     """
     from conserve_bench.bench.run import BenchConfig, run_bench
-    from conserve_bench.bench.report import (GOAL_COLUMNS, PREEMPTION_COLUMNS, STEP_COLUMNS,
-                                             TABLE_COLUMNS, goal_rows, preemption_rows,
+    from conserve_bench.bench.report import (GOAL_COLUMNS, KV_RESUME_COLUMNS,
+                                             PREEMPTION_COLUMNS, STEP_COLUMNS, TABLE_COLUMNS,
+                                             goal_rows, kv_resume_rows, preemption_rows,
                                              step_rows, table_rows)
 
     data_dir = data_dir or default_data_dir()
@@ -368,7 +374,8 @@ def bench(
         long_prompt_tokens=long_prompt_tokens, long_generated_tokens=long_generated_tokens,
         ttft_slo_ms=ttft_slo_ms, tbt_slo_ms=tbt_slo_ms, max_offline_inflight=max_offline_inflight,
         model=model, server=server, api_key=api_key, seed=seed, output_dir=output,
-        serve_args=tuple(serve_arg or ()), profile_db=db or default_db_url())
+        serve_args=tuple(serve_arg or ()), profile_db=db or default_db_url(),
+        kv_checkpoint_gib=kv_checkpoint_gib)
     with out.progress(disable=as_json) as progress:
         task = progress.add_task("starting", total=None)
         folder, report = run_bench(cfg, lambda d, done, total: progress.update(
@@ -380,7 +387,9 @@ def bench(
                                  (GOAL_COLUMNS, goal_rows(report), report["goal"]),
                                  (STEP_COLUMNS, step_rows(report), "engine steps in the window"),
                                  (PREEMPTION_COLUMNS, preemption_rows(report),
-                                  "layer-wise preemption and the server-side online queue")):
+                                  "layer-wise preemption and the server-side online queue"),
+                                 (KV_RESUME_COLUMNS, kv_resume_rows(report),
+                                  "offline requests preempted for KV blocks, resumed")):
         table = Table(*columns, title=title)
         for row in rows:
             table.add_row(*row)
@@ -432,7 +441,7 @@ def _run_config(max_inflight: int, checkpoint_tokens: int, checkpoint_s: float) 
 
 
 def _run(store: Store, job_id: str, output: str, run_cfg: RunConfig, as_json: bool,
-         verbose: bool) -> None:
+         verbose: bool, kv_checkpoint_gib: float) -> None:
     job = lifecycle.runnable_job(store, job_id)
     model = resolve_model(job.spec.model)
     if not verbose:
@@ -440,7 +449,7 @@ def _run(store: Store, job_id: str, output: str, run_cfg: RunConfig, as_json: bo
     phases = Phases(out.stderr, enabled=not as_json)
     with out.progress(disable=as_json) as progress:
         task = progress.add_task("starting engine", total=None)
-        with lifecycle.start_engine(model) as engine:
+        with lifecycle.start_engine(model, **lifecycle.checkpoint_overrides(kv_checkpoint_gib)) as engine:
             phases.end("engine ready", f"{model.name}, context {engine.max_model_len} tokens")
             progress.update(task, description="building requests (lm-eval)")
             built = []

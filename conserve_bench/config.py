@@ -86,6 +86,8 @@ class EngineConfig:
     worker_cls: str | None = None  # "module.Class" of a vLLM worker subclass
     kv_transfer_config: dict[str, Any] | None = None  # loads a KV connector (ours: engine.connector)
     async_scheduling: bool | None = None  # None: vLLM decides
+    num_gpu_blocks: int | None = None  # None: as many KV blocks as kv_cache_gib holds
+    enable_prefix_caching: bool | None = None  # None: vLLM's default (on)
 
     def fingerprint(self, max_model_len: int) -> str:
         """What, besides the request itself, decides a result: the model, its numerics and
@@ -153,6 +155,25 @@ class LeaseConfig:
                              f"({self.lease_s / 2:g} s), so one lost beat loses no lease")
         if self.max_attempts < 1:
             raise ValueError("--max-attempts must be at least 1")
+
+
+# NOTE: the pool holds offline requests' KV only, at most what the device KV cache held of
+# them times the preemptions in flight; a quarter of the memory free at start leaves the rest
+# to the server, lm-eval's data and the OS. On the CPU build the pool takes pages only as it
+# fills; on CUDA it is pinned, so committed whole at start-up.
+KV_CHECKPOINT_SHARE_OF_FREE_RAM = 0.25
+MAX_DEFAULT_KV_CHECKPOINT_GIB = 64.0
+
+
+def default_kv_checkpoint_gib() -> float:
+    """`--kv-checkpoint-gib` when not given: a share of this host's free memory, in quarters
+    of a GiB (0 where the free memory is unknown)."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+    gib = KV_CHECKPOINT_SHARE_OF_FREE_RAM * free / 2**30
+    return min(MAX_DEFAULT_KV_CHECKPOINT_GIB, int(gib * 4) / 4)
 
 
 def default_db_url() -> str:

@@ -124,6 +124,28 @@ def test_steps_count_by_their_share_inside_the_window():
     assert summarize_steps((), 4.0) is None and summarize_steps(steps[-1:], 4.0) is None
 
 
+def test_kv_resumes_sum_what_steps_that_ran_loaded_and_recomputed():
+    from conserve_bench.bench.report import summarize_kv_resumes
+
+    steps = (StepRecord(1.0, 0.5, 10, 10, kv_resumes=((300, 256, 0, 44), (200, 0, 128, 72))),
+             StepRecord(2.0, 0.5, 10, 10, aborted=True, kv_resumes=((300, 256, 0, 44),)),  # undone
+             StepRecord(9.0, 0.5, 10, 10, kv_resumes=((999, 0, 0, 999),)))  # after the window
+    summary = summarize_kv_resumes(steps, window_s=4.0)
+    assert {k: v for k, v in summary.items() if k != "recomputed_tokens_per_resume"} == {
+        "num_resumes": 2, "progress_tokens": 500, "loaded_tokens": 256,
+        "prefix_cached_tokens": 128, "recomputed_tokens": 116}
+    assert summary["recomputed_tokens_per_resume"]["p50"] == pytest.approx(58.0)
+
+
+def test_entries_of_one_policy_are_compared_with_each_other():
+    from conserve_bench.bench.report import ratio_bases
+
+    labels = ["online-only", "conserve", "conserve:--kv-checkpoint-gib=0", "priority"]
+    assert ratio_bases("conserve", labels) == ["online-only", "priority",
+                                               "conserve:--kv-checkpoint-gib=0"]
+    assert ratio_bases("priority", labels) == ["online-only", "priority"]
+
+
 def test_markdown_shows_engine_steps_when_the_phases_have_them():
     offline_only, phases = _phases()
     steps = (StepRecord(1.0, 0.2, 30, 20, predicted_s=0.22), StepRecord(2.0, 0.1, 3, 0, predicted_s=0.1))

@@ -65,6 +65,7 @@ def test_bad_input_is_one_line_and_keeps_progress(db, data_dir, args, words):
     (["serve", "--policy", "priority", "--layer-preemption", "on"], ["--policy conserve"]),
     (["serve", "--lease-s", "10", "--heartbeat-s", "6"], ["--heartbeat-s", "half the lease"]),
     (["serve", "--max-attempts", "0"], ["--max-attempts"]),
+    (["serve", "--policy", "priority", "--kv-checkpoint-gib", "2"], ["--kv-checkpoint-gib", "--policy conserve"]),
 ])
 def test_usage_errors_are_one_line(args, words):
     assert_one_line_error(cli(*args), *words)

@@ -156,10 +156,13 @@ def test_connector_config_rejects_unknown_settings_and_bad_k():
         ConnectorConfig.from_dict({"every": 4})
     with pytest.raises(LayerPreemptionError, match="--safepoint-every"):
         ConnectorConfig(safepoint_every=0)
+    with pytest.raises(LayerPreemptionError, match="--kv-checkpoint-gib"):
+        ConnectorConfig(checkpoint_gib=-1)
     overrides = ConnectorConfig(safepoint_every=2, arrival_path="/a").engine_overrides()
     assert overrides["async_scheduling"] is False
     assert overrides["kv_transfer_config"]["kv_connector_extra_config"]["conserve"] == {
-        "safepoint_every": 2, "arrival_path": "/a", "test_abort_path": None}
+        "safepoint_every": 2, "arrival_path": "/a", "test_abort_path": None, "checkpoint_gib": 0.0,
+        "checkpoint_state_path": None, "test_pool_blocks_path": None}
     assert ConnectorConfig.from_dict(overrides["kv_transfer_config"][
         "kv_connector_extra_config"]["conserve"]) == ConnectorConfig(2, "/a")
 
@@ -359,15 +362,18 @@ def test_serve_starts_vllm_with_the_connector_worker_and_no_async_scheduling(tmp
 
     from conserve_bench.config import EngineConfig
     from conserve_bench.engine.plugin import WORKER_CLS
-    from conserve_bench.serve.server import ServeConfig, vllm_cli_args, with_layer_preemption
+    from conserve_bench.serve.server import ServeConfig, vllm_cli_args, with_connector
 
     signal = ArrivalSignal(SharedInt.create(tmp_path / "a.bin").path)
-    engine_cfg = with_layer_preemption(EngineConfig(model_path="m", model_name="m"), 2, signal)
+    cfg = ServeConfig(safepoint_every=2, kv_checkpoint_gib=1.5)
+    engine_cfg = with_connector(EngineConfig(model_path="m", model_name="m"), cfg, signal, "s.json")
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(
-        ["--model", *vllm_cli_args(ServeConfig(), engine_cfg)])
+        ["--model", *vllm_cli_args(cfg, engine_cfg)])
     assert args.async_scheduling is False and args.worker_cls == WORKER_CLS
     extra = args.kv_transfer_config.kv_connector_extra_config["conserve"]
-    assert extra == {"safepoint_every": 2, "arrival_path": str(signal.path), "test_abort_path": None}
+    assert extra == {"safepoint_every": 2, "arrival_path": str(signal.path), "test_abort_path": None,
+                     "checkpoint_gib": 1.5, "checkpoint_state_path": "s.json",
+                     "test_pool_blocks_path": None}
     assert args.kv_transfer_config.kv_connector_module_path == "conserve_bench.engine.connector"
 
 

@@ -84,6 +84,9 @@ class StepRecord:
     arrival_ns: int | None = None  # which arrival cut it (the server's monotonic clock)
     layer_group_ms: float | None = None  # the layer group that ended at the safepoint
     online_queue_ms: tuple[float, ...] = ()  # per online request it scheduled first
+    # per preempted request it resumed: (tokens computed before, loaded from its KV
+    # checkpoint, found in the prefix cache, computed again)
+    kv_resumes: tuple[tuple[int, int, int, int], ...] = ()
 
     @classmethod
     def from_log(cls, sample, notes: dict[str, Any], started_at: float) -> StepRecord:
@@ -95,7 +98,8 @@ class StepRecord:
                    refit_predicted_s=notes.get("refit_predicted_s"), aborted=bool(notes.get("aborted")), abort_layer=notes.get("abort_layer"),
                    arrival_to_abort_ms=notes.get("arrival_to_abort_ms"),
                    arrival_ns=notes.get("arrival_ns"), layer_group_ms=notes.get("layer_group_ms"),
-                   online_queue_ms=tuple(notes.get("online_queue_ms", ())))
+                   online_queue_ms=tuple(notes.get("online_queue_ms", ())),
+                   kv_resumes=tuple(tuple(r) for r in notes.get("kv_resumes", ())))
 
     @property
     def kind(self) -> str:
@@ -253,6 +257,20 @@ def summarize_preemptions(steps: tuple[StepRecord, ...], window_s: float) -> dic
     }
 
 
+def summarize_kv_resumes(steps: tuple[StepRecord, ...], window_s: float) -> dict[str, Any] | None:
+    """Offline requests preempted for KV blocks and resumed in the window (steps that ran to
+    the end): what they had computed, and how much of it was loaded from KV checkpoints,
+    found in vLLM's prefix cache, or computed again (None without a step log)."""
+    inside = _inside(steps, window_s)
+    if not inside:
+        return None
+    resumes = [r for s, _ in inside if not s.aborted for r in s.kv_resumes]
+    totals = [sum(r[i] for r in resumes) for i in range(4)]
+    return {"num_resumes": len(resumes), "progress_tokens": totals[0], "loaded_tokens": totals[1],
+            "prefix_cached_tokens": totals[2], "recomputed_tokens": totals[3],
+            "recomputed_tokens_per_resume": percentiles([r[3] for r in resumes], (50, 99))}
+
+
 def summarize_online_queue(steps: tuple[StepRecord, ...], window_s: float) -> dict[str, Any] | None:
     """Server side, per online request first scheduled in the window: from its arrival at the
     server to the first step that scheduled it (None without a step log)."""
@@ -270,6 +288,7 @@ def summarize_phase(phase: PhaseResult, ttft_slo_s: float, tbt_slo_s: float,
         **summarize_online(phase.records, ttft_slo_s, tbt_slo_s),
         "steps": summarize_steps(phase.steps, phase.window_s),
         "preemptions": summarize_preemptions(phase.steps, phase.window_s),
+        "kv_resumes": summarize_kv_resumes(phase.steps, phase.window_s),
         "online_queue_ms": summarize_online_queue(phase.steps, phase.window_s),
         "offline_tokens_per_s": tokens_per_s,
         "offline_items_per_s": items / phase.window_s if phase.window_s > 0 else 0.0,
@@ -297,6 +316,13 @@ def ratios(summary: dict[str, Any], base: dict[str, Any]) -> dict[str, float | N
     return {name: _ratio(metric(summary, name), metric(base, name)) for name in RATIO_METRICS}
 
 
+def ratio_bases(label: str, labels) -> list[str]:
+    """What a `--policies` entry is compared with: RATIO_BASES, and the other entries of the
+    same policy (`conserve` and `conserve:--kv-checkpoint-gib=0` with each other)."""
+    same_policy = [b for b in labels if b != label and b.partition(":")[0] == label.partition(":")[0]]
+    return [b for b in RATIO_BASES if b in labels] + [b for b in same_policy if b not in RATIO_BASES]
+
+
 def build_report(config: dict[str, Any], offline_only: PhaseResult,
                  phases: list[PhaseResult]) -> dict[str, Any]:
     """The whole report: config, offline-only baseline, slack, one entry per policy, ratios."""
@@ -304,8 +330,8 @@ def build_report(config: dict[str, Any], offline_only: PhaseResult,
     baseline = summarize_phase(offline_only, ttft_slo_s, tbt_slo_s, None)
     policies = {p.policy: summarize_phase(p, ttft_slo_s, tbt_slo_s, baseline["offline_tokens_per_s"])
                 for p in phases}
-    for summary in policies.values():
-        summary["ratios"] = {f"vs_{b}": ratios(summary, policies[b]) for b in RATIO_BASES if b in policies}
+    for label, summary in policies.items():
+        summary["ratios"] = {f"vs_{b}": ratios(summary, policies[b]) for b in ratio_bases(label, policies)}
     offline = {k: baseline[k] for k in ("offline_tokens_per_s", "offline_items_per_s",
                                         "offline_tokens", "offline_items", "window_s")}
     offline["measured"] = bool(offline_only.samples)
@@ -434,6 +460,24 @@ def preemption_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+KV_RESUME_COLUMNS = ("policy", "KV preemptions resumed", "tokens computed before",
+                     "loaded", "prefix-cached", "recomputed", "recomputed per resume p50/p99")
+
+
+def kv_resume_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Per policy with a step log: offline requests preempted for KV blocks, and what their
+    resumes loaded from KV checkpoints or computed again."""
+    rows = []
+    for policy, s in report["policies"].items():
+        k = s.get("kv_resumes")
+        if not k:
+            continue
+        rows.append((policy, str(k["num_resumes"]), str(k["progress_tokens"]),
+                     str(k["loaded_tokens"]), str(k["prefix_cached_tokens"]),
+                     str(k["recomputed_tokens"]), _pair(k["recomputed_tokens_per_resume"])))
+    return rows
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     cfg, off = report["config"], report["offline_only"]
     lines = [f"# conserve-bench bench ({cfg.get('started_at', '')})", "",
@@ -455,6 +499,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     if rows := preemption_rows(report):
         lines += ["", "Layer-wise preemption and the server-side online queue (step logs):", ""]
         lines += _md_table(PREEMPTION_COLUMNS, rows)
+    if rows := kv_resume_rows(report):
+        lines += ["", "Offline requests preempted for KV blocks, resumed (step logs):", ""]
+        lines += _md_table(KV_RESUME_COLUMNS, rows)
     lines += ["", "![latency CDFs](latency_cdf.png)", "", "![offline throughput](offline_throughput.png)", ""]
     return "\n".join(lines)
 

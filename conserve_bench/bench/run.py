@@ -110,6 +110,7 @@ class BenchConfig:
     output_dir: str = "results"
     profile_db: str | None = None  # where this machine's latency profile is kept between runs
     serve_args: tuple[str, ...] = ()  # passed through to every `serve`
+    kv_checkpoint_gib: float | None = None  # given to every conserve `serve`; None: its default
 
     def __post_init__(self):
         if not self.policies:
@@ -323,6 +324,8 @@ def _server(cfg: BenchConfig, policy: str, phase_dir: Path, profiles: "ProfileCa
     for flag, value in (("--ttft-slo-ms", cfg.ttft_slo_ms), ("--tbt-slo-ms", cfg.tbt_slo_ms)):
         if value:
             args += [flag, str(value)]
+    if policy == "conserve" and cfg.kv_checkpoint_gib is not None:
+        args += ["--kv-checkpoint-gib", str(cfg.kv_checkpoint_gib)]
     args += [*cfg.serve_args, *serve_args]
     if _logs_steps(policy):
         args += ["--step-log", str(phase_dir / STEP_LOG)]

@@ -1,12 +1,17 @@
 """ConserveConnector: ConServe's one plug into vLLM's KV-connector API.
 
-Today it carries layer-wise preemption; incremental KV checkpointing is to join this same class
-(vLLM loads one connector), through the load/save hooks left as no-ops here. Scheduler side:
-numbers the steps, and `arm` marks a step abandonable with the time after which an online
-arrival cuts it. Worker side: `save_kv_layer`, called after every attention layer, counts
-layers; every k-th is a safepoint (`Safepoints`) that raises `StepAborted` when the step is
-armed and an arrival came later. `worker.PreemptibleWorker` catches it. It never blocks a
-step that is not armed, and never moves KV.
+It carries layer-wise preemption and incremental KV checkpointing (vLLM loads one connector).
+Layer-wise preemption, scheduler side: numbers the steps, and `arm` marks a step abandonable
+with the time after which an online arrival cuts it. Worker side: `save_kv_layer`, called
+after every attention layer, counts layers; every k-th is a safepoint (`Safepoints`) that
+raises `StepAborted` when the step is armed and an arrival came later.
+`worker.PreemptibleWorker` catches it. It never blocks a step that is not armed.
+Checkpointing (`--kv-checkpoint-gib`): the scheduler side keeps `sched.checkpoint.
+CheckpointBook` (which blocks of which offline request are on the host) and puts each step's
+copies in its metadata; the worker side copies them (`kvpool.HostPool`): loads before the
+forward pass, saves after a step that ran to the end, a flush before preempted blocks are
+reused. A preempted request's checkpointed prefix is reported to vLLM as externally matched
+tokens, so only the rest is computed again.
 
 vLLM 0.32.0 names relied on (tests/test_preemption_contract.py pins them):
 `KVConnectorBase_V1` (`__init__(vllm_config, role, kv_cache_config)`, `_kv_transfer_config`,
@@ -22,11 +27,35 @@ async_scheduling`, `.scheduler_cls`, `speculative_config`, `parallel_config.tens
 `.pipeline_parallel_size`, `.worker_cls`, `use_v2_model_runner`), `KVCacheConfig.kv_cache_groups`
 (`layer_names`, `kv_cache_spec`), `FullAttentionSpec`, `MLAAttentionSpec`,
 `vllm.platforms.current_platform` (`is_cpu`, `is_cuda_alike`), `torch.cuda.Event(blocking=)`.
+Checkpointing adds (tests/test_checkpoint_contract.py pins them): `KVConnectorBase_V1`
+(`get_num_new_matched_tokens(request, num_computed_tokens)` called only for a request with no
+computed tokens, with vLLM's block-aligned prefix-cache hit, and honoured synchronously when
+it returns `(n, False)` (`SchedulerOutput.has_sync_kv_loads` then makes `start_load_kv` run
+before the forward pass), `update_state_after_alloc(request, blocks, num_external_tokens)`
+with `KVCacheBlocks.get_block_ids`, `register_kv_caches`, `handle_preemptions(metadata)`
+called before the step's blocks are zeroed or written, `request_finished(request,
+block_ids)`, `bind_kv_cache_manager` setting `_kv_cache_manager` (`get_block_ids`),
+`_kv_cache_config`), `SchedulerOutput` (`preempted_req_ids`, `num_scheduled_tokens`,
+`scheduled_new_reqs` (`req_id`, `num_computed_tokens`), `scheduled_cached_reqs`
+(`req_ids`, `num_computed_tokens`: both before the step)), `Request` (`request_id`,
+`priority`, `arrival_time`, `num_tokens`, `sampling_params.prompt_logprobs`,
+`skip_reading_prefix_cache`), `KVCacheConfig` (`num_blocks`, `kv_cache_tensors` (`size`)),
+`FullAttentionSpec.block_size`.
+
+NOTE: why not vLLM's own `OffloadingConnector` (`kv_connector="OffloadingConnector"`), which
+also copies KV blocks to host memory: in 0.32.0 its CPU backend refuses to run anywhere but
+CUDA-alike and XPU devices (`kv_offload/cpu/spec.py`, `CPUOffloadingSpec.get_worker`), and it
+stores blocks by prefix hash from `wait_for_save`, which vLLM calls in a `finally` even for a
+step our safepoint abandoned (`offloading_connector.py` -> `prepare_store_kv` queues every
+store job of the step): a half-written block would be kept, and later loaded, under a valid
+hash. Ours saves only steps that ran to the end, and only offline requests' blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,11 +69,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from conserve_bench.engine.arrivals import ArrivalSignal, SharedInt
-from conserve_bench.engine.plugin import CONNECTOR_MODULE, SCHEDULER_CLS, WORKER_CLS
+from conserve_bench.engine.plugin import (CONNECTOR_MODULE, SCHEDULER_CLS, WORKER_CLS, is_online,
+                                          wants_prompt_logprobs)
 from conserve_bench.errors import ConserveError
+from conserve_bench.sched.checkpoint import CheckpointBook, Resume, pool_slots
 from conserve_bench.sched.policy import SAFEPOINT_EVERY
 
 CONNECTOR_NAME = "ConserveConnector"
+STATE_EVERY_S = 1.0  # how often the checkpoint pool's use is written for `/metrics`
 
 
 class LayerPreemptionError(ConserveError, ValueError):
@@ -60,10 +92,16 @@ class ConnectorConfig:
     # Test-only: a SharedInt file; while it holds L > 0, every armed step is cut at the
     # safepoint at (or after) layer L the first time its work is attempted.
     test_abort_path: str | None = None
+    checkpoint_gib: float = 0.0  # the host pool for KV checkpoints; 0: no checkpoints
+    checkpoint_state_path: str | None = None  # the pool's use, as JSON, for `/metrics`
+    # Test-only: a SharedInt file; while it holds N > 0, the pool holds at most N - 1 blocks.
+    test_pool_blocks_path: str | None = None
 
     def __post_init__(self):
         if not (isinstance(self.safepoint_every, int) and self.safepoint_every >= 1):
             raise LayerPreemptionError(f"--safepoint-every must be >= 1, got {self.safepoint_every!r}")
+        if not (isinstance(self.checkpoint_gib, (int, float)) and self.checkpoint_gib >= 0):
+            raise LayerPreemptionError(f"--kv-checkpoint-gib must be >= 0, got {self.checkpoint_gib!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ConnectorConfig:
@@ -89,6 +127,9 @@ class StepMeta(KVConnectorMetadata):
     step_index: int  # steps numbered by the scheduler-side connector, from 1
     abort_after_ns: int | None = None  # armed: arrivals stamped later cut it; None: never cut
     forced_abort_layer: int | None = None  # test-only: cut at this layer's safepoint
+    saves: tuple[tuple[int, int], ...] = ()  # (device block, host slot), after the step
+    loads: tuple[tuple[int, int], ...] = ()  # (host slot, device block), before the step
+    flush: bool = False  # requests with checkpoints were preempted: finish every save first
 
 
 @dataclass
@@ -193,6 +234,121 @@ class Safepoints:
             raise StepAborted(self.report)
 
 
+class Checkpoints:
+    """Checkpointing, scheduler side: vLLM's scheduler state into `CheckpointBook` calls, and
+    each step's copies out (in the step's `StepMeta`).
+
+    Only offline requests without prompt logprobs are checkpointed: online requests are never
+    preempted for offline ones, and a prompt-logprob request never reads cached KV in vLLM
+    (`Request.skip_reading_prefix_cache`), so a checkpoint could not be loaded for it.
+    """
+
+    def __init__(self, config: ConnectorConfig, num_slots: int, block_size: int, block_bytes: int):
+        self.book = CheckpointBook(num_slots, block_size)
+        self._block_bytes = block_bytes
+        self._test_pool_blocks = (SharedInt(config.test_pool_blocks_path)
+                                  if config.test_pool_blocks_path else None)
+        self._state_path = config.checkpoint_state_path
+        self._state_written_at = float("-inf")
+        self._local: dict[str, int] = {}  # vLLM's prefix-cache hit of requests being admitted
+        self._loads: list[tuple[int, int]] = []
+        self._progress: tuple[tuple[str, int], ...] = ()  # computed tokens once the step ends
+        self._resumes: list[Resume] = []
+        self.num_loaded_tokens = self.num_recomputed_tokens = self.num_resumes = 0
+
+    def num_matched_tokens(self, request, num_local: int) -> int:
+        if not self.book.is_tracked(request.request_id) or request.skip_reading_prefix_cache:
+            return 0
+        self._local[request.request_id] = num_local
+        return self.book.num_matched_tokens(request.request_id, request.num_tokens, num_local)
+
+    def admitted(self, request, block_ids: list[int], num_loaded: int) -> None:
+        """A waiting request got its blocks: a new one is tracked, a resumed one loaded."""
+        req_id = request.request_id
+        num_local = self._local.pop(req_id, 0)
+        if not checkpointable(request):
+            return
+        if not self.book.is_tracked(req_id):
+            self.book.track(req_id, request.arrival_time)
+            return
+        if num_loaded:
+            loads, resume = self.book.plan_load(req_id, num_local, num_loaded, block_ids)
+            self._loads += [(load.slot, load.block_id) for load in loads]
+        else:
+            resume = self.book.resumed_without_load(req_id, num_local)
+        if resume is not None:
+            self._resumes.append(resume)
+            self.num_resumes += 1
+            self.num_loaded_tokens += resume.num_loaded
+            self.num_recomputed_tokens += resume.num_recomputed
+
+    def step_meta(self, step_index: int, output, kv_cache_manager) -> StepMeta:
+        """The step's metadata with its copies: loads planned at admission, saves of the full
+        blocks its tracked requests will have computed once it ends."""
+        flushed = self.book.mark_preempted(output.preempted_req_ids)
+        if self._test_pool_blocks is not None:
+            limit = self._test_pool_blocks.read()
+            self.book.set_capacity(limit - 1 if limit > 0 else self.book.num_slots)
+        committed = [(req_id, num_before + num_tokens, kv_cache_manager.get_block_ids(req_id)[0])
+                     for req_id, num_before, num_tokens in _scheduled(output)
+                     if self.book.is_tracked(req_id)]
+        saves = self.book.plan_saves(committed)
+        self._progress = tuple((req_id, num_computed) for req_id, num_computed, _ in committed)
+        loads, self._loads, self._local = tuple(self._loads), [], {}
+        return StepMeta(step_index, saves=tuple((s.block_id, s.slot) for s in saves),
+                        loads=loads, flush=bool(flushed))
+
+    def step_finished(self, ran: bool) -> None:
+        self.book.finish_step(ran, self._progress)
+        self._progress = ()
+        self._write_state()
+
+    def release(self, req_id: str) -> None:
+        """A request finished or was aborted: its checkpoint is freed."""
+        self.book.release(req_id)
+        if not self.book.stats().num_requests:
+            self._write_state(force=True)  # NOTE: an idle engine writes nothing else
+
+    def take_resumes(self) -> list[Resume]:
+        resumes, self._resumes = self._resumes, []
+        return resumes
+
+    def state(self) -> dict[str, Any]:
+        """The pool's use and the totals since start (what `/metrics` shows)."""
+        stats = self.book.stats()
+        return {"pool_bytes": stats.num_slots * self._block_bytes,
+                "used_bytes": stats.num_used * self._block_bytes, "requests": stats.num_requests,
+                "saved_blocks": stats.num_saved_blocks, "loaded_blocks": stats.num_loaded_blocks,
+                "evicted_blocks": stats.num_evicted_blocks, "resumes": self.num_resumes,
+                "loaded_tokens": self.num_loaded_tokens,
+                "recomputed_tokens": self.num_recomputed_tokens}
+
+    def _write_state(self, force: bool = False) -> None:
+        """Replace the state file atomically, at most once every STATE_EVERY_S unless `force`."""
+        now = time.monotonic()
+        if self._state_path is None or (not force and now - self._state_written_at < STATE_EVERY_S):
+            return
+        self._state_written_at = now
+        tmp = f"{self._state_path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.state(), f)
+        os.replace(tmp, self._state_path)
+
+
+def checkpointable(request) -> bool:
+    """Whether a request's KV is checkpointed (see `Checkpoints`)."""
+    return not is_online(request.priority) and not wants_prompt_logprobs(request)
+
+
+def _scheduled(output):
+    """(request id, tokens computed before the step, tokens it computes) of a step."""
+    for new in output.scheduled_new_reqs:
+        yield new.req_id, new.num_computed_tokens, output.num_scheduled_tokens[new.req_id]
+    cached = output.scheduled_cached_reqs
+    for req_id, num_before in zip(cached.req_ids, cached.num_computed_tokens):
+        yield req_id, num_before, output.num_scheduled_tokens[req_id]
+
+
 class ConserveConnector(KVConnectorBase_V1):
     """The KV connector vLLM loads by `kv_connector_module_path` (see `ConnectorConfig`)."""
 
@@ -209,10 +365,16 @@ class ConserveConnector(KVConnectorBase_V1):
         self.safepoints = (Safepoints(self.config.safepoint_every, _num_layers(kv_cache_config),
                                       self.last_arrival_ns, _run_ahead_bound())
                            if role == KVConnectorRole.WORKER else None)
+        self._num_pool_slots = (pool_slots(self.config.checkpoint_gib, _block_bytes(kv_cache_config))
+                                if kv_cache_config is not None else 0)
+        self.checkpoints = (Checkpoints(self.config, self._num_pool_slots,
+                                        _block_size(kv_cache_config), _block_bytes(kv_cache_config))
+                            if role == KVConnectorRole.SCHEDULER else None)
+        self.pool = None  # worker side: the host pool, once vLLM registers its KV caches
 
     @property
     def requires_kv_delivery(self) -> bool:
-        return False  # NOTE: nothing is handed off: a preempted request just recomputes
+        return False  # NOTE: nothing is handed off: checkpoints are a best-effort cache
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
@@ -225,7 +387,7 @@ class ConserveConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output) -> StepMeta:
         self._num_steps += 1
-        return StepMeta(self._num_steps)
+        return self.checkpoints.step_meta(self._num_steps, scheduler_output, self._kv_cache_manager)
 
     def arm(self, scheduler_output, abort_after_ns: int) -> None:
         """Let this step be abandoned at a safepoint if an arrival is stamped after
@@ -245,10 +407,20 @@ class ConserveConnector(KVConnectorBase_V1):
         return layer
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
-        return 0, False
+        # NOTE: synchronous (False): the load runs in this step, before its forward pass.
+        return self.checkpoints.num_matched_tokens(request, num_computed_tokens), False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
-        return None
+        self.checkpoints.admitted(request, blocks.get_block_ids()[0], num_external_tokens)
+
+    def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self.checkpoints.release(request.request_id)
+        return False, None
+
+    def step_finished(self, ran: bool) -> None:
+        """The step last planned came back (called by `ConserveScheduler` before vLLM reads
+        it): commit its checkpoints if it `ran` to the end, else drop them."""
+        self.checkpoints.step_finished(ran)
 
     # -- worker side ---------------------------------------------------------------------------
 
@@ -260,15 +432,30 @@ class ConserveConnector(KVConnectorBase_V1):
         self.safepoints.after_layer()
 
     def wait_for_save(self) -> None:
-        # NOTE: vLLM calls this for an abandoned step too (from a `finally`): anything saved
-        # here (incremental checkpoints) must skip a step whose `safepoints.report` is set.
+        # NOTE: vLLM calls this for an abandoned step too (from a `finally`): its KV is half
+        # written, so it is never saved (the scheduler side drops its slots).
+        meta = self.safepoints.meta
+        if self.pool is not None and meta is not None and meta.saves and self.safepoints.report is None:
+            self.pool.save(*zip(*meta.saves))
         self.safepoints.end()
 
     def build_connector_worker_meta(self) -> AbortReport | None:
         return self.safepoints.report if self.safepoints is not None else None
 
+    def register_kv_caches(self, kv_caches) -> None:
+        if self._num_pool_slots:
+            from conserve_bench.engine.kvpool import HostPool
+
+            self.pool = HostPool(kv_caches, self._num_pool_slots, self._kv_cache_config.num_blocks)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        if self.pool is not None and kv_connector_metadata.flush:
+            self.pool.flush()
+
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
-        return None
+        meta = self.safepoints.meta
+        if self.pool is not None and meta is not None and meta.loads:
+            self.pool.load(*zip(*meta.loads))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None
@@ -320,6 +507,16 @@ def _one_full_attention_group(kv_cache_config) -> bool:
 
 def _num_layers(kv_cache_config) -> int:
     return len(kv_cache_config.kv_cache_groups[0].layer_names)
+
+
+def _block_size(kv_cache_config) -> int:
+    return kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+
+
+def _block_bytes(kv_cache_config) -> int:
+    """Bytes of one KV block across every layer (what one pool slot holds): the scheduler and
+    the worker both size the pool in slots from it."""
+    return sum(t.size for t in kv_cache_config.kv_cache_tensors) // kv_cache_config.num_blocks
 
 
 def _run_ahead_bound() -> RunAheadBound | None:

@@ -30,6 +30,12 @@ def is_online(priority: int) -> bool:
     return priority <= ONLINE_PRIORITY
 
 
+def wants_prompt_logprobs(request) -> bool:
+    """Whether a vLLM `Request` asks for prompt logprobs (such requests never read cached KV)."""
+    params = request.sampling_params
+    return params is not None and params.prompt_logprobs is not None
+
+
 def conserve_config(additional_config: Any) -> dict[str, Any]:
     """`additional_config["conserve"]`, or {} (vLLM hands the engine whatever it was given)."""
     if not isinstance(additional_config, dict):

@@ -55,6 +55,18 @@ def submit_job(store: Store, spec: JobSpec, run_key: str | None = None) -> Job:
     return job
 
 
+def checkpoint_overrides(kv_checkpoint_gib: float) -> dict[str, Any]:
+    """`start_engine` overrides that keep offline requests' KV checkpoints in a host pool of
+    `kv_checkpoint_gib` (0: none): `ConserveConnector` with `ConserveScheduler`, which, with
+    no policy given, schedules as vLLM does."""
+    if not kv_checkpoint_gib:
+        return {}
+    from conserve_bench.engine.connector import ConnectorConfig
+    from conserve_bench.engine.plugin import conserve_overrides
+
+    return {**conserve_overrides(), **ConnectorConfig(checkpoint_gib=kv_checkpoint_gib).engine_overrides()}
+
+
 def start_engine(model: ModelRef, **overrides):
     from conserve_bench.engine.local import Engine
 

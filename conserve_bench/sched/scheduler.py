@@ -7,7 +7,9 @@ it to `refit.LiveModel`, which keeps the latency model true while serving (its s
 the `"refit_state"` file, which the server reads). Without a `"policy"` entry there, it
 schedules exactly as vLLM does. With `ConserveConnector` loaded it arms offline-only steps for
 layer-wise preemption and rolls back the ones the worker abandons
-(`preemption.LayerPreemption`). No policy decision lives here.
+(`preemption.LayerPreemption`), tells the connector whether each step ran to the end (so its
+KV checkpoints are committed or dropped), and logs what each resumed request loaded. No
+policy decision lives here.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from conserve_bench.engine.connector import AbortReport, ConserveConnector
 from conserve_bench.engine.plugin import (POLICY, REFIT, REFIT_STATE, conserve_config,
-                                          is_online, step_log_path)
+                                          is_online, step_log_path, wants_prompt_logprobs)
 from conserve_bench.sched.policy import (Pending, PolicyConfig, StepPlan, Targets,
                                          offline_to_preempt, plan_step)
 from conserve_bench.sched.preemption import LayerPreemption
@@ -129,15 +131,19 @@ class ConserveScheduler(Scheduler):
         if self._preemption is not None:
             offline_only = 0 < output.total_num_scheduled_tokens == self._num_offline_tokens(output)
             self._preemption.after_schedule(output, planned_at_ns, offline_only)
+        resume_notes = self._resume_notes()  # NOTE: taken every step, logged or not
         if self._recorder is not None:
             notes = {"offline_tokens": self._num_offline_tokens(output),
-                     **_plan_notes(self.last_plan, self.live), **self._queue_notes(output, planned_at)}
+                     **_plan_notes(self.last_plan, self.live), **self._queue_notes(output, planned_at),
+                     **resume_notes}
             self._recorder.scheduled(output, self._scheduled_requests(output), notes)
         return output
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            model_runner_output: Any) -> dict[int, Any]:
         report = _abort_report(model_runner_output)
+        if self._preemption is not None:
+            self.connector.step_finished(ran=report is None)
         if report is not None:
             return self._abandoned(scheduler_output, model_runner_output, report)
         if self._recorder is not None:
@@ -201,7 +207,7 @@ class ConserveScheduler(Scheduler):
             return None
         return Pending(request.request_id, num_new, num_computed,
                        decode=num_new == 1 and num_computed >= request.num_prompt_tokens,
-                       prompt_logprobs=_wants_prompt_logprobs(request), running=running)
+                       prompt_logprobs=wants_prompt_logprobs(request), running=running)
 
     # -- carrying a plan out with vLLM's own schedule() ------------------------------------
 
@@ -251,7 +257,7 @@ class ConserveScheduler(Scheduler):
             # step's tokens (`_update_after_schedule`); the context is what came before.
             scheduled.append(ScheduledRequest(
                 num_tokens, request.num_computed_tokens - num_tokens, request.num_prompt_tokens,
-                _wants_prompt_logprobs(request)))
+                wants_prompt_logprobs(request)))
         return scheduled
 
     def _queue_notes(self, output: SchedulerOutput, planned_at: float) -> dict[str, Any]:
@@ -261,14 +267,18 @@ class ConserveScheduler(Scheduler):
                  if is_online(self.requests[r.req_id].priority)]
         return {"online_queue_ms": waits} if waits else {}
 
+    def _resume_notes(self) -> dict[str, Any]:
+        """Preempted requests this step resumes: [tokens computed before, loaded from their
+        KV checkpoint, found in vLLM's prefix cache, computed again], one list each."""
+        if self._preemption is None:
+            return {}
+        resumes = self.connector.checkpoints.take_resumes()
+        return {"kv_resumes": [[r.num_progress, r.num_loaded, r.num_local, r.num_recomputed]
+                               for r in resumes]} if resumes else {}
+
     def _num_offline_tokens(self, output: SchedulerOutput) -> int:
         return sum(n for req_id, n in output.num_scheduled_tokens.items()
                    if not is_online(self.requests[req_id].priority))
-
-
-def _wants_prompt_logprobs(request) -> bool:
-    params = request.sampling_params
-    return params is not None and params.prompt_logprobs is not None
 
 
 def _abort_report(model_runner_output: Any) -> AbortReport | None:

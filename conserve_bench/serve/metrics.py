@@ -5,7 +5,9 @@ chunk, gaps between chunks) and SLO-attainment counters against the configured t
 Offline: tokens and items counters (Prometheus derives the rates) and per-job progress.
 Latency model: the live refit's and the profile's errors on the newest live steps, read from
 the file the engine's scheduler writes (`RefitWatcher`, which also stores the refit under the
-profile's key). This module only observes; it never changes what the server does.
+profile's key). KV checkpoints: the host pool's use and what resumes loaded, from the file the
+engine's connector writes (`CheckpointWatcher`). This module only observes; it never changes
+what the server does.
 """
 
 from __future__ import annotations
@@ -41,6 +43,15 @@ _MODEL_ERROR = Gauge("conserve_latency_model_rel_error",
 _REFIT_ADOPTED = Gauge("conserve_latency_model_refit_adopted",
                        "1 while the live refit plans, 0 while the profile's model does.")
 _REFITS = Gauge("conserve_latency_model_refits", "Live refits since the engine started.")
+_POOL_BYTES = Gauge("conserve_kv_checkpoint_bytes", "The KV checkpoint host pool, in bytes.",
+                    ["state"])
+_POOL_REQUESTS = Gauge("conserve_kv_checkpoint_requests", "Offline requests tracked by the pool.")
+_POOL_BLOCKS = Gauge("conserve_kv_checkpoint_blocks",
+                     "KV blocks saved, loaded and evicted since the engine started.", ["kind"])
+_RESUMES = Gauge("conserve_kv_checkpoint_resumes", "Preempted offline requests resumed.")
+_RESUME_TOKENS = Gauge("conserve_kv_checkpoint_resume_tokens",
+                       "Tokens preempted requests had computed: loaded or computed again.",
+                       ["kind"])
 
 
 class OnlineMetrics:
@@ -87,6 +98,13 @@ class _RequestTimer:
         self.last = now
 
 
+async def poll_every(every_s: float, poll) -> None:
+    """Call `poll()` every `every_s` seconds until cancelled."""
+    while True:
+        await asyncio.sleep(every_s)
+        poll()
+
+
 class RefitWatcher:
     """Reads the live refit the engine-core process writes (a JSON file: vLLM gives the
     scheduler no channel to the API server), sets the latency-model gauges, and stores each
@@ -97,9 +115,7 @@ class RefitWatcher:
         self._seen_at: float | None = None
 
     async def run(self, every_s: float) -> None:
-        while True:
-            await asyncio.sleep(every_s)
-            self.poll()
+        await poll_every(every_s, self.poll)
 
     def poll(self) -> RefitStatus | None:
         """The newest refit, if the engine wrote one since the last poll."""
@@ -127,3 +143,30 @@ class RefitWatcher:
                 _MODEL_ERROR.labels(model, quantile).set(value)
         _REFIT_ADOPTED.set(1 if status.adopted else 0)
         _REFITS.set(status.num_refits)
+
+
+class CheckpointWatcher:
+    """Reads the KV checkpoint pool's state the engine's connector writes (a JSON file, like
+    the refit) and sets the `conserve_kv_checkpoint_*` gauges."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    async def run(self, every_s: float) -> None:
+        await poll_every(every_s, self.poll)
+
+    def poll(self) -> dict | None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            return None  # none yet (or being replaced: next poll)
+        _POOL_BYTES.labels("capacity").set(state["pool_bytes"])
+        _POOL_BYTES.labels("used").set(state["used_bytes"])
+        _POOL_REQUESTS.set(state["requests"])
+        for kind in ("saved", "loaded", "evicted"):
+            _POOL_BLOCKS.labels(kind).set(state[f"{kind}_blocks"])
+        _RESUMES.set(state["resumes"])
+        for kind in ("loaded", "recomputed"):
+            _RESUME_TOKENS.labels(kind).set(state[f"{kind}_tokens"])
+        return state

@@ -7,9 +7,11 @@ added to the same app; offline requests run at priority 1 on the same `AsyncLLM`
 `conserve` policy the engine runs `scheduler.ConserveScheduler`, given the latency profile and
 the targets (`resolve_targets`) through vLLM's `additional_config`, and by default layer-wise
 preemption: `engine.connector.ConserveConnector` cuts offline-only steps short at a layer
-safepoint when the middleware stamps an online arrival (`engine.arrivals.ArrivalSignal`). The
-live refit the scheduler writes to a file is read back here for `/metrics` and stored under
-the profile's key.
+safepoint when the middleware stamps an online arrival (`engine.arrivals.ArrivalSignal`), and
+incremental KV checkpointing: the same connector keeps offline requests' KV in a host pool
+(`--kv-checkpoint-gib`), so a preempted one resumes by loading it. The live refit the
+scheduler writes to a file, and the pool's use the connector writes, are read back here for
+`/metrics` (the refit is also stored under the profile's key).
 
 vLLM 0.32.0 names relied on: `vllm.entrypoints.launchers.cli_args.make_arg_parser`,
 `vllm.entrypoints.launchers.api_server.entry.build_async_engine_client`,
@@ -34,7 +36,7 @@ from typing import Any
 import uvicorn
 
 from conserve_bench.config import (DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS, EngineConfig,
-                                   LeaseConfig, RunConfig)
+                                   LeaseConfig, RunConfig, default_kv_checkpoint_gib)
 from conserve_bench.engine.arrivals import ArrivalSignal
 from conserve_bench.engine.local import context_length, engine_args, engine_environment
 from conserve_bench.engine.plugin import ONLINE_PRIORITY, conserve_overrides
@@ -75,6 +77,7 @@ class ServeConfig:
     refit: bool = True  # plan with the live refit when it predicts the live steps better
     layer_preemption: bool | None = None  # None: on under the conserve policy
     safepoint_every: int = SAFEPOINT_EVERY
+    kv_checkpoint_gib: float | None = None  # None: `default_kv_checkpoint_gib()` under conserve
     offline_step_ms: float | None = None  # None: from the profile (`default_offline_step_s`)
     max_offline_inflight: int = 32
     checkpoint_tokens: int = DEFAULT_CHECKPOINT_TOKENS  # offline generations' checkpoints
@@ -128,9 +131,26 @@ class ServeConfig:
         """Whether offline-only steps are cut short at layer safepoints by online arrivals."""
         return self.policy == "conserve" if self.layer_preemption is None else self.layer_preemption
 
+    @property
+    def checkpoint_gib(self) -> float:
+        """The KV checkpoint pool: under `conserve`, the size given or the host's default;
+        other policies are vLLM's own (a preempted request recomputes)."""
+        if self.policy != "conserve":
+            return 0.0
+        return default_kv_checkpoint_gib() if self.kv_checkpoint_gib is None else self.kv_checkpoint_gib
+
+    @property
+    def loads_connector(self) -> bool:
+        return self.preempts_layers or self.checkpoint_gib > 0
+
     def _check_layer_preemption(self) -> None:
         if self.layer_preemption and self.policy != "conserve":
             raise ServeConfigError("--layer-preemption on needs --policy conserve")
+        if self.kv_checkpoint_gib and self.policy != "conserve":
+            raise ServeConfigError("--kv-checkpoint-gib needs --policy conserve (the other "
+                                   "policies are vLLM's own: a preempted request recomputes)")
+        if self.kv_checkpoint_gib is not None and not self.kv_checkpoint_gib >= 0:
+            raise ServeConfigError(f"--kv-checkpoint-gib must be >= 0, got {self.kv_checkpoint_gib:g}")
         if self.safepoint_every < 1:
             raise ServeConfigError(f"--safepoint-every must be >= 1, got {self.safepoint_every}")
         if self.preempts_layers and self.quantum_ms is not None:
@@ -185,24 +205,30 @@ def serve(cfg: ServeConfig) -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="conserve-serve-") as workdir:
             refit_state = os.path.join(workdir, "refit.json")
+            checkpoint_state = os.path.join(workdir, "kv_checkpoint.json")
             if cfg.policy == "conserve":
                 engine_cfg = with_conserve_config(
                     engine_cfg, policy=PolicyConfig(targets, profile.model).to_dict(),
                     refit=RefitConfig(adopt=cfg.refit).to_dict(), refit_state=refit_state)
-            if arrivals is not None:
-                engine_cfg = with_layer_preemption(engine_cfg, cfg.safepoint_every, arrivals)
-            uvloop.run(_serve(cfg, engine_cfg, targets, profile, refit_state, arrivals))
+            if cfg.loads_connector:
+                engine_cfg = with_connector(engine_cfg, cfg, arrivals, checkpoint_state)
+                log.warning("conserve: KV checkpoints in a host pool of %.2f GiB", cfg.checkpoint_gib)
+            uvloop.run(_serve(cfg, engine_cfg, targets, profile, workdir, arrivals))
     finally:
         if arrivals is not None:
             arrivals.remove()
 
 
-def with_layer_preemption(engine_cfg: EngineConfig, safepoint_every: int,
-                          arrivals: ArrivalSignal) -> EngineConfig:
-    """The engine config with `ConserveConnector` loaded, reading `arrivals`."""
+def with_connector(engine_cfg: EngineConfig, cfg: ServeConfig, arrivals: ArrivalSignal | None,
+                   checkpoint_state: str) -> EngineConfig:
+    """The engine config with `ConserveConnector` loaded: reading `arrivals` (None: no arrival
+    cuts a step), keeping KV checkpoints in a pool of `cfg.checkpoint_gib`."""
     from conserve_bench.engine.connector import ConnectorConfig
 
-    connector = ConnectorConfig(safepoint_every=safepoint_every, arrival_path=str(arrivals.path))
+    connector = ConnectorConfig(safepoint_every=cfg.safepoint_every,
+                                arrival_path=str(arrivals.path) if arrivals else None,
+                                checkpoint_gib=cfg.checkpoint_gib,
+                                checkpoint_state_path=checkpoint_state)
     return replace(engine_cfg, **connector.engine_overrides())
 
 
@@ -268,7 +294,7 @@ def _describe_profile(profile) -> str:
 
 
 async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, profile,
-                 refit_state: str, arrivals: ArrivalSignal | None) -> None:
+                 workdir: str, arrivals: ArrivalSignal | None) -> None:
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
     from vllm.entrypoints.launchers.app import build_app
@@ -276,7 +302,7 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     from conserve_bench.serve.jobapi import install_job_api
-    from conserve_bench.serve.metrics import OnlineMetrics, RefitWatcher
+    from conserve_bench.serve.metrics import CheckpointWatcher, OnlineMetrics, RefitWatcher
     from conserve_bench.engine.async_llm import AsyncEngineAdapter
     from conserve_bench.serve.pump import OfflinePump
     from conserve_bench.store import Store
@@ -304,12 +330,15 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
             asyncio.get_running_loop().add_signal_handler(sig, _on_stop_signal, server, pump)
         if cfg.policy != "online-only":
             pump.start()
-        watcher = RefitWatcher(refit_state, store, profile.key if profile else None)
-        polling = asyncio.create_task(watcher.run(REFIT_POLL_S))
+        watcher = RefitWatcher(os.path.join(workdir, "refit.json"), store,
+                               profile.key if profile else None)
+        polling = [asyncio.create_task(watcher.run(REFIT_POLL_S)), asyncio.create_task(
+            CheckpointWatcher(os.path.join(workdir, "kv_checkpoint.json")).run(REFIT_POLL_S))]
         try:
             await server.serve()
         finally:
-            polling.cancel()
+            for task in polling:
+                task.cancel()
             watcher.poll()  # NOTE: the last refit the engine wrote is stored too
             # NOTE: uvicorn has stopped accepting and drained online requests by now; the pump
             # admits nothing new and returns its in-flight items to pending before the
