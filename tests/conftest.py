@@ -28,6 +28,10 @@ MODEL = "smollm2-135m"
 DIALECTS = ("sqlite", "postgresql")
 # CI sets it: a PostgreSQL that cannot start fails its tests instead of skipping them.
 REQUIRE_POSTGRES = os.environ.get("CONSERVE_BENCH_REQUIRE_POSTGRES") == "1"
+# NOTE: every vLLM the suite starts (in process, `serve`, `submit` subprocesses) skips
+# torch.compile: half the start-up, and the suite starts about ten. Layer-wise preemption's
+# engine test opts back in (tests/test_preemption_engine.py).
+os.environ.setdefault("CONSERVE_BENCH_ENFORCE_EAGER", "1")
 KEY = "test-key"  # the shared server's API key
 SERVER_MAX_INFLIGHT = 8
 

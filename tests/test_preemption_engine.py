@@ -81,7 +81,10 @@ def preemptible(model_ref, tmp_path_factory):
     connector = ConnectorConfig(arrival_path=str(arrivals.path), test_abort_path=str(test_abort.path))
     step_log = folder / "steps.jsonl"
     overrides = {**recording_overrides(step_log), **connector.engine_overrides(),
-                 "max_num_batched_tokens": 256, "max_num_seqs": 16}
+                 "max_num_batched_tokens": 256, "max_num_seqs": 16,
+                 # NOTE: compiled, as users run it (the suite's other engines are eager):
+                 # safepoints must fire between torch.compile'd layers
+                 "enforce_eager": False}
     with start_engine(model_ref, **overrides) as engine:
         yield Preemptible(engine, arrivals, test_abort, step_log)
 
