@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import yaml
@@ -160,13 +159,13 @@ def main() -> None:
     args = parser.parse_args()
     args.data_dir = os.path.abspath(args.data_dir)
 
-    from conserve_bench.bench.run import _ProfileCache
+    from conserve_bench.bench.run import ProfileCache
     from conserve_bench.store import Store
 
     out = Path(args.output) / time.strftime("nightly-resume-%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
     config = write_config(out / "nightly.yaml", args)
-    profiles = _ProfileCache(SimpleNamespace(profile_db=args.profile_db, server=None, model="smollm2-135m"))
+    profiles = ProfileCache(args.profile_db, "smollm2-135m")
     online = (args.online_requests, args.online_context_tokens, args.online_generated_tokens)
     summary: dict = {"setting": {k: v for k, v in vars(args).items() if k != "data_dir"}}
 
