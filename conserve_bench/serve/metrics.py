@@ -119,11 +119,9 @@ class RefitWatcher:
 
     def poll(self) -> RefitStatus | None:
         """The newest refit, if the engine wrote one since the last poll."""
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            return None  # none yet (or the engine is replacing it: next poll)
+        data = _read_state(self.path)
+        if data is None:
+            return None
         if data.get("at") == self._seen_at:
             return None
         self._seen_at = data.get("at")
@@ -156,11 +154,9 @@ class CheckpointWatcher:
         await poll_every(every_s, self.poll)
 
     def poll(self) -> dict | None:
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                state = json.load(f)
-        except (OSError, ValueError):
-            return None  # none yet (or being replaced: next poll)
+        state = _read_state(self.path)
+        if state is None:
+            return None
         _POOL_BYTES.labels("capacity").set(state["pool_bytes"])
         _POOL_BYTES.labels("used").set(state["used_bytes"])
         _POOL_REQUESTS.set(state["requests"])
@@ -170,3 +166,13 @@ class CheckpointWatcher:
         for kind in ("loaded", "recomputed"):
             _RESUME_TOKENS.labels(kind).set(state[f"{kind}_tokens"])
         return state
+
+
+def _read_state(path: str) -> dict | None:
+    """A JSON state file the engine writes; None while there is none yet (or the engine is
+    replacing it: the next poll reads it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
