@@ -15,15 +15,18 @@ from typing import Any
 
 DEFAULT_DB_URL = "sqlite:///conserve.db"
 DEFAULT_MODEL = "smollm2-135m"
-JOB_SOURCES = ("tasks", "requests")
+JOB_SOURCES = ("tasks", "requests", "session")
 
 
 @dataclass(frozen=True)
 class JobSpec:
     """What to evaluate. Two equal specs build identical lm-eval requests.
 
-    `source` is "tasks" (lm-eval builds the requests from `tasks`) or "requests" (an lm-eval
-    run elsewhere supplied the work items; `tasks` is only a label and nothing is rebuilt).
+    `source` is "tasks" (lm-eval builds the requests from `tasks`), "requests" (an lm-eval
+    run elsewhere supplied the work items; `tasks` is only a label and nothing is rebuilt) or
+    "session" (an lm-eval run in another process adds its items as it goes and runs them
+    itself). Requests and sessions name the engine `fingerprint` their item keys were built
+    with: only an engine of that fingerprint may compute them.
     `samples` fixes the documents of some tasks (task -> doc indices, sorted), in place of
     `limit`; tasks it does not name run all their documents.
     """
@@ -37,6 +40,7 @@ class JobSpec:
     seed: int = 0
     source: str = "tasks"
     samples: dict[str, list[int]] | None = None
+    fingerprint: str | None = None
 
     def __post_init__(self):
         if self.source not in JOB_SOURCES:

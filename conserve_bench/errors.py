@@ -38,6 +38,10 @@ class JobStateError(ConserveError):
     pass
 
 
+class ForeignJobError(JobStateError):
+    """A job this engine must never run: another model's requests, or an lm-eval run's own."""
+
+
 class EngineUnavailableError(ConserveError):
     """The server cannot be reached or failed, or the engine died: infrastructure, not input."""
 

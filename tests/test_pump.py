@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
+
 from conserve_bench.config import RunConfig
 from conserve_bench.engine.fake import FAKE_FINGERPRINT, FakeEngine
 from conserve_bench.jobs.lifecycle import submit_requests
@@ -48,6 +50,28 @@ def test_a_started_pump_runs_queued_jobs_oldest_first(store):
     assert store.get_job(first.id).state == "done"
     assert engine.submitted == [i["key"] for j in (first, second) for i in store.job_items(j.id)]
     assert (first.id, 6, 6) in progress and (second.id, 6, 6) in progress
+
+
+def test_a_pump_leaves_other_models_requests_and_lm_eval_sessions_alone(store):
+    """Another model's requests would be computed by the wrong model and reused under their
+    keys as theirs; a session's items are added by its own process as it goes. The pump
+    passes both over, for good, and runs the jobs behind them."""
+    from conserve_bench.config import JobSpec
+    from conserve_bench.jobs.lifecycle import run_job
+    from conserve_bench.errors import ForeignJobError
+
+    other, _ = submit_requests(store, [("loglikelihood_rolling", ["x"])], "other|float32|2048", "m")
+    session = store.create_job(JobSpec(tasks=("lm-eval",), source="session",
+                                       fingerprint=FAKE_FINGERPRINT))
+    mine = requests_job(store, 4)
+    engine = FakeEngine()
+    with running(pump(store, engine)):
+        wait_done(store, mine)
+    assert engine.submitted == [i["key"] for i in store.job_items(mine.id)]
+    assert store.get_job(other.id).state == "queued" and store.get_job(session.id).state == "queued"
+    for job in (other, session):  # and `resume` says why, in one line
+        with pytest.raises(ForeignJobError, match=f"job {job.id} (holds requests for other|is an lm-eval run)"):
+            run_job(store, job.id, engine, output_dir=None)
 
 
 def test_stop_drains_in_flight_items_to_pending_and_the_next_start_resumes(store):

@@ -108,6 +108,27 @@ def test_a_run_key_names_one_job_and_many_jobs_have_none(store):
     assert len({j.id for j in unnamed} | {first.id}) == 3
 
 
+def test_a_requests_job_is_never_runnable_without_its_items(store, monkeypatch):
+    """A fleet replica runs the oldest queued job: seen before its items were attached, it
+    would end done with none of them computed (a CI failure with four replicas)."""
+    from conserve_bench.jobs.lifecycle import submit_requests
+
+    seen = []
+    write = store._write
+
+    def checked(fn):
+        out = write(fn)
+        if (job := store.next_runnable_job()) is not None:  # what another replica would read
+            seen.append(job.num_total)
+        return out
+
+    monkeypatch.setattr(store, "_write", checked)
+    job, keys = submit_requests(store, [("loglikelihood", ["a", " b"])] * 2 + [
+        ("loglikelihood", ["c", " d"])], "fp", "m")
+    assert (job.state, job.num_total, len(keys)) == ("queued", 2, 3)
+    assert seen and set(seen) == {2}
+
+
 def test_reopening_keeps_data_and_version(tmp_path):
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     job = Store(url).create_job(JobSpec(tasks=("mmlu",)))

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from conserve_bench.config import EngineConfig, JobSpec, RunConfig
-from conserve_bench.errors import InvalidRequestError, JobStateError
+from conserve_bench.errors import ForeignJobError, InvalidRequestError, JobStateError
 from conserve_bench.engine.models import ModelRef, resolve_model
 from conserve_bench.engine.prompts import check_request_args, keyed_items
 from conserve_bench.jobs.runner import Runner, Stopped
@@ -86,6 +86,7 @@ def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
     it is a JobStateError). On any interruption the items this run holds go back to pending.
     """
     job = runnable_job(store, job_id)
+    check_runs_on(job, engine)
     manager = None
     if job.spec.source == "tasks":
         manager = task_manager(job.spec.data_dir)
@@ -131,6 +132,19 @@ def _run_as(store: Store, job: Job, engine, run_cfg: RunConfig, output_dir, on_p
     return results
 
 
+def check_runs_on(job: Job, engine) -> None:
+    """Raise ForeignJobError unless `engine` may compute the job's items: a session's run only
+    in its own process, and requests only on the engine their keys were built for (another
+    model's results under those keys would be reused as theirs)."""
+    spec = job.spec
+    if spec.source == "session":
+        raise ForeignJobError(f"job {job.id} is an lm-eval run's (--model conserve) and runs in "
+                            "that process; rerun it there: its finished requests are reused")
+    if spec.fingerprint is not None and spec.fingerprint != engine.fingerprint:
+        raise ForeignJobError(f"job {job.id} holds requests for {spec.fingerprint}, "
+                            f"not this engine's {engine.fingerprint}")
+
+
 def runnable_job(store: Store, job_id: str) -> Job:
     """The job, if it can still run; raises JobStateError for done or cancelled jobs."""
     job = store.get_job(job_id)
@@ -153,7 +167,7 @@ def _raise_if_cancelled(store: Store, job_id: str) -> None:
 
 
 def _evaluate(store, job: Job, runner, engine, manager, tracker) -> dict[str, Any]:
-    if job.spec.source == "requests":
+    if job.spec.source != "tasks":
         return _compute_requests(store, job, runner, tracker)
     from lm_eval import simple_evaluate
 
@@ -194,9 +208,8 @@ def submit_requests(store: Store, requests: list[tuple[str, list[Any]]], fingerp
         except ValueError as e:
             raise InvalidRequestError(str(e)) from None
     keys, items = keyed_items(requests, fingerprint)
-    job = store.create_job(JobSpec(tasks=(label,), model=model, source="requests"))
-    store.add_items(job.id, items)
-    job = store.get_job(job.id)
+    spec = JobSpec(tasks=(label,), model=model, source="requests", fingerprint=fingerprint)
+    job = store.create_job(spec, work=items)
     if job.num_done == job.num_total:
         store.save_results(job.id, {"results": {}, "conserve": {"job": job.to_dict()}})
     return store.get_job(job.id), keys
@@ -333,7 +346,8 @@ def open_session(model: str, db: str | None, data_dir: str | None, run_cfg: RunC
     store = Store(db or default_db_url())
     owns_engine = engine is None
     engine = engine or start_engine(resolve_model(model))
-    spec = JobSpec(tasks=("lm-eval",), model=model, data_dir=data_dir, source="requests")
+    spec = JobSpec(tasks=("lm-eval",), model=model, data_dir=data_dir, source="session",
+                   fingerprint=engine.fingerprint)
     job = store.create_job(spec)
     # NOTE: items a killed earlier run held are reclaimed by this run's claims (at once if
     # it ran on this host: the worker's start ends a dead neighbour's lease).

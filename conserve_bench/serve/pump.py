@@ -17,7 +17,7 @@ from pathlib import Path
 
 from conserve_bench.config import RunConfig
 from conserve_bench.engine.async_llm import AsyncEngineAdapter
-from conserve_bench.errors import JobStateError, StoreUnavailableError
+from conserve_bench.errors import ForeignJobError, JobStateError, StoreUnavailableError
 from conserve_bench.jobs.worker import Worker
 from conserve_bench.store import Store
 
@@ -35,6 +35,7 @@ class OfflinePump:
         self.output_dir = output_dir
         self.worker = Worker(store, label)
         self.on_progress = on_progress or (lambda job_id, done, total: None)
+        self._foreign: set[str] = set()  # jobs this engine must never run
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run_forever, name="offline-pump", daemon=True)
 
@@ -68,7 +69,7 @@ class OfflinePump:
         from conserve_bench.jobs.lifecycle import run_job
         from conserve_bench.jobs.runner import Stopped
 
-        job = self.store.next_runnable_job()
+        job = self.store.next_runnable_job(skip=self._foreign)
         if job is None:
             return False
         try:
@@ -79,6 +80,10 @@ class OfflinePump:
                     should_stop=self._stop.is_set, worker=self.worker, retry_failed=False)
         except Stopped:
             log.info("offline pump stopped during job %s; its items are pending", job.id)
+        except ForeignJobError as e:
+            log.warning("offline pump leaves job %s to others: %s", job.id, e)
+            self._foreign.add(job.id)
+            return True
         except JobStateError as e:
             log.info("offline pump skips job %s: %s", job.id, e)
             return False

@@ -171,17 +171,27 @@ class Store:
 
     # -- jobs ---------------------------------------------------------------------------------
 
-    def create_job(self, spec: JobSpec, run_key: str | None = None) -> Job:
-        """Record a queued job. With a `run_key` that a job holds already, that job is
-        answered instead (whatever its spec: the caller checks), so two racing creators
-        end with one job."""
+    def create_job(self, spec: JobSpec, run_key: str | None = None,
+                   work: Sequence[WorkItem] = ()) -> Job:
+        """Record a queued job, with `work` attached in the same transaction. With a `run_key`
+        that a job holds already, that job is answered instead (whatever its spec: the caller
+        checks), so two racing creators end with one job.
+
+        NOTE: a job whose items are known (a requests job) must be created with them: a fleet
+        replica runs any queued job, and one seen before its items would end done with none.
+        """
         now = time.time()
         job_id = uuid.uuid4().hex[:12]
         row = dict(id=job_id, state=JobState.QUEUED, spec=json.dumps(spec.to_dict()),
                    num_total=0, created_at=now, updated_at=now, run_s=0.0, run_key=run_key)
-        # NOTE: the insert is skipped when retried after a commit whose answer was lost (same
-        # id), or when `run_key` is taken already: then the key's holder is the job.
-        self._write(lambda conn: conn.execute(insert_ignore(jobs, conn).values(**row)))
+
+        def create(conn: sa.Connection) -> None:
+            # NOTE: the insert is skipped when retried after a commit whose answer was lost
+            # (same id), or when `run_key` is taken already: then the key's holder is the job.
+            if conn.execute(insert_ignore(jobs, conn).values(**row)).rowcount and work:
+                self._attach_items(conn, job_id, work)
+
+        self._write(create)
         if run_key is not None:
             return self.job_by_run_key(run_key)
         return self.get_job(job_id)
@@ -230,11 +240,14 @@ class Store:
         rows = self._read(lambda conn: conn.execute(query).mappings().all())
         return [_job_from_row(r) for r in rows]
 
-    def next_runnable_job(self) -> Job | None:
-        """The oldest job that is queued or running (every worker of a fleet joins it)."""
+    def next_runnable_job(self, skip: Iterable[str] = ()) -> Job | None:
+        """The oldest job that is queued or running (every worker of a fleet joins it), but
+        those in `skip` (jobs the caller cannot run)."""
+        query = sa.select(jobs.c.id).where(jobs.c.state.in_((JobState.QUEUED, JobState.RUNNING)))
+        if skip := list(skip):
+            query = query.where(jobs.c.id.not_in(skip))
         job_id = self._read(lambda conn: conn.execute(
-            sa.select(jobs.c.id).where(jobs.c.state.in_((JobState.QUEUED, JobState.RUNNING)))
-            .order_by(jobs.c.created_at).limit(1)).scalar())
+            query.order_by(jobs.c.created_at).limit(1)).scalar())
         return self.get_job(job_id) if job_id else None
 
     def set_job_state(self, job_id: str, state: JobState, error: str | None = None) -> None:
@@ -301,29 +314,29 @@ class Store:
 
         New items are claimed in the order they are added (after every item added before).
         """
-        def add(conn: sa.Connection) -> None:
-            base = conn.execute(sa.select(sa.func.count()).select_from(job_items)
-                                .where(job_items.c.job_id == job_id)).scalar()
-            # NOTE: two workers adding at once may give items the same position: that only
-            # orders claims, it identifies nothing.
-            first_seq = conn.execute(sa.select(sa.func.coalesce(sa.func.max(items.c.seq), 0))).scalar() + 1
-            item_rows = [{"key": w.key, "kind": w.kind, "args": json.dumps(w.args),
-                          "state": ItemState.PENDING, "num_runs": 0, "seq": first_seq + i}
-                         for i, w in enumerate(work)]
-            link_rows = [{"job_id": job_id, "item_key": w.key, "seq": base + i}
-                         for i, w in enumerate(work)]
-            for chunk in _chunks(item_rows, 500):
-                conn.execute(insert_ignore(items, conn), list(chunk))
-            for chunk in _chunks(link_rows, 500):
-                conn.execute(insert_ignore(job_items, conn), list(chunk))
-            total = conn.execute(sa.select(sa.func.count()).select_from(job_items)
-                                 .where(job_items.c.job_id == job_id)).scalar()
-            conn.execute(jobs.update().where(jobs.c.id == job_id)
-                         .values(num_total=total, updated_at=time.time()))
-            if len(work) >= ANALYZE_AFTER_ITEMS:
-                refresh_statistics(conn, [items, job_items])
+        self._write(lambda conn: self._attach_items(conn, job_id, work))
 
-        self._write(add)
+    def _attach_items(self, conn: sa.Connection, job_id: str, work: Sequence[WorkItem]) -> None:
+        base = conn.execute(sa.select(sa.func.count()).select_from(job_items)
+                            .where(job_items.c.job_id == job_id)).scalar()
+        # NOTE: two workers adding at once may give items the same position: that only
+        # orders claims, it identifies nothing.
+        first_seq = conn.execute(sa.select(sa.func.coalesce(sa.func.max(items.c.seq), 0))).scalar() + 1
+        item_rows = [{"key": w.key, "kind": w.kind, "args": json.dumps(w.args),
+                      "state": ItemState.PENDING, "num_runs": 0, "seq": first_seq + i}
+                     for i, w in enumerate(work)]
+        link_rows = [{"job_id": job_id, "item_key": w.key, "seq": base + i}
+                     for i, w in enumerate(work)]
+        for chunk in _chunks(item_rows, 500):
+            conn.execute(insert_ignore(items, conn), list(chunk))
+        for chunk in _chunks(link_rows, 500):
+            conn.execute(insert_ignore(job_items, conn), list(chunk))
+        total = conn.execute(sa.select(sa.func.count()).select_from(job_items)
+                             .where(job_items.c.job_id == job_id)).scalar()
+        conn.execute(jobs.update().where(jobs.c.id == job_id)
+                     .values(num_total=total, updated_at=time.time()))
+        if len(work) >= ANALYZE_AFTER_ITEMS:
+            refresh_statistics(conn, [items, job_items])
 
     def claim_items(self, job_id: str, owner: str, limit: int, kind: str | None = None,
                     held: Iterable[str] = ()) -> list[WorkItem]:
