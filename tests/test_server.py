@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from conserve_bench.config import JobSpec
-from conserve_bench.jobs.lifecycle import job_results, run_job, submit_job, task_metrics
+from conserve_bench.jobs.lifecycle import run_job, submit_job, task_metrics
 from conserve_bench.store import Store
 
 from .conftest import KEY, SERVER_MAX_INFLIGHT, TEST_TASKS, Server, cli
@@ -114,71 +114,6 @@ def test_cli_talks_to_the_server(server):
     assert denied.returncode != 0 and denied.stderr.startswith("error: unauthorized")
 
 
-def test_sigkill_mid_generation_restart_continues_every_generation(shared_server, engine,
-                                                                    data_dir, tmp_path):
-    """A generation job on the server, SIGKILLed once half its tokens are checkpointed; the
-    restarted server continues each generation from its checkpoint (texts of an uninterrupted
-    run, only the rest generated) and then serves as the session's server."""
-    task = str(TEST_TASKS / "conserve_tiny_long.yaml")
-    total_tokens = 4 * 256  # its 4 openings never meet the stop string
-    killed = shared_server.take()
-    job = killed.http.post("/v1/jobs", json={"tasks": [task]}).json()
-    killed.wait_job(job["id"], until=lambda j: j["partial_tokens"] >= total_tokens // 2)
-    killed.signal(signal.SIGKILL)
-    store = Store(killed.db_url)
-    at_kill = store.get_job(job["id"])
-    assert at_kill.num_done == 0 and at_kill.num_partial_items == 4
-
-    restarted = Server(killed.db_url, data_dir, tmp_path)
-    try:
-        restarted.wait_job(job["id"])
-        summary = restarted.http.get(f"/v1/jobs/{job['id']}/results").json()
-    except BaseException:
-        restarted.kill()
-        raise
-    shared_server.give(restarted)
-    assert summary["resumes"]["num_resumes"] == 4
-    assert summary["resumes"]["num_reused_tokens"] == at_kill.num_partial_tokens
-    meta = job_results(store, job["id"])["conserve"]
-    assert meta["num_generated_tokens"] == total_tokens - at_kill.num_partial_tokens
-
-    clean_store = Store(f"sqlite:///{tmp_path / 'clean.db'}")
-    clean = submit_job(clean_store, JobSpec(tasks=(task,)))
-    run_job(clean_store, clean.id, engine, output_dir=None)
-    assert ([i["result"] for i in store.job_items(job["id"])]
-            == [i["result"] for i in clean_store.job_items(clean.id)])
-
-
-# NOTE: last in this module: it kills the shared server (a later user would start another).
-def test_sigkill_loses_nothing_restart_resumes_sigterm_drains(shared_server, engine, data_dir, tmp_path):
-    """A job on the server; SIGKILL (server and engine processes) at a quarter; a new server
-    on the same store resumes the job by itself; SIGTERM at half drains it back to queued;
-    `resume` in this process finishes it with the scores of an uninterrupted run."""
-    tasks = ["mmlu_astronomy", "mmlu_college_biology"]  # nothing of the other tests' items
-    killed = shared_server.take()
-    job = killed.http.post("/v1/jobs", json={"tasks": tasks, "limit": LIMIT}).json()
-    killed.wait_job(job["id"], until=lambda j: j["done"] >= j["total"] // 4 > 0)
-    killed.signal(signal.SIGKILL)
-    store = Store(killed.db_url)
-    assert store.get_job(job["id"]).state == "running"  # as the kill left it
-
-    restarted = Server(killed.db_url, data_dir, tmp_path)
-    try:
-        restarted.wait_job(job["id"], until=lambda j: j["done"] >= j["total"] // 2)
-        assert restarted.signal(signal.SIGTERM) == 0
-    finally:
-        restarted.kill()
-    drained = store.get_job(job["id"])
-    assert drained.state == "queued" and drained.num_done < drained.num_total
-    assert "running" not in store.item_states(job["id"])
-
-    results = task_metrics(run_job(store, job["id"], engine, output_dir=None))
-    runs = store.run_counts(job["id"])
-    assert min(runs.values()) >= 1
-    assert sum(n - 1 for n in runs.values()) <= 2 * SERVER_MAX_INFLIGHT  # two interruptions
-    assert results == embedded_scores(engine, data_dir, tmp_path, tasks)
-
-
 def test_a_run_key_answers_the_same_job(server):
     body = {"tasks": ["mmlu_marketing"], "limit": 3, "run_key": "api-1"}
     first, again = server.http.post("/v1/jobs", json=body), server.http.post("/v1/jobs", json=body)
@@ -251,3 +186,46 @@ def test_two_replicas_on_postgresql_share_one_job(postgres, engine, data_dir, tm
     assert len(status["replicas"]) == 2 and all(r["done"] > 0 for r in status["replicas"])
     assert set(Store(url).run_counts(job_id).values()) == {1}
     assert remote == embedded_scores(engine, data_dir, tmp_path, ["mmlu_marketing"], FLEET_LIMIT)
+
+
+# NOTE: last in this module: it kills the shared server (a later user would start another).
+def test_sigkill_loses_nothing_restart_resumes_sigterm_drains_generations_continue(
+        shared_server, engine, data_dir, tmp_path):
+    """A job of questions, then long generations, on the server. SIGKILL (server and engine
+    processes) at a quarter of its questions; a new server on the same store resumes the job
+    by itself; SIGTERM once half the generations' tokens are checkpointed drains it back to
+    queued; `resume` in this process finishes it, each generation continued from its
+    checkpoint: the scores and texts of an uninterrupted run."""
+    tasks = ["mmlu_astronomy", "mmlu_college_biology",  # nothing of the other tests' items
+             str(TEST_TASKS / "conserve_tiny_long.yaml")]  # 4 openings, never meeting the stop
+    num_questions, generated_tokens = 2 * LIMIT * 4, 4 * 256
+    killed = shared_server.take()
+    job = killed.http.post("/v1/jobs", json={"tasks": tasks, "limit": LIMIT}).json()
+    killed.wait_job(job["id"], until=lambda j: j["done"] >= num_questions // 4)
+    killed.signal(signal.SIGKILL)
+    store = Store(killed.db_url)
+    assert store.get_job(job["id"]).state == "running"  # as the kill left it
+
+    restarted = Server(killed.db_url, data_dir, tmp_path)
+    try:
+        restarted.wait_job(job["id"], until=lambda j: j["partial_tokens"] >= generated_tokens // 2)
+        assert restarted.signal(signal.SIGTERM) == 0
+    finally:
+        restarted.kill()
+    drained = store.get_job(job["id"])
+    assert drained.state == "queued" and drained.num_done == num_questions
+    assert drained.num_partial_items == 4 and "running" not in store.item_states(job["id"])
+
+    output = run_job(store, job["id"], engine, output_dir=None)
+    runs = store.run_counts(job["id"])
+    assert min(runs.values()) >= 1
+    assert sum(n - 1 for n in runs.values()) <= 2 * SERVER_MAX_INFLIGHT  # two interruptions
+    assert output["conserve"]["resumes"]["num_resumes"] == 4
+    assert output["conserve"]["resumes"]["num_reused_tokens"] == drained.num_partial_tokens
+    assert output["conserve"]["num_generated_tokens"] == generated_tokens - drained.num_partial_tokens
+
+    clean_store = Store(f"sqlite:///{tmp_path / 'clean.db'}")
+    clean = submit_job(clean_store, JobSpec(tasks=tuple(tasks), limit=LIMIT, data_dir=data_dir))
+    assert task_metrics(output) == task_metrics(run_job(clean_store, clean.id, engine, output_dir=None))
+    assert ([i["result"] for i in store.job_items(job["id"])]
+            == [i["result"] for i in clean_store.job_items(clean.id)])  # texts too
