@@ -10,6 +10,7 @@ import time
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 
 from conserve_bench.config import JobSpec, LeaseConfig
 from conserve_bench.jobs.worker import Worker
@@ -61,6 +62,24 @@ def test_the_heartbeat_keeps_a_lease_and_a_claim_never_takes_its_own(store):
     time.sleep(LEASE_S + 0.1)
     assert worker.claim_items(job_id, "w", 3) == []  # expired, but its own: still computing
     assert keys(store.claim_items(job_id, "other", 3)) == ["k0", "k1"]
+
+
+def test_a_heartbeat_skips_what_its_own_commit_holds_and_never_waits(pg_store):
+    """A worker's heartbeat and its batched commit run on two connections at once: waiting on
+    each other's row locks, they deadlocked (PostgreSQL broke it; seen in
+    benchmarks/store_fleet.py). The rows a commit holds need no lease: the renewal skips them."""
+    job_id = add_job(pg_store, 3)
+    pg_store.claim_items(job_id, "w", 3)
+    renewed = []
+    with pg_store.engine.connect() as committing, committing.begin():
+        committing.execute(sa.text("select key from items where key = 'k0' for update"))
+        beat = threading.Thread(target=lambda: renewed.append(pg_store.renew_lease("w")))
+        beat.start()
+        beat.join(timeout=10)
+        waited = beat.is_alive()
+    beat.join()
+    assert not waited and renewed == [2]  # k1 and k2; k0 is being committed
+    assert pg_store.renew_lease("w") == 3
 
 
 def test_a_stale_attempt_is_fenced_off_even_for_the_same_owner(store):

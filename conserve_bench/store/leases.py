@@ -104,9 +104,15 @@ def give_back(owner: str, keep: frozenset[str] | None = None) -> sa.Update:
 
 
 def renew(owner: str, now, lease_s: float) -> sa.Update:
-    """Push the lease of everything `owner` holds to `lease_s` from now (a heartbeat)."""
-    return (items.update().where(items.c.owner == owner, items.c.state == RUNNING)
-            .values(lease_until=now + lease_s))
+    """Push the lease of everything `owner` holds to `lease_s` from now (a heartbeat).
+
+    NOTE: rows another transaction has locked are skipped, not waited for: they are being
+    committed (done, failed, given back) or taken over, and need no lease. A heartbeat that
+    waited on its own worker's commit, which locks the same rows in another order, deadlocked.
+    """
+    mine = (sa.select(items.c.key).where(items.c.owner == owner, items.c.state == RUNNING)
+            .with_for_update(skip_locked=True))
+    return items.update().where(items.c.key.in_(mine)).values(lease_until=now + lease_s)
 
 
 def end_leases(owners: list[str], now) -> sa.Update:

@@ -579,7 +579,7 @@ class Store:
 
     def renew_lease(self, worker_id: str) -> int:
         """A heartbeat: the worker's row and everything it holds leased `lease_s` from now;
-        returns how many items it holds."""
+        returns how many items it renewed (all it holds, but those being committed)."""
         now, lease_s = self._now, self.leases.lease_s
 
         def renew(conn: sa.Connection) -> int:
