@@ -10,7 +10,7 @@ import argparse
 import signal
 import threading
 
-from conserve_bench.config import LeaseConfig, RunConfig
+from conserve_bench.config import DEFAULT_MODEL, LeaseConfig, RunConfig
 from conserve_bench.engine.fake import FakeEngine
 from conserve_bench.serve.pump import OfflinePump
 from conserve_bench.store import Store
@@ -32,7 +32,7 @@ def main() -> None:
     store = Store(args.url, LeaseConfig(args.lease_s, args.heartbeat_s, args.max_attempts))
     engine = FakeEngine(items_per_step=args.items_per_step, step_s=args.step_s, poisoned=args.poison)
     pump = OfflinePump(store, engine, RunConfig(max_inflight=args.max_inflight), output_dir=None,
-                       label="fake replica")
+                       label="fake replica", model=DEFAULT_MODEL)  # its task jobs' model
     pump.start()
     stop.wait()
     pump.stop()

@@ -52,10 +52,11 @@ def test_a_started_pump_runs_queued_jobs_oldest_first(store):
     assert (first.id, 6, 6) in progress and (second.id, 6, 6) in progress
 
 
-def test_a_pump_leaves_other_models_requests_and_lm_eval_sessions_alone(store):
+def test_a_pump_leaves_other_models_jobs_and_lm_eval_sessions_alone(store):
     """Another model's requests would be computed by the wrong model and reused under their
-    keys as theirs; a session's items are added by its own process as it goes. The pump
-    passes both over, for good, and runs the jobs behind them."""
+    keys as theirs, another model's tasks scored under its name; a session's items are added
+    by its own process as it goes. The pump passes them over, for good, and runs the jobs
+    behind them."""
     from conserve_bench.config import JobSpec
     from conserve_bench.jobs.lifecycle import run_job
     from conserve_bench.errors import ForeignJobError
@@ -63,15 +64,18 @@ def test_a_pump_leaves_other_models_requests_and_lm_eval_sessions_alone(store):
     other, _ = submit_requests(store, [("loglikelihood_rolling", ["x"])], "other|float32|2048", "m")
     session = store.create_job(JobSpec(tasks=("lm-eval",), source="session",
                                        fingerprint=FAKE_FINGERPRINT))
+    other_tasks = store.create_job(JobSpec(tasks=("mmlu",), model="other-model"))
     mine = requests_job(store, 4)
     engine = FakeEngine()
-    with running(pump(store, engine)):
+    serving = OfflinePump(store, engine, WINDOW, output_dir=None, model="fake-model")
+    with running(serving):
         wait_done(store, mine)
     assert engine.submitted == [i["key"] for i in store.job_items(mine.id)]
-    assert store.get_job(other.id).state == "queued" and store.get_job(session.id).state == "queued"
-    for job in (other, session):  # and `resume` says why, in one line
-        with pytest.raises(ForeignJobError, match=f"job {job.id} (holds requests for other|is an lm-eval run)"):
-            run_job(store, job.id, engine, output_dir=None)
+    assert {store.get_job(j.id).state for j in (other, session, other_tasks)} == {"queued"}
+    for job, why in ((other, "holds requests for other"), (session, "is an lm-eval run"),
+                     (other_tasks, "evaluates other-model, not this engine's fake-model")):
+        with pytest.raises(ForeignJobError, match=f"job {job.id} {why}"):  # what `resume` says
+            run_job(store, job.id, engine, output_dir=None, model="fake-model")
 
 
 def test_stop_drains_in_flight_items_to_pending_and_the_next_start_resumes(store):

@@ -29,15 +29,25 @@ class ModelRef:
     path: str  # what vLLM and transformers load
 
 
+def _is_directory_path(model: str) -> bool:
+    return model not in BUILTIN_MODELS and (
+        Path(model).expanduser().exists() or model.startswith((".", "/", "~")))
+
+
+def model_name(model: str) -> str:
+    """The name `resolve_model` gives a `--model` value (`ModelRef.name`), without fetching or
+    converting anything: a local directory by its absolute path, anything else as given."""
+    return str(Path(model).expanduser().resolve()) if _is_directory_path(model) else model
+
+
 def resolve_model(model: str) -> ModelRef:
     """Resolve a `--model` value; raises ModelNotFoundError with a one-line reason."""
     if model in BUILTIN_MODELS:
         return ModelRef(model, str(ensure_smollm2()))
-    path = Path(model).expanduser()
-    if path.exists() or model.startswith((".", "/", "~")):
-        if not (path / "config.json").is_file():
+    if _is_directory_path(model):
+        if not (Path(model).expanduser() / "config.json").is_file():
             raise ModelNotFoundError(f"model directory {model!r} has no readable config.json")
-        return ModelRef(str(path.resolve()), str(path.resolve()))
+        return ModelRef(model_name(model), model_name(model))
     if model.count("/") == 1:  # a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct
         return ModelRef(model, model)
     raise ModelNotFoundError(

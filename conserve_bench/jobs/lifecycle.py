@@ -26,7 +26,7 @@ from typing import Any
 
 from conserve_bench.config import EngineConfig, JobSpec, RunConfig
 from conserve_bench.errors import ForeignJobError, InvalidRequestError, JobStateError
-from conserve_bench.engine.models import ModelRef, resolve_model
+from conserve_bench.engine.models import ModelRef, model_name, resolve_model
 from conserve_bench.engine.prompts import check_request_args, keyed_items
 from conserve_bench.jobs.runner import Runner, Stopped
 from conserve_bench.jobs.samples import (PER_SAMPLE_KEY, read_samples_file, sample_table,
@@ -77,16 +77,19 @@ def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
             output_dir: str | Path | None = "results",
             on_progress: ProgressFn | None = None,
             should_stop: Callable[[], bool] = lambda: False,
-            worker: Worker | None = None, retry_failed: bool = True) -> dict[str, Any]:
+            worker: Worker | None = None, retry_failed: bool = True,
+            model: str | None = None) -> dict[str, Any]:
     """Run a job to completion on `engine`; returns lm-eval's results plus job metadata.
 
     Finished items are reused and other workers' expired leases reclaimed; any number of
     processes may run the same job at once, as `worker`s of a fleet (None: this call is
     one). A failed job is given its failed items back, unless `retry_failed` is False (then
     it is a JobStateError). On any interruption the items this run holds go back to pending.
+    A job `engine` must not run (`check_runs_on`; `model`: the model it serves) is a
+    ForeignJobError.
     """
     job = runnable_job(store, job_id)
-    check_runs_on(job, engine)
+    check_runs_on(job, engine, model)
     manager = None
     if job.spec.source == "tasks":
         manager = task_manager(job.spec.data_dir)
@@ -132,11 +135,14 @@ def _run_as(store: Store, job: Job, engine, run_cfg: RunConfig, output_dir, on_p
     return results
 
 
-def check_runs_on(job: Job, engine) -> None:
-    """Raise ForeignJobError unless `engine` may compute the job's items: a session's run only
-    in its own process, and requests only on the engine their keys were built for (another
-    model's results under those keys would be reused as theirs)."""
+def check_runs_on(job: Job, engine, model: str | None = None) -> None:
+    """Raise ForeignJobError unless `engine` (serving `model`, when given) may compute the
+    job's items: a session's run only in its own process, requests only on the engine their
+    keys were built for (another model's results under those keys would be reused as theirs),
+    and tasks only on their model (its name is on the results)."""
     spec = job.spec
+    if model is not None and spec.source == "tasks" and model_name(spec.model) != model:
+        raise ForeignJobError(f"job {job.id} evaluates {spec.model}, not this engine's {model}")
     if spec.source == "session":
         raise ForeignJobError(f"job {job.id} is an lm-eval run's (--model conserve) and runs in "
                             "that process; rerun it there: its finished requests are reused")

@@ -27,11 +27,13 @@ IDLE_POLL_S = 0.5
 
 
 class OfflinePump:
-    """Runs jobs one at a time on a worker thread until stopped."""
+    """Runs jobs one at a time on a worker thread until stopped. `model`: the name of the
+    model its engine serves; task jobs of another model are left to the replicas serving it."""
 
     def __init__(self, store: Store, engine: AsyncEngineAdapter, run_cfg: RunConfig,
-                 output_dir: str | Path | None, on_progress=None, label: str = "serve"):
-        self.store, self.engine, self.run_cfg = store, engine, run_cfg
+                 output_dir: str | Path | None, on_progress=None, label: str = "serve",
+                 model: str | None = None):
+        self.store, self.engine, self.run_cfg, self.model = store, engine, run_cfg, model
         self.output_dir = output_dir
         self.worker = Worker(store, label)
         self.on_progress = on_progress or (lambda job_id, done, total: None)
@@ -77,7 +79,8 @@ class OfflinePump:
             # was picked; its failed items are retried by `resume`, not by every replica.
             run_job(self.store, job.id, self.engine, self.run_cfg, output_dir=self.output_dir,
                     on_progress=lambda d, t, _tokens, j=job.id: self.on_progress(j, d, t),
-                    should_stop=self._stop.is_set, worker=self.worker, retry_failed=False)
+                    should_stop=self._stop.is_set, worker=self.worker, retry_failed=False,
+                    model=self.model)
         except Stopped:
             log.info("offline pump stopped during job %s; its items are pending", job.id)
         except ForeignJobError as e:

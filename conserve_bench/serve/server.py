@@ -321,7 +321,7 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
                                      max_model_len, on_tokens=metrics.offline_tokens)
         pump = OfflinePump(store, adapter, cfg.offline_run_config, cfg.output_dir,
                            on_progress=metrics.job_progress,
-                           label=f"serve {cfg.host}:{cfg.port}")
+                           label=f"serve {cfg.host}:{cfg.port}", model=engine_cfg.model_name)
         # NOTE: vLLM's app has built its middleware stack already; ours wraps it from outside.
         asgi_app = OnlinePriorityMiddleware(app, metrics, arrivals)
         server = DrainingServer(uvicorn.Config(asgi_app, host=cfg.host, port=cfg.port,
