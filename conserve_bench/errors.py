@@ -39,7 +39,8 @@ class JobStateError(ConserveError):
 
 
 class ForeignJobError(JobStateError):
-    """A job this engine must never run: another model's requests, or an lm-eval run's own."""
+    """A job this engine must never run: another model's tasks or requests, or the job of an
+    lm-eval run in another process."""
 
 
 class EngineUnavailableError(ConserveError):

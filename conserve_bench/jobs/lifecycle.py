@@ -145,10 +145,10 @@ def check_runs_on(job: Job, engine, model: str | None = None) -> None:
         raise ForeignJobError(f"job {job.id} evaluates {spec.model}, not this engine's {model}")
     if spec.source == "session":
         raise ForeignJobError(f"job {job.id} is an lm-eval run's (--model conserve) and runs in "
-                            "that process; rerun it there: its finished requests are reused")
+                              "that process; rerun it there: its finished requests are reused")
     if spec.fingerprint is not None and spec.fingerprint != engine.fingerprint:
         raise ForeignJobError(f"job {job.id} holds requests for {spec.fingerprint}, "
-                            f"not this engine's {engine.fingerprint}")
+                              f"not this engine's {engine.fingerprint}")
 
 
 def runnable_job(store: Store, job_id: str) -> Job:
