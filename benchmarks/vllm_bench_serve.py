@@ -150,7 +150,9 @@ def main() -> None:
 
     args = parse_args()
     out = Path(args.out or f"results/vllm-bench-serve-{time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=False)
+    if out.is_dir() and any(out.iterdir()):
+        raise SystemExit(f"error: {out} is not empty: give a new --out")
+    out.mkdir(parents=True, exist_ok=True)
     profiles = ProfileCache(args.db, args.model)
     rows = with_ratios({p: run_policy(args, p, out, profiles) for p in args.policies.split(",")})
     report = {"config": vars(args), "policies": rows}
