@@ -54,8 +54,6 @@ hash. Ours saves only steps that ran to the end, and only offline requests' bloc
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,7 +68,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from conserve_bench.engine.arrivals import ArrivalSignal, SharedInt
 from conserve_bench.engine.plugin import (CONNECTOR_MODULE, SCHEDULER_CLS, WORKER_CLS, is_online,
-                                          wants_prompt_logprobs)
+                                          wants_prompt_logprobs, write_state)
 from conserve_bench.errors import ConserveError
 from conserve_bench.sched.checkpoint import CheckpointBook, Resume, pool_slots
 from conserve_bench.sched.policy import SAFEPOINT_EVERY
@@ -329,10 +327,7 @@ class Checkpoints:
         if self._state_path is None or (not force and now - self._state_written_at < STATE_EVERY_S):
             return
         self._state_written_at = now
-        tmp = f"{self._state_path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.state(), f)
-        os.replace(tmp, self._state_path)
+        write_state(self._state_path, self.state())
 
 
 def checkpointable(request) -> bool:

@@ -4,12 +4,15 @@ Owns the request priorities (online 0, offline 1), the plug-in paths handed to v
 (`scheduler_cls`, `worker_cls`, `kv_connector_module_path`), and the layout of vLLM's plug-in config `additional_config["conserve"]`
 ("policy": a `policy.PolicyConfig` dict; "step_log": a path; "refit": a `refit.RefitConfig`
 dict; "refit_state": the file the live refit is reported in). Read in the engine process by
-`sched.scheduler`, written by `serve`, `profile` and the tests. Plain data: it must never
-import torch or vLLM, so the pure policy side (`sched.steplog`) can import it.
+`sched.scheduler`, written by `serve`, `profile` and the tests. And the JSON state files the
+engine's processes write for the server to read (`write_state`, `read_state`). Plain data: it
+must never import torch or vLLM, so the pure policy side (`sched.steplog`) can import it.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 # NOTE: vLLM's priority scheduling runs lower values first; online routes are forced to
@@ -58,3 +61,21 @@ def conserve_overrides(additional_config: dict[str, Any] | None = None,
     additional = dict(additional_config or {})
     additional[CONFIG_KEY] = {**conserve_config(additional), **entries}
     return {"scheduler_cls": SCHEDULER_CLS, "additional_config": additional}
+
+
+def write_state(path: str, state: dict[str, Any]) -> None:
+    """Replace the JSON state file at `path` atomically (the server reads it at any time)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(state, f)
+    os.replace(tmp, path)
+
+
+def read_state(path: str) -> dict[str, Any] | None:
+    """A state file `write_state` wrote; None while there is none yet (or a partial file from
+    a writer other than `write_state`: the next poll reads it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None

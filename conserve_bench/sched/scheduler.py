@@ -15,8 +15,6 @@ policy decision lives here.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from collections import deque
 from dataclasses import replace
@@ -28,7 +26,8 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from conserve_bench.engine.connector import AbortReport, ConserveConnector
 from conserve_bench.engine.plugin import (POLICY, REFIT, REFIT_STATE, conserve_config,
-                                          is_online, step_log_path, wants_prompt_logprobs)
+                                          is_online, step_log_path, wants_prompt_logprobs,
+                                          write_state)
 from conserve_bench.sched.policy import (Pending, PolicyConfig, StepPlan, Targets,
                                          offline_to_preempt, plan_step)
 from conserve_bench.sched.preemption import LayerPreemption
@@ -320,8 +319,5 @@ def _with_reference_prompt(targets: Targets, prompt_lens) -> Targets:
 
 
 def write_refit_state(path: str, status: RefitStatus, refit_s: float) -> None:
-    """The live model's state as JSON, replaced atomically (the server reads it any time)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({**status.to_dict(), "at": time.time(), "refit_s": round(refit_s, 6)}, f)
-    os.replace(tmp, path)
+    """The live model's state, for the server to read (`/metrics`, stored refits)."""
+    write_state(path, {**status.to_dict(), "at": time.time(), "refit_s": round(refit_s, 6)})

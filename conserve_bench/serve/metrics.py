@@ -13,12 +13,12 @@ what the server does.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from conserve_bench.engine.plugin import read_state
 from conserve_bench.sched.refit import RefitStatus
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ class RefitWatcher:
 
     def poll(self) -> RefitStatus | None:
         """The newest refit, if the engine wrote one since the last poll."""
-        data = _read_state(self.path)
+        data = read_state(self.path)
         if data is None:
             return None
         if data.get("at") == self._seen_at:
@@ -154,7 +154,7 @@ class CheckpointWatcher:
         await poll_every(every_s, self.poll)
 
     def poll(self) -> dict | None:
-        state = _read_state(self.path)
+        state = read_state(self.path)
         if state is None:
             return None
         _POOL_BYTES.labels("capacity").set(state["pool_bytes"])
@@ -166,13 +166,3 @@ class CheckpointWatcher:
         for kind in ("loaded", "recomputed"):
             _RESUME_TOKENS.labels(kind).set(state[f"{kind}_tokens"])
         return state
-
-
-def _read_state(path: str) -> dict | None:
-    """A JSON state file the engine writes; None while there is none yet (or the engine is
-    replacing it: the next poll reads it)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
