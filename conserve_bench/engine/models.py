@@ -47,7 +47,8 @@ def resolve_model(model: str) -> ModelRef:
     if _is_directory_path(model):
         if not (Path(model).expanduser() / "config.json").is_file():
             raise ModelNotFoundError(f"model directory {model!r} has no readable config.json")
-        return ModelRef(model_name(model), model_name(model))
+        name = model_name(model)
+        return ModelRef(name, name)
     if model.count("/") == 1:  # a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct
         return ModelRef(model, model)
     raise ModelNotFoundError(
