@@ -443,6 +443,7 @@ def _run_config(max_inflight: int, checkpoint_tokens: int, checkpoint_s: float) 
 def _run(store: Store, job_id: str, output: str, run_cfg: RunConfig, as_json: bool,
          verbose: bool, kv_checkpoint_gib: float) -> None:
     job = lifecycle.runnable_job(store, job_id)
+    lifecycle.check_runs_on(job)  # what needs no engine, before one starts
     model = resolve_model(job.spec.model)
     if not verbose:
         out.capture(Path(output) / f"{job_id}.log")

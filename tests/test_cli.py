@@ -52,6 +52,20 @@ def test_bad_input_is_one_line_and_keeps_progress(db, data_dir, args, words):
     assert len(store.list_jobs()) == 1
 
 
+def test_resume_of_an_lm_eval_runs_job_says_why_before_any_engine_starts(tmp_path):
+    """Its requests are added by the lm-eval process as it goes: only a rerun there can finish
+    it. Refused before vLLM starts (no engine could run it), its finished items kept."""
+    store = Store(f"sqlite:///{tmp_path / 'cli.db'}")
+    job = store.create_job(JobSpec(tasks=("lm-eval",), source="session", fingerprint="m|float32|8192"),
+                           work=[WorkItem(f"k{i}", "loglikelihood", {"i": i}) for i in range(2)])
+    store.claim_items(job.id, "x", 1)
+    store.complete_items("x", {"k0": [-1.0, True]})
+    refused = cli("resume", job.id, "--db", store.url, "--output", str(tmp_path / "results"))
+    assert_one_line_error(refused, job.id, "lm-eval run", "rerun it there")
+    assert not (tmp_path / "results").exists()  # refused before the run's log, and its engine
+    assert store.item_states(job.id) == {"done": 1, "pending": 1} and store.get_job_state(job.id) == "queued"
+
+
 @pytest.mark.parametrize("args, words", [
     (["submit", "mmlu_anatomy", "--limit", "0"], ["--limit"]),
     (["status"], ["job_id"]),

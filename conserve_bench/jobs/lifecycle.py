@@ -89,7 +89,7 @@ def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
     ForeignJobError.
     """
     job = runnable_job(store, job_id)
-    check_runs_on(job, engine, model)
+    check_runs_on(job, engine.fingerprint, model)
     manager = None
     if job.spec.source == "tasks":
         manager = task_manager(job.spec.data_dir)
@@ -135,20 +135,21 @@ def _run_as(store: Store, job: Job, engine, run_cfg: RunConfig, output_dir, on_p
     return results
 
 
-def check_runs_on(job: Job, engine, model: str | None = None) -> None:
-    """Raise ForeignJobError unless `engine` (serving `model`, when given) may compute the
-    job's items: a session's run only in its own process, requests only on the engine their
-    keys were built for (another model's results under those keys would be reused as theirs),
-    and tasks only on their model (its name is on the results)."""
+def check_runs_on(job: Job, fingerprint: str | None = None, model: str | None = None) -> None:
+    """Raise ForeignJobError unless an engine of `fingerprint`, serving `model` (each checked
+    when given), may compute the job's items: a session's run only in its own process,
+    requests only on the engine their keys were built for (another model's results under
+    those keys would be reused as theirs), and tasks only on their model (its name is on the
+    results)."""
     spec = job.spec
-    if model is not None and spec.source == "tasks" and model_name(spec.model) != model:
-        raise ForeignJobError(f"job {job.id} evaluates {spec.model}, not this engine's {model}")
     if spec.source == "session":
         raise ForeignJobError(f"job {job.id} is an lm-eval run's (--model conserve) and runs in "
                               "that process; rerun it there: its finished requests are reused")
-    if spec.fingerprint is not None and spec.fingerprint != engine.fingerprint:
+    if model is not None and spec.source == "tasks" and model_name(spec.model) != model:
+        raise ForeignJobError(f"job {job.id} evaluates {spec.model}, not this engine's {model}")
+    if None not in (fingerprint, spec.fingerprint) and spec.fingerprint != fingerprint:
         raise ForeignJobError(f"job {job.id} holds requests for {spec.fingerprint}, "
-                              f"not this engine's {engine.fingerprint}")
+                              f"not this engine's {fingerprint}")
 
 
 def runnable_job(store: Store, job_id: str) -> Job:
