@@ -125,3 +125,17 @@ def test_job_accuracy_matches_hf_and_reuses_items(store, engine, data_dir, hf_lm
     rerun = run_job(store, again.id, engine, output_dir=None)
     assert rerun["conserve"]["num_items_computed"] == 0
     assert task_metrics(rerun) == ours
+
+
+
+def test_on_the_cpu_build_the_engine_core_runs_in_this_process(engine):
+    """No engine-core or worker process of its own: each would import vLLM again at start-up
+    (`engine.local.engine_core_placement`)."""
+    import psutil
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("vLLM's own process layout stays on accelerators")
+    assert engine._in_process
+    children = [p.name() for p in psutil.Process().children()]
+    assert not [name for name in children if name.startswith("VLLM::")], children

@@ -84,3 +84,24 @@ def test_a_live_refit_is_kept_under_its_profiles_key_until_the_next_profile(stor
     assert refit_for(store, replace(KEY, device="other")) is None
     stored(store)  # profiling again: the old refit was fitted around the old profile
     assert refit_for(store, KEY) is None
+
+
+@pytest.mark.parametrize("num_cpus, env, reserved, device", [
+    (2, None, 0, "(2 CPUs, 0 reserved)"),      # a small host gives the model every CPU
+    (32, None, None, "(32 CPUs)"),             # a large one keeps vLLM's default
+    (2, "1", 1, "(2 CPUs, 1 reserved)"),       # the user's setting wins
+])
+def test_cpus_held_back_from_the_model_come_from_the_host_and_key_its_profiles(
+        monkeypatch, num_cpus, env, reserved, device):
+    import torch
+
+    from conserve_bench.engine.local import RESERVED_CPU_ENV, reserved_cpus
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(num_cpus)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if env is None:
+        monkeypatch.delenv(RESERVED_CPU_ENV, raising=False)
+    else:
+        monkeypatch.setenv(RESERVED_CPU_ENV, env)
+    assert reserved_cpus() == reserved
+    assert current_key("smollm2-135m", "float32").device.endswith(device)

@@ -98,3 +98,23 @@ def test_vllm_streaming_names():
     assert inspect.isasyncgenfunction(AsyncLLM.generate)
     source = inspect.getsource(AsyncLLM.generate)
     assert "GeneratorExit" in source and "abort" in source
+
+
+def test_vllm_cpu_process_layout_names():
+    """The CPU build's process layout knobs (`engine.local`): an engine core in the calling
+    process when multiprocessing is off, no CPU held back from the model when told none, and
+    the environment cache and GC freeze an in-process engine core leaves behind."""
+    import vllm.envs as envs
+    from vllm.platforms import cpu
+    from vllm.utils import ompmultiprocessing
+    from vllm.v1.engine import core
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_NUM_OF_RESERVED_CPU"):
+        assert name in envs.environment_variables, f"{name} moved"
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" in inspect.getsource(LLMEngine.from_engine_args)
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" in inspect.getsource(cpu.CpuPlatform.check_and_update_config)
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" in inspect.getsource(ompmultiprocessing)
+    assert callable(envs.disable_envs_cache)
+    source = inspect.getsource(core.EngineCore.__init__)
+    assert "enable_envs_cache()" in source and "freeze_gc_heap()" in source

@@ -20,10 +20,12 @@ or `vllm.exceptions.VLLMClientError`), `RequestOutput` (`finished`, `request_id`
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from conserve_bench.config import EngineConfig
@@ -38,6 +40,22 @@ SHUTDOWN_TIMEOUT_S = 1.0
 # start-up on the CPU build (30 s vs 63 s on 2 cores), a slower evaluation. For short runs (the
 # test suite); an engine config that says either way wins.
 EAGER_ENV = "CONSERVE_BENCH_ENFORCE_EAGER"
+# NOTE: vLLM's CPU build keeps one CPU per worker out of the model's OpenMP threads for its
+# scheduler process (`VLLM_CPU_NUM_OF_RESERVED_CPU`, 1 on x86), which mostly waits for the
+# worker. On a small host that is a large share of the machine: on 2 cores, with none
+# reserved, prefill ran 1.5x and decode 1.3x faster (README, "Measured"). Hosts of up to
+# SMALL_HOST_CPUS CPUs reserve none; larger ones keep vLLM's default; the variable, when set, wins.
+RESERVED_CPU_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
+SMALL_HOST_CPUS = 4
+MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+def reserved_cpus() -> int | None:
+    """The CPUs vLLM's CPU build keeps from the model on this host, or None for vLLM's default."""
+    if RESERVED_CPU_ENV in os.environ:
+        return int(os.environ[RESERVED_CPU_ENV])
+    return 0 if len(os.sched_getaffinity(0)) <= SMALL_HOST_CPUS else None
+
 
 def engine_environment(cfg: EngineConfig) -> None:
     """Environment vLLM's CPU build reads at start-up; set before vLLM is imported."""
@@ -48,6 +66,9 @@ def engine_environment(cfg: EngineConfig) -> None:
     # has no attribute 'finalize_loading'") and recompiles at every start (~80 s on 2 cores);
     # the regular torch.compile cache loads fine (~45 s).
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+    reserved = reserved_cpus()
+    if reserved is not None:
+        os.environ.setdefault(RESERVED_CPU_ENV, str(reserved))
     if cfg.kv_transfer_config:
         # NOTE: our worker subclass catches abandoned steps in vLLM's V1 model runner; CUDA
         # vLLM would otherwise pick its V2 runner (the connector refuses to start under it).
@@ -102,6 +123,33 @@ def context_length(model_config) -> int:
     return effective
 
 
+@contextlib.contextmanager
+def engine_core_placement(cfg: EngineConfig) -> Iterator[bool]:
+    """Start vLLM's engine core in this process on the CPU build (yields whether it does).
+
+    NOTE: by default vLLM starts two processes (engine core, worker), each importing vLLM and
+    torch again: 22 s of a 2-core host's start-up, for an overlap of scheduling and compute
+    the CPU build does not do (it turns async scheduling off). On CUDA that overlap matters:
+    vLLM's default stays. Engines with our worker subclass or KV connector keep it too: both
+    are built and tested for vLLM's multiprocess layout. The variable is read only while the
+    engine is built; vLLM then caches its environment for good, which this undoes so that
+    later engines of this process read their own.
+    """
+    from vllm import envs
+    from vllm.platforms import current_platform
+
+    in_process = (current_platform.is_cpu() and not cfg.worker_cls
+                  and not cfg.kv_transfer_config and MULTIPROCESSING_ENV not in os.environ)
+    if in_process:
+        os.environ[MULTIPROCESSING_ENV] = "0"
+    try:
+        yield in_process
+    finally:
+        if in_process:
+            del os.environ[MULTIPROCESSING_ENV]
+            envs.disable_envs_cache()
+
+
 class Engine:
     """One vLLM engine serving offline work items."""
 
@@ -110,7 +158,8 @@ class Engine:
         from vllm import LLM
 
         self.cfg = cfg
-        self.llm = LLM(**engine_args(cfg))
+        with engine_core_placement(cfg) as self._in_process:
+            self.llm = LLM(**engine_args(cfg))
         self._engine = self.llm.llm_engine
         self.max_model_len = context_length(self._engine.model_config)
         self._book = PromptBook(self._engine.get_tokenizer(), self.max_model_len, "item")
@@ -172,7 +221,19 @@ class Engine:
         """Stop vLLM's engine-core processes (otherwise the interpreter waits on them at exit)."""
         # NOTE: vLLM gives its processes 5 s to exit on SIGTERM, and its CPU worker takes all
         # of them; nothing of ours lives there (results are committed), so 1 s is enough.
-        self._engine.engine_core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        engine.engine_core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
+        if self._in_process:
+            # NOTE: an engine core started here froze the GC heap (vLLM's `freeze_gc_heap`, for
+            # a server that lives as long as its process): thawed, its model and KV cache go.
+            self.llm = engine = None
+            gc.unfreeze()
+            import torch
+
+            torch.compiler.reset()  # torch.compile's caches hold the model's weights
+            gc.collect()
 
     def __enter__(self) -> "Engine":
         return self

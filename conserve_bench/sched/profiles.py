@@ -67,12 +67,17 @@ def current_key(model_name: str, dtype: str, parallel_size: int = 1) -> ProfileK
 
 
 def device_name() -> str:
-    """The accelerator's name, or the CPU's brand and how many CPUs this process may use."""
+    """The accelerator's name, or the CPU's brand, how many CPUs this process may use and, when
+    not vLLM's default, how many of them vLLM keeps from the model."""
     import torch
+
+    from conserve_bench.engine.local import reserved_cpus
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{_cpu_brand()} ({len(os.sched_getaffinity(0))} CPUs)"
+    reserved = reserved_cpus()
+    kept = "" if reserved is None else f", {reserved} reserved"
+    return f"{_cpu_brand()} ({len(os.sched_getaffinity(0))} CPUs{kept})"
 
 
 def _cpu_brand() -> str:
