@@ -1,4 +1,4 @@
-"""A real kill: SIGKILL `submit` (the CLI and vLLM's engine processes) while its job's long
+"""A real kill: SIGKILL `submit` (the CLI and the vLLM engine in it) while its job's long
 generations are half done, then `resume`; compare with an uninterrupted run.
 
 The questions committed before the kill are never computed again, each generation continues
@@ -53,7 +53,7 @@ def test_sigkill_then_resume_loses_nothing_and_continues_every_generation(
 
         job_id = wait_for(half_generated, "half the tokens checkpointed").id
     finally:
-        os.killpg(submit.pid, signal.SIGKILL)  # the CLI and vLLM's engine processes
+        os.killpg(submit.pid, signal.SIGKILL)  # the CLI, with vLLM in it
         submit.wait()
     killed = store.get_job(job_id)
     assert killed.state == "running" and killed.num_partial_items == 4
@@ -82,5 +82,14 @@ def test_sigkill_then_resume_loses_nothing_and_continues_every_generation(
     assert reference["conserve"]["num_generated_tokens"] == GENERATED_TOKENS
     assert resumed["results"] == task_metrics(reference)
     assert task_metrics(written) == task_metrics(reference)
-    assert ([i["result"] for i in store.job_items(job_id)]
-            == [i["result"] for i in clean_store.job_items(clean.id)])  # texts too
+    for ours, theirs in zip(store.job_items(job_id), clean_store.job_items(clean.id), strict=True):
+        assert same_result(ours["result"], theirs["result"]), (ours, theirs)  # texts too
+
+
+def same_result(ours, theirs) -> bool:
+    """The same text, or the same loglikelihood and `is_greedy`. NOTE: two engines batch the
+    same prompt with different neighbours, and a CPU GEMM on 2 threads splits its work by the
+    batch's shape: the same loglikelihood differs in its sixth digit."""
+    if isinstance(ours, list):
+        return abs(ours[0] - theirs[0]) < 1e-4 and ours[1] == theirs[1]
+    return ours == theirs

@@ -108,11 +108,13 @@ def test_vllm_cpu_process_layout_names():
     from vllm.platforms import cpu
     from vllm.utils import ompmultiprocessing
     from vllm.v1.engine import core
+    from vllm.v1.engine import core_client
     from vllm.v1.engine.llm_engine import LLMEngine
 
     for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_NUM_OF_RESERVED_CPU"):
         assert name in envs.environment_variables, f"{name} moved"
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" in inspect.getsource(LLMEngine.from_engine_args)
+    assert "InprocClient" in inspect.getsource(core_client.EngineCoreClient.make_client)
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" in inspect.getsource(cpu.CpuPlatform.check_and_update_config)
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" in inspect.getsource(ompmultiprocessing)
     assert callable(envs.disable_envs_cache)

@@ -133,13 +133,16 @@ def engine_core_placement(cfg: EngineConfig) -> Iterator[bool]:
     vLLM's default stays. Engines with our worker subclass or KV connector keep it too: both
     are built and tested for vLLM's multiprocess layout. The variable is read only while the
     engine is built; vLLM then caches its environment for good, which this undoes so that
-    later engines of this process read their own.
+    later engines of this process read their own. `cfg.engine_core_in_process` decides when
+    set (the profiler measures the layout `serve` runs).
     """
     from vllm import envs
     from vllm.platforms import current_platform
 
-    in_process = (current_platform.is_cpu() and not cfg.worker_cls
-                  and not cfg.kv_transfer_config and MULTIPROCESSING_ENV not in os.environ)
+    in_process = cfg.engine_core_in_process
+    if in_process is None:
+        in_process = (current_platform.is_cpu() and not cfg.worker_cls
+                      and not cfg.kv_transfer_config and MULTIPROCESSING_ENV not in os.environ)
     if in_process:
         os.environ[MULTIPROCESSING_ENV] = "0"
     try:
