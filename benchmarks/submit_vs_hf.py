@@ -65,7 +65,7 @@ def host_profile() -> dict:
         from conserve_bench.sched.profiler import show_profile
         from conserve_bench.store import Store
 
-        profile = show_profile(Store(db), "smollm2-135m")
+        profile, _ = show_profile(Store(db), "smollm2-135m")
     coefficients = dict(zip(profile.model.to_dict()["features"], profile.model.coefficients))
     return {"device": profile.key.device, **{f"{k}_ms": round(v * 1e3, 3) for k, v in coefficients.items()}}
 
