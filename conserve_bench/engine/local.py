@@ -37,13 +37,14 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT_S = 1.0
 # NOTE: `CONSERVE_BENCH_ENFORCE_EAGER=1` starts vLLM without torch.compile: about half the
-# start-up on the CPU build (30 s vs 63 s on 2 cores), a slower evaluation. For short runs (the
-# test suite); an engine config that says either way wins.
+# start-up on the CPU build (16 s vs 32 s in process on 2 cores), a slower evaluation (73 vs
+# 54 s for `make demo`'s). For short runs (the test suite); an engine config that says either
+# way wins.
 EAGER_ENV = "CONSERVE_BENCH_ENFORCE_EAGER"
 # NOTE: vLLM's CPU build keeps one CPU per worker out of the model's OpenMP threads for its
 # scheduler process (`VLLM_CPU_NUM_OF_RESERVED_CPU`, 1 on x86), which mostly waits for the
 # worker. On a small host that is a large share of the machine: on 2 cores, with none
-# reserved, prefill ran 1.5x and decode 1.3x faster (README, "Measured"). Hosts of up to
+# reserved, prefill ran 1.9x and decode 1.6x faster (README, "Measured"). Hosts of up to
 # SMALL_HOST_CPUS CPUs reserve none; larger ones keep vLLM's default; the variable, when set, wins.
 RESERVED_CPU_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 SMALL_HOST_CPUS = 4
@@ -143,13 +144,17 @@ def engine_core_placement(cfg: EngineConfig) -> Iterator[bool]:
     if in_process is None:
         in_process = (current_platform.is_cpu() and not cfg.worker_cls
                       and not cfg.kv_transfer_config and MULTIPROCESSING_ENV not in os.environ)
+    previous = os.environ.get(MULTIPROCESSING_ENV)
     if in_process:
         os.environ[MULTIPROCESSING_ENV] = "0"
     try:
         yield in_process
     finally:
         if in_process:
-            del os.environ[MULTIPROCESSING_ENV]
+            if previous is None:
+                del os.environ[MULTIPROCESSING_ENV]
+            else:
+                os.environ[MULTIPROCESSING_ENV] = previous
             envs.disable_envs_cache()
 
 
