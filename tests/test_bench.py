@@ -263,7 +263,10 @@ def test_short_bench_run_writes_a_complete_consistent_report(tmp_path, data_dir)
     cfg = BenchConfig(policies=("priority",), trace=str(TRACE), rate=1.0, load=None,
                       duration_s=4.0, token_scale=0.02, max_context_tokens=32, max_generated_tokens=6,
                       drain_timeout_s=60.0, offline_tasks=("mmlu_anatomy",), offline_limit=20,
-                      data_dir=data_dir, output_dir=str(tmp_path), serve_args=("--no-profile",))
+                      data_dir=data_dir, output_dir=str(tmp_path),
+                      # NOTE: 32 items in flight make one 4,096-token prefill step, about a 4 s
+                      # window's length on 2 cores; 8 finish some inside it
+                      serve_args=("--no-profile", "--max-offline-inflight", "8"))
     events = []
     out, report = run_bench(cfg, lambda d, c, t: events.append(d))
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
