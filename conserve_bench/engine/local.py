@@ -226,7 +226,8 @@ class Engine:
         return self._engine.has_unfinished_requests()
 
     def close(self) -> None:
-        """Stop vLLM's engine-core processes (otherwise the interpreter waits on them at exit)."""
+        """Stop vLLM's engine core: its processes (the interpreter would wait on them at exit),
+        or, run in this process, let its model and KV cache go."""
         # NOTE: vLLM gives its processes 5 s to exit on SIGTERM, and its CPU worker takes all
         # of them; nothing of ours lives there (results are committed), so 1 s is enough.
         engine, self._engine = self._engine, None
