@@ -9,9 +9,10 @@ from hypothesis import strategies as st
 
 from conserve_bench.sched.latency import ChunkShape, LatencyModel, Sample, StepShape, fit
 from conserve_bench.sched.profiler import (BLOCKER_TOKENS, FULL, QUICK, DecodeProbe,
-                                           PrefillProbe, Sweep, _check_fits, decode_groups,
-                                           profile_engine, run_sweep, split_distinct_shapes,
-                                           summary_rows, sweep_for)
+                                           PrefillProbe, Sweep, SweepResult, _check_fits,
+                                           decode_groups, measured_samples, profile_engine,
+                                           run_sweep, split_distinct_shapes, summary_rows,
+                                           sweep_for)
 from conserve_bench.sched.profiles import current_key, profile_for, save_profile
 
 from .conftest import cli
@@ -60,6 +61,18 @@ def test_holdout_never_shares_a_shape_with_training(pairs):
     train, holdout = split_distinct_shapes(samples, 0.25, seed=0)
     assert sorted(train + holdout, key=lambda s: s.step_s) == samples
     assert not {s.shape for s in train} & {s.shape for s in holdout}
+
+
+def test_a_decode_probes_lone_blocker_step_is_not_measured():
+    blocker = StepShape((ChunkShape(BLOCKER_TOKENS, 0),))
+    with_prompts = StepShape((ChunkShape(BLOCKER_TOKENS, 0), ChunkShape(32, 0)))
+    decode = StepShape(decode_context_lens=(33, 33))
+    probes = (PrefillProbe((BLOCKER_TOKENS,)), DecodeProbe(32, 2))
+    result = SweepResult(((Sample(blocker, 0.40),),
+                          (Sample(blocker, 0.44), Sample(with_prompts, 0.5), Sample(decode, 0.05))), 1.0)
+    # the prefill probe's own step of that shape stays, and so does a blocker sharing its step
+    assert measured_samples(probes, result) == [Sample(blocker, 0.40), Sample(with_prompts, 0.5),
+                                                Sample(decode, 0.05)]
 
 
 # -- on the session engine --------------------------------------------------------------------
