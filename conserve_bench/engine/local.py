@@ -236,12 +236,14 @@ class Engine:
         engine.engine_core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
         if self._in_process:
             # NOTE: an engine core started here froze the GC heap (vLLM's `freeze_gc_heap`, for
-            # a server that lives as long as its process): thawed, its model and KV cache go.
+            # a server that lives as long as its process): thawed, its model and KV cache go,
+            # and torch.compile's caches of its graphs. Checked: no model object survives; the
+            # allocator keeps about 0.7 GiB of the process's memory per engine closed.
             self.llm = engine = None
             gc.unfreeze()
             import torch
 
-            torch.compiler.reset()  # torch.compile's caches hold the model's weights
+            torch.compiler.reset()
             gc.collect()
 
     def __enter__(self) -> "Engine":
