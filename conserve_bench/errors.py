@@ -57,6 +57,10 @@ class InvalidRequestError(ConserveError):
     pass
 
 
+class SettingError(ConserveError):
+    """An environment variable conserve-bench reads holds a value it cannot use."""
+
+
 class ModelArgsError(ConserveError, TypeError):
     """An lm-eval `--model_args` key the `conserve` backend does not know (e.g. a typo)."""
 

@@ -127,7 +127,6 @@ def test_job_accuracy_matches_hf_and_reuses_items(store, engine, data_dir, hf_lm
     assert task_metrics(rerun) == ours
 
 
-
 def test_on_the_cpu_build_the_engine_core_runs_in_this_process(engine):
     """No engine-core or worker process of its own: each would import vLLM again at start-up
     (`engine.local.engine_core_placement`)."""

@@ -13,6 +13,8 @@ from conserve_bench.sched.profiles import (Profile, ProfileKey, current_key, pro
                                            refit_for, require_profile, save_profile, save_refit)
 from conserve_bench.sched.refit import RefitStatus
 
+from .conftest import cli
+
 KEY = ProfileKey("smollm2-135m", "float32", "AMD EPYC (2 CPUs)", "0.32.0", 1)
 MODEL = LatencyModel((0.04, 2e-3, 2.4e-3, 4e-6, 1e-6, 8e-4),
                      FitError(0.05, 0.1, 0.2, num_samples=80))
@@ -93,15 +95,29 @@ def test_a_live_refit_is_kept_under_its_profiles_key_until_the_next_profile(stor
 ])
 def test_cpus_held_back_from_the_model_come_from_the_host_and_key_its_profiles(
         monkeypatch, num_cpus, env, reserved, device):
+    import os
+
     import torch
 
-    from conserve_bench.engine.local import RESERVED_CPU_ENV, reserved_cpus
+    from conserve_bench.config import EngineConfig
+    from conserve_bench.engine.local import RESERVED_CPU_ENV, engine_environment, reserved_cpus
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(num_cpus)))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # engine_environment sets defaults
     if env is None:
-        monkeypatch.delenv(RESERVED_CPU_ENV, raising=False)
+        os.environ.pop(RESERVED_CPU_ENV, None)
     else:
-        monkeypatch.setenv(RESERVED_CPU_ENV, env)
+        os.environ[RESERVED_CPU_ENV] = env
     assert reserved_cpus() == reserved
     assert current_key("smollm2-135m", "float32").device.endswith(device)
+    engine_environment(EngineConfig(model_path="m", model_name="m"))  # what vLLM will read
+    assert os.environ.get(RESERVED_CPU_ENV) == (None if reserved is None else str(reserved))
+
+
+def test_a_malformed_reserved_cpu_setting_is_one_line(tmp_path):
+    out = cli("profile", "--show", "--db", f"sqlite:///{tmp_path / 'store.db'}",
+              env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "two"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "error: VLLM_CPU_NUM_OF_RESERVED_CPU must be a whole number of CPUs, got 'two'"]

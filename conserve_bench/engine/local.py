@@ -32,6 +32,7 @@ from conserve_bench.config import EngineConfig
 from conserve_bench.engine.contract import Partials, PromptBook
 from conserve_bench.engine.plugin import OFFLINE_PRIORITY, step_log_path
 from conserve_bench.engine.prompts import Prompt
+from conserve_bench.errors import SettingError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,10 @@ MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 def reserved_cpus() -> int | None:
     """The CPUs vLLM's CPU build keeps from the model on this host, or None for vLLM's default."""
     if RESERVED_CPU_ENV in os.environ:
-        return int(os.environ[RESERVED_CPU_ENV])
+        value = os.environ[RESERVED_CPU_ENV]
+        if not value.strip().isdigit():
+            raise SettingError(f"{RESERVED_CPU_ENV} must be a whole number of CPUs, got {value!r}")
+        return int(value)
     return 0 if len(os.sched_getaffinity(0)) <= SMALL_HOST_CPUS else None
 
 
