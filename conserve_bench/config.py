@@ -92,6 +92,7 @@ class EngineConfig:
     async_scheduling: bool | None = None  # None: vLLM decides
     num_gpu_blocks: int | None = None  # None: as many KV blocks as kv_cache_gib holds
     enable_prefix_caching: bool | None = None  # None: vLLM's default (on)
+    scheduling_policy: str | None = None  # None: vLLM's default ("fcfs"); the ConServe policy needs "priority"
     # None: in this process on the CPU build, unless a worker subclass or KV connector is
     # loaded (see engine.local.engine_core_placement); False: vLLM's own processes, as `serve`
     engine_core_in_process: bool | None = None

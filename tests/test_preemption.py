@@ -375,6 +375,10 @@ def test_serve_starts_vllm_with_the_connector_worker_and_no_async_scheduling(tmp
                      "checkpoint_gib": 1.5, "checkpoint_state_path": "s.json",
                      "test_pool_blocks_path": None}
     assert args.kv_transfer_config.kv_connector_module_path == "conserve_bench.engine.connector"
+    assert args.scheduling_policy == "priority"  # ConserveScheduler refuses to run without it
+    online_only = ServeConfig(policy="online-only")
+    assert make_arg_parser(FlexibleArgumentParser()).parse_args(
+        ["--model", *vllm_cli_args(online_only, engine_cfg)]).scheduling_policy == "fcfs"
 
 
 # -- the step log ---------------------------------------------------------------------------------

@@ -98,7 +98,8 @@ def engine_args(cfg: EngineConfig) -> dict[str, Any]:
         args["scheduler_cls"] = cfg.scheduler_cls
     if cfg.additional_config:
         args["additional_config"] = dict(cfg.additional_config)
-    for name in ("worker_cls", "kv_transfer_config", "async_scheduling", "enable_prefix_caching"):
+    for name in ("worker_cls", "kv_transfer_config", "async_scheduling", "enable_prefix_caching",
+                 "scheduling_policy"):
         if getattr(cfg, name) is not None:
             args[name] = getattr(cfg, name)
     if cfg.num_gpu_blocks is not None:

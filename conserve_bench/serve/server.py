@@ -167,6 +167,8 @@ def _seconds(ms: float | None) -> float | None:
 
 def vllm_cli_args(cfg: ServeConfig, engine_cfg: EngineConfig) -> list[str]:
     """The `vllm serve` flags that give the same engine as `submit`, plus the server's own."""
+    if cfg.policy != "online-only":
+        engine_cfg = replace(engine_cfg, scheduling_policy="priority")
     flags = []
     for name, value in engine_args(engine_cfg).items():
         if name == "model":
@@ -178,8 +180,6 @@ def vllm_cli_args(cfg: ServeConfig, engine_cfg: EngineConfig) -> list[str]:
         flags += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
     flags += ["--host", cfg.host, "--port", str(cfg.port),
               "--served-model-name", cfg.model, "--disable-uvicorn-access-log"]
-    if cfg.policy != "online-only":
-        flags += ["--scheduling-policy", "priority"]
     if cfg.api_key:
         flags += ["--api-key", cfg.api_key]
     return [engine_cfg.model_path, *flags]
