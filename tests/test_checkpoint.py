@@ -1,8 +1,11 @@
 """Incremental KV checkpointing without an engine: `sched.checkpoint.CheckpointBook` driven by
 random steps, preemptions, resumes, finishes and pool limits against a model of the device's
-and the host's contents; and the CPU copies of `engine.kvpool.HostPool` on real tensors."""
+and the host's contents; the CPU copies of `engine.kvpool.HostPool` on real tensors; and how
+benchmarks/kv_churn.py compares its two arms."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -175,3 +178,29 @@ def test_host_pool_copies_block_rows_both_ways_on_the_cpu():
     pool.load([2, 0], [5, 3])
     assert torch.equal(kv[5], original[1]) and torch.equal(kv[3], original[4])
     assert not kv[[0, 1, 2, 4]].any()
+
+
+def test_the_churn_benchmark_compares_the_arms_round_by_round(monkeypatch):
+    """benchmarks/kv_churn.py: offline speed-up is the median of per-round ratios (rounds are
+    paired: same prompts, same arrivals), latency ratios are P99 over every round, and the
+    resumes add up."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    churn = importlib.import_module("kv_churn")
+    arms = {"on": {"offline_tokens_per_s": [60.0, 30.0], "num_bursts": [4, 5],
+                   "ttft_s": [1.0] * 99 + [2.0], "tbt_s": [0.05] * 100,
+                   "resumes": [[512, 512, 0, 0], [300, 256, 0, 44]]},
+            "off": {"offline_tokens_per_s": [40.0, 10.0], "num_bursts": [6, 7],
+                    "ttft_s": [1.0] * 99 + [4.0], "tbt_s": [0.05] * 99 + [0.5],
+                    "resumes": [[512, 0, 128, 384]]}}
+    result = churn.summarize(arms)
+    assert result["ratios"]["per_round"] == [1.5, 3.0]
+    assert result["ratios"]["offline_tokens_per_s"] == 2.25
+    assert result["ratios"]["ttft_ms_p99"] < 1 and result["ratios"]["tbt_ms_p99"] < 1
+    assert result["met"]
+    on = result["arms"]["on"]
+    assert (on["num_resumes"], on["loaded_tokens"], on["recomputed_tokens"]) == (2, 768, 44)
+    assert on["num_bursts"] == 9 and on["num_online"] == 100
+    arms["on"]["offline_tokens_per_s"] = [44.0, 12.0]  # 1.1x, 1.2x: below the 1.25x target
+    assert not churn.summarize(arms)["met"]
