@@ -7,6 +7,8 @@ through the `mmlu_local_*` task YAML.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from conserve_bench.config import JobSpec, RunConfig
@@ -133,6 +135,11 @@ def test_on_the_cpu_build_the_engine_core_runs_in_this_process(engine):
     from vllm.platforms import current_platform
     from vllm.v1.engine.core_client import InprocClient
 
+    from conserve_bench.engine.local import engine_core_placement
+
     if not current_platform.is_cpu():
         pytest.skip("vLLM's own process layout stays on accelerators")
     assert engine._in_process and isinstance(engine._engine.engine_core, InprocClient)
+    # one at a time: a second engine core here would break this one's distributed state
+    with engine_core_placement(engine.cfg) as second_in_process:
+        assert not second_in_process and "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ

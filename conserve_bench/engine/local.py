@@ -50,6 +50,10 @@ EAGER_ENV = "CONSERVE_BENCH_ENFORCE_EAGER"
 RESERVED_CPU_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 SMALL_HOST_CPUS = 4
 MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+# NOTE: vLLM keeps an engine's distributed state (its model-parallel groups) per process: with
+# two engine cores in one process, closing either breaks the other ("pipeline model parallel
+# group is not initialized"). While one runs here, another engine gets vLLM's own processes.
+_engines_in_process = 0
 
 
 def reserved_cpus() -> int | None:
@@ -137,18 +141,19 @@ def engine_core_placement(cfg: EngineConfig) -> Iterator[bool]:
     torch again: 22 s of a 2-core host's start-up, for an overlap of scheduling and compute
     the CPU build does not do (it turns async scheduling off). On CUDA that overlap matters:
     vLLM's default stays. Engines with our worker subclass or KV connector keep it too: both
-    are built and tested for vLLM's multiprocess layout. The variable is read only while the
-    engine is built; vLLM then caches its environment for good, which this undoes so that
-    later engines of this process read their own. `cfg.engine_core_in_process` decides when
-    set (the profiler measures the layout `serve` runs).
+    are built and tested for vLLM's multiprocess layout. One engine core at a time runs in this
+    process (`_engines_in_process`). The variable is read only while the engine is built; vLLM
+    then caches its environment for good, which this undoes so that later engines of this
+    process read their own. `cfg.engine_core_in_process` decides when set (the profiler
+    measures the layout `serve` runs).
     """
     from vllm import envs
     from vllm.platforms import current_platform
 
     in_process = cfg.engine_core_in_process
     if in_process is None:
-        in_process = (current_platform.is_cpu() and not cfg.worker_cls
-                      and not cfg.kv_transfer_config and MULTIPROCESSING_ENV not in os.environ)
+        in_process = (current_platform.is_cpu() and not cfg.worker_cls and not cfg.kv_transfer_config
+                      and MULTIPROCESSING_ENV not in os.environ and _engines_in_process == 0)
     previous = os.environ.get(MULTIPROCESSING_ENV)
     if in_process:
         os.environ[MULTIPROCESSING_ENV] = "0"
@@ -171,8 +176,10 @@ class Engine:
         from vllm import LLM
 
         self.cfg = cfg
+        global _engines_in_process
         with engine_core_placement(cfg) as self._in_process:
             self.llm = LLM(**engine_args(cfg))
+        _engines_in_process += self._in_process
         self._engine = self.llm.llm_engine
         self.max_model_len = context_length(self._engine.model_config)
         self._book = PromptBook(self._engine.get_tokenizer(), self.max_model_len, "item")
@@ -240,6 +247,8 @@ class Engine:
             return
         engine.engine_core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
         if self._in_process:
+            global _engines_in_process
+            _engines_in_process -= 1
             # NOTE: an engine core started here froze the GC heap (vLLM's `freeze_gc_heap`, for
             # a server that lives as long as its process): thawed, its model and KV cache go,
             # and torch.compile's caches of its graphs. Checked: no model object survives; the
