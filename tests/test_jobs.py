@@ -44,6 +44,22 @@ def test_a_job_runs_queued_then_running_then_done(store, tmp_path):
         run_job(store, job.id, FakeEngine(), output_dir=None)
 
 
+def test_a_job_seen_done_always_has_its_results(store, monkeypatch):
+    """Another replica's job API may read the job between any two writes of this one."""
+    from conserve_bench.store import Store
+
+    job = requests_job(store)
+    seen = []
+    for name in ("set_job_state", "save_results", "leave_job", "add_run_time"):
+        def write(self, *args, _write=getattr(Store, name), **kwargs):
+            _write(self, *args, **kwargs)
+            seen.append((self.get_job(job.id).state, self.get_results(job.id) is not None))
+        monkeypatch.setattr(Store, name, write)
+    run_job(store, job.id, FakeEngine(), output_dir=None)
+    assert ("done", True) in seen
+    assert all(has_results for state, has_results in seen if state == "done"), seen
+
+
 def test_the_same_requests_again_are_done_at_once(store):
     run_job(store, requests_job(store).id, FakeEngine(), output_dir=None)
     again = requests_job(store)

@@ -14,6 +14,7 @@ the store's fleet (`jobs.worker`): several processes may run one job together.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import platform
@@ -126,8 +127,10 @@ def _run_as(store: Store, job: Job, engine, run_cfg: RunConfig, output_dir, on_p
         raise
     wall_s = time.perf_counter() - t0
     store.add_run_time(job.id, wall_s)
-    store.set_job_state(job.id, JobState.DONE)
-    results = _with_metadata(output, store, store.get_job(job.id), engine, runner, wall_s)
+    # NOTE: the state and the results in one write (`save_results`): a job seen done (by
+    # another replica's job API too) always has its results
+    done = dataclasses.replace(store.get_job(job.id), state=JobState.DONE)
+    results = _with_metadata(output, store, done, engine, runner, wall_s)
     store.save_results(job.id, results)
     store.leave_job(job.id, worker.id)
     if output_dir is not None:
