@@ -94,7 +94,8 @@ class EngineConfig:
     enable_prefix_caching: bool | None = None  # None: vLLM's default (on)
     scheduling_policy: str | None = None  # None: vLLM's default ("fcfs"); the ConServe policy needs "priority"
     # None: in this process on the CPU build, unless a worker subclass or KV connector is
-    # loaded (see engine.local.engine_core_placement); False: vLLM's own processes, as `serve`
+    # loaded or another engine core runs here (see engine.local.engine_core_placement);
+    # False: vLLM's own processes, as `serve`
     engine_core_in_process: bool | None = None
 
     def fingerprint(self, max_model_len: int) -> str:
