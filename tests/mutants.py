@@ -1,0 +1,81 @@
+"""Mutants the suite must kill: one wrong line each in the runner, the store and the scheduler.
+
+Each mutant is applied to a copy of the checkout (never to this one) and the tests named for
+it run there; a mutant they do not fail is a gap in the suite. Not collected by pytest (no
+`test_` prefix): run `python -m tests.mutants` (about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+IGNORE = shutil.ignore_patterns(".venv", ".git", "results", "*.db", "__pycache__", ".hypothesis")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    line: str  # the line as it stands (exactly once in the file)
+    mutated: str
+    tests: tuple[str, ...]  # pytest node ids or files that must fail on it
+
+
+MUTANTS = (
+    Mutant("runner: uncommitted results stop counting against the in-flight window",
+           "conserve_bench/jobs/runner.py",
+           "room = self.cfg.max_inflight - len(self._attempts)",
+           "room = self.cfg.max_inflight - self.engine.num_pending_items",
+           ("tests/test_runner.py",)),
+    Mutant("store: a commit no longer checks the attempt it was claimed under (the fence)",
+           "conserve_bench/store/leases.py",
+           "return items.update().where(held(owner, fenced)).values(\n        state=ItemState.DONE.value",
+           "return items.update().where(held(owner, False)).values(\n        state=ItemState.DONE.value",
+           ("tests/test_store.py", "tests/test_leases.py")),
+    Mutant("scheduler: offline work sized against twice the step's budget",
+           "conserve_bench/sched/policy.py",
+           "num = 0 if stopped else step.fit(request, budget_s)",
+           "num = 0 if stopped else step.fit(request, 2 * budget_s)",
+           ("tests/test_policy.py", "tests/test_scheduler.py")),
+)
+
+
+def killed(mutant: Mutant) -> tuple[bool, str]:
+    """Applies `mutant` to a fresh copy of the checkout and runs its tests there: (failed, the
+    first failing test or pytest's last line)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "repo"
+        shutil.copytree(REPO, copy, ignore=IGNORE)
+        target = copy / mutant.path
+        source = target.read_text()
+        if source.count(mutant.line) != 1:
+            raise SystemExit(f"{mutant.path}: the line to mutate is not there once: {mutant.line!r}")
+        target.write_text(source.replace(mutant.line, mutant.mutated))
+        # NOTE: run from the copy, whose conserve_bench comes first on sys.path
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-rf", "-p", "no:cacheprovider",
+                              "-m", "not engine", *mutant.tests], cwd=copy, capture_output=True,
+                             text=True)
+        where = subprocess.run([sys.executable, "-c", "import conserve_bench; print(conserve_bench.__file__)"],
+                               cwd=copy, capture_output=True, text=True).stdout
+        assert where.startswith(str(copy)), f"the copy's package was not the one tested: {where}"
+        lines = out.stdout.strip().splitlines() or [""]
+        return out.returncode == 1, next((line for line in lines if line.startswith("FAILED")), lines[-1])
+
+
+def main() -> int:
+    survivors = 0
+    for mutant in MUTANTS:
+        failed, last = killed(mutant)
+        survivors += not failed
+        print(f"{'killed  ' if failed else 'SURVIVED'} {mutant.name}: {last}", flush=True)
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
