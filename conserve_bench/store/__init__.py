@@ -1,7 +1,9 @@
 """The durable job store: jobs, work items and latency profiles behind one repository API.
 
 Every SQL statement of conserve-bench lives in this package: `repository.Store` (the API;
-callers see plain dataclasses `Job`, `WorkItem`), `leases` (claim, complete, fail, renew),
+callers see plain dataclasses `Job`, `WorkItem`), built on `base` (the connection, retried
+transactions) with its parts `partials` (checkpointed tokens), `workers` (heartbeats) and
+`profile_rows` (latency profiles); `leases` (claim, complete, fail, renew),
 `schema` (the current tables), `migrations` (each schema change, frozen), `db` (URLs and
 the dialects' differences), `states` (job, item and worker states); `pgcluster` starts a
 throwaway PostgreSQL for tests and benchmarks. SQLite (WAL) is the embedded default;

@@ -2,10 +2,11 @@
 
 A work item is one lm-eval request, keyed by a content hash (request kind, arguments, model,
 generation settings), so items are shared across jobs and a rebuilt job reuses every finished
-one. This module owns all SQL (tables in `schema`, their history in `migrations`, the leased
-work statements in `leases`); callers use the small repository API below and see plain
-dataclasses. It never talks to the engine and never holds a transaction open across engine
-work.
+one. This package owns all SQL (tables in `schema`, their history in `migrations`, the leased
+work statements in `leases`; the connection and its retries in `base`, checkpointed tokens in
+`partials`, heartbeats in `workers`, latency profiles in `profile_rows`); callers use the
+small repository API of `Store` and see plain dataclasses. It never talks to the engine and
+never holds a transaction open across engine work.
 
 Life of an item (`states.ItemState`): pending -> running (leased by one worker until
 `lease_until` on the database's clock, renewed by its heartbeat) -> done, committed only by
@@ -21,32 +22,25 @@ interrupted generation continues instead of starting over.
 from __future__ import annotations
 
 import json
-import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import DBAPIError, OperationalError
 
-from conserve_bench.config import JobSpec, LeaseConfig
-from conserve_bench.errors import DatabaseURLError, JobNotFoundError, StoreUnavailableError
+from conserve_bench.config import JobSpec
+from conserve_bench.errors import JobNotFoundError
 from conserve_bench.store import leases
-from conserve_bench.store.db import (create_engine, insert_ignore, is_transient, now_s,
-                                     refresh_statistics)
-from conserve_bench.store.migrations import migrate
-from conserve_bench.store.schema import (PROFILE_KEY_COLUMNS, item_partials, items,
-                                         job_items, jobs, profile_refits, profiles,
-                                         workers)
-from conserve_bench.store.states import ItemState, JobState, WorkerState
+from conserve_bench.store.base import attempt_param, chunks
+from conserve_bench.store.db import insert_ignore, refresh_statistics
+from conserve_bench.store.partials import PartialRows
+from conserve_bench.store.profile_rows import ProfileRows
+from conserve_bench.store.schema import item_partials, items, job_items, jobs, workers
+from conserve_bench.store.states import ItemState, JobState
+from conserve_bench.store.workers import WorkerRows
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-SQLITE_MAX_VARS = 900  # stay under SQLite's bound-parameter limit in IN (...) lists
-RETRY_FIRST_S, RETRY_MAX_S = 0.1, 2.0  # backoff while the database is unreachable
 MAX_ITEM_ERRORS = 5  # failed items `item_errors` lists
 ANALYZE_AFTER_ITEMS = 1000  # items added at once that refresh the planner's statistics
 
@@ -102,72 +96,10 @@ class Job:
         }
 
 
-def _chunks(seq: Sequence, size: int = SQLITE_MAX_VARS) -> Iterable[Sequence]:
-    for i in range(0, len(seq), size):
-        yield seq[i : i + size]
-
-
-class Store:
-    """Repository over one database URL. Safe to share across threads of one process.
-
-    `leases` sets how long a claim lasts, and how many failed attempts fail an item.
-    """
-
-    def __init__(self, url: str, leases: LeaseConfig = LeaseConfig()):
-        self.url, self.leases = url, leases
-        self.engine = create_engine(url)
-        self.dialect = self.engine.dialect.name
-        try:
-            migrate(self.engine)
-        except OperationalError as e:
-            raise DatabaseURLError(f"cannot open database {self._safe_url}: {_one_line(e.orig)}") from None
-
-    @property
-    def _safe_url(self) -> str:
-        return sa.make_url(self.url).render_as_string(hide_password=True)
-
-    @property
-    def _now(self):
-        return now_s(self.dialect)
-
-    # -- transactions, retried through a passing outage ---------------------------------------
-
-    def _retrying(self, fn: Callable[[bool], T]) -> T:
-        """`fn(retry)` (one transaction), run again while the database is unreachable, for up
-        to one lease; `retry` tells it that an earlier run may have committed unseen.
-
-        NOTE: every caller is safe to run twice: inserts ignore existing rows, updates are
-        guarded by the state they change, and a claim gives back what an unseen commit took.
-        """
-        deadline = time.monotonic() + self.leases.lease_s
-        delay, retry = RETRY_FIRST_S, False
-        while True:
-            try:
-                return fn(retry)
-            except DBAPIError as e:
-                if not is_transient(e):
-                    raise
-                if time.monotonic() + delay > deadline:
-                    raise StoreUnavailableError(
-                        f"database {self._safe_url} unreachable for {self.leases.lease_s:g} s: "
-                        f"{_one_line(e.orig)}") from None
-                log.warning("database unreachable, retrying in %.1f s: %s", delay, _one_line(e.orig))
-                time.sleep(delay)
-                delay, retry = min(2 * delay, RETRY_MAX_S), True
-
-    def _write(self, fn: Callable[[sa.Connection], T]) -> T:
-        def transaction(retry: bool) -> T:
-            with self.engine.begin() as conn:
-                return fn(conn)
-
-        return self._retrying(transaction)
-
-    def _read(self, fn: Callable[[sa.Connection], T]) -> T:
-        def read(retry: bool) -> T:
-            with self.engine.connect() as conn:
-                return fn(conn)
-
-        return self._retrying(read)
+class Store(PartialRows, WorkerRows, ProfileRows):
+    """Repository over one database URL (`base.StoreBase`): jobs and their work items here,
+    partial generations, workers and profiles from its parts. Safe to share across threads
+    of one process."""
 
     # -- jobs ---------------------------------------------------------------------------------
 
@@ -327,9 +259,9 @@ class Store:
                      for i, w in enumerate(work)]
         link_rows = [{"job_id": job_id, "item_key": w.key, "seq": base + i}
                      for i, w in enumerate(work)]
-        for chunk in _chunks(item_rows, 500):
+        for chunk in chunks(item_rows, 500):
             conn.execute(insert_ignore(items, conn), list(chunk))
-        for chunk in _chunks(link_rows, 500):
+        for chunk in chunks(link_rows, 500):
             conn.execute(insert_ignore(job_items, conn), list(chunk))
         total = conn.execute(sa.select(sa.func.count()).select_from(job_items)
                              .where(job_items.c.job_id == job_id)).scalar()
@@ -374,7 +306,7 @@ class Store:
         if not results:
             return 0
         fenced = attempts is not None
-        rows = [{"item_key": key, "item_result": json.dumps(value), **_attempt(attempts, key)}
+        rows = [{"item_key": key, "item_result": json.dumps(value), **attempt_param(attempts, key)}
                 for key, value in results.items()]
 
         def run(retry: bool) -> int:
@@ -390,7 +322,7 @@ class Store:
         return sum(conn.execute(
             sa.select(sa.func.count()).where(items.c.key.in_(chunk), items.c.owner == owner,
                                              items.c.state == ItemState.DONE)).scalar()
-            for chunk in _chunks(keys))
+            for chunk in chunks(keys))
 
     def fail_items(self, owner: str, errors: Mapping[str, str],
                    attempts: Mapping[str, int] | None = None) -> int:
@@ -399,7 +331,7 @@ class Store:
         if not errors:
             return 0
         fenced = attempts is not None
-        rows = [{"item_key": key, "item_error": error, **_attempt(attempts, key)}
+        rows = [{"item_key": key, "item_error": error, **attempt_param(attempts, key)}
                 for key, error in errors.items()]
         statement = leases.fail(owner, fenced, self.leases.max_attempts)
         return self._write(lambda conn: conn.execute(statement, rows).rowcount)
@@ -440,7 +372,7 @@ class Store:
     def results_for(self, keys: Sequence[str]) -> dict[str, Any]:
         def read(conn: sa.Connection) -> dict[str, Any]:
             out: dict[str, Any] = {}
-            for chunk in _chunks(list(keys)):
+            for chunk in chunks(list(keys)):
                 rows = conn.execute(
                     sa.select(items.c.key, items.c.result)
                     .where(items.c.key.in_(chunk), items.c.state == ItemState.DONE)).all()
@@ -471,92 +403,6 @@ class Store:
                  "result": json.loads(r.result) if r.state == ItemState.DONE else None,
                  "num_resumes": r.num_resumes or 0} for r in rows]
 
-    # -- partial generations ------------------------------------------------------------------
-
-    def save_partials(self, owner: str, partials: Mapping[str, Sequence[int]],
-                      attempts: Mapping[str, int] | None = None) -> int:
-        """Checkpoint the tokens generated so far by running items, by key, in one transaction
-        (the runner's batched checkpoint); returns how many were saved.
-
-        NOTE: fenced like `complete_items`: only items `owner` holds (under the same attempt,
-        when `attempts` is given) are written, so a worker that lost its lease cannot
-        overwrite the checkpoint of the attempt that holds the item now.
-        """
-        if not partials:
-            return 0
-        now, fenced = time.time(), attempts is not None
-        # NOTE: `item_key` names a column of item_partials: bound as "k" in its UPDATE
-        held = sa.select(items.c.key).where(leases.held(owner, fenced, key="k"))
-        rows = [{"k": key, "t": json.dumps(list(ids)), "n": len(ids),
-                 **_attempt(attempts, key)} for key, ids in partials.items()]
-
-        def save(conn: sa.Connection) -> int:
-            for chunk in _chunks(list(partials), 500):
-                conn.execute(insert_ignore(item_partials, conn), [
-                    {"item_key": key, "token_ids": "[]", "num_tokens": 0, "num_resumes": 0,
-                     "num_reused_tokens": 0, "updated_at": now} for key in chunk])
-            return conn.execute(
-                item_partials.update()
-                .where(item_partials.c.item_key == sa.bindparam("k"),
-                       item_partials.c.item_key.in_(held))
-                .values(token_ids=sa.bindparam("t"), num_tokens=sa.bindparam("n"), updated_at=now),
-                rows).rowcount
-
-        return self._write(save)
-
-    def resume_partials(self, keys: Sequence[str]) -> dict[str, list[int]]:
-        """The checkpointed tokens of items just claimed, by key (those that have any); each
-        counts as a resume of its item. One transaction."""
-        now = time.time()
-
-        def resume(conn: sa.Connection) -> dict[str, list[int]]:
-            out: dict[str, list[int]] = {}
-            for chunk in _chunks(list(keys)):
-                found = (item_partials.c.item_key.in_(chunk), item_partials.c.num_tokens > 0)
-                # NOTE: the write comes first, so SQLite takes its write lock before reading.
-                conn.execute(item_partials.update().where(*found).values(
-                    num_resumes=item_partials.c.num_resumes + 1, updated_at=now,
-                    num_reused_tokens=item_partials.c.num_reused_tokens + item_partials.c.num_tokens))
-                rows = conn.execute(sa.select(item_partials.c.item_key, item_partials.c.token_ids)
-                                    .where(*found)).all()
-                out.update({r.item_key: json.loads(r.token_ids) for r in rows})
-            return out
-
-        return self._write(resume)
-
-    def clear_partials(self, keys: Sequence[str]) -> None:
-        """Drop the checkpointed tokens of items that are done (their resume counts stay)."""
-        done = sa.select(items.c.key).where(items.c.state == ItemState.DONE)
-
-        def clear(conn: sa.Connection) -> None:
-            for chunk in _chunks(list(keys)):
-                conn.execute(item_partials.update()
-                             .where(item_partials.c.item_key.in_(chunk),
-                                    item_partials.c.item_key.in_(done))
-                             .values(token_ids="[]", num_tokens=0, updated_at=time.time()))
-
-        self._write(clear)
-
-    def partials(self, job_id: str) -> dict[str, list[int]]:
-        """The checkpointed tokens of a job's unfinished items, by key."""
-        rows = self._read(lambda conn: conn.execute(
-            sa.select(item_partials.c.item_key, item_partials.c.token_ids)
-            .join(job_items, job_items.c.item_key == item_partials.c.item_key)
-            .join(items, items.c.key == item_partials.c.item_key)
-            .where(job_items.c.job_id == job_id, items.c.state != ItemState.DONE,
-                   item_partials.c.num_tokens > 0)).all())
-        return {r.item_key: json.loads(r.token_ids) for r in rows}
-
-    def resumes(self, job_id: str) -> dict[str, dict[str, int]]:
-        """Per item of a job that continued a checkpoint: `num_resumes`, `num_reused_tokens`."""
-        rows = self._read(lambda conn: conn.execute(
-            sa.select(item_partials.c.item_key, item_partials.c.num_resumes,
-                      item_partials.c.num_reused_tokens)
-            .join(job_items, job_items.c.item_key == item_partials.c.item_key)
-            .where(job_items.c.job_id == job_id, item_partials.c.num_resumes > 0)).all())
-        return {r.item_key: {"num_resumes": r.num_resumes, "num_reused_tokens": r.num_reused_tokens}
-                for r in rows}
-
     def run_counts(self, job_id: str) -> dict[str, int]:
         """How many times each item of a job was sent to an engine (for durability checks)."""
         rows = self._read(lambda conn: conn.execute(
@@ -564,150 +410,6 @@ class Store:
             .join(job_items, job_items.c.item_key == items.c.key)
             .where(job_items.c.job_id == job_id)).all())
         return {r.key: r.num_runs for r in rows}
-
-    # -- workers: one heartbeat row per process that claims items -----------------------------
-
-    @property
-    def _live_worker(self):
-        return sa.and_(workers.c.state == WorkerState.ACTIVE, workers.c.lease_until > self._now)
-
-    def register_worker(self, worker_id: str, host: str, pid: int, label: str) -> None:
-        now, lease_s = self._now, self.leases.lease_s
-        self._write(lambda conn: conn.execute(insert_ignore(workers, conn).values(
-            id=worker_id, host=host, pid=pid, label=label, state=WorkerState.ACTIVE,
-            started_at=now, heartbeat_at=now, lease_until=now + lease_s)))
-
-    def renew_lease(self, worker_id: str) -> int:
-        """A heartbeat: the worker's row and everything it holds leased `lease_s` from now;
-        returns how many items it renewed (all it holds, but those being committed)."""
-        now, lease_s = self._now, self.leases.lease_s
-
-        def renew(conn: sa.Connection) -> int:
-            conn.execute(workers.update().where(workers.c.id == worker_id)
-                         .values(heartbeat_at=now, lease_until=now + lease_s))
-            return conn.execute(leases.renew(worker_id, now, lease_s)).rowcount
-
-        return self._write(renew)
-
-    def retire_worker(self, worker_id: str) -> None:
-        """A worker stops cleanly: its items back to pending, its row no longer live."""
-        def retire(conn: sa.Connection) -> None:
-            conn.execute(leases.give_back(worker_id))
-            conn.execute(workers.update().where(workers.c.id == worker_id).values(
-                state=WorkerState.STOPPED, lease_until=self._now, job_id=None))
-
-        self._write(retire)
-
-    def end_leases(self, worker_ids: Sequence[str]) -> int:
-        """Workers known dead (by their host): their leases end now, so the next claim takes
-        their items; returns how many items that frees."""
-        if not worker_ids:
-            return 0
-
-        def end(conn: sa.Connection) -> int:
-            conn.execute(workers.update().where(workers.c.id.in_(worker_ids))
-                         .values(lease_until=self._now - 1.0))
-            return conn.execute(leases.end_leases(list(worker_ids), self._now)).rowcount
-
-        return self._write(end)
-
-    def live_workers(self, host: str | None = None) -> list[dict[str, Any]]:
-        """Workers whose lease has not expired (on `host`), oldest first: id, host, pid,
-        label, job, started_at, heartbeat age in seconds."""
-        now = self._now
-        query = (sa.select(workers, (now - workers.c.heartbeat_at).label("heartbeat_age_s"))
-                 .where(self._live_worker).order_by(workers.c.started_at))
-        if host is not None:
-            query = query.where(workers.c.host == host)
-        rows = self._read(lambda conn: conn.execute(query).mappings().all())
-        return [_worker_from_row(r) for r in rows]
-
-    def job_workers(self, job_id: str) -> list[dict[str, Any]]:
-        """Per worker that holds or computed any of the job's items: id, host, label, live,
-        done (items it computed), running (items it holds now); most done first."""
-        counts = (sa.select(items.c.owner, items.c.state, sa.func.count().label("n"))
-                  .join(job_items, job_items.c.item_key == items.c.key)
-                  .where(job_items.c.job_id == job_id, items.c.owner.is_not(None),
-                         items.c.state.in_((ItemState.DONE, ItemState.RUNNING)))
-                  .group_by(items.c.owner, items.c.state))
-
-        def read(conn: sa.Connection):
-            found = conn.execute(counts).all()
-            owners = sorted({r.owner for r in found})
-            rows = conn.execute(sa.select(workers, self._live_worker.label("live"))
-                                .where(workers.c.id.in_(owners))).mappings().all() if owners else []
-            return found, {r["id"]: r for r in rows}
-
-        found, rows = self._read(read)
-        per_worker: dict[str, dict[str, Any]] = {}
-        for owner, state, n in found:
-            row = rows.get(owner)
-            entry = per_worker.setdefault(owner, {
-                "id": owner, "host": row["host"] if row else None,
-                "label": row["label"] if row else None, "live": bool(row and row["live"]),
-                "done": 0, "running": 0})
-            entry["done" if state == ItemState.DONE else "running"] += n
-        return sorted(per_worker.values(), key=lambda w: (-w["done"], w["id"]))
-
-    # -- latency profiles ---------------------------------------------------------------------
-
-    def save_profile(self, key: Mapping[str, Any], model: dict[str, Any], num_samples: int,
-                     fit_error: dict[str, Any] | None = None) -> None:
-        """Store a fitted `LatencyModel.to_dict()` under `key` (a value for each of
-        PROFILE_KEY_COLUMNS), replacing any profile with the same key."""
-        def save(conn: sa.Connection) -> None:
-            conn.execute(profiles.delete().where(_profile_key_matches(key)))
-            conn.execute(profile_refits.delete().where(_profile_key_matches(key, profile_refits)))
-            conn.execute(profiles.insert().values(
-                **_profile_key_values(key), model_json=json.dumps(model), num_samples=num_samples,
-                fit_error=None if fit_error is None else json.dumps(fit_error),
-                created_at=time.time()))
-
-        self._write(save)
-
-    def load_profile(self, key: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The profile stored under exactly `key` (every key column equal), or None."""
-        rows = self._select_profiles(_profile_key_matches(key))
-        return rows[0] if rows else None
-
-    def list_profiles(self, model: str | None = None) -> list[dict[str, Any]]:
-        """Every stored profile (of one model), newest first."""
-        return self._select_profiles(sa.true() if model is None else profiles.c.model == model)
-
-    def save_refit(self, key: Mapping[str, Any], state: dict[str, Any]) -> None:
-        """Store the latest live refit (`RefitStatus.to_dict()`) of the profile under `key`."""
-        def save(conn: sa.Connection) -> None:
-            conn.execute(profile_refits.delete().where(_profile_key_matches(key, profile_refits)))
-            conn.execute(profile_refits.insert().values(
-                **_profile_key_values(key), state_json=json.dumps(state), created_at=time.time()))
-
-        self._write(save)
-
-    def load_refit(self, key: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The latest live refit stored under exactly `key` (with its `created_at`), or None."""
-        row = self._read(lambda conn: conn.execute(sa.select(profile_refits).where(
-            _profile_key_matches(key, profile_refits))).mappings().first())
-        return None if row is None else {**json.loads(row["state_json"]), "created_at": row["created_at"]}
-
-    def _select_profiles(self, where) -> list[dict[str, Any]]:
-        rows = self._read(lambda conn: conn.execute(
-            sa.select(profiles).where(where).order_by(profiles.c.created_at.desc())).mappings().all())
-        return [_profile_from_row(r) for r in rows]
-
-
-def _profile_key_values(key: Mapping[str, Any]) -> dict[str, Any]:
-    return {name: key[name] for name in PROFILE_KEY_COLUMNS}
-
-
-def _profile_key_matches(key: Mapping[str, Any], table: sa.Table = profiles):
-    return sa.and_(*(table.c[name] == value for name, value in _profile_key_values(key).items()))
-
-
-def _profile_from_row(r) -> dict[str, Any]:
-    return {**{name: r[name] for name in PROFILE_KEY_COLUMNS},
-            "latency_model": json.loads(r["model_json"]), "num_samples": r["num_samples"],
-            "fit_error": json.loads(r["fit_error"]) if r["fit_error"] else None,
-            "created_at": r["created_at"]}
 
 
 def _job_from_row(r) -> Job:
@@ -718,18 +420,3 @@ def _job_from_row(r) -> Job:
         num_failed=r["num_failed"],
         num_partial_items=r["num_partial_items"], num_partial_tokens=r["num_partial_tokens"],
     )
-
-
-def _attempt(attempts: Mapping[str, int] | None, key: str) -> dict[str, int]:
-    return {} if attempts is None else {"attempt": attempts[key]}
-
-
-def _worker_from_row(r) -> dict[str, Any]:
-    return {"id": r["id"], "host": r["host"], "pid": r["pid"], "label": r["label"],
-            "job": r["job_id"], "started_at": r["started_at"],
-            "heartbeat_age_s": round(max(0.0, r["heartbeat_age_s"]), 1)}
-
-
-def _one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
