@@ -1,0 +1,64 @@
+"""The `conserve-bench` command line: each command parses, calls one function, prints.
+
+Errors the user can fix are `ConserveError`s, printed by `main` as one line on stderr with a
+non-zero exit; no traceback. `--json` prints one machine-readable JSON object. What reaches
+the terminal goes through `output.out`; a job's library output goes to its log. The commands
+live by subsystem: `jobs` (submit, resume, jobs, status, results, cancel), `serving` (profile,
+serve), `ci` (ci, lm-eval), `bench`; `base` holds the app and the options they share.
+
+    conserve-bench submit mmlu_anatomy --limit 20 --data-dir ../shared/data/mmlu
+    conserve-bench status 3f2a9c1d0b7e --json
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+import typer
+
+from conserve_bench.cli import jobs, serving, ci, bench  # NOTE: in the order `--help` lists them
+from conserve_bench.cli.base import app
+from conserve_bench.errors import ConserveError
+from conserve_bench.jobs import lifecycle
+from conserve_bench.output import out
+
+__all__ = ["app", "main"]
+COMMANDS = (jobs, serving, ci, bench)  # importing each registers its commands on `app`
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is for results
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("lm_eval", "lm-eval", "datasets", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main() -> None:
+    _quiet_libraries()
+    try:
+        code = app(standalone_mode=False)  # a command's `typer.Exit(code)` comes back here
+    except ConserveError as e:
+        out.error(f"error: {e}")  # NOTE: a plain line, so no terminal width wraps it
+        sys.exit(e.exit_code)
+    except typer.TyperException as e:  # usage errors: bad option values, missing arguments
+        if message := e.format_message():  # empty after the help that `no_args_is_help` shows
+            out.error(f"error: {message}")
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        out.error("interrupted: in-flight items were returned to pending; "
+                  "run `conserve-bench resume JOB` to continue")
+        sys.exit(130)
+    except Exception as e:
+        if out.log_path is None:
+            raise
+        traceback.print_exc()  # NOTE: into the log; the terminal gets one line pointing at it
+        out.error(f"error: {lifecycle.one_line_error(e)} (details in {out.log_path})")
+        sys.exit(1)
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -1,0 +1,46 @@
+"""What the commands share: the typer app, the options several commands take, and the helpers
+that turn flags into configs (a config's own check becomes a usage error)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from conserve_bench.config import default_db_url
+from conserve_bench.store import Store
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Run LLM evaluation suites on the idle cycles of a serving GPU.")
+
+DbOpt = Annotated[Optional[str], typer.Option("--db", help="Job store URL [env CONSERVE_BENCH_DB; default sqlite:///conserve.db]")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+JobArg = Annotated[str, typer.Argument(help="Job id.")]
+OutputOpt = Annotated[str, typer.Option("--output", help="Directory for results/<job-id>.json.")]
+InflightOpt = Annotated[int, typer.Option("--max-inflight", min=1, help="Work items in flight at once.")]
+KVCheckpointOpt = Annotated[float, typer.Option("--kv-checkpoint-gib", min=0, help="Host memory for KV checkpoints, so a request vLLM preempts (its KV cache full) resumes by loading its KV instead of recomputing it; 0 turns them off [default: 0 in-process, where no online work preempts; serve's default is a quarter of the free RAM].")]
+ServerOpt = Annotated[Optional[str], typer.Option("--server", help="URL of a running `conserve-bench serve`.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show vLLM's and lm-eval's own output on the terminal instead of in results/<job-id>.log.")]
+CheckpointTokensOpt = Annotated[int, typer.Option("--checkpoint-tokens", min=0, help="Checkpoint each generation in flight every N new tokens, so an interrupted one continues; 0: off (it starts over).")]
+CheckpointSOpt = Annotated[float, typer.Option("--checkpoint-s", min=0.001, help="...or every S seconds, whichever comes first.")]
+ApiKeyOpt = Annotated[Optional[str], typer.Option("--api-key", envvar="CONSERVE_BENCH_API_KEY", help="Bearer key of the server.")]
+
+
+def store_for(db: str | None) -> Store:
+    return Store(db or default_db_url())
+
+
+def checked(config_cls, **values):
+    """A config dataclass from flags; its own checks become a usage error."""
+    try:
+        return config_cls(**values)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def on_off(flag: str, value: str | None) -> bool | None:
+    if value is None:
+        return None
+    if value not in ("on", "off"):
+        raise typer.BadParameter(f"{flag} takes on or off, not {value!r}")
+    return value == "on"

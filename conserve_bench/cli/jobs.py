@@ -1,0 +1,232 @@
+"""The job commands: `submit`, `resume` (run a job in this process, with progress, or hand it
+to servers), `jobs`, `status`, `results`, `cancel` (on a store or a server)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from conserve_bench.cli.base import (ApiKeyOpt, CheckpointSOpt, CheckpointTokensOpt, DbOpt,
+                                     InflightOpt, JobArg, JsonOpt, KVCheckpointOpt, OutputOpt,
+                                     ServerOpt, VerboseOpt, app, checked, store_for)
+from conserve_bench.config import (DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS, DEFAULT_MODEL,
+                                   JobSpec, RunConfig, default_data_dir)
+from conserve_bench.engine.models import resolve_model
+from conserve_bench.errors import JobStateError
+from conserve_bench.jobs import lifecycle
+from conserve_bench.output import Phases, out
+from conserve_bench.serve.client import JobClient
+from conserve_bench.store import JobState, Store
+
+
+@app.command()
+def submit(
+    tasks: Annotated[str, typer.Argument(help="Comma-separated lm-eval tasks or groups, e.g. mmlu.")],
+    model: Annotated[str, typer.Option(help="smollm2-135m, a model directory, or a hub id.")] = DEFAULT_MODEL,
+    limit: Annotated[Optional[int], typer.Option(help="At most N documents per task.")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="Few-shot examples.")] = None,
+    data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Local MMLU CSV folder [env CONSERVE_BENCH_DATA].")] = None,
+    db: DbOpt = None,
+    output: OutputOpt = "results",
+    max_inflight: InflightOpt = 64,
+    checkpoint_tokens: CheckpointTokensOpt = DEFAULT_CHECKPOINT_TOKENS,
+    checkpoint_s: CheckpointSOpt = DEFAULT_CHECKPOINT_S,
+    server: ServerOpt = None,
+    api_key: ApiKeyOpt = None,
+    wait: Annotated[Optional[bool], typer.Option("--wait/--no-wait", help="Follow the job to the end, or only record it (for the `serve` replicas on --db or --server to run) [default: --wait, --no-wait with --server].")] = None,
+    kv_checkpoint_gib: KVCheckpointOpt = 0.0,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+):
+    """Create a job and run it in-process, or queue it for servers. Example: submit mmlu --limit 5"""
+    spec = _spec(tasks, model, limit, num_fewshot, data_dir or default_data_dir())
+    if server:
+        _submit_remote(JobClient(server, api_key), spec, bool(wait), as_json)
+        return
+    store = store_for(db)
+    job = lifecycle.submit_job(store, spec)
+    if wait is False:
+        out.json(job.to_dict()) if as_json else out.stdout.print(
+            f"job [bold]{job.id}[/] queued: {', '.join(spec.tasks)} on {spec.model}")
+        return
+    if not as_json:
+        out.stdout.print(f"job [bold]{job.id}[/] submitted: {', '.join(spec.tasks)} on {spec.model}")
+    _run(store, job.id, output, _run_config(max_inflight, checkpoint_tokens, checkpoint_s), as_json,
+         verbose, kv_checkpoint_gib)
+
+
+@app.command()
+def resume(job_id: JobArg, db: DbOpt = None, output: OutputOpt = "results",
+           max_inflight: InflightOpt = 64, kv_checkpoint_gib: KVCheckpointOpt = 0.0,
+           checkpoint_tokens: CheckpointTokensOpt = DEFAULT_CHECKPOINT_TOKENS,
+           checkpoint_s: CheckpointSOpt = DEFAULT_CHECKPOINT_S,
+           as_json: JsonOpt = False, verbose: VerboseOpt = False):
+    """Continue a job where it stopped: finished items are reused, interrupted generations
+    continue from their checkpoints. Example: resume 3f2a9c1d0b7e"""
+    store = store_for(db)
+    job = store.get_job(job_id)
+    if job.state == JobState.DONE:
+        _print_results(lifecycle.job_results(store, job_id), as_json)
+        return
+    _run(store, job_id, output, _run_config(max_inflight, checkpoint_tokens, checkpoint_s), as_json,
+         verbose, kv_checkpoint_gib)
+
+
+@app.command("jobs")
+def list_jobs(db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = None,
+              as_json: JsonOpt = False):
+    """List jobs, newest first, and the live replicas (workers) of the store."""
+    found = JobClient(server, api_key).jobs() if server else lifecycle.fleet_overview(store_for(db))
+    if as_json:
+        out.json(found)
+        return
+    table = Table("id", "state", "done/total", "failed", "tasks", "model")
+    for j in found["jobs"]:
+        table.add_row(j["id"], j["state"], f"{j['done']}/{j['total']}", str(j["failed"] or ""),
+                      ",".join(j["tasks"]), j["model"])
+    out.stdout.print(table)
+    if found["replicas"]:
+        live = Table("live replica", "label", "job", "heartbeat", title="live replicas")
+        for r in found["replicas"]:
+            live.add_row(r["id"], r["label"], r["job"] or "-", f"{r['heartbeat_age_s']:.0f}s ago")
+        out.stdout.print(live)
+
+
+@app.command()
+def status(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = None,
+           as_json: JsonOpt = False):
+    """Show one job's state, progress per replica, and items that failed every attempt."""
+    job = JobClient(server, api_key).status(job_id) if server else lifecycle.job_status(store_for(db), job_id)
+    if as_json:
+        out.json(job)
+        return
+    failed = f", {job['failed']} failed" if job["failed"] else ""
+    partial = (f" ({job['partial_items']} partly generated, {job['partial_tokens']:,} tokens)"
+               if job.get("partial_items") else "")
+    out.stdout.print(f"{job['id']}: {job['state']}, {job['done']}/{job['total']} items{partial}{failed}, "
+                     f"tasks {','.join(job['tasks'])}" + (f" ({job['error']})" if job["error"] else ""),
+                     highlight=False)
+    for r in job["replicas"]:
+        out.stdout.print(f"  {r['id']} ({r['label'] or 'unknown'}, {'live' if r['live'] else 'gone'}): "
+                         f"{r['done']} done, {r['running']} in flight", highlight=False)
+    for e in job["item_errors"]:
+        out.stdout.print(f"  failed {e['kind']} {e['key'][:12]} after {e['attempts']} attempts: {e['error']}",
+                         highlight=False)
+
+
+@app.command()
+def results(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = None,
+            as_json: JsonOpt = False):
+    """Print a finished job's scores."""
+    if server:
+        _print_summary(JobClient(server, api_key).results(job_id), as_json)
+    else:
+        _print_results(lifecycle.job_results(store_for(db), job_id), as_json)
+
+
+@app.command()
+def cancel(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = None,
+           as_json: JsonOpt = False):
+    """Cancel a job; its finished items stay stored and reusable."""
+    job = JobClient(server, api_key).cancel(job_id) if server else lifecycle.cancel_job(store_for(db), job_id).to_dict()
+    if as_json:
+        out.json(job)
+    else:
+        out.stdout.print(f"{job['id']}: cancelled at {job['done']}/{job['total']} items")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _spec(tasks: str, model: str, limit, num_fewshot, data_dir) -> JobSpec:
+    names = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    return checked(JobSpec, tasks=names, model=model, limit=limit, num_fewshot=num_fewshot,
+                   data_dir=os.path.abspath(data_dir) if data_dir else None)
+
+
+def _submit_remote(client: "JobClient", spec: JobSpec, wait: bool, as_json: bool) -> None:
+    job = client.submit(list(spec.tasks), spec.limit, spec.num_fewshot, spec.data_dir)
+    if not wait:
+        out.json(job) if as_json else out.stdout.print(f"job [bold]{job['id']}[/] queued on {client.base_url}")
+        return
+    with out.progress(disable=as_json) as progress:
+        task = progress.add_task(f"job {job['id']}", total=None)
+        final = client.wait(job["id"], lambda done, total: progress.update(task, completed=done, total=total))
+    if final["state"] != JobState.DONE:
+        raise JobStateError(f"job {job['id']} ended {final['state']}: {final.get('error') or ''}".strip())
+    _print_summary(client.results(job["id"]), as_json)
+
+
+def _run_config(max_inflight: int, checkpoint_tokens: int, checkpoint_s: float) -> RunConfig:
+    return RunConfig(max_inflight=max_inflight, checkpoint_tokens=checkpoint_tokens,
+                     checkpoint_s=checkpoint_s)
+
+
+def _run(store: Store, job_id: str, output: str, run_cfg: RunConfig, as_json: bool,
+         verbose: bool, kv_checkpoint_gib: float) -> None:
+    job = lifecycle.runnable_job(store, job_id)
+    lifecycle.check_runs_on(job)  # what needs no engine, before one starts
+    model = resolve_model(job.spec.model)
+    if not verbose:
+        out.capture(Path(output) / f"{job_id}.log")
+    phases = Phases(out.stderr, enabled=not as_json)
+    with out.progress(disable=as_json) as progress:
+        task = progress.add_task("starting engine", total=None)
+        with lifecycle.start_engine(model, **lifecycle.checkpoint_overrides(kv_checkpoint_gib)) as engine:
+            phases.end("engine ready", f"{model.name}, context {engine.max_model_len} tokens")
+            progress.update(task, description="building requests (lm-eval)")
+            built = []
+
+            def on_progress(num_done: int, num_total: int, num_tokens: int) -> None:
+                if not built and num_total:
+                    built.append(num_done)
+                    phases.end("requests built", f"{num_total} items, {num_done} already done")
+                    progress.update(task, description=f"job {job_id}")
+                progress.update(task, completed=num_done, total=num_total, tokens=num_tokens)
+
+            results = lifecycle.run_job(store, job_id, engine, run_cfg, output_dir=output,
+                                        on_progress=on_progress)
+            meta = results["conserve"]
+            tokens = (f", {meta['num_generated_tokens']:,} tokens generated"
+                      if meta["num_generated_tokens"] else "")
+            phases.end("evaluated", f"{meta['num_items_computed']} items computed, "
+                                    f"{meta['items_per_s'] or 0:.2f} items/s{tokens}")
+    _print_results(results, as_json)
+    if not as_json:
+        log = f"; log {out.log_path}" if out.log_path else ""
+        out.stdout.print(f"wrote {output}/{job_id}.json{log}", highlight=False)
+
+
+def _print_results(results: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        out.json(lifecycle.results_summary(results))
+        return
+    table = Table("task", "metric", "value", "stderr", "n-shot")
+    for name, values in results["results"].items():
+        alias = values.get("alias", name)
+        for metric, value in values.items():
+            if metric in ("alias", "sample_len") or "_stderr" in metric or not isinstance(value, (int, float)):
+                continue
+            base, _, flt = metric.partition(",")
+            stderr = values.get(f"{base}_stderr,{flt}")
+            table.add_row(alias, base, f"{value:.4f}",
+                          f"{stderr:.4f}" if isinstance(stderr, (int, float)) else "",
+                          str(results.get("n-shot", {}).get(name, "")))
+    out.stdout.print(table)
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    """Print a results summary (the job API's form: task -> metric -> value)."""
+    if as_json:
+        out.json(summary)
+        return
+    table = Table("task", "metric", "value", "n-shot")
+    for name, values in summary["results"].items():
+        for metric, value in values.items():
+            if "_stderr" not in metric and metric != "sample_len":
+                table.add_row(name, metric.split(",")[0], f"{value:.4f}", str(summary["n-shot"].get(name, "")))
+    out.stdout.print(table)

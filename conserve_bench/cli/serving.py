@@ -1,0 +1,98 @@
+"""The serving commands: `profile` (the engine's latency model for this machine) and `serve`
+(online traffic, with queued jobs in its idle time)."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from conserve_bench.cli.base import (ApiKeyOpt, CheckpointSOpt, CheckpointTokensOpt, DbOpt,
+                                     OutputOpt, app, checked, on_off, store_for)
+from conserve_bench.config import (DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS, DEFAULT_MODEL,
+                                   LeaseConfig, default_data_dir, default_db_url)
+from conserve_bench.output import out
+from conserve_bench.sched.policy import SAFEPOINT_EVERY
+
+
+@app.command()
+def profile(
+    model: Annotated[str, typer.Option(help="smollm2-135m, a model directory, or a hub id.")] = DEFAULT_MODEL,
+    quick: Annotated[bool, typer.Option("--quick", help="A smaller sweep (about 60 s of profiling on an idle 2-core CPU).")] = False,
+    show: Annotated[bool, typer.Option("--show", help="Print the stored profile for this machine; measure nothing.")] = False,
+    db: DbOpt = None,
+):
+    """Measure the engine's step latency and fit the latency model. Example: profile --quick"""
+    from conserve_bench.sched import profiler
+
+    store = store_for(db)
+    refit = None
+    if show:
+        found, refit = profiler.show_profile(store, model)
+    else:
+        with out.progress() as progress:
+            task = progress.add_task("starting engine", total=None)
+            result = profiler.run_profile(
+                store, model, quick,
+                on_started=lambda: progress.update(task, description="profiling"),
+                on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+        found = result.profile
+        out.stderr.print(f"swept {len(result.sweep.samples)} steps in {result.sweep.wall_s:.0f}s")
+    columns = ("quantity", "profile") + (("live refit",) if refit else ())
+    table = Table(*columns, title="step latency model (held-out: shapes not fitted on)")
+    for row in profiler.summary_rows(found, refit):
+        table.add_row(*row[:len(columns)])
+    out.stdout.print(table)
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="smollm2-135m, a model directory, or a hub id.")] = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option(help="Bind address; anything but loopback needs --api-key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    db: DbOpt = None,
+    policy: Annotated[str, typer.Option(help="conserve | priority | online-only")] = "conserve",
+    api_key: ApiKeyOpt = None,
+    ttft_slo_ms: Annotated[Optional[float], typer.Option("--ttft-slo-ms", help="Online TTFT target; given (or --tbt-slo-ms), conserve spends it on offline work [default: counted only, 2x a 1024-token prefill, from the profile].")] = None,
+    tbt_slo_ms: Annotated[Optional[float], typer.Option("--tbt-slo-ms", help="Online TBT target; given, conserve fills steps up to it [default: counted only, 5x a decode step, from the profile].")] = None,
+    slo_margin: Annotated[float, typer.Option("--slo-margin", help="conserve with SLOs: offline work fills steps up to (1 - margin) x the TBT target.")] = 0.1,
+    quantum_ms: Annotated[Optional[float], typer.Option("--quantum-ms", help="conserve with --layer-preemption off: longest offline-only step [default: the slowdown share of the 90th-percentile online prompt's prefill; with SLOs, 25% of the TTFT target].")] = None,
+    max_slowdown: Annotated[Optional[float], typer.Option("--max-slowdown", help="conserve without SLOs: the share offline work may add to online steps [default: derived from 1.25x and the profile's error, about 0.2].")] = None,
+    refit: Annotated[bool, typer.Option("--refit/--no-refit", help="conserve: plan with the latency model refitted from live steps while it predicts them better.")] = True,
+    layer_preemption: Annotated[Optional[str], typer.Option("--layer-preemption", help="on | off: an online arrival cuts an offline-only step short at the next layer safepoint [default: on under conserve].")] = None,
+    safepoint_every: Annotated[int, typer.Option("--safepoint-every", min=1, help="With layer preemption: a safepoint every k decoder layers.")] = SAFEPOINT_EVERY,
+    kv_checkpoint_gib: Annotated[Optional[float], typer.Option("--kv-checkpoint-gib", min=0, help="conserve: host memory for KV checkpoints of offline requests, so a preempted one resumes by loading its KV; 0 turns them off [default: a quarter of the free RAM].")] = None,
+    offline_step_ms: Annotated[Optional[float], typer.Option("--offline-step-ms", help="With layer preemption: offline-only step length [default: the smallest step within 5% of peak offline tokens/s, from the profile].")] = None,
+    max_offline_inflight: Annotated[int, typer.Option("--max-offline-inflight", min=1, help="Offline items in flight.")] = 32,
+    checkpoint_tokens: CheckpointTokensOpt = DEFAULT_CHECKPOINT_TOKENS,
+    checkpoint_s: CheckpointSOpt = DEFAULT_CHECKPOINT_S,
+    data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Local MMLU CSV folder for jobs.")] = None,
+    output: OutputOpt = "results",
+    profile: Annotated[bool, typer.Option("--profile/--no-profile", help="Load this machine's latency profile (measured once if missing).")] = True,
+    step_log: Annotated[Optional[str], typer.Option("--step-log", help="Append every engine step (batch shape, time, the plan's kind and prediction) to this JSON-lines file.")] = None,
+    lease_s: Annotated[float, typer.Option("--lease-s", help="Fleet: a claim lasts this long unless renewed; a dead replica's items wait this long.")] = LeaseConfig.lease_s,
+    heartbeat_s: Annotated[float, typer.Option("--heartbeat-s", help="Fleet: how often a replica renews its lease (at most half of it).")] = LeaseConfig.heartbeat_s,
+    max_attempts: Annotated[int, typer.Option("--max-attempts", help="Fleet: an item whose engine failed, or whose replica died, this many times is failed.")] = LeaseConfig.max_attempts,
+):
+    """Serve online OpenAI traffic and run queued eval jobs in its idle time. Example: serve --port 8000"""
+    from conserve_bench.serve.server import ServeConfig, serve as run_server
+
+    data_dir = data_dir or default_data_dir()
+    cfg = ServeConfig(model=model, host=host, port=port, db_url=db or default_db_url(), policy=policy,
+                      api_key=api_key, ttft_slo_ms=ttft_slo_ms, tbt_slo_ms=tbt_slo_ms,
+                      slo_margin=slo_margin, quantum_ms=quantum_ms, max_slowdown=max_slowdown,
+                      refit=refit, layer_preemption=on_off("--layer-preemption", layer_preemption),
+                      safepoint_every=safepoint_every, kv_checkpoint_gib=kv_checkpoint_gib,
+                      offline_step_ms=offline_step_ms,
+                      max_offline_inflight=max_offline_inflight,
+                      checkpoint_tokens=checkpoint_tokens, checkpoint_s=checkpoint_s,
+                      data_dir=os.path.abspath(data_dir) if data_dir else None, output_dir=output,
+                      profile=profile, step_log=step_log,
+                      leases=checked(LeaseConfig, lease_s=lease_s, heartbeat_s=heartbeat_s,
+                                     max_attempts=max_attempts))
+    store_for(cfg.db_url)  # a bad --db fails here, before the engine starts
+    out.stderr.print(f"serving {model} on http://{host}:{port} (policy {policy})")
+    run_server(cfg)
