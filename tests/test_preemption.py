@@ -64,14 +64,14 @@ class FakeEvent:
 
 
 def safepoints(arrival: list[int], every=4, num_layers=30, bound=None):
-    from conserve_bench.engine.connector import Safepoints
+    from conserve_bench.engine.safepoints import Safepoints
 
     clock = iter(range(0, 10**12, 1_000_000))  # 1 ms per reading
     return Safepoints(every, num_layers, lambda: arrival[0], bound, clock=lambda: next(clock))
 
 
 def run_layers(points, num_layers: int):
-    from conserve_bench.engine.connector import StepAborted
+    from conserve_bench.engine.safepoints import StepAborted
 
     for _ in range(num_layers):
         try:
@@ -82,7 +82,7 @@ def run_layers(points, num_layers: int):
 
 
 def test_an_unarmed_step_is_never_cut():
-    from conserve_bench.engine.connector import StepMeta
+    from conserve_bench.engine.safepoints import StepMeta
 
     points = safepoints([10**15])
     points.begin(StepMeta(step_index=1, abort_after_ns=None))
@@ -90,7 +90,7 @@ def test_an_unarmed_step_is_never_cut():
 
 
 def test_an_armed_step_is_cut_at_the_first_safepoint_after_a_later_arrival():
-    from conserve_bench.engine.connector import StepMeta
+    from conserve_bench.engine.safepoints import StepMeta
 
     arrival = [100]
     points = safepoints(arrival)
@@ -105,7 +105,7 @@ def test_an_armed_step_is_cut_at_the_first_safepoint_after_a_later_arrival():
 
 
 def test_no_safepoint_after_the_last_layer_and_the_count_restarts_each_step():
-    from conserve_bench.engine.connector import StepMeta
+    from conserve_bench.engine.safepoints import StepMeta
 
     points = safepoints([5], every=5, num_layers=10)
     points.begin(StepMeta(step_index=1, abort_after_ns=0))
@@ -117,7 +117,7 @@ def test_no_safepoint_after_the_last_layer_and_the_count_restarts_each_step():
 
 
 def test_the_test_trigger_cuts_at_its_layer_without_an_arrival():
-    from conserve_bench.engine.connector import StepMeta
+    from conserve_bench.engine.safepoints import StepMeta
 
     points = safepoints([0])
     points.begin(StepMeta(step_index=1, abort_after_ns=0, forced_abort_layer=10))
@@ -126,7 +126,7 @@ def test_the_test_trigger_cuts_at_its_layer_without_an_arrival():
 
 
 def test_run_ahead_bound_waits_for_the_group_before_the_last_and_drains_on_abort():
-    from conserve_bench.engine.connector import RunAheadBound, StepMeta
+    from conserve_bench.engine.safepoints import RunAheadBound, StepMeta
 
     log: list = []
     bound = RunAheadBound((FakeEvent("a", log), FakeEvent("b", log)))

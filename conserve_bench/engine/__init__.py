@@ -7,6 +7,7 @@ process (`submit`, `profile`, the lm-eval backend); `async_llm` drives the serve
 `AsyncLLM`; `fake` is a deterministic engine for tests; `plugin` holds the conventions shared
 with vLLM (priorities, scheduler class, `additional_config` layout); `models` resolves a
 `--model` value to a directory vLLM can load; `connector` (vLLM's KV connector), `worker`
-(vLLM's worker) and `arrivals` (the shared arrival signal) carry layer-wise preemption.
-Nothing here touches the store.
+(vLLM's worker), `safepoints` and `arrivals` (the shared arrival signal) carry layer-wise
+preemption; the connector with `checkpoints` and `kvpool` (the host pool) carries
+incremental KV checkpointing. Nothing here touches the store.
 """

@@ -3,14 +3,14 @@
 It carries layer-wise preemption and incremental KV checkpointing (vLLM loads one connector).
 Layer-wise preemption, scheduler side: numbers the steps, and `arm` marks a step abandonable
 with the time after which an online arrival cuts it. Worker side: `save_kv_layer`, called
-after every attention layer, counts layers; every k-th is a safepoint (`Safepoints`) that
-raises `StepAborted` when the step is armed and an arrival came later.
+after every attention layer, counts layers; every k-th is a safepoint (`safepoints.
+Safepoints`) that raises `StepAborted` when the step is armed and an arrival came later.
 `worker.PreemptibleWorker` catches it. It never blocks a step that is not armed.
-Checkpointing (`--kv-checkpoint-gib`): the scheduler side keeps `sched.checkpoint.
-CheckpointBook` (which blocks of which offline request are on the host) and puts each step's
-copies in its metadata; the worker side copies them (`kvpool.HostPool`): loads before the
-forward pass, saves after a step that ran to the end, a flush before preempted blocks are
-reused. A preempted request's checkpointed prefix is reported to vLLM as externally matched
+Checkpointing (`--kv-checkpoint-gib`): the scheduler side (`checkpoints.Checkpoints`) keeps
+`sched.checkpoint.CheckpointBook` (which blocks of which offline request are on the host)
+and puts each step's copies in its metadata; the worker side copies them (`kvpool.HostPool`):
+loads before the forward pass, saves after a step that ran to the end, a flush before
+preempted blocks are reused. A preempted request's checkpointed prefix is reported to vLLM as externally matched
 tokens, so only the rest is computed again.
 
 vLLM 0.32.0 names relied on (tests/test_preemption_contract.py pins them):
@@ -54,27 +54,24 @@ hash. Ours saves only steps that ran to the end, and only offline requests' bloc
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
-    KVConnectorWorkerMetadata,
 )
 
 from conserve_bench.engine.arrivals import ArrivalSignal, SharedInt
-from conserve_bench.engine.plugin import (CONNECTOR_MODULE, SCHEDULER_CLS, WORKER_CLS, is_online,
-                                          wants_prompt_logprobs, write_state)
+from conserve_bench.engine.checkpoints import Checkpoints
+from conserve_bench.engine.plugin import CONNECTOR_MODULE, SCHEDULER_CLS, WORKER_CLS
+from conserve_bench.engine.safepoints import AbortReport, RunAheadBound, Safepoints, StepMeta
 from conserve_bench.errors import ConserveError
-from conserve_bench.sched.checkpoint import CheckpointBook, Resume, pool_slots
+from conserve_bench.sched.checkpoint import pool_slots
 from conserve_bench.sched.policy import SAFEPOINT_EVERY
 
 CONNECTOR_NAME = "ConserveConnector"
-STATE_EVERY_S = 1.0  # how often the checkpoint pool's use is written for `/metrics`
 
 
 class LayerPreemptionError(ConserveError, ValueError):
@@ -116,232 +113,6 @@ class ConnectorConfig:
             "kv_role": "kv_both", "kv_connector_extra_config": {"conserve": dataclasses.asdict(self)}}
         return {"kv_transfer_config": kv_transfer_config, "worker_cls": WORKER_CLS,
                 "async_scheduling": False}
-
-
-@dataclass
-class StepMeta(KVConnectorMetadata):
-    """What the worker learns about a step from the scheduler."""
-
-    step_index: int  # steps numbered by the scheduler-side connector, from 1
-    abort_after_ns: int | None = None  # armed: arrivals stamped later cut it; None: never cut
-    forced_abort_layer: int | None = None  # test-only: cut at this layer's safepoint
-    saves: tuple[tuple[int, int], ...] = ()  # (device block, host slot), after the step
-    loads: tuple[tuple[int, int], ...] = ()  # (host slot, device block), before the step
-    flush: bool = False  # requests with checkpoints were preempted: finish every save first
-
-
-@dataclass
-class AbortReport(KVConnectorWorkerMetadata):
-    """A step the worker abandoned, sent back with its empty output."""
-
-    step_index: int
-    layer: int  # attention layers completed when it stopped
-    num_layers: int
-    arrival_ns: int  # the arrival that cut it (0 when the test trigger did)
-    aborted_at_ns: int
-    layer_group_s: float  # how long the layer group that ended at the safepoint took
-
-    @property
-    def arrival_to_abort_s(self) -> float | None:
-        return (self.aborted_at_ns - self.arrival_ns) / 1e9 if self.arrival_ns else None
-
-    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
-        return self  # NOTE: one worker: tensor and pipeline parallel size 1 are requirements
-
-
-class StepAborted(Exception):
-    def __init__(self, report: AbortReport):
-        super().__init__(f"step {report.step_index} abandoned at layer {report.layer}")
-        self.report = report
-
-
-class Event(Protocol):
-    def record(self) -> None: ...
-    def synchronize(self) -> None: ...
-
-
-class RunAheadBound:
-    """Keeps the CPU at most one layer group ahead of the device (CUDA only).
-
-    CUDA kernels launch asynchronously: without a bound the CPU would pass every safepoint
-    while the device is still on the first layers, and an abort would cut nothing. At each
-    safepoint it records an event and waits for the one recorded at the safepoint before.
-    Two events alternate: one is recorded while the other is waited on.
-    """
-
-    def __init__(self, events: tuple[Event, Event]):
-        self._events = events
-        self._num_recorded = 0
-
-    def at_safepoint(self) -> None:
-        self._events[self._num_recorded % 2].record()
-        if self._num_recorded:
-            self._events[(self._num_recorded - 1) % 2].synchronize()
-        self._num_recorded += 1
-
-    def drain(self) -> None:
-        """Wait for everything launched so far (before the step's buffers are reused)."""
-        if self._num_recorded:
-            self._events[(self._num_recorded - 1) % 2].synchronize()
-
-    def reset(self) -> None:
-        self._num_recorded = 0
-
-
-class Safepoints:
-    """The worker's per-step layer count, and the decision taken at every k-th layer."""
-
-    def __init__(self, every: int, num_layers: int, read_arrival: Callable[[], int],
-                 bound: RunAheadBound | None = None, clock: Callable[[], int] = time.monotonic_ns):
-        self.every, self.num_layers = every, num_layers
-        self._read_arrival, self._bound, self._clock = read_arrival, bound, clock
-        self.meta: StepMeta | None = None
-        self.report: AbortReport | None = None
-        self._layer = 0
-        self._group_started_ns = 0
-
-    def begin(self, meta: StepMeta) -> None:
-        self.meta, self.report, self._layer = meta, None, 0
-        self._group_started_ns = self._clock()
-
-    def after_layer(self) -> None:
-        self._layer += 1
-        if self._layer % self.every == 0 and self._layer < self.num_layers:
-            self._safepoint()
-
-    def end(self) -> None:
-        if self._bound is not None:
-            self._bound.reset()
-
-    def _safepoint(self) -> None:
-        if self._bound is not None:
-            self._bound.at_safepoint()
-        now = self._clock()
-        group_s, self._group_started_ns = (now - self._group_started_ns) / 1e9, now
-        meta = self.meta
-        if meta is None or meta.abort_after_ns is None:
-            return
-        arrival = self._read_arrival()
-        forced = meta.forced_abort_layer is not None and self._layer >= meta.forced_abort_layer
-        if arrival > meta.abort_after_ns or forced:
-            if self._bound is not None:
-                self._bound.drain()  # NOTE: vLLM reuses pinned input buffers next step
-            self.report = AbortReport(meta.step_index, self._layer, self.num_layers,
-                                      arrival if arrival > meta.abort_after_ns else 0,
-                                      self._clock(), group_s)
-            raise StepAborted(self.report)
-
-
-class Checkpoints:
-    """Checkpointing, scheduler side: vLLM's scheduler state into `CheckpointBook` calls, and
-    each step's copies out (in the step's `StepMeta`).
-
-    Only offline requests without prompt logprobs are checkpointed: online requests are never
-    preempted for offline ones, and a prompt-logprob request never reads cached KV in vLLM
-    (`Request.skip_reading_prefix_cache`), so a checkpoint could not be loaded for it.
-    """
-
-    def __init__(self, config: ConnectorConfig, num_slots: int, block_size: int, block_bytes: int):
-        self.book = CheckpointBook(num_slots, block_size)
-        self._block_bytes = block_bytes
-        self._test_pool_blocks = (SharedInt(config.test_pool_blocks_path)
-                                  if config.test_pool_blocks_path else None)
-        self._state_path = config.checkpoint_state_path
-        self._state_written_at = float("-inf")
-        self._local: dict[str, int] = {}  # vLLM's prefix-cache hit of requests being admitted
-        self._loads: list[tuple[int, int]] = []
-        self._progress: tuple[tuple[str, int], ...] = ()  # computed tokens once the step ends
-        self._resumes: list[Resume] = []
-        self.num_loaded_tokens = self.num_recomputed_tokens = self.num_resumes = 0
-
-    def num_matched_tokens(self, request, num_local: int) -> int:
-        if not self.book.is_tracked(request.request_id) or request.skip_reading_prefix_cache:
-            return 0
-        self._local[request.request_id] = num_local
-        return self.book.num_matched_tokens(request.request_id, request.num_tokens, num_local)
-
-    def admitted(self, request, block_ids: list[int], num_loaded: int) -> None:
-        """A waiting request got its blocks: a new one is tracked, a resumed one loaded."""
-        req_id = request.request_id
-        num_local = self._local.pop(req_id, 0)
-        if not checkpointable(request):
-            return
-        if not self.book.is_tracked(req_id):
-            self.book.track(req_id, request.arrival_time)
-            return
-        if num_loaded:
-            loads, resume = self.book.plan_load(req_id, num_local, num_loaded, block_ids)
-            self._loads += [(load.slot, load.block_id) for load in loads]
-        else:
-            resume = self.book.resumed_without_load(req_id, num_local)
-        if resume is not None:
-            self._resumes.append(resume)
-            self.num_resumes += 1
-            self.num_loaded_tokens += resume.num_loaded
-            self.num_recomputed_tokens += resume.num_recomputed
-
-    def step_meta(self, step_index: int, output, kv_cache_manager) -> StepMeta:
-        """The step's metadata with its copies: loads planned at admission, saves of the full
-        blocks its tracked requests will have computed once it ends."""
-        flushed = self.book.mark_preempted(output.preempted_req_ids)
-        if self._test_pool_blocks is not None:
-            limit = self._test_pool_blocks.read()
-            self.book.set_capacity(limit - 1 if limit > 0 else self.book.num_slots)
-        committed = [(req_id, num_before + num_tokens, kv_cache_manager.get_block_ids(req_id)[0])
-                     for req_id, num_before, num_tokens in _scheduled(output)
-                     if self.book.is_tracked(req_id)]
-        saves = self.book.plan_saves(committed)
-        self._progress = tuple((req_id, num_computed) for req_id, num_computed, _ in committed)
-        loads, self._loads, self._local = tuple(self._loads), [], {}
-        return StepMeta(step_index, saves=tuple((s.block_id, s.slot) for s in saves),
-                        loads=loads, flush=bool(flushed))
-
-    def step_finished(self, ran: bool) -> None:
-        self.book.finish_step(ran, self._progress)
-        self._progress = ()
-        self._write_state()
-
-    def release(self, req_id: str) -> None:
-        """A request finished or was aborted: its checkpoint is freed."""
-        self.book.release(req_id)
-        if not self.book.stats().num_requests:
-            self._write_state(force=True)  # NOTE: an idle engine writes nothing else
-
-    def take_resumes(self) -> list[Resume]:
-        resumes, self._resumes = self._resumes, []
-        return resumes
-
-    def state(self) -> dict[str, Any]:
-        """The pool's use and the totals since start (what `/metrics` shows)."""
-        stats = self.book.stats()
-        return {"pool_bytes": stats.num_slots * self._block_bytes,
-                "used_bytes": stats.num_used * self._block_bytes, "requests": stats.num_requests,
-                "saved_blocks": stats.num_saved_blocks, "loaded_blocks": stats.num_loaded_blocks,
-                "evicted_blocks": stats.num_evicted_blocks, "resumes": self.num_resumes,
-                "loaded_tokens": self.num_loaded_tokens,
-                "recomputed_tokens": self.num_recomputed_tokens}
-
-    def _write_state(self, force: bool = False) -> None:
-        """Replace the state file atomically, at most once every STATE_EVERY_S unless `force`."""
-        now = time.monotonic()
-        if self._state_path is None or (not force and now - self._state_written_at < STATE_EVERY_S):
-            return
-        self._state_written_at = now
-        write_state(self._state_path, self.state())
-
-
-def checkpointable(request) -> bool:
-    """Whether a request's KV is checkpointed (see `Checkpoints`)."""
-    return not is_online(request.priority) and not wants_prompt_logprobs(request)
-
-
-def _scheduled(output):
-    """(request id, tokens computed before the step, tokens it computes) of a step."""
-    for new in output.scheduled_new_reqs:
-        yield new.req_id, new.num_computed_tokens, output.num_scheduled_tokens[new.req_id]
-    cached = output.scheduled_cached_reqs
-    for req_id, num_before in zip(cached.req_ids, cached.num_computed_tokens):
-        yield req_id, num_before, output.num_scheduled_tokens[req_id]
 
 
 class ConserveConnector(KVConnectorBase_V1):

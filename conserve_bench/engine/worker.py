@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
-from conserve_bench.engine.connector import AbortReport, StepAborted
+from conserve_bench.engine.safepoints import AbortReport, StepAborted
 
 
 def _platform_worker() -> type:

@@ -24,10 +24,11 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from conserve_bench.engine.connector import AbortReport, ConserveConnector
+from conserve_bench.engine.connector import ConserveConnector
 from conserve_bench.engine.plugin import (POLICY, REFIT, REFIT_STATE, conserve_config,
                                           is_online, step_log_path, wants_prompt_logprobs,
                                           write_state)
+from conserve_bench.engine.safepoints import AbortReport
 from conserve_bench.sched.policy import (Pending, PolicyConfig, StepPlan, Targets,
                                          offline_to_preempt, plan_step)
 from conserve_bench.sched.preemption import LayerPreemption

@@ -1,0 +1,128 @@
+"""Layer-wise preemption, worker side: what a step carries from the scheduler (`StepMeta`:
+its arming, and its KV copies for checkpointing), the safepoint every k attention layers that
+abandons an armed step once an online request arrived after it was planned (`Safepoints`,
+raising `StepAborted`), and what an abandoned step reports back (`AbortReport`). Pure Python:
+the connector (`engine.connector`) calls it from vLLM's `save_kv_layer`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+
+
+@dataclass
+class StepMeta(KVConnectorMetadata):
+    """What the worker learns about a step from the scheduler."""
+
+    step_index: int  # steps numbered by the scheduler-side connector, from 1
+    abort_after_ns: int | None = None  # armed: arrivals stamped later cut it; None: never cut
+    forced_abort_layer: int | None = None  # test-only: cut at this layer's safepoint
+    saves: tuple[tuple[int, int], ...] = ()  # (device block, host slot), after the step
+    loads: tuple[tuple[int, int], ...] = ()  # (host slot, device block), before the step
+    flush: bool = False  # requests with checkpoints were preempted: finish every save first
+
+
+@dataclass
+class AbortReport(KVConnectorWorkerMetadata):
+    """A step the worker abandoned, sent back with its empty output."""
+
+    step_index: int
+    layer: int  # attention layers completed when it stopped
+    num_layers: int
+    arrival_ns: int  # the arrival that cut it (0 when the test trigger did)
+    aborted_at_ns: int
+    layer_group_s: float  # how long the layer group that ended at the safepoint took
+
+    @property
+    def arrival_to_abort_s(self) -> float | None:
+        return (self.aborted_at_ns - self.arrival_ns) / 1e9 if self.arrival_ns else None
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        return self  # NOTE: one worker: tensor and pipeline parallel size 1 are requirements
+
+
+class StepAborted(Exception):
+    def __init__(self, report: AbortReport):
+        super().__init__(f"step {report.step_index} abandoned at layer {report.layer}")
+        self.report = report
+
+
+class Event(Protocol):
+    def record(self) -> None: ...
+    def synchronize(self) -> None: ...
+
+
+class RunAheadBound:
+    """Keeps the CPU at most one layer group ahead of the device (CUDA only).
+
+    CUDA kernels launch asynchronously: without a bound the CPU would pass every safepoint
+    while the device is still on the first layers, and an abort would cut nothing. At each
+    safepoint it records an event and waits for the one recorded at the safepoint before.
+    Two events alternate: one is recorded while the other is waited on.
+    """
+
+    def __init__(self, events: tuple[Event, Event]):
+        self._events = events
+        self._num_recorded = 0
+
+    def at_safepoint(self) -> None:
+        self._events[self._num_recorded % 2].record()
+        if self._num_recorded:
+            self._events[(self._num_recorded - 1) % 2].synchronize()
+        self._num_recorded += 1
+
+    def drain(self) -> None:
+        """Wait for everything launched so far (before the step's buffers are reused)."""
+        if self._num_recorded:
+            self._events[(self._num_recorded - 1) % 2].synchronize()
+
+    def reset(self) -> None:
+        self._num_recorded = 0
+
+
+class Safepoints:
+    """The worker's per-step layer count, and the decision taken at every k-th layer."""
+
+    def __init__(self, every: int, num_layers: int, read_arrival: Callable[[], int],
+                 bound: RunAheadBound | None = None, clock: Callable[[], int] = time.monotonic_ns):
+        self.every, self.num_layers = every, num_layers
+        self._read_arrival, self._bound, self._clock = read_arrival, bound, clock
+        self.meta: StepMeta | None = None
+        self.report: AbortReport | None = None
+        self._layer = 0
+        self._group_started_ns = 0
+
+    def begin(self, meta: StepMeta) -> None:
+        self.meta, self.report, self._layer = meta, None, 0
+        self._group_started_ns = self._clock()
+
+    def after_layer(self) -> None:
+        self._layer += 1
+        if self._layer % self.every == 0 and self._layer < self.num_layers:
+            self._safepoint()
+
+    def end(self) -> None:
+        if self._bound is not None:
+            self._bound.reset()
+
+    def _safepoint(self) -> None:
+        if self._bound is not None:
+            self._bound.at_safepoint()
+        now = self._clock()
+        group_s, self._group_started_ns = (now - self._group_started_ns) / 1e9, now
+        meta = self.meta
+        if meta is None or meta.abort_after_ns is None:
+            return
+        arrival = self._read_arrival()
+        forced = meta.forced_abort_layer is not None and self._layer >= meta.forced_abort_layer
+        if arrival > meta.abort_after_ns or forced:
+            if self._bound is not None:
+                self._bound.drain()  # NOTE: vLLM reuses pinned input buffers next step
+            self.report = AbortReport(meta.step_index, self._layer, self.num_layers,
+                                      arrival if arrival > meta.abort_after_ns else 0,
+                                      self._clock(), group_s)
+            raise StepAborted(self.report)
