@@ -15,9 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conserve_bench.bench.report import (PERCENTILES, RATIO_METRICS, CounterSample, OnlineRecord,
-                                        PhaseResult, StepRecord, build_report, counter_at, goal_rows,
-                                        metric, percentiles, render_markdown, step_rows,
-                                        summarize_steps, table_rows)
+                                        PhaseResult, StepRecord, build_report, counter_at, metric,
+                                        percentiles, summarize_steps)
+from conserve_bench.bench.tables import goal_rows, render_markdown, step_rows, table_rows
 from conserve_bench.bench.loadgen import parse_counters
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
@@ -211,7 +211,8 @@ def test_markdown_and_table_show_every_policy():
 @pytest.mark.skipif(not TRACE.is_file(), reason="shared trace not present")
 @pytest.mark.parametrize("arrivals", ["trace", "gamma"])
 def test_the_window_gets_the_requested_rate(arrivals):
-    from conserve_bench.bench.run import BenchConfig, _base_requests, timed_requests
+    from conserve_bench.bench.config import BenchConfig
+    from conserve_bench.bench.run import _base_requests, timed_requests
     from conserve_bench.bench.workload import mean_rate
 
     cfg = BenchConfig(trace=str(TRACE), arrivals=arrivals, cv=1.0, duration_s=100.0, trace_offset=50)
@@ -258,7 +259,8 @@ def test_missing_trace_is_one_line_error(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not TRACE.is_file(), reason="shared trace not present")
 def test_short_bench_run_writes_a_complete_consistent_report(tmp_path, data_dir):
-    from conserve_bench.bench.run import BenchConfig, run_bench
+    from conserve_bench.bench.config import BenchConfig
+    from conserve_bench.bench.run import run_bench
 
     cfg = BenchConfig(policies=("priority",), trace=str(TRACE), rate=1.0, load=None,
                       duration_s=8.0, token_scale=0.02, max_context_tokens=32, max_generated_tokens=6,

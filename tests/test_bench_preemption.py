@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from conserve_bench.bench.report import (PhaseResult, StepRecord, build_report, preemption_rows,
-                                        render_markdown, summarize_online_queue,
+from conserve_bench.bench.report import (PhaseResult, StepRecord, build_report, summarize_online_queue,
                                         summarize_preemptions, summarize_steps)
-from conserve_bench.bench.run import BenchConfig, BenchConfigError, PolicyRun
+from conserve_bench.bench.tables import preemption_rows, render_markdown
+from conserve_bench.bench.config import BenchConfig, BenchConfigError, PolicyRun
 from conserve_bench.sched.latency import Sample, StepShape
 
 CONFIG = {"ttft_slo_ms": 100.0, "tbt_slo_ms": 50.0, "model": "m", "workload": "w", "offline_tasks": ["mmlu"]}

@@ -53,11 +53,11 @@ def bench(
 
     Example: bench --trace ../shared/data/traces/azure_llm_2023_conv.csv --data-dir ../shared/data/mmlu
     """
-    from conserve_bench.bench.run import BenchConfig, run_bench
-    from conserve_bench.bench.report import (GOAL_COLUMNS, KV_RESUME_COLUMNS,
-                                             PREEMPTION_COLUMNS, STEP_COLUMNS, TABLE_COLUMNS,
-                                             goal_rows, kv_resume_rows, preemption_rows,
-                                             step_rows, table_rows)
+    from conserve_bench.bench.config import BenchConfig
+    from conserve_bench.bench.run import run_bench
+    from conserve_bench.bench.tables import (GOAL_COLUMNS, KV_RESUME_COLUMNS, PREEMPTION_COLUMNS,
+                                             STEP_COLUMNS, TABLE_COLUMNS, goal_rows, kv_resume_rows,
+                                             preemption_rows, step_rows, table_rows)
 
     data_dir = data_dir or default_data_dir()
     cfg = BenchConfig(
