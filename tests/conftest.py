@@ -75,6 +75,13 @@ def _isolated_store(tmp_path, monkeypatch):
     monkeypatch.setenv("CONSERVE_BENCH_DB", f"sqlite:///{tmp_path / 'conserve.db'}")
 
 
+def pytest_collection_modifyitems(items):
+    """Tests without vLLM first (in their order): the session's server, started at the first
+    test when a selected test needs it, comes up while they run instead of while an engine
+    test waits for it."""
+    items.sort(key=lambda item: item.get_closest_marker("engine") is not None)
+
+
 def pytest_generate_tests(metafunc):
     if "store" in metafunc.fixturenames and getattr(metafunc.module, "BOTH_DIALECTS", False):
         metafunc.parametrize("store", DIALECTS, indirect=True)

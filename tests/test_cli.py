@@ -109,3 +109,48 @@ def test_cancel_keeps_finished_items(db):
     out = json.loads(cli("cancel", job_id, "--db", url, "--json").stdout)
     assert out["state"] == "cancelled" and out["done"] == 2
     assert_one_line_error(cli("resume", job_id, "--db", url), "cancelled")
+
+
+# `submit` on the fake engine, in a process of its own: one item per 0.1 s step.
+FAKE_SUBMIT = """
+import sys
+from conserve_bench.engine.fake import FakeEngine
+from conserve_bench.jobs import lifecycle
+
+class Engine(FakeEngine):
+    max_model_len = 8192
+    def __enter__(self): return self
+    def __exit__(self, *exc): pass
+
+lifecycle.start_engine = lambda model, **overrides: Engine(items_per_step=1, step_s=0.1)
+from conserve_bench.cli import main
+sys.argv = ["conserve-bench", *sys.argv[1:]]
+main()
+"""
+
+
+def test_sigterm_stops_submit_as_ctrl_c_does_keeping_progress_and_run_time(tmp_path, data_dir):
+    import signal
+    import subprocess
+    import sys
+
+    from .conftest import wait_for
+
+    url = f"sqlite:///{tmp_path / 'term.db'}"
+    store = Store(url)
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_SUBMIT, "submit", "mmlu_anatomy", "--limit", "10",
+                             "--data-dir", data_dir, "--db", url, "--output", str(tmp_path),
+                             "--max-inflight", "4"], stderr=subprocess.PIPE, text=True)
+    try:
+        job = wait_for(lambda: next((j for j in store.list_jobs() if j.num_done >= 8), None),
+                       "8 items done", timeout_s=120)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.strip().splitlines()[-1].startswith("interrupted: in-flight items were returned to pending")
+    stopped = store.get_job(job.id)
+    assert stopped.state == "queued" and stopped.run_s > 0  # not left running, its time counted
+    assert 8 <= stopped.num_done < stopped.num_total
+    assert "running" not in store.item_states(job.id)
