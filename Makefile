@@ -11,7 +11,7 @@ DEMO_ARGS ?= mmlu --limit 2 --num-fewshot 5
 TRACE ?= ../shared/data/traces/azure_llm_2023_conv.csv
 BENCH_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test coverage bench clean
 
 setup: $(VENV)/.installed-$(VLLM_EXTRA)
 
@@ -35,6 +35,10 @@ bench: setup
 
 test: setup
 	$(PY) -m pytest -q -ra
+
+# The suite under coverage, subprocesses too (pyproject's [tool.coverage.run]); a few minutes more.
+coverage: setup
+	$(PY) -m pytest -q -ra --cov --cov-report=term
 
 clean:
 	rm -rf $(VENV) build *.egg-info
