@@ -149,7 +149,8 @@ def test_sigterm_stops_submit_as_ctrl_c_does_keeping_progress_and_run_time(tmp_p
     finally:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM
-    assert err.strip().splitlines()[-1].startswith("interrupted: in-flight items were returned to pending")
+    assert err.strip().splitlines()[-1] == (f"interrupted: job {job.id}'s items in flight went back to pending; "
+                                            f"`conserve-bench resume {job.id}` continues it")
     stopped = store.get_job(job.id)
     assert stopped.state == "queued" and stopped.run_s > 0  # not left running, its time counted
     assert 8 <= stopped.num_done < stopped.num_total

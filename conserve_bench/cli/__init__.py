@@ -12,19 +12,16 @@ serve), `ci` (ci, lm-eval), `bench`; `base` holds the app and the options they s
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import sys
-import threading
 import traceback
-from collections.abc import Iterator
 
 import typer
 
 from conserve_bench.cli import jobs, serving, ci, bench  # NOTE: in the order `--help` lists them
-from conserve_bench.cli.base import app
+from conserve_bench.cli.base import Interrupted, app, interrupts
 from conserve_bench.errors import ConserveError
 from conserve_bench.jobs import lifecycle
 from conserve_bench.output import out
@@ -43,40 +40,10 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-class Interrupted(BaseException):
-    """Ctrl-C or SIGTERM during a command. Not an Exception, so nothing on the way catches
-    it as an error: a job keeps its progress, its in-flight items go back to pending and its
-    run time counts (`jobs.lifecycle`). Not a KeyboardInterrupt either, which typer turns into
-    a silent exit."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _interrupts() -> Iterator[None]:
-    """SIGINT and SIGTERM (a `kill`, a CI runner's timeout) raise `Interrupted` while a
-    command runs; `serve` and `ci` install drains of their own meanwhile."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, _frame) -> None:
-        raise Interrupted(signum)
-
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def main() -> None:
     _quiet_libraries()
     try:
-        with _interrupts():
+        with interrupts():
             code = app(standalone_mode=False)  # a command's `typer.Exit(code)` comes back here
     except ConserveError as e:
         out.error(f"error: {e}")  # NOTE: a plain line, so no terminal width wraps it
@@ -86,8 +53,9 @@ def main() -> None:
             out.error(f"error: {message}")
         sys.exit(e.exit_code)
     except (Interrupted, typer.Abort, KeyboardInterrupt) as e:
-        out.error("interrupted: in-flight items were returned to pending; "
-                  "run `conserve-bench resume JOB` to continue")
+        job_id = getattr(e, "job_id", None)
+        out.error(f"interrupted: job {job_id}'s items in flight went back to pending; "
+                  f"`conserve-bench resume {job_id}` continues it" if job_id else "interrupted")
         sys.exit(128 + getattr(e, "signum", signal.SIGINT))
     except Exception as e:
         if out.log_path is None:

@@ -1,8 +1,13 @@
-"""What the commands share: the typer app, the options several commands take, and the helpers
-that turn flags into configs (a config's own check becomes a usage error)."""
+"""What the commands share: the typer app, the options several commands take, the helpers
+that turn flags into configs (a config's own check becomes a usage error), and how Ctrl-C and
+SIGTERM stop a command (`interrupts`)."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from typing import Annotated, Optional
 
 import typer
@@ -44,3 +49,34 @@ def on_off(flag: str, value: str | None) -> bool | None:
     if value not in ("on", "off"):
         raise typer.BadParameter(f"{flag} takes on or off, not {value!r}")
     return value == "on"
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM during a command. Not an Exception, so nothing on the way catches
+    it as an error: a job keeps its progress, its in-flight items go back to pending and its
+    run time counts (`jobs.lifecycle`). Not a KeyboardInterrupt either, which typer turns into
+    a silent exit."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.job_id: str | None = None  # the job it stopped, if any
+
+
+@contextlib.contextmanager
+def interrupts() -> Iterator[None]:
+    """SIGINT and SIGTERM (a `kill`, a CI runner's timeout) raise `Interrupted` while a
+    command runs; `serve` and `ci` install drains of their own meanwhile."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, _frame) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

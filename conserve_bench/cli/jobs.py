@@ -11,8 +11,8 @@ import typer
 from rich.table import Table
 
 from conserve_bench.cli.base import (ApiKeyOpt, CheckpointSOpt, CheckpointTokensOpt, DbOpt,
-                                     InflightOpt, JobArg, JsonOpt, KVCheckpointOpt, OutputOpt,
-                                     ServerOpt, VerboseOpt, app, checked, store_for)
+                                     InflightOpt, Interrupted, JobArg, JsonOpt, KVCheckpointOpt,
+                                     OutputOpt, ServerOpt, VerboseOpt, app, checked, store_for)
 from conserve_bench.config import (DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS, DEFAULT_MODEL,
                                    JobSpec, RunConfig, default_data_dir)
 from conserve_bench.engine.models import resolve_model
@@ -168,6 +168,15 @@ def _run_config(max_inflight: int, checkpoint_tokens: int, checkpoint_s: float) 
 
 def _run(store: Store, job_id: str, output: str, run_cfg: RunConfig, as_json: bool,
          verbose: bool, kv_checkpoint_gib: float) -> None:
+    try:
+        _run_job(store, job_id, output, run_cfg, as_json, verbose, kv_checkpoint_gib)
+    except Interrupted as e:
+        e.job_id = job_id  # NOTE: its items were given back on the way out (`lifecycle.run_job`)
+        raise
+
+
+def _run_job(store: Store, job_id: str, output: str, run_cfg: RunConfig, as_json: bool,
+             verbose: bool, kv_checkpoint_gib: float) -> None:
     job = lifecycle.runnable_job(store, job_id)
     lifecycle.check_runs_on(job)  # what needs no engine, before one starts
     model = resolve_model(job.spec.model)
