@@ -1,8 +1,7 @@
 """`python -m conserve_bench.cli`: the `conserve-bench` console script."""
 
-# NOTE: everything under the guard: vLLM's CPU build spawns its engine-core and worker
-# processes, which import this module again (as __mp_main__); they must neither run the command
-# a second time nor pay for importing the CLI
+# NOTE: the guard matters: vLLM's CPU build spawns its engine-core and worker processes, which
+# import this module again (as __mp_main__) and must not run the command a second time
 if __name__ == "__main__":
     from conserve_bench.cli import main
 
