@@ -361,6 +361,7 @@ def test_serve_starts_vllm_with_the_connector_worker_and_no_async_scheduling(tmp
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     from conserve_bench.config import EngineConfig
+    from conserve_bench.engine.local import UNIPROC_EXECUTOR
     from conserve_bench.engine.plugin import WORKER_CLS
     from conserve_bench.serve.server import ServeConfig, vllm_cli_args, with_connector
 
@@ -370,6 +371,7 @@ def test_serve_starts_vllm_with_the_connector_worker_and_no_async_scheduling(tmp
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(
         ["--model", *vllm_cli_args(cfg, engine_cfg)])
     assert args.async_scheduling is False and args.worker_cls == WORKER_CLS
+    assert args.distributed_executor_backend == UNIPROC_EXECUTOR  # the worker in the engine core
     extra = args.kv_transfer_config.kv_connector_extra_config["conserve"]
     assert extra == {"safepoint_every": 2, "arrival_path": str(signal.path), "test_abort_path": None,
                      "checkpoint_gib": 1.5, "checkpoint_state_path": "s.json",

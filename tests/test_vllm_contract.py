@@ -120,3 +120,18 @@ def test_vllm_cpu_process_layout_names():
     assert callable(envs.disable_envs_cache)
     source = inspect.getsource(core.EngineCore.__init__)
     assert "enable_envs_cache()" in source and "freeze_gc_heap()" in source
+
+
+def test_vllm_takes_an_executor_by_import_path_that_the_cpu_build_leaves_alone():
+    """`engine.local.executor_backend`: the CPU build rewrites the name "uni" only; vLLM
+    resolves an `Executor` subclass's import path, given as a flag or an engine argument."""
+    from vllm.platforms import cpu
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+    from vllm.v1.executor.abstract import Executor
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    from conserve_bench.engine.local import UNIPROC_EXECUTOR
+
+    assert 'distributed_executor_backend == "uni"' in inspect.getsource(cpu.CpuPlatform.check_and_update_config)
+    assert resolve_obj_by_qualname(UNIPROC_EXECUTOR) is UniProcExecutor
+    assert "resolve_obj_by_qualname(distributed_executor_backend)" in inspect.getsource(Executor.get_class)

@@ -50,6 +50,7 @@ EAGER_ENV = "CONSERVE_BENCH_ENFORCE_EAGER"
 RESERVED_CPU_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 SMALL_HOST_CPUS = 4
 MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+UNIPROC_EXECUTOR = "vllm.v1.executor.uniproc_executor.UniProcExecutor"
 # NOTE: vLLM keeps an engine's distributed state (its model-parallel groups) per process: with
 # two engine cores in one process, closing either breaks the other ("pipeline model parallel
 # group is not initialized"). While one runs here, another engine gets vLLM's own processes.
@@ -108,7 +109,26 @@ def engine_args(cfg: EngineConfig) -> dict[str, Any]:
             args[name] = getattr(cfg, name)
     if cfg.num_gpu_blocks is not None:
         args["num_gpu_blocks_override"] = cfg.num_gpu_blocks
+    backend = executor_backend()
+    if backend is not None:
+        args["distributed_executor_backend"] = backend
     return args
+
+
+def executor_backend() -> str | None:
+    """vLLM's executor on this platform: on the CPU build, the worker in the engine core's
+    process, as vLLM runs one GPU; None elsewhere (vLLM's default).
+
+    NOTE: vLLM's CPU build turns `"uni"` into `"mp"` when the engine core has a process of
+    its own: a third process (engine front, engine core, worker), one more vLLM import, about
+    11 s of a 2-core host's start-up, for an overlap the CPU build does not do (no async
+    scheduling). It does so because OpenMP needs the `LD_PRELOAD` it sets before the worker's
+    process starts; the engine core's process is started after it too, so the worker can run
+    there. The same executor named by its import path passes vLLM's check unchanged.
+    """
+    from vllm.platforms import current_platform
+
+    return UNIPROC_EXECUTOR if current_platform.is_cpu() else None
 
 
 def sampling_params(prompt: Prompt):
@@ -137,11 +157,12 @@ def context_length(model_config) -> int:
 def engine_core_placement(cfg: EngineConfig) -> Iterator[bool]:
     """Start vLLM's engine core in this process on the CPU build (yields whether it does).
 
-    NOTE: by default vLLM starts two processes (engine core, worker), each importing vLLM and
-    torch again: 22 s of a 2-core host's start-up, for an overlap of scheduling and compute
-    the CPU build does not do (it turns async scheduling off). On CUDA that overlap matters:
-    vLLM's default stays. Engines with our worker subclass or KV connector keep it too: both
-    are built and tested for vLLM's multiprocess layout. One engine core at a time runs in this
+    NOTE: by default vLLM starts a process for its engine core (with the worker in it, see
+    `executor_backend`), which imports vLLM and torch again: about 11 s of a 2-core host's
+    start-up, for an overlap of scheduling and compute the CPU build does not do (it turns
+    async scheduling off). On CUDA that overlap matters: vLLM's default stays. Engines with our
+    worker subclass or KV connector keep it too: their tests run them in the layout `serve`
+    does, which is vLLM's with its own process. One engine core at a time runs in this
     process (`_engines_in_process`). The variable is read only while the engine is built; vLLM
     then caches its environment for good, which this undoes so that later engines of this
     process read their own. `cfg.engine_core_in_process` decides when set (the profiler
