@@ -53,7 +53,7 @@ def test_vllms_worker_runs_in_the_engine_core_process(server):
     if not current_platform.is_cpu():
         pytest.skip("vLLM's own executor stays on accelerators")
     names = [child.name() for child in psutil.Process(server.proc.pid).children(recursive=True)]
-    assert [name for name in names if name.startswith("VLLM::")] == ["VLLM::EngineCor"], names
+    assert [name for name in names if name.startswith("VLLM::")] == ["VLLM::EngineCore"], names
 
 def test_auth_is_required_on_online_and_job_routes(server):
     for path in ("/v1/models", "/v1/jobs"):
