@@ -43,7 +43,6 @@ def test_serve_loads_the_stored_profile(server):
     assert f"conserve: bounded: offline work adds <= {share:.0%} to a step's online decodes" in log
 
 
-
 def test_vllms_worker_runs_in_the_engine_core_process(server):
     """One vLLM process under `serve` on the CPU build, the engine core with its worker in it
     (`engine.local.executor_backend`): vLLM's own CPU layout starts the worker in another."""
@@ -54,6 +53,7 @@ def test_vllms_worker_runs_in_the_engine_core_process(server):
         pytest.skip("vLLM's own executor stays on accelerators")
     names = [child.name() for child in psutil.Process(server.proc.pid).children(recursive=True)]
     assert [name for name in names if name.startswith("VLLM::")] == ["VLLM::EngineCore"], names
+
 
 def test_auth_is_required_on_online_and_job_routes(server):
     for path in ("/v1/models", "/v1/jobs"):
