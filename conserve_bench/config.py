@@ -95,7 +95,7 @@ class EngineConfig:
     scheduling_policy: str | None = None  # None: vLLM's default ("fcfs"); the ConServe policy needs "priority"
     # None: in this process on the CPU build, unless a worker subclass or KV connector is
     # loaded or another engine core runs here (see engine.local.engine_core_placement);
-    # False: vLLM's own processes, as `serve`
+    # False: vLLM's engine-core process, as `serve`
     engine_core_in_process: bool | None = None
 
     def fingerprint(self, max_model_len: int) -> str:

@@ -130,8 +130,8 @@ def test_job_accuracy_matches_hf_and_reuses_items(store, engine, data_dir, hf_lm
 
 
 def test_on_the_cpu_build_the_engine_core_runs_in_this_process(engine):
-    """No engine-core or worker process of its own: each would import vLLM again at start-up
-    (`engine.local.engine_core_placement`)."""
+    """No engine-core process of its own (the worker runs in it): it would import vLLM again
+    at start-up (`engine.local.engine_core_placement`)."""
     from vllm.platforms import current_platform
     from vllm.v1.engine.core_client import InprocClient
 

@@ -53,7 +53,7 @@ MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 UNIPROC_EXECUTOR = "vllm.v1.executor.uniproc_executor.UniProcExecutor"
 # NOTE: vLLM keeps an engine's distributed state (its model-parallel groups) per process: with
 # two engine cores in one process, closing either breaks the other ("pipeline model parallel
-# group is not initialized"). While one runs here, another engine gets vLLM's own processes.
+# group is not initialized"). While one runs here, another engine gets vLLM's engine-core process.
 _engines_in_process = 0
 
 

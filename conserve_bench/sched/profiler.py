@@ -168,7 +168,7 @@ def run_profile(store: Store, model: str, quick: bool = False,
 
     ref = resolve_model(model)
     with tempfile.TemporaryDirectory(prefix="conserve-profile-") as workdir:
-        # NOTE: step times in the layout `serve` plans them in (vLLM's own processes)
+        # NOTE: step times in the layout `serve` plans them in (vLLM's engine-core process)
         overrides = {**recording_overrides(Path(workdir) / "steps.jsonl"),
                      "engine_core_in_process": False}
         with start_engine(ref, **overrides) as engine:
