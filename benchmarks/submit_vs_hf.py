@@ -18,7 +18,8 @@ store, hf's request cache (lm-eval's `--use_cache`) and every segment's timings 
 and SIGTERM ends the current segment (conserve drains and records its progress; hf keeps every
 answered request). Rerun the same command to continue; wall times are then the sums over
 segments, each paying its own start-up (counted, not hidden), and the evaluation alone is
-conserve's recorded run time and hf's time after its model loaded, summed.
+conserve's recorded run time and hf's time after its model loaded, summed. Both arms' answers
+being stored, the report then compares them request by request too (`compare_requests`).
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ def run_resumable(args, limit: int, batch_size: int) -> None:
     run = {"limit": limit or None, "conserve": conserve, "hf": hf,
            "segments": {arm: sum(s["arm"] == arm for s in segments.state["segments"]) for arm in ("conserve", "hf")}}
     run["compare"] = compare(conserve, hf)
+    run["requests"] = compare_requests(f"sqlite:///{state_dir}/conserve.db", state_dir / "hf-cache_rank0.db")
     report = {"config": vars(args), "host": segments.state["host"], "runs": [run]}
     _save(report, args.out)
     print("\n".join(markdown(report)))
@@ -266,6 +268,37 @@ def compare(conserve: dict, hf: dict) -> dict:
             "same_items": conserve["num_items"] == hf["num_items"]}
 
 
+def compare_requests(conserve_db: str, hf_cache: Path) -> dict:
+    """Every request both arms answered, one by one: conserve's stored loglikelihood and
+    `is_greedy` against what lm-eval's request cache (`--use_cache`) holds for hf, found by
+    lm-eval's own cache key. `num_near_ties`: questions whose two best choices are closer, in
+    conserve's loglikelihoods, than twice the largest difference, where the two arms may pick
+    different answers."""
+    from lm_eval.api.model import hash_args
+    from sqlitedict import SqliteDict
+
+    from conserve_bench.store import Store
+
+    store = Store(conserve_db)
+    [job] = store.list_jobs()
+    diffs, greedy_differ, choices = [], 0, {}
+    with SqliteDict(str(hf_cache), flag="r") as cached:
+        for item in store.job_items(job.id, with_args=True):
+            key = hash_args(item["kind"], item["args"])
+            if item["kind"] != "loglikelihood" or key not in cached:
+                continue
+            (ours, our_greedy), (theirs, their_greedy) = item["result"], cached[key]
+            diffs.append(abs(ours - theirs))
+            greedy_differ += bool(our_greedy) != bool(their_greedy)
+            choices.setdefault(item["args"][0], []).append(ours)
+    worst = max(diffs, default=0.0)
+    gaps = [b - a for a, b in (sorted(lls)[-2:] for lls in choices.values() if len(lls) > 1)]
+    return {"num_compared": len(diffs), "max_abs_diff": worst,
+            "median_abs_diff": sorted(diffs)[len(diffs) // 2] if diffs else 0.0,
+            "num_is_greedy_differ": greedy_differ,
+            "num_near_ties": sum(gap < 2 * worst for gap in gaps)}
+
+
 def markdown_header() -> list[str]:
     return ["| questions per subject (items) | conserve end to end s | hf end to end s (batch) | "
             "end to end | conserve eval s (items/s) | hf eval s (items/s) | eval | MMLU acc conserve / hf | "
@@ -289,7 +322,15 @@ def markdown(report: dict) -> list[str]:
         host = report["host"]
         lines.append(f"host: {host['device']}; profile --quick: {host['fixed_ms']} ms per step, "
                      f"{host['prefill_tokens_ms']} ms per prefill token, {host['decodes_ms']} ms per decode")
-    return lines + markdown_header() + [markdown_row(run) for run in report["runs"]]
+    lines += markdown_header() + [markdown_row(run) for run in report["runs"]]
+    for run in report["runs"]:
+        if "requests" in run:
+            r = run["requests"]
+            lines.append(f"per request ({r['num_compared']} answered by both): |loglikelihood "
+                         f"difference| at most {r['max_abs_diff']:.2g} nats (median "
+                         f"{r['median_abs_diff']:.2g}), is_greedy different on {r['num_is_greedy_differ']}; "
+                         f"{r['num_near_ties']} questions with their two best choices closer than twice that")
+    return lines
 
 
 def _save(report: dict, path: str) -> None:

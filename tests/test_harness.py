@@ -302,3 +302,37 @@ def test_client_mode_against_serve_matches_embedded_and_is_idempotent(reference,
     assert_same_responses(responses(mmlu), responses(reference["mmlu"]))
     assert_same_responses(responses(tiny), responses(reference["tiny"]))
     assert_same_responses(responses(again), responses(tiny), tol=0.0)
+
+
+def test_submit_vs_hf_pairs_each_request_with_lm_evals_cache_entry(tmp_path, monkeypatch):
+    """benchmarks/submit_vs_hf.py finds hf's answer to each of conserve's requests under the
+    key lm-eval's request cache writes it with (`CacheHook`), and reports the differences."""
+    import importlib
+    from types import SimpleNamespace
+
+    from lm_eval.api.model import CacheHook
+    from sqlitedict import SqliteDict
+
+    from conserve_bench.config import JobSpec
+    from conserve_bench.store import WorkItem
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    benchmark = importlib.import_module("submit_vs_hf")
+    url = f"sqlite:///{tmp_path / 'conserve.db'}"
+    store = Store(url)
+    job = store.create_job(JobSpec(tasks=("mmlu",)))
+    ours = {("Q1", " A"): [-1.0, True], ("Q1", " B"): [-1.25, False],
+            ("Q2", " A"): [-2.0, False], ("Q2", " B"): [-2.00001, True], ("Q3", " A"): [-3.0, True]}
+    store.add_items(job.id, [WorkItem(f"k{i}", "loglikelihood", list(args)) for i, args in enumerate(ours)])
+    store.complete_items("me", {w.key: ours[tuple(w.args)] for w in store.claim_items(job.id, "me", 10)})
+    theirs = {("Q1", " A"): (-1.00002, True), ("Q1", " B"): (-1.25, True),  # is_greedy differs
+              ("Q2", " A"): (-2.0, False), ("Q2", " B"): (-2.00001, True)}  # Q3: not answered yet
+    with SqliteDict(str(tmp_path / "hf-cache_rank0.db"), autocommit=True) as cache:
+        hook = CacheHook(SimpleNamespace(dbdict=cache))
+        for args, result in theirs.items():
+            hook.add_partial("loglikelihood", args, result)
+
+    found = benchmark.compare_requests(url, tmp_path / "hf-cache_rank0.db")
+    assert found["num_compared"] == 4 and found["num_is_greedy_differ"] == 1
+    assert found["max_abs_diff"] == pytest.approx(2e-5, abs=1e-9)
+    assert found["num_near_ties"] == 1  # Q2: its two choices 1e-5 apart

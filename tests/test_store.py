@@ -199,6 +199,10 @@ def test_results_round_trip(store):
     store.claim_items(job.id, "me", 2)
     store.complete_items("me", {"k0": [-0.25, False], "k1": "text"})
     assert store.results_for(["k0", "k1", "missing"]) == {"k0": [-0.25, False], "k1": "text"}
+    listed = store.job_items(job.id, with_args=True)
+    assert [(i["key"], i["args"], i["result"]) for i in listed] == [
+        ("k0", {"i": 0}, [-0.25, False]), ("k1", {"i": 1}, "text")]
+    assert "args" not in store.job_items(job.id)[0]
 
 
 @pytest.mark.parametrize("url", ["not a url", "mysql://x/y", "sqlite:////no/such/dir/x.db"])

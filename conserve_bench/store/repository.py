@@ -50,12 +50,13 @@ ANALYZE_AFTER_ITEMS = 1000  # items added at once that refresh the planner's sta
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One request. `attempt`: which claim of it this is (set by `claim_items`; it fences
-    the completion)."""
+    """One request: `kind` an lm-eval request type, `args` its arguments as lm-eval made them
+    (`[context, continuation]`, `[text]`, `[context, gen_kwargs]`; stored as JSON). `attempt`:
+    which claim of it this is (set by `claim_items`; it fences the completion)."""
 
     key: str
     kind: str
-    args: dict[str, Any]
+    args: Any
     attempt: int = 0
 
 
@@ -388,20 +389,23 @@ class Store(PartialRows, WorkerRows, ProfileRows):
             .where(job_items.c.job_id == job_id).group_by(items.c.state)).all())
         return {state: n for state, n in rows}
 
-    def job_items(self, job_id: str, offset: int = 0,
-                  limit: int | None = None) -> list[dict[str, Any]]:
+    def job_items(self, job_id: str, offset: int = 0, limit: int | None = None,
+                  with_args: bool = False) -> list[dict[str, Any]]:
         """A job's items in the order they were added: key, kind, state, result (None unless
-        done), and how many of its runs continued a checkpointed generation (`num_resumes`)."""
+        done), how many of its runs continued a checkpointed generation (`num_resumes`), and
+        with `with_args` the request's arguments as lm-eval made them (`args`)."""
+        columns = [items.c.key, items.c.kind, items.c.state, items.c.result,
+                   item_partials.c.num_resumes, *([items.c.args] if with_args else [])]
         rows = self._read(lambda conn: conn.execute(
-            sa.select(items.c.key, items.c.kind, items.c.state, items.c.result,
-                      item_partials.c.num_resumes)
+            sa.select(*columns)
             .join(job_items, job_items.c.item_key == items.c.key)
             .outerjoin(item_partials, item_partials.c.item_key == items.c.key)
             .where(job_items.c.job_id == job_id).order_by(job_items.c.seq)
             .offset(offset).limit(limit)).all())
         return [{"key": r.key, "kind": r.kind, "state": r.state,
                  "result": json.loads(r.result) if r.state == ItemState.DONE else None,
-                 "num_resumes": r.num_resumes or 0} for r in rows]
+                 "num_resumes": r.num_resumes or 0,
+                 **({"args": json.loads(r.args)} if with_args else {})} for r in rows]
 
     def run_counts(self, job_id: str) -> dict[str, int]:
         """How many times each item of a job was sent to an engine (for durability checks)."""
