@@ -66,7 +66,10 @@ class ModelArgsError(ConserveError, TypeError):
 
 
 class StoreUnavailableError(ConserveError):
-    """The database stayed unreachable longer than a lease; nothing committed is lost."""
+    """The database stayed unreachable longer than a lease; nothing committed is lost.
+    Infrastructure, not input."""
+
+    exit_code = 3
 
 
 class ItemsFailedError(ConserveError):

@@ -70,6 +70,8 @@ def test_resume_of_an_lm_eval_runs_job_says_why_before_any_engine_starts(tmp_pat
     (["submit", "mmlu_anatomy", "--limit", "0"], ["--limit"]),
     (["status"], ["job_id"]),
     (["jobs", "--no-such-flag"], ["--no-such-flag"]),
+    (["submit", "mmlu_anatomy", "--server", "http://127.0.0.1:9", "--output", "x", "--verbose"],
+     ["--server", "its own settings", "--output, --verbose"]),
     (["serve", "--no-profile"], ["conserve policy", "--no-profile"]),
     (["serve", "--quantum-ms", "-5"], ["preemption quantum", "-5 ms"]),
     (["serve", "--slo-margin", "1.5"], ["SLO margin", "1.5"]),

@@ -124,6 +124,11 @@ def test_cli_talks_to_the_server(server):
     assert remote("results", summary["id"]) == summary
     denied = cli("jobs", "--server", server.url)
     assert denied.returncode != 0 and denied.stderr.startswith("error: unauthorized")
+    num_jobs = len(remote("jobs")["jobs"])
+    other = cli("submit", "mmlu_marketing", "--model", "HuggingFaceTB/SmolLM2-360M", "--server", server.url,
+                "--api-key", KEY)
+    assert other.returncode == 2 and other.stderr.strip().endswith("serves smollm2-135m, not HuggingFaceTB/SmolLM2-360M")
+    assert len(remote("jobs")["jobs"]) == num_jobs  # nothing queued
 
 
 def test_a_run_key_answers_the_same_job(server):

@@ -15,7 +15,7 @@ from conserve_bench.cli.base import (ApiKeyOpt, CheckpointSOpt, CheckpointTokens
                                      OutputOpt, ServerOpt, VerboseOpt, app, checked, store_for)
 from conserve_bench.config import (DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS, DEFAULT_MODEL,
                                    JobSpec, RunConfig, default_data_dir)
-from conserve_bench.engine.models import resolve_model
+from conserve_bench.engine.models import model_name, resolve_model
 from conserve_bench.errors import JobStateError
 from conserve_bench.jobs import lifecycle
 from conserve_bench.output import Phases, out
@@ -25,6 +25,7 @@ from conserve_bench.store import JobState, Store
 
 @app.command()
 def submit(
+    ctx: typer.Context,
     tasks: Annotated[str, typer.Argument(help="Comma-separated lm-eval tasks or groups, e.g. mmlu.")],
     model: Annotated[str, typer.Option(help="smollm2-135m, a model directory, or a hub id.")] = DEFAULT_MODEL,
     limit: Annotated[Optional[int], typer.Option(help="At most N documents per task.")] = None,
@@ -45,7 +46,14 @@ def submit(
     """Create a job and run it in-process, or queue it for servers. Example: submit mmlu --limit 5"""
     spec = _spec(tasks, model, limit, num_fewshot, data_dir or default_data_dir())
     if server:
-        _submit_remote(JobClient(server, api_key), spec, bool(wait), as_json)
+        if local := _given(ctx, RUN_HERE_OPTIONS):
+            raise typer.BadParameter("the server runs the job with its own settings; drop "
+                                     + ", ".join(local), param_hint="--server")
+        client = JobClient(server, api_key)
+        if _given(ctx, ["model"]) and model_name(model) != model_name(served := client.model()):
+            raise typer.BadParameter(f"the server at {client.base_url} serves {served}, not {model}",
+                                     param_hint="--model")
+        _submit_remote(client, spec, bool(wait), as_json)
         return
     store = store_for(db)
     job = lifecycle.submit_job(store, spec)
@@ -140,6 +148,18 @@ def cancel(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: 
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+# `submit`'s options for a job run in this process, which `--server` cannot honour
+RUN_HERE_OPTIONS = ("db", "output", "max_inflight", "checkpoint_tokens", "checkpoint_s",
+                    "kv_checkpoint_gib", "verbose")
+
+
+def _given(ctx: typer.Context, names) -> list[str]:
+    """Those of the options `names` set on the command line (not by default or the
+    environment), as flags."""
+    return [f"--{name.replace('_', '-')}" for name in names
+            if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
 
 
 def _spec(tasks: str, model: str, limit, num_fewshot, data_dir) -> JobSpec:
