@@ -98,7 +98,19 @@ def test_status_and_jobs_json(db):
     assert {k: status[k] for k in ("id", "state", "done", "total")} == {
         "id": job_id, "state": "queued", "done": 2, "total": 4}
     listed = json.loads(cli("jobs", "--db", url, "--json").stdout)
-    assert [j["id"] for j in listed["jobs"]] == [job_id]
+    assert [j["id"] for j in listed["jobs"]] == [job_id] and listed["num_jobs"] == 1
+
+
+def test_jobs_lists_the_newest_and_says_when_there_are_more(db, run_cli):
+    url, first = db
+    store = Store(url)
+    newer = [store.create_job(JobSpec(tasks=("mmlu_anatomy",), limit=n)).id for n in (2, 3)]
+    code, printed, _ = run_cli("jobs", "--db", url, "--limit", "2", "--json")
+    listed = json.loads(printed)
+    assert code == 0 and [j["id"] for j in listed["jobs"]] == newer[::-1] and listed["num_jobs"] == 3
+    assert "the newest 2 of 3 jobs; --limit 0 lists all" in run_cli("jobs", "--db", url, "--limit", "2")[1]
+    every = json.loads(run_cli("jobs", "--db", url, "--limit", "0", "--json")[1])["jobs"]
+    assert [j["id"] for j in every] == [*newer[::-1], first]
 
 
 def test_results_of_unfinished_job_is_an_error(db):

@@ -121,6 +121,8 @@ def test_cli_talks_to_the_server(server):
     status = remote("status", summary["id"])
     assert (status["state"], status["done"], status["total"]) == ("done", 8, 8)
     assert summary["id"] in [j["id"] for j in remote("jobs")["jobs"]]
+    newest = remote("jobs", "--limit", "1")
+    assert [j["id"] for j in newest["jobs"]] == [summary["id"]] and newest["num_jobs"] >= 1
     assert remote("results", summary["id"]) == summary
     denied = cli("jobs", "--server", server.url)
     assert denied.returncode != 0 and denied.stderr.startswith("error: unauthorized")

@@ -86,9 +86,11 @@ def resume(job_id: JobArg, db: DbOpt = None, output: OutputOpt = "results",
 
 @app.command("jobs")
 def list_jobs(db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = None,
+              limit: Annotated[int, typer.Option(min=0, help="The newest N jobs; 0: all.")] = lifecycle.JOBS_LISTED,
               as_json: JsonOpt = False):
     """List jobs, newest first, and the live replicas (workers) of the store."""
-    found = JobClient(server, api_key).jobs() if server else lifecycle.fleet_overview(store_for(db))
+    found = JobClient(server, api_key).jobs(limit) if server else \
+        lifecycle.fleet_overview(store_for(db), limit or None)
     if as_json:
         out.json(found)
         return
@@ -97,6 +99,8 @@ def list_jobs(db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = N
         table.add_row(j["id"], j["state"], f"{j['done']}/{j['total']}", str(j["failed"] or ""),
                       ",".join(j["tasks"]), j["model"])
     out.stdout.print(table)
+    if len(found["jobs"]) < found["num_jobs"]:
+        out.stdout.print(f"the newest {len(found['jobs'])} of {found['num_jobs']} jobs; --limit 0 lists all")
     if found["replicas"]:
         live = Table("live replica", "label", "job", "heartbeat", title="live replicas")
         for r in found["replicas"]:

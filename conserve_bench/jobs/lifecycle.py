@@ -240,9 +240,14 @@ def job_status(store: Store, job_id: str) -> dict[str, Any]:
             "item_errors": store.item_errors(job_id)}
 
 
-def fleet_overview(store: Store) -> dict[str, Any]:
-    """What `jobs` and `GET /v1/jobs` show: jobs, newest first, and the live workers."""
-    return {"jobs": [j.to_dict() for j in store.list_jobs()], "replicas": store.live_workers()}
+JOBS_LISTED = 100  # `jobs` and `GET /v1/jobs`: the newest, unless asked for more
+
+
+def fleet_overview(store: Store, limit: int | None = JOBS_LISTED) -> dict[str, Any]:
+    """What `jobs` and `GET /v1/jobs` show: the newest `limit` jobs (None: all), how many the
+    store holds, and the live workers."""
+    return {"jobs": [j.to_dict() for j in store.list_jobs(limit)], "num_jobs": store.num_jobs(),
+            "replicas": store.live_workers()}
 
 
 def job_results(store: Store, job_id: str) -> dict[str, Any]:

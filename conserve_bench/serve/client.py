@@ -34,8 +34,8 @@ class JobClient:
                 "run_key": run_key}
         return self._call("POST", "/v1/jobs", json=body)
 
-    def jobs(self) -> dict[str, Any]:
-        return self._call("GET", "/v1/jobs")
+    def jobs(self, limit: int) -> dict[str, Any]:
+        return self._call("GET", "/v1/jobs", params={"limit": limit})
 
     def status(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/jobs/{job_id}")

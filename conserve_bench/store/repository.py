@@ -147,8 +147,12 @@ class Store(PartialRows, WorkerRows, ProfileRows):
             raise JobNotFoundError(f"no job {job_id!r} in {self._safe_url}")
         return JobState(state)
 
-    def list_jobs(self, limit: int = 100) -> list[Job]:
+    def list_jobs(self, limit: int | None = None) -> list[Job]:
+        """Jobs, newest first; the newest `limit` of them."""
         return self._select_jobs(sa.true(), limit=limit)
+
+    def num_jobs(self) -> int:
+        return self._read(lambda conn: conn.execute(sa.select(sa.func.count()).select_from(jobs)).scalar())
 
     def _select_jobs(self, where, limit: int | None = None) -> list[Job]:
         def count(state: ItemState):
