@@ -74,3 +74,15 @@ class StoreUnavailableError(ConserveError):
 
 class ItemsFailedError(ConserveError):
     """Some of a job's items failed every attempt; the job cannot produce scores."""
+
+
+def first_line(error: BaseException) -> str:
+    """An error's message, its first line only; its type's name when it has none."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def one_line_error(error: BaseException) -> str:
+    """`Type: first line of the message` (`Type` alone without one), as a job's or an item's
+    error and a report's reason show it."""
+    return f"{type(error).__name__}: {first_line(error)}" if str(error).strip() else type(error).__name__

@@ -24,7 +24,8 @@ from conserve_bench.ci.baseline import write_baselines
 from conserve_bench.ci.config import CIConfig, CIConfigError, job_run_key
 from conserve_bench.ci.report import JobOutcome, Report, build_report, with_baselines_written
 from conserve_bench.config import JobSpec, RunConfig
-from conserve_bench.errors import ConserveError, DataDirError, EngineUnavailableError, JobStateError
+from conserve_bench.errors import (ConserveError, DataDirError, EngineUnavailableError, JobStateError,
+                                   one_line_error)
 from conserve_bench.jobs import lifecycle
 from conserve_bench.jobs.runner import Stopped
 from conserve_bench.jobs.samples import PER_SAMPLE_KEY
@@ -174,7 +175,7 @@ def _run_all(backend, planned: list[_PlannedJob], stopper: Stopper,
     except ConserveError:
         raise
     except Exception as e:  # the engine died, or vLLM failed to start
-        return None, lifecycle.one_line_error(e)
+        return None, one_line_error(e)
     if any(p.results is None for p in planned):
         for p in (p for p in planned if p.job and p.results is None):
             with contextlib.suppress(ConserveError):  # progress for the report, if reachable

@@ -22,8 +22,7 @@ import typer
 
 from conserve_bench.cli import jobs, serving, ci, bench  # NOTE: in the order `--help` lists them
 from conserve_bench.cli.base import Interrupted, app, interrupts
-from conserve_bench.errors import ConserveError
-from conserve_bench.jobs import lifecycle
+from conserve_bench.errors import ConserveError, one_line_error
 from conserve_bench.output import out
 
 __all__ = ["app", "main"]
@@ -61,7 +60,7 @@ def main() -> None:
         if out.log_path is None:
             raise
         traceback.print_exc()  # NOTE: into the log; the terminal gets one line pointing at it
-        out.error(f"error: {lifecycle.one_line_error(e)} (details in {out.log_path})")
+        out.error(f"error: {one_line_error(e)} (details in {out.log_path})")
         sys.exit(1)
     if isinstance(code, int) and code:
         sys.exit(code)

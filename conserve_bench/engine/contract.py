@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from conserve_bench.engine.generation import Generation, is_resumable
 from conserve_bench.engine.prompts import Assembler, Encoder, Prompt, build_prompts
+from conserve_bench.errors import one_line_error
 
 Partials = Mapping[str, Sequence[int]]  # item key -> the tokens its generation has so far
 
@@ -158,8 +159,7 @@ class PromptBook:
             self._generations.pop(request_id, None)
         if prompt is None:
             return []
-        message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-        return [(key, ItemError(message)) for key in self._assembler.drop(prompt)]
+        return [(key, ItemError(one_line_error(error))) for key in self._assembler.drop(prompt)]
 
     def take_ready(self) -> list[tuple[str, Any]]:
         """Items finished without the engine (their partial ended them), once each."""

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from conserve_bench.config import EngineConfig, JobSpec, RunConfig
-from conserve_bench.errors import ForeignJobError, InvalidRequestError, JobStateError
+from conserve_bench.errors import ForeignJobError, InvalidRequestError, JobStateError, one_line_error
 from conserve_bench.engine.models import ModelRef, model_name, resolve_model
 from conserve_bench.engine.prompts import check_request_args, keyed_items
 from conserve_bench.jobs.runner import Runner, Stopped
@@ -442,9 +442,3 @@ def _versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             continue
     return out
-
-
-def one_line_error(e: BaseException) -> str:
-    """`Type: first line of the message`, as a job's error and a report's reason show it."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"

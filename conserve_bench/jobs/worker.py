@@ -17,7 +17,7 @@ import threading
 
 from sqlalchemy.exc import DBAPIError
 
-from conserve_bench.errors import StoreUnavailableError
+from conserve_bench.errors import StoreUnavailableError, first_line
 from conserve_bench.store import Store
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Worker:
             except (StoreUnavailableError, DBAPIError) as e:
                 # NOTE: keep beating: once the database is back the lease is renewed, and
                 # whatever others reclaimed meanwhile is fenced off from our commits.
-                log.warning("heartbeat of %s failed: %s", self.id, str(e).splitlines()[0])
+                log.warning("heartbeat of %s failed: %s", self.id, first_line(e))
 
     def stop(self) -> None:
         """Stop beating, give back every item still held, and retire the row."""

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from conserve_bench.config import LeaseConfig
-from conserve_bench.errors import DatabaseURLError, StoreUnavailableError
+from conserve_bench.errors import DatabaseURLError, StoreUnavailableError, first_line
 from conserve_bench.store.db import create_engine, is_transient, now_s
 from conserve_bench.store.migrations import migrate
 
@@ -38,7 +38,7 @@ class StoreBase:
         try:
             migrate(self.engine)
         except OperationalError as e:
-            raise DatabaseURLError(f"cannot open database {self._safe_url}: {one_line(e.orig)}") from None
+            raise DatabaseURLError(f"cannot open database {self._safe_url}: {first_line(e.orig)}") from None
 
     @property
     def _safe_url(self) -> str:
@@ -68,8 +68,8 @@ class StoreBase:
                 if time.monotonic() + delay > deadline:
                     raise StoreUnavailableError(
                         f"database {self._safe_url} unreachable for {self.leases.lease_s:g} s: "
-                        f"{one_line(e.orig)}") from None
-                log.warning("database unreachable, retrying in %.1f s: %s", delay, one_line(e.orig))
+                        f"{first_line(e.orig)}") from None
+                log.warning("database unreachable, retrying in %.1f s: %s", delay, first_line(e.orig))
                 time.sleep(delay)
                 delay, retry = min(2 * delay, RETRY_MAX_S), True
 
@@ -95,8 +95,3 @@ def chunks(seq: Sequence, size: int = SQLITE_MAX_VARS) -> Iterable[Sequence]:
 
 def attempt_param(attempts: Mapping[str, int] | None, key: str) -> dict[str, int]:
     return {} if attempts is None else {"attempt": attempts[key]}
-
-
-def one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
