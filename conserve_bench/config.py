@@ -1,8 +1,10 @@
 """Configuration: frozen dataclasses, validated once at the edge.
 
-The CLI (or a Python caller) builds these from flags and the few environment variables we
-honour (`CONSERVE_BENCH_DB`, `CONSERVE_BENCH_DATA`, `CONSERVE_BENCH_HOME`); nothing below
-the edge reads the environment. A `JobSpec` is what a job *is*: it is stored with the job
+The CLI (or a Python caller) builds these from flags and the environment variables read
+here (`CONSERVE_BENCH_DB`, `CONSERVE_BENCH_DATA`, `CONSERVE_BENCH_HOME`, `XDG_CACHE_HOME`;
+the CLI reads `CONSERVE_BENCH_API_KEY`). Below the edge only the vLLM glue reads the
+environment, for what vLLM itself takes from it (`engine.local`: `VLLM_CPU_*`,
+`CONSERVE_BENCH_ENFORCE_EAGER`). A `JobSpec` is what a job *is*: it is stored with the job
 so that `resume` rebuilds exactly the same lm-eval requests.
 """
 
@@ -194,7 +196,8 @@ def default_data_dir() -> str | None:
 
 
 def cache_home() -> Path:
-    """Where converted models live: `$CONSERVE_BENCH_HOME` or `~/.cache/conserve-bench`."""
+    """Where converted models and lm-eval's task index live: `$CONSERVE_BENCH_HOME`, or
+    `conserve-bench` under `$XDG_CACHE_HOME` (`~/.cache`)."""
     if home := os.environ.get("CONSERVE_BENCH_HOME"):
         return Path(home)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"

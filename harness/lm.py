@@ -25,7 +25,7 @@ from typing import Any
 
 from lm_eval.api.model import LM
 
-from conserve_bench.config import DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS, RunConfig
+from conserve_bench.config import DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS, DEFAULT_MODEL, RunConfig
 from conserve_bench.errors import ModelArgsError
 from conserve_bench.jobs.runner import Runner
 from conserve_bench.store import Store
@@ -48,7 +48,7 @@ class ConserveLM(LM):
         ...     simple_evaluate(model=lm, tasks=["mmlu_local_anatomy"], limit=10)
     """
 
-    def __init__(self, model: str = "smollm2-135m", db: str | None = None,
+    def __init__(self, model: str = DEFAULT_MODEL, db: str | None = None,
                  max_inflight: int = 64, data_dir: str | None = None,
                  checkpoint_tokens: int = DEFAULT_CHECKPOINT_TOKENS,
                  checkpoint_s: float = DEFAULT_CHECKPOINT_S,
@@ -73,8 +73,8 @@ class ConserveLM(LM):
                                     engine=engine)
         self.backend = LocalBackend(self.session.store, self.session.runner, self.session.job_id,
                                     self.session.engine.fingerprint, show_progress=progress)
-        # NOTE: lm-eval's CLI never closes its model; without this the engine-core
-        # processes outlive the evaluation and the interpreter waits on them.
+        # NOTE: lm-eval's CLI never closes its model; without this vLLM's engine core, where
+        # it runs in a process of its own, outlives the evaluation and the interpreter waits on it.
         atexit.register(self.close)
 
     @classmethod

@@ -7,6 +7,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
+from conserve_bench.config import DEFAULT_MODEL
 from conserve_bench.errors import ConserveError
 from conserve_bench.serve.server import POLICIES
 
@@ -73,7 +74,7 @@ class BenchConfig:
     ttft_slo_ms: float | None = None  # None: from this machine's latency profile, as `serve`
     tbt_slo_ms: float | None = None
     max_offline_inflight: int = 32
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     server: str | None = None  # an existing server: phases run on it, nothing is restarted
     api_key: str | None = None
     seed: int = 0

@@ -3,7 +3,7 @@
 Each request is a token-id prompt of exactly the workload's context tokens, with
 `max_tokens` = its generated tokens and `ignore_eos`, streamed; TTFT and every gap between
 tokens are taken when the chunks arrive here. Also samples the server's offline counters
-from `/metrics`. It only sends and observes; building the report is `benchreport`'s job.
+from `/metrics`. It only sends and observes; building the report is `bench.report`'s job.
 """
 
 from __future__ import annotations

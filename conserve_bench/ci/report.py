@@ -3,7 +3,7 @@
 `build_report` turns configs plus each job's results (None: not finished) into a `Report`,
 with a paired comparison per row when a reference run is given. Rendered as markdown (the
 log and `$GITHUB_STEP_SUMMARY`), JUnit XML (one test case per task and metric) and JSON; all
-three carry the same rows. Pure: no store, no engine, no clock except `written_at`.
+three carry the same rows. Pure: no store, no engine, no clock.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from conserve_bench.cli.base import (ApiKeyOpt, CheckpointSOpt, CheckpointTokens
 from conserve_bench.config import (DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS, DEFAULT_MODEL,
                                    LeaseConfig, default_data_dir, default_db_url)
 from conserve_bench.output import out
-from conserve_bench.sched.policy import SAFEPOINT_EVERY
+from conserve_bench.sched.policy import DEFAULT_MARGIN, SAFEPOINT_EVERY
 
 
 @app.command()
@@ -58,7 +58,7 @@ def serve(
     api_key: ApiKeyOpt = None,
     ttft_slo_ms: Annotated[Optional[float], typer.Option("--ttft-slo-ms", help="Online TTFT target; given (or --tbt-slo-ms), conserve spends it on offline work [default: counted only, 2x a 1024-token prefill, from the profile].")] = None,
     tbt_slo_ms: Annotated[Optional[float], typer.Option("--tbt-slo-ms", help="Online TBT target; given, conserve fills steps up to it [default: counted only, 5x a decode step, from the profile].")] = None,
-    slo_margin: Annotated[float, typer.Option("--slo-margin", help="conserve with SLOs: offline work fills steps up to (1 - margin) x the TBT target.")] = 0.1,
+    slo_margin: Annotated[float, typer.Option("--slo-margin", help="conserve with SLOs: offline work fills steps up to (1 - margin) x the TBT target.")] = DEFAULT_MARGIN,
     quantum_ms: Annotated[Optional[float], typer.Option("--quantum-ms", help="conserve with --layer-preemption off: longest offline-only step [default: the slowdown share of the 90th-percentile online prompt's prefill; with SLOs, 25% of the TTFT target].")] = None,
     max_slowdown: Annotated[Optional[float], typer.Option("--max-slowdown", help="conserve without SLOs: the share offline work may add to online steps [default: derived from 1.25x and the profile's error, about 0.2].")] = None,
     refit: Annotated[bool, typer.Option("--refit/--no-refit", help="conserve: plan with the latency model refitted from live steps while it predicts them better.")] = True,

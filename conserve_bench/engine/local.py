@@ -261,8 +261,8 @@ class Engine:
     def close(self) -> None:
         """Stop vLLM's engine core: its processes (the interpreter would wait on them at exit),
         or, run in this process, let its model and KV cache go."""
-        # NOTE: vLLM gives its processes 5 s to exit on SIGTERM, and its CPU worker takes all
-        # of them; nothing of ours lives there (results are committed), so 1 s is enough.
+        # NOTE: vLLM gives its engine-core process up to 5 s to exit on SIGTERM; nothing of
+        # ours lives there (results are committed), so 1 s is enough.
         engine, self._engine = self._engine, None
         if engine is None:
             return

@@ -5,7 +5,7 @@ Owns the request priorities (online 0, offline 1), the plug-in paths handed to v
 ("policy": a `policy.PolicyConfig` dict; "step_log": a path; "refit": a `refit.RefitConfig`
 dict; "refit_state": the file the live refit is reported in). Read in the engine process by
 `sched.scheduler`, written by `serve`, `profile` and the tests. And the JSON state files the
-engine's processes write for the server to read (`write_state`, `read_state`). Plain data: it
+engine core writes for the server to read (`write_state`, `read_state`). Plain data: it
 must never import torch or vLLM, so the pure policy side (`sched.steplog`) can import it.
 """
 

@@ -2,5 +2,7 @@
 
 `taskspec` resolves lm-eval task names (and local MMLU data); `lifecycle` submits, runs,
 resumes and cancels jobs and writes `results/<job-id>.json`; `runner` feeds a job's pending
-items to an engine and commits results in batches. Neither builds prompts nor holds SQL.
+items to an engine and commits results in batches; `worker` is this process as one worker of
+a fleet (its heartbeat and leases); `samples` reduces lm-eval's logged samples to the
+per-document table. None of them builds prompts or holds SQL.
 """

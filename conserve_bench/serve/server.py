@@ -35,8 +35,9 @@ from typing import Any
 
 import uvicorn
 
-from conserve_bench.config import (DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS, EngineConfig,
-                                   LeaseConfig, RunConfig, default_kv_checkpoint_gib)
+from conserve_bench.config import (DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS, DEFAULT_DB_URL,
+                                   DEFAULT_MODEL, EngineConfig, LeaseConfig, RunConfig,
+                                   default_kv_checkpoint_gib)
 from conserve_bench.engine.arrivals import ArrivalSignal
 from conserve_bench.engine.local import context_length, engine_args, engine_environment
 from conserve_bench.engine.plugin import ONLINE_PRIORITY, conserve_overrides
@@ -63,16 +64,17 @@ class ServeConfigError(ConserveError):
 
 @dataclass(frozen=True)
 class ServeConfig:
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     host: str = "127.0.0.1"
     port: int = 8000
-    db_url: str = "sqlite:///conserve.db"
+    db_url: str = DEFAULT_DB_URL
     policy: str = "conserve"
     api_key: str | None = None
     ttft_slo_ms: float | None = None  # None: derived from the latency profile
     tbt_slo_ms: float | None = None
     slo_margin: float = DEFAULT_MARGIN
-    quantum_ms: float | None = None  # None: QUANTUM_FRACTION of the TTFT target
+    quantum_ms: float | None = None  # None: `Targets.quantum_for` (bounded mode: the slowdown
+    # share of the reference prompt's prefill; with SLOs, QUANTUM_FRACTION of the TTFT target)
     max_slowdown: float | None = None  # bounded mode's share; None: derived from the profile
     refit: bool = True  # plan with the live refit when it predicts the live steps better
     layer_preemption: bool | None = None  # None: on under the conserve policy

@@ -2,8 +2,8 @@
 
 `initdb` + `pg_ctl` from the server binaries (`POSTGRES_BIN_DIRS`, or `pg_ctl` on PATH),
 run as the `postgres` user when we are root (initdb refuses root), in a data directory
-under a fresh temporary folder that user owns. Trust auth on 127.0.0.1 only; `stop()`
-removes everything. It never touches a cluster it did not create.
+under a fresh temporary folder that user owns. Trust auth on 127.0.0.1 only; `remove()` (or
+leaving the `with` block) stops it and deletes everything. It never touches a cluster it did not create.
 
     >>> with ThrowawayCluster() as pg:
     ...     store = Store(pg.create_database())
