@@ -10,15 +10,16 @@ fingerprint), polls them and fetches results by key. Neither computes a result i
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from conserve_bench.errors import JobStateError
-from conserve_bench.store.states import JobState
 from conserve_bench.engine.prompts import keyed_items
+from conserve_bench.errors import JobStateError
+from conserve_bench.output import out
+from conserve_bench.store.base import chunks
+from conserve_bench.store.states import JobState
 
 REQUESTS_PER_JOB = 1000  # a server job per this many requests keeps each POST small
 POLL_S = 0.5
@@ -70,7 +71,7 @@ class RemoteBackend:
 
     def run(self, kind: str, args: list[Any]) -> tuple[list[Any], RunCounts]:
         jobs = [self.client.submit_requests([{"kind": kind, "args": a} for a in chunk])
-                for chunk in _chunks(args, REQUESTS_PER_JOB)]
+                for chunk in chunks(args, REQUESTS_PER_JOB)]
         keys = [k for job in jobs for k in job["keys"]]
         counts = RunCounts(kind, sum(j["total"] for j in jobs), sum(j["done"] for j in jobs))
         with progress_bar(kind, counts.num_requests, counts.num_reused,
@@ -102,29 +103,16 @@ class RemoteBackend:
 @contextlib.contextmanager
 def progress_bar(kind: str, total: int, done: int,
                  disable: bool = False) -> Iterator[Callable[..., None]]:
-    """A rich progress bar on stderr (done/total, requests/s, generated tokens, ETA); yields
+    """The CLI's progress display for one request kind (a live bar on a terminal, a plain
+    line every few seconds in a log: `output.Output.progress`); yields
     `advance(num_items, num_new_tokens=0)`."""
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeRemainingColumn)
-
-    columns = (TextColumn("conserve {task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}", style="cyan"), TextColumn("{task.fields[tokens]}"),
-               TimeRemainingColumn())
-    with Progress(*columns, console=Console(file=sys.stderr), disable=disable) as progress:
-        task = progress.add_task(kind, total=total, completed=done, rate="-- req/s", tokens="")
-        t0, num_done, num_tokens = time.perf_counter(), 0, 0
+    with out.progress(disable=disable) as progress:
+        task = progress.add_task(f"conserve {kind}", total=total, completed=done, tokens=0)
+        num_done, num_tokens = done, 0
 
         def advance(num_items: int, num_new_tokens: int = 0) -> None:
             nonlocal num_done, num_tokens
             num_done, num_tokens = num_done + num_items, num_tokens + num_new_tokens
-            rate = num_done / max(time.perf_counter() - t0, 1e-3)
-            progress.update(task, advance=num_items, rate=f"{rate:.2f} req/s",
-                            tokens=f"{num_tokens:,} tokens" if num_tokens else "")
+            progress.update(task, completed=num_done, tokens=num_tokens)
 
         yield advance
-
-
-def _chunks(seq: list, size: int) -> Iterator[list]:
-    for i in range(0, len(seq), size):
-        yield seq[i:i + size]

@@ -13,6 +13,7 @@ import pytest
 from conserve_bench.config import JobSpec, LeaseConfig, RunConfig
 from conserve_bench.engine.contract import ItemEngine
 from conserve_bench.engine.fake import FakeEngine, FakeEngineError, fake_result
+from conserve_bench.errors import ItemsFailedError
 from conserve_bench.jobs import runner as runner_module
 from conserve_bench.jobs.runner import Runner, Stopped
 from conserve_bench.store import Store, WorkItem
@@ -125,3 +126,14 @@ def test_items_a_live_owner_holds_are_waited_for_not_taken(store, monkeypatch):
     assert store.complete_items(other, {k: "theirs" for k in held}) == 2
     thread.join(10)
     assert not thread.is_alive() and all(results[k] == "theirs" for k in held)
+
+
+def test_an_item_the_engine_refuses_is_retried_then_failed_and_counted(store):
+    """Every other item is committed; the refused one is tried `max_attempts` times, each
+    attempt counted, then failed with the engine's error."""
+    job_id, keys = add_job(store, 12)
+    runner = Runner(store, FakeEngine(poisoned=[keys[5]]), RunConfig(max_inflight=4))
+    with pytest.raises(ItemsFailedError, match=f"{keys[5]}: FakeEngineError: item {keys[5]} is poisoned"):
+        runner.run(job_id, keys)
+    assert store.item_states(job_id) == {"done": 11, "failed": 1}
+    assert (runner.stats.num_items, runner.stats.num_failed) == (11, store.leases.max_attempts)

@@ -38,7 +38,7 @@ from conserve_bench.store.states import JobState
 
 SAMPLE_EVERY_S = 0.5
 STEP_LOG = "steps.jsonl"  # every engine step of a phase, in its folder
-ProgressFn = Callable[[str, float, float], None]  # (description, completed, total)
+ProgressFn = Callable[[str, float, float | None], None]  # (description, completed, total or None)
 NoteFn = Callable[[str], None]  # a line for the user
 
 

@@ -53,10 +53,6 @@ class MetricCheck:
     n: int | None = None  # recorded with the baseline
     stderr: float | None = None
 
-    @property
-    def base_name(self) -> str:
-        return self.name.partition(",")[0]
-
     def tolerance(self) -> float:
         """How far the score may move from the baseline, in the metric's units."""
         return self.atol if self.atol is not None else abs(self.baseline) * self.rtol

@@ -216,14 +216,13 @@ class Engine:
     def fingerprint(self) -> str:
         return self.cfg.fingerprint(self.max_model_len)
 
-    def submit(self, work: list, partials: Partials | None = None,
-               priority: int = OFFLINE_PRIORITY) -> None:
+    def submit(self, work: list, partials: Partials | None = None) -> None:
         from vllm.exceptions import VLLMClientError
 
         for request_id, prompt in self._book.add(work, partials):
             try:
                 self._engine.add_request(request_id, {"prompt_token_ids": prompt.token_ids},
-                                         sampling_params(prompt), priority=priority)
+                                         sampling_params(prompt), priority=OFFLINE_PRIORITY)
             except (ValueError, TypeError, VLLMClientError) as e:  # this request alone is refused
                 self._refused += self._book.fail(request_id, e)
 

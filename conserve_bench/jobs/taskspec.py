@@ -157,7 +157,7 @@ def _load_hub_subject(folder: str, hub_subject: str, **_metadata):
     return load_mmlu_csv(folder, hub_subject)
 
 
-def load_mmlu_csv(data_dir: str, subject: str, **_metadata):
+def load_mmlu_csv(data_dir: str, subject: str):
     """Load one MMLU subject (or `all`) from CSV in the layout of the hub's `cais/mmlu`."""
     import datasets
 

@@ -37,10 +37,6 @@ class ArmedStep:
     admitted_ids: frozenset[str]  # came out of the waiting queue in this step
     filled_block_ids: frozenset[int]  # blocks it fills: hashed for the prefix cache already
 
-    @property
-    def num_discarded_tokens(self) -> int:
-        return sum(n for _, n in self.num_tokens)
-
 
 def filled_blocks(block_ids: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
     """The blocks that computing tokens [start, end) completes (vLLM hashes them when it

@@ -215,7 +215,7 @@ def serve(cfg: ServeConfig) -> None:
             if cfg.loads_connector:
                 engine_cfg = with_connector(engine_cfg, cfg, arrivals, checkpoint_state)
                 log.warning("conserve: KV checkpoints in a host pool of %.2f GiB", cfg.checkpoint_gib)
-            uvloop.run(_serve(cfg, engine_cfg, targets, profile, workdir, arrivals))
+            uvloop.run(_serve(cfg, engine_cfg, targets, profile, arrivals, refit_state, checkpoint_state))
     finally:
         if arrivals is not None:
             arrivals.remove()
@@ -296,7 +296,10 @@ def _describe_profile(profile) -> str:
 
 
 async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, profile,
-                 workdir: str, arrivals: ArrivalSignal | None) -> None:
+                 arrivals: ArrivalSignal | None, refit_state: str, checkpoint_state: str) -> None:
+    """vLLM's OpenAI app with the job API and the offline pump on one engine, until a stop
+    signal; `refit_state` and `checkpoint_state` are the files the engine core reports the
+    live refit and the KV checkpoint pool in (watched for `/metrics`)."""
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
     from vllm.entrypoints.launchers.app import build_app
@@ -332,10 +335,9 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
             asyncio.get_running_loop().add_signal_handler(sig, _on_stop_signal, server, pump)
         if cfg.policy != "online-only":
             pump.start()
-        watcher = RefitWatcher(os.path.join(workdir, "refit.json"), store,
-                               profile.key if profile else None)
-        polling = [asyncio.create_task(watcher.run(REFIT_POLL_S)), asyncio.create_task(
-            CheckpointWatcher(os.path.join(workdir, "kv_checkpoint.json")).run(REFIT_POLL_S))]
+        watcher = RefitWatcher(refit_state, store, profile.key if profile else None)
+        polling = [asyncio.create_task(watcher.run(REFIT_POLL_S)),
+                   asyncio.create_task(CheckpointWatcher(checkpoint_state).run(REFIT_POLL_S))]
         try:
             await server.serve()
         finally:
