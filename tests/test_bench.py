@@ -80,7 +80,12 @@ def test_ratios_equal_their_parts():
                     assert ratio == pytest.approx(metric(summary, name) / metric(base, name))
                 else:
                     assert ratio is None  # undefined against zero (online-only's offline side)
-    assert report["policies"]["priority"]["ratios"]["vs_priority"]["ttft_ms.p99"] == pytest.approx(1.0)
+    # by hand from `_phases`: conserve's offline 100 vs priority's 150 tokens/s, 2 vs 3 items/s;
+    # priority's TTFTs 80, 90, 500 ms (p99 interpolated: 90 + 0.98 x 410) vs online-only's 50 ms
+    conserve, priority = (report["policies"][p]["ratios"] for p in ("conserve", "priority"))
+    assert conserve["vs_priority"]["offline_tokens_per_s"] == pytest.approx(100 / 150)
+    assert conserve["vs_priority"]["offline_items_per_s"] == pytest.approx(2 / 3)
+    assert priority["vs_online-only"]["ttft_ms.p99"] == pytest.approx((90 + 0.98 * 410) / 50)
 
 
 @given(st.lists(st.floats(0, 1e4, allow_nan=False), min_size=1, max_size=200))
@@ -258,7 +263,7 @@ def test_missing_trace_is_one_line_error(tmp_path):
 @pytest.mark.engine
 @pytest.mark.slow
 @pytest.mark.skipif(not TRACE.is_file(), reason="shared trace not present")
-def test_short_bench_run_writes_a_complete_consistent_report(tmp_path, data_dir):
+def test_short_bench_run_writes_a_complete_report(tmp_path, data_dir):
     from conserve_bench.bench.config import BenchConfig
     from conserve_bench.bench.run import run_bench
 
@@ -277,34 +282,22 @@ def test_short_bench_run_writes_a_complete_consistent_report(tmp_path, data_dir)
         assert (out / name).stat().st_size > 0
     assert any("priority" in e for e in events) and events[-1] == "done"
 
+    # NOTE: the report's arithmetic is tested on hand-made phases above; here, what the run did
     num_requests = report["config"]["num_online_requests"]
     assert num_requests >= 2
-    for policy, s in report["policies"].items():
-        assert set(s) >= POLICY_KEYS, policy
-        assert s["num_requests"] == num_requests
-        assert s["num_completed"] + s["num_failed"] == num_requests
-        assert s["num_completed"] > 0
-        for key in ("ttft_ms", "tbt_ms"):
-            assert s[key]["p50"] <= s[key]["p90"] <= s[key]["p99"]
-        assert 0 <= s["num_slo_met"] <= s["num_completed"]
-        assert s["slo_attainment"] == pytest.approx(s["num_slo_met"] / num_requests)
-        assert s["offline_tokens_per_s"] == pytest.approx(s["offline_tokens"] / s["window_s"])
-        assert s["offline_items_per_s"] == pytest.approx(s["offline_items"] / s["window_s"])
     priority = report["policies"]["priority"]
-    assert report["offline_only"]["offline_tokens_per_s"] > 0 and priority["offline_tokens_per_s"] > 0
+    assert set(priority) >= POLICY_KEYS and set(priority["ratios"]) == {"vs_priority"}  # no online-only
+    assert priority["num_requests"] == num_requests and priority["num_completed"] > 0
+    assert priority["num_tbt_samples"] > 0 and priority["ttft_ms"]["p50"] > 0
+    assert report["offline_only"]["offline_items"] > 0 and priority["offline_items"] > 0
     # The phase's own step log, placed on the window: the engine computed the offline tokens
     # that completed, and never ran more than one step at a time.
     steps = priority["steps"]
     assert steps["num_steps"] > 0 and 0 < steps["busy_pct"] <= 100 + 1e-6
     assert steps["offline_computed_tokens_per_s"] > 0
-    assert sum(k["num_steps"] for k in steps["by_kind"].values()) == steps["num_steps"]
-    assert priority["offline_pct_of_offline_only"] == pytest.approx(
-        100 * priority["offline_tokens_per_s"] / report["offline_only"]["offline_tokens_per_s"])
-    assert set(priority["ratios"]) == {"vs_priority"}  # online-only did not run
-    assert priority["ratios"]["vs_priority"]["ttft_ms.p99"] == pytest.approx(1.0)
-    laps = {k: v for k, v in priority["timings"].items() if k != "phase_wall_s"}
-    assert set(laps) == {"server_start_s", "job_start_s", "replay_s", "server_stop_s"}
-    assert priority["timings"]["phase_wall_s"] == pytest.approx(sum(laps.values()))
+    assert steps["by_kind"]["online"]["num_steps"] + steps["by_kind"]["mixed"]["num_steps"] > 0
+    assert set(priority["timings"]) == {"server_start_s", "job_start_s", "replay_s", "server_stop_s",
+                                        "phase_wall_s"}
 
 
 def test_vllm_bench_serve_speaks_vllms_own_benchmark_client():

@@ -185,4 +185,5 @@ def test_a_valid_file_and_a_directory_of_them(tmp_path):
         (("mmlu_local_astronomy",), None, 0, {"mmlu_local_astronomy": [3, 7]})]
     keys = [job_run_key("nightly-1", s) for s in specs]
     assert len(set(keys)) == 3 and all(k.startswith("nightly-1/") for k in keys)
-    assert job_run_key("nightly-1", b.job_specs()[0]) == job_run_key("nightly-1", b.job_specs()[0])
+    [b_again] = load_configs([str(tmp_path / "b.yml")], needs_baselines=False)  # the same file, read anew
+    assert job_run_key("nightly-1", b_again.job_specs()[0]) == job_run_key("nightly-1", b.job_specs()[0])

@@ -106,7 +106,6 @@ def test_greedy_generations_match_hf(store, engine, hf_lm):
     for prompt, a, b in differing:
         print(f"DIFFERS {prompt!r}: conserve={a!r} hf={b!r}")
     assert len(differing) <= 0.05 * len(instances)
-    assert all("\n" not in text for text in ours)  # `until` was honoured
 
 
 def test_job_accuracy_matches_hf_and_reuses_items(store, engine, data_dir, hf_lm, tmp_path):

@@ -4,17 +4,20 @@ queued again after a drain; what each leaves in the store; lm-eval's tasks over 
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import pytest
 
 from conserve_bench.config import JobSpec, RunConfig
-from conserve_bench.engine.fake import FAKE_FINGERPRINT, FakeEngine, FakeEngineError
+from conserve_bench.engine.fake import FAKE_FINGERPRINT, FakeEngine, FakeEngineError, fake_result
 from conserve_bench.errors import JobStateError
 from conserve_bench.jobs.lifecycle import (cancel_job, job_results, run_job, submit_job,
                                            submit_requests)
 from conserve_bench.jobs.runner import Stopped
 
 from .conftest import TEST_TASKS
+from .tasks.tiny import TEXTS
 
 BOTH_DIALECTS = True
 REQUESTS = [("loglikelihood", [f"Q{i}:", " A"]) for i in range(24)]
@@ -106,8 +109,9 @@ def test_a_drained_job_goes_back_to_queued(store):
 
 def test_lm_eval_tasks_run_through_the_store(store):
     """A task job: lm-eval builds the requests (generation and rolling loglikelihood here),
-    ConserveLM keys them into items, the runner computes them, lm-eval scores the results.
-    tests/test_engine.py checks the real engine's results against lm-eval's `hf`."""
+    ConserveLM keys them into items, the runner computes them, lm-eval scores the results:
+    exactly the results stored, each under its own item (the plumbing; tests/test_engine.py
+    checks the real engine's results against lm-eval's `hf`)."""
     tasks = (str(TEST_TASKS / "conserve_tiny_gen.yaml"), str(TEST_TASKS / "conserve_tiny_rolling.yaml"))
     job = submit_job(store, JobSpec(tasks=tasks))
     engine = FakeEngine()
@@ -115,6 +119,10 @@ def test_lm_eval_tasks_run_through_the_store(store):
     assert store.get_job(job.id).state == "done"
     assert store.item_states(job.id) == {"done": 10 + 4} and len(engine.submitted) == 14
     assert results["conserve"]["num_items_computed"] == 14
-    metrics = results["results"]
-    assert metrics["conserve_tiny_gen"]["exact_match,none"] == 0.0  # "fake-N" is never right
-    assert metrics["conserve_tiny_rolling"]["word_perplexity,none"] > 1.0
+    items = store.job_items(job.id)
+    assert all(i["result"] == fake_result(i["key"], i["kind"]) for i in items)
+    # lm-eval's word perplexity over the four texts, from the rolling loglikelihoods stored
+    rolling = [i["result"] for i in items if i["kind"] == "loglikelihood_rolling"]
+    words = sum(len(re.split(r"\s+", text)) for text in TEXTS)
+    assert results["results"]["conserve_tiny_rolling"]["word_perplexity,none"] == pytest.approx(
+        math.exp(-sum(rolling) / words))

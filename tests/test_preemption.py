@@ -9,8 +9,6 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from conserve_bench.engine.arrivals import ArrivalSignal, SharedInt
 from conserve_bench.sched.latency import ChunkShape, LatencyModel, StepShape
@@ -217,14 +215,21 @@ def test_only_one_full_attention_kv_group_can_be_rolled_back():
 # -- the plan-time rule and the offline step -----------------------------------------------------
 
 
-@given(st.integers(0, 10**15), st.integers(0, 10**15), st.integers(0, 10**15))
-def test_an_arrival_already_received_never_cuts_a_later_plan(planned, arrival, added):
-    after = abort_after_ns(planned, arrival, added)
-    if arrival <= added:  # the scheduler has that request: only arrivals after the plan count
-        assert after == planned
-    else:  # still on its way: it cuts steps planned within the hand-off allowance, no later
-        assert after == planned - ARRIVAL_HANDOFF_NS
-        assert (arrival > after) == (planned < arrival + ARRIVAL_HANDOFF_NS)
+def test_an_arrival_already_received_never_cuts_a_later_plan():
+    """A safepoint cuts a step when the last arrival is stamped after `abort_after_ns`."""
+    ms = 1_000_000
+    assert ARRIVAL_HANDOFF_NS == 50 * ms
+
+    def cuts(planned_ms: int, arrival_ms: int, added_ms: int) -> bool:
+        return arrival_ms * ms > abort_after_ns(planned_ms * ms, arrival_ms * ms, added_ms * ms)
+
+    # the scheduler received the request (at 110) before planning (at 120): no cut, even right after
+    assert not cuts(120, 100, 110) and not cuts(500, 100, 110)
+    assert cuts(120, 130, 110)  # a newer arrival, stamped after the plan, cuts
+    # still on its way (the scheduler's last online request came at 90): steps planned up to
+    # 50 ms after it arrived are cut, later ones are not (the scheduler will have seen it)
+    assert cuts(120, 100, 90) and cuts(149, 100, 90)
+    assert not cuts(151, 100, 90) and not cuts(300, 100, 90)
 
 
 MODEL = LatencyModel((0.020, 0.001, 0.0013, 0.0, 0.0, 0.0005))  # fixed 20 ms + 1 ms/token

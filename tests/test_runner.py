@@ -68,7 +68,7 @@ def test_commits_come_per_second_when_items_finish_slowly(store, monkeypatch):
     job_id, keys = add_job(store, 6)
     commits = CommitLog(store)
     Runner(store, FakeEngine(items_per_step=1, step_s=0.03), RunConfig(max_inflight=64)).run(job_id, keys)
-    assert len(commits.batches) >= 3 and max(commits.batches) < 32  # not one batch at the end
+    assert len(commits.batches) >= 3  # an item per 0.03 s step, a commit every 0.05 s: not one at the end
 
 
 def test_runner_claims_only_the_kind_it_is_given(store):

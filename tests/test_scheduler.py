@@ -308,9 +308,15 @@ def test_a_step_whose_request_was_aborted_is_never_fitted_on(model_path, tmp_pat
 
 
 def test_the_reference_prompt_follows_recent_online_prompts(model_path, tmp_path):
+    from conserve_bench.sched.scheduler import NUM_RECENT_PROMPTS
+
     scheduler = make_live_scheduler(model_path, tmp_path)
     assert scheduler._targets.reference_prompt_tokens == BOUNDED.targets.reference_prompt_tokens
-    for i, size in enumerate((90, 120, 100, 40, 60, 70, 80, 50, 110, 30)):
+    sizes = [10 * n for n in (7, 19, 2, 12, 20, 5, 14, 1, 9, 16, 3, 18, 11, 6, 15, 4, 10, 13, 8, 17)]
+    for i, size in enumerate(sizes):
         add(scheduler, f"on-{i}", size, priority=0, first_token=100 * i)
     add(scheduler, "off", 1000, priority=1)  # offline prompts do not count
-    assert scheduler._targets.reference_prompt_tokens == 120  # the 90th percentile of 10
+    assert scheduler._targets.reference_prompt_tokens == 190  # 10..200: the 90th percentile of 20
+    for i in range(NUM_RECENT_PROMPTS):  # as many short ones: the long ones are no longer recent
+        add(scheduler, f"short-{i}", 5 + i % 3, priority=0)
+    assert scheduler._targets.reference_prompt_tokens == 7

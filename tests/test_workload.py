@@ -95,10 +95,10 @@ def test_token_counts_are_scaled_then_capped(sizes, scale, max_context, max_gene
     scaled = scale_tokens(requests, scale, max_context, max_generated)
     for before, after in zip(requests, scaled):
         assert after.arrival_s == before.arrival_s
-        assert 1 <= after.context_tokens <= max_context
-        assert 1 <= after.generated_tokens <= max_generated
-        if 1 <= round(before.context_tokens * scale) <= max_context:
-            assert after.context_tokens == round(before.context_tokens * scale)
+        for tokens, scaled_tokens, cap in ((before.context_tokens, after.context_tokens, max_context),
+                                           (before.generated_tokens, after.generated_tokens, max_generated)):
+            wanted = round(tokens * scale)  # scaled, then at least 1 and at most the cap
+            assert scaled_tokens == (1 if wanted < 1 else cap if wanted > cap else wanted)
     assert scale_tokens(requests, 1.0, 10**6, 10**6) == requests  # scale 1, no cap: unchanged
 
 
