@@ -163,18 +163,26 @@ def test_an_arrival_from_another_thread_cuts_a_long_prefill(preemptible):
     baseline = preemptible.run((prompt, generate))
     preemptible.reset_prefix_cache()
     num_steps = len(preemptible.steps())
-    stamps = []
+    stamps, done = [], threading.Event()
 
     def arrive():
-        for _ in range(3):  # seven 256-token chunks: the prefill is under way throughout
-            time.sleep(0.8)
-            preemptible.arrivals.stamp()
-            stamps.append(preemptible.arrivals.last_arrival_ns())
+        """An arrival as each of the first three chunks (of seven, 256 tokens each) is logged:
+        the next chunk is under way then, on a host of any speed."""
+        seen = num_steps
+        while len(stamps) < 3 and not done.is_set():
+            if (logged := len(preemptible.steps())) > seen:
+                seen = logged
+                preemptible.arrivals.stamp()
+                stamps.append(preemptible.arrivals.last_arrival_ns())
+            time.sleep(0.005)
 
     thread = threading.Thread(target=arrive)
     thread.start()
-    cut = preemptible.run((prompt, generate))
-    thread.join()
+    try:
+        cut = preemptible.run((prompt, generate))
+    finally:
+        done.set()
+        thread.join()
 
     assert_same_outputs(cut, baseline)
     aborted = [(s, notes) for s, notes in aborted_since(preemptible, num_steps)
