@@ -157,7 +157,7 @@ def test_what_only_lm_eval_knows_is_checked_before_anything_runs(run_cli, tmp_pa
 
 
 def test_an_unreachable_server_is_infrastructure_exit_3(run_cli, tmp_path):
-    from conserve_bench.serve.process import free_port
+    from conserve_bench.store.pgcluster import free_port
 
     config = write(tmp_path, VALID)
     assert_refused(run_cli, tmp_path, [config, "--server", f"http://127.0.0.1:{free_port()}"],

@@ -42,7 +42,8 @@ def find_bin_dir() -> Path:
                        "or on PATH; install postgresql-15")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -53,7 +54,7 @@ class ThrowawayCluster:
 
     def __init__(self, durable: bool = False, max_connections: int = 200):
         self.bin_dir = find_bin_dir()
-        self.port = _free_port()
+        self.port = free_port()
         self.user = "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
         self.folder = Path(tempfile.mkdtemp(prefix="conserve-pg-"))
         self.data_dir = self.folder / "data"
