@@ -139,7 +139,8 @@ def test_assembler_folds_parts_into_lm_eval_results():
 def test_item_key_depends_on_request_and_model():
     # NOTE: keys are stored: one computed otherwise (another process, a later version) would
     # orphan every result computed before
-    assert item_key("loglikelihood", ["a", "b"], "m1") == "8e7dd60948112405f6fd48b4c8274152e991e52afcec52ff62784df0e3cd480c"
+    assert item_key("loglikelihood", ["a", "b"], "m1") == (
+        "8e7dd60948112405f6fd48b4c8274152e991e52afcec52ff62784df0e3cd480c")
     assert item_key("loglikelihood", ["a", "b"], "m1") != item_key("loglikelihood", ["a", "b"], "m2")
     assert item_key("loglikelihood", ["a", "b"], "m1") != item_key("loglikelihood", ["a", "c"], "m1")
 

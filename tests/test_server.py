@@ -129,7 +129,8 @@ def test_cli_talks_to_the_server(server):
     num_jobs = len(remote("jobs")["jobs"])
     other = cli("submit", "mmlu_marketing", "--model", "HuggingFaceTB/SmolLM2-360M", "--server", server.url,
                 "--api-key", KEY)
-    assert other.returncode == 2 and other.stderr.strip().endswith("serves smollm2-135m, not HuggingFaceTB/SmolLM2-360M")
+    assert other.returncode == 2
+    assert other.stderr.strip().endswith("serves smollm2-135m, not HuggingFaceTB/SmolLM2-360M")
     assert len(remote("jobs")["jobs"]) == num_jobs  # nothing queued
 
 

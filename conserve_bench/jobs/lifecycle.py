@@ -183,7 +183,8 @@ def _evaluate(store, job: Job, runner, engine, manager, tracker) -> dict[str, An
 
     from conserve_bench.harness.lm import ConserveLM
 
-    lm = ConserveLM.for_job(store, runner, job.id, engine.fingerprint, on_kind=lambda kind, num_items: tracker.refresh())
+    lm = ConserveLM.for_job(store, runner, job.id, engine.fingerprint,
+                            on_kind=lambda kind, num_items: tracker.refresh())
     spec = job.spec
     # NOTE: log_samples for the per-document metric values (`samples.sample_table`) that
     # let a later run be compared with this one question by question.
