@@ -99,8 +99,9 @@ def list_jobs(db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = N
         table.add_row(j["id"], j["state"], f"{j['done']}/{j['total']}", str(j["failed"] or ""),
                       ",".join(j["tasks"]), j["model"])
     out.stdout.print(table)
-    if len(found["jobs"]) < found["num_jobs"]:
-        out.stdout.print(f"the newest {len(found['jobs'])} of {found['num_jobs']} jobs; --limit 0 lists all")
+    num_jobs = found.get("num_jobs", len(found["jobs"]))  # NOTE: a server older than `num_jobs`
+    if len(found["jobs"]) < num_jobs:
+        out.stdout.print(f"the newest {len(found['jobs'])} of {num_jobs} jobs; --limit 0 lists all")
     if found["replicas"]:
         live = Table("live replica", "label", "job", "heartbeat", title="live replicas")
         for r in found["replicas"]:
