@@ -89,8 +89,7 @@ def list_jobs(db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = N
               limit: Annotated[int, typer.Option(min=0, help="The newest N jobs; 0: all.")] = lifecycle.JOBS_LISTED,
               as_json: JsonOpt = False):
     """List jobs, newest first, and the live replicas (workers) of the store."""
-    found = JobClient(server, api_key).jobs(limit) if server else \
-        lifecycle.fleet_overview(store_for(db), limit or None)
+    found = JobClient(server, api_key).jobs(limit) if server else lifecycle.fleet_overview(store_for(db), limit)
     if as_json:
         out.json(found)
         return

@@ -244,10 +244,10 @@ def job_status(store: Store, job_id: str) -> dict[str, Any]:
 JOBS_LISTED = 100  # `jobs` and `GET /v1/jobs`: the newest, unless asked for more
 
 
-def fleet_overview(store: Store, limit: int | None = JOBS_LISTED) -> dict[str, Any]:
-    """What `jobs` and `GET /v1/jobs` show: the newest `limit` jobs (None: all), how many the
+def fleet_overview(store: Store, limit: int = JOBS_LISTED) -> dict[str, Any]:
+    """What `jobs` and `GET /v1/jobs` show: the newest `limit` jobs (0: all), how many the
     store holds, and the live workers."""
-    return {"jobs": [j.to_dict() for j in store.list_jobs(limit)], "num_jobs": store.num_jobs(),
+    return {"jobs": [j.to_dict() for j in store.list_jobs(limit or None)], "num_jobs": store.num_jobs(),
             "replicas": store.live_workers()}
 
 

@@ -100,7 +100,7 @@ def install_job_api(app, store, cfg, fingerprint: str) -> None:
     @router.get("")
     def list_all(limit: int = Query(lifecycle.JOBS_LISTED, ge=0)) -> dict[str, Any]:
         """The newest `limit` jobs (0: all), `num_jobs` in the store, the live replicas."""
-        return lifecycle.fleet_overview(store, limit or None)
+        return lifecycle.fleet_overview(store, limit)
 
     @router.get("/{job_id}")
     def status(job_id: str) -> dict[str, Any]:
