@@ -10,21 +10,24 @@ wall time end to end (process start to exit) and of the evaluation alone (model 
 metrics), items/s, MMLU accuracy, and whether every subject's accuracy is identical. The
 host's `profile --quick` figures come first, so absolute times can be compared across hosts.
 
-    python benchmarks/submit_vs_hf.py --limits 2,10            # minutes
-    python benchmarks/submit_vs_hf.py --limits 0 --hf-batch-sizes 4 --state-dir DIR   # full MMLU: hours
+    python benchmarks/submit_vs_hf.py --limits 2,10                          # minutes
+    python benchmarks/submit_vs_hf.py --limits 0 --hf-batch-sizes 4 --shards 16   # full MMLU: hours
 
-With `--state-dir` (one limit, one hf batch size) the run survives interruption: conserve's
-store, hf's request cache (lm-eval's `--use_cache`) and every segment's timings live in DIR,
-and SIGTERM ends the current segment (conserve drains and records its progress; hf keeps every
-answered request). Rerun the same command to continue; wall times are then the sums over
-segments, each paying its own start-up (counted, not hidden), and the evaluation alone is
-conserve's recorded run time and hf's time after its model loaded, summed. Both arms' answers
-being stored, the report then compares them request by request too (`compare_requests`).
+The full test set takes longer than a machine may be kept (hf alone: 6 hours on 2 cores), so
+`--shards N` runs it as N side-by-side runs, shard k holding every N-th question of every
+subject from the k-th on (the few-shot examples unchanged, so each question's prompt is the
+full run's). Each finished shard's report is kept in `--shards-dir` (tracked in git: it
+outlives the machine); a rerun runs the shards still missing, and prints one row per shard
+(with its host's profile) and the shards so far combined: times summed, every start-up
+counted, accuracy from each subject's questions answered right. A shard also compares the
+arms request by request (`compare_requests`: conserve's store against hf's request cache).
+A shard stopped before both arms finish is run again whole.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import signal
@@ -32,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,22 +50,29 @@ def main() -> None:
     parser.add_argument("--hf-batch-sizes", default="4,8,16", help="Tried on the first limit; the fastest is kept.")
     parser.add_argument("--no-profile", action="store_true", help="Skip `profile --quick` (its figures).")
     parser.add_argument("--out", default="results/bench-submit-vs-hf.json")
-    parser.add_argument("--state-dir", help="Keep the run's state here; rerun to continue an interrupted run.")
+    parser.add_argument("--shards", type=int, help="Run the full test set (--limits 0) as N shards; rerun to continue.")
+    parser.add_argument("--shards-dir", default=str(REPO / "benchmarks/measured/full-mmlu"),
+                        help="Where each finished shard's report is kept.")
     parser.add_argument("--hf-cli", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hf_cli is not None:
         return hf_cli(args.hf_cli)
     batch_sizes = [int(b) for b in args.hf_batch_sizes.split(",")]
-    if args.state_dir:
-        if "," in args.limits or len(batch_sizes) > 1:
-            parser.error("--state-dir runs one limit at one hf batch size")
-        return run_resumable(args, int(args.limits), batch_sizes[0])
+    if args.shards:
+        if args.limits != "0" or len(batch_sizes) > 1:
+            parser.error("--shards runs the full test set (--limits 0) at one hf batch size")
+        return run_shards(args, batch_sizes[0])
     report = {"config": vars(args), "host": None if args.no_profile else host_profile(), "runs": []}
     for limit in [int(n) for n in args.limits.split(",")]:
-        hf_runs = [run_hf(args, limit, b) for b in batch_sizes]
+        hf_runs = []
+        for batch_size in batch_sizes:
+            with tempfile.TemporaryDirectory() as tmp:
+                hf_runs.append(run_hf(args, limit, batch_size, args.data_dir, tmp))
         best_hf = min(hf_runs, key=lambda r: r["eval_s"])
         batch_sizes = [best_hf["batch_size"]]
-        run = {"limit": limit or None, "conserve": run_conserve(args, limit), "hf": best_hf,
+        with tempfile.TemporaryDirectory() as tmp:
+            conserve = run_conserve(args, limit, args.data_dir, tmp)
+        run = {"limit": limit or None, "conserve": conserve, "hf": best_hf,
                "hf_tried": [{k: r[k] for k in ("batch_size", "eval_s", "total_s")} for r in hf_runs]}
         run["compare"] = compare(run["conserve"], run["hf"])
         report["runs"].append(run)
@@ -84,134 +95,122 @@ def host_profile() -> dict:
     return {"device": profile.key.device, **{f"{k}_ms": round(v * 1e3, 3) for k, v in coefficients.items()}}
 
 
-class Segments:
-    """The timed segments of a resumable run, in `state_dir/segments.json`. A segment is one
-    process from start to exit; SIGTERM to this script ends the current one early."""
-
-    def __init__(self, state_dir: Path):
-        self.path = state_dir / "segments.json"
-        self.state = json.loads(self.path.read_text()) if self.path.exists() else {"segments": []}
-        self.stopping = False
-        self.child: subprocess.Popen | None = None
-        signal.signal(signal.SIGTERM, self._stop)
-
-    def _stop(self, signum, _frame) -> None:
-        self.stopping = True
-        if self.child is not None:
-            self.child.send_signal(signum)
-
-    def run(self, arm: str, cmd: list[str], env: dict | None = None, eval_s=None) -> bool:
-        """Runs `cmd` as one segment of `arm`; True if it finished, False if it was stopped.
-        `eval_s(end)`, if given, is the segment's evaluation time (hf's)."""
-        if self.stopping:
-            return False
-        t0 = time.perf_counter()
-        self.child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                      env={**os.environ, **(env or {})})
-        _, err = self.child.communicate()
-        returncode, self.child = self.child.returncode, None
-        segment = {"arm": arm, "total_s": round(time.perf_counter() - t0, 3), "stopped": self.stopping}
-        if eval_s is not None:
-            segment["eval_s"] = eval_s(time.time())
-        self.state["segments"].append(segment)
-        self.save()
-        if returncode != 0 and not self.stopping:
-            sys.exit(f"{arm} exited with {returncode}:\n{err[-3000:]}")
-        return not self.stopping
-
-    def save(self) -> None:
-        self.path.write_text(json.dumps(self.state, indent=2))
-
-    def total(self, arm: str, key: str = "total_s") -> float:
-        return sum(s.get(key) or 0.0 for s in self.state["segments"] if s["arm"] == arm)
+def run_shards(args, batch_size: int) -> None:
+    """The full test set as `args.shards` side-by-side runs, each of every N-th question of
+    every subject (`write_shard`), each kept in `args.shards_dir` once both arms are done."""
+    shards_dir = Path(args.shards_dir)
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    # NOTE: SIGTERM ends the shard under way (discarded) and removes its temporary files
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped; rerun to continue"))
+    host = None
+    for shard in range(args.shards):
+        path = shards_dir / f"shard-{shard:02d}-of-{args.shards:02d}.json"
+        if path.exists():
+            continue
+        host = host or (None if args.no_profile else host_profile())
+        with tempfile.TemporaryDirectory() as tmp:
+            data_dir = write_shard(Path(args.data_dir), Path(tmp) / "mmlu", shard, args.shards)
+            conserve = run_conserve(args, 0, data_dir, tmp)
+            hf = run_hf(args, 0, batch_size, data_dir, tmp, use_cache=True)
+            run = {"label": f"shard {shard + 1}/{args.shards}", "conserve": conserve, "hf": hf,
+                   "compare": compare(conserve, hf),
+                   "requests": compare_requests(f"sqlite:///{tmp}/conserve.db", Path(tmp) / "hf-cache_rank0.db")}
+        _save({"date": time.strftime("%Y-%m-%d %H:%M"), "host": host, **run}, path)
+        print(markdown_row(run), flush=True)
+    print("\n".join(shards_markdown(load_shards(shards_dir, args.shards), args.shards)))
 
 
-def run_resumable(args, limit: int, batch_size: int) -> None:
-    state_dir = Path(args.state_dir).resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    segments = Segments(state_dir)
-    if "host" not in segments.state:
-        segments.state["host"] = None if args.no_profile else host_profile()
-        segments.save()
-    conserve = resumable_conserve(args, limit, state_dir, segments)
-    hf = conserve and resumable_hf(args, limit, batch_size, state_dir, segments)
-    if not hf:
-        print(f"stopped; rerun to continue ({len(segments.state['segments'])} segments so far)", flush=True)
-        return
-    run = {"limit": limit or None, "conserve": conserve, "hf": hf,
-           "segments": {arm: sum(s["arm"] == arm for s in segments.state["segments"]) for arm in ("conserve", "hf")}}
-    run["compare"] = compare(conserve, hf)
-    run["requests"] = compare_requests(f"sqlite:///{state_dir}/conserve.db", state_dir / "hf-cache_rank0.db")
-    report = {"config": vars(args), "host": segments.state["host"], "runs": [run]}
-    _save(report, args.out)
-    print("\n".join(markdown(report)))
+def write_shard(data_dir: Path, out: Path, shard: int, num_shards: int) -> str:
+    """An MMLU folder (`out`) with every `num_shards`-th test question of each subject, from
+    the `shard`-th on; the dev and val splits (the few-shot examples) linked whole, so every
+    question's prompt is the one the full test set gives it."""
+    (out / "test").mkdir(parents=True)
+    for split in ("dev", "val"):
+        (out / split).symlink_to((data_dir / split).resolve())
+    for file in sorted((data_dir / "test").glob("*_test.csv")):
+        with open(file, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        with open(out / "test" / file.name, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows(rows[shard::num_shards])
+    return str(out)
 
 
-def resumable_conserve(args, limit: int, state_dir: Path, segments: Segments) -> dict | None:
-    from conserve_bench.store import JobState, Store
-
-    db, output = f"sqlite:///{state_dir}/conserve.db", state_dir / "conserve"
-    while True:
-        jobs = Store(db).list_jobs() if (state_dir / "conserve.db").exists() else []
-        if jobs and jobs[0].state == JobState.DONE:
-            break
-        cmd = conserve_command(args, limit, db, output) if not jobs else \
-            [sys.executable, "-m", "conserve_bench.cli", "resume", jobs[0].id, "--db", db, "--output", str(output)]
-        if not segments.run("conserve", cmd):
-            return None
-    results = json.loads((output / f"{jobs[0].id}.json").read_text())
-    return conserve_result(results, segments.total("conserve"), results["conserve"]["total_run_s"])
+def load_shards(shards_dir: Path, num_shards: int) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(shards_dir.glob(f"shard-*-of-{num_shards:02d}.json"))]
 
 
-def resumable_hf(args, limit: int, batch_size: int, state_dir: Path, segments: Segments) -> dict | None:
-    output, timings = state_dir / "hf", state_dir / "hf-timings.json"
-    cmd = hf_command(args, limit, batch_size, output) + ["--use_cache", str(state_dir / "hf-cache")]
+def combine(shards: list[dict]) -> dict:
+    """The shards as one run: times and items summed, accuracies from the questions each
+    subject answered right in every shard (lm-eval's MMLU group: weighted by size)."""
+    run = {"label": f"{len(shards)} shards"}
+    for arm in ("conserve", "hf"):
+        runs = [s[arm] for s in shards]
+        num, right = Counter(), Counter()
+        for r in runs:
+            for subject, n in r["n"].items():
+                num[subject] += n
+                right[subject] += round(r["acc"][subject] * n)
+        acc = {s: right[s] / num[s] for s in num} | {"mmlu": sum(right.values()) / sum(num.values())}
+        run[arm] = {"batch_size": runs[0].get("batch_size"), "n": dict(num), "acc": acc,
+                    **{k: sum(r[k] for r in runs) for k in ("total_s", "eval_s", "num_items")}}
+    run["compare"] = compare(run["conserve"], run["hf"])
+    requests = [s["requests"] for s in shards]
+    run["requests"] = {"num_compared": sum(r["num_compared"] for r in requests),
+                       "max_abs_diff": max(r["max_abs_diff"] for r in requests),
+                       "median_abs_diff": max(r["median_abs_diff"] for r in requests),
+                       **{k: sum(r[k] for r in requests) for k in ("num_is_greedy_differ", "num_near_ties")}}
+    return run
 
-    def eval_s(end: float) -> float | None:
-        ready = json.loads(timings.read_text()).get("ready_at") if timings.exists() else None
-        return round(end - ready, 3) if ready else None
 
-    while not list(output.rglob("results_*.json")):
-        timings.unlink(missing_ok=True)
-        if not segments.run("hf", cmd, env={"TIMINGS": str(timings)}, eval_s=eval_s):
-            return None
-    return hf_result(output, batch_size, segments.total("hf"), segments.total("hf", "eval_s"))
+def shards_markdown(shards: list[dict], num_shards: int) -> list[str]:
+    lines = markdown_header()
+    for shard in shards:
+        host = shard["host"]
+        profile = f" (profile --quick: {host['fixed_ms']} / {host['prefill_tokens_ms']} ms)" if host else ""
+        lines.append(markdown_row(shard) + f" {shard['date']}{profile}")
+    if shards:
+        total = combine(shards)
+        total["label"] = f"{len(shards)} of {num_shards} shards"
+        lines += [markdown_row(total), request_line(total["requests"], "median at most, per shard")]
+    return lines
 
 
-def run_conserve(args, limit: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = conserve_command(args, limit, f"sqlite:///{tmp}/c.db", tmp)
-        t0 = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        total_s = time.perf_counter() - t0
-        results = json.loads((Path(tmp) / f"{json.loads(out.stdout)['id']}.json").read_text())
+def run_conserve(args, limit: int, data_dir: str, workdir: str) -> dict:
+    cmd = conserve_command(args, limit, data_dir, f"sqlite:///{workdir}/conserve.db", workdir)
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    total_s = time.perf_counter() - t0
+    results = json.loads((Path(workdir) / f"{json.loads(out.stdout)['id']}.json").read_text())
     return conserve_result(results, total_s, results["conserve"]["wall_s"])
 
 
-def conserve_command(args, limit: int, db: str, output) -> list[str]:
+def conserve_command(args, limit: int, data_dir: str, db: str, output) -> list[str]:
     return [sys.executable, "-m", "conserve_bench.cli", "submit", "mmlu", "--num-fewshot",
-            str(args.num_fewshot), "--data-dir", args.data_dir, "--db", db,
+            str(args.num_fewshot), "--data-dir", data_dir, "--db", db,
             "--output", str(output), "--json", *(["--limit", str(limit)] if limit else [])]
 
 
 def conserve_result(results: dict, total_s: float, eval_s: float) -> dict:
     meta = results["conserve"]
     return {"total_s": total_s, "eval_s": eval_s, "num_items": meta["num_items"],
-            "store_share": meta["store_share"], "acc": accuracies(results, "mmlu_")}
+            "store_share": meta["store_share"], "acc": accuracies(results, "mmlu_"),
+            "n": num_questions(results, "mmlu_")}
 
 
-def run_hf(args, limit: int, batch_size: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        timings = Path(tmp) / "timings.json"
-        t0 = time.perf_counter()
-        subprocess.run(hf_command(args, limit, batch_size, tmp), check=True, capture_output=True,
-                       env={**os.environ, "TIMINGS": str(timings)})
-        end = time.time()
-        return hf_result(Path(tmp), batch_size, time.perf_counter() - t0,
-                         end - json.loads(timings.read_text())["ready_at"])
+def run_hf(args, limit: int, batch_size: int, data_dir: str, workdir: str, use_cache: bool = False) -> dict:
+    """`lm_eval --model hf` on `data_dir`; with `use_cache`, its answers stay in `workdir`'s
+    request cache (hf-cache_rank0.db) for `compare_requests`."""
+    timings = Path(workdir) / "timings.json"
+    cmd = hf_command(args, limit, batch_size, data_dir, Path(workdir) / "hf")
+    t0 = time.perf_counter()
+    subprocess.run(cmd + (["--use_cache", f"{workdir}/hf-cache"] if use_cache else []), check=True,
+                   capture_output=True, env={**os.environ, "TIMINGS": str(timings)})
+    end = time.time()
+    return hf_result(Path(workdir) / "hf", batch_size, time.perf_counter() - t0,
+                     end - json.loads(timings.read_text())["ready_at"])
 
 
-def hf_command(args, limit: int, batch_size: int, output) -> list[str]:
+def hf_command(args, limit: int, batch_size: int, data_dir: str, output) -> list[str]:
     from conserve_bench.engine.models import resolve_model
     from conserve_bench.tasks import TASKS_DIR
 
@@ -219,7 +218,7 @@ def hf_command(args, limit: int, batch_size: int, output) -> list[str]:
             f"pretrained={resolve_model('smollm2-135m').path},dtype=float32", "--device", "cpu",
             "--batch_size", str(batch_size), "--tasks", "mmlu_local", "--num_fewshot",
             str(args.num_fewshot), "--include_path", str(TASKS_DIR), "--metadata",
-            json.dumps({"data_dir": args.data_dir}), "--output_path", str(output),
+            json.dumps({"data_dir": data_dir}), "--output_path", str(output),
             *(["--limit", str(limit)] if limit else [])]
 
 
@@ -228,7 +227,8 @@ def hf_result(output: Path, batch_size: int, total_s: float, eval_s: float) -> d
     results = json.loads(results_file.read_text())
     num_items = NUM_CHOICES * sum(n["effective"] for n in results["n-samples"].values())
     return {"batch_size": batch_size, "total_s": total_s, "eval_s": eval_s,
-            "num_items": num_items, "acc": accuracies(results, "mmlu_local_")}
+            "num_items": num_items, "acc": accuracies(results, "mmlu_local_"),
+            "n": num_questions(results, "mmlu_local_")}
 
 
 def hf_cli(argv: list[str]) -> None:
@@ -256,6 +256,11 @@ def accuracies(results: dict, prefix: str) -> dict[str, float]:
             subject = name.removeprefix(prefix) if name.startswith(prefix) else name
             found["mmlu" if subject in ("mmlu", "mmlu_local") else subject] = values["acc,none"]
     return found
+
+
+def num_questions(results: dict, prefix: str) -> dict[str, int]:
+    """Subject -> questions evaluated (lm-eval's `n-samples`), named as `accuracies` names them."""
+    return {name.removeprefix(prefix): n["effective"] for name, n in results["n-samples"].items()}
 
 
 def compare(conserve: dict, hf: dict) -> dict:
@@ -309,7 +314,8 @@ def markdown_header() -> list[str]:
 def markdown_row(run: dict) -> str:
     c, h, x = run["conserve"], run["hf"], run["compare"]
     same = f"{x['num_subjects'] - len(x['differing'])}/{x['num_subjects']}"
-    return (f"| {run['limit'] or 'all'} ({c['num_items']}) | {c['total_s']:.0f} | "
+    label = run.get("label") or run["limit"] or "all"
+    return (f"| {label} ({c['num_items']}) | {c['total_s']:.0f} | "
             f"{h['total_s']:.0f} ({h['batch_size']}) | {x['end_to_end_x']:.2f}x | "
             f"{c['eval_s']:.0f} ({c['num_items'] / c['eval_s']:.1f}) | "
             f"{h['eval_s']:.0f} ({h['num_items'] / h['eval_s']:.1f}) | {x['eval_x']:.2f}x | "
@@ -322,15 +328,14 @@ def markdown(report: dict) -> list[str]:
         host = report["host"]
         lines.append(f"host: {host['device']}; profile --quick: {host['fixed_ms']} ms per step, "
                      f"{host['prefill_tokens_ms']} ms per prefill token, {host['decodes_ms']} ms per decode")
-    lines += markdown_header() + [markdown_row(run) for run in report["runs"]]
-    for run in report["runs"]:
-        if "requests" in run:
-            r = run["requests"]
-            lines.append(f"per request ({r['num_compared']} answered by both): |loglikelihood "
-                         f"difference| at most {r['max_abs_diff']:.2g} nats (median "
-                         f"{r['median_abs_diff']:.2g}), is_greedy different on {r['num_is_greedy_differ']}; "
-                         f"{r['num_near_ties']} questions with their two best choices closer than twice that")
-    return lines
+    return lines + markdown_header() + [markdown_row(run) for run in report["runs"]]
+
+
+def request_line(r: dict, median: str = "median") -> str:
+    return (f"per request ({r['num_compared']} answered by both): |loglikelihood difference| at most "
+            f"{r['max_abs_diff']:.2g} nats ({median} {r['median_abs_diff']:.2g}), is_greedy different on "
+            f"{r['num_is_greedy_differ']}; {r['num_near_ties']} questions with their two best choices "
+            f"closer than twice that")
 
 
 def _save(report: dict, path: str) -> None:

@@ -304,10 +304,17 @@ def test_client_mode_against_serve_matches_embedded_and_is_idempotent(reference,
     assert_same_responses(responses(again), responses(tiny), tol=0.0)
 
 
-def test_submit_vs_hf_pairs_each_request_with_lm_evals_cache_entry(tmp_path, monkeypatch):
+@pytest.fixture
+def submit_vs_hf(monkeypatch):
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module("submit_vs_hf")
+
+
+def test_submit_vs_hf_pairs_each_request_with_lm_evals_cache_entry(tmp_path, submit_vs_hf):
     """benchmarks/submit_vs_hf.py finds hf's answer to each of conserve's requests under the
     key lm-eval's request cache writes it with (`CacheHook`), and reports the differences."""
-    import importlib
     from types import SimpleNamespace
 
     from lm_eval.api.model import CacheHook
@@ -316,8 +323,7 @@ def test_submit_vs_hf_pairs_each_request_with_lm_evals_cache_entry(tmp_path, mon
     from conserve_bench.config import JobSpec
     from conserve_bench.store import WorkItem
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    benchmark = importlib.import_module("submit_vs_hf")
+    benchmark = submit_vs_hf
     url = f"sqlite:///{tmp_path / 'conserve.db'}"
     store = Store(url)
     job = store.create_job(JobSpec(tasks=("mmlu",)))
@@ -336,3 +342,49 @@ def test_submit_vs_hf_pairs_each_request_with_lm_evals_cache_entry(tmp_path, mon
     assert found["num_compared"] == 4 and found["num_is_greedy_differ"] == 1
     assert found["max_abs_diff"] == pytest.approx(2e-5, abs=1e-9)
     assert found["num_near_ties"] == 1  # Q2: its two choices 1e-5 apart
+
+
+def test_full_mmlu_shards_split_every_subject_and_keep_the_few_shot_examples(tmp_path, submit_vs_hf):
+    """The shards of benchmarks/submit_vs_hf.py hold, between them, each test question once
+    and in order, read back exactly (quotes, commas, newlines), beside the unchanged dev split."""
+    import csv
+
+    from conserve_bench.jobs.taskspec import load_mmlu_csv
+
+    full = tmp_path / "mmlu"
+    for split in ("dev", "val", "test"):
+        (full / split).mkdir(parents=True)
+        with open(full / split / f"anatomy_{split}.csv", "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([f'{split} "{i}", has a comma\nand a line', "a", "b", "c", "d", "ABCD"[i % 4]]
+                                    for i in range(7))
+    shards = [load_mmlu_csv(submit_vs_hf.write_shard(full, tmp_path / f"s{k}", k, 3), "anatomy")
+              for k in range(3)]
+    whole = load_mmlu_csv(str(full), "anatomy")
+    assert [shard["test"].num_rows for shard in shards] == [3, 2, 2]
+    assert [shards[i % 3]["test"][i // 3] for i in range(7)] == list(whole["test"])
+    assert all(list(shard["dev"]) == list(whole["dev"]) for shard in shards)
+
+
+def test_full_mmlu_shards_combine_into_one_run(submit_vs_hf):
+    """Combined shards: times and items summed, each subject's accuracy from its questions
+    answered right in every shard, the group's weighted by size, as lm-eval's MMLU does."""
+    def arm(acc, n, total_s, eval_s):
+        return {"batch_size": 4, "acc": acc | {"mmlu": 0.0}, "n": n, "total_s": total_s,
+                "eval_s": eval_s, "num_items": 4 * sum(n.values())}
+
+    requests = {"num_compared": 8, "max_abs_diff": 1e-5, "median_abs_diff": 1e-6,
+                "num_is_greedy_differ": 1, "num_near_ties": 0}
+    shards = [{"conserve": arm({"anatomy": 0.5, "law": 1 / 3}, {"anatomy": 2, "law": 3}, 10.0, 8.0),
+               "hf": arm({"anatomy": 0.5, "law": 1 / 3}, {"anatomy": 2, "law": 3}, 30.0, 24.0),
+               "requests": requests},
+              {"conserve": arm({"anatomy": 1.0, "law": 0.0}, {"anatomy": 1, "law": 2}, 5.0, 4.0),
+               "hf": arm({"anatomy": 0.0, "law": 0.0}, {"anatomy": 1, "law": 2}, 15.0, 12.0),
+               "requests": requests | {"max_abs_diff": 3e-5, "num_near_ties": 2}}]
+
+    run = submit_vs_hf.combine(shards)
+    assert run["conserve"]["acc"] == {"anatomy": 2 / 3, "law": 1 / 5, "mmlu": 3 / 8}
+    assert run["hf"]["acc"] == {"anatomy": 1 / 3, "law": 1 / 5, "mmlu": 2 / 8}
+    assert (run["conserve"]["total_s"], run["conserve"]["eval_s"], run["conserve"]["num_items"]) == (15.0, 12.0, 32)
+    assert run["compare"]["end_to_end_x"] == 3.0 and run["compare"]["differing"] == ["anatomy", "mmlu"]
+    assert run["requests"] == {"num_compared": 16, "max_abs_diff": 3e-5, "median_abs_diff": 1e-6,
+                               "num_is_greedy_differ": 2, "num_near_ties": 2}
