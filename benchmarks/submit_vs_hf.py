@@ -17,8 +17,8 @@ The full test set takes longer than a machine may be kept (hf alone: 6 hours on 
 `--shards N` runs it as N side-by-side runs, shard k holding every N-th question of every
 subject from the k-th on (the few-shot examples unchanged, so each question's prompt is the
 full run's). Each finished shard's report is kept in `--shards-dir` (tracked in git: it
-outlives the machine); a rerun runs the shards still missing, and prints one row per shard
-(with its host's profile) and the shards so far combined: times summed, every start-up
+outlives the machine); a rerun runs the shards still missing (`--table-only`: none) and
+prints one row per shard (with its host's profile) and the shards so far combined: times summed, every start-up
 counted, accuracy from each subject's questions answered right. A shard also compares the
 arms request by request (`compare_requests`: conserve's store against hf's request cache).
 A shard stopped before both arms finish is run again whole.
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, help="Run the full test set (--limits 0) as N shards; rerun to continue.")
     parser.add_argument("--shards-dir", default=str(REPO / "benchmarks/measured/full-mmlu"),
                         help="Where each finished shard's report is kept.")
+    parser.add_argument("--table-only", action="store_true", help="With --shards: the kept shards' table; run none.")
     parser.add_argument("--hf-cli", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hf_cli is not None:
@@ -105,7 +106,7 @@ def run_shards(args, batch_size: int) -> None:
     host = None
     for shard in range(args.shards):
         path = shards_dir / f"shard-{shard:02d}-of-{args.shards:02d}.json"
-        if path.exists():
+        if path.exists() or args.table_only:
             continue
         host = host or (None if args.no_profile else host_profile())
         with tempfile.TemporaryDirectory() as tmp:
@@ -163,15 +164,18 @@ def combine(shards: list[dict]) -> dict:
 
 
 def shards_markdown(shards: list[dict], num_shards: int) -> list[str]:
-    lines = markdown_header()
+    """A row per shard, with when and on what host (its `profile --quick`: ms fixed per step,
+    per prefill token, per decode), then the shards combined."""
+    header, rule = markdown_header()
+    lines = [header + " run; profile --quick ms |", rule + "---|"]
     for shard in shards:
-        host = shard["host"]
-        profile = f" (profile --quick: {host['fixed_ms']} / {host['prefill_tokens_ms']} ms)" if host else ""
-        lines.append(markdown_row(shard) + f" {shard['date']}{profile}")
+        host = shard["host"] or {}
+        profile = " / ".join(str(host.get(k, "?")) for k in ("fixed_ms", "prefill_tokens_ms", "decodes_ms"))
+        lines.append(markdown_row(shard) + f" {shard['date']}; {profile} |")
     if shards:
         total = combine(shards)
         total["label"] = f"{len(shards)} of {num_shards} shards"
-        lines += [markdown_row(total), request_line(total["requests"], "median at most, per shard")]
+        lines += [markdown_row(total) + " |", request_line(total["requests"], "in any shard")]
     return lines
 
 
@@ -331,9 +335,10 @@ def markdown(report: dict) -> list[str]:
     return lines + markdown_header() + [markdown_row(run) for run in report["runs"]]
 
 
-def request_line(r: dict, median: str = "median") -> str:
+def request_line(r: dict, where: str = "") -> str:
+    median = f"median at most {r['median_abs_diff']:.2g} {where}" if where else f"median {r['median_abs_diff']:.2g}"
     return (f"per request ({r['num_compared']} answered by both): |loglikelihood difference| at most "
-            f"{r['max_abs_diff']:.2g} nats ({median} {r['median_abs_diff']:.2g}), is_greedy different on "
+            f"{r['max_abs_diff']:.2g} nats ({median}), is_greedy different on "
             f"{r['num_is_greedy_differ']}; {r['num_near_ties']} questions with their two best choices "
             f"closer than twice that")
 
