@@ -18,10 +18,10 @@ The full test set takes longer than a machine may be kept (hf alone: 6 hours on 
 subject from the k-th on (the few-shot examples unchanged, so each question's prompt is the
 full run's). Each finished shard's report is kept in `--shards-dir` (tracked in git: it
 outlives the machine); a rerun runs the shards still missing (`--table-only`: none) and
-prints one row per shard (with its host's profile) and the shards so far combined: times summed, every start-up
-counted, accuracy from each subject's questions answered right. A shard also compares the
-arms request by request (`compare_requests`: conserve's store against hf's request cache).
-A shard stopped before both arms finish is run again whole.
+prints one row per shard (with its host's profile) and the shards so far combined: times
+summed, every start-up counted, accuracy from each subject's questions answered right. A
+shard also compares the arms request by request (`compare_requests`: conserve's store against
+hf's request cache). A shard stopped before both arms finish is run again whole.
 """
 
 from __future__ import annotations
@@ -100,13 +100,19 @@ def run_shards(args, batch_size: int) -> None:
     """The full test set as `args.shards` side-by-side runs, each of every N-th question of
     every subject (`write_shard`), each kept in `args.shards_dir` once both arms are done."""
     shards_dir = Path(args.shards_dir)
+    if not args.table_only:
+        run_missing_shards(args, batch_size, shards_dir)
+    print("\n".join(shards_markdown(load_shards(shards_dir, args.shards), args.shards)))
+
+
+def run_missing_shards(args, batch_size: int, shards_dir: Path) -> None:
     shards_dir.mkdir(parents=True, exist_ok=True)
     # NOTE: SIGTERM ends the shard under way (discarded) and removes its temporary files
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped; rerun to continue"))
     host = None
     for shard in range(args.shards):
         path = shards_dir / f"shard-{shard:02d}-of-{args.shards:02d}.json"
-        if path.exists() or args.table_only:
+        if path.exists():
             continue
         host = host or (None if args.no_profile else host_profile())
         with tempfile.TemporaryDirectory() as tmp:
@@ -118,7 +124,6 @@ def run_shards(args, batch_size: int) -> None:
                    "requests": compare_requests(f"sqlite:///{tmp}/conserve.db", Path(tmp) / "hf-cache_rank0.db")}
         _save({"date": time.strftime("%Y-%m-%d %H:%M"), "host": host, **run}, path)
         print(markdown_row(run), flush=True)
-    print("\n".join(shards_markdown(load_shards(shards_dir, args.shards), args.shards)))
 
 
 def write_shard(data_dir: Path, out: Path, shard: int, num_shards: int) -> str:
@@ -143,7 +148,7 @@ def load_shards(shards_dir: Path, num_shards: int) -> list[dict]:
 def combine(shards: list[dict]) -> dict:
     """The shards as one run: times and items summed, accuracies from the questions each
     subject answered right in every shard (lm-eval's MMLU group: weighted by size)."""
-    run = {"label": f"{len(shards)} shards"}
+    run = {}
     for arm in ("conserve", "hf"):
         runs = [s[arm] for s in shards]
         num, right = Counter(), Counter()
@@ -173,9 +178,8 @@ def shards_markdown(shards: list[dict], num_shards: int) -> list[str]:
         profile = " / ".join(str(host.get(k, "?")) for k in ("fixed_ms", "prefill_tokens_ms", "decodes_ms"))
         lines.append(markdown_row(shard) + f" {shard['date']}; {profile} |")
     if shards:
-        total = combine(shards)
-        total["label"] = f"{len(shards)} of {num_shards} shards"
-        lines += [markdown_row(total) + " |", request_line(total["requests"], "in any shard")]
+        total = {"label": f"{len(shards)} of {num_shards} shards", **combine(shards)}
+        lines += [markdown_row(total) + " |", request_line(total["requests"])]
     return lines
 
 
@@ -229,10 +233,9 @@ def hf_command(args, limit: int, batch_size: int, data_dir: str, output) -> list
 def hf_result(output: Path, batch_size: int, total_s: float, eval_s: float) -> dict:
     [results_file] = output.rglob("results_*.json")
     results = json.loads(results_file.read_text())
-    num_items = NUM_CHOICES * sum(n["effective"] for n in results["n-samples"].values())
+    num = num_questions(results, "mmlu_local_")
     return {"batch_size": batch_size, "total_s": total_s, "eval_s": eval_s,
-            "num_items": num_items, "acc": accuracies(results, "mmlu_local_"),
-            "n": num_questions(results, "mmlu_local_")}
+            "num_items": NUM_CHOICES * sum(num.values()), "acc": accuracies(results, "mmlu_local_"), "n": num}
 
 
 def hf_cli(argv: list[str]) -> None:
@@ -335,10 +338,11 @@ def markdown(report: dict) -> list[str]:
     return lines + markdown_header() + [markdown_row(run) for run in report["runs"]]
 
 
-def request_line(r: dict, where: str = "") -> str:
-    median = f"median at most {r['median_abs_diff']:.2g} {where}" if where else f"median {r['median_abs_diff']:.2g}"
+def request_line(r: dict) -> str:
+    """The shards' request-by-request comparison (`combine`'s: the median is the largest shard's)."""
     return (f"per request ({r['num_compared']} answered by both): |loglikelihood difference| at most "
-            f"{r['max_abs_diff']:.2g} nats ({median}), is_greedy different on "
+            f"{r['max_abs_diff']:.2g} nats (median at most {r['median_abs_diff']:.2g} in any shard), "
+            f"is_greedy different on "
             f"{r['num_is_greedy_differ']}; {r['num_near_ties']} questions with their two best choices "
             f"closer than twice that")
 
