@@ -21,7 +21,8 @@ outlives the machine); a rerun runs the shards still missing (`--table-only`: no
 prints one row per shard (with its host's profile) and the shards so far combined: times
 summed, every start-up counted, accuracy from each subject's questions answered right. A
 shard also compares the arms request by request (`compare_requests`: conserve's store against
-hf's request cache). A shard stopped before both arms finish is run again whole.
+hf's request cache). A shard stopped before both arms finish is run again whole. Shards
+kept from another `--num-fewshot` are refused, not combined.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def main() -> None:
     if args.hf_cli is not None:
         return hf_cli(args.hf_cli)
     batch_sizes = [int(b) for b in args.hf_batch_sizes.split(",")]
-    if args.shards:
+    if args.shards is not None:
+        if args.shards < 1:
+            parser.error("--shards must be at least 1")
         if args.limits != "0" or len(batch_sizes) > 1:
             parser.error("--shards runs the full test set (--limits 0) at one hf batch size")
         return run_shards(args, batch_sizes[0])
@@ -100,9 +103,11 @@ def run_shards(args, batch_size: int) -> None:
     """The full test set as `args.shards` side-by-side runs, each of every N-th question of
     every subject (`write_shard`), each kept in `args.shards_dir` once both arms are done."""
     shards_dir = Path(args.shards_dir)
+    shards = load_shards(shards_dir, args.shards, args.num_fewshot)  # before hours of work: can they combine?
     if not args.table_only:
         run_missing_shards(args, batch_size, shards_dir)
-    print("\n".join(shards_markdown(load_shards(shards_dir, args.shards), args.shards)))
+        shards = load_shards(shards_dir, args.shards, args.num_fewshot)
+    print("\n".join(shards_markdown(shards, args.shards)))
 
 
 def run_missing_shards(args, batch_size: int, shards_dir: Path) -> None:
@@ -122,7 +127,7 @@ def run_missing_shards(args, batch_size: int, shards_dir: Path) -> None:
             run = {"label": f"shard {shard + 1}/{args.shards}", "conserve": conserve, "hf": hf,
                    "compare": compare(conserve, hf),
                    "requests": compare_requests(f"sqlite:///{tmp}/conserve.db", Path(tmp) / "hf-cache_rank0.db")}
-        _save({"date": time.strftime("%Y-%m-%d %H:%M"), "host": host, **run}, path)
+        _save({"date": time.strftime("%Y-%m-%d %H:%M"), "host": host, "num_fewshot": args.num_fewshot, **run}, path)
         print(markdown_row(run), flush=True)
 
 
@@ -141,8 +146,16 @@ def write_shard(data_dir: Path, out: Path, shard: int, num_shards: int) -> str:
     return str(out)
 
 
-def load_shards(shards_dir: Path, num_shards: int) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(shards_dir.glob(f"shard-*-of-{num_shards:02d}.json"))]
+def load_shards(shards_dir: Path, num_shards: int, num_fewshot: int) -> list[dict]:
+    """The kept shards of an N-shard run; all of them `num_fewshot`-shot, or they are not one run."""
+    shards = []
+    for path in sorted(shards_dir.glob(f"shard-*-of-{num_shards:02d}.json")):
+        shard = json.loads(path.read_text())
+        if shard.get("num_fewshot") != num_fewshot:
+            sys.exit(f"{path} was run {shard.get('num_fewshot')}-shot, not {num_fewshot}-shot: "
+                     f"give --num-fewshot {shard.get('num_fewshot')} or another --shards-dir")
+        shards.append(shard)
+    return shards
 
 
 def combine(shards: list[dict]) -> dict:

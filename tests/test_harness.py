@@ -388,3 +388,30 @@ def test_full_mmlu_shards_combine_into_one_run(submit_vs_hf):
     assert run["compare"]["end_to_end_x"] == 3.0 and run["compare"]["differing"] == ["anatomy", "mmlu"]
     assert run["requests"] == {"num_compared": 16, "max_abs_diff": 3e-5, "median_abs_diff": 1e-6,
                                "num_is_greedy_differ": 2, "num_near_ties": 2}
+
+
+def test_full_mmlu_shards_of_another_few_shot_count_are_refused(tmp_path, monkeypatch, submit_vs_hf):
+    """Shards kept from a 0-shot run are neither combined with 5-shot ones nor continued by a
+    5-shot run: one line names the file and what to do, before any shard runs."""
+    for shard, num_fewshot in enumerate((5, 0)):
+        (tmp_path / f"shard-{shard:02d}-of-04.json").write_text(json.dumps({"num_fewshot": num_fewshot}))
+    refused = r"shard-01-of-04.json was run 0-shot, not 5-shot: give --num-fewshot 0 or another --shards-dir"
+    with pytest.raises(SystemExit, match=refused):
+        submit_vs_hf.load_shards(tmp_path, 4, 5)
+
+    def never(*_):
+        raise AssertionError("started a run")
+
+    for name in ("run_missing_shards", "host_profile", "run_hf", "run_conserve"):
+        monkeypatch.setattr(submit_vs_hf, name, never)
+    monkeypatch.setattr("sys.argv", ["submit_vs_hf.py", "--limits", "0", "--hf-batch-sizes", "4",
+                                     "--shards", "4", "--shards-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=refused):
+        submit_vs_hf.main()
+    (tmp_path / "shard-01-of-04.json").unlink()
+    assert submit_vs_hf.load_shards(tmp_path, 4, 5) == [{"num_fewshot": 5}]
+    monkeypatch.setattr("sys.argv", ["submit_vs_hf.py", "--limits", "0", "--hf-batch-sizes", "4",
+                                     "--shards", "0", "--shards-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as usage:
+        submit_vs_hf.main()
+    assert usage.value.code == 2  # argparse's usage error, not a run of the limits mode
