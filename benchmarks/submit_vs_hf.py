@@ -335,10 +335,10 @@ def markdown_row(run: dict) -> str:
     c, h, x = run["conserve"], run["hf"], run["compare"]
     same = f"{x['num_subjects'] - len(x['differing'])}/{x['num_subjects']}"
     label = run.get("label") or run["limit"] or "all"
-    return (f"| {label} ({c['num_items']}) | {c['total_s']:.0f} | "
-            f"{h['total_s']:.0f} ({h['batch_size']}) | {x['end_to_end_x']:.2f}x | "
-            f"{c['eval_s']:.0f} ({c['num_items'] / c['eval_s']:.1f}) | "
-            f"{h['eval_s']:.0f} ({h['num_items'] / h['eval_s']:.1f}) | {x['eval_x']:.2f}x | "
+    return (f"| {label} ({c['num_items']:,}) | {c['total_s']:,.0f} | "
+            f"{h['total_s']:,.0f} ({h['batch_size']}) | {x['end_to_end_x']:.2f}x | "
+            f"{c['eval_s']:,.0f} ({c['num_items'] / c['eval_s']:.1f}) | "
+            f"{h['eval_s']:,.0f} ({h['num_items'] / h['eval_s']:.1f}) | {x['eval_x']:.2f}x | "
             f"{c['acc'].get('mmlu', float('nan')):.4f} / {h['acc'].get('mmlu', float('nan')):.4f} | {same} |")
 
 
@@ -353,7 +353,7 @@ def markdown(report: dict) -> list[str]:
 
 def request_line(r: dict) -> str:
     """The shards' request-by-request comparison (`combine`'s: the median is the largest shard's)."""
-    return (f"per request ({r['num_compared']} answered by both): |loglikelihood difference| at most "
+    return (f"per request ({r['num_compared']:,} answered by both): |loglikelihood difference| at most "
             f"{r['max_abs_diff']:.2g} nats (median at most {r['median_abs_diff']:.2g} in any shard), "
             f"is_greedy different on "
             f"{r['num_is_greedy_differ']}; {r['num_near_ties']} questions with their two best choices "
