@@ -151,9 +151,9 @@ def load_shards(shards_dir: Path, num_shards: int, num_fewshot: int) -> list[dic
     shards = []
     for path in sorted(shards_dir.glob(f"shard-*-of-{num_shards:02d}.json")):
         shard = json.loads(path.read_text())
-        if shard.get("num_fewshot") != num_fewshot:
-            sys.exit(f"{path} was run {shard.get('num_fewshot')}-shot, not {num_fewshot}-shot: "
-                     f"give --num-fewshot {shard.get('num_fewshot')} or another --shards-dir")
+        if (found := shard.get("num_fewshot")) != num_fewshot:
+            sys.exit(f"{path} was run {found}-shot, not {num_fewshot}-shot: "
+                     f"give --num-fewshot {found} or another --shards-dir")
         shards.append(shard)
     return shards
 
