@@ -415,3 +415,55 @@ def test_full_mmlu_shards_of_another_few_shot_count_are_refused(tmp_path, monkey
     with pytest.raises(SystemExit) as usage:
         submit_vs_hf.main()
     assert usage.value.code == 2  # argparse's usage error, not a run of the limits mode
+
+
+def test_full_mmlu_run_continues_with_the_missing_shards_only(tmp_path, monkeypatch, submit_vs_hf):
+    """A rerun runs the shards not yet kept, each on its own questions, both arms on the same
+    folder, the host profiled once; each report is kept as it is finished, with its few-shot
+    count."""
+    import csv
+    from types import SimpleNamespace
+
+    full = tmp_path / "mmlu"
+    for split in ("dev", "val", "test"):
+        (full / split).mkdir(parents=True)
+        with open(full / split / f"anatomy_{split}.csv", "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([f"{split} {i}", "a", "b", "c", "d", "A"] for i in range(5))
+    shards_dir = tmp_path / "shards"
+    shards_dir.mkdir()
+    kept = {"label": "shard 2/3", "num_fewshot": 5, "kept": True}
+    (shards_dir / "shard-01-of-03.json").write_text(json.dumps(kept))
+
+    ran, profiled = [], []
+
+    def arm(name):
+        def run(args, limit, *rest, use_cache=False):
+            data_dir = rest[-2]
+            with open(Path(data_dir) / "test" / "anatomy_test.csv", newline="", encoding="utf-8") as f:
+                questions = [row[0] for row in csv.reader(f)]
+            ran.append((name, limit, data_dir, questions))
+            assert (Path(data_dir) / "dev" / "anatomy_dev.csv").exists()
+            return {"batch_size": rest[0] if name == "hf" else None, "total_s": 1.0, "eval_s": 1.0,
+                    "num_items": 4 * len(questions), "acc": {"mmlu": 0.25}, "n": {"anatomy": len(questions)}}
+        return run
+
+    monkeypatch.setattr(submit_vs_hf, "run_conserve", arm("conserve"))
+    monkeypatch.setattr(submit_vs_hf, "run_hf", arm("hf"))
+    monkeypatch.setattr(submit_vs_hf, "host_profile", lambda: profiled.append(1) or {"fixed_ms": 1.0})
+    monkeypatch.setattr(submit_vs_hf, "compare_requests", lambda db, cache: {"num_compared": 0})
+    monkeypatch.setattr(submit_vs_hf.signal, "signal", lambda *_: None)  # not pytest's own SIGTERM
+    args = SimpleNamespace(shards=3, num_fewshot=5, data_dir=str(full), no_profile=False)
+    submit_vs_hf.run_missing_shards(args, 4, shards_dir)
+
+    assert [(name, limit, questions) for name, limit, _, questions in ran] == [
+        ("conserve", 0, ["test 0", "test 3"]), ("hf", 0, ["test 0", "test 3"]),
+        ("conserve", 0, ["test 2"]), ("hf", 0, ["test 2"])]
+    assert ran[0][2] == ran[1][2] and ran[2][2] == ran[3][2]  # both arms, one folder
+    assert profiled == [1]
+    reports = {p.name: json.loads(p.read_text()) for p in shards_dir.iterdir()}
+    assert sorted(reports) == ["shard-00-of-03.json", "shard-01-of-03.json", "shard-02-of-03.json"]
+    assert reports["shard-01-of-03.json"] == kept  # not run again
+    for name, label in (("shard-00-of-03.json", "shard 1/3"), ("shard-02-of-03.json", "shard 3/3")):
+        report = reports[name]
+        assert (report["label"], report["num_fewshot"], report["host"]) == (label, 5, {"fixed_ms": 1.0})
+        assert report["compare"]["same_items"] and report["requests"] == {"num_compared": 0}
