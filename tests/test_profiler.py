@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -136,6 +139,44 @@ def test_profile_engine_fits_stores_and_is_found_again(engine, store, tiny_sweep
 
 
 # -- the CLI ----------------------------------------------------------------------------------
+
+
+PROFILING_CLI = """
+import os, sys
+from types import SimpleNamespace
+from conserve_bench.cli import main
+from conserve_bench.sched import profiler
+from conserve_bench.sched.latency import LatencyModel
+from conserve_bench.sched.profiles import Profile, current_key
+
+def run_profile(store, model, quick, on_progress, on_started):  # the engine's part, faked
+    os.write(2, b"WARNING vLLM engine chatter\\n")
+    on_started()
+    on_progress(1, 1)
+    model = LatencyModel((0.04, 2e-3, 2.4e-3, 4e-6, 1e-6, 8e-4))
+    return SimpleNamespace(profile=Profile(current_key("smollm2-135m", "float32"), model, 42),
+                           sweep=SimpleNamespace(samples=[None] * 42, wall_s=61.0))
+
+profiler.run_profile = run_profile
+sys.argv = ["conserve-bench", "profile", "--quick", *sys.argv[1:]]
+main()
+"""
+
+
+def test_profile_keeps_vllms_output_in_a_log_unless_verbose(tmp_path):
+    """`profile` on a terminal: its progress, one line and the table; what the engine writes
+    goes to results/profile.log (named on that line), or to the terminal with --verbose."""
+    db = f"sqlite:///{tmp_path / 'store.db'}"
+    quiet = subprocess.run([sys.executable, "-c", PROFILING_CLI, "--db", db], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "chatter" not in quiet.stderr + quiet.stdout and "prefill_tokens" in quiet.stdout
+    assert "swept 42 steps in 61s; log results/profile.log" in quiet.stderr
+    assert (tmp_path / "results" / "profile.log").read_text() == "WARNING vLLM engine chatter\n"
+    verbose = subprocess.run([sys.executable, "-c", PROFILING_CLI, "--db", db, "--verbose"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert verbose.returncode == 0, verbose.stderr
+    assert "WARNING vLLM engine chatter" in verbose.stderr and "log " not in verbose.stderr
 
 
 def test_profile_show_prints_the_stored_profile_or_one_line(tmp_path, store):

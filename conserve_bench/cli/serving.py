@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -23,6 +24,8 @@ def profile(
     quick: Annotated[bool, typer.Option("--quick", help="A smaller sweep (about 60 s of profiling on an idle 2-core CPU).")] = False,
     show: Annotated[bool, typer.Option("--show", help="Print the stored profile for this machine; measure nothing.")] = False,
     db: DbOpt = None,
+    output: Annotated[str, typer.Option("--output", help="Directory for profile.log (vLLM's own output).")] = "results",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show vLLM's own output on the terminal instead of in <output>/profile.log.")] = False,
 ):
     """Measure the engine's step latency and fit the latency model. Example: profile --quick"""
     from conserve_bench.sched import profiler
@@ -32,6 +35,8 @@ def profile(
     if show:
         found, refit = profiler.show_profile(store, model)
     else:
+        if not verbose:
+            out.capture(Path(output) / "profile.log")
         with out.progress() as progress:
             task = progress.add_task("starting engine", total=None)
             result = profiler.run_profile(
@@ -40,7 +45,9 @@ def profile(
                 on_progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
         found = result.profile
-        out.stderr.print(f"swept {len(result.sweep.samples)} steps in {result.sweep.wall_s:.0f}s")
+        log = f"; log {out.log_path}" if out.log_path else ""
+        out.stderr.print(f"swept {len(result.sweep.samples)} steps in {result.sweep.wall_s:.0f}s{log}",
+                         highlight=False)
     columns = ("quantity", "profile") + (("live refit",) if refit else ())
     table = Table(*columns, title="step latency model (held-out: shapes not fitted on)")
     for row in profiler.summary_rows(found, refit):
