@@ -153,8 +153,8 @@ def run_profile(store, model, quick, on_progress, on_started):  # the engine's p
     os.write(2, b"WARNING vLLM engine chatter\\n")
     on_started()
     on_progress(1, 1)
-    model = LatencyModel((0.04, 2e-3, 2.4e-3, 4e-6, 1e-6, 8e-4))
-    return SimpleNamespace(profile=Profile(current_key("smollm2-135m", "float32"), model, 42),
+    latency = LatencyModel((0.04, 2e-3, 2.4e-3, 4e-6, 1e-6, 8e-4))
+    return SimpleNamespace(profile=Profile(current_key(model, "float32"), latency, 42),
                            sweep=SimpleNamespace(samples=[None] * 42, wall_s=61.0))
 
 profiler.run_profile = run_profile
@@ -164,8 +164,8 @@ main()
 
 
 def test_profile_keeps_vllms_output_in_a_log_unless_verbose(tmp_path):
-    """`profile` on a terminal: its progress, one line and the table; what the engine writes
-    goes to results/profile.log (named on that line), or to the terminal with --verbose."""
+    """`profile` prints its progress, one line and the table; what the engine writes goes to
+    results/profile.log (named on that line), or to the terminal with --verbose."""
     db = f"sqlite:///{tmp_path / 'store.db'}"
     quiet = subprocess.run([sys.executable, "-c", PROFILING_CLI, "--db", db], cwd=tmp_path,
                            capture_output=True, text=True, timeout=120)
