@@ -268,12 +268,14 @@ def test_short_bench_run_writes_a_complete_report(tmp_path, data_dir):
     from conserve_bench.bench.run import run_bench
 
     cfg = BenchConfig(policies=("priority",), trace=str(TRACE), rate=1.0, load=None,
-                      duration_s=8.0, token_scale=0.02, max_context_tokens=32, max_generated_tokens=6,
+                      duration_s=12.0, token_scale=0.02, max_context_tokens=32, max_generated_tokens=6,
                       drain_timeout_s=60.0, offline_tasks=("mmlu_anatomy",), offline_limit=20,
                       data_dir=data_dir, output_dir=str(tmp_path),
-                      # NOTE: a fresh server's first step runs ~4 s on 2 cores whatever its size
-                      # (a 99-token prefill: 4.4 s, then 0.2 s), and 32 items in flight make one
-                      # 4,096-token step as long: 8 items and an 8 s window finish some inside it
+                      # NOTE: a fresh server's first offline step runs seconds on 2 cores (a
+                      # 99-token prefill: 1.8-4.4 s, 8.4 s in a fresh venv; the next, 0.2 s; a
+                      # 16-token online request before it does not take that cost), and 32 items
+                      # in flight make one 4,096-token step as long: 8 items and a 12 s window
+                      # finish some inside it
                       serve_args=("--no-profile", "--max-offline-inflight", "8"))
     events = []
     out, report = run_bench(cfg, lambda d, c, t: events.append(d))
