@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from conserve_bench.cli.base import (ApiKeyOpt, CheckpointSOpt, CheckpointTokensOpt, DbOpt,
-                                     OutputOpt, app, checked, on_off, store_for)
+                                     OutputOpt, VerboseOpt, app, checked, on_off, store_for)
 from conserve_bench.config import (DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS, DEFAULT_MODEL,
                                    LeaseConfig, default_data_dir, default_db_url)
 from conserve_bench.output import out
@@ -25,7 +25,7 @@ def profile(
     show: Annotated[bool, typer.Option("--show", help="Print the stored profile for this machine; measure nothing.")] = False,
     db: DbOpt = None,
     output: Annotated[str, typer.Option("--output", help="Directory for profile.log (vLLM's own output).")] = "results",
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show vLLM's own output on the terminal instead of in <output>/profile.log.")] = False,
+    verbose: VerboseOpt = False,
 ):
     """Measure the engine's step latency and fit the latency model. Example: profile --quick"""
     from conserve_bench.sched import profiler
