@@ -53,6 +53,10 @@ class ProfileNotFoundError(ConserveError):
     pass
 
 
+class OutputDirError(ConserveError):
+    """`--output` names a folder the command cannot write its log in."""
+
+
 class InvalidRequestError(ConserveError):
     pass
 

@@ -21,6 +21,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeRemainingColumn)
 from rich.text import Text
 
+from conserve_bench.errors import OutputDirError
+
 PLAIN_PROGRESS_EVERY_S = 10.0
 LOG_WIDTH = 160  # NOTE: tables printed to a file (a CI log) get no 80-column cut
 
@@ -39,12 +41,15 @@ class Output:
         """From now on, whatever is written to fd 1 or 2 by anyone else goes to `log_path`."""
         if self.log_path is not None or not _is_fd(sys.stdout, 1) or not _is_fd(sys.stderr, 2):
             return  # NOTE: embedded (pytest, a notebook): the host owns the streams; leave them
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as e:
+            raise OutputDirError(f"cannot write the log {log_path}: {e.strerror or e}") from None
         sys.stdout.flush()
         sys.stderr.flush()
         terminal_out = os.fdopen(os.dup(1), "w", buffering=1)
         terminal_err = os.fdopen(os.dup(2), "w", buffering=1)
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         os.close(log_fd)

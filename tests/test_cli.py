@@ -52,6 +52,21 @@ def test_bad_input_is_one_line_and_keeps_progress(db, data_dir, args, words):
     assert len(store.list_jobs()) == 1
 
 
+def test_an_output_folder_that_cannot_hold_the_log_is_one_line_and_keeps_progress(db, tmp_path):
+    """`--output` naming a file: `resume` and `profile` stop before any engine starts, with
+    one line naming the log they could not write; the job is as it was."""
+    url, job_id = db
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    assert_one_line_error(cli("resume", job_id, "--db", url, "--output", str(afile)),
+                          "cannot write the log", f"{afile}/{job_id}.log")
+    assert_one_line_error(cli("profile", "--quick", "--db", url, "--output", str(afile)),
+                          f"{afile}/profile.log")
+    store = Store(url)
+    assert store.item_states(job_id) == {"done": 2, "pending": 2}
+    assert store.get_job(job_id).state == "queued"
+
+
 def test_resume_of_an_lm_eval_runs_job_says_why_before_any_engine_starts(tmp_path):
     """Its requests are added by the lm-eval process as it goes: only a rerun there can finish
     it. Refused before vLLM starts (no engine could run it), its finished items kept."""
