@@ -54,7 +54,8 @@ class ProfileNotFoundError(ConserveError):
 
 
 class OutputDirError(ConserveError):
-    """`--output` names a folder the command cannot write its log in."""
+    """The log under `--output` cannot be created (the folder itself is checked as the command
+    line is read: `cli.base.output_folder`)."""
 
 
 class InvalidRequestError(ConserveError):

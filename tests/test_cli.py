@@ -52,17 +52,24 @@ def test_bad_input_is_one_line_and_keeps_progress(db, data_dir, args, words):
     assert len(store.list_jobs()) == 1
 
 
-def test_an_output_folder_that_cannot_hold_the_log_is_one_line_and_keeps_progress(db, tmp_path):
-    """`--output` naming a file: `resume` and `profile` stop before any engine starts, with
-    one line naming the log they could not write; the job is as it was."""
+@pytest.mark.parametrize("command", [
+    ["submit", "mmlu_anatomy"], ["resume", "JOB"], ["resume", "JOB", "--verbose"],
+    ["profile", "--quick"], ["serve"], ["ci", "ci"], ["bench", "--trace", "trace.csv"]],
+    ids=lambda command: "-".join(arg.strip("-") for arg in command[:3]))
+def test_an_output_that_cannot_hold_results_or_logs_is_refused_before_anything_runs(
+        db, tmp_path, run_cli, command):
+    """`--output` inside a file: every command that writes there says so as it reads its
+    flags, before a job is recorded or an engine starts (with --verbose, which writes no log,
+    too); the store is as it was."""
     url, job_id = db
     afile = tmp_path / "a-file"
     afile.write_text("")
-    assert_one_line_error(cli("resume", job_id, "--db", url, "--output", str(afile)),
-                          "cannot write the log", f"{afile}/{job_id}.log")
-    assert_one_line_error(cli("profile", "--quick", "--db", url, "--output", str(afile)),
-                          f"{afile}/profile.log")
+    args = [job_id if arg == "JOB" else arg for arg in command]
+    code, _, err = run_cli(*args, "--db", url, "--output", str(afile / "results"))
+    assert code == 2 and err.splitlines() == [
+        f"error: Invalid value for '--output': {afile} is a file, not a folder"]
     store = Store(url)
+    assert [job.id for job in store.list_jobs()] == [job_id]
     assert store.item_states(job_id) == {"done": 2, "pending": 2}
     assert store.get_job(job_id).state == "queued"
 

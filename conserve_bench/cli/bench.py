@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from conserve_bench.cli.base import ApiKeyOpt, JsonOpt, app
+from conserve_bench.cli.base import ApiKeyOpt, JsonOpt, app, output_folder
 from conserve_bench.config import DEFAULT_MODEL, default_data_dir, default_db_url
 from conserve_bench.output import out
 
@@ -43,7 +43,7 @@ def bench(
     server: Annotated[Optional[str], typer.Option("--server", help="Bench a running server (one policy, no offline-only phase).")] = None,
     api_key: ApiKeyOpt = None,
     seed: Annotated[int, typer.Option(help="Seeds prompts and Gamma arrivals.")] = 0,
-    output: Annotated[str, typer.Option("--output", help="Parent of bench-<timestamp>/.")] = "results",
+    output: Annotated[str, typer.Option("--output", callback=output_folder, help="Parent of bench-<timestamp>/.")] = "results",
     kv_checkpoint_gib: Annotated[Optional[float], typer.Option("--kv-checkpoint-gib", min=0, help="Given to every conserve `serve` (a POLICY:FLAGS entry's own wins) [default: serve's].")] = None,
     serve_arg: Annotated[Optional[list[str]], typer.Option("--serve-arg", help="Extra `serve` flag, repeatable: --serve-arg=--quantum-ms=50")] = None,
     db: Annotated[Optional[str], typer.Option("--db", help="Where the machine's latency profile is kept (env CONSERVE_BENCH_DB); each phase gets its own fresh store.")] = None,

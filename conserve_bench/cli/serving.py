@@ -11,7 +11,8 @@ import typer
 from rich.table import Table
 
 from conserve_bench.cli.base import (ApiKeyOpt, CheckpointSOpt, CheckpointTokensOpt, DbOpt,
-                                     OutputOpt, VerboseOpt, app, checked, on_off, store_for)
+                                     OutputOpt, VerboseOpt, app, checked, on_off, output_folder,
+                                     store_for)
 from conserve_bench.config import (DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS, DEFAULT_MODEL,
                                    LeaseConfig, default_data_dir, default_db_url)
 from conserve_bench.output import out
@@ -24,7 +25,7 @@ def profile(
     quick: Annotated[bool, typer.Option("--quick", help="A smaller sweep (about 60 s of profiling on an idle 2-core CPU).")] = False,
     show: Annotated[bool, typer.Option("--show", help="Print the stored profile for this machine; measure nothing.")] = False,
     db: DbOpt = None,
-    output: Annotated[str, typer.Option("--output", help="Directory for profile.log (vLLM's own output).")] = "results",
+    output: Annotated[str, typer.Option("--output", callback=output_folder, help="Directory for profile.log (vLLM's own output).")] = "results",
     verbose: VerboseOpt = False,
 ):
     """Measure the engine's step latency and fit the latency model. Example: profile --quick"""
