@@ -96,6 +96,7 @@ def test_online_completion_while_a_job_runs_and_job_matches_embedded(server, eng
     steps = [json.loads(line) for line in server.step_log.read_text().splitlines()]
     assert {"offline", "mixed"} <= {step["kind"] for step in steps}
     assert all(s["predicted_s"] <= s["budget_s"] for s in steps if s["kind"] == "mixed")
+
     # Each line also says whose tokens ran (what `bench` reads) and when the step ended.
     def num_tokens(step):
         return sum(n for n, _, _ in step["prefills"]) + len(step["decodes"])
@@ -165,7 +166,8 @@ def test_ci_on_the_server_stops_at_its_deadline_and_resumes_by_run_key(server, t
     done = json.loads(stdout)
     assert code == 0, stderr
     assert [j["id"] for j in done["jobs"]] == [job["id"]] and done["jobs"][0]["state"] == "done"
-    assert [j["id"] for j in server.http.get("/v1/jobs").json()["jobs"] if j["run_key"] == job["run_key"]] == [job["id"]]
+    listed = server.http.get("/v1/jobs").json()["jobs"]
+    assert [j["id"] for j in listed if j["run_key"] == job["run_key"]] == [job["id"]]
     assert {r["task"]: r["n"] for r in done["rows"]} == {t: LIMIT for t in TASKS}
     assert (tmp_path / "results" / f"{job['id']}.samples.jsonl").is_file()  # fetched with the results
     code, _, stderr = run_cli(*args[:-2], "--output", tmp_path / "r2", "--compare-to", job["id"])
