@@ -19,6 +19,7 @@ from conserve_bench.ci.config import CIConfig, MetricCheck, TaskCheck
 from conserve_bench.ci.gate import Measured, Verdict, judge, leaf_tasks, measure
 from conserve_bench.ci.stats import Comparison, compare_paired
 from conserve_bench.jobs.samples import PER_SAMPLE_KEY, metric_values
+from conserve_bench.store.states import JobState
 
 STATUS_EXIT = {"pass": ExitCode.PASS, "baseline written": ExitCode.PASS, "regression": ExitCode.REGRESSION,
                "config error": ExitCode.USAGE, "error": ExitCode.INFRASTRUCTURE,
@@ -185,7 +186,7 @@ def _status(rows: Sequence[Row], stopped: str | None, error: str | None) -> str:
 def _job_line(outcome: JobOutcome) -> dict[str, Any]:
     job = outcome.job
     return {"config": outcome.config.path, "id": job["id"], "run_key": job.get("run_key"),
-            "tasks": list(outcome.tasks), "state": "done" if outcome.results else job["state"],
+            "tasks": list(outcome.tasks), "state": JobState.DONE if outcome.results else job["state"],
             "done": job["done"], "total": job["total"]}
 
 

@@ -29,6 +29,7 @@ from conserve_bench.errors import (ConserveError, DataDirError, EngineUnavailabl
 from conserve_bench.jobs import lifecycle
 from conserve_bench.jobs.runner import Stopped
 from conserve_bench.jobs.samples import PER_SAMPLE_KEY
+from conserve_bench.store import JobState
 
 STOP_MARGIN_S = 15.0  # stop claiming this long before the deadline: release, report, exit
 POLL_S = 1.0
@@ -242,7 +243,7 @@ class _EmbeddedBackend:
 
     def run(self, p: _PlannedJob, stopper: Stopper, on_progress: ProgressFn) -> dict[str, Any]:
         job_id = p.job["id"]
-        if self.store.get_job(job_id).state != "done":
+        if self.store.get_job(job_id).state != JobState.DONE:
             lifecycle.run_job(self.store, job_id, self._engine_for(p.spec.model),
                               RunConfig(max_inflight=self.options.max_inflight), output_dir=None,
                               on_progress=lambda done, total, _tokens: on_progress(job_id, done, total),
@@ -298,7 +299,7 @@ class _ServerBackend:
         """Follow the job until done; at a stop the job stays on the server (a rerun with the
         same key re-attaches to it, and whatever the pump finished meanwhile is kept)."""
         job_id = p.job["id"]
-        while (status := self._status(job_id, stopper))["state"] != "done":
+        while (status := self._status(job_id, stopper))["state"] != JobState.DONE:
             on_progress(job_id, status["done"], status["total"])
             if status["state"] == "cancelled":
                 raise JobStateError(f"job {job_id} was cancelled on the server; use a new --run-key")

@@ -19,6 +19,7 @@ from conserve_bench.jobs import lifecycle
 from conserve_bench.config import JobSpec
 from conserve_bench.errors import ConserveError, JobNotFoundError, JobStateError
 from conserve_bench.engine.prompts import check_request_args
+from conserve_bench.store import JobState
 
 MAX_REQUESTS_PER_JOB = 10_000
 MAX_ITEMS_PER_PAGE = 5_000
@@ -86,8 +87,8 @@ def install_job_api(app, store, cfg, fingerprint: str) -> None:
     def create(request: JobRequest):
         spec = request.spec(cfg.model, cfg.data_dir)
         if request.run_key and (known := store.job_by_run_key(request.run_key)) and known.spec == spec:
-            if known.state == "failed":  # asked for again: the pump retries it, as `ci` would
-                store.set_job_state(known.id, "queued")
+            if known.state == JobState.FAILED:  # asked for again: the pump retries it, as `ci` would
+                store.set_job_state(known.id, JobState.QUEUED)
             return JSONResponse(store.get_job(known.id).to_dict(), status_code=200)  # re-attached
         return lifecycle.submit_job(store, spec, request.run_key).to_dict()
 
