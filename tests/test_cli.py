@@ -58,9 +58,9 @@ def test_bad_input_is_one_line_and_keeps_progress(db, data_dir, args, words):
     ids=lambda command: "-".join(arg.strip("-") for arg in command[:3]))
 def test_an_output_that_cannot_hold_results_or_logs_is_refused_before_anything_runs(
         db, tmp_path, run_cli, command):
-    """`--output` inside a file: every command that writes there says so as it reads its
-    flags, before a job is recorded or an engine starts (with --verbose, which writes no log,
-    too); the store is as it was."""
+    """`--output` inside a file: every command that will write there says so before it records
+    a job or starts an engine (with --verbose, which writes no log, too); the store is as it
+    was."""
     url, job_id = db
     afile = tmp_path / "a-file"
     afile.write_text("")
@@ -72,6 +72,17 @@ def test_an_output_that_cannot_hold_results_or_logs_is_refused_before_anything_r
     assert [job.id for job in store.list_jobs()] == [job_id]
     assert store.item_states(job_id) == {"done": 2, "pending": 2}
     assert store.get_job(job_id).state == "queued"
+
+
+def test_an_output_a_command_will_not_write_is_not_checked(db, tmp_path, run_cli):
+    """`submit --no-wait` only records the job (the replicas write its results): a read-only
+    working directory, or a file named like --output, does not stop it."""
+    url, job_id = db
+    (afile := tmp_path / "a-file").write_text("")
+    code, printed, err = run_cli("submit", "mmlu_anatomy", "--no-wait", "--json", "--db", url,
+                                 "--output", str(afile / "results"))
+    assert code == 0, err
+    assert Store(url).get_job(json.loads(printed)["id"]).state == "queued"
 
 
 def test_resume_of_an_lm_eval_runs_job_says_why_before_any_engine_starts(tmp_path):

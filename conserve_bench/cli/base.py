@@ -22,22 +22,23 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 def output_folder(value: str) -> str:
-    """Every `--output`'s check, as the command line is read and before anything is made: a
-    folder results and logs can be written in (or made in). A usage error otherwise, rather
-    than a traceback when the first file is written, hours of work later."""
+    """`--output`, checked by a command that will write there, before it records a job or
+    starts an engine (nothing is made yet): a folder results and logs can be written in, or
+    made in. A usage error otherwise, rather than a traceback when the first file is written,
+    hours of work later."""
     path = Path(value).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise typer.BadParameter(f"{existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise typer.BadParameter(f"{existing} is not writable")
+    problem = ("is a file, not a folder" if not existing.is_dir()
+               else "is not writable" if not os.access(existing, os.W_OK | os.X_OK) else None)
+    if problem:
+        raise typer.BadParameter(f"{existing} {problem}", param_hint="'--output'")
     return value
 
 
 DbOpt = Annotated[Optional[str], typer.Option("--db", help="Job store URL [env CONSERVE_BENCH_DB; default sqlite:///conserve.db]")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 JobArg = Annotated[str, typer.Argument(help="Job id.")]
-OutputOpt = Annotated[str, typer.Option("--output", callback=output_folder, help="Directory for <job-id>.json (lm-eval's results layout) and <job-id>.log.")]
+OutputOpt = Annotated[str, typer.Option("--output", help="Directory for <job-id>.json (lm-eval's results layout) and <job-id>.log.")]
 InflightOpt = Annotated[int, typer.Option("--max-inflight", min=1, help="Work items in flight at once.")]
 KVCheckpointOpt = Annotated[float, typer.Option("--kv-checkpoint-gib", min=0, help="Host memory for KV checkpoints, so a request vLLM preempts (its KV cache full) resumes by loading its KV instead of recomputing it; 0 turns them off [default: 0 in-process, where no online work preempts; serve's default is a quarter of the free RAM].")]
 ServerOpt = Annotated[Optional[str], typer.Option("--server", help="URL of a running `conserve-bench serve`.")]

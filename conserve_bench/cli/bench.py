@@ -43,7 +43,7 @@ def bench(
     server: Annotated[Optional[str], typer.Option("--server", help="Bench a running server (one policy, no offline-only phase).")] = None,
     api_key: ApiKeyOpt = None,
     seed: Annotated[int, typer.Option(help="Seeds prompts and Gamma arrivals.")] = 0,
-    output: Annotated[str, typer.Option("--output", callback=output_folder, help="Parent of bench-<timestamp>/.")] = "results",
+    output: Annotated[str, typer.Option("--output", help="Parent of bench-<timestamp>/.")] = "results",
     kv_checkpoint_gib: Annotated[Optional[float], typer.Option("--kv-checkpoint-gib", min=0, help="Given to every conserve `serve` (a POLICY:FLAGS entry's own wins) [default: serve's].")] = None,
     serve_arg: Annotated[Optional[list[str]], typer.Option("--serve-arg", help="Extra `serve` flag, repeatable: --serve-arg=--quantum-ms=50")] = None,
     db: Annotated[Optional[str], typer.Option("--db", help="Where the machine's latency profile is kept (env CONSERVE_BENCH_DB); each phase gets its own fresh store.")] = None,
@@ -60,6 +60,7 @@ def bench(
                                              preemption_rows, step_rows, table_rows)
 
     data_dir = data_dir or default_data_dir()
+    output_folder(output)
     cfg = BenchConfig(
         policies=tuple(p.strip() for p in policies.split(",") if p.strip()), trace=trace,
         arrivals=arrivals, cv=cv, trace_offset=trace_offset, rate=rate, load=load if load is not None or rate is not None else 0.5,

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from conserve_bench.cli.base import (ApiKeyOpt, DbOpt, InflightOpt, JsonOpt, OutputOpt, ServerOpt,
-                                     app)
+                                     app, output_folder)
 from conserve_bench.config import default_data_dir
 from conserve_bench.output import out
 
@@ -44,6 +44,7 @@ def ci(
     from conserve_bench.ci.run import CIOptions, Stopper, parse_deadline, run_ci
 
     data_dir = data_dir or default_data_dir()
+    output_folder(output)
     options = CIOptions(run_key=run_key, deadline=parse_deadline(deadline, time_budget),
                         compare_to=compare_to, write_baseline=write_baseline, output_dir=output,
                         commit=commit, max_inflight=max_inflight, server=server, api_key=api_key,

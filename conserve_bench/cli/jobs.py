@@ -12,7 +12,8 @@ from rich.table import Table
 
 from conserve_bench.cli.base import (ApiKeyOpt, CheckpointSOpt, CheckpointTokensOpt, DbOpt,
                                      InflightOpt, Interrupted, JobArg, JsonOpt, KVCheckpointOpt,
-                                     OutputOpt, ServerOpt, VerboseOpt, app, checked, store_for)
+                                     OutputOpt, ServerOpt, VerboseOpt, app, checked, output_folder,
+                                     store_for)
 from conserve_bench.config import (DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS, DEFAULT_MODEL,
                                    JobSpec, RunConfig, default_data_dir)
 from conserve_bench.engine.models import model_name, resolve_model
@@ -55,6 +56,8 @@ def submit(
                                      param_hint="--model")
         _submit_remote(client, spec, bool(wait), as_json)
         return
+    if wait is not False:
+        output_folder(output)
     store = store_for(db)
     job = lifecycle.submit_job(store, spec)
     if wait is False:
@@ -80,6 +83,7 @@ def resume(job_id: JobArg, db: DbOpt = None, output: OutputOpt = "results",
     if job.state == JobState.DONE:
         _print_results(lifecycle.job_results(store, job_id), as_json)
         return
+    output_folder(output)
     _run(store, job_id, output, _run_config(max_inflight, checkpoint_tokens, checkpoint_s), as_json,
          verbose, kv_checkpoint_gib)
 

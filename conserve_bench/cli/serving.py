@@ -25,7 +25,7 @@ def profile(
     quick: Annotated[bool, typer.Option("--quick", help="A smaller sweep (about 60 s of profiling on an idle 2-core CPU).")] = False,
     show: Annotated[bool, typer.Option("--show", help="Print the stored profile for this machine; measure nothing.")] = False,
     db: DbOpt = None,
-    output: Annotated[str, typer.Option("--output", callback=output_folder, help="Directory for profile.log (vLLM's own output).")] = "results",
+    output: Annotated[str, typer.Option("--output", help="Directory for profile.log (vLLM's own output).")] = "results",
     verbose: VerboseOpt = False,
 ):
     """Measure the engine's step latency and fit the latency model. Example: profile --quick"""
@@ -37,7 +37,7 @@ def profile(
         found, refit = profiler.show_profile(store, model)
     else:
         if not verbose:
-            out.capture(Path(output) / "profile.log")
+            out.capture(Path(output_folder(output)) / "profile.log")
         with out.progress() as progress:
             task = progress.add_task("starting engine", total=None)
             result = profiler.run_profile(
@@ -101,6 +101,7 @@ def serve(
                       profile=profile, step_log=step_log,
                       leases=checked(LeaseConfig, lease_s=lease_s, heartbeat_s=heartbeat_s,
                                      max_attempts=max_attempts))
-    store_for(cfg.db_url)  # a bad --db fails here, before the engine starts
+    output_folder(output)  # a bad --db or --output fails here, before the engine starts
+    store_for(cfg.db_url)
     out.stderr.print(f"serving {model} on http://{host}:{port} (policy {policy})")
     run_server(cfg)
