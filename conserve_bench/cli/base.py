@@ -38,7 +38,7 @@ def output_folder(value: str) -> str:
 DbOpt = Annotated[Optional[str], typer.Option("--db", help="Job store URL [env CONSERVE_BENCH_DB; default sqlite:///conserve.db]")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 JobArg = Annotated[str, typer.Argument(help="Job id.")]
-OutputOpt = Annotated[str, typer.Option("--output", help="Directory for <job-id>.json (lm-eval's results layout) and <job-id>.log.")]
+OutputOpt = Annotated[str, typer.Option("--output", help="Directory for each job's <job-id>.json (lm-eval's results layout); submit and resume keep its log, <job-id>.log, beside it.")]
 InflightOpt = Annotated[int, typer.Option("--max-inflight", min=1, help="Work items in flight at once.")]
 KVCheckpointOpt = Annotated[float, typer.Option("--kv-checkpoint-gib", min=0, help="Host memory for KV checkpoints, so a request vLLM preempts (its KV cache full) resumes by loading its KV instead of recomputing it; 0 turns them off [default: 0 in-process, where no online work preempts; serve's default is a quarter of the free RAM].")]
 ServerOpt = Annotated[Optional[str], typer.Option("--server", help="URL of a running `conserve-bench serve`.")]
