@@ -301,9 +301,9 @@ class _ServerBackend:
         job_id = p.job["id"]
         while (status := self._status(job_id, stopper))["state"] != JobState.DONE:
             on_progress(job_id, status["done"], status["total"])
-            if status["state"] == "cancelled":
+            if status["state"] == JobState.CANCELLED:
                 raise JobStateError(f"job {job_id} was cancelled on the server; use a new --run-key")
-            if status["state"] == "failed":
+            if status["state"] == JobState.FAILED:
                 raise EngineUnavailableError(f"job {job_id} failed on the server: {status['error']}")
             if stopper():
                 raise Stopped(stopper.reason)
