@@ -54,8 +54,8 @@ class ProfileNotFoundError(ConserveError):
 
 
 class OutputDirError(ConserveError):
-    """The log under `--output` cannot be created (the folder itself is checked as the command
-    line is read: `cli.base.output_folder`)."""
+    """The log under `--output` cannot be opened (the folder itself is checked before, by
+    `cli.base.output_folder`)."""
 
 
 class InvalidRequestError(ConserveError):

@@ -74,6 +74,18 @@ def test_an_output_that_cannot_hold_results_or_logs_is_refused_before_anything_r
     assert store.get_job(job_id).state == "queued"
 
 
+def test_a_log_that_cannot_be_opened_is_one_line_and_keeps_progress(db, tmp_path):
+    """The folder is fine but its `<job-id>.log` is a folder: `resume` stops before its engine
+    starts, with one line naming the log; the job is as it was."""
+    url, job_id = db
+    (tmp_path / f"{job_id}.log").mkdir()
+    assert_one_line_error(cli("resume", job_id, "--db", url, "--output", str(tmp_path)),
+                          "cannot write the log", f"{tmp_path}/{job_id}.log")
+    store = Store(url)
+    assert store.item_states(job_id) == {"done": 2, "pending": 2}
+    assert store.get_job(job_id).state == "queued"
+
+
 def test_an_output_a_command_will_not_write_is_not_checked(db, tmp_path, run_cli):
     """`submit --no-wait` only records the job (the replicas write its results): a read-only
     working directory, or a file named like --output, does not stop it."""
