@@ -271,11 +271,11 @@ def test_short_bench_run_writes_a_complete_report(tmp_path, data_dir):
                       duration_s=12.0, token_scale=0.02, max_context_tokens=32, max_generated_tokens=6,
                       drain_timeout_s=60.0, offline_tasks=("mmlu_anatomy",), offline_limit=20,
                       data_dir=data_dir, output_dir=str(tmp_path),
-                      # NOTE: a fresh server's first offline step runs seconds on 2 cores (a
-                      # 99-token prefill: 1.8-4.4 s, 8.4 s in a fresh venv; the next, 0.2 s; a
-                      # 16-token online request before it does not take that cost), and 32 items
-                      # in flight make one 4,096-token step as long: 8 items and a 12 s window
-                      # finish some inside it
+                      # NOTE: the suite's eager servers skip vLLM's kernel warm-up, so their
+                      # first offline step runs seconds on 2 cores (a 99-token prefill: 1.5-4.4
+                      # s, 8.4 s in a fresh venv; the next, 0.2 s; compiled, as users run it,
+                      # 0.16 s), and 32 items in flight make one 4,096-token step as long: 8
+                      # items and a 12 s window finish some inside it
                       serve_args=("--no-profile", "--max-offline-inflight", "8"))
     events = []
     out, report = run_bench(cfg, lambda d, c, t: events.append(d))
