@@ -1,7 +1,8 @@
 """`conserve-bench serve` for real: loopback, SmolLM2, the openai client, the CLI, signals.
 
-All tests share the session's server (conftest `shared_server`); the last one kills it, so
-it runs last. The embedded reference scores come from the session engine.
+The tests share the session's server (conftest `shared_server`); the last one kills it, so
+it runs last. The fleet test runs on the session's two PostgreSQL replicas (`pg_replicas`).
+The embedded reference scores come from the session engine.
 """
 
 from __future__ import annotations
