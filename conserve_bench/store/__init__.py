@@ -8,7 +8,10 @@ transactions) with its parts `partials` (checkpointed tokens), `workers` (heartb
 the dialects' differences), `states` (job, item and worker states); `pgcluster` starts a
 throwaway PostgreSQL for tests and benchmarks. SQLite (WAL) is the embedded default;
 PostgreSQL lets a fleet of processes on many machines share one store, through the same
-statements. The schema migrates itself on open. Nothing here imports the engine, the
+statements. The schema migrates itself on open, each migration atomic (DDL too); a store of
+a newer conserve-bench, or a file that is no database, is refused in one line and never
+written to. Job state changes are compare-and-set. Errors never carry a URL's password, and
+those that may reach an HTTP body no URL at all. Nothing here imports the engine, the
 scheduler or lm-eval.
 """
 

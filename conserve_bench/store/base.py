@@ -1,6 +1,9 @@
 """The store's connection: one SQLAlchemy engine per database URL, migrated when opened, and
 its transactions retried through a passing outage. `repository.Store` is built from the parts
-(`partials`, `workers`, `profile_rows`) that share it."""
+(`partials`, `workers`, `profile_rows`) that share it. Its errors are one line each and never
+carry the URL (they may reach an HTTP body): the URL, without its password, goes to the log
+and to the one-line errors of opening a store, which only its user sees.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +13,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from conserve_bench.config import LeaseConfig
-from conserve_bench.errors import DatabaseURLError, StoreUnavailableError, first_line
-from conserve_bench.store.db import create_engine, is_transient, now_s
+from conserve_bench.errors import DatabaseURLError, NotAStoreError, StoreUnavailableError, first_line
+from conserve_bench.store.db import (create_engine, is_not_a_database, is_transient, now_s,
+                                     safe_url, write_transaction)
 from conserve_bench.store.migrations import migrate
 
 log = logging.getLogger(__name__)
@@ -33,16 +37,27 @@ class StoreBase:
 
     def __init__(self, url: str, leases: LeaseConfig = LeaseConfig()):
         self.url, self.leases = url, leases
-        self.engine = create_engine(url)
+        self.engine = create_engine(url, leases)
         self.dialect = self.engine.dialect.name
         try:
             migrate(self.engine)
-        except OperationalError as e:
-            raise DatabaseURLError(f"cannot open database {self._safe_url}: {first_line(e.orig)}") from None
+        except DBAPIError as e:
+            raise self._open_error(e) from None
+
+    def _open_error(self, error: DBAPIError) -> DatabaseURLError:
+        """Why the store could not be opened, as one line naming it (only its user sees it).
+
+        NOTE: a file that is no database is never written to: SQLite refuses it at the
+        first statement, before the migrations could touch it.
+        """
+        if is_not_a_database(error):
+            return NotAStoreError(f"{self._safe_url} is not a conserve-bench store: "
+                                  f"{first_line(error.orig)}")
+        return DatabaseURLError(f"cannot open database {self._safe_url}: {first_line(error.orig)}")
 
     @property
     def _safe_url(self) -> str:
-        return sa.make_url(self.url).render_as_string(hide_password=True)
+        return safe_url(self.url)
 
     @property
     def _now(self):
@@ -63,19 +78,33 @@ class StoreBase:
             try:
                 return fn(retry)
             except DBAPIError as e:
+                if is_not_a_database(e):
+                    raise NotAStoreError("the store's database file is damaged: "
+                                         f"{first_line(e.orig)}") from None
                 if not is_transient(e):
                     raise
                 if time.monotonic() + delay > deadline:
-                    raise StoreUnavailableError(
-                        f"database {self._safe_url} unreachable for {self.leases.lease_s:g} s: "
-                        f"{first_line(e.orig)}") from None
+                    raise self._unavailable(e) from None
                 log.warning("database unreachable, retrying in %.1f s: %s", delay, first_line(e.orig))
                 time.sleep(delay)
                 delay, retry = min(2 * delay, RETRY_MAX_S), True
 
+    def _unavailable(self, error: DBAPIError) -> StoreUnavailableError:
+        # NOTE: the URL and the driver's message (hosts, paths) go to the log only: this
+        # error may reach an HTTP body.
+        log.error("database %s unreachable for %g s: %s", self._safe_url, self.leases.lease_s,
+                  first_line(error.orig))
+        return StoreUnavailableError(f"the job store's database was unreachable for "
+                                     f"{self.leases.lease_s:g} s ({type(error.orig).__name__})")
+
+    def _begin(self):
+        """A write transaction (`db.write_transaction`: on SQLite it holds the writer lock
+        from BEGIN on, so a read-then-write in it is atomic)."""
+        return write_transaction(self.engine)
+
     def _write(self, fn: Callable[[sa.Connection], T]) -> T:
         def transaction(retry: bool) -> T:
-            with self.engine.begin() as conn:
+            with self._begin() as conn:
                 return fn(conn)
 
         return self._retrying(transaction)

@@ -9,6 +9,8 @@ Nothing here opens a connection or reads a clock of its own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import sqlalchemy as sa
 
 from conserve_bench.store.schema import items, job_items
@@ -33,7 +35,8 @@ def claim(job_id: str, owner: str, limit: int, kind: str | None, now, lease_s: f
     in_job = sa.exists().where(job_items.c.job_id == job_id, job_items.c.item_key == items.c.key)
     where = [in_job] if kind is None else [in_job, items.c.kind == kind]
     # NOTE: never one's own: a worker whose heartbeat could not reach the database still
-    # computes what it holds, and renews the lease once the database is back.
+    # computes what it holds, and renews the lease once the database is back. What it lost
+    # track of its next run gives back first (`jobs.runner`), so nothing stays stuck on it.
     expired = _locked(sa.select(items.c.key).where(items.c.state == RUNNING, items.c.lease_until < now,
                                                    items.c.owner != owner, *where)
                       .order_by(items.c.lease_until), limit, "expired")
@@ -96,21 +99,27 @@ def fail(owner: str, fenced: bool, max_attempts: int) -> sa.Update:
 
 
 def give_back(owner: str, keep: frozenset[str] | None = None) -> sa.Update:
-    """Everything `owner` holds (but `keep`) back to pending, no attempt lost (a drain)."""
+    """Everything `owner` holds (but `keep`) back to pending, no attempt lost (a drain, or
+    what a runner lost track of, at the start of its worker's next run)."""
     held = [items.c.owner == owner, items.c.state == RUNNING]
     if keep:
         held.append(items.c.key.not_in(keep))
     return items.update().where(*held).values(state=PENDING, owner=None, lease_until=None)
 
 
-def renew(owner: str, now, lease_s: float) -> sa.Update:
-    """Push the lease of everything `owner` holds to `lease_s` from now (a heartbeat).
+def renew(owner: str, keys: Sequence[str], now, lease_s: float) -> sa.Update:
+    """Push the lease of the items of `keys` that `owner` holds to `lease_s` from now (a
+    heartbeat; `keys`: what its runners track, at most `base.SQLITE_MAX_VARS` of them).
 
-    NOTE: rows another transaction has locked are skipped, not waited for: they are being
+    NOTE: only tracked keys, never everything `owner` holds: an item its runner lost track of
+    (a commit or a give-back that failed through an outage) must expire, or no claim would
+    ever take it back (a claim never takes its owner's own) and its job would wait forever.
+    Rows another transaction has locked are skipped, not waited for: they are being
     committed (done, failed, given back) or taken over, and need no lease. A heartbeat that
     waited on its own worker's commit, which locks the same rows in another order, deadlocked.
     """
-    mine = (sa.select(items.c.key).where(items.c.owner == owner, items.c.state == RUNNING)
+    mine = (sa.select(items.c.key).where(items.c.owner == owner, items.c.state == RUNNING,
+                                         items.c.key.in_(keys))
             .with_for_update(skip_locked=True))
     return items.update().where(items.c.key.in_(mine)).values(lease_until=now + lease_s)
 

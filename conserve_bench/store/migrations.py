@@ -4,6 +4,9 @@ Version N means the first N migrations have run (`schema_version`). A migration 
 tables it creates or alters itself, in its own `MetaData`; it must never use the live tables
 of `schema.py`, which follow the current schema: an old store and a blank one must end up
 identical (tests/test_store.py). Add a migration at the end; never edit one that shipped.
+Each migration commits with its version bump in one transaction (DDL included, on SQLite
+too), so a crash leaves the store at the version before it; a store of a newer
+conserve-bench is refused, never migrated down or written to.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
-from conserve_bench.store.db import lock_for_migration
+from conserve_bench.errors import StoreVersionError
+from conserve_bench.faults import fault_point
+from conserve_bench.store.db import lock_for_migration, write_transaction
 from conserve_bench.store.schema import schema_version
 
 
@@ -154,18 +159,34 @@ MIGRATIONS: list[Callable[[sa.Connection], None]] = [m001_initial, m002_profiles
 
 
 def migrate(engine: sa.Engine, migrations=MIGRATIONS) -> int:
-    """Run the migrations a database has not run yet (one transaction); the resulting version.
+    """Run the migrations a database has not run yet, each in its own transaction with its
+    version bump; the resulting version. A store of a newer conserve-bench (a version past
+    MIGRATIONS) is a StoreVersionError.
 
     `migrations` is for tests that build an old store from the first few.
     """
-    with engine.begin() as conn:
-        lock_for_migration(conn)
-        schema_version.create(conn, checkfirst=True)
-        current = conn.execute(sa.select(schema_version.c.version)).scalar()
-        if current is None:
-            conn.execute(schema_version.insert().values(version=0))
-            current = 0
-        for migration in migrations[current:]:
-            migration(conn)
-        conn.execute(schema_version.update().values(version=max(current, len(migrations))))
-    return max(current, len(migrations))
+    while True:
+        with write_transaction(engine) as conn:
+            lock_for_migration(conn)
+            version = _schema_version(conn)
+            if version >= len(migrations):
+                return version
+            migrations[version](conn)
+            # NOTE: a crash here (the fault suite's point) must roll the DDL back with the
+            # bump: a store whose ALTER committed alone could never be opened again.
+            fault_point("migration.after_ddl")
+            conn.execute(schema_version.update().values(version=version + 1))
+
+
+def _schema_version(conn: sa.Connection) -> int:
+    """The store's version (0 for a blank database, which gets its version row here)."""
+    schema_version.create(conn, checkfirst=True)
+    version = conn.execute(sa.select(schema_version.c.version)).scalar()
+    if version is None:
+        conn.execute(schema_version.insert().values(version=0))
+        return 0
+    if version > len(MIGRATIONS):
+        raise StoreVersionError(
+            f"the store has schema version {version}, written by a newer conserve-bench; "
+            f"this one knows versions up to {len(MIGRATIONS)}: upgrade conserve-bench")
+    return version

@@ -17,6 +17,11 @@ A passing outage (a restart of the database) is retried for up to one lease.
 A running `generate_until` item's tokens so far are checkpointed (`save_partials`, by the
 worker and attempt that hold it) and handed to its next run (`resume_partials`), so an
 interrupted generation continues instead of starting over.
+
+Life of a job (`states.JobState`): every write that moves a job between states is a single
+conditional UPDATE (compare-and-set), so two writers racing (a cancel and a finishing run, a
+re-post and the pump) cannot undo each other: a done job is never cancelled, a cancelled one
+never gets results, a failed one is requeued (its failed items with it) once.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from conserve_bench.store.db import insert_ignore, refresh_statistics
 from conserve_bench.store.partials import PartialRows
 from conserve_bench.store.profile_rows import ProfileRows
 from conserve_bench.store.schema import item_partials, items, job_items, jobs, workers
-from conserve_bench.store.states import ItemState, JobState
+from conserve_bench.store.states import CANCELLABLE_JOB_STATES, ItemState, JobState
 from conserve_bench.store.workers import WorkerRows
 
 MAX_ITEM_ERRORS = 5  # failed items `item_errors` lists
@@ -136,7 +141,7 @@ class Store(PartialRows, WorkerRows, ProfileRows):
     def get_job(self, job_id: str) -> Job:
         jobs_found = self._select_jobs(jobs.c.id == job_id)
         if not jobs_found:
-            raise JobNotFoundError(f"no job {job_id!r} in {self._safe_url}")
+            raise JobNotFoundError(f"no job {job_id!r} in the store")
         return jobs_found[0]
 
     def get_job_state(self, job_id: str) -> JobState:
@@ -144,7 +149,7 @@ class Store(PartialRows, WorkerRows, ProfileRows):
         state = self._read(lambda conn: conn.execute(
             sa.select(jobs.c.state).where(jobs.c.id == job_id)).scalar())
         if state is None:
-            raise JobNotFoundError(f"no job {job_id!r} in {self._safe_url}")
+            raise JobNotFoundError(f"no job {job_id!r} in the store")
         return JobState(state)
 
     def list_jobs(self, limit: int | None = None) -> list[Job]:
@@ -187,11 +192,50 @@ class Store(PartialRows, WorkerRows, ProfileRows):
             query.order_by(jobs.c.created_at).limit(1)).scalar())
         return self.get_job(job_id) if job_id else None
 
-    def set_job_state(self, job_id: str, state: JobState, error: str | None = None) -> None:
+    def set_job_state(self, job_id: str, state: JobState, error: str | None = None,
+                      only_from: Iterable[JobState] | None = None) -> bool:
+        """Put the job in `state`; with `only_from`, only if it is in one of those states now
+        (one conditional UPDATE). True if the job changed."""
         state = JobState(state)
-        self._write(lambda conn: conn.execute(
-            jobs.update().where(jobs.c.id == job_id)
-            .values(state=state, error=error, updated_at=time.time())))
+        where = [jobs.c.id == job_id]
+        if only_from is not None:
+            where.append(jobs.c.state.in_([JobState(s) for s in only_from]))
+        return self._write(lambda conn: conn.execute(
+            jobs.update().where(*where)
+            .values(state=state, error=error, updated_at=time.time())).rowcount == 1)
+
+    def cancel_job(self, job_id: str) -> bool:
+        """Cancel the job if it is queued, running or failed (one conditional UPDATE): True
+        if this call cancelled it, False if it was done or cancelled already (left as it
+        was). Its workers notice at their next check and give their items back."""
+        def cancel(conn: sa.Connection) -> bool:
+            return conn.execute(
+                jobs.update().where(jobs.c.id == job_id, jobs.c.state.in_(CANCELLABLE_JOB_STATES))
+                .values(state=JobState.CANCELLED, updated_at=time.time())).rowcount == 1
+
+        if self._write(cancel):
+            return True
+        self.get_job_state(job_id)  # NOTE: JobNotFoundError for a job that does not exist
+        return False
+
+    def requeue_failed_job(self, job_id: str) -> bool:
+        """A failed job back to queued, its failed items given a fresh set of attempts, in
+        one transaction: True if it was failed (and is queued now), False otherwise (nothing
+        changed). The job API's re-post of a failed job's `run_key` calls this: the pump,
+        which never retries failed items itself, then runs it again.
+
+        NOTE: the state is compared and set first, so of two racing re-posts only one
+        retries the items, and a job cancelled meanwhile keeps its failed items.
+        """
+        def requeue(conn: sa.Connection) -> bool:
+            requeued = conn.execute(
+                jobs.update().where(jobs.c.id == job_id, jobs.c.state == JobState.FAILED)
+                .values(state=JobState.QUEUED, error=None, updated_at=time.time())).rowcount
+            if requeued:
+                conn.execute(_retry_failed(job_id))
+            return requeued == 1
+
+        return self._write(requeue)
 
     def start_job(self, job_id: str, worker_id: str, failed_too: bool = True) -> bool:
         """Mark the job running with `worker_id` on it; False if it is done or cancelled (or
@@ -232,11 +276,17 @@ class Store(PartialRows, WorkerRows, ProfileRows):
             jobs.update().where(jobs.c.id == job_id)
             .values(run_s=jobs.c.run_s + run_s, updated_at=time.time())))
 
-    def save_results(self, job_id: str, results: dict[str, Any]) -> None:
-        self._write(lambda conn: conn.execute(
-            jobs.update().where(jobs.c.id == job_id)
+    def save_results(self, job_id: str, results: dict[str, Any]) -> bool:
+        """The job done with its `results`, in one write (a job seen done has its results);
+        False, and nothing saved, if it was cancelled meanwhile (or does not exist).
+
+        NOTE: conditional on the job not being cancelled: a cancel that won the race stays
+        a cancel. A job done already (another replica finished it too) gets these results.
+        """
+        return self._write(lambda conn: conn.execute(
+            jobs.update().where(jobs.c.id == job_id, jobs.c.state != JobState.CANCELLED)
             .values(results=json.dumps(results), state=JobState.DONE, error=None,
-                    updated_at=time.time())))
+                    updated_at=time.time())).rowcount == 1)
 
     def get_results(self, job_id: str) -> dict[str, Any] | None:
         self.get_job(job_id)
@@ -289,7 +339,7 @@ class Store(PartialRows, WorkerRows, ProfileRows):
 
         def run(retry: bool) -> list[WorkItem]:
             lease = self.leases
-            with self.engine.begin() as conn:
+            with self._begin() as conn:
                 if retry:
                     conn.execute(leases.give_back(owner, keep))
                 rows = conn.execute(leases.claim(job_id, owner, limit, kind, self._now,
@@ -315,7 +365,7 @@ class Store(PartialRows, WorkerRows, ProfileRows):
                 for key, value in results.items()]
 
         def run(retry: bool) -> int:
-            with self.engine.begin() as conn:
+            with self._begin() as conn:
                 num = conn.execute(leases.complete(owner, fenced, self._now), rows).rowcount
                 if retry:  # an earlier run may have committed them: count what is ours now
                     num = self._count_done_by(conn, owner, list(results))
@@ -341,9 +391,11 @@ class Store(PartialRows, WorkerRows, ProfileRows):
         statement = leases.fail(owner, fenced, self.leases.max_attempts)
         return self._write(lambda conn: conn.execute(statement, rows).rowcount)
 
-    def release_items(self, owner: str) -> int:
-        """Return every item `owner` holds to pending (a graceful stop or drain)."""
-        return self._write(lambda conn: conn.execute(leases.give_back(owner)).rowcount)
+    def release_items(self, owner: str, keep: Iterable[str] = ()) -> int:
+        """Return every item `owner` holds, but those of `keep`, to pending (a graceful stop
+        or drain; or, at a run's start, what its worker's runners lost track of)."""
+        statement = leases.give_back(owner, frozenset(keep))
+        return self._write(lambda conn: conn.execute(statement).rowcount)
 
     def num_unfinished(self, job_id: str, kind: str | None = None) -> int:
         """The job's items (of `kind`) that are pending or running: still to be computed."""
@@ -369,10 +421,7 @@ class Store(PartialRows, WorkerRows, ProfileRows):
 
     def retry_failed_items(self, job_id: str) -> int:
         """Give the job's failed items a fresh set of attempts (an explicit resume)."""
-        in_job = sa.exists().where(job_items.c.job_id == job_id, job_items.c.item_key == items.c.key)
-        return self._write(lambda conn: conn.execute(
-            items.update().where(items.c.state == ItemState.FAILED, in_job)
-            .values(state=ItemState.PENDING, owner=None, num_failures=0)).rowcount)
+        return self._write(lambda conn: conn.execute(_retry_failed(job_id)).rowcount)
 
     def results_for(self, keys: Sequence[str]) -> dict[str, Any]:
         def read(conn: sa.Connection) -> dict[str, Any]:
@@ -418,6 +467,13 @@ class Store(PartialRows, WorkerRows, ProfileRows):
             .join(job_items, job_items.c.item_key == items.c.key)
             .where(job_items.c.job_id == job_id)).all())
         return {r.key: r.num_runs for r in rows}
+
+
+def _retry_failed(job_id: str) -> sa.Update:
+    """The job's failed items back to pending, with a fresh set of attempts."""
+    in_job = sa.exists().where(job_items.c.job_id == job_id, job_items.c.item_key == items.c.key)
+    return (items.update().where(items.c.state == ItemState.FAILED, in_job)
+            .values(state=ItemState.PENDING, owner=None, num_failures=0))
 
 
 def _job_from_row(r) -> Job:

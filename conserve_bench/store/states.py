@@ -1,7 +1,8 @@
 """The states of jobs and work items: one definition, stored as their plain string values.
 
 A job: queued -> running -> done | failed | cancelled (a drained or interrupted job goes back
-to queued once no other worker is on it). An item: pending -> running (leased by one owner)
+to queued once no other worker is on it; a failed one is requeued or resumed; a queued,
+running or failed one may be cancelled; done and cancelled are final). An item: pending -> running (leased by one owner)
 -> done; a running item whose owner let go returns to pending, one whose lease expired is
 taken by the next claim; an item that failed `max_attempts` attempts is failed. The values
 are what the database and the JSON of `status`/`jobs` hold; they must never change.
@@ -33,6 +34,11 @@ class JobState(_StrEnum):
     def is_final(self) -> bool:
         """Nothing will run: done, failed or cancelled."""
         return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+# NOTE: a failed job may be cancelled (so that no resume runs it); a done one never: its
+# results stand.
+CANCELLABLE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.FAILED)
 
 
 class ItemState(_StrEnum):

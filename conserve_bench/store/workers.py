@@ -1,15 +1,16 @@
 """Workers: one heartbeat row per process that claims items. Its lease, renewed by the
-heartbeat, keeps what it holds; a worker that stops or dies gives its items back."""
+heartbeat, keeps what its runners track of what it holds; a worker that stops or dies gives
+its items back. Nothing here decides which items a worker still tracks: its caller says."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 
 from conserve_bench.store import leases
-from conserve_bench.store.base import StoreBase
+from conserve_bench.store.base import StoreBase, chunks
 from conserve_bench.store.db import insert_ignore
 from conserve_bench.store.schema import items, job_items, workers
 from conserve_bench.store.states import ItemState, WorkerState
@@ -28,15 +29,17 @@ class WorkerRows(StoreBase):
             id=worker_id, host=host, pid=pid, label=label, state=WorkerState.ACTIVE,
             started_at=now, heartbeat_at=now, lease_until=now + lease_s)))
 
-    def renew_lease(self, worker_id: str) -> int:
-        """A heartbeat: the worker's row and everything it holds leased `lease_s` from now;
-        returns how many items it renewed (all it holds, but those being committed)."""
-        now, lease_s = self._now, self.leases.lease_s
+    def renew_lease(self, worker_id: str, keys: Collection[str] = ()) -> int:
+        """A heartbeat: the worker's row, and those of `keys` (what its runners track) it
+        holds, leased `lease_s` from now; returns how many items it renewed (all of those,
+        but the ones being committed). Items it holds beyond `keys` are left to expire."""
+        now, lease_s, keys = self._now, self.leases.lease_s, list(keys)
 
         def renew(conn: sa.Connection) -> int:
             conn.execute(workers.update().where(workers.c.id == worker_id)
                          .values(heartbeat_at=now, lease_until=now + lease_s))
-            return conn.execute(leases.renew(worker_id, now, lease_s)).rowcount
+            return sum(conn.execute(leases.renew(worker_id, chunk, now, lease_s)).rowcount
+                       for chunk in chunks(keys))
 
         return self._write(renew)
 
