@@ -41,7 +41,7 @@ def worker_main(url: str, job_id: str, start, out) -> None:
 
     store = Store(url)
     with Worker(store, "bench") as worker:
-        runner = Runner(store, FakeEngine(items_per_step=16), WINDOW, owner=worker.id)
+        runner = Runner(store, FakeEngine(items_per_step=16), WINDOW, worker=worker)
         start.wait()
         runner.run(job_id, [])
     out.put({"num_items": runner.stats.num_items, "store_s": runner.stats.store_s,

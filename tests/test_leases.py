@@ -15,7 +15,7 @@ from conserve_bench.config import JobSpec, LeaseConfig
 from conserve_bench.jobs.worker import Worker
 from conserve_bench.store import JobState, Store, WorkItem
 
-from .conftest import dead_worker
+from .conftest import dead_worker, wait_for
 
 BOTH_DIALECTS = True
 LEASE_S = 30.0  # NOTE: never runs out during a test: `expire` ends a lease when a test says so
@@ -60,9 +60,9 @@ def test_an_expired_lease_is_reclaimed_inside_the_next_claim(store):
 def test_the_heartbeat_keeps_a_lease_and_a_claim_never_takes_its_own(store):
     job_id = add_job(store, 3)
     worker = as_worker(store)
-    worker.claim_items(job_id, "w", 2)
+    held = keys(worker.claim_items(job_id, "w", 2))
     expire(store, "w")
-    assert worker.renew_lease("w") == 2  # a beat in time: renewed for another lease
+    assert worker.renew_lease("w", held) == 2  # a beat in time: renewed for another lease
     assert keys(store.claim_items(job_id, "other", 3)) == ["k2"]
     expire(store, "w")  # beats missed
     assert worker.claim_items(job_id, "w", 3) == []  # expired, but its own: still computing
@@ -78,13 +78,55 @@ def test_a_heartbeat_skips_what_its_own_commit_holds_and_never_waits(pg_store):
     renewed = []
     with pg_store.engine.connect() as committing, committing.begin():
         committing.execute(sa.text("select key from items where key = 'k0' for update"))
-        beat = threading.Thread(target=lambda: renewed.append(pg_store.renew_lease("w")))
+        beat = threading.Thread(target=lambda: renewed.append(pg_store.renew_lease("w", HELD)))
         beat.start()
         beat.join(timeout=10)
         waited = beat.is_alive()
     beat.join()
     assert not waited and renewed == [2]  # k1 and k2; k0 is being committed
-    assert pg_store.renew_lease("w") == 3
+    assert pg_store.renew_lease("w", HELD) == 3
+
+
+HELD = ("k0", "k1", "k2")
+
+
+def test_a_heartbeat_renews_only_what_its_runners_track(store):
+    """An item its runner lost track of (a give-back that failed in an outage) is left to
+    expire: renewed for ever, it would never be reclaimed, since no claim takes its own."""
+    job_id = add_job(store, 3)
+    store.claim_items(job_id, "w", 3)
+    expire(store, "w")
+    assert store.renew_lease("w", ["k0", "k9"]) == 1  # k9: not held, nothing to renew
+    assert keys(store.claim_items(job_id, "other", 3)) == ["k1", "k2"]
+    assert store.renew_lease("w") == 0  # a worker whose runners hold nothing
+
+
+def test_a_worker_heartbeat_leases_what_its_runner_holds_and_no_more(store):
+    from conserve_bench.config import RunConfig
+    from conserve_bench.engine.fake import FakeEngine
+    from conserve_bench.jobs.runner import Runner, Stopped
+
+    job_id = add_job(store, 4)
+    stop = threading.Event()
+    with Worker(store, "test") as worker:
+        runner = Runner(store, FakeEngine(stall_after=0), RunConfig(max_inflight=2),
+                        worker=worker, should_stop=stop.is_set)
+        def run() -> None:
+            with contextlib.suppress(Stopped):
+                runner.run(job_id, [])
+
+        running = threading.Thread(target=run)
+        running.start()
+        wait_for(lambda: len(worker.held_keys()) == 2, "the runner's claims")
+        store.claim_items(job_id, worker.id, 1)  # held, but no runner knows of it
+        assert worker.held_keys() == {"k0", "k1"}
+        expire(store, worker.id)
+        assert store.renew_lease(worker.id, worker.held_keys()) == 2
+        assert keys(store.claim_items(job_id, "other", 4)) == ["k2", "k3"]  # k2: expired
+        stop.set()
+        running.join(10)
+        runner.release()
+    assert store.item_states(job_id) == {"pending": 2, "running": 2}  # other's k2, k3
 
 
 def test_a_stale_attempt_is_fenced_off_even_for_the_same_owner(store):

@@ -137,3 +137,24 @@ def test_an_item_the_engine_refuses_is_retried_then_failed_and_counted(store):
         runner.run(job_id, keys)
     assert store.item_states(job_id) == {"done": 11, "failed": 1}
     assert (runner.stats.num_items, runner.stats.num_failed) == (11, store.leases.max_attempts)
+
+
+def test_a_run_first_takes_back_what_its_worker_holds_but_no_runner_tracks(store, monkeypatch):
+    """Items a failed give-back left running under this worker (a store outage): no claim
+    takes its owner's own, so without this the run waited for them for ever."""
+    from conserve_bench.jobs.worker import Worker
+
+    monkeypatch.setattr(runner_module, "WAIT_FOR_OTHERS_S", 0.01)
+    job_id, keys = add_job(store, 6)
+    with Worker(store, "test") as worker:
+        store.claim_items(job_id, worker.id, 3)  # what an earlier run lost track of
+        engine, results = FakeEngine(), {}
+        runner = Runner(store, engine, RunConfig(max_inflight=4), worker=worker)
+        thread = threading.Thread(target=lambda: results.update(runner.run(job_id, keys)),
+                                  daemon=True)
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive() and len(results) == 6
+    assert store.item_states(job_id) == {"done": 6}
+    assert sorted(engine.submitted) == keys  # each once: given back, no attempt lost
+    assert set(store.run_counts(job_id).values()) == {1, 2}

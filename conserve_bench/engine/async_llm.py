@@ -4,12 +4,16 @@
 num_pending_items, abort_all) over the `AsyncLLM` that also serves online traffic, with the
 same prompt bookkeeping as the in-process engine (`contract.PromptBook`); offline requests run
 at offline priority, and generations stream their tokens into the book as they come. It never
-touches the store.
+touches the store. An engine that died (its engine-core process gone) is never a request's
+failure: `submit` and `step` raise `errors.EngineUnavailableError`, and `is_dead` says so, so
+that the job is given back, never failed, and the server can exit for a supervisor to restart.
 
 vLLM 0.32.0 names relied on: `AsyncLLM.generate(prompt, params, request_id, priority=)` (an
 async generator; closing it early aborts the request), `AsyncLLM.abort(request_id)`,
-`AsyncLLM.get_tokenizer()`, `vllm.v1.engine.exceptions.EngineDeadError` (what `generate`
-raises when the engine, not the request, failed; any other exception fails the request's
+`AsyncLLM.get_tokenizer()`, `AsyncLLM.errored` (the engine core died, or its output handler
+ended), `vllm.v1.engine.exceptions.EngineDeadError` (what `generate` raises when the engine,
+not the request, failed: from `add_request` once `errored`, and to every request in flight
+when the output handler propagates the core's death; any other exception fails the request's
 items alone), and what `local.sampling_params` relies on.
 """
 
@@ -24,6 +28,7 @@ from conserve_bench.engine.contract import Partials, PromptBook
 from conserve_bench.engine.local import new_tokens, sampling_params
 from conserve_bench.engine.plugin import OFFLINE_PRIORITY
 from conserve_bench.engine.prompts import Prompt
+from conserve_bench.errors import EngineUnavailableError, one_line_error
 
 
 class AsyncEngineAdapter:
@@ -39,7 +44,19 @@ class AsyncEngineAdapter:
         self._book = PromptBook(client.get_tokenizer(), max_model_len, "offline")
         self._finished: queue.Queue = queue.Queue()
 
+    @property
+    def is_dead(self) -> bool:
+        """The engine died (`AsyncLLM.errored`) or the server's loop is closed: nothing
+        submitted will ever finish."""
+        return self.loop.is_closed() or getattr(self.client, "errored", False) is True
+
+    def _raise_if_dead(self) -> None:
+        if self.is_dead:
+            raise EngineUnavailableError("the server's engine died; its offline work goes back "
+                                         "to pending for a restarted server")
+
     def submit(self, work: list, partials: Partials | None = None) -> None:
+        self._raise_if_dead()
         for request_id, prompt in self._book.add(work, partials):
             asyncio.run_coroutine_threadsafe(self._generate(request_id, prompt), self.loop)
 
@@ -65,6 +82,7 @@ class AsyncEngineAdapter:
         try:
             batch = [self._finished.get(block=not finished, timeout=0.05)]
         except queue.Empty:
+            self._raise_if_dead()  # NOTE: a dead engine may never answer its requests
             return finished
         while not self._finished.empty():
             batch.append(self._finished.get_nowait())
@@ -91,14 +109,17 @@ class AsyncEngineAdapter:
         return self._book.num_generated_tokens
 
     def abort_all(self) -> None:
-        if request_ids := self._book.clear():
+        request_ids = self._book.clear()
+        if request_ids and not self.is_dead:  # NOTE: a dead engine has nothing left to abort
             asyncio.run_coroutine_threadsafe(self.client.abort(request_ids), self.loop)
 
 
 def _request_error(error: BaseException) -> Exception:
-    """The error, if it is the request's alone; raises it if the engine itself failed."""
+    """The error, if it is the request's alone; raises EngineUnavailableError if the engine
+    itself failed (or the server's loop cancelled the request as it shut down)."""
     from vllm.v1.engine.exceptions import EngineDeadError
 
     if isinstance(error, EngineDeadError) or not isinstance(error, Exception):
-        raise RuntimeError(f"offline request failed: {error}") from error
+        reason = one_line_error(error)
+        raise EngineUnavailableError(f"the server's engine died: {reason}") from error
     return error

@@ -11,6 +11,9 @@ through the store's claims. Inside that window, generations in flight are checkp
 transaction, fenced like commits), and a claimed generation continues from its checkpoint:
 a kill costs a generation at most the tokens since. It drives any
 `engine.contract.ItemEngine` and never holds a store transaction while the engine runs.
+Run as a `jobs.worker.Worker`'s, it is tracked by it: the heartbeat renews exactly the items
+it holds, and each run starts by giving back what its worker holds but no runner tracks (left
+over from a commit or a give-back that failed through a store outage).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 from conserve_bench.config import RunConfig
 from conserve_bench.engine.contract import ItemEngine, ItemError
 from conserve_bench.errors import ItemsFailedError
-from conserve_bench.jobs.worker import new_worker_id
+from conserve_bench.jobs.worker import Worker, new_worker_id
 from conserve_bench.store import Store
 
 COMMIT_INTERVAL_S = 1.0
@@ -54,19 +57,24 @@ class RunStats:
 class Runner:
     """Computes a job's items on one engine, as one owner of the store's claims.
 
-    `owner` is the id of this process's `jobs.worker.Worker`, whose heartbeat keeps the
-    claims leased; None: a fresh id, whose claims simply last one lease.
+    `worker`: this process's `jobs.worker.Worker`, whose id owns the claims and whose
+    heartbeat keeps leased what this runner holds. Without one, `owner` is the claims' owner
+    (None: a fresh id), and they simply last one lease.
     """
 
     def __init__(self, store: Store, engine: ItemEngine, cfg: RunConfig = RunConfig(),
                  owner: str | None = None,
                  on_progress: Callable[[int], None] | None = None,
                  should_stop: Callable[[], bool] | None = None,
-                 on_tokens: Callable[[int], None] | None = None):
+                 on_tokens: Callable[[int], None] | None = None,
+                 worker: Worker | None = None):
+        if worker is not None and owner not in (None, worker.id):
+            raise ValueError(f"owner {owner!r} is not worker {worker.id!r}")
         self.store = store
         self.engine = engine
         self.cfg = cfg
-        self.owner = owner or new_worker_id()
+        self.worker = worker
+        self.owner = worker.id if worker is not None else owner or new_worker_id()
         self.on_progress = on_progress or (lambda num_done: None)
         self.should_stop = should_stop or (lambda: False)
         self.on_tokens = on_tokens or (lambda num_tokens: None)
@@ -80,6 +88,19 @@ class Runner:
         self._num_tokens_seen = self._num_tokens_at_checkpoint = engine.num_generated_tokens
         self._last_checkpoint = time.monotonic()
         self._min_checkpoint_interval_s = 0.0
+        if worker is not None:
+            worker.track(self)
+
+    def held_keys(self) -> list[str]:
+        """The keys this runner claimed and has not yet committed or given back: what its
+        worker's heartbeat renews. NOTE: called on the heartbeat's thread; `dict.copy` is
+        one step under the GIL, so it never sees the dict change size mid-copy."""
+        return list(self._attempts.copy())
+
+    def _kept(self) -> frozenset[str]:
+        """What this owner holds and knows of: what its worker's runners track (this one's
+        without a worker). Whatever else it holds, nobody computes."""
+        return self.worker.held_keys() if self.worker is not None else frozenset(self._attempts)
 
     def run(self, job_id: str, keys: list[str], kind: str | None = None) -> dict[str, Any]:
         """Compute every item of `keys` that is not done yet; return all their results.
@@ -89,6 +110,10 @@ class Runner:
         """
         t0 = time.perf_counter()
         try:
+            # NOTE: a claim never takes its owner's own items, and the heartbeat renews only
+            # tracked ones: without this, an item a failed release left running under this
+            # worker would wait for the others to reclaim it, for ever if there are none.
+            self._timed(self.store.release_items, self.owner, self._kept())
             self._run(job_id, kind)
         finally:
             self._commit()
@@ -118,7 +143,7 @@ class Runner:
 
     def _claim(self, job_id: str, room: int, kind: str | None) -> list:
         claimed = self._timed(self.store.claim_items, job_id, self.owner, room, kind,
-                              list(self._attempts))
+                              self._kept())
         self._attempts.update((w.key, w.attempt) for w in claimed)
         if claimed:
             self._submit(claimed)
@@ -217,7 +242,7 @@ class Runner:
         self._attempts.clear()
         self._saved.clear()
         self._to_clear.clear()
-        return self.store.release_items(self.owner)
+        return self.store.release_items(self.owner, self._kept())
 
     def _timed(self, fn, *args):
         t0 = time.perf_counter()

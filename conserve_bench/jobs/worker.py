@@ -1,10 +1,12 @@
 """This process as one worker of a fleet: its row in the store, its heartbeat, its leases.
 
 Every process that claims items (a `serve` replica, `submit`, an lm-eval session) is one
-`Worker`: started, it registers a row and renews its lease every `heartbeat_s` on a thread
-of its own, whatever the engine is doing; stopped, it gives back what it holds. A worker
-that dies simply stops renewing, and the others reclaim its items once the lease expires
-(on the database's clock). It decides nothing about jobs and never touches the engine.
+`Worker`: started, it registers a row and, every `heartbeat_s` on a thread of its own,
+whatever the engine is doing, renews its lease on the items its runners track (`track`);
+stopped, it gives back what it holds. A worker that dies simply stops renewing, and the
+others reclaim its items once the lease expires (on the database's clock). The heartbeat
+survives any error (retrying sooner, never later than a beat) and `health()` says when it has
+not renewed for a lease. It decides nothing about jobs and never touches the engine.
 """
 
 from __future__ import annotations
@@ -14,15 +16,20 @@ import os
 import secrets
 import socket
 import threading
+import time
+import weakref
+from collections.abc import Collection
+from typing import Protocol
 
 from sqlalchemy.exc import DBAPIError
 
-from conserve_bench.errors import StoreUnavailableError, first_line
+from conserve_bench.errors import StoreUnavailableError, first_line, one_line_error
 from conserve_bench.store import Store
 
 log = logging.getLogger(__name__)
 
 HOST = socket.gethostname()
+RETRY_FIRST_S = 0.1  # a failed beat is retried this soon, then twice as late, up to a beat
 
 
 def new_worker_id() -> str:
@@ -30,24 +37,53 @@ def new_worker_id() -> str:
     return f"{HOST}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
+class Holder(Protocol):
+    """What a worker leases for (`jobs.runner.Runner`): the keys it claimed and has not yet
+    committed or given back. Called on the heartbeat's thread: it must be safe there."""
+
+    def held_keys(self) -> Collection[str]: ...
+
+
 class Worker:
-    """One heartbeat row and the lease on everything its id claims. Example:
+    """One heartbeat row and the lease on everything its runners track. Example:
 
         with Worker(store, "submit") as worker:
-            Runner(store, engine, owner=worker.id).run(job_id, keys)
+            Runner(store, engine, worker=worker).run(job_id, keys)
+
+    NOTE: the invariant that keeps no item stuck: an item running under this worker's id is
+    renewed only while one of its runners tracks it. One it lost track of (a commit or a
+    give-back that failed through an outage) expires and is reclaimed by the others; and,
+    since no claim takes its own owner's items, the next run on this worker gives it back
+    first (`Runner.run`), even when no other worker is left.
     """
 
     def __init__(self, store: Store, label: str = ""):
         self.store, self.label = store, label
         self.id = new_worker_id()
+        self._holders: weakref.WeakSet = weakref.WeakSet()  # runners leave with their job
+        self._lock = threading.Lock()
+        self._renewed_at = time.monotonic()  # the last heartbeat that reached the store
+        self._last_error: str | None = None
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
 
     def start(self) -> "Worker":
         self.store.register_worker(self.id, HOST, os.getpid(), self.label)
+        self._renewed_at = time.monotonic()
         self.store.end_leases(self._dead_neighbours())
         self._thread.start()
         return self
+
+    def track(self, holder: Holder) -> None:
+        """Renew the lease on what `holder` holds, for as long as it lives."""
+        with self._lock:
+            self._holders.add(holder)
+
+    def held_keys(self) -> frozenset[str]:
+        """Every key this worker's runners track: all that is leased to it for a reason."""
+        with self._lock:
+            holders = list(self._holders)
+        return frozenset(key for holder in holders for key in holder.held_keys())
 
     def _dead_neighbours(self) -> list[str]:
         """Workers registered on this host whose process is gone.
@@ -60,13 +96,45 @@ class Worker:
                 if w["id"] != self.id and not _pid_alive(w["pid"])]
 
     def _beat(self) -> None:
-        while not self._stopped.wait(self.store.leases.heartbeat_s):
-            try:
-                self.store.renew_lease(self.id)
-            except (StoreUnavailableError, DBAPIError) as e:
-                # NOTE: keep beating: once the database is back the lease is renewed, and
-                # whatever others reclaimed meanwhile is fenced off from our commits.
-                log.warning("heartbeat of %s failed: %s", self.id, first_line(e))
+        heartbeat_s = self.store.leases.heartbeat_s
+        wait_s, retry_s = heartbeat_s, RETRY_FIRST_S
+        while not self._stopped.wait(wait_s):
+            # NOTE: a failed beat is retried sooner, never later than a beat: once the
+            # database is back the lease is renewed, and whatever others reclaimed
+            # meanwhile is fenced off from our commits.
+            if self._renew():
+                wait_s, retry_s = heartbeat_s, RETRY_FIRST_S
+            else:
+                wait_s, retry_s = min(retry_s, heartbeat_s), min(2 * retry_s, heartbeat_s)
+
+    def _renew(self) -> bool:
+        """One heartbeat; False if it failed (logged, never raised: the thread must live)."""
+        try:
+            self.store.renew_lease(self.id, self.held_keys())
+        except (StoreUnavailableError, DBAPIError) as e:
+            log.warning("heartbeat of %s failed: %s", self.id, first_line(e))
+            self._last_error = one_line_error(e)
+            return False
+        except Exception as e:
+            log.exception("heartbeat of %s failed", self.id)
+            self._last_error = one_line_error(e)
+            return False
+        self._renewed_at, self._last_error = time.monotonic(), None
+        return True
+
+    def health(self) -> tuple[bool, str | None]:
+        """(True, None) while the heartbeat renews the lease; else (False, why): stopped, its
+        thread died, or no renewal reached the store for a lease (then the store is down, or
+        too slow, and the others may take what this worker holds)."""
+        if self._stopped.is_set():
+            return False, f"worker {self.id} is stopped"
+        if self._thread.ident is not None and not self._thread.is_alive():
+            return False, f"the heartbeat thread of worker {self.id} died"
+        lease_s = self.store.leases.lease_s
+        if (age_s := time.monotonic() - self._renewed_at) > lease_s:
+            return False, (f"worker {self.id} renewed no lease for {age_s:.1f} s (lease "
+                           f"{lease_s:g} s): {self._last_error or 'the store does not answer'}")
+        return True, None
 
     def stop(self) -> None:
         """Stop beating, give back every item still held, and retire the row."""
