@@ -30,6 +30,16 @@ class DatabaseURLError(ConserveError):
     pass
 
 
+class StoreVersionError(DatabaseURLError):
+    """A store written by a newer conserve-bench (its schema version is past our migrations);
+    it is left untouched."""
+
+
+class NotAStoreError(DatabaseURLError):
+    """The database file is no conserve-bench store: not an SQLite database, or a damaged
+    one; it is never written to."""
+
+
 class JobNotFoundError(ConserveError):
     pass
 
@@ -79,6 +89,16 @@ class StoreUnavailableError(ConserveError):
 
 class ItemsFailedError(ConserveError):
     """Some of a job's items failed every attempt; the job cannot produce scores."""
+
+
+class TaskNameError(UnknownTaskError):
+    """A task given as a file path or a pattern where only names from the task index are
+    taken (the job API: a task YAML's `!function` tags would run its Python)."""
+
+
+class GenKwargsError(InvalidRequestError, ValueError):
+    """A generation argument (`gen_kwargs`) that is unknown, or of the wrong type or range.
+    A ValueError too, so that a pydantic validator raising it answers 422."""
 
 
 def first_line(error: BaseException) -> str:

@@ -127,6 +127,8 @@ def test_resume_of_an_lm_eval_runs_job_says_why_before_any_engine_starts(tmp_pat
     (["serve", "--lease-s", "10", "--heartbeat-s", "6"], ["--heartbeat-s", "half the lease"]),
     (["serve", "--max-attempts", "0"], ["--max-attempts"]),
     (["serve", "--policy", "priority", "--kv-checkpoint-gib", "2"], ["--kv-checkpoint-gib", "--policy conserve"]),
+    (["serve", "--include-path", "no-such-folder"], ["--include-path", "is not a folder"]),
+    (["serve", "--data-root", "no-such-folder"], ["--data-root", "is not a folder"]),
 ])
 def test_usage_errors_are_one_line(args, words):
     assert_one_line_error(cli(*args), *words)

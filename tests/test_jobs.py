@@ -55,8 +55,9 @@ def test_a_job_seen_done_always_has_its_results(store, monkeypatch):
     seen = []
     for name in ("set_job_state", "save_results", "leave_job", "add_run_time"):
         def write(self, *args, _write=getattr(Store, name), **kwargs):
-            _write(self, *args, **kwargs)
+            written = _write(self, *args, **kwargs)
             seen.append((self.get_job(job.id).state, self.get_results(job.id) is not None))
+            return written
         monkeypatch.setattr(Store, name, write)
     run_job(store, job.id, FakeEngine(), output_dir=None)
     assert ("done", True) in seen

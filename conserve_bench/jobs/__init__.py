@@ -1,8 +1,9 @@
 """Jobs: from a task spec to lm-eval results through durable work items.
 
-`taskspec` resolves lm-eval task names (and local MMLU data); `lifecycle` submits, runs,
-resumes and cancels jobs and writes `results/<job-id>.json`; `runner` feeds a job's pending
-items to an engine and commits results in batches; `worker` is this process as one worker of
-a fleet (its heartbeat and leases); `samples` reduces lm-eval's logged samples to the
-per-document table. None of them builds prompts or holds SQL.
+`taskspec` resolves lm-eval task names (and local MMLU data); `genkwargs` checks a job's
+generation arguments; `lifecycle` submits, runs, resumes and cancels jobs and writes
+`results/<job-id>.json`; `runner` feeds a job's pending items to an engine and commits
+results in batches; `worker` is this process as one worker of a fleet (its heartbeat and
+leases); `samples` reduces lm-eval's logged samples to the per-document table. None of them
+builds prompts or holds SQL.
 """

@@ -4,7 +4,9 @@ The one data path: task spec -> lm-eval instances (lm-eval builds them) -> work 
 store (`ConserveLM`) -> engine -> results committed -> lm-eval metrics -> results file.
 Every function here validates its input before writing anything, and an interrupted run
 gives its in-flight items back, so stored progress is never lost. Every run is a worker of
-the store's fleet (`jobs.worker`): several processes may run one job together.
+the store's fleet (`jobs.worker`): several processes may run one job together. A job fails
+only for its own errors: one interrupted by infrastructure (a stop, a dead engine, a store
+outage) goes back to queued, for this or another worker to run again.
 
     >>> store = Store("sqlite:///conserve.db")
     >>> job = submit_job(store, JobSpec(tasks=("mmlu_anatomy",), limit=10))
@@ -26,9 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from conserve_bench.config import EngineConfig, JobSpec, RunConfig
-from conserve_bench.errors import ForeignJobError, InvalidRequestError, JobStateError, one_line_error
+from conserve_bench.errors import (EngineUnavailableError, ForeignJobError, InvalidRequestError,
+                                   JobStateError, StoreUnavailableError, first_line,
+                                   one_line_error)
 from conserve_bench.engine.models import ModelRef, model_name, resolve_model
 from conserve_bench.engine.prompts import check_request_args, keyed_items
+from conserve_bench.jobs.genkwargs import check_gen_kwargs
 from conserve_bench.jobs.runner import Runner, Stopped
 from conserve_bench.jobs.samples import (PER_SAMPLE_KEY, read_samples_file, sample_table,
                                          samples_path, task_hashes, write_samples_file)
@@ -41,13 +46,17 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int, int], None]  # (num_done, num_total, num_generated_tokens)
 
 
-def submit_job(store: Store, spec: JobSpec, run_key: str | None = None) -> Job:
-    """Validate a spec (tasks, data directory, model) and record a queued job.
+def submit_job(store: Store, spec: JobSpec, run_key: str | None = None, *,
+               allow_paths: bool = True, include_paths: tuple[str, ...] = ()) -> Job:
+    """Validate a spec (tasks, generation arguments, data directory, model) and record a
+    queued job. Tasks are names of lm-eval's index (plus the folders `include_paths`), or
+    task YAML files by path unless `allow_paths` is False (the job API).
 
     With a `run_key` a job already holds, that job is answered (in whatever state), so a rerun
     re-attaches to it; a different spec under the same key is a JobStateError.
     """
-    check_tasks(spec.tasks, task_manager(spec.data_dir))
+    check_gen_kwargs(spec.gen_kwargs)
+    check_tasks(spec.tasks, task_manager(spec.data_dir, include_paths), allow_paths=allow_paths)
     resolve_model(spec.model)
     job = store.create_job(spec, run_key)
     if job.spec != spec:
@@ -79,7 +88,7 @@ def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
             on_progress: ProgressFn | None = None,
             should_stop: Callable[[], bool] = lambda: False,
             worker: Worker | None = None, retry_failed: bool = True,
-            model: str | None = None) -> dict[str, Any]:
+            model: str | None = None, include_paths: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run a job to completion on `engine`; returns lm-eval's results plus job metadata.
 
     Finished items are reused and other workers' expired leases reclaimed; any number of
@@ -87,14 +96,16 @@ def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
     one). A failed job is given its failed items back, unless `retry_failed` is False (then
     it is a JobStateError). On any interruption the items this run holds go back to pending.
     A job `engine` must not run (`check_runs_on`; `model`: the model it serves) is a
-    ForeignJobError.
+    ForeignJobError. `include_paths`: folders of task YAML whose tasks the job may name.
     """
     job = runnable_job(store, job_id)
     check_runs_on(job, engine.fingerprint, model)
     manager = None
     if job.spec.source == "tasks":
-        manager = task_manager(job.spec.data_dir)
-        check_tasks(job.spec.tasks, manager)
+        manager = task_manager(job.spec.data_dir, include_paths)
+        # NOTE: paths stay allowed: only a local caller stores one (`submit_job`), and a name
+        # from the job API never looks like one, so it loads from the index or not at all.
+        check_tasks(job.spec.tasks, manager, allow_paths=True)
     with contextlib.ExitStack() as stack:
         if worker is None:
             worker = stack.enter_context(Worker(store, "submit"))
@@ -109,21 +120,15 @@ def _run_as(store: Store, job: Job, engine, run_cfg: RunConfig, output_dir, on_p
     if not store.start_job(job.id, worker.id, failed_too=retry_failed):
         raise JobStateError(f"job {job.id} is {store.get_job_state(job.id)}; nothing to run")
     tracker = _ProgressTracker(store, job.id, on_progress)
-    runner = Runner(store, engine, run_cfg, owner=worker.id, on_progress=tracker.advance,
+    runner = Runner(store, engine, run_cfg, worker=worker, on_progress=tracker.advance,
                     should_stop=lambda: should_stop() or _cancelled(store, job.id),
                     on_tokens=tracker.add_tokens)
     t0 = time.perf_counter()
     try:
         output = _evaluate(store, job, runner, engine, manager, tracker)
     except BaseException as e:
-        runner.release()
-        store.add_run_time(job.id, time.perf_counter() - t0)
-        # NOTE: an error while stopping is the stop's (the engine went down with the
-        # server), not the job's; and a job others still work on stays theirs, running.
-        failed = (isinstance(e, Exception) and not isinstance(e, (JobCancelled, Stopped))
-                  and not should_stop())
-        store.leave_job(job.id, worker.id, JobState.FAILED if failed else JobState.QUEUED,
-                        error=one_line_error(e))
+        failed = _is_jobs_fault(e, engine) and not should_stop()
+        _leave_interrupted(store, job, worker, runner, time.perf_counter() - t0, e, failed)
         raise
     wall_s = time.perf_counter() - t0
     store.add_run_time(job.id, wall_s)
@@ -131,11 +136,44 @@ def _run_as(store: Store, job: Job, engine, run_cfg: RunConfig, output_dir, on_p
     # another replica's job API too) always has its results
     done = dataclasses.replace(store.get_job(job.id), state=JobState.DONE)
     results = _with_metadata(output, store, done, engine, runner, wall_s)
-    store.save_results(job.id, results)
+    saved = store.save_results(job.id, results)
     store.leave_job(job.id, worker.id)
+    if not saved:  # NOTE: cancelled as it finished: the cancel stands, no results
+        raise JobStateError(f"job {job.id} was cancelled; its results were not saved")
     if output_dir is not None:
         write_results_file(results, Path(output_dir) / f"{job.id}.json")
     return results
+
+
+# NOTE: infrastructure, never the job's fault: the job goes back to queued (and its items to
+# pending) for this or another worker, instead of failing.
+INTERRUPTIONS = (Stopped, EngineUnavailableError, StoreUnavailableError)
+
+
+def _is_jobs_fault(error: BaseException, engine) -> bool:
+    """Whether `error` fails the job: an Exception that is not an interruption (a stop, a
+    cancel, a dead engine, a store outage). Whatever ended the run while the engine was dead
+    (`is_dead`, where the engine says) is the engine's death, however it surfaced."""
+    if not isinstance(error, Exception) or isinstance(error, (JobCancelled, *INTERRUPTIONS)):
+        return False
+    return getattr(engine, "is_dead", False) is not True
+
+
+def _leave_interrupted(store: Store, job: Job, worker: Worker, runner: Runner, run_s: float,
+                       error: BaseException, failed: bool) -> None:
+    """Give back what the run holds and leave the job (failed, or queued for the next run).
+
+    NOTE: a store outage here must not hide `error`: what stays leased to this worker is
+    untracked now, so it expires for the others, and the worker's next run gives it back.
+    A job others still work on stays theirs, running.
+    """
+    try:
+        runner.release()
+        store.add_run_time(job.id, run_s)
+        store.leave_job(job.id, worker.id, JobState.FAILED if failed else JobState.QUEUED,
+                        error=one_line_error(error))
+    except StoreUnavailableError as e:
+        log.warning("job %s: could not give its items back: %s", job.id, first_line(e))
 
 
 def check_runs_on(job: Job, fingerprint: str | None = None, model: str | None = None) -> None:
@@ -227,10 +265,11 @@ def submit_requests(store: Store, requests: list[tuple[str, list[Any]]], fingerp
 
 
 def cancel_job(store: Store, job_id: str) -> Job:
-    job = store.get_job(job_id)
-    if job.state in (JobState.DONE, JobState.CANCELLED):
-        raise JobStateError(f"job {job_id} is already {job.state}")
-    store.set_job_state(job_id, JobState.CANCELLED)
+    """Cancel a queued, running or failed job (one compare-and-set: `Store.cancel_job`); its
+    workers stop at their next check and its finished items stay. A done or cancelled job
+    is a JobStateError, and stays as it was."""
+    if not store.cancel_job(job_id):
+        raise JobStateError(f"job {job_id} is already {store.get_job_state(job_id)}")
     return store.get_job(job_id)
 
 
@@ -349,7 +388,7 @@ class Session:
                                      wall_s)
             self.store.save_results(self.job_id, results)
         elif job.state == JobState.RUNNING:
-            self.store.set_job_state(self.job_id, JobState.CANCELLED, error=(
+            self.store.set_job_state(self.job_id, JobState.CANCELLED, only_from=[JobState.RUNNING], error=(
                 f"the lm-eval run ended with {job.num_done}/{job.num_total} requests computed"))
 
 
@@ -369,7 +408,7 @@ def open_session(model: str, db: str | None, data_dir: str | None, run_cfg: RunC
     # it ran on this host: the worker's start ends a dead neighbour's lease).
     worker = Worker(store, "lm-eval").start()
     store.start_job(job.id, worker.id)
-    runner = Runner(store, engine, run_cfg, owner=worker.id)
+    runner = Runner(store, engine, run_cfg, worker=worker)
     return Session(store, engine, runner, job.id, worker, owns_engine)
 
 

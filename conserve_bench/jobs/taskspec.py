@@ -1,14 +1,18 @@
 """Task spec -> lm-eval tasks: names are resolved and checked, local data is wired in.
 
-Tasks come from lm-eval's own task system (its built-in YAML plus our `tasks/` folder). With
-a data directory, every task whose dataset is the hub's `cais/mmlu` reads the original MMLU
-CSV files instead (`test/<subject>_test.csv`, `dev/`, `val/`; no header:
-question,A,B,C,D,answer), producing exactly the rows lm-eval gets from the hub.
+Tasks come from lm-eval's own task system (its built-in YAML, our `tasks/` folder and the
+folders `serve --include-path` names). A task YAML file is taken by path only where the
+caller allows it (`submit` on one's own machine); never over HTTP, where a YAML's `!function`
+tags would run the sender's Python. With a data directory, every task whose dataset is the
+hub's `cais/mmlu` reads the original MMLU CSV files instead (`test/<subject>_test.csv`,
+`dev/`, `val/`; no header: question,A,B,C,D,answer), producing exactly the rows lm-eval gets
+from the hub. A client's data directory is taken only under the roots the server offers.
 
 lm-eval's task index (its ~15,000 YAML files parsed, 10-20 s on 2 CPU cores) is cached on
 disk, keyed by every indexed file's path, size and modification time.
 
-lm-eval 0.4.13 names relied on: `TaskManager` (`all_tasks`, `match_tasks`, `_factory`),
+lm-eval 0.4.13 names relied on: `TaskManager` (`all_tasks`, `_factory`; `load` looks a name
+up in the index first, then as a file path: `TaskIndex.entry_from_path`),
 `lm_eval.tasks.manager.TaskIndex` (`build(paths)`, which `TaskManager.__init__` calls),
 `TaskFactory._load_full_config`, and `TaskConfig.custom_dataset`.
 """
@@ -28,13 +32,16 @@ from importlib.metadata import version
 from pathlib import Path
 
 from conserve_bench.config import cache_home
-from conserve_bench.errors import DataDirError, UnknownTaskError
+from conserve_bench.errors import DataDirError, TaskNameError, UnknownTaskError
 
 log = logging.getLogger(__name__)
 
 MMLU_HUB_PATH = "cais/mmlu"
 MMLU_SPLITS = {"test": "test", "validation": "val", "dev": "dev"}
 LETTERS = "ABCD"
+TASK_FILE_SUFFIXES = (".yaml", ".yml")
+GLOB_CHARS = "*?["
+PATH_SEPARATORS = "/\\"
 
 
 @functools.cache
@@ -116,10 +123,11 @@ def _index_key(paths: list[Path]) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def task_manager(data_dir: str | None = None):
-    """An lm-eval TaskManager over built-in tasks plus ours, reading MMLU from `data_dir`.
+def task_manager(data_dir: str | None = None, include_paths: tuple[str, ...] = ()):
+    """An lm-eval TaskManager over built-in tasks, ours and those in the folders
+    `include_paths`, reading MMLU from `data_dir`.
 
-    One per data directory and process: it holds only the task index and how to load.
+    One per data directory, folders and process: it holds only the task index and how to load.
     """
     from conserve_bench.tasks import TASKS_DIR
 
@@ -127,20 +135,65 @@ def task_manager(data_dir: str | None = None):
         check_data_dir(data_dir)
     # NOTE: the metadata reaches our own local-data tasks (`mmlu_local_*`) as `data_dir`.
     metadata = {"data_dir": data_dir} if data_dir is not None else None
-    return _task_manager_class()(data_dir=data_dir, include_path=str(TASKS_DIR),
+    return _task_manager_class()(data_dir=data_dir, include_path=[str(TASKS_DIR), *include_paths],
                                  metadata=metadata)
 
 
-def check_tasks(names: Sequence[str], manager) -> list[str]:
-    """Raise UnknownTaskError (with suggestions) unless every name is a task, group or tag."""
+def check_tasks(names: Sequence[str], manager, *, allow_paths: bool = False) -> list[str]:
+    """Raise UnknownTaskError (with suggestions) unless every name is a task, group or tag of
+    the index; with `allow_paths`, a task YAML file given by its path too (`looks_like_path`).
+
+    NOTE: lm-eval loads a name missing from its index as a file path, and a YAML's `!function`
+    tags import Python beside it. A name passes here only from the index or, when allowed, as
+    a path that looks like one: a bare name is never read from the working directory, so a
+    name that reached the store through the job API cannot load a file even where the index
+    lacks it (another replica, another `--include-path`).
+    """
     known = set(manager.all_tasks)
     for name in names:
-        if name in known or Path(name).is_file() or manager.match_tasks([name]):
+        if name in known or (allow_paths and looks_like_path(name) and _is_file(name)):
             continue
-        close = difflib.get_close_matches(name, known, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UnknownTaskError(f"unknown task {name!r}{hint}")
+        raise _not_a_task(name, known, allow_paths)
     return list(names)
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a task name is written as a file path: a folder in it, `~`, or a YAML suffix."""
+    return (any(sep in name for sep in PATH_SEPARATORS) or name.startswith("~")
+            or name.lower().endswith(TASK_FILE_SUFFIXES))
+
+
+def _is_file(name: str) -> bool:
+    return Path(name).expanduser().is_file()  # NOTE: as lm-eval reads it (`entry_from_path`)
+
+
+def _not_a_task(name: str, known: set[str], allow_paths: bool) -> UnknownTaskError:
+    if any(c in name for c in GLOB_CHARS):
+        return TaskNameError(f"task {name!r} is a pattern; name each task, or a group")
+    if looks_like_path(name) and not allow_paths:
+        return TaskNameError(f"task {name!r} is a path; only task names are taken here "
+                             "(serve --include-path adds a folder of task YAML to them)")
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return UnknownTaskError(f"unknown task {name!r}{hint}")
+
+
+def offered_data_dir(data_dir: str, roots: Sequence[str]) -> str:
+    """`data_dir` resolved (symbolic links, `..`), if it is a folder of MMLU CSV files at or
+    below one of `roots` (the folders a server offers its clients); else a DataDirError that
+    names no path."""
+    if not roots:
+        raise DataDirError("this server takes no data_dir (serve --data-root offers folders)")
+    resolved = Path(os.path.realpath(data_dir))
+    if not (Path(data_dir).is_absolute()
+            and any(resolved.is_relative_to(os.path.realpath(root)) for root in roots)):
+        # NOTE: one message whether the folder exists or not: a client must not learn of
+        # the server's other folders by probing.
+        raise DataDirError("data_dir must be an absolute path under a folder this server "
+                           "offers (serve --data-root)")
+    if not (resolved / "test").is_dir():
+        raise DataDirError("data_dir has no test/ folder of MMLU CSV files")
+    return str(resolved)
 
 
 def check_data_dir(data_dir: str) -> None:

@@ -1,45 +1,78 @@
 """The job API on the serving app: `/v1/jobs` to submit, list, inspect, fetch, cancel.
 
-Handlers parse, call the same `jobs` functions as the CLI, and return the same JSON
-objects as the CLI's `--json`. A malformed spec is a 422 naming the field, an unknown task a
-400; neither writes anything. The offline pump (not this module) runs the jobs.
+Handlers parse, call the same `jobs` functions as the CLI, and return the same JSON objects as
+the CLI's `--json`. What a client sends is bounded and never a server path or code: tasks are
+names of the server's task index (a path or a pattern is a 400), a `data_dir` lies under the
+folders the server offers (`serve --data-root`), sizes and generation arguments are capped (a
+422 naming the field). Nothing is written before all of it is checked, and an error body is
+one line with no store URL or server path (a store outage: 503). The offline pump runs jobs.
 `POST /v1/jobs/requests` queues lm-eval requests built elsewhere (`--model conserve` in client
 mode), keyed with this server's fingerprint; `GET /v1/jobs/{id}/items` pages their results.
 A `run_key` on `POST /v1/jobs` names the job: posting it again answers the same job (200),
-queued again if it had failed.
+its failed items given fresh attempts (and queued again if it had failed).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from conserve_bench.jobs import lifecycle
 from conserve_bench.config import JobSpec
-from conserve_bench.errors import ConserveError, JobNotFoundError, JobStateError
 from conserve_bench.engine.prompts import check_request_args
-from conserve_bench.store import JobState
+from conserve_bench.errors import (ConserveError, EngineUnavailableError, GenKwargsError,
+                                   JobNotFoundError, JobStateError, StoreUnavailableError,
+                                   first_line)
+from conserve_bench.jobs import lifecycle
+from conserve_bench.jobs.genkwargs import check_gen_kwargs
+from conserve_bench.jobs.taskspec import check_tasks, offered_data_dir, task_manager
+from conserve_bench.store import Job, JobState
 
 MAX_REQUESTS_PER_JOB = 10_000
 MAX_ITEMS_PER_PAGE = 5_000
+MAX_TASKS_PER_JOB = 64  # tasks (or groups) of one job, and tasks with fixed `samples`
+MAX_NAME_CHARS = 200  # a task name (lm-eval's longest: 86) or a run key
+MAX_LABEL_CHARS = 64
+MAX_LIMIT = 1_000_000  # documents per task
+MAX_NUM_FEWSHOT = 64  # beyond any lm-eval task's few-shot split; the context cuts it anyway
+MAX_SAMPLES = 100_000  # doc indices in `samples`, over all its tasks
+MAX_DOC_INDEX = 2**31 - 1
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+
+TaskName = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+DocIndices = Annotated[list[Annotated[int, Field(ge=0, le=MAX_DOC_INDEX)]],
+                       Field(min_length=1, max_length=MAX_SAMPLES)]
 
 
 class JobRequest(BaseModel):
     model_config = {"extra": "forbid"}
 
-    tasks: list[str] = Field(min_length=1)
-    limit: int | None = Field(default=None, ge=1)
-    num_fewshot: int | None = Field(default=None, ge=0)
+    tasks: list[TaskName] = Field(min_length=1, max_length=MAX_TASKS_PER_JOB)
+    limit: int | None = Field(default=None, ge=1, le=MAX_LIMIT)
+    num_fewshot: int | None = Field(default=None, ge=0, le=MAX_NUM_FEWSHOT)
     gen_kwargs: dict[str, Any] = Field(default_factory=dict)
-    data_dir: str | None = None
-    samples: dict[str, list[int]] | None = None
-    run_key: str | None = Field(default=None, min_length=1, max_length=200)
+    data_dir: str | None = Field(default=None, min_length=1, max_length=MAX_PATH_CHARS)
+    samples: dict[TaskName, DocIndices] | None = Field(default=None, max_length=MAX_TASKS_PER_JOB)
+    run_key: str | None = Field(default=None, min_length=1, max_length=MAX_NAME_CHARS)
 
     @field_validator("tasks", mode="before")
     @classmethod
     def _split(cls, value):
         return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
+
+    @field_validator("gen_kwargs")
+    @classmethod
+    def _known_gen_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_gen_kwargs(value)  # GenKwargsError is a ValueError -> 422
+        return value
+
+    @field_validator("samples")
+    @classmethod
+    def _bounded_samples(cls, value: dict[str, list[int]] | None):
+        if value and sum(map(len, value.values())) > MAX_SAMPLES:
+            raise ValueError(f"at most {MAX_SAMPLES} doc indices in all")
+        return value
 
     @model_validator(mode="after")
     def _valid_spec(self):
@@ -49,7 +82,7 @@ class JobRequest(BaseModel):
     def spec(self, model: str, data_dir: str | None) -> JobSpec:
         return JobSpec(tasks=tuple(self.tasks), model=model, limit=self.limit,
                        num_fewshot=self.num_fewshot, gen_kwargs=self.gen_kwargs,
-                       data_dir=self.data_dir or data_dir, samples=self.samples)
+                       data_dir=data_dir, samples=self.samples)
 
 
 class WorkRequest(BaseModel):
@@ -64,6 +97,10 @@ class WorkRequest(BaseModel):
     @model_validator(mode="after")
     def _shape(self):
         check_request_args(self.kind, self.args)  # ValueError -> 422 naming the request
+        if self.kind == "generate_until":
+            # NOTE: lm-eval built these from a task's YAML, whose generation_kwargs may name
+            # another backend's arguments: the engine ignores those, but checks its own.
+            check_gen_kwargs(self.args[1], unknown_ok=True)
         return self
 
 
@@ -73,11 +110,12 @@ class RequestsJobRequest(BaseModel):
     model_config = {"extra": "forbid"}
 
     requests: list[WorkRequest] = Field(min_length=1, max_length=MAX_REQUESTS_PER_JOB)
-    label: str = Field(default="lm-eval", min_length=1, max_length=64)
+    label: str = Field(default="lm-eval", min_length=1, max_length=MAX_LABEL_CHARS)
 
 
-def install_job_api(app, store, cfg, fingerprint: str) -> None:
-    """Add `/v1/jobs` to `app`; `fingerprint` keys requests jobs' items (the engine's)."""
+def install_job_api(app, store, cfg, fingerprint: str, max_model_len: int | None = None) -> None:
+    """Add `/v1/jobs` to `app`; `fingerprint` keys requests jobs' items (the engine's), and
+    `max_model_len` (its context length; None: unknown) bounds the tokens a job generates."""
     from fastapi import APIRouter, Query
     from fastapi.responses import JSONResponse
 
@@ -85,12 +123,11 @@ def install_job_api(app, store, cfg, fingerprint: str) -> None:
 
     @router.post("", status_code=201)
     def create(request: JobRequest):
-        spec = request.spec(cfg.model, cfg.data_dir)
+        spec = _checked_spec(request, cfg, max_model_len)
         if request.run_key and (known := store.job_by_run_key(request.run_key)) and known.spec == spec:
-            if known.state == JobState.FAILED:  # asked for again: the pump retries it, as `ci` would
-                store.set_job_state(known.id, JobState.QUEUED)
-            return JSONResponse(store.get_job(known.id).to_dict(), status_code=200)  # re-attached
-        return lifecycle.submit_job(store, spec, request.run_key).to_dict()
+            return JSONResponse(_ask_again(store, known).to_dict(), status_code=200)  # re-attached
+        return lifecycle.submit_job(store, spec, request.run_key, allow_paths=False,
+                                    include_paths=cfg.include_paths).to_dict()
 
     @router.post("/requests", status_code=201)
     def create_from_requests(request: RequestsJobRequest) -> dict[str, Any]:
@@ -128,10 +165,76 @@ def install_job_api(app, store, cfg, fingerprint: str) -> None:
     app.include_router(router)
 
 
+def _checked_spec(request: JobRequest, cfg, max_model_len: int | None) -> JobSpec:
+    """The job a request asks for, checked against this server: its context length, the data
+    folders it offers, its task index. Its data folder is stored resolved, its tasks as
+    names.
+
+    NOTE: the tasks are checked before a run key re-attaches, so no request, new or repeated,
+    gets past this with a path.
+    """
+    _check_within_context(request.gen_kwargs, max_model_len)
+    data_dir = cfg.data_dir
+    if request.data_dir is not None:
+        data_dir = offered_data_dir(request.data_dir, cfg.client_data_roots)
+    spec = request.spec(cfg.model, data_dir)
+    check_tasks(spec.tasks, task_manager(spec.data_dir, cfg.include_paths), allow_paths=False)
+    return spec
+
+
+def _check_within_context(gen_kwargs: dict[str, Any], max_model_len: int | None) -> None:
+    """A 422 on `gen_kwargs`, as the request's own checks give, if it generates past the
+    engine's context length."""
+    from fastapi.exceptions import RequestValidationError
+
+    try:
+        check_gen_kwargs(gen_kwargs, max_model_len)
+    except GenKwargsError as e:
+        raise RequestValidationError([{"type": "value_error", "loc": ("body", "gen_kwargs"),
+                                       "msg": f"Value error, {e}", "input": gen_kwargs}]) from None
+
+
+def _ask_again(store, job: Job) -> Job:
+    """A job whose run key is posted again, asked for again: its failed items get fresh
+    attempts (as `resume` gives them), and a failed job is queued for the pump (which never
+    retries failed items itself)."""
+    if job.state == JobState.FAILED:
+        # NOTE: compare-and-set, items with it: of two racing re-posts one requeues, and a job
+        # that moved on since it was read is left as it is now
+        store.requeue_failed_job(job.id)
+    elif job.num_failed and job.state in (JobState.QUEUED, JobState.RUNNING):
+        store.retry_failed_items(job.id)
+    return store.get_job(job.id)
+
+
+# -- errors: one line, no server paths ------------------------------------------------------------
+
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
+_PATH = re.compile(r"(?<![\w.~-])(?:~|\.{1,2})?/[^\s'\",)]*")
+HIDDEN = "<hidden>"
+
+
 def _error_status(exc: ConserveError) -> int:
+    if isinstance(exc, (StoreUnavailableError, EngineUnavailableError)):
+        return 503  # NOTE: an outage, not the request: the same request may succeed later
     if isinstance(exc, JobNotFoundError):
         return 404
     return 409 if isinstance(exc, JobStateError) else 400
+
+
+def public_message(exc: ConserveError, path_params: dict[str, Any]) -> str:
+    """The one line a client is told: never a store URL (the store's errors name it) or a
+    path of the server (a data directory's do)."""
+    if isinstance(exc, StoreUnavailableError):
+        return "the job store is unreachable for now; nothing was lost, try again later"
+    if isinstance(exc, JobNotFoundError) and "job_id" in path_params:
+        return f"no job {path_params['job_id']!r}"
+    return redact(first_line(exc))
+
+
+def redact(message: str) -> str:
+    """`message` with URLs and absolute (or home- or dot-relative) paths hidden."""
+    return _PATH.sub(HIDDEN, _URL.sub(HIDDEN, message))
 
 
 def _route_class():
@@ -151,7 +254,8 @@ def _route_class():
                 try:
                     return await handler(request)
                 except ConserveError as exc:
-                    body = {"error": {"message": str(exc), "type": type(exc).__name__}}
+                    message = public_message(exc, request.path_params)
+                    body = {"error": {"message": message, "type": type(exc).__name__}}
                     return JSONResponse(body, status_code=_error_status(exc))
                 except RequestValidationError as exc:  # vLLM's app would turn it into a 400
                     return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
