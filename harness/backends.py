@@ -10,6 +10,7 @@ fingerprint), polls them and fetches results by key. Neither computes a result i
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,10 +19,12 @@ from typing import Any
 from conserve_bench.engine.prompts import keyed_items
 from conserve_bench.errors import JobStateError
 from conserve_bench.output import out
-from conserve_bench.store.base import chunks
 from conserve_bench.store.states import JobState
 
 REQUESTS_PER_JOB = 1000  # a server job per this many requests keeps each POST small
+# NOTE: and under this many bytes of JSON: the server's one body limit (`--max-request-bytes`,
+# 1 MiB by default) holds for this route too, with room for the envelope.
+MAX_POST_BYTES = 768 << 10
 POLL_S = 0.5
 
 
@@ -70,8 +73,8 @@ class RemoteBackend:
         self.client, self.poll_s, self.show_progress = client, poll_s, show_progress
 
     def run(self, kind: str, args: list[Any]) -> tuple[list[Any], RunCounts]:
-        jobs = [self.client.submit_requests([{"kind": kind, "args": a} for a in chunk])
-                for chunk in chunks(args, REQUESTS_PER_JOB)]
+        requests = [{"kind": kind, "args": a} for a in args]
+        jobs = [self.client.submit_requests(chunk) for chunk in post_sized(requests)]
         keys = [k for job in jobs for k in job["keys"]]
         counts = RunCounts(kind, sum(j["total"] for j in jobs), sum(j["done"] for j in jobs))
         with progress_bar(kind, counts.num_requests, counts.num_reused,
@@ -98,6 +101,23 @@ class RemoteBackend:
                     pending.remove(job_id)
             if pending:
                 time.sleep(self.poll_s)
+
+
+def post_sized(requests: list[dict[str, Any]], max_items: int = REQUESTS_PER_JOB,
+               max_bytes: int = MAX_POST_BYTES) -> Iterator[list[dict[str, Any]]]:
+    """`requests` in order, in runs of at most `max_items` and `max_bytes` of JSON each (a
+    single request larger than that goes alone; the server says if it is too large)."""
+    chunk: list[dict[str, Any]] = []
+    num_bytes = 0
+    for request in requests:
+        size = len(json.dumps(request)) + 2
+        if chunk and (len(chunk) == max_items or num_bytes + size > max_bytes):
+            yield chunk
+            chunk, num_bytes = [], 0
+        chunk.append(request)
+        num_bytes += size
+    if chunk:
+        yield chunk
 
 
 @contextlib.contextmanager

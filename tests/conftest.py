@@ -243,14 +243,16 @@ def store_profile(db_url: str) -> None:
 
 
 class Server(ServerProcess):
-    """`conserve-bench serve` (conserve policy, API key, step log) on `db_url`."""
+    """`conserve-bench serve` (conserve policy, API key, step log, the test tasks by name) on
+    `db_url`."""
 
     def __init__(self, db_url: str, data_dir: str, out_dir: Path, wait: bool = True):
         store_profile(db_url)
         self.db_url, self.step_log = db_url, Path(out_dir) / "steps.jsonl"
         super().__init__(["--db", db_url, "--data-dir", data_dir, "--output", str(out_dir),
                           "--max-offline-inflight", str(SERVER_MAX_INFLIGHT),
-                          "--step-log", str(self.step_log), "--api-key", KEY],
+                          "--step-log", str(self.step_log), "--api-key", KEY,
+                          "--include-path", str(TEST_TASKS)],
                          Path(out_dir), wait=wait)
         self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"},
                                  timeout=60)

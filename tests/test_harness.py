@@ -467,3 +467,20 @@ def test_full_mmlu_run_continues_with_the_missing_shards_only(tmp_path, monkeypa
         report = reports[name]
         assert (report["label"], report["num_fewshot"], report["host"]) == (label, 5, {"fixed_ms": 1.0})
         assert report["compare"]["same_items"] and report["requests"] == {"num_compared": 0}
+
+
+def test_client_mode_posts_fit_under_the_servers_body_limit():
+    """lm-eval's requests go to a server in posts the guard's one body limit admits: runs of
+    at most 1000 requests and MAX_POST_BYTES of JSON, in order, none left out."""
+    import json
+
+    from conserve_bench.serve.guard import DEFAULT_MAX_REQUEST_BYTES
+    from harness.backends import MAX_POST_BYTES, post_sized
+
+    requests = [{"kind": "loglikelihood", "args": ["x" * 12_000, f" {i}"]} for i in range(300)]
+    posts = list(post_sized(requests))
+    assert [r for post in posts for r in post] == requests
+    assert len(posts) > 1 and all(len(json.dumps({"requests": p})) <= MAX_POST_BYTES for p in posts)
+    assert MAX_POST_BYTES < DEFAULT_MAX_REQUEST_BYTES
+    small = [{"kind": "loglikelihood", "args": ["q", " a"]}] * 2500
+    assert [len(p) for p in post_sized(small)] == [1000, 1000, 500]

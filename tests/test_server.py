@@ -56,11 +56,18 @@ def test_vllms_worker_runs_in_the_engine_core_process(server):
     assert [name for name in names if name.startswith("VLLM::")] == ["VLLM::EngineCore"], names
 
 
-def test_auth_is_required_on_online_and_job_routes(server):
-    for path in ("/v1/models", "/v1/jobs"):
+def test_auth_is_required_on_every_route_but_health(server):
+    for path in ("/v1/models", "/v1/jobs", "/metrics"):
         assert httpx.get(f"{server.url}{path}").status_code == 401
         assert server.http.get(path).status_code == 200
-    assert httpx.get(f"{server.url}/health").status_code == 200
+    # vLLM's own check leaves these open; the guard closes them
+    prompt = {"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 1, "priority": -100}
+    for path in ("/invocations", "/tokenize", "/detokenize"):
+        assert httpx.post(f"{server.url}{path}", json=prompt).status_code == 401, path
+    assert server.http.post("/tokenize", json=prompt).status_code == 200  # NOTE: generates nothing
+    assert server.http.post("/v1/completions", content=b"x" * (2 << 20)).status_code == 413
+    health = httpx.get(f"{server.url}/health")
+    assert (health.status_code, health.json()) == (200, {"status": "ok"})
 
 
 def test_bad_job_specs_write_nothing(server):
@@ -90,7 +97,7 @@ def test_online_completion_while_a_job_runs_and_job_matches_embedded(server, eng
     server.wait_job(job["id"])
     remote = server.http.get(f"/v1/jobs/{job['id']}/results").json()["results"]
     assert remote == embedded_scores(engine, data_dir, tmp_path, limit=ONLINE_TEST_LIMIT)
-    metrics = httpx.get(f"{server.url}/metrics").text
+    metrics = server.http.get("/metrics").text
     assert "conserve_online_ttft_seconds_count" in metrics and "conserve_offline_items_total" in metrics
     # The engine ran the conserve policy: offline-only steps, and online steps that offline
     # work filled up to the TBT budget, never beyond the prediction that sized them.
@@ -203,6 +210,32 @@ def test_two_replicas_on_postgresql_share_one_job(pg_replicas, engine, data_dir,
     assert remote == embedded_scores(engine, data_dir, tmp_path, ["mmlu_marketing"], FLEET_LIMIT)
 
 
+def test_an_engine_death_hands_items_back_exits_3_and_a_restart_finishes(shared_server, data_dir):
+    """SIGKILL of vLLM's engine-core process mid-job: the server gives the job's items back
+    (the job is queued again, never failed) and exits 3, as vLLM's own server exits when its
+    engine dies, so that a supervisor restarts it; the restarted server finishes the job by
+    itself, computing again at most the in-flight window. The restart becomes the session's
+    server."""
+    import psutil
+
+    dying = shared_server.take()
+    job = dying.http.post("/v1/jobs", json={"tasks": ["mmlu_virology"], "limit": ONLINE_TEST_LIMIT}).json()
+    dying.wait_job(job["id"], until=lambda j: j["done"] >= 8)
+    core = next(p for p in psutil.Process(dying.proc.pid).children(recursive=True)
+                if p.name().startswith("VLLM::EngineCore"))
+    core.kill()
+    assert dying.proc.wait(timeout=120) == 3
+    dying.kill()
+    store = Store(dying.db_url)
+    assert store.get_job(job["id"]).state == "queued"
+    assert set(store.item_states(job["id"])) <= {"done", "pending"}
+
+    restarted = Server(dying.db_url, data_dir, shared_server.folder)
+    shared_server.give(restarted)
+    assert restarted.wait_job(job["id"])["done"] == 4 * ONLINE_TEST_LIMIT
+    assert sum(n - 1 for n in store.run_counts(job["id"]).values()) <= SERVER_MAX_INFLIGHT
+
+
 # NOTE: last in this module: it kills the shared server (a later user would start another).
 def test_sigkill_loses_nothing_restart_resumes_sigterm_drains_generations_continue(
         shared_server, engine, data_dir, tmp_path):
@@ -212,7 +245,7 @@ def test_sigkill_loses_nothing_restart_resumes_sigterm_drains_generations_contin
     queued; `resume` in this process finishes it, each generation continued from its
     checkpoint: the scores and texts of an uninterrupted run."""
     tasks = ["mmlu_astronomy", "mmlu_college_biology",  # nothing of the other tests' items
-             str(TEST_TASKS / "conserve_tiny_long.yaml")]  # 4 openings, never meeting the stop
+             "conserve_tiny_long"]  # 4 openings, never meeting the stop (--include-path)
     num_questions, generated_tokens = 2 * LIMIT * 4, 4 * 256
     killed = shared_server.take()
     job = killed.http.post("/v1/jobs", json={"tasks": tasks, "limit": LIMIT}).json()
@@ -232,7 +265,7 @@ def test_sigkill_loses_nothing_restart_resumes_sigterm_drains_generations_contin
     assert drained.state == "queued" and drained.num_done == num_questions
     assert drained.num_partial_items == 4 and "running" not in store.item_states(job["id"])
 
-    output = run_job(store, job["id"], engine, output_dir=None)
+    output = run_job(store, job["id"], engine, output_dir=None, include_paths=(str(TEST_TASKS),))
     runs = store.run_counts(job["id"])
     generations = {i["key"] for i in store.job_items(job["id"]) if i["kind"] == "generate_until"}
     assert len(done_at_kill) >= num_questions // 4 and all(runs[k] == 1 for k in done_at_kill)
@@ -243,7 +276,10 @@ def test_sigkill_loses_nothing_restart_resumes_sigterm_drains_generations_contin
     assert output["conserve"]["num_generated_tokens"] == generated_tokens - drained.num_partial_tokens
 
     clean_store = Store(f"sqlite:///{tmp_path / 'clean.db'}")
-    clean = submit_job(clean_store, JobSpec(tasks=tuple(tasks), limit=LIMIT, data_dir=data_dir))
-    assert task_metrics(output) == task_metrics(run_job(clean_store, clean.id, engine, output_dir=None))
+    included = (str(TEST_TASKS),)
+    clean = submit_job(clean_store, JobSpec(tasks=tuple(tasks), limit=LIMIT, data_dir=data_dir),
+                       include_paths=included)
+    assert task_metrics(output) == task_metrics(run_job(clean_store, clean.id, engine, output_dir=None,
+                                                        include_paths=included))
     assert ([i["result"] for i in store.job_items(job["id"])]
             == [i["result"] for i in clean_store.job_items(clean.id)])  # texts too

@@ -17,6 +17,7 @@ from conserve_bench.config import (DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKE
                                    LeaseConfig, default_data_dir, default_db_url)
 from conserve_bench.output import out
 from conserve_bench.sched.policy import DEFAULT_MARGIN, SAFEPOINT_EVERY
+from conserve_bench.serve.guard import DEFAULT_MAX_REQUEST_BYTES
 
 
 @app.command()
@@ -64,6 +65,8 @@ def serve(
     db: DbOpt = None,
     policy: Annotated[str, typer.Option(help="conserve | priority | online-only")] = "conserve",
     api_key: ApiKeyOpt = None,
+    public_metrics: Annotated[bool, typer.Option("--public-metrics", help="With --api-key: serve /metrics without the key (a Prometheus scraper on a trusted network); every other route but /health needs it.")] = False,
+    max_request_bytes: Annotated[int, typer.Option("--max-request-bytes", min=1, help="Largest request body on any route, in bytes; larger ones get 413 before they are parsed.")] = DEFAULT_MAX_REQUEST_BYTES,
     ttft_slo_ms: Annotated[Optional[float], typer.Option("--ttft-slo-ms", help="Online TTFT target; given (or --tbt-slo-ms), conserve spends it on offline work [default: counted only, 2x a 1024-token prefill, from the profile].")] = None,
     tbt_slo_ms: Annotated[Optional[float], typer.Option("--tbt-slo-ms", help="Online TBT target; given, conserve fills steps up to it [default: counted only, 5x a decode step, from the profile].")] = None,
     slo_margin: Annotated[float, typer.Option("--slo-margin", help="conserve with SLOs: offline work fills steps up to (1 - margin) x the TBT target.")] = DEFAULT_MARGIN,
@@ -78,6 +81,8 @@ def serve(
     checkpoint_tokens: CheckpointTokensOpt = DEFAULT_CHECKPOINT_TOKENS,
     checkpoint_s: CheckpointSOpt = DEFAULT_CHECKPOINT_S,
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Local MMLU CSV folder for jobs.")] = None,
+    include_path: Annotated[Optional[list[str]], typer.Option("--include-path", metavar="DIR", help="A folder of lm-eval task YAML whose tasks jobs may name (repeatable); the job API takes task names, never paths.")] = None,
+    data_root: Annotated[Optional[list[str]], typer.Option("--data-root", metavar="DIR", help="A folder at or below which job API clients may name a data_dir (repeatable) [default: --data-dir].")] = None,
     output: OutputOpt = "results",
     profile: Annotated[bool, typer.Option("--profile/--no-profile", help="Load this machine's latency profile (measured once if missing).")] = True,
     step_log: Annotated[Optional[str], typer.Option("--step-log", help="Append every engine step (batch shape, time, the plan's kind and prediction) to this JSON-lines file.")] = None,
@@ -90,7 +95,8 @@ def serve(
 
     data_dir = data_dir or default_data_dir()
     cfg = ServeConfig(model=model, host=host, port=port, db_url=db or default_db_url(), policy=policy,
-                      api_key=api_key, ttft_slo_ms=ttft_slo_ms, tbt_slo_ms=tbt_slo_ms,
+                      api_key=api_key, public_metrics=public_metrics,
+                      max_request_bytes=max_request_bytes, ttft_slo_ms=ttft_slo_ms, tbt_slo_ms=tbt_slo_ms,
                       slo_margin=slo_margin, quantum_ms=quantum_ms, max_slowdown=max_slowdown,
                       refit=refit, layer_preemption=on_off("--layer-preemption", layer_preemption),
                       safepoint_every=safepoint_every, kv_checkpoint_gib=kv_checkpoint_gib,
@@ -98,6 +104,8 @@ def serve(
                       max_offline_inflight=max_offline_inflight,
                       checkpoint_tokens=checkpoint_tokens, checkpoint_s=checkpoint_s,
                       data_dir=os.path.abspath(data_dir) if data_dir else None, output_dir=output,
+                      include_paths=tuple(map(os.path.abspath, include_path or ())),
+                      data_roots=tuple(map(os.path.abspath, data_root or ())),
                       profile=profile, step_log=step_log,
                       leases=checked(LeaseConfig, lease_s=lease_s, heartbeat_s=heartbeat_s,
                                      max_attempts=max_attempts))

@@ -1,7 +1,8 @@
 """Prometheus metrics of the co-located server, added to vLLM's own `/metrics`.
 
 Online: TTFT and TBT histograms measured at the HTTP layer (time to the first streamed
-chunk, gaps between chunks) and SLO-attainment counters against the configured targets.
+chunk, gaps between chunks) and SLO-attainment counters against the configured targets; only
+of requests the guard admitted (key, JSON body) and answered with a status below 400.
 Offline: tokens and items counters (Prometheus derives the rates) and per-job progress.
 Latency model: the live refit's and the profile's errors on the newest live steps, read from
 the file the engine's scheduler writes (`RefitWatcher`, which also stores the refit under the
@@ -59,8 +60,9 @@ class OnlineMetrics:
         self.ttft_slo_s, self.tbt_slo_s = ttft_slo_s, tbt_slo_s
         self._last_done: dict[str, int] = {}
 
-    def start_online(self) -> "_RequestTimer":
-        return _RequestTimer(self)
+    def start_online(self, streaming: bool = True) -> "_RequestTimer":
+        """A timer for one admitted online request; `streaming`: its response comes in chunks."""
+        return _RequestTimer(self, streaming)
 
     def observe_ttft(self, seconds: float) -> None:
         _TTFT.observe(seconds)
@@ -81,12 +83,22 @@ class OnlineMetrics:
 
 
 class _RequestTimer:
-    """Times one online response: first body chunk -> TTFT, later chunks -> TBT."""
+    """Times one online response from its ASGI messages: first streamed chunk -> TTFT, later
+    chunks -> TBT. NOTE: only a streamed response shows TTFT and TBT (a plain one is one
+    chunk), and only one whose status is below 400: errors would skew the SLO counters."""
 
-    def __init__(self, metrics: OnlineMetrics):
-        self.metrics = metrics
+    def __init__(self, metrics: OnlineMetrics, streaming: bool = True):
+        self.metrics, self.streaming = metrics, streaming
         self.start = self.last = time.perf_counter()
         self.num_chunks = 0
+        self.ok = False  # until the response starts with a status below 400
+
+    def observe(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.ok = message["status"] < 400
+        elif (message["type"] == "http.response.body" and message.get("more_body")
+              and self.ok and self.streaming):
+            self.chunk()
 
     def chunk(self) -> None:
         now = time.perf_counter()

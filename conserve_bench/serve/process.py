@@ -32,15 +32,17 @@ class ServerProcess:
     """
 
     def __init__(self, serve_args: list[str], log_dir: Path, ready_timeout_s: float = 400,
-                 wait: bool = True):
-        """Start the server; with `wait=False`, return at once (`wait_ready` before use)."""
+                 wait: bool = True, env: dict[str, str] | None = None):
+        """Start the server; with `wait=False`, return at once (`wait_ready` before use).
+        `env`: variables added to this process's environment for the server's."""
         self.port = free_port()
         self.ready_timeout_s, self._ready = ready_timeout_s, False
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_dir) / f"server-{self.port}.log"
         cmd = [sys.executable, "-m", "conserve_bench.cli", "serve", "--port", str(self.port), *serve_args]
         self.log = self.log_path.open("w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, **(env or {})})
         if wait:
             self.wait_ready()
 

@@ -1,24 +1,31 @@
 """`conserve-bench serve`: online OpenAI traffic in front, evaluation jobs behind, one engine.
 
 The online side is vLLM's own OpenAI-compatible app (`build_app` + `init_app_state`):
-completions, chat completions, streaming, models, health, metrics. Every request on the
-online routes is forced to priority 0. The job API (`/v1/jobs`) and the offline pump are
-added to the same app; offline requests run at priority 1 on the same `AsyncLLM`. Under the
-`conserve` policy the engine runs `scheduler.ConserveScheduler`, given the latency profile and
-the targets (`resolve_targets`) through vLLM's `additional_config`, and by default layer-wise
-preemption: `engine.connector.ConserveConnector` cuts offline-only steps short at a layer
-safepoint when the middleware stamps an online arrival (`engine.arrivals.ArrivalSignal`), and
-incremental KV checkpointing: the same connector keeps offline requests' KV in a host pool
-(`--kv-checkpoint-gib`), so a preempted one resumes by loading it. The live refit the
-scheduler writes to a file, and the pool's use the connector writes, are read back here for
-`/metrics` (the refit is also stored under the profile's key).
+completions, chat completions, streaming, models, metrics. The job API (`/v1/jobs`) and the
+offline pump are added to the same app; offline requests run at priority 1 on the same
+`AsyncLLM`. One `guard.Guard` stands in front of all of it: the API key on every route but
+`/health` (`/metrics` too, unless `--public-metrics`), a body cap (`--max-request-bytes`),
+priority 0 forced on every route that runs the engine, and arrival stamps and latency samples
+only for requests it admitted. `/health` is 503, naming the part, while the engine, the pump,
+its heartbeat or the store is down (`health`). When the engine dies (or the pump stops for
+good) the server stops, the pump gives its in-flight items back to pending, and `serve`
+raises `EngineUnavailableError` (exit 3), as vLLM's own server exits, for a supervisor to
+restart it. Under the `conserve` policy the engine runs `scheduler.ConserveScheduler`, given
+the latency profile and the targets (`resolve_targets`) through vLLM's `additional_config`,
+and by default layer-wise preemption: `engine.connector.ConserveConnector` cuts offline-only
+steps short at a layer safepoint when the guard stamps an online arrival
+(`engine.arrivals.ArrivalSignal`), and incremental KV checkpointing: the same connector keeps
+offline requests' KV in a host pool (`--kv-checkpoint-gib`), so a preempted one resumes by
+loading it. The live refit the scheduler writes to a file, and the pool's use the connector
+writes, are read back here for `/metrics` (the refit is also stored under the profile's key).
 
 vLLM 0.32.0 names relied on: `vllm.entrypoints.launchers.cli_args.make_arg_parser`,
 `vllm.entrypoints.launchers.api_server.entry.build_async_engine_client`,
 `vllm.entrypoints.launchers.app.build_app`,
 `vllm.entrypoints.launchers.api_server.app_state.init_app_state`,
-`vllm.utils.argparse_utils.FlexibleArgumentParser`, and the `--api-key` middleware that
-guards every `/v1` path.
+`vllm.utils.argparse_utils.FlexibleArgumentParser`, `AsyncLLM.errored` (what vLLM's own
+`launcher.watchdog_loop` polls; `serve` runs its own watchdog), `app.state.server` (which
+vLLM's `EngineDeadError` handler stops), and those `guard` and `health` list.
 """
 
 from __future__ import annotations
@@ -40,22 +47,24 @@ from conserve_bench.config import (DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKE
                                    default_kv_checkpoint_gib)
 from conserve_bench.engine.arrivals import ArrivalSignal
 from conserve_bench.engine.local import context_length, engine_args, engine_environment
-from conserve_bench.engine.plugin import ONLINE_PRIORITY, conserve_overrides
-from conserve_bench.errors import ConserveError
+from conserve_bench.engine.plugin import conserve_overrides
+from conserve_bench.errors import ConserveError, EngineUnavailableError
 from conserve_bench.sched.latency import LatencyModel
 from conserve_bench.engine.models import resolve_model
 from conserve_bench.sched.policy import (DEFAULT_MARGIN, SAFEPOINT_EVERY, PolicyConfig, Targets,
                                          check_targets, default_offline_step_s, default_targets,
                                          derived_max_slowdown)
 from conserve_bench.sched.refit import RefitConfig
+from conserve_bench.serve.guard import DEFAULT_MAX_REQUEST_BYTES, GuardConfig
+from conserve_bench.serve.health import HealthCheck, Probe, StoreWatch, engine_probe
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("conserve", "priority", "online-only")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-ONLINE_ROUTES = ("/v1/completions", "/v1/chat/completions")
 FALLBACK_TTFT_MS, FALLBACK_TBT_MS = 1000.0, 200.0  # SLO metrics without a profile
 REFIT_POLL_S = 5.0  # how often the server reads the engine's live refit
+WATCHDOG_POLL_S = 1.0  # how often the server asks whether the engine died (vLLM's own: 5 s)
 
 
 class ServeConfigError(ConserveError):
@@ -70,6 +79,8 @@ class ServeConfig:
     db_url: str = DEFAULT_DB_URL
     policy: str = "conserve"
     api_key: str | None = None
+    public_metrics: bool = False  # /metrics without the key (a scraper on a trusted network)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies: 413, before parsing
     ttft_slo_ms: float | None = None  # None: derived from the latency profile
     tbt_slo_ms: float | None = None
     slo_margin: float = DEFAULT_MARGIN
@@ -85,6 +96,10 @@ class ServeConfig:
     checkpoint_tokens: int = DEFAULT_CHECKPOINT_TOKENS  # offline generations' checkpoints
     checkpoint_s: float = DEFAULT_CHECKPOINT_S
     data_dir: str | None = None
+    # the job API: folders of task YAML whose tasks clients may name (besides lm-eval's and
+    # ours), and folders under which a client's data_dir may be (empty: `data_dir`'s own)
+    include_paths: tuple[str, ...] = ()
+    data_roots: tuple[str, ...] = ()
     output_dir: str = "results"
     profile: bool = True  # load this machine's latency profile; measure it once if missing
     step_log: str | None = None  # append every engine step (shape, time, plan) to this file
@@ -112,8 +127,10 @@ class ServeConfig:
             raise ServeConfigError("--max-slowdown bounds offline work when no SLO is given; "
                                    "with --ttft-slo-ms/--tbt-slo-ms offline work spends the SLOs")
         self._check_layer_preemption()
+        self._check_folders()
         try:
             self.offline_run_config
+            self.guard
         except ValueError as e:
             raise ServeConfigError(str(e)) from None
 
@@ -122,6 +139,12 @@ class ServeConfig:
         """How the offline pump's runner feeds the engine."""
         return RunConfig(max_inflight=self.max_offline_inflight,
                          checkpoint_tokens=self.checkpoint_tokens, checkpoint_s=self.checkpoint_s)
+
+    @property
+    def guard(self) -> GuardConfig:
+        """What the guard in front of the whole app enforces (`serve.guard`)."""
+        return GuardConfig(api_key=self.api_key, public_metrics=self.public_metrics,
+                           max_request_bytes=self.max_request_bytes)
 
     @property
     def spends_slos(self) -> bool:
@@ -140,6 +163,20 @@ class ServeConfig:
         if self.policy != "conserve":
             return 0.0
         return default_kv_checkpoint_gib() if self.kv_checkpoint_gib is None else self.kv_checkpoint_gib
+
+    @property
+    def client_data_roots(self) -> tuple[str, ...]:
+        """Where a job API client's data_dir may be: at or below `--data-root`s, else the
+        server's own `--data-dir`; nowhere without either."""
+        if self.data_roots:
+            return self.data_roots
+        return (self.data_dir,) if self.data_dir else ()
+
+    def _check_folders(self) -> None:
+        for flag, folders in (("--include-path", self.include_paths), ("--data-root", self.data_roots)):
+            for folder in folders:
+                if not os.path.isdir(folder):
+                    raise ServeConfigError(f"{flag} {folder!r} is not a folder")
 
     @property
     def loads_connector(self) -> bool:
@@ -297,15 +334,17 @@ def _describe_profile(profile) -> str:
 
 async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, profile,
                  arrivals: ArrivalSignal | None, refit_state: str, checkpoint_state: str) -> None:
-    """vLLM's OpenAI app with the job API and the offline pump on one engine, until a stop
-    signal; `refit_state` and `checkpoint_state` are the files the engine core reports the
-    live refit and the KV checkpoint pool in (watched for `/metrics`)."""
+    """vLLM's OpenAI app with the job API and the offline pump on one engine, behind the
+    guard, until a stop signal or the engine's death; `refit_state` and `checkpoint_state`
+    are the files the engine core reports the live refit and the KV checkpoint pool in
+    (watched for `/metrics`)."""
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
     from vllm.entrypoints.launchers.app import build_app
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from conserve_bench.serve.guard import Guard, generation_routes
     from conserve_bench.serve.jobapi import install_job_api
     from conserve_bench.serve.metrics import CheckpointWatcher, OnlineMetrics, RefitWatcher
     from conserve_bench.engine.async_llm import AsyncEngineAdapter
@@ -320,34 +359,82 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
         metrics = OnlineMetrics(targets.ttft_s, targets.tbt_s)
         max_model_len = context_length(client.model_config)
         fingerprint = engine_cfg.fingerprint(max_model_len)
-        install_job_api(app, store, cfg, fingerprint)
+        install_job_api(app, store, cfg, fingerprint, max_model_len)
         await init_app_state(client, app.state, args, supported_tasks)
         adapter = AsyncEngineAdapter(client, asyncio.get_running_loop(), fingerprint,
                                      max_model_len, on_tokens=metrics.offline_tokens)
         pump = OfflinePump(store, adapter, cfg.offline_run_config, cfg.output_dir,
                            on_progress=metrics.job_progress,
-                           label=f"serve {cfg.host}:{cfg.port}", model=engine_cfg.model_name)
-        # NOTE: vLLM's app has built its middleware stack already; ours wraps it from outside.
-        asgi_app = OnlinePriorityMiddleware(app, metrics, arrivals)
-        server = DrainingServer(uvicorn.Config(asgi_app, host=cfg.host, port=cfg.port,
+                           label=f"serve {cfg.host}:{cfg.port}", model=engine_cfg.model_name,
+                           include_paths=cfg.include_paths)
+        store_watch = StoreWatch(store.live_workers, cfg.leases.heartbeat_s, cfg.leases.lease_s)
+        # NOTE: vLLM's app has built its middleware stack already; the guard wraps it from
+        # outside, and reads the routes that run the engine off the app as built.
+        guarded = Guard(app, cfg.guard, generation_routes(app, supported_tasks, client.model_config),
+                        HealthCheck(health_probes(cfg, client, pump, store_watch)), metrics, arrivals)
+        server = DrainingServer(uvicorn.Config(guarded, host=cfg.host, port=cfg.port,
                                                 log_level="warning", timeout_graceful_shutdown=30))
+        app.state.server = server  # NOTE: vLLM's EngineDeadError handler stops it too
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, _on_stop_signal, server, pump)
         if cfg.policy != "online-only":
             pump.start()
         watcher = RefitWatcher(refit_state, store, profile.key if profile else None)
-        polling = [asyncio.create_task(watcher.run(REFIT_POLL_S)),
-                   asyncio.create_task(CheckpointWatcher(checkpoint_state).run(REFIT_POLL_S))]
         try:
-            await server.serve()
+            await serve_until_stopped(server, pump, client, [
+                watcher.run(REFIT_POLL_S), CheckpointWatcher(checkpoint_state).run(REFIT_POLL_S),
+                store_watch.run()])
         finally:
-            for task in polling:
-                task.cancel()
             watcher.poll()  # NOTE: the last refit the engine wrote is stored too
-            # NOTE: uvicorn has stopped accepting and drained online requests by now; the pump
-            # admits nothing new and returns its in-flight items to pending before the
-            # engine shuts down.
-            await asyncio.get_running_loop().run_in_executor(None, pump.stop)
+
+
+def health_probes(cfg: ServeConfig, engine_client, pump, store_watch: StoreWatch) -> dict[str, Probe]:
+    """What `/health` asks: the engine and the store; the pump and its heartbeat if it runs."""
+    probes = {"engine": engine_probe(engine_client), "store": store_watch.probe}
+    if cfg.policy != "online-only":  # NOTE: else never started: nothing of theirs can be down
+        probes |= {"pump": pump.health, "heartbeat": pump.worker.health}
+    return probes
+
+
+async def serve_until_stopped(server: uvicorn.Server, pump, engine_client, background=(),
+                              watchdog_poll_s: float = WATCHDOG_POLL_S) -> None:
+    """Serve, with the `background` coroutines and the watchdog, until a stop signal or the
+    engine's death; then the pump gives its in-flight items back to pending. Raises
+    `EngineUnavailableError` (exit 3) if the engine died or the pump stopped for good."""
+    tasks = [asyncio.create_task(watch_engine(engine_client, pump, server, watchdog_poll_s)),
+             *(asyncio.create_task(coroutine) for coroutine in background)]
+    try:
+        await server.serve()
+    finally:
+        for task in tasks:
+            task.cancel()
+        # NOTE: uvicorn has stopped accepting and drained online requests by now; the pump
+        # admits nothing new and returns its in-flight items to pending before the
+        # engine shuts down.
+        await asyncio.get_running_loop().run_in_executor(None, pump.stop)
+    if reason := fatal_reason(engine_client, pump):
+        raise EngineUnavailableError(f"serve stopped: {reason}; its in-flight offline items went "
+                                     "back to pending (restart it to carry on)")
+
+
+async def watch_engine(engine_client, pump, server: uvicorn.Server,
+                       poll_s: float = WATCHDOG_POLL_S) -> None:
+    """Once the engine died (or the pump stopped for good): the pump admits nothing more and
+    the server stops. vLLM's `launcher.watchdog_loop` does the same for its own server: a
+    dead engine never comes back within the process."""
+    while (reason := fatal_reason(engine_client, pump)) is None:
+        await asyncio.sleep(poll_s)
+    log.error("stopping: %s", reason)
+    pump.request_stop()
+    server.should_exit = True
+
+
+def fatal_reason(engine_client, pump) -> str | None:
+    """Why the server cannot go on: the engine died (`AsyncLLM.errored`: its engine-core
+    process exited, or its output handler ended), or the pump stopped for good."""
+    if engine_client.errored:
+        return "the engine died (EngineDeadError)"
+    return pump.fatal
 
 
 class DrainingServer(uvicorn.Server):
@@ -361,53 +448,3 @@ class DrainingServer(uvicorn.Server):
 def _on_stop_signal(server, pump) -> None:
     pump.request_stop()  # no new offline work from now on
     server.should_exit = True  # uvicorn stops accepting and lets online requests finish
-
-
-class OnlinePriorityMiddleware:
-    """Forces priority 0 on online routes, times TTFT/TBT of their streamed responses, and
-    stamps each online arrival on `arrivals` (layer-wise preemption)."""
-
-    def __init__(self, app, metrics, arrivals: ArrivalSignal | None = None):
-        self.app, self.metrics, self.arrivals = app, metrics, arrivals
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] not in ONLINE_ROUTES:
-            return await self.app(scope, receive, send)
-        if self.arrivals is not None:
-            self.arrivals.stamp()  # NOTE: first thing: the engine may cut an offline step now
-        body = await _read_body(receive)
-        streaming = False
-        try:
-            payload = json.loads(body or b"{}")
-            payload["priority"] = ONLINE_PRIORITY  # NOTE: clients cannot jump ahead of or behind online work
-            streaming = bool(payload.get("stream"))
-            body = json.dumps(payload).encode()
-        except (ValueError, TypeError, AttributeError):
-            pass  # let vLLM answer malformed JSON with its own 400
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        timer = self.metrics.start_online()
-
-        async def timed_send(message):
-            # NOTE: only streamed responses show TTFT and TBT; a plain response is one chunk.
-            if streaming and message["type"] == "http.response.body" and message.get("more_body"):
-                timer.chunk()
-            await send(message)
-
-        await self.app(scope, replay, timed_send)
-
-
-async def _read_body(receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return b"".join(chunks)
