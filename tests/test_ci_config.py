@@ -160,8 +160,9 @@ def test_an_unreachable_server_is_infrastructure_exit_3(run_cli, tmp_path):
     from conserve_bench.store.pgcluster import free_port
 
     config = write(tmp_path, VALID)
-    assert_refused(run_cli, tmp_path, [config, "--server", f"http://127.0.0.1:{free_port()}"],
+    assert_refused(run_cli, tmp_path, [config, "--server", f"http://127.0.0.1:{free_port()}", "--server-wait", "0.3"],
                    "cannot reach http://127.0.0.1:", exit_code=3)
+    assert_refused(run_cli, tmp_path, [config, "--server", "127.0.0.1:8000"], "not an http:// or https:// URL")
 
 
 def test_a_valid_file_and_a_directory_of_them(tmp_path):

@@ -15,7 +15,9 @@ class ExitCode(IntEnum):
     """What `conserve-bench ci` exits with; a run that did not finish is never a pass."""
 
     PASS = 0
-    REGRESSION = 1
+    REGRESSION = 1  # a metric fell past its tolerance, or is NaN or infinite (invalid)
     USAGE = 2  # a malformed config or flag, an unknown task, a metric the run did not report
-    INFRASTRUCTURE = 3  # the server cannot be reached, the engine died
+    # NOTE: an unexpected exception is 3 too (the CLI's handler): a crash must never read as a
+    # verdict on the model.
+    INFRASTRUCTURE = 3  # the server cannot be reached (for `--server-wait`), the engine died
     INCOMPLETE = 4  # the deadline was reached or the run was interrupted

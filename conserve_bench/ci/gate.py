@@ -3,11 +3,13 @@
 One-sided: only a move past the tolerance in the worse direction fails; a move past it in the
 better direction is "stale" (the baseline should be raised), which passes. With `wilson`, the
 lower end of the Wilson score interval (scipy) must clear the threshold, so a small sample
-cannot pass on luck. Pure: reads lm-eval's results layout, never the store or an engine.
+cannot pass on luck. A NaN or infinite score is "invalid", never compared: it would pass every
+comparison. Pure: reads lm-eval's results layout, never the store or an engine.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -26,6 +28,7 @@ class Verdict(str, Enum):
     NEW = "new"  # no baseline yet (a --write-baseline run)
     MISSING = "missing"  # the run reported no such metric for the task: a config error
     INCOMPLETE = "incomplete"  # the task's job did not finish
+    INVALID = "invalid"  # the run reported NaN or an infinity: nothing to compare, never a pass
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,10 @@ def measure(results: dict[str, Any], task: str, metric: str) -> Measured | None:
     stderr = values.get(f"{base}_stderr,{flt}")
     sizes = [results.get("n-samples", {}).get(t, {}).get("effective") for t in leaf_tasks(results, task)]
     higher = results.get("higher_is_better", {}).get(task, {}).get(base, True)
-    return Measured(float(value), float(stderr) if isinstance(stderr, (int, float)) else None,
+    # NOTE: a NaN stderr (one document) is no stderr: written as a baseline's `atol` it would
+    # make every later comparison pass.
+    known = isinstance(stderr, (int, float)) and not isinstance(stderr, bool) and math.isfinite(stderr)
+    return Measured(float(value), float(stderr) if known else None,
                     sum(sizes) if sizes and None not in sizes else None, bool(higher))
 
 
@@ -71,6 +77,11 @@ def leaf_tasks(results: dict[str, Any], task: str) -> list[str]:
 def judge(check: MetricCheck, measured: Measured | None) -> Judgement:
     if measured is None:
         return Judgement(Verdict.MISSING, detail=f"the run reported no {check.name} for this task")
+    if not math.isfinite(measured.value):
+        # NOTE: before the baseline: NaN compares False both ways, so it would pass any gate,
+        # and a --write-baseline run would record it.
+        return Judgement(Verdict.INVALID, detail=f"the run reported {measured.value} for {check.name}: "
+                                                 "not a finite number")
     if check.baseline is None:
         return Judgement(Verdict.NEW, detail="no baseline yet")
     higher = measured.higher_is_better if check.higher_is_better is None else check.higher_is_better

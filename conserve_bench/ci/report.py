@@ -3,7 +3,10 @@
 `build_report` turns configs plus each job's results (None: not finished) into a `Report`,
 with a paired comparison per row when a reference run is given. Rendered as markdown (the
 log and `$GITHUB_STEP_SUMMARY`), JUnit XML (one test case per task and metric) and JSON; all
-three carry the same rows. Pure: no store, no engine, no clock.
+three carry the same rows. A NaN or infinite score is an "invalid" row (a JUnit error; its value
+only in the detail, so the JSON stays strict) and fails the run with the regression's exit code:
+the gate cannot clear the model, and a rerun reattaches to the same finished results, so it is
+neither infrastructure to retry nor a config to fix. Pure: no store, no engine, no clock.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from conserve_bench.jobs.samples import PER_SAMPLE_KEY, metric_values
 from conserve_bench.store.states import JobState
 
 STATUS_EXIT = {"pass": ExitCode.PASS, "baseline written": ExitCode.PASS, "regression": ExitCode.REGRESSION,
-               "config error": ExitCode.USAGE, "error": ExitCode.INFRASTRUCTURE,
+               "invalid": ExitCode.REGRESSION, "config error": ExitCode.USAGE, "error": ExitCode.INFRASTRUCTURE,
                "incomplete": ExitCode.INCOMPLETE}
 MEAN_SLACK = 1e-9  # a per-document table is comparable when its mean is the reported score
 
@@ -52,7 +55,7 @@ class Row:
 
 @dataclass(frozen=True)
 class Report:
-    status: str  # pass | baseline written | regression | config error | error | incomplete
+    status: str  # pass | baseline written | regression | invalid | config error | error | incomplete
     exit_code: int
     rows: tuple[Row, ...]
     jobs: tuple[dict[str, Any], ...] = ()
@@ -120,8 +123,8 @@ def _row(common: dict[str, Any], check: MetricCheck, measured: Measured | None,
     judged = judge(check, measured)
     row = Row(**common, metric=check.name, verdict=judged.verdict.value, baseline=check.baseline,
               threshold=judged.threshold, wilson_lower_bound=judged.lower_bound, detail=judged.detail)
-    if measured is None:
-        return row
+    if measured is None or judged.verdict == Verdict.INVALID:
+        return row  # NOTE: no NaN in `measured`: strict JSON parsers (jq, JSON.parse) refuse it
     row = replace(row, measured=measured.value, n=measured.n, stderr=measured.stderr,
                    delta=measured.value - check.baseline if check.baseline is not None else None)
     if reference is not None:
@@ -180,6 +183,8 @@ def _status(rows: Sequence[Row], stopped: str | None, error: str | None) -> str:
         return "incomplete"
     if Verdict.MISSING.value in verdicts:
         return "config error"
+    if Verdict.INVALID.value in verdicts:
+        return "invalid"
     return "regression" if Verdict.FAIL.value in verdicts else "pass"
 
 
@@ -222,7 +227,8 @@ def markdown_cells(row: Row) -> tuple[str, ...]:
     if row.ci_low is not None:
         delta += f" [{_num(row.ci_low, signed=True)}, {_num(row.ci_high, signed=True)}]"
     verdict = f"**{row.verdict}**" if row.verdict != Verdict.PASS.value else row.verdict
-    return (row.task, row.metric, _num(row.baseline), _num(row.measured), _num(row.threshold),
+    measured = "not finite" if row.verdict == Verdict.INVALID.value else _num(row.measured)
+    return (row.task, row.metric, _num(row.baseline), measured, _num(row.threshold),
             delta, "" if row.p is None else f"{row.p:.4g}", verdict)
 
 
@@ -272,7 +278,7 @@ def _junit_case(suite: ET.Element, row: Row, report: Report) -> None:
 
 
 def _is_error(row: Row) -> bool:
-    return row.verdict in (Verdict.INCOMPLETE.value, Verdict.MISSING.value)
+    return row.verdict in (Verdict.INCOMPLETE.value, Verdict.MISSING.value, Verdict.INVALID.value)
 
 
 def _properties(parent: ET.Element, **values: Any) -> None:

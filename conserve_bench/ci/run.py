@@ -5,6 +5,9 @@ Embedded (vLLM starts here, and only if something is left to compute) or on a ru
 online traffic). At the deadline or on SIGINT/SIGTERM it stops claiming work, gives back what
 it claimed, and reports INCOMPLETE; the same command with the same run key then re-attaches to
 the same jobs and computes only what is missing. Everything is checked before a job exists.
+A server that is down or restarting is waited for up to `server_wait_s` (`serve.client`), then
+the report is an error (exit 3); a stop during that wait is a stop. Never writes a baseline
+from a run with an invalid (NaN, infinite) score.
 
     >>> report = run_ci(load_configs(["ci/"]), CIOptions(run_key="2024-06-01-abc123"))
 """
@@ -15,7 +18,7 @@ import contextlib
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +28,15 @@ from conserve_bench.ci.config import CIConfig, CIConfigError, job_run_key
 from conserve_bench.ci.report import JobOutcome, Report, build_report, with_baselines_written
 from conserve_bench.config import JobSpec, RunConfig
 from conserve_bench.errors import (ConserveError, DataDirError, EngineUnavailableError, JobStateError,
-                                   one_line_error)
+                                   first_line, one_line_error)
 from conserve_bench.jobs import lifecycle
 from conserve_bench.jobs.runner import Stopped
 from conserve_bench.jobs.samples import PER_SAMPLE_KEY
+from conserve_bench.serve.client import SERVER_WAIT_S, redact
 from conserve_bench.store import JobState
 
 STOP_MARGIN_S = 15.0  # stop claiming this long before the deadline: release, report, exit
 POLL_S = 1.0
-SERVER_PATIENCE_S = 300.0  # how long a server may not answer before the run is an error
 
 ProgressFn = Callable[[str, int, int], None]  # (job_id, num_done, num_total)
 
@@ -49,6 +52,7 @@ class CIOptions:
     max_inflight: int = 64
     server: str | None = None
     api_key: str | None = None
+    server_wait_s: float = SERVER_WAIT_S  # how long a server may be down before the run is an error
     db_url: str | None = None
 
     def __post_init__(self):
@@ -56,6 +60,8 @@ class CIOptions:
             raise CIConfigError("--run-key: must not be empty")
         if self.max_inflight < 1:
             raise CIConfigError("--max-inflight: must be at least 1")
+        if not self.server_wait_s >= 0:
+            raise CIConfigError("--server-wait: must be 0 or more seconds")
 
 
 def parse_deadline(deadline: str | None, time_budget: str | None,
@@ -141,7 +147,7 @@ def run_ci(configs: Sequence[CIConfig], options: CIOptions, *, engine=None,
     status "error", a stop at the deadline or on a signal one with status "incomplete".
     """
     stopper = stopper or Stopper(options.deadline)
-    backend = _ServerBackend(options) if options.server else _EmbeddedBackend(options, engine)
+    backend = _ServerBackend(options, stopper) if options.server else _EmbeddedBackend(options, engine)
     try:
         for cfg in configs:
             backend.check(cfg)
@@ -154,9 +160,19 @@ def run_ci(configs: Sequence[CIConfig], options: CIOptions, *, engine=None,
     outcomes = [JobOutcome(p.config, p.spec.tasks, p.job, p.results) for p in planned if p.job]
     report = build_report(configs, outcomes, reference, run_key=options.run_key, commit=options.commit,
                           compared_to=options.compare_to, stopped=stopped, error=error)
-    if options.write_baseline and report.exit_code in (ExitCode.PASS, ExitCode.REGRESSION):
-        report = with_baselines_written(report, [str(p) for p in write_baselines(report, outcomes)])
+    if options.write_baseline:
+        report = _write_baselines(report, outcomes)
     return report
+
+
+def _write_baselines(report: Report, outcomes: Sequence[JobOutcome]) -> Report:
+    """The configs rewritten with a finished run's scores; none from a run that did not finish
+    or measured NaN (a NaN baseline would pass every later run)."""
+    if report.status == "invalid":
+        return replace(report, notes=(*report.notes, "baselines not written: a score is not a finite number"))
+    if report.exit_code not in (ExitCode.PASS, ExitCode.REGRESSION):
+        return report
+    return with_baselines_written(report, [str(p) for p in write_baselines(report, outcomes)])
 
 
 def _run_all(backend, planned: list[_PlannedJob], stopper: Stopper,
@@ -172,7 +188,8 @@ def _run_all(backend, planned: list[_PlannedJob], stopper: Stopper,
     except (Stopped, KeyboardInterrupt):
         stopper.reason = stopper.reason or "interrupted"
     except EngineUnavailableError as e:
-        return None, str(e)
+        if not stopper():  # NOTE: else the wait for a server was cut short by the stop
+            return None, str(e)
     except ConserveError:
         raise
     except Exception as e:  # the engine died, or vLLM failed to start
@@ -191,13 +208,13 @@ def _run_all(backend, planned: list[_PlannedJob], stopper: Stopper,
 # -- where the jobs run ---------------------------------------------------------------------------
 
 
-def check_tasks_of(cfg: CIConfig, manager) -> None:
+def check_tasks_of(cfg: CIConfig, manager, allow_paths: bool = True) -> None:
     """Every task resolves (lm-eval's name, group or YAML file), or the file and key are named."""
     from conserve_bench.jobs.taskspec import check_tasks
 
     for task in cfg.tasks:
         try:
-            check_tasks([task.name], manager)
+            check_tasks([task.name], manager, allow_paths=allow_paths)
         except ConserveError as e:
             raise CIConfigError(f"{cfg.path}: tasks.{task.name}: {e}") from None
 
@@ -271,10 +288,11 @@ class _EmbeddedBackend:
 class _ServerBackend:
     """Jobs on a running `conserve-bench serve`, computed by its offline pump."""
 
-    def __init__(self, options: CIOptions):
+    def __init__(self, options: CIOptions, stopper: Stopper):
         from conserve_bench.serve.client import JobClient
 
-        self.client = JobClient(options.server, options.api_key)
+        self.client = JobClient(options.server, options.api_key, max_wait_s=options.server_wait_s,
+                                should_stop=stopper)
         self.options = options
         self._served: str | None = None
 
@@ -285,7 +303,8 @@ class _ServerBackend:
         if cfg.model != self._served:
             raise CIConfigError(f"{cfg.path}: model: the server at {self.client.base_url} serves "
                                 f"{self._served}, not {cfg.model}")
-        check_tasks_of(cfg, task_manager(None))  # names only: the data is the server's
+        # names only: the data is the server's, and a server takes no task YAML by path
+        check_tasks_of(cfg, task_manager(None), allow_paths=False)
 
     def reference(self, ref: str) -> dict[str, Any]:
         return _reference(ref, lambda job_id: self.client.results(job_id, full=True))
@@ -299,12 +318,12 @@ class _ServerBackend:
         """Follow the job until done; at a stop the job stays on the server (a rerun with the
         same key re-attaches to it, and whatever the pump finished meanwhile is kept)."""
         job_id = p.job["id"]
-        while (status := self._status(job_id, stopper))["state"] != JobState.DONE:
+        while (status := self.client.status(job_id))["state"] != JobState.DONE:
             on_progress(job_id, status["done"], status["total"])
             if status["state"] == JobState.CANCELLED:
                 raise JobStateError(f"job {job_id} was cancelled on the server; use a new --run-key")
             if status["state"] == JobState.FAILED:
-                raise EngineUnavailableError(f"job {job_id} failed on the server: {status['error']}")
+                raise EngineUnavailableError(f"job {job_id} failed on the server: {redact(status['error'] or '')}")
             if stopper():
                 raise Stopped(stopper.reason)
             time.sleep(POLL_S)
@@ -314,23 +333,6 @@ class _ServerBackend:
 
     def status(self, job_id: str) -> dict[str, Any]:
         return self.client.status(job_id)
-
-    def _status(self, job_id: str, stopper: Stopper) -> dict[str, Any]:
-        """The job's status, waiting out a server that is busy or restarting.
-
-        NOTE: the job is durable on the server (a restarted `serve` resumes it), so a few
-        minutes without an answer are not yet an infrastructure failure.
-        """
-        give_up = time.monotonic() + SERVER_PATIENCE_S
-        while True:
-            try:
-                return self.client.status(job_id)
-            except EngineUnavailableError:
-                if stopper():
-                    raise Stopped(stopper.reason) from None
-                if time.monotonic() > give_up:
-                    raise
-                time.sleep(POLL_S)
 
     def close(self) -> None:
         pass
@@ -351,11 +353,18 @@ def _check_samples(cfg: CIConfig, manager) -> None:
 
 def _reference(ref: str, job_results: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
     """The run to compare with: a results file (with its per-document table beside it) or a job."""
-    results = lifecycle.read_results_file(Path(ref)) if Path(ref).is_file() else job_results(ref)
+    results = _read_reference(Path(ref)) if Path(ref).is_file() else job_results(ref)
     if PER_SAMPLE_KEY not in results:
         raise CIConfigError(f"--compare-to {ref}: has no per-document table "
                             "(run before conserve-bench kept one, or its .samples.jsonl is missing)")
     return results
+
+
+def _read_reference(path: Path) -> dict[str, Any]:
+    try:
+        return lifecycle.read_results_file(path)
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise CIConfigError(f"--compare-to {path}: not a readable results file: {first_line(e)}") from None
 
 
 def _keep(results: dict[str, Any], output_dir: str | None) -> dict[str, Any]:

@@ -1,10 +1,13 @@
 """The `conserve-bench` command line: each command parses, calls one function, prints.
 
 Errors the user can fix are `ConserveError`s, printed by `main` as one line on stderr with a
-non-zero exit; no traceback. `--json` prints one machine-readable JSON object. What reaches
-the terminal goes through `output.out`; a job's library output goes to its log. The commands
-live by subsystem: `jobs` (submit, resume, jobs, status, results, cancel), `serving` (profile,
-serve), `ci` (ci, lm-eval), `bench`; `base` holds the app and the options they share.
+non-zero exit; no traceback. Any other exception is a crash: one line and exit 3
+(infrastructure), never 1, which is `ci`'s regression; its traceback goes to the command's
+log, else to stderr unless the command hides it (`ci` without --verbose). `--json` prints one
+machine-readable JSON object. What reaches the terminal goes through `output.out`; a job's
+library output goes to its log. The commands live by subsystem: `jobs` (submit, resume, jobs,
+status, results, cancel), `serving` (profile, serve), `ci` (ci, lm-eval), `bench`; `base` holds
+the app and the options they share.
 
     conserve-bench submit mmlu_anatomy --limit 20 --data-dir ../shared/data/mmlu
     conserve-bench status 3f2a9c1d0b7e --json
@@ -27,6 +30,7 @@ from conserve_bench.output import out
 
 __all__ = ["app", "main"]
 COMMANDS = (jobs, serving, ci, bench)  # importing each registers its commands on `app`
+CRASH_EXIT = 3  # an unexpected exception: infrastructure, never a verdict (`ci.ExitCode`)
 
 
 def _quiet_libraries() -> None:
@@ -41,9 +45,11 @@ def _quiet_libraries() -> None:
 
 def main() -> None:
     _quiet_libraries()
+    # NOTE: click hands `obj` to every command's context: a command may set "tracebacks" False.
+    shown = {"tracebacks": True}
     try:
         with interrupts():
-            code = app(standalone_mode=False)  # a command's `typer.Exit(code)` comes back here
+            code = app(standalone_mode=False, obj=shown)  # a command's `typer.Exit(code)` returns
     except ConserveError as e:
         out.error(f"error: {e}")  # NOTE: a plain line, so no terminal width wraps it
         sys.exit(e.exit_code)
@@ -57,10 +63,19 @@ def main() -> None:
                   f"`conserve-bench resume {job_id}` continues it" if job_id else "interrupted")
         sys.exit(128 + getattr(e, "signum", signal.SIGINT))
     except Exception as e:
-        if out.log_path is None:
-            raise
-        traceback.print_exc()  # NOTE: into the log; the terminal gets one line pointing at it
-        out.error(f"error: {one_line_error(e)} (details in {out.log_path})")
-        sys.exit(1)
+        sys.exit(_crashed(e, shown["tracebacks"]))
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def _crashed(error: Exception, show_traceback: bool) -> int:
+    """One line for an unexpected exception; its traceback in the log, or on stderr first."""
+    if out.log_path is not None:
+        traceback.print_exc()  # NOTE: into the log; the terminal gets one line pointing at it
+        out.error(f"error: {one_line_error(error)} (details in {out.log_path})")
+    elif show_traceback:
+        traceback.print_exc()
+        out.error(f"error: {one_line_error(error)}")
+    else:
+        out.error(f"error: {one_line_error(error)} (an internal error; --verbose shows its traceback)")
+    return CRASH_EXIT

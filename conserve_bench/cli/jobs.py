@@ -20,7 +20,7 @@ from conserve_bench.engine.models import model_name, resolve_model
 from conserve_bench.errors import JobStateError
 from conserve_bench.jobs import lifecycle
 from conserve_bench.output import Phases, out
-from conserve_bench.serve.client import JobClient
+from conserve_bench.serve.client import QUERY_WAIT_S, JobClient
 from conserve_bench.store import JobState, Store
 
 
@@ -93,7 +93,7 @@ def list_jobs(db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = N
               limit: Annotated[int, typer.Option(min=0, help="The newest N jobs; 0: all.")] = lifecycle.JOBS_LISTED,
               as_json: JsonOpt = False):
     """List jobs, newest first, and the live replicas (workers) of the store."""
-    found = JobClient(server, api_key).jobs(limit) if server else lifecycle.fleet_overview(store_for(db), limit)
+    found = JobClient(server, api_key, max_wait_s=QUERY_WAIT_S).jobs(limit) if server else lifecycle.fleet_overview(store_for(db), limit)
     if as_json:
         out.json(found)
         return
@@ -116,7 +116,7 @@ def list_jobs(db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = N
 def status(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = None,
            as_json: JsonOpt = False):
     """Show one job's state, progress per replica, and items that failed every attempt."""
-    job = JobClient(server, api_key).status(job_id) if server else lifecycle.job_status(store_for(db), job_id)
+    job = JobClient(server, api_key, max_wait_s=QUERY_WAIT_S).status(job_id) if server else lifecycle.job_status(store_for(db), job_id)
     if as_json:
         out.json(job)
         return
@@ -139,7 +139,7 @@ def results(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key:
             as_json: JsonOpt = False):
     """Print a finished job's scores."""
     if server:
-        _print_summary(JobClient(server, api_key).results(job_id), as_json)
+        _print_summary(JobClient(server, api_key, max_wait_s=QUERY_WAIT_S).results(job_id), as_json)
     else:
         _print_results(lifecycle.job_results(store_for(db), job_id), as_json)
 
@@ -148,7 +148,7 @@ def results(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key:
 def cancel(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = None,
            as_json: JsonOpt = False):
     """Cancel a job; its finished items stay stored and reusable."""
-    job = JobClient(server, api_key).cancel(job_id) if server else lifecycle.cancel_job(store_for(db), job_id).to_dict()
+    job = JobClient(server, api_key, max_wait_s=QUERY_WAIT_S).cancel(job_id) if server else lifecycle.cancel_job(store_for(db), job_id).to_dict()
     if as_json:
         out.json(job)
     else:
