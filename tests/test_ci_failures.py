@@ -142,7 +142,7 @@ def test_cli_an_unexpected_exception_exits_3_in_one_line(canned, run_cli, tmp_pa
     config = write_config(tmp_path)
     code, stdout, stderr = run_cli("ci", config, "--output", tmp_path / "results")
     assert code == ExitCode.INFRASTRUCTURE and stdout == ""
-    assert stderr.splitlines() == ["error: KeyError: 'boom' (an internal error; --verbose shows its traceback)"]
+    assert stderr.splitlines() == ["error: KeyError: 'boom' (an internal error; CONSERVE_BENCH_DEBUG=1 or --verbose shows its traceback)"]
     code, _, stderr = run_cli("ci", config, "--output", tmp_path / "results", "--verbose")
     assert code == ExitCode.INFRASTRUCTURE
     assert stderr.startswith("Traceback") and "in crash" in stderr

@@ -176,14 +176,14 @@ def test_cancel_keeps_finished_items(db):
 FAKE_SUBMIT = """
 import sys
 from conserve_bench.engine.fake import FakeEngine
-from conserve_bench.jobs import lifecycle
+from conserve_bench.engine import local
 
 class Engine(FakeEngine):
     max_model_len = 8192
     def __enter__(self): return self
     def __exit__(self, *exc): pass
 
-lifecycle.start_engine = lambda model, **overrides: Engine(items_per_step=1, step_s=0.1)
+local.start_engine = lambda model, **overrides: Engine(items_per_step=1, step_s=0.1)
 from conserve_bench.cli import main
 sys.argv = ["conserve-bench", *sys.argv[1:]]
 main()
@@ -216,3 +216,20 @@ def test_sigterm_stops_submit_as_ctrl_c_does_keeping_progress_and_run_time(tmp_p
     assert stopped.state == "queued" and stopped.run_s > 0  # not left running, its time counted
     assert 8 <= stopped.num_done < stopped.num_total
     assert "running" not in store.item_states(job.id)
+
+
+def test_a_crash_in_any_command_is_one_line_and_exit_3_and_the_store_survives_it(tmp_path):
+    """An unexpected error (here a crash injected inside a store migration) in a command without
+    a log: one line on stderr, exit 3, no traceback unless asked; the same command then opens
+    the store, migrated whole (the crashed migration left nothing half done)."""
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    crashed = cli("jobs", "--db", url, env={"CONSERVE_BENCH_FAULTS": "migration.after_ddl:1"})
+    assert crashed.returncode == 3
+    assert crashed.stderr.strip().splitlines() == [
+        "error: InjectedFault: injected fault at migration.after_ddl (an internal error; "
+        "CONSERVE_BENCH_DEBUG=1 or --verbose shows its traceback)"]
+    debug = cli("jobs", "--db", url, env={"CONSERVE_BENCH_FAULTS": "migration.after_ddl:1",
+                                          "CONSERVE_BENCH_DEBUG": "1"})
+    assert debug.returncode == 3 and "Traceback" in debug.stderr
+    again = cli("jobs", "--db", url)
+    assert again.returncode == 0, again.stderr

@@ -3,7 +3,7 @@
 Errors the user can fix are `ConserveError`s, printed by `main` as one line on stderr with a
 non-zero exit; no traceback. Any other exception is a crash: one line and exit 3
 (infrastructure), never 1, which is `ci`'s regression; its traceback goes to the command's
-log, else to stderr unless the command hides it (`ci` without --verbose). `--json` prints one
+log, or to stderr with `--verbose` (or `CONSERVE_BENCH_DEBUG=1`), never unasked. `--json` prints one
 machine-readable JSON object. What reaches the terminal goes through `output.out`; a job's
 library output goes to its log. The commands live by subsystem: `jobs` (submit, resume, jobs,
 status, results, cancel), `serving` (profile, serve), `ci` (ci, lm-eval), `bench`; `base` holds
@@ -45,8 +45,8 @@ def _quiet_libraries() -> None:
 
 def main() -> None:
     _quiet_libraries()
-    # NOTE: click hands `obj` to every command's context: a command may set "tracebacks" False.
-    shown = {"tracebacks": True}
+    # NOTE: click hands `obj` to every command's context: `--verbose` sets "tracebacks".
+    shown = {"tracebacks": os.environ.get("CONSERVE_BENCH_DEBUG") == "1"}
     try:
         with interrupts():
             code = app(standalone_mode=False, obj=shown)  # a command's `typer.Exit(code)` returns
@@ -77,5 +77,6 @@ def _crashed(error: Exception, show_traceback: bool) -> int:
         traceback.print_exc()
         out.error(f"error: {one_line_error(error)}")
     else:
-        out.error(f"error: {one_line_error(error)} (an internal error; --verbose shows its traceback)")
+        out.error(f"error: {one_line_error(error)} (an internal error; CONSERVE_BENCH_DEBUG=1 "
+                  "or --verbose shows its traceback)")
     return CRASH_EXIT

@@ -42,7 +42,14 @@ OutputOpt = Annotated[str, typer.Option("--output", help="Directory for each job
 InflightOpt = Annotated[int, typer.Option("--max-inflight", min=1, help="Work items in flight at once.")]
 KVCheckpointOpt = Annotated[float, typer.Option("--kv-checkpoint-gib", min=0, help="Host memory for KV checkpoints, so a request vLLM preempts (its KV cache full) resumes by loading its KV instead of recomputing it; 0 turns them off [default: 0 in-process, where no online work preempts; serve's default is a quarter of the free RAM].")]
 ServerOpt = Annotated[Optional[str], typer.Option("--server", help="URL of a running `conserve-bench serve`.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show vLLM's and lm-eval's own output on the terminal instead of in a log under --output (<job-id>.log; profile's: profile.log).")]
+def show_tracebacks(ctx: typer.Context, verbose: bool) -> bool:
+    """`--verbose`'s callback: an unexpected error then shows its traceback (`cli.main`)."""
+    if verbose and isinstance(ctx.obj, dict):
+        ctx.obj["tracebacks"] = True
+    return verbose
+
+
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", callback=show_tracebacks, help="Show vLLM's and lm-eval's own output on the terminal instead of in a log under --output (<job-id>.log; profile's: profile.log), and an unexpected error's traceback.")]
 CheckpointTokensOpt = Annotated[int, typer.Option("--checkpoint-tokens", min=0, help="Checkpoint each generation in flight every N new tokens, so an interrupted one continues; 0: off (it starts over).")]
 CheckpointSOpt = Annotated[float, typer.Option("--checkpoint-s", min=0.001, help="...or every S seconds, whichever comes first.")]
 ApiKeyOpt = Annotated[Optional[str], typer.Option("--api-key", envvar="CONSERVE_BENCH_API_KEY", help="Bearer key of the server.")]

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from conserve_bench.cli.base import (ApiKeyOpt, DbOpt, InflightOpt, JsonOpt, OutputOpt, ServerOpt,
-                                     app, output_folder)
+                                     app, output_folder, show_tracebacks)
 from conserve_bench.config import default_data_dir
 from conserve_bench.output import out
 from conserve_bench.serve.client import SERVER_WAIT_S
@@ -22,7 +22,6 @@ from conserve_bench.serve.client import SERVER_WAIT_S
 
 @app.command()
 def ci(
-    ctx: typer.Context,
     configs: Annotated[list[str], typer.Argument(help="CI config files (YAML), or directories of them.")],
     server: ServerOpt = None,
     api_key: ApiKeyOpt = None,
@@ -40,7 +39,7 @@ def ci(
     output: OutputOpt = "results",
     max_inflight: InflightOpt = 64,
     as_json: JsonOpt = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="On an unexpected error, print its traceback too (else one line, exit 3).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", callback=show_tracebacks, help="On an unexpected error, print its traceback too (else one line, exit 3).")] = False,
 ):
     """Run eval configs, gate them on their baselines, report for CI. Exit 0 pass, 1 regression
     (or a NaN or infinite score), 2 usage or config error, 3 infrastructure (a server down past
@@ -52,8 +51,6 @@ def ci(
     from conserve_bench.ci.report import to_junit, to_markdown
     from conserve_bench.ci.run import CIOptions, Stopper, parse_deadline, run_ci
 
-    if isinstance(ctx.obj, dict):
-        ctx.obj["tracebacks"] = verbose  # NOTE: read by `cli.main` if something crashes
     data_dir = data_dir or default_data_dir()
     output_folder(output)
     for flag, path in (("--junit", junit), ("--summary", summary)):
