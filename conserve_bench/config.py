@@ -12,12 +12,30 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 DEFAULT_DB_URL = "sqlite:///conserve.db"
 DEFAULT_MODEL = "smollm2-135m"
 JOB_SOURCES = ("tasks", "requests", "session")
+
+
+class ServePolicy(str, Enum):
+    """How `serve` (`--policy`) and `bench` (`--policies`) share one engine between online
+    traffic and offline jobs. The values are the command-line strings."""
+
+    CONSERVE = "conserve"  # ConserveScheduler: offline work sized by the latency model
+    PRIORITY = "priority"  # vLLM's priority scheduling alone: online first, offline behind
+    ONLINE_ONLY = "online-only"  # no offline work (the baseline)
+
+    def __str__(self) -> str:
+        return self.value  # NOTE: the CLI string in messages and f-strings, on every Python
+
+    @classmethod
+    def names(cls) -> str:
+        """The policies as a command line spells them: `conserve, priority, online-only`."""
+        return ", ".join(p.value for p in cls)
 
 
 @dataclass(frozen=True)
@@ -90,7 +108,7 @@ class EngineConfig:
     scheduler_cls: str | None = None  # "module.Class" of a vLLM scheduler subclass
     additional_config: dict[str, Any] = field(default_factory=dict)  # vLLM's plug-in config
     worker_cls: str | None = None  # "module.Class" of a vLLM worker subclass
-    kv_transfer_config: dict[str, Any] | None = None  # loads a KV connector (ours: engine.connector)
+    kv_transfer_config: dict[str, Any] | None = None  # loads a KV connector (ours: vllm_plugin.connector)
     async_scheduling: bool | None = None  # None: vLLM decides
     num_gpu_blocks: int | None = None  # None: as many KV blocks as kv_cache_gib holds
     enable_prefix_caching: bool | None = None  # None: vLLM's default (on)
@@ -110,44 +128,44 @@ class EngineConfig:
         return f"{self.model_name}|{self.dtype}|{max_model_len}"
 
 
-DEFAULT_CHECKPOINT_TOKENS = 16
-DEFAULT_CHECKPOINT_S = 2.0
+DEFAULT_PARTIAL_TOKENS = 16
+DEFAULT_PARTIAL_S = 2.0
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """How the job runner feeds the engine.
 
-    Generations in flight are checkpointed once they have `checkpoint_tokens` new tokens each,
-    or every `checkpoint_s` seconds; `checkpoint_tokens=0` turns partial generations off (an
-    interrupted generation starts over). The defaults are measured in README *Partial
-    generations*.
+    Generations in flight have their tokens so far saved (a partial, `store.partials`) once
+    they have `partial_tokens` new tokens each, or every `partial_s` seconds;
+    `partial_tokens=0` turns partial generations off (an interrupted generation starts over).
+    The defaults are measured in docs/measured.md, *Partial generations*.
     """
 
     max_inflight: int = 64
     commit_every: int | None = None  # default: half the window, so the engine never idles
-    checkpoint_tokens: int = DEFAULT_CHECKPOINT_TOKENS
-    checkpoint_s: float = DEFAULT_CHECKPOINT_S
+    partial_tokens: int = DEFAULT_PARTIAL_TOKENS
+    partial_s: float = DEFAULT_PARTIAL_S
 
     def __post_init__(self):
         if self.max_inflight < 1:
             raise ValueError("--max-inflight must be at least 1")
-        if self.checkpoint_tokens < 0:
-            raise ValueError("--checkpoint-tokens must be 0 (off) or more")
-        if self.checkpoint_s <= 0:
-            raise ValueError("--checkpoint-s must be positive")
+        if self.partial_tokens < 0:
+            raise ValueError("--partial-tokens must be 0 (off) or more")
+        if self.partial_s <= 0:
+            raise ValueError("--partial-s must be positive")
         if self.commit_every is None:
             object.__setattr__(self, "commit_every", max(1, self.max_inflight // 2))
 
 
 @dataclass(frozen=True)
 class LeaseConfig:
-    """How long a worker owns what it claims, and how often an item may be tried.
+    """How long a replica owns what it claims, and how often an item may be tried.
 
-    - `lease_s`: a claim lasts this long on the database's clock unless renewed; a worker
+    - `lease_s`: a claim lasts this long on the database's clock unless renewed; a replica
       that died is noticed by the others after at most this long. 30 s rides out a database
       restart or a stalled process, and costs little next to an evaluation of minutes.
-    - `heartbeat_s`: a live worker renews its lease this often (six beats per lease by
+    - `heartbeat_s`: a live replica renews its lease this often (six beats per lease by
       default, so five in a row may be lost before anything is reclaimed).
     - `max_attempts`: an item whose engine reported an error, or whose holder died, this
       many times is failed with its error instead of tried again (3: item errors are

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from conserve_bench.engine.prompts import keyed_items
+from conserve_bench.store import keyed_items
 from conserve_bench.errors import JobStateError
 from conserve_bench.output import out
 from conserve_bench.store.states import JobState

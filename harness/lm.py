@@ -25,7 +25,7 @@ from typing import Any
 
 from lm_eval.api.model import LM
 
-from conserve_bench.config import DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS, DEFAULT_MODEL, RunConfig
+from conserve_bench.config import DEFAULT_MODEL, DEFAULT_PARTIAL_S, DEFAULT_PARTIAL_TOKENS, RunConfig
 from conserve_bench.errors import ModelArgsError
 from conserve_bench.jobs.runner import Runner
 from conserve_bench.store import Store
@@ -50,8 +50,8 @@ class ConserveLM(LM):
 
     def __init__(self, model: str = DEFAULT_MODEL, db: str | None = None,
                  max_inflight: int = 64, data_dir: str | None = None,
-                 checkpoint_tokens: int = DEFAULT_CHECKPOINT_TOKENS,
-                 checkpoint_s: float = DEFAULT_CHECKPOINT_S,
+                 partial_tokens: int = DEFAULT_PARTIAL_TOKENS,
+                 partial_s: float = DEFAULT_PARTIAL_S,
                  base_url: str | None = None, api_key: str | None = None,
                  engine: Any = None, progress: bool = True, **lm_eval_options: Any):
         super().__init__()
@@ -62,11 +62,11 @@ class ConserveLM(LM):
 
             self.backend = RemoteBackend(JobClient(base_url, api_key), show_progress=progress)
             return
-        from conserve_bench.jobs.lifecycle import open_session
+        from .session import open_session
 
         try:
-            run_cfg = RunConfig(max_inflight=int(max_inflight), checkpoint_s=float(checkpoint_s),
-                                checkpoint_tokens=int(checkpoint_tokens))
+            run_cfg = RunConfig(max_inflight=int(max_inflight), partial_s=float(partial_s),
+                                partial_tokens=int(partial_tokens))
         except ValueError as e:
             raise ModelArgsError(str(e)) from None
         self.session = open_session(model=model, db=db, data_dir=data_dir, run_cfg=run_cfg,

@@ -48,16 +48,16 @@ def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess
                           env={**os.environ, **(env or {})})
 
 
-def dead_worker(store) -> str:
-    """A worker registered on this host whose process has exited (as after a SIGKILL); its
+def dead_replica(store) -> str:
+    """A replica registered on this host whose process has exited (as after a SIGKILL); its
     lease has not expired yet. Returns its id, to claim items with."""
-    from conserve_bench.jobs.worker import HOST
+    from conserve_bench.jobs.replica import HOST
 
     pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                              capture_output=True, text=True, check=True).stdout)
-    worker_id = f"{HOST}:{pid}:killed"
-    store.register_worker(worker_id, HOST, pid, "killed")
-    return worker_id
+    replica_id = f"{HOST}:{pid}:killed"
+    store.register_replica(replica_id, HOST, pid, "killed")
+    return replica_id
 
 
 def wait_for(condition, what: str, timeout_s: float = 600, poll_s: float = 0.05):
@@ -192,11 +192,11 @@ def engine(model_ref, tmp_path_factory):
 
     It runs ConserveScheduler, which logs every step to a session step log (`engine.step_log`).
     """
-    from conserve_bench.jobs.lifecycle import start_engine
-    from conserve_bench.sched.steplog import recording_overrides
+    from conserve_bench.engine.local import start_engine
+    from conserve_bench.vllm_plugin.overrides import engine_overrides
 
     step_log = tmp_path_factory.mktemp("steps") / "steps.jsonl"
-    with start_engine(model_ref, **recording_overrides(step_log)) as engine:
+    with start_engine(model_ref, **engine_overrides(step_log=step_log)) as engine:
         yield engine
 
 
@@ -222,9 +222,9 @@ class _Borrowed:
 @pytest.fixture
 def session_engine_for_entry_points(engine, monkeypatch):
     """`submit`/`resume`/`lm-eval` run in this process start no engine: they get the session's."""
-    from conserve_bench.jobs import lifecycle
+    from conserve_bench.engine import local
 
-    monkeypatch.setattr(lifecycle, "start_engine", lambda model, **overrides: _Borrowed(engine))
+    monkeypatch.setattr(local, "start_engine", lambda model, **overrides: _Borrowed(engine))
     return engine
 
 
@@ -235,7 +235,7 @@ def store_profile(db_url: str) -> None:
     """A profile for this machine, with the coefficients measured on the 2-core CI CPU, so
     that serve loads it rather than profiling (every test server runs the conserve policy)."""
     from conserve_bench.sched.latency import LatencyModel
-    from conserve_bench.sched.profiles import Profile, current_key, save_profile
+    from conserve_bench.profiling.profiles import Profile, current_key, save_profile
     from conserve_bench.store import Store
 
     measured = LatencyModel((0.0389, 0.00203, 0.00213, 4.5e-6, 0.82e-6, 0.00067))

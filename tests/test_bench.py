@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conserve_bench.bench.report import (PERCENTILES, RATIO_METRICS, CounterSample, OnlineRecord,
+from conserve_bench.bench.summary import (PERCENTILES, RATIO_METRICS, CounterSample, OnlineRecord,
                                         PhaseResult, StepRecord, build_report, counter_at, metric,
                                         percentiles, summarize_steps)
 from conserve_bench.bench.tables import goal_rows, render_markdown, step_rows, table_rows
@@ -130,7 +130,7 @@ def test_steps_count_by_their_share_inside_the_window():
 
 
 def test_kv_resumes_sum_what_steps_that_ran_loaded_and_recomputed():
-    from conserve_bench.bench.report import summarize_kv_resumes
+    from conserve_bench.bench.summary import summarize_kv_resumes
 
     steps = (StepRecord(1.0, 0.5, 10, 10, kv_resumes=((300, 256, 0, 44), (200, 0, 128, 72))),
              StepRecord(2.0, 0.5, 10, 10, aborted=True, kv_resumes=((300, 256, 0, 44),)),  # undone
@@ -143,7 +143,7 @@ def test_kv_resumes_sum_what_steps_that_ran_loaded_and_recomputed():
 
 
 def test_entries_of_one_policy_are_compared_with_each_other():
-    from conserve_bench.bench.report import ratio_bases
+    from conserve_bench.bench.summary import ratio_bases
 
     labels = ["online-only", "conserve", "conserve:--kv-checkpoint-gib=0", "priority"]
     assert ratio_bases("conserve", labels) == ["online-only", "priority",
@@ -216,11 +216,11 @@ def test_markdown_and_table_show_every_policy():
 @pytest.mark.skipif(not TRACE.is_file(), reason="shared trace not present")
 @pytest.mark.parametrize("arrivals", ["trace", "gamma"])
 def test_the_window_gets_the_requested_rate(arrivals):
-    from conserve_bench.bench.config import BenchConfig
-    from conserve_bench.bench.run import _base_requests, timed_requests
+    from conserve_bench.bench.setting import BenchSetting
+    from conserve_bench.bench.phases import _base_requests, timed_requests
     from conserve_bench.bench.workload import mean_rate
 
-    cfg = BenchConfig(trace=str(TRACE), arrivals=arrivals, cv=1.0, duration_s=100.0, trace_offset=50)
+    cfg = BenchSetting(trace=str(TRACE), arrivals=arrivals, cv=1.0, duration_s=100.0, trace_offset=50)
     requests = timed_requests(cfg, _base_requests(cfg), rate=2.0)
     assert all(0 <= r.arrival_s < 100.0 for r in requests)
     assert [r.arrival_s for r in requests] == sorted(r.arrival_s for r in requests)
@@ -235,7 +235,7 @@ def test_phases_log_steps_except_baselines_under_cuda_vllm(monkeypatch):
     """A step log means ConserveScheduler, which CUDA vLLM would run without async scheduling."""
     import importlib.metadata
 
-    from conserve_bench.bench.run import _logs_steps
+    from conserve_bench.bench.phases import _logs_steps
 
     def installed(*names):
         def version(name):
@@ -264,10 +264,10 @@ def test_missing_trace_is_one_line_error(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not TRACE.is_file(), reason="shared trace not present")
 def test_short_bench_run_writes_a_complete_report(tmp_path, data_dir):
-    from conserve_bench.bench.config import BenchConfig
-    from conserve_bench.bench.run import run_bench
+    from conserve_bench.bench.setting import BenchSetting
+    from conserve_bench.bench.phases import run_bench
 
-    cfg = BenchConfig(policies=("priority",), trace=str(TRACE), rate=1.0, load=None,
+    cfg = BenchSetting(policies=("priority",), trace=str(TRACE), rate=1.0, load=None,
                       duration_s=12.0, token_scale=0.02, max_context_tokens=32, max_generated_tokens=6,
                       drain_timeout_s=60.0, offline_tasks=("mmlu_anatomy",), offline_limit=20,
                       data_dir=data_dir, output_dir=str(tmp_path),
@@ -305,15 +305,13 @@ def test_short_bench_run_writes_a_complete_report(tmp_path, data_dir):
 def test_vllm_bench_serve_speaks_vllms_own_benchmark_client():
     """benchmarks/vllm_bench_serve.py parses its run with vLLM's parser and awaits its main."""
     import argparse
-    import importlib.util
+    import importlib
     import inspect
 
     from vllm.benchmarks.serve import main_async
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "vllm_bench_serve.py"
-    spec = importlib.util.spec_from_file_location("vllm_bench_serve", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from benchmarks import vllm_bench_serve as script
+
     ours = argparse.Namespace(input_len=256, output_len=64, num_prompts=7, request_rate=0.25, seed=3)
     args = script.vllm_bench_args(ours, "http://127.0.0.1:9", "/models/m", "m")
     assert (args.dataset_name, args.random_input_len, args.random_output_len) == ("random", 256, 64)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from conserve_bench.bench.report import (PhaseResult, StepRecord, build_report, summarize_online_queue,
+from conserve_bench.bench.summary import (PhaseResult, StepRecord, build_report, summarize_online_queue,
                                         summarize_preemptions, summarize_steps)
 from conserve_bench.bench.tables import preemption_rows, render_markdown
-from conserve_bench.bench.config import BenchConfig, BenchConfigError, PolicyRun
+from conserve_bench.bench.setting import BenchSetting, BenchSettingError, PolicyRun
 from conserve_bench.sched.latency import Sample, StepShape
 
 CONFIG = {"ttft_slo_ms": 100.0, "tbt_slo_ms": 50.0, "model": "m", "workload": "w", "offline_tasks": ["mmlu"]}
@@ -20,7 +20,7 @@ def test_a_policy_entry_may_carry_its_own_serve_flags():
     assert (run.policy, run.serve_args) == ("conserve", ("--layer-preemption=off", "--safepoint-every", "2"))
     assert run.label == "conserve:--layer-preemption=off --safepoint-every 2"
     assert run.folder == "conserve_--layer-preemption=off_--safepoint-every_2"
-    cfg = BenchConfig(trace="t.csv", policies=("conserve", "conserve:--layer-preemption=off"))
+    cfg = BenchSetting(trace="t.csv", policies=("conserve", "conserve:--layer-preemption=off"))
     assert [r.label for r in cfg.policy_runs] == ["conserve", "conserve:--layer-preemption=off"]
 
 
@@ -31,13 +31,13 @@ def test_a_policy_entry_may_carry_its_own_serve_flags():
     ((), "--policies is empty"),
 ])
 def test_bad_policy_entries_are_one_line_errors(policies, message):
-    with pytest.raises(BenchConfigError, match=message):
-        BenchConfig(trace="t.csv", policies=policies)
+    with pytest.raises(BenchSettingError, match=message):
+        BenchSetting(trace="t.csv", policies=policies)
 
 
 def test_a_running_server_cannot_take_per_entry_flags():
-    with pytest.raises(BenchConfigError, match="with --server"):
-        BenchConfig(trace="t.csv", policies=("conserve:--layer-preemption=off",), server="http://x")
+    with pytest.raises(BenchSettingError, match="with --server"):
+        BenchSetting(trace="t.csv", policies=("conserve:--layer-preemption=off",), server="http://x")
 
 
 def test_step_log_notes_become_step_records():

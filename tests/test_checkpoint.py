@@ -1,16 +1,14 @@
-"""Incremental KV checkpointing without an engine: `sched.checkpoint.CheckpointBook` driven by
-random steps, preemptions, resumes, finishes and pool limits against a model of the device's
-and the host's contents; the CPU copies of `engine.kvpool.HostPool` on real tensors; and how
+"""Incremental KV checkpointing without an engine: `sched.kv_checkpoints.CheckpointBook` driven
+by random steps, preemptions, resumes, finishes and pool limits against a model of the device's
+and the host's contents; the CPU copies of `vllm_plugin.kvpool.HostPool` on real tensors; and how
 benchmarks/kv_churn.py compares its two arms."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conserve_bench.sched.checkpoint import CheckpointBook, Resume, pool_slots
+from conserve_bench.sched.kv_checkpoints import CheckpointBook, Resume, pool_slots
 
 BLOCK = 4
 
@@ -170,7 +168,7 @@ def test_pool_slots_is_the_whole_blocks_a_budget_holds():
 def test_host_pool_copies_block_rows_both_ways_on_the_cpu():
     import torch
 
-    from conserve_bench.engine.kvpool import HostPool
+    from conserve_bench.vllm_plugin.kvpool import HostPool
 
     kv = torch.arange(6 * 2 * 4 * 3, dtype=torch.float32).reshape(6, 2, 4, 3)  # [blocks, ...]
     original = kv.clone()
@@ -182,14 +180,12 @@ def test_host_pool_copies_block_rows_both_ways_on_the_cpu():
     assert not kv[[0, 1, 2, 4]].any()
 
 
-def test_the_churn_benchmark_compares_the_arms_round_by_round(monkeypatch):
+def test_the_churn_benchmark_compares_the_arms_round_by_round():
     """benchmarks/kv_churn.py: offline speed-up is the median of per-round ratios (rounds are
     paired: same prompts, same arrivals), latency ratios are P99 over every round, and the
     resumes add up."""
-    import importlib
+    from benchmarks import kv_churn as churn
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    churn = importlib.import_module("kv_churn")
     arms = {"on": {"offline_tokens_per_s": [60.0, 30.0], "num_bursts": [4, 5],
                    "ttft_s": [1.0] * 99 + [2.0], "tbt_s": [0.05] * 100,
                    "resumes": [[512, 512, 0, 0], [300, 256, 0, 44]]},

@@ -1,7 +1,7 @@
 """The vLLM 0.32.0 names incremental KV checkpointing relies on, checked without an engine.
 
-`engine.connector` (`Checkpoints`, `ConserveConnector`) and `engine.kvpool` list them in
-their docstrings; an upgrade that moves one fails here first, saying which. The claims the
+docs/vllm-contract.md lists them (the connector and its scheduler half, the host pool); an
+upgrade that moves one fails here first, saying which. The claims the
 connector makes about vLLM's own `OffloadingConnector` are pinned here too.
 """
 
@@ -98,7 +98,7 @@ def test_a_finished_request_is_reported_to_the_connector():
 
 
 def test_vllms_offloading_connector_is_cuda_only_and_stores_what_an_abandoned_step_wrote():
-    """The reasons, given in `engine.connector`, why it is no substitute."""
+    """The reasons, given in `vllm_plugin.connector`, why it is no substitute."""
     from vllm.distributed.kv_transfer.kv_connector.v1.offloading.worker import (
         OffloadingConnectorWorker)
     from vllm.distributed.kv_transfer.kv_connector.v1.offloading_connector import (

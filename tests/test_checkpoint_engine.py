@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from conserve_bench.engine.plugin import OFFLINE_PRIORITY
+from conserve_bench.vllm_plugin.overrides import OFFLINE_PRIORITY
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
@@ -23,20 +23,22 @@ LOGPROB_TOL = 1e-3  # batch shapes differ between runs: float32 sums in another 
 
 @pytest.fixture(scope="module")
 def setup(model_ref, tmp_path_factory):
-    from conserve_bench.engine.arrivals import SharedInt
-    from conserve_bench.engine.connector import ConnectorConfig
-    from conserve_bench.jobs.lifecycle import start_engine
-    from conserve_bench.sched.steplog import recording_overrides
+    from conserve_bench.engine.local import start_engine
+    from conserve_bench.faults import ENV_VAR
+    from conserve_bench.vllm_plugin.arrivals import SharedInt
+    from conserve_bench.vllm_plugin.overrides import ConnectorConfig, engine_overrides
 
     work = tmp_path_factory.mktemp("checkpoint")
     limit = SharedInt.create(work / "pool_blocks.bin", 0)
-    connector = ConnectorConfig(checkpoint_gib=0.25, checkpoint_state_path=str(work / "state.json"),
-                                test_pool_blocks_path=str(limit.path))
+    connector = ConnectorConfig(checkpoint_gib=0.25, checkpoint_state_path=str(work / "state.json"))
     # NOTE: without vLLM's prefix cache, whose freed blocks would often still serve a resume,
     # every resume must load or recompute (tests/test_checkpoint.py covers both together)
-    overrides = {**recording_overrides(work / "steps.jsonl"), **connector.engine_overrides(),
+    overrides = {**engine_overrides(step_log=work / "steps.jsonl", connector=connector),
                  "num_gpu_blocks": NUM_BLOCKS, "max_num_seqs": 8, "enable_prefix_caching": False}
-    with start_engine(model_ref, **overrides) as engine:
+    with pytest.MonkeyPatch.context() as patch:  # NOTE: read by the connector as vLLM starts it
+        patch.setenv(ENV_VAR, f"kv_checkpoints.max_blocks={limit.path}")
+        engine = start_engine(model_ref, **overrides)
+    with engine:
         rng = random.Random(16)
         prompts = [[rng.randrange(100, 40_000) for _ in range(n)] for n in PROMPT_LENS]
         reference = [out for pair in (prompts[i:i + 2] for i in range(0, len(prompts), 2))

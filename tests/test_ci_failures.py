@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from conserve_bench.ci import ExitCode
-from conserve_bench.ci import run as ci_run
-from conserve_bench.ci.config import CIConfig, MetricCheck, TaskCheck
+from conserve_bench.ci import nightly
+from conserve_bench.ci.suite import CIConfig, MetricCheck, TaskCheck
 from conserve_bench.ci.gate import Measured, Verdict, judge, measure
 from conserve_bench.ci.report import JobOutcome, build_report, to_junit, to_markdown
 
@@ -95,7 +95,7 @@ class CannedBackend:
 
 @pytest.fixture
 def canned(monkeypatch):
-    monkeypatch.setattr(ci_run, "_EmbeddedBackend", CannedBackend)
+    monkeypatch.setattr(nightly, "_EmbeddedBackend", CannedBackend)
     return CannedBackend
 
 
@@ -138,7 +138,7 @@ def crash(*args, **kwargs):
 
 
 def test_cli_an_unexpected_exception_exits_3_in_one_line(canned, run_cli, tmp_path, monkeypatch):
-    monkeypatch.setattr(ci_run, "build_report", crash)  # after the run, as a bug in the gate would
+    monkeypatch.setattr(nightly, "build_report", crash)  # after the run, as a bug in the gate would
     config = write_config(tmp_path)
     code, stdout, stderr = run_cli("ci", config, "--output", tmp_path / "results")
     assert code == ExitCode.INFRASTRUCTURE and stdout == ""
@@ -152,7 +152,7 @@ def test_cli_an_unexpected_exception_exits_3_in_one_line(canned, run_cli, tmp_pa
 def test_an_unexpected_exception_exits_3_in_a_real_process(tmp_path):
     """The console script's handler as a CI runner sees it: exit status and stderr."""
     config = write_config(tmp_path)
-    script = ("import sys; import conserve_bench.ci.run as r\n"
+    script = ("import sys; import conserve_bench.ci.nightly as r\n"
               "def crash(*a, **k): raise RuntimeError('engine exploded')\n"
               "r.run_ci = crash\n"
               "from conserve_bench.cli import main\n"
@@ -245,31 +245,31 @@ def fake_server(monkeypatch):
     real = client.JobClient
     monkeypatch.setattr(client, "JobClient", lambda *a, **k: real(
         *a, **k, transport=httpx.MockTransport(lambda request: holder.handler(request))))
-    monkeypatch.setattr(ci_run, "check_tasks_of", lambda cfg, manager, **kw: None)
+    monkeypatch.setattr(nightly, "check_tasks_of", lambda cfg, manager, **kw: None)
     monkeypatch.setattr(taskspec, "task_manager", lambda data_dir=None: None)
     return holder
 
 
 def ci_options(tmp_path, **kw):
-    return ci_run.CIOptions(run_key="nightly", server="http://serve.test", output_dir=str(tmp_path / "r"), **kw)
+    return nightly.CIOptions(run_key="nightly", server="http://serve.test", output_dir=str(tmp_path / "r"), **kw)
 
 
 def test_ci_on_a_server_waits_through_a_store_outage_and_passes(fake_server, tmp_path):
-    from conserve_bench.ci.config import load_configs
+    from conserve_bench.ci.suite import load_configs
 
     fake_server.handler = FakeServer(num_outages=3)
-    report = ci_run.run_ci(load_configs([str(write_config(tmp_path))]), ci_options(tmp_path, server_wait_s=30))
+    report = nightly.run_ci(load_configs([str(write_config(tmp_path))]), ci_options(tmp_path, server_wait_s=30))
     assert (report.status, report.exit_code) == ("pass", ExitCode.PASS), report.message
     assert fake_server.handler.num_polls == 4
 
 
 def test_ci_a_deadline_during_a_server_outage_is_incomplete_not_infrastructure(fake_server, tmp_path):
-    from conserve_bench.ci.config import load_configs
+    from conserve_bench.ci.suite import load_configs
 
     fake_server.handler = FakeServer(num_outages=10**6)
     started = time.monotonic()
-    stopper = ci_run.Stopper(deadline=1.0, clock=lambda: 0.0 if time.monotonic() - started < 1 else 10.0)
-    report = ci_run.run_ci(load_configs([str(write_config(tmp_path))]), ci_options(tmp_path), stopper=stopper)
+    stopper = nightly.Stopper(deadline=1.0, clock=lambda: 0.0 if time.monotonic() - started < 1 else 10.0)
+    report = nightly.run_ci(load_configs([str(write_config(tmp_path))]), ci_options(tmp_path), stopper=stopper)
     assert (report.status, report.exit_code) == ("incomplete", ExitCode.INCOMPLETE), report.message
     assert report.message.startswith("deadline reached: 0 of 1 jobs finished")
     assert time.monotonic() - started < 5  # not the 300 s a server is waited for

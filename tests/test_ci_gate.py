@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conserve_bench.ci import ExitCode
-from conserve_bench.ci.config import CIConfig, MetricCheck, TaskCheck
+from conserve_bench.ci.suite import CIConfig, MetricCheck, TaskCheck
 from conserve_bench.ci.gate import Measured, Verdict, judge, leaf_tasks, measure, wilson_lower_bound
 from conserve_bench.ci.report import JobOutcome, build_report, to_junit, to_markdown
 from conserve_bench.ci.stats import NUM_RESAMPLES, SEED, compare_paired, mcnemar_p
@@ -270,7 +270,7 @@ def test_junit_parses_with_a_junit_library(tmp_path):
 def test_stopper_deadline_margin_and_signals():
     import signal
 
-    from conserve_bench.ci.run import STOP_MARGIN_S, Stopper, parse_deadline
+    from conserve_bench.ci.nightly import STOP_MARGIN_S, Stopper, parse_deadline
 
     now = [0.0]
     stopper = Stopper(deadline=100.0, clock=lambda: now[0])

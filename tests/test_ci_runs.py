@@ -19,9 +19,9 @@ import scipy.stats
 import yaml
 
 from conserve_bench.ci import ExitCode
-from conserve_bench.ci.config import load_configs
+from conserve_bench.ci.suite import load_configs
 from conserve_bench.ci.report import to_junit
-from conserve_bench.ci.run import CIOptions, Stopper, run_ci
+from conserve_bench.ci.nightly import CIOptions, Stopper, run_ci
 from conserve_bench.jobs.lifecycle import job_results, write_results_file
 from conserve_bench.store import Store
 

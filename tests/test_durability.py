@@ -2,7 +2,7 @@
 generations are half done, then `resume`; compare with an uninterrupted run.
 
 The questions committed before the kill are never computed again, each generation continues
-from its checkpoint (only the rest is generated), and the scores and texts are those of an
+from its partial (only the rest is generated), and the scores and texts are those of an
 uninterrupted run. `resume` and the reference run in this process, on the session engine;
 the killed `submit` starts its own. tests/test_runner.py proves the runner's in-flight window
 and requeue on the fake engine, tests/test_server.py kills `serve`.
@@ -42,7 +42,7 @@ def test_sigkill_then_resume_loses_nothing_and_continues_every_generation(
     store = Store(url)
     submit = subprocess.Popen(
         cli_command("submit", ",".join(TASKS), "--limit", str(LIMIT), "--data-dir", data_dir,
-                    "--db", url, "--max-inflight", str(MAX_INFLIGHT), "--checkpoint-tokens", "8",
+                    "--db", url, "--max-inflight", str(MAX_INFLIGHT), "--partial-tokens", "8",
                     "--output", str(tmp_path), "--json"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -51,7 +51,7 @@ def test_sigkill_then_resume_loses_nothing_and_continues_every_generation(
             jobs = store.list_jobs()
             return jobs[0] if jobs and jobs[0].num_partial_tokens >= GENERATED_TOKENS // 2 else None
 
-        job_id = wait_for(half_generated, "half the tokens checkpointed").id
+        job_id = wait_for(half_generated, "half the tokens saved").id
     finally:
         os.killpg(submit.pid, signal.SIGKILL)  # the CLI, with vLLM in it
         submit.wait()

@@ -16,7 +16,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import REGISTRY
 from pydantic import BaseModel
 
-from conserve_bench.engine.plugin import ONLINE_PRIORITY
+from conserve_bench.vllm_plugin.overrides import ONLINE_PRIORITY
 from conserve_bench.serve.guard import Guard, GuardConfig, generation_routes
 from conserve_bench.serve.health import HealthCheck, StoreWatch, engine_probe
 from conserve_bench.serve.metrics import OnlineMetrics

@@ -95,7 +95,7 @@ def test_requests_job_api_validates_keys_by_content_and_pages_results(store):
     from fastapi.testclient import TestClient
 
     from conserve_bench.serve.jobapi import install_job_api
-    from conserve_bench.engine.prompts import item_key
+    from conserve_bench.store import item_key
     from conserve_bench.serve.server import ServeConfig
 
     app = FastAPI()
@@ -305,11 +305,10 @@ def test_client_mode_against_serve_matches_embedded_and_is_idempotent(reference,
 
 
 @pytest.fixture
-def submit_vs_hf(monkeypatch):
-    import importlib
+def submit_vs_hf():
+    from benchmarks import submit_vs_hf
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    return importlib.import_module("submit_vs_hf")
+    return submit_vs_hf
 
 
 def test_submit_vs_hf_pairs_each_request_with_lm_evals_cache_entry(tmp_path, submit_vs_hf):

@@ -249,7 +249,7 @@ def test_model_rejects_negative_or_misshapen_coefficients():
 def test_import_does_not_load_torch_or_vllm():
     """The latency model, the policy, the step log and the vLLM conventions are plain data."""
     code = ("import sys, conserve_bench.sched.latency, conserve_bench.sched.policy, "
-            "conserve_bench.sched.steplog, conserve_bench.engine.plugin; "
+            "conserve_bench.sched.steplog, conserve_bench.vllm_plugin.overrides; "
             "print(sorted(m for m in ('torch', 'vllm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

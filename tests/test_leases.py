@@ -1,5 +1,5 @@
 """Leases, on SQLite and on a real PostgreSQL: expiry reclaimed inside the claim, the heartbeat,
-the fence on (owner, attempt), failed attempts, workers leaving a job, concurrent claims, and
+the fence on (owner, attempt), failed attempts, replicas leaving a job, concurrent claims, and
 claims and commits whose connection drops mid-transaction (PostgreSQL)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pytest
 import sqlalchemy as sa
 
 from conserve_bench.config import JobSpec, LeaseConfig
-from conserve_bench.jobs.worker import Worker
+from conserve_bench.jobs.replica import Replica
 from conserve_bench.store import JobState, Store, WorkItem
 
-from .conftest import dead_worker, wait_for
+from .conftest import dead_replica, wait_for
 
 BOTH_DIALECTS = True
 LEASE_S = 30.0  # NOTE: never runs out during a test: `expire` ends a lease when a test says so
@@ -27,8 +27,8 @@ def add_job(store, num_items: int) -> str:
     return job.id
 
 
-def as_worker(store, lease_s: float = LEASE_S, max_attempts: int = 3) -> Store:
-    """The same database, seen by a worker whose claims last `lease_s`."""
+def as_replica(store, lease_s: float = LEASE_S, max_attempts: int = 3) -> Store:
+    """The same database, seen by a replica whose claims last `lease_s`."""
     return Store(store.url, LeaseConfig(lease_s=lease_s, heartbeat_s=lease_s / 3,
                                         max_attempts=max_attempts))
 
@@ -46,7 +46,7 @@ def expire(store, owner: str) -> None:
 
 def test_an_expired_lease_is_reclaimed_inside_the_next_claim(store):
     job_id = add_job(store, 4)
-    dying = as_worker(store)
+    dying = as_replica(store)
     assert keys(dying.claim_items(job_id, "dead", 2)) == ["k0", "k1"]
     assert keys(store.claim_items(job_id, "b", 4)) == ["k2", "k3"]  # k0, k1 are leased
     expire(store, "dead")
@@ -59,18 +59,18 @@ def test_an_expired_lease_is_reclaimed_inside_the_next_claim(store):
 
 def test_the_heartbeat_keeps_a_lease_and_a_claim_never_takes_its_own(store):
     job_id = add_job(store, 3)
-    worker = as_worker(store)
-    held = keys(worker.claim_items(job_id, "w", 2))
+    replica = as_replica(store)
+    held = keys(replica.claim_items(job_id, "w", 2))
     expire(store, "w")
-    assert worker.renew_lease("w", held) == 2  # a beat in time: renewed for another lease
+    assert replica.renew_lease("w", held) == 2  # a beat in time: renewed for another lease
     assert keys(store.claim_items(job_id, "other", 3)) == ["k2"]
     expire(store, "w")  # beats missed
-    assert worker.claim_items(job_id, "w", 3) == []  # expired, but its own: still computing
+    assert replica.claim_items(job_id, "w", 3) == []  # expired, but its own: still computing
     assert keys(store.claim_items(job_id, "other", 3)) == ["k0", "k1"]
 
 
 def test_a_heartbeat_skips_what_its_own_commit_holds_and_never_waits(pg_store):
-    """A worker's heartbeat and its batched commit run on two connections at once: waiting on
+    """A replica's heartbeat and its batched commit run on two connections at once: waiting on
     each other's row locks, they deadlocked (PostgreSQL broke it; seen in
     benchmarks/store_fleet.py). The rows a commit holds need no lease: the renewal skips them."""
     job_id = add_job(pg_store, 3)
@@ -98,30 +98,30 @@ def test_a_heartbeat_renews_only_what_its_runners_track(store):
     expire(store, "w")
     assert store.renew_lease("w", ["k0", "k9"]) == 1  # k9: not held, nothing to renew
     assert keys(store.claim_items(job_id, "other", 3)) == ["k1", "k2"]
-    assert store.renew_lease("w") == 0  # a worker whose runners hold nothing
+    assert store.renew_lease("w") == 0  # a replica whose runners hold nothing
 
 
-def test_a_worker_heartbeat_leases_what_its_runner_holds_and_no_more(store):
+def test_a_replica_heartbeat_leases_what_its_runner_holds_and_no_more(store):
     from conserve_bench.config import RunConfig
     from conserve_bench.engine.fake import FakeEngine
     from conserve_bench.jobs.runner import Runner, Stopped
 
     job_id = add_job(store, 4)
     stop = threading.Event()
-    with Worker(store, "test") as worker:
+    with Replica(store, "test") as replica:
         runner = Runner(store, FakeEngine(stall_after=0), RunConfig(max_inflight=2),
-                        worker=worker, should_stop=stop.is_set)
+                        replica=replica, should_stop=stop.is_set)
         def run() -> None:
             with contextlib.suppress(Stopped):
                 runner.run(job_id, [])
 
         running = threading.Thread(target=run)
         running.start()
-        wait_for(lambda: len(worker.held_keys()) == 2, "the runner's claims")
-        store.claim_items(job_id, worker.id, 1)  # held, but no runner knows of it
-        assert worker.held_keys() == {"k0", "k1"}
-        expire(store, worker.id)
-        assert store.renew_lease(worker.id, worker.held_keys()) == 2
+        wait_for(lambda: len(replica.held_keys()) == 2, "the runner's claims")
+        store.claim_items(job_id, replica.id, 1)  # held, but no runner knows of it
+        assert replica.held_keys() == {"k0", "k1"}
+        expire(store, replica.id)
+        assert store.renew_lease(replica.id, replica.held_keys()) == 2
         assert keys(store.claim_items(job_id, "other", 4)) == ["k2", "k3"]  # k2: expired
         stop.set()
         running.join(10)
@@ -131,7 +131,7 @@ def test_a_worker_heartbeat_leases_what_its_runner_holds_and_no_more(store):
 
 def test_a_stale_attempt_is_fenced_off_even_for_the_same_owner(store):
     job_id = add_job(store, 1)
-    short = as_worker(store, max_attempts=5)
+    short = as_replica(store, max_attempts=5)
     for owner, attempt in (("a", 1), ("b", 2), ("a", 3)):
         assert [(w.key, w.attempt) for w in short.claim_items(job_id, owner, 1)] == [("k0", attempt)]
         if attempt < 3:
@@ -144,7 +144,7 @@ def test_a_stale_attempt_is_fenced_off_even_for_the_same_owner(store):
 
 def test_an_item_that_fails_every_attempt_is_failed_with_its_error(store):
     job_id = add_job(store, 2)
-    store = as_worker(store, lease_s=30, max_attempts=2)
+    store = as_replica(store, lease_s=30, max_attempts=2)
     for attempt in (1, 2):
         claimed = {w.key: w.attempt for w in store.claim_items(job_id, "w", 2)}
         assert claimed["k0"] == attempt
@@ -163,7 +163,7 @@ def test_an_item_that_fails_every_attempt_is_failed_with_its_error(store):
 
 def test_an_item_whose_holders_keep_dying_is_failed_by_the_claim(store):
     job_id = add_job(store, 1)
-    short = as_worker(store, max_attempts=2)
+    short = as_replica(store, max_attempts=2)
     short.claim_items(job_id, "d1", 1)
     expire(store, "d1")
     assert keys(short.claim_items(job_id, "d2", 1)) == ["k0"]  # first failed attempt
@@ -173,25 +173,25 @@ def test_an_item_whose_holders_keep_dying_is_failed_by_the_claim(store):
     assert failed["error"] == "the lease of d2 expired" and failed["attempts"] == 2
 
 
-def test_a_worker_started_on_this_host_ends_a_dead_neighbours_lease_at_once(store):
+def test_a_replica_started_on_this_host_ends_a_dead_neighbours_lease_at_once(store):
     job_id = add_job(store, 3)
-    dead = dead_worker(store)
+    dead = dead_replica(store)
     store.claim_items(job_id, dead, 2)
     assert keys(store.claim_items(job_id, "other", 3)) == ["k2"]
-    with Worker(store, "test") as worker:
-        assert [w["id"] for w in store.live_workers()] == [worker.id]
-        assert keys(store.claim_items(job_id, worker.id, 3)) == ["k0", "k1"]
-    assert store.live_workers() == [] and store.item_states(job_id) == {"pending": 2, "running": 1}
+    with Replica(store, "test") as replica:
+        assert [w["id"] for w in store.live_replicas()] == [replica.id]
+        assert keys(store.claim_items(job_id, replica.id, 3)) == ["k0", "k1"]
+    assert store.live_replicas() == [] and store.item_states(job_id) == {"pending": 2, "running": 1}
 
 
-def test_the_last_live_worker_leaving_a_job_sets_its_state(store):
+def test_the_last_live_replica_leaving_a_job_sets_its_state(store):
     job_id = add_job(store, 1)
-    for worker_id in ("w1", "w2"):
-        store.register_worker(worker_id, "host", 1, "test")
-        assert store.start_job(job_id, worker_id)
+    for replica_id in ("w1", "w2"):
+        store.register_replica(replica_id, "host", 1, "test")
+        assert store.start_job(job_id, replica_id)
     store.leave_job(job_id, "w1", JobState.QUEUED, "drained")
     assert store.get_job_state(job_id) == JobState.RUNNING  # w2 is still on it
-    assert store.job_workers(job_id) == []  # no item claimed yet
+    assert store.job_replicas(job_id) == []  # no item claimed yet
     store.leave_job(job_id, "w2", JobState.FAILED, "boom")
     job = store.get_job(job_id)
     assert (job.state, job.error) == (JobState.FAILED, "boom")
@@ -202,13 +202,13 @@ def test_the_last_live_worker_leaving_a_job_sets_its_state(store):
     assert not store.start_job(job_id, "w1")
 
 
-def test_job_workers_shows_what_each_worker_computed_and_holds(store):
+def test_job_replicas_shows_what_each_replica_computed_and_holds(store):
     job_id = add_job(store, 5)
-    store.register_worker("w1", "host-a", 1, "serve :8000")
+    store.register_replica("w1", "host-a", 1, "serve :8000")
     for owner, n in (("w1", 3), ("w2", 2)):
         claimed = store.claim_items(job_id, owner, n)
         store.complete_items(owner, {w.key: 1 for w in claimed[:2]})
-    assert store.job_workers(job_id) == [
+    assert store.job_replicas(job_id) == [
         {"id": "w1", "host": "host-a", "label": "serve :8000", "live": True, "done": 2, "running": 1},
         {"id": "w2", "host": None, "label": None, "live": False, "done": 2, "running": 0}]
 

@@ -1,5 +1,5 @@
 """Partial generations without vLLM: the pure splitting and joining of a generation's tokens
-(Hypothesis), the runner's checkpoints and continuations on the fake engine, the store's
+(Hypothesis), the runner's partials and continuations on the fake engine, the store's
 partials (fenced, counted, cleared) and a store of the previous schema that migrates and
 resumes. The real engine's exactness is tests/test_partials_engine.py.
 """
@@ -16,15 +16,15 @@ from conserve_bench.engine.fake import FakeEngine, fake_text, fake_tokens
 from conserve_bench.engine.generation import (Generation, continued, cut_at_stops, generated_text,
                                               is_resumable, num_tokens_to_stop)
 from conserve_bench.jobs import runner as runner_module
-from conserve_bench.jobs.lifecycle import resume_summary
+from conserve_bench.jobs.results import resume_summary
 from conserve_bench.jobs.runner import Runner, Stopped
 from conserve_bench.store import MIGRATIONS, Store, WorkItem
 from conserve_bench.store.db import create_engine
 from conserve_bench.store.migrations import migrate
 
-from .conftest import dead_worker
+from .conftest import dead_replica
 
-# -- the pure part: a generation split at any checkpoint, streamed in any deltas --------------
+# -- the pure part: a generation split at any partial, streamed in any deltas -----------------
 
 VOCAB = ["a", "b", "ab", "\n", "Q", "Q:", ":", " ", "xyz", "é", ""]  # "" like a special token
 
@@ -73,7 +73,7 @@ def test_a_continued_generation_ends_with_the_uninterrupted_text(stream, until, 
                                                                  deltas):
     stream = stream + [0] * 40  # the engine never runs dry before max_tokens
     whole = uninterrupted(stream, until, max_tokens)
-    cut = min(cut, len(whole))  # a checkpoint holds tokens the generation really made
+    cut = min(cut, len(whole))  # a partial holds tokens the generation really made
     generation = continued_run(stream, until, max_tokens, cut, deltas)
     assert generation.text() == generated_text(whole, until, decode)
     assert generation.text() == cut_at_stops(decode(whole), until)  # lm-eval's `until`
@@ -88,15 +88,15 @@ def test_tokens_to_stop_is_the_first_prefix_holding_a_stop(stream, until):
     assert end == (holds.index(True) if True in holds else None)
 
 
-@given(prompt=st.lists(st.integers(0, 9), max_size=5), checkpoint=st.lists(st.integers(0, 9), max_size=5))
-def test_a_continuation_keeps_the_whole_generations_limit(prompt, checkpoint):
-    token_ids, params = continued(prompt, {"max_tokens": 10, "temperature": 0.0}, checkpoint)
-    assert token_ids == prompt + checkpoint
-    assert params == {"max_tokens": 10 - len(checkpoint), "temperature": 0.0}
+@given(prompt=st.lists(st.integers(0, 9), max_size=5), partial=st.lists(st.integers(0, 9), max_size=5))
+def test_a_continuation_keeps_the_whole_generations_limit(prompt, partial):
+    token_ids, params = continued(prompt, {"max_tokens": 10, "temperature": 0.0}, partial)
+    assert token_ids == prompt + partial
+    assert params == {"max_tokens": 10 - len(partial), "temperature": 0.0}
 
 
-def test_a_stop_straddling_the_checkpoint_ends_the_generation_there():
-    # "b\nQ" starts in the checkpoint ("ab") and ends in the new tokens ("\n", "Q")
+def test_a_stop_straddling_the_partial_ends_the_generation_there():
+    # "b\nQ" starts in the partial ("ab") and ends in the new tokens ("\n", "Q")
     generation = Generation.start("k", ("b\nQ",), 10, decode, [2])
     assert not generation.is_complete()
     assert not generation.extend([3])  # "ab\n": not yet
@@ -104,7 +104,7 @@ def test_a_stop_straddling_the_checkpoint_ends_the_generation_there():
     assert generation.text() == "a"
 
 
-def test_a_checkpoint_that_already_ends_the_generation_is_complete():
+def test_a_partial_that_already_ends_the_generation_is_complete():
     assert Generation.start("k", ("\n",), 10, decode, [0, 3, 0]).is_complete()
     assert Generation.start("k", (), 2, decode, [0, 1]).is_complete()
     assert not Generation.start("k", ("\n",), 10, decode, [0, 1]).is_complete()
@@ -123,9 +123,9 @@ GEN_TOKENS = 40
 
 @pytest.fixture(autouse=True)
 def _fake_time_scale(monkeypatch):
-    """The fake engine takes microseconds a step: no share bound on checkpoints (it would
+    """The fake engine takes microseconds a step: no share bound on partials (it would
     space them out by the store's time), and commits (where a stop is seen) every few steps."""
-    monkeypatch.setattr(runner_module, "MAX_CHECKPOINT_SHARE", float("inf"))
+    monkeypatch.setattr(runner_module, "MAX_PARTIALS_SHARE", float("inf"))
     monkeypatch.setattr(runner_module, "COMMIT_INTERVAL_S", 0.01)
 
 
@@ -156,13 +156,13 @@ def kill_after(engine: FakeEngine, num_tokens: int) -> None:
     engine.step = dying
 
 
-def test_a_killed_run_continues_its_generations_from_their_checkpoints(tmp_path):
+def test_a_killed_run_continues_its_generations_from_their_partials(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'store.db'}")
     job_id, keys = add_generations(store, 6)
-    cfg = RunConfig(max_inflight=6, checkpoint_tokens=5, checkpoint_s=60)
+    cfg = RunConfig(max_inflight=6, partial_tokens=5, partial_s=60)
     first = FakeEngine(gen_tokens=GEN_TOKENS)
     kill_after(first, 6 * GEN_TOKENS // 2)
-    killed = dead_worker(store)
+    killed = dead_replica(store)
     runner = Runner(store, first, cfg, owner=killed)
     try:
         runner.run(job_id, keys)
@@ -171,14 +171,14 @@ def test_a_killed_run_continues_its_generations_from_their_checkpoints(tmp_path)
     status = store.get_job(job_id)
     assert status.num_done == 0 and status.num_partial_items == 6
     assert 6 * (GEN_TOKENS // 2 - 5) <= status.num_partial_tokens <= 6 * GEN_TOKENS // 2
-    assert runner.stats.num_checkpoints >= 3
+    assert runner.stats.num_partial_saves >= 3
 
     assert store.end_leases([killed]) == 6  # its host knows it is dead: the leases end
     second = FakeEngine(gen_tokens=GEN_TOKENS)
     results = Runner(store, second, cfg).run(job_id, keys)
     assert results == expected_results(keys)  # as if never interrupted
     assert min(second.continued.values()) >= GEN_TOKENS // 2 - 5
-    # what the kill cost: the tokens since the last checkpoint, never the whole generations
+    # what the kill cost: the tokens since the last save, never the whole generations
     redone = first.num_generated_tokens + second.num_generated_tokens - 6 * GEN_TOKENS
     assert 0 <= redone <= 6 * 5
     assert store.get_job(job_id).num_partial_items == 0  # cleared once done
@@ -189,9 +189,9 @@ def test_a_killed_run_continues_its_generations_from_their_checkpoints(tmp_path)
     assert {i["key"]: i["num_resumes"] for i in store.job_items(job_id)} == summary["items"]
 
 
-def test_a_graceful_stop_checkpoints_every_generation_so_nothing_is_redone(store):
+def test_a_graceful_stop_saves_every_generation_so_nothing_is_redone(store):
     job_id, keys = add_generations(store, 4)
-    cfg = RunConfig(max_inflight=4, checkpoint_tokens=1000, checkpoint_s=600)  # none on the way
+    cfg = RunConfig(max_inflight=4, partial_tokens=1000, partial_s=600)  # none on the way
     first = FakeEngine(gen_tokens=GEN_TOKENS, step_s=0.002)
     runner = Runner(store, first, cfg,
                     should_stop=lambda: first.num_generated_tokens >= 4 * GEN_TOKENS // 2)
@@ -205,9 +205,9 @@ def test_a_graceful_stop_checkpoints_every_generation_so_nothing_is_redone(store
     assert first.num_generated_tokens + second.num_generated_tokens == 4 * GEN_TOKENS
 
 
-def test_checkpoints_off_means_a_generation_starts_over(store):
+def test_partials_off_means_a_generation_starts_over(store):
     job_id, keys = add_generations(store, 2)
-    cfg = RunConfig(max_inflight=2, checkpoint_tokens=0)
+    cfg = RunConfig(max_inflight=2, partial_tokens=0)
     first = FakeEngine(gen_tokens=GEN_TOKENS, step_s=0.002)
     runner = Runner(store, first, cfg, should_stop=lambda: first.num_generated_tokens >= 20)
     try:
@@ -220,24 +220,24 @@ def test_checkpoints_off_means_a_generation_starts_over(store):
     assert second.num_generated_tokens == 2 * GEN_TOKENS and set(second.continued.values()) == {0}
 
 
-def test_checkpoints_come_every_n_tokens_each_batched_in_one_transaction(store):
+def test_partials_come_every_n_tokens_each_batched_in_one_transaction(store):
     job_id, keys = add_generations(store, 8)
     batches = []
     save = store.save_partials
     store.save_partials = lambda owner, partials, *rest: batches.append(len(partials)) or save(
         owner, partials, *rest)
     runner = Runner(store, FakeEngine(gen_tokens=GEN_TOKENS), RunConfig(
-        max_inflight=8, checkpoint_tokens=10, checkpoint_s=600))
+        max_inflight=8, partial_tokens=10, partial_s=600))
     assert runner.run(job_id, keys) == expected_results(keys)
-    # all 8 gain a token per step: a checkpoint every 10 steps, all 8 in one transaction
-    assert batches == [8, 8, 8] and runner.stats.num_checkpoints == 3
+    # all 8 gain a token per step: a save every 10 steps, all 8 in one transaction
+    assert batches == [8, 8, 8] and runner.stats.num_partial_saves == 3
     assert runner.stats.num_generated_tokens == 8 * GEN_TOKENS
 
 
 # -- the store ------------------------------------------------------------------------------
 
 
-def test_only_the_owner_of_a_running_item_checkpoints_it(store):
+def test_only_the_owner_of_a_running_item_saves_its_partial(store):
     job_id, keys = add_generations(store, 3)
     store.claim_items(job_id, "me", 2)
     assert store.save_partials("me", {keys[0]: [1, 2, 3], keys[2]: [4]}) == 1  # keys[2] pending
@@ -256,9 +256,9 @@ def test_only_the_owner_of_a_running_item_checkpoints_it(store):
 
 
 def test_a_store_of_the_previous_schema_migrates_and_its_generations_resume(tmp_path):
-    """A job interrupted under the schema before partials (its items leased by a worker that
-    died) opens on this version: the items are taken over, checkpointed as they run, and a
-    second interruption continues from the checkpoints."""
+    """A job interrupted under the schema before partials (its items leased by a replica that
+    died) opens on this version: the items are taken over, saved as they run, and a
+    second interruption continues from the partials."""
     url = f"sqlite:///{tmp_path / 'old.db'}"
     previous = MIGRATIONS[:-1]
     assert migrate(create_engine(url), previous) == len(previous)
@@ -266,7 +266,7 @@ def test_a_store_of_the_previous_schema_migrates_and_its_generations_resume(tmp_
         conn.execute(sa.text("insert into jobs (id, state, spec, num_total, created_at, updated_at,"
                              " run_s) values ('j1', 'running', :spec, 3, 1.0, 1.0, 0.0)"),
                      {"spec": '{"tasks": ["t"], "source": "requests"}'})
-        for i in range(3):  # leased by a worker that died, the lease long expired
+        for i in range(3):  # leased by a replica that died, the lease long expired
             conn.execute(sa.text("insert into items (key, kind, args, state, owner, claimed_at,"
                                  " num_runs, lease_until, seq) values (:k, 'generate_until', '{}',"
                                  " 'running', 'gone:1', 1.0, 1, 1.0, :i)"), {"k": f"g{i}", "i": i})
@@ -275,10 +275,10 @@ def test_a_store_of_the_previous_schema_migrates_and_its_generations_resume(tmp_
     store = Store(url)  # migrates on open
     assert store.get_job("j1").to_dict()["partial_items"] == 0
     keys = ["g0", "g1", "g2"]
-    cfg = RunConfig(max_inflight=3, checkpoint_tokens=4, checkpoint_s=60)
+    cfg = RunConfig(max_inflight=3, partial_tokens=4, partial_s=60)
     first = FakeEngine(gen_tokens=GEN_TOKENS)
     kill_after(first, 3 * 20)
-    killed = dead_worker(store)
+    killed = dead_replica(store)
     try:
         Runner(store, first, cfg, owner=killed).run("j1", keys)
     except Killed:

@@ -1,5 +1,5 @@
-"""Partial generations on the real engine: a generation continued from any checkpoint ends with
-the text of one uninterrupted greedy run, stop strings across the checkpoint included. A
+"""Partial generations on the real engine: a generation continued from any partial ends with
+the text of one uninterrupted greedy run, stop strings across the partial included. A
 SIGKILLed `submit` whose `resume` continues every generation is tests/test_durability.py.
 
 The pure splitting and joining, and the runner on the fake engine, are tests/test_partials.py;
@@ -34,7 +34,7 @@ def items(openings, until=UNTIL, prefix="g") -> list[WorkItem]:
             for i, text in enumerate(openings)]
 
 
-def test_a_generation_continued_from_any_checkpoint_ends_as_an_uninterrupted_one(engine, model_ref):
+def test_a_generation_continued_from_any_partial_ends_as_an_uninterrupted_one(engine, model_ref):
     from transformers import AutoTokenizer
 
     from .tasks.tiny import STORIES
@@ -48,12 +48,12 @@ def test_a_generation_continued_from_any_checkpoint_ends_as_an_uninterrupted_one
     before = engine.num_generated_tokens
     continued, _ = generate(engine, work, {key: tokens[key][:cut] for key, cut in cuts.items()})
     assert continued == whole
-    # the checkpointed tokens are not generated again
+    # the saved tokens are not generated again
     assert engine.num_generated_tokens - before == sum(MAX_TOKENS - cut for cut in cuts.values())
 
-    # A stop string across the checkpoint: it begins in the checkpointed text and ends in the
+    # A stop string across the partial: it begins in the saved text and ends in the
     # tokens generated after it, where vLLM (which checks only the text it generates) misses it.
-    straddling, checkpoints = [], {}
+    straddling, partials = [], {}
     for w in work:
         cut = 60
         seam = len(decode(tokens[w.key][:cut], skip_special_tokens=True))
@@ -62,8 +62,8 @@ def test_a_generation_continued_from_any_checkpoint_ends_as_an_uninterrupted_one
             key = f"s{len(straddling)}"
             straddling.append(WorkItem(key, "generate_until", [w.args[0], {
                 "until": [*UNTIL, stop], "max_gen_toks": MAX_TOKENS}]))
-            checkpoints[key] = (tokens[w.key][:cut], whole[w.key][:seam - 3])
+            partials[key] = (tokens[w.key][:cut], whole[w.key][:seam - 3])
     assert len(straddling) >= 2
     uninterrupted, _ = generate(engine, straddling)
-    resumed, _ = generate(engine, straddling, {k: ids for k, (ids, _) in checkpoints.items()})
-    assert resumed == uninterrupted == {k: text for k, (_, text) in checkpoints.items()}
+    resumed, _ = generate(engine, straddling, {k: ids for k, (ids, _) in partials.items()})
+    assert resumed == uninterrupted == {k: text for k, (_, text) in partials.items()}

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from conserve_bench.engine.arrivals import ArrivalSignal, SharedInt
+from conserve_bench.vllm_plugin.arrivals import ArrivalSignal, SharedInt
 from conserve_bench.sched.latency import ChunkShape, LatencyModel, StepShape
 from conserve_bench.sched.policy import (ARRIVAL_HANDOFF_NS, Targets, abort_after_ns,
                                          default_offline_step_s)
-from conserve_bench.sched.preemption import ArmedStep, LayerPreemption, filled_blocks
+from conserve_bench.vllm_plugin.preemption import ArmedStep, LayerPreemption, filled_blocks
 
 
 # -- the arrival signal --------------------------------------------------------------------------
@@ -62,14 +62,14 @@ class FakeEvent:
 
 
 def safepoints(arrival: list[int], every=4, num_layers=30, bound=None):
-    from conserve_bench.engine.safepoints import Safepoints
+    from conserve_bench.vllm_plugin.safepoints import Safepoints
 
     clock = iter(range(0, 10**12, 1_000_000))  # 1 ms per reading
     return Safepoints(every, num_layers, lambda: arrival[0], bound, clock=lambda: next(clock))
 
 
 def run_layers(points, num_layers: int):
-    from conserve_bench.engine.safepoints import StepAborted
+    from conserve_bench.vllm_plugin.safepoints import StepAborted
 
     for _ in range(num_layers):
         try:
@@ -80,7 +80,7 @@ def run_layers(points, num_layers: int):
 
 
 def test_an_unarmed_step_is_never_cut():
-    from conserve_bench.engine.safepoints import StepMeta
+    from conserve_bench.vllm_plugin.safepoints import StepMeta
 
     points = safepoints([10**15])
     points.begin(StepMeta(step_index=1, abort_after_ns=None))
@@ -88,7 +88,7 @@ def test_an_unarmed_step_is_never_cut():
 
 
 def test_an_armed_step_is_cut_at_the_first_safepoint_after_a_later_arrival():
-    from conserve_bench.engine.safepoints import StepMeta
+    from conserve_bench.vllm_plugin.safepoints import StepMeta
 
     arrival = [100]
     points = safepoints(arrival)
@@ -103,7 +103,7 @@ def test_an_armed_step_is_cut_at_the_first_safepoint_after_a_later_arrival():
 
 
 def test_no_safepoint_after_the_last_layer_and_the_count_restarts_each_step():
-    from conserve_bench.engine.safepoints import StepMeta
+    from conserve_bench.vllm_plugin.safepoints import StepMeta
 
     points = safepoints([5], every=5, num_layers=10)
     points.begin(StepMeta(step_index=1, abort_after_ns=0))
@@ -114,8 +114,8 @@ def test_no_safepoint_after_the_last_layer_and_the_count_restarts_each_step():
     assert run_layers(points, 10).layer == 5  # layer 10 is the last: no safepoint there
 
 
-def test_the_test_trigger_cuts_at_its_layer_without_an_arrival():
-    from conserve_bench.engine.safepoints import StepMeta
+def test_the_fault_hook_cuts_at_its_layer_without_an_arrival():
+    from conserve_bench.vllm_plugin.safepoints import StepMeta
 
     points = safepoints([0])
     points.begin(StepMeta(step_index=1, abort_after_ns=0, forced_abort_layer=10))
@@ -123,8 +123,34 @@ def test_the_test_trigger_cuts_at_its_layer_without_an_arrival():
     assert report.layer == 12 and report.arrival_ns == 0 and report.arrival_to_abort_s is None
 
 
+def test_the_abort_layer_fault_hook_cuts_each_work_once_and_only_from_the_environment(tmp_path, monkeypatch):
+    from conserve_bench.faults import ENV_VAR, fault_hook
+    from conserve_bench.vllm_plugin.connector_scheduler import ConnectorScheduler
+    from conserve_bench.vllm_plugin.overrides import ConnectorConfig
+    from conserve_bench.vllm_plugin.safepoints import StepMeta
+
+    def armed(half: ConnectorScheduler, step_index: int) -> StepMeta:
+        output = SimpleNamespace(kv_connector_metadata=StepMeta(step_index),
+                                 scheduled_new_reqs=[SimpleNamespace(req_id="a", num_computed_tokens=0)],
+                                 scheduled_cached_reqs=SimpleNamespace(req_ids=[], num_computed_tokens=[]))
+        half.arm(output, abort_after_ns=5)
+        return output.kv_connector_metadata
+
+    assert armed(ConnectorScheduler(ConnectorConfig(), 0, 16, 1024), 1).forced_abort_layer is None
+    layer = SharedInt.create(tmp_path / "abort.bin", 6)
+    monkeypatch.setenv(ENV_VAR, f"connector.abort_layer={layer.path}")
+    assert fault_hook("kv_checkpoints.max_blocks") is None
+    half = ConnectorScheduler(ConnectorConfig(), 0, 16, 1024)
+    first = armed(half, 1)
+    assert (first.abort_after_ns, first.forced_abort_layer) == (5, 6)
+    assert armed(half, 2).forced_abort_layer is None  # the same work, retried: runs to the end
+    monkeypatch.setenv(ENV_VAR, "connector.abort_layr=/x")
+    with pytest.raises(ValueError, match="unknown fault hook 'connector.abort_layr'"):
+        fault_hook("connector.abort_layer")
+
+
 def test_run_ahead_bound_waits_for_the_group_before_the_last_and_drains_on_abort():
-    from conserve_bench.engine.safepoints import RunAheadBound, StepMeta
+    from conserve_bench.vllm_plugin.safepoints import RunAheadBound, StepMeta
 
     log: list = []
     bound = RunAheadBound((FakeEvent("a", log), FakeEvent("b", log)))
@@ -148,7 +174,8 @@ def test_run_ahead_bound_waits_for_the_group_before_the_last_and_drains_on_abort
 
 
 def test_connector_config_rejects_unknown_settings_and_bad_k():
-    from conserve_bench.engine.connector import ConnectorConfig, LayerPreemptionError
+    from conserve_bench.vllm_plugin.overrides import (ConnectorConfig, LayerPreemptionError,
+                                                      connector_config, engine_overrides)
 
     with pytest.raises(LayerPreemptionError, match="unknown connector settings: every"):
         ConnectorConfig.from_dict({"every": 4})
@@ -156,18 +183,17 @@ def test_connector_config_rejects_unknown_settings_and_bad_k():
         ConnectorConfig(safepoint_every=0)
     with pytest.raises(LayerPreemptionError, match="--kv-checkpoint-gib"):
         ConnectorConfig(checkpoint_gib=-1)
-    overrides = ConnectorConfig(safepoint_every=2, arrival_path="/a").engine_overrides()
+    overrides = engine_overrides(connector=ConnectorConfig(safepoint_every=2, arrival_path="/a"))
     assert overrides["async_scheduling"] is False
-    assert overrides["kv_transfer_config"]["kv_connector_extra_config"]["conserve"] == {
-        "safepoint_every": 2, "arrival_path": "/a", "test_abort_path": None, "checkpoint_gib": 0.0,
-        "checkpoint_state_path": None, "test_pool_blocks_path": None}
-    assert ConnectorConfig.from_dict(overrides["kv_transfer_config"][
-        "kv_connector_extra_config"]["conserve"]) == ConnectorConfig(2, "/a")
+    extra = overrides["kv_transfer_config"]["kv_connector_extra_config"]
+    assert extra["conserve"] == {"safepoint_every": 2, "arrival_path": "/a", "checkpoint_gib": 0.0,
+                                 "checkpoint_state_path": None}
+    assert connector_config(extra) == ConnectorConfig(2, "/a")
+    assert "kv_transfer_config" not in engine_overrides()  # no connector unless one is given
 
 
 def vllm_config(**changes):
-    from conserve_bench.engine.plugin import WORKER_CLS
-    from conserve_bench.engine.plugin import SCHEDULER_CLS
+    from conserve_bench.vllm_plugin.overrides import SCHEDULER_CLS, WORKER_CLS
 
     values = dict(async_scheduling=False, speculative_config=None, tensor_parallel_size=1,
                   pipeline_parallel_size=1, worker_cls=WORKER_CLS, scheduler_cls=SCHEDULER_CLS)
@@ -186,11 +212,12 @@ def vllm_config(**changes):
     ({"speculative_config": object()}, "speculative decoding is on"),
     ({"tensor_parallel_size": 2}, "tensor and pipeline parallel size must be 1"),
     ({"pipeline_parallel_size": 2}, "tensor and pipeline parallel size must be 1"),
-    ({"worker_cls": "auto"}, "worker_cls=conserve_bench.engine.worker.PreemptibleWorker"),
-    ({"scheduler_cls": None}, "scheduler_cls=conserve_bench.sched.scheduler.ConserveScheduler"),
+    ({"worker_cls": "auto"}, "worker_cls=conserve_bench.vllm_plugin.worker.PreemptibleWorker"),
+    ({"scheduler_cls": None}, "scheduler_cls=conserve_bench.vllm_plugin.scheduler.ConserveScheduler"),
 ])
 def test_each_broken_requirement_has_its_own_error(changes, message):
-    from conserve_bench.engine.connector import LayerPreemptionError, check_requirements
+    from conserve_bench.vllm_plugin.connector import check_requirements
+    from conserve_bench.vllm_plugin.overrides import LayerPreemptionError
 
     check_requirements(vllm_config())  # on the CPU the V2 model runner is never used
     with pytest.raises(LayerPreemptionError, match=message):
@@ -200,7 +227,8 @@ def test_each_broken_requirement_has_its_own_error(changes, message):
 def test_only_one_full_attention_kv_group_can_be_rolled_back():
     from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
-    from conserve_bench.engine.connector import LayerPreemptionError, check_requirements
+    from conserve_bench.vllm_plugin.connector import check_requirements
+    from conserve_bench.vllm_plugin.overrides import LayerPreemptionError
 
     def kv(*specs):
         return SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=s) for s in specs])
@@ -367,21 +395,21 @@ def test_serve_starts_vllm_with_the_connector_worker_and_no_async_scheduling(tmp
 
     from conserve_bench.config import EngineConfig
     from conserve_bench.engine.local import UNIPROC_EXECUTOR
-    from conserve_bench.engine.plugin import WORKER_CLS
-    from conserve_bench.serve.server import ServeConfig, vllm_cli_args, with_connector
+    from conserve_bench.serve.server import ServeConfig, connector_config, vllm_cli_args
+    from conserve_bench.vllm_plugin.overrides import CONNECTOR_MODULE, WORKER_CLS, engine_overrides
 
     signal = ArrivalSignal(SharedInt.create(tmp_path / "a.bin").path)
     cfg = ServeConfig(safepoint_every=2, kv_checkpoint_gib=1.5)
-    engine_cfg = with_connector(EngineConfig(model_path="m", model_name="m"), cfg, signal, "s.json")
+    engine_cfg = EngineConfig(model_path="m", model_name="m",
+                              **engine_overrides(connector=connector_config(cfg, signal, "s.json")))
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(
         ["--model", *vllm_cli_args(cfg, engine_cfg)])
     assert args.async_scheduling is False and args.worker_cls == WORKER_CLS
     assert args.distributed_executor_backend == UNIPROC_EXECUTOR  # the worker in the engine core
     extra = args.kv_transfer_config.kv_connector_extra_config["conserve"]
-    assert extra == {"safepoint_every": 2, "arrival_path": str(signal.path), "test_abort_path": None,
-                     "checkpoint_gib": 1.5, "checkpoint_state_path": "s.json",
-                     "test_pool_blocks_path": None}
-    assert args.kv_transfer_config.kv_connector_module_path == "conserve_bench.engine.connector"
+    assert extra == {"safepoint_every": 2, "arrival_path": str(signal.path),
+                     "checkpoint_gib": 1.5, "checkpoint_state_path": "s.json"}
+    assert args.kv_transfer_config.kv_connector_module_path == CONNECTOR_MODULE
     assert args.scheduling_policy == "priority"  # ConserveScheduler refuses to run without it
     online_only = ServeConfig(policy="online-only")
     assert make_arg_parser(FlexibleArgumentParser()).parse_args(
@@ -392,8 +420,8 @@ def test_serve_starts_vllm_with_the_connector_worker_and_no_async_scheduling(tmp
 
 
 def test_an_abandoned_step_is_logged_but_never_fitted_on(tmp_path):
-    from conserve_bench.sched.steplog import (ScheduledRequest, StepLogWriter, StepRecorder,
-                                              read_step_log, read_step_log_with_notes)
+    from conserve_bench.sched.steplog import ScheduledRequest, read_step_log, read_step_log_with_notes
+    from conserve_bench.vllm_plugin.steplog import StepLogWriter, StepRecorder
 
     ticks = iter([0.0, 0.5, 1.0, 1.1])
     recorder = StepRecorder(StepLogWriter(tmp_path / "steps.jsonl"), clock=lambda: next(ticks),

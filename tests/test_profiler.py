@@ -11,12 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conserve_bench.sched.latency import ChunkShape, LatencyModel, Sample, StepShape, fit
-from conserve_bench.sched.profiler import (BLOCKER_TOKENS, FULL, QUICK, DecodeProbe,
+from conserve_bench.profiling.profiler import (BLOCKER_TOKENS, FULL, QUICK, DecodeProbe,
                                            PrefillProbe, Sweep, SweepResult, _check_fits,
                                            decode_groups, measured_samples, profile_engine,
                                            run_sweep, split_distinct_shapes, summary_rows,
                                            sweep_for)
-from conserve_bench.sched.profiles import current_key, profile_for, save_profile
+from conserve_bench.profiling.profiles import current_key, profile_for, save_profile
 
 from .conftest import cli
 
@@ -145,9 +145,9 @@ PROFILING_CLI = """
 import os, sys
 from types import SimpleNamespace
 from conserve_bench.cli import main
-from conserve_bench.sched import profiler
+from conserve_bench.profiling import profiler
 from conserve_bench.sched.latency import LatencyModel
-from conserve_bench.sched.profiles import Profile, current_key
+from conserve_bench.profiling.profiles import Profile, current_key
 
 def run_profile(store, model, quick, on_progress, on_started):  # the engine's part, faked
     os.write(2, b"WARNING vLLM engine chatter\\n")
@@ -185,7 +185,7 @@ def test_profile_show_prints_the_stored_profile_or_one_line(tmp_path, store):
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().startswith("error: no latency profile for smollm2-135m")
     assert len(missing.stderr.strip().splitlines()) == 1
-    from conserve_bench.sched.profiles import Profile
+    from conserve_bench.profiling.profiles import Profile
 
     model = LatencyModel((0.04, 2e-3, 2.4e-3, 4e-6, 1e-6, 8e-4))
     save_profile(store, Profile(current_key("smollm2-135m", "float32"), model, 42))
@@ -194,7 +194,7 @@ def test_profile_show_prints_the_stored_profile_or_one_line(tmp_path, store):
     assert "prefill_tokens" in shown.stdout and "logprob_tokens" in shown.stdout
     assert "live refit" not in shown.stdout
     from conserve_bench.sched.latency import FitError
-    from conserve_bench.sched.profiles import save_refit
+    from conserve_bench.profiling.profiles import save_refit
     from conserve_bench.sched.refit import RefitStatus
 
     refit = LatencyModel((0.0512, 2e-3, 2.4e-3, 4e-6, 1e-6, 8e-4))

@@ -9,7 +9,7 @@ import pytest
 
 from conserve_bench.errors import ProfileNotFoundError
 from conserve_bench.sched.latency import FitError, LatencyModel
-from conserve_bench.sched.profiles import (Profile, ProfileKey, current_key, profile_for,
+from conserve_bench.profiling.profiles import (Profile, ProfileKey, current_key, profile_for,
                                            refit_for, require_profile, save_profile, save_refit)
 from conserve_bench.sched.refit import RefitStatus
 
@@ -48,7 +48,7 @@ def test_profiling_again_replaces_the_profile_of_that_key(store):
                                           ("parallel_size", 2)])
 def test_a_profile_from_another_key_is_never_used(store, caplog, field, value):
     stored(store, replace(KEY, **{field: value}))
-    with caplog.at_level(logging.WARNING, logger="conserve_bench.sched.profiles"):
+    with caplog.at_level(logging.WARNING, logger="conserve_bench.profiling.profiles"):
         assert profile_for(store, KEY) is None
     assert field in caplog.text and repr(value) in caplog.text
     with pytest.raises(ProfileNotFoundError) as error:

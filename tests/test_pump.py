@@ -12,7 +12,7 @@ from conserve_bench.engine.fake import FAKE_FINGERPRINT, FakeEngine
 from conserve_bench.jobs.lifecycle import submit_requests
 from conserve_bench.serve.pump import OfflinePump
 
-from .conftest import dead_worker, wait_for
+from .conftest import dead_replica, wait_for
 
 BOTH_DIALECTS = True
 WINDOW = RunConfig(max_inflight=4)
@@ -98,7 +98,7 @@ def test_stop_drains_in_flight_items_to_pending_and_the_next_start_resumes(store
 def test_a_start_takes_back_a_killed_servers_running_job(store):
     job = requests_job(store, 10)
     store.set_job_state(job.id, "running")
-    store.claim_items(job.id, dead_worker(store), 4)  # the killed server's in-flight items
+    store.claim_items(job.id, dead_replica(store), 4)  # the killed server's in-flight items
     with running(pump(store, FakeEngine())):
         wait_done(store, job)
     assert store.item_states(job.id) == {"done": 10}

@@ -128,7 +128,7 @@ def test_a_pump_failing_for_longer_than_a_lease_reports_itself_down_then_recover
         assert pump.health() == (True, None)  # a failure, but not yet for a lease
         ok, reason = wait_for(down(pump.health), "health down", 10)
         assert "InjectedFault: injected fault at pump.next_job" in reason
-        assert pump.fatal is None and pump.worker.health() == (True, None)  # the store is fine
+        assert pump.fatal is None and pump.replica.health() == (True, None)  # the store is fine
         faults.arm("")
         wait_done(leased, job, timeout_s=30)  # NOTE: the backoff is capped
         assert pump.health() == (True, None)
@@ -160,7 +160,7 @@ class Outage:
 
 def test_a_store_outage_of_several_leases_mid_job_leaves_nothing_stuck(store):
     """Before: the runner's give-back failed in the outage, its items stayed running under
-    the pump's worker, its heartbeat renewed them for ever, and no claim takes its own: the
+    the pump's replica, its heartbeat renewed them for ever, and no claim takes its own: the
     job waited for ever (probed: 192/200 done)."""
     leased = Store(store.url, LEASE)
     job = requests_job(leased, 200)
@@ -172,14 +172,14 @@ def test_a_store_outage_of_several_leases_mid_job_leaves_nothing_stuck(store):
                        on_fatal=reasons.append)
     with running(pump):
         wait_for(lambda: outage.is_on, "the outage", timeout_s=30)
-        ok, reason = wait_for(down(pump.worker.health),
+        ok, reason = wait_for(down(pump.replica.health),
                               "the heartbeat to report the store down", timeout_s=3)
         assert "renewed no lease" in reason and outage.is_on
         ok, reason = wait_for(down(pump.health),
                               "the pump to report itself down", timeout_s=4)
         assert "StoreUnavailableError" in reason and outage.is_on
         wait_done(store, job, timeout_s=60)
-        assert pump.health() == (True, None) and pump.worker.health() == (True, None)
+        assert pump.health() == (True, None) and pump.replica.health() == (True, None)
     assert reasons == [] and store.item_states(job.id) == {"done": 200}
     runs = store.run_counts(job.id)
     assert sum(n - 1 for n in runs.values()) <= 8  # only what was in flight is computed again
@@ -212,7 +212,7 @@ def test_the_async_engine_reports_a_dead_engine_as_unavailable():
 
 
 def test_a_heartbeat_survives_any_error_and_reports_itself_down_meanwhile(store, monkeypatch):
-    from conserve_bench.jobs.worker import Worker
+    from conserve_bench.jobs.replica import Replica
 
     leased = Store(store.url, LEASE)
     broken = threading.Event()
@@ -224,13 +224,13 @@ def test_a_heartbeat_survives_any_error_and_reports_itself_down_meanwhile(store,
         return renew_lease(*args)
 
     monkeypatch.setattr(leased, "renew_lease", renew)
-    with Worker(leased, "test") as worker:
-        assert worker.health() == (True, None)
+    with Replica(leased, "test") as replica:
+        assert replica.health() == (True, None)
         broken.set()
-        ok, reason = wait_for(down(worker.health),
+        ok, reason = wait_for(down(replica.health),
                               "the heartbeat to report itself down", timeout_s=5)
         assert "RuntimeError: a bug in the heartbeat" in reason
         broken.clear()
-        wait_for(lambda: worker.health() == (True, None), "the heartbeat back", timeout_s=5)
-        assert worker._thread.is_alive()
-    assert worker.health() == (False, f"worker {worker.id} is stopped")
+        wait_for(lambda: replica.health() == (True, None), "the heartbeat back", timeout_s=5)
+        assert replica._thread.is_alive()
+    assert replica.health() == (False, f"replica {replica.id} is stopped")

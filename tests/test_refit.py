@@ -124,8 +124,8 @@ def test_the_server_shows_and_stores_what_the_engine_wrote(tmp_path, store):
     /metrics gauges from it and stores it under the profile's key."""
     from prometheus_client import REGISTRY
 
-    from conserve_bench.sched.profiles import current_key, refit_for
-    from conserve_bench.sched.scheduler import write_refit_state
+    from conserve_bench.profiling.profiles import current_key, refit_for
+    from conserve_bench.vllm_plugin.scheduler import write_refit_state
     from conserve_bench.serve.metrics import RefitWatcher
 
     key = current_key("smollm2-135m", "float32")

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from conserve_bench.engine.generation import Generation
 from conserve_bench.engine.prompts import (Assembler, Encoder, GeneratedText, NextTokenScore,
-                                     PromptScore, build_prompts, item_key)
-from conserve_bench.store import WorkItem
+                                           PromptScore, build_prompts)
+from conserve_bench.store import WorkItem, item_key
 
 
 @pytest.fixture(scope="module")

@@ -101,7 +101,7 @@ def test_an_engine_failure_propagates_and_loses_no_committed_item(store):
     assert store.item_states(job_id) == {"done": 12, "pending": 28}  # the finally commit
 
 
-def test_items_of_a_dead_worker_are_reclaimed_once_its_lease_expires(store, monkeypatch):
+def test_items_of_a_dead_replica_are_reclaimed_once_its_lease_expires(store, monkeypatch):
     monkeypatch.setattr(runner_module, "WAIT_FOR_OTHERS_S", 0.05)
     job_id, keys = add_job(store, 10)
     short = Store(store.url, LeaseConfig(lease_s=0.5, heartbeat_s=0.1))
@@ -139,17 +139,17 @@ def test_an_item_the_engine_refuses_is_retried_then_failed_and_counted(store):
     assert (runner.stats.num_items, runner.stats.num_failed) == (11, store.leases.max_attempts)
 
 
-def test_a_run_first_takes_back_what_its_worker_holds_but_no_runner_tracks(store, monkeypatch):
-    """Items a failed give-back left running under this worker (a store outage): no claim
+def test_a_run_first_takes_back_what_its_replica_holds_but_no_runner_tracks(store, monkeypatch):
+    """Items a failed give-back left running under this replica (a store outage): no claim
     takes its owner's own, so without this the run waited for them for ever."""
-    from conserve_bench.jobs.worker import Worker
+    from conserve_bench.jobs.replica import Replica
 
     monkeypatch.setattr(runner_module, "WAIT_FOR_OTHERS_S", 0.01)
     job_id, keys = add_job(store, 6)
-    with Worker(store, "test") as worker:
-        store.claim_items(job_id, worker.id, 3)  # what an earlier run lost track of
+    with Replica(store, "test") as replica:
+        store.claim_items(job_id, replica.id, 3)  # what an earlier run lost track of
         engine, results = FakeEngine(), {}
-        runner = Runner(store, engine, RunConfig(max_inflight=4), worker=worker)
+        runner = Runner(store, engine, RunConfig(max_inflight=4), replica=replica)
         thread = threading.Thread(target=lambda: results.update(runner.run(job_id, keys)),
                                   daemon=True)
         thread.start()

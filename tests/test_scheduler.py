@@ -11,7 +11,7 @@ import pytest
 
 from conserve_bench.sched.latency import ChunkShape, LatencyModel
 from conserve_bench.sched.policy import PolicyConfig, Targets
-from conserve_bench.engine.plugin import SCHEDULER_CLS
+from conserve_bench.vllm_plugin.overrides import SCHEDULER_CLS
 from conserve_bench.sched.steplog import step_shape
 
 
@@ -19,7 +19,7 @@ def test_scheduler_cls_resolves_to_a_vllm_scheduler_subclass():
     from vllm.utils.import_utils import resolve_obj_by_qualname
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from conserve_bench.sched.scheduler import ConserveScheduler
+    from conserve_bench.vllm_plugin.scheduler import ConserveScheduler
 
     assert resolve_obj_by_qualname(SCHEDULER_CLS) is ConserveScheduler
     assert issubclass(ConserveScheduler, Scheduler)
@@ -78,7 +78,7 @@ def test_vllm_cpu_runs_without_a_batch_queue():
 
 
 def test_scheduled_requests_read_the_context_before_the_step():
-    from conserve_bench.sched.scheduler import ConserveScheduler
+    from conserve_bench.vllm_plugin.scheduler import ConserveScheduler
 
     def request(num_computed, num_prompt, prompt_logprobs=None):
         return SimpleNamespace(num_computed_tokens=num_computed, num_prompt_tokens=num_prompt,
@@ -110,7 +110,7 @@ def make_scheduler(model_path: str, policy: PolicyConfig | None, num_blocks: int
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
     from vllm.v1.structured_output import StructuredOutputManager
 
-    from conserve_bench.sched.scheduler import ConserveScheduler
+    from conserve_bench.vllm_plugin.scheduler import ConserveScheduler
 
     additional = {"conserve": {"policy": policy.to_dict(), **conserve}} if policy else {}
     config = EngineArgs(model=model_path, max_model_len=2048, max_num_seqs=16,
@@ -308,7 +308,7 @@ def test_a_step_whose_request_was_aborted_is_never_fitted_on(model_path, tmp_pat
 
 
 def test_the_reference_prompt_follows_recent_online_prompts(model_path, tmp_path):
-    from conserve_bench.sched.scheduler import NUM_RECENT_PROMPTS
+    from conserve_bench.vllm_plugin.scheduler import NUM_RECENT_PROMPTS
 
     scheduler = make_live_scheduler(model_path, tmp_path)
     assert scheduler._targets.reference_prompt_tokens == BOUNDED.targets.reference_prompt_tokens

@@ -241,9 +241,9 @@ def test_sigkill_loses_nothing_restart_resumes_sigterm_drains_generations_contin
         shared_server, engine, data_dir, tmp_path):
     """A job of questions, then long generations, on the server. SIGKILL (server and engine
     processes) at a quarter of its questions; a new server on the same store resumes the job
-    by itself; SIGTERM once half the generations' tokens are checkpointed drains it back to
+    by itself; SIGTERM once half the generations' tokens are saved drains it back to
     queued; `resume` in this process finishes it, each generation continued from its
-    checkpoint: the scores and texts of an uninterrupted run."""
+    partial: the scores and texts of an uninterrupted run."""
     tasks = ["mmlu_astronomy", "mmlu_college_biology",  # nothing of the other tests' items
              "conserve_tiny_long"]  # 4 openings, never meeting the stop (--include-path)
     num_questions, generated_tokens = 2 * LIMIT * 4, 4 * 256

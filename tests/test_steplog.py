@@ -7,12 +7,13 @@ from hypothesis import strategies as st
 
 import pytest
 
-from conserve_bench.engine.plugin import (SCHEDULER_CLS, conserve_config, conserve_overrides,
-                                          step_log_path)
-from conserve_bench.sched.latency import ChunkShape, Sample, StepShape
-from conserve_bench.sched.steplog import (ScheduledRequest, StepLogWriter, StepRecorder,
-                                          from_line, read_step_log, read_step_log_with_notes,
-                                          recording_overrides, step_shape, to_line)
+from conserve_bench.sched.latency import ChunkShape, LatencyModel, Sample, StepShape
+from conserve_bench.sched.policy import PolicyConfig, Targets
+from conserve_bench.sched.steplog import (ScheduledRequest, from_line, read_step_log,
+                                          read_step_log_with_notes, step_shape, to_line)
+from conserve_bench.vllm_plugin.overrides import (SCHEDULER_CLS, conserve_config, engine_overrides,
+                                                  step_log_path)
+from conserve_bench.vllm_plugin.steplog import StepLogWriter, StepRecorder
 
 
 def test_prefill_chunks_and_decodes_are_told_apart_by_computed_tokens():
@@ -131,8 +132,8 @@ def test_empty_and_unknown_steps_are_not_logged(tmp_path):
     assert read_step_log(tmp_path / "steps.jsonl") == ([], 0)
 
 
-def test_recording_overrides_name_the_scheduler_and_the_log(tmp_path):
-    overrides = recording_overrides(tmp_path / "s.jsonl")
+def test_engine_overrides_name_the_scheduler_and_the_log(tmp_path):
+    overrides = engine_overrides(step_log=tmp_path / "s.jsonl")
     assert overrides["scheduler_cls"] == SCHEDULER_CLS
     assert step_log_path(overrides["additional_config"]) == str(tmp_path / "s.jsonl")
     assert step_log_path({}) is None and step_log_path({"conserve": {}}) is None
@@ -140,12 +141,13 @@ def test_recording_overrides_name_the_scheduler_and_the_log(tmp_path):
 
 def test_plugin_config_entries_add_up_and_keep_the_rest(tmp_path):
     """serve adds the step log, then the policy; neither drops the other or vLLM's own keys."""
-    first = conserve_overrides({"other_plugin": 1}, step_log="s.jsonl")
-    both = conserve_overrides(first["additional_config"], policy={"targets": {}})
+    policy = PolicyConfig(Targets(ttft_s=1.0, tbt_s=0.1), LatencyModel((0.01, 0.001, 0.0, 0.0, 0.0, 0.0)))
+    first = engine_overrides({"other_plugin": 1}, step_log="s.jsonl")
+    both = engine_overrides(first["additional_config"], policy=policy)
     assert both["scheduler_cls"] == SCHEDULER_CLS
     assert both["additional_config"]["other_plugin"] == 1
     assert conserve_config(both["additional_config"]) == {"step_log": "s.jsonl",
-                                                          "policy": {"targets": {}}}
+                                                          "policy": policy.to_dict()}
     assert conserve_config(None) == {} and conserve_config({"conserve": None}) == {}
-    with pytest.raises(ValueError, match="step_logs"):
-        conserve_overrides(step_logs="typo.jsonl")
+    with pytest.raises(TypeError, match="step_logs"):
+        engine_overrides(step_logs="typo.jsonl")

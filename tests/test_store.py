@@ -157,8 +157,8 @@ def test_claims_follow_job_order_and_kind(store):
 
 
 def test_only_the_owner_holding_an_item_completes_it(store):
-    """The fence fleet mode builds on: a worker presumed dead cannot overwrite the result of
-    the worker that took its items over, nor complete items it never claimed."""
+    """The fence fleet mode builds on: a replica presumed dead cannot overwrite the result of
+    the replica that took its items over, nor complete items it never claimed."""
     job = store.create_job(JobSpec(tasks=("t",)))
     store.add_items(job.id, items_for(4))
     store.claim_items(job.id, "a", 2)  # k0, k1

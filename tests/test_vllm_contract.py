@@ -85,8 +85,8 @@ def test_lm_eval_names():
 
 
 def test_vllm_streaming_names():
-    """Generations stream new tokens only (DELTA) so they can be checkpointed; closing the
-    async stream early (a stop string across a checkpoint) aborts the request in vLLM."""
+    """Generations stream new tokens only (DELTA) so they can be saved as partials; closing the
+    async stream early (a stop string across a partial's end) aborts the request in vLLM."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM

@@ -101,16 +101,16 @@ def test_a_stop_signal_drains_and_raises_nothing():
 
 
 def test_health_asks_the_pump_and_heartbeat_only_when_the_pump_runs(tmp_path):
-    class Worker:
+    class Replica:
         def health(self):
-            return False, "worker w renewed no lease for 40.0 s (lease 30 s)"
+            return False, "replica w renewed no lease for 40.0 s (lease 30 s)"
 
     pump, engine = RecordingPump(), FakeEngineClient()
-    pump.worker = Worker()
+    pump.replica = Replica()
     store = StoreWatch(lambda: None, every_s=1.0, max_age_s=30.0)
     conserve = HealthCheck(health_probes(ServeConfig(policy="priority", profile=False), engine, pump, store))
     assert conserve.report() == (False, {"status": "unhealthy", "down": {
-        "heartbeat": "worker w renewed no lease for 40.0 s (lease 30 s)"}})
+        "heartbeat": "replica w renewed no lease for 40.0 s (lease 30 s)"}})
     online_only = HealthCheck(health_probes(ServeConfig(policy="online-only", profile=False),
                                             engine, pump, store))
     assert online_only.report() == (True, {"status": "ok"})

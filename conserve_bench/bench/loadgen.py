@@ -3,7 +3,7 @@
 Each request is a token-id prompt of exactly the workload's context tokens, with
 `max_tokens` = its generated tokens and `ignore_eos`, streamed; TTFT and every gap between
 tokens are taken when the chunks arrive here. Also samples the server's offline counters
-from `/metrics`. It only sends and observes; building the report is `bench.report`'s job.
+from `/metrics`. It only sends and observes; building the report is `bench.summary`'s job.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import httpx
 
-from conserve_bench.bench.report import CounterSample, OnlineRecord
+from conserve_bench.bench.summary import CounterSample, OnlineRecord
 from conserve_bench.bench.workload import OnlineRequest, prompt_token_ids
 
 OFFLINE_COUNTERS = {"conserve_offline_tokens_total": "tokens", "conserve_offline_items_total": "items"}
@@ -90,12 +90,12 @@ class OnlineClient:
         pending = list(enumerate(requests))
         records: list[OnlineRecord] = []
 
-        async def worker():
+        async def send_in_turn():
             while pending:
                 index, request = pending.pop(0)
                 records.append(await self.stream(index, request, t0))
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(send_in_turn() for _ in range(concurrency)))
         return sorted(records, key=lambda r: r.index), time.perf_counter() - t0
 
     async def offline_counters(self, t0: float) -> CounterSample:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conserve_bench.bench.report import PhaseResult
+from conserve_bench.bench.summary import PhaseResult
 
 SMOOTH_S = 2.0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conserve_bench.bench.report import PERCENTILES
+from conserve_bench.bench.summary import PERCENTILES
 
 
 TABLE_COLUMNS = ("policy", "TTFT p50/p90/p99 ms", "TBT p50/p90/p99 ms", "SLO %", "online req/s",

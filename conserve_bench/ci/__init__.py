@@ -1,10 +1,10 @@
 """`conserve-bench ci`: nightly eval runs that gate on baselines, resume and report for CI.
 
-config (YAML files -> frozen checks) -> run (jobs by run key, embedded or on a server, until
-done, a deadline or a signal) -> gate (verdict per task and metric) and stats (paired
-comparison with an earlier run) -> report (markdown, JUnit, JSON); `baseline` writes a
-finished run's scores into its config files (`--write-baseline`). Only `run` touches the
-store, an engine or a server; `config` reads the YAML files and `baseline` rewrites them;
+suite (the YAML config files -> frozen checks) -> nightly (jobs by run key, embedded or on
+a server, until done, a deadline or a signal) -> gate (verdict per task and metric) and stats
+(paired comparison with an earlier run) -> report (markdown, JUnit, JSON); `baseline` writes a
+finished run's scores into its config files (`--write-baseline`). Only `nightly` touches the
+store, an engine or a server; `suite` reads the YAML files and `baseline` rewrites them;
 `gate`, `stats` and `report` are pure. Exit codes are `ExitCode`.
 """
 

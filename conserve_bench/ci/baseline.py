@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from conserve_bench.ci.config import CIConfig
+from conserve_bench.ci.suite import CIConfig
 from conserve_bench.ci.report import JobOutcome, Report, Row
 
 STDERRS_OF_TOLERANCE = 2  # the default atol: about a 95% band around the baseline

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from conserve_bench.ci.config import MetricCheck
+from conserve_bench.ci.suite import MetricCheck
 
 # NOTE: a score exactly at the threshold passes; thresholds computed in floating point
 # (0.35 - 0.05) may land a hair above it, hence the slack.

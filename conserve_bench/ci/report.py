@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from conserve_bench.ci import ExitCode
-from conserve_bench.ci.config import CIConfig, MetricCheck, TaskCheck
+from conserve_bench.ci.suite import CIConfig, MetricCheck, TaskCheck
 from conserve_bench.ci.gate import Measured, Verdict, judge, leaf_tasks, measure
 from conserve_bench.ci.stats import Comparison, compare_paired
 from conserve_bench.jobs.samples import PER_SAMPLE_KEY, metric_values

@@ -50,8 +50,8 @@ def show_tracebacks(ctx: typer.Context, verbose: bool) -> bool:
 
 
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", callback=show_tracebacks, help="Show vLLM's and lm-eval's own output on the terminal instead of in a log under --output (<job-id>.log; profile's: profile.log), and an unexpected error's traceback.")]
-CheckpointTokensOpt = Annotated[int, typer.Option("--checkpoint-tokens", min=0, help="Checkpoint each generation in flight every N new tokens, so an interrupted one continues; 0: off (it starts over).")]
-CheckpointSOpt = Annotated[float, typer.Option("--checkpoint-s", min=0.001, help="...or every S seconds, whichever comes first.")]
+PartialTokensOpt = Annotated[int, typer.Option("--partial-tokens", min=0, help="Save the tokens of each generation in flight (a partial) every N new tokens, so an interrupted one continues; 0: off (it starts over).")]
+PartialSOpt = Annotated[float, typer.Option("--partial-s", min=0.001, help="...or every S seconds, whichever comes first.")]
 ApiKeyOpt = Annotated[Optional[str], typer.Option("--api-key", envvar="CONSERVE_BENCH_API_KEY", help="Bearer key of the server.")]
 
 

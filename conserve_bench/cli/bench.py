@@ -1,4 +1,4 @@
-"""`bench`: the co-serving benchmark (`bench.run`), its tables printed."""
+"""`bench`: the co-serving benchmark (`bench.phases`), its tables printed."""
 
 from __future__ import annotations
 
@@ -53,15 +53,15 @@ def bench(
 
     Example: bench --trace ../shared/data/traces/azure_llm_2023_conv.csv --data-dir ../shared/data/mmlu
     """
-    from conserve_bench.bench.config import BenchConfig
-    from conserve_bench.bench.run import run_bench
+    from conserve_bench.bench.setting import BenchSetting
+    from conserve_bench.bench.phases import run_bench
     from conserve_bench.bench.tables import (GOAL_COLUMNS, KV_RESUME_COLUMNS, PREEMPTION_COLUMNS,
                                              STEP_COLUMNS, TABLE_COLUMNS, goal_rows, kv_resume_rows,
                                              preemption_rows, step_rows, table_rows)
 
     data_dir = data_dir or default_data_dir()
     output_folder(output)
-    cfg = BenchConfig(
+    cfg = BenchSetting(
         policies=tuple(p.strip() for p in policies.split(",") if p.strip()), trace=trace,
         arrivals=arrivals, cv=cv, trace_offset=trace_offset, rate=rate, load=load if load is not None or rate is not None else 0.5,
         duration_s=duration_s, token_scale=token_scale, max_context_tokens=max_context_tokens,

@@ -47,9 +47,9 @@ def ci(
 
     Example: ci ci/ --run-key "$(date +%F)-$GITHUB_SHA" --time-budget 50m --junit junit.xml
     """
-    from conserve_bench.ci.config import load_configs
+    from conserve_bench.ci.suite import load_configs
     from conserve_bench.ci.report import to_junit, to_markdown
-    from conserve_bench.ci.run import CIOptions, Stopper, parse_deadline, run_ci
+    from conserve_bench.ci.nightly import CIOptions, Stopper, parse_deadline, run_ci
 
     data_dir = data_dir or default_data_dir()
     output_folder(output)

@@ -10,18 +10,20 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from conserve_bench.cli.base import (ApiKeyOpt, CheckpointSOpt, CheckpointTokensOpt, DbOpt,
-                                     InflightOpt, Interrupted, JobArg, JsonOpt, KVCheckpointOpt,
-                                     OutputOpt, ServerOpt, VerboseOpt, app, checked, output_folder,
-                                     store_for)
-from conserve_bench.config import (DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS, DEFAULT_MODEL,
+from conserve_bench.cli.base import (ApiKeyOpt, DbOpt, InflightOpt, Interrupted, JobArg,
+                                     JsonOpt, KVCheckpointOpt, OutputOpt, PartialSOpt,
+                                     PartialTokensOpt, ServerOpt, VerboseOpt, app, checked,
+                                     output_folder, store_for)
+from conserve_bench.config import (DEFAULT_MODEL, DEFAULT_PARTIAL_S, DEFAULT_PARTIAL_TOKENS,
                                    JobSpec, RunConfig, default_data_dir)
+from conserve_bench.engine import local as local_engine
 from conserve_bench.engine.models import model_name, resolve_model
 from conserve_bench.errors import JobStateError
 from conserve_bench.jobs import lifecycle
 from conserve_bench.output import Phases, out
 from conserve_bench.serve.client import QUERY_WAIT_S, JobClient
 from conserve_bench.store import JobState, Store
+from conserve_bench.vllm_plugin.overrides import ConnectorConfig, engine_overrides
 
 
 @app.command()
@@ -35,8 +37,8 @@ def submit(
     db: DbOpt = None,
     output: OutputOpt = "results",
     max_inflight: InflightOpt = 64,
-    checkpoint_tokens: CheckpointTokensOpt = DEFAULT_CHECKPOINT_TOKENS,
-    checkpoint_s: CheckpointSOpt = DEFAULT_CHECKPOINT_S,
+    partial_tokens: PartialTokensOpt = DEFAULT_PARTIAL_TOKENS,
+    partial_s: PartialSOpt = DEFAULT_PARTIAL_S,
     server: ServerOpt = None,
     api_key: ApiKeyOpt = None,
     wait: Annotated[Optional[bool], typer.Option("--wait/--no-wait", help="Follow the job to the end, or only record it (for the `serve` replicas on --db or --server to run) [default: --wait, --no-wait with --server].")] = None,
@@ -66,25 +68,25 @@ def submit(
         return
     if not as_json:
         out.stdout.print(f"job [bold]{job.id}[/] submitted: {', '.join(spec.tasks)} on {spec.model}")
-    _run(store, job.id, output, _run_config(max_inflight, checkpoint_tokens, checkpoint_s), as_json,
+    _run(store, job.id, output, _run_config(max_inflight, partial_tokens, partial_s), as_json,
          verbose, kv_checkpoint_gib)
 
 
 @app.command()
 def resume(job_id: JobArg, db: DbOpt = None, output: OutputOpt = "results",
            max_inflight: InflightOpt = 64, kv_checkpoint_gib: KVCheckpointOpt = 0.0,
-           checkpoint_tokens: CheckpointTokensOpt = DEFAULT_CHECKPOINT_TOKENS,
-           checkpoint_s: CheckpointSOpt = DEFAULT_CHECKPOINT_S,
+           partial_tokens: PartialTokensOpt = DEFAULT_PARTIAL_TOKENS,
+           partial_s: PartialSOpt = DEFAULT_PARTIAL_S,
            as_json: JsonOpt = False, verbose: VerboseOpt = False):
     """Continue a job where it stopped: finished items are reused, interrupted generations
-    continue from their checkpoints. Example: resume 3f2a9c1d0b7e"""
+    continue from their partials. Example: resume 3f2a9c1d0b7e"""
     store = store_for(db)
     job = store.get_job(job_id)
     if job.state == JobState.DONE:
         _print_results(lifecycle.job_results(store, job_id), as_json)
         return
     output_folder(output)
-    _run(store, job_id, output, _run_config(max_inflight, checkpoint_tokens, checkpoint_s), as_json,
+    _run(store, job_id, output, _run_config(max_inflight, partial_tokens, partial_s), as_json,
          verbose, kv_checkpoint_gib)
 
 
@@ -92,7 +94,7 @@ def resume(job_id: JobArg, db: DbOpt = None, output: OutputOpt = "results",
 def list_jobs(db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = None,
               limit: Annotated[int, typer.Option(min=0, help="The newest N jobs; 0: all.")] = lifecycle.JOBS_LISTED,
               as_json: JsonOpt = False):
-    """List jobs, newest first, and the live replicas (workers) of the store."""
+    """List jobs, newest first, and the live replicas of the store."""
     found = JobClient(server, api_key, max_wait_s=QUERY_WAIT_S).jobs(limit) if server else lifecycle.fleet_overview(store_for(db), limit)
     if as_json:
         out.json(found)
@@ -159,7 +161,7 @@ def cancel(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: 
 
 
 # `submit`'s options for a job run in this process, which `--server` cannot honour
-RUN_HERE_OPTIONS = ("db", "output", "max_inflight", "checkpoint_tokens", "checkpoint_s",
+RUN_HERE_OPTIONS = ("db", "output", "max_inflight", "partial_tokens", "partial_s",
                     "kv_checkpoint_gib", "verbose")
 
 
@@ -189,9 +191,9 @@ def _submit_remote(client: "JobClient", spec: JobSpec, wait: bool, as_json: bool
     _print_summary(client.results(job["id"]), as_json)
 
 
-def _run_config(max_inflight: int, checkpoint_tokens: int, checkpoint_s: float) -> RunConfig:
-    return RunConfig(max_inflight=max_inflight, checkpoint_tokens=checkpoint_tokens,
-                     checkpoint_s=checkpoint_s)
+def _run_config(max_inflight: int, partial_tokens: int, partial_s: float) -> RunConfig:
+    return RunConfig(max_inflight=max_inflight, partial_tokens=partial_tokens,
+                     partial_s=partial_s)
 
 
 def _run(store: Store, job_id: str, output: str, run_cfg: RunConfig, as_json: bool,
@@ -201,6 +203,15 @@ def _run(store: Store, job_id: str, output: str, run_cfg: RunConfig, as_json: bo
     except Interrupted as e:
         e.job_id = job_id  # NOTE: its items were given back on the way out (`lifecycle.run_job`)
         raise
+
+
+def _checkpoint_overrides(kv_checkpoint_gib: float) -> dict[str, Any]:
+    """What keeps offline requests' KV checkpoints in a host pool of `kv_checkpoint_gib`
+    (0: none, and vLLM's own scheduler): the connector, and `ConserveScheduler` with no
+    policy, which schedules as vLLM does."""
+    if not kv_checkpoint_gib:
+        return {}
+    return engine_overrides(connector=ConnectorConfig(checkpoint_gib=kv_checkpoint_gib))
 
 
 def _run_job(store: Store, job_id: str, output: str, run_cfg: RunConfig, as_json: bool,
@@ -213,7 +224,7 @@ def _run_job(store: Store, job_id: str, output: str, run_cfg: RunConfig, as_json
     phases = Phases(out.stderr, enabled=not as_json)
     with out.progress(disable=as_json) as progress:
         task = progress.add_task("starting engine", total=None)
-        with lifecycle.start_engine(model, **lifecycle.checkpoint_overrides(kv_checkpoint_gib)) as engine:
+        with local_engine.start_engine(model, **_checkpoint_overrides(kv_checkpoint_gib)) as engine:
             phases.end("engine ready", f"{model.name}, context {engine.max_model_len} tokens")
             progress.update(task, description="building requests (lm-eval)")
             built = []

@@ -10,11 +10,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from conserve_bench.cli.base import (ApiKeyOpt, CheckpointSOpt, CheckpointTokensOpt, DbOpt,
-                                     OutputOpt, VerboseOpt, app, checked, on_off, output_folder,
-                                     store_for)
-from conserve_bench.config import (DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS, DEFAULT_MODEL,
-                                   LeaseConfig, default_data_dir, default_db_url)
+from conserve_bench.cli.base import (ApiKeyOpt, DbOpt, OutputOpt, PartialSOpt, PartialTokensOpt,
+                                     VerboseOpt, app, checked, on_off, output_folder, store_for)
+from conserve_bench.config import (DEFAULT_MODEL, DEFAULT_PARTIAL_S, DEFAULT_PARTIAL_TOKENS,
+                                   LeaseConfig, ServePolicy, default_data_dir, default_db_url)
 from conserve_bench.output import out
 from conserve_bench.sched.policy import DEFAULT_MARGIN, SAFEPOINT_EVERY
 from conserve_bench.serve.guard import DEFAULT_MAX_REQUEST_BYTES
@@ -30,7 +29,7 @@ def profile(
     verbose: VerboseOpt = False,
 ):
     """Measure the engine's step latency and fit the latency model. Example: profile --quick"""
-    from conserve_bench.sched import profiler
+    from conserve_bench.profiling import profiler
 
     store = store_for(db)
     refit = None
@@ -63,7 +62,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Bind address; anything but loopback needs --api-key.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     db: DbOpt = None,
-    policy: Annotated[str, typer.Option(help="conserve | priority | online-only")] = "conserve",
+    policy: Annotated[ServePolicy, typer.Option(help="How online traffic and offline jobs share the engine.")] = ServePolicy.CONSERVE,
     api_key: ApiKeyOpt = None,
     public_metrics: Annotated[bool, typer.Option("--public-metrics", help="With --api-key: serve /metrics without the key (a Prometheus scraper on a trusted network); every other route but /health needs it.")] = False,
     max_request_bytes: Annotated[int, typer.Option("--max-request-bytes", min=1, help="Largest request body on any route, in bytes; larger ones get 413 before they are parsed.")] = DEFAULT_MAX_REQUEST_BYTES,
@@ -78,8 +77,8 @@ def serve(
     kv_checkpoint_gib: Annotated[Optional[float], typer.Option("--kv-checkpoint-gib", min=0, help="conserve: host memory for KV checkpoints of offline requests, so a preempted one resumes by loading its KV; 0 turns them off [default: a quarter of the free RAM].")] = None,
     offline_step_ms: Annotated[Optional[float], typer.Option("--offline-step-ms", help="With layer preemption: offline-only step length [default: the smallest step within 5% of peak offline tokens/s, from the profile].")] = None,
     max_offline_inflight: Annotated[int, typer.Option("--max-offline-inflight", min=1, help="Offline items in flight.")] = 32,
-    checkpoint_tokens: CheckpointTokensOpt = DEFAULT_CHECKPOINT_TOKENS,
-    checkpoint_s: CheckpointSOpt = DEFAULT_CHECKPOINT_S,
+    partial_tokens: PartialTokensOpt = DEFAULT_PARTIAL_TOKENS,
+    partial_s: PartialSOpt = DEFAULT_PARTIAL_S,
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Local MMLU CSV folder for jobs.")] = None,
     include_path: Annotated[Optional[list[str]], typer.Option("--include-path", metavar="DIR", help="A folder of lm-eval task YAML whose tasks jobs may name (repeatable); the job API takes task names, never paths.")] = None,
     data_root: Annotated[Optional[list[str]], typer.Option("--data-root", metavar="DIR", help="A folder at or below which job API clients may name a data_dir (repeatable) [default: --data-dir].")] = None,
@@ -102,7 +101,7 @@ def serve(
                       safepoint_every=safepoint_every, kv_checkpoint_gib=kv_checkpoint_gib,
                       offline_step_ms=offline_step_ms,
                       max_offline_inflight=max_offline_inflight,
-                      checkpoint_tokens=checkpoint_tokens, checkpoint_s=checkpoint_s,
+                      partial_tokens=partial_tokens, partial_s=partial_s,
                       data_dir=os.path.abspath(data_dir) if data_dir else None, output_dir=output,
                       include_paths=tuple(map(os.path.abspath, include_path or ())),
                       data_roots=tuple(map(os.path.abspath, data_root or ())),

@@ -8,13 +8,7 @@ touches the store. An engine that died (its engine-core process gone) is never a
 failure: `submit` and `step` raise `errors.EngineUnavailableError`, and `is_dead` says so, so
 that the job is given back, never failed, and the server can exit for a supervisor to restart.
 
-vLLM 0.32.0 names relied on: `AsyncLLM.generate(prompt, params, request_id, priority=)` (an
-async generator; closing it early aborts the request), `AsyncLLM.abort(request_id)`,
-`AsyncLLM.get_tokenizer()`, `AsyncLLM.errored` (the engine core died, or its output handler
-ended), `vllm.v1.engine.exceptions.EngineDeadError` (what `generate` raises when the engine,
-not the request, failed: from `add_request` once `errored`, and to every request in flight
-when the output handler propagates the core's death; any other exception fails the request's
-items alone), and what `local.sampling_params` relies on.
+vLLM names relied on: docs/vllm-contract.md#async-engine.
 """
 
 from __future__ import annotations
@@ -26,9 +20,9 @@ from typing import Any
 
 from conserve_bench.engine.contract import Partials, PromptBook
 from conserve_bench.engine.local import new_tokens, sampling_params
-from conserve_bench.engine.plugin import OFFLINE_PRIORITY
 from conserve_bench.engine.prompts import Prompt
 from conserve_bench.errors import EngineUnavailableError, one_line_error
+from conserve_bench.vllm_plugin.overrides import OFFLINE_PRIORITY
 
 
 class AsyncEngineAdapter:

@@ -47,7 +47,7 @@ class ItemEngine(Protocol):
     - `num_pending_items`: items submitted and not yet returned by `step()`.
     - `partials()`: the tokens generated so far (those it continued from included) by each
       unfinished `generate_until` item that can continue from them (`is_resumable`); a copy,
-      for the runner to checkpoint.
+      for the runner to save (as partials).
     - `num_generated_tokens`: tokens generated for items since the engine started (not
       counting those they continued from).
     - `abort_all()` drops every item in flight; none of them is returned afterwards.
@@ -81,7 +81,7 @@ class PromptBook:
     NOTE: the async engine streams tokens into generations on the server's event loop while
     the runner reads `partials()` on its own thread. Under `_lock`, a finished request's
     tokens arrive together with its end, so `partials()` never copies them: they may end with
-    the EOS token, which a checkpoint must never hold.
+    the EOS token, which a partial must never hold.
     """
 
     def __init__(self, tokenizer, max_model_len: int, id_prefix: str):
@@ -127,7 +127,7 @@ class PromptBook:
 
     def extend(self, request_id: str, token_ids: Sequence[int], finished: bool) -> bool:
         """Add a request's newly generated tokens to its generation; True when the request
-        must stop here though the engine goes on (a stop string across its checkpoint)."""
+        must stop here though the engine goes on (a stop string across its partial's end)."""
         with self._lock:
             generation = self._generations.get(request_id)
             if generation is None:

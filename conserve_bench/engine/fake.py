@@ -1,6 +1,6 @@
 """A deterministic engine that keeps the engine contract (`contract.ItemEngine`) without vLLM.
 
-For tests of what sits above an engine (the runner's window, commits and checkpoints,
+For tests of what sits above an engine (the runner's window, commits and partials,
 cancellation, the pump, job states, resume after a kill): results are derived from a hash of
 each item's key, so every run of the same items returns the same results in the same shapes
 as lm-eval's. It finishes `items_per_step` items per step, first in first out, and can fail or

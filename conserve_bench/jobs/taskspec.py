@@ -11,10 +11,7 @@ from the hub. A client's data directory is taken only under the roots the server
 lm-eval's task index (its ~15,000 YAML files parsed, 10-20 s on 2 CPU cores) is cached on
 disk, keyed by every indexed file's path, size and modification time.
 
-lm-eval 0.4.13 names relied on: `TaskManager` (`all_tasks`, `_factory`; `load` looks a name
-up in the index first, then as a file path: `TaskIndex.entry_from_path`),
-`lm_eval.tasks.manager.TaskIndex` (`build(paths)`, which `TaskManager.__init__` calls),
-`TaskFactory._load_full_config`, and `TaskConfig.custom_dataset`.
+lm-eval names relied on: docs/vllm-contract.md#lm-eval.
 """
 
 from __future__ import annotations

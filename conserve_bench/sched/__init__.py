@@ -1,9 +1,9 @@
-"""Scheduling: the step-latency model, the ConServe policy, and vLLM's scheduler adapter.
+"""Scheduling, pure: the step-latency model, the ConServe policy, and the records they work on.
 
-`latency` (model and fit) and `policy` (`plan_step`) are pure: plain data, no torch, no
-vLLM, no clock. `scheduler.ConserveScheduler` and its helper `preemption` (arming and
-rolling back steps for layer-wise preemption) are the only modules that touch vLLM's
-scheduler; `steplog` records every step, `profiler` measures and `profiles` stores by key;
-`refit` keeps the model true from live steps; `checkpoint` is the bookkeeping of incremental
-KV checkpoints (which blocks of which request are on the host; pure too).
+`latency` (model and fit), `policy` (`plan_step`, which offline requests to preempt, when an
+arrival cuts a step), `refit` (keeping the model true from live steps), `kv_checkpoints`
+(the book of KV blocks held on the host) and `steplog` (a step's record and line format).
+Plain data only: nothing here imports torch, vLLM, `engine` or `vllm_plugin`, or reads a
+clock it is not handed (import-linter checks it: pyproject's `[tool.importlinter]`). vLLM's
+adapters around it live in `vllm_plugin`; measuring and storing profiles in `profiling`.
 """

@@ -9,11 +9,7 @@ passed the key and parsed as a JSON object stamps an arrival (which cuts the run
 step) or adds a latency sample (and only with a status below 400). It answers `/health` from
 a `health.HealthCheck`. It never generates, and never touches the store or the engine.
 
-vLLM 0.32.0 names relied on: the routes `vllm.entrypoints.launchers.app.build_app` registers
-(`fastapi.routing.APIRoute` with `dependant.body_params`), the `/invocations` dispatcher of
-`vllm.entrypoints.serve.sagemaker.api_router` over
-`vllm.entrypoints.{generate,pooling}.factories.get_*_invocation_types`, and
-`validate_json_request` (only an `application/json` body reaches a handler).
+vLLM names relied on: docs/vllm-contract.md#guard.
 """
 
 from __future__ import annotations
@@ -25,8 +21,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from conserve_bench.engine.arrivals import ArrivalSignal
-from conserve_bench.engine.plugin import ONLINE_PRIORITY
+from conserve_bench.vllm_plugin.arrivals import ArrivalSignal
+from conserve_bench.vllm_plugin.overrides import ONLINE_PRIORITY
 from conserve_bench.serve.health import HealthCheck
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # 1 MiB: a long prompt is a few hundred KiB

@@ -6,8 +6,7 @@ A probe is a function of no arguments that answers `(ok, reason)`: the engine (v
 answers 200, or 503 naming each part down and why. A probe must be fast and must never
 raise into the caller (one that raises counts as down): `/health` runs on the event loop.
 
-vLLM 0.32.0 names relied on: `AsyncLLM.errored` (the engine-core process died: its monitor
-thread sets `engine_dead`; or the output handler ended).
+vLLM names relied on: docs/vllm-contract.md#health.
 """
 
 from __future__ import annotations

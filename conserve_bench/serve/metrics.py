@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from conserve_bench.engine.plugin import read_state
+from conserve_bench.vllm_plugin.overrides import read_state
 from conserve_bench.sched.refit import RefitStatus
 
 if TYPE_CHECKING:
-    from conserve_bench.sched.profiles import ProfileKey
+    from conserve_bench.profiling.profiles import ProfileKey
     from conserve_bench.store import Store
 
 BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
@@ -140,7 +140,7 @@ class RefitWatcher:
         status = RefitStatus.from_dict(data)
         self.show(status)
         if self.key is not None:
-            from conserve_bench.sched.profiles import save_refit
+            from conserve_bench.profiling.profiles import save_refit
 
             save_refit(self.store, self.key, status)
         return status

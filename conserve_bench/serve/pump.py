@@ -1,7 +1,7 @@
 """The offline pump: runs queued jobs on the engine that also serves online traffic.
 
 A thread takes the oldest queued or running job and runs it with the same `run_job` as
-`submit` (lm-eval -> work items -> runner -> store), as this server's `jobs.worker.Worker`:
+`submit` (lm-eval -> work items -> runner -> store), as this server's `jobs.replica.Replica`:
 every replica on one store joins the same job and they share its items. Its engine is
 `engine.async_llm.AsyncEngineAdapter`, over vLLM's `AsyncLLM` on the server's event loop, at
 offline priority. Stopping (SIGTERM drain) admits no new work and gives in-flight items back
@@ -25,7 +25,7 @@ from conserve_bench.engine.async_llm import AsyncEngineAdapter
 from conserve_bench.errors import (EngineUnavailableError, ForeignJobError, JobStateError,
                                    StoreUnavailableError, first_line, one_line_error)
 from conserve_bench.faults import fault_point
-from conserve_bench.jobs.worker import Worker
+from conserve_bench.jobs.replica import Replica
 from conserve_bench.store import Job, Store
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ RETRY_FIRST_S, RETRY_MAX_S = 0.1, 5.0  # backoff after a failed turn of the loop
 
 
 class OfflinePump:
-    """Runs jobs one at a time on a worker thread until stopped. `model`: the name of the
+    """Runs jobs one at a time on a thread of its own until stopped. `model`: the name of the
     model its engine serves; task jobs of another model are left to the replicas serving it.
     `on_fatal(reason)` is called (on the pump's thread) once, if the pump stops for good.
     `include_paths`: folders of task YAML its jobs may name (`serve --include-path`)."""
@@ -46,7 +46,7 @@ class OfflinePump:
                  include_paths: tuple[str, ...] = ()):
         self.store, self.engine, self.run_cfg, self.model = store, engine, run_cfg, model
         self.output_dir, self.include_paths = output_dir, include_paths
-        self.worker = Worker(store, label)
+        self.replica = Replica(store, label)
         self.on_progress = on_progress or (lambda job_id, done, total: None)
         self.on_fatal = on_fatal or (lambda reason: None)
         self._foreign: set[str] = set()  # jobs this engine must never run
@@ -58,7 +58,7 @@ class OfflinePump:
         self._thread = threading.Thread(target=self._run_forever, name="offline-pump", daemon=True)
 
     def start(self) -> None:
-        self.worker.start()
+        self.replica.start()
         self._thread.start()
 
     def request_stop(self) -> None:
@@ -71,7 +71,7 @@ class OfflinePump:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
         try:
-            self.worker.stop()
+            self.replica.stop()
         except StoreUnavailableError as e:  # NOTE: its leases expire; the others reclaim
             log.warning("offline pump stopped without giving its items back: %s", first_line(e))
 
@@ -181,7 +181,7 @@ class OfflinePump:
             # was picked; its failed items are retried by `resume`, not by every replica.
             run_job(self.store, job.id, self.engine, self.run_cfg, output_dir=self.output_dir,
                     on_progress=lambda d, t, _tokens, j=job.id: self.on_progress(j, d, t),
-                    should_stop=self._stop.is_set, worker=self.worker, retry_failed=False,
+                    should_stop=self._stop.is_set, replica=self.replica, retry_failed=False,
                     model=self.model, include_paths=self.include_paths)
         except Stopped:
             log.info("offline pump stopped during job %s; its items are pending", job.id)

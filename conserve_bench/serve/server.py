@@ -10,22 +10,17 @@ only for requests it admitted. `/health` is 503, naming the part, while the engi
 its heartbeat or the store is down (`health`). When the engine dies (or the pump stops for
 good) the server stops, the pump gives its in-flight items back to pending, and `serve`
 raises `EngineUnavailableError` (exit 3), as vLLM's own server exits, for a supervisor to
-restart it. Under the `conserve` policy the engine runs `scheduler.ConserveScheduler`, given
-the latency profile and the targets (`resolve_targets`) through vLLM's `additional_config`,
-and by default layer-wise preemption: `engine.connector.ConserveConnector` cuts offline-only
-steps short at a layer safepoint when the guard stamps an online arrival
-(`engine.arrivals.ArrivalSignal`), and incremental KV checkpointing: the same connector keeps
+restart it. Under the `conserve` policy the engine runs `vllm_plugin.scheduler.ConserveScheduler`,
+given the latency profile and the targets (`resolve_targets`) through vLLM's `additional_config`
+(`vllm_plugin.overrides.engine_overrides`), and by default layer-wise preemption:
+`vllm_plugin.connector.ConserveConnector` cuts offline-only steps short at a layer safepoint
+when the guard stamps an online arrival (`vllm_plugin.arrivals.ArrivalSignal`), and
+incremental KV checkpointing: the same connector keeps
 offline requests' KV in a host pool (`--kv-checkpoint-gib`), so a preempted one resumes by
 loading it. The live refit the scheduler writes to a file, and the pool's use the connector
 writes, are read back here for `/metrics` (the refit is also stored under the profile's key).
 
-vLLM 0.32.0 names relied on: `vllm.entrypoints.launchers.cli_args.make_arg_parser`,
-`vllm.entrypoints.launchers.api_server.entry.build_async_engine_client`,
-`vllm.entrypoints.launchers.app.build_app`,
-`vllm.entrypoints.launchers.api_server.app_state.init_app_state`,
-`vllm.utils.argparse_utils.FlexibleArgumentParser`, `AsyncLLM.errored` (what vLLM's own
-`launcher.watchdog_loop` polls; `serve` runs its own watchdog), `app.state.server` (which
-vLLM's `EngineDeadError` handler stops), and those `guard` and `health` list.
+vLLM names relied on: docs/vllm-contract.md#server.
 """
 
 from __future__ import annotations
@@ -42,12 +37,10 @@ from typing import Any
 
 import uvicorn
 
-from conserve_bench.config import (DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS, DEFAULT_DB_URL,
-                                   DEFAULT_MODEL, EngineConfig, LeaseConfig, RunConfig,
+from conserve_bench.config import (DEFAULT_DB_URL, DEFAULT_MODEL, DEFAULT_PARTIAL_S,
+                                   DEFAULT_PARTIAL_TOKENS, EngineConfig, LeaseConfig, RunConfig, ServePolicy,
                                    default_kv_checkpoint_gib)
-from conserve_bench.engine.arrivals import ArrivalSignal
 from conserve_bench.engine.local import context_length, engine_args, engine_environment
-from conserve_bench.engine.plugin import conserve_overrides
 from conserve_bench.errors import ConserveError, EngineUnavailableError
 from conserve_bench.sched.latency import LatencyModel
 from conserve_bench.engine.models import resolve_model
@@ -57,10 +50,11 @@ from conserve_bench.sched.policy import (DEFAULT_MARGIN, SAFEPOINT_EVERY, Policy
 from conserve_bench.sched.refit import RefitConfig
 from conserve_bench.serve.guard import DEFAULT_MAX_REQUEST_BYTES, GuardConfig
 from conserve_bench.serve.health import HealthCheck, Probe, StoreWatch, engine_probe
+from conserve_bench.vllm_plugin.arrivals import ArrivalSignal
+from conserve_bench.vllm_plugin.overrides import ConnectorConfig, engine_overrides
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("conserve", "priority", "online-only")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 FALLBACK_TTFT_MS, FALLBACK_TBT_MS = 1000.0, 200.0  # SLO metrics without a profile
 REFIT_POLL_S = 5.0  # how often the server reads the engine's live refit
@@ -77,7 +71,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     db_url: str = DEFAULT_DB_URL
-    policy: str = "conserve"
+    policy: ServePolicy = ServePolicy.CONSERVE  # a CLI string is taken too, and checked
     api_key: str | None = None
     public_metrics: bool = False  # /metrics without the key (a scraper on a trusted network)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies: 413, before parsing
@@ -93,8 +87,8 @@ class ServeConfig:
     kv_checkpoint_gib: float | None = None  # None: `default_kv_checkpoint_gib()` under conserve
     offline_step_ms: float | None = None  # None: from the profile (`default_offline_step_s`)
     max_offline_inflight: int = 32
-    checkpoint_tokens: int = DEFAULT_CHECKPOINT_TOKENS  # offline generations' checkpoints
-    checkpoint_s: float = DEFAULT_CHECKPOINT_S
+    partial_tokens: int = DEFAULT_PARTIAL_TOKENS  # offline generations' partials
+    partial_s: float = DEFAULT_PARTIAL_S
     data_dir: str | None = None
     # the job API: folders of task YAML whose tasks clients may name (besides lm-eval's and
     # ours), and folders under which a client's data_dir may be (empty: `data_dir`'s own)
@@ -107,13 +101,15 @@ class ServeConfig:
     engine_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise ServeConfigError(f"unknown policy {self.policy!r}: use {', '.join(POLICIES)}")
+        try:
+            object.__setattr__(self, "policy", ServePolicy(self.policy))
+        except ValueError:
+            raise ServeConfigError(f"unknown policy {self.policy!r}: use {ServePolicy.names()}") from None
         if self.host not in LOOPBACK and not self.api_key:
             raise ServeConfigError(
                 f"refusing to listen on {self.host} without --api-key; "
                 "only loopback (127.0.0.1) may be served without a key")
-        if self.policy == "conserve" and not self.profile:
+        if self.policy == ServePolicy.CONSERVE and not self.profile:
             raise ServeConfigError("the conserve policy sizes offline work with this machine's "
                                    "latency profile: drop --no-profile, or use --policy priority")
         # NOTE: the policy's own rules, so a flag the engine would refuse fails here, at once.
@@ -138,7 +134,7 @@ class ServeConfig:
     def offline_run_config(self) -> RunConfig:
         """How the offline pump's runner feeds the engine."""
         return RunConfig(max_inflight=self.max_offline_inflight,
-                         checkpoint_tokens=self.checkpoint_tokens, checkpoint_s=self.checkpoint_s)
+                         partial_tokens=self.partial_tokens, partial_s=self.partial_s)
 
     @property
     def guard(self) -> GuardConfig:
@@ -154,13 +150,15 @@ class ServeConfig:
     @property
     def preempts_layers(self) -> bool:
         """Whether offline-only steps are cut short at layer safepoints by online arrivals."""
-        return self.policy == "conserve" if self.layer_preemption is None else self.layer_preemption
+        if self.layer_preemption is None:
+            return self.policy == ServePolicy.CONSERVE
+        return self.layer_preemption
 
     @property
     def checkpoint_gib(self) -> float:
         """The KV checkpoint pool: under `conserve`, the size given or the host's default;
         other policies are vLLM's own (a preempted request recomputes)."""
-        if self.policy != "conserve":
+        if self.policy != ServePolicy.CONSERVE:
             return 0.0
         return default_kv_checkpoint_gib() if self.kv_checkpoint_gib is None else self.kv_checkpoint_gib
 
@@ -183,9 +181,9 @@ class ServeConfig:
         return self.preempts_layers or self.checkpoint_gib > 0
 
     def _check_layer_preemption(self) -> None:
-        if self.layer_preemption and self.policy != "conserve":
+        if self.layer_preemption and self.policy != ServePolicy.CONSERVE:
             raise ServeConfigError("--layer-preemption on needs --policy conserve")
-        if self.kv_checkpoint_gib and self.policy != "conserve":
+        if self.kv_checkpoint_gib and self.policy != ServePolicy.CONSERVE:
             raise ServeConfigError("--kv-checkpoint-gib needs --policy conserve (the other "
                                    "policies are vLLM's own: a preempted request recomputes)")
         if self.kv_checkpoint_gib is not None and not self.kv_checkpoint_gib >= 0:
@@ -206,7 +204,7 @@ def _seconds(ms: float | None) -> float | None:
 
 def vllm_cli_args(cfg: ServeConfig, engine_cfg: EngineConfig) -> list[str]:
     """The `vllm serve` flags that give the same engine as `submit`, plus the server's own."""
-    if cfg.policy != "online-only":
+    if cfg.policy != ServePolicy.ONLINE_ONLY:
         engine_cfg = replace(engine_cfg, scheduling_policy="priority")
     flags = []
     for name, value in engine_args(engine_cfg).items():
@@ -233,24 +231,19 @@ def serve(cfg: ServeConfig) -> None:
     engine_environment(engine_cfg)
     profile = load_or_measure_profile(cfg, engine_cfg) if cfg.profile else None
     targets = resolve_targets(cfg, profile, engine_cfg.max_num_batched_tokens)
-    if cfg.policy == "conserve":
+    if cfg.policy == ServePolicy.CONSERVE:
         log.warning("conserve: %s", targets.describe(profile.model))
     else:
         log.warning("online targets: TTFT %.0f ms, TBT %.0f ms (SLO metrics)",
                     targets.ttft_s * 1e3, targets.tbt_s * 1e3)
-    if cfg.step_log:
-        engine_cfg = with_conserve_config(engine_cfg, step_log=os.path.abspath(cfg.step_log))
     arrivals = ArrivalSignal.create_temporary() if cfg.preempts_layers else None
     try:
         with tempfile.TemporaryDirectory(prefix="conserve-serve-") as workdir:
             refit_state = os.path.join(workdir, "refit.json")
             checkpoint_state = os.path.join(workdir, "kv_checkpoint.json")
-            if cfg.policy == "conserve":
-                engine_cfg = with_conserve_config(
-                    engine_cfg, policy=PolicyConfig(targets, profile.model).to_dict(),
-                    refit=RefitConfig(adopt=cfg.refit).to_dict(), refit_state=refit_state)
+            engine_cfg = with_plugins(engine_cfg, cfg, profile, targets, arrivals, refit_state,
+                                      checkpoint_state)
             if cfg.loads_connector:
-                engine_cfg = with_connector(engine_cfg, cfg, arrivals, checkpoint_state)
                 log.warning("conserve: KV checkpoints in a host pool of %.2f GiB", cfg.checkpoint_gib)
             uvloop.run(_serve(cfg, engine_cfg, targets, profile, arrivals, refit_state, checkpoint_state))
     finally:
@@ -258,17 +251,31 @@ def serve(cfg: ServeConfig) -> None:
             arrivals.remove()
 
 
-def with_connector(engine_cfg: EngineConfig, cfg: ServeConfig, arrivals: ArrivalSignal | None,
-                   checkpoint_state: str) -> EngineConfig:
-    """The engine config with `ConserveConnector` loaded: reading `arrivals` (None: no arrival
-    cuts a step), keeping KV checkpoints in a pool of `cfg.checkpoint_gib`."""
-    from conserve_bench.engine.connector import ConnectorConfig
+def with_plugins(engine_cfg: EngineConfig, cfg: ServeConfig, profile, targets: Targets,
+                 arrivals: ArrivalSignal | None, refit_state: str, checkpoint_state: str) -> EngineConfig:
+    """The engine config with what `cfg` loads into vLLM (`engine_overrides`): the step log;
+    under `conserve` the policy with the profile's model and the live refit (reported in
+    `refit_state`); the connector (`connector_config`). Unchanged when it loads nothing."""
+    conserve = cfg.policy == ServePolicy.CONSERVE
+    connector = connector_config(cfg, arrivals, checkpoint_state)
+    if not (cfg.step_log or conserve or connector):
+        return engine_cfg
+    return replace(engine_cfg, **engine_overrides(
+        engine_cfg.additional_config, step_log=os.path.abspath(cfg.step_log) if cfg.step_log else None,
+        policy=PolicyConfig(targets, profile.model) if conserve else None,
+        refit=RefitConfig(adopt=cfg.refit) if conserve else None,
+        refit_state=refit_state if conserve else None, connector=connector))
 
-    connector = ConnectorConfig(safepoint_every=cfg.safepoint_every,
-                                arrival_path=str(arrivals.path) if arrivals else None,
-                                checkpoint_gib=cfg.checkpoint_gib,
-                                checkpoint_state_path=checkpoint_state)
-    return replace(engine_cfg, **connector.engine_overrides())
+
+def connector_config(cfg: ServeConfig, arrivals: ArrivalSignal | None,
+                     checkpoint_state: str) -> ConnectorConfig | None:
+    """`ConserveConnector`'s settings, if `cfg` loads it: reading `arrivals` (None: no
+    arrival cuts a step), keeping KV checkpoints in a pool of `cfg.checkpoint_gib`."""
+    if not cfg.loads_connector:
+        return None
+    return ConnectorConfig(safepoint_every=cfg.safepoint_every,
+                           arrival_path=str(arrivals.path) if arrivals else None,
+                           checkpoint_gib=cfg.checkpoint_gib, checkpoint_state_path=checkpoint_state)
 
 
 def slo_targets(ttft_slo_ms: float | None, tbt_slo_ms: float | None,
@@ -302,20 +309,14 @@ def resolve_targets(cfg: ServeConfig, profile, max_num_tokens: int) -> Targets:
                    offline_step_s=offline_step_s)
 
 
-def with_conserve_config(engine_cfg: EngineConfig, **entries: Any) -> EngineConfig:
-    """The engine config with ConserveScheduler and `entries` added to its plug-in config
-    (`engine.plugin.ENTRIES`)."""
-    return replace(engine_cfg, **conserve_overrides(engine_cfg.additional_config, **entries))
-
-
 def load_or_measure_profile(cfg: ServeConfig, engine_cfg: EngineConfig):
     """The stored latency profile of this model on this machine; profiled (quick) if none.
 
     NOTE: a profile from other hardware or another vLLM version never matches the key, so
     it is never used; `profile_for` logs which fields differ.
     """
-    from conserve_bench.sched.profiler import run_profile
-    from conserve_bench.sched.profiles import current_key, profile_for
+    from conserve_bench.profiling.profiler import run_profile
+    from conserve_bench.profiling.profiles import current_key, profile_for
     from conserve_bench.store import Store
 
     store = Store(cfg.db_url)
@@ -367,7 +368,7 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
                            on_progress=metrics.job_progress,
                            label=f"serve {cfg.host}:{cfg.port}", model=engine_cfg.model_name,
                            include_paths=cfg.include_paths)
-        store_watch = StoreWatch(store.live_workers, cfg.leases.heartbeat_s, cfg.leases.lease_s)
+        store_watch = StoreWatch(store.live_replicas, cfg.leases.heartbeat_s, cfg.leases.lease_s)
         # NOTE: vLLM's app has built its middleware stack already; the guard wraps it from
         # outside, and reads the routes that run the engine off the app as built.
         guarded = Guard(app, cfg.guard, generation_routes(app, supported_tasks, client.model_config),
@@ -377,7 +378,7 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
         app.state.server = server  # NOTE: vLLM's EngineDeadError handler stops it too
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, _on_stop_signal, server, pump)
-        if cfg.policy != "online-only":
+        if cfg.policy != ServePolicy.ONLINE_ONLY:
             pump.start()
         watcher = RefitWatcher(refit_state, store, profile.key if profile else None)
         try:
@@ -391,8 +392,8 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
 def health_probes(cfg: ServeConfig, engine_client, pump, store_watch: StoreWatch) -> dict[str, Probe]:
     """What `/health` asks: the engine and the store; the pump and its heartbeat if it runs."""
     probes = {"engine": engine_probe(engine_client), "store": store_watch.probe}
-    if cfg.policy != "online-only":  # NOTE: else never started: nothing of theirs can be down
-        probes |= {"pump": pump.health, "heartbeat": pump.worker.health}
+    if cfg.policy != ServePolicy.ONLINE_ONLY:  # NOTE: else never started: nothing of theirs can be down
+        probes |= {"pump": pump.health, "heartbeat": pump.replica.health}
     return probes
 
 

@@ -1,6 +1,6 @@
 """The store's connection: one SQLAlchemy engine per database URL, migrated when opened, and
 its transactions retried through a passing outage. `repository.Store` is built from the parts
-(`partials`, `workers`, `profile_rows`) that share it. Its errors are one line each and never
+(`partials`, `replicas`, `profile_rows`) that share it. Its errors are one line each and never
 carry the URL (they may reach an HTTP body): the URL, without its password, goes to the log
 and to the one-line errors of opening a store, which only its user sees.
 """

@@ -34,7 +34,7 @@ def claim(job_id: str, owner: str, limit: int, kind: str | None, now, lease_s: f
     """
     in_job = sa.exists().where(job_items.c.job_id == job_id, job_items.c.item_key == items.c.key)
     where = [in_job] if kind is None else [in_job, items.c.kind == kind]
-    # NOTE: never one's own: a worker whose heartbeat could not reach the database still
+    # NOTE: never one's own: a replica whose heartbeat could not reach the database still
     # computes what it holds, and renews the lease once the database is back. What it lost
     # track of its next run gives back first (`jobs.runner`), so nothing stays stuck on it.
     expired = _locked(sa.select(items.c.key).where(items.c.state == RUNNING, items.c.lease_until < now,
@@ -81,7 +81,7 @@ def complete(owner: str, fenced: bool, now) -> sa.Update:
     """Executed with rows {item_key, attempt, item_result}: done, if `owner` still holds it.
 
     NOTE: the fence. An item whose lease was reclaimed has another owner or a newer attempt,
-    so a worker that lost its lease can never overwrite a newer attempt's result.
+    so a replica that lost its lease can never overwrite a newer attempt's result.
     """
     return items.update().where(held(owner, fenced)).values(
         state=ItemState.DONE.value, result=sa.bindparam("item_result"), finished_at=now,
@@ -100,7 +100,7 @@ def fail(owner: str, fenced: bool, max_attempts: int) -> sa.Update:
 
 def give_back(owner: str, keep: frozenset[str] | None = None) -> sa.Update:
     """Everything `owner` holds (but `keep`) back to pending, no attempt lost (a drain, or
-    what a runner lost track of, at the start of its worker's next run)."""
+    what a runner lost track of, at the start of its replica's next run)."""
     held = [items.c.owner == owner, items.c.state == RUNNING]
     if keep:
         held.append(items.c.key.not_in(keep))
@@ -116,7 +116,7 @@ def renew(owner: str, keys: Sequence[str], now, lease_s: float) -> sa.Update:
     ever take it back (a claim never takes its owner's own) and its job would wait forever.
     Rows another transaction has locked are skipped, not waited for: they are being
     committed (done, failed, given back) or taken over, and need no lease. A heartbeat that
-    waited on its own worker's commit, which locks the same rows in another order, deadlocked.
+    waited on its own replica's commit, which locks the same rows in another order, deadlocked.
     """
     mine = (sa.select(items.c.key).where(items.c.owner == owner, items.c.state == RUNNING,
                                          items.c.key.in_(keys))

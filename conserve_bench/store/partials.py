@@ -1,5 +1,5 @@
-"""Partial generations: a running `generate_until` item's tokens so far, checkpointed by the
-worker and attempt that hold it (`save_partials`) and handed to its next run
+"""Partial generations: a running `generate_until` item's tokens so far, saved by the
+replica and attempt that hold it (`save_partials`) and handed to its next run
 (`resume_partials`), so an interrupted generation continues instead of starting over."""
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ from conserve_bench.store.states import ItemState
 
 
 class PartialRows(StoreBase):
-    """The `item_partials` rows: one per generation ever checkpointed."""
+    """The `item_partials` rows: one per generation ever saved."""
 
     def save_partials(self, owner: str, partials: Mapping[str, Sequence[int]],
                       attempts: Mapping[str, int] | None = None) -> int:
-        """Checkpoint the tokens generated so far by running items, by key, in one transaction
-        (the runner's batched checkpoint); returns how many were saved.
+        """Save the tokens generated so far by running items, by key, in one transaction
+        (the runner's batched save); returns how many were saved.
 
         NOTE: fenced like `complete_items`: only items `owner` holds (under the same attempt,
-        when `attempts` is given) are written, so a worker that lost its lease cannot
-        overwrite the checkpoint of the attempt that holds the item now.
+        when `attempts` is given) are written, so a replica that lost its lease cannot
+        overwrite the partial of the attempt that holds the item now.
         """
         if not partials:
             return 0
@@ -52,7 +52,7 @@ class PartialRows(StoreBase):
         return self._write(save)
 
     def resume_partials(self, keys: Sequence[str]) -> dict[str, list[int]]:
-        """The checkpointed tokens of items just claimed, by key (those that have any); each
+        """The saved tokens of items just claimed, by key (those that have any); each
         counts as a resume of its item. One transaction."""
         now = time.time()
 
@@ -72,7 +72,7 @@ class PartialRows(StoreBase):
         return self._write(resume)
 
     def clear_partials(self, keys: Sequence[str]) -> None:
-        """Drop the checkpointed tokens of items that are done (their resume counts stay)."""
+        """Drop the saved tokens of items that are done (their resume counts stay)."""
         done = sa.select(items.c.key).where(items.c.state == ItemState.DONE)
 
         def clear(conn: sa.Connection) -> None:
@@ -85,7 +85,7 @@ class PartialRows(StoreBase):
         self._write(clear)
 
     def partials(self, job_id: str) -> dict[str, list[int]]:
-        """The checkpointed tokens of a job's unfinished items, by key."""
+        """The saved tokens of a job's unfinished items, by key."""
         rows = self._read(lambda conn: conn.execute(
             sa.select(item_partials.c.item_key, item_partials.c.token_ids)
             .join(job_items, job_items.c.item_key == item_partials.c.item_key)
@@ -95,7 +95,7 @@ class PartialRows(StoreBase):
         return {r.item_key: json.loads(r.token_ids) for r in rows}
 
     def resumes(self, job_id: str) -> dict[str, dict[str, int]]:
-        """Per item of a job that continued a checkpoint: `num_resumes`, `num_reused_tokens`."""
+        """Per item of a job that continued a partial: `num_resumes`, `num_reused_tokens`."""
         rows = self._read(lambda conn: conn.execute(
             sa.select(item_partials.c.item_key, item_partials.c.num_resumes,
                       item_partials.c.num_reused_tokens)

@@ -1,4 +1,4 @@
-"""Latency profiles (`sched.profiles` gives them meaning): one fitted latency model per
+"""Latency profiles (`profiling.profiles` gives them meaning): one fitted latency model per
 profile key, and the latest live refit of each."""
 
 from __future__ import annotations

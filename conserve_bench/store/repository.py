@@ -3,19 +3,19 @@
 A work item is one lm-eval request, keyed by a content hash (request kind, arguments, model,
 generation settings), so items are shared across jobs and a rebuilt job reuses every finished
 one. This package owns all SQL (tables in `schema`, their history in `migrations`, the leased
-work statements in `leases`; the connection and its retries in `base`, checkpointed tokens in
-`partials`, heartbeats in `workers`, latency profiles in `profile_rows`); callers use the
+work statements in `leases`; the connection and its retries in `base`, saved tokens in
+`partials`, heartbeats in `replicas`, latency profiles in `profile_rows`); callers use the
 small repository API of `Store` and see plain dataclasses. It never talks to the engine and
 never holds a transaction open across engine work.
 
-Life of an item (`states.ItemState`): pending -> running (leased by one worker until
+Life of an item (`states.ItemState`): pending -> running (leased by one replica until
 `lease_until` on the database's clock, renewed by its heartbeat) -> done, committed only by
-the worker and attempt that hold it; or back to pending (given back, or its attempt failed),
-or taken by another worker's claim once the lease expired; failed after `max_attempts` failed
+the replica and attempt that hold it; or back to pending (given back, or its attempt failed),
+or taken by another replica's claim once the lease expired; failed after `max_attempts` failed
 attempts. Several processes on several machines may share one PostgreSQL store this way.
 A passing outage (a restart of the database) is retried for up to one lease.
-A running `generate_until` item's tokens so far are checkpointed (`save_partials`, by the
-worker and attempt that hold it) and handed to its next run (`resume_partials`), so an
+A running `generate_until` item's tokens so far are saved (`save_partials`, by the
+replica and attempt that hold it) and handed to its next run (`resume_partials`), so an
 interrupted generation continues instead of starting over.
 
 Life of a job (`states.JobState`): every write that moves a job between states is a single
@@ -26,6 +26,7 @@ never gets results, a failed one is requeued (its failed items with it) once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -44,7 +45,7 @@ from conserve_bench.store.partials import PartialRows
 from conserve_bench.store.profile_rows import ProfileRows
 from conserve_bench.store.schema import item_partials, items, job_items, jobs, workers
 from conserve_bench.store.states import CANCELLABLE_JOB_STATES, ItemState, JobState
-from conserve_bench.store.workers import WorkerRows
+from conserve_bench.store.replicas import ReplicaRows
 
 MAX_ITEM_ERRORS = 5  # failed items `item_errors` lists
 ANALYZE_AFTER_ITEMS = 1000  # items added at once that refresh the planner's statistics
@@ -65,6 +66,24 @@ class WorkItem:
     attempt: int = 0
 
 
+def item_key(kind: str, args: list[Any], model_fingerprint: str) -> str:
+    """Content hash of one request: same request, same model and settings -> same key.
+
+    NOTE: an item's identity in the store: a request computed once, by any job on an engine of
+    the same fingerprint, is never computed again.
+    """
+    blob = json.dumps([kind, args, model_fingerprint], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def keyed_items(requests: Sequence[tuple[str, list[Any]]],
+                model_fingerprint: str) -> tuple[list[str], list[WorkItem]]:
+    """Each (kind, args) request's item key, in request order, and one work item per key."""
+    keys = [item_key(kind, args, model_fingerprint) for kind, args in requests]
+    unique = {k: WorkItem(k, kind, args) for k, (kind, args) in zip(keys, requests)}
+    return keys, list(unique.values())
+
+
 @dataclass(frozen=True)
 class Job:
     id: str
@@ -78,7 +97,7 @@ class Job:
     error: str | None = None
     run_key: str | None = None
     num_failed: int = 0
-    num_partial_items: int = 0  # unfinished items with checkpointed tokens
+    num_partial_items: int = 0  # unfinished items with saved tokens (partials)
     num_partial_tokens: int = 0  # their tokens
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,9 +121,9 @@ class Job:
         }
 
 
-class Store(PartialRows, WorkerRows, ProfileRows):
+class Store(PartialRows, ReplicaRows, ProfileRows):
     """Repository over one database URL (`base.StoreBase`): jobs and their work items here,
-    partial generations, workers and profiles from its parts. Safe to share across threads
+    partial generations, replicas and profiles from its parts. Safe to share across threads
     of one process."""
 
     # -- jobs ---------------------------------------------------------------------------------
@@ -183,7 +202,7 @@ class Store(PartialRows, WorkerRows, ProfileRows):
         return [_job_from_row(r) for r in rows]
 
     def next_runnable_job(self, skip: Iterable[str] = ()) -> Job | None:
-        """The oldest job that is queued or running (every worker of a fleet joins it), but
+        """The oldest job that is queued or running (every replica of a fleet joins it), but
         those in `skip` (jobs the caller cannot run)."""
         query = sa.select(jobs.c.id).where(jobs.c.state.in_((JobState.QUEUED, JobState.RUNNING)))
         if skip := list(skip):
@@ -207,7 +226,7 @@ class Store(PartialRows, WorkerRows, ProfileRows):
     def cancel_job(self, job_id: str) -> bool:
         """Cancel the job if it is queued, running or failed (one conditional UPDATE): True
         if this call cancelled it, False if it was done or cancelled already (left as it
-        was). Its workers notice at their next check and give their items back."""
+        was). Its replicas notice at their next check and give their items back."""
         def cancel(conn: sa.Connection) -> bool:
             return conn.execute(
                 jobs.update().where(jobs.c.id == job_id, jobs.c.state.in_(CANCELLABLE_JOB_STATES))
@@ -237,8 +256,8 @@ class Store(PartialRows, WorkerRows, ProfileRows):
 
         return self._write(requeue)
 
-    def start_job(self, job_id: str, worker_id: str, failed_too: bool = True) -> bool:
-        """Mark the job running with `worker_id` on it; False if it is done or cancelled (or
+    def start_job(self, job_id: str, replica_id: str, failed_too: bool = True) -> bool:
+        """Mark the job running with `replica_id` on it; False if it is done or cancelled (or
         failed, unless `failed_too`)."""
         startable = [JobState.QUEUED, JobState.RUNNING] + ([JobState.FAILED] if failed_too else [])
 
@@ -246,25 +265,25 @@ class Store(PartialRows, WorkerRows, ProfileRows):
             started = conn.execute(
                 jobs.update().where(jobs.c.id == job_id, jobs.c.state.in_(startable))
                 .values(state=JobState.RUNNING, updated_at=time.time())).rowcount
-            conn.execute(workers.update().where(workers.c.id == worker_id).values(job_id=job_id))
+            conn.execute(workers.update().where(workers.c.id == replica_id).values(job_id=job_id))
             return started == 1
 
         return self._write(start)
 
-    def leave_job(self, job_id: str, worker_id: str, state: JobState | None = None,
+    def leave_job(self, job_id: str, replica_id: str, state: JobState | None = None,
                   error: str | None = None) -> None:
-        """`worker_id` stops working on the job; if it was the last live worker on it, the
+        """`replica_id` stops working on the job; if it was the last live replica on it, the
         running job takes `state` (queued after a drain, failed after an error).
 
-        NOTE: the job's row is locked first, so two workers leaving at once cannot both see
+        NOTE: the job's row is locked first, so two replicas leaving at once cannot both see
         the other still on the job and leave it running with nobody on it.
         """
         def leave(conn: sa.Connection) -> None:
             conn.execute(sa.select(jobs.c.id).where(jobs.c.id == job_id).with_for_update())
-            conn.execute(workers.update().where(workers.c.id == worker_id).values(job_id=None))
+            conn.execute(workers.update().where(workers.c.id == replica_id).values(job_id=None))
             if state is None:
                 return
-            others = sa.exists().where(workers.c.job_id == job_id, self._live_worker)
+            others = sa.exists().where(workers.c.job_id == job_id, self._live_replica)
             conn.execute(jobs.update()
                          .where(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING, ~others)
                          .values(state=JobState(state), error=error, updated_at=time.time()))
@@ -306,7 +325,7 @@ class Store(PartialRows, WorkerRows, ProfileRows):
     def _attach_items(self, conn: sa.Connection, job_id: str, work: Sequence[WorkItem]) -> None:
         base = conn.execute(sa.select(sa.func.count()).select_from(job_items)
                             .where(job_items.c.job_id == job_id)).scalar()
-        # NOTE: two workers adding at once may give items the same position: that only
+        # NOTE: two replicas adding at once may give items the same position: that only
         # orders claims, it identifies nothing.
         first_seq = conn.execute(sa.select(sa.func.coalesce(sa.func.max(items.c.seq), 0))).scalar() + 1
         item_rows = [{"key": w.key, "kind": w.kind, "args": json.dumps(w.args),
@@ -333,7 +352,7 @@ class Store(PartialRows, WorkerRows, ProfileRows):
 
         `held`: the keys `owner` holds and knows of. If a claim is retried after a lost
         connection, an earlier run may have committed unseen: what `owner` holds beyond
-        `held` is given back first, so nothing stays leased to a worker that never ran it.
+        `held` is given back first, so nothing stays leased to a replica that never ran it.
         """
         keep = frozenset(held)
 
@@ -393,7 +412,7 @@ class Store(PartialRows, WorkerRows, ProfileRows):
 
     def release_items(self, owner: str, keep: Iterable[str] = ()) -> int:
         """Return every item `owner` holds, but those of `keep`, to pending (a graceful stop
-        or drain; or, at a run's start, what its worker's runners lost track of)."""
+        or drain; or, at a run's start, what its replica's runners lost track of)."""
         statement = leases.give_back(owner, frozenset(keep))
         return self._write(lambda conn: conn.execute(statement).rowcount)
 
@@ -445,7 +464,7 @@ class Store(PartialRows, WorkerRows, ProfileRows):
     def job_items(self, job_id: str, offset: int = 0, limit: int | None = None,
                   with_args: bool = False) -> list[dict[str, Any]]:
         """A job's items in the order they were added: key, kind, state, result (None unless
-        done), how many of its runs continued a checkpointed generation (`num_resumes`), and
+        done), how many of its runs continued a saved partial (`num_resumes`), and
         with `with_args` the request's arguments as lm-eval made them (`args`)."""
         columns = [items.c.key, items.c.kind, items.c.state, items.c.result,
                    item_partials.c.num_resumes, *([items.c.args] if with_args else [])]

@@ -33,7 +33,7 @@ jobs = sa.Table(
     sa.Index("ux_jobs_run_key", "run_key", unique=True),
 )
 
-# NOTE: `owner` is the worker holding a running item, the one that computed a done item,
+# NOTE: `owner` is the replica holding a running item, the one that computed a done item,
 # the one that failed it last; `num_runs` counts claims and is the attempt that fences a
 # completion (owner, attempt); `lease_until` and `claimed_at` are on the database's clock.
 items = sa.Table(
@@ -87,8 +87,11 @@ profiles = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
 )
 
-# One row per worker process (a `serve` replica, a `submit`, an lm-eval session): its
-# heartbeat keeps `lease_until` (database clock) ahead; `job_id` is the job it works on now.
+# One row per replica, the process that claims items (a `serve` replica, a `submit`, an lm-eval
+# session; `jobs.replica`): its heartbeat keeps `lease_until` (database clock) ahead; `job_id`
+# is the job it works on now. NOTE: the table keeps its original name, `workers`: renaming
+# it would take a migration and change nothing stored, and the frozen migrations create it
+# under that name. Everywhere else in the code "worker" means only vLLM's worker.
 workers = sa.Table(
     "workers",
     metadata,
@@ -125,7 +128,7 @@ item_partials = sa.Table(
     sa.Column("item_key", sa.String(64), sa.ForeignKey("items.key"), primary_key=True),
     sa.Column("token_ids", sa.Text, nullable=False),  # JSON list
     sa.Column("num_tokens", sa.Integer, nullable=False),
-    sa.Column("num_resumes", sa.Integer, nullable=False),  # runs that continued a checkpoint
+    sa.Column("num_resumes", sa.Integer, nullable=False),  # runs that continued a partial
     sa.Column("num_reused_tokens", sa.Integer, nullable=False),  # tokens they did not redo
     sa.Column("updated_at", sa.Float, nullable=False),
 )

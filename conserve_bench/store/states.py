@@ -1,7 +1,7 @@
 """The states of jobs and work items: one definition, stored as their plain string values.
 
 A job: queued -> running -> done | failed | cancelled (a drained or interrupted job goes back
-to queued once no other worker is on it; a failed one is requeued or resumed; a queued,
+to queued once no other replica is on it; a failed one is requeued or resumed; a queued,
 running or failed one may be cancelled; done and cancelled are final). An item: pending -> running (leased by one owner)
 -> done; a running item whose owner let go returns to pending, one whose lease expired is
 taken by the next claim; an item that failed `max_attempts` attempts is failed. The values
@@ -48,6 +48,6 @@ class ItemState(_StrEnum):
     FAILED = "failed"
 
 
-class WorkerState(_StrEnum):
+class ReplicaState(_StrEnum):
     ACTIVE = "active"  # heartbeating; alive while its lease has not expired
     STOPPED = "stopped"  # stopped cleanly, holding nothing

@@ -19,6 +19,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from conserve_bench.config import ServePolicy
 from conserve_bench.sched.policy import step_kind
 
 PERCENTILES = (50, 90, 99)
@@ -26,7 +27,9 @@ GOAL_ATTAINMENT_RATIO = 0.95
 GOAL = ("conserve's goal: SLO attainment within 5% of online-only's (ratio >= 0.95) while "
         "harvesting as much offline work as the slack allows (offline-only tok/s x "
         "online-only's idle share)")
-RATIO_BASES = ("online-only", "priority")
+# NOTE: `.value`: a report's policies are keyed by their labels, plain strings
+ONLINE_ONLY = ServePolicy.ONLINE_ONLY.value
+RATIO_BASES = (ONLINE_ONLY, ServePolicy.PRIORITY.value)
 RATIO_METRICS = ("ttft_ms.p50", "ttft_ms.p90", "ttft_ms.p99", "tbt_ms.p50", "tbt_ms.p90",
                  "tbt_ms.p99", "slo_attainment", "online_rps", "offline_tokens_per_s",
                  "offline_items_per_s")
@@ -337,9 +340,9 @@ def build_report(config: dict[str, Any], offline_only: PhaseResult,
     offline["measured"] = bool(offline_only.samples)
     offline["timings"] = offline_only.extra.get("timings", {})
     slack = slack_of(offline["offline_tokens_per_s"] if offline["measured"] else None,
-                     policies.get("online-only"))
+                     policies.get(ONLINE_ONLY))
     for summary in policies.values():
-        summary["goal"] = goal_of(summary, policies.get("online-only"), slack)
+        summary["goal"] = goal_of(summary, policies.get(ONLINE_ONLY), slack)
     return {"config": config, "offline_only": offline, "slack": slack, "policies": policies,
             "goal": GOAL}
 

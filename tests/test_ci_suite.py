@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from conserve_bench.ci.config import CIConfigError, job_run_key, load_configs
+from conserve_bench.ci.suite import CIConfigError, job_run_key, load_configs
 
 VALID = {
     "model": "smollm2-135m",

@@ -7,17 +7,8 @@ state back before vLLM reads the empty output: computed tokens back to where the
 the blocks it filled removed from the prefix cache (their KV is half written), and requests
 the step admitted back to the waiting queue. It never touches a step that ran to the end.
 
-vLLM 0.32.0 names relied on (tests/test_preemption_contract.py pins them): `Scheduler`
-(`requests`, `running`, `block_size`, `kv_cache_manager`, `_preempt_request(request,
-timestamp)`), `KVCacheManager` (`get_block_ids`, `evict_blocks`, and
-`coordinator.single_type_managers[0].num_cached_block`), `allocate_slots` hashing the blocks a
-step will fill when it is scheduled (`cache_blocks`), `_update_after_schedule` (advances
-`num_computed_tokens` and `num_in_flight_tokens`, sets `is_prefill_chunk`), `Request`
-(`request_id`, `num_tokens`, `num_computed_tokens`, `num_in_flight_tokens`,
-`is_prefill_chunk`, `has_encoder_inputs`, `is_finished()`), `Scheduler._inflight_prefills`
-left alone (it only reserves blocks for asynchronous KV loads, which this connector never does),
-`SchedulerOutput` (`num_scheduled_tokens`, `scheduled_new_reqs`,
-`scheduled_cached_reqs.resumed_req_ids`).
+When to cut (`sched.policy.abort_after_ns`) is the policy's; this adapter only reads the
+clock and vLLM's state. vLLM names relied on: docs/vllm-contract.md#preemption.
 """
 
 from __future__ import annotations

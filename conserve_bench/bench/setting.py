@@ -1,4 +1,4 @@
-"""What one `bench` run is: its settings (`BenchConfig`, checked once) and its policies, each
+"""What one `bench` run is: its settings (`BenchSetting`, checked once) and its policies, each
 entry `POLICY` or `POLICY:FLAGS` (`PolicyRun`)."""
 
 from __future__ import annotations
@@ -7,14 +7,13 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from conserve_bench.config import DEFAULT_MODEL
+from conserve_bench.config import DEFAULT_MODEL, ServePolicy
 from conserve_bench.errors import ConserveError
-from conserve_bench.serve.server import POLICIES
 
 ARRIVALS = ("trace", "gamma")
 
 
-class BenchConfigError(ConserveError):
+class BenchSettingError(ConserveError):
     pass
 
 
@@ -25,18 +24,19 @@ class PolicyRun:
     side: "conserve,conserve:--layer-preemption=off". The entry as written is its label."""
 
     label: str
-    policy: str
+    policy: ServePolicy
     serve_args: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, entry: str) -> PolicyRun:
         policy, _, flags = entry.partition(":")
-        run = cls(entry.strip(), policy.strip(), tuple(shlex.split(flags)))
-        if run.policy not in POLICIES:
-            raise BenchConfigError(f"unknown policy {run.policy!r} in --policies entry {entry!r}: "
-                                   f"use {', '.join(POLICIES)}")
+        try:
+            run = cls(entry.strip(), ServePolicy(policy.strip()), tuple(shlex.split(flags)))
+        except ValueError:
+            raise BenchSettingError(f"unknown policy {policy.strip()!r} in --policies entry {entry!r}: "
+                                   f"use {ServePolicy.names()}") from None
         if run.serve_args[:1] and not run.serve_args[0].startswith("--"):
-            raise BenchConfigError(f"--policies entry {entry!r}: after ':' come `serve` flags "
+            raise BenchSettingError(f"--policies entry {entry!r}: after ':' come `serve` flags "
                                    "such as --layer-preemption=off")
         return run
 
@@ -47,10 +47,11 @@ class PolicyRun:
 
 
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchSetting:
     """One benchmark run. Token counts are scaled by `token_scale`, then capped."""
 
-    policies: tuple[str, ...] = ("online-only", "priority", "conserve")
+    policies: tuple[str, ...] = tuple(p.value for p in (ServePolicy.ONLINE_ONLY, ServePolicy.PRIORITY,
+                                                         ServePolicy.CONSERVE))
     trace: str | None = None
     arrivals: str = "trace"  # "trace": the trace's own timestamps; "gamma": a Gamma process
     cv: float = 2.0  # Gamma inter-arrival CV (burstiness; 1 is Poisson)
@@ -85,22 +86,22 @@ class BenchConfig:
 
     def __post_init__(self):
         if not self.policies:
-            raise BenchConfigError(f"--policies is empty: use {', '.join(POLICIES)}")
+            raise BenchSettingError(f"--policies is empty: use {ServePolicy.names()}")
         labels = [run.label for run in self.policy_runs]
         if len(set(labels)) < len(labels):
-            raise BenchConfigError(f"--policies names an entry twice: {','.join(self.policies)}")
+            raise BenchSettingError(f"--policies names an entry twice: {','.join(self.policies)}")
         if self.server and any(run.serve_args for run in self.policy_runs):
-            raise BenchConfigError("with --server, a --policies entry cannot carry `serve` flags")
+            raise BenchSettingError("with --server, a --policies entry cannot carry `serve` flags")
         if self.arrivals not in ARRIVALS:
-            raise BenchConfigError(f"--arrivals must be one of {', '.join(ARRIVALS)}")
+            raise BenchSettingError(f"--arrivals must be one of {', '.join(ARRIVALS)}")
         if (self.rate is None) == (self.load is None):
-            raise BenchConfigError("give exactly one of --rate and --load")
+            raise BenchSettingError("give exactly one of --rate and --load")
         if self.trace is None and self.arrivals == "trace":
-            raise BenchConfigError("--trace is required unless --arrivals gamma")
+            raise BenchSettingError("--trace is required unless --arrivals gamma")
         if self.server and len(self.policies) != 1:
-            raise BenchConfigError("with --server, --policies names the one policy that server runs")
+            raise BenchSettingError("with --server, --policies names the one policy that server runs")
         if min(self.rate or 1, self.load or 1, self.duration_s, self.token_scale, self.cv) <= 0:
-            raise BenchConfigError("--rate, --load, --duration-s, --token-scale and --cv must be positive")
+            raise BenchSettingError("--rate, --load, --duration-s, --token-scale and --cv must be positive")
 
     @property
     def policy_runs(self) -> tuple[PolicyRun, ...]:

@@ -24,7 +24,7 @@ from typing import Any
 
 from conserve_bench.ci import ExitCode
 from conserve_bench.ci.baseline import write_baselines
-from conserve_bench.ci.config import CIConfig, CIConfigError, job_run_key
+from conserve_bench.ci.suite import CIConfig, CIConfigError, job_run_key
 from conserve_bench.ci.report import JobOutcome, Report, build_report, with_baselines_written
 from conserve_bench.config import JobSpec, RunConfig
 from conserve_bench.errors import (ConserveError, DataDirError, EngineUnavailableError, JobStateError,
@@ -272,11 +272,12 @@ class _EmbeddedBackend:
         return self.store.get_job(job_id).to_dict()
 
     def _engine_for(self, model: str):
+        from conserve_bench.engine import local as local_engine
         from conserve_bench.engine.models import resolve_model
 
         if self._owns_engine and self._engine_model != model:
             self.close()
-            self._engine, self._engine_model = lifecycle.start_engine(resolve_model(model)), model
+            self._engine, self._engine_model = local_engine.start_engine(resolve_model(model)), model
         return self._engine
 
     def close(self) -> None:

@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
+from conserve_bench.profiling.profiles import (Profile, current_key, refit_for, require_profile,
+                                               save_profile)
 from conserve_bench.sched.latency import (FEATURES, ChunkShape, FitError, LatencyModel, Sample,
                                           StepShape, evaluate_shapes, fit, shape_class,
                                           shape_medians, split_holdout)
-from conserve_bench.sched.profiles import (Profile, current_key, refit_for, require_profile,
-                                           save_profile)
-from conserve_bench.sched.steplog import log_size, read_step_log, recording_overrides
+from conserve_bench.sched.steplog import log_size, read_step_log
+from conserve_bench.vllm_plugin.overrides import engine_overrides
 
 if TYPE_CHECKING:
     from conserve_bench.engine.local import Engine
@@ -163,13 +164,13 @@ def run_profile(store: Store, model: str, quick: bool = False,
                 on_progress: ProgressFn | None = None,
                 on_started: Callable[[], None] | None = None) -> ProfileResult:
     """Start an engine for `model`, profile it, fit, and store the profile under its key."""
-    from conserve_bench.jobs.lifecycle import start_engine
+    from conserve_bench.engine.local import start_engine
     from conserve_bench.engine.models import resolve_model
 
     ref = resolve_model(model)
     with tempfile.TemporaryDirectory(prefix="conserve-profile-") as workdir:
         # NOTE: step times in the layout `serve` plans them in (vLLM's engine-core process)
-        overrides = {**recording_overrides(Path(workdir) / "steps.jsonl"),
+        overrides = {**engine_overrides(step_log=Path(workdir) / "steps.jsonl"),
                      "engine_core_in_process": False}
         with start_engine(ref, **overrides) as engine:
             if on_started is not None:
@@ -284,7 +285,7 @@ def run_sweep(engine: Engine, probes: Sequence[Probe], on_progress: ProgressFn |
     collect the steps the scheduler logged for each probe, over all rounds."""
     if engine.step_log is None:
         raise ValueError("profiling needs an engine started with a step log "
-                         "(steplog.recording_overrides)")
+                         "(engine_overrides(step_log=...))")
     for probe in probes:
         _check_fits(probe, engine.max_model_len)
     draw = _TokenSource(np.random.default_rng(seed), engine.vocab_size)

@@ -1,7 +1,7 @@
 """One fake-engine replica of a fleet, for tests/test_fleet.py: `serve`'s offline pump on a
 `FakeEngine`, in a process of its own, until SIGTERM (it drains, as `serve` does) or SIGKILL.
 
-    python -m tests.fleet_worker URL --lease-s 2 --heartbeat-s 0.5 --step-s 0.01 --poison KEY
+    python -m tests.fleet_replica URL --lease-s 2 --heartbeat-s 0.5 --step-s 0.01 --poison KEY
 """
 
 from __future__ import annotations
