@@ -23,8 +23,8 @@ and per-request results of the undisturbed run, and how many items were computed
 most the in-flight window per interruption). Writes benchmarks/measured/faults.json and prints
 the table of docs/operations.md.
 
-    python benchmarks/faults.py                       # every row, about 15 minutes on 2 cores
-    python benchmarks/faults.py --rows task-path,big-body
+    python -m benchmarks.faults                       # every row, about 15 minutes on 2 cores
+    python -m benchmarks.faults --rows task-path,big-body
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import json
 import os
 import random
@@ -47,11 +46,9 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from conserve_bench.serve.process import ServerProcess  # noqa: E402
-from conserve_bench.store import Store  # noqa: E402
+from benchmarks.common import REPO, host_profile, measured_path, write_measured
+from conserve_bench.serve.process import ServerProcess
+from conserve_bench.store import Store
 
 KEY = "fault-key"
 MAX_INFLIGHT = 16
@@ -66,11 +63,13 @@ def parse_args() -> argparse.Namespace:
         "CONSERVE_BENCH_DATA", str(REPO.parent / "shared" / "data" / "mmlu")))
     parser.add_argument("--tasks", default="mmlu_anatomy,mmlu_marketing")
     parser.add_argument("--limit", type=int, default=60, help="Questions per task.")
-    parser.add_argument("--flood-limit", type=int, default=150, help="Questions per task, flood row.")
+    parser.add_argument("--flood-tasks", default="mmlu_high_school_psychology,mmlu_professional_law",
+                        help="The flood row's job: long enough to outlast its four 10-s windows.")
+    parser.add_argument("--flood-limit", type=int, default=300, help="Questions per task, flood row.")
     parser.add_argument("--lease-s", type=float, default=4.0, help="Lease of the outage rows' fleet.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/faults")
-    parser.add_argument("--measured", default=str(REPO / "benchmarks" / "measured" / "faults.json"))
+    parser.add_argument("--measured", default=str(measured_path("faults")))
     return parser.parse_args()
 
 
@@ -78,7 +77,7 @@ class Run:
     """The folder, the latency profile and the job of this run of the fault suite."""
 
     def __init__(self, args):
-        from conserve_bench.bench.run import ProfileCache
+        from conserve_bench.bench.phases import ProfileCache
         from conserve_bench.config import default_db_url
 
         self.args, self.out = args, Path(args.out).resolve()
@@ -100,16 +99,17 @@ class Run:
         self.profiles.learn_from(db_url)
         return server
 
-    def undisturbed(self, limit: int) -> dict:
-        """Items and scores of the job run alone (once per limit)."""
-        if limit not in self.baseline:
-            folder = self.folder(f"undisturbed-{limit}")
+    def undisturbed(self, job: dict) -> dict:
+        """Items and scores of `job` run alone (once per job)."""
+        name = json.dumps(job, sort_keys=True)
+        if name not in self.baseline:
+            folder = self.folder("undisturbed")
             db_url = sqlite_url(folder)
             with self.server(folder, db_url) as server:
-                job_id = post_job(server.url, {**self.job, "limit": limit})
+                job_id = post_job(server.url, job)
                 wait_done(server.url, job_id)
-            self.baseline[limit] = finished(db_url, job_id)
-        return self.baseline[limit]
+            self.baseline[name] = finished(db_url, job_id)
+        return self.baseline[name]
 
 
 def sqlite_url(folder: Path) -> str:
@@ -142,7 +142,8 @@ def wait_done(url: str, job_id: str, at_least: float = 1.0, timeout_s: float = 9
         job = job_status(url, job_id)
         if job and job["state"] in ("failed", "cancelled"):
             raise RuntimeError(f"job {job_id} {job['state']}: {job.get('error')}")
-        if job and job["total"] and (job["state"] == "done" or job["done"] >= at_least * job["total"]):
+        # NOTE: all items done is not the job done: its scores are computed and saved after
+        if job and job["total"] and (job["state"] == "done" or (at_least < 1 and job["done"] >= at_least * job["total"])):
             return job
         time.sleep(0.2)
     raise RuntimeError(f"job {job_id} not at {at_least:.0%} within {timeout_s:.0f} s")
@@ -222,7 +223,7 @@ def sigkill_serve(run: Run) -> dict:
     return {"server": f"killed at {', '.join(f'{p:.0%}' for p in points)} (exit {codes[0]}); "
                       "each restart resumed the job by itself",
             "health": sorted(health.seen), "interruptions": len(points),
-            **compare(finished(db_url, job_id), run.undisturbed(run.args.limit))}
+            **compare(finished(db_url, job_id), run.undisturbed(run.job))}
 
 
 def sigkill_engine_core(run: Run) -> dict:
@@ -248,7 +249,7 @@ def sigkill_engine_core(run: Run) -> dict:
     return {"server": f"exit {code} {exit_s:.1f} s after the kill; job left {left}; "
                       "a restart finished it",
             "exit_code": code, "health": sorted(health.seen), "interruptions": 1,
-            **compare(finished(db_url, job_id), run.undisturbed(run.args.limit))}
+            **compare(finished(db_url, job_id), run.undisturbed(run.job))}
 
 
 def outage(run: Run, dialect: str) -> dict:
@@ -279,7 +280,7 @@ def outage(run: Run, dialect: str) -> dict:
     return {"server": f"store out for {3 * lease_s:g} s (3 leases); both replicas "
                       f"{'stayed up' if all(alive) else 'exited: ' + str(alive)}",
             "health": sorted(health.seen), "interruptions": 2,
-            **compare(result, run.undisturbed(run.args.limit))}
+            **compare(result, run.undisturbed(run.job))}
 
 
 def _hold_sqlite_lock(path: Path, seconds: float) -> None:
@@ -306,7 +307,7 @@ def pump_exception(run: Run) -> dict:
         injected = server.log_tail(10**7).count("injected fault at pump.next_job")
     return {"server": f"logged {injected} injected pump failures, retried with backoff",
             "health": sorted(health.seen), "interruptions": 0,
-            **compare(finished(db_url, job_id), run.undisturbed(run.args.limit))}
+            **compare(finished(db_url, job_id), run.undisturbed(run.job))}
 
 
 def migration_crash(run: Run) -> dict:
@@ -317,7 +318,7 @@ def migration_crash(run: Run) -> dict:
     lines = crashed.stderr.strip().splitlines()
     return {"server": f"crashed command: exit {crashed.returncode}, {len(lines)} line "
                       f"({lines[-1][:80] if lines else ''!r}); the same command again: exit "
-                      f"{again.returncode}", "health": [], "interruptions": 1,
+                      f"{again.returncode}", "health": [], "interruptions": 0,
             "completed": again.returncode == 0, "same_scores": None, "same_requests": None,
             "max_logprob_diff": None, "computed_twice": 0}
 
@@ -330,14 +331,16 @@ def _cli(*args: str, env=None) -> subprocess.CompletedProcess:
 def unauthenticated_flood(run: Run) -> dict:
     folder = run.folder("unauthenticated-flood")
     db_url = sqlite_url(folder)
-    limit = run.args.flood_limit
+    job = {**run.job, "tasks": run.args.flood_tasks.split(","), "limit": run.args.flood_limit}
     steps = folder / "steps.jsonl"
     with run.server(folder, db_url, "--step-log", str(steps)) as server:
-        job_id = post_job(server.url, {**run.job, "limit": limit})
+        job_id = post_job(server.url, job)
         wait_done(server.url, job_id, at_least=0.05)
         windows = []
         for flood in (False, True, False, True):
             windows.append(_window(server.url, steps, flood, seconds=10.0))
+        if job_status(server.url, job_id)["state"] == "done":
+            raise RuntimeError("the flood row's job ended within its windows: raise --flood-limit")
         wait_done(server.url, job_id)
         samples = _metric(server.url, "conserve_online_slo_total")
     quiet = [w for w in windows if not w["flood"]]
@@ -351,7 +354,7 @@ def unauthenticated_flood(run: Run) -> dict:
                       f"{sum(w['cuts'] for w in loud)}; online latency samples: {samples:g}",
             "health": ["200"], "interruptions": 0, "offline_rate_ratio": round(ratio, 3),
             "windows": windows,
-            **compare(finished(db_url, job_id), run.undisturbed(limit))}
+            **compare(finished(db_url, job_id), run.undisturbed(job))}
 
 
 def _window(url: str, steps: Path, flood: bool, seconds: float) -> dict:
@@ -399,8 +402,9 @@ def task_path(run: Run) -> dict:
                     "process_docs: !function evil.docs\ntest_split: train\n"
                     "doc_to_text: q\ndoc_to_target: a\noutput_type: generate_until\n")
     with run.server(folder, sqlite_url(folder)) as server:
-        answers = {name: http(server.url).post("/v1/jobs", json={"tasks": [name]}).status_code
-                   for name in (str(yaml), "*", "../evil")}
+        tries = {"the YAML's path": str(yaml), "a glob": "*", "a relative path": "../evil"}
+        answers = {label: http(server.url).post("/v1/jobs", json={"tasks": [name]}).status_code
+                   for label, name in tries.items()}
     return {"server": f"answered {answers}; code ran: {marker.exists()}", "health": ["200"],
             "interruptions": 0, "completed": None, "same_scores": None, "same_requests": None,
             "max_logprob_diff": None, "computed_twice": 0, "code_ran": marker.exists()}
@@ -436,7 +440,7 @@ def markdown(report: dict) -> str:
         diff = row.get("max_logprob_diff")
         same = "n/a" if row.get("same_requests") is None else (
             f"{_yes(row['same_requests'])} ({diff:.1e})" if diff is not None else _yes(row["same_requests"]))
-        window = MAX_INFLIGHT * row.get("interruptions", 0)
+        window = MAX_INFLIGHT * row.get("interruptions", 0) or "-"
         lines.append(f"| {name} | {row['server']} | {', '.join(row['health']) or '-'} | "
                      f"{_yes(row['completed'])} | {_yes(row['same_scores'])} | {same} | "
                      f"{row['computed_twice']} ({window}) |")
@@ -447,24 +451,16 @@ def _yes(value) -> str:
     return "n/a" if value is None else ("yes" if value else "**no**")
 
 
-def _host_profile() -> dict:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from submit_vs_hf import host_profile
-
-    return host_profile()
-
-
 def run_all() -> None:
     args = parse_args()
     run = Run(args)
-    report = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-              "host": _host_profile(), "window": MAX_INFLIGHT, "rows": {}}
+    host = host_profile()
+    report = {"window": MAX_INFLIGHT, "rows": {}}
     for name in args.rows.split(","):
         t0 = time.perf_counter()
         report["rows"][name] = {**RUNNERS[name](run), "wall_s": round(time.perf_counter() - t0, 1)}
         print(f"{name}: {report['rows'][name]['server']}", flush=True)
-    Path(args.measured).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.measured).write_text(json.dumps(report, indent=1) + "\n")
+    write_measured("faults", report, args, host)
     print(markdown(report))
 
 

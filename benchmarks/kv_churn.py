@@ -16,10 +16,11 @@ Per arm: offline tokens/s (prompt + generated tokens of the offline requests, ov
 the last one's end; median of rounds, and the ratio round by round), online P99 TTFT and TBT
 over all rounds, and from the step log the preempted requests resumed and their tokens loaded,
 found in the prefix cache, or computed again. Targets: offline tokens/s with checkpoints >=
-1.25x without, online P99 TTFT and TBT <= 1.05x. Writes results/kv-churn.json.
+1.25x without, online P99 TTFT and TBT <= 1.05x. Writes benchmarks/measured/kv_churn.json.
 
-    python benchmarks/kv_churn.py                    # about 20 minutes on 2 idle cores
-    python benchmarks/kv_churn.py --rounds 1 --offline-prompts 4 --generated-tokens 64   # smoke
+    python -m benchmarks.kv_churn                    # about 20 minutes on 2 idle cores
+    python -m benchmarks.kv_churn --rounds 1 --offline-prompts 4 --generated-tokens 64 \
+        --no-profile --measured /tmp/kv-churn.json   # smoke
 
 Needs this machine's latency profile (`conserve-bench profile --quick`).
 """
@@ -27,7 +28,6 @@ Needs this machine's latency profile (`conserve-bench profile --quick`).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -35,7 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from layer_preemption import prompts  # NOTE: run from benchmarks/ or as a script
+from benchmarks.common import add_measured_args, measure_host, start_engine, write_measured
+from benchmarks.layer_preemption import prompts
 
 TARGET_SPEEDUP = 1.25  # offline tokens/s, checkpoints on / off
 TARGET_LATENCY = 1.05  # online P99 TTFT and TBT, on / off
@@ -46,7 +47,7 @@ def serve_policy(model, db_url: str):
     """The ConServe policy `serve` runs by default with layer-wise preemption off."""
     from conserve_bench.config import EngineConfig
     from conserve_bench.sched.policy import PolicyConfig
-    from conserve_bench.sched.profiles import current_key, require_profile
+    from conserve_bench.profiling.profiles import current_key, require_profile
     from conserve_bench.serve.server import ServeConfig, resolve_targets
     from conserve_bench.store import Store
 
@@ -58,22 +59,18 @@ def serve_policy(model, db_url: str):
 
 
 def start(model, folder: Path, name: str, pool_gib: float, policy, num_blocks: int):
-    from conserve_bench.engine.connector import ConnectorConfig
-    from conserve_bench.engine.plugin import conserve_overrides
-    from conserve_bench.jobs.lifecycle import start_engine
+    from conserve_bench.vllm_plugin.overrides import ConnectorConfig
 
     connector = ConnectorConfig(checkpoint_gib=pool_gib,
                                 checkpoint_state_path=str(folder / f"{name}-pool.json"))
-    return start_engine(model, **conserve_overrides(step_log=str(folder / f"{name}-steps.jsonl"),
-                                                    policy=policy.to_dict()),
-                        **connector.engine_overrides(), num_gpu_blocks=num_blocks,
-                        scheduling_policy="priority")
+    return start_engine(model, step_log=folder / f"{name}-steps.jsonl", policy=policy,
+                        connector=connector, num_gpu_blocks=num_blocks, scheduling_policy="priority")
 
 
 def churn_round(engine, offline: list[list[int]], burst_seed: int, args) -> dict:
     """Run one round (see the module docstring) to the end; offline tokens/s, each online
     request's TTFT and TBTs (seconds), the number of bursts."""
-    from conserve_bench.engine.plugin import OFFLINE_PRIORITY, ONLINE_PRIORITY
+    from conserve_bench.vllm_plugin.overrides import OFFLINE_PRIORITY, ONLINE_PRIORITY
 
     llm_engine = engine.llm.llm_engine
     greedy = dict(temperature=0.0, ignore_eos=True)
@@ -123,7 +120,7 @@ def p99(values: list[float]) -> float:
 def warm_up(engine, args) -> None:
     """One offline and one online burst's worth first: an engine's first steps of a shape run
     slower, and would count in the first round's P99."""
-    from conserve_bench.engine.plugin import OFFLINE_PRIORITY, ONLINE_PRIORITY
+    from conserve_bench.vllm_plugin.overrides import OFFLINE_PRIORITY, ONLINE_PRIORITY
 
     engine.submit_tokens(prompts(-1, 1, args.prompt_tokens), priority=OFFLINE_PRIORITY, max_tokens=2)
     engine.submit_tokens(prompts(-2, args.burst_size, args.online_prompt_tokens),
@@ -197,7 +194,7 @@ def main() -> None:
     parser.add_argument("--pool-gib", type=float, default=2.0)
     parser.add_argument("--db", default=os.environ.get("CONSERVE_BENCH_DB", "sqlite:///conserve.db"),
                         help="where this machine's latency profile is kept")
-    parser.add_argument("--out", default="results/kv-churn.json")
+    add_measured_args(parser, "kv_churn")
     args = parser.parse_args()
     if args.kv_blocks is None:
         args.kv_blocks = 3 * math.ceil((args.prompt_tokens + args.generated_tokens) / BLOCK_SIZE)
@@ -210,14 +207,13 @@ def main() -> None:
         policy = serve_policy(model, args.db)
     except ConserveError as e:
         raise SystemExit(f"error: {e}") from None
+    host = measure_host(args)
     folder = Path(tempfile.mkdtemp(prefix="kv-churn-"))
     with (start(model, folder, "off", 0.0, policy, args.kv_blocks) as off,
           start(model, folder, "on", args.pool_gib, policy, args.kv_blocks) as on):
         result = run({"off": off, "on": on}, args)
-    result["args"] = vars(args)
     result["targets_ms"] = {"ttft": policy.targets.ttft_s * 1e3, "tbt": policy.targets.tbt_s * 1e3}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_measured("kv_churn", result, args, host)
     print_summary(result)
 
 

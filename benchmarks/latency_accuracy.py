@@ -5,10 +5,11 @@ by default), fits on the training shapes and reports the absolute relative error
 shapes (targets: median <= 5%, P90 <= 10%), overall and per kind of step, plus the spread of
 the headline numbers over other random splits. A shape measured several times (the profiler
 runs its sweep in three rounds) is judged by its median step; the error of every single
-held-out step is reported too. Writes results/latency-accuracy.json.
+held-out step is reported too. Writes benchmarks/measured/latency_accuracy.json (the
+steps themselves, for a closer look, to `--samples`).
 
-    python benchmarks/latency_accuracy.py            # full sweep, about 6 minutes on 2 cores
-    python benchmarks/latency_accuracy.py --sweep quick
+    python -m benchmarks.latency_accuracy            # full sweep, about 6 minutes on 2 cores
+    python -m benchmarks.latency_accuracy --sweep quick --measured /tmp/latency-accuracy.json
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+from benchmarks.common import add_measured_args, measure_host, start_engine, write_measured
 
 TARGET_MEDIAN, TARGET_P90 = 0.05, 0.10
 NUM_SPLITS = 10
@@ -43,22 +46,19 @@ def errors_by_kind(model, samples) -> dict[str, dict]:
 
 def split_spread(samples) -> dict[str, list[float]]:
     """Held-out median and P90 over NUM_SPLITS random shape splits (refit each time)."""
-    from conserve_bench.sched.profiler import fit_holdout
+    from conserve_bench.profiling.profiler import fit_holdout
 
     errors = [fit_holdout(samples, seed)[1] for seed in range(NUM_SPLITS)]
     return {"median_rel": [e.median_rel for e in errors], "p90_rel": [e.p90_rel for e in errors]}
 
 
 def measure(model_name: str, sweep_name: str) -> tuple[object, float]:
-    from conserve_bench.jobs.lifecycle import start_engine
     from conserve_bench.engine.models import resolve_model
-    from conserve_bench.sched.profiler import profile_engine, sweep_for
-    from conserve_bench.sched.steplog import recording_overrides
+    from conserve_bench.profiling.profiler import profile_engine, sweep_for
 
     with tempfile.TemporaryDirectory(prefix="conserve-latency-") as workdir:
         t0 = time.perf_counter()
-        overrides = recording_overrides(Path(workdir) / "steps.jsonl")
-        with start_engine(resolve_model(model_name), **overrides) as engine:
+        with start_engine(resolve_model(model_name), step_log=Path(workdir) / "steps.jsonl") as engine:
             startup_s = time.perf_counter() - t0
             result = profile_engine(engine, sweep_for(sweep_name == "quick", engine.max_model_len))
     return result, startup_s
@@ -66,7 +66,7 @@ def measure(model_name: str, sweep_name: str) -> tuple[object, float]:
 
 def report(result, startup_s: float, args, load_before) -> dict:
     from conserve_bench.sched.latency import FEATURES, evaluate
-    from conserve_bench.sched.profiler import HOLDOUT_FRACTION, split_distinct_shapes
+    from conserve_bench.profiling.profiler import HOLDOUT_FRACTION, split_distinct_shapes
     from conserve_bench.sched.steplog import to_line
 
     profile, samples = result.profile, result.sweep.samples
@@ -117,15 +117,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--sweep", choices=("full", "quick"), default="full")
-    parser.add_argument("--out", default="results/latency-accuracy.json")
+    parser.add_argument("--samples", default="results/latency-accuracy-samples.json",
+                        help="Where every step measured goes (not committed: thousands of lines).")
+    add_measured_args(parser, "latency_accuracy")
     args = parser.parse_args()
+    host = measure_host(args)
     load_before = list(os.getloadavg())
     result, startup_s = measure(args.model, args.sweep)
     out = report(result, startup_s, args, load_before)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    samples = out.pop("samples")
+    Path(args.samples).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.samples).write_text(json.dumps(samples, indent=1) + "\n")
+    write_measured("latency_accuracy", out, args, host)
     print_table(out)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":  # NOTE: vLLM spawns its engine processes, which re-import this file

@@ -7,16 +7,16 @@
 2. Arrival to abort: on the armed engine, long offline prefills while a thread stamps the
    arrival signal at random moments. For each arrival, the time until the step it cut stopped
    at a safepoint, against the time of one layer group (target: p99 <= layer group p99 + 5 ms).
-   Outputs equal those of the uninterrupted run. Writes results/layer-preemption.json.
+   Outputs equal those of the uninterrupted run. Writes benchmarks/measured/layer_preemption.json.
 
-    python benchmarks/layer_preemption.py          # about 5 minutes on 2 idle cores
-    python benchmarks/layer_preemption.py --rounds 1 --num-prompts 8 --arrivals 5   # a smoke run
+    python -m benchmarks.layer_preemption          # about 6 minutes on 2 idle cores, profile included
+    python -m benchmarks.layer_preemption --rounds 1 --num-prompts 8 --arrivals 5 \
+        --no-profile --measured /tmp/layer-preemption.json                          # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -24,6 +24,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from benchmarks.common import add_measured_args, measure_host, start_engine, write_measured
 
 TARGET_OVERHEAD = 0.02  # armed safepoints may cost at most 2% of offline tokens/s
 TARGET_SLACK_MS = 5.0  # arrival to abort within one layer group + 5 ms
@@ -36,7 +38,7 @@ def prompts(seed: int, num: int, num_tokens: int) -> list[list[int]]:
 
 def run_offline(engine, batch, **sampling) -> tuple[list, float]:
     """(finished outputs in order, wall seconds) of `batch` at offline priority."""
-    from conserve_bench.engine.plugin import OFFLINE_PRIORITY
+    from conserve_bench.vllm_plugin.overrides import OFFLINE_PRIORITY
 
     llm_engine, done = engine.llm.llm_engine, {}
     t0 = time.perf_counter()
@@ -47,14 +49,8 @@ def run_offline(engine, batch, **sampling) -> tuple[list, float]:
 
 
 def start(model, folder: Path, name: str, max_num_batched_tokens: int, connector=None):
-    from conserve_bench.jobs.lifecycle import start_engine
-    from conserve_bench.sched.steplog import recording_overrides
-
-    overrides = {**recording_overrides(folder / f"{name}-steps.jsonl"),
-                 "max_num_batched_tokens": max_num_batched_tokens}
-    if connector is not None:
-        overrides.update(connector.engine_overrides())
-    return start_engine(model, **overrides)
+    return start_engine(model, step_log=folder / f"{name}-steps.jsonl", connector=connector,
+                        max_num_batched_tokens=max_num_batched_tokens)
 
 
 def alternating_rates(engines: dict, args) -> dict[str, list[float]]:
@@ -84,7 +80,7 @@ def overhead(engines: dict, args) -> dict:
 
 def arrivals(engine, signal, step_log: Path, args) -> dict:
     """Cut long offline prefills with arrivals stamped from another thread."""
-    from conserve_bench.bench.report import StepRecord, summarize_preemptions
+    from conserve_bench.bench.summary import StepRecord, summarize_preemptions
     from conserve_bench.sched.steplog import read_step_log_with_notes
 
     batch = prompts(10_000, args.num_long, args.long_tokens)
@@ -156,14 +152,15 @@ def main() -> None:
     parser.add_argument("--long-tokens", type=int, default=1536)
     parser.add_argument("--arrivals", type=int, default=30)
     parser.add_argument("--safepoint-every", type=int, default=4)
-    parser.add_argument("--out", default="results/layer-preemption.json")
+    add_measured_args(parser, "layer_preemption")
     args = parser.parse_args()
 
-    from conserve_bench.engine.arrivals import ArrivalSignal
-    from conserve_bench.engine.connector import ConnectorConfig
     from conserve_bench.engine.models import resolve_model
+    from conserve_bench.vllm_plugin.arrivals import ArrivalSignal
+    from conserve_bench.vllm_plugin.overrides import ConnectorConfig
 
     model = resolve_model(args.model)
+    host = measure_host(args)
     load_before = list(os.getloadavg())
     signal = ArrivalSignal.create_temporary()
     connector = ConnectorConfig(safepoint_every=args.safepoint_every, arrival_path=str(signal.path))
@@ -173,16 +170,14 @@ def main() -> None:
             with start(model, folder, "plain", args.max_num_batched_tokens) as plain, \
                     start(model, folder, "armed", args.max_num_batched_tokens, connector) as armed:
                 engines = {"plain": plain, "armed": armed}
-                out = {"config": vars(args), "load_avg_before": load_before,
+                out = {"load_avg_before": load_before,
                        "overhead": overhead(engines, args),
                        "arrivals": arrivals(armed, signal, folder / "armed-steps.jsonl", args),
                        "load_avg_after": list(os.getloadavg())}
     finally:
         signal.remove()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    write_measured("layer_preemption", out, args, host)
     print_summary(out)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":  # NOTE: vLLM spawns its engine processes, which re-import this file

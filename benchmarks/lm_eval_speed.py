@@ -7,9 +7,10 @@ runs in a fresh process, built as lm-eval's CLI builds it (`get_model(name)` fro
 `--model_args`); the table shows model load, evaluation and whole-process wall time,
 requests/s of the evaluation, and the accuracy (which must be equal everywhere).
 The server (policy `priority`, fresh store) is started once and serves both HTTP rows.
+Writes benchmarks/measured/lm_eval_speed.json.
 
     pip install -e ".[bench]"   # lm-eval's HTTP backends need lm-eval[api]
-    python benchmarks/lm_eval_speed.py --limit 10 --num-fewshot 5
+    python -m benchmarks.lm_eval_speed --limit 10 --num-fewshot 5
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import REPO, add_measured_args, measure_host, write_measured
+
 DEFAULT_TASKS = "mmlu_local_anatomy,mmlu_local_high_school_geography,mmlu_local_marketing,mmlu_local_astronomy"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def model_args(backend: str, args, workdir: Path, url: str | None) -> str:
@@ -40,9 +42,9 @@ def model_args(backend: str, args, workdir: Path, url: str | None) -> str:
 
 
 def run_backend(backend: str, margs: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", backend, "--model-args", margs, "--tasks", args.tasks,
-           "--limit", str(args.limit), "--num-fewshot", str(args.num_fewshot), "--data-dir", args.data_dir,
-           "--hf-batch-size", str(args.hf_batch_size)]
+    cmd = [sys.executable, "-m", "benchmarks.lm_eval_speed", "--one-backend", backend, "--model-args", margs,
+           "--tasks", args.tasks, "--limit", str(args.limit), "--num-fewshot", str(args.num_fewshot),
+           "--data-dir", args.data_dir, "--hf-batch-size", str(args.hf_batch_size)]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
@@ -50,7 +52,7 @@ def run_backend(backend: str, margs: str, args) -> dict:
     return {"total_s": time.perf_counter() - t0, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
-def worker(args) -> None:
+def run_one_backend(args) -> None:
     """One backend, built from model args exactly as `lm_eval --model NAME` builds it."""
     from lm_eval import simple_evaluate
     from lm_eval.api.registry import get_model
@@ -60,7 +62,7 @@ def worker(args) -> None:
     from conserve_bench.tasks import TASKS_DIR
 
     register()
-    name = "conserve" if args.worker.startswith("conserve") else args.worker
+    name = "conserve" if args.one_backend.startswith("conserve") else args.one_backend
     t0 = time.perf_counter()
     # NOTE: what lm-eval's CLI adds to --model_args (--batch_size, --device)
     extra = {"batch_size": args.hf_batch_size if name == "hf" else 1, "device": "cpu"}
@@ -98,12 +100,13 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared/data/mmlu"))
     parser.add_argument("--hf-batch-size", type=int, default=1)
     parser.add_argument("--num-concurrent", type=int, default=8, help="local-completions concurrency")
-    parser.add_argument("--out", default="results/bench-lm-eval-speed.json")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_measured_args(parser, "lm_eval_speed")
+    parser.add_argument("--one-backend", help=argparse.SUPPRESS)
     parser.add_argument("--model-args", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        return worker(args)
+    if args.one_backend:
+        return run_one_backend(args)
+    host = measure_host(args)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -115,11 +118,10 @@ def main() -> None:
                 rows[backend] = run_backend(backend, model_args(backend, args, workdir, server.url), args)
         finally:
             server.stop()
-    report = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "model_args")},
-              "server_start_s": server_start_s, "backends": rows,
+    report = {"server_start_s": server_start_s, "backends": rows,
               "same_accuracy": len({json.dumps(r["acc"], sort_keys=True) for r in rows.values()}) == 1}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    config = {k: v for k, v in vars(args).items() if k not in ("one_backend", "model_args")}
+    write_measured("lm_eval_speed", report, config, host, path=args.measured)
     print_table(report)
 
 

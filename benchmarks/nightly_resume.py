@@ -9,8 +9,11 @@
    to the engine twice (`Store.run_counts` of store B), the report's rows equal the reference
    run's, and `--compare-to` the reference's results file gives Δ = 0 and p = 1 per task.
 
-    python benchmarks/nightly_resume.py --data-dir ../shared/data/mmlu          # measured setting
-    python benchmarks/nightly_resume.py --data-dir ../shared/data/mmlu --subjects anatomy,marketing --limit 8 --num-fewshot 0
+Writes `--output`/nightly-resume-<time>/summary.json and benchmarks/measured/nightly_resume.json.
+
+    python -m benchmarks.nightly_resume --data-dir ../shared/data/mmlu          # measured setting
+    python -m benchmarks.nightly_resume --data-dir ../shared/data/mmlu --subjects anatomy,marketing \
+        --limit 8 --num-fewshot 0 --no-profile --measured /tmp/nightly-resume.json   # smoke
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from pathlib import Path
 
 import httpx
 import yaml
+
+from benchmarks.common import add_measured_args, measure_host, write_measured
+from conserve_bench.config import ServePolicy
 
 DEFAULT_SUBJECTS = "anatomy,high_school_geography,marketing,astronomy"
 ROW_FIELDS = ("config", "task", "metric", "verdict", "baseline", "measured", "threshold", "n", "stderr")
@@ -67,7 +73,7 @@ class OnlineTraffic:
             await client.close()
 
     def summary(self) -> dict:
-        from conserve_bench.bench.report import percentiles
+        from conserve_bench.bench.summary import percentiles
 
         done = [r for r in self.records if r.error is None and r.ttft_s is not None]
         return {"num_requests": len(self.records), "num_completed": len(done),
@@ -147,7 +153,7 @@ def main() -> None:
     parser.add_argument("--subjects", default=DEFAULT_SUBJECTS)
     parser.add_argument("--limit", type=int, default=40, help="questions per subject")
     parser.add_argument("--num-fewshot", type=int, default=5)
-    parser.add_argument("--policy", default="conserve")
+    parser.add_argument("--policy", default=ServePolicy.CONSERVE.value, choices=[p.value for p in ServePolicy])
     parser.add_argument("--max-offline-inflight", type=int, default=32)
     parser.add_argument("--online-requests", type=int, default=400, help="bound of each server's online loop")
     parser.add_argument("--online-context-tokens", type=int, default=128)
@@ -156,10 +162,12 @@ def main() -> None:
     parser.add_argument("--profile-db", default="sqlite:///conserve.db",
                         help="where this machine's latency profile is kept (as `bench --db`)")
     parser.add_argument("--output", default="results")
+    add_measured_args(parser, "nightly_resume")
     args = parser.parse_args()
     args.data_dir = os.path.abspath(args.data_dir)
+    host = measure_host(args)
 
-    from conserve_bench.bench.run import ProfileCache
+    from conserve_bench.bench.phases import ProfileCache
     from conserve_bench.store import Store
 
     out = Path(args.output) / time.strftime("nightly-resume-%Y%m%d-%H%M%S")
@@ -167,7 +175,8 @@ def main() -> None:
     config = write_config(out / "nightly.yaml", args)
     profiles = ProfileCache(args.profile_db, "smollm2-135m")
     online = (args.online_requests, args.online_context_tokens, args.online_generated_tokens)
-    summary: dict = {"setting": {k: v for k, v in vars(args).items() if k != "data_dir"}}
+    setting = {k: v for k, v in vars(args).items() if k != "data_dir"}
+    summary: dict = {"setting": setting}
 
     server, _ = start_server("reference", args, out, profiles)
     try:
@@ -210,6 +219,8 @@ def main() -> None:
     })
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
+    write_measured("nightly_resume", {k: v for k, v in summary.items() if k != "setting"}, setting, host,
+                   path=args.measured)
     ok = (killed["exit_code"] in (4, -9) and code == 0 and len(keyed) == 1
           and summary["num_items_computed_twice"] == 0 and summary["report_identical"]
           and all(v["delta"] == 0 and v["p"] == 1 for v in summary["paired_vs_reference"].values()))

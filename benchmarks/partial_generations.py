@@ -4,18 +4,22 @@ Generation items (MMLU questions as chain-of-thought prompts, `--max-gen-toks` e
 string they rarely meet) run as one job three ways, each killed run in a child process of its
 own (its own engine) that reports its generated tokens after every step:
 
-1. `checkpointed`: SIGKILL at `--kill-at` of the tokens, then resumed in this process: the
-   generations continue from their checkpoints (the default `--checkpoint-tokens`).
-2. `restarted`: the same with checkpoints off (`--checkpoint-tokens 0`): what a kill cost
+1. `checkpointed` (the name the committed record gives the run with partials): SIGKILL at
+   `--kill-at` of the tokens, then resumed in this process: the generations continue from
+   their saved partials (the default `--partial-tokens`).
+2. `restarted`: the same with partials off (`--partial-tokens 0`): what a kill cost
    before partial generations, every generation in flight starts over.
-3. `uninterrupted`: the job in one run, checkpoints on (its store share is the steady cost).
+3. `uninterrupted`: the job in one run, partials on (its store share is the steady cost).
 
 Printed (JSON): per way the tokens generated before the kill and after, total / uninterrupted
 (goal <= 1.05x checkpointed; restarted shows the old cost), the tokens re-prefilled to
-continue, and the store's share of each run's wall time (goal <= 1%), checkpoints included.
+continue, and the store's share of each run's wall time (goal <= 1%), partial saves included;
+also written to `--output`/partial-generations-<time>/summary.json and
+benchmarks/measured/partial_generations.json.
 
-    python benchmarks/partial_generations.py --data-dir ../shared/data/mmlu                # measured
-    python benchmarks/partial_generations.py --data-dir ../shared/data/mmlu --items 4 --max-gen-toks 64
+    python -m benchmarks.partial_generations --data-dir ../shared/data/mmlu                # measured
+    python -m benchmarks.partial_generations --data-dir ../shared/data/mmlu --items 4 --max-gen-toks 64 \
+        --no-profile --measured /tmp/partial-generations.json                             # smoke
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.common import add_measured_args, measure_host, write_measured
 
 STOP = "\n\n\n\n"  # rarely met: the generations run to --max-gen-toks, as long CoT does
 
@@ -46,11 +52,11 @@ def prompts(data_dir: str, num_items: int) -> list[str]:
     raise SystemExit(f"only {len(out)} questions in {data_dir}")
 
 
-def run_config(args, checkpoint_tokens: int):
+def run_config(args, partial_tokens: int):
     from conserve_bench.config import RunConfig
 
-    return RunConfig(max_inflight=args.max_inflight, checkpoint_tokens=checkpoint_tokens,
-                     checkpoint_s=args.checkpoint_s)
+    return RunConfig(max_inflight=args.max_inflight, partial_tokens=partial_tokens,
+                     partial_s=args.partial_s)
 
 
 def fingerprint(args) -> str:
@@ -63,8 +69,8 @@ def fingerprint(args) -> str:
 
 
 def start(args):
+    from benchmarks.common import start_engine
     from conserve_bench.engine.models import resolve_model
-    from conserve_bench.jobs.lifecycle import start_engine
 
     return start_engine(resolve_model("smollm2-135m"), max_model_len=args.max_model_len)
 
@@ -81,7 +87,7 @@ def submit(db_url: str, args) -> str:
     return job.id
 
 
-def child(db_url: str, job_id: str, counter: Path, checkpoint_tokens: int, args) -> None:
+def child(db_url: str, job_id: str, counter: Path, partial_tokens: int, args) -> None:
     """The run to be killed: its own engine; after each step, its tokens so far to `counter`."""
     from conserve_bench.jobs.lifecycle import run_job
     from conserve_bench.store import Store
@@ -92,16 +98,16 @@ def child(db_url: str, job_id: str, counter: Path, checkpoint_tokens: int, args)
 
     with start(args) as engine:
         report(0, 0, 0)
-        run_job(Store(db_url), job_id, engine, run_config(args, checkpoint_tokens), output_dir=None,
+        run_job(Store(db_url), job_id, engine, run_config(args, partial_tokens), output_dir=None,
                 on_progress=report)
 
 
-def kill_at(db_url: str, job_id: str, out: Path, checkpoint_tokens: int, args) -> dict:
+def kill_at(db_url: str, job_id: str, out: Path, partial_tokens: int, args) -> dict:
     """Run the job in a child process, SIGKILL it once it generated `--kill-at` of the tokens."""
-    counter = out / f"tokens-{checkpoint_tokens}.txt"
+    counter = out / f"tokens-{partial_tokens}.txt"
     target = args.kill_at * args.items * args.max_gen_toks
-    cmd = [sys.executable, __file__, "--child", db_url, job_id, str(counter), str(checkpoint_tokens),
-           *sys.argv[1:]]
+    cmd = [sys.executable, "-m", "benchmarks.partial_generations", "--child", db_url, job_id, str(counter),
+           str(partial_tokens), *sys.argv[1:]]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(out / "child.log").open("a"),
                             start_new_session=True)
     tokens = 0
@@ -115,42 +121,44 @@ def kill_at(db_url: str, job_id: str, out: Path, checkpoint_tokens: int, args) -
     return {"generated_before_kill": int(counter.read_text())}
 
 
-def finish(engine, db_url: str, job_id: str, checkpoint_tokens: int, args) -> dict:
+def finish(engine, db_url: str, job_id: str, partial_tokens: int, args) -> dict:
     from conserve_bench.jobs.lifecycle import run_job
     from conserve_bench.store import Store
 
     store = Store(db_url)
-    meta = run_job(store, job_id, engine, run_config(args, checkpoint_tokens), output_dir=None)["conserve"]
+    meta = run_job(store, job_id, engine, run_config(args, partial_tokens), output_dir=None)["conserve"]
     texts = [item["result"] for item in store.job_items(job_id)]
     return {"generated": meta["num_generated_tokens"], "wall_s": round(meta["wall_s"], 2),
-            "store_share": meta["store_share"], "num_checkpoints": meta["num_checkpoints"],
-            "checkpoint_s": meta["checkpoint_s"], "reprefilled": meta["resumes"]["num_reused_tokens"],
+            "store_share": meta["store_share"], "num_partial_saves": meta["num_partial_saves"],
+            "partials_s": meta["partials_s"], "reprefilled": meta["resumes"]["num_reused_tokens"],
             "num_resumes": meta["resumes"]["num_resumes"], "texts": texts}
 
 
 def main() -> None:
-    from conserve_bench.config import DEFAULT_CHECKPOINT_S, DEFAULT_CHECKPOINT_TOKENS
+    from conserve_bench.config import DEFAULT_PARTIAL_S, DEFAULT_PARTIAL_TOKENS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="MMLU CSV folder (test/)")
     parser.add_argument("--items", type=int, default=32, help="generation items in the job")
     parser.add_argument("--max-gen-toks", type=int, default=512)
     parser.add_argument("--max-inflight", type=int, default=32)
-    parser.add_argument("--checkpoint-tokens", type=int, default=DEFAULT_CHECKPOINT_TOKENS)
-    parser.add_argument("--checkpoint-s", type=float, default=DEFAULT_CHECKPOINT_S)
+    parser.add_argument("--partial-tokens", type=int, default=DEFAULT_PARTIAL_TOKENS)
+    parser.add_argument("--partial-s", type=float, default=DEFAULT_PARTIAL_S)
     parser.add_argument("--kill-at", type=float, default=0.5, help="share of the tokens at the kill")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--output", default="results")
+    add_measured_args(parser, "partial_generations")
     if sys.argv[1:2] == ["--child"]:
-        db_url, job_id, counter, checkpoint_tokens = sys.argv[2:6]
-        child(db_url, job_id, Path(counter), int(checkpoint_tokens), parser.parse_args(sys.argv[6:]))
+        db_url, job_id, counter, partial_tokens = sys.argv[2:6]
+        child(db_url, job_id, Path(counter), int(partial_tokens), parser.parse_args(sys.argv[6:]))
         return
     args = parser.parse_args()
     args.data_dir = os.path.abspath(args.data_dir)
+    host = measure_host(args)
 
     out = Path(args.output).resolve() / time.strftime("partial-generations-%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
-    ways = {"checkpointed": args.checkpoint_tokens, "restarted": 0, "uninterrupted": args.checkpoint_tokens}
+    ways = {"checkpointed": args.partial_tokens, "restarted": 0, "uninterrupted": args.partial_tokens}
     stores = {way: (f"sqlite:///{out / f'{way}.db'}") for way in ways}
     jobs = {way: submit(url, args) for way, url in stores.items()}
     killed = {way: kill_at(stores[way], jobs[way], out, ways[way], args)
@@ -161,7 +169,8 @@ def main() -> None:
         runs = {way: finish(engine, stores[way], jobs[way], ways[way], args) for way in ways}
 
     reference = runs["uninterrupted"]
-    summary: dict = {"setting": {k: v for k, v in vars(args).items() if k != "data_dir"}}
+    setting = {k: v for k, v in vars(args).items() if k != "data_dir"}
+    summary: dict = {"setting": setting}
     for way, run in runs.items():
         before = killed.get(way, {}).get("generated_before_kill", 0)
         total = before + run["generated"]
@@ -171,7 +180,7 @@ def main() -> None:
             "killed_at": round(before / reference["generated"], 3),
             "reprefilled": run["reprefilled"], "num_resumes": run["num_resumes"],
             "wall_s": run["wall_s"], "store_share": run["store_share"],
-            "num_checkpoints": run["num_checkpoints"], "checkpoint_s": run["checkpoint_s"],
+            "num_partial_saves": run["num_partial_saves"], "partials_s": run["partials_s"],
             "texts_equal_uninterrupted": run["texts"] == reference["texts"],
         }
     checkpointed = summary["checkpointed"]
@@ -182,6 +191,8 @@ def main() -> None:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
+    write_measured("partial_generations", {k: v for k, v in summary.items() if k != "setting"}, setting,
+                   host, path=args.measured)
 
 
 if __name__ == "__main__":

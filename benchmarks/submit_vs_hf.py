@@ -9,9 +9,10 @@ CSVs, which builds exactly lm-eval's `mmlu` requests), at each batch size of
 wall time end to end (process start to exit) and of the evaluation alone (model ready to
 metrics), items/s, MMLU accuracy, and whether every subject's accuracy is identical. The
 host's `profile --quick` figures come first, so absolute times can be compared across hosts.
+Writes benchmarks/measured/submit_vs_hf.json (after each limit).
 
-    python benchmarks/submit_vs_hf.py --limits 2,10                          # minutes
-    python benchmarks/submit_vs_hf.py --limits 0 --hf-batch-sizes 4 --shards 16   # full MMLU: hours
+    python -m benchmarks.submit_vs_hf --limits 2,10                          # minutes
+    python -m benchmarks.submit_vs_hf --limits 0 --hf-batch-sizes 4 --shards 16   # full MMLU: hours
 
 The full test set takes longer than a machine may be kept (hf alone: 6 hours on 2 cores), so
 `--shards N` runs it as N side-by-side runs, shard k holding every N-th question of every
@@ -39,7 +40,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import MEASURED_DIR, REPO, add_measured_args, host_line, host_profile, write_measured
+
 NUM_CHOICES = 4
 
 
@@ -49,10 +51,9 @@ def main() -> None:
     parser.add_argument("--num-fewshot", type=int, default=5)
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared/data/mmlu"))
     parser.add_argument("--hf-batch-sizes", default="4,8,16", help="Tried on the first limit; the fastest is kept.")
-    parser.add_argument("--no-profile", action="store_true", help="Skip `profile --quick` (its figures).")
-    parser.add_argument("--out", default="results/bench-submit-vs-hf.json")
+    add_measured_args(parser, "submit_vs_hf")
     parser.add_argument("--shards", type=int, help="Run the full test set (--limits 0) as N shards; rerun to continue.")
-    parser.add_argument("--shards-dir", default=str(REPO / "benchmarks/measured/full-mmlu"),
+    parser.add_argument("--shards-dir", default=str(MEASURED_DIR / "full-mmlu"),
                         help="Where each finished shard's report is kept.")
     parser.add_argument("--table-only", action="store_true", help="With --shards: the kept shards' table; run none.")
     parser.add_argument("--hf-cli", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -66,7 +67,8 @@ def main() -> None:
         if args.limits != "0" or len(batch_sizes) > 1:
             parser.error("--shards runs the full test set (--limits 0) at one hf batch size")
         return run_shards(args, batch_sizes[0])
-    report = {"config": vars(args), "host": None if args.no_profile else host_profile(), "runs": []}
+    host = None if args.no_profile else host_profile()
+    report = {"runs": []}
     for limit in [int(n) for n in args.limits.split(",")]:
         hf_runs = []
         for batch_size in batch_sizes:
@@ -80,23 +82,9 @@ def main() -> None:
                "hf_tried": [{k: r[k] for k in ("batch_size", "eval_s", "total_s")} for r in hf_runs]}
         run["compare"] = compare(run["conserve"], run["hf"])
         report["runs"].append(run)
-        _save(report, args.out)
+        write_measured("submit_vs_hf", report, args, host)
         print(markdown_row(run), flush=True)
-    print("\n".join(markdown(report)))
-
-
-def host_profile() -> dict:
-    """This host's `profile --quick` figures (ms): fixed per step, per prefill token, per decode."""
-    with tempfile.TemporaryDirectory() as tmp:
-        db = f"sqlite:///{tmp}/profile.db"
-        subprocess.run([sys.executable, "-m", "conserve_bench.cli", "profile", "--quick", "--db", db],
-                       check=True, capture_output=True)
-        from conserve_bench.sched.profiler import show_profile
-        from conserve_bench.store import Store
-
-        profile, _ = show_profile(Store(db), "smollm2-135m")
-    coefficients = dict(zip(profile.model.to_dict()["features"], profile.model.coefficients))
-    return {"device": profile.key.device, **{f"{k}_ms": round(v * 1e3, 3) for k, v in coefficients.items()}}
+    print("\n".join([host_line(host), *markdown(report["runs"])]))
 
 
 def run_shards(args, batch_size: int) -> None:
@@ -235,7 +223,7 @@ def hf_command(args, limit: int, batch_size: int, data_dir: str, output) -> list
     from conserve_bench.engine.models import resolve_model
     from conserve_bench.tasks import TASKS_DIR
 
-    return [sys.executable, __file__, "--hf-cli", "run", "--model", "hf", "--model_args",
+    return [sys.executable, "-m", "benchmarks.submit_vs_hf", "--hf-cli", "run", "--model", "hf", "--model_args",
             f"pretrained={resolve_model('smollm2-135m').path},dtype=float32", "--device", "cpu",
             "--batch_size", str(batch_size), "--tasks", "mmlu_local", "--num_fewshot",
             str(args.num_fewshot), "--include_path", str(TASKS_DIR), "--metadata",
@@ -337,18 +325,19 @@ def markdown_row(run: dict) -> str:
     label = run.get("label") or run["limit"] or "all"
     return (f"| {label} ({c['num_items']:,}) | {c['total_s']:,.0f} | "
             f"{h['total_s']:,.0f} ({h['batch_size']}) | {x['end_to_end_x']:.2f}x | "
-            f"{c['eval_s']:,.0f} ({c['num_items'] / c['eval_s']:.1f}) | "
-            f"{h['eval_s']:,.0f} ({h['num_items'] / h['eval_s']:.1f}) | {x['eval_x']:.2f}x | "
+            f"{c['eval_s']:,.0f} ({_items_per_s(c)}) | "
+            f"{h['eval_s']:,.0f} ({_items_per_s(h)}) | {x['eval_x']:.2f}x | "
             f"{c['acc'].get('mmlu', float('nan')):.4f} / {h['acc'].get('mmlu', float('nan')):.4f} | {same} |")
 
 
-def markdown(report: dict) -> list[str]:
-    lines = []
-    if report["host"]:
-        host = report["host"]
-        lines.append(f"host: {host['device']}; profile --quick: {host['fixed_ms']} ms per step, "
-                     f"{host['prefill_tokens_ms']} ms per prefill token, {host['decodes_ms']} ms per decode")
-    return lines + markdown_header() + [markdown_row(run) for run in report["runs"]]
+def _items_per_s(arm: dict) -> str:
+    """Items/s of the evaluation; a transcribed arm holds the figure printed then (None: not known)."""
+    rate = arm["items_per_s"] if "items_per_s" in arm else arm["num_items"] / arm["eval_s"]
+    return "-" if rate is None else f"{rate:.1f}"
+
+
+def markdown(runs: list[dict]) -> list[str]:
+    return markdown_header() + [markdown_row(run) for run in runs]
 
 
 def request_line(r: dict) -> str:

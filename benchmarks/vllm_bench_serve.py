@@ -7,16 +7,16 @@ Per policy (default online-only, priority, conserve with its default targets): a
 random dataset, `--input-len` prompt tokens, `--output-len` out, Poisson `--request-rate`,
 `--num-prompts` requests. Reports TTFT and TPOT p50/p99 and offline items/s (the server's
 `conserve_offline_items_total` over the benchmark's duration) per policy, and the ratios to
-online-only, as a markdown table and JSON in `--out`.
+online-only, as a markdown table and JSON in `--out` and benchmarks/measured/vllm_bench_serve.json.
 
 vLLM 0.32.0 names relied on (tests/test_bench.py checks them): `vllm.benchmarks.serve`
 (`add_cli_args(parser)`, `async main_async(args) -> dict` with `p50_ttft_ms`, `p99_ttft_ms`,
 `p50_tpot_ms`, `p99_tpot_ms`, `completed`, `failed`, `duration`) and
 `vllm.utils.argparse_utils.FlexibleArgumentParser`.
 
-    python benchmarks/vllm_bench_serve.py                   # 60 prompts at 0.25 req/s per policy
-    python benchmarks/vllm_bench_serve.py --num-prompts 4 --request-rate 1 --input-len 32 \
-        --output-len 8 --offline-limit 2                     # a tiny end-to-end run
+    python -m benchmarks.vllm_bench_serve                   # 60 prompts at 0.25 req/s per policy
+    python -m benchmarks.vllm_bench_serve --num-prompts 4 --request-rate 1 --input-len 32 \
+        --output-len 8 --offline-limit 2 --no-profile --measured /tmp/vllm-bench-serve.json   # tiny
 """
 
 from __future__ import annotations
@@ -29,13 +29,16 @@ import os
 import time
 from pathlib import Path
 
-POLICIES = ("online-only", "priority", "conserve")
+from benchmarks.common import add_measured_args, measure_host, write_measured
+from conserve_bench.config import ServePolicy
+
+POLICIES = (ServePolicy.ONLINE_ONLY, ServePolicy.PRIORITY, ServePolicy.CONSERVE)
 METRICS = ("p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--policies", default=",".join(p.value for p in POLICIES))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--num-prompts", type=int, default=60)
     parser.add_argument("--request-rate", type=float, default=0.25)
@@ -50,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--serve-arg", action="append", default=[], help="Extra `serve` flag.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="Folder [results/vllm-bench-serve-<time>].")
+    add_measured_args(parser, "vllm_bench_serve")
     return parser.parse_args()
 
 
@@ -79,21 +83,21 @@ def offline_items(url: str) -> float:
     return parse_counters(httpx.get(f"{url}/metrics", timeout=30).text)["items"]
 
 
-def run_policy(args, policy: str, out: Path, profiles) -> dict:
+def run_policy(args, policy: ServePolicy, out: Path, profiles) -> dict:
     """One fresh server: the eval job running behind, vLLM's benchmark in front."""
     from vllm.benchmarks.serve import main_async
 
-    from conserve_bench.bench.run import wait_running
+    from conserve_bench.bench.phases import wait_running
     from conserve_bench.engine.models import resolve_model
     from conserve_bench.errors import ConserveError
     from conserve_bench.serve.client import JobClient
     from conserve_bench.serve.process import ServerProcess
 
-    phase_dir = out / policy
+    phase_dir = out / policy.value
     phase_dir.mkdir(parents=True)
     db_url = f"sqlite:///{(phase_dir / 'jobs.db').resolve()}"
     profiles.copy_to(db_url)
-    serve_args = ["--policy", policy, "--db", db_url, "--output", str(phase_dir), "--model", args.model,
+    serve_args = ["--policy", policy.value, "--db", db_url, "--output", str(phase_dir), "--model", args.model,
                   "--data-dir", os.path.abspath(args.data_dir), "--step-log", str(phase_dir / "steps.jsonl"),
                   *args.serve_arg]
     with ServerProcess(serve_args, phase_dir) as server:
@@ -101,7 +105,7 @@ def run_policy(args, policy: str, out: Path, profiles) -> dict:
         jobs = JobClient(server.url, timeout_s=600)
         job = jobs.submit(args.offline_tasks.split(","), limit=args.offline_limit or None,
                           num_fewshot=args.num_fewshot, data_dir=os.path.abspath(args.data_dir))
-        if policy != "online-only":
+        if policy != ServePolicy.ONLINE_ONLY:
             wait_running(jobs, job["id"])
         items_before, t0 = offline_items(server.url), time.perf_counter()
         result = asyncio.run(main_async(vllm_bench_args(args, server.url, resolve_model(args.model).path,
@@ -120,7 +124,7 @@ def run_policy(args, policy: str, out: Path, profiles) -> dict:
 
 
 def with_ratios(rows: dict[str, dict]) -> dict[str, dict]:
-    base = rows.get("online-only")
+    base = rows.get(ServePolicy.ONLINE_ONLY.value)  # NOTE: rows are keyed by the plain string
     for row in rows.values():
         row["vs_online_only"] = None if base is None else {
             m: (row[m] / base[m] if row[m] and base[m] else None) for m in METRICS}
@@ -146,18 +150,20 @@ def _x(value) -> str:
 
 
 def main() -> None:
-    from conserve_bench.bench.run import ProfileCache
-
     args = parse_args()
+    from conserve_bench.bench.phases import ProfileCache
+
     out = Path(args.out or f"results/vllm-bench-serve-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.is_dir() and any(out.iterdir()):
         raise SystemExit(f"error: {out} is not empty: give a new --out")
     out.mkdir(parents=True, exist_ok=True)
+    host = measure_host(args)
     profiles = ProfileCache(args.db, args.model)
-    rows = with_ratios({p: run_policy(args, p, out, profiles) for p in args.policies.split(",")})
+    rows = with_ratios({p: run_policy(args, ServePolicy(p), out, profiles) for p in args.policies.split(",")})
     report = {"config": vars(args), "policies": rows}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(rows, args))
+    write_measured("vllm_bench_serve", {"policies": rows}, args, host)
     print(markdown(rows, args))
     for policy, row in rows.items():
         print(f"{policy}: {row['serve_targets']}")

@@ -1,0 +1,341 @@
+"""The docs' measured tables, generated from the committed records of benchmarks/measured/.
+
+A docs page holds a block per record between `<!-- measured:NAME -->` and
+`<!-- /measured:NAME -->` (NAME: a file `measured/NAME.json`, or the folder `measured/NAME/`
+of a sharded run); this module rewrites each block from its record, a renderer per benchmark.
+It never types a number: a renderer prints what the record holds ('-' where it holds none).
+
+    python -m benchmarks.tables                  # rewrite the blocks of docs/*.md
+    python -m benchmarks.tables --check          # exit 1 if a block differs from its record
+    python -m benchmarks.tables --show kv_churn  # print one record's block
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from benchmarks.common import (MEASURED_DIR, REPO, Measured, host_line, md_table, num, pct, times,
+                               yes)
+
+BLOCK = re.compile(r"(?P<open><!-- measured:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)"
+                   r"(?P<close><!-- /measured:(?P=name) -->)", re.S)
+
+
+# --- the benchmarks of this package ------------------------------------------------------------
+
+def layer_preemption(result: dict, config: dict) -> str:
+    from benchmarks.layer_preemption import TARGET_OVERHEAD
+
+    o, a = result["overhead"], result["arrivals"]
+    cost = "" if o.get("overhead") is None else f" (cost {pct(o['overhead'])})"
+    group, to_abort = a["layer_group_ms"], a["arrival_to_abort_ms"]
+    rows = [
+        (f"offline tokens/s, armed safepoints that never fire vs none (median of {config['rounds']} "
+         "alternating rounds)", f"{num(o['armed_median'], 1)} vs {num(o['plain_median'], 1)}{cost}",
+         f"armed >= {1 - TARGET_OVERHEAD:.0%}"),
+        (f"arrival to abort p50 / p99 ({a['num_arrivals']} arrivals during {config['long_tokens']}-token "
+         f"offline prefills, {a['num_preemptions']} steps cut)", f"{num(to_abort['p50'])} / {num(to_abort['p99'])} ms",
+         f"p99 <= one layer group p99 + 5 ms = {num(a['target_ms'])} ms"),
+        (f"one layer group ({config['safepoint_every']} layers) p50 / p99",
+         f"{num(group['p50'])} / {num(group['p99'])} ms", ""),
+        ("an uncut step of the same prefill, p50", f"{num(a['complete_step_ms_p50'])} ms", ""),
+        ("outputs of cut-and-redone steps", "equal to the uninterrupted run"
+         if a["outputs_equal_uninterrupted"] else "**differ** from the uninterrupted run", "equal"),
+    ]
+    return md_table(("what", "measured", "target"), rows)
+
+
+def kv_checkpoint(result: dict, config: dict) -> str:
+    o = result["overhead"]
+    cost = "" if o.get("overhead") is None else f" (cost {pct(o['overhead'])})"
+    overhead = md_table(("what", "measured", "target"), [(
+        "offline tokens/s, nothing preempted, checkpoints on vs off (median of alternating rounds)",
+        f"{num(o['on_median'], 1)} vs {num(o['off_median'], 1)}{cost}", f"on >= {1 - o['target']:.0%} of off")])
+    resume = md_table(("context tokens", "recompute ms per 1k", "load ms per 1k", "save ms per 1k",
+                       "recompute / load"),
+                      [(num(r["context_tokens"]), num(r["recompute_ms_per_1k"]), num(r["load_ms_per_1k"], 1),
+                        num(r["save_ms_per_1k"], 1), times(r["recompute_over_load"], 0)) for r in result["resume"]])
+    return f"{overhead}\n\n{resume}"
+
+
+def kv_churn(result: dict, config: dict) -> str:
+    from benchmarks.kv_churn import TARGET_LATENCY, TARGET_SPEEDUP
+
+    names = {"on": f"checkpoints ({config['pool_gib']:g} GiB pool)", "off": "no checkpoints"}
+    rows = [_churn_row(names[arm], result["arms"][arm]) for arm in ("on", "off")]
+    table = md_table(("arm", "offline tok/s (rounds)", "resumes", "tokens loaded / prefix-cached / recomputed",
+                      "recomputed per resume p50", "online TTFT p50/p99 ms", "TBT p50/p99 ms", "bursts"), rows)
+    r = result["ratios"]
+    rounds = ", ".join(times(x) for x in r["per_round"])
+    return (f"{table}\n\nOffline tokens/s with checkpoints {times(r['offline_tokens_per_s'])} without "
+            f"(round by round {rounds}; target >= {TARGET_SPEEDUP}x), online P99 TTFT "
+            f"{times(r['ttft_ms_p99'])} and P99 TBT {times(r['tbt_ms_p99'])} (target <= {TARGET_LATENCY}x): "
+            f"{'met' if result['met'] else '**not met**'}.")
+
+
+def _churn_row(name: str, a: dict) -> tuple[str, ...]:
+    rounds = ", ".join(num(x, 1) for x in a["offline_tokens_per_s"])
+    return (name, f"{num(a['offline_tokens_per_s_median'], 1)} ({rounds})", num(a["num_resumes"]),
+            f"{num(a['loaded_tokens'])} / {num(a['prefix_cached_tokens'])} / {num(a['recomputed_tokens'])}",
+            num(a["recomputed_per_resume_p50"]), f"{a['ttft_ms_p50']:.0f} / {a['ttft_ms_p99']:.0f}",
+            f"{a['tbt_ms_p50']:.0f} / {a['tbt_ms_p99']:.0f}", num(a["num_bursts"]))
+
+
+def latency_accuracy(result: dict, config: dict) -> str:
+    from benchmarks.latency_accuracy import NUM_SPLITS, TARGET_MEDIAN, TARGET_P90
+
+    rows = [("all shapes", result["holdout_error"]), *result["holdout_by_kind"].items(),
+            ("every held-out step on its own", result["holdout_error_per_step"])]
+    table = md_table(("held out", "n", "median", "P90", "max"),
+                     [(name, str(e["num_samples"]), pct(e["median_rel"]), pct(e["p90_rel"]), pct(e["max_rel"]))
+                      for name, e in rows])
+    spread, c = result["holdout_over_splits"], result["coefficients"]
+    return (f"{table}\n\nTargets: median <= {TARGET_MEDIAN:.0%}, P90 <= {TARGET_P90:.0%}. Over {NUM_SPLITS} "
+            f"random splits of the shapes: median {_span(spread['median_rel'])}, P90 {_span(spread['p90_rel'])}. "
+            f"Fitted: {num(c['fixed'], 1, 1e3)} ms per step, {num(c['prefill_tokens'], 2, 1e3)} ms per prefill "
+            f"token, {num(c['decodes'], 2, 1e3)} ms per decode, {num(c.get('logprob_tokens'), 2, 1e3)} ms more "
+            f"per prompt-logprob token ({config['sweep']} sweep, {num(result['num_samples'])} steps).")
+
+
+def _span(values: list[float]) -> str:
+    return f"{min(values):.1%}-{max(values):.1%}"
+
+
+def lm_eval_speed(result: dict, config: dict) -> str:
+    names = {"conserve": "`conserve` (embedded)", "hf": "`hf`",
+             "local-completions": "`local-completions` -> `serve`", "conserve-client": "`conserve` client -> `serve`"}
+    rows = [(names.get(b, b), num(r["num_requests"]), num(r["load_s"], 1), num(r["eval_s"], 1),
+             num(_rate(r, "eval_rps", r["num_requests"], r["eval_s"]), 2), num(r["total_s"], 1),
+             num(_rate(r, "total_rps", r["num_requests"], r["total_s"]), 2)) for b, r in result["backends"].items()]
+    table = md_table(("backend", "requests", "model load s", "eval s", "eval req/s", "process wall s",
+                      "end-to-end req/s"), rows)
+    return (f"{table}\n\nServer start-up (not in the HTTP rows): {num(result['server_start_s'], 1)} s; "
+            f"accuracy identical across backends: {yes(result['same_accuracy'])}.")
+
+
+def _rate(record: dict, key: str, count, seconds):
+    """`record[key]` when the record holds it (a transcribed figure, or None: not known),
+    else `count / seconds`."""
+    return record[key] if key in record else count / seconds
+
+
+def nightly_resume(result: dict, config: dict) -> str:
+    k, r = result["killed"], result["resumed"]
+    paired = result["paired_vs_reference"]
+    all_zero = all(v["delta"] == 0 and v["p"] == 1 for v in paired.values())
+    rows = [
+        ("reference run (`--write-baseline`)", f"{num(result['reference']['wall_s'])} s"),
+        ("the nightly, interrupted", f"SIG{k['signal']} at {num(k['at_s'])} s with {k['done']}/{k['total']} "
+                                     f"done: exit {k['exit_code']}{_status(k)}"),
+        ("the same command again", f"exit {r['exit_code']}{_status(r)} in {num(r['wall_s'])} s"),
+        ("jobs holding the run key", str(result["num_jobs_with_the_key"])),
+        ("items computed twice", f"{result['num_items_computed_twice']} of {num(result['num_items'])}"),
+        ("report rows equal the reference's", yes(result["report_identical"])),
+        ("paired with the reference (`--compare-to`)", "Δ = 0, p = 1 on every task" if all_zero else
+         "; ".join(f"{t}: Δ {v['delta']}, p {v['p']}" for t, v in paired.items())),
+        ("online traffic beside it (reference / rerun)", f"{_online(result['reference'])} / {_online(r)}"),
+    ]
+    return md_table(("", "measured"), rows)
+
+
+def _status(run: dict) -> str:
+    return f" {run['status']}" if run.get("status") else ""
+
+
+def _online(run: dict) -> str:
+    online = run.get("online") or {}
+    if online.get("num_requests") is None:
+        return "-"
+    return (f"{online['num_requests']} requests ({online['num_completed']} completed), TTFT p99 "
+            f"{num(online['ttft_ms']['p99'])} ms")
+
+
+def partial_generations(result: dict, config: dict) -> str:
+    rows = [(way, num(w["generated_before_kill"]), num(w["generated_after"]), num(w["total_generated"]),
+             times(w["vs_uninterrupted"], 3), num(w["reprefilled"]), pct(w["store_share"]),
+             yes(w["texts_equal_uninterrupted"]))
+            for way in ("checkpointed", "restarted", "uninterrupted") for w in [result[way]]]
+    return md_table(("run", "tokens before the kill", "after", "in all", "vs uninterrupted", "re-prefilled",
+                     "store share of wall time", "texts equal the uninterrupted run's"), rows)
+
+
+def store_fleet(result: dict, config: dict) -> str:
+    from benchmarks.store_fleet import big_line, table
+
+    return "\n\n".join([table(result["sweep"]), *(big_line(r) for r in result["big"])])
+
+
+def submit_vs_hf(result: dict, config: dict) -> str:
+    from benchmarks.submit_vs_hf import markdown_header, markdown_row
+
+    runs = result["runs"]
+    if not any("host" in run for run in runs):
+        return "\n".join(markdown_header() + [markdown_row(run) for run in runs])
+    header, rule = markdown_header()
+    return "\n".join([header + " profile --quick ms |", rule + "---|",
+                      *(markdown_row(run) + f" {_figures(run.get('host'))} |" for run in runs)])
+
+
+def _figures(host: dict | None) -> str:
+    host = host or {}
+    return " / ".join("?" if host.get(k) is None else f"{host[k]:g}"
+                      for k in ("fixed_ms", "prefill_tokens_ms", "decodes_ms"))
+
+
+def vllm_bench_serve(result: dict, config: dict) -> str:
+    from benchmarks.vllm_bench_serve import markdown
+
+    return markdown(result["policies"], SimpleNamespace(**config)).rstrip("\n")
+
+
+def faults(result: dict, config: dict) -> str:
+    from benchmarks.faults import markdown
+
+    return markdown(result)
+
+
+# --- records of other commands -----------------------------------------------------------------
+
+def bench(result: dict, config: dict) -> str:
+    """`conserve-bench bench`'s report (its `policies`), the tables its data allows."""
+    policies = result["policies"]
+    parts = [md_table(("policy", "TTFT p50/p90/p99 ms", "TBT p50/p90/p99 ms", "SLO %", "online req/s",
+                       "offline tok/s", "offline items/s", "offline % of offline-only"),
+                      [_bench_row(p, s) for p, s in policies.items()])]
+    goals = [(p, s) for p, s in policies.items() if s.get("goal")]
+    if goals:
+        parts.append(md_table(("policy", "SLO %", "online-only SLO %", "ratio", "online req/s", "offline tok/s",
+                               "slack tok/s", "% of slack"), [_goal_row(p, s) for p, s in goals]))
+    steps = [(p, s) for p, s in policies.items() if s.get("steps")]
+    if steps:
+        parts.append(md_table(("policy", "steps", "busy %", "online / mixed / offline busy %",
+                               "mixed step p50/p90/p99 ms", "prediction error p50/p90",
+                               "profile / refit error p90 (same steps)"), [_steps_row(p, s) for p, s in steps]))
+    cut = [(p, s) for p, s in policies.items() if s.get("preemptions") or s.get("online_queue_ms")]
+    if cut:
+        parts.append(md_table(("policy", "preemptions (arrival to abort p50/p99 ms)", "online queue p50/p99 ms"),
+                              [_preemption_row(p, s) for p, s in cut]))
+    return "\n\n".join(parts)
+
+
+def _bench_row(policy: str, s: dict) -> tuple[str, ...]:
+    return (policy, _triple(s["ttft_ms"]), _triple(s["tbt_ms"]), num(s["slo_attainment"], 1, 100),
+            num(s["online_rps"], 2), num(s["offline_tokens_per_s"], 1), num(s["offline_items_per_s"], 2),
+            num(s["offline_pct_of_offline_only"], 1))
+
+
+def _goal_row(policy: str, s: dict) -> tuple[str, ...]:
+    g = s["goal"]
+    return (policy, num(g["slo_attainment"], 1, 100), num(g["online_only_slo_attainment"], 1, 100),
+            num(g["slo_attainment_ratio"], 2), num(s["online_rps"], 2), num(s["offline_tokens_per_s"], 1),
+            num(g["slack_tokens_per_s"], 1), num(g["harvest_pct_of_slack"], 1))
+
+
+def _steps_row(policy: str, s: dict) -> tuple[str, ...]:
+    steps = s["steps"]
+    kinds, error, models = steps["by_kind"], steps.get("prediction_rel_error"), steps.get("model_rel_error")
+    return (policy, num(steps["num_steps"]), num(steps["busy_pct"], 1),
+            " / ".join(num(kinds[k]["busy_pct"], 1) for k in ("online", "mixed", "offline")),
+            _triple(kinds["mixed"]["step_ms"]), "-" if not error else f"{pct(error['p50'])} / {pct(error['p90'])}",
+            "-" if not models else
+            f"{pct(models['profile']['p90'])} / {pct(models['refit']['p90'])} ({models['num_steps']})")
+
+
+def _preemption_row(policy: str, s: dict) -> tuple[str, ...]:
+    p, queue = s.get("preemptions"), s.get("online_queue_ms")
+    cut = "-" if not p or not p["num_preemptions"] else (
+        f"{p['num_preemptions']} ({num(p['arrival_to_abort_ms']['p50'])}/{num(p['arrival_to_abort_ms']['p99'])})")
+    return (policy, cut, "-" if not queue else f"{num(queue['p50'])}/{num(queue['p99'])}")
+
+
+def _triple(values: dict) -> str:
+    return "/".join("-" if values.get(p) is None else f"{values[p]:.0f}" for p in ("p50", "p90", "p99"))
+
+
+def demo_phases(result: dict, config: dict) -> str:
+    """Where `make demo`'s time goes, per layout of vLLM's processes (its phase lines)."""
+    return md_table(("layout", "engine start", "requests built", "evaluation", "`make demo` wall"),
+                    [(r["layout"], f"{num(r['engine_start_s'], 1)} s", f"{num(r['requests_built_s'], 1)} s",
+                      f"{num(r['evaluation_s'], 1)} s ({num(r['evaluation_items_per_s'], 2)} items/s)",
+                      f"{num(r['wall_s'])} s") for r in result["layouts"]])
+
+
+RENDERERS = {"layer_preemption": layer_preemption, "kv_checkpoint": kv_checkpoint, "kv_churn": kv_churn,
+             "latency_accuracy": latency_accuracy, "lm_eval_speed": lm_eval_speed,
+             "nightly_resume": nightly_resume, "partial_generations": partial_generations,
+             "store_fleet": store_fleet, "submit_vs_hf": submit_vs_hf, "vllm_bench_serve": vllm_bench_serve,
+             "faults": faults, "bench": bench, "demo_phases": demo_phases}
+
+
+# --- sharded runs ------------------------------------------------------------------------------
+
+def full_mmlu(folder: Path) -> str:
+    """The full-MMLU shards of `submit_vs_hf --shards N`: a row each, then combined."""
+    from benchmarks.submit_vs_hf import load_shards, shards_markdown
+
+    paths = sorted(folder.glob("shard-*-of-*.json"))
+    [num_shards] = {int(p.stem.rsplit("-of-", 1)[1]) for p in paths}
+    num_fewshot = json.loads(paths[0].read_text())["num_fewshot"]
+    return "\n".join(shards_markdown(load_shards(folder, num_shards, num_fewshot), num_shards))
+
+
+FOLDER_RENDERERS = {"full-mmlu": full_mmlu}
+
+
+# --- the blocks --------------------------------------------------------------------------------
+
+def render(name: str, measured_dir: Path = MEASURED_DIR) -> str:
+    """The block of record `name`: its table(s), then where and when it was measured."""
+    if (measured_dir / name).is_dir():
+        return FOLDER_RENDERERS[name](measured_dir / name)
+    record = Measured.read(measured_dir / f"{name}.json")
+    return f"{RENDERERS[record.benchmark](record.result, record.config)}\n\n{provenance(record)}"
+
+
+def provenance(record: Measured) -> str:
+    if record.source:
+        return f"<sub>{record.source}; {host_line(record.host)}.</sub>"
+    return f"<sub>Measured {record.date} on {host_line(record.host)}: `{record.command}`.</sub>"
+
+
+def regenerate(text: str, measured_dir: Path = MEASURED_DIR) -> str:
+    """`text` with every measured block rewritten from its record."""
+    return BLOCK.sub(lambda m: f"{m['open']}\n{render(m['name'], measured_dir)}\n\n{m['close']}", text)
+
+
+def update(paths: list[Path], check: bool, measured_dir: Path = MEASURED_DIR) -> list[Path]:
+    """The files whose blocks differ from their records; rewritten unless `check`."""
+    stale = []
+    for path in paths:
+        text = path.read_text()
+        fresh = regenerate(text, measured_dir)
+        if fresh != text:
+            stale.append(path)
+            if not check:
+                path.write_text(fresh)
+    return stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="*", type=Path, help="Markdown files [docs/*.md].")
+    parser.add_argument("--check", action="store_true", help="Change nothing; exit 1 if a block is stale.")
+    parser.add_argument("--show", metavar="NAME", help="Print the block of one record.")
+    parser.add_argument("--measured-dir", type=Path, default=MEASURED_DIR)
+    args = parser.parse_args(argv)
+    if args.show:
+        print(render(args.show, args.measured_dir))
+        return 0
+    stale = update(args.paths or sorted((REPO / "docs").glob("*.md")), args.check, args.measured_dir)
+    for path in stale:
+        print(f"{path}: {'differs from' if args.check else 'regenerated from'} benchmarks/measured/")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
