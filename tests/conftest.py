@@ -48,6 +48,28 @@ def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess
                           env={**os.environ, **(env or {})})
 
 
+def json_handler(status: int, body: dict):
+    """An `http.server` handler class answering every GET with `status` and `body` as JSON: a
+    stand-in server for the job API's clients."""
+    from http.server import BaseHTTPRequestHandler
+    import json
+
+    data = json.dumps(body).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    return Handler
+
+
 def dead_replica(store) -> str:
     """A replica registered on this host whose process has exited (as after a SIGKILL); its
     lease has not expired yet. Returns its id, to claim items with."""

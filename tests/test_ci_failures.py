@@ -23,6 +23,7 @@ from conserve_bench.ci import nightly
 from conserve_bench.ci.suite import CIConfig, MetricCheck, TaskCheck
 from conserve_bench.ci.gate import Measured, Verdict, judge, measure
 from conserve_bench.ci.report import JobOutcome, build_report, to_junit, to_markdown
+from .conftest import json_handler
 
 TASKS = ("t1", "t2")
 
@@ -180,21 +181,9 @@ STORE_OUT = {"error": {"type": "StoreUnavailableError",
 def store_out_server():
     """A loopback HTTP server answering every request 503, as `serve` does while its store is out."""
     import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import ThreadingHTTPServer
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's name)
-            body = json.dumps(STORE_OUT).encode()
-            self.send_response(503)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), json_handler(503, STORE_OUT))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 

@@ -9,10 +9,9 @@ server, and a real listener on a loopback port plays one that comes back up.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -21,6 +20,7 @@ from conserve_bench.errors import EngineUnavailableError, JobNotFoundError, JobS
 from conserve_bench.serve import client as client_module
 from conserve_bench.serve.client import JobClient, ServerError, redact
 from conserve_bench.store.pgcluster import free_port
+from .conftest import json_handler
 
 URL = "http://jobs.test"
 STORE_OUT = {"error": {"type": "StoreUnavailableError",
@@ -121,17 +121,7 @@ def test_a_server_url_without_http_is_a_usage_error():
 # -- a real port: refused, then a server comes up -------------------------------------------
 
 
-class _Models(BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 (http.server's name)
-        body = json.dumps({"data": [{"id": "smollm2-135m"}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+_Models = json_handler(200, {"data": [{"id": "smollm2-135m"}]})
 
 
 def test_waits_for_a_server_that_comes_back_up():
