@@ -233,3 +233,16 @@ def test_a_crash_in_any_command_is_one_line_and_exit_3_and_the_store_survives_it
     assert debug.returncode == 3 and "Traceback" in debug.stderr
     again = cli("jobs", "--db", url)
     assert again.returncode == 0, again.stderr
+
+
+def test_submit_names_tasks_of_an_include_path_as_lm_eval_does(tmp_path):
+    """`--include-path DIR` (lm-eval's `--include_path`) makes DIR's tasks nameable on the
+    command line too, as on `serve`; without it the name is unknown, in one line."""
+    from .conftest import TEST_TASKS
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    unknown = cli("submit", "conserve_tiny_gen", "--db", url, "--no-wait")
+    assert unknown.returncode == 2 and unknown.stderr.strip().splitlines() == [
+        "error: unknown task 'conserve_tiny_gen'"]
+    known = cli("submit", "conserve_tiny_gen", "--include-path", str(TEST_TASKS), "--db", url, "--no-wait")
+    assert known.returncode == 0 and "queued: conserve_tiny_gen" in known.stdout, known.stderr

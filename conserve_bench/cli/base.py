@@ -49,6 +49,14 @@ def show_tracebacks(ctx: typer.Context, verbose: bool) -> bool:
     return verbose
 
 
+IncludePathOpt = Annotated[Optional[list[str]], typer.Option("--include-path", metavar="DIR", help="A folder of lm-eval task YAML whose tasks may be named (repeatable), as lm-eval's --include_path.")]
+
+
+def include_paths(folders: list[str] | None) -> tuple[str, ...]:
+    """`--include-path` folders, absolute (a job keeps them no further than this run)."""
+    return tuple(os.path.abspath(folder) for folder in folders or ())
+
+
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", callback=show_tracebacks, help="Show vLLM's and lm-eval's own output on the terminal instead of in a log under --output (<job-id>.log; profile's: profile.log), and an unexpected error's traceback.")]
 PartialTokensOpt = Annotated[int, typer.Option("--partial-tokens", min=0, help="Save the tokens of each generation in flight (a partial) every N new tokens, so an interrupted one continues; 0: off (it starts over).")]
 PartialSOpt = Annotated[float, typer.Option("--partial-s", min=0.001, help="...or every S seconds, whichever comes first.")]

@@ -10,10 +10,10 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from conserve_bench.cli.base import (ApiKeyOpt, DbOpt, InflightOpt, Interrupted, JobArg,
+from conserve_bench.cli.base import (ApiKeyOpt, DbOpt, IncludePathOpt, InflightOpt, Interrupted, JobArg,
                                      JsonOpt, KVCheckpointOpt, OutputOpt, PartialSOpt,
                                      PartialTokensOpt, ServerOpt, VerboseOpt, app, checked,
-                                     output_folder, store_for)
+                                     include_paths, output_folder, store_for)
 from conserve_bench.config import (DEFAULT_MODEL, DEFAULT_PARTIAL_S, DEFAULT_PARTIAL_TOKENS,
                                    JobSpec, RunConfig, default_data_dir)
 from conserve_bench.engine import local as local_engine
@@ -34,6 +34,7 @@ def submit(
     limit: Annotated[Optional[int], typer.Option(help="At most N documents per task.")] = None,
     num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="Few-shot examples.")] = None,
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Local MMLU CSV folder [env CONSERVE_BENCH_DATA].")] = None,
+    include_path: IncludePathOpt = None,
     db: DbOpt = None,
     output: OutputOpt = "results",
     max_inflight: InflightOpt = 64,
@@ -61,7 +62,8 @@ def submit(
     if wait is not False:
         output_folder(output)
     store = store_for(db)
-    job = lifecycle.submit_job(store, spec)
+    included = include_paths(include_path)
+    job = lifecycle.submit_job(store, spec, include_paths=included)
     if wait is False:
         out.json(job.to_dict()) if as_json else out.stdout.print(
             f"job [bold]{job.id}[/] queued: {', '.join(spec.tasks)} on {spec.model}")
@@ -69,11 +71,12 @@ def submit(
     if not as_json:
         out.stdout.print(f"job [bold]{job.id}[/] submitted: {', '.join(spec.tasks)} on {spec.model}")
     _run(store, job.id, output, _run_config(max_inflight, partial_tokens, partial_s), as_json,
-         verbose, kv_checkpoint_gib)
+         verbose, kv_checkpoint_gib, included)
 
 
 @app.command()
 def resume(job_id: JobArg, db: DbOpt = None, output: OutputOpt = "results",
+           include_path: IncludePathOpt = None,
            max_inflight: InflightOpt = 64, kv_checkpoint_gib: KVCheckpointOpt = 0.0,
            partial_tokens: PartialTokensOpt = DEFAULT_PARTIAL_TOKENS,
            partial_s: PartialSOpt = DEFAULT_PARTIAL_S,
@@ -87,7 +90,7 @@ def resume(job_id: JobArg, db: DbOpt = None, output: OutputOpt = "results",
         return
     output_folder(output)
     _run(store, job_id, output, _run_config(max_inflight, partial_tokens, partial_s), as_json,
-         verbose, kv_checkpoint_gib)
+         verbose, kv_checkpoint_gib, include_paths(include_path))
 
 
 @app.command("jobs")
@@ -162,7 +165,7 @@ def cancel(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: 
 
 # `submit`'s options for a job run in this process, which `--server` cannot honour
 RUN_HERE_OPTIONS = ("db", "output", "max_inflight", "partial_tokens", "partial_s",
-                    "kv_checkpoint_gib", "verbose")
+                    "kv_checkpoint_gib", "verbose", "include_path")
 
 
 def _given(ctx: typer.Context, names) -> list[str]:
@@ -197,9 +200,9 @@ def _run_config(max_inflight: int, partial_tokens: int, partial_s: float) -> Run
 
 
 def _run(store: Store, job_id: str, output: str, run_cfg: RunConfig, as_json: bool,
-         verbose: bool, kv_checkpoint_gib: float) -> None:
+         verbose: bool, kv_checkpoint_gib: float, included: tuple[str, ...] = ()) -> None:
     try:
-        _run_job(store, job_id, output, run_cfg, as_json, verbose, kv_checkpoint_gib)
+        _run_job(store, job_id, output, run_cfg, as_json, verbose, kv_checkpoint_gib, included)
     except Interrupted as e:
         e.job_id = job_id  # NOTE: its items were given back on the way out (`lifecycle.run_job`)
         raise
@@ -215,7 +218,7 @@ def _checkpoint_overrides(kv_checkpoint_gib: float) -> dict[str, Any]:
 
 
 def _run_job(store: Store, job_id: str, output: str, run_cfg: RunConfig, as_json: bool,
-             verbose: bool, kv_checkpoint_gib: float) -> None:
+             verbose: bool, kv_checkpoint_gib: float, included: tuple[str, ...]) -> None:
     job = lifecycle.runnable_job(store, job_id)
     lifecycle.check_runs_on(job)  # what needs no engine, before one starts
     model = resolve_model(job.spec.model)
@@ -237,7 +240,7 @@ def _run_job(store: Store, job_id: str, output: str, run_cfg: RunConfig, as_json
                 progress.update(task, completed=num_done, total=num_total, tokens=num_tokens)
 
             results = lifecycle.run_job(store, job_id, engine, run_cfg, output_dir=output,
-                                        on_progress=on_progress)
+                                        on_progress=on_progress, include_paths=included)
             meta = results["conserve"]
             tokens = (f", {meta['num_generated_tokens']:,} tokens generated"
                       if meta["num_generated_tokens"] else "")

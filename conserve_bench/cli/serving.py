@@ -10,8 +10,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from conserve_bench.cli.base import (ApiKeyOpt, DbOpt, OutputOpt, PartialSOpt, PartialTokensOpt,
-                                     VerboseOpt, app, checked, on_off, output_folder, store_for)
+from conserve_bench.cli.base import (ApiKeyOpt, DbOpt, IncludePathOpt, OutputOpt, PartialSOpt, PartialTokensOpt,
+                                     VerboseOpt, app, checked, include_paths, on_off, output_folder,
+                                     store_for)
 from conserve_bench.config import (DEFAULT_MODEL, DEFAULT_PARTIAL_S, DEFAULT_PARTIAL_TOKENS,
                                    LeaseConfig, ServePolicy, default_data_dir, default_db_url)
 from conserve_bench.output import out
@@ -80,7 +81,7 @@ def serve(
     partial_tokens: PartialTokensOpt = DEFAULT_PARTIAL_TOKENS,
     partial_s: PartialSOpt = DEFAULT_PARTIAL_S,
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Local MMLU CSV folder for jobs.")] = None,
-    include_path: Annotated[Optional[list[str]], typer.Option("--include-path", metavar="DIR", help="A folder of lm-eval task YAML whose tasks jobs may name (repeatable); the job API takes task names, never paths.")] = None,
+    include_path: IncludePathOpt = None,
     data_root: Annotated[Optional[list[str]], typer.Option("--data-root", metavar="DIR", help="A folder at or below which job API clients may name a data_dir (repeatable) [default: --data-dir].")] = None,
     output: OutputOpt = "results",
     profile: Annotated[bool, typer.Option("--profile/--no-profile", help="Load this machine's latency profile (measured once if missing).")] = True,
@@ -103,7 +104,7 @@ def serve(
                       max_offline_inflight=max_offline_inflight,
                       partial_tokens=partial_tokens, partial_s=partial_s,
                       data_dir=os.path.abspath(data_dir) if data_dir else None, output_dir=output,
-                      include_paths=tuple(map(os.path.abspath, include_path or ())),
+                      include_paths=include_paths(include_path),
                       data_roots=tuple(map(os.path.abspath, data_root or ())),
                       profile=profile, step_log=step_log,
                       leases=checked(LeaseConfig, lease_s=lease_s, heartbeat_s=heartbeat_s,
