@@ -234,3 +234,14 @@ def test_a_heartbeat_survives_any_error_and_reports_itself_down_meanwhile(store,
         wait_for(lambda: replica.health() == (True, None), "the heartbeat back", timeout_s=5)
         assert replica._thread.is_alive()
     assert replica.health() == (False, f"replica {replica.id} is stopped")
+
+
+def test_backoff_doubles_up_to_its_cap_and_starts_over_after_a_success():
+    """The waits the heartbeat and the pump retry by (`jobs.replica.Backoff`)."""
+    from conserve_bench.jobs.replica import Backoff
+
+    backoff = Backoff(0.1, 0.5)
+    assert [backoff.next() for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
+    backoff.reset()
+    assert backoff.next() == 0.1
+    assert Backoff(0.1, 0.05).next() == 0.05  # never a first wait past the cap (a short beat)

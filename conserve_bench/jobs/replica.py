@@ -32,6 +32,22 @@ HOST = socket.gethostname()
 RETRY_FIRST_S = 0.1  # a failed beat is retried this soon, then twice as late, up to a beat
 
 
+class Backoff:
+    """Capped doubling waits after failures: `next()` is the wait before the next try,
+    `reset()` once a try succeeded. The heartbeat and the offline pump retry by it."""
+
+    def __init__(self, first_s: float, max_s: float):
+        self.first_s, self.max_s = min(first_s, max_s), max_s
+        self._next_s = self.first_s
+
+    def next(self) -> float:
+        wait_s, self._next_s = self._next_s, min(2 * self._next_s, self.max_s)
+        return wait_s
+
+    def reset(self) -> None:
+        self._next_s = self.first_s
+
+
 def new_replica_id() -> str:
     """Unique across hosts and restarts: `host:pid:random` (the pid only helps a person)."""
     return f"{HOST}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -97,15 +113,16 @@ class Replica:
 
     def _beat(self) -> None:
         heartbeat_s = self.store.leases.heartbeat_s
-        wait_s, retry_s = heartbeat_s, RETRY_FIRST_S
+        backoff, wait_s = Backoff(RETRY_FIRST_S, heartbeat_s), heartbeat_s
         while not self._stopped.wait(wait_s):
             # NOTE: a failed beat is retried sooner, never later than a beat: once the
             # database is back the lease is renewed, and whatever others reclaimed
             # meanwhile is fenced off from our commits.
             if self._renew():
-                wait_s, retry_s = heartbeat_s, RETRY_FIRST_S
+                backoff.reset()
+                wait_s = heartbeat_s
             else:
-                wait_s, retry_s = min(retry_s, heartbeat_s), min(2 * retry_s, heartbeat_s)
+                wait_s = backoff.next()
 
     def _renew(self) -> bool:
         """One heartbeat; False if it failed (logged, never raised: the thread must live)."""

@@ -25,7 +25,7 @@ from conserve_bench.engine.async_llm import AsyncEngineAdapter
 from conserve_bench.errors import (EngineUnavailableError, ForeignJobError, JobStateError,
                                    StoreUnavailableError, first_line, one_line_error)
 from conserve_bench.faults import fault_point
-from conserve_bench.jobs.replica import Replica
+from conserve_bench.jobs.replica import Backoff, Replica
 from conserve_bench.store import Job, Store
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class OfflinePump:
         self._fatal: str | None = None
         self._failing_since: float | None = None  # monotonic: the first failure in a row
         self._last_error: str | None = None
-        self._retry_s = RETRY_FIRST_S
+        self._backoff = Backoff(RETRY_FIRST_S, RETRY_MAX_S)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run_forever, name="offline-pump", daemon=True)
 
@@ -124,7 +124,8 @@ class OfflinePump:
             return 0.0
         except Exception as e:
             return self._failed(e)
-        self._failing_since, self._retry_s = None, RETRY_FIRST_S
+        self._failing_since = None
+        self._backoff.reset()
         return 0.0 if ran else IDLE_POLL_S
 
     def _failed(self, error: Exception) -> float:
@@ -132,7 +133,7 @@ class OfflinePump:
         if self._failing_since is None:
             self._failing_since = time.monotonic()
         self._last_error = one_line_error(error)
-        delay_s, self._retry_s = self._retry_s, min(2 * self._retry_s, RETRY_MAX_S)
+        delay_s = self._backoff.next()
         if isinstance(error, StoreUnavailableError):
             log.warning("offline pump paused, retrying in %.1f s: %s", delay_s, first_line(error))
         else:
