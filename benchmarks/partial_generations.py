@@ -61,11 +61,10 @@ def run_config(args, partial_tokens: int):
 
 def fingerprint(args) -> str:
     """The fingerprint of the engines `start` starts (item keys depend on it)."""
-    from conserve_bench.config import EngineConfig
+    from conserve_bench.engine.local import engine_config, engine_fingerprint
     from conserve_bench.engine.models import resolve_model
 
-    model = resolve_model("smollm2-135m")
-    return EngineConfig(model_path=model.path, model_name=model.name).fingerprint(args.max_model_len)
+    return engine_fingerprint(engine_config(resolve_model("smollm2-135m")), args.max_model_len)
 
 
 def start(args):

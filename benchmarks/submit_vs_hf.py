@@ -189,7 +189,8 @@ def run_conserve(args, limit: int, data_dir: str, workdir: str) -> dict:
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     total_s = time.perf_counter() - t0
-    results = json.loads((Path(workdir) / f"{json.loads(out.stdout)['id']}.json").read_text())
+    job_id = json.loads(out.stdout)["conserve"]["job"]["id"]  # `--json`: lm-eval's results object
+    results = json.loads((Path(workdir) / f"{job_id}.json").read_text())
     return conserve_result(results, total_s, results["conserve"]["wall_s"])
 
 

@@ -5,13 +5,14 @@ here (`CONSERVE_BENCH_DB`, `CONSERVE_BENCH_DATA`, `CONSERVE_BENCH_HOME`, `XDG_CA
 the CLI reads `CONSERVE_BENCH_API_KEY`). Below the edge only the vLLM glue reads the
 environment, for what vLLM itself takes from it (`engine.local`: `VLLM_CPU_*`,
 `CONSERVE_BENCH_ENFORCE_EAGER`). A `JobSpec` is what a job *is*: it is stored with the job
-so that `resume` rebuilds exactly the same lm-eval requests.
+so that `resume` rebuilds exactly the same lm-eval requests, on the same engine (its
+`ModelOptions`). The engine fingerprint (`EngineConfig.fingerprint`) is written and read only here.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,13 @@ from typing import Any
 DEFAULT_DB_URL = "sqlite:///conserve.db"
 DEFAULT_MODEL = "smollm2-135m"
 JOB_SOURCES = ("tasks", "requests", "session")
+# vLLM's `--dtype` values, each spelled one way (a fingerprint names the dtype)
+DTYPES = {"auto": "auto", "float32": "float32", "float": "float32", "bfloat16": "bfloat16",
+          "float16": "float16", "half": "float16"}
+# NOTE: vLLM's own `auto` on its CPU build downcasts a float32 model to bfloat16
+# (`vllm.config.model._resolve_auto_dtype`). Ours stays at float32 there, the dtype every
+# score of this project was measured in, so a default run keeps its scores.
+CPU_AUTO_DTYPE = "float32"
 
 
 class ServePolicy(str, Enum):
@@ -39,6 +47,71 @@ class ServePolicy(str, Enum):
 
 
 @dataclass(frozen=True)
+class ModelOptions:
+    """How the model is loaded: lm-eval `vllm` backend's model_args, under its names.
+
+    `dtype` "auto" is the model's own dtype (float32 on vLLM's CPU build: `engine_dtype`);
+    `max_model_len` None is the model's own context, capped only by the KV cache;
+    `gpu_memory_utilization` None is vLLM's default; `revision` a hub revision (branch, tag or
+    commit); `add_bos_token` prefixes every encoded text with the BOS token, as lm-eval's
+    `vllm` does; `seed` is the engine's sampling seed.
+    """
+
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    tensor_parallel_size: int = 1
+    revision: str | None = None
+    trust_remote_code: bool = False
+    add_bos_token: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.dtype, str) or self.dtype.lower() not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", DTYPES[self.dtype.lower()])
+        self._check_numbers()
+        if self.revision is not None and (not isinstance(self.revision, str) or not self.revision.strip()):
+            raise ValueError(f"--revision must be a branch, tag or commit, got {self.revision!r}")
+        for name in ("trust_remote_code", "add_bos_token"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"--{_flag(name)} must be true or false, got {getattr(self, name)!r}")
+
+    def _check_numbers(self) -> None:
+        for name, low in (("max_model_len", 1), ("tensor_parallel_size", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if not (value is None and name == "max_model_len") and not _whole(value, low):
+                raise ValueError(f"--{_flag(name)} must be a whole number >= {low}, got {value!r}")
+        memory = self.gpu_memory_utilization
+        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float))
+                                   or not 0 < memory <= 1):
+            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {memory!r}")
+
+    def engine_dtype(self, on_cpu: bool) -> str:
+        """The dtype vLLM is asked for: `auto` is CPU_AUTO_DTYPE on the CPU build."""
+        return CPU_AUTO_DTYPE if self.dtype == "auto" and on_cpu else self.dtype
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "ModelOptions":
+        """Options from a dict (a stored spec's, a CI file's); unknown keys are a ValueError."""
+        names = [f.name for f in fields(cls)]
+        if unknown := sorted(set(d or {}) - set(names)):
+            raise ValueError(f"unknown model option {unknown[0]!r} (expected one of {', '.join(names)})")
+        return cls(**(d or {}))
+
+
+def _whole(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """What to evaluate. Two equal specs build identical lm-eval requests.
 
@@ -49,6 +122,11 @@ class JobSpec:
     with: only an engine of that fingerprint may compute them.
     `samples` fixes the documents of some tasks (task -> doc indices, sorted), in place of
     `limit`; tasks it does not name run all their documents.
+    Chat (lm-eval's options, its names): `apply_chat_template` renders each context with the
+    model's chat template (True: the tokenizer's own; a string names one of several),
+    `fewshot_as_multiturn` gives few-shot examples as turns (None: lm-eval's default, on with
+    a template), `system_instruction` opens the chat. `chat_template_sha256` records the
+    template that rendered a requests job's contexts.
     """
 
     tasks: tuple[str, ...]
@@ -61,8 +139,15 @@ class JobSpec:
     source: str = "tasks"
     samples: dict[str, list[int]] | None = None
     fingerprint: str | None = None
+    model_options: ModelOptions = ModelOptions()  # the engine `resume` starts for it
+    apply_chat_template: bool | str = False
+    fewshot_as_multiturn: bool | None = None
+    system_instruction: str | None = None
+    chat_template_sha256: str | None = None
 
     def __post_init__(self):
+        if isinstance(self.model_options, dict):  # NOTE: as stored (`to_dict`); older specs have none
+            object.__setattr__(self, "model_options", ModelOptions.from_dict(self.model_options))
         if self.source not in JOB_SOURCES:
             raise ValueError(f"job source must be one of {', '.join(JOB_SOURCES)}")
         if not self.tasks:
@@ -73,6 +158,14 @@ class JobSpec:
             raise ValueError("--num-fewshot must be 0 or more")
         if self.samples is not None:
             self._check_samples()
+        self._check_chat()
+
+    def _check_chat(self) -> None:
+        # NOTE: as lm-eval's own CLI: multi-turn few-shot examples need a template to turn.
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("--fewshot-as-multiturn needs --apply-chat-template")
+        if self.apply_chat_template == "":
+            raise ValueError("--apply-chat-template names a template, or is given alone")
 
     def _check_samples(self) -> None:
         if self.limit is not None:
@@ -84,11 +177,18 @@ class JobSpec:
                 raise ValueError(f"samples of {task}: doc indices must be distinct, sorted, >= 0")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "tasks": list(self.tasks)}
+        # NOTE: chat fields at their defaults are left out, so a spec without chat is stored
+        # (and digested into a CI job's run key, `ci.suite.job_run_key`) as before them.
+        chat = {name: value for name, value in CHAT_DEFAULTS.items() if getattr(self, name) == value}
+        return {k: v for k, v in {**asdict(self), "tasks": list(self.tasks)}.items() if k not in chat}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JobSpec":
         return cls(**{**d, "tasks": tuple(d["tasks"])})
+
+
+CHAT_DEFAULTS = {"apply_chat_template": False, "fewshot_as_multiturn": None,
+                 "system_instruction": None, "chat_template_sha256": None}
 
 
 @dataclass(frozen=True)
@@ -117,15 +217,50 @@ class EngineConfig:
     # loaded or another engine core runs here (see engine.local.engine_core_placement);
     # False: vLLM's engine-core process, as `serve`
     engine_core_in_process: bool | None = None
+    revision: str | None = None  # a hub model's revision; None: its default branch
+    trust_remote_code: bool = False
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None  # None: vLLM's default
+    add_bos_token: bool = False  # the encoder prefixes texts with BOS (`prompts.Encoder`)
 
-    def fingerprint(self, max_model_len: int) -> str:
-        """What, besides the request itself, decides a result: the model, its numerics and
-        the context length the engine really runs with (where long contexts are truncated).
+    @classmethod
+    def for_model(cls, model_path: str, model_name: str, options: ModelOptions, on_cpu: bool,
+                  **overrides: Any) -> "EngineConfig":
+        """The engine `options` describe (`dtype` resolved for the platform: `on_cpu`), with
+        other `EngineConfig` fields `overrides` (which win)."""
+        given = {name: getattr(options, name) for name in (
+            "max_model_len", "seed", "revision", "trust_remote_code", "tensor_parallel_size",
+            "gpu_memory_utilization", "add_bos_token")}
+        return cls(model_path=model_path, model_name=model_name,
+                   **{**given, "dtype": options.engine_dtype(on_cpu), **overrides})
+
+    def fingerprint(self, max_model_len: int, weights: str, runtime: str,
+                    dtype: str | None = None) -> str:
+        """What, besides the request itself, decides a result, readably: the model's name,
+        the dtype it runs in (`dtype`, as the started engine reports it; else ours), the
+        context length the engine really runs with (where long contexts are truncated), the
+        weights' identity (`engine.models.weights_identity`), vLLM's version and device
+        (`runtime`, e.g. `0.32.0+cpu`) and, when on, the BOS prefix:
+        `smollm2-135m|float32|8192|w=1a2b3c4d5e6f|vllm=0.32.0+cpu`.
 
         NOTE: part of every work item's key; `submit` and `serve` must agree on it, so that a
-        job run on either reuses the other's finished items.
+        job run on either reuses the other's finished items (both: `engine.local.engine_fingerprint`).
         """
-        return f"{self.model_name}|{self.dtype}|{max_model_len}"
+        fp = f"{self.model_name}|{dtype or self.dtype}|{max_model_len}|w={weights}|vllm={runtime}"
+        return fp + "|bos" if self.add_bos_token else fp
+
+
+def fingerprint_fields(fingerprint: str) -> dict[str, str | None]:
+    """The weights identity (`weights`) and vLLM (`vllm`) an engine fingerprint names; None
+    for each in a fingerprint from before they were part of it (`name|dtype|length`)."""
+    parts = dict(p.split("=", 1) for p in fingerprint.split("|") if "=" in p)
+    return {"weights": parts.get("w"), "vllm": parts.get("vllm")}
+
+
+def is_legacy_fingerprint(fingerprint: str) -> bool:
+    """A fingerprint of an older conserve-bench, without weights identity or vLLM version:
+    no engine has it any more."""
+    return fingerprint_fields(fingerprint)["weights"] is None
 
 
 DEFAULT_PARTIAL_TOKENS = 16

@@ -3,9 +3,10 @@
 `register()` adds `conserve` to lm-eval's model registry lazily ("module:Class"), so that
 `lm_eval --model conserve` and `simple_evaluate(model="conserve")` find it without importing
 vLLM until a model is actually built.
-`lm.ConserveLM` is the plain adapter (what a job's run hands lm-eval), `backends` where its
-requests are computed, and `session` the job, runner and engine an lm-eval run opens in its
-own process (`--model conserve`).
+`lm.ConserveLM` is the plain adapter (what a job's run hands lm-eval), `modelargs` the
+model_args it takes (lm-eval `vllm`'s), `backends` where its requests are computed, and
+`session` the job, runner and engine an lm-eval run opens in its own process
+(`--model conserve`).
 
 NOTE: lm-eval 0.4.13 discovers models only through this registry (no entry points), so a
 plain `lm_eval` never sees `conserve`; `conserve-bench lm-eval ARGS` registers it first and

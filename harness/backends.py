@@ -4,7 +4,8 @@ Both backends take one lm-eval request kind with its arguments as plain data and
 results in request order. `LocalBackend` keys each request by content hash, attaches it to a
 job in the store and lets the runner compute only items without a stored result.
 `RemoteBackend` sends the requests as jobs to a server (which keys them with its own model
-fingerprint), polls them and fetches results by key. Neither computes a result itself.
+fingerprint, and records the chat template that rendered them), polls them and fetches
+results by key. Neither computes a result itself.
 """
 
 from __future__ import annotations
@@ -71,10 +72,12 @@ class RemoteBackend:
 
     def __init__(self, client, poll_s: float = POLL_S, show_progress: bool = True):
         self.client, self.poll_s, self.show_progress = client, poll_s, show_progress
+        self.chat_template_sha256: str | None = None  # recorded with each job, when set
 
     def run(self, kind: str, args: list[Any]) -> tuple[list[Any], RunCounts]:
         requests = [{"kind": kind, "args": a} for a in args]
-        jobs = [self.client.submit_requests(chunk) for chunk in post_sized(requests)]
+        jobs = [self.client.submit_requests(chunk, chat_template_sha256=self.chat_template_sha256)
+                for chunk in post_sized(requests)]
         keys = [k for job in jobs for k in job["keys"]]
         counts = RunCounts(kind, sum(j["total"] for j in jobs), sum(j["done"] for j in jobs))
         with progress_bar(kind, counts.num_requests, counts.num_reused,

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from conserve_bench.config import JobSpec, RunConfig, default_db_url
+from conserve_bench.config import JobSpec, ModelOptions, RunConfig, default_db_url
 from conserve_bench.engine import local as local_engine
 from conserve_bench.engine.models import resolve_model
 from conserve_bench.jobs.results import with_metadata
@@ -67,14 +67,16 @@ class Session:
 
 
 def open_session(model: str, db: str | None, data_dir: str | None, run_cfg: RunConfig,
-                 engine=None) -> Session:
-    """Open a store, start `model` (unless an engine is given) and record a running job whose
+                 engine=None, options: ModelOptions | None = None) -> Session:
+    """Open a store, start `model` loaded as `options` say (lm-eval `vllm`'s model_args:
+    dtype, max_model_len, ...), unless an engine is given, and record a running job whose
     work items the caller (`ConserveLM`) adds as lm-eval hands it requests."""
+    options = options or ModelOptions()
     store = Store(db or default_db_url())
     owns_engine = engine is None
-    engine = engine or local_engine.start_engine(resolve_model(model))
+    engine = engine or local_engine.start_engine(resolve_model(model), options=options)
     spec = JobSpec(tasks=("lm-eval",), model=model, data_dir=data_dir, source="session",
-                   fingerprint=engine.fingerprint)
+                   fingerprint=engine.fingerprint, model_options=options)
     job = store.create_job(spec)
     # NOTE: items a killed earlier run held are reclaimed by this run's claims (at once if
     # it ran on this host: the replica's start ends a dead neighbour's lease).

@@ -66,7 +66,8 @@ def test_write_baseline_records_scores_and_provenance(baseline_run, engine):
         assert acc["atol"] == pytest.approx(2 * acc["stderr"], abs=1e-4)
         assert entry["task_hash"] == results["task_hashes"][task] and len(entry["task_hash"]) == 64
     provenance = written["provenance"]
-    assert provenance["model_fingerprint"] == f"smollm2-135m|float32|{engine.max_model_len}"
+    assert provenance["model_fingerprint"] == engine.fingerprint
+    assert engine.fingerprint.startswith(f"smollm2-135m|float32|{engine.max_model_len}|w=")
     assert provenance["lm_eval"] == "0.4.13" and provenance["conserve_bench"] and provenance["jobs"] == [job["id"]]
     assert (tmp / "results" / f"{job['id']}.json").is_file()
     table = (tmp / "results" / f"{job['id']}.samples.jsonl").read_text().splitlines()

@@ -72,15 +72,16 @@ def test_sigkill_then_resume_loses_nothing_and_continues_every_generation(
     assert all(n == 1 for key, n in runs.items() if kinds[key] == "loglikelihood")  # committed
     assert all(n == 2 for key, n in runs.items() if kinds[key] == "generate_until")
     written = json.loads((tmp_path / f"{job_id}.json").read_text())
-    assert resumed["resumes"]["num_items"] == resumed["resumes"]["num_resumes"] == 4
-    assert resumed["resumes"]["num_reused_tokens"] == killed.num_partial_tokens
+    assert written == resumed  # `--json` prints the results file's object
+    assert resumed["conserve"]["resumes"]["num_items"] == resumed["conserve"]["resumes"]["num_resumes"] == 4
+    assert resumed["conserve"]["resumes"]["num_reused_tokens"] == killed.num_partial_tokens
     assert written["conserve"]["num_generated_tokens"] == GENERATED_TOKENS - killed.num_partial_tokens
 
     clean_store = Store(f"sqlite:///{tmp_path / 'clean.db'}")
     clean = submit_job(clean_store, JobSpec(tasks=TASKS, limit=LIMIT, data_dir=data_dir))
     reference = run_job(clean_store, clean.id, engine, output_dir=None)
     assert reference["conserve"]["num_generated_tokens"] == GENERATED_TOKENS
-    assert resumed["results"] == task_metrics(reference)
+    assert task_metrics(resumed) == task_metrics(reference)
     assert task_metrics(written) == task_metrics(reference)
     for ours, theirs in zip(store.job_items(job_id), clean_store.job_items(clean.id), strict=True):
         assert same_result(ours["result"], theirs["result"]), (ours, theirs)  # texts too

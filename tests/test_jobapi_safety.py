@@ -172,7 +172,8 @@ def test_the_servers_data_dir_is_the_default_root_and_none_means_no_data_dir(sto
     ({"samples": {TASK: [2**40]}}, "samples"),
     ({"gen_kwargs": {"max_gen_toks": 1e12}}, "gen_kwargs"),
     ({"gen_kwargs": {"temperature": "hot"}}, "gen_kwargs"),
-    ({"gen_kwargs": {"repetition_penalty": 1.1}}, "gen_kwargs"),  # the engine ignores it
+    ({"gen_kwargs": {"num_beams": 4}}, "gen_kwargs"),  # no SamplingParams field
+    ({"gen_kwargs": {"logprobs": 5}}, "gen_kwargs"),  # breaks the engine's contract
     ({"gen_kwargs": {"max_gen_toks": MAX_MODEL_LEN}}, "gen_kwargs"),  # no prompt token left
 ])
 def test_what_exceeds_a_bound_is_a_422_naming_the_field(store, extra, field):

@@ -149,7 +149,7 @@ from conserve_bench.profiling import profiler
 from conserve_bench.sched.latency import LatencyModel
 from conserve_bench.profiling.profiles import Profile, current_key
 
-def run_profile(store, model, quick, on_progress, on_started):  # the engine's part, faked
+def run_profile(store, model, quick, on_progress, on_started, options=None):  # the engine's part, faked
     os.write(2, b"WARNING vLLM engine chatter\\n")
     on_started()
     on_progress(1, 1)

@@ -95,7 +95,7 @@ def test_online_completion_while_a_job_runs_and_job_matches_embedded(server, eng
     assert running["state"] == "running" and running["done"] < running["total"]
 
     server.wait_job(job["id"])
-    remote = server.http.get(f"/v1/jobs/{job['id']}/results").json()["results"]
+    remote = task_metrics(server.http.get(f"/v1/jobs/{job['id']}/results").json())
     assert remote == embedded_scores(engine, data_dir, tmp_path, limit=ONLINE_TEST_LIMIT)
     metrics = server.http.get("/metrics").text
     assert "conserve_online_ttft_seconds_count" in metrics and "conserve_offline_items_total" in metrics
@@ -125,14 +125,15 @@ def test_cli_talks_to_the_server(server):
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
-    summary = remote("submit", "mmlu_marketing", "--limit", "2", "--wait")
+    summary = remote("submit", "mmlu_marketing", "--limit", "2", "--wait")  # lm-eval's results object
     assert set(summary["results"]["mmlu_marketing"]) >= {"acc,none"}
-    status = remote("status", summary["id"])
+    job_id = summary["conserve"]["job"]["id"]
+    status = remote("status", job_id)
     assert (status["state"], status["done"], status["total"]) == ("done", 8, 8)
-    assert summary["id"] in [j["id"] for j in remote("jobs")["jobs"]]
+    assert job_id in [j["id"] for j in remote("jobs")["jobs"]]
     newest = remote("jobs", "--limit", "1")
-    assert [j["id"] for j in newest["jobs"]] == [summary["id"]] and newest["num_jobs"] >= 1
-    assert remote("results", summary["id"]) == summary
+    assert [j["id"] for j in newest["jobs"]] == [job_id] and newest["num_jobs"] >= 1
+    assert remote("results", job_id) == summary
     denied = cli("jobs", "--server", server.url)
     assert denied.returncode != 0 and denied.stderr.startswith("error: unauthorized")
     num_jobs = len(remote("jobs")["jobs"])
@@ -201,7 +202,7 @@ def test_two_replicas_on_postgresql_share_one_job(pg_replicas, engine, data_dir,
         job_id = json.loads(queued.stdout)["id"]
         assert len(replicas[1].http.get("/v1/jobs").json()["replicas"]) == 2
         status = replicas[0].wait_job(job_id)
-        remote = replicas[1].http.get(f"/v1/jobs/{job_id}/results").json()["results"]
+        remote = task_metrics(replicas[1].http.get(f"/v1/jobs/{job_id}/results").json())
     finally:
         pg_replicas.stop()
     assert status["done"] == status["total"] == 4 * FLEET_LIMIT

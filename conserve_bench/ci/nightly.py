@@ -15,6 +15,7 @@ from a run with an invalid (NaN, infinite) score.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +27,7 @@ from conserve_bench.ci import ExitCode
 from conserve_bench.ci.baseline import write_baselines
 from conserve_bench.ci.suite import CIConfig, CIConfigError, job_run_key
 from conserve_bench.ci.report import JobOutcome, Report, build_report, with_baselines_written
-from conserve_bench.config import JobSpec, RunConfig
+from conserve_bench.config import JobSpec, ModelOptions, RunConfig
 from conserve_bench.errors import (ConserveError, DataDirError, EngineUnavailableError, JobStateError,
                                    first_line, one_line_error)
 from conserve_bench.jobs import lifecycle
@@ -261,7 +262,7 @@ class _EmbeddedBackend:
     def run(self, p: _PlannedJob, stopper: Stopper, on_progress: ProgressFn) -> dict[str, Any]:
         job_id = p.job["id"]
         if self.store.get_job(job_id).state != JobState.DONE:
-            lifecycle.run_job(self.store, job_id, self._engine_for(p.spec.model),
+            lifecycle.run_job(self.store, job_id, self._engine_for(p.spec),
                               RunConfig(max_inflight=self.options.max_inflight), output_dir=None,
                               on_progress=lambda done, total, _tokens: on_progress(job_id, done, total),
                               should_stop=stopper)
@@ -271,13 +272,17 @@ class _EmbeddedBackend:
     def status(self, job_id: str) -> dict[str, Any]:
         return self.store.get_job(job_id).to_dict()
 
-    def _engine_for(self, model: str):
+    def _engine_for(self, spec: JobSpec):
+        """The engine of the spec's model, loaded as its options say: started anew only when
+        the model or its options change."""
         from conserve_bench.engine import local as local_engine
         from conserve_bench.engine.models import resolve_model
 
-        if self._owns_engine and self._engine_model != model:
+        wanted = (spec.model, spec.model_options)
+        if self._owns_engine and self._engine_model != wanted:
             self.close()
-            self._engine, self._engine_model = local_engine.start_engine(resolve_model(model)), model
+            self._engine = local_engine.start_engine(resolve_model(spec.model), options=spec.model_options)
+            self._engine_model = wanted
         return self._engine
 
     def close(self) -> None:
@@ -304,8 +309,13 @@ class _ServerBackend:
         if cfg.model != self._served:
             raise CIConfigError(f"{cfg.path}: model: the server at {self.client.base_url} serves "
                                 f"{self._served}, not {cfg.model}")
+        if given := [k for k, v in cfg.model_options.to_dict().items() if v != getattr(ModelOptions(), k)]:
+            raise CIConfigError(f"{cfg.path}: {given[0]}: the server at {self.client.base_url} loads "
+                                "its model as its own options say; drop the model options or run embedded")
         # names only: the data is the server's, and a server takes no task YAML by path
-        check_tasks_of(cfg, task_manager(None), allow_paths=False)
+        # NOTE: a client install has no lm-eval: the server checks the names as each job is posted
+        if importlib.util.find_spec("lm_eval") is not None:
+            check_tasks_of(cfg, task_manager(None), allow_paths=False)
 
     def reference(self, ref: str) -> dict[str, Any]:
         return _reference(ref, lambda job_id: self.client.results(job_id, full=True))
@@ -313,7 +323,9 @@ class _ServerBackend:
     def attach(self, p: _PlannedJob) -> dict[str, Any]:
         s = p.spec
         return self.client.submit(list(s.tasks), s.limit, s.num_fewshot, s.data_dir, s.gen_kwargs,
-                                  s.samples, p.run_key)
+                                  s.samples, p.run_key, apply_chat_template=s.apply_chat_template,
+                                  fewshot_as_multiturn=s.fewshot_as_multiturn,
+                                  system_instruction=s.system_instruction)
 
     def run(self, p: _PlannedJob, stopper: Stopper, on_progress: ProgressFn) -> dict[str, Any]:
         """Follow the job until done; at a stop the job stays on the server (a rerun with the

@@ -1,11 +1,13 @@
 """CI config files: YAML -> frozen `CIConfig`s, every key checked before anything runs.
 
 One file is one model and its tasks; each task has its settings (file-level `limit`,
-`num_fewshot`, `gen_kwargs` as defaults, fixed `samples` per task) and, per metric, a baseline
+`num_fewshot`, `gen_kwargs` as defaults, fixed `samples` per task; file-wide, lm-eval's chat
+options `apply_chat_template`, `fewshot_as_multiturn`, `system_instruction`) and, per metric, a baseline
 with a one-sided tolerance (`atol` or `rtol`) and optionally a Wilson gate. A malformed file
 raises `CIConfigError`: one line naming the file, the key and the problem. Reads files only.
 
     model: smollm2-135m
+    dtype: auto              # and the model's other options (`ModelOptions`), lm-eval vllm's names
     limit: 50
     tasks:
       mmlu_local_anatomy:
@@ -23,11 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conserve_bench.config import JobSpec
+from conserve_bench.config import JobSpec, ModelOptions
 from conserve_bench.errors import ConserveError
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
-FILE_KEYS = ("model", "data_dir", "limit", "num_fewshot", "gen_kwargs", "tasks", "provenance")
+# lm-eval's chat options, file-wide (one model, one way of prompting it): `JobSpec`'s fields
+CHAT_KEYS = ("apply_chat_template", "fewshot_as_multiturn", "system_instruction")
+# how the model is loaded: `ModelOptions`'s fields, file-wide beside `model`
+MODEL_KEYS = ("dtype", "max_model_len", "gpu_memory_utilization", "tensor_parallel_size", "revision",
+              "trust_remote_code", "add_bos_token", "seed")
+FILE_KEYS = ("model", "data_dir", "limit", "num_fewshot", "gen_kwargs", "tasks", "provenance",
+             *CHAT_KEYS, *MODEL_KEYS)
 TASK_KEYS = ("limit", "num_fewshot", "gen_kwargs", "samples", "metrics", "task_hash")
 METRIC_KEYS = ("baseline", "atol", "rtol", "wilson", "higher_is_better", "n", "stderr")
 # NOTE: lm-eval metrics whose per-document value is 0 or 1, so that their score is a
@@ -78,6 +86,8 @@ class CIConfig:
     tasks: tuple[TaskCheck, ...]
     data_dir: str | None = None  # absolute
     provenance: dict[str, Any] = field(default_factory=dict)
+    chat: dict[str, Any] = field(default_factory=dict)  # CHAT_KEYS given, as JobSpec takes them
+    model_options: ModelOptions = ModelOptions()
 
     def job_specs(self) -> list[JobSpec]:
         """One job per distinct set of settings (most files: one), tasks in file order."""
@@ -88,7 +98,8 @@ class CIConfig:
         return [JobSpec(tasks=tuple(t.name for t in group), model=self.model, limit=group[0].limit,
                         num_fewshot=group[0].num_fewshot, gen_kwargs=dict(group[0].gen_kwargs),
                         data_dir=self.data_dir,
-                        samples={t.name: list(t.samples) for t in group if t.samples} or None)
+                        samples={t.name: list(t.samples) for t in group if t.samples} or None,
+                        model_options=self.model_options, **self.chat)
                 for group in groups.values()]
 
 
@@ -159,7 +170,35 @@ class _Reader:
             raise self.fail("tasks", "at least one task is required")
         checks = tuple(self.task(str(name), spec, defaults) for name, spec in tasks.items())
         provenance = self.mapping(raw.get("provenance") or {}, "provenance", None)
-        return CIConfig(str(path), model.strip(), checks, data_dir, provenance)
+        return CIConfig(str(path), model.strip(), checks, data_dir, provenance, self.chat(raw),
+                        self.model_options(raw))
+
+    def model_options(self, raw: dict[str, Any]) -> ModelOptions:
+        """The model options given (MODEL_KEYS), each checked as the command line checks it."""
+        given = {k: raw[k] for k in MODEL_KEYS if k in raw}
+        for key, value in given.items():
+            try:
+                ModelOptions(**{key: value})
+            except ValueError as e:  # NOTE: its message names the flag: `--dtype must be ...`
+                raise self.fail(key, str(e).removeprefix(f"--{key.replace('_', '-')} ")) from None
+        return ModelOptions(**given)
+
+    def chat(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """The chat options given, checked as a job checks them (`JobSpec._check_chat`)."""
+        kinds = {"apply_chat_template": ((bool, str), "true, false or a template name"),
+                 "fewshot_as_multiturn": ((bool,), "true or false"),
+                 "system_instruction": ((str,), "text")}
+        chat = {}
+        for key, (types, expected) in kinds.items():
+            if key in raw and raw[key] is not None:
+                if not isinstance(raw[key], types) or raw[key] == "":
+                    raise self.fail(key, f"must be {expected}, got {raw[key]!r}")
+                chat[key] = raw[key]
+        try:
+            JobSpec(tasks=("check",), **chat)
+        except ValueError as e:
+            raise self.fail("fewshot_as_multiturn", str(e)) from None
+        return chat
 
     def settings(self, raw: dict[str, Any], prefix: str) -> dict[str, Any]:
         out = {}

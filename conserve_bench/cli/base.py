@@ -14,10 +14,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from conserve_bench.config import default_db_url
+from conserve_bench.config import DEFAULT_DB_URL, ModelOptions, default_db_url
 from conserve_bench.store import Store
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# NOTE: `rich_markup_mode=None`: help texts are plain text, printed as written; rich markup
+# would take any "[word ...]" in them for a style tag and drop it
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  context_settings={"max_content_width": 120},
                   help="Run LLM evaluation suites on the idle cycles of a serving GPU.")
 
 
@@ -35,12 +38,12 @@ def output_folder(value: str) -> str:
     return value
 
 
-DbOpt = Annotated[Optional[str], typer.Option("--db", help="Job store URL [env CONSERVE_BENCH_DB; default sqlite:///conserve.db]")]
+DbOpt = Annotated[Optional[str], typer.Option("--db", envvar="CONSERVE_BENCH_DB", show_default=DEFAULT_DB_URL, help="Job store URL.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 JobArg = Annotated[str, typer.Argument(help="Job id.")]
-OutputOpt = Annotated[str, typer.Option("--output", help="Directory for each job's <job-id>.json (lm-eval's results layout); submit and resume keep its log, <job-id>.log, beside it.")]
+OutputOpt = Annotated[str, typer.Option("--output", help="Where results go, in lm-eval's output layout (<model>/results_<date>.json; with --log-samples, samples_<task>_<date>.jsonl), with the same object as <job-id>.json for scripts; submit and resume keep the job's log, <job-id>.log, beside it.")]
 InflightOpt = Annotated[int, typer.Option("--max-inflight", min=1, help="Work items in flight at once.")]
-KVCheckpointOpt = Annotated[float, typer.Option("--kv-checkpoint-gib", min=0, help="Host memory for KV checkpoints, so a request vLLM preempts (its KV cache full) resumes by loading its KV instead of recomputing it; 0 turns them off [default: 0 in-process, where no online work preempts; serve's default is a quarter of the free RAM].")]
+KVCheckpointOpt = Annotated[float, typer.Option("--kv-checkpoint-gib", min=0, help="Host memory for KV checkpoints, so a request vLLM preempts (its KV cache full) resumes by loading its KV instead of recomputing it; 0 turns them off.", show_default="0 in-process, where no online work preempts; serve's is a quarter of the free RAM")]
 ServerOpt = Annotated[Optional[str], typer.Option("--server", help="URL of a running `conserve-bench serve`.")]
 def show_tracebacks(ctx: typer.Context, verbose: bool) -> bool:
     """`--verbose`'s callback: an unexpected error then shows its traceback (`cli.main`)."""
@@ -61,10 +64,27 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", callback=show_trace
 PartialTokensOpt = Annotated[int, typer.Option("--partial-tokens", min=0, help="Save the tokens of each generation in flight (a partial) every N new tokens, so an interrupted one continues; 0: off (it starts over).")]
 PartialSOpt = Annotated[float, typer.Option("--partial-s", min=0.001, help="...or every S seconds, whichever comes first.")]
 ApiKeyOpt = Annotated[Optional[str], typer.Option("--api-key", envvar="CONSERVE_BENCH_API_KEY", help="Bearer key of the server.")]
+# How the model is loaded (`config.ModelOptions`): lm-eval `vllm` backend's model_args.
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (the model's own dtype; float32 on vLLM's CPU build), float32, bfloat16 or float16.")]
+MaxModelLenOpt = Annotated[Optional[int], typer.Option("--max-model-len", help="Context length in tokens [default: the model's own, capped by the KV cache].")]
+GpuMemoryOpt = Annotated[Optional[float], typer.Option("--gpu-memory-utilization", help="Share of GPU memory vLLM may use, in (0, 1] [default: vLLM's, 0.9].")]
+TensorParallelOpt = Annotated[int, typer.Option("--tensor-parallel-size", help="GPUs the model is split over; above 1, layer-wise preemption and KV checkpoints are off.")]
+RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="A hub model's branch, tag or commit.")]
+TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repository's own Python code (its config or modelling), as transformers does.")]
+AddBosOpt = Annotated[bool, typer.Option("--add-bos-token", help="Begin every encoded text with the BOS token, as lm-eval's vllm backend with add_bos_token=True.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="vLLM's sampling seed (lm-eval vllm's model_args seed).")]
+# their names on a command, as `ModelOptions` fields
+MODEL_OPTIONS = ("dtype", "max_model_len", "gpu_memory_utilization", "tensor_parallel_size",
+                 "revision", "trust_remote_code", "add_bos_token", "seed")
 
 
 def store_for(db: str | None) -> Store:
     return Store(db or default_db_url())
+
+
+def model_options(**values) -> ModelOptions:
+    """`ModelOptions` from the model option flags (`MODEL_OPTIONS`); a bad value is a usage error."""
+    return checked(ModelOptions, **values)
 
 
 def checked(config_cls, **values):

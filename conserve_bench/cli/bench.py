@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from conserve_bench.cli.base import ApiKeyOpt, JsonOpt, app, output_folder
-from conserve_bench.config import DEFAULT_MODEL, default_data_dir, default_db_url
+from conserve_bench.config import DEFAULT_DB_URL, DEFAULT_MODEL, default_data_dir, default_db_url
 from conserve_bench.output import out
 
 
@@ -32,21 +32,21 @@ def bench(
     offline_tasks: Annotated[str, typer.Option("--offline-tasks", help="The eval job submitted at t=0.")] = "mmlu",
     offline_limit: Annotated[int, typer.Option("--offline-limit", min=0, help="At most N documents per task (0: all).")] = 20,
     num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", min=0)] = None,
-    data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Local MMLU CSV folder (env CONSERVE_BENCH_DATA).")] = None,
+    data_dir: Annotated[Optional[str], typer.Option("--data-dir", envvar="CONSERVE_BENCH_DATA", help="Local MMLU CSV folder.")] = None,
     long_prompts: Annotated[int, typer.Option("--long-prompts", min=0, help="Extra offline long-prompt generations.")] = 0,
     long_prompt_tokens: Annotated[int, typer.Option("--long-prompt-tokens", min=1)] = 1536,
     long_generated_tokens: Annotated[int, typer.Option("--long-generated-tokens", min=1)] = 128,
-    ttft_slo_ms: Annotated[Optional[float], typer.Option("--ttft-slo-ms", help="TTFT SLO, also given to every serve [default: from this machine's latency profile, serve's rule].")] = None,
-    tbt_slo_ms: Annotated[Optional[float], typer.Option("--tbt-slo-ms", help="TBT SLO, also given to every serve [default: from the profile, serve's rule].")] = None,
+    ttft_slo_ms: Annotated[Optional[float], typer.Option("--ttft-slo-ms", help="TTFT SLO, also given to every serve.", show_default="from this machine's latency profile, serve's rule")] = None,
+    tbt_slo_ms: Annotated[Optional[float], typer.Option("--tbt-slo-ms", help="TBT SLO, also given to every serve.", show_default="from the profile, serve's rule")] = None,
     max_offline_inflight: Annotated[int, typer.Option("--max-offline-inflight", min=1)] = 32,
     model: Annotated[str, typer.Option(help="smollm2-135m, a model directory, or a hub id.")] = DEFAULT_MODEL,
     server: Annotated[Optional[str], typer.Option("--server", help="Bench a running server (one policy, no offline-only phase).")] = None,
     api_key: ApiKeyOpt = None,
     seed: Annotated[int, typer.Option(help="Seeds prompts and Gamma arrivals.")] = 0,
     output: Annotated[str, typer.Option("--output", help="Parent of bench-<timestamp>/.")] = "results",
-    kv_checkpoint_gib: Annotated[Optional[float], typer.Option("--kv-checkpoint-gib", min=0, help="Given to every conserve `serve` (a POLICY:FLAGS entry's own wins) [default: serve's].")] = None,
+    kv_checkpoint_gib: Annotated[Optional[float], typer.Option("--kv-checkpoint-gib", min=0, help="Given to every conserve `serve` (a POLICY:FLAGS entry's own wins).", show_default="serve's")] = None,
     serve_arg: Annotated[Optional[list[str]], typer.Option("--serve-arg", help="Extra `serve` flag, repeatable: --serve-arg=--quantum-ms=50")] = None,
-    db: Annotated[Optional[str], typer.Option("--db", help="Where the machine's latency profile is kept (env CONSERVE_BENCH_DB); each phase gets its own fresh store.")] = None,
+    db: Annotated[Optional[str], typer.Option("--db", envvar="CONSERVE_BENCH_DB", show_default=DEFAULT_DB_URL, help="Where the machine's latency profile is kept; each phase gets its own fresh store.")] = None,
     as_json: JsonOpt = False,
 ):
     """Co-serving benchmark: replay a trace per policy next to an eval job; report and plots.

@@ -10,20 +10,26 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from conserve_bench.cli.base import (ApiKeyOpt, DbOpt, IncludePathOpt, InflightOpt, Interrupted, JobArg,
-                                     JsonOpt, KVCheckpointOpt, OutputOpt, PartialSOpt,
-                                     PartialTokensOpt, ServerOpt, VerboseOpt, app, checked,
-                                     include_paths, output_folder, store_for)
+from conserve_bench.cli.base import (MODEL_OPTIONS, AddBosOpt, ApiKeyOpt, DbOpt, DtypeOpt, GpuMemoryOpt,
+                                     IncludePathOpt, InflightOpt, Interrupted, JobArg, JsonOpt,
+                                     KVCheckpointOpt, MaxModelLenOpt, OutputOpt, PartialSOpt,
+                                     PartialTokensOpt, RevisionOpt, SeedOpt, ServerOpt,
+                                     TensorParallelOpt, TrustRemoteCodeOpt, VerboseOpt, app, checked,
+                                     include_paths, model_options, output_folder, store_for)
 from conserve_bench.config import (DEFAULT_MODEL, DEFAULT_PARTIAL_S, DEFAULT_PARTIAL_TOKENS,
                                    JobSpec, RunConfig, default_data_dir)
 from conserve_bench.engine import local as local_engine
 from conserve_bench.engine.models import model_name, resolve_model
 from conserve_bench.errors import JobStateError
 from conserve_bench.jobs import lifecycle
+from conserve_bench.jobs.results import lm_eval_results, results_file
 from conserve_bench.output import Phases, out
 from conserve_bench.serve.client import QUERY_WAIT_S, JobClient
 from conserve_bench.store import JobState, Store
 from conserve_bench.vllm_plugin.overrides import ConnectorConfig, engine_overrides
+
+
+LogSamplesOpt = Annotated[bool, typer.Option("--log-samples", help="Also write lm-eval's per-sample files (samples_<task>_<date>.jsonl: arguments, responses, documents, metrics) beside the results, as lm-eval's --log_samples; the per-document metric table (<job-id>.samples.jsonl) is always written.")]
 
 
 @app.command()
@@ -33,7 +39,7 @@ def submit(
     model: Annotated[str, typer.Option(help="smollm2-135m, a model directory, or a hub id.")] = DEFAULT_MODEL,
     limit: Annotated[Optional[int], typer.Option(help="At most N documents per task.")] = None,
     num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="Few-shot examples.")] = None,
-    data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Local MMLU CSV folder [env CONSERVE_BENCH_DATA].")] = None,
+    data_dir: Annotated[Optional[str], typer.Option("--data-dir", envvar="CONSERVE_BENCH_DATA", help="Local MMLU CSV folder.")] = None,
     include_path: IncludePathOpt = None,
     db: DbOpt = None,
     output: OutputOpt = "results",
@@ -42,13 +48,31 @@ def submit(
     partial_s: PartialSOpt = DEFAULT_PARTIAL_S,
     server: ServerOpt = None,
     api_key: ApiKeyOpt = None,
-    wait: Annotated[Optional[bool], typer.Option("--wait/--no-wait", help="Follow the job to the end, or only record it (for the `serve` replicas on --db or --server to run) [default: --wait, --no-wait with --server].")] = None,
+    wait: Annotated[Optional[bool], typer.Option("--wait/--no-wait", help="Follow the job to the end, or only record it (for the `serve` replicas on --db or --server to run).", show_default="--wait; --no-wait with --server")] = None,
     kv_checkpoint_gib: KVCheckpointOpt = 0.0,
+    log_samples: LogSamplesOpt = False,
+    dtype: DtypeOpt = "auto",
+    max_model_len: MaxModelLenOpt = None,
+    gpu_memory_utilization: GpuMemoryOpt = None,
+    tensor_parallel_size: TensorParallelOpt = 1,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    add_bos_token: AddBosOpt = False,
+    seed: SeedOpt = 0,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
+    apply_chat_template: Annotated[bool, typer.Option("--apply-chat-template", help="Render each context with the model's chat template, as lm-eval's --apply_chat_template.")] = False,
+    fewshot_as_multiturn: Annotated[Optional[bool], typer.Option("--fewshot-as-multiturn/--no-fewshot-as-multiturn", help="Few-shot examples as chat turns [default: on with --apply-chat-template].")] = None,
+    system_instruction: Annotated[Optional[str], typer.Option("--system-instruction", help="A system instruction opening each context, as lm-eval's --system_instruction.")] = None,
 ):
     """Create a job and run it in-process, or queue it for servers. Example: submit mmlu --limit 5"""
-    spec = _spec(tasks, model, limit, num_fewshot, data_dir or default_data_dir())
+    options = model_options(
+        dtype=dtype, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+        tensor_parallel_size=tensor_parallel_size, revision=revision,
+        trust_remote_code=trust_remote_code, add_bos_token=add_bos_token, seed=seed)
+    spec = _spec(tasks, model, limit, num_fewshot, data_dir or default_data_dir(),
+                 model_options=options, apply_chat_template=apply_chat_template,
+                 fewshot_as_multiturn=fewshot_as_multiturn, system_instruction=system_instruction)
     if server:
         if local := _given(ctx, RUN_HERE_OPTIONS):
             raise typer.BadParameter("the server runs the job with its own settings; drop "
@@ -71,7 +95,7 @@ def submit(
     if not as_json:
         out.stdout.print(f"job [bold]{job.id}[/] submitted: {', '.join(spec.tasks)} on {spec.model}")
     _run(store, job.id, output, _run_config(max_inflight, partial_tokens, partial_s), as_json,
-         verbose, kv_checkpoint_gib, included)
+         verbose, kv_checkpoint_gib, included, log_samples=log_samples)
 
 
 @app.command()
@@ -79,7 +103,7 @@ def resume(job_id: JobArg, db: DbOpt = None, output: OutputOpt = "results",
            include_path: IncludePathOpt = None,
            max_inflight: InflightOpt = 64, kv_checkpoint_gib: KVCheckpointOpt = 0.0,
            partial_tokens: PartialTokensOpt = DEFAULT_PARTIAL_TOKENS,
-           partial_s: PartialSOpt = DEFAULT_PARTIAL_S,
+           partial_s: PartialSOpt = DEFAULT_PARTIAL_S, log_samples: LogSamplesOpt = False,
            as_json: JsonOpt = False, verbose: VerboseOpt = False):
     """Continue a job where it stopped: finished items are reused, interrupted generations
     continue from their partials. Example: resume 3f2a9c1d0b7e"""
@@ -90,7 +114,7 @@ def resume(job_id: JobArg, db: DbOpt = None, output: OutputOpt = "results",
         return
     output_folder(output)
     _run(store, job_id, output, _run_config(max_inflight, partial_tokens, partial_s), as_json,
-         verbose, kv_checkpoint_gib, include_paths(include_path))
+         verbose, kv_checkpoint_gib, include_paths(include_path), log_samples=log_samples)
 
 
 @app.command("jobs")
@@ -142,9 +166,10 @@ def status(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: 
 @app.command()
 def results(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: ApiKeyOpt = None,
             as_json: JsonOpt = False):
-    """Print a finished job's scores."""
+    """Print a finished job's scores; `--json`: lm-eval's results object, as in its results
+    file (the job's own record under `conserve`)."""
     if server:
-        _print_summary(JobClient(server, api_key, max_wait_s=QUERY_WAIT_S).results(job_id), as_json)
+        _print_results(JobClient(server, api_key, max_wait_s=QUERY_WAIT_S).results(job_id), as_json)
     else:
         _print_results(lifecycle.job_results(store_for(db), job_id), as_json)
 
@@ -163,9 +188,10 @@ def cancel(job_id: JobArg, db: DbOpt = None, server: ServerOpt = None, api_key: 
 # -- helpers ----------------------------------------------------------------------------------
 
 
-# `submit`'s options for a job run in this process, which `--server` cannot honour
+# `submit`'s options for a job run in this process, which `--server` cannot honour (a server
+# loads its model as its own options say)
 RUN_HERE_OPTIONS = ("db", "output", "max_inflight", "partial_tokens", "partial_s",
-                    "kv_checkpoint_gib", "verbose", "include_path")
+                    "kv_checkpoint_gib", "verbose", "include_path", "log_samples", *MODEL_OPTIONS)
 
 
 def _given(ctx: typer.Context, names) -> list[str]:
@@ -175,14 +201,18 @@ def _given(ctx: typer.Context, names) -> list[str]:
             if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
 
 
-def _spec(tasks: str, model: str, limit, num_fewshot, data_dir) -> JobSpec:
+def _spec(tasks: str, model: str, limit, num_fewshot, data_dir, **chat) -> JobSpec:
+    """`chat`: JobSpec's chat fields (`apply_chat_template`, ...)."""
     names = tuple(t.strip() for t in tasks.split(",") if t.strip())
     return checked(JobSpec, tasks=names, model=model, limit=limit, num_fewshot=num_fewshot,
-                   data_dir=os.path.abspath(data_dir) if data_dir else None)
+                   data_dir=os.path.abspath(data_dir) if data_dir else None, **chat)
 
 
 def _submit_remote(client: "JobClient", spec: JobSpec, wait: bool, as_json: bool) -> None:
-    job = client.submit(list(spec.tasks), spec.limit, spec.num_fewshot, spec.data_dir)
+    job = client.submit(list(spec.tasks), spec.limit, spec.num_fewshot, spec.data_dir,
+                        apply_chat_template=spec.apply_chat_template,
+                        fewshot_as_multiturn=spec.fewshot_as_multiturn,
+                        system_instruction=spec.system_instruction)
     if not wait:
         out.json(job) if as_json else out.stdout.print(f"job [bold]{job['id']}[/] queued on {client.base_url}")
         return
@@ -191,7 +221,7 @@ def _submit_remote(client: "JobClient", spec: JobSpec, wait: bool, as_json: bool
         final = client.wait(job["id"], lambda done, total: progress.update(task, completed=done, total=total))
     if final["state"] != JobState.DONE:
         raise JobStateError(f"job {job['id']} ended {final['state']}: {final.get('error') or ''}".strip())
-    _print_summary(client.results(job["id"]), as_json)
+    _print_results(client.results(job["id"]), as_json)
 
 
 def _run_config(max_inflight: int, partial_tokens: int, partial_s: float) -> RunConfig:
@@ -200,25 +230,29 @@ def _run_config(max_inflight: int, partial_tokens: int, partial_s: float) -> Run
 
 
 def _run(store: Store, job_id: str, output: str, run_cfg: RunConfig, as_json: bool,
-         verbose: bool, kv_checkpoint_gib: float, included: tuple[str, ...] = ()) -> None:
+         verbose: bool, kv_checkpoint_gib: float, included: tuple[str, ...] = (), *,
+         log_samples: bool = False) -> None:
     try:
-        _run_job(store, job_id, output, run_cfg, as_json, verbose, kv_checkpoint_gib, included)
+        _run_job(store, job_id, output, run_cfg, as_json, verbose, kv_checkpoint_gib, included,
+                 log_samples)
     except Interrupted as e:
         e.job_id = job_id  # NOTE: its items were given back on the way out (`lifecycle.run_job`)
         raise
 
 
-def _checkpoint_overrides(kv_checkpoint_gib: float) -> dict[str, Any]:
+def _checkpoint_overrides(kv_checkpoint_gib: float, tensor_parallel_size: int = 1) -> dict[str, Any]:
     """What keeps offline requests' KV checkpoints in a host pool of `kv_checkpoint_gib`
-    (0: none, and vLLM's own scheduler): the connector, and `ConserveScheduler` with no
-    policy, which schedules as vLLM does."""
+    (0: none, and vLLM's own scheduler): the connector (one worker only), and
+    `ConserveScheduler` with no policy, which schedules as vLLM does."""
     if not kv_checkpoint_gib:
         return {}
-    return engine_overrides(connector=ConnectorConfig(checkpoint_gib=kv_checkpoint_gib))
+    return engine_overrides(connector=ConnectorConfig(checkpoint_gib=kv_checkpoint_gib),
+                            tensor_parallel_size=tensor_parallel_size)
 
 
 def _run_job(store: Store, job_id: str, output: str, run_cfg: RunConfig, as_json: bool,
-             verbose: bool, kv_checkpoint_gib: float, included: tuple[str, ...]) -> None:
+             verbose: bool, kv_checkpoint_gib: float, included: tuple[str, ...],
+             log_samples: bool = False) -> None:
     job = lifecycle.runnable_job(store, job_id)
     lifecycle.check_runs_on(job)  # what needs no engine, before one starts
     model = resolve_model(job.spec.model)
@@ -227,7 +261,9 @@ def _run_job(store: Store, job_id: str, output: str, run_cfg: RunConfig, as_json
     phases = Phases(out.stderr, enabled=not as_json)
     with out.progress(disable=as_json) as progress:
         task = progress.add_task("starting engine", total=None)
-        with local_engine.start_engine(model, **_checkpoint_overrides(kv_checkpoint_gib)) as engine:
+        options = job.spec.model_options  # NOTE: stored with the job: `resume` loads it alike
+        with local_engine.start_engine(model, options=options, **_checkpoint_overrides(
+                kv_checkpoint_gib, options.tensor_parallel_size)) as engine:
             phases.end("engine ready", f"{model.name}, context {engine.max_model_len} tokens")
             progress.update(task, description="building requests (lm-eval)")
             built = []
@@ -240,7 +276,8 @@ def _run_job(store: Store, job_id: str, output: str, run_cfg: RunConfig, as_json
                 progress.update(task, completed=num_done, total=num_total, tokens=num_tokens)
 
             results = lifecycle.run_job(store, job_id, engine, run_cfg, output_dir=output,
-                                        on_progress=on_progress, include_paths=included)
+                                        on_progress=on_progress, include_paths=included,
+                                        log_samples=log_samples)
             meta = results["conserve"]
             tokens = (f", {meta['num_generated_tokens']:,} tokens generated"
                       if meta["num_generated_tokens"] else "")
@@ -249,12 +286,14 @@ def _run_job(store: Store, job_id: str, output: str, run_cfg: RunConfig, as_json
     _print_results(results, as_json)
     if not as_json:
         log = f"; log {out.log_path}" if out.log_path else ""
-        out.stdout.print(f"wrote {output}/{job_id}.json{log}", highlight=False)
+        written = Path(output) / results_file(results)
+        out.stdout.print(f"wrote {written} and {output}/{job_id}.json{log}", highlight=False)
 
 
 def _print_results(results: dict[str, Any], as_json: bool) -> None:
+    """A job's scores as a table, or (`as_json`) lm-eval's results object, as in its file."""
     if as_json:
-        out.json(lifecycle.results_summary(results))
+        out.json(lm_eval_results(results))
         return
     table = Table("task", "metric", "value", "stderr", "n-shot")
     for name, values in results["results"].items():
@@ -269,15 +308,3 @@ def _print_results(results: dict[str, Any], as_json: bool) -> None:
                           str(results.get("n-shot", {}).get(name, "")))
     out.stdout.print(table)
 
-
-def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
-    """Print a results summary (the job API's form: task -> metric -> value)."""
-    if as_json:
-        out.json(summary)
-        return
-    table = Table("task", "metric", "value", "n-shot")
-    for name, values in summary["results"].items():
-        for metric, value in values.items():
-            if "_stderr" not in metric and metric != "sample_len":
-                table.add_row(name, metric.split(",")[0], f"{value:.4f}", str(summary["n-shot"].get(name, "")))
-    out.stdout.print(table)

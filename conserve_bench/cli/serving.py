@@ -10,8 +10,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from conserve_bench.cli.base import (ApiKeyOpt, DbOpt, IncludePathOpt, OutputOpt, PartialSOpt, PartialTokensOpt,
-                                     VerboseOpt, app, checked, include_paths, on_off, output_folder,
+from conserve_bench.cli.base import (AddBosOpt, ApiKeyOpt, DbOpt, DtypeOpt, GpuMemoryOpt, IncludePathOpt,
+                                     MaxModelLenOpt, OutputOpt, PartialSOpt, PartialTokensOpt, RevisionOpt,
+                                     SeedOpt, TensorParallelOpt, TrustRemoteCodeOpt, VerboseOpt, app,
+                                     checked, include_paths, model_options, on_off, output_folder,
                                      store_for)
 from conserve_bench.config import (DEFAULT_MODEL, DEFAULT_PARTIAL_S, DEFAULT_PARTIAL_TOKENS,
                                    LeaseConfig, ServePolicy, default_data_dir, default_db_url)
@@ -27,15 +29,25 @@ def profile(
     show: Annotated[bool, typer.Option("--show", help="Print the stored profile for this machine; measure nothing.")] = False,
     db: DbOpt = None,
     output: Annotated[str, typer.Option("--output", help="Directory for profile.log (vLLM's own output).")] = "results",
+    dtype: DtypeOpt = "auto",
+    max_model_len: MaxModelLenOpt = None,
+    gpu_memory_utilization: GpuMemoryOpt = None,
+    tensor_parallel_size: TensorParallelOpt = 1,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     verbose: VerboseOpt = False,
 ):
     """Measure the engine's step latency and fit the latency model. Example: profile --quick"""
     from conserve_bench.profiling import profiler
 
+    options = model_options(dtype=dtype, max_model_len=max_model_len,
+                            gpu_memory_utilization=gpu_memory_utilization,
+                            tensor_parallel_size=tensor_parallel_size, revision=revision,
+                            trust_remote_code=trust_remote_code)
     store = store_for(db)
     refit = None
     if show:
-        found, refit = profiler.show_profile(store, model)
+        found, refit = profiler.show_profile(store, model, options)
     else:
         if not verbose:
             out.capture(Path(output_folder(output)) / "profile.log")
@@ -45,6 +57,7 @@ def profile(
                 store, model, quick,
                 on_started=lambda: progress.update(task, description="profiling"),
                 on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+                options=options,
             )
         found = result.profile
         log = f"; log {out.log_path}" if out.log_path else ""
@@ -67,28 +80,36 @@ def serve(
     api_key: ApiKeyOpt = None,
     public_metrics: Annotated[bool, typer.Option("--public-metrics", help="With --api-key: serve /metrics without the key (a Prometheus scraper on a trusted network); every other route but /health needs it.")] = False,
     max_request_bytes: Annotated[int, typer.Option("--max-request-bytes", min=1, help="Largest request body on any route, in bytes; larger ones get 413 before they are parsed.")] = DEFAULT_MAX_REQUEST_BYTES,
-    ttft_slo_ms: Annotated[Optional[float], typer.Option("--ttft-slo-ms", help="Online TTFT target; given (or --tbt-slo-ms), conserve spends it on offline work [default: counted only, 2x a 1024-token prefill, from the profile].")] = None,
-    tbt_slo_ms: Annotated[Optional[float], typer.Option("--tbt-slo-ms", help="Online TBT target; given, conserve fills steps up to it [default: counted only, 5x a decode step, from the profile].")] = None,
+    ttft_slo_ms: Annotated[Optional[float], typer.Option("--ttft-slo-ms", help="Online TTFT target; given (or --tbt-slo-ms), conserve spends it on offline work.", show_default="counted only, 2x a 1024-token prefill, from the profile")] = None,
+    tbt_slo_ms: Annotated[Optional[float], typer.Option("--tbt-slo-ms", help="Online TBT target; given, conserve fills steps up to it.", show_default="counted only, 5x a decode step, from the profile")] = None,
     slo_margin: Annotated[float, typer.Option("--slo-margin", help="conserve with SLOs: offline work fills steps up to (1 - margin) x the TBT target.")] = DEFAULT_MARGIN,
-    quantum_ms: Annotated[Optional[float], typer.Option("--quantum-ms", help="conserve with --layer-preemption off: longest offline-only step [default: the slowdown share of the 90th-percentile online prompt's prefill; with SLOs, 25% of the TTFT target].")] = None,
-    max_slowdown: Annotated[Optional[float], typer.Option("--max-slowdown", help="conserve without SLOs: the share offline work may add to online steps [default: derived from 1.25x and the profile's error, about 0.2].")] = None,
+    quantum_ms: Annotated[Optional[float], typer.Option("--quantum-ms", help="conserve with --layer-preemption off: longest offline-only step.", show_default="the slowdown share of the 90th-percentile online prompt's prefill; with SLOs, 25% of the TTFT target")] = None,
+    max_slowdown: Annotated[Optional[float], typer.Option("--max-slowdown", help="conserve without SLOs: the share offline work may add to online steps.", show_default="derived from 1.25x and the profile's error, about 0.2")] = None,
     refit: Annotated[bool, typer.Option("--refit/--no-refit", help="conserve: plan with the latency model refitted from live steps while it predicts them better.")] = True,
-    layer_preemption: Annotated[Optional[str], typer.Option("--layer-preemption", help="on | off: an online arrival cuts an offline-only step short at the next layer safepoint [default: on under conserve].")] = None,
+    layer_preemption: Annotated[Optional[str], typer.Option("--layer-preemption", help="on | off: an online arrival cuts an offline-only step short at the next layer safepoint.", show_default="on under conserve")] = None,
     safepoint_every: Annotated[int, typer.Option("--safepoint-every", min=1, help="With layer preemption: a safepoint every k decoder layers.")] = SAFEPOINT_EVERY,
-    kv_checkpoint_gib: Annotated[Optional[float], typer.Option("--kv-checkpoint-gib", min=0, help="conserve: host memory for KV checkpoints of offline requests, so a preempted one resumes by loading its KV; 0 turns them off [default: a quarter of the free RAM].")] = None,
-    offline_step_ms: Annotated[Optional[float], typer.Option("--offline-step-ms", help="With layer preemption: offline-only step length [default: the smallest step within 5% of peak offline tokens/s, from the profile].")] = None,
+    kv_checkpoint_gib: Annotated[Optional[float], typer.Option("--kv-checkpoint-gib", min=0, help="conserve: host memory for KV checkpoints of offline requests, so a preempted one resumes by loading its KV; 0 turns them off.", show_default="a quarter of the free RAM")] = None,
+    offline_step_ms: Annotated[Optional[float], typer.Option("--offline-step-ms", help="With layer preemption: offline-only step length.", show_default="the smallest step within 5% of peak offline tokens/s, from the profile")] = None,
     max_offline_inflight: Annotated[int, typer.Option("--max-offline-inflight", min=1, help="Offline items in flight.")] = 32,
     partial_tokens: PartialTokensOpt = DEFAULT_PARTIAL_TOKENS,
     partial_s: PartialSOpt = DEFAULT_PARTIAL_S,
-    data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Local MMLU CSV folder for jobs.")] = None,
+    data_dir: Annotated[Optional[str], typer.Option("--data-dir", envvar="CONSERVE_BENCH_DATA", help="Local MMLU CSV folder for jobs.")] = None,
     include_path: IncludePathOpt = None,
-    data_root: Annotated[Optional[list[str]], typer.Option("--data-root", metavar="DIR", help="A folder at or below which job API clients may name a data_dir (repeatable) [default: --data-dir].")] = None,
+    data_root: Annotated[Optional[list[str]], typer.Option("--data-root", metavar="DIR", help="A folder at or below which job API clients may name a data_dir (repeatable).", show_default="--data-dir")] = None,
     output: OutputOpt = "results",
     profile: Annotated[bool, typer.Option("--profile/--no-profile", help="Load this machine's latency profile (measured once if missing).")] = True,
     step_log: Annotated[Optional[str], typer.Option("--step-log", help="Append every engine step (batch shape, time, the plan's kind and prediction) to this JSON-lines file.")] = None,
     lease_s: Annotated[float, typer.Option("--lease-s", help="Fleet: a claim lasts this long unless renewed; a dead replica's items wait this long.")] = LeaseConfig.lease_s,
     heartbeat_s: Annotated[float, typer.Option("--heartbeat-s", help="Fleet: how often a replica renews its lease (at most half of it).")] = LeaseConfig.heartbeat_s,
     max_attempts: Annotated[int, typer.Option("--max-attempts", help="Fleet: an item whose engine failed, or whose replica died, this many times is failed.")] = LeaseConfig.max_attempts,
+    dtype: DtypeOpt = "auto",
+    max_model_len: MaxModelLenOpt = None,
+    gpu_memory_utilization: GpuMemoryOpt = None,
+    tensor_parallel_size: TensorParallelOpt = 1,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    add_bos_token: AddBosOpt = False,
+    seed: SeedOpt = 0,
 ):
     """Serve online OpenAI traffic and run queued eval jobs in its idle time. Example: serve --port 8000"""
     from conserve_bench.serve.server import ServeConfig, serve as run_server
@@ -108,7 +129,12 @@ def serve(
                       data_roots=tuple(map(os.path.abspath, data_root or ())),
                       profile=profile, step_log=step_log,
                       leases=checked(LeaseConfig, lease_s=lease_s, heartbeat_s=heartbeat_s,
-                                     max_attempts=max_attempts))
+                                     max_attempts=max_attempts),
+                      model_options=model_options(
+                          dtype=dtype, max_model_len=max_model_len,
+                          gpu_memory_utilization=gpu_memory_utilization,
+                          tensor_parallel_size=tensor_parallel_size, revision=revision,
+                          trust_remote_code=trust_remote_code, add_bos_token=add_bos_token, seed=seed))
     output_folder(output)  # a bad --db or --output fails here, before the engine starts
     store_for(cfg.db_url)
     out.stderr.print(f"serving {model} on http://{host}:{port} (policy {policy})")

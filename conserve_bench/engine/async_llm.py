@@ -32,10 +32,10 @@ class AsyncEngineAdapter:
     """
 
     def __init__(self, client, loop: asyncio.AbstractEventLoop, fingerprint: str,
-                 max_model_len: int, on_tokens=None):
+                 max_model_len: int, on_tokens=None, add_bos_token: bool = False):
         self.client, self.loop, self.fingerprint = client, loop, fingerprint
         self.on_tokens = on_tokens or (lambda num_tokens: None)
-        self._book = PromptBook(client.get_tokenizer(), max_model_len, "offline")
+        self._book = PromptBook(client.get_tokenizer(), max_model_len, "offline", add_bos_token)
         self._finished: queue.Queue = queue.Queue()
 
     @property

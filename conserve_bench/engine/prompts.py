@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from conserve_bench.engine.generation import sampling_kwargs
 
 KINDS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
 MAX_SCORED_TOKENS = 128  # vLLM 0.32.0's MAX_LOGPROB_TOKEN_IDS
@@ -133,11 +133,12 @@ class Encoder:
     generates, so a prompt holds at most `max_prompt_len` tokens, where hf scores windows of
     `max_length + 1`: any context and continuation that fit in `max_prompt_len` tokens are
     scored whole, exactly as hf scores them; longer ones are cut from the left like hf's, two
-    tokens shorter.
+    tokens shorter. `add_bos_token` is lm-eval `vllm`'s model_arg (`encode`).
     """
 
     tokenizer: Tokenizer
     max_model_len: int
+    add_bos_token: bool = False
 
     @property
     def max_prompt_len(self) -> int:
@@ -149,7 +150,18 @@ class Encoder:
         return bos if bos is not None else self.tokenizer.eos_token_id
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+        """`text`'s tokens, as lm-eval's `vllm` backend encodes them (`VLLM.tok_encode`):
+        with `add_bos_token`, after the BOS token, unless the text begins with it already (a
+        chat-templated prompt)."""
+        if not text:
+            return []
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        bos = self.tokenizer.bos_token_id
+        if not self.add_bos_token or bos is None or text.startswith(self.tokenizer.decode([bos])):
+            return ids
+        # NOTE: lm-eval builds its tokenizer with `add_bos_token=True` and encodes with the
+        # special tokens; for a tokenizer that adds no EOS that is the BOS token, then the text.
+        return [bos, *ids]
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         if context == "":
@@ -166,6 +178,10 @@ class Encoder:
         return ctx, self.encode(context + continuation)[len(ctx):]
 
     def rolling_windows(self, text: str) -> list[tuple[list[int], list[int]]]:
+        # NOTE: here, not at the top: the CLI imports this module, and a client install
+        # (`pip install "conserve-bench[client]"`) has no lm-eval
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
         windows = get_rolling_token_windows(
             token_list=self.encode(text), prefix_token=self.prefix_token_id,
             max_seq_len=self.max_prompt_len - 1, context_len=1,
@@ -235,15 +251,17 @@ def _generation(item: Request, encoder: Encoder) -> Prompt:
     eos = encoder.tokenizer.decode([encoder.tokenizer.eos_token_id])
     if eos not in until:
         until.append(eos)
-    max_gen_toks = int(kwargs.pop("max_gen_toks", None) or kwargs.pop("max_new_tokens", None)
-                       or DEFAULT_MAX_GEN_TOKS)
+    # NOTE: lm-eval's names for the tokens to generate, in its order (`normalize_gen_kwargs`)
+    max_gen_toks = int(next((kwargs[k] for k in ("max_gen_toks", "max_new_tokens", "max_tokens",
+                                                 "max_completion_tokens") if kwargs.get(k)),
+                            DEFAULT_MAX_GEN_TOKS))
     temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
     if not kwargs.pop("do_sample", temperature > 0):
         temperature = 0.0
-    params = {"max_tokens": max_gen_toks, "temperature": temperature, "stop": until}
-    for name in ("top_p", "top_k", "min_p", "seed"):
-        if name in kwargs:
-            params[name] = kwargs[name]
+    # NOTE: the rest reach vLLM as lm-eval's `vllm` hands them on; keys of no SamplingParams
+    # field (another backend's, from a task's YAML) are dropped
+    params = {**sampling_kwargs(kwargs), "max_tokens": max_gen_toks, "temperature": temperature,
+              "stop": until}
     # NOTE: lm-eval's hf keeps the last `max_length - max_gen_toks` context tokens, so that
     # prompt and generation fit in the model's context together.
     ctx = encoder.encode(context)[-max(1, encoder.max_model_len - max_gen_toks):]

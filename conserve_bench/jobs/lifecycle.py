@@ -1,4 +1,5 @@
-"""Job lifecycle: submit, run, resume, cancel; results out as `results/<job-id>.json`.
+"""Job lifecycle: submit, run, resume, cancel; results out in lm-eval's layout
+(`results/<model>/results_<date>.json`, and `results/<job-id>.json` by job id: `jobs.results`).
 
 The one data path: task spec -> lm-eval instances (lm-eval builds them) -> work items in the
 store (`ConserveLM`) -> engine -> results committed -> lm-eval metrics -> results file.
@@ -10,9 +11,9 @@ outage) goes back to queued, for this or another replica to run again.
 
     >>> store = Store("sqlite:///conserve.db")
     >>> job = submit_job(store, JobSpec(tasks=("mmlu_anatomy",), limit=10))
-    >>> results = run_job(store, job.id, start_engine(resolve_model("smollm2-135m")))
+    >>> results = run_job(store, job.id, start_engine(resolve_model("smollm2-135m"), job.spec.model_options))
 
-Engines are made by `engine.local.start_engine`; the lm-eval session that `--model conserve`
+Engines are made by `engine.local.start_engine`, loaded as the job's `ModelOptions` say; the lm-eval session that `--model conserve`
 opens in its own process is `harness.session`'s. This module imports only the plain lm-eval
 adapter (`harness.lm.ConserveLM`), to run a job's tasks.
 """
@@ -28,17 +29,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conserve_bench.config import JobSpec, RunConfig
+from conserve_bench.config import JobSpec, RunConfig, is_legacy_fingerprint
 from conserve_bench.errors import (EngineUnavailableError, ForeignJobError, InvalidRequestError,
                                    JobStateError, StoreUnavailableError, first_line,
                                    one_line_error)
 from conserve_bench.engine.models import model_name, resolve_model
 from conserve_bench.engine.prompts import check_request_args
 from conserve_bench.jobs.genkwargs import check_gen_kwargs
-from conserve_bench.jobs.results import resume_summary, with_metadata
+from conserve_bench.jobs.results import with_metadata, write_results
 from conserve_bench.jobs.runner import Runner, Stopped
-from conserve_bench.jobs.samples import (PER_SAMPLE_KEY, read_samples_file, samples_path,
-                                         write_samples_file)
+from conserve_bench.jobs.samples import PER_SAMPLE_KEY, read_samples_file, samples_path
 from conserve_bench.jobs.replica import Replica
 from conserve_bench.store import Job, JobState, Store, keyed_items
 from conserve_bench.jobs.taskspec import check_tasks, task_manager
@@ -72,8 +72,11 @@ def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
             on_progress: ProgressFn | None = None,
             should_stop: Callable[[], bool] = lambda: False,
             replica: Replica | None = None, retry_failed: bool = True,
-            model: str | None = None, include_paths: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Run a job to completion on `engine`; returns lm-eval's results plus job metadata.
+            model: str | None = None, include_paths: tuple[str, ...] = (),
+            log_samples: bool = False) -> dict[str, Any]:
+    """Run a job to completion on `engine`; returns lm-eval's results plus job metadata,
+    written into `output_dir` (None: nowhere) in lm-eval's layout (`results.write_results`),
+    with lm-eval's sample files too if `log_samples` (its `--log_samples`).
 
     Finished items are reused and other replicas' expired leases reclaimed; any number of
     processes may run the same job at once, as `replica`s of a fleet (None: this call is
@@ -94,11 +97,12 @@ def run_job(store: Store, job_id: str, engine, run_cfg: RunConfig = RunConfig(),
         if replica is None:
             replica = stack.enter_context(Replica(store, "submit"))
         return _run_as(store, job, engine, run_cfg, output_dir, on_progress, should_stop,
-                       replica, manager, retry_failed)
+                       replica, manager, retry_failed, log_samples)
 
 
 def _run_as(store: Store, job: Job, engine, run_cfg: RunConfig, output_dir, on_progress,
-            should_stop, replica: Replica, manager, retry_failed: bool) -> dict[str, Any]:
+            should_stop, replica: Replica, manager, retry_failed: bool,
+            log_samples: bool) -> dict[str, Any]:
     if job.state == JobState.FAILED and retry_failed:
         store.retry_failed_items(job.id)
     if not store.start_job(job.id, replica.id, failed_too=retry_failed):
@@ -125,7 +129,7 @@ def _run_as(store: Store, job: Job, engine, run_cfg: RunConfig, output_dir, on_p
     if not saved:  # NOTE: cancelled as it finished: the cancel stands, no results
         raise JobStateError(f"job {job.id} was cancelled; its results were not saved")
     if output_dir is not None:
-        write_results_file(results, Path(output_dir) / f"{job.id}.json")
+        write_results(results, output_dir, output.get("samples") if log_samples else None)
     return results
 
 
@@ -165,11 +169,18 @@ def check_runs_on(job: Job, fingerprint: str | None = None, model: str | None = 
     when given), may compute the job's items: a session's run only in its own process,
     requests only on the engine their keys were built for (another model's results under
     those keys would be reused as theirs), and tasks only on their model (its name is on the
-    results)."""
+    results). Requests keyed before fingerprints named the weights and vLLM run nowhere."""
     spec = job.spec
+    legacy = spec.fingerprint is not None and is_legacy_fingerprint(spec.fingerprint)
     if spec.source == "session":
+        reuse = ("its requests, keyed by an older conserve-bench, are computed again" if legacy
+                 else "its finished requests are reused")
         raise ForeignJobError(f"job {job.id} is an lm-eval run's (--model conserve) and runs in "
-                              "that process; rerun it there: its finished requests are reused")
+                              f"that process; rerun it there: {reuse}")
+    if legacy:
+        raise ForeignJobError(f"job {job.id} holds requests for {spec.fingerprint}, keyed by an "
+                              "older conserve-bench before keys named the weights and vLLM: no "
+                              "engine runs it now; run its lm-eval evaluation again")
     if model is not None and spec.source == "tasks" and model_name(spec.model) != model:
         raise ForeignJobError(f"job {job.id} evaluates {spec.model}, not this engine's {model}")
     if None not in (fingerprint, spec.fingerprint) and spec.fingerprint != fingerprint:
@@ -205,9 +216,12 @@ def _evaluate(store, job: Job, runner, engine, manager, tracker) -> dict[str, An
 
     from conserve_bench.harness.lm import ConserveLM
 
-    lm = ConserveLM.for_job(store, runner, job.id, engine.fingerprint,
-                            on_kind=lambda kind, num_items: tracker.refresh())
     spec = job.spec
+    lm = ConserveLM.for_job(store, runner, job.id, engine.fingerprint,
+                            on_kind=lambda kind, num_items: tracker.refresh(),
+                            engine=engine, model=spec.model)
+    if isinstance(spec.apply_chat_template, str):
+        lm.chat_template(spec.apply_chat_template)  # a name lm-eval would not render with: refused
     # NOTE: log_samples for the per-document metric values (`samples.sample_table`) that
     # let a later run be compared with this one question by question.
     output = simple_evaluate(
@@ -215,7 +229,7 @@ def _evaluate(store, job: Job, runner, engine, manager, tracker) -> dict[str, An
         samples=spec.samples, task_manager=manager, log_samples=True,
         gen_kwargs=spec.gen_kwargs or None,
         random_seed=spec.seed, numpy_random_seed=spec.seed, torch_random_seed=spec.seed,
-        fewshot_random_seed=spec.seed,
+        fewshot_random_seed=spec.seed, **chat_options(spec),
     )
     _raise_if_cancelled(store, job.id)
     return output
@@ -230,18 +244,32 @@ def _compute_requests(store: Store, job: Job, runner: Runner, tracker) -> dict[s
     return {"results": {}}
 
 
+def chat_options(spec: JobSpec) -> dict[str, Any]:
+    """lm-eval's chat arguments of a job (`simple_evaluate`'s names).
+
+    NOTE: `fewshot_as_multiturn` unset is lm-eval's CLI default: on with a chat template.
+    """
+    multiturn = spec.fewshot_as_multiturn
+    return {"apply_chat_template": spec.apply_chat_template,
+            "fewshot_as_multiturn": bool(spec.apply_chat_template) if multiturn is None else multiturn,
+            "system_instruction": spec.system_instruction}
+
+
 def submit_requests(store: Store, requests: list[tuple[str, list[Any]]], fingerprint: str,
-                    model: str, label: str = "lm-eval") -> tuple[Job, list[str]]:
+                    model: str, label: str = "lm-eval",
+                    chat_template_sha256: str | None = None) -> tuple[Job, list[str]]:
     """Record a queued job over lm-eval requests given as (kind, args); returns it and each
     request's item key. Items finished before (by any job) are reused; a job with nothing
-    left to compute is done at once."""
+    left to compute is done at once. `chat_template_sha256`: the chat template that rendered
+    the requests' contexts, recorded with the job."""
     for kind, args in requests:
         try:
             check_request_args(kind, args)
         except ValueError as e:
             raise InvalidRequestError(str(e)) from None
     keys, items = keyed_items(requests, fingerprint)
-    spec = JobSpec(tasks=(label,), model=model, source="requests", fingerprint=fingerprint)
+    spec = JobSpec(tasks=(label,), model=model, source="requests", fingerprint=fingerprint,
+                   chat_template_sha256=chat_template_sha256)
     job = store.create_job(spec, work=items)
     if job.num_done == job.num_total:
         store.save_results(job.id, {"results": {}, "conserve": {"job": job.to_dict()}})
@@ -283,15 +311,6 @@ def job_results(store: Store, job_id: str) -> dict[str, Any]:
     return results
 
 
-def results_summary(results: dict[str, Any]) -> dict[str, Any]:
-    """The machine-readable results object of `results --json` and the job API."""
-    return {"id": results["conserve"]["job"]["id"], "results": task_metrics(results),
-            "n-shot": results.get("n-shot", {}),
-            "resumes": results["conserve"].get("resumes", resume_summary({}))}
-
-
-
-
 def task_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Per task and group: metric name (e.g. `acc,none`) -> value, without aliases."""
     return {
@@ -301,15 +320,9 @@ def task_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def write_results_file(results: dict[str, Any], path: Path) -> Path:
-    """lm-eval's results layout at `path`; the per-document table, if any, as JSON lines
-    beside it (`<job-id>.samples.jsonl`), so the results file stays readable."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if (table := results.get(PER_SAMPLE_KEY)) is not None:
-        write_samples_file(table, samples_path(path))
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({k: v for k, v in results.items() if k != PER_SAMPLE_KEY},
-                              indent=2, sort_keys=False))
-    tmp.replace(path)
+    """A job's results at `path` (`<output>/<job-id>.json`, its per-document table beside it)
+    and in lm-eval's layout in the same folder (`results.write_results`); returns `path`."""
+    write_results(results, path.parent, pointer=path.name)
     return path
 
 

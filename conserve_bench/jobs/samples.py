@@ -1,10 +1,12 @@
-"""Per-document metric values of a job: the table that pairs two runs question by question.
+"""A job's logged samples: lm-eval's sample lines, and the per-document table of metric values.
 
-lm-eval's logged samples (documents, prompts, responses) are reduced to task -> doc_id ->
-metric -> value, keeping only numbers (0/1 accuracies, exact matches, per-document scores;
-not the (loglikelihood, length) pairs of perplexities). The table is stored with the job's
-results (`per_sample`) and written beside the results file as JSON lines, one per document;
-the prompts and outputs are never kept. Also computes lm-eval's task hashes from the samples.
+lm-eval's logged samples (documents, prompts, responses) are written, on request (`submit
+--log-samples`), as lm-eval's `EvaluationTracker` writes them (`sample_lines`). Always, they are
+reduced to task -> doc_id -> metric -> value, keeping only numbers (0/1 accuracies, exact
+matches, per-document scores; not the (loglikelihood, length) pairs of perplexities): the
+table that pairs two runs question by question. It is stored with the job's results
+(`per_sample`) and written beside the results file as JSON lines, one per document, without
+prompts or outputs. Also computes lm-eval's task hashes from the samples.
 """
 
 from __future__ import annotations
@@ -46,6 +48,26 @@ def _number(value: Any) -> float | int | None:
     if isinstance(value, bool):
         return int(value)
     return value if isinstance(value, (int, float)) else None
+
+
+def sample_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """A task's samples as the lines of lm-eval's `samples_<task>_<date>.jsonl`.
+
+    NOTE: exactly `EvaluationTracker.save_results_samples`' sanitizing (arguments as
+    `gen_args_<i>` -> `arg_<j>`, responses as lists of strings, the target a string), so that
+    lm-eval's readers (`datasets`, Zeno, W&B) load them; tests/test_output_layout.py compares.
+    """
+    from lm_eval.utils import handle_non_serializable, sanitize_list
+
+    return [json.dumps(_sample_row(row, sanitize_list), default=handle_non_serializable,
+                       ensure_ascii=False) + "\n" for row in rows]
+
+
+def _sample_row(row: dict[str, Any], sanitize_list) -> dict[str, Any]:
+    arguments = {f"gen_args_{i}": {f"arg_{j}": arg for j, arg in enumerate(args)}
+                 for i, args in enumerate(row["arguments"])}
+    return {**row, "arguments": arguments, "resps": sanitize_list(row["resps"]),
+            "filtered_resps": sanitize_list(row["filtered_resps"]), "target": str(row["target"])}
 
 
 def task_hashes(samples: dict[str, list[dict[str, Any]]]) -> dict[str, str]:

@@ -30,6 +30,7 @@ from conserve_bench.sched.steplog import log_size, read_step_log
 from conserve_bench.vllm_plugin.overrides import engine_overrides
 
 if TYPE_CHECKING:
+    from conserve_bench.config import ModelOptions
     from conserve_bench.engine.local import Engine
     from conserve_bench.sched.refit import RefitStatus
     from conserve_bench.store import Store
@@ -162,8 +163,10 @@ class ProfileResult:
 
 def run_profile(store: Store, model: str, quick: bool = False,
                 on_progress: ProgressFn | None = None,
-                on_started: Callable[[], None] | None = None) -> ProfileResult:
-    """Start an engine for `model`, profile it, fit, and store the profile under its key."""
+                on_started: Callable[[], None] | None = None,
+                options: ModelOptions | None = None) -> ProfileResult:
+    """Start an engine for `model` loaded as `options` say, profile it, fit, and store the
+    profile under its key."""
     from conserve_bench.engine.local import start_engine
     from conserve_bench.engine.models import resolve_model
 
@@ -172,7 +175,7 @@ def run_profile(store: Store, model: str, quick: bool = False,
         # NOTE: step times in the layout `serve` plans them in (vLLM's engine-core process)
         overrides = {**engine_overrides(step_log=Path(workdir) / "steps.jsonl"),
                      "engine_core_in_process": False}
-        with start_engine(ref, **overrides) as engine:
+        with start_engine(ref, options=options, **overrides) as engine:
             if on_started is not None:
                 on_started()
             result = profile_engine(engine, sweep_for(quick, engine.max_model_len), on_progress)
@@ -180,15 +183,16 @@ def run_profile(store: Store, model: str, quick: bool = False,
     return result
 
 
-def show_profile(store: Store, model: str) -> tuple[Profile, tuple[RefitStatus, float] | None]:
-    """The stored profile that applies to `model` on this machine (ProfileNotFoundError if
-    none), and its latest live refit with when it was stored (None if no server refitted it)."""
-    from conserve_bench.config import EngineConfig
+def show_profile(store: Store, model: str,
+                 options: ModelOptions | None = None) -> tuple[Profile, tuple[RefitStatus, float] | None]:
+    """The stored profile that applies to `model` loaded as `options` say on this machine
+    (ProfileNotFoundError if none), and its latest live refit with when it was stored (None if
+    no server refitted it)."""
+    from conserve_bench.engine.local import engine_config
     from conserve_bench.engine.models import resolve_model
 
-    ref = resolve_model(model)
-    cfg = EngineConfig(model_path=ref.path, model_name=ref.name)
-    profile = require_profile(store, current_key(cfg.model_name, cfg.dtype))
+    cfg = engine_config(resolve_model(model), options)
+    profile = require_profile(store, current_key(cfg.model_name, cfg.dtype, cfg.tensor_parallel_size))
     return profile, refit_for(store, profile.key)
 
 
@@ -240,7 +244,7 @@ def profile_engine(engine: Engine, sweep: Sweep, on_progress: ProgressFn | None 
     result = run_sweep(engine, sweep.probes, on_progress, seed=seed, rounds=sweep.rounds)
     samples = measured_samples(sweep.probes, result)
     model, holdout_error = fit_holdout(samples, seed)
-    key = current_key(engine.cfg.model_name, engine.cfg.dtype)
+    key = current_key(engine.cfg.model_name, engine.cfg.dtype, engine.cfg.tensor_parallel_size)
     profile = Profile(key, model, len(samples), holdout_error)
     return ProfileResult(profile, result, model.fit_error)
 

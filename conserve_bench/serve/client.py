@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from conserve_bench.config import CHAT_DEFAULTS
 from conserve_bench.errors import (ConserveError, EngineUnavailableError, JobNotFoundError, JobStateError,
                                    first_line)
 from conserve_bench.store.states import ItemState, JobState
@@ -64,12 +65,15 @@ class JobClient:
                                   transport=transport)
 
     def submit(self, tasks: list[str], limit=None, num_fewshot=None, data_dir=None,
-               gen_kwargs=None, samples=None, run_key: str | None = None) -> dict[str, Any]:
+               gen_kwargs=None, samples=None, run_key: str | None = None,
+               **chat: Any) -> dict[str, Any]:
         """Queue a job; with a `run_key` the server holds already, its job is answered (so a
-        post with a run key is sent again after a lost answer: it cannot make a second job)."""
+        post with a run key is sent again after a lost answer: it cannot make a second job).
+        `chat`: `apply_chat_template`, `fewshot_as_multiturn`, `system_instruction` (JobSpec's),
+        sent only when not their defaults (a server older than them takes the rest)."""
         body = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot,
                 "gen_kwargs": gen_kwargs or {}, "data_dir": data_dir, "samples": samples,
-                "run_key": run_key}
+                "run_key": run_key, **{k: v for k, v in chat.items() if v != CHAT_DEFAULTS[k]}}
         return self._call("POST", "/v1/jobs", idempotent=run_key is not None, json=body)
 
     def jobs(self, limit: int) -> dict[str, Any]:
@@ -79,7 +83,7 @@ class JobClient:
         return self._call("GET", f"/v1/jobs/{job_id}")
 
     def results(self, job_id: str, full: bool = False) -> dict[str, Any]:
-        """The results summary; `full`: everything stored, per-document table included."""
+        """lm-eval's results object (its results file's); `full`: the per-document table too."""
         return self._call("GET", f"/v1/jobs/{job_id}/results", params={"full": "true"} if full else None)
 
     def model(self) -> str:
@@ -89,9 +93,23 @@ class JobClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/jobs/{job_id}/cancel")
 
-    def submit_requests(self, requests: list[dict[str, Any]], label: str = "lm-eval") -> dict[str, Any]:
-        """Queue lm-eval requests (`{"kind", "args"}`); the job's JSON plus each request's key."""
-        return self._call("POST", "/v1/jobs/requests", json={"requests": requests, "label": label})
+    def submit_requests(self, requests: list[dict[str, Any]], label: str = "lm-eval",
+                        chat_template_sha256: str | None = None) -> dict[str, Any]:
+        """Queue lm-eval requests (`{"kind", "args"}`); the job's JSON plus each request's key.
+        `chat_template_sha256`: the chat template that rendered their contexts, recorded."""
+        body = {"requests": requests, "label": label}
+        if chat_template_sha256 is not None:
+            body["chat_template_sha256"] = chat_template_sha256
+        return self._call("POST", "/v1/jobs/requests", json=body)
+
+    def served_model(self) -> dict[str, Any]:
+        """What the server's engine runs: `model`, `dtype`, `max_model_len`, `add_bos_token`,
+        `fingerprint`."""
+        return self._call("GET", "/v1/jobs/model")
+
+    def chat_templates(self) -> dict[str, Any]:
+        """The served model's chat templates (`engine.chat.ChatTemplates.to_dict`)."""
+        return self._call("GET", "/v1/jobs/chat-templates")
 
     def item_results(self, job_id: str, page_size: int = 1000) -> dict[str, Any]:
         """Key -> result of every finished item of a job, fetched page by page."""

@@ -8,6 +8,8 @@ folders the server offers (`serve --data-root`), sizes and generation arguments 
 one line with no store URL or server path (a store outage: 503). The offline pump runs jobs.
 `POST /v1/jobs/requests` queues lm-eval requests built elsewhere (`--model conserve` in client
 mode), keyed with this server's fingerprint; `GET /v1/jobs/{id}/items` pages their results.
+Such a client reads what the engine runs (`GET /v1/jobs/model`) and the served model's chat
+templates (`GET /v1/jobs/chat-templates`), which it renders contexts with as embedded runs do.
 A `run_key` on `POST /v1/jobs` names the job: posting it again answers the same job (200),
 its failed items given fresh attempts (and queued again if it had failed).
 """
@@ -26,6 +28,7 @@ from conserve_bench.errors import (ConserveError, EngineUnavailableError, GenKwa
                                    first_line)
 from conserve_bench.jobs import lifecycle
 from conserve_bench.jobs.genkwargs import check_gen_kwargs
+from conserve_bench.jobs.results import lm_eval_results
 from conserve_bench.jobs.taskspec import check_tasks, offered_data_dir, task_manager
 from conserve_bench.store import Job, JobState
 
@@ -39,6 +42,8 @@ MAX_NUM_FEWSHOT = 64  # beyond any lm-eval task's few-shot split; the context cu
 MAX_SAMPLES = 100_000  # doc indices in `samples`, over all its tasks
 MAX_DOC_INDEX = 2**31 - 1
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+MAX_SYSTEM_INSTRUCTION_CHARS = 100_000  # a system prompt, not a document
+SHA256_HEX = r"^[0-9a-f]{64}$"
 
 TaskName = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
 DocIndices = Annotated[list[Annotated[int, Field(ge=0, le=MAX_DOC_INDEX)]],
@@ -55,6 +60,11 @@ class JobRequest(BaseModel):
     data_dir: str | None = Field(default=None, min_length=1, max_length=MAX_PATH_CHARS)
     samples: dict[TaskName, DocIndices] | None = Field(default=None, max_length=MAX_TASKS_PER_JOB)
     run_key: str | None = Field(default=None, min_length=1, max_length=MAX_NAME_CHARS)
+    # lm-eval's chat options (`JobSpec`): a template name, or true for the tokenizer's own
+    apply_chat_template: bool | Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] = False
+    fewshot_as_multiturn: bool | None = None
+    system_instruction: str | None = Field(default=None, min_length=1,
+                                           max_length=MAX_SYSTEM_INSTRUCTION_CHARS)
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -82,7 +92,10 @@ class JobRequest(BaseModel):
     def spec(self, model: str, data_dir: str | None) -> JobSpec:
         return JobSpec(tasks=tuple(self.tasks), model=model, limit=self.limit,
                        num_fewshot=self.num_fewshot, gen_kwargs=self.gen_kwargs,
-                       data_dir=data_dir, samples=self.samples)
+                       data_dir=data_dir, samples=self.samples,
+                       apply_chat_template=self.apply_chat_template,
+                       fewshot_as_multiturn=self.fewshot_as_multiturn,
+                       system_instruction=self.system_instruction)
 
 
 class WorkRequest(BaseModel):
@@ -111,6 +124,7 @@ class RequestsJobRequest(BaseModel):
 
     requests: list[WorkRequest] = Field(min_length=1, max_length=MAX_REQUESTS_PER_JOB)
     label: str = Field(default="lm-eval", min_length=1, max_length=MAX_LABEL_CHARS)
+    chat_template_sha256: str | None = Field(default=None, pattern=SHA256_HEX)  # what rendered them
 
 
 def install_job_api(app, store, cfg, fingerprint: str, max_model_len: int | None = None) -> None:
@@ -132,8 +146,20 @@ def install_job_api(app, store, cfg, fingerprint: str, max_model_len: int | None
     @router.post("/requests", status_code=201)
     def create_from_requests(request: RequestsJobRequest) -> dict[str, Any]:
         work = [(r.kind, r.args) for r in request.requests]
-        job, keys = lifecycle.submit_requests(store, work, fingerprint, cfg.model, request.label)
+        job, keys = lifecycle.submit_requests(store, work, fingerprint, cfg.model, request.label,
+                                              request.chat_template_sha256)
         return {**job.to_dict(), "keys": keys}
+
+    # NOTE: before `/{job_id}`, which would take these names for job ids.
+    @router.get("/model")
+    def served_model() -> dict[str, Any]:
+        """What the engine runs, for a client-mode lm-eval run to check its model_args against."""
+        return _served_model(cfg.model, fingerprint, max_model_len)
+
+    @router.get("/chat-templates")
+    def chat_templates() -> dict[str, Any]:
+        """The served model's chat templates and special tokens (`engine.chat.ChatTemplates`)."""
+        return _chat_templates(cfg.model).to_dict()
 
     @router.get("")
     def list_all(limit: int = Query(lifecycle.JOBS_LISTED, ge=0)) -> dict[str, Any]:
@@ -146,10 +172,10 @@ def install_job_api(app, store, cfg, fingerprint: str, max_model_len: int | None
 
     @router.get("/{job_id}/results")
     def results(job_id: str, full: bool = False) -> dict[str, Any]:
-        """Task -> metric -> value; `?full=true`: everything stored (lm-eval's layout, the job's
-        metadata, the per-document table)."""
+        """lm-eval's results object, as in the job's results file and `results --json` (the
+        job's metadata under `conserve`); `?full=true` adds the per-document table."""
         found = lifecycle.job_results(store, job_id)
-        return found if full else lifecycle.results_summary(found)
+        return found if full else lm_eval_results(found)
 
     @router.get("/{job_id}/items")
     def items(job_id: str, offset: int = Query(0, ge=0),
@@ -180,6 +206,29 @@ def _checked_spec(request: JobRequest, cfg, max_model_len: int | None) -> JobSpe
     spec = request.spec(cfg.model, data_dir)
     check_tasks(spec.tasks, task_manager(spec.data_dir, cfg.include_paths), allow_paths=False)
     return spec
+
+
+def _served_model(model: str, fingerprint: str, max_model_len: int | None) -> dict[str, Any]:
+    """The engine's model, dtype, context length and BOS prefix, as its fingerprint names them.
+
+    NOTE: the fingerprint's layout is `EngineConfig.fingerprint`'s: `name|dtype|length|...`,
+    ending `|bos` when every text is prefixed with the BOS token.
+    """
+    from conserve_bench.engine.models import model_name
+
+    parts = fingerprint.split("|")
+    return {"model": model_name(model), "dtype": parts[1] if len(parts) > 1 else None,
+            "max_model_len": max_model_len, "add_bos_token": parts[-1] == "bos",
+            "fingerprint": fingerprint}
+
+
+def _chat_templates(model: str):
+    """The chat templates of the model the server serves (its tokenizer, read once)."""
+    from conserve_bench.engine.chat import load_chat_templates
+    from conserve_bench.engine.models import resolve_model
+
+    ref = resolve_model(model)
+    return load_chat_templates(ref.path, ref.name)
 
 
 def _check_within_context(gen_kwargs: dict[str, Any], max_model_len: int | None) -> None:

@@ -38,9 +38,10 @@ from typing import Any
 import uvicorn
 
 from conserve_bench.config import (DEFAULT_DB_URL, DEFAULT_MODEL, DEFAULT_PARTIAL_S,
-                                   DEFAULT_PARTIAL_TOKENS, EngineConfig, LeaseConfig, RunConfig, ServePolicy,
-                                   default_kv_checkpoint_gib)
-from conserve_bench.engine.local import context_length, engine_args, engine_environment
+                                   DEFAULT_PARTIAL_TOKENS, EngineConfig, LeaseConfig, ModelOptions,
+                                   RunConfig, ServePolicy, default_kv_checkpoint_gib)
+from conserve_bench.engine.local import (context_length, engine_args, engine_config, engine_environment,
+                                         engine_fingerprint)
 from conserve_bench.errors import ConserveError, EngineUnavailableError
 from conserve_bench.sched.latency import LatencyModel
 from conserve_bench.engine.models import resolve_model
@@ -51,7 +52,7 @@ from conserve_bench.sched.refit import RefitConfig
 from conserve_bench.serve.guard import DEFAULT_MAX_REQUEST_BYTES, GuardConfig
 from conserve_bench.serve.health import HealthCheck, Probe, StoreWatch, engine_probe
 from conserve_bench.vllm_plugin.arrivals import ArrivalSignal
-from conserve_bench.vllm_plugin.overrides import ConnectorConfig, engine_overrides
+from conserve_bench.vllm_plugin.overrides import ConnectorConfig, engine_overrides, single_worker
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class ServeConfig:
     profile: bool = True  # load this machine's latency profile; measure it once if missing
     step_log: str | None = None  # append every engine step (shape, time, plan) to this file
     leases: LeaseConfig = LeaseConfig()  # fleet mode: lease, heartbeat, attempts
+    model_options: ModelOptions = ModelOptions()  # how the model is loaded (dtype, ...)
     engine_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -148,8 +150,16 @@ class ServeConfig:
         return self.ttft_slo_ms is not None or self.tbt_slo_ms is not None
 
     @property
+    def one_worker(self) -> bool:
+        """Whether the engine has one worker, which layer preemption and KV checkpoints need
+        (`vllm_plugin.overrides.single_worker`)."""
+        return self.model_options.tensor_parallel_size == 1
+
+    @property
     def preempts_layers(self) -> bool:
         """Whether offline-only steps are cut short at layer safepoints by online arrivals."""
+        if not self.one_worker:
+            return False
         if self.layer_preemption is None:
             return self.policy == ServePolicy.CONSERVE
         return self.layer_preemption
@@ -157,8 +167,8 @@ class ServeConfig:
     @property
     def checkpoint_gib(self) -> float:
         """The KV checkpoint pool: under `conserve`, the size given or the host's default;
-        other policies are vLLM's own (a preempted request recomputes)."""
-        if self.policy != ServePolicy.CONSERVE:
+        other policies are vLLM's own (a preempted request recomputes); none without one worker."""
+        if self.policy != ServePolicy.CONSERVE or not self.one_worker:
             return 0.0
         return default_kv_checkpoint_gib() if self.kv_checkpoint_gib is None else self.kv_checkpoint_gib
 
@@ -227,8 +237,10 @@ def serve(cfg: ServeConfig) -> None:
     import uvloop
 
     model = resolve_model(cfg.model)
-    engine_cfg = EngineConfig(model_path=model.path, model_name=model.name, **cfg.engine_overrides)
+    engine_cfg = engine_config(model, cfg.model_options, **cfg.engine_overrides)
     engine_environment(engine_cfg)
+    if cfg.policy == ServePolicy.CONSERVE and (cfg.layer_preemption is not False or cfg.kv_checkpoint_gib != 0):
+        single_worker(engine_cfg.tensor_parallel_size)  # NOTE: says what tensor parallelism turns off
     profile = load_or_measure_profile(cfg, engine_cfg) if cfg.profile else None
     targets = resolve_targets(cfg, profile, engine_cfg.max_num_batched_tokens)
     if cfg.policy == ServePolicy.CONSERVE:
@@ -264,7 +276,8 @@ def with_plugins(engine_cfg: EngineConfig, cfg: ServeConfig, profile, targets: T
         engine_cfg.additional_config, step_log=os.path.abspath(cfg.step_log) if cfg.step_log else None,
         policy=PolicyConfig(targets, profile.model) if conserve else None,
         refit=RefitConfig(adopt=cfg.refit) if conserve else None,
-        refit_state=refit_state if conserve else None, connector=connector))
+        refit_state=refit_state if conserve else None, connector=connector,
+        tensor_parallel_size=engine_cfg.tensor_parallel_size))
 
 
 def connector_config(cfg: ServeConfig, arrivals: ArrivalSignal | None,
@@ -320,10 +333,11 @@ def load_or_measure_profile(cfg: ServeConfig, engine_cfg: EngineConfig):
     from conserve_bench.store import Store
 
     store = Store(cfg.db_url)
-    found = profile_for(store, current_key(engine_cfg.model_name, engine_cfg.dtype))
+    found = profile_for(store, current_key(engine_cfg.model_name, engine_cfg.dtype,
+                                           engine_cfg.tensor_parallel_size))
     if found is None:
         log.warning("no latency profile for %s on this machine: profiling once (--quick)", cfg.model)
-        found = run_profile(store, cfg.model, quick=True).profile
+        found = run_profile(store, cfg.model, quick=True, options=cfg.model_options).profile
     log.warning("latency model: %s", _describe_profile(found))
     return found
 
@@ -359,11 +373,12 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
         app = build_app(args, supported_tasks, client.model_config)
         metrics = OnlineMetrics(targets.ttft_s, targets.tbt_s)
         max_model_len = context_length(client.model_config)
-        fingerprint = engine_cfg.fingerprint(max_model_len)
+        fingerprint = engine_fingerprint(engine_cfg, max_model_len, client.model_config)
         install_job_api(app, store, cfg, fingerprint, max_model_len)
         await init_app_state(client, app.state, args, supported_tasks)
         adapter = AsyncEngineAdapter(client, asyncio.get_running_loop(), fingerprint,
-                                     max_model_len, on_tokens=metrics.offline_tokens)
+                                     max_model_len, on_tokens=metrics.offline_tokens,
+                                     add_bos_token=engine_cfg.add_bos_token)
         pump = OfflinePump(store, adapter, cfg.offline_run_config, cfg.output_dir,
                            on_progress=metrics.job_progress,
                            label=f"serve {cfg.host}:{cfg.port}", model=engine_cfg.model_name,

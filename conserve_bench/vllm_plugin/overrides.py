@@ -3,7 +3,8 @@
 Owns the request priorities (online 0, offline 1), the plug-in paths (`scheduler_cls`,
 `worker_cls`, `kv_connector_module_path`), the layout of `additional_config["conserve"]`
 (`ENTRIES`), the connector's settings (`ConnectorConfig`), and `engine_overrides`, the one
-builder of all of it; and the JSON state files the engine core writes for the server
+builder of all of it (which turns the mechanisms that need one worker off under tensor
+parallelism, saying so: `single_worker`); and the JSON state files the engine core writes for the server
 (`write_state`, `read_state`). Plain data, read in vLLM's processes and written by `serve`,
 `submit`, `profile` and the tests: it must never import torch or vLLM (the front end builds
 these before vLLM's environment is set).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,8 @@ from conserve_bench.sched.policy import SAFEPOINT_EVERY
 if TYPE_CHECKING:
     from conserve_bench.sched.policy import PolicyConfig
     from conserve_bench.sched.refit import RefitConfig
+
+log = logging.getLogger(__name__)
 
 # NOTE: vLLM's priority scheduling runs lower values first; online routes are forced to
 # ONLINE_PRIORITY (serve's guard), offline work items run at OFFLINE_PRIORITY.
@@ -66,15 +70,33 @@ class ConnectorConfig:
         return cls(**data)
 
 
+def single_worker(tensor_parallel_size: int) -> bool:
+    """Whether the wing's mechanisms that need one worker (layer-wise preemption and KV
+    checkpoints: the connector and its worker) may load; under tensor parallelism they may
+    not, and a one-line warning says so.
+
+    NOTE: the connector cuts a step at a layer safepoint and copies KV blocks in and out of one
+    worker's cache; with several workers each would have to stop at the same layer and copy
+    its shard, which it does not do. The scheduling policy runs in the scheduler: it stays.
+    """
+    if tensor_parallel_size <= 1:
+        return True
+    log.warning("conserve: layer-wise preemption and KV checkpoints need one worker: off under "
+                "tensor_parallel_size=%d (the conserve scheduling policy stays)", tensor_parallel_size)
+    return False
+
+
 def engine_overrides(additional_config: dict[str, Any] | None = None, *,
                      policy: PolicyConfig | None = None, refit: RefitConfig | None = None,
                      refit_state: str | None = None, step_log: str | Path | None = None,
-                     connector: ConnectorConfig | None = None) -> dict[str, Any]:
+                     connector: ConnectorConfig | None = None,
+                     tensor_parallel_size: int = 1) -> dict[str, Any]:
     """The `EngineConfig` fields that load the wing into vLLM: `ConserveScheduler` (planning
     with `policy`, refitting live by `refit` into the file `refit_state`, logging each step to
     `step_log`; with none of them it schedules as vLLM does), and with a `connector`,
-    `ConserveConnector` with the worker and the synchronous scheduling it needs. Entries are
-    added to the plug-in config of `additional_config`; its other keys are kept. Example:
+    `ConserveConnector` with the worker and the synchronous scheduling it needs (not under
+    `tensor_parallel_size` > 1: `single_worker`). Entries are added to the plug-in config of
+    `additional_config`; its other keys are kept. Example:
 
         EngineConfig(model_path=..., model_name=..., **engine_overrides(step_log="steps.jsonl"))
     """
@@ -84,7 +106,7 @@ def engine_overrides(additional_config: dict[str, Any] | None = None, *,
     additional[CONFIG_KEY] = {**conserve_config(additional),
                               **{k: v for k, v in entries.items() if v is not None}}
     overrides: dict[str, Any] = {"scheduler_cls": SCHEDULER_CLS, "additional_config": additional}
-    if connector is not None:
+    if connector is not None and single_worker(tensor_parallel_size):
         overrides |= {"kv_transfer_config": {
             "kv_connector": CONNECTOR_NAME, "kv_connector_module_path": CONNECTOR_MODULE,
             "kv_role": "kv_both", "kv_connector_extra_config": {CONFIG_KEY: dataclasses.asdict(connector)}},
