@@ -118,6 +118,43 @@ def lm_eval_speed(result: dict, config: dict) -> str:
             f"accuracy identical across backends: {yes(result['same_accuracy'])}.")
 
 
+def lm_eval_dropin(result: dict, config: dict) -> str:
+    rows = [(variant, num(r["num_requests"]), f"{r['max_logprob_diff_nats']:.1e}", yes(r["is_greedy_equal"]),
+             yes(r["generations_equal"]), yes(r["same_scores"]),
+             f"{num(r['vllm_wall_s'])} / {num(r['conserve_wall_s'])}")
+            for variant, r in result["variants"].items()]
+    table = md_table(("variant", "requests", "max |Δ logprob| (nats)", "is_greedy equal", "generations equal",
+                      "scores equal", "wall s (`vllm` / `conserve`)"), rows)
+    return f"{table}\n\nBoth with `--model_args {result['model_args']}` (`$MODEL_DIR`: the converted SmolLM2-135M-Instruct), lm-eval's command line otherwise the same."
+
+
+def house_side_by_side(result: dict, config: dict) -> str:
+    b, k, t = result["bench"], result["kv_churn"], result["suite"]
+
+    def row(what: str, show, table: dict) -> tuple[str, ...]:
+        return (what, show(table["before"]), show(table["after"]))
+
+    rows = [
+        row("`bench` short: conserve SLO attainment (online-only's)",
+            lambda r: f"{pct(r['slo_attainment'])} ({pct(r['online_only_slo_attainment'])})", b),
+        row("`bench`: conserve P99 TTFT / P99 TBT, x online-only's",
+            lambda r: f"{times(r['ttft_p99_ratio'])} / {times(r['tbt_p99_ratio'])}", b),
+        row("`bench`: conserve offline tok/s (of the slack)",
+            lambda r: f"{num(r['offline_tokens_per_s'], 1)} ({pct(r['offline_tokens_per_s'] / r['slack_tokens_per_s'])})", b),
+        row("`kv_churn`: offline tok/s, checkpoints on / off", lambda r: times(r["offline_speedup"]), k),
+        row("`kv_churn`: online P99 TTFT / TBT, on / off",
+            lambda r: f"{times(r['ttft_p99_ratio'])} / {times(r['tbt_p99_ratio'])}", k),
+        row("`kv_churn`: tokens recomputed per resume p50, on (off)",
+            lambda r: f"{num(r['recomputed_per_resume_p50_on'])} ({num(r['recomputed_per_resume_p50_off'])})", k),
+        row("test suite: passed, wall s", lambda r: f"{num(r['passed'])}{_failed(r)}, {num(r['wall_s'])} s", t),
+    ]
+    return md_table(("what", config["before"], config["after"]), rows)
+
+
+def _failed(run: dict) -> str:
+    return f" (**{run['failed']} failed**)" if run.get("failed") else ""
+
+
 def _rate(record: dict, key: str, count, seconds):
     """`record[key]` when the record holds it (a transcribed figure, or None: not known),
     else `count / seconds`."""
@@ -266,7 +303,8 @@ def demo_phases(result: dict, config: dict) -> str:
 
 
 RENDERERS = {"layer_preemption": layer_preemption, "kv_checkpoint": kv_checkpoint, "kv_churn": kv_churn,
-             "latency_accuracy": latency_accuracy, "lm_eval_speed": lm_eval_speed,
+             "latency_accuracy": latency_accuracy, "lm_eval_speed": lm_eval_speed, "lm_eval_dropin": lm_eval_dropin,
+             "house_side_by_side": house_side_by_side,
              "nightly_resume": nightly_resume, "partial_generations": partial_generations,
              "store_fleet": store_fleet, "submit_vs_hf": submit_vs_hf, "vllm_bench_serve": vllm_bench_serve,
              "faults": faults, "bench": bench, "demo_phases": demo_phases}
