@@ -257,6 +257,12 @@ def fingerprint_fields(fingerprint: str) -> dict[str, str | None]:
     return {"weights": parts.get("w"), "vllm": parts.get("vllm")}
 
 
+def fingerprint_numerics(fingerprint: str) -> dict[str, Any]:
+    """The dtype (None if it names none) and BOS prefix an engine fingerprint names."""
+    parts = fingerprint.split("|")
+    return {"dtype": parts[1] if len(parts) > 1 else None, "add_bos_token": parts[-1] == "bos"}
+
+
 def is_legacy_fingerprint(fingerprint: str) -> bool:
     """A fingerprint of an older conserve-bench, without weights identity or vLLM version:
     no engine has it any more."""

@@ -11,6 +11,7 @@ from conserve_bench.engine.generation import (SAMPLING_KEYS, Generation, continu
 from conserve_bench.errors import GenKwargsError
 from conserve_bench.jobs.genkwargs import CHECKS, REFUSED, check_gen_kwargs
 from conserve_bench.store import WorkItem
+from .test_partials_engine import generate  # the same loop: submit, then step to the end
 
 LM_EVAL_KEYS = {"until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens",
                 "do_sample", "temperature"}
@@ -135,15 +136,6 @@ def test_a_stop_token_ends_the_text_as_vllm_ends_it():
 # -- the real engine ---------------------------------------------------------------------------
 
 MAX_TOKENS = 48
-
-
-def generate(engine, work, partials=None) -> tuple[dict[str, str], dict[str, list[int]]]:
-    engine.submit(work, partials)
-    texts, tokens = {}, {}
-    while engine.num_pending_items:
-        tokens.update(engine.partials())
-        texts.update(engine.step())
-    return texts, tokens
 
 
 def items(openings, prefix, **gen_kwargs) -> list[WorkItem]:

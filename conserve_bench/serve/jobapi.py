@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from conserve_bench.config import JobSpec
+from conserve_bench.config import JobSpec, fingerprint_numerics
 from conserve_bench.engine.prompts import check_request_args
 from conserve_bench.errors import (ConserveError, EngineUnavailableError, GenKwargsError,
                                    JobNotFoundError, JobStateError, StoreUnavailableError,
@@ -209,17 +209,12 @@ def _checked_spec(request: JobRequest, cfg, max_model_len: int | None) -> JobSpe
 
 
 def _served_model(model: str, fingerprint: str, max_model_len: int | None) -> dict[str, Any]:
-    """The engine's model, dtype, context length and BOS prefix, as its fingerprint names them.
-
-    NOTE: the fingerprint's layout is `EngineConfig.fingerprint`'s: `name|dtype|length|...`,
-    ending `|bos` when every text is prefixed with the BOS token.
-    """
+    """The engine's model, dtype, context length and BOS prefix, as its fingerprint names them
+    (read where it is written: `config.fingerprint_numerics`)."""
     from conserve_bench.engine.models import model_name
 
-    parts = fingerprint.split("|")
-    return {"model": model_name(model), "dtype": parts[1] if len(parts) > 1 else None,
-            "max_model_len": max_model_len, "add_bos_token": parts[-1] == "bos",
-            "fingerprint": fingerprint}
+    return {"model": model_name(model), **fingerprint_numerics(fingerprint),
+            "max_model_len": max_model_len, "fingerprint": fingerprint}
 
 
 def _chat_templates(model: str):
