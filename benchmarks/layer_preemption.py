@@ -2,9 +2,9 @@
 
 1. Overhead, side by side: two engines with the same scheduler (ConserveScheduler), one with
    ConserveConnector loaded; its steps are all armed (the requests are offline) but no arrival
-   is ever stamped. The same offline workload runs on each in alternating rounds; offline
+   is ever announced. The same offline workload runs on each in alternating rounds; offline
    tokens/s of each (target: armed >= 98% of plain).
-2. Arrival to abort: on the armed engine, long offline prefills while a thread stamps the
+2. Arrival to abort: on the armed engine, long offline prefills while a thread announces the
    arrival signal at random moments. For each arrival, the time until the step it cut stopped
    at a safepoint, against the time of one layer group (target: p99 <= layer group p99 + 5 ms).
    Outputs equal those of the uninterrupted run. Writes benchmarks/measured/layer_preemption.json.
@@ -79,7 +79,9 @@ def overhead(engines: dict, args) -> dict:
 
 
 def arrivals(engine, signal, step_log: Path, args) -> dict:
-    """Cut long offline prefills with arrivals stamped from another thread."""
+    """Cut long offline prefills with arrivals announced from another thread (no request
+    follows them: each cuts one step; `tests/test_score_independence.py` cuts with real HTTP
+    requests through `serve`)."""
     from conserve_bench.bench.summary import StepRecord, summarize_preemptions
     from conserve_bench.sched.steplog import read_step_log_with_notes
 
@@ -91,18 +93,18 @@ def arrivals(engine, signal, step_log: Path, args) -> dict:
     first_line = len(read_step_log_with_notes(step_log))
     stop = threading.Event()
 
-    def stamp_at_random_moments():
+    def announce_at_random_moments():
         rng = random.Random(1)
         for _ in range(args.arrivals):
             if stop.wait(rng.uniform(0.3, 0.9)):
                 return
-            signal.stamp()
+            signal.announce()
 
-    thread = threading.Thread(target=stamp_at_random_moments, daemon=True)
+    thread = threading.Thread(target=announce_at_random_moments, daemon=True)
     t0 = time.time()
     thread.start()
     cut = []
-    while thread.is_alive():  # NOTE: keep offline prefills running until every arrival is stamped
+    while thread.is_alive():  # NOTE: keep offline prefills running until every arrival is announced
         outputs, _ = run_offline(engine, batch, **score)
         cut += outputs
         assert engine.llm.reset_prefix_cache()
@@ -120,7 +122,12 @@ def arrivals(engine, signal, step_log: Path, args) -> dict:
 
 
 def _close(a, b, tolerance: float = 1e-3) -> bool:
-    for got, want in zip(a.prompt_logprobs or [], b.prompt_logprobs or []):
+    """Every prompt logprob of `a` within `tolerance` of `b`'s (both must have them all)."""
+    if not (a.prompt_logprobs and b.prompt_logprobs and len(a.prompt_logprobs) == len(b.prompt_logprobs)):
+        return False
+    for got, want in zip(a.prompt_logprobs, b.prompt_logprobs):
+        if (got is None) != (want is None):
+            return False
         for token, logprob in (want or {}).items():
             if abs(got[token].logprob - logprob.logprob) >= tolerance:
                 return False

@@ -5,7 +5,7 @@ Armed only by the environment variable `CONSERVE_BENCH_FAULTS`, which the fault 
 comma-separated list of `point` (fail every time), `point:N` (fail the first N times) or
 `hook=VALUE`. `fault_point(name)` raises `InjectedFault` where its point is armed; unarmed,
 it costs one dict lookup. `fault_hook(name)` hands a component the value a hook was given
-(e.g. a `SharedInt` file the suite steers it through), or None. Every point and hook is
+(e.g. a `SharedInts` file the suite steers it through), or None. Every point and hook is
 listed in POINTS and HOOKS, so a typo fails loudly; no product configuration carries them.
 """
 
@@ -20,12 +20,14 @@ POINTS = {
     "migration.after_ddl": "a store migration, after its schema change, before the version bump",
 }
 # NOTE: hooks steer vLLM's engine-core process, which the suite cannot reach but by files:
-# each value is the path of a `vllm_plugin.arrivals.SharedInt` the suite writes while it runs.
+# each value is the path of a `vllm_plugin.arrivals.SharedInts` the suite writes while it runs.
 HOOKS = {
     "connector.abort_layer": "while the file holds L > 0, every armed step is cut at the "
                              "safepoint at (or after) layer L, the first time its work is tried",
     "kv_checkpoints.max_blocks": "while the file holds N > 0, the KV checkpoint pool holds at "
                                  "most N - 1 blocks (evicting down to it)",
+    "serve.handoff_delay_ms": "while the file holds D > 0, serve hands each online request it "
+                              "admits to the engine D ms late (a slow front end)",
 }
 
 

@@ -25,11 +25,11 @@ LOGPROB_TOL = 1e-3  # batch shapes differ between runs: float32 sums in another 
 def setup(model_ref, tmp_path_factory):
     from conserve_bench.engine.local import start_engine
     from conserve_bench.faults import ENV_VAR
-    from conserve_bench.vllm_plugin.arrivals import SharedInt
+    from conserve_bench.vllm_plugin.arrivals import SharedInts
     from conserve_bench.vllm_plugin.overrides import ConnectorConfig, engine_overrides
 
     work = tmp_path_factory.mktemp("checkpoint")
-    limit = SharedInt.create(work / "pool_blocks.bin", 0)
+    limit = SharedInts.create(work / "pool_blocks.bin", 0)
     connector = ConnectorConfig(checkpoint_gib=0.25, checkpoint_state_path=str(work / "state.json"))
     # NOTE: without vLLM's prefix cache, whose freed blocks would often still serve a resume,
     # every resume must load or recompute (tests/test_checkpoint.py covers both together)

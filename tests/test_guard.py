@@ -17,6 +17,7 @@ from prometheus_client import REGISTRY
 from pydantic import BaseModel
 
 from conserve_bench.vllm_plugin.overrides import ONLINE_PRIORITY
+from conserve_bench.serve.arrivals import ADMITTED
 from conserve_bench.serve.guard import Guard, GuardConfig, generation_routes
 from conserve_bench.serve.health import HealthCheck, StoreWatch, engine_probe
 from conserve_bench.serve.metrics import OnlineMetrics
@@ -89,12 +90,18 @@ class Tokens(BaseModel):
 
 def recording_app() -> tuple[FastAPI, list]:
     app, seen = FastAPI(), []
+    app.state.admitted = []  # ADMITTED as the completions handler and its stream saw it
 
     @app.post("/v1/completions")
     async def completions(request: Prompt):
         seen.append(("/v1/completions", request.model_dump()))
+        app.state.admitted.append(ADMITTED.get())
         if request.stream:
-            return StreamingResponse(iter([b"a", b"b", b"c"]), status_code=400 if request.fail else 200)
+            async def chunks():  # NOTE: run by the response, as vLLM's streams are
+                app.state.admitted.append(ADMITTED.get())
+                for chunk in (b"a", b"b", b"c"):
+                    yield chunk
+            return StreamingResponse(chunks(), status_code=400 if request.fail else 200)
         return request.model_dump()
 
     @app.post("/invocations")  # NOTE: as vLLM's: the body is parsed by hand
@@ -127,13 +134,14 @@ def recording_app() -> tuple[FastAPI, list]:
 
 
 class Stamps:
-    """Counts `stamp()` calls, as `ArrivalSignal` would be stamped."""
+    """Counts `announce()` calls, numbering them as `ArrivalSignal` does."""
 
     def __init__(self):
         self.num_stamps = 0
 
-    def stamp(self) -> None:
+    def announce(self) -> int:
         self.num_stamps += 1
+        return self.num_stamps
 
 
 @pytest.fixture(scope="module")
@@ -297,10 +305,10 @@ def test_the_cap_must_be_positive():
         GuardConfig(max_request_bytes=0)
 
 
-# -- arrival stamps and latency samples ------------------------------------------------------
+# -- arrivals and latency samples --------------------------------------------------------------
 
 
-def test_only_admitted_requests_stamp_arrivals_or_add_latency_samples(paths):
+def test_only_admitted_requests_are_announced_or_add_latency_samples(paths):
     guard, seen, stamps = guarded(paths)
     ttft, tbt = samples("ttft"), samples("tbt")
     stream = {"prompt": "x", "stream": True}
@@ -320,6 +328,33 @@ def test_only_admitted_requests_stamp_arrivals_or_add_latency_samples(paths):
     assert answer.status == 200 and b"".join(answer.chunks) == b"abc"
     assert stamps.num_stamps == 2
     assert (samples("ttft"), samples("tbt")) == (ttft + 1, tbt + 2)  # three chunks: one TTFT, two TBT
+    # the handler, and the stream it returns, see the number their request was announced as
+    assert guard.app.state.admitted == [1, 1, 2, 2]
+    assert ADMITTED.get() is None  # and nothing outside a request does
+
+
+def test_the_engine_client_carries_the_admission_number_into_sampling_params():
+    from vllm import SamplingParams
+
+    from conserve_bench.serve.arrivals import tag_arrivals
+    from conserve_bench.vllm_plugin.overrides import ARRIVAL_KEY
+
+    calls = []
+
+    class Client:
+        def generate(self, prompt, params, request_id, priority=0):
+            calls.append((request_id, priority, params.extra_args))
+            return "outputs"
+
+    client = Client()
+    tag_arrivals(client)
+    assert client.generate("p", SamplingParams(), "offline", priority=1) == "outputs"
+    token = ADMITTED.set(7)
+    try:
+        client.generate("p", SamplingParams(extra_args={"user": 1}), "online")
+    finally:
+        ADMITTED.reset(token)
+    assert calls == [("offline", 1, None), ("online", 0, {"user": 1, ARRIVAL_KEY: 7})]
 
 
 # -- /health ---------------------------------------------------------------------------------

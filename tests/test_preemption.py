@@ -1,6 +1,6 @@
 """Layer-wise preemption without an engine: the arrival signal, the safepoint decision, the
-CUDA run-ahead bound (with fake events), the plan-time rule, the step sizing, and what a
-rollback evicts and re-admits."""
+CUDA run-ahead bound (with fake events), which arrivals still cut a step, the step sizing, and
+what a rollback evicts and re-admits."""
 
 from __future__ import annotations
 
@@ -10,41 +10,44 @@ from types import SimpleNamespace
 
 import pytest
 
-from conserve_bench.vllm_plugin.arrivals import ArrivalSignal, SharedInt
+from conserve_bench.vllm_plugin.arrivals import ArrivalSignal, SharedInts
 from conserve_bench.sched.latency import ChunkShape, LatencyModel, StepShape
-from conserve_bench.sched.policy import (ARRIVAL_HANDOFF_NS, Targets, abort_after_ns,
-                                         default_offline_step_s)
+from conserve_bench.sched.arrivals import ArrivalBook
+from conserve_bench.sched.policy import Targets, default_offline_step_s
 from conserve_bench.vllm_plugin.preemption import ArmedStep, LayerPreemption, filled_blocks
 
 
 # -- the arrival signal --------------------------------------------------------------------------
 
 
-def _stamp_in_child(path: str) -> None:
-    ArrivalSignal(path).stamp()
+def _announce_in_child(path: str) -> None:
+    signal = ArrivalSignal(path)
+    assert [signal.announce(), signal.announce()] == [1, 2]
 
 
-def test_an_arrival_stamped_in_another_process_is_seen_here_without_reopening():
+def test_arrivals_announced_in_another_process_are_seen_here_without_reopening():
     signal = ArrivalSignal.create_temporary()
     try:
-        assert signal.last_arrival_ns() == 0
+        assert (signal.num_announced(), signal.last_arrival_ns()) == (0, 0)
         before = time.monotonic_ns()
-        child = multiprocessing.get_context("spawn").Process(target=_stamp_in_child,
+        child = multiprocessing.get_context("spawn").Process(target=_announce_in_child,
                                                              args=(str(signal.path),))
         child.start()
         child.join(60)
         assert child.exitcode == 0
+        assert signal.num_announced() == 2
         assert before < signal.last_arrival_ns() < time.monotonic_ns()  # one clock for both
+        assert signal.announce() == 3  # numbered on from where the other process left
     finally:
         signal.remove()
     assert not signal.path.exists()
 
 
 def test_shared_int_round_trips_64_bit_values(tmp_path):
-    value = SharedInt.create(tmp_path / "v.bin", 7)
-    assert SharedInt(value.path).read() == 7
+    value = SharedInts.create(tmp_path / "v.bin", 7)
+    assert SharedInts(value.path).read() == 7
     value.write(-(2**63))
-    assert SharedInt(value.path).read() == -(2**63)
+    assert SharedInts(value.path).read() == -(2**63)
 
 
 # -- the safepoint decision (worker side) ---------------------------------------------------------
@@ -65,7 +68,8 @@ def safepoints(arrival: list[int], every=4, num_layers=30, bound=None):
     from conserve_bench.vllm_plugin.safepoints import Safepoints
 
     clock = iter(range(0, 10**12, 1_000_000))  # 1 ms per reading
-    return Safepoints(every, num_layers, lambda: arrival[0], bound, clock=lambda: next(clock))
+    arrivals = SimpleNamespace(num_announced=lambda: arrival[0], last_arrival_ns=lambda: 5_000 + arrival[0])
+    return Safepoints(every, num_layers, arrivals, bound, clock=lambda: next(clock))
 
 
 def run_layers(points, num_layers: int):
@@ -79,25 +83,32 @@ def run_layers(points, num_layers: int):
     return None
 
 
-def test_an_unarmed_step_is_never_cut():
-    from conserve_bench.vllm_plugin.safepoints import StepMeta
+def test_an_unarmed_step_is_never_cut_and_pays_nothing_at_its_safepoints():
+    from conserve_bench.vllm_plugin.safepoints import RunAheadBound, Safepoints, StepMeta
 
-    points = safepoints([10**15])
-    points.begin(StepMeta(step_index=1, abort_after_ns=None))
+    log: list = []
+    bound = RunAheadBound((FakeEvent("a", log), FakeEvent("b", log)))
+    clock_reads = []
+    points = Safepoints(4, 30, SimpleNamespace(num_announced=lambda: 10**6), bound,
+                        clock=lambda: clock_reads.append(1) or 0)
+    points.begin(StepMeta(step_index=1, cut_above=None))
+    clock_reads.clear()
     assert run_layers(points, 30) is None and points.report is None
+    assert log == [] and clock_reads == []  # unarmed: no device sync, no clock, no read
 
 
-def test_an_armed_step_is_cut_at_the_first_safepoint_after_a_later_arrival():
+def test_an_armed_step_is_cut_at_the_first_safepoint_once_more_arrivals_are_announced():
     from conserve_bench.vllm_plugin.safepoints import StepMeta
 
-    arrival = [100]
+    arrival = [3]
     points = safepoints(arrival)
-    points.begin(StepMeta(step_index=7, abort_after_ns=100))
+    points.begin(StepMeta(step_index=7, cut_above=3))
     for _ in range(9):
-        points.after_layer()  # safepoints at 4 and 8 pass: nothing arrived after the plan
-    arrival[0] = 101
+        points.after_layer()  # safepoints at 4 and 8 pass: every arrival announced is settled
+    arrival[0] = 4
     report = run_layers(points, 30)
-    assert (report.step_index, report.layer, report.num_layers, report.arrival_ns) == (7, 12, 30, 101)
+    assert (report.step_index, report.layer, report.num_layers) == (7, 12, 30)
+    assert (report.num_announced, report.arrival_ns) == (4, 5_004)
     assert report.layer_group_s == pytest.approx(1e-3)  # one clock reading since layer 8's
     assert points.report is report
 
@@ -106,11 +117,11 @@ def test_no_safepoint_after_the_last_layer_and_the_count_restarts_each_step():
     from conserve_bench.vllm_plugin.safepoints import StepMeta
 
     points = safepoints([5], every=5, num_layers=10)
-    points.begin(StepMeta(step_index=1, abort_after_ns=0))
+    points.begin(StepMeta(step_index=1, cut_above=0))
     assert run_layers(points, 4) is None
-    points.begin(StepMeta(step_index=2, abort_after_ns=None))  # a new step: layer count restarts
+    points.begin(StepMeta(step_index=2, cut_above=None))  # a new step: layer count restarts
     assert run_layers(points, 10) is None
-    points.begin(StepMeta(step_index=3, abort_after_ns=0))
+    points.begin(StepMeta(step_index=3, cut_above=0))
     assert run_layers(points, 10).layer == 5  # layer 10 is the last: no safepoint there
 
 
@@ -118,9 +129,10 @@ def test_the_fault_hook_cuts_at_its_layer_without_an_arrival():
     from conserve_bench.vllm_plugin.safepoints import StepMeta
 
     points = safepoints([0])
-    points.begin(StepMeta(step_index=1, abort_after_ns=0, forced_abort_layer=10))
+    points.begin(StepMeta(step_index=1, cut_above=0, forced_abort_layer=10))
     report = run_layers(points, 30)
     assert report.layer == 12 and report.arrival_ns == 0 and report.arrival_to_abort_s is None
+    assert report.num_announced == 0
 
 
 def test_the_abort_layer_fault_hook_cuts_each_work_once_and_only_from_the_environment(tmp_path, monkeypatch):
@@ -133,16 +145,16 @@ def test_the_abort_layer_fault_hook_cuts_each_work_once_and_only_from_the_enviro
         output = SimpleNamespace(kv_connector_metadata=StepMeta(step_index),
                                  scheduled_new_reqs=[SimpleNamespace(req_id="a", num_computed_tokens=0)],
                                  scheduled_cached_reqs=SimpleNamespace(req_ids=[], num_computed_tokens=[]))
-        half.arm(output, abort_after_ns=5)
+        half.arm(output, cut_above=5)
         return output.kv_connector_metadata
 
     assert armed(ConnectorScheduler(ConnectorConfig(), 0, 16, 1024), 1).forced_abort_layer is None
-    layer = SharedInt.create(tmp_path / "abort.bin", 6)
+    layer = SharedInts.create(tmp_path / "abort.bin", 6)
     monkeypatch.setenv(ENV_VAR, f"connector.abort_layer={layer.path}")
     assert fault_hook("kv_checkpoints.max_blocks") is None
     half = ConnectorScheduler(ConnectorConfig(), 0, 16, 1024)
     first = armed(half, 1)
-    assert (first.abort_after_ns, first.forced_abort_layer) == (5, 6)
+    assert (first.cut_above, first.forced_abort_layer) == (5, 6)
     assert armed(half, 2).forced_abort_layer is None  # the same work, retried: runs to the end
     monkeypatch.setenv(ENV_VAR, "connector.abort_layr=/x")
     with pytest.raises(ValueError, match="unknown fault hook 'connector.abort_layr'"):
@@ -156,7 +168,7 @@ def test_run_ahead_bound_waits_for_the_group_before_the_last_and_drains_on_abort
     bound = RunAheadBound((FakeEvent("a", log), FakeEvent("b", log)))
     arrival = [0]
     points = safepoints(arrival, every=2, num_layers=10, bound=bound)
-    points.begin(StepMeta(step_index=1, abort_after_ns=0))
+    points.begin(StepMeta(step_index=1, cut_above=0))
     for _ in range(5):
         points.after_layer()  # safepoints at layers 2 and 4
     assert log == [("record", "a"), ("record", "b"), ("wait", "a")]
@@ -186,9 +198,9 @@ def test_connector_config_rejects_unknown_settings_and_bad_k():
     overrides = engine_overrides(connector=ConnectorConfig(safepoint_every=2, arrival_path="/a"))
     assert overrides["async_scheduling"] is False
     extra = overrides["kv_transfer_config"]["kv_connector_extra_config"]
-    assert extra["conserve"] == {"safepoint_every": 2, "arrival_path": "/a", "checkpoint_gib": 0.0,
-                                 "checkpoint_state_path": None}
-    assert connector_config(extra) == ConnectorConfig(2, "/a")
+    assert extra["conserve"] == {"safepoint_every": 2, "layer_preemption": True, "arrival_path": "/a",
+                                 "checkpoint_gib": 0.0, "checkpoint_state_path": None}
+    assert connector_config(extra) == ConnectorConfig(2, arrival_path="/a")
     assert "kv_transfer_config" not in engine_overrides()  # no connector unless one is given
 
 
@@ -243,21 +255,38 @@ def test_only_one_full_attention_kv_group_can_be_rolled_back():
 # -- the plan-time rule and the offline step -----------------------------------------------------
 
 
-def test_an_arrival_already_received_never_cuts_a_later_plan():
-    """A safepoint cuts a step when the last arrival is stamped after `abort_after_ns`."""
-    ms = 1_000_000
-    assert ARRIVAL_HANDOFF_NS == 50 * ms
+def test_an_arrival_cuts_while_pending_and_once_however_long_its_hand_off():
+    """A step armed with `cut_above` is cut once more arrivals than that are announced."""
+    book = ArrivalBook()
+    assert book.cut_above == 0  # nothing announced: 0 cuts nothing, the first arrival cuts
+    book.scheduled(1)  # arrival 1 reached the engine before any step ran: it never cuts
+    assert book.cut_above == 1
+    # arrival 2 is on its way (a long prompt), 3 overtook it and ran: 2 still cuts
+    book.scheduled(3)
+    assert book.cut_above == 1
+    book.cut_for(3)  # a step was cut with 3 announced: 2 is settled by the cut
+    assert book.cut_above == 3
+    book.scheduled(2)  # arrival 2 reaches the engine much later: nothing changes
+    assert book.cut_above == 3
+    # arrivals 4 and 5 announced; 5 runs first, then a cut with 5 announced settles 4 too
+    book.scheduled(5)
+    assert book.cut_above == 3
+    book.cut_for(5)
+    book.scheduled(4)
+    assert book.cut_above == 5
+    book.cut_for(2)  # a late report of fewer arrivals changes nothing
+    assert book.cut_above == 5
 
-    def cuts(planned_ms: int, arrival_ms: int, added_ms: int) -> bool:
-        return arrival_ms * ms > abort_after_ns(planned_ms * ms, arrival_ms * ms, added_ms * ms)
 
-    # the scheduler received the request (at 110) before planning (at 120): no cut, even right after
-    assert not cuts(120, 100, 110) and not cuts(500, 100, 110)
-    assert cuts(120, 130, 110)  # a newer arrival, stamped after the plan, cuts
-    # still on its way (the scheduler's last online request came at 90): steps planned up to
-    # 50 ms after it arrived are cut, later ones are not (the scheduler will have seen it)
-    assert cuts(120, 100, 90) and cuts(149, 100, 90)
-    assert not cuts(151, 100, 90) and not cuts(300, 100, 90)
+def test_arrival_numbers_travel_in_extra_args_and_only_ints_count():
+    from conserve_bench.vllm_plugin.overrides import ARRIVAL_KEY, arrival_number
+
+    def request(extra_args):
+        return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra_args))
+
+    assert arrival_number(request({ARRIVAL_KEY: 7, "other": 1})) == 7
+    assert arrival_number(request(None)) is None and arrival_number(request({ARRIVAL_KEY: "7"})) is None
+    assert arrival_number(SimpleNamespace(sampling_params=None)) is None  # pooling
 
 
 MODEL = LatencyModel((0.020, 0.001, 0.0013, 0.0, 0.0, 0.0005))  # fixed 20 ms + 1 ms/token
@@ -315,7 +344,8 @@ def fake_request(request_id, num_computed, num_tokens):
     return SimpleNamespace(request_id=request_id, num_computed_tokens=num_computed,
                            num_tokens=num_tokens, num_in_flight_tokens=0,
                            num_output_placeholders=0, is_prefill_chunk=False,
-                           has_encoder_inputs=False, is_finished=lambda: False)
+                           has_encoder_inputs=False, is_finished=lambda: False,
+                           priority=1, sampling_params=None)
 
 
 def test_undo_evicts_first_rolls_running_back_and_readmits_the_admitted_in_order():
@@ -325,21 +355,22 @@ def test_undo_evicts_first_rolls_running_back_and_readmits_the_admitted_in_order
     for request, num in ((run, 1), (a, 6), (b, 4)):
         request.num_in_flight_tokens = num
     scheduler = FakeScheduler([run, a, b], {"run": [7, 8, 9, 10], "a": [20, 21], "b": [30, 31]})
-    connector = SimpleNamespace(last_arrival_ns=lambda: 0,
-                                arm=lambda output, after: setattr(output, "armed_after", after))
+    connector = SimpleNamespace(arm=lambda output, cut_above: setattr(output, "cut_above", cut_above))
     preemption = LayerPreemption(scheduler, connector)
+    preemption.arrivals.scheduled(1)
     preemption.before_schedule()  # "run" was decoding: not a prefill chunk before the step
     run.is_prefill_chunk = True  # what the mock schedule() leaves, to be put back
     output = SimpleNamespace(num_scheduled_tokens={"run": 1, "a": 6, "b": 4},
                              scheduled_new_reqs=[SimpleNamespace(req_id="a"), SimpleNamespace(req_id="b")],
                              scheduled_cached_reqs=SimpleNamespace(resumed_req_ids=set()))
-    preemption.after_schedule(output, planned_at_ns=123, offline_only=True)
+    preemption.after_schedule(output, offline_only=True)
     step = preemption.armed_step(output)
-    assert output.armed_after == 123
+    assert output.cut_above == 1
     assert step == ArmedStep((("run", 1), ("a", 6), ("b", 4)), frozenset({"a", "b"}),
                              frozenset({20, 30}))
 
-    preemption.undo(step)
+    preemption.undo(step, num_announced=4)
+    assert preemption.arrivals.cut_above == 4  # the arrivals announced when it was cut cut no more
     assert scheduler.effects == [("evict", [20, 30]), ("preempt", "b"), ("preempt", "a")]
     assert (run.num_computed_tokens, run.num_in_flight_tokens, run.is_prefill_chunk) == (13, 0, False)
     assert scheduler.manager.num_cached_block["run"] == 13 // 4
@@ -350,9 +381,21 @@ def test_undo_evicts_first_rolls_running_back_and_readmits_the_admitted_in_order
 def test_steps_with_online_work_are_not_armed():
     scheduler = FakeScheduler([fake_request("x", 5, 5)], {"x": [1, 2]})
     preemption = LayerPreemption(scheduler, connector=None)
-    output = SimpleNamespace(num_scheduled_tokens={"x": 1})
-    preemption.after_schedule(output, planned_at_ns=0, offline_only=False)
+    output = SimpleNamespace(num_scheduled_tokens={"x": 1}, scheduled_new_reqs=[])
+    preemption.after_schedule(output, offline_only=False)
     assert preemption.armed_step(output) is None
+
+
+def test_an_online_request_a_step_schedules_settles_its_arrival():
+    from conserve_bench.vllm_plugin.overrides import ARRIVAL_KEY
+
+    online = fake_request("on", 0, 5)
+    online.priority, online.sampling_params = 0, SimpleNamespace(extra_args={ARRIVAL_KEY: 1})
+    scheduler = FakeScheduler([online], {"on": [1, 2]})
+    preemption = LayerPreemption(scheduler, connector=None)
+    output = SimpleNamespace(num_scheduled_tokens={"on": 5}, scheduled_new_reqs=[SimpleNamespace(req_id="on")])
+    preemption.after_schedule(output, offline_only=False)
+    assert preemption.arrivals.cut_above == 1 and preemption.armed_step(output) is None
 
 
 # -- serve's configuration ------------------------------------------------------------------------
@@ -398,7 +441,7 @@ def test_serve_starts_vllm_with_the_connector_worker_and_no_async_scheduling(tmp
     from conserve_bench.serve.server import ServeConfig, connector_config, vllm_cli_args
     from conserve_bench.vllm_plugin.overrides import CONNECTOR_MODULE, WORKER_CLS, engine_overrides
 
-    signal = ArrivalSignal(SharedInt.create(tmp_path / "a.bin").path)
+    signal = ArrivalSignal.create(tmp_path / "a.bin")
     cfg = ServeConfig(safepoint_every=2, kv_checkpoint_gib=1.5)
     engine_cfg = EngineConfig(model_path="m", model_name="m",
                               **engine_overrides(connector=connector_config(cfg, signal, "s.json")))
@@ -407,7 +450,7 @@ def test_serve_starts_vllm_with_the_connector_worker_and_no_async_scheduling(tmp
     assert args.async_scheduling is False and args.worker_cls == WORKER_CLS
     assert args.distributed_executor_backend == UNIPROC_EXECUTOR  # the worker in the engine core
     extra = args.kv_transfer_config.kv_connector_extra_config["conserve"]
-    assert extra == {"safepoint_every": 2, "arrival_path": str(signal.path),
+    assert extra == {"safepoint_every": 2, "layer_preemption": True, "arrival_path": str(signal.path),
                      "checkpoint_gib": 1.5, "checkpoint_state_path": "s.json"}
     assert args.kv_transfer_config.kv_connector_module_path == CONNECTOR_MODULE
     assert args.scheduling_policy == "priority"  # ConserveScheduler refuses to run without it

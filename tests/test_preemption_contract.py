@@ -150,3 +150,30 @@ def test_connector_requirements_are_vllm_config_fields():
     assert "speculative_config" in VllmConfig.__dataclass_fields__
     assert isinstance(VllmConfig.use_v2_model_runner, property)
     assert "requires_piecewise_for_cudagraph(" in source(VllmConfig.__post_init__)
+
+
+def test_an_arrival_number_reaches_the_engine_in_extra_args():
+    """`serve.arrivals` tags online requests through `AsyncLLM.generate`, which every OpenAI
+    route calls on the client it was built with; the engine's `Request` keeps the params."""
+    from vllm import SamplingParams
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.request import Request
+
+    assert list(inspect.signature(AsyncLLM.generate).parameters)[1:3] == ["prompt", "sampling_params"]
+    for serving in (OpenAIServingChat, OpenAIServingCompletion):
+        assert "self.engine_client.generate(" in inspect.getsource(inspect.getmodule(serving))
+    assert SamplingParams(extra_args={"conserve_arrival": 3}).clone().extra_args == {"conserve_arrival": 3}
+    assert "self.sampling_params = sampling_params" in source(Request.__init__)
+
+
+def test_the_connector_asks_for_piecewise_graphs_only_with_layer_preemption():
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+
+    from conserve_bench.vllm_plugin.connector import ConserveConnector
+
+    assert "extra_config" in inspect.signature(KVConnectorBase_V1.requires_piecewise_for_cudagraph).parameters
+    assert ConserveConnector.requires_piecewise_for_cudagraph({"conserve": {}})
+    assert not ConserveConnector.requires_piecewise_for_cudagraph(
+        {"conserve": {"layer_preemption": False, "checkpoint_gib": 1.0}})

@@ -17,7 +17,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import pytest
 
-from conserve_bench.vllm_plugin.arrivals import ArrivalSignal, SharedInt
+from conserve_bench.vllm_plugin.arrivals import ArrivalSignal, SharedInts
 from conserve_bench.vllm_plugin.overrides import OFFLINE_PRIORITY
 from conserve_bench.sched.steplog import read_step_log_with_notes
 
@@ -30,7 +30,7 @@ LOGPROB_TOLERANCE = 1e-3
 
 
 class Preemptible:
-    def __init__(self, engine, arrivals: ArrivalSignal, test_abort: SharedInt, step_log):
+    def __init__(self, engine, arrivals: ArrivalSignal, test_abort: SharedInts, step_log):
         self.engine, self.arrivals, self.test_abort, self.step_log = engine, arrivals, test_abort, step_log
 
     def run(self, *batches: tuple[list, dict], cut: bool = False) -> list:
@@ -76,8 +76,8 @@ def preemptible(model_ref, tmp_path_factory):
     from conserve_bench.vllm_plugin.overrides import ConnectorConfig, engine_overrides
 
     folder = tmp_path_factory.mktemp("preemption")
-    arrivals = ArrivalSignal(SharedInt.create(folder / "arrivals.bin").path)
-    test_abort = SharedInt.create(folder / "test_abort.bin")
+    arrivals = ArrivalSignal.create(folder / "arrivals.bin")
+    test_abort = SharedInts.create(folder / "test_abort.bin")
     step_log = folder / "steps.jsonl"
     overrides = {**engine_overrides(step_log=step_log, connector=ConnectorConfig(arrival_path=str(arrivals.path))),
                  "max_num_batched_tokens": 256, "max_num_seqs": 16,
@@ -175,7 +175,7 @@ def test_an_arrival_from_another_thread_cuts_a_long_prefill(preemptible):
         while len(stamps) < 3 and not done.is_set():
             if (logged := preemptible.step_log.stat().st_size) > seen:
                 seen = logged
-                preemptible.arrivals.stamp()
+                preemptible.arrivals.announce()  # NOTE: no request follows: it cuts one step
                 stamps.append(preemptible.arrivals.last_arrival_ns())
             time.sleep(0.005)
 
@@ -191,8 +191,9 @@ def test_an_arrival_from_another_thread_cuts_a_long_prefill(preemptible):
     aborted = [(s, notes) for s, notes in aborted_since(preemptible, num_steps)
                if notes["arrival_ns"] is not None]
     assert aborted, "no arrival cut a step"
+    assert len(aborted) <= len(stamps)  # each arrival cuts one step at most
     for sample, notes in aborted:
         assert notes["arrival_ns"] in stamps
-        # NOTE: stamped during the step, or just before it was planned (the hand-off allowance)
-        assert 0 <= notes["arrival_to_abort_ms"] <= 1e3 * sample.step_s + 60
+        # NOTE: announced during the step, or while the one before it ran to its end
+        assert 0 <= notes["arrival_to_abort_ms"] <= 1e3 * sample.step_s * 2 + 60
         assert notes["abort_layer"] % 4 == 0 and notes["abort_layer"] < notes["num_layers"]

@@ -246,7 +246,8 @@ def _checkpoint_overrides(kv_checkpoint_gib: float, tensor_parallel_size: int = 
     `ConserveScheduler` with no policy, which schedules as vLLM does."""
     if not kv_checkpoint_gib:
         return {}
-    return engine_overrides(connector=ConnectorConfig(checkpoint_gib=kv_checkpoint_gib),
+    return engine_overrides(connector=ConnectorConfig(layer_preemption=False,
+                                                      checkpoint_gib=kv_checkpoint_gib),
                             tensor_parallel_size=tensor_parallel_size)
 
 

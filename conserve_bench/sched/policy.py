@@ -46,9 +46,6 @@ SAFEPOINT_EVERY = 4
 # With layer-wise preemption, an offline-only step is the smallest that reaches this share of
 # the best offline tokens/s the latency model predicts for one step.
 OFFLINE_STEP_THROUGHPUT_SHARE = 0.95
-# An arrival stamped before the plan, by a request the scheduler has not received yet, still
-# cuts a step planned up to this long after it (the front end's hand-off: tokenizing, IPC).
-ARRIVAL_HANDOFF_NS = 50_000_000
 
 
 class PolicyError(ConserveError, ValueError):
@@ -374,17 +371,3 @@ class PolicyConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PolicyConfig:
         return cls(Targets.from_dict(data["targets"]), LatencyModel.from_dict(data["latency_model"]))
-
-
-def abort_after_ns(planned_at_ns: int, last_arrival_ns: int, last_online_added_ns: int,
-                   handoff_ns: int = ARRIVAL_HANDOFF_NS) -> int:
-    """Arrivals stamped after this time cut an offline-only step planned at `planned_at_ns`.
-
-    The plan time, unless the last arrival stamped is newer than the last online request the
-    scheduler received: that request is still on its way (or was refused before it reached
-    the engine), and a step planned less than `handoff_ns` after its arrival is cut too, at
-    its first safepoint. All times on one monotonic clock, in nanoseconds.
-    """
-    if last_arrival_ns > last_online_added_ns:
-        return planned_at_ns - handoff_ns
-    return planned_at_ns

@@ -5,8 +5,8 @@ With an API key, every path but `/health` needs `Authorization: Bearer KEY`, `/m
 unless public: vLLM's own check guards only `/v1`, `/v2`, `/inference` and `/cohere`. Every
 body is capped: 413 before it is parsed. On the routes that run the engine
 (`generation_routes`, read off the app) priority is forced online, and only a request that
-passed the key and parsed as a JSON object stamps an arrival (which cuts the running offline
-step) or adds a latency sample (and only with a status below 400). It answers `/health` from
+passed the key and parsed as a JSON object is announced as an arrival (the running offline
+step is cut while it waits for the engine: `serve.arrivals`) or adds a latency sample (and only with a status below 400). It answers `/health` from
 a `health.HealthCheck`. It never generates, and never touches the store or the engine.
 
 vLLM names relied on: docs/vllm-contract.md#guard.
@@ -21,6 +21,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from conserve_bench.serve.arrivals import ADMITTED
 from conserve_bench.vllm_plugin.arrivals import ArrivalSignal
 from conserve_bench.vllm_plugin.overrides import ONLINE_PRIORITY
 from conserve_bench.serve.health import HealthCheck
@@ -53,7 +54,7 @@ class GuardConfig:
 class Guard:
     """Wraps the whole ASGI app (vLLM's middleware stack is built already: ours goes outside).
     `generation_paths`: route templates (`/v1/completions`) of the requests that run the
-    engine; `metrics`: `metrics.OnlineMetrics` or None; `arrivals`: stamped per admitted one."""
+    engine; `metrics`: `metrics.OnlineMetrics` or None; `arrivals`: announced per admitted one."""
 
     def __init__(self, app, cfg: GuardConfig, generation_paths: Iterable[str] = (),
                  health: HealthCheck | None = None, metrics=None,
@@ -92,7 +93,7 @@ class Guard:
         return scheme.lower() == "bearer" and secrets.compare_digest(_sha256(token.strip()), self._key_hash)
 
     async def _online(self, scope, body: bytes, receive, send):
-        """A request that runs the engine: online priority; stamped and timed once valid."""
+        """A request that runs the engine: online priority; announced and timed once valid."""
         payload = _json_object(body)
         if payload is None:  # not a JSON object: vLLM answers 400/422 and runs nothing
             return await self.app(scope, _replay(body, receive), send)
@@ -102,12 +103,19 @@ class Guard:
             payload["priority"] = ONLINE_PRIORITY
             body = json.dumps(payload).encode()
             scope = _with_content_length(scope, len(body))
+        admitted = None
         if _media_type(scope) == "application/json":  # what vLLM admits (validate_json_request)
             if self.arrivals is not None:
-                self.arrivals.stamp()  # NOTE: first thing once admitted: the engine may cut an offline step
+                # NOTE: first thing once admitted: the engine cuts its offline step while this
+                # number waits, and learns it from the request (`arrivals.tag_arrivals`)
+                admitted = ADMITTED.set(self.arrivals.announce())
             if self.metrics is not None:
                 send = _timed(send, self.metrics.start_online(streaming=payload.get("stream") is True))
-        await self.app(scope, _replay(body, receive), send)
+        try:
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            if admitted is not None:
+                ADMITTED.reset(admitted)
 
     async def _answer_health(self, scope, send):
         if scope["method"] not in ("GET", "HEAD"):

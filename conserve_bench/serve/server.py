@@ -286,7 +286,7 @@ def connector_config(cfg: ServeConfig, arrivals: ArrivalSignal | None,
     arrival cuts a step), keeping KV checkpoints in a pool of `cfg.checkpoint_gib`."""
     if not cfg.loads_connector:
         return None
-    return ConnectorConfig(safepoint_every=cfg.safepoint_every,
+    return ConnectorConfig(safepoint_every=cfg.safepoint_every, layer_preemption=cfg.preempts_layers,
                            arrival_path=str(arrivals.path) if arrivals else None,
                            checkpoint_gib=cfg.checkpoint_gib, checkpoint_state_path=checkpoint_state)
 
@@ -359,6 +359,7 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from conserve_bench.serve.arrivals import tag_arrivals
     from conserve_bench.serve.guard import Guard, generation_routes
     from conserve_bench.serve.jobapi import install_job_api
     from conserve_bench.serve.metrics import CheckpointWatcher, OnlineMetrics, RefitWatcher
@@ -370,6 +371,8 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", *vllm_cli_args(cfg, engine_cfg)])
     async with build_async_engine_client(args) as client:
         supported_tasks = await client.get_supported_tasks()
+        if arrivals is not None:
+            tag_arrivals(client)  # NOTE: before the app's handlers take `client.generate`
         app = build_app(args, supported_tasks, client.model_config)
         metrics = OnlineMetrics(targets.ttft_s, targets.tbt_s)
         max_model_len = context_length(client.model_config)

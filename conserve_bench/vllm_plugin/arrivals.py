@@ -1,9 +1,12 @@
-"""The arrival signal: one shared monotonic timestamp that says when online work last arrived.
+"""The arrival signal: how many online requests `serve` has admitted, shared with the engine.
 
-`serve` stamps it whenever it admits an online request; the engine reads it at every layer
-safepoint of an offline-only step and compares it with the time the step was planned, so
-nobody ever has to clear a flag. It is an 8-byte file mapped into every process that opens it
-(the server, vLLM's engine core and its worker). It holds one number and knows nothing of vLLM.
+`serve` numbers every online request it admits (`announce`, from 1) and tags the request with
+its number (`overrides.ARRIVAL_KEY`), and the engine's scheduler settles a number once a step
+schedules its request (`sched.arrivals.ArrivalBook`). The layer safepoints of an armed step
+read the count: above the step's `cut_above`, some admitted request waits, and the step is
+cut. It is a 16-byte file mapped into every process that opens it (the server, vLLM's engine
+core and its worker): the count, and when the last arrival came (for the cut's latency). It
+holds numbers and knows nothing of vLLM.
 """
 
 from __future__ import annotations
@@ -15,63 +18,79 @@ import tempfile
 import time
 from pathlib import Path
 
-_FORMAT = "<q"  # one signed 64-bit integer, at offset 0 of the file
-_SIZE = struct.calcsize(_FORMAT)
+_FORMAT = "<q"  # one signed 64-bit integer per slot
+_SLOT = struct.calcsize(_FORMAT)
 
 
-class SharedInt:
-    """A 64-bit integer in a file mapped into memory, shared by every process that opens it.
+class SharedInts:
+    """A few 64-bit integers in a file mapped into memory, shared by every process that opens it.
 
-    NOTE: offset 0 of a mapping is page aligned, and an aligned 8-byte copy is one store on
-    the 64-bit platforms vLLM runs on: a reader never sees half of a write.
+    NOTE: the mapping is page aligned and every slot 8-byte aligned: a slot's copy is one
+    store on the 64-bit platforms vLLM runs on, and a reader never sees half of a write.
     """
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, count: int = 1):
+        self.path, self.count = Path(path), count
         with open(self.path, "r+b") as f:
-            self._map = mmap.mmap(f.fileno(), _SIZE)
+            self._map = mmap.mmap(f.fileno(), count * _SLOT)
 
     @classmethod
-    def create(cls, path: str | Path, value: int = 0) -> "SharedInt":
-        Path(path).write_bytes(struct.pack(_FORMAT, value))
-        return cls(path)
+    def create(cls, path: str | Path, value: int = 0, count: int = 1) -> "SharedInts":
+        Path(path).write_bytes(struct.pack(_FORMAT, value) + bytes(_SLOT * (count - 1)))
+        return cls(path, count)
 
-    def read(self) -> int:
-        return struct.unpack_from(_FORMAT, self._map, 0)[0]
+    def read(self, slot: int = 0) -> int:
+        return struct.unpack_from(_FORMAT, self._map, slot * _SLOT)[0]
 
-    def write(self, value: int) -> None:
-        struct.pack_into(_FORMAT, self._map, 0, value)
+    def write(self, value: int, slot: int = 0) -> None:
+        struct.pack_into(_FORMAT, self._map, slot * _SLOT, value)
 
     def close(self) -> None:
         self._map.close()
 
 
 class ArrivalSignal:
-    """When an online request last arrived: `time.monotonic_ns()` (one clock for every process
-    on the machine), or 0 if none has yet. Example:
+    """Online arrivals `serve` admitted: how many so far, and when the last one came
+    (`time.monotonic_ns()`, one clock for every process on the machine). One writer: the
+    server's event loop. Example:
 
         signal = ArrivalSignal.create_temporary()   # in serve; pass `signal.path` to the engine
-        signal.stamp()                              # an online request was admitted
-        ArrivalSignal(path).last_arrival_ns()        # in the engine
+        number = signal.announce()                  # an online request was admitted: 1, 2, ...
+        ArrivalSignal(path).num_announced()          # in the engine
     """
 
+    _COUNT, _LAST_NS = 0, 1
+
     def __init__(self, path: str | Path):
-        self._value = SharedInt(path)
-        self.path = self._value.path
+        self._ints = SharedInts(path, 2)
+        self.path = self._ints.path
+
+    @classmethod
+    def create(cls, path: str | Path) -> "ArrivalSignal":
+        SharedInts.create(path, count=2).close()
+        return cls(path)
 
     @classmethod
     def create_temporary(cls) -> "ArrivalSignal":
         fd, path = tempfile.mkstemp(prefix="conserve-arrivals-", suffix=".bin")
         os.close(fd)
-        SharedInt.create(path).close()
-        return cls(path)
+        return cls.create(path)
 
-    def stamp(self) -> None:
-        self._value.write(time.monotonic_ns())
+    def announce(self) -> int:
+        """Count one more arrival; its number. NOTE: the time first, then the count that
+        makes it visible: a reader that sees the new count sees its time."""
+        number = self._ints.read(self._COUNT) + 1
+        self._ints.write(time.monotonic_ns(), self._LAST_NS)
+        self._ints.write(number, self._COUNT)
+        return number
+
+    def num_announced(self) -> int:
+        return self._ints.read(self._COUNT)
 
     def last_arrival_ns(self) -> int:
-        return self._value.read()
+        """When the last arrival was announced (0: none yet)."""
+        return self._ints.read(self._LAST_NS)
 
     def remove(self) -> None:
-        self._value.close()
+        self._ints.close()
         self.path.unlink(missing_ok=True)

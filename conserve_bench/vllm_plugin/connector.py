@@ -57,7 +57,10 @@ class ConserveConnector(KVConnectorBase_V1):
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
-        return True  # NOTE: a full CUDA graph replays past the per-layer hook: no safepoints
+        # NOTE: a full CUDA graph replays past the per-layer hook, which would leave an armed
+        # step no safepoint; vLLM then captures piecewise graphs for every step. KV checkpoints
+        # alone copy before and after the forward pass: full graphs stay.
+        return connector_config(extra_config).layer_preemption
 
     # -- scheduler side ------------------------------------------------------------------------
 

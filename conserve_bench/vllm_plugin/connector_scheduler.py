@@ -16,7 +16,7 @@ from typing import Any
 
 from conserve_bench.faults import fault_hook
 from conserve_bench.sched.kv_checkpoints import CheckpointBook, Resume
-from conserve_bench.vllm_plugin.arrivals import ArrivalSignal, SharedInt
+from conserve_bench.vllm_plugin.arrivals import SharedInts
 from conserve_bench.vllm_plugin.overrides import (ConnectorConfig, is_online, wants_prompt_logprobs,
                                                   write_state)
 from conserve_bench.vllm_plugin.safepoints import StepMeta
@@ -29,25 +29,21 @@ class ConnectorScheduler:
 
     def __init__(self, config: ConnectorConfig, num_pool_slots: int, block_size: int,
                  block_bytes: int):
-        self._arrivals = ArrivalSignal(config.arrival_path) if config.arrival_path else None
         self._abort_layer = _hooked_int("connector.abort_layer")
         self._attempted: set[tuple] = set()  # fault hook: work already cut once
         self._num_steps = 0
         self.checkpoints = Checkpoints(config, num_pool_slots, block_size, block_bytes)
 
-    def last_arrival_ns(self) -> int:
-        return self._arrivals.last_arrival_ns() if self._arrivals is not None else 0
-
     def build_meta(self, scheduler_output, kv_cache_manager) -> StepMeta:
         self._num_steps += 1
         return self.checkpoints.step_meta(self._num_steps, scheduler_output, kv_cache_manager)
 
-    def arm(self, scheduler_output, abort_after_ns: int) -> None:
-        """Let this step be abandoned at a safepoint if an arrival is stamped after
-        `abort_after_ns` (called by the scheduler on offline-only steps, after scheduling)."""
+    def arm(self, scheduler_output, cut_above: int) -> None:
+        """Let this step be abandoned at a safepoint once more than `cut_above` arrivals are
+        announced (called by the scheduler on offline-only steps, after scheduling)."""
         meta = scheduler_output.kv_connector_metadata
         scheduler_output.kv_connector_metadata = dataclasses.replace(
-            meta, abort_after_ns=abort_after_ns, forced_abort_layer=self._forced_layer(scheduler_output))
+            meta, cut_above=cut_above, forced_abort_layer=self._forced_layer(scheduler_output))
 
     def _forced_layer(self, scheduler_output) -> int | None:
         """The `connector.abort_layer` fault hook's layer, the first time this work is tried."""
@@ -189,10 +185,10 @@ def _scheduled(output):
         yield req_id, num_before, output.num_scheduled_tokens[req_id]
 
 
-def _hooked_int(hook: str) -> SharedInt | None:
-    """The `SharedInt` the fault suite steers this process through (`faults.HOOKS`), if any."""
+def _hooked_int(hook: str) -> SharedInts | None:
+    """The `SharedInts` the fault suite steers this process through (`faults.HOOKS`), if any."""
     path = fault_hook(hook)
-    return SharedInt(path) if path else None
+    return SharedInts(path) if path else None
 
 
 def _work_signature(scheduler_output) -> tuple:

@@ -2,10 +2,10 @@
 
 `ConnectorWorker` runs in vLLM's worker process, called by `connector.ConserveConnector` from
 the model runner's hooks: it counts attention layers for `safepoints.Safepoints` (which raise
-`StepAborted` in an armed step once an online request arrived), and carries out the copies the
-scheduler half put in the step's `StepMeta` with `kvpool.HostPool`: loads before the forward
-pass, saves after a step that ran to the end, a flush before preempted blocks are reused. It
-never decides what to copy or which step to cut. vLLM names relied on:
+`StepAborted` in an armed step while an admitted online request waits), and carries out the
+copies the scheduler half put in the step's `StepMeta` with `kvpool.HostPool`: loads before
+the forward pass, saves after a step that ran to the end, a flush before preempted blocks are
+reused. It never decides what to copy or which step to cut. vLLM names relied on:
 docs/vllm-contract.md#connector-worker-half.
 """
 
@@ -21,9 +21,8 @@ class ConnectorWorker:
 
     def __init__(self, config: ConnectorConfig, num_layers: int, num_pool_slots: int):
         arrivals = ArrivalSignal(config.arrival_path) if config.arrival_path else None
-        self.safepoints = Safepoints(config.safepoint_every, num_layers,
-                                     arrivals.last_arrival_ns if arrivals else _no_arrival,
-                                     _run_ahead_bound())
+        self.safepoints = Safepoints(config.safepoint_every, num_layers, arrivals,
+                                     _run_ahead_bound() if config.layer_preemption else None)
         self._num_pool_slots = num_pool_slots
         self.pool = None  # the host pool, once vLLM registers its KV caches
 
@@ -60,10 +59,6 @@ class ConnectorWorker:
         meta = self.safepoints.meta
         if self.pool is not None and meta is not None and meta.loads:
             self.pool.load(*zip(*meta.loads))
-
-
-def _no_arrival() -> int:
-    return 0  # NOTE: no arrival signal: an armed step is cut only by the fault hook
 
 
 def _run_ahead_bound() -> RunAheadBound | None:

@@ -39,6 +39,9 @@ CONNECTOR_NAME = "ConserveConnector"
 CONNECTOR_MODULE = "conserve_bench.vllm_plugin.connector"
 WORKER_CLS = "conserve_bench.vllm_plugin.worker.PreemptibleWorker"
 CONFIG_KEY = "conserve"  # additional_config[CONFIG_KEY] and kv_connector_extra_config[CONFIG_KEY]
+# `SamplingParams.extra_args[ARRIVAL_KEY]`: the number `serve` gave an online request when it
+# admitted it (`arrivals.ArrivalSignal`); the scheduler settles it once a step schedules it.
+ARRIVAL_KEY = "conserve_arrival"
 POLICY, STEP_LOG, REFIT, REFIT_STATE = "policy", "step_log", "refit", "refit_state"
 ENTRIES = (POLICY, STEP_LOG, REFIT, REFIT_STATE)
 
@@ -52,6 +55,7 @@ class ConnectorConfig:
     """`kv_connector_extra_config["conserve"]`: plain JSON, validated once in every process."""
 
     safepoint_every: int = SAFEPOINT_EVERY
+    layer_preemption: bool = True  # arm offline-only steps (off: checkpoints alone)
     arrival_path: str | None = None  # ArrivalSignal file; None: no arrival ever aborts
     checkpoint_gib: float = 0.0  # the host pool for KV checkpoints; 0: no checkpoints
     checkpoint_state_path: str | None = None  # the pool's use, as JSON, for `/metrics`
@@ -116,6 +120,14 @@ def engine_overrides(additional_config: dict[str, Any] | None = None, *,
 
 def is_online(priority: int) -> bool:
     return priority <= ONLINE_PRIORITY
+
+
+def arrival_number(request) -> int | None:
+    """The arrival number `serve` tagged an online vLLM `Request` with, or None (not admitted
+    by `serve`'s guard: an in-process engine's, a test's)."""
+    params = request.sampling_params
+    number = (params.extra_args or {}).get(ARRIVAL_KEY) if params is not None else None
+    return number if isinstance(number, int) else None
 
 
 def wants_prompt_logprobs(request) -> bool:

@@ -1,14 +1,15 @@
 """Layer-wise preemption, scheduler side: arm offline-only steps, undo an abandoned one.
 
 After vLLM has scheduled a step whose requests are all offline, `LayerPreemption` arms it
-(the connector's metadata gets the time after which an online arrival cuts it) and records
-what the step changed. If the worker abandons the step at a safepoint, `undo` puts vLLM's
+(the connector's metadata gets the count of arrivals above which it is cut) and records what
+the step changed. If the worker abandons the step at a safepoint, `undo` puts vLLM's
 state back before vLLM reads the empty output: computed tokens back to where the step began,
 the blocks it filled removed from the prefix cache (their KV is half written), and requests
 the step admitted back to the waiting queue. It never touches a step that ran to the end.
 
-When to cut (`sched.policy.abort_after_ns`) is the policy's; this adapter only reads the
-clock and vLLM's state. vLLM names relied on: docs/vllm-contract.md#preemption.
+Which arrivals still cut a step (`sched.arrivals.ArrivalBook`) is the policy's: this adapter
+tells it which online requests each step scheduled and which arrivals a cut was for, and reads
+vLLM's state. vLLM names relied on: docs/vllm-contract.md#preemption.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from conserve_bench.sched.policy import abort_after_ns
+from conserve_bench.sched.arrivals import ArrivalBook
+from conserve_bench.vllm_plugin.overrides import arrival_number, is_online
 
 
 @dataclass(frozen=True)
@@ -41,26 +43,26 @@ class LayerPreemption:
     def __init__(self, scheduler, connector):
         self.scheduler, self.connector = scheduler, connector
         self.armed: tuple[object, ArmedStep] | None = None
-        self.last_online_added_ns = 0
+        self.arrivals = ArrivalBook()
         self._was_prefill_chunk: dict[str, bool] = {}
-
-    def online_added(self) -> None:
-        """An online request reached the scheduler (its arrival no longer needs to cut steps)."""
-        self.last_online_added_ns = time.monotonic_ns()
 
     def before_schedule(self) -> None:
         """Note what vLLM's schedule() overwrites and a rollback has no other way to know."""
         self._was_prefill_chunk = {r.request_id: r.is_prefill_chunk for r in self.scheduler.running}
 
-    def after_schedule(self, output, planned_at_ns: int, offline_only: bool) -> None:
-        """Arm `output` if it runs offline requests only (and no multimodal input, whose
-        encoder outputs a rollback would not restore)."""
+    def after_schedule(self, output, offline_only: bool) -> None:
+        """Settle the arrivals whose requests `output` schedules first; arm it if it runs
+        offline requests only (and no multimodal input, whose encoder outputs a rollback would
+        not restore)."""
         self.armed = None
+        for new in output.scheduled_new_reqs:
+            request = self.scheduler.requests[new.req_id]
+            if is_online(request.priority) and (number := arrival_number(request)) is not None:
+                self.arrivals.scheduled(number)
         requests = [self.scheduler.requests[r] for r in output.num_scheduled_tokens]
         if not offline_only or any(r.has_encoder_inputs for r in requests):
             return
-        self.connector.arm(output, abort_after_ns(planned_at_ns, self.connector.last_arrival_ns(),
-                                                  self.last_online_added_ns))
+        self.connector.arm(output, self.arrivals.cut_above)
         self.armed = (output, self._record(output))
 
     def armed_step(self, output) -> ArmedStep | None:
@@ -82,10 +84,12 @@ class LayerPreemption:
         return ArmedStep(tuple(output.num_scheduled_tokens.items()), frozenset(admitted),
                          frozenset(filled))
 
-    def undo(self, step: ArmedStep) -> None:
-        """Roll vLLM's scheduler back to before `step` (whose worker abandoned it)."""
+    def undo(self, step: ArmedStep, num_announced: int) -> None:
+        """Roll vLLM's scheduler back to before `step` (whose worker abandoned it when
+        `num_announced` arrivals were announced: none of them cuts a step again)."""
         scheduler = self.scheduler
         self.armed = None
+        self.arrivals.cut_for(num_announced)
         # NOTE: first out of the prefix cache, then free: a block freed with its hash would
         # stay on offer, half written, to the next request with the same prefix.
         scheduler.kv_cache_manager.evict_blocks(set(step.filled_block_ids))

@@ -1,7 +1,8 @@
 """Layer-wise preemption, worker side: what a step carries from the scheduler (`StepMeta`:
 its arming, and its KV copies for checkpointing), the safepoint every k attention layers that
-abandons an armed step once an online request arrived after it was planned (`Safepoints`,
-raising `StepAborted`), and what an abandoned step reports back (`AbortReport`). Plain Python
+abandons an armed step while an admitted online request waits for the engine (`Safepoints`,
+raising `StepAborted`), and what an abandoned step reports back (`AbortReport`). A step that is
+not armed pays nothing at a safepoint: no clock, no read, no device sync. Plain Python
 on vLLM's connector metadata classes: the connector's worker half (`connector_worker`) calls
 it from vLLM's `save_kv_layer`; it never touches a tensor. vLLM names relied on:
 docs/vllm-contract.md#connector."""
@@ -21,7 +22,7 @@ class StepMeta(KVConnectorMetadata):
     """What the worker learns about a step from the scheduler."""
 
     step_index: int  # steps numbered by the scheduler-side connector, from 1
-    abort_after_ns: int | None = None  # armed: arrivals stamped later cut it; None: never cut
+    cut_above: int | None = None  # armed: cut once more arrivals are announced; None: never
     forced_abort_layer: int | None = None  # the fault hook's: cut at this layer's safepoint
     saves: tuple[tuple[int, int], ...] = ()  # (device block, host slot), after the step
     loads: tuple[tuple[int, int], ...] = ()  # (host slot, device block), before the step
@@ -35,7 +36,8 @@ class AbortReport(KVConnectorWorkerMetadata):
     step_index: int
     layer: int  # attention layers completed when it stopped
     num_layers: int
-    arrival_ns: int  # the arrival that cut it (0 when the fault hook did)
+    arrival_ns: int  # when the last arrival was announced (0 when the fault hook cut it)
+    num_announced: int  # arrivals announced when it was cut (each is settled by the cut)
     aborted_at_ns: int
     layer_group_s: float  # how long the layer group that ended at the safepoint took
 
@@ -56,6 +58,11 @@ class StepAborted(Exception):
 class Event(Protocol):
     def record(self) -> None: ...
     def synchronize(self) -> None: ...
+
+
+class ArrivalReader(Protocol):
+    def num_announced(self) -> int: ...
+    def last_arrival_ns(self) -> int: ...
 
 
 class RunAheadBound:
@@ -89,10 +96,10 @@ class RunAheadBound:
 class Safepoints:
     """The worker's per-step layer count, and the decision taken at every k-th layer."""
 
-    def __init__(self, every: int, num_layers: int, read_arrival: Callable[[], int],
+    def __init__(self, every: int, num_layers: int, arrivals: ArrivalReader | None = None,
                  bound: RunAheadBound | None = None, clock: Callable[[], int] = time.monotonic_ns):
         self.every, self.num_layers = every, num_layers
-        self._read_arrival, self._bound, self._clock = read_arrival, bound, clock
+        self._arrivals, self._bound, self._clock = arrivals, bound, clock
         self.meta: StepMeta | None = None
         self.report: AbortReport | None = None
         self._layer = 0
@@ -112,19 +119,19 @@ class Safepoints:
             self._bound.reset()
 
     def _safepoint(self) -> None:
+        meta = self.meta
+        if meta is None or meta.cut_above is None:
+            return  # NOTE: first: a step that cannot be cut waits on nothing here
         if self._bound is not None:
             self._bound.at_safepoint()
         now = self._clock()
         group_s, self._group_started_ns = (now - self._group_started_ns) / 1e9, now
-        meta = self.meta
-        if meta is None or meta.abort_after_ns is None:
-            return
-        arrival = self._read_arrival()
-        forced = meta.forced_abort_layer is not None and self._layer >= meta.forced_abort_layer
-        if arrival > meta.abort_after_ns or forced:
+        announced = self._arrivals.num_announced() if self._arrivals is not None else 0
+        arrived = announced > meta.cut_above
+        if arrived or (meta.forced_abort_layer is not None and self._layer >= meta.forced_abort_layer):
             if self._bound is not None:
                 self._bound.drain()  # NOTE: vLLM reuses pinned input buffers next step
             self.report = AbortReport(meta.step_index, self._layer, self.num_layers,
-                                      arrival if arrival > meta.abort_after_ns else 0,
-                                      self._clock(), group_s)
+                                      self._arrivals.last_arrival_ns() if arrived else 0,
+                                      announced, self._clock(), group_s)
             raise StepAborted(self.report)

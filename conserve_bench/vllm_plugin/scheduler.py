@@ -5,9 +5,8 @@ for the step, and makes vLLM's own `schedule()` carry the plan out. It also reco
 (shape and execution time) to the step log named by `additional_config["conserve"]`, and feeds
 it to `refit.LiveModel`, which keeps the latency model true while serving (its state goes to
 the `"refit_state"` file, which the server reads). Without a `"policy"` entry there, it
-schedules exactly as vLLM does. With `ConserveConnector` loaded it arms offline-only steps for
-layer-wise preemption and rolls back the ones the worker abandons
-(`preemption.LayerPreemption`), tells the connector whether each step ran to the end (so its
+schedules exactly as vLLM does. With `ConserveConnector` loaded with layer preemption on it arms
+offline-only steps and rolls back the ones the worker abandons (`preemption.LayerPreemption`), tells the connector whether each step ran to the end (so its
 KV checkpoints are committed or dropped), and logs what each resumed request loaded. No
 policy decision lives here. vLLM names relied on: docs/vllm-contract.md#scheduler.
 """
@@ -86,7 +85,8 @@ class ConserveScheduler(Scheduler):
         self._connector_scheduler = (self.connector.connector_scheduler
                                      if isinstance(self.connector, ConserveConnector) else None)
         self._preemption = (LayerPreemption(self, self._connector_scheduler)
-                            if self._connector_scheduler is not None else None)
+                            if self._connector_scheduler is not None
+                            and self.connector.config.layer_preemption else None)
 
     def add_request(self, request) -> None:
         online = is_online(request.priority)
@@ -94,11 +94,9 @@ class ConserveScheduler(Scheduler):
             self._online_prompts.append(request.num_prompt_tokens)
             self._targets = _with_reference_prompt(self._targets, self._online_prompts)
         super().add_request(request)
-        if self._preemption is not None and online:
-            self._preemption.online_added()
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
-        planned_at_ns, planned_at = time.monotonic_ns(), time.time()
+        planned_at = time.time()
         if self._preemption is not None:
             self._preemption.before_schedule()
         policy = self.conserve_policy
@@ -112,7 +110,7 @@ class ConserveScheduler(Scheduler):
             output = self._schedule_plan(self.last_plan, throttle_prefills)
         if self._preemption is not None:
             offline_only = 0 < output.total_num_scheduled_tokens == self._num_offline_tokens(output)
-            self._preemption.after_schedule(output, planned_at_ns, offline_only)
+            self._preemption.after_schedule(output, offline_only)
         resume_notes = self._resume_notes()  # NOTE: taken every step, logged or not
         if self._recorder is not None:
             notes = {"offline_tokens": self._num_offline_tokens(output),
@@ -124,7 +122,7 @@ class ConserveScheduler(Scheduler):
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            model_runner_output: Any) -> dict[int, Any]:
         report = _abort_report(model_runner_output)
-        if self._preemption is not None:
+        if self._connector_scheduler is not None:
             self._connector_scheduler.step_finished(ran=report is None)
         if report is not None:
             return self._abandoned(scheduler_output, model_runner_output, report)
@@ -150,7 +148,7 @@ class ConserveScheduler(Scheduler):
         step = self._preemption.armed_step(scheduler_output)
         if step is None:  # NOTE: the worker only abandons steps whose metadata armed them
             raise RuntimeError(f"the worker abandoned step {report.step_index}, which was not armed")
-        self._preemption.undo(step)
+        self._preemption.undo(step, report.num_announced)
         if self._recorder is not None:
             self._recorder.executed(scheduler_output, _abort_notes(report))
         # NOTE: with no tokens scheduled vLLM's own bookkeeping (connector output, stats, KV
@@ -252,7 +250,7 @@ class ConserveScheduler(Scheduler):
     def _resume_notes(self) -> dict[str, Any]:
         """Preempted requests this step resumes: [tokens computed before, loaded from their
         KV checkpoint, found in vLLM's prefix cache, computed again], one list each."""
-        if self._preemption is None:
+        if self._connector_scheduler is None:
             return {}
         resumes = self._connector_scheduler.take_resumes()
         return {"kv_resumes": [[r.num_progress, r.num_loaded, r.num_local, r.num_recomputed]

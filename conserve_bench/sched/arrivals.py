@@ -1,0 +1,57 @@
+"""Which online arrivals still wait for the engine: the rule that decides when a step is cut.
+
+`serve` numbers every online request it admits, from 1, in order (`vllm_plugin.arrivals.
+ArrivalSignal`), and the number travels with the request into the engine. An arrival is
+*pending* until a step schedules its request or a step is cut for it; an offline-only step is
+cut while any arrival is pending, so every arrival cuts at most one step however long its
+hand-off to the engine takes (tokenising a long prompt, a loaded event loop), and none after
+its request runs. An admitted request that never reaches the engine (refused by vLLM's checks,
+its client gone) is pending until it has cut one step.
+
+Pure bookkeeping on plain integers: the scheduler reports what it scheduled and what was cut,
+and arms each offline-only step with `cut_above`: the safepoint cuts the step once the number
+of arrivals announced exceeds it.
+"""
+
+from __future__ import annotations
+
+
+class ArrivalBook:
+    """The arrivals settled so far: every number up to `settled_through`, and a few beyond it
+    (scheduled out of order: a short prompt's hand-off overtook a long one's). Example:
+
+        book = ArrivalBook()
+        book.scheduled(2)        # arrival 2's request ran in a step; 1 is still on its way
+        book.cut_above           # 0: a step is cut while arrival 1 is pending
+        book.cut_for(2)          # a step was cut when 2 arrivals had been announced
+        book.cut_above           # 2: neither cuts again
+    """
+
+    def __init__(self) -> None:
+        self.settled_through = 0
+        self._settled_beyond: set[int] = set()
+
+    @property
+    def cut_above(self) -> int:
+        """An offline-only step is cut once more arrivals than this were announced: the first
+        arrival not settled is announced then (every one below it is)."""
+        return self.settled_through
+
+    def scheduled(self, number: int) -> None:
+        """A step scheduled the request of arrival `number` (no step is cut for it after)."""
+        if number > self.settled_through:
+            self._settled_beyond.add(number)
+            self._advance()
+
+    def cut_for(self, num_announced: int) -> None:
+        """A step was cut when `num_announced` arrivals had been announced: each was pending
+        or settled then; none cuts another step."""
+        if num_announced > self.settled_through:
+            self.settled_through = num_announced
+            self._settled_beyond = {n for n in self._settled_beyond if n > num_announced}
+            self._advance()
+
+    def _advance(self) -> None:
+        while self.settled_through + 1 in self._settled_beyond:
+            self.settled_through += 1
+            self._settled_beyond.remove(self.settled_through)
