@@ -54,7 +54,10 @@ class ModelOptions:
     `max_model_len` None is the model's own context, capped only by the KV cache;
     `gpu_memory_utilization` None is vLLM's default; `revision` a hub revision (branch, tag or
     commit); `add_bos_token` prefixes every encoded text with the BOS token, as lm-eval's
-    `vllm` does; `seed` is the engine's sampling seed.
+    `vllm` does; `seed` is the engine's sampling seed. `deterministic` (ours, not lm-eval's)
+    asks for the strongest determinism the platform offers: vLLM's batch-invariant mode where
+    vLLM has it (CUDA, ROCm, XPU), else, on `serve`, offline requests batched apart from
+    online ones (docs/scoring.md).
     """
 
     dtype: str = "auto"
@@ -65,6 +68,7 @@ class ModelOptions:
     trust_remote_code: bool = False
     add_bos_token: bool = False
     seed: int = 0
+    deterministic: bool = False
 
     def __post_init__(self):
         if not isinstance(self.dtype, str) or self.dtype.lower() not in DTYPES:
@@ -73,7 +77,7 @@ class ModelOptions:
         self._check_numbers()
         if self.revision is not None and (not isinstance(self.revision, str) or not self.revision.strip()):
             raise ValueError(f"--revision must be a branch, tag or commit, got {self.revision!r}")
-        for name in ("trust_remote_code", "add_bos_token"):
+        for name in ("trust_remote_code", "add_bos_token", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"--{_flag(name)} must be true or false, got {getattr(self, name)!r}")
 
@@ -222,6 +226,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float | None = None  # None: vLLM's default
     add_bos_token: bool = False  # the encoder prefixes texts with BOS (`prompts.Encoder`)
+    batch_invariant: bool = False  # vLLM's batch-invariant kernels (VLLM_BATCH_INVARIANT=1)
 
     @classmethod
     def for_model(cls, model_path: str, model_name: str, options: ModelOptions, on_cpu: bool,
@@ -231,8 +236,11 @@ class EngineConfig:
         given = {name: getattr(options, name) for name in (
             "max_model_len", "seed", "revision", "trust_remote_code", "tensor_parallel_size",
             "gpu_memory_utilization", "add_bos_token")}
+        # NOTE: vLLM's batch-invariant kernels are Triton's and cuBLAS's: none on its CPU build
+        batch_invariant = options.deterministic and not on_cpu
         return cls(model_path=model_path, model_name=model_name,
-                   **{**given, "dtype": options.engine_dtype(on_cpu), **overrides})
+                   **{**given, "dtype": options.engine_dtype(on_cpu),
+                      "batch_invariant": batch_invariant, **overrides})
 
     def fingerprint(self, max_model_len: int, weights: str, runtime: str,
                     dtype: str | None = None) -> str:
@@ -240,14 +248,16 @@ class EngineConfig:
         the dtype it runs in (`dtype`, as the started engine reports it; else ours), the
         context length the engine really runs with (where long contexts are truncated), the
         weights' identity (`engine.models.weights_identity`), vLLM's version and device
-        (`runtime`, e.g. `0.32.0+cpu`) and, when on, the BOS prefix:
+        (`runtime`, e.g. `0.32.0+cpu`) and, when on, the BOS prefix (`|bos`) and vLLM's
+        batch-invariant kernels (`|batch-invariant`, other numerics):
         `smollm2-135m|float32|8192|w=1a2b3c4d5e6f|vllm=0.32.0+cpu`.
 
         NOTE: part of every work item's key; `submit` and `serve` must agree on it, so that a
         job run on either reuses the other's finished items (both: `engine.local.engine_fingerprint`).
         """
         fp = f"{self.model_name}|{dtype or self.dtype}|{max_model_len}|w={weights}|vllm={runtime}"
-        return fp + "|bos" if self.add_bos_token else fp
+        fp += "|bos" if self.add_bos_token else ""
+        return fp + "|batch-invariant" if self.batch_invariant else fp
 
 
 def fingerprint_fields(fingerprint: str) -> dict[str, str | None]:
@@ -260,7 +270,7 @@ def fingerprint_fields(fingerprint: str) -> dict[str, str | None]:
 def fingerprint_numerics(fingerprint: str) -> dict[str, Any]:
     """The dtype (None if it names none) and BOS prefix an engine fingerprint names."""
     parts = fingerprint.split("|")
-    return {"dtype": parts[1] if len(parts) > 1 else None, "add_bos_token": parts[-1] == "bos"}
+    return {"dtype": parts[1] if len(parts) > 1 else None, "add_bos_token": "bos" in parts[3:]}
 
 
 def is_legacy_fingerprint(fingerprint: str) -> bool:

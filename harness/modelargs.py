@@ -21,9 +21,10 @@ from conserve_bench.errors import ModelArgsError
 
 log = logging.getLogger(__name__)
 
-# The engine's options (`config.ModelOptions`), under lm-eval `vllm`'s names.
+# The engine's options (`config.ModelOptions`), under lm-eval `vllm`'s names (and ours:
+# `deterministic`, docs/scoring.md).
 ENGINE_ARGS = ("dtype", "max_model_len", "gpu_memory_utilization", "tensor_parallel_size",
-               "revision", "trust_remote_code", "add_bos_token", "seed")
+               "revision", "trust_remote_code", "add_bos_token", "seed", "deterministic")
 ALIASES = {"max_length": "max_model_len"}  # lm-eval's generic name -> the vllm backend's
 # lm-eval's own options, which `create_from_arg_string` hands every backend: this one batches
 # by itself (`max_inflight`) and runs where its engine runs.

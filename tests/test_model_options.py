@@ -4,6 +4,8 @@ parallelism. No engine starts here."""
 
 from __future__ import annotations
 
+import os
+
 import json
 import logging
 
@@ -140,6 +142,45 @@ def test_serve_hands_vllm_serve_the_same_options():
                         ("--max-model-len", "2048")):
         assert flags[flags.index(flag) + 1] == value
     assert "--trust-remote-code" in flags
+
+
+# -- deterministic scoring: batch-invariant kernels on GPUs, batched apart on the CPU build -----
+
+
+def test_deterministic_is_vllms_batch_invariant_mode_off_the_cpu_build(monkeypatch):
+    from conserve_bench.config import fingerprint_numerics
+    from conserve_bench.engine.local import engine_environment
+
+    options = ModelOptions(deterministic=True, add_bos_token=True)
+    gpu = EngineConfig.for_model("/m", "m", options, on_cpu=False)
+    cpu = EngineConfig.for_model("/m", "m", options, on_cpu=True)
+    assert gpu.batch_invariant and not cpu.batch_invariant  # vLLM's CPU build has no such kernels
+    fingerprint = gpu.fingerprint(8192, "w", "0.32.0+cu128")
+    assert fingerprint.endswith("|bos|batch-invariant")  # other kernels, other numerics: other items
+    assert fingerprint_numerics(fingerprint)["add_bos_token"] is True
+    assert "batch-invariant" not in cpu.fingerprint(8192, "w", "0.32.0+cpu")
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    engine_environment(cpu)
+    assert "VLLM_BATCH_INVARIANT" not in os.environ
+    engine_environment(gpu)
+    assert os.environ["VLLM_BATCH_INVARIANT"] == "1"
+
+
+def test_serve_deterministic_on_the_cpu_build_batches_offline_apart_under_conserve_only(monkeypatch):
+    from conserve_bench.engine.local import engine_config
+    from conserve_bench.engine.models import ModelRef
+    from conserve_bench.serve import server
+    from conserve_bench.serve.server import ServeConfig, ServeConfigError, batches_apart
+
+    monkeypatch.setattr(server, "is_cpu_build", lambda: True)
+    cfg = ServeConfig(model_options=ModelOptions(deterministic=True))
+    engine_cfg = engine_config(ModelRef("m", "/m"), cfg.model_options)
+    assert batches_apart(cfg, engine_cfg) == (not engine_cfg.batch_invariant)
+    assert not batches_apart(ServeConfig(), engine_config(ModelRef("m", "/m"), ModelOptions()))
+    with pytest.raises(ServeConfigError, match="--deterministic on vLLM's CPU build batches"):
+        ServeConfig(policy="priority", model_options=ModelOptions(deterministic=True))
+    monkeypatch.setattr(server, "is_cpu_build", lambda: False)
+    ServeConfig(policy="priority", model_options=ModelOptions(deterministic=True))  # kernels do it
 
 
 # -- tensor parallelism: the wing's one-worker mechanisms off, said once ------------------------

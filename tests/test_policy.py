@@ -99,6 +99,19 @@ def test_a_running_offline_chunk_is_never_cut_ahead_of_waiting_online_work():
     assert 0 < tokens(plan)["off-wait"] < 500  # the waiting one comes last: it may be cut
 
 
+def test_batched_apart_offline_waits_for_every_online_request_then_runs_alone():
+    online = [decode("on-1")]
+    offline = [decode("off-1"), prefill("off-2", 600, context=450, running=True), prefill("off-3", 50)]
+    held = plan_step(online, offline, CPU_MODEL, TARGETS, MAX_TOKENS, batch_apart=True)
+    assert tokens(held) == {"on-1": 1} and held.kind == "online"
+    assert held.deferred_ids == {"off-1", "off-2"}  # running ones skip the step, keeping their blocks
+    mixed = plan_step(online, offline, CPU_MODEL, TARGETS, MAX_TOKENS)
+    assert set(tokens(mixed)) > {"on-1"}  # the same queues, not batched apart: offline fills in
+    alone = plan_step([], offline, CPU_MODEL, TARGETS, MAX_TOKENS, batch_apart=True)
+    assert alone.kind == "offline" and tokens(alone) == tokens(plan_step([], offline, CPU_MODEL,
+                                                                        TARGETS, MAX_TOKENS))
+
+
 def test_offline_progresses_when_even_one_token_is_over_the_quantum():
     slow = LatencyModel((1.0, 0, 0, 0, 0, 0))  # every step takes 1 s: over any quantum
     plan = plan_step([], [prefill("off", 100)], slow, Targets(ttft_s=1.0, tbt_s=0.1), MAX_TOKENS)
@@ -128,6 +141,8 @@ def test_bad_targets_are_refused(kwargs):
 def test_policy_config_round_trips_as_json_data():
     config = PolicyConfig(Targets(1.5, 0.15, margin=0.2, quantum_s=0.1), CPU_MODEL)
     assert PolicyConfig.from_dict(config.to_dict()) == config
+    apart = PolicyConfig(Targets(1.5, 0.15), CPU_MODEL, batch_apart=True)
+    assert PolicyConfig.from_dict(apart.to_dict()) == apart
     bounded = PolicyConfig(Targets(1.5, 0.15, max_slowdown=0.2, reference_prompt_tokens=100), CPU_MODEL)
     assert PolicyConfig.from_dict(bounded.to_dict()) == bounded
 

@@ -73,9 +73,10 @@ RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="A hub mo
 TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repository's own Python code (its config or modelling), as transformers does.")]
 AddBosOpt = Annotated[bool, typer.Option("--add-bos-token", help="Begin every encoded text with the BOS token, as lm-eval's vllm backend with add_bos_token=True.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="vLLM's sampling seed (lm-eval vllm's model_args seed).")]
+DeterministicOpt = Annotated[bool, typer.Option("--deterministic", help="Per-request results independent of what ran beside them: vLLM's batch-invariant mode on GPUs; on vLLM's CPU build, serve batches offline work apart from online traffic (docs/scoring.md).")]
 # their names on a command, as `ModelOptions` fields
 MODEL_OPTIONS = ("dtype", "max_model_len", "gpu_memory_utilization", "tensor_parallel_size",
-                 "revision", "trust_remote_code", "add_bos_token", "seed")
+                 "revision", "trust_remote_code", "add_bos_token", "seed", "deterministic")
 
 
 def store_for(db: str | None) -> Store:

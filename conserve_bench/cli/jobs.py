@@ -13,7 +13,7 @@ from rich.table import Table
 from conserve_bench.cli.base import (MODEL_OPTIONS, AddBosOpt, ApiKeyOpt, DbOpt, DtypeOpt, GpuMemoryOpt,
                                      IncludePathOpt, InflightOpt, Interrupted, JobArg, JsonOpt,
                                      KVCheckpointOpt, MaxModelLenOpt, OutputOpt, PartialSOpt,
-                                     PartialTokensOpt, RevisionOpt, SeedOpt, ServerOpt,
+                                     PartialTokensOpt, RevisionOpt, SeedOpt, DeterministicOpt, ServerOpt,
                                      TensorParallelOpt, TrustRemoteCodeOpt, VerboseOpt, app, checked,
                                      include_paths, model_options, output_folder, store_for)
 from conserve_bench.config import (DEFAULT_MODEL, DEFAULT_PARTIAL_S, DEFAULT_PARTIAL_TOKENS,
@@ -59,6 +59,7 @@ def submit(
     trust_remote_code: TrustRemoteCodeOpt = False,
     add_bos_token: AddBosOpt = False,
     seed: SeedOpt = 0,
+    deterministic: DeterministicOpt = False,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
     apply_chat_template: Annotated[bool, typer.Option("--apply-chat-template", help="Render each context with the model's chat template, as lm-eval's --apply_chat_template.")] = False,
@@ -69,7 +70,8 @@ def submit(
     options = model_options(
         dtype=dtype, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
         tensor_parallel_size=tensor_parallel_size, revision=revision,
-        trust_remote_code=trust_remote_code, add_bos_token=add_bos_token, seed=seed)
+        trust_remote_code=trust_remote_code, add_bos_token=add_bos_token, seed=seed,
+        deterministic=deterministic)
     spec = _spec(tasks, model, limit, num_fewshot, data_dir or default_data_dir(),
                  model_options=options, apply_chat_template=apply_chat_template,
                  fewshot_as_multiturn=fewshot_as_multiturn, system_instruction=system_instruction)

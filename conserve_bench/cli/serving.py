@@ -12,7 +12,7 @@ from rich.table import Table
 
 from conserve_bench.cli.base import (AddBosOpt, ApiKeyOpt, DbOpt, DtypeOpt, GpuMemoryOpt, IncludePathOpt,
                                      MaxModelLenOpt, OutputOpt, PartialSOpt, PartialTokensOpt, RevisionOpt,
-                                     SeedOpt, TensorParallelOpt, TrustRemoteCodeOpt, VerboseOpt, app,
+                                     SeedOpt, DeterministicOpt, TensorParallelOpt, TrustRemoteCodeOpt, VerboseOpt, app,
                                      checked, include_paths, model_options, on_off, output_folder,
                                      store_for)
 from conserve_bench.config import (DEFAULT_MODEL, DEFAULT_PARTIAL_S, DEFAULT_PARTIAL_TOKENS,
@@ -110,6 +110,7 @@ def serve(
     trust_remote_code: TrustRemoteCodeOpt = False,
     add_bos_token: AddBosOpt = False,
     seed: SeedOpt = 0,
+    deterministic: DeterministicOpt = False,
 ):
     """Serve online OpenAI traffic and run queued eval jobs in its idle time. Example: serve --port 8000"""
     from conserve_bench.serve.server import ServeConfig, serve as run_server
@@ -134,7 +135,8 @@ def serve(
                           dtype=dtype, max_model_len=max_model_len,
                           gpu_memory_utilization=gpu_memory_utilization,
                           tensor_parallel_size=tensor_parallel_size, revision=revision,
-                          trust_remote_code=trust_remote_code, add_bos_token=add_bos_token, seed=seed))
+                          trust_remote_code=trust_remote_code, add_bos_token=add_bos_token, seed=seed,
+                          deterministic=deterministic))
     output_folder(output)  # a bad --db or --output fails here, before the engine starts
     store_for(cfg.db_url)
     out.stderr.print(f"serving {model} on http://{host}:{port} (policy {policy})")

@@ -72,6 +72,8 @@ def engine_environment(cfg: EngineConfig) -> None:
     reserved = reserved_cpus()
     if reserved is not None:
         os.environ.setdefault(RESERVED_CPU_ENV, str(reserved))
+    if cfg.batch_invariant:
+        os.environ["VLLM_BATCH_INVARIANT"] = "1"
     if cfg.kv_transfer_config:
         # NOTE: our worker subclass catches abandoned steps in vLLM's V1 model runner; CUDA
         # vLLM would otherwise pick its V2 runner (the connector refuses to start under it).

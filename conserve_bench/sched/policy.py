@@ -238,7 +238,7 @@ def step_kind(num_tokens: int, num_offline_tokens: int) -> str:
 
 
 def plan_step(online: Sequence[Pending], offline: Sequence[Pending], model: LatencyModel,
-              targets: Targets, max_num_tokens: int) -> StepPlan:
+              targets: Targets, max_num_tokens: int, batch_apart: bool = False) -> StepPlan:
     """Plan one engine step.
 
     `online` and `offline` come in vLLM's order: running requests (in running-list order), then
@@ -251,7 +251,9 @@ def plan_step(online: Sequence[Pending], offline: Sequence[Pending], model: Late
     follow, offline decodes first (each holds KV blocks and frees them soonest), while the
     predicted step time stays within `targets.budget_for` the online part (online work
     present) or `targets.quantum_for` (none). With no online work, the first offline request
-    always gets at least one token.
+    always gets at least one token. `batch_apart`: offline requests never share a step with
+    online ones (deterministic scoring where vLLM has no batch-invariant kernels): while any
+    online work is pending, every offline request waits.
     """
     step = _Step(model, max_num_tokens)
     chunk_online = not targets.bounded and any(r.decode for r in online)
@@ -273,7 +275,7 @@ def plan_step(online: Sequence[Pending], offline: Sequence[Pending], model: Late
     budget_s = targets.budget_for(model, step.shape) if has_online else targets.quantum_for(model)
     deferred = set()
     for request in _decodes_first(offline):
-        num = 0 if stopped else step.fit(request, budget_s)
+        num = 0 if stopped or (batch_apart and has_online) else step.fit(request, budget_s)
         # NOTE: vLLM takes every running request before any waiting one: a running offline
         # request given a partial chunk would take the tokens planned for waiting online work.
         partial = num < request.num_new_tokens
@@ -364,10 +366,13 @@ class PolicyConfig:
 
     targets: Targets
     model: LatencyModel
+    batch_apart: bool = False  # offline requests never share a step with online ones
 
     def to_dict(self) -> dict[str, Any]:
-        return {"targets": self.targets.to_dict(), "latency_model": self.model.to_dict()}
+        return {"targets": self.targets.to_dict(), "latency_model": self.model.to_dict(),
+                "batch_apart": self.batch_apart}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PolicyConfig:
-        return cls(Targets.from_dict(data["targets"]), LatencyModel.from_dict(data["latency_model"]))
+        return cls(Targets.from_dict(data["targets"]), LatencyModel.from_dict(data["latency_model"]),
+                   bool(data.get("batch_apart", False)))

@@ -41,7 +41,7 @@ from conserve_bench.config import (DEFAULT_DB_URL, DEFAULT_MODEL, DEFAULT_PARTIA
                                    DEFAULT_PARTIAL_TOKENS, EngineConfig, LeaseConfig, ModelOptions,
                                    RunConfig, ServePolicy, default_kv_checkpoint_gib)
 from conserve_bench.engine.local import (context_length, engine_args, engine_config, engine_environment,
-                                         engine_fingerprint)
+                                         engine_fingerprint, is_cpu_build)
 from conserve_bench.errors import ConserveError, EngineUnavailableError
 from conserve_bench.sched.latency import LatencyModel
 from conserve_bench.engine.models import resolve_model
@@ -191,6 +191,10 @@ class ServeConfig:
         return self.preempts_layers or self.checkpoint_gib > 0
 
     def _check_layer_preemption(self) -> None:
+        if self.model_options.deterministic and self.policy == ServePolicy.PRIORITY and is_cpu_build():
+            raise ServeConfigError("--deterministic on vLLM's CPU build batches offline work apart "
+                                   "from online traffic, which the conserve policy does: use "
+                                   "--policy conserve (vLLM's batch-invariant kernels need a GPU)")
         if self.layer_preemption and self.policy != ServePolicy.CONSERVE:
             raise ServeConfigError("--layer-preemption on needs --policy conserve")
         if self.kv_checkpoint_gib and self.policy != ServePolicy.CONSERVE:
@@ -274,10 +278,17 @@ def with_plugins(engine_cfg: EngineConfig, cfg: ServeConfig, profile, targets: T
         return engine_cfg
     return replace(engine_cfg, **engine_overrides(
         engine_cfg.additional_config, step_log=os.path.abspath(cfg.step_log) if cfg.step_log else None,
-        policy=PolicyConfig(targets, profile.model) if conserve else None,
+        policy=PolicyConfig(targets, profile.model, batch_apart=batches_apart(cfg, engine_cfg))
+        if conserve else None,
         refit=RefitConfig(adopt=cfg.refit) if conserve else None,
         refit_state=refit_state if conserve else None, connector=connector,
         tensor_parallel_size=engine_cfg.tensor_parallel_size))
+
+
+def batches_apart(cfg: ServeConfig, engine_cfg: EngineConfig) -> bool:
+    """Whether `--deterministic` batches offline work apart from online traffic: where vLLM
+    has no batch-invariant kernels (its CPU build), the strongest determinism there is."""
+    return cfg.model_options.deterministic and not engine_cfg.batch_invariant
 
 
 def connector_config(cfg: ServeConfig, arrivals: ArrivalSignal | None,

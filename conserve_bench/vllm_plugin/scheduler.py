@@ -106,7 +106,7 @@ class ConserveScheduler(Scheduler):
             self._make_room_for_online()
             model = self.live.model if self.live else policy.model
             self.last_plan = plan_step(*self._pending(), model, self._targets,
-                                       self.max_num_scheduled_tokens)
+                                       self.max_num_scheduled_tokens, policy.batch_apart)
             output = self._schedule_plan(self.last_plan, throttle_prefills)
         if self._preemption is not None:
             offline_only = 0 < output.total_num_scheduled_tokens == self._num_offline_tokens(output)
