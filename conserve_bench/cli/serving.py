@@ -111,6 +111,7 @@ def serve(
     add_bos_token: AddBosOpt = False,
     seed: SeedOpt = 0,
     deterministic: DeterministicOpt = False,
+    num_gpu_blocks_override: Annotated[Optional[int], typer.Option("--num-gpu-blocks-override", min=1, hidden=True, help="vLLM's: this many KV blocks instead of what memory holds (to test preemption).")] = None,
 ):
     """Serve online OpenAI traffic and run queued eval jobs in its idle time. Example: serve --port 8000"""
     from conserve_bench.serve.server import ServeConfig, serve as run_server
@@ -136,7 +137,8 @@ def serve(
                           gpu_memory_utilization=gpu_memory_utilization,
                           tensor_parallel_size=tensor_parallel_size, revision=revision,
                           trust_remote_code=trust_remote_code, add_bos_token=add_bos_token, seed=seed,
-                          deterministic=deterministic))
+                          deterministic=deterministic),
+                      engine_overrides={"num_gpu_blocks": num_gpu_blocks_override} if num_gpu_blocks_override else {})
     output_folder(output)  # a bad --db or --output fails here, before the engine starts
     store_for(cfg.db_url)
     out.stderr.print(f"serving {model} on http://{host}:{port} (policy {policy})")
