@@ -26,12 +26,13 @@ HOST_FIGURES = ("fixed_ms", "prefill_tokens_ms", "decodes_ms")  # the three `pro
 
 # --- the host ----------------------------------------------------------------------------------
 
-def host_profile() -> dict[str, Any]:
+def host_profile(db: str | None = None) -> dict[str, Any]:
     """This host's `profile --quick` figures (ms): fixed per step, per prefill token, per decode,
     and the other coefficients, beside the device the profile is keyed by. About a minute:
-    run it before a benchmark's engines start, never beside them."""
+    run it before a benchmark's engines start, never beside them. `db`: the store to keep the
+    profile in, for the benchmark's servers to load (None: a temporary one)."""
     with tempfile.TemporaryDirectory() as tmp:
-        db = f"sqlite:///{tmp}/profile.db"
+        db = db or f"sqlite:///{tmp}/profile.db"
         subprocess.run([sys.executable, "-m", "conserve_bench.cli", "profile", "--quick", "--db", db],
                        check=True, capture_output=True)
         from conserve_bench.profiling.profiler import show_profile

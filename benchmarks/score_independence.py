@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, add_measured_args, measure_host, write_measured
+from benchmarks.common import REPO, add_measured_args, host_profile, write_measured
 
 MMLU_TASKS = ("mmlu_high_school_european_history", "mmlu_abstract_algebra")  # ~3,200 and ~700 tokens
 GEN_TASKS = ("conserve_tiny_gen",)
@@ -267,19 +267,26 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "mmlu"))
     parser.add_argument("--mmlu-limit", type=int, default=6)
     parser.add_argument("--gen-limit", type=int, default=10)
-    parser.add_argument("--kv-blocks", type=int, default=64, help="KV blocks of the preempted runs")
+    parser.add_argument("--kv-blocks", type=int, default=32, help="KV blocks of the preempted runs")
     parser.add_argument("--pool-gib", type=float, default=0.1, help="KV checkpoint pool of the preempted runs")
     parser.add_argument("--burst-size", type=int, default=6)
-    parser.add_argument("--burst-every-s", type=float, default=1.0)
-    parser.add_argument("--profile-db", default=None, help="Store holding this host's profile [default: the default store]")
+    parser.add_argument("--burst-every-s", type=float, default=2.5)
+    parser.add_argument("--prompt-words", type=int, default=300)
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--profile-db", default=None,
+                        help="A store holding this host's profile [default: `profile --quick` first]")
     add_measured_args(parser, "score_independence")
     args = parser.parse_args()
-    _PROFILE_DB = args.profile_db
-    host = measure_host(args)
+    if args.no_profile and not args.profile_db:
+        parser.error("the servers load this host's profile: --no-profile needs --profile-db")
     bodies = job_bodies(args.mmlu_limit, args.gen_limit)
-    load = {"size": args.burst_size, "period_s": args.burst_every_s}
+    load = {"size": args.burst_size, "period_s": args.burst_every_s,
+            "prompt_words": args.prompt_words, "max_tokens": args.max_tokens}
     with tempfile.TemporaryDirectory(prefix="score-independence-") as tmp:
         work = Path(tmp)
+        _PROFILE_DB = args.profile_db or f"sqlite:///{work / 'profile.db'}"
+        # NOTE: the host's figures and the profile every run's server loads: one measurement
+        host = None if args.profile_db else host_profile(_PROFILE_DB)
         reference = alone_reference(bodies, args.data_dir, work)
         rows: dict[str, dict[str, Any]] = {}
         for mode, deterministic in (("default", False), ("deterministic", True)):

@@ -128,6 +128,20 @@ def lm_eval_dropin(result: dict, config: dict) -> str:
     return f"{table}\n\nBoth with `--model_args {result['model_args']}` (`$MODEL_DIR`: the converted SmolLM2-135M-Instruct), lm-eval's command line otherwise the same."
 
 
+def score_independence(result: dict, config: dict) -> str:
+    rows = [(name, num(r["num_requests"]), f"{r['max_logprob_diff']:.1e}", num(r["is_greedy_flips"]),
+             num(r["texts_differ"]), yes(r["scores_equal"]), num(r["arrival_cuts"]),
+             f"{num(r['kv_resumes_loaded'])} / {num(r['kv_resumes'])}", num(r["online_sent"]),
+             num(r["wall_s"], 1))
+            for name, r in result["runs"].items()]
+    table = md_table(("run", "requests", "max |Δ logprob| (nats)", "is_greedy flips", "texts differ",
+                      "scores equal", "steps cut by arrivals", "KV resumes (loaded / all)",
+                      "online requests", "offline wall s"), rows)
+    return (f"{table}\n\nEach against the same jobs run by `submit` alone. The deterministic mode's "
+            f"throughput cost (its loaded run's offline wall time over the default's): "
+            f"{times(result['deterministic_throughput_cost'])}.")
+
+
 def house_side_by_side(result: dict, config: dict) -> str:
     b, k, t = result["bench"], result["kv_churn"], result["suite"]
 
@@ -304,7 +318,7 @@ def demo_phases(result: dict, config: dict) -> str:
 
 RENDERERS = {"layer_preemption": layer_preemption, "kv_checkpoint": kv_checkpoint, "kv_churn": kv_churn,
              "latency_accuracy": latency_accuracy, "lm_eval_speed": lm_eval_speed, "lm_eval_dropin": lm_eval_dropin,
-             "house_side_by_side": house_side_by_side,
+             "house_side_by_side": house_side_by_side, "score_independence": score_independence,
              "nightly_resume": nightly_resume, "partial_generations": partial_generations,
              "store_fleet": store_fleet, "submit_vs_hf": submit_vs_hf, "vllm_bench_serve": vllm_bench_serve,
              "faults": faults, "bench": bench, "demo_phases": demo_phases}
