@@ -159,7 +159,10 @@ def test_deterministic_is_vllms_batch_invariant_mode_off_the_cpu_build(monkeypat
     assert fingerprint.endswith("|bos|batch-invariant")  # other kernels, other numerics: other items
     assert fingerprint_numerics(fingerprint)["add_bos_token"] is True
     assert "batch-invariant" not in cpu.fingerprint(8192, "w", "0.32.0+cpu")
-    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    # NOTE: set, then deleted: monkeypatch then restores the variable's absence after the test
+    # (every engine this suite starts later would otherwise run vLLM's GPU kernels on the CPU)
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "0")
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT")
     engine_environment(cpu)
     assert "VLLM_BATCH_INVARIANT" not in os.environ
     engine_environment(gpu)
