@@ -111,7 +111,7 @@ def serve(
     add_bos_token: AddBosOpt = False,
     seed: SeedOpt = 0,
     deterministic: DeterministicOpt = False,
-    num_gpu_blocks_override: Annotated[Optional[int], typer.Option("--num-gpu-blocks-override", min=1, hidden=True, help="vLLM's: this many KV blocks instead of what memory holds (to test preemption).")] = None,
+    num_gpu_blocks_override: Annotated[Optional[int], typer.Option("--num-gpu-blocks-override", min=1, help="vLLM's own: this many KV cache blocks instead of what memory holds (to test preemption).")] = None,
 ):
     """Serve online OpenAI traffic and run queued eval jobs in its idle time. Example: serve --port 8000"""
     from conserve_bench.serve.server import ServeConfig, serve as run_server
