@@ -183,6 +183,18 @@ def test_bounded_offline_only_steps_are_a_share_of_the_reference_prefill():
     assert "bounded" in BOUNDED.describe(CPU_MODEL) and "20%" in BOUNDED.describe(CPU_MODEL)
 
 
+def test_a_bounded_quantum_below_a_steps_fixed_cost_is_added_to_it_not_one_token_a_step():
+    model = LatencyModel((0.033, 0.0007, 0.0011, 0.0, 0.0, 0.0))  # 33 ms fixed, as on a 2-core CPU
+    tight = Targets(2.0, 0.2, max_slowdown=0.05, reference_prompt_tokens=256)
+    share_of_reference = 0.05 * model.predict(StepShape((ChunkShape(256, 0),)))  # about 10 ms
+    smallest = model.predict(StepShape((ChunkShape(1, 0),)))
+    assert share_of_reference < smallest
+    plan = plan_step([], [prefill("off", 700)], model, tight, MAX_TOKENS)
+    assert plan.budget_s == pytest.approx(smallest + share_of_reference)
+    assert tokens(plan)["off"] > 10  # not one token for a whole step's fixed cost
+    assert "on top of a step's fixed cost" in tight.describe(model)
+
+
 def test_kv_pressure_preempts_offline_until_online_fits():
     held = [("off-late", 3), ("off-mid", 2), ("off-early", 4)]
     assert offline_to_preempt(10, 4, held) == []
@@ -317,7 +329,8 @@ def test_bounded_online_work_runs_exactly_as_vllm_would_alone(case):
 def test_bounded_harm_holds_in_the_model(case):
     """Every step with online work is predicted at most (1 + share) x its online part, and
     exactly its online part when that carries a prompt; an offline-only step at most the share
-    of the reference prefill, hence of the prefill of any arrival at least as long."""
+    of the reference prefill, hence of the prefill of any arrival at least as long (on top of
+    the smallest step's cost where the share is below it: no step costs less)."""
     online, offline, coeffs, *_, share, reference = case
     plan, model = make_plan(*case)
     slack = 1 + 1e-9
@@ -327,6 +340,8 @@ def test_bounded_harm_holds_in_the_model(case):
         if part.prefills:
             assert plan.predicted_s <= model.predict(part) * slack
     elif plan.num_offline_tokens > 1:
+        smallest = model.predict(StepShape((ChunkShape(1, 0),)))
+        floor = smallest if share * model.predict(StepShape((ChunkShape(reference, 0),))) < smallest else 0.0
         for arrival in (reference, reference + 1, 2 * reference):
             own_prefill = model.predict(StepShape((ChunkShape(arrival, 0),)))
-            assert plan.predicted_s <= share * own_prefill * slack
+            assert plan.predicted_s <= (floor + share * own_prefill) * slack

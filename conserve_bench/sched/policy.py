@@ -128,7 +128,12 @@ class Targets:
         if not self.bounded or self.quantum_s is not None or self.preemptive:
             return self.offline_budget_s
         reference = StepShape(prefills=(ChunkShape(self.reference_prompt_tokens, 0),))
-        return self.max_slowdown * model.predict(reference)
+        quantum = self.max_slowdown * model.predict(reference)
+        # NOTE: every step pays the fixed cost of one token's step: a quantum below it cannot be
+        # honoured, and held to it an offline-only step would carry one token and pay that cost
+        # for it. Offline work then adds the share on top of the cost any step pays.
+        smallest = model.predict(StepShape(prefills=(ChunkShape(1, 0),)))
+        return quantum if quantum >= smallest else smallest + quantum
 
     def budget_for(self, model: LatencyModel, online: StepShape) -> float:
         """The longest step offline work may make of a step whose online part is `online`."""
@@ -150,7 +155,11 @@ class Targets:
                     f"ms, {offline_only})")
         if not self.preemptive and self.quantum_s is None:
             offline_only += (f" ({self.max_slowdown:.0%} of a {self.reference_prompt_tokens}-token "
-                             "prefill, then of the 90th-percentile online prompt)")
+                             "prefill, then of the 90th-percentile online prompt")
+            reference = StepShape(prefills=(ChunkShape(self.reference_prompt_tokens, 0),))
+            if self.max_slowdown * model.predict(reference) < model.predict(StepShape(prefills=(ChunkShape(1, 0),))):
+                offline_only += ", on top of a step's fixed cost, which is more"
+            offline_only += ")"
         return (f"bounded: offline work adds <= {self.max_slowdown:.0%} to a step's online "
                 f"decodes, nothing to online prefills; {offline_only}; {slos} (counted only)")
 
