@@ -49,6 +49,27 @@ def _phases():
                           _phase("conserve", fast[:6], 100.0, 2.0)]
 
 
+def test_tail_ratios_come_with_a_bootstrap_interval_that_covers_them():
+    from conserve_bench.bench.summary import tail_intervals
+
+    rng = __import__("random").Random(3)
+    base = [_record(i, rng.uniform(0.05, 0.1), [rng.uniform(0.02, 0.04) for _ in range(8)]) for i in range(200)]
+    same = [_record(i, r.ttft_s, list(r.tbt_s)) for i, r in enumerate(base)]
+    slower = [_record(i, r.ttft_s * 1.5, [g * 1.5 for g in r.tbt_s]) for i, r in enumerate(base)]
+    for records, ratio in ((same, 1.0), (slower, 1.5)):
+        intervals = tail_intervals(records, base, resamples=200)
+        for name in ("ttft_ms.p99", "tbt_ms.p99", "tpot_ms.p99"):
+            got = intervals[name]
+            assert got["ratio"] == pytest.approx(ratio)
+            assert got["low"] < ratio * 1.0001 and got["high"] > ratio * 0.9999  # covers it
+            assert got["high"] - got["low"] > 0.001  # one run's noise is not hidden
+    offline_only, phases = _phases()
+    report = build_report(CONFIG, offline_only, phases)
+    assert set(report["policies"]["conserve"]["tail_intervals"]["vs_online-only"]) == {
+        "ttft_ms.p99", "tbt_ms.p99", "tpot_ms.p99"}
+    assert "tail_intervals" not in report["policies"]["online-only"]
+
+
 def test_report_counts_slo_and_offline_rates():
     offline_only, phases = _phases()
     report = build_report(CONFIG, offline_only, phases)
@@ -208,8 +229,9 @@ def test_markdown_and_table_show_every_policy():
     assert rows[1][3] == "50.0" and rows[1][7] == "75.0"
     md = render_markdown(report)
     lines = md.splitlines()
-    assert sum(line.startswith("| priority |") for line in lines) == 3  # table, goal, vs online-only
-    assert sum(line.startswith("| conserve |") for line in lines) == 4  # table, goal, vs both
+    # table, goal, ratios vs online-only (and priority), tails vs online-only
+    assert sum(line.startswith("| priority |") for line in lines) == 4
+    assert sum(line.startswith("| conserve |") for line in lines) == 5
     assert "latency_cdf.png" in md and "offline_throughput.png" in md
 
 

@@ -145,3 +145,46 @@ def test_the_server_shows_and_stores_what_the_engine_wrote(tmp_path, store):
     assert gauge("refit", "0.5") == pytest.approx(status.refit_error.median_rel)
     assert REGISTRY.get_sample_value("conserve_latency_model_refit_adopted") == 1
     assert refit_for(store, key)[0] == status
+
+
+# -- the tail margin: planning against a quantile of live step time --------------------------
+
+
+def test_the_tail_margin_is_each_kinds_quantile_of_measured_over_predicted():
+    from conserve_bench.sched.refit import TailMargin
+
+    margin = TailMargin(0.9, window=100, min_samples=10)
+    for i in range(100):  # mixed steps: 1.00, 1.01, ... 1.99 x their prediction
+        margin.observe("mixed", 0.050, 0.050 * (1 + i / 100))
+    for _ in range(5):
+        margin.observe("offline", 0.2, 0.5)  # too few to trust
+    for _ in range(50):
+        margin.observe("online", 0.040, 0.030)  # faster than predicted: never below 1
+    factors = margin.factors()
+    assert factors.mixed == pytest.approx(1.90)
+    assert (factors.offline, factors.online) == (1.0, 1.0)
+    for _ in range(100):
+        margin.observe("mixed", 0.050, 0.050)  # the window keeps the newest 100
+    assert margin.factors().mixed == 1.0
+
+
+def test_plans_are_sized_so_the_tail_not_the_mean_meets_the_budget():
+    from conserve_bench.sched.policy import Pending, TailFactors, Targets, plan_step
+
+    model = LatencyModel((0.0389, 0.00203, 0.00213, 4.5e-6, 0.82e-6, 0.00067))
+    online = [Pending("on", 1, 300, decode=True)]
+    offline = [Pending("off", 2000, 0, running=True)]
+    slo = Targets(ttft_s=2.0, tbt_s=0.2)
+    mean = plan_step(online, offline, model, slo, 4096)
+    tail = plan_step(online, offline, model, slo, 4096, tail=TailFactors(mixed=1.3))
+    assert tail.budget_s == pytest.approx(mean.budget_s / 1.3)
+    assert 1.3 * tail.predicted_s <= mean.budget_s < 1.3 * mean.predicted_s  # the tail now fits
+    bounded = Targets(ttft_s=2.0, tbt_s=0.2, max_slowdown=0.2)
+    # bounded: online work alone has a tail too; only the mixed steps' excess over it counts
+    same = plan_step(online, offline, model, bounded, 4096, tail=TailFactors(online=1.3, mixed=1.3))
+    assert same.budget_s == pytest.approx(plan_step(online, offline, model, bounded, 4096).budget_s)
+    worse = plan_step(online, offline, model, bounded, 4096, tail=TailFactors(online=1.1, mixed=1.43))
+    assert worse.budget_s == pytest.approx(same.budget_s / 1.3)
+    # offline-only steps sized for throughput (layer preemption cuts them) are left alone
+    preemptive = Targets(ttft_s=2.0, tbt_s=0.2, offline_step_s=0.3)
+    assert plan_step([], offline, model, preemptive, 4096, tail=TailFactors(offline=2.0)).budget_s == 0.3

@@ -31,7 +31,7 @@ GOAL = ("conserve's goal: SLO attainment within 5% of online-only's (ratio >= 0.
 ONLINE_ONLY = ServePolicy.ONLINE_ONLY.value
 RATIO_BASES = (ONLINE_ONLY, ServePolicy.PRIORITY.value)
 RATIO_METRICS = ("ttft_ms.p50", "ttft_ms.p90", "ttft_ms.p99", "tbt_ms.p50", "tbt_ms.p90",
-                 "tbt_ms.p99", "slo_attainment", "online_rps", "offline_tokens_per_s",
+                 "tbt_ms.p99", "tpot_ms.p99", "slo_attainment", "online_rps", "offline_tokens_per_s",
                  "offline_items_per_s")
 
 
@@ -163,6 +163,7 @@ def summarize_online(records, ttft_slo_s: float, tbt_slo_s: float) -> dict[str, 
     return {
         "ttft_ms": _ms(percentiles([r.ttft_s for r in done])),
         "tbt_ms": _ms(percentiles([gap for r in done for gap in r.tbt_s])),
+        "tpot_ms": _ms(percentiles([_tpot(r) for r in done if r.tbt_s])),
         "slo_attainment": num_met / len(records) if records else None,
         "online_rps": len(done) / (last - first) if last > first else 0.0,
         "num_requests": len(records),
@@ -173,6 +174,53 @@ def summarize_online(records, ttft_slo_s: float, tbt_slo_s: float) -> dict[str, 
         "online_tokens": sum(r.num_tokens for r in done),
         "online_span_s": last - first,
     }
+
+
+def _tpot(record: OnlineRecord) -> float:
+    """Time per output token after the first (vLLM's TPOT): the mean gap."""
+    return sum(record.tbt_s) / len(record.tbt_s)
+
+
+# The tail ratios `bench` gives with a bootstrap interval: a 1.05x target told from noise.
+TAIL_RATIOS = ("ttft_ms.p99", "tbt_ms.p99", "tpot_ms.p99")
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def tail_intervals(records, base_records, resamples: int = BOOTSTRAP_RESAMPLES,
+                   seed: int = 0) -> dict[str, dict[str, float | None]]:
+    """Each TAIL_RATIOS ratio of `records` over `base_records` (one run each), with a 95%
+    bootstrap interval: both sides' completed requests resampled with replacement (a request's
+    gaps stay together), the ratio recomputed `resamples` times."""
+    import random
+
+    ours = [r for r in records if r.completed]
+    base = [r for r in base_records if r.completed]
+    if not ours or not base:
+        return {name: {"ratio": None, "low": None, "high": None} for name in TAIL_RATIOS}
+    rng = random.Random(seed)
+    draws: dict[str, list[float]] = {name: [] for name in TAIL_RATIOS}
+    for _ in range(resamples):
+        a = summarize_tails([rng.choice(ours) for _ in ours])
+        b = summarize_tails([rng.choice(base) for _ in base])
+        for name in TAIL_RATIOS:
+            if a[name] is not None and b[name]:
+                draws[name].append(a[name] / b[name])
+    point_a, point_b = summarize_tails(ours), summarize_tails(base)
+    intervals = {}
+    for name in TAIL_RATIOS:
+        ordered = sorted(draws[name])
+        ratio = _ratio(point_a[name], point_b[name])
+        intervals[name] = {"ratio": ratio, "low": _percentile(ordered, 2.5),
+                           "high": _percentile(ordered, 97.5)}
+    return intervals
+
+
+def summarize_tails(done) -> dict[str, float | None]:
+    """P99 TTFT, TBT and TPOT (ms) of completed requests."""
+    p = percentiles
+    return {"ttft_ms.p99": _ms(p([r.ttft_s for r in done], (99,)))["p99"],
+            "tbt_ms.p99": _ms(p([g for r in done for g in r.tbt_s], (99,)))["p99"],
+            "tpot_ms.p99": _ms(p([_tpot(r) for r in done if r.tbt_s], (99,)))["p99"]}
 
 
 def _ms(values: dict[str, float | None]) -> dict[str, float | None]:
@@ -333,8 +381,12 @@ def build_report(config: dict[str, Any], offline_only: PhaseResult,
     baseline = summarize_phase(offline_only, ttft_slo_s, tbt_slo_s, None)
     policies = {p.policy: summarize_phase(p, ttft_slo_s, tbt_slo_s, baseline["offline_tokens_per_s"])
                 for p in phases}
+    records = {p.policy: p.records for p in phases}
     for label, summary in policies.items():
         summary["ratios"] = {f"vs_{b}": ratios(summary, policies[b]) for b in ratio_bases(label, policies)}
+        if label != ONLINE_ONLY and ONLINE_ONLY in records:
+            summary["tail_intervals"] = {f"vs_{ONLINE_ONLY}": tail_intervals(records[label],
+                                                                             records[ONLINE_ONLY])}
     offline = {k: baseline[k] for k in ("offline_tokens_per_s", "offline_items_per_s",
                                         "offline_tokens", "offline_items", "window_s")}
     offline["measured"] = bool(offline_only.samples)

@@ -18,7 +18,7 @@ from conserve_bench.cli.base import (AddBosOpt, ApiKeyOpt, DbOpt, DtypeOpt, GpuM
 from conserve_bench.config import (DEFAULT_MODEL, DEFAULT_PARTIAL_S, DEFAULT_PARTIAL_TOKENS,
                                    LeaseConfig, ServePolicy, default_data_dir, default_db_url)
 from conserve_bench.output import out
-from conserve_bench.sched.policy import DEFAULT_MARGIN, SAFEPOINT_EVERY
+from conserve_bench.sched.policy import DEFAULT_MARGIN, DEFAULT_TAIL_QUANTILE, SAFEPOINT_EVERY
 from conserve_bench.serve.guard import DEFAULT_MAX_REQUEST_BYTES
 
 
@@ -86,6 +86,7 @@ def serve(
     quantum_ms: Annotated[Optional[float], typer.Option("--quantum-ms", help="conserve with --layer-preemption off: longest offline-only step.", show_default="the slowdown share of the 90th-percentile online prompt's prefill; with SLOs, 25% of the TTFT target")] = None,
     max_slowdown: Annotated[Optional[float], typer.Option("--max-slowdown", help="conserve without SLOs: the share offline work may add to online steps.", show_default="derived from 1.25x and the profile's error, about 0.2")] = None,
     refit: Annotated[bool, typer.Option("--refit/--no-refit", help="conserve: plan with the latency model refitted from live steps while it predicts them better.")] = True,
+    tail_quantile: Annotated[float, typer.Option("--tail-quantile", help="conserve: size offline work so that this quantile of each step kind's live time, not the latency model's prediction, stays within the budget; 0: plan on the prediction.")] = DEFAULT_TAIL_QUANTILE,
     layer_preemption: Annotated[Optional[str], typer.Option("--layer-preemption", help="on | off: an online arrival cuts an offline-only step short at the next layer safepoint.", show_default="on under conserve")] = None,
     safepoint_every: Annotated[int, typer.Option("--safepoint-every", min=1, help="With layer preemption: a safepoint every k decoder layers.")] = SAFEPOINT_EVERY,
     kv_checkpoint_gib: Annotated[Optional[float], typer.Option("--kv-checkpoint-gib", min=0, help="conserve: host memory for KV checkpoints of offline requests, so a preempted one resumes by loading its KV; 0 turns them off.", show_default="a quarter of the free RAM")] = None,
@@ -121,7 +122,7 @@ def serve(
                       api_key=api_key, public_metrics=public_metrics,
                       max_request_bytes=max_request_bytes, ttft_slo_ms=ttft_slo_ms, tbt_slo_ms=tbt_slo_ms,
                       slo_margin=slo_margin, quantum_ms=quantum_ms, max_slowdown=max_slowdown,
-                      refit=refit, layer_preemption=on_off("--layer-preemption", layer_preemption),
+                      refit=refit, tail_quantile=tail_quantile, layer_preemption=on_off("--layer-preemption", layer_preemption),
                       safepoint_every=safepoint_every, kv_checkpoint_gib=kv_checkpoint_gib,
                       offline_step_ms=offline_step_ms,
                       max_offline_inflight=max_offline_inflight,

@@ -43,6 +43,9 @@ DEFAULT_REFERENCE_PROMPT_TOKENS = 256
 # Layer-wise preemption: an offline-only step may be abandoned every this many decoder layers
 # (the paper's k).
 SAFEPOINT_EVERY = 4
+# Offline work is sized against this quantile of a step's live time, per step kind
+# (`refit.TailMargin`): the promise is about online P99 TBT, which the slow steps set.
+DEFAULT_TAIL_QUANTILE = 0.9
 # With layer-wise preemption, an offline-only step is the smallest that reaches this share of
 # the best offline tokens/s the latency model predicts for one step.
 OFFLINE_STEP_THROUGHPUT_SHARE = 0.95
@@ -50,6 +53,24 @@ OFFLINE_STEP_THROUGHPUT_SHARE = 0.95
 
 class PolicyError(ConserveError, ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class TailFactors:
+    """How much longer than the latency model predicts steps of each kind run at the planning
+    quantile (`refit.TailMargin`, from live steps): offline work is sized so that the step's
+    quantile, not its mean, stays within the budget. 1.0: plan on the mean."""
+
+    online: float = 1.0
+    mixed: float = 1.0
+    offline: float = 1.0
+
+    def budget(self, budget_s: float, kind: str, bounded: bool) -> float:
+        """`budget_s` for a step of `kind` ("mixed", "offline") planned against the tail: in
+        SLO mode the budget is absolute; bounded, it is relative to the online work's own
+        time, whose tail online-only serving has too: only the excess of `kind`'s counts."""
+        factor = getattr(self, kind) / (self.online if bounded else 1.0)
+        return budget_s / max(1.0, factor)
 
 
 @dataclass(frozen=True)
@@ -247,7 +268,8 @@ def step_kind(num_tokens: int, num_offline_tokens: int) -> str:
 
 
 def plan_step(online: Sequence[Pending], offline: Sequence[Pending], model: LatencyModel,
-              targets: Targets, max_num_tokens: int, batch_apart: bool = False) -> StepPlan:
+              targets: Targets, max_num_tokens: int, batch_apart: bool = False,
+              tail: TailFactors = TailFactors()) -> StepPlan:
     """Plan one engine step.
 
     `online` and `offline` come in vLLM's order: running requests (in running-list order), then
@@ -262,7 +284,9 @@ def plan_step(online: Sequence[Pending], offline: Sequence[Pending], model: Late
     present) or `targets.quantum_for` (none). With no online work, the first offline request
     always gets at least one token. `batch_apart`: offline requests never share a step with
     online ones (deterministic scoring where vLLM has no batch-invariant kernels): while any
-    online work is pending, every offline request waits.
+    online work is pending, every offline request waits. `tail`: the budgets are for the
+    planning quantile of a step's time, not its prediction (`TailFactors.budget`); offline-only
+    steps sized for throughput (layer-wise preemption: an arrival cuts them) are not shrunk.
     """
     step = _Step(model, max_num_tokens)
     chunk_online = not targets.bounded and any(r.decode for r in online)
@@ -281,7 +305,12 @@ def plan_step(online: Sequence[Pending], offline: Sequence[Pending], model: Late
             break
     num_online_tokens = max_num_tokens - step.num_tokens_left
     has_online = bool(online)
-    budget_s = targets.budget_for(model, step.shape) if has_online else targets.quantum_for(model)
+    if has_online:
+        budget_s = tail.budget(targets.budget_for(model, step.shape), "mixed", targets.bounded)
+    else:
+        budget_s = targets.quantum_for(model)
+        if not targets.preemptive:
+            budget_s = tail.budget(budget_s, "offline", targets.bounded)
     deferred = set()
     for request in _decodes_first(offline):
         num = 0 if stopped or (batch_apart and has_online) else step.fit(request, budget_s)
@@ -376,12 +405,18 @@ class PolicyConfig:
     targets: Targets
     model: LatencyModel
     batch_apart: bool = False  # offline requests never share a step with online ones
+    # plan against this quantile of each step kind's live time (`refit.TailMargin`); None: the mean
+    tail_quantile: float | None = DEFAULT_TAIL_QUANTILE
+
+    def __post_init__(self) -> None:
+        if self.tail_quantile is not None and not 0.5 <= self.tail_quantile < 1:
+            raise PolicyError(f"--tail-quantile must be in [0.5, 1), got {self.tail_quantile:g}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"targets": self.targets.to_dict(), "latency_model": self.model.to_dict(),
-                "batch_apart": self.batch_apart}
+                "batch_apart": self.batch_apart, "tail_quantile": self.tail_quantile}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PolicyConfig:
         return cls(Targets.from_dict(data["targets"]), LatencyModel.from_dict(data["latency_model"]),
-                   bool(data.get("batch_apart", False)))
+                   bool(data.get("batch_apart", False)), data.get("tail_quantile", DEFAULT_TAIL_QUANTILE))

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from conserve_bench.sched.latency import FitError, LatencyModel, Sample, StepTable, evaluate, fit
+from conserve_bench.sched.policy import TailFactors
 
 
 @dataclass(frozen=True)
@@ -120,3 +121,40 @@ def _better(candidate: FitError, incumbent: FitError) -> bool:
     """Whether `candidate` predicts the same steps better: its median plus P90 relative
     error, the typical step and the tail the budgets are sized against, is lower."""
     return candidate.median_rel + candidate.p90_rel < incumbent.median_rel + incumbent.p90_rel
+
+
+class TailMargin:
+    """How much longer than predicted live steps run, per step kind, at `quantile`: the
+    `quantile` of (measured / predicted) over each kind's last `window` steps, never below 1
+    (a kind with fewer than `min_samples` steps: 1). The scheduler plans offline work with it
+    (`policy.TailFactors`), so that a step's slow tail, not its mean, stays within the budget.
+
+        margin = TailMargin(0.9)
+        margin.observe("mixed", predicted_s=0.050, step_s=0.061)   # after every usable step
+        margin.factors().mixed                                      # 1.0 .. the P90 ratio
+    """
+
+    KINDS = ("online", "mixed", "offline")
+
+    def __init__(self, quantile: float, window: int = 256, min_samples: int = 32):
+        self.quantile, self.min_samples = quantile, min_samples
+        self._ratios = {kind: deque(maxlen=window) for kind in self.KINDS}
+        self._factors = TailFactors()
+        self._stale = False
+
+    def observe(self, kind: str, predicted_s: float, step_s: float) -> None:
+        if kind in self._ratios and predicted_s > 0 and step_s > 0:
+            self._ratios[kind].append(step_s / predicted_s)
+            self._stale = True
+
+    def factors(self) -> TailFactors:
+        if self._stale:
+            self._factors = TailFactors(**{kind: self._factor(kind) for kind in self.KINDS})
+            self._stale = False
+        return self._factors
+
+    def _factor(self, kind: str) -> float:
+        ratios = sorted(self._ratios[kind])
+        if len(ratios) < self.min_samples:
+            return 1.0
+        return max(1.0, ratios[min(len(ratios) - 1, int(self.quantile * len(ratios)))])

@@ -45,7 +45,7 @@ from conserve_bench.engine.local import (context_length, engine_args, engine_con
 from conserve_bench.errors import ConserveError, EngineUnavailableError
 from conserve_bench.sched.latency import LatencyModel
 from conserve_bench.engine.models import resolve_model
-from conserve_bench.sched.policy import (DEFAULT_MARGIN, SAFEPOINT_EVERY, PolicyConfig, Targets,
+from conserve_bench.sched.policy import (DEFAULT_MARGIN, DEFAULT_TAIL_QUANTILE, SAFEPOINT_EVERY, PolicyConfig, Targets,
                                          check_targets, default_offline_step_s, default_targets,
                                          derived_max_slowdown)
 from conserve_bench.sched.refit import RefitConfig
@@ -83,6 +83,7 @@ class ServeConfig:
     # share of the reference prompt's prefill; with SLOs, QUANTUM_FRACTION of the TTFT target)
     max_slowdown: float | None = None  # bounded mode's share; None: derived from the profile
     refit: bool = True  # plan with the live refit when it predicts the live steps better
+    tail_quantile: float = DEFAULT_TAIL_QUANTILE  # size offline work for this quantile of step time; 0: the mean
     layer_preemption: bool | None = None  # None: on under the conserve policy
     safepoint_every: int = SAFEPOINT_EVERY
     kv_checkpoint_gib: float | None = None  # None: `default_kv_checkpoint_gib()` under conserve
@@ -126,6 +127,9 @@ class ServeConfig:
                                    "with --ttft-slo-ms/--tbt-slo-ms offline work spends the SLOs")
         self._check_layer_preemption()
         self._check_folders()
+        if self.tail_quantile and not 0.5 <= self.tail_quantile < 1:
+            raise ServeConfigError(f"--tail-quantile must be in [0.5, 1) (0: plan on the mean), "
+                                   f"got {self.tail_quantile:g}")
         try:
             self.offline_run_config
             self.guard
@@ -278,7 +282,8 @@ def with_plugins(engine_cfg: EngineConfig, cfg: ServeConfig, profile, targets: T
         return engine_cfg
     return replace(engine_cfg, **engine_overrides(
         engine_cfg.additional_config, step_log=os.path.abspath(cfg.step_log) if cfg.step_log else None,
-        policy=PolicyConfig(targets, profile.model, batch_apart=batches_apart(cfg, engine_cfg))
+        policy=PolicyConfig(targets, profile.model, batch_apart=batches_apart(cfg, engine_cfg),
+                            tail_quantile=cfg.tail_quantile or None)
         if conserve else None,
         refit=RefitConfig(adopt=cfg.refit) if conserve else None,
         refit_state=refit_state if conserve else None, connector=connector,

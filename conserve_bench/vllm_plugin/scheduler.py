@@ -23,9 +23,9 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from conserve_bench.sched.policy import (Pending, PolicyConfig, StepPlan, Targets,
+from conserve_bench.sched.policy import (Pending, PolicyConfig, StepPlan, TailFactors, Targets,
                                          offline_to_preempt, plan_step)
-from conserve_bench.sched.refit import LiveModel, RefitConfig, RefitStatus
+from conserve_bench.sched.refit import LiveModel, RefitConfig, RefitStatus, TailMargin
 from conserve_bench.sched.steplog import ScheduledRequest
 from conserve_bench.vllm_plugin.connector import ConserveConnector
 from conserve_bench.vllm_plugin.overrides import (POLICY, REFIT, REFIT_STATE, conserve_config,
@@ -75,12 +75,15 @@ class ConserveScheduler(Scheduler):
         self.last_plan: StepPlan | None = None
         self.live = (LiveModel(self.conserve_policy.model, RefitConfig.from_dict(conserve[REFIT]))
                      if self.conserve_policy is not None and REFIT in conserve else None)
+        self.tail = (TailMargin(self.conserve_policy.tail_quantile)
+                     if self.conserve_policy is not None and self.conserve_policy.tail_quantile else None)
+        self._planned: deque[tuple[SchedulerOutput, str]] = deque(maxlen=4)  # (step, its plan's kind)
         self._refit_state = conserve.get(REFIT_STATE)
         self._targets = self.conserve_policy.targets if self.conserve_policy else None
         self._online_prompts: deque[int] = deque(maxlen=NUM_RECENT_PROMPTS)
         path = step_log_path(self.vllm_config.additional_config)
         self._recorder = (StepRecorder(StepLogWriter(path) if path else None)
-                          if path or self.live else None)
+                          if path or self.live or self.tail else None)
         # NOTE: the connector's scheduler half; None without ConserveConnector loaded
         self._connector_scheduler = (self.connector.connector_scheduler
                                      if isinstance(self.connector, ConserveConnector) else None)
@@ -105,9 +108,11 @@ class ConserveScheduler(Scheduler):
         else:
             self._make_room_for_online()
             model = self.live.model if self.live else policy.model
+            tail = self.tail.factors() if self.tail else TailFactors()
             self.last_plan = plan_step(*self._pending(), model, self._targets,
-                                       self.max_num_scheduled_tokens, policy.batch_apart)
+                                       self.max_num_scheduled_tokens, policy.batch_apart, tail)
             output = self._schedule_plan(self.last_plan, throttle_prefills)
+            self._planned.append((output, self.last_plan.kind))
         if self._preemption is not None:
             offline_only = 0 < output.total_num_scheduled_tokens == self._num_offline_tokens(output)
             self._preemption.after_schedule(output, offline_only)
@@ -115,7 +120,7 @@ class ConserveScheduler(Scheduler):
         if self._recorder is not None:
             notes = {"offline_tokens": self._num_offline_tokens(output),
                      **_plan_notes(self.last_plan, self.live), **self._queue_notes(output, planned_at),
-                     **resume_notes}
+                     **resume_notes, **self._tail_notes()}
             self._recorder.scheduled(output, self._scheduled_requests(output), notes)
         return output
 
@@ -128,12 +133,28 @@ class ConserveScheduler(Scheduler):
             return self._abandoned(scheduler_output, model_runner_output, report)
         if self._recorder is not None:
             sample = self._recorder.executed(scheduler_output)
-            if sample is not None and self.live is not None:
+            if sample is not None:
                 # NOTE: vLLM removes requests aborted during the step before this call; such a
                 # step is never fitted on.
                 usable = all(r in self.requests for r in scheduler_output.num_scheduled_tokens)
-                self._observe(sample, usable)
+                self._observe_tail(scheduler_output, sample, usable)
+                if self.live is not None:
+                    self._observe(sample, usable)
         return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _tail_notes(self) -> dict[str, Any]:
+        """The tail factor the step's kind was planned with (1.0: on the mean)."""
+        if self.tail is None or self.last_plan is None or self.last_plan.kind not in ("mixed", "offline"):
+            return {}
+        return {"tail_factor": round(getattr(self.tail.factors(), self.last_plan.kind), 4)}
+
+    def _observe_tail(self, scheduler_output: SchedulerOutput, sample, usable: bool) -> None:
+        """How much longer than the planning model predicted this step ran, by its plan's kind
+        (before a refit replaces the model that planned it)."""
+        kind = next((k for output, k in self._planned if output is scheduler_output), None)
+        if self.tail is not None and usable and kind is not None:
+            model = self.live.model if self.live else self.conserve_policy.model
+            self.tail.observe(kind, model.predict(sample.shape), sample.step_s)
 
     def _observe(self, sample, usable: bool) -> None:
         """Feed the live model; after a refit, write its state for the server to read."""
