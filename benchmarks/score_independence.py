@@ -20,7 +20,7 @@ wall time: the deterministic mode's throughput cost is its loaded run's time ove
 Writes benchmarks/measured/score_independence.json (`benchmarks.tables` renders
 docs/measured.md#scores-independent-of-load).
 
-    python -m benchmarks.score_independence          # about 25 minutes on 2 idle cores
+    python -m benchmarks.score_independence          # about 12 minutes on 2 idle cores
 
 `tests/test_score_independence.py` runs the preempted run of the default mode (the defaults
 `serve` runs) against `submit`, and the arrival test, in the suite.
@@ -180,16 +180,18 @@ def serve_args(db_url: str, data_dir: str, folder: Path, *, policy: str = "conse
     return args
 
 
-def served_run(folder: Path, data_dir: str, bodies, load: dict[str, Any] | None, **serve_kwargs) -> dict:
+def served_run(folder: Path, data_dir: str, bodies, load: dict[str, Any] | None, profile_db: str,
+               **serve_kwargs) -> dict:
     """The jobs on a server of their own (`serve_kwargs`: `serve_args`'), under bursts
-    (`load`: `OnlineBursts` settings; None: idle): results, timings and step-log counts."""
+    (`load`: `OnlineBursts` settings; None: idle), the host's profile copied from
+    `profile_db`: results, timings and step-log counts."""
     import httpx
 
     from conserve_bench.serve.process import ServerProcess
 
     folder.mkdir(parents=True, exist_ok=True)
     db_url = f"sqlite:///{folder / 'store.db'}"
-    copy_profile(db_url)
+    copy_profile(profile_db, db_url)
     with ServerProcess(serve_args(db_url, data_dir, folder, **serve_kwargs), folder) as server:
         http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
         bursts = OnlineBursts(server.url, KEY, **load) if load is not None else None
@@ -220,19 +222,16 @@ def wait_done(http, job_ids: list[str], timeout_s: float = 3600) -> None:
     raise TimeoutError(f"jobs {job_ids} not done in {timeout_s:.0f} s")
 
 
-_PROFILE_DB: str | None = None
-
-
-def copy_profile(db_url: str) -> None:
+def copy_profile(source_url: str, db_url: str) -> None:
     """This host's stored latency profile, into a run's fresh store (each run profiles nothing)."""
     from conserve_bench.profiling.profiles import current_key, require_profile, save_profile
     from conserve_bench.store import Store
 
-    source = Store(_PROFILE_DB) if _PROFILE_DB else Store()
-    save_profile(Store(db_url), require_profile(source, current_key("smollm2-135m", "float32")))
+    profile = require_profile(Store(source_url), current_key("smollm2-135m", "float32"))
+    save_profile(Store(db_url), profile)
 
 
-def drained_run(folder: Path, data_dir: str, bodies, load: dict[str, Any]) -> dict:
+def drained_run(folder: Path, data_dir: str, bodies, load: dict[str, Any], profile_db: str) -> dict:
     """`online-only` under the bursts with the jobs queued, then a conserve server drains
     them on the same store once the bursts stop."""
     import httpx
@@ -241,7 +240,7 @@ def drained_run(folder: Path, data_dir: str, bodies, load: dict[str, Any]) -> di
 
     folder.mkdir(parents=True, exist_ok=True)
     db_url = f"sqlite:///{folder / 'store.db'}"
-    copy_profile(db_url)
+    copy_profile(profile_db, db_url)
     with ServerProcess(serve_args(db_url, data_dir, folder, policy="online-only"), folder) as server:
         http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
         job_ids = [http.post("/v1/jobs", json=body).json()["id"] for body in bodies]
@@ -262,7 +261,6 @@ def drained_run(folder: Path, data_dir: str, bodies, load: dict[str, Any]) -> di
 
 
 def main() -> None:
-    global _PROFILE_DB
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "mmlu"))
     parser.add_argument("--mmlu-limit", type=int, default=6)
@@ -284,9 +282,9 @@ def main() -> None:
             "prompt_words": args.prompt_words, "max_tokens": args.max_tokens}
     with tempfile.TemporaryDirectory(prefix="score-independence-") as tmp:
         work = Path(tmp)
-        _PROFILE_DB = args.profile_db or f"sqlite:///{work / 'profile.db'}"
+        profile_db = args.profile_db or f"sqlite:///{work / 'profile.db'}"
         # NOTE: the host's figures and the profile every run's server loads: one measurement
-        host = None if args.profile_db else host_profile(_PROFILE_DB)
+        host = None if args.profile_db else host_profile(profile_db)
         reference = alone_reference(bodies, args.data_dir, work)
         rows: dict[str, dict[str, Any]] = {}
         for mode, deterministic in (("default", False), ("deterministic", True)):
@@ -296,10 +294,11 @@ def main() -> None:
                 if preempt:
                     kwargs |= {"kv_blocks": args.kv_blocks, "pool_gib": args.pool_gib}
                 rows[f"{mode}/{name}"] = served_run(work / f"{mode}-{name}", args.data_dir, bodies,
-                                                    run_load, **kwargs)
+                                                    run_load, profile_db, **kwargs)
                 print(f"{mode}/{name}: {summary(rows[f'{mode}/{name}'], reference)}", flush=True)
-        rows["priority/loaded"] = served_run(work / "priority", args.data_dir, bodies, load, policy="priority")
-        rows["online-only-drained"] = drained_run(work / "drained", args.data_dir, bodies, load)
+        rows["priority/loaded"] = served_run(work / "priority", args.data_dir, bodies, load, profile_db,
+                                             policy="priority")
+        rows["online-only-drained"] = drained_run(work / "drained", args.data_dir, bodies, load, profile_db)
         for name in ("priority/loaded", "online-only-drained"):
             print(f"{name}: {summary(rows[name], reference)}", flush=True)
     result = {"num_requests": sum(len(r["items"]) for r in reference),
