@@ -17,7 +17,7 @@ from __future__ import annotations
 
 
 class ArrivalBook:
-    """The arrivals settled so far: every number up to `settled_through`, and a few beyond it
+    """The arrivals settled so far: every number up to `cut_above`, and a few beyond it
     (scheduled out of order: a short prompt's hand-off overtook a long one's). Example:
 
         book = ArrivalBook()
@@ -28,30 +28,26 @@ class ArrivalBook:
     """
 
     def __init__(self) -> None:
-        self.settled_through = 0
+        # An offline-only step is cut once more arrivals than this were announced: the first
+        # arrival not settled is announced then (every one up to this is settled).
+        self.cut_above = 0
         self._settled_beyond: set[int] = set()
-
-    @property
-    def cut_above(self) -> int:
-        """An offline-only step is cut once more arrivals than this were announced: the first
-        arrival not settled is announced then (every one below it is)."""
-        return self.settled_through
 
     def scheduled(self, number: int) -> None:
         """A step scheduled the request of arrival `number` (no step is cut for it after)."""
-        if number > self.settled_through:
+        if number > self.cut_above:
             self._settled_beyond.add(number)
             self._advance()
 
     def cut_for(self, num_announced: int) -> None:
         """A step was cut when `num_announced` arrivals had been announced: each was pending
         or settled then; none cuts another step."""
-        if num_announced > self.settled_through:
-            self.settled_through = num_announced
+        if num_announced > self.cut_above:
+            self.cut_above = num_announced
             self._settled_beyond = {n for n in self._settled_beyond if n > num_announced}
             self._advance()
 
     def _advance(self) -> None:
-        while self.settled_through + 1 in self._settled_beyond:
-            self.settled_through += 1
-            self._settled_beyond.remove(self.settled_through)
+        while self.cut_above + 1 in self._settled_beyond:
+            self.cut_above += 1
+            self._settled_beyond.remove(self.cut_above)

@@ -148,13 +148,18 @@ class Targets:
         (an arrival waits one layer group, not the step), else how long an arrival may wait."""
         if not self.bounded or self.quantum_s is not None or self.preemptive:
             return self.offline_budget_s
+        share, floor = self._bounded_quantum(model)
+        return floor + share
+
+    def _bounded_quantum(self, model: LatencyModel) -> tuple[float, float]:
+        """The bounded mode's quantum as (the share of the reference prefill, the cost it is
+        added to). NOTE: every step pays the fixed cost of one token's step: a share below it
+        cannot be honoured, and held to it an offline-only step would carry one token and pay
+        that cost for it. Offline work then adds the share on top of the cost any step pays."""
         reference = StepShape(prefills=(ChunkShape(self.reference_prompt_tokens, 0),))
-        quantum = self.max_slowdown * model.predict(reference)
-        # NOTE: every step pays the fixed cost of one token's step: a quantum below it cannot be
-        # honoured, and held to it an offline-only step would carry one token and pay that cost
-        # for it. Offline work then adds the share on top of the cost any step pays.
+        share = self.max_slowdown * model.predict(reference)
         smallest = model.predict(StepShape(prefills=(ChunkShape(1, 0),)))
-        return quantum if quantum >= smallest else smallest + quantum
+        return share, (smallest if share < smallest else 0.0)
 
     def budget_for(self, model: LatencyModel, online: StepShape) -> float:
         """The longest step offline work may make of a step whose online part is `online`."""
@@ -177,8 +182,7 @@ class Targets:
         if not self.preemptive and self.quantum_s is None:
             offline_only += (f" ({self.max_slowdown:.0%} of a {self.reference_prompt_tokens}-token "
                              "prefill, then of the 90th-percentile online prompt")
-            reference = StepShape(prefills=(ChunkShape(self.reference_prompt_tokens, 0),))
-            if self.max_slowdown * model.predict(reference) < model.predict(StepShape(prefills=(ChunkShape(1, 0),))):
+            if self._bounded_quantum(model)[1]:
                 offline_only += ", on top of a step's fixed cost, which is more"
             offline_only += ")"
         return (f"bounded: offline work adds <= {self.max_slowdown:.0%} to a step's online "
@@ -190,6 +194,14 @@ class Targets:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Targets:
         return cls(**data)
+
+
+def check_tail_quantile(quantile: float | None) -> None:
+    """The planning quantile of step time (`PolicyConfig.tail_quantile`): None (or 0, as
+    `serve --tail-quantile 0` gives it) plans on the prediction."""
+    if quantile and not 0.5 <= quantile < 1:
+        raise PolicyError(f"--tail-quantile must be in [0.5, 1) (0: plan on the prediction), "
+                          f"got {quantile:g}")
 
 
 def check_targets(ttft_s: float | None, tbt_s: float | None, margin: float,
@@ -409,8 +421,7 @@ class PolicyConfig:
     tail_quantile: float | None = DEFAULT_TAIL_QUANTILE
 
     def __post_init__(self) -> None:
-        if self.tail_quantile is not None and not 0.5 <= self.tail_quantile < 1:
-            raise PolicyError(f"--tail-quantile must be in [0.5, 1), got {self.tail_quantile:g}")
+        check_tail_quantile(self.tail_quantile)
 
     def to_dict(self) -> dict[str, Any]:
         return {"targets": self.targets.to_dict(), "latency_model": self.model.to_dict(),

@@ -16,8 +16,7 @@ import asyncio
 import contextlib
 from contextvars import ContextVar
 
-from conserve_bench.faults import fault_hook
-from conserve_bench.vllm_plugin.arrivals import SharedInts
+from conserve_bench.vllm_plugin.arrivals import hooked_ints
 from conserve_bench.vllm_plugin.overrides import ARRIVAL_KEY
 
 # NOTE: a context variable: each HTTP request runs in its own task, and the tasks vLLM's app
@@ -29,14 +28,15 @@ def tag_arrivals(client) -> None:
     """Wrap `client.generate` (vLLM's `AsyncLLM`, which every OpenAI route calls) to carry
     `ADMITTED`'s number into the engine."""
     generate = client.generate
-    delay = _hooked_delay()
+    delay = hooked_ints("serve.handoff_delay_ms")
 
     def tagged(prompt, sampling_params, *args, **kwargs):
         number = ADMITTED.get()
         if number is not None and hasattr(sampling_params, "extra_args"):  # NOTE: not pooling
             sampling_params.extra_args = {**(sampling_params.extra_args or {}), ARRIVAL_KEY: number}
-        if number is not None and delay is not None and delay.read() > 0:
-            return _delayed(delay.read() / 1e3, generate(prompt, sampling_params, *args, **kwargs))
+        delay_ms = delay.read() if number is not None and delay is not None else 0
+        if delay_ms > 0:
+            return _delayed(delay_ms / 1e3, generate(prompt, sampling_params, *args, **kwargs))
         return generate(prompt, sampling_params, *args, **kwargs)
 
     client.generate = tagged
@@ -48,8 +48,3 @@ async def _delayed(delay_s: float, outputs):
     async with contextlib.aclosing(outputs):
         async for output in outputs:
             yield output
-
-
-def _hooked_delay() -> SharedInts | None:
-    path = fault_hook("serve.handoff_delay_ms")
-    return SharedInts(path) if path else None

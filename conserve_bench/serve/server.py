@@ -46,7 +46,7 @@ from conserve_bench.errors import ConserveError, EngineUnavailableError
 from conserve_bench.sched.latency import LatencyModel
 from conserve_bench.engine.models import resolve_model
 from conserve_bench.sched.policy import (DEFAULT_MARGIN, DEFAULT_TAIL_QUANTILE, SAFEPOINT_EVERY, PolicyConfig, Targets,
-                                         check_targets, default_offline_step_s, default_targets,
+                                         check_tail_quantile, check_targets, default_offline_step_s, default_targets,
                                          derived_max_slowdown)
 from conserve_bench.sched.refit import RefitConfig
 from conserve_bench.serve.guard import DEFAULT_MAX_REQUEST_BYTES, GuardConfig
@@ -127,9 +127,7 @@ class ServeConfig:
                                    "with --ttft-slo-ms/--tbt-slo-ms offline work spends the SLOs")
         self._check_layer_preemption()
         self._check_folders()
-        if self.tail_quantile and not 0.5 <= self.tail_quantile < 1:
-            raise ServeConfigError(f"--tail-quantile must be in [0.5, 1) (0: plan on the mean), "
-                                   f"got {self.tail_quantile:g}")
+        check_tail_quantile(self.tail_quantile)
         try:
             self.offline_run_config
             self.guard

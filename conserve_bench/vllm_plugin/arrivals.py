@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from conserve_bench.faults import fault_hook
+
 _FORMAT = "<q"  # one signed 64-bit integer per slot
 _SLOT = struct.calcsize(_FORMAT)
 
@@ -47,6 +49,13 @@ class SharedInts:
 
     def close(self) -> None:
         self._map.close()
+
+
+def hooked_ints(hook: str) -> SharedInts | None:
+    """The `SharedInts` file the fault suite steers this process through (`faults.HOOKS`),
+    or None when the hook is not armed."""
+    path = fault_hook(hook)
+    return SharedInts(path) if path else None
 
 
 class ArrivalSignal:

@@ -14,9 +14,8 @@ import dataclasses
 import time
 from typing import Any
 
-from conserve_bench.faults import fault_hook
 from conserve_bench.sched.kv_checkpoints import CheckpointBook, Resume
-from conserve_bench.vllm_plugin.arrivals import SharedInts
+from conserve_bench.vllm_plugin.arrivals import hooked_ints
 from conserve_bench.vllm_plugin.overrides import (ConnectorConfig, is_online, wants_prompt_logprobs,
                                                   write_state)
 from conserve_bench.vllm_plugin.safepoints import StepMeta
@@ -29,7 +28,7 @@ class ConnectorScheduler:
 
     def __init__(self, config: ConnectorConfig, num_pool_slots: int, block_size: int,
                  block_bytes: int):
-        self._abort_layer = _hooked_int("connector.abort_layer")
+        self._abort_layer = hooked_ints("connector.abort_layer")
         self._attempted: set[tuple] = set()  # fault hook: work already cut once
         self._num_steps = 0
         self.checkpoints = Checkpoints(config, num_pool_slots, block_size, block_bytes)
@@ -86,7 +85,7 @@ class Checkpoints:
     def __init__(self, config: ConnectorConfig, num_slots: int, block_size: int, block_bytes: int):
         self.book = CheckpointBook(num_slots, block_size)
         self._block_bytes = block_bytes
-        self._max_blocks = _hooked_int("kv_checkpoints.max_blocks")
+        self._max_blocks = hooked_ints("kv_checkpoints.max_blocks")
         self._state_path = config.checkpoint_state_path
         self._state_written_at = float("-inf")
         self._local: dict[str, int] = {}  # vLLM's prefix-cache hit of requests being admitted
@@ -183,12 +182,6 @@ def _scheduled(output):
     cached = output.scheduled_cached_reqs
     for req_id, num_before in zip(cached.req_ids, cached.num_computed_tokens):
         yield req_id, num_before, output.num_scheduled_tokens[req_id]
-
-
-def _hooked_int(hook: str) -> SharedInts | None:
-    """The `SharedInts` the fault suite steers this process through (`faults.HOOKS`), if any."""
-    path = fault_hook(hook)
-    return SharedInts(path) if path else None
 
 
 def _work_signature(scheduler_output) -> tuple:
