@@ -19,7 +19,7 @@ from typing import Any
 
 DEFAULT_DB_URL = "sqlite:///conserve.db"
 DEFAULT_MODEL = "smollm2-135m"
-JOB_SOURCES = ("tasks", "requests", "session")
+JOB_SOURCES = ("tasks", "requests", "session", "batch")
 # vLLM's `--dtype` values, each spelled one way (a fingerprint names the dtype)
 DTYPES = {"auto": "auto", "float32": "float32", "float": "float32", "bfloat16": "bfloat16",
           "float16": "float16", "half": "float16"}

@@ -44,6 +44,14 @@ class JobNotFoundError(ConserveError):
     pass
 
 
+class BatchNotFoundError(JobNotFoundError):
+    pass
+
+
+class FileNotFoundInStoreError(JobNotFoundError):
+    """No such file in the store (`/v1/files`): never a path of the server."""
+
+
 class JobStateError(ConserveError):
     pass
 

@@ -33,6 +33,11 @@ EXPECTED_SCHEMA = {
                 "lease_until", "job_id"},
     "item_partials": {"item_key", "token_ids", "num_tokens", "num_resumes", "num_reused_tokens",
                       "updated_at"},
+    "files": {"id", "purpose", "filename", "num_bytes", "content", "created_at"},
+    "batches": {"id", "job_id", "endpoint", "input_file_id", "completion_window", "status",
+                "num_lines", "line_errors", "metadata", "errors", "output_file_id",
+                "error_file_id", "created_at", "expires_at", "in_progress_at", "finalizing_at",
+                "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at"},
 }
 
 

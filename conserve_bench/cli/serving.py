@@ -19,7 +19,7 @@ from conserve_bench.config import (DEFAULT_MODEL, DEFAULT_PARTIAL_S, DEFAULT_PAR
                                    LeaseConfig, ServePolicy, default_data_dir, default_db_url)
 from conserve_bench.output import out
 from conserve_bench.sched.policy import DEFAULT_MARGIN, DEFAULT_TAIL_QUANTILE, SAFEPOINT_EVERY
-from conserve_bench.serve.guard import DEFAULT_MAX_REQUEST_BYTES
+from conserve_bench.serve.guard import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_UPLOAD_BYTES
 
 
 @app.command()
@@ -80,6 +80,7 @@ def serve(
     api_key: ApiKeyOpt = None,
     public_metrics: Annotated[bool, typer.Option("--public-metrics", help="With --api-key: serve /metrics without the key (a Prometheus scraper on a trusted network); every other route but /health needs it.")] = False,
     max_request_bytes: Annotated[int, typer.Option("--max-request-bytes", min=1, help="Largest request body on any route, in bytes; larger ones get 413 before they are parsed.")] = DEFAULT_MAX_REQUEST_BYTES,
+    max_batch_file_bytes: Annotated[int, typer.Option("--max-batch-file-bytes", min=1, help="Largest file uploaded to /v1/files (a batch's input), in bytes; it is kept in the store.")] = DEFAULT_MAX_UPLOAD_BYTES,
     ttft_slo_ms: Annotated[Optional[float], typer.Option("--ttft-slo-ms", help="Online TTFT target; given (or --tbt-slo-ms), conserve spends it on offline work.", show_default="counted only, 2x a 1024-token prefill, from the profile")] = None,
     tbt_slo_ms: Annotated[Optional[float], typer.Option("--tbt-slo-ms", help="Online TBT target; given, conserve fills steps up to it.", show_default="counted only, 5x a decode step, from the profile")] = None,
     slo_margin: Annotated[float, typer.Option("--slo-margin", help="conserve with SLOs: offline work fills steps up to (1 - margin) x the TBT target.")] = DEFAULT_MARGIN,
@@ -120,7 +121,7 @@ def serve(
     data_dir = data_dir or default_data_dir()
     cfg = ServeConfig(model=model, host=host, port=port, db_url=db or default_db_url(), policy=policy,
                       api_key=api_key, public_metrics=public_metrics,
-                      max_request_bytes=max_request_bytes, ttft_slo_ms=ttft_slo_ms, tbt_slo_ms=tbt_slo_ms,
+                      max_request_bytes=max_request_bytes, max_batch_file_bytes=max_batch_file_bytes, ttft_slo_ms=ttft_slo_ms, tbt_slo_ms=tbt_slo_ms,
                       slo_margin=slo_margin, quantum_ms=quantum_ms, max_slowdown=max_slowdown,
                       refit=refit, tail_quantile=tail_quantile, layer_preemption=on_off("--layer-preemption", layer_preemption),
                       safepoint_every=safepoint_every, kv_checkpoint_gib=kv_checkpoint_gib,

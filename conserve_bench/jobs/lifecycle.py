@@ -128,7 +128,7 @@ def _run_as(store: Store, job: Job, engine, run_cfg: RunConfig, output_dir, on_p
     store.leave_job(job.id, replica.id)
     if not saved:  # NOTE: cancelled as it finished: the cancel stands, no results
         raise JobStateError(f"job {job.id} was cancelled; its results were not saved")
-    if output_dir is not None:
+    if output_dir is not None and job.spec.source != "batch":  # NOTE: a batch's are its files
         write_results(results, output_dir, output.get("samples") if log_samples else None)
     return results
 
@@ -181,7 +181,7 @@ def check_runs_on(job: Job, fingerprint: str | None = None, model: str | None = 
         raise ForeignJobError(f"job {job.id} holds requests for {spec.fingerprint}, keyed by an "
                               "older conserve-bench before keys named the weights and vLLM: no "
                               "engine runs it now; run its lm-eval evaluation again")
-    if model is not None and spec.source == "tasks" and model_name(spec.model) != model:
+    if model is not None and spec.source in ("tasks", "batch") and model_name(spec.model) != model:
         raise ForeignJobError(f"job {job.id} evaluates {spec.model}, not this engine's {model}")
     if None not in (fingerprint, spec.fingerprint) and spec.fingerprint != fingerprint:
         raise ForeignJobError(f"job {job.id} holds requests for {spec.fingerprint}, "
@@ -210,6 +210,11 @@ def _raise_if_cancelled(store: Store, job_id: str) -> None:
 
 
 def _evaluate(store, job: Job, runner, engine, manager, tracker) -> dict[str, Any]:
+    if job.spec.source == "batch":
+        from conserve_bench.batches.lifecycle import run_batch
+
+        tracker.refresh()
+        return run_batch(store, job, runner)
     if job.spec.source != "tasks":
         return _compute_requests(store, job, runner, tracker)
     from lm_eval import simple_evaluate

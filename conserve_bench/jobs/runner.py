@@ -34,6 +34,9 @@ WAIT_FOR_OTHERS_S = 0.5
 # NOTE: a save of partials waits at least 1 / MAX_PARTIALS_SHARE times as long as the previous
 # one took, so saving never takes more than this share of the wall time, however slow the store.
 MAX_PARTIALS_SHARE = 0.005
+# the kinds of item whose generation continues from a partial (an OpenAI batch line: when
+# its engine can continue it, `engine.openai_requests.can_continue`)
+RESUMABLE_KINDS = ("generate_until", "openai")
 
 
 class Stopped(Exception):
@@ -151,7 +154,7 @@ class Runner:
 
     def _submit(self, claimed: list) -> None:
         """Hand claimed items to the engine; generations continue from their partials."""
-        keys = [w.key for w in claimed if w.kind == "generate_until"]
+        keys = [w.key for w in claimed if w.kind in RESUMABLE_KINDS]
         partials = {}
         if keys and self.cfg.partial_tokens:
             partials = self._timed(self.store.resume_partials, keys)

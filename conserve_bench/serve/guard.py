@@ -27,23 +27,31 @@ from conserve_bench.vllm_plugin.overrides import ONLINE_PRIORITY
 from conserve_bench.serve.health import HealthCheck
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # 1 MiB: a long prompt is a few hundred KiB
+DEFAULT_MAX_UPLOAD_BYTES = 200 << 20  # a batch input file (`/v1/files`): OpenAI's own cap
+UPLOAD_PATH = "/v1/files"
 HEALTH_PATH, METRICS_PATH, INVOCATIONS_PATH = "/health", "/metrics", "/invocations"
 ENGINE_FIELDS = ("priority", "max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
 @dataclass(frozen=True)
 class GuardConfig:
-    """One body limit for every route: clients that send much (lm-eval's requests in client
-    mode, `harness.backends`) split their posts under it."""
+    """One body limit for every route but uploads (`max_upload_bytes`, a batch's input file):
+    clients that send much (lm-eval's requests in client mode, `harness.backends`) split
+    their posts under it."""
 
     api_key: str | None = None
     public_metrics: bool = False
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
 
     def __post_init__(self):
-        if not (isinstance(self.max_request_bytes, int) and self.max_request_bytes >= 1):
-            raise ValueError("--max-request-bytes: the body limit must be a positive byte count, "
-                             f"got {self.max_request_bytes!r}")
+        for flag, value in (("--max-request-bytes", self.max_request_bytes),
+                            ("--max-batch-file-bytes", self.max_upload_bytes)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{flag}: the body limit must be a positive byte count, got {value!r}")
+
+    def body_limit(self, method: str, path: str) -> int:
+        return self.max_upload_bytes if method == "POST" and path == UPLOAD_PATH else self.max_request_bytes
 
     def is_public(self, path: str) -> bool:
         if not self.api_key or path == HEALTH_PATH:
@@ -76,7 +84,7 @@ class Guard:
             return await _deny(scope, send)
         if scope["type"] == "websocket":
             return await self.app(scope, receive, send)
-        body = await _read_body(scope, receive, send, self.cfg.max_request_bytes)
+        body = await _read_body(scope, receive, send, self.cfg.body_limit(scope["method"], path))
         if body is None:
             return None  # answered 413, or the client left
         if scope["method"] == "POST" and any(p.match(path) for p in self._generation):

@@ -38,6 +38,22 @@ _OFFLINE_TOKENS = Counter("conserve_offline_tokens_total", "Tokens processed for
 _OFFLINE_ITEMS = Counter("conserve_offline_items_total", "Offline work items committed.")
 _JOB_DONE = Gauge("conserve_job_items_done", "Finished items of a job.", ["job"])
 _JOB_TOTAL = Gauge("conserve_job_items_total", "Items of a job.", ["job"])
+_BATCH_REQUESTS = Gauge("conserve_batch_requests", "Requests of an OpenAI batch, by outcome so far "
+                        "(total, completed, failed).", ["batch", "state"])
+_BATCH_ETA = Gauge("conserve_batch_eta_seconds", "Seconds an OpenAI batch's remaining requests "
+                   "need at its measured rate (NaN before one is measured).", ["batch"])
+_BATCH_TOKENS = Gauge("conserve_batch_tokens", "Tokens a finished OpenAI batch's requests "
+                      "used (its usage), by kind.", ["batch", "kind"])
+
+
+def batch_progress(batch_id: str, counts: dict[str, int], eta_s: float | None,
+                   usage: dict[str, int] | None = None) -> None:
+    """Export one batch's request counts, ETA and, once finished, its tokens."""
+    for state, value in counts.items():
+        _BATCH_REQUESTS.labels(batch_id, state).set(value)
+    _BATCH_ETA.labels(batch_id).set(float("nan") if eta_s is None else eta_s)
+    for kind, value in (usage or {}).items():
+        _BATCH_TOKENS.labels(batch_id, kind).set(value)
 _MODEL_ERROR = Gauge("conserve_latency_model_rel_error",
                      "Relative step-time error on the newest live steps, per latency model.",
                      ["model", "quantile"])

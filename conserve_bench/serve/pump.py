@@ -1,7 +1,8 @@
 """The offline pump: runs queued jobs on the engine that also serves online traffic.
 
 A thread takes the oldest queued or running job and runs it with the same `run_job` as
-`submit` (lm-eval -> work items -> runner -> store), as this server's `jobs.replica.Replica`:
+`submit` (lm-eval -> work items -> runner -> store), as this server's `jobs.replica.Replica`
+(an OpenAI batch's job runs its lines on `batch_engine`, vLLM's OpenAI handlers: `batches`):
 every replica on one store joins the same job and they share its items. Its engine is
 `engine.async_llm.AsyncEngineAdapter`, over vLLM's `AsyncLLM` on the server's event loop, at
 offline priority. Stopping (SIGTERM drain) admits no new work and gives in-flight items back
@@ -43,8 +44,9 @@ class OfflinePump:
     def __init__(self, store: Store, engine: AsyncEngineAdapter, run_cfg: RunConfig,
                  output_dir: str | Path | None, on_progress=None, label: str = "serve",
                  model: str | None = None, on_fatal: Callable[[str], None] | None = None,
-                 include_paths: tuple[str, ...] = ()):
+                 include_paths: tuple[str, ...] = (), batch_engine=None):
         self.store, self.engine, self.run_cfg, self.model = store, engine, run_cfg, model
+        self.batch_engine = batch_engine
         self.output_dir, self.include_paths = output_dir, include_paths
         self.replica = Replica(store, label)
         self.on_progress = on_progress or (lambda job_id, done, total: None)
@@ -101,7 +103,7 @@ class OfflinePump:
     def _engine_is_dead(self) -> bool:
         # NOTE: only the async engine can tell (`AsyncEngineAdapter.is_dead`); others raise
         # EngineUnavailableError from `step` alone.
-        return getattr(self.engine, "is_dead", False) is True
+        return any(getattr(engine, "is_dead", False) is True for engine in (self.engine, self.batch_engine))
 
     def _run_forever(self) -> None:
         try:
@@ -177,10 +179,13 @@ class OfflinePump:
         from conserve_bench.jobs.lifecycle import run_job
         from conserve_bench.jobs.runner import Stopped
 
+        engine = self.batch_engine if job.spec.source == "batch" else self.engine
+        if engine is None:
+            raise ForeignJobError(f"job {job.id} is an OpenAI batch; this replica runs none")
         try:
             # NOTE: never retry_failed: the job may have failed (on another replica) since it
             # was picked; its failed items are retried by `resume`, not by every replica.
-            run_job(self.store, job.id, self.engine, self.run_cfg, output_dir=self.output_dir,
+            run_job(self.store, job.id, engine, self.run_cfg, output_dir=self.output_dir,
                     on_progress=lambda d, t, _tokens, j=job.id: self.on_progress(j, d, t),
                     should_stop=self._stop.is_set, replica=self.replica, retry_failed=False,
                     model=self.model, include_paths=self.include_paths)

@@ -49,7 +49,7 @@ from conserve_bench.sched.policy import (DEFAULT_MARGIN, DEFAULT_TAIL_QUANTILE, 
                                          check_tail_quantile, check_targets, default_offline_step_s, default_targets,
                                          derived_max_slowdown)
 from conserve_bench.sched.refit import RefitConfig
-from conserve_bench.serve.guard import DEFAULT_MAX_REQUEST_BYTES, GuardConfig
+from conserve_bench.serve.guard import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_UPLOAD_BYTES, GuardConfig
 from conserve_bench.serve.health import HealthCheck, Probe, StoreWatch, engine_probe
 from conserve_bench.vllm_plugin.arrivals import ArrivalSignal
 from conserve_bench.vllm_plugin.overrides import ConnectorConfig, engine_overrides, single_worker
@@ -76,6 +76,7 @@ class ServeConfig:
     api_key: str | None = None
     public_metrics: bool = False  # /metrics without the key (a scraper on a trusted network)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies: 413, before parsing
+    max_batch_file_bytes: int = DEFAULT_MAX_UPLOAD_BYTES  # `/v1/files` uploads (batch inputs)
     ttft_slo_ms: float | None = None  # None: derived from the latency profile
     tbt_slo_ms: float | None = None
     slo_margin: float = DEFAULT_MARGIN
@@ -144,7 +145,8 @@ class ServeConfig:
     def guard(self) -> GuardConfig:
         """What the guard in front of the whole app enforces (`serve.guard`)."""
         return GuardConfig(api_key=self.api_key, public_metrics=self.public_metrics,
-                           max_request_bytes=self.max_request_bytes)
+                           max_request_bytes=self.max_request_bytes,
+                           max_upload_bytes=self.max_batch_file_bytes)
 
     @property
     def spends_slos(self) -> bool:
@@ -373,7 +375,9 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from conserve_bench.engine.openai_requests import OpenAIHandlers, OpenAIRequestEngine
     from conserve_bench.serve.arrivals import tag_arrivals
+    from conserve_bench.serve.batchapi import BatchSweeper, install_batch_api
     from conserve_bench.serve.guard import Guard, generation_routes
     from conserve_bench.serve.jobapi import install_job_api
     from conserve_bench.serve.metrics import CheckpointWatcher, OnlineMetrics, RefitWatcher
@@ -393,13 +397,21 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
         fingerprint = engine_fingerprint(engine_cfg, max_model_len, client.model_config)
         install_job_api(app, store, cfg, fingerprint, max_model_len)
         await init_app_state(client, app.state, args, supported_tasks)
-        adapter = AsyncEngineAdapter(client, asyncio.get_running_loop(), fingerprint,
+        # NOTE: a batch's lines run through handlers of their own, vLLM's as its app has them,
+        # over the same engine at offline priority (`engine.openai_requests`)
+        handlers = await OpenAIHandlers.create(client, args, supported_tasks)
+        install_batch_api(app, store, cfg.model, fingerprint, handlers.urls)
+        loop = asyncio.get_running_loop()
+        adapter = AsyncEngineAdapter(client, loop, fingerprint,
                                      max_model_len, on_tokens=metrics.offline_tokens,
                                      add_bos_token=engine_cfg.add_bos_token)
+        batch_engine = OpenAIRequestEngine(handlers, loop, fingerprint,
+                                           is_dead=lambda: client.errored is True,
+                                           on_tokens=metrics.offline_tokens)
         pump = OfflinePump(store, adapter, cfg.offline_run_config, cfg.output_dir,
                            on_progress=metrics.job_progress,
                            label=f"serve {cfg.host}:{cfg.port}", model=engine_cfg.model_name,
-                           include_paths=cfg.include_paths)
+                           include_paths=cfg.include_paths, batch_engine=batch_engine)
         store_watch = StoreWatch(store.live_replicas, cfg.leases.heartbeat_s, cfg.leases.lease_s)
         # NOTE: vLLM's app has built its middleware stack already; the guard wraps it from
         # outside, and reads the routes that run the engine off the app as built.
@@ -416,7 +428,7 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
         try:
             await serve_until_stopped(server, pump, client, [
                 watcher.run(REFIT_POLL_S), CheckpointWatcher(checkpoint_state).run(REFIT_POLL_S),
-                store_watch.run()])
+                store_watch.run(), BatchSweeper(store).run()])
         finally:
             watcher.poll()  # NOTE: the last refit the engine wrote is stored too
 

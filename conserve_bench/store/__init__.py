@@ -17,7 +17,8 @@ scheduler or lm-eval.
 
 from conserve_bench.store.migrations import MIGRATIONS
 from conserve_bench.store.repository import Job, Store, WorkItem, item_key, keyed_items
-from conserve_bench.store.states import ItemState, JobState, ReplicaState
+from conserve_bench.store.batch_rows import Batch, RequestCounts
+from conserve_bench.store.states import BatchStatus, ItemState, JobState, ReplicaState
 
-__all__ = ["MIGRATIONS", "ItemState", "Job", "JobState", "ReplicaState", "Store", "WorkItem",
+__all__ = ["MIGRATIONS", "Batch", "BatchStatus", "RequestCounts", "ItemState", "Job", "JobState", "ReplicaState", "Store", "WorkItem",
            "item_key", "keyed_items"]

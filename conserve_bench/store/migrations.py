@@ -153,9 +153,44 @@ def m006_item_partials(conn: sa.Connection) -> None:
     ).create(conn, checkfirst=True)
 
 
+def m007_batches(conn: sa.Connection) -> None:
+    """The OpenAI Batch API's files and batches (#34)."""
+    meta = sa.MetaData()
+    sa.Table("jobs", meta, sa.Column("id", sa.String(32), primary_key=True))  # the FK's target
+    sa.Table(
+        "files", meta,
+        sa.Column("id", sa.String(64), primary_key=True),
+        sa.Column("purpose", sa.String(32), nullable=False),
+        sa.Column("filename", sa.String(256), nullable=False),
+        sa.Column("num_bytes", sa.BigInteger, nullable=False),
+        sa.Column("content", sa.LargeBinary, nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+    ).create(conn, checkfirst=True)
+    sa.Table(
+        "batches", meta,
+        sa.Column("id", sa.String(64), primary_key=True),
+        sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id"), nullable=False),
+        sa.Column("endpoint", sa.String(64), nullable=False),
+        sa.Column("input_file_id", sa.String(64), nullable=False),
+        sa.Column("completion_window", sa.String(16), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False, index=True),
+        sa.Column("num_lines", sa.Integer, nullable=False),
+        sa.Column("line_errors", sa.Text, nullable=False),
+        sa.Column("metadata", sa.Text),
+        sa.Column("errors", sa.Text),
+        sa.Column("output_file_id", sa.String(64)),
+        sa.Column("error_file_id", sa.String(64)),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("expires_at", sa.Float, nullable=False),
+        *(sa.Column(f"{stamp}_at", sa.Float) for stamp in (
+            "in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")),
+    ).create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Callable[[sa.Connection], None]] = [m001_initial, m002_profiles,
                                                       m003_profile_refits, m004_run_key,
-                                                      m005_leases, m006_item_partials]
+                                                      m005_leases, m006_item_partials,
+                                                      m007_batches]
 
 
 def migrate(engine: sa.Engine, migrations=MIGRATIONS) -> int:

@@ -41,6 +41,7 @@ from conserve_bench.errors import JobNotFoundError
 from conserve_bench.store import leases
 from conserve_bench.store.base import attempt_param, chunks
 from conserve_bench.store.db import insert_ignore, refresh_statistics
+from conserve_bench.store.batch_rows import BatchRows
 from conserve_bench.store.partials import PartialRows
 from conserve_bench.store.profile_rows import ProfileRows
 from conserve_bench.store.schema import item_partials, items, job_items, jobs, workers
@@ -121,7 +122,7 @@ class Job:
         }
 
 
-class Store(PartialRows, ReplicaRows, ProfileRows):
+class Store(PartialRows, ReplicaRows, ProfileRows, BatchRows):
     """Repository over one database URL (`base.StoreBase`): jobs and their work items here,
     partial generations, replicas and profiles from its parts. Safe to share across threads
     of one process."""

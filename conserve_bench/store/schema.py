@@ -132,3 +132,41 @@ item_partials = sa.Table(
     sa.Column("num_reused_tokens", sa.Integer, nullable=False),  # tokens they did not redo
     sa.Column("updated_at", sa.Float, nullable=False),
 )
+
+# NOTE: the OpenAI Batch API's files (`/v1/files`): a batch's input, output and error files.
+# The content is stored in the row (uploads are capped: `serve --max-batch-file-bytes`), so a
+# fleet's replicas, and a restarted server, read the same files from the one store.
+files = sa.Table(
+    "files",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("purpose", sa.String(32), nullable=False),
+    sa.Column("filename", sa.String(256), nullable=False),
+    sa.Column("num_bytes", sa.BigInteger, nullable=False),
+    sa.Column("content", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+# NOTE: one OpenAI batch (`/v1/batches`), run as the job `job_id` whose items are its lines
+# (kind "openai"); `status` moves by compare-and-set (`batches.status`), each move stamping its
+# `*_at`. `line_errors`: JSON, line index -> the error line of a line refused before it ran.
+batches = sa.Table(
+    "batches",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id"), nullable=False),
+    sa.Column("endpoint", sa.String(64), nullable=False),
+    sa.Column("input_file_id", sa.String(64), nullable=False),
+    sa.Column("completion_window", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("num_lines", sa.Integer, nullable=False),
+    sa.Column("line_errors", sa.Text, nullable=False),
+    sa.Column("metadata", sa.Text),
+    sa.Column("errors", sa.Text),
+    sa.Column("output_file_id", sa.String(64)),
+    sa.Column("error_file_id", sa.String(64)),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    *(sa.Column(f"{stamp}_at", sa.Float) for stamp in (
+        "in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")),
+)

@@ -51,3 +51,28 @@ class ItemState(_StrEnum):
 class ReplicaState(_StrEnum):
     ACTIVE = "active"  # heartbeating; alive while its lease has not expired
     STOPPED = "stopped"  # stopped cleanly, holding nothing
+
+
+class BatchStatus(_StrEnum):
+    """An OpenAI batch's status, OpenAI's values (`batches.objects`): validating ->
+    in_progress -> finalizing -> completed; expired (its window passed), cancelling ->
+    cancelled, failed."""
+
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (BatchStatus.COMPLETED, BatchStatus.EXPIRED, BatchStatus.CANCELLED,
+                        BatchStatus.FAILED)
+
+
+# the statuses a batch enters with a timestamp (`<status>_at`)
+STAMPED_BATCH_STATUSES = ("in_progress", "finalizing", "completed", "failed", "expired",
+                          "cancelling", "cancelled")
