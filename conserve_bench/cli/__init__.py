@@ -27,13 +27,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from conserve_bench.cli import jobs, serving, ci, bench  # NOTE: in the order `--help` lists them
+from conserve_bench.cli import jobs, batch, serving, ci, bench  # NOTE: in the order `--help` lists them
 from conserve_bench.cli.base import Interrupted, app, interrupts
 from conserve_bench.errors import ConserveError, one_line_error
 from conserve_bench.output import out
 
 __all__ = ["app", "main"]
-COMMANDS = (jobs, serving, ci, bench)  # importing each registers its commands on `app`
+COMMANDS = (jobs, batch, serving, ci, bench)  # importing each registers its commands on `app`
 CRASH_EXIT = 3  # an unexpected exception: infrastructure, never a verdict (`ci.ExitCode`)
 # What the `cpu` and `gpu` extras bring and a client install lacks (pyproject.toml)
 ENGINE_MODULES = frozenset({"vllm", "torch", "lm_eval", "datasets", "transformers", "matplotlib",

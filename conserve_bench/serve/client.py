@@ -122,6 +122,27 @@ class JobClient:
             offset = page["next_offset"]
         return results
 
+    # -- OpenAI's Files and Batch APIs (`serve.batchapi`) --
+
+    def upload_file(self, content: bytes, filename: str, purpose: str = "batch") -> dict[str, Any]:
+        return self._call("POST", "/v1/files", files={"file": (filename, content)},
+                          data={"purpose": purpose})
+
+    def create_batch(self, input_file_id: str, endpoint: str, completion_window: str,
+                     metadata: dict[str, str] | None = None) -> dict[str, Any]:
+        return self._call("POST", "/v1/batches", json={
+            "input_file_id": input_file_id, "endpoint": endpoint,
+            "completion_window": completion_window, "metadata": metadata})
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/batches/{batch_id}")
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/batches/{batch_id}/cancel", idempotent=True)
+
+    def file_content(self, file_id: str) -> bytes:
+        return self._call("GET", f"/v1/files/{file_id}/content", raw=True)
+
     def wait(self, job_id: str, on_progress: Callable[[int, int], None], poll_s: float = 1.0):
         while True:
             status = self.status(job_id)
@@ -148,8 +169,10 @@ class JobClient:
             if not patience.wait(problem):
                 raise EngineUnavailableError(f"{problem}{patience.outcome()}") from None
 
-    def _attempt(self, method: str, path: str, idempotent: bool, sent: list[str], **kwargs) -> dict[str, Any]:
-        """One try: the answer, a `ConserveError` to give up with, or `_Transient`."""
+    def _attempt(self, method: str, path: str, idempotent: bool, sent: list[str], raw: bool = False,
+                 **kwargs) -> Any:
+        """One try: the answer (its JSON; with `raw`, its bytes), a `ConserveError` to give up
+        with, or `_Transient`."""
         import httpx
 
         try:
@@ -163,6 +186,8 @@ class JobClient:
             raise _Transient(f"{self.base_url} answered {response.status_code}{_detail(response, sent)}")
         if response.status_code >= 400:
             raise _error(response, sent)
+        if raw:
+            return response.content
         try:
             return response.json()
         except ValueError:
