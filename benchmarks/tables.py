@@ -142,6 +142,37 @@ def score_independence(result: dict, config: dict) -> str:
             f"{times(result['deterministic_throughput_cost'])}.")
 
 
+def batch_api(result: dict, config: dict) -> str:
+    a, v, c, k = result["alone"], result["vllm_run_batch"], result["co_served"], result["killed"]
+    ratios = c["ratios"]
+
+    def tail(name: str) -> str:
+        r = ratios[name]
+        return f"{times(r['ratio'])} [{times(r['low'])}, {times(r['high'])}]"
+
+    rows = [
+        ("alone on `serve` (its defaults), no online traffic",
+         f"{num(a['wall_s'], 1)} s: {num(a['lines_per_s'], 2)} lines/s, {num(a['completion_tokens_per_s'], 1)} tok/s", "-"),
+        ("`vllm run-batch`, same file and engine",
+         f"{num(v['processing_s'], 1)} s (+{num(v['startup_s'], 1)} s start-up): {num(v['lines_per_s'], 2)} lines/s",
+         f"{num(v['differs_from_alone'])} lines differ"),
+        ("harvest rate alone over run-batch's", times(1 / result["harvest_vs_run_batch"]), "-"),
+        (f"beside the conv trace ({num(result['online_requests'])} online requests in {num(result['window_s'])} s)",
+         f"{num(c['wall_s'], 1)} s; online P99 TTFT {tail('ttft_ms.p99')}, TBT {tail('tbt_ms.p99')}, "
+         f"TPOT {tail('tpot_ms.p99')} x online-only's", f"{num(c['differs_from_alone'])} lines differ"),
+        ("SIGKILL at {:.0%}, restarted".format(config["kill_at"]),
+         f"{num(k['done_before_kill'])} lines done before; {num(k['lines_computed_twice'])} computed twice; "
+         f"{num(len(k['resumes'] or {}))} generations continued",
+         f"{num(k['differs_from_alone'])} lines differ; file identical but `created`: {yes(k['file_identical_but_created'])}"),
+        (f"{num(result['alone_requests']['num'])} lines sent alone, one at a time", "-",
+         f"{num(len(result['alone_requests']['differ_from_batch']))} differ"),
+    ]
+    return (md_table(("run", "time and rate", "outputs against the alone run"), rows)
+            + f"\n\n{num(result['num_lines'])} chat completions, greedy, {pct(config['long_share'], 0)} "
+            f"up to {num(config['long_tokens'])} tokens, the rest up to {num(config['short_tokens'])}; "
+            "ratios with 95% bootstrap intervals.")
+
+
 def house_side_by_side(result: dict, config: dict) -> str:
     b, k, t = result["bench"], result["kv_churn"], result["suite"]
 
@@ -321,7 +352,7 @@ RENDERERS = {"layer_preemption": layer_preemption, "kv_checkpoint": kv_checkpoin
              "house_side_by_side": house_side_by_side, "score_independence": score_independence,
              "nightly_resume": nightly_resume, "partial_generations": partial_generations,
              "store_fleet": store_fleet, "submit_vs_hf": submit_vs_hf, "vllm_bench_serve": vllm_bench_serve,
-             "faults": faults, "bench": bench, "demo_phases": demo_phases}
+             "faults": faults, "bench": bench, "demo_phases": demo_phases, "batch_api": batch_api}
 
 
 # --- sharded runs ------------------------------------------------------------------------------

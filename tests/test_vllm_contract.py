@@ -135,3 +135,41 @@ def test_vllm_takes_an_executor_by_import_path_that_the_cpu_build_leaves_alone()
     assert 'distributed_executor_backend == "uni"' in inspect.getsource(cpu.CpuPlatform.check_and_update_config)
     assert resolve_obj_by_qualname(UNIPROC_EXECUTOR) is UniProcExecutor
     assert "resolve_obj_by_qualname(distributed_executor_backend)" in inspect.getsource(Executor.get_class)
+
+
+def test_vllm_batch_api_names():
+    """What `engine.openai_requests` runs a batch line with (docs/vllm-contract.md#batch-api)."""
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest  # noqa: F401
+    from vllm.entrypoints.serve import create_error_response  # noqa: F401
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.sampling_params import RequestOutputKind
+
+    assert list(inspect.signature(init_app_state).parameters)[:4] == [
+        "engine_client", "state", "args", "supported_tasks"]
+    from vllm.entrypoints.generate import api_router as generate_state
+    from vllm.entrypoints.pooling import factories as pooling_state
+
+    for attribute, module in (("openai_serving_chat", generate_state),
+                              ("openai_serving_completion", generate_state),
+                              ("serving_embedding", pooling_state)):
+        assert f"state.{attribute} =" in inspect.getsource(module), attribute
+    for handler, prefix in ((OpenAIServingChat, "chatcmpl-"), (OpenAIServingCompletion, "cmpl-")):
+        source = inspect.getsource(inspect.getmodule(handler))
+        assert f'f"{prefix}{{self._base_request_id(raw_request, request.request_id)}}"' in source
+        assert "self.engine_client.generate(" in source and "priority=" in source
+    for model in (ChatCompletionRequest, CompletionRequest):
+        assert "request_id" in model.model_fields
+        params = model.model_validate({"model": "m", "prompt": "x", "messages": [], "max_tokens": 4}
+                                      ).to_sampling_params(4, {})
+        assert params.output_kind == RequestOutputKind.FINAL_ONLY
+        for name in ("n", "stop", "logprobs", "prompt_logprobs", "temperature", "seed",
+                     "presence_penalty", "frequency_penalty", "bad_words", "max_tokens",
+                     "min_tokens", "skip_special_tokens"):
+            assert hasattr(params, name), name
+    assert RequestOutputKind.DELTA
+    assert "code" in ErrorResponse.model_fields["error"].annotation.model_fields
