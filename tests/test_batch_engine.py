@@ -36,6 +36,8 @@ def test_a_batch_survives_a_sigkill_and_answers_as_each_request_alone(tmp_path, 
     path = tmp_path / "batch.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     db_url = f"sqlite:///{tmp_path / 'store.db'}"
+    for folder in ("first", "second"):
+        (tmp_path / folder).mkdir()
 
     server = Server(db_url, data_dir, tmp_path / "first")
     try:
@@ -51,7 +53,7 @@ def test_a_batch_survives_a_sigkill_and_answers_as_each_request_alone(tmp_path, 
         def partly_generated():
             items = store.job_items(job_id)
             done = {i["key"] for i in items if i["state"] == "done"}
-            saved = store.resume_partials([i["key"] for i in items if i["state"] == "running"])
+            saved = store.partials(job_id)  # NOTE: read only (`resume_partials` counts a resume)
             return (done, saved) if done and any(len(t) >= 32 for t in saved.values()) else None
 
         done_before, _ = wait_for(partly_generated, "short lines done and long ones part-generated", 300, 0.1)
@@ -80,4 +82,5 @@ def test_a_batch_survives_a_sigkill_and_answers_as_each_request_alone(tmp_path, 
     runs = store.run_counts(job_id)
     assert all(runs[key] == 1 for key in done_before), "a line done before the kill ran again"
     resumes = store.resumes(job_id)  # item -> its resumes and the saved tokens they reused
-    assert resumes and all(r["num_reused_tokens"] >= 32 for r in resumes.values()), resumes
+    assert all(r["num_resumes"] == 1 and r["num_reused_tokens"] > 0 for r in resumes.values()), resumes
+    assert max(r["num_reused_tokens"] for r in resumes.values()) >= 32, resumes
