@@ -125,6 +125,15 @@ def without_created(line: dict[str, Any]) -> dict[str, Any]:
     return {**line, "response": {**line["response"], "body": {**line["response"]["body"], "created": None}}}
 
 
+def field_differences(a: Any, b: Any, path: str = "") -> list[str]:
+    """Where two JSON values differ (dotted paths)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in field_differences(a.get(k), b.get(k), f"{path}.{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in field_differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [path or "."]
+
+
 def usage_totals(lines: dict[str, dict]) -> dict[str, int]:
     usage = [line["response"]["body"]["usage"] for line in lines.values()]
     return {"prompt_tokens": sum(u["prompt_tokens"] for u in usage),
@@ -144,14 +153,17 @@ def run_alone(work: Path, profile_db: str, input_path: Path) -> dict[str, Any]:
 
 
 def run_vllm_batch(work: Path, lines: list[dict], input_path: Path) -> dict[str, Any]:
-    """vLLM's `run_batch` on the file, and on its first line alone (the start-up to subtract)."""
+    """vLLM's `run_batch` on the file, and on its first line alone (the start-up to subtract),
+    with the engine arguments and environment `serve` gives vLLM (`engine.local`'s)."""
     from conserve_bench.config import ModelOptions
-    from conserve_bench.engine.local import engine_args, engine_config
+    from conserve_bench.engine.local import engine_args, engine_config, engine_environment
     from conserve_bench.engine.models import resolve_model
 
     cfg = engine_config(resolve_model(MODEL), ModelOptions())
-    flags = ["--model", cfg.model_path, "--served-model-name", MODEL, "--dtype", cfg.dtype,
-             "--max-model-len", str(engine_args(cfg)["max_model_len"])]
+    engine_environment(cfg)  # NOTE: into this process's environment, which run-batch inherits
+    flags = ["--served-model-name", MODEL]
+    for name, value in engine_args(cfg).items():
+        flags += [f"--{name.replace('_', '-')}", str(value)]
     one = work / "one.jsonl"
     one.write_text(json.dumps(lines[0]) + "\n")
     walls = {}
@@ -159,12 +171,13 @@ def run_vllm_batch(work: Path, lines: list[dict], input_path: Path) -> dict[str,
         out = work / f"run-batch-{name}.jsonl"
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(path),
-                        "-o", str(out), *flags], check=True, capture_output=True,
-                       env={**os.environ, "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cpu")})
+                        "-o", str(out), *flags], check=True, stdout=subprocess.DEVNULL,
+                       stderr=(work / f"run-batch-{name}.log").open("w"))
         walls[name] = time.perf_counter() - t0
     found = {line["custom_id"]: line for line in map(json.loads, (work / "run-batch-all.jsonl").read_text().splitlines())}
+    answered = {c: line for c, line in found.items() if (line.get("response") or {}).get("body")}
     return {"wall_s": walls["all"], "startup_s": walls["one"], "processing_s": walls["all"] - walls["one"],
-            "lines": found, **usage_totals({c: l for c, l in found.items() if l.get("response") and l["response"].get("body")})}
+            "lines": answered, **usage_totals(answered)}
 
 
 def online_requests(trace: str, window_s: float, rate: float, seed: int):
@@ -308,7 +321,8 @@ def main() -> None:
         "online_only": tails(online_only["records"], online_only["records"])["online"],
         "killed": {k: killed[k] for k in ("done_before_kill", "lines_computed_twice", "max_runs", "resumes")}
         | {"differs_from_alone": len(differences(killed["lines"], reference)),
-           "file_identical_but_created": killed_text == alone_text},
+           "file_identical_but_created": killed_text == alone_text,
+           "fields_that_differ": sorted({d for x, y in zip(killed_text, alone_text) for d in field_differences(x, y)})},
         "alone_requests": {"num": len(sample), "differ_from_batch": differences(online_only["alone"], {
             c: reference[c] for c in online_only["alone"]})},
     }

@@ -169,7 +169,7 @@ def test_vllm_batch_api_names():
         assert params.output_kind == RequestOutputKind.FINAL_ONLY
         for name in ("n", "stop", "logprobs", "prompt_logprobs", "temperature", "seed",
                      "presence_penalty", "frequency_penalty", "bad_words", "max_tokens",
-                     "min_tokens", "skip_special_tokens"):
+                     "min_tokens", "skip_special_tokens", "stream_interval"):
             assert hasattr(params, name), name
     assert RequestOutputKind.DELTA
     assert "code" in ErrorResponse.model_fields["error"].annotation.model_fields

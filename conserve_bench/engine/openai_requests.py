@@ -49,8 +49,11 @@ class OfflineClient:
     priority, continuing from saved tokens and streaming them; everything else is the
     client's own."""
 
-    def __init__(self, client):
+    def __init__(self, client, stream_tokens: int = 16):
+        """`stream_tokens`: how many tokens a streamed generation hands over at a time (the
+        runner saves partials as often); 0: none is streamed, so none continues."""
         self._client = client
+        self.stream_tokens = stream_tokens
         self.num_streamed_tokens = 0  # tokens streamed (generated) for lines since the start
         self._streams: dict[str, _Stream] = {}  # our request id -> its line's generation
         self._partials: dict[str, list[int]] = {}  # item key -> tokens to continue from
@@ -82,7 +85,7 @@ class OfflineClient:
     def generate(self, prompt, sampling_params, request_id: str, *args, **kwargs):
         kwargs["priority"] = OFFLINE_PRIORITY
         stream = self._stream_of(request_id)
-        if stream is None or not can_continue(prompt, sampling_params):
+        if stream is None or not self.stream_tokens or not can_continue(prompt, sampling_params):
             return self._client.generate(prompt, sampling_params, request_id, *args, **kwargs)
         stream.resumable = True
         stream.resumed = self._partials.get(stream.key, [])
@@ -96,6 +99,9 @@ class OfflineClient:
         resumed = stream.resumed
         params = copy.copy(params)
         params.output_kind = RequestOutputKind.DELTA
+        # NOTE: every `stream_tokens` tokens, not every token: each output wakes this process,
+        # which shares the host with the engine on a CPU build
+        params.stream_interval = self.stream_tokens
         if resumed:
             prompt = {**prompt, "prompt_token_ids": [*prompt["prompt_token_ids"], *resumed]}
             params.max_tokens -= len(resumed)
@@ -154,13 +160,13 @@ class OpenAIHandlers:
             self._handlers["/v1/embeddings"] = self._route(embedding, "embedding")
 
     @classmethod
-    async def create(cls, engine_client, args, supported_tasks) -> OpenAIHandlers:
+    async def create(cls, engine_client, args, supported_tasks, stream_tokens: int = 16) -> OpenAIHandlers:
         """Handlers of their own (vLLM's `init_app_state`, as `run-batch` builds them) over
-        the server's engine, seen through an `OfflineClient`."""
+        the server's engine, seen through an `OfflineClient` (`stream_tokens`: its)."""
         from starlette.datastructures import State
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
-        client, state = OfflineClient(engine_client), State()
+        client, state = OfflineClient(engine_client, stream_tokens), State()
         await init_app_state(client, state, args, supported_tasks)
         return cls(state, client)
 

@@ -44,9 +44,10 @@ class OfflinePump:
     def __init__(self, store: Store, engine: AsyncEngineAdapter, run_cfg: RunConfig,
                  output_dir: str | Path | None, on_progress=None, label: str = "serve",
                  model: str | None = None, on_fatal: Callable[[str], None] | None = None,
-                 include_paths: tuple[str, ...] = (), batch_engine=None):
+                 include_paths: tuple[str, ...] = (), batch_engine=None,
+                 batch_run_cfg: RunConfig | None = None):
         self.store, self.engine, self.run_cfg, self.model = store, engine, run_cfg, model
-        self.batch_engine = batch_engine
+        self.batch_engine, self.batch_run_cfg = batch_engine, batch_run_cfg or run_cfg
         self.output_dir, self.include_paths = output_dir, include_paths
         self.replica = Replica(store, label)
         self.on_progress = on_progress or (lambda job_id, done, total: None)
@@ -179,13 +180,15 @@ class OfflinePump:
         from conserve_bench.jobs.lifecycle import run_job
         from conserve_bench.jobs.runner import Stopped
 
-        engine = self.batch_engine if job.spec.source == "batch" else self.engine
+        batch = job.spec.source == "batch"
+        engine = self.batch_engine if batch else self.engine
         if engine is None:
             raise ForeignJobError(f"job {job.id} is an OpenAI batch; this replica runs none")
         try:
             # NOTE: never retry_failed: the job may have failed (on another replica) since it
             # was picked; its failed items are retried by `resume`, not by every replica.
-            run_job(self.store, job.id, engine, self.run_cfg, output_dir=self.output_dir,
+            run_job(self.store, job.id, engine, self.batch_run_cfg if batch else self.run_cfg,
+                    output_dir=self.output_dir,
                     on_progress=lambda d, t, _tokens, j=job.id: self.on_progress(j, d, t),
                     should_stop=self._stop.is_set, replica=self.replica, retry_failed=False,
                     model=self.model, include_paths=self.include_paths)
