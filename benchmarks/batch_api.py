@@ -321,6 +321,8 @@ def main() -> None:
         "online_only": tails(online_only["records"], online_only["records"])["online"],
         "killed": {k: killed[k] for k in ("done_before_kill", "lines_computed_twice", "max_runs", "resumes")}
         | {"differs_from_alone": len(differences(killed["lines"], reference)),
+           # NOTE: the alone run is another batch (ids of its own) on another server (vLLM's
+           # system_fingerprint hashes its config, temporary paths included)
            "file_identical_but_created": killed_text == alone_text,
            "fields_that_differ": sorted({d for x, y in zip(killed_text, alone_text) for d in field_differences(x, y)})},
         "alone_requests": {"num": len(sample), "differ_from_batch": differences(online_only["alone"], {

@@ -156,14 +156,15 @@ def batch_api(result: dict, config: dict) -> str:
         ("`vllm run-batch`, same file and engine",
          f"{num(v['processing_s'], 1)} s (+{num(v['startup_s'], 1)} s start-up): {num(v['lines_per_s'], 2)} lines/s",
          f"{num(v['differs_from_alone'])} lines differ"),
-        ("harvest rate alone over run-batch's", times(1 / result["harvest_vs_run_batch"]), "-"),
+        ("harvest rate alone over run-batch's", times(result["harvest_vs_run_batch"]), "-"),
         (f"beside the conv trace ({num(result['online_requests'])} online requests in {num(result['window_s'])} s)",
          f"{num(c['wall_s'], 1)} s; online P99 TTFT {tail('ttft_ms.p99')}, TBT {tail('tbt_ms.p99')}, "
          f"TPOT {tail('tpot_ms.p99')} x online-only's", f"{num(c['differs_from_alone'])} lines differ"),
         ("SIGKILL at {:.0%}, restarted".format(config["kill_at"]),
          f"{num(k['done_before_kill'])} lines done before; {num(k['lines_computed_twice'])} computed twice; "
          f"{num(len(k['resumes'] or {}))} generations continued",
-         f"{num(k['differs_from_alone'])} lines differ; file identical but `created`: {yes(k['file_identical_but_created'])}"),
+         f"{num(k['differs_from_alone'])} lines differ; the files differ only in "
+         + (", ".join(f"`{f}`" for f in k["fields_that_differ"]) or "nothing") + " (and `created`)"),
         (f"{num(result['alone_requests']['num'])} lines sent alone, one at a time", "-",
          f"{num(len(result['alone_requests']['differ_from_batch']))} differ"),
     ]

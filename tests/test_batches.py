@@ -336,3 +336,61 @@ def test_batches_list_in_pages(store, openai_client):
     assert [b.id for b in first.data] == ids[::-1][:2] and first.has_more
     assert [b.id for b in openai_client.batches.list(limit=10).data] == ids[::-1]
     assert [b.id for b in openai_client.batches.list(limit=2, after=first.data[-1].id).data] == ids[::-1][2:4]
+
+
+# -- `conserve-bench batch --server`, against the API on a real HTTP server ----------------------
+
+
+@pytest.fixture
+def batch_server(store, loop):
+    """The batch API on uvicorn (a thread of its own) over `store`, its lines run by a pump on
+    stand-in handlers; yields the URL."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from conserve_bench.serve.batchapi import install_batch_api
+    from conserve_bench.store.pgcluster import free_port
+
+    app = FastAPI()
+    install_batch_api(app, store, "fake-model", FAKE_FINGERPRINT, (URL,))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, "the test server")
+    pump = batch_pump(store, loop)
+    pump.start()
+    yield f"http://127.0.0.1:{server.config.port}"
+    pump.stop()
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_the_batch_command_runs_a_file_on_a_server_and_writes_run_batch_s_layout(batch_server, run_cli, tmp_path):
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(batch_file(5, bad=(2,)))
+    code, out, err = run_cli("batch", path, "--server", batch_server)
+    assert code == 0, err
+    written = [json.loads(line) for line in (tmp_path / "requests.output.jsonl").read_text().splitlines()]
+    assert [line["custom_id"] for line in written] == [f"r{i}" for i in range(5)]  # input order, errors too
+    assert written[2]["response"]["status_code"] == 400
+    assert "completed: 4 of 5 answered, 1 failed" in out
+    batch_id = next(word for word in err.split() if word.startswith("batch_"))
+
+    code, out, err = run_cli("batch", "--batch-id", batch_id, "--server", batch_server,
+                             "-o", tmp_path / "again.jsonl", "--errors", tmp_path / "errors.jsonl")
+    assert code == 0, err
+    assert [json.loads(x)["custom_id"] for x in (tmp_path / "again.jsonl").read_text().splitlines()] == [
+        "r0", "r1", "r3", "r4"]
+    assert [json.loads(x)["custom_id"] for x in (tmp_path / "errors.jsonl").read_text().splitlines()] == ["r2"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (("missing.jsonl", "--server", "http://127.0.0.1:9"), "cannot read"),
+    (("--server", "http://127.0.0.1:9"), "give an input file, or --batch-id"),
+    (("bad.jsonl", "--server", "http://127.0.0.1:9"), "line 1 is not a JSON object"),
+])
+def test_the_batch_command_refuses_bad_input_in_one_line(run_cli, tmp_path, monkeypatch, args, words):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    code, out, err = run_cli("batch", *args)
+    assert code == 2 and words in err and "Traceback" not in err

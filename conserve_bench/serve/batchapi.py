@@ -25,6 +25,7 @@ from conserve_bench.batches.lines import BatchFileError
 from conserve_bench.batches.objects import DEFAULT_COMPLETION_WINDOW, error_body, file_object
 from conserve_bench.errors import (ConserveError, EngineUnavailableError, JobNotFoundError,
                                    JobStateError, StoreUnavailableError, first_line)
+from conserve_bench.serve.jobapi import errors_route_class
 
 log = logging.getLogger(__name__)
 
@@ -144,31 +145,17 @@ def _openai_error(exc: ConserveError) -> dict[str, Any]:
 
 
 def _route_class():
-    from fastapi.exceptions import RequestValidationError
+    """OpenAI's errors: a ConserveError with its status, a malformed body a 400, both in
+    OpenAI's error shape."""
     from fastapi.responses import JSONResponse
-    from fastapi.routing import APIRoute
 
-    class OpenAIErrors(APIRoute):
-        """Answers errors as OpenAI does: a ConserveError with its status, a malformed body
-        with 400, both in OpenAI's error shape."""
+    def validation_error(exc) -> JSONResponse:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return JSONResponse(error_body(f"{param}: {first.get('msg')}", param=param), status_code=400)
 
-        def get_route_handler(self):
-            handler = super().get_route_handler()
-
-            async def guarded(request):
-                try:
-                    return await handler(request)
-                except ConserveError as exc:
-                    return JSONResponse(_openai_error(exc), status_code=_status(exc))
-                except RequestValidationError as exc:
-                    first = exc.errors()[0]
-                    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-                    return JSONResponse(error_body(f"{param}: {first.get('msg')}", param=param),
-                                        status_code=400)
-
-            return guarded
-
-    return OpenAIErrors
+    return errors_route_class(
+        lambda exc, request: JSONResponse(_openai_error(exc), status_code=_status(exc)), validation_error)
 
 
 SWEEP_S = 1.0  # how often the server ends expired and cancelled batches

@@ -281,16 +281,14 @@ def redact(message: str) -> str:
     return _PATH.sub(HIDDEN, _URL.sub(HIDDEN, message))
 
 
-def _route_class():
-    from fastapi.encoders import jsonable_encoder
+def errors_route_class(conserve_error, validation_error):
+    """A route class whose handlers answer a ConserveError with `conserve_error(exc, request)`
+    and a malformed body with `validation_error(exc)` (both JSONResponses). NOTE: app-level
+    handlers cannot be added: vLLM's app has built its middleware stack already."""
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
     from fastapi.routing import APIRoute
 
     class ErrorsAsJSON(APIRoute):
-        """Answers a ConserveError with its status and one-line message (app-level handlers
-        cannot be added: vLLM's app has built its middleware stack already)."""
-
         def get_route_handler(self):
             handler = super().get_route_handler()
 
@@ -298,12 +296,24 @@ def _route_class():
                 try:
                     return await handler(request)
                 except ConserveError as exc:
-                    message = public_message(exc, request.path_params)
-                    body = {"error": {"message": message, "type": type(exc).__name__}}
-                    return JSONResponse(body, status_code=_error_status(exc))
+                    return conserve_error(exc, request)
                 except RequestValidationError as exc:  # vLLM's app would turn it into a 400
-                    return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+                    return validation_error(exc)
 
             return guarded
 
     return ErrorsAsJSON
+
+
+def _route_class():
+    """The job API's errors: a ConserveError with its status and one-line message, a malformed
+    body a 422 with FastAPI's detail."""
+    from fastapi.encoders import jsonable_encoder
+    from fastapi.responses import JSONResponse
+
+    def conserve_error(exc: ConserveError, request) -> JSONResponse:
+        body = {"error": {"message": public_message(exc, request.path_params), "type": type(exc).__name__}}
+        return JSONResponse(body, status_code=_error_status(exc))
+
+    return errors_route_class(conserve_error, lambda exc: JSONResponse(
+        {"detail": jsonable_encoder(exc.errors())}, status_code=422))
