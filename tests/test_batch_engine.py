@@ -28,15 +28,17 @@ def chat_line(i: int, long: bool) -> dict:
                      **({"ignore_eos": True} if long else {})}}
 
 
-def test_a_batch_survives_a_sigkill_and_answers_as_each_request_alone(tmp_path, data_dir, shared_server):
-    """On the session's server, killed; its restart becomes the session's (no server more)."""
+def test_a_batch_survives_a_sigkill_and_answers_as_each_request_alone(tmp_path, data_dir):
+    """Servers of its own: its online requests must not reach the session server's step log."""
     openai = pytest.importorskip("openai")
     lines = [chat_line(i, long=i % 3 == 0) for i in range(12)]
     path = tmp_path / "batch.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    db_url = f"sqlite:///{tmp_path / 'store.db'}"
+    for folder in ("first", "second"):
+        (tmp_path / folder).mkdir()
 
-    server = shared_server.take()
-    db_url = server.db_url
+    server = Server(db_url, data_dir, tmp_path / "first")
     try:
         oai = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
         batch = oai.batches.create(input_file_id=oai.files.create(file=path.open("rb"), purpose="batch").id,
@@ -57,15 +59,17 @@ def test_a_batch_survives_a_sigkill_and_answers_as_each_request_alone(tmp_path, 
     finally:
         server.signal(signal.SIGKILL)
 
-    server = Server(db_url, data_dir, shared_server.folder)
-    shared_server.give(server)
-    oai = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
-    final = wait_for(lambda: (b := oai.batches.retrieve(batch.id)).status == "completed" and b,
-                     "the batch completed after the restart", 300, 0.5)
-    assert final.request_counts.completed == len(lines) and final.request_counts.failed == 0
-    outputs = [json.loads(x) for x in oai.files.content(final.output_file_id).text.splitlines()]
-    alone = {line["custom_id"]: server.http.post("/v1/chat/completions", json=line["body"]).json()
-             for line in lines}
+    server = Server(db_url, data_dir, tmp_path / "second")
+    try:
+        oai = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+        final = wait_for(lambda: (b := oai.batches.retrieve(batch.id)).status == "completed" and b,
+                         "the batch completed after the restart", 300, 0.5)
+        assert final.request_counts.completed == len(lines) and final.request_counts.failed == 0
+        outputs = [json.loads(x) for x in oai.files.content(final.output_file_id).text.splitlines()]
+        alone = {line["custom_id"]: server.http.post("/v1/chat/completions", json=line["body"]).json()
+                 for line in lines}
+    finally:
+        server.stop()
 
     assert [o["custom_id"] for o in outputs] == [line["custom_id"] for line in lines]
     for output in outputs:
