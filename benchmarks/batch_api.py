@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import csv
 import json
-import os
 import random
 import signal
 import subprocess

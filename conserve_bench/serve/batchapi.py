@@ -184,6 +184,6 @@ class BatchSweeper:
             lifecycle.settle(self.store)
             for batch in self.store.list_batches(EXPORTED_BATCHES):
                 obj = lifecycle.describe(self.store, batch)
-                batch_progress(batch.id, obj["request_counts"], obj["conserve"]["eta_s"], obj.get("usage"))
+                batch_progress(batch.id, obj["request_counts"], obj["conserve"]["eta_s"])
         except StoreUnavailableError as e:
             log.warning("batch sweep skipped: %s", first_line(e))

@@ -42,18 +42,6 @@ _BATCH_REQUESTS = Gauge("conserve_batch_requests", "Requests of an OpenAI batch,
                         "(total, completed, failed).", ["batch", "state"])
 _BATCH_ETA = Gauge("conserve_batch_eta_seconds", "Seconds an OpenAI batch's remaining requests "
                    "need at its measured rate (NaN before one is measured).", ["batch"])
-_BATCH_TOKENS = Gauge("conserve_batch_tokens", "Tokens a finished OpenAI batch's requests "
-                      "used (its usage), by kind.", ["batch", "kind"])
-
-
-def batch_progress(batch_id: str, counts: dict[str, int], eta_s: float | None,
-                   usage: dict[str, int] | None = None) -> None:
-    """Export one batch's request counts, ETA and, once finished, its tokens."""
-    for state, value in counts.items():
-        _BATCH_REQUESTS.labels(batch_id, state).set(value)
-    _BATCH_ETA.labels(batch_id).set(float("nan") if eta_s is None else eta_s)
-    for kind, value in (usage or {}).items():
-        _BATCH_TOKENS.labels(batch_id, kind).set(value)
 _MODEL_ERROR = Gauge("conserve_latency_model_rel_error",
                      "Relative step-time error on the newest live steps, per latency model.",
                      ["model", "quantile"])
@@ -69,6 +57,13 @@ _RESUMES = Gauge("conserve_kv_checkpoint_resumes", "Preempted offline requests r
 _RESUME_TOKENS = Gauge("conserve_kv_checkpoint_resume_tokens",
                        "Tokens preempted requests had computed: loaded or computed again.",
                        ["kind"])
+
+
+def batch_progress(batch_id: str, counts: dict[str, int], eta_s: float | None) -> None:
+    """Export one batch's request counts and ETA."""
+    for state, value in counts.items():
+        _BATCH_REQUESTS.labels(batch_id, state).set(value)
+    _BATCH_ETA.labels(batch_id).set(float("nan") if eta_s is None else eta_s)
 
 
 class OnlineMetrics:
