@@ -106,16 +106,22 @@ def same_results(comparison: dict[str, Any]) -> bool:
 
 
 class OnlineBursts(threading.Thread):
-    """Bursts of `size` concurrent online completions every `period_s` until `stop()`: prompts
-    of about `prompt_words` words, `max_tokens` generated; `sent` and `failed` counted."""
+    """Bursts of `size` concurrent online completions until `stop()` (or `max_bursts` of them):
+    prompts of about `prompt_words` words, `max_tokens` generated; `sent` and `failed` counted.
+
+    After each burst it waits `period_s`, or `idle_factor` times as long as the burst took when
+    that is longer: the online share of the engine's time is then at most 1 / (1 + idle_factor)
+    on any host (a fixed period that leaves a fast host half idle can saturate a slow one)."""
 
     def __init__(self, url: str, api_key: str, size: int = 6, period_s: float = 1.0,
-                 prompt_words: int = 150, max_tokens: int = 16, seed: int = 0):
+                 prompt_words: int = 150, max_tokens: int = 16, seed: int = 0,
+                 idle_factor: float = 0.0, max_bursts: int | None = None):
         super().__init__(daemon=True)
         self.url, self.api_key, self.size, self.period_s = url, api_key, size, period_s
         self.prompt_words, self.max_tokens = prompt_words, max_tokens
+        self.idle_factor, self.max_bursts = idle_factor, max_bursts
         self._rng, self._halt = random.Random(seed), threading.Event()
-        self.sent = self.failed = 0
+        self.sent = self.failed = self.bursts = 0
 
     def run(self) -> None:
         import httpx
@@ -124,13 +130,15 @@ class OnlineBursts(threading.Thread):
         with httpx.Client(base_url=self.url, timeout=120,
                           headers={"Authorization": f"Bearer {self.api_key}"}) as http, \
                 ThreadPoolExecutor(self.size) as pool:
-            while not self._halt.is_set():
+            while not self._halt.is_set() and self.bursts != self.max_bursts:
                 prompts = [" ".join(self._rng.choice(words) for _ in range(self.prompt_words))
                            for _ in range(self.size)]
+                started = time.monotonic()
                 answers = list(pool.map(lambda p: self._complete(http, p), prompts))
+                self.bursts += 1
                 self.sent += len(answers)
                 self.failed += answers.count(False)
-                self._halt.wait(self.period_s)
+                self._halt.wait(max(self.period_s, self.idle_factor * (time.monotonic() - started)))
 
     def _complete(self, http, prompt: str) -> bool:
         try:
@@ -269,6 +277,9 @@ def main() -> None:
     parser.add_argument("--pool-gib", type=float, default=0.1, help="KV checkpoint pool of the preempted runs")
     parser.add_argument("--burst-size", type=int, default=6)
     parser.add_argument("--burst-every-s", type=float, default=2.5)
+    parser.add_argument("--burst-idle-factor", type=float, default=0.0,
+                        help="wait at least this many times a burst's own time after it (2: online "
+                             "work a third of the time on any host) [default: the fixed period]")
     parser.add_argument("--prompt-words", type=int, default=300)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--profile-db", default=None,
@@ -279,7 +290,8 @@ def main() -> None:
         parser.error("the servers load this host's profile: --no-profile needs --profile-db")
     bodies = job_bodies(args.mmlu_limit, args.gen_limit)
     load = {"size": args.burst_size, "period_s": args.burst_every_s,
-            "prompt_words": args.prompt_words, "max_tokens": args.max_tokens}
+            "prompt_words": args.prompt_words, "max_tokens": args.max_tokens,
+            "idle_factor": args.burst_idle_factor}
     with tempfile.TemporaryDirectory(prefix="score-independence-") as tmp:
         work = Path(tmp)
         profile_db = args.profile_db or f"sqlite:///{work / 'profile.db'}"

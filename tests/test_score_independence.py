@@ -6,8 +6,8 @@ small enough to evict, vLLM's prefix cache, partial generations, and a KV cache 
 blocks, so online requests preempt offline ones. It runs an MMLU job (5-shot, a long subject
 and a short one) and a greedy generation job while real online requests arrive over HTTP:
 first one at a time (half of them handed to the engine 200 ms late: `serve.handoff_delay_ms`),
-then in bursts until the jobs are done. Then the same jobs run by `submit`'s path on the
-session engine, alone. `benchmarks/score_independence.py` runs the wider matrix (idle,
+then in bursts (a third of the engine's time at most) while the jobs run. Then the same jobs
+run by `submit`'s path on the session engine, alone. `benchmarks/score_independence.py` runs the wider matrix (idle,
 loaded, preempted; default and deterministic; priority; online-only then drained).
 """
 
@@ -36,6 +36,11 @@ KV_BLOCKS = 32  # 4,096 tokens of 128-token blocks: one long MMLU prompt and a b
 POOL_GIB = 0.1  # about 18 blocks of 5.9 MB: evicts
 NUM_ARRIVALS = 6  # one at a time; the last half handed to the engine HANDOFF_DELAY_MS late
 HANDOFF_DELAY_MS = 200
+# Then bursts that hold online work to a third of the engine's time on any host (a fixed period
+# starved the offline work of a host that prefills at half the speed), until the jobs are done
+# or MAX_BURSTS have run: each preempts the long MMLU prompts while they run.
+BURST_IDLE_FACTOR = 2.0
+MAX_BURSTS = 10
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +67,8 @@ def served(tmp_path_factory, data_dir):
         running = [http.get(f"/v1/jobs/{job_id}").json() for job_id in job_ids]
         assert any(j["state"] != "done" for j in running), "the jobs ended before the arrivals did"
 
-        bursts = OnlineBursts(server.url, KEY, size=6, period_s=2.5, prompt_words=300, max_tokens=8)
+        bursts = OnlineBursts(server.url, KEY, size=6, period_s=2.5, prompt_words=300, max_tokens=8,
+                              idle_factor=BURST_IDLE_FACTOR, max_bursts=MAX_BURSTS)
         bursts.start()
         try:
             wait_done(http, job_ids, timeout_s=400)
