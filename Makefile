@@ -39,10 +39,13 @@ tables:
 	$(PY) -m benchmarks.tables
 
 # The layering first (pyproject's [tool.importlinter]: sched pure, store and engine apart, vLLM's
-# internals only in conserve_bench/vllm_plugin), then the suite.
+# internals only in conserve_bench/vllm_plugin), then the suite: the tests without a vLLM
+# engine on every core (pytest-xdist), then those with one, one at a time (an engine takes
+# every core, and what they time must not share them).
 test: setup
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -m "not engine and not slow" --numprocesses=auto --maxprocesses=4
+	$(PY) -m pytest -q -ra -m "engine or slow"
 
 # The suite under coverage, subprocesses too (pyproject's [tool.coverage.run]); a few minutes more.
 coverage: setup
