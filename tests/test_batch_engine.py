@@ -66,6 +66,9 @@ def test_a_batch_survives_a_sigkill_and_answers_as_each_request_alone(tmp_path, 
                          "the batch completed after the restart", 300, 0.5)
         assert final.request_counts.completed == len(lines) and final.request_counts.failed == 0
         outputs = [json.loads(x) for x in oai.files.content(final.output_file_id).text.splitlines()]
+        usages = [o["response"]["body"]["usage"] for o in outputs]
+        assert final.usage.input_tokens == sum(u["prompt_tokens"] for u in usages)
+        assert final.usage.output_tokens == sum(u["completion_tokens"] for u in usages) > 0
         alone = {line["custom_id"]: server.http.post("/v1/chat/completions", json=line["body"]).json()
                  for line in lines}
     finally:

@@ -89,8 +89,9 @@ def test_a_body_limit_of_its_own_for_uploads():
 
 
 class Handlers:
-    """Answers a completion body as an endpoint would: its prompt reversed (200), or 400
-    without a prompt; each answer after `delay_s`. `seen`: the request ids it ran."""
+    """Answers a completion body as an endpoint would: its prompt reversed (200; a prompt
+    token per character, the first two cached), or 400 without a prompt; each answer after
+    `delay_s`. `seen`: the request ids it ran."""
 
     def __init__(self, delay_s: float = 0.0):
         self.client = OfflineClient(object())
@@ -104,7 +105,9 @@ class Handlers:
                                    "param": None, "code": 400}}
         return 200, {"id": f"cmpl-{request_id}", "object": "text_completion", "model": body["model"],
                      "choices": [{"index": 0, "text": body["prompt"][::-1], "finish_reason": "length"}],
-                     "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}}
+                     "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": 3,
+                               "total_tokens": len(body["prompt"]) + 3,
+                               "prompt_tokens_details": {"cached_tokens": 2}}}
 
 
 @pytest.fixture
@@ -152,6 +155,10 @@ def test_a_batch_runs_on_the_pump_and_delivers_its_files_in_input_order(store, l
     assert [obj[f"{s}_at"] is not None for s in ("in_progress", "finalizing", "completed")] == [True] * 3
     assert obj["metadata"] == {"night": "1"} and obj["model"] == "fake-model"
     outputs, errors = file_lines(store, done.output_file_id), file_lines(store, done.error_file_id)
+    num_prompt = sum(len(f"prompt {i}") for i in (0, 1, 2, 4, 5, 6))  # the answered lines'
+    assert obj["usage"] == {"input_tokens": num_prompt, "input_tokens_details": {"cached_tokens": 12},
+                            "output_tokens": 18, "output_tokens_details": {"reasoning_tokens": 0},
+                            "total_tokens": num_prompt + 18}
     assert [line["custom_id"] for line in outputs] == ["r0", "r1", "r2", "r4", "r5", "r6"]
     assert outputs[1]["response"]["body"]["choices"][0]["text"] == "1 tpmorp"
     assert outputs[1]["response"]["request_id"] in outputs[1]["response"]["body"]["id"]
@@ -189,6 +196,7 @@ def test_a_cancelled_batch_stops_and_is_finalized_with_what_finished(store, loop
         wait_for(lambda: store.batch_request_counts(store.get_batch(batch.id)).completed >= 4, "some lines")
         cancelling = lifecycle.cancel_batch(store, batch.id)
         assert cancelling.status == BatchStatus.CANCELLING
+        assert lifecycle.describe(store, cancelling)["usage"] is None  # totals once finalized
         assert lifecycle.cancel_batch(store, batch.id).status == BatchStatus.CANCELLING  # again: the same
         wait_for(lambda: store.get_job(batch.job_id).state == JobState.CANCELLED, "job cancelled")
         lifecycle.settle(store)

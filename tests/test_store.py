@@ -37,7 +37,7 @@ EXPECTED_SCHEMA = {
     "batches": {"id", "job_id", "endpoint", "input_file_id", "completion_window", "status",
                 "num_lines", "line_errors", "metadata", "errors", "output_file_id",
                 "error_file_id", "created_at", "expires_at", "in_progress_at", "finalizing_at",
-                "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at"},
+                "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at", "usage"},
 }
 
 

@@ -22,8 +22,8 @@ from typing import Any
 
 from conserve_bench.batches.lines import Line, parse_lines
 from conserve_bench.batches.objects import (CANCELLABLE, CANCELLED, EXPIRED, RUNNING, batch_object,
-                                            progress, request_id, response_line, unanswered_line,
-                                            window_seconds)
+                                            batch_usage, progress, request_id, response_line,
+                                            unanswered_line, window_seconds)
 from conserve_bench.config import JobSpec
 from conserve_bench.errors import InvalidRequestError, JobStateError
 from conserve_bench.store import Batch, BatchStatus, Store, WorkItem
@@ -111,7 +111,8 @@ _FINALIZED_FROM = {
 def finalize(store: Store, batch_id: str, status: BatchStatus) -> bool:
     """Write the batch's output and error files and end it in `status` (completed, expired
     or cancelled); False if it had moved on (another replica finalized it, or it was
-    cancelled meanwhile). Lines not done are reported expired or cancelled."""
+    cancelled meanwhile). Lines not done are reported expired or cancelled; the answered
+    lines' token totals become the batch's `usage`."""
     allowed = _FINALIZED_FROM[status]
     if status == BatchStatus.COMPLETED and not store.move_batch(
             batch_id, BatchStatus.FINALIZING, only_from=allowed):
@@ -120,14 +121,14 @@ def finalize(store: Store, batch_id: str, status: BatchStatus) -> bool:
     if batch.status not in allowed:
         return False
     outputs, errors = _file_lines(store, batch, status)
-    ids = {}
+    values: dict[str, Any] = {"usage": batch_usage(line["response"]["body"] for line in outputs)}
     for name, lines in (("output", outputs), ("error", errors)):
         if lines:
             content = "".join(json.dumps(line) + "\n" for line in lines).encode()
-            ids[f"{name}_file_id"] = store.create_file(
+            values[f"{name}_file_id"] = store.create_file(
                 f"batch_{name}", f"{batch.id}_{name}.jsonl", content, file_id=f"file-{batch.id}-{name}")["id"]
     only_from = [BatchStatus.FINALIZING] if status == BatchStatus.COMPLETED else allowed
-    return store.move_batch(batch.id, status, only_from=only_from, **ids)
+    return store.move_batch(batch.id, status, only_from=only_from, **values)
 
 
 def _file_lines(store: Store, batch: Batch, status: BatchStatus) -> tuple[list, list]:

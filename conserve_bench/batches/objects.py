@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from conserve_bench.batches.lines import Line
@@ -53,6 +54,7 @@ def batch_object(batch: Batch, counts: RequestCounts, model: str | None = None,
         "expires_at": int(batch.expires_at),
         **{f"{stamp}_at": _int(batch.stamps.get(stamp)) for stamp in STAMPED_BATCH_STATUSES},
         "request_counts": counts.to_dict(), "metadata": batch.metadata, "model": model,
+        "usage": batch.usage,
     }
     if progress is not None:
         obj["conserve"] = progress
@@ -105,6 +107,22 @@ def response_line(batch_id: str, line: Line, status_code: int, body: dict[str, A
             "response": {"status_code": status_code, "request_id": request_id(batch_id, line.index),
                          "body": body},
             "error": None}
+
+
+def batch_usage(bodies: Iterable[dict[str, Any]]) -> dict[str, int | dict[str, int]]:
+    """OpenAI's Batch `usage`: the token totals of the answered lines' response bodies (chat
+    and text completions: prompt and completion tokens; embeddings: prompt tokens), with the
+    prompt tokens vLLM's prefix cache served (`prompt_tokens_details`, when it reports them)."""
+    num_in = num_out = num_cached = num_reasoning = 0
+    for body in bodies:
+        usage = body.get("usage") or {}
+        num_in += usage.get("prompt_tokens") or 0
+        num_out += usage.get("completion_tokens") or 0
+        num_cached += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        num_reasoning += (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
+    return {"input_tokens": num_in, "input_tokens_details": {"cached_tokens": num_cached},
+            "output_tokens": num_out, "output_tokens_details": {"reasoning_tokens": num_reasoning},
+            "total_tokens": num_in + num_out}
 
 
 def unanswered_line(batch_id: str, line: Line, code: str, message: str) -> dict[str, Any]:

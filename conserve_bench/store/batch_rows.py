@@ -60,6 +60,7 @@ class Batch:
     errors: list[dict[str, Any]] | None = None
     output_file_id: str | None = None
     error_file_id: str | None = None
+    usage: dict[str, Any] | None = None  # the answered lines' token totals, once finalized
 
 
 class BatchRows(StoreBase):
@@ -166,10 +167,11 @@ class BatchRows(StoreBase):
     def move_batch(self, batch_id: str, to: BatchStatus, only_from: Iterable[BatchStatus],
                    **values: Any) -> bool:
         """Put the batch in `to` if it is in one of `only_from` now (one conditional UPDATE),
-        stamping when (`<to>_at`) and writing `values` (output file ids, errors) with it."""
+        stamping when (`<to>_at`) and writing `values` (output file ids, errors, usage) with it."""
         to = BatchStatus(to)
-        if "errors" in values and values["errors"] is not None:
-            values["errors"] = json.dumps(values["errors"])
+        for name in ("errors", "usage"):
+            if values.get(name) is not None:
+                values[name] = json.dumps(values[name])
         stamp = {f"{to.value}_at": time.time()} if to.value in STAMPED else {}
         return self._write(lambda conn: conn.execute(
             batches.update().where(batches.c.id == batch_id,
@@ -199,4 +201,5 @@ def _batch_from_row(r) -> Batch:
         stamps={stamp: r[f"{stamp}_at"] for stamp in STAMPED},
         metadata=json.loads(r["metadata"]) if r["metadata"] else None,
         errors=json.loads(r["errors"]) if r["errors"] else None,
-        output_file_id=r["output_file_id"], error_file_id=r["error_file_id"])
+        output_file_id=r["output_file_id"], error_file_id=r["error_file_id"],
+        usage=json.loads(r["usage"]) if r["usage"] else None)

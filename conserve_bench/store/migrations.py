@@ -187,10 +187,15 @@ def m007_batches(conn: sa.Connection) -> None:
     ).create(conn, checkfirst=True)
 
 
+def m008_batch_usage(conn: sa.Connection) -> None:
+    """A finished batch's token totals (OpenAI's `usage`), written when it is finalized."""
+    _add_column(conn, "batches", sa.Column("usage", sa.Text))
+
+
 MIGRATIONS: list[Callable[[sa.Connection], None]] = [m001_initial, m002_profiles,
                                                       m003_profile_refits, m004_run_key,
                                                       m005_leases, m006_item_partials,
-                                                      m007_batches]
+                                                      m007_batches, m008_batch_usage]
 
 
 def migrate(engine: sa.Engine, migrations=MIGRATIONS) -> int:

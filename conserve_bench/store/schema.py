@@ -169,4 +169,5 @@ batches = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=False),
     *(sa.Column(f"{stamp}_at", sa.Float) for stamp in (
         "in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")),
+    sa.Column("usage", sa.Text),  # JSON: the answered lines' token totals, once finalized
 )
