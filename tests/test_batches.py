@@ -120,8 +120,8 @@ def loop():
     thread.join(5)
 
 
-def batch_pump(store, loop, handlers=None) -> OfflinePump:
-    engine = OpenAIRequestEngine(handlers or Handlers(), loop, FAKE_FINGERPRINT)
+def batch_pump(store, loop, handlers=None, on_answered=None) -> OfflinePump:
+    engine = OpenAIRequestEngine(handlers or Handlers(), loop, FAKE_FINGERPRINT, on_answered=on_answered)
     return OfflinePump(store, engine=None, run_cfg=RunConfig(max_inflight=4), output_dir=None,
                        model="fake-model", batch_engine=engine)
 
@@ -144,7 +144,8 @@ def test_a_batch_runs_on_the_pump_and_delivers_its_files_in_input_order(store, l
     batch = create(store, batch_file(7, bad=(3,)))
     assert batch.status == BatchStatus.VALIDATING and batch.num_lines == 7
     assert store.get_job(batch.job_id).spec.source == "batch"
-    pump = batch_pump(store, loop)
+    answered = []  # what /metrics counts per batch (`conserve_batch_tokens_total`)
+    pump = batch_pump(store, loop, on_answered=lambda batch_id, usage: answered.append((batch_id, usage)))
     pump.start()
     try:
         done = wait_status(store, batch.id, "completed")
@@ -159,6 +160,8 @@ def test_a_batch_runs_on_the_pump_and_delivers_its_files_in_input_order(store, l
     assert obj["usage"] == {"input_tokens": num_prompt, "input_tokens_details": {"cached_tokens": 12},
                             "output_tokens": 18, "output_tokens_details": {"reasoning_tokens": 0},
                             "total_tokens": num_prompt + 18}
+    assert {b for b, _ in answered} == {batch.id} and len(answered) == 6  # the refused line: none
+    assert sum(u["prompt_tokens"] for _, u in answered) == num_prompt
     assert [line["custom_id"] for line in outputs] == ["r0", "r1", "r2", "r4", "r5", "r6"]
     assert outputs[1]["response"]["body"]["choices"][0]["text"] == "1 tpmorp"
     assert outputs[1]["response"]["request_id"] in outputs[1]["response"]["body"]["id"]

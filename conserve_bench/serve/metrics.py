@@ -40,6 +40,8 @@ _JOB_DONE = Gauge("conserve_job_items_done", "Finished items of a job.", ["job"]
 _JOB_TOTAL = Gauge("conserve_job_items_total", "Items of a job.", ["job"])
 _BATCH_REQUESTS = Gauge("conserve_batch_requests", "Requests of an OpenAI batch, by outcome so far "
                         "(total, completed, failed).", ["batch", "state"])
+_BATCH_TOKENS = Counter("conserve_batch_tokens_total", "Tokens of the requests of an OpenAI batch this "
+                        "server answered (input: prompt; output: generated).", ["batch", "kind"])
 _BATCH_ETA = Gauge("conserve_batch_eta_seconds", "Seconds an OpenAI batch's remaining requests "
                    "need at its measured rate (NaN before one is measured).", ["batch"])
 _MODEL_ERROR = Gauge("conserve_latency_model_rel_error",
@@ -85,6 +87,11 @@ class OnlineMetrics:
 
     def offline_tokens(self, num_tokens: int) -> None:
         _OFFLINE_TOKENS.inc(num_tokens)
+
+    def batch_tokens(self, batch_id: str, usage: dict) -> None:
+        """A batch line answered here (200): its prompt and generated tokens."""
+        _BATCH_TOKENS.labels(batch_id, "input").inc(usage.get("prompt_tokens") or 0)
+        _BATCH_TOKENS.labels(batch_id, "output").inc(usage.get("completion_tokens") or 0)
 
     def job_progress(self, job_id: str, num_done: int, num_total: int) -> None:
         _OFFLINE_ITEMS.inc(max(0, num_done - self._last_done.get(job_id, num_done)))

@@ -422,7 +422,8 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
                                      add_bos_token=engine_cfg.add_bos_token)
         batch_engine = OpenAIRequestEngine(handlers, loop, fingerprint,
                                            is_dead=lambda: client.errored is True,
-                                           on_tokens=metrics.offline_tokens)
+                                           on_tokens=metrics.offline_tokens,
+                                           on_answered=metrics.batch_tokens)
         pump = OfflinePump(store, adapter, cfg.offline_run_config, cfg.output_dir,
                            on_progress=metrics.job_progress,
                            label=f"serve {cfg.host}:{cfg.port}", model=engine_cfg.model_name,
