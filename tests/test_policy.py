@@ -69,6 +69,21 @@ def test_a_long_online_prompt_is_chunked_while_online_decodes_wait():
     assert tokens(alone) == {"on-new": 1000}  # nothing waits on it: no chunking
 
 
+def test_a_throughput_sized_offline_step_carries_every_running_decode_beside_its_chunk():
+    """Under layer-wise preemption an offline-only step is sized for throughput: the running
+    offline decodes ride on top of the prefill chunk the budget is sized for, never crowd it
+    out (64 decodes alone would fill a 0.2 s step on this model)."""
+    targets = Targets(ttft_s=2.0, tbt_s=0.2, offline_step_s=0.2)
+    offline = [decode(f"d{i}") for i in range(64)] + [prefill("p", 700)]
+    plan = plan_step([], offline, CPU_MODEL, targets, MAX_TOKENS)
+
+    assert all(tokens(plan)[f"d{i}"] == 1 for i in range(64)) and not plan.deferred_ids
+    alone = plan_step([], [prefill("p", 700)], CPU_MODEL, targets, MAX_TOKENS)
+    assert tokens(plan)["p"] == tokens(alone)["p"] > 0  # the chunk a prefill-only step gets
+    decodes = StepShape(decode_context_lens=(300,) * 64)
+    assert plan.budget_s == pytest.approx(0.2 + CPU_MODEL.predict(decodes) - CPU_MODEL.predict(StepShape()))
+
+
 def test_offline_only_steps_are_capped_by_the_quantum():
     offline = [prefill(f"off-{i}", 700) for i in range(8)]
     plan = plan_step([], offline, CPU_MODEL, TARGETS, MAX_TOKENS)
