@@ -1,4 +1,5 @@
-"""Mutants the suite must kill: one wrong line each in the runner, the store and the scheduler.
+"""Mutants the suite must kill: one wrong line each in the runner, the store, the scheduler and
+the batches.
 
 Each mutant is applied to a copy of the checkout (never to this one) and the tests named for
 it run there; a mutant they do not fail is a gap in the suite. Not collected by pytest (no
@@ -40,9 +41,19 @@ MUTANTS = (
            ("tests/test_store.py", "tests/test_leases.py")),
     Mutant("scheduler: offline work sized against twice the step's budget",
            "conserve_bench/sched/policy.py",
-           "num = 0 if stopped else step.fit(request, budget_s)",
-           "num = 0 if stopped else step.fit(request, 2 * budget_s)",
+           "num = 0 if stopped or (batch_apart and has_online) else step.fit(request, budget_s)",
+           "num = 0 if stopped or (batch_apart and has_online) else step.fit(request, 2 * budget_s)",
            ("tests/test_policy.py", "tests/test_scheduler.py")),
+    Mutant("scheduler: running offline decodes crowd out the throughput-sized prefill chunk",
+           "conserve_bench/sched/policy.py",
+           "budget_s += _decodes_cost(offline, model)",
+           "budget_s += 0.0",
+           ("tests/test_policy.py",)),
+    Mutant("batches: usage counts every token of a response as input",
+           "conserve_bench/batches/objects.py",
+           'num_in += usage.get("prompt_tokens") or 0',
+           'num_in += usage.get("total_tokens") or 0',
+           ("tests/test_batches.py",)),
 )
 
 
