@@ -69,8 +69,9 @@ def test_a_batch_survives_a_sigkill_and_answers_as_each_request_alone(tmp_path, 
         usages = [o["response"]["body"]["usage"] for o in outputs]
         assert final.usage.input_tokens == sum(u["prompt_tokens"] for u in usages)
         assert final.usage.output_tokens == sum(u["completion_tokens"] for u in usages) > 0
-        metrics = server.http.get("/metrics").text
-        assert f'conserve_batch_requests{{batch="{batch.id}",state="completed"}} {len(lines)}.0' in metrics
+        completed = f'conserve_batch_requests{{batch="{batch.id}",state="completed"}} {len(lines)}.0'
+        metrics = wait_for(lambda: completed in (m := server.http.get("/metrics").text) and m,
+                           "the sweeper's next export (every second)", 10, 0.2)
         assert f'conserve_batch_tokens_total{{batch="{batch.id}",kind="output"}}' in metrics  # lines answered here
         alone = {line["custom_id"]: server.http.post("/v1/chat/completions", json=line["body"]).json()
                  for line in lines}
