@@ -294,10 +294,11 @@ class OpenAIRequestEngine:
                 if self.is_dead or not isinstance(result, Exception):
                     raise EngineUnavailableError(f"the server's engine died: {one_line_error(result)}")
                 result = {"status_code": 500, "body": _error(one_line_error(result), "InternalServerError", 500)}
+            usage = result["body"].get("usage") or {}
             if not streamed:  # NOTE: a streamed line's tokens were counted as they came
-                self._num_unstreamed_tokens += (result["body"].get("usage") or {}).get("completion_tokens") or 0
+                self._num_unstreamed_tokens += usage.get("completion_tokens") or 0
             if result["status_code"] == 200:
-                self.on_answered(batch_id, result["body"].get("usage") or {})
+                self.on_answered(batch_id, usage)
             finished.append((key, result))
         self._report_tokens()
         return finished
