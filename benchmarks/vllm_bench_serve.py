@@ -6,8 +6,10 @@ Per policy (default online-only, priority, conserve with its default targets): a
 `vllm.benchmarks.serve` called from Python (the CPU build's `vllm` console script is broken):
 random dataset, `--input-len` prompt tokens, `--output-len` out, Poisson `--request-rate`,
 `--num-prompts` requests. Reports TTFT and TPOT p50/p99 and offline items/s (the server's
-`conserve_offline_items_total` over the benchmark's duration) per policy, and the ratios to
-online-only, as a markdown table and JSON in `--out` and benchmarks/measured/vllm_bench_serve.json.
+`conserve_offline_items_total` over the benchmark's duration) per policy, and the P99 ratios
+to online-only with a 95% bootstrap interval from the one run (`bench`'s `tail_intervals`, on
+the per-request times vLLM's client keeps with `--save-detailed`), as a markdown table and
+JSON in `--out` and benchmarks/measured/vllm_bench_serve.json.
 
 vLLM 0.32.0 names relied on (tests/test_bench.py checks them): `vllm.benchmarks.serve`
 (`add_cli_args(parser)`, `async main_async(args) -> dict` with `p50_ttft_ms`, `p99_ttft_ms`,
@@ -71,8 +73,17 @@ def vllm_bench_args(args, url: str, model_path: str, served_name: str) -> argpar
         "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
         "--request-rate", str(args.request_rate), "--burstiness", "1.0", "--seed", str(args.seed),
         "--temperature", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
-        "--metric-percentiles", "50,90,99", "--disable-tqdm",
+        "--metric-percentiles", "50,90,99", "--disable-tqdm", "--save-detailed",
     ])
+
+
+def online_records(result: dict) -> list:
+    """vLLM's per-request times (`--save-detailed`) as `bench`'s records, for its intervals."""
+    from conserve_bench.bench.summary import OnlineRecord
+
+    # NOTE: one gap per chunk vLLM's client received (a chunk may carry more than one token)
+    return [OnlineRecord(i, 0.0, 0, len(itl) + 1, ttft if not error else None, tuple(itl), None, error or None)
+            for i, (ttft, itl, error) in enumerate(zip(result["ttfts"], result["itls"], result["errors"]))]
 
 
 def offline_items(url: str) -> float:
@@ -83,8 +94,9 @@ def offline_items(url: str) -> float:
     return parse_counters(httpx.get(f"{url}/metrics", timeout=30).text)["items"]
 
 
-def run_policy(args, policy: ServePolicy, out: Path, profiles) -> dict:
-    """One fresh server: the eval job running behind, vLLM's benchmark in front."""
+def run_policy(args, policy: ServePolicy, out: Path, profiles) -> tuple[dict, list]:
+    """One fresh server: the eval job running behind, vLLM's benchmark in front. Returns the
+    policy's row and its online requests' records."""
     from vllm.benchmarks.serve import main_async
 
     from conserve_bench.bench.phases import wait_running
@@ -120,14 +132,22 @@ def run_policy(args, policy: ServePolicy, out: Path, profiles) -> dict:
     return {**{m: result.get(m) for m in METRICS}, "completed": result.get("completed"),
             "failed": result.get("failed"), "duration_s": result.get("duration"),
             "offline_items": items, "offline_items_per_s": items / result["duration"],
-            "bench_wall_s": wall_s, "serve_targets": targets_line.split("WARNING")[-1].strip()}
+            "bench_wall_s": wall_s, "serve_targets": targets_line.split("WARNING")[-1].strip()}, \
+        online_records(result)
 
 
-def with_ratios(rows: dict[str, dict]) -> dict[str, dict]:
+def with_ratios(runs: dict[str, tuple[dict, list]]) -> dict[str, dict]:
+    """Rows with their ratios to online-only's: the four metrics, and the P99s of TTFT, ITL
+    (vLLM's inter-token latency, `bench`'s TBT) and TPOT with a 95% bootstrap interval."""
+    from conserve_bench.bench.summary import tail_intervals
+
+    rows = {policy: row for policy, (row, _) in runs.items()}
     base = rows.get(ServePolicy.ONLINE_ONLY.value)  # NOTE: rows are keyed by the plain string
-    for row in rows.values():
+    for policy, (row, records) in runs.items():
         row["vs_online_only"] = None if base is None else {
             m: (row[m] / base[m] if row[m] and base[m] else None) for m in METRICS}
+        row["tail_intervals"] = None if base is None else tail_intervals(
+            records, runs[ServePolicy.ONLINE_ONLY.value][1])
     return rows
 
 
@@ -139,13 +159,19 @@ def markdown(rows: dict[str, dict], args) -> str:
              "| TPOT p99 / online-only |", "|---|---|---|---|---|---|"]
     for policy, r in rows.items():
         ratio = r["vs_online_only"] or {}
+        intervals = r.get("tail_intervals") or {}  # NOTE: records before 2026-12-06 have none
         lines.append(f"| {policy} | {r['p50_ttft_ms']:.0f}/{r['p99_ttft_ms']:.0f} | "
                      f"{r['p50_tpot_ms']:.0f}/{r['p99_tpot_ms']:.0f} | {r['offline_items_per_s']:.2f} | "
-                     f"{_x(ratio.get('p99_ttft_ms'))} | {_x(ratio.get('p99_tpot_ms'))} |")
+                     f"{_x(ratio.get('p99_ttft_ms'), intervals.get('ttft_ms.p99'))} | "
+                     f"{_x(ratio.get('p99_tpot_ms'), intervals.get('tpot_ms.p99'))} |")
     return "\n".join(lines) + "\n"
 
 
-def _x(value) -> str:
+def _x(value, interval: dict | None = None) -> str:
+    """A ratio; with its bootstrap interval, the interval's own ratio (`bench`'s percentiles
+    of the per-request times) and its bounds."""
+    if interval is not None and interval["ratio"] is not None and interval["low"] is not None:
+        return f"{interval['ratio']:.2f}x [{interval['low']:.2f}, {interval['high']:.2f}]"
     return "-" if value is None else f"{value:.2f}x"
 
 

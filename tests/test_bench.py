@@ -324,6 +324,26 @@ def test_short_bench_run_writes_a_complete_report(tmp_path, data_dir):
                                         "phase_wall_s"}
 
 
+def test_vllm_bench_serve_gives_the_p99_ratios_with_bootstrap_intervals():
+    import types
+
+    from benchmarks import vllm_bench_serve as script
+
+    def run(ttft_s, gap_s, failed=0):
+        result = {"ttfts": [ttft_s + i / 1000 for i in range(50)] + [0.0] * failed,
+                  "itls": [[gap_s] * 9] * 50 + [[]] * failed, "errors": [""] * 50 + ["boom"] * failed}
+        row = {**{m: 1.0 for m in script.METRICS}, "offline_items_per_s": 0.0}
+        return row, script.online_records(result)
+
+    rows = script.with_ratios({"online-only": run(0.5, 0.04), "conserve": run(0.5, 0.05, failed=3)})
+    tpot = rows["conserve"]["tail_intervals"]["tpot_ms.p99"]
+    assert tpot["ratio"] == pytest.approx(1.25) and tpot["low"] == pytest.approx(1.25)  # every gap 5 / 4
+    ttft = rows["conserve"]["tail_intervals"]["ttft_ms.p99"]
+    assert ttft["low"] <= ttft["ratio"] <= ttft["high"] and ttft["low"] < ttft["high"]  # failures left out
+    assert "1.25x [1.25, 1.25]" in script.markdown(rows, types.SimpleNamespace(
+        input_len=256, output_len=10, request_rate=0.25, num_prompts=50, offline_tasks="mmlu", num_fewshot=5))
+
+
 def test_vllm_bench_serve_speaks_vllms_own_benchmark_client():
     """benchmarks/vllm_bench_serve.py parses its run with vLLM's parser and awaits its main."""
     import argparse
@@ -340,7 +360,12 @@ def test_vllm_bench_serve_speaks_vllms_own_benchmark_client():
     assert (args.num_prompts, args.request_rate, args.burstiness, args.seed) == (7, 0.25, 1.0, 3)
     assert (args.base_url, args.model, args.tokenizer) == ("http://127.0.0.1:9", "m", "/models/m")
     assert args.metric_percentiles == "50,90,99" and "tpot" in args.percentile_metrics
+    assert args.save_detailed  # the per-request times its intervals need
     assert inspect.iscoroutinefunction(main_async)
+    # ... which its result keeps only then, under these names
+    source = inspect.getsource(importlib.import_module("vllm.benchmarks.serve").benchmark)
+    assert all(f'"{name}": [output.{field}' in source
+               for name, field in (("ttfts", "ttft"), ("itls", "itl"), ("errors", "error")))
     # the p50/p99 keys the script reads are built per metric and percentile
     assert 'result[f"p{p_word}_{metric_attribute_name}_ms"] = value' in inspect.getsource(
         importlib.import_module("vllm.benchmarks.serve").benchmark)

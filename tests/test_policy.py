@@ -15,6 +15,7 @@ from conserve_bench.sched.policy import (
     PolicyConfig,
     PolicyError,
     HARM_BOUND,
+    MIN_SLOWDOWN,
     StepPlan,
     Targets,
     default_targets,
@@ -167,10 +168,11 @@ def test_policy_config_round_trips_as_json_data():
 BOUNDED = Targets(ttft_s=2.0, tbt_s=0.2, max_slowdown=0.2, reference_prompt_tokens=256)
 
 
-def test_the_share_is_derived_from_the_bound_and_the_model_error():
-    assert (1 + derived_max_slowdown(0.04)) * 1.04 == pytest.approx(HARM_BOUND)
-    assert derived_max_slowdown(None) == derived_max_slowdown(0.05)
-    assert derived_max_slowdown(0.5) == 0.05  # a poor model still lets offline work progress
+def test_the_share_is_the_bounds_against_the_tail_and_less_the_model_error_on_the_mean():
+    assert derived_max_slowdown(0.5) == derived_max_slowdown(None) == pytest.approx(HARM_BOUND - 1)
+    assert (1 + derived_max_slowdown(0.01, against_tail=False)) * 1.01 == pytest.approx(HARM_BOUND)
+    assert derived_max_slowdown(None, False) == derived_max_slowdown(0.05, False) == MIN_SLOWDOWN
+    assert derived_max_slowdown(0.5, against_tail=False) == MIN_SLOWDOWN  # offline work still progresses
 
 
 def test_bounded_offline_adds_at_most_the_share_to_online_decodes():

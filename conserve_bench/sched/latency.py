@@ -133,6 +133,10 @@ class LatencyModel:
         """Predicted step time in seconds."""
         return self._predict_features(shape.features())
 
+    def prefill_attention_s(self, shape: StepShape) -> float:
+        """The part of `predict(shape)` its prefill chunks' attention accounts for."""
+        return self.coefficients[FEATURES.index("prefill_attention")] * shape.prefill_attention
+
     def _predict_features(self, features: Sequence[float]) -> float:
         return sum(c * f for c, f in zip(self.coefficients, features))
 

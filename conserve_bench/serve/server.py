@@ -45,7 +45,7 @@ from conserve_bench.engine.local import (context_length, engine_args, engine_con
 from conserve_bench.errors import ConserveError, EngineUnavailableError
 from conserve_bench.sched.latency import LatencyModel
 from conserve_bench.engine.models import resolve_model
-from conserve_bench.sched.policy import (DEFAULT_MARGIN, DEFAULT_TAIL_QUANTILE, SAFEPOINT_EVERY, PolicyConfig, Targets,
+from conserve_bench.sched.policy import (DEFAULT_MARGIN, DEFAULT_TAIL_QUANTILE, PolicyConfig, Targets,
                                          check_tail_quantile, check_targets, default_offline_step_s, default_targets,
                                          derived_max_slowdown)
 from conserve_bench.sched.refit import RefitConfig
@@ -86,7 +86,7 @@ class ServeConfig:
     refit: bool = True  # plan with the live refit when it predicts the live steps better
     tail_quantile: float = DEFAULT_TAIL_QUANTILE  # size offline work for this quantile of step time; 0: the mean
     layer_preemption: bool | None = None  # None: on under the conserve policy
-    safepoint_every: int = SAFEPOINT_EVERY
+    safepoint_every: int | None = None  # None: the device's (`policy.safepoint_every`)
     kv_checkpoint_gib: float | None = None  # None: `default_kv_checkpoint_gib()` under conserve
     offline_step_ms: float | None = None  # None: from the profile (`default_offline_step_s`)
     max_offline_inflight: int = 32
@@ -212,7 +212,7 @@ class ServeConfig:
                                    "policies are vLLM's own: a preempted request recomputes)")
         if self.kv_checkpoint_gib is not None and not self.kv_checkpoint_gib >= 0:
             raise ServeConfigError(f"--kv-checkpoint-gib must be >= 0, got {self.kv_checkpoint_gib:g}")
-        if self.safepoint_every < 1:
+        if self.safepoint_every is not None and self.safepoint_every < 1:
             raise ServeConfigError(f"--safepoint-every must be >= 1, got {self.safepoint_every}")
         if self.preempts_layers and self.quantum_ms is not None:
             raise ServeConfigError("--quantum-ms caps offline-only steps only with "
@@ -336,7 +336,8 @@ def slo_targets(ttft_slo_ms: float | None, tbt_slo_ms: float | None,
 
 def resolve_targets(cfg: ServeConfig, profile, max_num_tokens: int) -> Targets:
     """The targets the server works to (`slo_targets`); without explicit SLOs, the bounded
-    mode with `--max-slowdown` or the share derived from the profile's held-out P90 error.
+    mode with `--max-slowdown` or the derived share (`derived_max_slowdown`: the bound's when
+    planning against the tail, less the profile's held-out P90 error when not).
     With layer-wise preemption, offline-only steps are sized by `--offline-step-ms`, else by
     throughput (`policy.default_offline_step_s`), instead of the quantum."""
     model = profile.model if profile else None
@@ -344,7 +345,7 @@ def resolve_targets(cfg: ServeConfig, profile, max_num_tokens: int) -> Targets:
     max_slowdown = None
     if not cfg.spends_slos:
         error = profile.holdout_error.p90_rel if profile and profile.holdout_error else None
-        max_slowdown = cfg.max_slowdown or derived_max_slowdown(error)
+        max_slowdown = cfg.max_slowdown or derived_max_slowdown(error, against_tail=bool(cfg.tail_quantile))
     offline_step_s = None
     if cfg.preempts_layers:
         offline_step_s = _seconds(cfg.offline_step_ms) or default_offline_step_s(model, max_num_tokens)

@@ -11,6 +11,7 @@ docs/vllm-contract.md#connector-worker-half.
 
 from __future__ import annotations
 
+from conserve_bench.sched.policy import safepoint_every
 from conserve_bench.vllm_plugin.arrivals import ArrivalSignal
 from conserve_bench.vllm_plugin.overrides import ConnectorConfig
 from conserve_bench.vllm_plugin.safepoints import AbortReport, RunAheadBound, Safepoints, StepMeta
@@ -21,8 +22,9 @@ class ConnectorWorker:
 
     def __init__(self, config: ConnectorConfig, num_layers: int, num_pool_slots: int):
         arrivals = ArrivalSignal(config.arrival_path) if config.arrival_path else None
-        self.safepoints = Safepoints(config.safepoint_every, num_layers, arrivals,
-                                     _run_ahead_bound() if config.layer_preemption else None)
+        bound = _run_ahead_bound() if config.layer_preemption else None
+        every = config.safepoint_every or safepoint_every(waits_for_device=bound is not None)
+        self.safepoints = Safepoints(every, num_layers, arrivals, bound)
         self._num_pool_slots = num_pool_slots
         self.pool = None  # the host pool, once vLLM registers its KV caches
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from conserve_bench.errors import ConserveError
-from conserve_bench.sched.policy import SAFEPOINT_EVERY
 
 if TYPE_CHECKING:
     from conserve_bench.sched.policy import PolicyConfig
@@ -54,14 +53,15 @@ class LayerPreemptionError(ConserveError, ValueError):
 class ConnectorConfig:
     """`kv_connector_extra_config["conserve"]`: plain JSON, validated once in every process."""
 
-    safepoint_every: int = SAFEPOINT_EVERY
+    safepoint_every: int | None = None  # None: the device's (`policy.safepoint_every`)
     layer_preemption: bool = True  # arm offline-only steps (off: checkpoints alone)
     arrival_path: str | None = None  # ArrivalSignal file; None: no arrival ever aborts
     checkpoint_gib: float = 0.0  # the host pool for KV checkpoints; 0: no checkpoints
     checkpoint_state_path: str | None = None  # the pool's use, as JSON, for `/metrics`
 
     def __post_init__(self):
-        if not (isinstance(self.safepoint_every, int) and self.safepoint_every >= 1):
+        if self.safepoint_every is not None and not (isinstance(self.safepoint_every, int)
+                                                     and self.safepoint_every >= 1):
             raise LayerPreemptionError(f"--safepoint-every must be >= 1, got {self.safepoint_every!r}")
         if not (isinstance(self.checkpoint_gib, (int, float)) and self.checkpoint_gib >= 0):
             raise LayerPreemptionError(f"--kv-checkpoint-gib must be >= 0, got {self.checkpoint_gib!r}")
