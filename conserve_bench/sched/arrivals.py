@@ -10,10 +10,15 @@ its client gone) is pending until it has cut one step.
 
 Pure bookkeeping on plain integers: the scheduler reports what it scheduled and what was cut,
 and arms each offline-only step with `cut_above`: the safepoint cuts the step once the number
-of arrivals announced exceeds it.
+of arrivals announced exceeds it. `ArrivalRate` estimates how often online requests arrive
+(times are given, never read here), which sizes offline-only steps (`policy.offline_step_for`).
 """
 
 from __future__ import annotations
+
+from collections import deque
+
+NUM_RECENT_ARRIVALS = 16
 
 
 class ArrivalBook:
@@ -51,3 +56,26 @@ class ArrivalBook:
         while self.cut_above + 1 in self._settled_beyond:
             self.cut_above += 1
             self._settled_beyond.remove(self.cut_above)
+
+
+class ArrivalRate:
+    """Online arrivals per second, over the last NUM_RECENT_ARRIVALS: their count over the time
+    since the first of them, so the estimate decays while none arrives. Example:
+
+        rate = ArrivalRate()
+        rate.observe(10.0); rate.observe(11.0)
+        rate.per_s(12.0)         # 1.0: two arrivals in the last two seconds
+        rate.per_s(30.0)         # 0.1: and none in the 18 since
+    """
+
+    def __init__(self, num_recent: int = NUM_RECENT_ARRIVALS):
+        self._times: deque[float] = deque(maxlen=num_recent)
+
+    def observe(self, at_s: float) -> None:
+        self._times.append(at_s)
+
+    def per_s(self, now_s: float) -> float | None:
+        """None before two arrivals: one tells no rate."""
+        if len(self._times) < 2:
+            return None
+        return len(self._times) / max(now_s - self._times[0], 1e-3)

@@ -23,6 +23,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from conserve_bench.sched.arrivals import ArrivalRate
 from conserve_bench.sched.policy import (Pending, PolicyConfig, StepPlan, TailFactors, Targets,
                                          offline_to_preempt, plan_step)
 from conserve_bench.sched.refit import LiveModel, RefitConfig, RefitStatus, TailMargin
@@ -81,6 +82,7 @@ class ConserveScheduler(Scheduler):
         self._refit_state = conserve.get(REFIT_STATE)
         self._targets = self.conserve_policy.targets if self.conserve_policy else None
         self._online_prompts: deque[int] = deque(maxlen=NUM_RECENT_PROMPTS)
+        self._arrivals = ArrivalRate()
         path = step_log_path(self.vllm_config.additional_config)
         self._recorder = (StepRecorder(StepLogWriter(path) if path else None)
                           if path or self.live or self.tail else None)
@@ -96,6 +98,7 @@ class ConserveScheduler(Scheduler):
         if self._targets is not None and online:
             self._online_prompts.append(request.num_prompt_tokens)
             self._targets = _with_reference_prompt(self._targets, self._online_prompts)
+            self._arrivals.observe(time.monotonic())
         super().add_request(request)
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
@@ -109,6 +112,8 @@ class ConserveScheduler(Scheduler):
             self._make_room_for_online()
             model = self.live.model if self.live else policy.model
             tail = self.tail.factors() if self.tail else TailFactors()
+            if self._targets.preemptive:
+                self._targets = replace(self._targets, arrival_rate=self._arrivals.per_s(time.monotonic()))
             self.last_plan = plan_step(*self._pending(), model, self._targets,
                                        self.max_num_scheduled_tokens, policy.batch_apart, tail)
             output = self._schedule_plan(self.last_plan, throttle_prefills)
