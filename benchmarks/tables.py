@@ -322,9 +322,12 @@ def _goal_row(policy: str, s: dict) -> tuple[str, ...]:
 def _steps_row(policy: str, s: dict) -> tuple[str, ...]:
     steps = s["steps"]
     kinds, error, models = steps["by_kind"], steps.get("prediction_rel_error"), steps.get("model_rel_error")
+    spread = steps.get("shape_spread_rel")  # NOTE: records before 2026-12-06 have none
+    error_cell = "-" if not error else f"{pct(error['p50'])} / {pct(error['p90'])}" + (
+        f" (same-shape spread {pct(spread['p50'])} / {pct(spread['p90'])})" if spread else "")
     return (policy, num(steps["num_steps"]), num(steps["busy_pct"], 1),
             " / ".join(num(kinds[k]["busy_pct"], 1) for k in ("online", "mixed", "offline")),
-            _triple(kinds["mixed"]["step_ms"]), "-" if not error else f"{pct(error['p50'])} / {pct(error['p90'])}",
+            _triple(kinds["mixed"]["step_ms"]), error_cell,
             "-" if not models else
             f"{pct(models['profile']['p90'])} / {pct(models['refit']['p90'])} ({models['num_steps']})")
 

@@ -132,8 +132,22 @@ def run_policy(args, policy: ServePolicy, out: Path, profiles) -> tuple[dict, li
     return {**{m: result.get(m) for m in METRICS}, "completed": result.get("completed"),
             "failed": result.get("failed"), "duration_s": result.get("duration"),
             "offline_items": items, "offline_items_per_s": items / result["duration"],
-            "bench_wall_s": wall_s, "serve_targets": targets_line.split("WARNING")[-1].strip()}, \
-        online_records(result)
+            "bench_wall_s": wall_s, "serve_targets": targets_line.split("WARNING")[-1].strip(),
+            **step_errors(phase_dir / "steps.jsonl")}, online_records(result)
+
+
+def step_errors(path: Path) -> dict:
+    """The live latency model's error on the phase's steps (conserve's plan; none for the
+    other policies) and the floor under it: steps of one shape against their median."""
+    from conserve_bench.bench.summary import percentiles
+    from conserve_bench.sched.latency import shape_spread
+    from conserve_bench.sched.steplog import read_step_log_with_notes
+
+    steps = [(sample, notes) for sample, notes in read_step_log_with_notes(path) if not notes.get("aborted")]
+    errors = [abs(n["predicted_s"] - s.step_s) / s.step_s for s, n in steps if n.get("predicted_s")]
+    spread = shape_spread([sample for sample, _ in steps])
+    return {"prediction_rel_error": percentiles(errors, (50, 90)) if errors else None,
+            "shape_spread_rel": percentiles(spread, (50, 90)) if spread else None}
 
 
 def with_ratios(runs: dict[str, tuple[dict, list]]) -> dict[str, dict]:
@@ -156,15 +170,21 @@ def markdown(rows: dict[str, dict], args) -> str:
              f"{args.output_len} tokens out, Poisson {args.request_rate:g} req/s, {args.num_prompts} "
              f"prompts; offline: {args.offline_tasks} {args.num_fewshot}-shot behind.", "",
              "| policy | TTFT p50/p99 ms | TPOT p50/p99 ms | offline items/s | TTFT p99 / online-only "
-             "| TPOT p99 / online-only |", "|---|---|---|---|---|---|"]
+             "| TPOT p99 / online-only | prediction error p50/p90 | same-shape spread p50/p90 |",
+             "|---|---|---|---|---|---|---|---|"]
     for policy, r in rows.items():
         ratio = r["vs_online_only"] or {}
         intervals = r.get("tail_intervals") or {}  # NOTE: records before 2026-12-06 have none
         lines.append(f"| {policy} | {r['p50_ttft_ms']:.0f}/{r['p99_ttft_ms']:.0f} | "
                      f"{r['p50_tpot_ms']:.0f}/{r['p99_tpot_ms']:.0f} | {r['offline_items_per_s']:.2f} | "
                      f"{_x(ratio.get('p99_ttft_ms'), intervals.get('ttft_ms.p99'))} | "
-                     f"{_x(ratio.get('p99_tpot_ms'), intervals.get('tpot_ms.p99'))} |")
+                     f"{_x(ratio.get('p99_tpot_ms'), intervals.get('tpot_ms.p99'))} | "
+                     f"{_pcts(r.get('prediction_rel_error'))} | {_pcts(r.get('shape_spread_rel'))} |")
     return "\n".join(lines) + "\n"
+
+
+def _pcts(values: dict | None) -> str:
+    return "-" if not values else f"{values['p50']:.1%} / {values['p90']:.1%}"
 
 
 def _x(value, interval: dict | None = None) -> str:

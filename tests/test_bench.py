@@ -147,7 +147,19 @@ def test_steps_count_by_their_share_inside_the_window():
     assert kinds["offline"]["busy_pct"] == pytest.approx(100 * 1.0 / 4.0)
     assert kinds["mixed"]["step_ms"]["p50"] == pytest.approx(500.0)
     assert summary["prediction_rel_error"]["p50"] == pytest.approx((0.1 + 0.2) / 2)
+    assert summary["shape_spread_rel"] is None  # no shapes logged: no floor to give
     assert summarize_steps((), 4.0) is None and summarize_steps(steps[-1:], 4.0) is None
+
+
+def test_the_steps_summary_gives_the_spread_of_steps_of_one_shape():
+    from conserve_bench.sched.latency import StepShape
+
+    decode = StepShape(decode_context_lens=(300,))
+    steps = tuple(StepRecord(t, step_s, 1, 0, predicted_s=0.04, shape=decode, aborted=aborted)
+                  for t, step_s, aborted in ((1.0, 0.04, False), (2.0, 0.05, False), (3.0, 0.5, True)))
+    spread = summarize_steps(steps, window_s=4.0)["shape_spread_rel"]
+    # the median of 40 and 50 ms is 45: 5/40 and 5/50 off it (the abandoned step left out)
+    assert spread["p50"] == pytest.approx((0.125 + 0.1) / 2)
 
 
 def test_kv_resumes_sum_what_steps_that_ran_loaded_and_recomputed():

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from conserve_bench.sched.latency import (FEATURES, ChunkShape, FitError, LatencyModel, Sample,
                                     StepShape, _largest_within, _nnls_lawson_hanson,
                                     evaluate, evaluate_shapes, fit, shape_class, shape_medians,
-                                    split_holdout)
+                                    shape_spread, split_holdout)
 
 # Plausible magnitudes for a small GPU model: 5 ms fixed, 20 us per prefill token, ...
 TRUE_COEFFICIENTS = (5e-3, 2e-5, 4e-5, 2e-8, 1e-9, 3e-4)
@@ -72,6 +72,13 @@ def test_decode_steps_a_few_tokens_apart_are_one_shape():
     assert shape_class(level[0].shape) == shape_class(level[2].shape) != shape_class(other.shape)
     assert [s.step_s for s in shape_medians(level + [other])] == [0.012, 0.012]
     assert evaluate_shapes(model, level + [other]).max_rel == pytest.approx(0.0)
+
+
+def test_the_shape_spread_is_each_repeated_steps_distance_from_its_shapes_median():
+    one = [Sample(StepShape(decode_context_lens=(c,)), t) for c, t in ((64, 0.009), (66, 0.010), (65, 0.012))]
+    alone = Sample(StepShape(decode_context_lens=(500,)), 0.5)  # measured once: no spread to tell
+    assert sorted(shape_spread(one + [alone])) == pytest.approx(sorted([0.001 / 0.009, 0.0, 0.002 / 0.012]))
+    assert shape_spread([alone]) == []
 
 
 def test_fit_minimises_relative_not_absolute_error():

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from conserve_bench.config import ServePolicy
+from conserve_bench.sched.latency import Sample, StepShape, shape_spread
 from conserve_bench.sched.policy import step_kind
 
 PERCENTILES = (50, 90, 99)
@@ -90,6 +91,7 @@ class StepRecord:
     # per preempted request it resumed: (tokens computed before, loaded from its KV
     # checkpoint, found in the prefix cache, computed again)
     kv_resumes: tuple[tuple[int, int, int, int], ...] = ()
+    shape: StepShape | None = None  # its batch, for the spread of steps of the same shape
 
     @classmethod
     def from_log(cls, sample, notes: dict[str, Any], started_at: float) -> StepRecord:
@@ -102,7 +104,7 @@ class StepRecord:
                    arrival_to_abort_ms=notes.get("arrival_to_abort_ms"),
                    arrival_ns=notes.get("arrival_ns"), layer_group_ms=notes.get("layer_group_ms"),
                    online_queue_ms=tuple(notes.get("online_queue_ms", ())),
-                   kv_resumes=tuple(tuple(r) for r in notes.get("kv_resumes", ())))
+                   kv_resumes=tuple(tuple(r) for r in notes.get("kv_resumes", ())), shape=sample.shape)
 
     @property
     def kind(self) -> str:
@@ -255,8 +257,16 @@ def summarize_steps(steps: tuple[StepRecord, ...], window_s: float) -> dict[str,
             sum(s.num_offline_tokens * share for s, share in inside if not s.aborted) / window_s,
         "by_kind": by_kind,
         "prediction_rel_error": percentiles(predicted) if predicted else None,
+        "shape_spread_rel": _shape_spread([s for s, _ in inside]),
         "model_rel_error": _model_errors([s for s, _ in inside]),
     }
+
+
+def _shape_spread(steps: list[StepRecord]) -> dict[str, float | None] | None:
+    """The floor under `prediction_rel_error` (`latency.shape_spread`): steps that ran to the
+    end, each against the median of its shape's. None without shapes or repeated ones."""
+    spread = shape_spread([Sample(s.shape, s.step_s) for s in steps if s.shape is not None and not s.aborted])
+    return percentiles(spread) if spread else None
 
 
 def _model_errors(steps: list[StepRecord]) -> dict[str, Any] | None:

@@ -54,7 +54,7 @@ def _interval(r: dict[str, Any]) -> str:
 
 STEP_COLUMNS = ("policy", "steps", "busy %", "online / mixed / offline busy %",
                 "mixed step p50/p90/p99 ms", "offline computed tok/s", "prediction error p50/p90",
-                "profile / refit error p90 (same steps)")
+                "same-shape spread p50/p90", "profile / refit error p90 (same steps)")
 GOAL_COLUMNS = ("policy", "SLO %", "online-only SLO %", "ratio", "difference (points)",
                 "online req/s", "offline tok/s", "slack tok/s", "% of slack")
 
@@ -80,10 +80,12 @@ def step_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
             continue
         kinds = steps["by_kind"]
         error, models = steps["prediction_rel_error"], steps.get("model_rel_error")
+        spread = steps.get("shape_spread_rel")
         rows.append((policy, str(steps["num_steps"]), _num(steps["busy_pct"], 1, 1),
                      " / ".join(_num(kinds[k]["busy_pct"], 1, 1) for k in ("online", "mixed", "offline")),
                      _triple(kinds["mixed"]["step_ms"]), _num(steps["offline_computed_tokens_per_s"], 1, 1),
                      "-" if error is None else f"{error['p50']:.1%} / {error['p90']:.1%}",
+                     "-" if not spread else f"{spread['p50']:.1%} / {spread['p90']:.1%}",
                      "-" if not models else
                      f"{models['profile']['p90']:.1%} / {models['refit']['p90']:.1%} ({models['num_steps']})"))
     return rows
