@@ -278,6 +278,31 @@ def test_an_arrival_cuts_while_pending_and_once_however_long_its_hand_off():
     assert book.cut_above == 5
 
 
+def test_an_arrival_that_cut_a_step_holds_offline_work_until_its_request_runs_or_the_limit():
+    book = ArrivalBook()
+    assert not book.in_hand_off(now_s=0.0, limit_s=0.5)
+    book.scheduled(2)  # arrival 2 ran at once; 1 and 3 are on their way when a step is cut
+    book.cut_for(3, at_s=10.0)
+    assert book.in_hand_off(10.2, 0.5)
+    book.scheduled(1)
+    assert book.in_hand_off(10.2, 0.5)  # 3 still on its way
+    book.scheduled(3)
+    assert not book.in_hand_off(10.2, 0.5)
+    book.cut_for(4, at_s=20.0)  # 4 never reaches the engine (refused): let go after the limit
+    assert book.in_hand_off(20.4, 0.5) and not book.in_hand_off(20.5, 0.5)
+    assert book.cut_above == 4
+
+
+def test_offline_work_waits_while_an_online_request_is_in_its_hand_off():
+    offline = [Pending("off-decode", 1, 300, decode=True), Pending("off", 4000, 0, running=False)]
+    targets = Targets(ttft_s=2.0, tbt_s=0.1, offline_step_s=0.5)
+    assert plan_step([], offline, MODEL, targets, 4096).num_offline_tokens > 1
+    held = plan_step([], offline, MODEL, targets, 4096, offline_held=True)
+    assert held.token_budget == 0 and held.deferred_ids == {"off-decode"}  # not even one token
+    online = [Pending("on", 1, 100, decode=True)]
+    assert plan_step(online, offline, MODEL, targets, 4096, offline_held=True).num_tokens == (("on", 1),)
+
+
 def test_arrival_numbers_travel_in_extra_args_and_only_ints_count():
     from conserve_bench.vllm_plugin.overrides import ARRIVAL_KEY, arrival_number
 

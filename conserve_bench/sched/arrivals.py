@@ -5,8 +5,11 @@ ArrivalSignal`), and the number travels with the request into the engine. An arr
 *pending* until a step schedules its request or a step is cut for it; an offline-only step is
 cut while any arrival is pending, so every arrival cuts at most one step however long its
 hand-off to the engine takes (tokenising a long prompt, a loaded event loop), and none after
-its request runs. An admitted request that never reaches the engine (refused by vLLM's checks,
-its client gone) is pending until it has cut one step.
+its request runs. A step is cut as soon as the arrival is announced, usually before its
+request has reached the scheduler: until it does (`in_hand_off`), offline work waits rather
+than start a step the request would wait behind. An admitted request that never reaches the
+engine (refused by vLLM's checks, its client gone) cuts one step and holds offline work for
+at most the hand-off limit the scheduler gives.
 
 Pure bookkeeping on plain integers: the scheduler reports what it scheduled and what was cut,
 and arms each offline-only step with `cut_above`: the safepoint cuts the step once the number
@@ -36,18 +39,30 @@ class ArrivalBook:
         # An offline-only step is cut once more arrivals than this were announced: the first
         # arrival not settled is announced then (every one up to this is settled).
         self.cut_above = 0
-        self._settled_beyond: set[int] = set()
+        self._settled_beyond: set[int] = set()  # beyond it: arrivals whose requests ran
+        self._in_hand_off: dict[int, float] = {}  # cut a step, request not run yet: when
 
     def scheduled(self, number: int) -> None:
         """A step scheduled the request of arrival `number` (no step is cut for it after)."""
+        self._in_hand_off.pop(number, None)
         if number > self.cut_above:
             self._settled_beyond.add(number)
             self._advance()
 
-    def cut_for(self, num_announced: int) -> None:
-        """A step was cut when `num_announced` arrivals had been announced: each was pending
-        or settled then; none cuts another step."""
+    def in_hand_off(self, now_s: float, limit_s: float) -> bool:
+        """Whether an arrival cut a step less than `limit_s` ago and its request has not run
+        yet (offline work waits for it); those cut longer ago are let go."""
+        self._in_hand_off = {n: at for n, at in self._in_hand_off.items() if now_s - at < limit_s}
+        return bool(self._in_hand_off)
+
+    def cut_for(self, num_announced: int, at_s: float = 0.0) -> None:
+        """A step was cut at `at_s` when `num_announced` arrivals had been announced: each was
+        pending or settled then; none cuts another step, and those whose requests have not
+        run are in their hand-off."""
         if num_announced > self.cut_above:
+            for number in range(self.cut_above + 1, num_announced + 1):
+                if number not in self._settled_beyond:
+                    self._in_hand_off[number] = at_s
             self.cut_above = num_announced
             self._settled_beyond = {n for n in self._settled_beyond if n > num_announced}
             self._advance()

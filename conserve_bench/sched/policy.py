@@ -323,7 +323,7 @@ def step_kind(num_tokens: int, num_offline_tokens: int) -> str:
 
 def plan_step(online: Sequence[Pending], offline: Sequence[Pending], model: LatencyModel,
               targets: Targets, max_num_tokens: int, batch_apart: bool = False,
-              tail: TailFactors = TailFactors()) -> StepPlan:
+              tail: TailFactors = TailFactors(), offline_held: bool = False) -> StepPlan:
     """Plan one engine step.
 
     `online` and `offline` come in vLLM's order: running requests (in running-list order), then
@@ -342,6 +342,8 @@ def plan_step(online: Sequence[Pending], offline: Sequence[Pending], model: Late
     planning quantile of a step's time, not its prediction (`TailFactors.budget`); offline-only
     steps sized for throughput (layer-wise preemption: an arrival cuts them) are not shrunk,
     and carry the running offline decodes on top of their budget (`_decodes_cost`).
+    `offline_held`: an online request that cut a step is still on its way to the scheduler
+    (`arrivals.ArrivalBook.in_hand_off`): offline work waits, even with no online work.
     """
     step = _Step(model, max_num_tokens)
     chunk_online = not targets.bounded and any(r.decode for r in online)
@@ -370,7 +372,7 @@ def plan_step(online: Sequence[Pending], offline: Sequence[Pending], model: Late
             budget_s = tail.budget(budget_s, "offline", targets.bounded)
     deferred = set()
     for request in _decodes_first(offline):
-        num = 0 if stopped or (batch_apart and has_online) else step.fit(request, budget_s)
+        num = 0 if stopped or offline_held or (batch_apart and has_online) else step.fit(request, budget_s)
         # NOTE: vLLM takes every running request before any waiting one: a running offline
         # request given a partial chunk would take the tokens planned for waiting online work.
         partial = num < request.num_new_tokens
@@ -381,7 +383,7 @@ def plan_step(online: Sequence[Pending], offline: Sequence[Pending], model: Late
             break  # waiting requests are admitted in queue order: nothing after it fits either
         step.add(request, num)
         stopped = partial
-    if not has_online and not step.entries and offline:
+    if not has_online and not step.entries and offline and not offline_held:
         first = _decodes_first(offline)[0]
         step.add(first, 1)  # NOTE: offline always progresses while online is idle
         deferred.discard(first.request_id)

@@ -65,6 +65,11 @@ class LayerPreemption:
         self.connector.arm(output, self.arrivals.cut_above)
         self.armed = (output, self._record(output))
 
+    def holds_offline(self, limit_s: float) -> bool:
+        """Whether offline work waits for an online request in its hand-off: a step was cut
+        for its arrival less than `limit_s` ago and no step has scheduled it yet."""
+        return self.arrivals.in_hand_off(time.monotonic(), limit_s)
+
     def armed_step(self, output) -> ArmedStep | None:
         return self.armed[1] if self.armed is not None and self.armed[0] is output else None
 
@@ -89,7 +94,7 @@ class LayerPreemption:
         `num_announced` arrivals were announced: none of them cuts a step again)."""
         scheduler = self.scheduler
         self.armed = None
-        self.arrivals.cut_for(num_announced)
+        self.arrivals.cut_for(num_announced, time.monotonic())
         # NOTE: first out of the prefix cache, then free: a block freed with its hash would
         # stay on offer, half written, to the next request with the same prefix.
         scheduler.kv_cache_manager.evict_blocks(set(step.filled_block_ids))

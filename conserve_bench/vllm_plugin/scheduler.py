@@ -41,6 +41,7 @@ from conserve_bench.vllm_plugin.steplog import StepLogWriter, StepRecorder
 # prompts set, and an offline-only step of `max_slowdown` x their prefill adds at most that
 # share to it (a short prompt may wait longer than that share of its own, shorter, prefill).
 NUM_RECENT_PROMPTS = 64
+HAND_OFF_POLL_S = 0.001  # while offline work waits for an online request on its way
 REFERENCE_PROMPT_QUANTILE = 0.9
 
 
@@ -114,9 +115,18 @@ class ConserveScheduler(Scheduler):
             tail = self.tail.factors() if self.tail else TailFactors()
             if self._targets.preemptive:
                 self._targets = replace(self._targets, arrival_rate=self._arrivals.per_s(time.monotonic()))
+            # NOTE: held at most one offline-only step's time: a request that never reaches
+            # the engine costs offline work no more than the step it cut would have run.
+            held = (self._preemption is not None
+                    and self._preemption.holds_offline(self._targets.quantum_for(model)))
             self.last_plan = plan_step(*self._pending(), model, self._targets,
-                                       self.max_num_scheduled_tokens, policy.batch_apart, tail)
+                                       self.max_num_scheduled_tokens, policy.batch_apart, tail,
+                                       offline_held=held)
             output = self._schedule_plan(self.last_plan, throttle_prefills)
+            if held and not output.total_num_scheduled_tokens:
+                # NOTE: vLLM's engine core steps again at once while it has requests: a
+                # moment's sleep leaves the CPU to the API server handing the request over.
+                time.sleep(HAND_OFF_POLL_S)
             self._planned.append((output, self.last_plan.kind))
         if self._preemption is not None:
             offline_only = 0 < output.total_num_scheduled_tokens == self._num_offline_tokens(output)
