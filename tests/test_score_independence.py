@@ -49,7 +49,9 @@ def served(tmp_path_factory, data_dir):
     db_url = f"sqlite:///{folder / 'store.db'}"
     store_profile(db_url)
     delay = SharedInts.create(folder / "handoff_delay_ms.bin", 0)
-    args = serve_args(db_url, data_dir, folder, kv_blocks=KV_BLOCKS, pool_gib=POOL_GIB)
+    # NOTE: a share above the 5% default, so that offline work shares steps with online work
+    # (mixed steps) often: what a score must not depend on
+    args = [*serve_args(db_url, data_dir, folder, kv_blocks=KV_BLOCKS, pool_gib=POOL_GIB), "--max-slowdown", "0.25"]
     with ServerProcess(args, folder, env={ENV_VAR: f"serve.handoff_delay_ms={delay.path}"}) as server:
         http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
         job_ids = [http.post("/v1/jobs", json=body).json()["id"]
