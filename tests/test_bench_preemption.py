@@ -46,7 +46,8 @@ def test_step_log_notes_become_step_records():
              "arrival_to_abort_ms": 3.5, "arrival_ns": 77, "layer_group_ms": 9.0, "kind": "offline"}
     record = StepRecord.from_log(sample, notes, started_at=100.0)
     assert record == StepRecord(5.0, 0.25, 2, 2, aborted=True, abort_layer=8,
-                                arrival_to_abort_ms=3.5, arrival_ns=77, layer_group_ms=9.0)
+                                arrival_to_abort_ms=3.5, arrival_ns=77, layer_group_ms=9.0,
+                                shape=sample.shape)
     plain = StepRecord.from_log(sample, {"end_at": 101.0, "online_queue_ms": [4.0, 6.0]}, 100.0)
     assert not plain.aborted and plain.online_queue_ms == (4.0, 6.0)
 

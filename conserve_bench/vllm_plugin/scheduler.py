@@ -41,8 +41,8 @@ from conserve_bench.vllm_plugin.steplog import StepLogWriter, StepRecorder
 # prompts set, and an offline-only step of `max_slowdown` x their prefill adds at most that
 # share to it (a short prompt may wait longer than that share of its own, shorter, prefill).
 NUM_RECENT_PROMPTS = 64
-HAND_OFF_POLL_S = 0.001  # while offline work waits for an online request on its way
 REFERENCE_PROMPT_QUANTILE = 0.9
+HAND_OFF_POLL_S = 0.001  # while offline work waits for an online request on its way
 
 
 class ConserveScheduler(Scheduler):
