@@ -82,7 +82,8 @@ def online_records(result: dict) -> list:
     from conserve_bench.bench.summary import OnlineRecord
 
     # NOTE: one gap per chunk vLLM's client received (a chunk may carry more than one token)
-    return [OnlineRecord(i, 0.0, 0, len(itl) + 1, ttft if not error else None, tuple(itl), None, error or None)
+    return [OnlineRecord(index=i, arrival_s=0.0, context_tokens=0, generated_tokens=len(itl) + 1,
+                         ttft_s=None if error else ttft, tbt_s=tuple(itl), error=error or None)
             for i, (ttft, itl, error) in enumerate(zip(result["ttfts"], result["itls"], result["errors"]))]
 
 
