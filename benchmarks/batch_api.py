@@ -286,6 +286,8 @@ def main() -> None:
     if args.no_profile and not args.profile_db:
         parser.error("the servers load this host's profile: --no-profile needs --profile-db")
     lines = batch_lines(args.lines, args.data_dir, args.long_share, args.short_tokens, args.long_tokens, args.seed)
+    if not lines:
+        parser.error(f"no MMLU test questions (test/*_test.csv) in {args.data_dir}: give --data-dir")
     with tempfile.TemporaryDirectory(prefix="batch-api-") as tmp:
         work = Path(tmp)
         input_path = work / "batch.jsonl"

@@ -285,62 +285,17 @@ def faults(result: dict, config: dict) -> str:
 # --- records of other commands -----------------------------------------------------------------
 
 def bench(result: dict, config: dict) -> str:
-    """`conserve-bench bench`'s report (its `policies`), the tables its data allows."""
-    policies = result["policies"]
-    parts = [md_table(("policy", "TTFT p50/p90/p99 ms", "TBT p50/p90/p99 ms", "SLO %", "online req/s",
-                       "offline tok/s", "offline items/s", "offline % of offline-only"),
-                      [_bench_row(p, s) for p, s in policies.items()])]
-    goals = [(p, s) for p, s in policies.items() if s.get("goal")]
-    if goals:
-        parts.append(md_table(("policy", "SLO %", "online-only SLO %", "ratio", "online req/s", "offline tok/s",
-                               "slack tok/s", "% of slack"), [_goal_row(p, s) for p, s in goals]))
-    steps = [(p, s) for p, s in policies.items() if s.get("steps")]
-    if steps:
-        parts.append(md_table(("policy", "steps", "busy %", "online / mixed / offline busy %",
-                               "mixed step p50/p90/p99 ms", "prediction error p50/p90",
-                               "profile / refit error p90 (same steps)"), [_steps_row(p, s) for p, s in steps]))
-    cut = [(p, s) for p, s in policies.items() if s.get("preemptions") or s.get("online_queue_ms")]
-    if cut:
-        parts.append(md_table(("policy", "preemptions (arrival to abort p50/p99 ms)", "online queue p50/p99 ms"),
-                              [_preemption_row(p, s) for p, s in cut]))
+    """`conserve-bench bench`'s report (its `policies`): the tables its own `report.md` has,
+    those its data allows (`bench.tables`' rows)."""
+    from conserve_bench.bench import tables as t
+
+    report = {"policies": result["policies"]}
+    parts = [md_table(t.TABLE_COLUMNS, t.table_rows(report))]
+    for columns, rows in ((t.GOAL_COLUMNS, t.goal_rows), (t.TAIL_COLUMNS, t.tail_rows),
+                          (t.STEP_COLUMNS, t.step_rows), (t.PREEMPTION_COLUMNS, t.preemption_rows)):
+        if found := rows(report):
+            parts.append(md_table(columns, found))
     return "\n\n".join(parts)
-
-
-def _bench_row(policy: str, s: dict) -> tuple[str, ...]:
-    return (policy, _triple(s["ttft_ms"]), _triple(s["tbt_ms"]), num(s["slo_attainment"], 1, 100),
-            num(s["online_rps"], 2), num(s["offline_tokens_per_s"], 1), num(s["offline_items_per_s"], 2),
-            num(s["offline_pct_of_offline_only"], 1))
-
-
-def _goal_row(policy: str, s: dict) -> tuple[str, ...]:
-    g = s["goal"]
-    return (policy, num(g["slo_attainment"], 1, 100), num(g["online_only_slo_attainment"], 1, 100),
-            num(g["slo_attainment_ratio"], 2), num(s["online_rps"], 2), num(s["offline_tokens_per_s"], 1),
-            num(g["slack_tokens_per_s"], 1), num(g["harvest_pct_of_slack"], 1))
-
-
-def _steps_row(policy: str, s: dict) -> tuple[str, ...]:
-    steps = s["steps"]
-    kinds, error, models = steps["by_kind"], steps.get("prediction_rel_error"), steps.get("model_rel_error")
-    spread = steps.get("shape_spread_rel")  # NOTE: records before 2026-12-06 have none
-    error_cell = "-" if not error else f"{pct(error['p50'])} / {pct(error['p90'])}" + (
-        f" (same-shape spread {pct(spread['p50'])} / {pct(spread['p90'])})" if spread else "")
-    return (policy, num(steps["num_steps"]), num(steps["busy_pct"], 1),
-            " / ".join(num(kinds[k]["busy_pct"], 1) for k in ("online", "mixed", "offline")),
-            _triple(kinds["mixed"]["step_ms"]), error_cell,
-            "-" if not models else
-            f"{pct(models['profile']['p90'])} / {pct(models['refit']['p90'])} ({models['num_steps']})")
-
-
-def _preemption_row(policy: str, s: dict) -> tuple[str, ...]:
-    p, queue = s.get("preemptions"), s.get("online_queue_ms")
-    cut = "-" if not p or not p["num_preemptions"] else (
-        f"{p['num_preemptions']} ({num(p['arrival_to_abort_ms']['p50'])}/{num(p['arrival_to_abort_ms']['p99'])})")
-    return (policy, cut, "-" if not queue else f"{num(queue['p50'])}/{num(queue['p99'])}")
-
-
-def _triple(values: dict) -> str:
-    return "/".join("-" if values.get(p) is None else f"{values[p]:.0f}" for p in ("p50", "p90", "p99"))
 
 
 def demo_phases(result: dict, config: dict) -> str:

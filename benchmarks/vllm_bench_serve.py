@@ -5,7 +5,9 @@ Per policy (default online-only, priority, conserve with its default targets): a
 `--db`), an MMLU 5-shot job submitted behind (`--data-dir`, the local CSVs) and running, then
 `vllm.benchmarks.serve` called from Python (the CPU build's `vllm` console script is broken):
 random dataset, `--input-len` prompt tokens, `--output-len` out, Poisson `--request-rate`,
-`--num-prompts` requests. Reports TTFT and TPOT p50/p99 and offline items/s (the server's
+`--num-prompts` requests. A policy given again runs again, as `<policy>#2`: online-only twice
+(an A/A run) measures how far two runs of one setting differ on this host, the noise any
+ratio must be told from. Reports TTFT and TPOT p50/p99 and offline items/s (the server's
 `conserve_offline_items_total` over the benchmark's duration) per policy, and the P99 ratios
 to online-only with a 95% bootstrap interval from the one run (`bench`'s `tail_intervals`, on
 the per-request times vLLM's client keeps with `--save-detailed`), as a markdown table and
@@ -17,6 +19,7 @@ vLLM 0.32.0 names relied on (tests/test_bench.py checks them): `vllm.benchmarks.
 `vllm.utils.argparse_utils.FlexibleArgumentParser`.
 
     python -m benchmarks.vllm_bench_serve                   # 60 prompts at 0.25 req/s per policy
+    python -m benchmarks.vllm_bench_serve --policies online-only,conserve,online-only   # with A/A
     python -m benchmarks.vllm_bench_serve --num-prompts 4 --request-rate 1 --input-len 32 \
         --output-len 8 --offline-limit 2 --no-profile --measured /tmp/vllm-bench-serve.json   # tiny
 """
@@ -95,9 +98,19 @@ def offline_items(url: str) -> float:
     return parse_counters(httpx.get(f"{url}/metrics", timeout=30).text)["items"]
 
 
-def run_policy(args, policy: ServePolicy, out: Path, profiles) -> tuple[dict, list]:
+def labelled(policies: str) -> list[tuple[str, ServePolicy]]:
+    """(label, policy) in run order; a policy's second run is labelled `<policy>#2`, and so on."""
+    runs: list[tuple[str, ServePolicy]] = []
+    for name in policies.split(","):
+        policy = ServePolicy(name)
+        num = 1 + sum(1 for _, p in runs if p == policy)
+        runs.append((policy.value if num == 1 else f"{policy.value}#{num}", policy))
+    return runs
+
+
+def run_policy(args, policy: ServePolicy, out: Path, profiles, label: str | None = None) -> tuple[dict, list]:
     """One fresh server: the eval job running behind, vLLM's benchmark in front. Returns the
-    policy's row and its online requests' records."""
+    policy's row and its online requests' records (kept under `out`/`label`)."""
     from vllm.benchmarks.serve import main_async
 
     from conserve_bench.bench.phases import wait_running
@@ -106,7 +119,7 @@ def run_policy(args, policy: ServePolicy, out: Path, profiles) -> tuple[dict, li
     from conserve_bench.serve.client import JobClient
     from conserve_bench.serve.process import ServerProcess
 
-    phase_dir = out / policy.value
+    phase_dir = out / (label or policy.value)
     phase_dir.mkdir(parents=True)
     db_url = f"sqlite:///{(phase_dir / 'jobs.db').resolve()}"
     profiles.copy_to(db_url)
@@ -140,20 +153,17 @@ def run_policy(args, policy: ServePolicy, out: Path, profiles) -> tuple[dict, li
 def step_errors(path: Path) -> dict:
     """The live latency model's error on the phase's steps (conserve's plan; none for the
     other policies) and the floor under it: steps of one shape against their median."""
-    from conserve_bench.bench.summary import percentiles
-    from conserve_bench.sched.latency import shape_spread
+    from conserve_bench.bench.summary import StepRecord, prediction_errors
     from conserve_bench.sched.steplog import read_step_log_with_notes
 
-    steps = [(sample, notes) for sample, notes in read_step_log_with_notes(path) if not notes.get("aborted")]
-    errors = [abs(n["predicted_s"] - s.step_s) / s.step_s for s, n in steps if n.get("predicted_s")]
-    spread = shape_spread([sample for sample, _ in steps])
-    return {"prediction_rel_error": percentiles(errors, (50, 90)) if errors else None,
-            "shape_spread_rel": percentiles(spread, (50, 90)) if spread else None}
+    steps = [StepRecord.from_log(sample, notes, 0.0) for sample, notes in read_step_log_with_notes(path)]
+    return prediction_errors(steps, (50, 90))
 
 
 def with_ratios(runs: dict[str, tuple[dict, list]]) -> dict[str, dict]:
-    """Rows with their ratios to online-only's: the four metrics, and the P99s of TTFT, ITL
-    (vLLM's inter-token latency, `bench`'s TBT) and TPOT with a 95% bootstrap interval."""
+    """Rows with their ratios to (the first) online-only's: the four metrics, and the P99s of
+    TTFT, ITL (vLLM's inter-token latency, `bench`'s TBT) and TPOT with a 95% bootstrap
+    interval; a second online-only run's are the A/A ratios, 1 but for the host's noise."""
     from conserve_bench.bench.summary import tail_intervals
 
     rows = {policy: row for policy, (row, _) in runs.items()}
@@ -206,7 +216,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     host = measure_host(args)
     profiles = ProfileCache(args.db, args.model)
-    rows = with_ratios({p: run_policy(args, ServePolicy(p), out, profiles) for p in args.policies.split(",")})
+    rows = with_ratios({label: run_policy(args, policy, out, profiles, label)
+                        for label, policy in labelled(args.policies)})
     report = {"config": vars(args), "policies": rows}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(rows, args))

@@ -151,15 +151,18 @@ def test_steps_count_by_their_share_inside_the_window():
     assert summarize_steps((), 4.0) is None and summarize_steps(steps[-1:], 4.0) is None
 
 
-def test_the_steps_summary_gives_the_spread_of_steps_of_one_shape():
+def test_the_steps_summary_measures_prediction_and_spread_on_steps_that_ran_to_the_end():
     from conserve_bench.sched.latency import StepShape
 
     decode = StepShape(decode_context_lens=(300,))
     steps = tuple(StepRecord(t, step_s, 1, 0, predicted_s=0.04, shape=decode, aborted=aborted)
                   for t, step_s, aborted in ((1.0, 0.04, False), (2.0, 0.05, False), (3.0, 0.5, True)))
-    spread = summarize_steps(steps, window_s=4.0)["shape_spread_rel"]
+    summary = summarize_steps(steps, window_s=4.0)
     # the median of 40 and 50 ms is 45: 5/40 and 5/50 off it (the abandoned step left out)
-    assert spread["p50"] == pytest.approx((0.125 + 0.1) / 2)
+    assert summary["shape_spread_rel"]["p50"] == pytest.approx((0.125 + 0.1) / 2)
+    # predicted 40 ms: 0 and 10/50 off (the abandoned step ran 500 ms of a longer plan)
+    assert summary["prediction_rel_error"]["p50"] == pytest.approx(0.1)
+    assert summary["prediction_rel_error"]["p99"] == pytest.approx(0.2 * 0.99)
 
 
 def test_kv_resumes_sum_what_steps_that_ran_loaded_and_recomputed():
@@ -354,6 +357,17 @@ def test_vllm_bench_serve_gives_the_p99_ratios_with_bootstrap_intervals():
     assert ttft["low"] <= ttft["ratio"] <= ttft["high"] and ttft["low"] < ttft["high"]  # failures left out
     assert "1.25x [1.25, 1.25]" in script.markdown(rows, types.SimpleNamespace(
         input_len=256, output_len=10, request_rate=0.25, num_prompts=50, offline_tasks="mmlu", num_fewshot=5))
+
+
+def test_vllm_bench_serve_runs_a_policy_given_again_under_a_label_of_its_own():
+    from benchmarks import vllm_bench_serve as script
+    from conserve_bench.config import ServePolicy
+
+    assert script.labelled("online-only,conserve,online-only,online-only") == [
+        ("online-only", ServePolicy.ONLINE_ONLY), ("conserve", ServePolicy.CONSERVE),
+        ("online-only#2", ServePolicy.ONLINE_ONLY), ("online-only#3", ServePolicy.ONLINE_ONLY)]
+    with pytest.raises(ValueError):
+        script.labelled("online-only,fastest")
 
 
 def test_vllm_bench_serve_speaks_vllms_own_benchmark_client():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from conserve_bench.config import ServePolicy
@@ -248,25 +249,27 @@ def summarize_steps(steps: tuple[StepRecord, ...], window_s: float) -> dict[str,
         of_kind = [(s, share) for s, share in inside if s.kind == kind]
         by_kind[kind] = {"num_steps": len(of_kind), "busy_pct": busy_pct(of_kind),
                          "step_ms": _ms(percentiles([s.step_s for s, _ in of_kind]))}
-    predicted = [abs(s.predicted_s - s.step_s) / s.step_s for s, _ in inside
-                 if s.predicted_s is not None]
     return {
         "num_steps": len(inside),
         "busy_pct": busy_pct(inside),
         "offline_computed_tokens_per_s":
             sum(s.num_offline_tokens * share for s, share in inside if not s.aborted) / window_s,
         "by_kind": by_kind,
-        "prediction_rel_error": percentiles(predicted) if predicted else None,
-        "shape_spread_rel": _shape_spread([s for s, _ in inside]),
+        **prediction_errors([s for s, _ in inside]),
         "model_rel_error": _model_errors([s for s, _ in inside]),
     }
 
 
-def _shape_spread(steps: list[StepRecord]) -> dict[str, float | None] | None:
-    """The floor under `prediction_rel_error` (`latency.shape_spread`): steps that ran to the
-    end, each against the median of its shape's. None without shapes or repeated ones."""
-    spread = shape_spread([Sample(s.shape, s.step_s) for s in steps if s.shape is not None and not s.aborted])
-    return percentiles(spread) if spread else None
+def prediction_errors(steps: Sequence[StepRecord], pcts=PERCENTILES) -> dict[str, Any]:
+    """The plan's relative prediction error (conserve's steps: none for the other policies)
+    beside the floor under it, the same-shape spread (`latency.shape_spread`: each step
+    against its own shape's median), over the steps that ran to the end: an abandoned step
+    ran part of its plan. None for either without steps to measure it on."""
+    ran = [s for s in steps if not s.aborted]
+    errors = [abs(s.predicted_s - s.step_s) / s.step_s for s in ran if s.predicted_s is not None]
+    spread = shape_spread([Sample(s.shape, s.step_s) for s in ran if s.shape is not None])
+    return {"prediction_rel_error": percentiles(errors, pcts) if errors else None,
+            "shape_spread_rel": percentiles(spread, pcts) if spread else None}
 
 
 def _model_errors(steps: list[StepRecord]) -> dict[str, Any] | None:

@@ -60,12 +60,15 @@ GOAL_COLUMNS = ("policy", "SLO %", "online-only SLO %", "ratio", "difference (po
 
 
 def goal_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
-    """Per policy: attainment next to online-only's, and harvest next to the slack."""
+    """Per policy with a goal: attainment next to online-only's, and harvest next to the slack."""
     rows = []
     for policy, s in report["policies"].items():
-        g = s["goal"]
+        g = s.get("goal")
+        if not g:
+            continue
+        # NOTE: records of 2026-11-27 and before may lack the difference and computed tok/s
         rows.append((policy, _num(g["slo_attainment"], 100, 1), _num(g["online_only_slo_attainment"], 100, 1),
-                     _num(g["slo_attainment_ratio"], 1, 2), _num(g["slo_attainment_difference"], 100, 1),
+                     _num(g["slo_attainment_ratio"], 1, 2), _num(g.get("slo_attainment_difference"), 100, 1),
                      _num(s["online_rps"], 1, 2), _num(s["offline_tokens_per_s"], 1, 1),
                      _num(g["slack_tokens_per_s"], 1, 1), _num(g["harvest_pct_of_slack"], 1, 1)))
     return rows
@@ -83,7 +86,7 @@ def step_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
         spread = steps.get("shape_spread_rel")
         rows.append((policy, str(steps["num_steps"]), _num(steps["busy_pct"], 1, 1),
                      " / ".join(_num(kinds[k]["busy_pct"], 1, 1) for k in ("online", "mixed", "offline")),
-                     _triple(kinds["mixed"]["step_ms"]), _num(steps["offline_computed_tokens_per_s"], 1, 1),
+                     _triple(kinds["mixed"]["step_ms"]), _num(steps.get("offline_computed_tokens_per_s"), 1, 1),
                      "-" if error is None else f"{error['p50']:.1%} / {error['p90']:.1%}",
                      "-" if not spread else f"{spread['p50']:.1%} / {spread['p90']:.1%}",
                      "-" if not models else
@@ -101,13 +104,16 @@ def preemption_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     rows = []
     for policy, s in report["policies"].items():
         p, queue = s.get("preemptions"), s.get("online_queue_ms")
-        if not p:
+        if not p and not queue:
             continue
-        layer = p["abort_layer"]
-        rows.append((policy, str(p["num_preemptions"]), _pair(p["arrival_to_abort_ms"]),
-                     _pair(p["layer_group_ms"]),
+        # NOTE: records of 2026-11-27 and before give preemptions of conserve alone, and
+        # only their number and arrival to abort
+        p = p or {}
+        layer, group = p.get("abort_layer") or {"p50": None}, p.get("layer_group_ms")
+        rows.append((policy, str(p.get("num_preemptions", "-")),
+                     _pair(p["arrival_to_abort_ms"]) if p else "-", _pair(group) if group else "-",
                      "-" if layer["p50"] is None else f"{layer['p50']:.0f} ({layer['min']}-{layer['max']})",
-                     str(p["offline_tokens_discarded"]), _pair(queue) if queue else "-"))
+                     str(p.get("offline_tokens_discarded", "-")), _pair(queue) if queue else "-"))
     return rows
 
 
