@@ -4,6 +4,7 @@ vLLM's own greedy fill reproduces every plan. No torch, no vLLM."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -304,6 +305,46 @@ def test_vllms_greedy_fill_reproduces_the_plan(case):
         filled[request.request_id] = min(request.num_new_tokens, budget)
         budget -= filled[request.request_id]
     assert filled == tokens(plan)
+
+
+def _priced_one_by_one(step, request, budget_s, least_context=0):
+    """`_Step.fit` without what it knows from earlier requests: each one priced in full."""
+    limit = min(request.num_new_tokens, step.num_tokens_left)
+    return step._fit(request, budget_s, limit) if limit > 0 else 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(plans)
+def test_requests_priced_out_by_earlier_ones_get_what_pricing_each_gives(case):
+    from unittest import mock
+
+    from conserve_bench.sched import policy
+
+    plan, _ = make_plan(*case)
+    with mock.patch.object(policy._Step, "fit", _priced_one_by_one):
+        priced_each, _ = make_plan(*case)
+    assert plan == priced_each
+
+
+def test_offline_requests_that_cannot_fit_are_priced_out_together():
+    """A step with online work defers its running offline decodes: the step prices the one
+    of least context once, not each of them (64 under a batch)."""
+    from unittest import mock
+
+    online = [Pending("on", 1, 300, decode=True)]
+    offline = [Pending(f"off-{i}", 1, 500 - i, decode=True) for i in range(64)]  # contexts fall
+    targets = Targets(ttft_s=2.0, tbt_s=0.2, max_slowdown=0.01)
+    with mock.patch.object(LatencyModel, "max_decodes_within", autospec=True,
+                           side_effect=LatencyModel.max_decodes_within) as priced:
+        plan = plan_step(online, offline, CPU_MODEL, targets, MAX_TOKENS)
+    assert plan.num_tokens == (("on", 1),) and len(plan.deferred_ids) == 64
+    assert priced.call_count == 2  # the first, then the least context: neither fits
+
+    # with room for a short decode (~2.6 ms here) but not for long ones (~11 ms at 2,000)
+    offline = [Pending("long", 1, 2000, decode=True), Pending("short", 1, 100, decode=True),
+               Pending("longer", 1, 1800, decode=True)]
+    plan = plan_step(online, offline, CPU_MODEL, replace(targets, max_slowdown=0.15), MAX_TOKENS)
+    assert plan.num_tokens == (("on", 1), ("short", 1)) and plan.deferred_ids == {"long", "longer"}
 
 
 def shape_of(plan: StepPlan, requests) -> StepShape:

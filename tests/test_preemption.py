@@ -374,8 +374,8 @@ def test_offline_steps_shorten_as_online_arrivals_come_more_often():
 
 
 def test_the_offline_step_replaces_the_quantum_as_the_offline_only_budget():
-    assert Targets(ttft_s=2.0, tbt_s=0.1).offline_budget_s == 0.5  # the quantum: 25% of TTFT
-    assert Targets(ttft_s=2.0, tbt_s=0.1, offline_step_s=1.5).offline_budget_s == 1.5
+    assert Targets(ttft_s=2.0, tbt_s=0.1).quantum_for(MODEL) == 0.5  # the quantum: 25% of TTFT
+    assert Targets(ttft_s=2.0, tbt_s=0.1, offline_step_s=1.5).quantum_for(MODEL) == 1.5
     with pytest.raises(ValueError, match="offline step"):
         Targets(ttft_s=2.0, tbt_s=0.1, offline_step_s=0)
 
@@ -494,12 +494,11 @@ def test_serve_sizes_offline_steps_for_throughput_with_preemption_and_by_the_qua
 
     profile = SimpleNamespace(model=MODEL, holdout_error=None)
     on = resolve_targets(ServeConfig(ttft_slo_ms=1000.0), profile, 4096)
-    assert on.offline_budget_s == pytest.approx(default_offline_step_s(MODEL, 4096))
-    assert on.quantum_for(MODEL) == on.offline_budget_s  # in the SLO mode and the bounded one
+    assert on.quantum_for(MODEL) == pytest.approx(default_offline_step_s(MODEL, 4096))
     bounded = resolve_targets(ServeConfig(offline_step_ms=700.0), profile, 4096)
     assert bounded.bounded and bounded.quantum_for(MODEL) == 0.7
     off = resolve_targets(ServeConfig(ttft_slo_ms=1000.0, layer_preemption=False), profile, 4096)
-    assert off.offline_step_s is None and off.offline_budget_s == pytest.approx(0.25)
+    assert off.offline_step_s is None and off.quantum_for(MODEL) == pytest.approx(0.25)
 
 
 def test_serve_starts_vllm_with_the_connector_worker_and_no_async_scheduling(tmp_path):

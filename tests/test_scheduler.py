@@ -100,7 +100,7 @@ POLICY = PolicyConfig(Targets(ttft_s=2.0, tbt_s=0.2), CPU_MODEL)
 
 
 def make_scheduler(model_path: str, policy: PolicyConfig | None, num_blocks: int = 256,
-                   max_num_batched_tokens: int = 2048, cls=None, **conserve):
+                   max_num_batched_tokens: int = 2048, cls=None, max_num_seqs: int = 16, **conserve):
     """A ConserveScheduler (or `cls`) as EngineCore builds it, over `num_blocks` KV blocks;
     `conserve` adds entries to its plug-in config."""
     import torch
@@ -113,7 +113,7 @@ def make_scheduler(model_path: str, policy: PolicyConfig | None, num_blocks: int
     from conserve_bench.vllm_plugin.scheduler import ConserveScheduler
 
     additional = {"conserve": {"policy": policy.to_dict(), **conserve}} if policy else {}
-    config = EngineArgs(model=model_path, max_model_len=2048, max_num_seqs=16,
+    config = EngineArgs(model=model_path, max_model_len=2048, max_num_seqs=max_num_seqs,
                         max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=True,
                         scheduling_policy="priority", additional_config=additional,
                         dtype="float32").create_engine_config()
@@ -134,14 +134,15 @@ def make_scheduler(model_path: str, policy: PolicyConfig | None, num_blocks: int
 
 
 def add(scheduler, request_id: str, num_prompt: int, priority: int, max_tokens: int = 8,
-        first_token: int = 0):
+        first_token: int = 0, extra_args: dict | None = None):
     from vllm import SamplingParams
     from vllm.v1.request import Request
 
     prompt = [(first_token + i) % 5000 + 10 for i in range(num_prompt)]
     scheduler.add_request(Request(request_id, prompt_token_ids=prompt, pooling_params=None,
                                   sampling_params=SamplingParams(max_tokens=max_tokens,
-                                                                 ignore_eos=True),
+                                                                 ignore_eos=True,
+                                                                 extra_args=extra_args),
                                   priority=priority, block_hasher=scheduler.test_block_hasher))
 
 
@@ -193,6 +194,35 @@ def test_online_arrival_is_scheduled_in_the_next_step(model_path):
     output = run_step(scheduler)
     assert output.num_scheduled_tokens["on"] == 200
     assert all(not r.startswith("off") or n < 1500 for r, n in output.num_scheduled_tokens.items())
+
+
+def test_offline_work_waits_for_the_online_request_whose_arrival_cut_its_step(model_path):
+    """The hand-off: a step is cut when an arrival is announced, before its request reaches
+    the scheduler; until it does, no step runs offline work (or one would run in front of it)."""
+    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+
+    from conserve_bench.vllm_plugin.overrides import ARRIVAL_KEY
+    from conserve_bench.vllm_plugin.preemption import LayerPreemption
+    from conserve_bench.vllm_plugin.safepoints import AbortReport
+
+    preemptive = PolicyConfig(Targets(ttft_s=2.0, tbt_s=0.2, offline_step_s=0.5), CPU_MODEL)
+    scheduler = make_scheduler(model_path, preemptive)
+    armed = []  # NOTE: the connector's scheduler half only passes the arming on to the worker
+    scheduler._preemption = LayerPreemption(scheduler, SimpleNamespace(arm=lambda output, _: armed.append(output)))
+    for i in range(2):
+        add(scheduler, f"off-{i}", 700, priority=1, first_token=1000 * i)
+    cut = scheduler.schedule()
+    assert armed == [cut]
+    report = AbortReport(step_index=1, layer=3, num_layers=30, arrival_ns=1, num_announced=1,
+                         aborted_at_ns=2, layer_group_s=0.001)
+    scheduler.update_from_output(cut, ModelRunnerOutput(
+        req_ids=[], req_id_to_index={}, kv_connector_output=KVConnectorOutput(kv_connector_worker_meta=report)))
+    assert all(r.num_computed_tokens == 0 for r in scheduler.requests.values())  # rolled back
+    for _ in range(3):  # arrival 1 is on its way
+        assert run_step(scheduler).total_num_scheduled_tokens == 0
+    add(scheduler, "on", 100, priority=0, first_token=4321, extra_args={ARRIVAL_KEY: 1})
+    assert dict(run_step(scheduler).num_scheduled_tokens) == {"on": 100}
+    assert any(r.startswith("off") for r in run_step(scheduler).num_scheduled_tokens)
 
 
 def test_kv_pressure_preempts_offline_never_online(model_path):

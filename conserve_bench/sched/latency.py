@@ -145,14 +145,14 @@ class LatencyModel:
                           max_tokens: int = DEFAULT_MAX_TOKENS) -> int:
         """Largest n <= max_tokens such that base + one n-token chunk at `context` fits."""
         _, c_p, _, _, c_ap, c_l = self.coefficients
-        b = base_shape
+        b = _BaseCounts.of(base_shape)
         slope = c_p + c_ap * context + (c_l if prompt_logprobs else 0.0)
-        estimate = _solve_quadratic(c_ap / 2, slope, budget_s - self.predict(b))
+        estimate = _solve_quadratic(c_ap / 2, slope, budget_s - self.predict(base_shape))
 
         def predict_n(n: int) -> float:
             return self._predict_features(_features(
                 b.num_prefill_tokens + n, b.num_decodes, b.decode_attention,
-                b._twice_prefill_attention + n * (2 * context + n),
+                b.twice_prefill_attention + n * (2 * context + n),
                 b.num_logprob_tokens + (n if prompt_logprobs else 0)))
 
         return _largest_within(predict_n, budget_s, estimate, max_tokens)
@@ -161,13 +161,13 @@ class LatencyModel:
                            max_decodes: int = DEFAULT_MAX_TOKENS) -> int:
         """Largest k <= max_decodes such that base + k decodes of `context_len` fits."""
         _, _, c_d, c_ad, _, _ = self.coefficients
-        b = base_shape
-        estimate = _solve_quadratic(0.0, c_d + c_ad * context_len, budget_s - self.predict(b))
+        b = _BaseCounts.of(base_shape)
+        estimate = _solve_quadratic(0.0, c_d + c_ad * context_len, budget_s - self.predict(base_shape))
 
         def predict_k(k: int) -> float:
             return self._predict_features(_features(
                 b.num_prefill_tokens, b.num_decodes + k, b.decode_attention + k * context_len,
-                b._twice_prefill_attention, b.num_logprob_tokens))
+                b.twice_prefill_attention, b.num_logprob_tokens))
 
         return _largest_within(predict_k, budget_s, estimate, max_decodes)
 
@@ -184,6 +184,22 @@ class LatencyModel:
         fit_error = data.get("fit_error")
         return cls(tuple(float(c) for c in data["coefficients"]),
                    None if fit_error is None else FitError(**fit_error))
+
+
+@dataclass(frozen=True)
+class _BaseCounts:
+    """A shape's feature counts, summed once for the many predictions of one budget inversion."""
+
+    num_prefill_tokens: int
+    num_decodes: int
+    decode_attention: int
+    twice_prefill_attention: int
+    num_logprob_tokens: int
+
+    @classmethod
+    def of(cls, shape: StepShape) -> _BaseCounts:
+        return cls(shape.num_prefill_tokens, shape.num_decodes, shape.decode_attention,
+                   shape._twice_prefill_attention, shape.num_logprob_tokens)
 
 
 def _solve_quadratic(a: float, b: float, slack: float) -> float:

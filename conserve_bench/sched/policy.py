@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from conserve_bench.errors import ConserveError
@@ -97,7 +97,7 @@ class Targets:
     """Online latency targets (seconds) and how offline work is sized against them.
 
     `max_slowdown` None: SLO mode, offline work fills a step with online work up to
-    `mixed_budget_s` and an offline-only step up to `offline_budget_s`. A share (bounded mode):
+    `mixed_budget_s` and an offline-only step up to `offline_budget_s` (the quantum). A share (bounded mode):
     offline work adds at most that share to a step's online decodes, nothing to a step that
     carries an online prompt, and an offline-only step is at most that share of the prefill
     of `reference_prompt_tokens` (or `quantum_s` when given); `ttft_s`/`tbt_s` then only
@@ -143,10 +143,8 @@ class Targets:
 
     @property
     def offline_budget_s(self) -> float:
-        """SLO mode: the longest offline-only step: the throughput-sized step under layer-wise
-        preemption, else the quantum (how long an online arrival may wait behind it)."""
-        if self.offline_step_s is not None:
-            return self.offline_step_s
+        """SLO mode without layer-wise preemption: the longest offline-only step, the quantum
+        (how long an online arrival may wait behind it). `quantum_for` gives it in every mode."""
         return self.quantum_s if self.quantum_s is not None else self.ttft_s * QUANTUM_FRACTION
 
     def quantum_for(self, model: LatencyModel) -> float:
@@ -371,8 +369,10 @@ def plan_step(online: Sequence[Pending], offline: Sequence[Pending], model: Late
         else:
             budget_s = tail.budget(budget_s, "offline", targets.bounded)
     deferred = set()
+    least = _least_contexts(offline)
     for request in _decodes_first(offline):
-        num = 0 if stopped or offline_held or (batch_apart and has_online) else step.fit(request, budget_s)
+        num = (0 if stopped or offline_held or (batch_apart and has_online)
+               else step.fit(request, budget_s, least[request.decode, request.prompt_logprobs]))
         # NOTE: vLLM takes every running request before any waiting one: a running offline
         # request given a partial chunk would take the tokens planned for waiting online work.
         partial = num < request.num_new_tokens
@@ -408,6 +408,15 @@ def _ttft_chunk(request: Pending, targets: Targets) -> int:
     return max(1, math.ceil(num_prompt * targets.tbt_s / targets.ttft_s))
 
 
+def _least_contexts(requests: Sequence[Pending]) -> dict[tuple[bool, bool], int]:
+    """The least context of the requests of each kind, (decode, prompt logprobs)."""
+    least: dict[tuple[bool, bool], int] = {}
+    for r in requests:
+        kind = (r.decode, r.prompt_logprobs)
+        least[kind] = min(least.get(kind, r.num_context), r.num_context)
+    return least
+
+
 def _decodes_first(requests: Sequence[Pending]) -> list[Pending]:
     """vLLM's order with decodes moved ahead of prefills among the running requests."""
     running = [r for r in requests if r.running]
@@ -422,6 +431,9 @@ class _Step:
         self.model, self.num_tokens_left = model, max_num_tokens
         self.shape = StepShape()
         self.entries: list[tuple[str, int]] = []
+        # (budget, decode, prompt logprobs) -> the least context at which no token fits the
+        # shape so far: a token costs no less at a longer context (coefficients >= 0)
+        self._priced_out: dict[tuple[float, bool, bool], int] = {}
 
     def add(self, request: Pending, num: int) -> None:
         if num <= 0:
@@ -433,12 +445,27 @@ class _Step:
                 ChunkShape(num, request.num_context, request.prompt_logprobs))
         self.entries.append((request.request_id, num))
         self.num_tokens_left -= num
+        self._priced_out.clear()
 
-    def fit(self, request: Pending, budget_s: float) -> int:
-        """The most tokens of `request` (up to its need) that keep the step within budget."""
+    def fit(self, request: Pending, budget_s: float, least_context: int = 0) -> int:
+        """The most tokens of `request` (up to its need) that keep the step within budget.
+        `least_context`: the least of the requests of its kind still to come, priced out
+        with it if no token of theirs fits either.
+
+        NOTE: a step with online work defers each running offline request (64 of them under
+        a batch): priced one by one, they took longer than the rest of the scheduler's step."""
         limit = min(request.num_new_tokens, self.num_tokens_left)
-        if limit <= 0:
+        key = (budget_s, request.decode, request.prompt_logprobs)
+        if limit <= 0 or request.num_context >= self._priced_out.get(key, math.inf):
             return 0
+        num = self._fit(request, budget_s, limit)
+        if num == 0:
+            least = min(least_context, request.num_context)
+            fits_least = least < request.num_context and self._fit(replace(request, num_context=least), budget_s, 1)
+            self._priced_out[key] = request.num_context if fits_least else least
+        return num
+
+    def _fit(self, request: Pending, budget_s: float, limit: int) -> int:
         if request.decode:
             return self.model.max_decodes_within(budget_s, self.shape, request.num_context,
                                                  max_decodes=limit)
