@@ -100,7 +100,7 @@ POLICY = PolicyConfig(Targets(ttft_s=2.0, tbt_s=0.2), CPU_MODEL)
 
 
 def make_scheduler(model_path: str, policy: PolicyConfig | None, num_blocks: int = 256,
-                   max_num_batched_tokens: int = 2048, cls=None, max_num_seqs: int = 16, **conserve):
+                   max_num_batched_tokens: int = 2048, cls=None, **conserve):
     """A ConserveScheduler (or `cls`) as EngineCore builds it, over `num_blocks` KV blocks;
     `conserve` adds entries to its plug-in config."""
     import torch
@@ -113,7 +113,7 @@ def make_scheduler(model_path: str, policy: PolicyConfig | None, num_blocks: int
     from conserve_bench.vllm_plugin.scheduler import ConserveScheduler
 
     additional = {"conserve": {"policy": policy.to_dict(), **conserve}} if policy else {}
-    config = EngineArgs(model=model_path, max_model_len=2048, max_num_seqs=max_num_seqs,
+    config = EngineArgs(model=model_path, max_model_len=2048, max_num_seqs=16,
                         max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=True,
                         scheduling_policy="priority", additional_config=additional,
                         dtype="float32").create_engine_config()

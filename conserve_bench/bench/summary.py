@@ -16,8 +16,8 @@ the server before a step first scheduled them.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from conserve_bench.config import ServePolicy

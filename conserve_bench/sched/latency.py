@@ -80,14 +80,19 @@ class StepShape:
 
     def features(self) -> tuple[float, ...]:
         """Feature values in `FEATURES` order."""
-        return _features(self.num_prefill_tokens, self.num_decodes, self.decode_attention,
-                         self._twice_prefill_attention, self.num_logprob_tokens)
+        return _features(*_counts(self))
 
     def with_chunk(self, chunk: ChunkShape) -> StepShape:
         return StepShape(self.prefills + (chunk,), self.decode_context_lens)
 
     def with_decodes(self, context_lens: Sequence[int]) -> StepShape:
         return StepShape(self.prefills, self.decode_context_lens + tuple(context_lens))
+
+
+def _counts(shape: StepShape) -> tuple[int, int, int, int, int]:
+    """`_features`' arguments for `shape`: its sums, computed once."""
+    return (shape.num_prefill_tokens, shape.num_decodes, shape.decode_attention,
+            shape._twice_prefill_attention, shape.num_logprob_tokens)
 
 
 def _features(num_prefill_tokens: int, num_decodes: int, decode_attention: int,
@@ -145,15 +150,15 @@ class LatencyModel:
                           max_tokens: int = DEFAULT_MAX_TOKENS) -> int:
         """Largest n <= max_tokens such that base + one n-token chunk at `context` fits."""
         _, c_p, _, _, c_ap, c_l = self.coefficients
-        b = _BaseCounts.of(base_shape)
+        # NOTE: the base shape's sums, once: predict_n runs a few times for each request
+        num_prefill, num_decodes, attention, twice_prefill_attention, num_logprob = _counts(base_shape)
         slope = c_p + c_ap * context + (c_l if prompt_logprobs else 0.0)
         estimate = _solve_quadratic(c_ap / 2, slope, budget_s - self.predict(base_shape))
 
         def predict_n(n: int) -> float:
             return self._predict_features(_features(
-                b.num_prefill_tokens + n, b.num_decodes, b.decode_attention,
-                b.twice_prefill_attention + n * (2 * context + n),
-                b.num_logprob_tokens + (n if prompt_logprobs else 0)))
+                num_prefill + n, num_decodes, attention, twice_prefill_attention + n * (2 * context + n),
+                num_logprob + (n if prompt_logprobs else 0)))
 
         return _largest_within(predict_n, budget_s, estimate, max_tokens)
 
@@ -161,13 +166,13 @@ class LatencyModel:
                            max_decodes: int = DEFAULT_MAX_TOKENS) -> int:
         """Largest k <= max_decodes such that base + k decodes of `context_len` fits."""
         _, _, c_d, c_ad, _, _ = self.coefficients
-        b = _BaseCounts.of(base_shape)
+        num_prefill, num_decodes, attention, twice_prefill_attention, num_logprob = _counts(base_shape)
         estimate = _solve_quadratic(0.0, c_d + c_ad * context_len, budget_s - self.predict(base_shape))
 
         def predict_k(k: int) -> float:
             return self._predict_features(_features(
-                b.num_prefill_tokens, b.num_decodes + k, b.decode_attention + k * context_len,
-                b.twice_prefill_attention, b.num_logprob_tokens))
+                num_prefill, num_decodes + k, attention + k * context_len, twice_prefill_attention,
+                num_logprob))
 
         return _largest_within(predict_k, budget_s, estimate, max_decodes)
 
@@ -184,22 +189,6 @@ class LatencyModel:
         fit_error = data.get("fit_error")
         return cls(tuple(float(c) for c in data["coefficients"]),
                    None if fit_error is None else FitError(**fit_error))
-
-
-@dataclass(frozen=True)
-class _BaseCounts:
-    """A shape's feature counts, summed once for the many predictions of one budget inversion."""
-
-    num_prefill_tokens: int
-    num_decodes: int
-    decode_attention: int
-    twice_prefill_attention: int
-    num_logprob_tokens: int
-
-    @classmethod
-    def of(cls, shape: StepShape) -> _BaseCounts:
-        return cls(shape.num_prefill_tokens, shape.num_decodes, shape.decode_attention,
-                   shape._twice_prefill_attention, shape.num_logprob_tokens)
 
 
 def _solve_quadratic(a: float, b: float, slack: float) -> float:

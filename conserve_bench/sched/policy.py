@@ -97,10 +97,10 @@ class Targets:
     """Online latency targets (seconds) and how offline work is sized against them.
 
     `max_slowdown` None: SLO mode, offline work fills a step with online work up to
-    `mixed_budget_s` and an offline-only step up to `offline_budget_s` (the quantum). A share (bounded mode):
-    offline work adds at most that share to a step's online decodes, nothing to a step that
-    carries an online prompt, and an offline-only step is at most that share of the prefill
-    of `reference_prompt_tokens` (or `quantum_s` when given); `ttft_s`/`tbt_s` then only
+    `mixed_budget_s` and an offline-only step up to `offline_budget_s` (the quantum). A share
+    (bounded mode): offline work adds at most that share to a step's online decodes, nothing
+    to a step that carries an online prompt, and an offline-only step is at most that share
+    of the prefill of `reference_prompt_tokens` (or `quantum_s` when given); `ttft_s`/`tbt_s` then only
     count SLO attainment. In either mode, `offline_step_s` (layer-wise preemption) sizes
     offline-only steps for throughput instead: an arrival cuts them at the next safepoint.
     """
@@ -461,8 +461,9 @@ class _Step:
         num = self._fit(request, budget_s, limit)
         if num == 0:
             least = min(least_context, request.num_context)
-            fits_least = least < request.num_context and self._fit(replace(request, num_context=least), budget_s, 1)
-            self._priced_out[key] = request.num_context if fits_least else least
+            if least < request.num_context and self._fit(replace(request, num_context=least), budget_s, 1):
+                least = request.num_context  # NOTE: one of less context still fits
+            self._priced_out[key] = least
         return num
 
     def _fit(self, request: Pending, budget_s: float, limit: int) -> int:
