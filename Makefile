@@ -40,12 +40,13 @@ tables:
 
 # The layering first (pyproject's [tool.importlinter]: sched pure, store and engine apart, vLLM's
 # internals only in conserve_bench/vllm_plugin), then the suite: the tests without a vLLM
-# engine on every core (pytest-xdist), then those with one, one at a time (an engine takes
-# every core, and what they time must not share them).
+# engine on every core (pytest-xdist; a group shares a worker: the client install's venv),
+# then those with one, one at a time (an engine takes every core, and what they time must not
+# share them).
 test: setup
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -ra -m "not engine and not slow" --numprocesses=auto --maxprocesses=4
-	$(PY) -m pytest -q -ra -m "engine or slow"
+	$(PY) -m pytest -q -ra -m "not engine" --numprocesses=auto --maxprocesses=4 --dist loadgroup
+	$(PY) -m pytest -q -ra -m engine
 
 # The suite under coverage, subprocesses too (pyproject's [tool.coverage.run]); a few minutes more.
 coverage: setup

@@ -12,7 +12,12 @@ server of its own store (this host's profile copied in):
 - co-served: the same trace beside the batch on `serve`'s defaults: online P99 TTFT/TBT/TPOT
   over online-only's with 95% bootstrap intervals (`bench.summary.tail_intervals`);
 - killed: the batch, the server SIGKILLed (engine processes with it) once `--kill-at` of it
-  is done, restarted on the same store: lines computed twice, generations continued.
+  is done, restarted on the same store: lines computed twice, generations continued;
+- online-only again, with `--aa`, after the co-served run: its ratios to the first are this
+  host's own noise (an A/A run), and the co-served run is also compared with both pooled.
+
+`--phases` runs a part (the alone run always: the reference and the window's length), e.g.
+`--phases online-only,co-served --aa --rate 1.5` for the online tails alone.
 
 Every output file is compared line by line (text, finish reason, token counts) with the alone
 run's, run-batch's too, and `--alone-sample` lines are sent alone, one at a time, to an idle
@@ -20,6 +25,7 @@ server. Writes benchmarks/measured/batch_api.json (`benchmarks.tables` renders
 docs/measured.md#the-openai-batch-api).
 
     python -m benchmarks.batch_api                 # about 30 minutes on 2 idle cores
+    python -m benchmarks.batch_api --phases online-only,co-served --aa --rate 1.5   # tails, ~25 min
     python -m benchmarks.batch_api --lines 40 --window-s 20 --alone-sample 4 \\
         --no-profile --profile-db sqlite:///conserve.db --measured /tmp/batch.json   # smoke
 """
@@ -44,6 +50,7 @@ from benchmarks.score_independence import copy_profile
 
 KEY = "batch-api"
 MODEL = "smollm2-135m"
+PHASES = ("run-batch", "online-only", "co-served", "killed")
 
 
 def batch_lines(num_lines: int, data_dir: str, long_share: float, short_tokens: int, long_tokens: int,
@@ -265,6 +272,46 @@ def tails(records, base) -> dict[str, Any]:
     return {"online": summarize_online(records, slo, slo), "ratios": tail_intervals(records, base)}
 
 
+def phases_arg(value: str) -> tuple[str, ...]:
+    phases = tuple(p.strip() for p in value.split(",") if p.strip())
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown or not phases:
+        raise argparse.ArgumentTypeError(f"unknown phase {', '.join(unknown) or '(none)'}: "
+                                         f"choose from {', '.join(PHASES)}")
+    return phases
+
+
+def online_phases(work: Path, profile_db: str, input_path: Path, lines: list[dict], reference: dict,
+                  args, alone_wall_s: float) -> dict[str, Any]:
+    """online-only (the sampled lines sent alone after it), co-served, and with `--aa` online-only
+    again: the online tails, their ratios, and the outputs against the alone run's."""
+    window_s = args.window_s or min(300.0, 0.9 * alone_wall_s)
+    requests = online_requests(args.trace, window_s, args.rate, args.seed)
+    sample = random.Random(args.seed).sample(lines, min(args.alone_sample, len(lines)))
+    online_only = run_online_only(work, profile_db, requests, sample)
+    result: dict[str, Any] = {
+        "window_s": window_s, "online_requests": len(requests),
+        "online_only": tails(online_only["records"], online_only["records"])["online"],
+        "alone_requests": {"num": len(sample), "differ_from_batch": differences(online_only["alone"], {
+            c: reference[c] for c in online_only["alone"]})}}
+    co_served = None
+    if "co-served" in args.phases:
+        co_served = run_co_served(work, profile_db, input_path, requests)
+        print(f"co-served: batch in {co_served['wall_s']:.1f} s", flush=True)
+        result["co_served"] = {"wall_s": co_served["wall_s"],
+                               "differs_from_alone": len(differences(co_served["lines"], reference)),
+                               **tails(co_served["records"], online_only["records"])}
+    if args.aa:
+        from conserve_bench.bench.summary import tail_intervals
+
+        again = run_online_only(work / "again", profile_db, requests, [])
+        result["online_only_again"] = tails(again["records"], online_only["records"])
+        if co_served is not None:
+            result["co_served"]["ratios_to_both"] = tail_intervals(
+                co_served["records"], online_only["records"] + again["records"])
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "mmlu"))
@@ -279,15 +326,21 @@ def main() -> None:
     parser.add_argument("--kill-at", type=float, default=0.4, help="Share of the batch done at the SIGKILL.")
     parser.add_argument("--alone-sample", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--phases", type=phases_arg, default=PHASES,
+                        help=f"Which to run besides the alone run [{','.join(PHASES)}].")
+    parser.add_argument("--aa", action="store_true", help="Online-only again after the co-served run (A/A).")
     parser.add_argument("--profile-db", default=None,
                         help="A store holding this host's profile [default: `profile --quick` first]")
     add_measured_args(parser, "batch_api")
     args = parser.parse_args()
     if args.no_profile and not args.profile_db:
         parser.error("the servers load this host's profile: --no-profile needs --profile-db")
+    if "co-served" in args.phases and "online-only" not in args.phases:
+        parser.error("the co-served run's ratios are to online-only's: --phases needs online-only too")
     lines = batch_lines(args.lines, args.data_dir, args.long_share, args.short_tokens, args.long_tokens, args.seed)
     if not lines:
         parser.error(f"no MMLU test questions (test/*_test.csv) in {args.data_dir}: give --data-dir")
+    phases = args.phases
     with tempfile.TemporaryDirectory(prefix="batch-api-") as tmp:
         work = Path(tmp)
         input_path = work / "batch.jsonl"
@@ -296,39 +349,34 @@ def main() -> None:
         host = None if args.profile_db else host_profile(profile_db)
         alone = run_alone(work, profile_db, input_path)
         print(f"alone: {len(alone['lines'])} lines in {alone['wall_s']:.1f} s", flush=True)
-        vllm_batch = run_vllm_batch(work, lines, input_path)
-        print(f"run-batch: {vllm_batch['processing_s']:.1f} s (+{vllm_batch['startup_s']:.1f} s start-up)", flush=True)
-        window_s = args.window_s or min(300.0, 0.9 * alone["wall_s"])
-        requests = online_requests(args.trace, window_s, args.rate, args.seed)
-        sample = random.Random(args.seed).sample(lines, min(args.alone_sample, len(lines)))
-        online_only = run_online_only(work, profile_db, requests, sample)
-        co_served = run_co_served(work, profile_db, input_path, requests)
-        print(f"co-served: batch in {co_served['wall_s']:.1f} s", flush=True)
-        killed = run_killed(work, profile_db, input_path, args.kill_at)
-        alone_text = [without_created(json.loads(x)) for x in (work / "alone.jsonl").read_text().splitlines()]
-        killed_text = [without_created(json.loads(x)) for x in killed["text"].splitlines()]
-    reference = alone["lines"]
-    result = {
-        "num_lines": len(lines), "window_s": window_s, "online_requests": len(requests),
-        "alone": {"wall_s": alone["wall_s"], "lines_per_s": len(lines) / alone["wall_s"],
-                  "completion_tokens": alone["completion_tokens"], "prompt_tokens": alone["prompt_tokens"],
-                  "completion_tokens_per_s": alone["completion_tokens"] / alone["wall_s"]},
-        "vllm_run_batch": {k: vllm_batch[k] for k in ("wall_s", "startup_s", "processing_s", "completion_tokens")}
-        | {"lines_per_s": len(lines) / vllm_batch["processing_s"],
-           "differs_from_alone": len(differences(vllm_batch["lines"], reference))},
-        "harvest_vs_run_batch": vllm_batch["processing_s"] / alone["wall_s"],
-        "co_served": {"wall_s": co_served["wall_s"], "differs_from_alone": len(differences(co_served["lines"], reference)),
-                      **tails(co_served["records"], online_only["records"])},
-        "online_only": tails(online_only["records"], online_only["records"])["online"],
-        "killed": {k: killed[k] for k in ("done_before_kill", "lines_computed_twice", "max_runs", "resumes")}
-        | {"differs_from_alone": len(differences(killed["lines"], reference)),
-           # NOTE: the alone run is another batch (ids of its own) on another server (vLLM's
-           # system_fingerprint hashes its config, temporary paths included)
-           "file_identical_but_created": killed_text == alone_text,
-           "fields_that_differ": sorted({d for x, y in zip(killed_text, alone_text) for d in field_differences(x, y)})},
-        "alone_requests": {"num": len(sample), "differ_from_batch": differences(online_only["alone"], {
-            c: reference[c] for c in online_only["alone"]})},
-    }
+        reference = alone["lines"]
+        result: dict[str, Any] = {
+            "num_lines": len(lines), "phases": list(phases),
+            "alone": {"wall_s": alone["wall_s"], "lines_per_s": len(lines) / alone["wall_s"],
+                      "completion_tokens": alone["completion_tokens"], "prompt_tokens": alone["prompt_tokens"],
+                      "completion_tokens_per_s": alone["completion_tokens"] / alone["wall_s"]}}
+        if "run-batch" in phases:
+            vllm_batch = run_vllm_batch(work, lines, input_path)
+            print(f"run-batch: {vllm_batch['processing_s']:.1f} s (+{vllm_batch['startup_s']:.1f} s start-up)", flush=True)
+            result["vllm_run_batch"] = {k: vllm_batch[k] for k in ("wall_s", "startup_s", "processing_s",
+                                                                   "completion_tokens")} | {
+                "lines_per_s": len(lines) / vllm_batch["processing_s"],
+                "differs_from_alone": len(differences(vllm_batch["lines"], reference))}
+            result["harvest_vs_run_batch"] = vllm_batch["processing_s"] / alone["wall_s"]
+        if "online-only" in phases:
+            result |= online_phases(work, profile_db, input_path, lines, reference, args, alone["wall_s"])
+        if "killed" in phases:
+            killed = run_killed(work, profile_db, input_path, args.kill_at)
+            alone_text = [without_created(json.loads(x)) for x in (work / "alone.jsonl").read_text().splitlines()]
+            killed_text = [without_created(json.loads(x)) for x in killed["text"].splitlines()]
+            result["killed"] = {k: killed[k] for k in ("done_before_kill", "lines_computed_twice", "max_runs",
+                                                       "resumes")} | {
+                "differs_from_alone": len(differences(killed["lines"], reference)),
+                # NOTE: the alone run is another batch (ids of its own) on another server (vLLM's
+                # system_fingerprint hashes its config, temporary paths included)
+                "file_identical_but_created": killed_text == alone_text,
+                "fields_that_differ": sorted({d for x, y in zip(killed_text, alone_text)
+                                              for d in field_differences(x, y)})}
     print(json.dumps({k: v for k, v in result.items() if k != "online_only"}, indent=1, default=str))
     write_measured("batch_api", result, args, host)
 

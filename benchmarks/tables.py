@@ -143,31 +143,40 @@ def score_independence(result: dict, config: dict) -> str:
 
 
 def batch_api(result: dict, config: dict) -> str:
-    a, v, c, k = result["alone"], result["vllm_run_batch"], result["co_served"], result["killed"]
-    ratios = c["ratios"]
+    """The rows of the runs the record holds (`--phases`; records before it hold all but A/A)."""
+    a = result["alone"]
 
-    def tail(name: str) -> str:
-        r = ratios[name]
-        return f"{times(r['ratio'])} [{times(r['low'])}, {times(r['high'])}]"
+    def tails(ratios: dict) -> str:
+        return ", ".join(f"{label} {times(ratios[name]['ratio'])} [{times(ratios[name]['low'])}, "
+                         f"{times(ratios[name]['high'])}]"
+                         for label, name in (("TTFT", "ttft_ms.p99"), ("TBT", "tbt_ms.p99"), ("TPOT", "tpot_ms.p99")))
 
-    rows = [
-        ("alone on `serve` (its defaults), no online traffic",
-         f"{num(a['wall_s'], 1)} s: {num(a['lines_per_s'], 2)} lines/s, {num(a['completion_tokens_per_s'], 1)} tok/s", "-"),
-        ("`vllm run-batch`, same file and engine",
-         f"{num(v['processing_s'], 1)} s (+{num(v['startup_s'], 1)} s start-up): {num(v['lines_per_s'], 2)} lines/s",
-         f"{num(v['differs_from_alone'])} lines differ"),
-        ("harvest rate alone over run-batch's", times(result["harvest_vs_run_batch"]), "-"),
-        (f"beside the conv trace ({num(result['online_requests'])} online requests in {num(result['window_s'])} s)",
-         f"{num(c['wall_s'], 1)} s; online P99 TTFT {tail('ttft_ms.p99')}, TBT {tail('tbt_ms.p99')}, "
-         f"TPOT {tail('tpot_ms.p99')} x online-only's", f"{num(c['differs_from_alone'])} lines differ"),
-        ("SIGKILL at {:.0%}, restarted".format(config["kill_at"]),
-         f"{num(k['done_before_kill'])} lines done before; {num(k['lines_computed_twice'])} computed twice; "
-         f"{num(len(k['resumes'] or {}))} generations continued",
-         f"{num(k['differs_from_alone'])} lines differ; the files differ only in "
-         + (", ".join(f"`{f}`" for f in k["fields_that_differ"]) or "nothing") + " (and `created`)"),
-        (f"{num(result['alone_requests']['num'])} lines sent alone, one at a time", "-",
-         f"{num(len(result['alone_requests']['differ_from_batch']))} differ"),
-    ]
+    rows = [("alone on `serve` (its defaults), no online traffic",
+             f"{num(a['wall_s'], 1)} s: {num(a['lines_per_s'], 2)} lines/s, {num(a['completion_tokens_per_s'], 1)} tok/s", "-")]
+    if (v := result.get("vllm_run_batch")) is not None:
+        rows += [("`vllm run-batch`, same file and engine",
+                  f"{num(v['processing_s'], 1)} s (+{num(v['startup_s'], 1)} s start-up): {num(v['lines_per_s'], 2)} lines/s",
+                  f"{num(v['differs_from_alone'])} lines differ"),
+                 ("harvest rate alone over run-batch's", times(result["harvest_vs_run_batch"]), "-")]
+    if (c := result.get("co_served")) is not None:
+        rows.append((f"beside the conv trace ({num(result['online_requests'])} online requests in {num(result['window_s'])} s)",
+                     f"{num(c['wall_s'], 1)} s; online P99 {tails(c['ratios'])} x online-only's",
+                     f"{num(c['differs_from_alone'])} lines differ"))
+    if (again := result.get("online_only_again")) is not None:
+        rows.append(("online-only again, after it (A/A: the host's noise)",
+                     f"online P99 {tails(again['ratios'])} x the first run's", "-"))
+        if c is not None:
+            rows.append(("the co-served run over both online-only runs pooled",
+                         f"online P99 {tails(c['ratios_to_both'])}", "-"))
+    if (k := result.get("killed")) is not None:
+        rows.append(("SIGKILL at {:.0%}, restarted".format(config["kill_at"]),
+                     f"{num(k['done_before_kill'])} lines done before; {num(k['lines_computed_twice'])} computed twice; "
+                     f"{num(len(k['resumes'] or {}))} generations continued",
+                     f"{num(k['differs_from_alone'])} lines differ; the files differ only in "
+                     + (", ".join(f"`{f}`" for f in k["fields_that_differ"]) or "nothing") + " (and `created`)"))
+    if (sent := result.get("alone_requests")) is not None and sent["num"]:
+        rows.append((f"{num(sent['num'])} lines sent alone, one at a time", "-",
+                     f"{num(len(sent['differ_from_batch']))} differ"))
     return (md_table(("run", "time and rate", "outputs against the alone run"), rows)
             + f"\n\n{num(result['num_lines'])} chat completions, greedy, {pct(config['long_share'], 0)} "
             f"up to {num(config['long_tokens'])} tokens, the rest up to {num(config['short_tokens'])}; "
@@ -273,7 +282,7 @@ def _figures(host: dict | None) -> str:
 def vllm_bench_serve(result: dict, config: dict) -> str:
     from benchmarks.vllm_bench_serve import markdown
 
-    return markdown(result["policies"], SimpleNamespace(**config)).rstrip("\n")
+    return markdown(result["policies"], SimpleNamespace(**config), result.get("pooled")).rstrip("\n")
 
 
 def faults(result: dict, config: dict) -> str:

@@ -7,7 +7,9 @@ Per policy (default online-only, priority, conserve with its default targets): a
 random dataset, `--input-len` prompt tokens, `--output-len` out, Poisson `--request-rate`,
 `--num-prompts` requests. A policy given again runs again, as `<policy>#2`: online-only twice
 (an A/A run) measures how far two runs of one setting differ on this host, the noise any
-ratio must be told from. Reports TTFT and TPOT p50/p99 and offline items/s (the server's
+ratio must be told from; alternated (`online-only,conserve,online-only,conserve`, the same
+seed: the same prompts at the same offsets), each policy's runs are also pooled, so a slow
+spell of the host falls on both policies' requests rather than on one run. Reports TTFT and TPOT p50/p99 and offline items/s (the server's
 `conserve_offline_items_total` over the benchmark's duration) per policy, and the P99 ratios
 to online-only with a 95% bootstrap interval from the one run (`bench`'s `tail_intervals`, on
 the per-request times vLLM's client keeps with `--save-detailed`), as a markdown table and
@@ -20,6 +22,7 @@ vLLM 0.32.0 names relied on (tests/test_bench.py checks them): `vllm.benchmarks.
 
     python -m benchmarks.vllm_bench_serve                   # 60 prompts at 0.25 req/s per policy
     python -m benchmarks.vllm_bench_serve --policies online-only,conserve,online-only   # with A/A
+    python -m benchmarks.vllm_bench_serve --policies online-only,conserve,online-only,conserve  # pooled
     python -m benchmarks.vllm_bench_serve --num-prompts 4 --request-rate 1 --input-len 32 \
         --output-len 8 --offline-limit 2 --no-profile --measured /tmp/vllm-bench-serve.json   # tiny
 """
@@ -34,7 +37,7 @@ import os
 import time
 from pathlib import Path
 
-from benchmarks.common import add_measured_args, measure_host, write_measured
+from benchmarks.common import add_measured_args, host_profile, write_measured
 from conserve_bench.config import ServePolicy
 
 POLICIES = (ServePolicy.ONLINE_ONLY, ServePolicy.PRIORITY, ServePolicy.CONSERVE)
@@ -54,7 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-fewshot", type=int, default=5)
     parser.add_argument("--data-dir", default=os.environ.get("CONSERVE_BENCH_DATA", "../shared/data/mmlu"))
     parser.add_argument("--db", default=os.environ.get("CONSERVE_BENCH_DB", "sqlite:///conserve.db"),
-                        help="Where this machine's latency profile is kept.")
+                        help="Where this machine's latency profile is kept (measured into it first, unless --no-profile).")
     parser.add_argument("--serve-arg", action="append", default=[], help="Extra `serve` flag.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="Folder [results/vllm-bench-serve-<time>].")
@@ -176,7 +179,26 @@ def with_ratios(runs: dict[str, tuple[dict, list]]) -> dict[str, dict]:
     return rows
 
 
-def markdown(rows: dict[str, dict], args) -> str:
+def pooled(runs: dict[str, tuple[dict, list]]) -> dict[str, dict]:
+    """Per policy run more than once, all its runs' requests against all of online-only's:
+    the P99 ratios with their bootstrap intervals. Empty when no policy ran twice."""
+    from conserve_bench.bench.summary import tail_intervals
+
+    by_policy: dict[str, list] = {}
+    counts: dict[str, int] = {}
+    for label, (_, records) in runs.items():
+        policy = label.split("#")[0]
+        by_policy.setdefault(policy, []).extend(records)
+        counts[policy] = counts.get(policy, 0) + 1
+    base = by_policy.get(ServePolicy.ONLINE_ONLY.value)
+    if base is None or max(counts.values()) < 2:
+        return {}
+    return {policy: {"runs": counts[policy], "requests": sum(r.completed for r in records),
+                     "tail_intervals": tail_intervals(records, base)}
+            for policy, records in by_policy.items() if policy != ServePolicy.ONLINE_ONLY.value}
+
+
+def markdown(rows: dict[str, dict], args, pools: dict[str, dict] | None = None) -> str:
     lines = [f"vLLM's benchmark client (`vllm.benchmarks.serve`): random {args.input_len}-token prompts, "
              f"{args.output_len} tokens out, Poisson {args.request_rate:g} req/s, {args.num_prompts} "
              f"prompts; offline: {args.offline_tasks} {args.num_fewshot}-shot behind.", "",
@@ -191,6 +213,14 @@ def markdown(rows: dict[str, dict], args) -> str:
                      f"{_x(ratio.get('p99_ttft_ms'), intervals.get('ttft_ms.p99'))} | "
                      f"{_x(ratio.get('p99_tpot_ms'), intervals.get('tpot_ms.p99'))} | "
                      f"{_pcts(r.get('prediction_rel_error'))} | {_pcts(r.get('shape_spread_rel'))} |")
+    if pools:
+        lines += ["", "Each policy's runs pooled, against online-only's pooled:", "",
+                  "| policy | runs | requests | P99 TTFT x online-only [95% CI] | P99 ITL x online-only [95% CI] "
+                  "| P99 TPOT x online-only [95% CI] |", "|---|---|---|---|---|---|"]
+        for policy, pool in pools.items():
+            t = pool["tail_intervals"]
+            lines.append(f"| {policy} | {pool['runs']} | {pool['requests']} | {_x(None, t['ttft_ms.p99'])} | "
+                         f"{_x(None, t['tbt_ms.p99'])} | {_x(None, t['tpot_ms.p99'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -214,15 +244,16 @@ def main() -> None:
     if out.is_dir() and any(out.iterdir()):
         raise SystemExit(f"error: {out} is not empty: give a new --out")
     out.mkdir(parents=True, exist_ok=True)
-    host = measure_host(args)
+    # the profile the servers load is the one whose figures the record gives
+    host = None if args.no_profile else host_profile(args.db)
     profiles = ProfileCache(args.db, args.model)
-    rows = with_ratios({label: run_policy(args, policy, out, profiles, label)
-                        for label, policy in labelled(args.policies)})
-    report = {"config": vars(args), "policies": rows}
+    runs = {label: run_policy(args, policy, out, profiles, label) for label, policy in labelled(args.policies)}
+    rows, pools = with_ratios(runs), pooled(runs)
+    report = {"config": vars(args), "policies": rows, "pooled": pools}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "report.md").write_text(markdown(rows, args))
-    write_measured("vllm_bench_serve", {"policies": rows}, args, host)
-    print(markdown(rows, args))
+    (out / "report.md").write_text(markdown(rows, args, pools))
+    write_measured("vllm_bench_serve", {"policies": rows, "pooled": pools}, args, host)
+    print(markdown(rows, args, pools))
     for policy, row in rows.items():
         print(f"{policy}: {row['serve_targets']}")
     print(f"wrote {out}/report.json, report.md")

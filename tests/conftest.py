@@ -260,7 +260,7 @@ def store_profile(db_url: str) -> None:
     from conserve_bench.profiling.profiles import Profile, current_key, save_profile
     from conserve_bench.store import Store
 
-    measured = LatencyModel((0.0389, 0.00203, 0.00213, 4.5e-6, 0.82e-6, 0.00067))
+    measured = LatencyModel((0.0389, 0.00203, 0.00213, 4.5e-6, 0.82e-6, 0.00067, 0.005))
     save_profile(Store(db_url), Profile(current_key(MODEL, "float32"), measured, num_samples=1))
 
 

@@ -359,6 +359,29 @@ def test_vllm_bench_serve_gives_the_p99_ratios_with_bootstrap_intervals():
         input_len=256, output_len=10, request_rate=0.25, num_prompts=50, offline_tasks="mmlu", num_fewshot=5))
 
 
+def test_vllm_bench_serve_pools_the_runs_of_a_policy_given_more_than_once():
+    import types
+
+    from benchmarks import vllm_bench_serve as script
+
+    def run(gap_s):
+        result = {"ttfts": [0.5] * 20, "itls": [[gap_s] * 9] * 20, "errors": [""] * 20}
+        return {**{m: 1.0 for m in script.METRICS}, "offline_items_per_s": 0.0}, script.online_records(result)
+
+    once = {"online-only": run(0.04), "conserve": run(0.05)}
+    assert script.pooled(once) == {}  # nothing ran twice: the per-run rows say it all
+    # A slow spell in the second online-only run and the first conserve run: pooled, it weighs
+    # on both sides; the P99 of either pool is its slow run's gap.
+    runs = {"online-only": run(0.04), "conserve": run(0.10), "online-only#2": run(0.08), "conserve#2": run(0.05)}
+    pools = script.pooled(runs)
+    assert list(pools) == ["conserve"] and (pools["conserve"]["runs"], pools["conserve"]["requests"]) == (2, 40)
+    assert pools["conserve"]["tail_intervals"]["tbt_ms.p99"]["ratio"] == pytest.approx(0.10 / 0.08)
+    args = types.SimpleNamespace(input_len=256, output_len=10, request_rate=0.25, num_prompts=20,
+                                 offline_tasks="mmlu", num_fewshot=5)
+    table = script.markdown(script.with_ratios(runs), args, pools)
+    assert "| conserve | 2 | 40 |" in table and "online-only#2" in table
+
+
 def test_vllm_bench_serve_runs_a_policy_given_again_under_a_label_of_its_own():
     from benchmarks import vllm_bench_serve as script
     from conserve_bench.config import ServePolicy

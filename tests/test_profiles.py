@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from conserve_bench.errors import ProfileNotFoundError
-from conserve_bench.sched.latency import FitError, LatencyModel
+from conserve_bench.sched.latency import FEATURES, FitError, LatencyModel
 from conserve_bench.profiling.profiles import (Profile, ProfileKey, current_key, profile_for,
                                            refit_for, require_profile, save_profile, save_refit)
 from conserve_bench.sched.refit import RefitStatus
@@ -16,7 +16,7 @@ from conserve_bench.sched.refit import RefitStatus
 from .conftest import cli
 
 KEY = ProfileKey("smollm2-135m", "float32", "AMD EPYC (2 CPUs)", "0.32.0", 1)
-MODEL = LatencyModel((0.04, 2e-3, 2.4e-3, 4e-6, 1e-6, 8e-4),
+MODEL = LatencyModel((0.04, 2e-3, 2.4e-3, 4e-6, 1e-6, 8e-4, 0.0),
                      FitError(0.05, 0.1, 0.2, num_samples=80))
 HOLDOUT = FitError(0.06, 0.12, 0.3, num_samples=25)
 
@@ -37,7 +37,7 @@ def test_profile_round_trips_through_the_store(store):
 
 def test_profiling_again_replaces_the_profile_of_that_key(store):
     stored(store)
-    newer = LatencyModel((0.03, 1e-3, 2e-3, 3e-6, 1e-6, 7e-4))
+    newer = LatencyModel((0.03, 1e-3, 2e-3, 3e-6, 1e-6, 7e-4, 0.0))
     stored(store, model=newer)
     assert profile_for(store, KEY).model == newer
     assert len(store.list_profiles()) == 1
@@ -63,6 +63,25 @@ def test_no_profile_at_all_is_none_without_a_warning(store, caplog):
     assert caplog.text == ""
 
 
+def test_a_profile_of_an_older_latency_model_is_measured_again_not_used(store, caplog):
+    """A store profiled before the `mixed` feature (version 1, six features): `serve` profiles
+    again (profile_for: None, one warning), `profile --show` says why in one line."""
+    older = {**MODEL.to_dict(), "version": 1, "features": list(FEATURES[:-1]),
+             "coefficients": list(MODEL.coefficients[:-1])}
+    store.save_profile(KEY.to_dict(), older, num_samples=105, fit_error={"holdout": None})
+    status = RefitStatus(FitError(0.2, 0.3, 0.5, 96), FitError(0.02, 0.05, 0.1, 96), True, MODEL, 1, 200)
+    store.save_refit(KEY.to_dict(), {**status.to_dict(), "refit": older})
+    with caplog.at_level(logging.WARNING, logger="conserve_bench.profiling.profiles"):
+        assert profile_for(store, KEY) is None
+    assert "predates" in caplog.text and "conserve-bench profile" in caplog.text
+    assert refit_for(store, KEY) is None
+    with pytest.raises(ProfileNotFoundError, match="predates") as error:
+        require_profile(store, KEY)
+    assert "\n" not in str(error.value)
+    stored(store)  # profiled again: used
+    assert profile_for(store, KEY).model == MODEL
+
+
 def test_key_differences_name_each_field():
     other = replace(KEY, device="x", parallel_size=2)
     assert KEY.differences(KEY) == []
@@ -77,7 +96,7 @@ def test_current_key_names_this_machine_and_vllm():
 
 def test_a_live_refit_is_kept_under_its_profiles_key_until_the_next_profile(store):
     stored(store)
-    refit = LatencyModel((0.05, 2.5e-3, 2.4e-3, 4e-6, 1e-6, 8e-4), FitError(0.02, 0.04, 0.1, 300))
+    refit = LatencyModel((0.05, 2.5e-3, 2.4e-3, 4e-6, 1e-6, 8e-4, 0.0), FitError(0.02, 0.04, 0.1, 300))
     status = RefitStatus(FitError(0.2, 0.3, 0.5, 96), FitError(0.02, 0.05, 0.1, 96), True, refit,
                          num_refits=4, num_steps=700)
     save_refit(store, KEY, status)

@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from conserve_bench.sched.latency import ChunkShape, LatencyModel, Sample, StepShape, evaluate, fit
+from conserve_bench.sched.latency import FEATURES, ChunkShape, LatencyModel, Sample, StepShape, evaluate, fit
 from conserve_bench.sched.refit import LiveModel, RefitConfig, RefitStatus
 
-PROFILE = LatencyModel((0.02, 1e-3, 1.3e-3, 4e-6, 0.8e-6, 0.5e-3))
+PROFILE = LatencyModel((0.02, 1e-3, 1.3e-3, 4e-6, 0.8e-6, 0.5e-3, 5e-3))
 CFG = RefitConfig(window=200, every=50, min_samples=100, warmup_steps=10)
 
 
@@ -86,10 +86,11 @@ def test_without_adopt_the_refit_is_reported_but_never_plans():
 
 
 def test_a_feature_the_live_steps_never_vary_keeps_the_profiles_value():
-    slower = LatencyModel(tuple(1.3 * c for c in PROFILE.coefficients[:-1]) + (0.0,))
+    logprob = FEATURES.index("logprob_tokens")
+    slower = LatencyModel(tuple(0.0 if i == logprob else 1.3 * c for i, c in enumerate(PROFILE.coefficients)))
     live = LiveModel(PROFILE, CFG)
     feed(live, steps(slower, 10 + 200))  # no prompt-logprob chunk among them
-    assert live.refit.coefficients[-1] == pytest.approx(PROFILE.coefficients[-1], rel=0.05)
+    assert live.refit.coefficients[logprob] == pytest.approx(PROFILE.coefficients[logprob], rel=0.05)
 
 
 def test_steps_slowed_by_other_processes_do_not_drag_the_fit():
@@ -171,7 +172,7 @@ def test_the_tail_margin_is_each_kinds_quantile_of_measured_over_predicted():
 def test_plans_are_sized_so_the_tail_not_the_mean_meets_the_budget():
     from conserve_bench.sched.policy import Pending, TailFactors, Targets, plan_step
 
-    model = LatencyModel((0.0389, 0.00203, 0.00213, 4.5e-6, 0.82e-6, 0.00067))
+    model = LatencyModel((0.0389, 0.00203, 0.00213, 4.5e-6, 0.82e-6, 0.00067, 0.005))
     online = [Pending("on", 1, 300, decode=True)]
     offline = [Pending("off", 2000, 0, running=True)]
     slo = Targets(ttft_s=2.0, tbt_s=0.2)

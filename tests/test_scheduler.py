@@ -95,7 +95,7 @@ def test_scheduled_requests_read_the_context_before_the_step():
 
 # -- the policy carried out by vLLM's real scheduler (no model: outputs are one fixed token) -----
 
-CPU_MODEL = LatencyModel((0.0389, 0.00203, 0.00213, 4.5e-6, 0.82e-6, 0.00067))
+CPU_MODEL = LatencyModel((0.0389, 0.00203, 0.00213, 4.5e-6, 0.82e-6, 0.00067, 0.005))
 POLICY = PolicyConfig(Targets(ttft_s=2.0, tbt_s=0.2), CPU_MODEL)
 
 

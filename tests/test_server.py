@@ -100,10 +100,14 @@ def test_online_completion_while_a_job_runs_and_job_matches_embedded(server, eng
     metrics = server.http.get("/metrics").text
     assert "conserve_online_ttft_seconds_count" in metrics and "conserve_offline_items_total" in metrics
     # The engine ran the conserve policy: offline-only steps, and online steps that offline
-    # work filled up to the TBT budget, never beyond the prediction that sized them.
+    # work filled up to the step's budget, never beyond the prediction that sized them. An
+    # offline prompt's chunk joins online decodes only in a step that already runs a prefill:
+    # the profile prices a mixed batch (5 ms) above the 5% share of a decode step (2 ms).
     steps = [json.loads(line) for line in server.step_log.read_text().splitlines()]
-    assert {"offline", "mixed"} <= {step["kind"] for step in steps}
+    assert {"offline", "online"} <= {step["kind"] for step in steps}
     assert all(s["predicted_s"] <= s["budget_s"] for s in steps if s["kind"] == "mixed")
+    assert all(sum(n for n, _, _ in s["prefills"]) > s["offline_tokens"]  # MMLU: no offline decodes
+               for s in steps if s["kind"] == "mixed" and s["decodes"])
 
     # Each line also says whose tokens ran (what `bench` reads) and when the step ended.
     def num_tokens(step):

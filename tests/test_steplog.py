@@ -141,7 +141,7 @@ def test_engine_overrides_name_the_scheduler_and_the_log(tmp_path):
 
 def test_plugin_config_entries_add_up_and_keep_the_rest(tmp_path):
     """serve adds the step log, then the policy; neither drops the other or vLLM's own keys."""
-    policy = PolicyConfig(Targets(ttft_s=1.0, tbt_s=0.1), LatencyModel((0.01, 0.001, 0.0, 0.0, 0.0, 0.0)))
+    policy = PolicyConfig(Targets(ttft_s=1.0, tbt_s=0.1), LatencyModel((0.01, 0.001, 0.0, 0.0, 0.0, 0.0, 0.0)))
     first = engine_overrides({"other_plugin": 1}, step_log="s.jsonl")
     both = engine_overrides(first["additional_config"], policy=policy)
     assert both["scheduler_cls"] == SCHEDULER_CLS

@@ -46,7 +46,7 @@ HOLDOUT_FRACTION = 0.25
 # than its repeats (fresh memory for its full-vocabulary logits).
 ROUNDS = 3
 FEATURE_UNITS = ("/step", "/prefill token", "/decode", "/decode context token",
-                 "/prefill attention pair", "/prompt-logprob token")
+                 "/prefill attention pair", "/prompt-logprob token", "/step with prefills and decodes")
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,8 @@ class PrefillProbe:
 class DecodeProbe:
     """`num_requests` prompts of `context` tokens decoding together, the batch halving every
     `steps_per_level` steps down to one request; the `mixed` prefills (num_tokens,
-    prompt_logprobs) join the decode batch one at a time."""
+    prompt_logprobs) join the decode batch one at a time (tiny ones too: a mixed batch has a
+    fixed cost of its own, the model's `mixed` term)."""
 
     context: int
     num_requests: int
@@ -102,7 +103,8 @@ QUICK = Sweep("quick", (
     PrefillProbe((128,) * 4), PrefillProbe((256,), context=512), PrefillProbe((64,), context=1024),
     *(PrefillProbe((n,), prompt_logprobs=True) for n in (64, 512)),
     *_decode_probes((64, 256, 512, 1024), 2048,
-                    [((128, False), (512, False)), ((256, True),), ((64, False),), ((32, False),)]),
+                    [((128, False), (512, False)), ((256, True), (1, False)), ((64, False), (8, False)),
+                     ((32, False),)]),
 ))
 
 FULL = Sweep("full", (
@@ -114,8 +116,8 @@ FULL = Sweep("full", (
       ((256, (256,)), (512, (128,)), (512, (1024,)), (1024, (512,)), (1536, (256,)),
        (1024, (64,) * 4))),
     *_decode_probes((64, 128, 256, 512, 1024, 1536), 8192,
-                    [((128, False), (512, False)), ((1024, False),), ((256, True), (64, False)),
-                     ((32, False), (256, False)), ((512, True),), ((128, False),)]),
+                    [((128, False), (512, False)), ((1024, False), (1, False)), ((256, True), (64, False)),
+                     ((32, False), (256, False)), ((512, True), (8, False)), ((128, False),)]),
 ))
 
 

@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from conserve_bench.errors import ProfileNotFoundError
-from conserve_bench.sched.latency import FitError, LatencyModel
+from conserve_bench.sched.latency import FEATURES, FitError, LatencyModel, StaleModelError
 from conserve_bench.sched.refit import RefitStatus
 
 if TYPE_CHECKING:
@@ -112,16 +112,24 @@ def save_refit(store: Store, key: ProfileKey, status: RefitStatus) -> None:
 
 
 def refit_for(store: Store, key: ProfileKey) -> tuple[RefitStatus, float] | None:
-    """The latest live refit of the profile under `key` and when it was stored, or None."""
+    """The latest live refit of the profile under `key` and when it was stored, or None (also
+    for a refit of an older latency model's features)."""
     row = store.load_refit(key.to_dict())
-    return None if row is None else (RefitStatus.from_dict(row), row["created_at"])
+    try:
+        return None if row is None else (RefitStatus.from_dict(row), row["created_at"])
+    except StaleModelError:
+        return None
 
 
 def profile_for(store: Store, key: ProfileKey) -> Profile | None:
     """The profile measured under exactly `key`; None (and a warning naming the difference)
-    when only profiles measured elsewhere exist for this model."""
-    profile, others = _lookup(store, key)
-    if profile is None and others:
+    when only profiles measured elsewhere, or of an older latency model, exist for this model."""
+    profile, others, stale = _lookup(store, key)
+    if stale:
+        log.warning("ignoring the stored latency profile for %s: it predates this version's "
+                    "latency model (%s); run `conserve-bench profile` on this machine",
+                    key.model, ", ".join(FEATURES))
+    elif profile is None and others:
         log.warning("ignoring stored latency profile(s) for %s measured under another key "
                     "(%s); run `conserve-bench profile` on this machine", key.model,
                     _describe(key, others))
@@ -130,21 +138,26 @@ def profile_for(store: Store, key: ProfileKey) -> Profile | None:
 
 def require_profile(store: Store, key: ProfileKey) -> Profile:
     """The profile measured under exactly `key`, or a one-line ProfileNotFoundError."""
-    profile, others = _lookup(store, key)
+    profile, others, stale = _lookup(store, key)
     if profile is not None:
         return profile
-    detail = f"; stored ones differ in {_describe(key, others)}" if others else ""
+    detail = (f"; the stored one predates this version's latency model ({', '.join(FEATURES)})" if stale
+              else f"; stored ones differ in {_describe(key, others)}" if others else "")
     raise ProfileNotFoundError(f"no latency profile for {key.model} ({key.dtype}) on "
                                f"{key.device} with vLLM {key.vllm_version}{detail}; "
                                f"run `conserve-bench profile --model {key.model}`")
 
 
-def _lookup(store: Store, key: ProfileKey) -> tuple[Profile | None, list[ProfileKey]]:
-    """The exact match, else the keys of this model's profiles measured elsewhere."""
+def _lookup(store: Store, key: ProfileKey) -> tuple[Profile | None, list[ProfileKey], bool]:
+    """The exact match, else the keys of this model's profiles measured elsewhere; and
+    whether the exact match was of an older latency model (`StaleModelError`: not used)."""
     row = store.load_profile(key.to_dict())
     if row is not None:
-        return _profile_from_row(row), []
-    return None, [_key_from_row(r) for r in store.list_profiles(key.model)]
+        try:
+            return _profile_from_row(row), [], False
+        except StaleModelError:
+            return None, [], True
+    return None, [_key_from_row(r) for r in store.list_profiles(key.model)], False
 
 
 def _describe(key: ProfileKey, others: list[ProfileKey]) -> str:

@@ -14,9 +14,13 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
+# NOTE: "mixed" is 1 for a step with both prefill chunks and decodes: such a batch runs the
+# prefill and the decode attention paths both, a fixed cost of its own (3-6 ms on 2 CPU cores,
+# where a 1-token chunk beside 4 decodes was priced at 1.7 ms without it; about 0 where one
+# kernel serves both, as it should fit on CUDA).
 FEATURES = ("fixed", "prefill_tokens", "decodes", "decode_attention", "prefill_attention",
-            "logprob_tokens")
-VERSION = 1
+            "logprob_tokens", "mixed")
+VERSION = 2
 DEFAULT_MAX_TOKENS = 1 << 20
 # Outlier rejection in `fit`: passes, the cut in robust standard deviations, a floor below
 # which no step is an outlier, and the largest share of samples ever dropped.
@@ -26,6 +30,10 @@ OUTLIER_FLOOR = 0.05
 MAX_OUTLIER_SHARE = 0.2
 DECODE_CONTEXT_BUCKET = 16  # decode steps this close in mean context are one shape (`shape_class`)
 T = TypeVar("T")
+
+
+class StaleModelError(ValueError):
+    """A stored latency model of another `VERSION` (other features): it must be measured again."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,8 @@ def _counts(shape: StepShape) -> tuple[int, int, int, int, int]:
 def _features(num_prefill_tokens: int, num_decodes: int, decode_attention: int,
               twice_prefill_attention: int, num_logprob_tokens: int) -> tuple[float, ...]:
     return (1.0, float(num_prefill_tokens), float(num_decodes), float(decode_attention),
-            twice_prefill_attention / 2, float(num_logprob_tokens))
+            twice_prefill_attention / 2, float(num_logprob_tokens),
+            float(num_prefill_tokens > 0 and num_decodes > 0))
 
 
 @dataclass(frozen=True)
@@ -149,11 +158,12 @@ class LatencyModel:
                           prompt_logprobs: bool = False,
                           max_tokens: int = DEFAULT_MAX_TOKENS) -> int:
         """Largest n <= max_tokens such that base + one n-token chunk at `context` fits."""
-        _, c_p, _, _, c_ap, c_l = self.coefficients
+        _, c_p, _, _, c_ap, c_l, c_m = self.coefficients
         # NOTE: the base shape's sums, once: predict_n runs a few times for each request
         num_prefill, num_decodes, attention, twice_prefill_attention, num_logprob = _counts(base_shape)
         slope = c_p + c_ap * context + (c_l if prompt_logprobs else 0.0)
-        estimate = _solve_quadratic(c_ap / 2, slope, budget_s - self.predict(base_shape))
+        joins = c_m if num_decodes and not num_prefill else 0.0  # the first chunk beside decodes
+        estimate = _solve_quadratic(c_ap / 2, slope, budget_s - self.predict(base_shape) - joins)
 
         def predict_n(n: int) -> float:
             return self._predict_features(_features(
@@ -165,9 +175,11 @@ class LatencyModel:
     def max_decodes_within(self, budget_s: float, base_shape: StepShape, context_len: int,
                            max_decodes: int = DEFAULT_MAX_TOKENS) -> int:
         """Largest k <= max_decodes such that base + k decodes of `context_len` fits."""
-        _, _, c_d, c_ad, _, _ = self.coefficients
+        _, _, c_d, c_ad, _, _, c_m = self.coefficients
         num_prefill, num_decodes, attention, twice_prefill_attention, num_logprob = _counts(base_shape)
-        estimate = _solve_quadratic(0.0, c_d + c_ad * context_len, budget_s - self.predict(base_shape))
+        joins = c_m if num_prefill and not num_decodes else 0.0  # the first decode beside chunks
+        estimate = _solve_quadratic(0.0, c_d + c_ad * context_len,
+                                    budget_s - self.predict(base_shape) - joins)
 
         def predict_k(k: int) -> float:
             return self._predict_features(_features(
@@ -184,8 +196,8 @@ class LatencyModel:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LatencyModel:
         if data.get("version") != VERSION or tuple(data.get("features", ())) != FEATURES:
-            raise ValueError(f"stored latency model has version {data.get('version')!r} and "
-                             f"features {data.get('features')!r}; expected {VERSION}, {FEATURES}")
+            raise StaleModelError(f"stored latency model has version {data.get('version')!r} and "
+                                  f"features {data.get('features')!r}; expected {VERSION}, {FEATURES}")
         fit_error = data.get("fit_error")
         return cls(tuple(float(c) for c in data["coefficients"]),
                    None if fit_error is None else FitError(**fit_error))

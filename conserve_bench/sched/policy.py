@@ -396,9 +396,11 @@ def _decodes_cost(offline: Sequence[Pending], model: LatencyModel) -> float:
     throughput (layer-wise preemption) carries them on top of its prefill work: each decode
     is one token a step, whatever the step, and held inside the prefill-sized budget they
     would crowd out the chunk it is sized for (more, smaller steps: more fixed costs; a
-    generation-heavy batch ran 13% slower than under vLLM's own priority scheduling)."""
-    decodes = StepShape(decode_context_lens=tuple(r.num_context for r in offline if r.running and r.decode))
-    return model.predict(decodes) - model.predict(StepShape()) if decodes.num_decodes else 0.0
+    generation-heavy batch ran 13% slower than under vLLM's own priority scheduling). Beside
+    a chunk: their terms and the mixed batch's own cost."""
+    contexts = tuple(r.num_context for r in offline if r.running and r.decode)
+    chunk = StepShape((ChunkShape(1, 0),))
+    return model.predict(chunk.with_decodes(contexts)) - model.predict(chunk) if contexts else 0.0
 
 
 def _ttft_chunk(request: Pending, targets: Targets) -> int:
