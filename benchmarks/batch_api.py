@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -329,6 +330,8 @@ def main() -> None:
     parser.add_argument("--phases", type=phases_arg, default=PHASES,
                         help=f"Which to run besides the alone run [{','.join(PHASES)}].")
     parser.add_argument("--aa", action="store_true", help="Online-only again after the co-served run (A/A).")
+    parser.add_argument("--work", default=None,
+                        help="Keep each server's folder here (step logs, server logs) [default: a temporary one]")
     parser.add_argument("--profile-db", default=None,
                         help="A store holding this host's profile [default: `profile --quick` first]")
     add_measured_args(parser, "batch_api")
@@ -341,8 +344,9 @@ def main() -> None:
     if not lines:
         parser.error(f"no MMLU test questions (test/*_test.csv) in {args.data_dir}: give --data-dir")
     phases = args.phases
-    with tempfile.TemporaryDirectory(prefix="batch-api-") as tmp:
+    with nullcontext(args.work) if args.work else tempfile.TemporaryDirectory(prefix="batch-api-") as tmp:
         work = Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         input_path = work / "batch.jsonl"
         input_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
         profile_db = args.profile_db or f"sqlite:///{work / 'profile.db'}"

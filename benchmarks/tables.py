@@ -28,6 +28,17 @@ BLOCK = re.compile(r"(?P<open><!-- measured:(?P<name>[\w.-]+) -->\n)(?P<body>.*?
 
 # --- the benchmarks of this package ------------------------------------------------------------
 
+def gc_pause(result: dict, config: dict) -> str:
+    rows = [(name, num(result[mode]["collect_ms"], 1), num(result[mode]["max_stall_ms"]),
+             num(result[mode]["num_stalls_over_50ms"]))
+            for mode, name in (("plain", "as lm-eval leaves it"), ("frozen", "frozen (`gc.freeze`)"))]
+    table = md_table(("heap", "full collection ms (median of 5)", "event loop's largest stall ms",
+                      "stalls > 50 ms (most in a run)"), rows)
+    return (f"{table}\n\n{config['task']} {config['num_fewshot']}-shot: {num(result['num_requests'])} "
+            f"lm-eval requests, {num(result['tracked_objects'])} objects the collector tracks; the "
+            f"other thread kept {num(config['items'])} result objects per run, two runs per heap.")
+
+
 def layer_preemption(result: dict, config: dict) -> str:
     from benchmarks.layer_preemption import TARGET_OVERHEAD
 
@@ -315,7 +326,7 @@ def demo_phases(result: dict, config: dict) -> str:
                       f"{num(r['wall_s'])} s") for r in result["layouts"]])
 
 
-RENDERERS = {"layer_preemption": layer_preemption, "kv_checkpoint": kv_checkpoint, "kv_churn": kv_churn,
+RENDERERS = {"gc_pause": gc_pause, "layer_preemption": layer_preemption, "kv_checkpoint": kv_checkpoint, "kv_churn": kv_churn,
              "latency_accuracy": latency_accuracy, "lm_eval_speed": lm_eval_speed, "lm_eval_dropin": lm_eval_dropin,
              "house_side_by_side": house_side_by_side, "score_independence": score_independence,
              "nightly_resume": nightly_resume, "partial_generations": partial_generations,

@@ -10,15 +10,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conserve_bench.sched.latency import ChunkShape, LatencyModel, Sample, StepShape, fit
+from conserve_bench.sched.latency import (ChunkShape, LatencyModel, Sample, StepShape, fit,
+                                          shape_medians)
 from conserve_bench.profiling.profiler import (BLOCKER_TOKENS, FULL, QUICK, DecodeProbe,
                                            PrefillProbe, Sweep, SweepResult, _check_fits,
-                                           decode_groups, measured_samples, profile_engine,
-                                           run_sweep, split_distinct_shapes, summary_rows,
-                                           sweep_for)
+                                           MIXED_SPACING, decode_groups, fit_holdout, fit_profile,
+                                           measured_samples, profile_engine, run_sweep,
+                                           split_distinct_shapes, summary_rows, sweep_for)
 from conserve_bench.profiling.profiles import current_key, profile_for, save_profile
 
 from .conftest import cli
+from .test_latency import TRUE_COEFFICIENTS, synthetic_samples
 
 # -- plans, without an engine -----------------------------------------------------------------
 
@@ -55,6 +57,9 @@ def test_sweeps_cover_every_feature():
         decodes = [p for p in sweep.probes if isinstance(p, DecodeProbe)]
         assert any(p.prompt_logprobs for p in prefills) and any(p.context for p in prefills)
         assert len({p.context for p in decodes}) >= 3 and any(p.mixed for p in decodes)
+        # a decode batch held while 1-token prompts join every other step (`_paired_joins`)
+        paired = [p for p in decodes if len(p.mixed) >= 8 and {n for n, _ in p.mixed} == {1}]
+        assert paired and all(p.steps_per_level > MIXED_SPACING * len(p.mixed) for p in paired)
 
 
 @given(st.lists(st.tuples(st.integers(1, 8), st.integers(0, 3)), min_size=2, max_size=60))
@@ -64,6 +69,15 @@ def test_holdout_never_shares_a_shape_with_training(pairs):
     train, holdout = split_distinct_shapes(samples, 0.25, seed=0)
     assert sorted(train + holdout, key=lambda s: s.step_s) == samples
     assert not {s.shape for s in train} & {s.shape for s in holdout}
+
+
+def test_the_profiles_model_is_fitted_on_every_shape_whatever_the_holdout_split():
+    samples = synthetic_samples(TRUE_COEFFICIENTS, 80, noise=0.05, seed=4)
+    fits = [fit_profile(samples, seed) for seed in range(4)]
+    assert {model for model, _ in fits} == {fit(shape_medians(samples))}
+    assert [error for _, error in fits] == [fit_holdout(samples, seed)[1] for seed in range(4)]
+    # a fit on a training split is not that model: the split would decide the coefficients
+    assert len({fit_holdout(samples, seed)[0] for seed in range(4)}) > 1
 
 
 def test_a_decode_probes_lone_blocker_step_is_not_measured():

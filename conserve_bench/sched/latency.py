@@ -15,9 +15,9 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 
 # NOTE: "mixed" is 1 for a step with both prefill chunks and decodes: such a batch runs the
-# prefill and the decode attention paths both, a fixed cost of its own (3-6 ms on 2 CPU cores,
-# where a 1-token chunk beside 4 decodes was priced at 1.7 ms without it; about 0 where one
-# kernel serves both, as it should fit on CUDA).
+# prefill and the decode attention paths both, a fixed cost of its own (fitted at 0.2-3.4 ms
+# on 2 CPU cores, where a 1-token chunk measured 0.8 ms over the same decodes back to back:
+# the term also takes up the other terms' misfit on small decode batches).
 FEATURES = ("fixed", "prefill_tokens", "decodes", "decode_attention", "prefill_attention",
             "logprob_tokens", "mixed")
 VERSION = 2
