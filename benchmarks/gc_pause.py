@@ -124,7 +124,6 @@ def main() -> None:
         mine = [r for m, r in runs if m == mode]
         result[mode] = {key: max(r[key] for r in mine) if key != "collect_ms"
                         else statistics.median(r[key] for r in mine) for key in mine[0]}
-    result["collect_ratio"] = result["frozen"]["collect_ms"] / result["plain"]["collect_ms"]
     print(result)
     write_measured("gc_pause", result, args, host)
 
