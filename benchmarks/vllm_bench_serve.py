@@ -101,6 +101,27 @@ def offline_items(url: str) -> float:
     return parse_counters(httpx.get(f"{url}/metrics", timeout=30).text)["items"]
 
 
+def api_stalls(url: str) -> dict[str, float]:
+    import httpx
+
+    return parse_api_stalls(httpx.get(f"{url}/metrics", timeout=30).text)
+
+
+def parse_api_stalls(metrics_text: str) -> dict[str, float]:
+    """The API process's counters so far (`serve.metrics.ProcessWatch`): its event loop's
+    wakes, those over 50 ms late, and the collector's full (generation 2) passes and their
+    seconds."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, s.labels.get("le"), s.labels.get("generation")): s.value
+               for family in text_string_to_metric_families(metrics_text) for s in family.samples}
+    wakes = samples.get(("conserve_api_loop_stall_seconds_count", None, None), 0.0)
+    return {"loop_wakes": wakes,
+            "loop_stalls_over_50ms": wakes - samples.get(("conserve_api_loop_stall_seconds_bucket", "0.05", None), 0.0),
+            "gc2_passes": samples.get(("conserve_api_gc_pause_seconds_count", None, "2"), 0.0),
+            "gc2_s": samples.get(("conserve_api_gc_pause_seconds_sum", None, "2"), 0.0)}
+
+
 def labelled(policies: str) -> list[tuple[str, ServePolicy]]:
     """(label, policy) in run order; a policy's second run is labelled `<policy>#2`, and so on."""
     runs: list[tuple[str, ServePolicy]] = []
@@ -136,10 +157,11 @@ def run_policy(args, policy: ServePolicy, out: Path, profiles, label: str | None
                           num_fewshot=args.num_fewshot, data_dir=os.path.abspath(args.data_dir))
         if policy != ServePolicy.ONLINE_ONLY:
             wait_running(jobs, job["id"])
-        items_before, t0 = offline_items(server.url), time.perf_counter()
+        items_before, stalls_before, t0 = offline_items(server.url), api_stalls(server.url), time.perf_counter()
         result = asyncio.run(main_async(vllm_bench_args(args, server.url, resolve_model(args.model).path,
                                                         args.model)))
         items = offline_items(server.url) - items_before
+        stalls = {k: v - stalls_before[k] for k, v in api_stalls(server.url).items()}
         wall_s = time.perf_counter() - t0
         with contextlib.suppress(ConserveError):  # a job that finished cannot be cancelled
             jobs.cancel(job["id"])
@@ -150,6 +172,7 @@ def run_policy(args, policy: ServePolicy, out: Path, profiles, label: str | None
             "failed": result.get("failed"), "duration_s": result.get("duration"),
             "offline_items": items, "offline_items_per_s": items / result["duration"],
             "bench_wall_s": wall_s, "serve_targets": targets_line.split("WARNING")[-1].strip(),
+            "api_stalls": stalls,
             **step_errors(phase_dir / "steps.jsonl")}, online_records(result)
 
 
@@ -221,6 +244,14 @@ def markdown(rows: dict[str, dict], args, pools: dict[str, dict] | None = None) 
             t = pool["tail_intervals"]
             lines.append(f"| {policy} | {pool['runs']} | {pool['requests']} | {_x(None, t['ttft_ms.p99'])} | "
                          f"{_x(None, t['tbt_ms.p99'])} | {_x(None, t['tpot_ms.p99'])} |")
+    if any("api_stalls" in r for r in rows.values()):  # NOTE: records before 2026-12-07 have none
+        lines += ["", "The API server's process during each run (`serve.metrics.ProcessWatch`):", "",
+                  "| policy | event loop wakes > 50 ms late | full collections | their total ms |",
+                  "|---|---|---|---|"]
+        for policy, r in rows.items():
+            st = r.get("api_stalls") or {}
+            lines.append(f"| {policy} | {st.get('loop_stalls_over_50ms', 0):.0f} of {st.get('loop_wakes', 0):.0f} | "
+                         f"{st.get('gc2_passes', 0):.0f} | {1e3 * st.get('gc2_s', 0):.0f} |")
     return "\n".join(lines) + "\n"
 
 

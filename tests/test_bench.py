@@ -382,6 +382,29 @@ def test_vllm_bench_serve_pools_the_runs_of_a_policy_given_more_than_once():
     assert "| conserve | 2 | 40 |" in table and "online-only#2" in table
 
 
+def test_vllm_bench_serve_reads_the_api_processs_stalls_off_the_servers_metrics():
+    import types
+
+    from prometheus_client import REGISTRY, generate_latest
+
+    from benchmarks import vllm_bench_serve as script
+    from conserve_bench.serve import metrics
+
+    before = script.parse_api_stalls(generate_latest(REGISTRY).decode())
+    for seconds in (0.001, 0.03, 0.2):
+        metrics._LOOP_STALL.observe(seconds)
+    metrics._GC_PAUSE.labels("2").observe(0.3)
+    metrics._GC_PAUSE.labels("0").observe(0.002)
+    after = script.parse_api_stalls(generate_latest(REGISTRY).decode())
+    stalls = {k: after[k] - before[k] for k in after}
+    assert stalls == pytest.approx({"loop_wakes": 3, "loop_stalls_over_50ms": 1, "gc2_passes": 1, "gc2_s": 0.3})
+    row = {**{m: 1.0 for m in script.METRICS}, "offline_items_per_s": 0.0, "vs_online_only": None,
+           "api_stalls": stalls}
+    args = types.SimpleNamespace(input_len=256, output_len=10, request_rate=0.25, num_prompts=20,
+                                 offline_tasks="mmlu", num_fewshot=5)
+    assert "| conserve | 1 of 3 | 1 | 300 |" in script.markdown({"conserve": row}, args)
+
+
 def test_vllm_bench_serve_runs_a_policy_given_again_under_a_label_of_its_own():
     from benchmarks import vllm_bench_serve as script
     from conserve_bench.config import ServePolicy

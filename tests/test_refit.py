@@ -148,6 +148,47 @@ def test_the_server_shows_and_stores_what_the_engine_wrote(tmp_path, store):
     assert refit_for(store, key)[0] == status
 
 
+def test_the_api_processs_loop_stalls_and_collector_pauses_are_in_the_metrics():
+    """A stall of the server's event loop (here: 150 ms of work holding it) and a collection
+    on another thread, as `/metrics` shows them."""
+    import asyncio
+    import gc
+    import threading
+    import time
+
+    from prometheus_client import REGISTRY
+
+    from conserve_bench.serve.metrics import ProcessWatch
+
+    def count(name, le, labels=None):
+        return REGISTRY.get_sample_value(f"{name}_bucket", {**(labels or {}), "le": le}) or 0.0
+
+    def counts():
+        return (REGISTRY.get_sample_value("conserve_api_loop_stall_seconds_count") or 0.0,
+                count("conserve_api_loop_stall_seconds", "0.1"),
+                REGISTRY.get_sample_value("conserve_api_gc_pause_seconds_count", {"generation": "2"}) or 0.0)
+
+    watcher = ProcessWatch()
+
+    async def stall_and_collect():
+        watch = asyncio.create_task(watcher.run(every_s=0.01))
+        await asyncio.sleep(0.05)
+        time.sleep(0.15)  # NOTE: the loop's thread busy, as the collector or a long Python call keeps it
+        collector = threading.Thread(target=gc.collect)
+        collector.start()
+        collector.join()
+        await asyncio.sleep(0.05)
+        watch.cancel()
+
+    before = counts()
+    asyncio.run(stall_and_collect())
+    after = counts()
+    num_wakes, num_quick = after[0] - before[0], after[1] - before[1]
+    assert num_wakes >= 5 and num_wakes - num_quick >= 1  # a wake over 100 ms late: the stall
+    assert after[2] - before[2] >= 1  # the full collection, timed
+    assert watcher._on_collect not in gc.callbacks  # the collector's hook goes with the task
+
+
 # -- the tail margin: planning against a quantile of live step time --------------------------
 
 

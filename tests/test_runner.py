@@ -6,7 +6,9 @@ engine under a real SIGKILL is tests/test_durability.py.
 
 from __future__ import annotations
 
+import gc
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -99,6 +101,29 @@ def test_an_engine_failure_propagates_and_loses_no_committed_item(store):
         runner.run(job_id, keys)
     runner.release()
     assert store.item_states(job_id) == {"done": 12, "pending": 28}  # the finally commit
+
+
+def test_a_jobs_requests_are_out_of_the_collectors_walks_while_it_runs_and_given_back_after(store):
+    """What a job holds when its run starts (lm-eval's requests) is frozen for the run: the
+    collector's passes skip it (`jobs.heap`); after the run, failed or not, it is back."""
+    job_id, keys = add_job(store, 40)
+    requests = [{"arguments": (f"question {i}", " A")} for i in range(100)]  # made before the run
+    tracked = lambda: id(requests) in set(map(id, gc.get_objects()))  # noqa: E731
+    frozen_before = gc.get_freeze_count()
+
+    def watch(seen: list) -> Callable[[], None]:  # NOTE: one walk of the heap, at the first step
+        return lambda: seen.append(tracked() if not seen else gc.get_freeze_count() == frozen_before)
+
+    failed, finished = [], []
+    runner = Runner(store, FakeEngine(fail_after=12, on_step=watch(failed)), RunConfig(max_inflight=8))
+    with pytest.raises(FakeEngineError):
+        runner.run(job_id, keys)
+    runner.release()
+    assert failed and tracked() and gc.get_freeze_count() == frozen_before
+    Runner(store, FakeEngine(on_step=watch(finished)), RunConfig(max_inflight=8)).run(job_id, keys)
+    assert finished and not any(failed + finished)
+    assert tracked() and gc.get_freeze_count() == frozen_before
+    assert store.item_states(job_id) == {"done": 40}
 
 
 def test_items_of_a_dead_replica_are_reclaimed_once_its_lease_expires(store, monkeypatch):

@@ -26,6 +26,7 @@ from typing import Any
 from conserve_bench.config import RunConfig
 from conserve_bench.engine.contract import ItemEngine, ItemError
 from conserve_bench.errors import ItemsFailedError
+from conserve_bench.jobs.heap import frozen_heap
 from conserve_bench.jobs.replica import Replica, new_replica_id
 from conserve_bench.store import Store
 
@@ -117,7 +118,8 @@ class Runner:
             # tracked ones: without this, an item a failed release left running under this
             # replica would wait for the others to reclaim it, for ever if there are none.
             self._timed(self.store.release_items, self.owner, self._kept())
-            self._run(job_id, kind)
+            with frozen_heap():  # NOTE: the job's lm-eval requests, out of the collector's walks
+                self._run(job_id, kind)
         finally:
             self._commit()
             self.stats.wall_s += time.perf_counter() - t0

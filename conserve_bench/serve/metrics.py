@@ -4,7 +4,9 @@ Online: TTFT and TBT histograms measured at the HTTP layer (time to the first st
 chunk, gaps between chunks) and SLO-attainment counters against the configured targets; only
 of requests the guard admitted (key, JSON body) and answered with a status below 400.
 Offline: tokens and items counters (Prometheus derives the rates) and per-job progress.
-Latency model: the live refit's and the profile's errors on the newest live steps, read from
+The API process itself: its event loop's stalls and the collector's pauses (`ProcessWatch`),
+the time an online request arriving then waits before vLLM even sees it. Latency model: the
+live refit's and the profile's errors on the newest live steps, read from
 the file the engine's scheduler writes (`RefitWatcher`, which also stores the refit under the
 profile's key). KV checkpoints: the host pool's use and what resumes loaded, from the file the
 engine's connector writes (`CheckpointWatcher`). This module only observes; it never changes
@@ -14,6 +16,8 @@ what the server does.
 from __future__ import annotations
 
 import asyncio
+import collections
+import gc
 import time
 from typing import TYPE_CHECKING
 
@@ -27,6 +31,7 @@ if TYPE_CHECKING:
     from conserve_bench.store import Store
 
 BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+STALL_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 _TTFT = Histogram("conserve_online_ttft_seconds", "Online time to first token (HTTP).",
                   buckets=BUCKETS_S)
@@ -56,6 +61,13 @@ _POOL_REQUESTS = Gauge("conserve_kv_checkpoint_requests", "Offline requests trac
 _POOL_BLOCKS = Gauge("conserve_kv_checkpoint_blocks",
                      "KV blocks saved, loaded and evicted since the engine started.", ["kind"])
 _RESUMES = Gauge("conserve_kv_checkpoint_resumes", "Preempted offline requests resumed.")
+_LOOP_STALL = Histogram("conserve_api_loop_stall_seconds",
+                        "How late the API server's event loop woke from a short sleep: its stalls "
+                        "(the collector, Python work holding the GIL), which an online request "
+                        "arriving then waits out before the engine sees it.", buckets=STALL_BUCKETS_S)
+_GC_PAUSE = Histogram("conserve_api_gc_pause_seconds",
+                      "The garbage collector's passes in the API server's process, by generation.",
+                      ["generation"], buckets=STALL_BUCKETS_S)
 _RESUME_TOKENS = Gauge("conserve_kv_checkpoint_resume_tokens",
                        "Tokens preempted requests had computed: loaded or computed again.",
                        ["kind"])
@@ -196,3 +208,35 @@ class CheckpointWatcher:
         for kind in ("loaded", "recomputed"):
             _RESUME_TOKENS.labels(kind).set(state[f"{kind}_tokens"])
         return state
+
+
+class ProcessWatch:
+    """The API process's own stalls: the event loop woken every `every_s` observes how late it
+    woke (`conserve_api_loop_stall_seconds`), and every pass of the garbage collector is timed
+    (`conserve_api_gc_pause_seconds`). NOTE: the collector's callback only appends to a deque
+    (atomic under the GIL): the histograms take a lock that the interrupted thread may hold;
+    the loop observes the pauses at its next wake."""
+
+    def __init__(self):
+        self._pauses: collections.deque[tuple[int, float]] = collections.deque()
+        self._started: float | None = None
+
+    def _on_collect(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self._pauses.append((info["generation"], time.perf_counter() - self._started))
+            self._started = None
+
+    async def run(self, every_s: float = 0.01) -> None:
+        gc.callbacks.append(self._on_collect)
+        try:
+            while True:
+                t0 = time.perf_counter()
+                await asyncio.sleep(every_s)
+                _LOOP_STALL.observe(max(0.0, time.perf_counter() - t0 - every_s))
+                while self._pauses:
+                    generation, seconds = self._pauses.popleft()
+                    _GC_PAUSE.labels(str(generation)).observe(seconds)
+        finally:
+            gc.callbacks.remove(self._on_collect)

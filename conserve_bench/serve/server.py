@@ -396,7 +396,7 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
     from conserve_bench.serve.batchapi import BatchSweeper, install_batch_api
     from conserve_bench.serve.guard import Guard, generation_routes
     from conserve_bench.serve.jobapi import install_job_api
-    from conserve_bench.serve.metrics import CheckpointWatcher, OnlineMetrics, RefitWatcher
+    from conserve_bench.serve.metrics import CheckpointWatcher, OnlineMetrics, ProcessWatch, RefitWatcher
     from conserve_bench.engine.async_llm import AsyncEngineAdapter
     from conserve_bench.serve.pump import OfflinePump
     from conserve_bench.store import Store
@@ -446,7 +446,7 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
         try:
             await serve_until_stopped(server, pump, client, [
                 watcher.run(REFIT_POLL_S), CheckpointWatcher(checkpoint_state).run(REFIT_POLL_S),
-                store_watch.run(), BatchSweeper(store).run()])
+                store_watch.run(), BatchSweeper(store).run(), ProcessWatch().run()])
         finally:
             watcher.poll()  # NOTE: the last refit the engine wrote is stored too
 
