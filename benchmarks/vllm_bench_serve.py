@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import add_measured_args, host_profile, write_measured
+from conserve_bench.bench.tables import interval_text
 from conserve_bench.config import ServePolicy
 
 POLICIES = (ServePolicy.ONLINE_ONLY, ServePolicy.PRIORITY, ServePolicy.CONSERVE)
@@ -107,6 +108,19 @@ def api_stalls(url: str) -> dict[str, float]:
     return parse_api_stalls(httpx.get(f"{url}/metrics", timeout=30).text)
 
 
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds so far of the server's API process (the OpenAI app, the pump, the client
+    side of vLLM's engine) and of its children (vLLM's engine core: the forward pass)."""
+    import psutil
+
+    def used(process) -> float:
+        times = process.cpu_times()
+        return times.user + times.system
+
+    server = psutil.Process(pid)
+    return {"api": used(server), "engine": sum(used(child) for child in server.children(recursive=True))}
+
+
 def parse_api_stalls(metrics_text: str) -> dict[str, float]:
     """The API process's counters so far (`serve.metrics.ProcessWatch`): its event loop's
     wakes, those over 50 ms late, and the collector's full (generation 2) passes and their
@@ -157,9 +171,11 @@ def run_policy(args, policy: ServePolicy, out: Path, profiles, label: str | None
                           num_fewshot=args.num_fewshot, data_dir=os.path.abspath(args.data_dir))
         if policy != ServePolicy.ONLINE_ONLY:
             wait_running(jobs, job["id"])
-        items_before, stalls_before, t0 = offline_items(server.url), api_stalls(server.url), time.perf_counter()
+        items_before, stalls_before = offline_items(server.url), api_stalls(server.url)
+        cpu_before, t0 = cpu_seconds(server.proc.pid), time.perf_counter()
         result = asyncio.run(main_async(vllm_bench_args(args, server.url, resolve_model(args.model).path,
                                                         args.model)))
+        cpu = {k: v - cpu_before[k] for k, v in cpu_seconds(server.proc.pid).items()}
         items = offline_items(server.url) - items_before
         stalls = {k: v - stalls_before[k] for k, v in api_stalls(server.url).items()}
         wall_s = time.perf_counter() - t0
@@ -172,7 +188,7 @@ def run_policy(args, policy: ServePolicy, out: Path, profiles, label: str | None
             "failed": result.get("failed"), "duration_s": result.get("duration"),
             "offline_items": items, "offline_items_per_s": items / result["duration"],
             "bench_wall_s": wall_s, "serve_targets": targets_line.split("WARNING")[-1].strip(),
-            "api_stalls": stalls,
+            "api_stalls": stalls, "cpu_share": {k: v / wall_s for k, v in cpu.items()},
             **step_errors(phase_dir / "steps.jsonl")}, online_records(result)
 
 
@@ -245,13 +261,15 @@ def markdown(rows: dict[str, dict], args, pools: dict[str, dict] | None = None) 
             lines.append(f"| {policy} | {pool['runs']} | {pool['requests']} | {_x(None, t['ttft_ms.p99'])} | "
                          f"{_x(None, t['tbt_ms.p99'])} | {_x(None, t['tpot_ms.p99'])} |")
     if any("api_stalls" in r for r in rows.values()):  # NOTE: records before 2026-12-07 have none
-        lines += ["", "The API server's process during each run (`serve.metrics.ProcessWatch`):", "",
-                  "| policy | event loop wakes > 50 ms late | full collections | their total ms |",
-                  "|---|---|---|---|"]
+        lines += ["", "The server's processes during each run (stalls: `serve.metrics.ProcessWatch`; CPU: "
+                  "cores busy on average, API process / engine core):", "",
+                  "| policy | event loop wakes > 50 ms late | full collections | their total ms | CPU cores API / engine |",
+                  "|---|---|---|---|---|"]
         for policy, r in rows.items():
-            st = r.get("api_stalls") or {}
+            st, cpu = r.get("api_stalls") or {}, r.get("cpu_share") or {}
             lines.append(f"| {policy} | {st.get('loop_stalls_over_50ms', 0):.0f} of {st.get('loop_wakes', 0):.0f} | "
-                         f"{st.get('gc2_passes', 0):.0f} | {1e3 * st.get('gc2_s', 0):.0f} |")
+                         f"{st.get('gc2_passes', 0):.0f} | {1e3 * st.get('gc2_s', 0):.0f} | "
+                         f"{cpu.get('api', 0):.2f} / {cpu.get('engine', 0):.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -263,7 +281,7 @@ def _x(value, interval: dict | None = None) -> str:
     """A ratio; with its bootstrap interval, the interval's own ratio (`bench`'s percentiles
     of the per-request times) and its bounds."""
     if interval is not None and interval["ratio"] is not None and interval["low"] is not None:
-        return f"{interval['ratio']:.2f}x [{interval['low']:.2f}, {interval['high']:.2f}]"
+        return interval_text(interval)
     return "-" if value is None else f"{value:.2f}x"
 
 

@@ -399,10 +399,32 @@ def test_vllm_bench_serve_reads_the_api_processs_stalls_off_the_servers_metrics(
     stalls = {k: after[k] - before[k] for k in after}
     assert stalls == pytest.approx({"loop_wakes": 3, "loop_stalls_over_50ms": 1, "gc2_passes": 1, "gc2_s": 0.3})
     row = {**{m: 1.0 for m in script.METRICS}, "offline_items_per_s": 0.0, "vs_online_only": None,
-           "api_stalls": stalls}
+           "api_stalls": stalls, "cpu_share": {"api": 0.25, "engine": 1.5}}
     args = types.SimpleNamespace(input_len=256, output_len=10, request_rate=0.25, num_prompts=20,
                                  offline_tasks="mmlu", num_fewshot=5)
-    assert "| conserve | 1 of 3 | 1 | 300 |" in script.markdown({"conserve": row}, args)
+    assert "| conserve | 1 of 3 | 1 | 300 | 0.25 / 1.50 |" in script.markdown({"conserve": row}, args)
+
+
+def test_vllm_bench_serve_counts_the_cpu_of_the_servers_process_and_of_its_engine_apart():
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from benchmarks import vllm_bench_serve as script
+
+    code = "import time; t = time.process_time(); exec('while time.process_time() - t < 0.3: pass'); time.sleep(5)"
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; "
+                               f"subprocess.Popen([sys.executable, '-c', {code!r}]); time.sleep(5)"])
+    try:
+        time.sleep(2)  # NOTE: both started; the child (the "engine") has spun its 0.3 s
+        cpu = script.cpu_seconds(parent.pid)
+    finally:
+        for process in psutil.Process(parent.pid).children():
+            process.kill()
+        parent.kill()
+    assert cpu["engine"] >= 0.3 and cpu["api"] < cpu["engine"]
 
 
 def test_vllm_bench_serve_runs_a_policy_given_again_under_a_label_of_its_own():

@@ -41,12 +41,13 @@ def tail_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     for policy, s in report["policies"].items():
         intervals = (s.get("tail_intervals") or {}).get("vs_online-only")
         if intervals:
-            rows.append((policy, *(_interval(intervals[name]) for name in
+            rows.append((policy, *(interval_text(intervals[name]) for name in
                                    ("ttft_ms.p99", "tbt_ms.p99", "tpot_ms.p99"))))
     return rows
 
 
-def _interval(r: dict[str, Any]) -> str:
+def interval_text(r: dict[str, Any]) -> str:
+    """A ratio with its bootstrap interval (`summary.tail_intervals`): `1.20x [1.10, 1.33]`."""
     if r["ratio"] is None:
         return "-"
     return f"{r['ratio']:.2f}x [{_num(r['low'], 1, 2)}, {_num(r['high'], 1, 2)}]"
