@@ -350,7 +350,7 @@ def main() -> None:
         input_path = work / "batch.jsonl"
         input_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
         profile_db = args.profile_db or f"sqlite:///{work / 'profile.db'}"
-        host = None if args.profile_db else host_profile(profile_db)
+        host = host_profile(profile_db, measure=not args.profile_db)
         alone = run_alone(work, profile_db, input_path)
         print(f"alone: {len(alone['lines'])} lines in {alone['wall_s']:.1f} s", flush=True)
         reference = alone["lines"]

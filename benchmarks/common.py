@@ -26,19 +26,28 @@ HOST_FIGURES = ("fixed_ms", "prefill_tokens_ms", "decodes_ms")  # the three `pro
 
 # --- the host ----------------------------------------------------------------------------------
 
-def host_profile(db: str | None = None) -> dict[str, Any]:
+def host_profile(db: str | None = None, measure: bool = True) -> dict[str, Any] | None:
     """This host's `profile --quick` figures (ms): fixed per step, per prefill token, per decode,
     and the other coefficients, beside the device the profile is keyed by. About a minute:
     run it before a benchmark's engines start, never beside them. `db`: the store to keep the
-    profile in, for the benchmark's servers to load (None: a temporary one)."""
+    profile in, for the benchmark's servers to load (None: a temporary one). `measure` False:
+    the profile `db` already holds (the one its servers load), as it was measured; None if it
+    holds none."""
     with tempfile.TemporaryDirectory() as tmp:
         db = db or f"sqlite:///{tmp}/profile.db"
-        subprocess.run([sys.executable, "-m", "conserve_bench.cli", "profile", "--quick", "--db", db],
-                       check=True, capture_output=True)
+        if measure:
+            subprocess.run([sys.executable, "-m", "conserve_bench.cli", "profile", "--quick", "--db", db],
+                           check=True, capture_output=True)
+        from conserve_bench.errors import ProfileNotFoundError
         from conserve_bench.profiling.profiler import show_profile
         from conserve_bench.store import Store
 
-        profile, _ = show_profile(Store(db), "smollm2-135m")
+        try:
+            profile, _ = show_profile(Store(db), "smollm2-135m")
+        except ProfileNotFoundError:
+            if measure:
+                raise
+            return None
     coefficients = dict(zip(profile.model.to_dict()["features"], profile.model.coefficients))
     return {"device": profile.key.device, **{f"{k}_ms": round(v * 1e3, 3) for k, v in coefficients.items()}}
 

@@ -87,16 +87,10 @@ def loop_stalls(num_items: int) -> dict[str, float]:
     return {"max_stall_ms": max(stalls), "num_stalls_over_50ms": sum(s > STALL_MS for s in stalls)}
 
 
-@contextlib.contextmanager
-def frozen_heap():
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 def measure(frozen: bool, num_items: int) -> dict[str, float]:
+    """Frozen as a job's run freezes it (`jobs.heap.frozen_heap`)."""
+    from conserve_bench.jobs.heap import frozen_heap
+
     with frozen_heap() if frozen else contextlib.nullcontext():
         return {"collect_ms": collect_ms(), **loop_stalls(num_items)}
 

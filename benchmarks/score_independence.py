@@ -296,7 +296,7 @@ def main() -> None:
         work = Path(tmp)
         profile_db = args.profile_db or f"sqlite:///{work / 'profile.db'}"
         # NOTE: the host's figures and the profile every run's server loads: one measurement
-        host = None if args.profile_db else host_profile(profile_db)
+        host = host_profile(profile_db, measure=not args.profile_db)
         reference = alone_reference(bodies, args.data_dir, work)
         rows: dict[str, dict[str, Any]] = {}
         for mode, deterministic in (("default", False), ("deterministic", True)):

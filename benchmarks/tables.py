@@ -39,6 +39,22 @@ def gc_pause(result: dict, config: dict) -> str:
             f"other thread kept {num(config['items'])} result objects per run, two runs per heap.")
 
 
+def online_step_cost(result: dict, config: dict) -> str:
+    shapes = (("prefill_ms", "a 256-token online prefill alone"), ("decode_1_ms", "one online decode"),
+              ("decode_4_8_ms", "4-8 online decodes"))
+    runs = result["runs"]
+
+    def per_round(shape: str) -> str:
+        return ", ".join(times(c[shape] / o[shape]) for o, c in zip(runs["online-only"], runs["conserve"]))
+
+    rows = [(label, num(result["online-only"][shape], 1), num(result["conserve"][shape], 1),
+             times(result["ratio"][shape]), per_round(shape)) for shape, label in shapes]
+    table = md_table(("step (no offline work)", "online-only engine ms", "conserve engine ms "
+                      "(connector, worker)", "conserve / online-only", "each round"), rows)
+    return (f"{table}\n\nMedians over {config['rounds']} alternated rounds of fresh engines, each the "
+            f"median of its steps ({config['prompts']} requests one at a time, then 4 and 8 together).")
+
+
 def layer_preemption(result: dict, config: dict) -> str:
     from benchmarks.layer_preemption import TARGET_OVERHEAD
 
@@ -326,7 +342,7 @@ def demo_phases(result: dict, config: dict) -> str:
                       f"{num(r['wall_s'])} s") for r in result["layouts"]])
 
 
-RENDERERS = {"gc_pause": gc_pause, "layer_preemption": layer_preemption, "kv_checkpoint": kv_checkpoint, "kv_churn": kv_churn,
+RENDERERS = {"gc_pause": gc_pause, "online_step_cost": online_step_cost, "layer_preemption": layer_preemption, "kv_checkpoint": kv_checkpoint, "kv_churn": kv_churn,
              "latency_accuracy": latency_accuracy, "lm_eval_speed": lm_eval_speed, "lm_eval_dropin": lm_eval_dropin,
              "house_side_by_side": house_side_by_side, "score_independence": score_independence,
              "nightly_resume": nightly_resume, "partial_generations": partial_generations,

@@ -294,7 +294,7 @@ def main() -> None:
         raise SystemExit(f"error: {out} is not empty: give a new --out")
     out.mkdir(parents=True, exist_ok=True)
     # the profile the servers load is the one whose figures the record gives
-    host = None if args.no_profile else host_profile(args.db)
+    host = host_profile(args.db, measure=not args.no_profile)
     profiles = ProfileCache(args.db, args.model)
     runs = {label: run_policy(args, policy, out, profiles, label) for label, policy in labelled(args.policies)}
     rows, pools = with_ratios(runs), pooled(runs)

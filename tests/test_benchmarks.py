@@ -41,6 +41,23 @@ def test_a_run_records_where_when_and_how_it_ran(tmp_path, monkeypatch):
     assert len(written.date) == len("2026-11-28 12:49")
 
 
+def test_a_run_on_a_stored_profile_records_that_profile_without_measuring_again(tmp_path, monkeypatch):
+    """`--no-profile` / `--profile-db`: the servers load the profile the store holds, and the
+    record gives its figures; a store without one records an unrecorded host."""
+    import subprocess
+
+    from benchmarks.common import host_profile
+
+    from .conftest import store_profile
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("measured a profile"))
+    db = f"sqlite:///{tmp_path / 'profile.db'}"
+    assert host_profile(db, measure=False) is None
+    store_profile(db)
+    host = host_profile(db, measure=False)
+    assert (host["fixed_ms"], host["prefill_tokens_ms"], host["decodes_ms"]) == (38.9, 2.03, 2.13)
+
+
 def test_a_record_with_an_unknown_field_is_refused(tmp_path):
     path = record(tmp_path)
     path.write_text(json.dumps({**json.loads(path.read_text()), "hots": {}}))

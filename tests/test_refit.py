@@ -208,6 +208,11 @@ def test_the_tail_margin_is_each_kinds_quantile_of_measured_over_predicted():
     for _ in range(100):
         margin.observe("mixed", 0.050, 0.050)  # the window keeps the newest 100
     assert margin.factors().mixed == 1.0
+    default = TailMargin(0.9)  # a kind counts from its 8th step, at its slowest of 8
+    for i in range(8):
+        assert default.factors().mixed == 1.0
+        default.observe("mixed", 0.030, 0.030 * (1.2 + i / 100))
+    assert default.factors().mixed == pytest.approx(1.27)
 
 
 def test_plans_are_sized_so_the_tail_not_the_mean_meets_the_budget():

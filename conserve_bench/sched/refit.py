@@ -136,7 +136,11 @@ class TailMargin:
 
     KINDS = ("online", "mixed", "offline")
 
-    def __init__(self, quantile: float, window: int = 256, min_samples: int = 32):
+    # NOTE: 8, not more: steps of a kind run over their prediction until its factor counts, and
+    # a kind the model underprices (a small offline chunk beside online decodes, 1-3 tokens on
+    # a CPU, ran 30-60% over in `serve`) stops being planned once it does; every step before
+    # that is one an online request pays for. The quantile of 8 is their slowest: cautious.
+    def __init__(self, quantile: float, window: int = 256, min_samples: int = 8):
         self.quantile, self.min_samples = quantile, min_samples
         self._ratios = {kind: deque(maxlen=window) for kind in self.KINDS}
         self._factors = TailFactors()
