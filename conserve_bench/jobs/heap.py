@@ -9,6 +9,9 @@ collector's permanent generation (`gc.freeze`, as vLLM's own server does after s
 `freeze_gc_heap`), and gives it back (`gc.unfreeze`) when the last run in the process ends,
 so a finished job's cycles are collected as before. Objects made during the run are
 collected as usual; frozen ones are still freed when their last reference goes.
+
+NOTE: `gc.unfreeze` gives back all that is frozen (CPython freezes no subset), so in `serve`
+the start-up heap vLLM's app froze is walked again after the last run, as it was before.
 """
 
 from __future__ import annotations
