@@ -176,7 +176,8 @@ def batch_api(result: dict, config: dict) -> str:
     a = result["alone"]
 
     def tails(ratios: dict) -> str:
-        return ", ".join(f"{label} {interval_text(ratios[name])}" for label, name in (("TTFT", "ttft_ms.p99"), ("TBT", "tbt_ms.p99"), ("TPOT", "tpot_ms.p99")))
+        return ", ".join(f"{label} {interval_text(ratios[name])}" for label, name in
+                         (("TTFT", "ttft_ms.p99"), ("TBT", "tbt_ms.p99"), ("TPOT", "tpot_ms.p99")))
 
     rows = [("alone on `serve` (its defaults), no online traffic",
              f"{num(a['wall_s'], 1)} s: {num(a['lines_per_s'], 2)} lines/s, {num(a['completion_tokens_per_s'], 1)} tok/s", "-")]

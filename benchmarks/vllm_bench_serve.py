@@ -94,18 +94,15 @@ def online_records(result: dict) -> list:
             for i, (ttft, itl, error) in enumerate(zip(result["ttfts"], result["itls"], result["errors"]))]
 
 
-def offline_items(url: str) -> float:
+def server_counters(url: str) -> dict[str, float]:
+    """One read of the server's `/metrics`: its offline items committed so far
+    (`bench.loadgen.parse_counters`) and its API process's stalls (`parse_api_stalls`)."""
     import httpx
 
     from conserve_bench.bench.loadgen import parse_counters
 
-    return parse_counters(httpx.get(f"{url}/metrics", timeout=30).text)["items"]
-
-
-def api_stalls(url: str) -> dict[str, float]:
-    import httpx
-
-    return parse_api_stalls(httpx.get(f"{url}/metrics", timeout=30).text)
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {"items": parse_counters(text)["items"], **parse_api_stalls(text)}
 
 
 def cpu_seconds(pid: int) -> dict[str, float]:
@@ -171,13 +168,12 @@ def run_policy(args, policy: ServePolicy, out: Path, profiles, label: str | None
                           num_fewshot=args.num_fewshot, data_dir=os.path.abspath(args.data_dir))
         if policy != ServePolicy.ONLINE_ONLY:
             wait_running(jobs, job["id"])
-        items_before, stalls_before = offline_items(server.url), api_stalls(server.url)
-        cpu_before, t0 = cpu_seconds(server.proc.pid), time.perf_counter()
+        before, cpu_before, t0 = server_counters(server.url), cpu_seconds(server.proc.pid), time.perf_counter()
         result = asyncio.run(main_async(vllm_bench_args(args, server.url, resolve_model(args.model).path,
                                                         args.model)))
         cpu = {k: v - cpu_before[k] for k, v in cpu_seconds(server.proc.pid).items()}
-        items = offline_items(server.url) - items_before
-        stalls = {k: v - stalls_before[k] for k, v in api_stalls(server.url).items()}
+        counted = {k: v - before[k] for k, v in server_counters(server.url).items()}
+        items = counted.pop("items")  # NOTE: the rest are the API process's stalls
         wall_s = time.perf_counter() - t0
         with contextlib.suppress(ConserveError):  # a job that finished cannot be cancelled
             jobs.cancel(job["id"])
@@ -188,7 +184,7 @@ def run_policy(args, policy: ServePolicy, out: Path, profiles, label: str | None
             "failed": result.get("failed"), "duration_s": result.get("duration"),
             "offline_items": items, "offline_items_per_s": items / result["duration"],
             "bench_wall_s": wall_s, "serve_targets": targets_line.split("WARNING")[-1].strip(),
-            "api_stalls": stalls, "cpu_share": {k: v / wall_s for k, v in cpu.items()},
+            "api_stalls": counted, "cpu_share": {k: v / wall_s for k, v in cpu.items()},
             **step_errors(phase_dir / "steps.jsonl")}, online_records(result)
 
 

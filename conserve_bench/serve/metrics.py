@@ -61,6 +61,9 @@ _POOL_REQUESTS = Gauge("conserve_kv_checkpoint_requests", "Offline requests trac
 _POOL_BLOCKS = Gauge("conserve_kv_checkpoint_blocks",
                      "KV blocks saved, loaded and evicted since the engine started.", ["kind"])
 _RESUMES = Gauge("conserve_kv_checkpoint_resumes", "Preempted offline requests resumed.")
+_RESUME_TOKENS = Gauge("conserve_kv_checkpoint_resume_tokens",
+                       "Tokens preempted requests had computed: loaded or computed again.",
+                       ["kind"])
 _LOOP_STALL = Histogram("conserve_api_loop_stall_seconds",
                         "How late the API server's event loop woke from a short sleep: its stalls "
                         "(the collector, Python work holding the GIL), which an online request "
@@ -68,9 +71,6 @@ _LOOP_STALL = Histogram("conserve_api_loop_stall_seconds",
 _GC_PAUSE = Histogram("conserve_api_gc_pause_seconds",
                       "The garbage collector's passes in the API server's process, by generation.",
                       ["generation"], buckets=STALL_BUCKETS_S)
-_RESUME_TOKENS = Gauge("conserve_kv_checkpoint_resume_tokens",
-                       "Tokens preempted requests had computed: loaded or computed again.",
-                       ["kind"])
 
 
 def batch_progress(batch_id: str, counts: dict[str, int], eta_s: float | None) -> None:
