@@ -177,13 +177,16 @@ def run_policy(args, policy: ServePolicy, out: Path, profiles, label: str | None
         wall_s = time.perf_counter() - t0
         with contextlib.suppress(ConserveError):  # a job that finished cannot be cancelled
             jobs.cancel(job["id"])
-        targets_line = next((line for line in server.log_tail(10**6).splitlines()
-                             if "conserve:" in line or "online targets:" in line), "")
+        log_lines = server.log_tail(10**6).splitlines()
+        targets_line = next((line for line in log_lines if "conserve:" in line or "online targets:" in line), "")
+        warm_line = next((line for line in log_lines if "warm start" in line), "")
+    profiles.keep_refit(db_url)
     (phase_dir / "vllm_bench_serve.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     return {**{m: result.get(m) for m in METRICS}, "completed": result.get("completed"),
             "failed": result.get("failed"), "duration_s": result.get("duration"),
             "offline_items": items, "offline_items_per_s": items / result["duration"],
             "bench_wall_s": wall_s, "serve_targets": targets_line.split("WARNING")[-1].strip(),
+            "warm_start": warm_line.split("WARNING")[-1].strip() or None,
             "api_stalls": counted, "cpu_share": {k: v / wall_s for k, v in cpu.items()},
             **step_errors(phase_dir / "steps.jsonl")}, online_records(result)
 
@@ -248,6 +251,10 @@ def markdown(rows: dict[str, dict], args, pools: dict[str, dict] | None = None) 
                      f"{_x(ratio.get('p99_ttft_ms'), intervals.get('ttft_ms.p99'))} | "
                      f"{_x(ratio.get('p99_tpot_ms'), intervals.get('tpot_ms.p99'))} | "
                      f"{_pcts(r.get('prediction_rel_error'))} | {_pcts(r.get('shape_spread_rel'))} |")
+    starts = [f"{policy}: {_start(r['warm_start'])}" for policy, r in rows.items()
+              if "warm_start" in r and policy.startswith("conserve")]  # NOTE: recorded from 2026-12-07
+    if starts:
+        lines += ["", "Where each conserve server started (`serve --warm-start`): " + "; ".join(starts) + "."]
     if pools:
         lines += ["", "Each policy's runs pooled, against online-only's pooled:", "",
                   "| policy | runs | requests | P99 TTFT x online-only [95% CI] | P99 ITL x online-only [95% CI] "
@@ -267,6 +274,13 @@ def markdown(rows: dict[str, dict], args, pools: dict[str, dict] | None = None) 
                          f"{st.get('gc2_passes', 0):.0f} | {1e3 * st.get('gc2_s', 0):.0f} | "
                          f"{cpu.get('api', 0):.2f} / {cpu.get('engine', 0):.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _start(warm_line: str | None) -> str:
+    """How a server started, from its warm-start log line (None: from the idle profile)."""
+    if not warm_line:
+        return "cold, the idle profile's model and margins of 1"
+    return "warm, " + warm_line.removeprefix("conserve: warm start ").split(" (--no-warm-start")[0]
 
 
 def _pcts(values: dict | None) -> str:

@@ -404,6 +404,13 @@ def test_vllm_bench_serve_reads_the_api_processs_stalls_off_the_servers_metrics(
                                  offline_tasks="mmlu", num_fewshot=5)
     assert "| conserve | 1 of 3 | 1 | 300 | 0.25 / 1.50 |" in script.markdown({"conserve": row}, args)
 
+    warm = ("conserve: warm start from the live refit stored 12 s ago after 900 steps: plans with the refit, "
+            "tail margins mixed 1.40, offline 1.00 (--no-warm-start: the profile's, 1.0)")
+    rows = {"conserve": {**row, "warm_start": None}, "conserve#2": {**row, "warm_start": warm}}
+    assert ("conserve: cold, the idle profile's model and margins of 1; conserve#2: warm, from the live "
+            "refit stored 12 s ago after 900 steps: plans with the refit, tail margins mixed 1.40, "
+            "offline 1.00.") in script.markdown(rows, args)
+
 
 def test_vllm_bench_serve_counts_the_cpu_of_the_servers_process_and_of_its_engine_apart():
     import subprocess

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from conserve_bench.sched.latency import FEATURES, ChunkShape, LatencyModel, Sample, StepShape, evaluate, fit
+from conserve_bench.sched.latency import (FEATURES, ChunkShape, FitError, LatencyModel, Sample, StepShape,
+                                          evaluate, fit)
 from conserve_bench.sched.refit import LiveModel, RefitConfig, RefitStatus
 
 PROFILE = LatencyModel((0.02, 1e-3, 1.3e-3, 4e-6, 0.8e-6, 0.5e-3, 5e-3))
@@ -148,6 +150,43 @@ def test_the_server_shows_and_stores_what_the_engine_wrote(tmp_path, store):
     assert refit_for(store, key)[0] == status
 
 
+def test_the_next_server_starts_from_the_refit_and_margins_the_last_one_stored(tmp_path):
+    """The engine writes each refit with its tail margins; the server stores it under the
+    profile's key; the next `conserve` server on that store starts from both (not under
+    `--no-warm-start`, another policy, or before any refit); a benchmark's fresh stores get
+    them through `ProfileCache`."""
+    from conserve_bench.bench.phases import ProfileCache
+    from conserve_bench.profiling.profiles import Profile, current_key, refit_for, save_profile
+    from conserve_bench.sched.policy import TailFactors
+    from conserve_bench.sched.refit import WarmStart
+    from conserve_bench.serve.metrics import RefitWatcher
+    from conserve_bench.serve.server import ServeConfig, warm_start
+    from conserve_bench.store import Store
+    from conserve_bench.vllm_plugin.scheduler import write_refit_state
+
+    db_url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = Store(db_url)
+    profile = Profile(current_key("smollm2-135m", "float32"), PROFILE, num_samples=1)
+    save_profile(store, profile)
+    cfg = ServeConfig(db_url=db_url, policy="conserve")
+    assert warm_start(cfg, profile) is None  # no server has refitted yet
+    live = LiveModel(PROFILE, CFG)
+    status = feed(live, steps(LatencyModel(tuple(1.5 * c for c in PROFILE.coefficients)), 110))[-1]
+    margins = TailFactors(online=1.05, mixed=1.5, offline=1.2)
+    write_refit_state(str(tmp_path / "refit.json"), status.with_tail(margins), refit_s=0.001)
+    RefitWatcher(str(tmp_path / "refit.json"), store, profile.key).poll()
+    assert status.adopted and warm_start(cfg, profile) == WarmStart(status.refit, margins)
+    assert warm_start(replace(cfg, warm_start=False), profile) is None
+    assert warm_start(replace(cfg, policy="online-only"), profile) is None
+
+    cache = ProfileCache(f"sqlite:///{tmp_path / 'cache.db'}", "smollm2-135m")
+    save_profile(cache.store, profile)
+    cache.keep_refit(db_url)  # a phase's server stopped: its refit is kept
+    fresh = f"sqlite:///{tmp_path / 'phase.db'}"
+    cache.copy_to(fresh)  # the next phase's fresh store
+    assert refit_for(Store(fresh), profile.key)[0] == status.with_tail(margins)
+
+
 def test_the_api_processs_loop_stalls_and_collector_pauses_are_in_the_metrics():
     """A stall of the server's event loop (here: 150 ms of work holding it) and a collection
     on another thread, as `/metrics` shows them."""
@@ -195,7 +234,7 @@ def test_the_api_processs_loop_stalls_and_collector_pauses_are_in_the_metrics():
 def test_the_tail_margin_is_each_kinds_quantile_of_measured_over_predicted():
     from conserve_bench.sched.refit import TailMargin
 
-    margin = TailMargin(0.9, window=100, min_samples=10)
+    margin = TailMargin(0.9, window=100, min_samples=10, warmup_steps=0)
     for i in range(100):  # mixed steps: 1.00, 1.01, ... 1.99 x their prediction
         margin.observe("mixed", 0.050, 0.050 * (1 + i / 100))
     for _ in range(5):
@@ -208,11 +247,26 @@ def test_the_tail_margin_is_each_kinds_quantile_of_measured_over_predicted():
     for _ in range(100):
         margin.observe("mixed", 0.050, 0.050)  # the window keeps the newest 100
     assert margin.factors().mixed == 1.0
-    default = TailMargin(0.9)  # a kind counts from its 8th step, at its slowest of 8
+    default = TailMargin(0.9, warmup_steps=0)  # a kind counts from its 8th step, at its slowest of 8
     for i in range(8):
         assert default.factors().mixed == 1.0
         default.observe("mixed", 0.030, 0.030 * (1.2 + i / 100))
     assert default.factors().mixed == pytest.approx(1.27)
+
+
+def test_the_engines_first_steps_never_count_toward_a_margin():
+    """A server's first step ran 2.2-4.4x its prediction in every run logged: among a kind's
+    first 8 steps it alone would set the factor."""
+    from conserve_bench.sched.refit import TailMargin
+
+    margin = TailMargin(0.9, warmup_steps=16)
+    margin.observe("offline", 0.5, 1.5)  # the engine's first step
+    for _ in range(15):
+        margin.observe("online", 0.03, 0.03)
+    for _ in range(8):
+        margin.observe("offline", 0.5, 0.55)
+    assert margin.factors().offline == pytest.approx(1.1)
+    assert TailMargin(0.9).warmup_steps == RefitConfig().warmup_steps
 
 
 def test_plans_are_sized_so_the_tail_not_the_mean_meets_the_budget():
@@ -235,3 +289,51 @@ def test_plans_are_sized_so_the_tail_not_the_mean_meets_the_budget():
     # offline-only steps sized for throughput (layer preemption cuts them) are left alone
     preemptive = Targets(ttft_s=2.0, tbt_s=0.2, offline_step_s=0.3)
     assert plan_step([], offline, model, preemptive, 4096, tail=TailFactors(offline=2.0)).budget_s == 0.3
+
+
+# -- a restarted server starts from what the last one learned ---------------------------------
+
+
+def test_a_warm_start_plans_with_the_stored_refit_until_the_first_live_one():
+    from conserve_bench.sched.refit import WarmStart
+
+    slower = LatencyModel(tuple(c * 1.3 for c in PROFILE.coefficients))
+    warm = WarmStart.from_dict(json.loads(json.dumps(WarmStart(slower).to_dict())))
+    assert warm.model == slower
+    live = LiveModel(PROFILE, CFG, start=warm.model)
+    assert live.model == slower and live.refit is None
+    # the first refit is judged against the profile alone: live steps as the profile
+    # predicts them replace the warm model by a refit of them (or by the profile)
+    statuses = feed(live, steps(PROFILE, 200, noise=0.02))
+    assert statuses and live.model in (live.refit, PROFILE) and live.model != slower
+    assert LiveModel(PROFILE, RefitConfig(**{**CFG.to_dict(), "adopt": False}), start=slower).model == PROFILE
+
+
+def test_a_warm_start_takes_the_refit_only_if_it_was_adopted_and_keeps_the_margins():
+    from conserve_bench.sched.policy import TailFactors
+    from conserve_bench.sched.refit import WarmStart
+
+    refit = LatencyModel(tuple(c * 1.2 for c in PROFILE.coefficients))
+    margins = TailFactors(online=1.1, mixed=1.6, offline=1.2)
+    status = RefitStatus(FitError(0.3, 0.4, 0.6, 50), FitError(0.05, 0.1, 0.2, 50), True, refit, 3, 400)
+    kept = RefitStatus.from_dict(json.loads(json.dumps(status.with_tail(margins).to_dict())))
+    assert kept.tail == margins
+    assert WarmStart.from_status(kept) == WarmStart(refit, margins)
+    assert WarmStart.from_status(replace(kept, adopted=False)) == WarmStart(None, margins)
+    older = {k: v for k, v in status.to_dict().items() if k != "tail"}  # stored before margins were
+    assert RefitStatus.from_dict(older).tail is None
+    assert WarmStart.from_status(RefitStatus.from_dict(older)).tail == TailFactors()
+
+
+def test_a_tail_margin_starts_from_its_prior_until_a_kind_counts_its_own():
+    from conserve_bench.sched.policy import TailFactors
+    from conserve_bench.sched.refit import TailMargin
+
+    margin = TailMargin(0.9, min_samples=8, prior=TailFactors(mixed=1.6, offline=1.2), warmup_steps=0)
+    assert (margin.factors().mixed, margin.factors().offline, margin.factors().online) == (1.6, 1.2, 1.0)
+    for _ in range(7):
+        margin.observe("mixed", 0.030, 0.033)
+    assert margin.factors().mixed == 1.6  # seven live steps: still the prior
+    margin.observe("mixed", 0.030, 0.033)
+    assert margin.factors().mixed == pytest.approx(1.1)  # its own from the 8th
+    assert margin.factors().offline == 1.2

@@ -11,6 +11,7 @@ import pytest
 
 from conserve_bench.sched.latency import ChunkShape, LatencyModel
 from conserve_bench.sched.policy import PolicyConfig, Targets
+from conserve_bench.sched.refit import RefitStatus
 from conserve_bench.vllm_plugin.overrides import SCHEDULER_CLS
 from conserve_bench.sched.steplog import step_shape
 
@@ -319,6 +320,33 @@ def test_live_steps_refit_the_model_that_plans(model_path, tmp_path):
     assert all("profile_predicted_s" in n for n in steps)
     assert any("refit_predicted_s" in n for n in steps) and "refit_predicted_s" not in steps[0]
     assert steps[-1]["predicted_s"] == steps[-1]["refit_predicted_s"]
+
+
+def test_a_warm_start_plans_from_the_first_step_and_the_state_keeps_the_margins(model_path, tmp_path):
+    """What a restarted server hands the scheduler (`refit.WarmStart`): it plans with the
+    stored refit and sizes offline work with the stored margins from its first step; each
+    refit it writes carries its margins, for the next one."""
+    from conserve_bench.sched.policy import TailFactors
+    from conserve_bench.sched.refit import RefitConfig, WarmStart
+    from conserve_bench.sched.steplog import read_step_log_with_notes
+
+    stored = LatencyModel(tuple(c * 1.5 for c in CPU_MODEL.coefficients))
+    warm = WarmStart(stored, TailFactors(mixed=1.4, offline=1.25))
+    scheduler = make_scheduler(model_path, BOUNDED, refit=RefitConfig(**REFIT).to_dict(),
+                               refit_state=str(tmp_path / "refit.json"),
+                               step_log=str(tmp_path / "steps.jsonl"), warm_start=warm.to_dict())
+    assert scheduler.live.model == stored and scheduler.tail.factors() == warm.tail
+    add(scheduler, "off-0", 300, priority=1, max_tokens=12)
+    run_step(scheduler)
+    (_, first), = read_step_log_with_notes(tmp_path / "steps.jsonl")
+    assert first["kind"] == "offline" and first["tail_factor"] == 1.25
+    assert first["predicted_s"] == pytest.approx(1.5 * first["profile_predicted_s"], rel=1e-3)
+    for i in range(1, 8):
+        add(scheduler, f"off-{i}", 300, priority=1, max_tokens=12, first_token=1000 * i)
+    for _ in range(40):
+        run_step(scheduler)
+    state = json.loads((tmp_path / "refit.json").read_text())
+    assert WarmStart.from_status(RefitStatus.from_dict(state)).tail == scheduler.tail.factors()
 
 
 def test_a_step_whose_request_was_aborted_is_never_fitted_on(model_path, tmp_path):

@@ -241,6 +241,7 @@ def _server(cfg: BenchSetting, policy: ServePolicy, phase_dir: Path, profiles: "
     with ServerProcess(args, phase_dir) as server:
         profiles.learn_from(db_url)
         yield server.url, phase_dir
+    profiles.keep_refit(db_url)
 
 
 def _logs_steps(policy: ServePolicy) -> bool:
@@ -260,7 +261,9 @@ def _logs_steps(policy: ServePolicy) -> bool:
 
 
 class ProfileCache:
-    """This machine's latency profile, copied into every phase's fresh store.
+    """This machine's latency profile, copied into every phase's fresh store, with the live
+    refit and tail margins the last `conserve` server stored (`keep_refit`): each fresh server
+    starts from them as a restarted one would (`serve.server.warm_start`).
 
     NOTE: without it each fresh server would profile itself again (about 90 s on 2 cores);
     the first one that does is remembered in `profile_db` for the next run.
@@ -285,11 +288,23 @@ class ProfileCache:
         return None if self.store is None else profile_for(self.store, self.key)
 
     def copy_to(self, db_url: str) -> None:
-        from conserve_bench.profiling.profiles import save_profile
+        from conserve_bench.profiling.profiles import refit_for, save_profile, save_refit
         from conserve_bench.store import Store
 
         if self.copies and (found := self.profile()) is not None:
-            save_profile(Store(db_url), found)
+            store = Store(db_url)
+            save_profile(store, found)
+            if (refit := refit_for(self.store, self.key)) is not None:
+                save_refit(store, self.key, refit[0])
+
+    def keep_refit(self, db_url: str) -> None:
+        """After a server on `db_url` stopped: keep the live refit it stored, if any."""
+        from conserve_bench.profiling.profiles import refit_for, save_refit
+        from conserve_bench.store import Store
+
+        if self.copies and self.store is not None:
+            if (refit := refit_for(Store(db_url), self.key)) is not None:
+                save_refit(self.store, self.key, refit[0])
 
     def learn_from(self, db_url: str) -> None:
         from conserve_bench.profiling.profiles import profile_for, save_profile

@@ -8,12 +8,15 @@ each executed step and plans with `LiveModel.model`.
     live = LiveModel(profile_model)
     live.observe(sample)          # after every step; refits every `RefitConfig.every` steps
     live.model, live.status       # the model that plans, and both models' live errors
+
+A restarted server starts from what the last one learned (`WarmStart`: the refit it planned
+with and its tail margins, stored with the profile) instead of from the idle profile.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from conserve_bench.sched.latency import FitError, LatencyModel, Sample, StepTable, evaluate, fit
@@ -57,25 +60,64 @@ class RefitStatus:
     refit: LatencyModel  # fitted on the whole window
     num_refits: int
     num_steps: int  # live steps seen so far
+    tail: TailFactors | None = None  # the tail margins when it ran (`TailMargin`), if kept
 
     def to_dict(self) -> dict[str, Any]:
         return {"profile_error": asdict(self.profile_error), "refit_error": asdict(self.refit_error),
                 "adopted": self.adopted, "refit": self.refit.to_dict(),
-                "num_refits": self.num_refits, "num_steps": self.num_steps}
+                "num_refits": self.num_refits, "num_steps": self.num_steps,
+                "tail": asdict(self.tail) if self.tail is not None else None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RefitStatus:
+        tail = data.get("tail")  # NOTE: absent from refits stored before margins were kept
         return cls(FitError(**data["profile_error"]), FitError(**data["refit_error"]),
                    bool(data["adopted"]), LatencyModel.from_dict(data["refit"]),
-                   int(data["num_refits"]), int(data["num_steps"]))
+                   int(data["num_refits"]), int(data["num_steps"]),
+                   TailFactors(**tail) if tail else None)
+
+    def with_tail(self, tail: TailFactors | None) -> RefitStatus:
+        return replace(self, tail=tail)
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """What a server learned live, for the next one on the same profile to plan with from its
+    first step: the refit it had adopted (None: it planned with the profile's model) and the
+    tail margins it had measured. Without it a restarted server plans on the idle profile,
+    which under serving load underprices steps by 15-40% on a 2-core host, until its first
+    refit (about 80 steps), and on the mean until each step kind's margin counts (8 steps).
+    It is never trusted further than that: the first live refit is judged against the
+    profile's model alone, and each kind's margin is its live one from its 8th step.
+
+        warm = WarmStart.from_status(stored_status)
+        LiveModel(profile_model, start=warm.model); TailMargin(0.9, prior=warm.tail)
+    """
+
+    model: LatencyModel | None = None
+    tail: TailFactors = TailFactors()
+
+    @classmethod
+    def from_status(cls, status: RefitStatus) -> WarmStart:
+        return cls(status.refit if status.adopted else None, status.tail or TailFactors())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict() if self.model is not None else None, "tail": asdict(self.tail)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WarmStart:
+        model = data.get("model")
+        return cls(LatencyModel.from_dict(model) if model else None, TailFactors(**data["tail"]))
 
 
 class LiveModel:
-    """The profile's latency model, refitted from live steps when that predicts them better."""
+    """The profile's latency model, refitted from live steps when that predicts them better.
+    `start`: the model to plan with until the first refit (a `WarmStart`'s; None: the profile's)."""
 
-    def __init__(self, profile: LatencyModel, cfg: RefitConfig = RefitConfig()):
+    def __init__(self, profile: LatencyModel, cfg: RefitConfig = RefitConfig(),
+                 start: LatencyModel | None = None):
         self.profile, self.cfg = profile, cfg
-        self.model = profile  # the one that plans
+        self.model = start if start is not None and cfg.adopt else profile  # the one that plans
         self.status: RefitStatus | None = None
         # NOTE: kept as feature rows, so that a refit is array work only (about a millisecond)
         self._window: deque[tuple[tuple[float, ...], float]] = deque(maxlen=cfg.window)
@@ -126,8 +168,9 @@ def _better(candidate: FitError, incumbent: FitError) -> bool:
 class TailMargin:
     """How much longer than predicted live steps run, per step kind, at `quantile`: the
     `quantile` of (measured / predicted) over each kind's last `window` steps, never below 1
-    (a kind with fewer than `min_samples` steps: 1). The scheduler plans offline work with it
-    (`policy.TailFactors`), so that a step's slow tail, not its mean, stays within the budget.
+    (a kind with fewer than `min_samples` steps: its `prior`, 1 unless a `WarmStart` gives
+    the last server's). The scheduler plans offline work with it (`policy.TailFactors`), so
+    that a step's slow tail, not its mean, stays within the budget.
 
         margin = TailMargin(0.9)
         margin.observe("mixed", predicted_s=0.050, step_s=0.061)   # after every usable step
@@ -140,14 +183,21 @@ class TailMargin:
     # a kind the model underprices (a small offline chunk beside online decodes, 1-3 tokens on
     # a CPU, ran 30-60% over in `serve`) stops being planned once it does; every step before
     # that is one an online request pays for. The quantile of 8 is their slowest: cautious.
-    def __init__(self, quantile: float, window: int = 256, min_samples: int = 8):
-        self.quantile, self.min_samples = quantile, min_samples
+    # NOTE: the engine's first steps never count, as for the refit (`RefitConfig.warmup_steps`):
+    # a server's first step ran 2.2-4.4x its prediction in every run logged (first calls,
+    # first allocations), and among a kind's first 8 steps it alone set the factor.
+    def __init__(self, quantile: float, window: int = 256, min_samples: int = 8,
+                 prior: TailFactors = TailFactors(), warmup_steps: int = RefitConfig.warmup_steps):
+        self.quantile, self.min_samples, self.prior = quantile, min_samples, prior
+        self.warmup_steps = warmup_steps
         self._ratios = {kind: deque(maxlen=window) for kind in self.KINDS}
-        self._factors = TailFactors()
+        self._factors = prior
         self._stale = False
+        self._num_steps = 0
 
     def observe(self, kind: str, predicted_s: float, step_s: float) -> None:
-        if kind in self._ratios and predicted_s > 0 and step_s > 0:
+        self._num_steps += 1
+        if self._num_steps > self.warmup_steps and kind in self._ratios and predicted_s > 0 and step_s > 0:
             self._ratios[kind].append(step_s / predicted_s)
             self._stale = True
 
@@ -160,5 +210,5 @@ class TailMargin:
     def _factor(self, kind: str) -> float:
         ratios = sorted(self._ratios[kind])
         if len(ratios) < self.min_samples:
-            return 1.0
+            return getattr(self.prior, kind)
         return max(1.0, ratios[min(len(ratios) - 1, int(self.quantile * len(ratios)))])

@@ -32,6 +32,7 @@ import logging
 import os
 import signal
 import tempfile
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -48,7 +49,7 @@ from conserve_bench.engine.models import resolve_model
 from conserve_bench.sched.policy import (DEFAULT_MARGIN, DEFAULT_TAIL_QUANTILE, PolicyConfig, Targets,
                                          check_tail_quantile, check_targets, default_offline_step_s, default_targets,
                                          derived_max_slowdown)
-from conserve_bench.sched.refit import RefitConfig
+from conserve_bench.sched.refit import RefitConfig, WarmStart
 from conserve_bench.serve.guard import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_UPLOAD_BYTES, GuardConfig
 from conserve_bench.serve.health import HealthCheck, Probe, StoreWatch, engine_probe
 from conserve_bench.vllm_plugin.arrivals import ArrivalSignal
@@ -84,6 +85,7 @@ class ServeConfig:
     # share of the reference prompt's prefill; with SLOs, QUANTUM_FRACTION of the TTFT target)
     max_slowdown: float | None = None  # bounded mode's share; None: derived from the profile
     refit: bool = True  # plan with the live refit when it predicts the live steps better
+    warm_start: bool = True  # start from the last server's live refit and tail margins (stored)
     tail_quantile: float = DEFAULT_TAIL_QUANTILE  # size offline work for this quantile of step time; 0: the mean
     layer_preemption: bool | None = None  # None: on under the conserve policy
     safepoint_every: int | None = None  # None: the device's (`policy.safepoint_every`)
@@ -277,7 +279,7 @@ def serve(cfg: ServeConfig) -> None:
             refit_state = os.path.join(workdir, "refit.json")
             checkpoint_state = os.path.join(workdir, "kv_checkpoint.json")
             engine_cfg = with_plugins(engine_cfg, cfg, profile, targets, arrivals, refit_state,
-                                      checkpoint_state)
+                                      checkpoint_state, warm_start(cfg, profile))
             if cfg.loads_connector:
                 log.warning("conserve: KV checkpoints in a host pool of %.2f GiB", cfg.checkpoint_gib)
             uvloop.run(_serve(cfg, engine_cfg, targets, profile, arrivals, refit_state, checkpoint_state))
@@ -287,10 +289,12 @@ def serve(cfg: ServeConfig) -> None:
 
 
 def with_plugins(engine_cfg: EngineConfig, cfg: ServeConfig, profile, targets: Targets,
-                 arrivals: ArrivalSignal | None, refit_state: str, checkpoint_state: str) -> EngineConfig:
+                 arrivals: ArrivalSignal | None, refit_state: str, checkpoint_state: str,
+                 warm: WarmStart | None = None) -> EngineConfig:
     """The engine config with what `cfg` loads into vLLM (`engine_overrides`): the step log;
-    under `conserve` the policy with the profile's model and the live refit (reported in
-    `refit_state`); the connector (`connector_config`). Unchanged when it loads nothing."""
+    under `conserve` the policy with the profile's model, started from `warm`, and the live
+    refit (reported in `refit_state`); the connector (`connector_config`). Unchanged when it
+    loads nothing."""
     conserve = cfg.policy == ServePolicy.CONSERVE
     connector = connector_config(cfg, arrivals, checkpoint_state)
     if not (cfg.step_log or conserve or connector):
@@ -302,7 +306,29 @@ def with_plugins(engine_cfg: EngineConfig, cfg: ServeConfig, profile, targets: T
         if conserve else None,
         refit=RefitConfig(adopt=cfg.refit) if conserve else None,
         refit_state=refit_state if conserve else None, connector=connector,
-        tensor_parallel_size=engine_cfg.tensor_parallel_size))
+        warm_start=warm if conserve else None, tensor_parallel_size=engine_cfg.tensor_parallel_size))
+
+
+def warm_start(cfg: ServeConfig, profile) -> WarmStart | None:
+    """What the last `conserve` server on this profile learned live (`refit.WarmStart`: its
+    adopted refit and tail margins, stored under the profile's key), or None: none stored,
+    another policy, or `--no-warm-start`. Logged in one line, with the refit's age."""
+    if cfg.policy != ServePolicy.CONSERVE or not cfg.warm_start or profile is None:
+        return None
+    from conserve_bench.profiling.profiles import refit_for
+    from conserve_bench.store import Store
+
+    found = refit_for(Store(cfg.db_url), profile.key)
+    if found is None:
+        return None
+    status, stored_at = found
+    warm = WarmStart.from_status(status)
+    log.warning("conserve: warm start from the live refit stored %.0f s ago after %d steps: plans with "
+                "%s, tail margins mixed %.2f, offline %.2f (--no-warm-start: the profile's, 1.0)",
+                max(0.0, time.time() - stored_at), status.num_steps,
+                "the refit" if warm.model is not None and cfg.refit else "the profile's model",
+                warm.tail.mixed, warm.tail.offline)
+    return warm
 
 
 def batches_apart(cfg: ServeConfig, engine_cfg: EngineConfig) -> bool:

@@ -24,7 +24,7 @@ from conserve_bench.errors import ConserveError
 
 if TYPE_CHECKING:
     from conserve_bench.sched.policy import PolicyConfig
-    from conserve_bench.sched.refit import RefitConfig
+    from conserve_bench.sched.refit import RefitConfig, WarmStart
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ CONFIG_KEY = "conserve"  # additional_config[CONFIG_KEY] and kv_connector_extra_
 # admitted it (`arrivals.ArrivalSignal`); the scheduler settles it once a step schedules it.
 ARRIVAL_KEY = "conserve_arrival"
 POLICY, STEP_LOG, REFIT, REFIT_STATE = "policy", "step_log", "refit", "refit_state"
-ENTRIES = (POLICY, STEP_LOG, REFIT, REFIT_STATE)
+WARM_START = "warm_start"
+ENTRIES = (POLICY, STEP_LOG, REFIT, REFIT_STATE, WARM_START)
 
 
 class LayerPreemptionError(ConserveError, ValueError):
@@ -93,11 +94,12 @@ def single_worker(tensor_parallel_size: int) -> bool:
 def engine_overrides(additional_config: dict[str, Any] | None = None, *,
                      policy: PolicyConfig | None = None, refit: RefitConfig | None = None,
                      refit_state: str | None = None, step_log: str | Path | None = None,
-                     connector: ConnectorConfig | None = None,
+                     connector: ConnectorConfig | None = None, warm_start: WarmStart | None = None,
                      tensor_parallel_size: int = 1) -> dict[str, Any]:
     """The `EngineConfig` fields that load the wing into vLLM: `ConserveScheduler` (planning
-    with `policy`, refitting live by `refit` into the file `refit_state`, logging each step to
-    `step_log`; with none of them it schedules as vLLM does), and with a `connector`,
+    with `policy`, from `warm_start` when the last server left one, refitting live by `refit`
+    into the file `refit_state`, logging each step to `step_log`; with none of them it
+    schedules as vLLM does), and with a `connector`,
     `ConserveConnector` with the worker and the synchronous scheduling it needs (not under
     `tensor_parallel_size` > 1: `single_worker`). Entries are added to the plug-in config of
     `additional_config`; its other keys are kept. Example:
@@ -105,7 +107,8 @@ def engine_overrides(additional_config: dict[str, Any] | None = None, *,
         EngineConfig(model_path=..., model_name=..., **engine_overrides(step_log="steps.jsonl"))
     """
     entries = {POLICY: policy.to_dict() if policy else None, REFIT: refit.to_dict() if refit else None,
-               REFIT_STATE: refit_state, STEP_LOG: str(step_log) if step_log else None}
+               REFIT_STATE: refit_state, STEP_LOG: str(step_log) if step_log else None,
+               WARM_START: warm_start.to_dict() if warm_start else None}
     additional = dict(additional_config or {})
     additional[CONFIG_KEY] = {**conserve_config(additional),
                               **{k: v for k, v in entries.items() if v is not None}}

@@ -26,10 +26,10 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from conserve_bench.sched.arrivals import ArrivalRate
 from conserve_bench.sched.policy import (Pending, PolicyConfig, StepPlan, TailFactors, Targets,
                                          offline_to_preempt, plan_step)
-from conserve_bench.sched.refit import LiveModel, RefitConfig, RefitStatus, TailMargin
+from conserve_bench.sched.refit import LiveModel, RefitConfig, RefitStatus, TailMargin, WarmStart
 from conserve_bench.sched.steplog import ScheduledRequest
 from conserve_bench.vllm_plugin.connector import ConserveConnector
-from conserve_bench.vllm_plugin.overrides import (POLICY, REFIT, REFIT_STATE, conserve_config,
+from conserve_bench.vllm_plugin.overrides import (POLICY, REFIT, REFIT_STATE, WARM_START, conserve_config,
                                                   is_online, step_log_path, wants_prompt_logprobs,
                                                   write_state)
 from conserve_bench.vllm_plugin.preemption import LayerPreemption
@@ -75,9 +75,12 @@ class ConserveScheduler(Scheduler):
         if self.conserve_policy is not None and self.policy != SchedulingPolicy.PRIORITY:
             raise ValueError("the ConServe policy needs vLLM's scheduling_policy='priority'")
         self.last_plan: StepPlan | None = None
-        self.live = (LiveModel(self.conserve_policy.model, RefitConfig.from_dict(conserve[REFIT]))
+        warm = WarmStart.from_dict(conserve[WARM_START]) if WARM_START in conserve else WarmStart()
+        refit = RefitConfig.from_dict(conserve[REFIT]) if REFIT in conserve else RefitConfig()
+        self.live = (LiveModel(self.conserve_policy.model, refit, warm.model)
                      if self.conserve_policy is not None and REFIT in conserve else None)
-        self.tail = (TailMargin(self.conserve_policy.tail_quantile)
+        self.tail = (TailMargin(self.conserve_policy.tail_quantile, prior=warm.tail,
+                                warmup_steps=refit.warmup_steps)
                      if self.conserve_policy is not None and self.conserve_policy.tail_quantile else None)
         self._planned: deque[tuple[SchedulerOutput, str]] = deque(maxlen=4)  # (step, its plan's kind)
         self._refit_state = conserve.get(REFIT_STATE)
@@ -176,6 +179,8 @@ class ConserveScheduler(Scheduler):
         started = time.perf_counter()
         status = self.live.observe(sample, usable)
         if status is not None and self._refit_state:
+            # NOTE: with the margins, so that the next server starts from both (`WarmStart`)
+            status = status.with_tail(self.tail.factors() if self.tail else None)
             write_refit_state(self._refit_state, status, time.perf_counter() - started)
 
     def _abandoned(self, scheduler_output: SchedulerOutput, model_runner_output: Any,
