@@ -326,9 +326,10 @@ def bench(result: dict, config: dict) -> str:
     those its data allows (`bench.tables`' rows)."""
     from conserve_bench.bench import tables as t
 
-    report = {"policies": result["policies"]}
+    report = {"policies": result["policies"], "pooled": result.get("pooled")}  # NOTE: `--rounds` >= 2 only
     parts = [md_table(t.TABLE_COLUMNS, t.table_rows(report))]
     for columns, rows in ((t.GOAL_COLUMNS, t.goal_rows), (t.TAIL_COLUMNS, t.tail_rows),
+                          (t.POOLED_COLUMNS, t.pooled_rows),
                           (t.STEP_COLUMNS, t.step_rows), (t.PREEMPTION_COLUMNS, t.preemption_rows)):
         if found := rows(report):
             parts.append(md_table(columns, found))

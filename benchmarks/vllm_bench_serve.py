@@ -134,12 +134,15 @@ def parse_api_stalls(metrics_text: str) -> dict[str, float]:
 
 
 def labelled(policies: str) -> list[tuple[str, ServePolicy]]:
-    """(label, policy) in run order; a policy's second run is labelled `<policy>#2`, and so on."""
+    """(label, policy) in run order; a policy's second run is labelled `<policy>#2`, and so on
+    (`bench --rounds`'s labels: `PolicyRun.in_round`)."""
+    from conserve_bench.bench.setting import PolicyRun
+
     runs: list[tuple[str, ServePolicy]] = []
     for name in policies.split(","):
         policy = ServePolicy(name)
         num = 1 + sum(1 for _, p in runs if p == policy)
-        runs.append((policy.value if num == 1 else f"{policy.value}#{num}", policy))
+        runs.append((PolicyRun(policy.value, policy).in_round(num).label, policy))
     return runs
 
 
@@ -217,15 +220,16 @@ def with_ratios(runs: dict[str, tuple[dict, list]]) -> dict[str, dict]:
     return rows
 
 
-def pooled(runs: dict[str, tuple[dict, list]]) -> dict[str, dict]:
-    """Per policy run more than once, all its runs' requests against all of online-only's:
-    the P99 ratios with their bootstrap intervals. Empty when no policy ran twice."""
+def pooled(runs: dict[str, tuple[dict, list]], policy_of: dict[str, ServePolicy]) -> dict[str, dict]:
+    """Per policy run more than once (`policy_of`: each run label's, from `labelled`), all its
+    runs' requests against all of online-only's: the P99 ratios with their bootstrap
+    intervals. Empty when no policy ran twice."""
     from conserve_bench.bench.summary import tail_intervals
 
     by_policy: dict[str, list] = {}
     counts: dict[str, int] = {}
     for label, (_, records) in runs.items():
-        policy = label.split("#")[0]
+        policy = policy_of[label].value
         by_policy.setdefault(policy, []).extend(records)
         counts[policy] = counts.get(policy, 0) + 1
     base = by_policy.get(ServePolicy.ONLINE_ONLY.value)
@@ -306,8 +310,9 @@ def main() -> None:
     # the profile the servers load is the one whose figures the record gives
     host = host_profile(args.db, measure=not args.no_profile)
     profiles = ProfileCache(args.db, args.model)
-    runs = {label: run_policy(args, policy, out, profiles, label) for label, policy in labelled(args.policies)}
-    rows, pools = with_ratios(runs), pooled(runs)
+    labels = labelled(args.policies)
+    runs = {label: run_policy(args, policy, out, profiles, label) for label, policy in labels}
+    rows, pools = with_ratios(runs), pooled(runs, dict(labels))
     report = {"config": vars(args), "policies": rows, "pooled": pools}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(rows, args, pools))

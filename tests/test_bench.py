@@ -70,6 +70,33 @@ def test_tail_ratios_come_with_a_bootstrap_interval_that_covers_them():
     assert "tail_intervals" not in report["policies"]["online-only"]
 
 
+def test_rounds_are_pooled_per_entry_against_online_onlys_rounds():
+    """`--rounds 2`: each entry's requests over both rounds against online-only's over both;
+    attainment and harvest averaged over rounds. One round pools nothing."""
+    from dataclasses import replace
+
+    rng = __import__("random").Random(5)
+
+    def records(scale, num=60):
+        return [_record(i, scale * rng.uniform(0.05, 0.09), [scale * rng.uniform(0.02, 0.04)] * 6) for i in range(num)]
+
+    offline_only = _phase("offline-only", [], 200.0, 4.0)
+    phases = [_phase("online-only", records(1.0), 0.0, 0.0), _phase("conserve", records(1.5), 100.0, 2.0),
+              replace(_phase("online-only#2", records(1.0), 0.0, 0.0), entry="online-only"),
+              replace(_phase("conserve#2", records(1.5), 60.0, 1.0), entry="conserve")]
+    report = build_report(CONFIG, offline_only, phases)
+    pooled = report["pooled"]["conserve"]
+    assert (pooled["rounds"], pooled["requests"]) == (2, 120)
+    assert pooled["offline_tokens_per_s"] == pytest.approx(80.0)
+    both = report["policies"]["conserve"]["slo_attainment"], report["policies"]["conserve#2"]["slo_attainment"]
+    assert pooled["slo_attainment"] == pytest.approx(sum(both) / 2)
+    tbt = pooled["tail_intervals"]["tbt_ms.p99"]
+    assert tbt["ratio"] == pytest.approx(1.5, rel=0.1) and tbt["low"] < tbt["ratio"] < tbt["high"]
+    assert report["pooled"]["online-only"]["tail_intervals"] is None
+    assert "| conserve | 2 | 120 |" in render_markdown(report)
+    assert "pooled" not in build_report(CONFIG, offline_only, phases[:2])
+
+
 def test_report_counts_slo_and_offline_rates():
     offline_only, phases = _phases()
     report = build_report(CONFIG, offline_only, phases)
@@ -369,11 +396,13 @@ def test_vllm_bench_serve_pools_the_runs_of_a_policy_given_more_than_once():
         return {**{m: 1.0 for m in script.METRICS}, "offline_items_per_s": 0.0}, script.online_records(result)
 
     once = {"online-only": run(0.04), "conserve": run(0.05)}
-    assert script.pooled(once) == {}  # nothing ran twice: the per-run rows say it all
+    assert script.pooled(once, dict(script.labelled("online-only,conserve"))) == {}  # the per-run rows say it all
     # A slow spell in the second online-only run and the first conserve run: pooled, it weighs
     # on both sides; the P99 of either pool is its slow run's gap.
-    runs = {"online-only": run(0.04), "conserve": run(0.10), "online-only#2": run(0.08), "conserve#2": run(0.05)}
-    pools = script.pooled(runs)
+    labels = script.labelled("online-only,conserve,online-only,conserve")
+    assert [label for label, _ in labels] == ["online-only", "conserve", "online-only#2", "conserve#2"]
+    runs = dict(zip((label for label, _ in labels), (run(0.04), run(0.10), run(0.08), run(0.05))))
+    pools = script.pooled(runs, dict(labels))
     assert list(pools) == ["conserve"] and (pools["conserve"]["runs"], pools["conserve"]["requests"]) == (2, 40)
     assert pools["conserve"]["tail_intervals"]["tbt_ms.p99"]["ratio"] == pytest.approx(0.10 / 0.08)
     args = types.SimpleNamespace(input_len=256, output_len=10, request_rate=0.25, num_prompts=20,

@@ -24,6 +24,19 @@ def test_a_policy_entry_may_carry_its_own_serve_flags():
     assert [r.label for r in cfg.policy_runs] == ["conserve", "conserve:--layer-preemption=off"]
 
 
+def test_rounds_alternate_the_entries_and_label_the_later_ones():
+    cfg = BenchSetting(trace="t.csv", policies=("online-only", "conserve:--layer-preemption=off"), rounds=2)
+    runs = cfg.policy_runs
+    assert [r.label for r in runs] == ["online-only", "conserve:--layer-preemption=off",
+                                       "online-only#2", "conserve:--layer-preemption=off#2"]
+    assert [r.entry for r in runs] == ["online-only", "conserve:--layer-preemption=off"] * 2
+    assert runs[3].serve_args == ("--layer-preemption=off",) and len({r.folder for r in runs}) == 4
+    for bad, message in ((dict(rounds=0), "--rounds must be >= 1"),
+                         (dict(rounds=2, server="http://x", policies=("conserve",)), "not with --server")):
+        with pytest.raises(BenchSettingError, match=message):
+            BenchSetting(trace="t.csv", **bad)
+
+
 @pytest.mark.parametrize("policies, message", [
     (("fastest",), "unknown policy 'fastest'"),
     (("conserve:layer-preemption=off",), "after ':' come `serve` flags"),

@@ -345,6 +345,8 @@ def test_a_warm_start_plans_from_the_first_step_and_the_state_keeps_the_margins(
         add(scheduler, f"off-{i}", 300, priority=1, max_tokens=12, first_token=1000 * i)
     for _ in range(40):
         run_step(scheduler)
+        if (tmp_path / "refit.json").exists():  # NOTE: the margins move on after a refit: compare at once
+            break
     state = json.loads((tmp_path / "refit.json").read_text())
     assert WarmStart.from_status(RefitStatus.from_dict(state)).tail == scheduler.tail.factors()
 

@@ -51,7 +51,7 @@ def run_bench(cfg: BenchSetting, on_progress: ProgressFn = lambda d, c, t: None,
     started = now or datetime.now()
     out = Path(cfg.output_dir) / f"bench-{started:%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=False)
-    steps = _Steps(on_progress, 1 + len(cfg.policies))
+    steps = _Steps(on_progress, 1 + len(cfg.policy_runs))
     profiles = ProfileCache(cfg.profile_db, cfg.model, copies=not cfg.server)
     capacity, rate, offline_only = _baseline_phase(cfg, base, out, steps, profiles)
     slos = bench_slos(cfg, profiles.profile())  # NOTE: after the baseline, which may profile
@@ -148,7 +148,7 @@ def _policy_phase(cfg: BenchSetting, run: PolicyRun, requests, out: Path, steps:
     with _server(cfg, run.policy, out / run.folder, profiles, run.serve_args) as (url, phase_dir):
         timer.lap("server_start_s")
         phase = _measure(cfg, run.label, run.policy, url, phase_dir, requests, steps, timer)
-    return timer.finish(_with_steps(phase, phase_dir))
+    return timer.finish(_with_steps(replace(phase, entry=run.entry), phase_dir))
 
 
 def _with_steps(phase: PhaseResult, phase_dir: Path) -> PhaseResult:

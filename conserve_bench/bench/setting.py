@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from conserve_bench.config import DEFAULT_MODEL, ServePolicy
 from conserve_bench.errors import ConserveError
@@ -26,6 +26,15 @@ class PolicyRun:
     label: str
     policy: ServePolicy
     serve_args: tuple[str, ...] = ()
+    entry: str = ""  # the entry as written: the label, less `#N` in round N > 1 (`--rounds`)
+
+    def __post_init__(self):
+        if not self.entry:
+            object.__setattr__(self, "entry", self.label)
+
+    def in_round(self, num: int) -> PolicyRun:
+        """This entry's run in round `num` (from 1) of `--rounds`: labelled `<entry>#<num>` after the first."""
+        return replace(self, label=self.entry if num == 1 else f"{self.entry}#{num}")
 
     @classmethod
     def parse(cls, entry: str) -> PolicyRun:
@@ -83,6 +92,7 @@ class BenchSetting:
     profile_db: str | None = None  # where this machine's latency profile is kept between runs
     serve_args: tuple[str, ...] = ()  # passed through to every `serve`
     kv_checkpoint_gib: float | None = None  # given to every conserve `serve`; None: its default
+    rounds: int = 1  # the policies run this many times, alternated, and are pooled over rounds
 
     def __post_init__(self):
         if not self.policies:
@@ -98,6 +108,10 @@ class BenchSetting:
             raise BenchSettingError("give exactly one of --rate and --load")
         if self.trace is None and self.arrivals == "trace":
             raise BenchSettingError("--trace is required unless --arrivals gamma")
+        if not (isinstance(self.rounds, int) and self.rounds >= 1):
+            raise BenchSettingError(f"--rounds must be >= 1, got {self.rounds!r}")
+        if self.server and self.rounds > 1:
+            raise BenchSettingError("--rounds alternates fresh servers: not with --server")
         if self.server and len(self.policies) != 1:
             raise BenchSettingError("with --server, --policies names the one policy that server runs")
         if min(self.rate or 1, self.load or 1, self.duration_s, self.token_scale, self.cv) <= 0:
@@ -105,4 +119,7 @@ class BenchSetting:
 
     @property
     def policy_runs(self) -> tuple[PolicyRun, ...]:
-        return tuple(PolicyRun.parse(entry) for entry in self.policies)
+        """Every phase after the baseline, in run order: each entry once per round, the rounds
+        one after another (online-only, conserve, online-only#2, conserve#2, ...)."""
+        entries = [PolicyRun.parse(entry) for entry in self.policies]
+        return tuple(run.in_round(num) for num in range(1, self.rounds + 1) for run in entries)

@@ -118,13 +118,14 @@ class StepRecord:
 
 @dataclass(frozen=True)
 class PhaseResult:
-    policy: str
+    policy: str  # the phase's label (`setting.PolicyRun.label`)
     window_s: float  # the offline throughput window: [0, window_s]
     records: tuple[OnlineRecord, ...] = ()
     samples: tuple[CounterSample, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
     steps: tuple[StepRecord, ...] = ()
     started_at: float | None = None  # t=0 as Unix time, to place the server's steps
+    entry: str | None = None  # its `--policies` entry, one per round (None: the label)
 
 
 def percentiles(values, pcts=PERCENTILES) -> dict[str, float | None]:
@@ -408,8 +409,52 @@ def build_report(config: dict[str, Any], offline_only: PhaseResult,
                      policies.get(ONLINE_ONLY))
     for summary in policies.values():
         summary["goal"] = goal_of(summary, policies.get(ONLINE_ONLY), slack)
-    return {"config": config, "offline_only": offline, "slack": slack, "policies": policies,
-            "goal": GOAL}
+    report = {"config": config, "offline_only": offline, "slack": slack, "policies": policies, "goal": GOAL}
+    if pooled := pool_rounds(phases, policies, offline["offline_tokens_per_s"] if offline["measured"] else None):
+        report["pooled"] = pooled
+    return report
+
+
+def pool_rounds(phases: list[PhaseResult], policies: dict[str, dict[str, Any]],
+                offline_only_tokens_per_s: float | None) -> dict[str, dict[str, Any]]:
+    """Per `--policies` entry, its rounds (`--rounds`) against online-only's rounds: the online
+    requests of every round pooled (P99 ratios with a bootstrap interval), SLO attainment and
+    offline tokens/s averaged over rounds (each round replays the same requests), the slack
+    averaged over online-only's rounds. Empty with one round.
+
+    NOTE: the rounds alternate, so the host's drift between phases minutes apart (on 2-core
+    hosts here as large as the effects measured) falls on every policy alike."""
+    rounds: dict[str, list[str]] = {}
+    for phase in phases:
+        rounds.setdefault(phase.entry or phase.policy, []).append(phase.policy)
+    base = rounds.get(ONLINE_ONLY)
+    if base is None or len(base) < 2:
+        return {}
+    records = {p.policy: p.records for p in phases}
+    base_records = [r for label in base for r in records[label]]
+    base_attainment = _mean(policies[label]["slo_attainment"] for label in base)
+    slacks = [slack_of(offline_only_tokens_per_s, policies[label]) for label in base]
+    slack = _mean(s and s["tokens_per_s"] for s in slacks)
+    pooled = {}
+    for entry, labels in rounds.items():
+        attainment = _mean(policies[label]["slo_attainment"] for label in labels)
+        offline = _mean(policies[label]["offline_tokens_per_s"] for label in labels)
+        pooled[entry] = {
+            "rounds": len(labels), "requests": sum(len(records[label]) for label in labels),
+            "tail_intervals": (None if entry == ONLINE_ONLY else
+                               tail_intervals([r for label in labels for r in records[label]], base_records)),
+            "slo_attainment": attainment, "online_only_slo_attainment": base_attainment,
+            "slo_attainment_difference": (None if attainment is None or base_attainment is None
+                                          else attainment - base_attainment),
+            "offline_tokens_per_s": offline, "slack_tokens_per_s": slack,
+            "harvest_pct_of_slack": _ratio(offline, slack, 100.0)}
+    return pooled
+
+
+def _mean(values) -> float | None:
+    """The mean of `values`, or None if any is None (or there are none)."""
+    values = list(values)
+    return None if not values or any(v is None for v in values) else sum(values) / len(values)
 
 
 def slack_of(offline_only_tokens_per_s: float | None,

@@ -46,6 +46,25 @@ def tail_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+POOLED_COLUMNS = ("policy", "rounds", "requests", "SLO %", "online-only SLO %", "difference (points)",
+                  "offline tok/s", "slack tok/s", "% of slack", "P99 TTFT x online-only [95% CI]",
+                  "P99 TBT x online-only [95% CI]", "P99 TPOT x online-only [95% CI]")
+
+
+def pooled_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Per `--policies` entry over its rounds (`summary.pool_rounds`; none with one round)."""
+    rows = []
+    for entry, p in (report.get("pooled") or {}).items():
+        tails = p["tail_intervals"] or {}
+        rows.append((entry, str(p["rounds"]), str(p["requests"]), _num(p["slo_attainment"], 100, 1),
+                     _num(p["online_only_slo_attainment"], 100, 1), _num(p["slo_attainment_difference"], 100, 1),
+                     _num(p["offline_tokens_per_s"], 1, 1), _num(p["slack_tokens_per_s"], 1, 1),
+                     _num(p["harvest_pct_of_slack"], 1, 1),
+                     *(interval_text(tails[name]) if name in tails else "-"
+                       for name in ("ttft_ms.p99", "tbt_ms.p99", "tpot_ms.p99"))))
+    return rows
+
+
 def interval_text(r: dict[str, Any]) -> str:
     """A ratio with its bootstrap interval (`summary.tail_intervals`): `1.20x [1.10, 1.33]`."""
     if r["ratio"] is None:
@@ -155,6 +174,11 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "(requests resampled): a 1.05x target is met where the interval's top is "
                   "below it, missed where its bottom is above it.", ""]
         lines += _md_table(TAIL_COLUMNS, rows)
+    if rows := pooled_rows(report):
+        lines += ["", "Each entry over its rounds (alternated, so the host's drift between phases falls on "
+                  "every policy alike): online requests pooled against online-only's, attainment and "
+                  "offline tokens/s averaged over rounds.", ""]
+        lines += _md_table(POOLED_COLUMNS, rows)
     if rows := step_rows(report):
         lines += ["", "Engine steps in the window (server step logs; a step counts by its share "
                   "inside the window):", ""]

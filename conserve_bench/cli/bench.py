@@ -44,6 +44,7 @@ def bench(
     api_key: ApiKeyOpt = None,
     seed: Annotated[int, typer.Option(help="Seeds prompts and Gamma arrivals.")] = 0,
     output: Annotated[str, typer.Option("--output", help="Parent of bench-<timestamp>/.")] = "results",
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Run the policies this many times, alternated (online-only, conserve, online-only#2, ...), and pool each over its rounds: the host's drift between phases then falls on every policy alike.")] = 1,
     kv_checkpoint_gib: Annotated[Optional[float], typer.Option("--kv-checkpoint-gib", min=0, help="Given to every conserve `serve` (a POLICY:FLAGS entry's own wins).", show_default="serve's")] = None,
     serve_arg: Annotated[Optional[list[str]], typer.Option("--serve-arg", help="Extra `serve` flag, repeatable: --serve-arg=--quantum-ms=50")] = None,
     db: Annotated[Optional[str], typer.Option("--db", envvar="CONSERVE_BENCH_DB", show_default=DEFAULT_DB_URL, help="Where the machine's latency profile is kept; each phase gets its own fresh store.")] = None,
@@ -56,8 +57,9 @@ def bench(
     from conserve_bench.bench.setting import BenchSetting
     from conserve_bench.bench.phases import run_bench
     from conserve_bench.bench.tables import (GOAL_COLUMNS, KV_RESUME_COLUMNS, PREEMPTION_COLUMNS,
-                                             STEP_COLUMNS, TABLE_COLUMNS, goal_rows, kv_resume_rows,
-                                             preemption_rows, step_rows, table_rows)
+                                             POOLED_COLUMNS, STEP_COLUMNS, TABLE_COLUMNS, goal_rows,
+                                             kv_resume_rows, pooled_rows, preemption_rows, step_rows,
+                                             table_rows)
 
     data_dir = data_dir or default_data_dir()
     output_folder(output)
@@ -74,7 +76,7 @@ def bench(
         ttft_slo_ms=ttft_slo_ms, tbt_slo_ms=tbt_slo_ms, max_offline_inflight=max_offline_inflight,
         model=model, server=server, api_key=api_key, seed=seed, output_dir=output,
         serve_args=tuple(serve_arg or ()), profile_db=db or default_db_url(),
-        kv_checkpoint_gib=kv_checkpoint_gib)
+        kv_checkpoint_gib=kv_checkpoint_gib, rounds=rounds)
     with out.progress(disable=as_json) as progress:
         task = progress.add_task("starting", total=None)
         folder, report = run_bench(cfg, lambda d, done, total: progress.update(
@@ -84,11 +86,14 @@ def bench(
         return
     for columns, rows, title in ((TABLE_COLUMNS, table_rows(report), report["config"]["workload"]),
                                  (GOAL_COLUMNS, goal_rows(report), report["goal"]),
+                                 (POOLED_COLUMNS, pooled_rows(report), "each entry over its rounds"),
                                  (STEP_COLUMNS, step_rows(report), "engine steps in the window"),
                                  (PREEMPTION_COLUMNS, preemption_rows(report),
                                   "layer-wise preemption and the server-side online queue"),
                                  (KV_RESUME_COLUMNS, kv_resume_rows(report),
                                   "offline requests preempted for KV blocks, resumed")):
+        if columns is POOLED_COLUMNS and not rows:
+            continue  # NOTE: one round: nothing pooled
         table = Table(*columns, title=title)
         for row in rows:
             table.add_row(*row)
