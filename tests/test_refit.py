@@ -173,7 +173,7 @@ def test_the_next_server_starts_from_the_refit_and_margins_the_last_one_stored(t
     live = LiveModel(PROFILE, CFG)
     status = feed(live, steps(LatencyModel(tuple(1.5 * c for c in PROFILE.coefficients)), 110))[-1]
     margins = TailFactors(online=1.05, mixed=1.5, offline=1.2)
-    write_refit_state(str(tmp_path / "refit.json"), status.with_tail(margins), refit_s=0.001)
+    write_refit_state(str(tmp_path / "refit.json"), replace(status, tail=margins), refit_s=0.001)
     RefitWatcher(str(tmp_path / "refit.json"), store, profile.key).poll()
     assert status.adopted and warm_start(cfg, profile) == WarmStart(status.refit, margins)
     assert warm_start(replace(cfg, warm_start=False), profile) is None
@@ -184,7 +184,7 @@ def test_the_next_server_starts_from_the_refit_and_margins_the_last_one_stored(t
     cache.keep_refit(db_url)  # a phase's server stopped: its refit is kept
     fresh = f"sqlite:///{tmp_path / 'phase.db'}"
     cache.copy_to(fresh)  # the next phase's fresh store
-    assert refit_for(Store(fresh), profile.key)[0] == status.with_tail(margins)
+    assert refit_for(Store(fresh), profile.key)[0] == replace(status, tail=margins)
 
 
 def test_the_api_processs_loop_stalls_and_collector_pauses_are_in_the_metrics():
@@ -316,7 +316,7 @@ def test_a_warm_start_takes_the_refit_only_if_it_was_adopted_and_keeps_the_margi
     refit = LatencyModel(tuple(c * 1.2 for c in PROFILE.coefficients))
     margins = TailFactors(online=1.1, mixed=1.6, offline=1.2)
     status = RefitStatus(FitError(0.3, 0.4, 0.6, 50), FitError(0.05, 0.1, 0.2, 50), True, refit, 3, 400)
-    kept = RefitStatus.from_dict(json.loads(json.dumps(status.with_tail(margins).to_dict())))
+    kept = RefitStatus.from_dict(json.loads(json.dumps(replace(status, tail=margins).to_dict())))
     assert kept.tail == margins
     assert WarmStart.from_status(kept) == WarmStart(refit, margins)
     assert WarmStart.from_status(replace(kept, adopted=False)) == WarmStart(None, margins)

@@ -288,23 +288,26 @@ class ProfileCache:
         return None if self.store is None else profile_for(self.store, self.key)
 
     def copy_to(self, db_url: str) -> None:
-        from conserve_bench.profiling.profiles import refit_for, save_profile, save_refit
+        from conserve_bench.profiling.profiles import save_profile
         from conserve_bench.store import Store
 
         if self.copies and (found := self.profile()) is not None:
             store = Store(db_url)
-            save_profile(store, found)
-            if (refit := refit_for(self.store, self.key)) is not None:
-                save_refit(store, self.key, refit[0])
+            save_profile(store, found)  # NOTE: first: a new profile drops its key's refit
+            self._copy_refit(self.store, store)
 
     def keep_refit(self, db_url: str) -> None:
         """After a server on `db_url` stopped: keep the live refit it stored, if any."""
-        from conserve_bench.profiling.profiles import refit_for, save_refit
         from conserve_bench.store import Store
 
         if self.copies and self.store is not None:
-            if (refit := refit_for(Store(db_url), self.key)) is not None:
-                save_refit(self.store, self.key, refit[0])
+            self._copy_refit(Store(db_url), self.store)
+
+    def _copy_refit(self, source, target) -> None:
+        from conserve_bench.profiling.profiles import refit_for, save_refit
+
+        if (found := refit_for(source, self.key)) is not None:
+            save_refit(target, self.key, found[0])
 
     def learn_from(self, db_url: str) -> None:
         from conserve_bench.profiling.profiles import profile_for, save_profile

@@ -16,7 +16,7 @@ with and its tail margins, stored with the profile) instead of from the idle pro
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from conserve_bench.sched.latency import FitError, LatencyModel, Sample, StepTable, evaluate, fit
@@ -75,9 +75,6 @@ class RefitStatus:
                    bool(data["adopted"]), LatencyModel.from_dict(data["refit"]),
                    int(data["num_refits"]), int(data["num_steps"]),
                    TailFactors(**tail) if tail else None)
-
-    def with_tail(self, tail: TailFactors | None) -> RefitStatus:
-        return replace(self, tail=tail)
 
 
 @dataclass(frozen=True)

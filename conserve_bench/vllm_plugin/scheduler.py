@@ -180,7 +180,7 @@ class ConserveScheduler(Scheduler):
         status = self.live.observe(sample, usable)
         if status is not None and self._refit_state:
             # NOTE: with the margins, so that the next server starts from both (`WarmStart`)
-            status = status.with_tail(self.tail.factors() if self.tail else None)
+            status = replace(status, tail=self.tail.factors() if self.tail else None)
             write_refit_state(self._refit_state, status, time.perf_counter() - started)
 
     def _abandoned(self, scheduler_output: SchedulerOutput, model_runner_output: Any,
