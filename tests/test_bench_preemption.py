@@ -63,6 +63,9 @@ def test_step_log_notes_become_step_records():
                                 shape=sample.shape)
     plain = StepRecord.from_log(sample, {"end_at": 101.0, "online_queue_ms": [4.0, 6.0]}, 100.0)
     assert not plain.aborted and plain.online_queue_ms == (4.0, 6.0)
+    ran_out = StepRecord.from_log(sample, {"end_at": 102.0, "run_out_layer": 27, "num_layers": 30,
+                                           "arrival_to_end_ms": 12.5, "arrival_ns": 78}, 100.0)
+    assert (ran_out.aborted, ran_out.run_out_layer, ran_out.arrival_to_end_ms) == (False, 27, 12.5)
 
 
 STEPS = (
@@ -75,6 +78,8 @@ STEPS = (
     StepRecord(2.05, 0.01, 128, 128, aborted=True, abort_layer=4, arrival_to_abort_ms=30.0,
                arrival_ns=2, layer_group_ms=10.0),  # cut again: its request not yet scheduled
     StepRecord(2.5, 0.3, 40, 20, online_queue_ms=(1.0, 50.0)),
+    StepRecord(3.0, 0.4, 200, 200, run_out_layer=24, arrival_to_end_ms=15.0,
+               arrival_ns=4),  # an arrival came at layer 24: it ran out, its tokens kept
     StepRecord(9.0, 0.1, 64, 64, aborted=True, abort_layer=8, arrival_to_abort_ms=1.0,
                arrival_ns=3),  # outside the window
 )
@@ -89,9 +94,10 @@ def test_preemptions_in_the_window_and_their_discarded_tokens():
     assert summary["layer_group_ms"]["p50"] == pytest.approx(11.0)
     assert summary["abort_layer"] == {"p50": 4.0, "min": 4, "max": 12}
     assert summary["offline_tokens_discarded"] == 256 + 128 + 128
+    assert summary["num_run_out"] == 1 and summary["arrival_to_end_ms"] == {"p50": 15.0, "p99": 15.0}
     # a discarded step's tokens are not offline work the engine computed
     computed = summarize_steps(STEPS, window_s=4.0)["offline_computed_tokens_per_s"]
-    assert computed == pytest.approx((256 + 0 + 20) / 4.0)
+    assert computed == pytest.approx((256 + 0 + 20 + 200) / 4.0)
     assert summarize_preemptions((), 4.0) is None
 
 
@@ -110,6 +116,6 @@ def test_report_and_markdown_carry_preemptions_per_policy():
     assert policies["conserve:--layer-preemption=off"]["preemptions"]["num_preemptions"] == 0
     assert policies["priority"]["preemptions"] is None and policies["priority"]["online_queue_ms"] is None
     rows = preemption_rows(report)
-    assert rows[0] == ("conserve", "3", "6.0/9.9", "11.0/12.0", "4 (4-12)", "512", "3.0/49.1")
-    assert rows[1][:2] == ("conserve:--layer-preemption=off", "0") and rows[1][-1] == "-/-"
+    assert rows[0] == ("conserve", "3", "6.0/9.9", "11.0/12.0", "4 (4-12)", "512", "1 (15.0/15.0)", "3.0/49.1")
+    assert rows[1][:2] == ("conserve:--layer-preemption=off", "0") and rows[1][-2:] == ("0", "-/-")
     assert "| conserve | 3 | 6.0/9.9 |" in render_markdown(report)

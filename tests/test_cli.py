@@ -122,7 +122,7 @@ def test_resume_of_an_lm_eval_runs_job_says_why_before_any_engine_starts(tmp_pat
     (["serve", "--slo-margin", "1.5"], ["SLO margin", "1.5"]),
     (["serve", "--max-slowdown", "0.3", "--tbt-slo-ms", "100"], ["--max-slowdown", "SLO"]),
     (["serve", "--layer-preemption", "maybe"], ["--layer-preemption", "on or off"]),
-    (["serve", "--quantum-ms", "50"], ["--quantum-ms", "--layer-preemption off"]),
+    (["serve", "--layer-preemption", "off", "--quantum-ms", "0"], ["preemption quantum", "> 0"]),
     (["serve", "--policy", "priority", "--layer-preemption", "on"], ["--policy conserve"]),
     (["serve", "--lease-s", "10", "--heartbeat-s", "6"], ["--heartbeat-s", "half the lease"]),
     (["serve", "--max-attempts", "0"], ["--max-attempts"]),

@@ -13,7 +13,7 @@ import pytest
 from conserve_bench.vllm_plugin.arrivals import ArrivalSignal, SharedInts
 from conserve_bench.sched.latency import ChunkShape, LatencyModel, StepShape
 from conserve_bench.sched.arrivals import ArrivalBook, ArrivalRate
-from conserve_bench.sched.policy import Pending, Targets, default_offline_step_s, plan_step
+from conserve_bench.sched.policy import Pending, PolicyError, Targets, default_offline_step_s, plan_step
 from conserve_bench.vllm_plugin.preemption import ArmedStep, LayerPreemption, filled_blocks
 
 
@@ -133,6 +133,26 @@ def test_the_fault_hook_cuts_at_its_layer_without_an_arrival():
     report = run_layers(points, 30)
     assert report.layer == 12 and report.arrival_ns == 0 and report.arrival_to_abort_s is None
     assert report.num_announced == 0
+
+
+def test_an_arrival_past_the_run_out_share_lets_the_step_run_to_the_end():
+    from conserve_bench.vllm_plugin.safepoints import StepMeta
+
+    arrival = [0]
+    points = safepoints(arrival, every=1, num_layers=10)
+    points.begin(StepMeta(step_index=2, cut_above=0, run_out_from=0.6))
+    assert run_layers(points, 5) is None
+    arrival[0] = 1  # comes during layer 6: 4 layers are left, within the arrival's wait
+    assert run_layers(points, 5) is None and points.report is None
+    run_out = points.run_out
+    assert (run_out.step_index, run_out.layer, run_out.num_layers) == (2, 6, 10)
+    assert (run_out.num_announced, run_out.arrival_ns) == (1, 5_001)
+
+    points.begin(StepMeta(step_index=3, cut_above=0, run_out_from=0.6))  # too early: cut
+    report = run_layers(points, 10)
+    assert report.layer == 1 and points.run_out is None
+    points.begin(StepMeta(step_index=4, cut_above=1, run_out_from=0.6, forced_abort_layer=8))
+    assert run_layers(points, 10).layer == 8  # the fault hook cuts past the share all the same
 
 
 def test_the_abort_layer_fault_hook_cuts_each_work_once_and_only_from_the_environment(tmp_path, monkeypatch):
@@ -366,11 +386,29 @@ def test_offline_steps_shorten_as_online_arrivals_come_more_often():
     assert offline_step_for(0.5, 0.02, 0.1) == 0.5  # sqrt(0.4) = 0.63 s: the throughput step is shorter
     assert offline_step_for(0.5, 0.02, 1.0) == pytest.approx(0.2)
     assert offline_step_for(0.5, 0.02, 1e6) == 0.02  # never below the fixed cost
-    targets = Targets(ttft_s=2.0, tbt_s=0.1, offline_step_s=0.5, arrival_rate=1.0)
-    assert targets.quantum_for(MODEL) == pytest.approx(0.2)
+    # a step runs out once what is left fits in an arrival's wait w: a cut loses
+    # rate x (T - w)^2 / 2, least at sqrt(2 f / rate + w^2)
+    assert offline_step_for(0.5, 0.02, 1.0, wait_s=0.15) == pytest.approx(0.25)
+    targets = Targets(ttft_s=2.0, tbt_s=0.1, max_slowdown=0.05, offline_step_s=0.5, arrival_rate=1.0)
+    wait = targets.arrival_wait_s(MODEL)
+    assert wait == pytest.approx(0.05 * MODEL.predict(StepShape(prefills=(ChunkShape(256, 0),))))
+    assert targets.quantum_for(MODEL) == pytest.approx((0.04 + wait ** 2) ** 0.5)
     plan = plan_step([], [Pending("off", 4000, 0)], MODEL, targets, 4096)
-    assert plan.kind == "offline" and plan.predicted_s <= 0.2 < MODEL.predict(
+    assert plan.kind == "offline" and plan.predicted_s <= targets.quantum_for(MODEL) < MODEL.predict(
         StepShape(prefills=(ChunkShape(plan.token_budget + 1, 0),)))
+
+
+def test_an_arrival_may_wait_what_the_targets_allow_behind_offline_work_and_a_step_runs_out_in_it():
+    from conserve_bench.sched.policy import run_out_share
+
+    reference = MODEL.predict(StepShape(prefills=(ChunkShape(1000, 0),)))
+    bounded = Targets(ttft_s=2.0, tbt_s=0.1, max_slowdown=0.05, reference_prompt_tokens=1000)
+    assert bounded.arrival_wait_s(MODEL) == pytest.approx(0.05 * reference)
+    assert Targets(ttft_s=2.0, tbt_s=0.1).arrival_wait_s(MODEL) == 0.5  # SLO mode: the quantum
+    assert Targets(ttft_s=2.0, tbt_s=0.1, max_slowdown=0.05, quantum_s=0.03).arrival_wait_s(MODEL) == 0.03
+    assert run_out_share(0.2, 0.05) == pytest.approx(0.75)  # the last quarter runs out
+    assert run_out_share(0.2, 0.0) == 1.0  # no wait: cut at any safepoint
+    assert run_out_share(0.04, 0.05) == 0.0  # all of it fits: never cut
 
 
 def test_the_offline_step_replaces_the_quantum_as_the_offline_only_budget():
@@ -426,7 +464,7 @@ def test_undo_evicts_first_rolls_running_back_and_readmits_the_admitted_in_order
     for request, num in ((run, 1), (a, 6), (b, 4)):
         request.num_in_flight_tokens = num
     scheduler = FakeScheduler([run, a, b], {"run": [7, 8, 9, 10], "a": [20, 21], "b": [30, 31]})
-    connector = SimpleNamespace(arm=lambda output, cut_above: setattr(output, "cut_above", cut_above))
+    connector = SimpleNamespace(arm=lambda output, cut_above, run_out_from: setattr(output, "cut_above", cut_above))
     preemption = LayerPreemption(scheduler, connector)
     preemption.arrivals.scheduled(1)
     preemption.before_schedule()  # "run" was decoding: not a prefill chunk before the step
@@ -447,6 +485,22 @@ def test_undo_evicts_first_rolls_running_back_and_readmits_the_admitted_in_order
     assert scheduler.manager.num_cached_block["run"] == 13 // 4
     assert scheduler.running == [run]
     assert preemption.armed_step(output) is None
+
+
+def test_a_step_that_ran_out_past_an_arrival_settles_it_and_offline_work_waits_for_its_request():
+    run = fake_request("run", 14, 14)
+    scheduler = FakeScheduler([run], {"run": [7, 8, 9, 10]})
+    armed = []
+    preemption = LayerPreemption(scheduler, SimpleNamespace(arm=lambda *args: armed.append(args)))
+    output = SimpleNamespace(num_scheduled_tokens={"run": 1}, scheduled_new_reqs=[],
+                             scheduled_cached_reqs=SimpleNamespace(resumed_req_ids=set()))
+    preemption.before_schedule()
+    preemption.after_schedule(output, offline_only=True, run_out_from=0.7)
+    assert armed == [(output, 0, 0.7)]
+    preemption.ran_out(num_announced=1)
+    assert preemption.armed_step(output) is None and scheduler.effects == []  # nothing undone
+    assert preemption.arrivals.cut_above == 1  # arrival 1 cuts no step after this one
+    assert preemption.holds_offline(limit_s=10.0)  # its request is on its way
 
 
 def test_steps_with_online_work_are_not_armed():
@@ -479,11 +533,15 @@ def test_serve_turns_layer_preemption_on_under_conserve_only():
     assert not ServeConfig(policy="priority").preempts_layers
     assert not ServeConfig(layer_preemption=False).preempts_layers
     for kwargs, message in (({"policy": "priority", "layer_preemption": True}, "needs --policy conserve"),
-                            ({"quantum_ms": 50.0}, "--quantum-ms caps offline-only steps only with"),
                             ({"layer_preemption": False, "offline_step_ms": 300.0}, "--offline-step-ms sizes"),
                             ({"offline_step_ms": -1.0}, "--offline-step-ms must be > 0"),
                             ({"safepoint_every": 0}, "--safepoint-every must be >= 1")):
         with pytest.raises(ServeConfigError, match=message):
+            ServeConfig(**kwargs)
+    ServeConfig(quantum_ms=0.0)  # with preemption: every arrival cuts
+    for kwargs, message in (({"layer_preemption": False, "quantum_ms": 0.0}, "quantum must be > 0"),
+                            ({"quantum_ms": -1.0}, "quantum must be >= 0")):
+        with pytest.raises(PolicyError, match=message):
             ServeConfig(**kwargs)
 
 
@@ -499,6 +557,9 @@ def test_serve_sizes_offline_steps_for_throughput_with_preemption_and_by_the_qua
     assert bounded.bounded and bounded.quantum_for(MODEL) == 0.7
     off = resolve_targets(ServeConfig(ttft_slo_ms=1000.0, layer_preemption=False), profile, 4096)
     assert off.offline_step_s is None and off.quantum_for(MODEL) == pytest.approx(0.25)
+    # with preemption the quantum is the wait a step may run out in; 0: every arrival cuts
+    assert resolve_targets(ServeConfig(quantum_ms=40.0), profile, 4096).arrival_wait_s(MODEL) == 0.04
+    assert resolve_targets(ServeConfig(quantum_ms=0.0), profile, 4096).arrival_wait_s(MODEL) == 0.0
 
 
 def test_serve_starts_vllm_with_the_connector_worker_and_no_async_scheduling(tmp_path):

@@ -59,6 +59,8 @@ def test_model_runner_binds_metadata_around_the_forward_and_clears_it_on_error()
     assert lifecycle.index("finally:") < lifecycle.index("kv_connector.wait_for_save()")
     assert lifecycle.index("finally:") < lifecycle.index("kv_connector.clear_connector_metadata()")
     assert "build_connector_worker_meta()" in lifecycle
+    # NOTE: a step that ran (and may carry a `RunOutReport`) hands its connector output on too
+    assert "kv_connector_output=kv_connector_output" in source(GPUModelRunner.sample_tokens)
     execute = source(GPUModelRunner.execute_model)
     assert execute.index("self.maybe_get_kv_connector_output(") < execute.index("self._model_forward(")
     # NOTE: the state sample_tokens() reads is set only after the forward pass returned

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -209,7 +210,7 @@ def test_offline_work_waits_for_the_online_request_whose_arrival_cut_its_step(mo
     preemptive = PolicyConfig(Targets(ttft_s=2.0, tbt_s=0.2, offline_step_s=0.5), CPU_MODEL)
     scheduler = make_scheduler(model_path, preemptive)
     armed = []  # NOTE: the connector's scheduler half only passes the arming on to the worker
-    scheduler._preemption = LayerPreemption(scheduler, SimpleNamespace(arm=lambda output, _: armed.append(output)))
+    scheduler._preemption = LayerPreemption(scheduler, SimpleNamespace(arm=lambda output, *_: armed.append(output)))
     for i in range(2):
         add(scheduler, f"off-{i}", 700, priority=1, first_token=1000 * i)
     cut = scheduler.schedule()
@@ -224,6 +225,41 @@ def test_offline_work_waits_for_the_online_request_whose_arrival_cut_its_step(mo
     add(scheduler, "on", 100, priority=0, first_token=4321, extra_args={ARRIVAL_KEY: 1})
     assert dict(run_step(scheduler).num_scheduled_tokens) == {"on": 100}
     assert any(r.startswith("off") for r in run_step(scheduler).num_scheduled_tokens)
+
+
+def test_a_step_an_arrival_let_run_out_keeps_its_work_and_offline_work_waits_for_the_request(model_path):
+    """Past its run-out share (what is left fits in an arrival's wait) an armed step runs to
+    the end: its tokens count, and the arrival is settled as by a cut."""
+    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+
+    from conserve_bench.sched.policy import run_out_share
+    from conserve_bench.vllm_plugin.overrides import ARRIVAL_KEY
+    from conserve_bench.vllm_plugin.preemption import LayerPreemption
+    from conserve_bench.vllm_plugin.safepoints import RunOutReport
+
+    targets = Targets(ttft_s=2.0, tbt_s=0.2, max_slowdown=0.05, offline_step_s=0.5)
+    scheduler = make_scheduler(model_path, PolicyConfig(targets, CPU_MODEL))
+    armed = []
+    scheduler._preemption = LayerPreemption(scheduler, SimpleNamespace(
+        arm=lambda output, cut_above, run_out_from: armed.append((output, run_out_from))))
+    for i in range(2):
+        add(scheduler, f"off-{i}", 700, priority=1, first_token=1000 * i)
+    step = scheduler.schedule()
+    wait = targets.arrival_wait_s(CPU_MODEL)
+    assert armed == [(step, pytest.approx(run_out_share(scheduler.last_plan.predicted_s, wait)))]
+    assert 0 < armed[0][1] < 1
+    computed = {r: scheduler.requests[r].num_computed_tokens for r in step.num_scheduled_tokens}
+    report = RunOutReport(step_index=1, layer=29, num_layers=30, arrival_ns=time.monotonic_ns(),
+                          num_announced=1)
+    req_ids = list(step.num_scheduled_tokens)
+    scheduler.update_from_output(step, ModelRunnerOutput(
+        req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+        sampled_token_ids=[[] for _ in req_ids],
+        kv_connector_output=KVConnectorOutput(kv_connector_worker_meta=report)))
+    assert {r: scheduler.requests[r].num_computed_tokens for r in computed} == computed  # kept
+    assert run_step(scheduler).total_num_scheduled_tokens == 0  # arrival 1 is on its way
+    add(scheduler, "on", 100, priority=0, first_token=4321, extra_args={ARRIVAL_KEY: 1})
+    assert dict(run_step(scheduler).num_scheduled_tokens) == {"on": 100}
 
 
 def test_kv_pressure_preempts_offline_never_online(model_path):

@@ -96,16 +96,22 @@ def test_every_arrival_during_offline_steps_cuts_one_step_however_late_its_hand_
     """Each online request cuts at most one step, and one exactly when it met an offline-only
     step with a safepoint ahead: always when its hand-off takes 200 ms (offline-only steps run
     all that time), and not the steps planned while it is still on its way, nor any after it
-    ran. One arriving in a step's last layer group is served when that step ends."""
+    ran. One arriving in a step's last layer group is served when that step ends; one arriving
+    when what is left of the step fits in its wait lets the step run out instead of cutting it
+    (`policy.run_out_share`): that settles it as a cut does."""
     start, end = served["arrivals"]
     during = [s for s in served["steps"] if start <= s["end_at"] <= end]
     arrived = [i for i, s in enumerate(during) if s.get("online_queue_ms")]  # each one's first step
     assert [len(during[i]["online_queue_ms"]) for i in arrived] == [1] * NUM_ARRIVALS
-    cuts = [s for s in during if s.get("aborted")]
+
+    def settled(step: dict) -> bool:
+        return bool(step.get("aborted") or step.get("run_out_layer") is not None)
+
+    cuts = [s for s in during if settled(s)]
     assert all(s.get("arrival_ns") and s["kind"] == "offline" for s in cuts)
     assert len({s["arrival_ns"] for s in cuts}) == len(cuts)  # no arrival cut two steps
     for n, (begin, first_step) in enumerate(zip([-1, *arrived], arrived)):
-        cut = [s for s in during[begin + 1:first_step] if s.get("aborted")]
+        cut = [s for s in during[begin + 1:first_step] if settled(s)]
         queued_ms = during[first_step]["online_queue_ms"][0]
         if n >= NUM_ARRIVALS // 2:  # late hand-off
             assert len(cut) == 1 and queued_ms >= HANDOFF_DELAY_MS, (n, cut, queued_ms)

@@ -88,6 +88,8 @@ class StepRecord:
     arrival_to_abort_ms: float | None = None  # from the online arrival to the abort
     arrival_ns: int | None = None  # which arrival cut it (the server's monotonic clock)
     layer_group_ms: float | None = None  # the layer group that ended at the safepoint
+    run_out_layer: int | None = None  # an arrival came at this layer's safepoint; it ran out
+    arrival_to_end_ms: float | None = None  # from that arrival to the step's end
     online_queue_ms: tuple[float, ...] = ()  # per online request it scheduled first
     # per preempted request it resumed: (tokens computed before, loaded from its KV
     # checkpoint, found in the prefix cache, computed again)
@@ -104,6 +106,7 @@ class StepRecord:
                    refit_predicted_s=notes.get("refit_predicted_s"), aborted=bool(notes.get("aborted")), abort_layer=notes.get("abort_layer"),
                    arrival_to_abort_ms=notes.get("arrival_to_abort_ms"),
                    arrival_ns=notes.get("arrival_ns"), layer_group_ms=notes.get("layer_group_ms"),
+                   run_out_layer=notes.get("run_out_layer"), arrival_to_end_ms=notes.get("arrival_to_end_ms"),
                    online_queue_ms=tuple(notes.get("online_queue_ms", ())),
                    kv_resumes=tuple(tuple(r) for r in notes.get("kv_resumes", ())), shape=sample.shape)
 
@@ -295,7 +298,9 @@ def _inside(steps: tuple[StepRecord, ...], window_s: float) -> list[tuple[StepRe
 
 
 def summarize_preemptions(steps: tuple[StepRecord, ...], window_s: float) -> dict[str, Any] | None:
-    """The steps abandoned at a layer safepoint in the window (None without a step log).
+    """The steps abandoned at a layer safepoint in the window, and those an arrival let run
+    out (little of them was left), with how long it waited for their end (None without a step
+    log).
 
     `arrival_to_abort_ms` counts the first step each arrival cut: a step planned before its
     request reached the scheduler is cut again at its first safepoint, and that wait is the
@@ -306,6 +311,7 @@ def summarize_preemptions(steps: tuple[StepRecord, ...], window_s: float) -> dic
         return None
     aborted = [s for s, _ in inside if s.aborted]
     layers = [s.abort_layer for s in aborted if s.abort_layer is not None]
+    run_out = [s for s, _ in inside if s.run_out_layer is not None and s.arrival_to_end_ms is not None]
     first_cuts = {}
     for step in sorted(aborted, key=lambda s: s.end_s):
         if step.arrival_to_abort_ms is not None:
@@ -319,6 +325,8 @@ def summarize_preemptions(steps: tuple[StepRecord, ...], window_s: float) -> dic
         "abort_layer": {**percentiles(layers, (50,)), "min": min(layers, default=None),
                         "max": max(layers, default=None)},
         "offline_tokens_discarded": sum(s.num_offline_tokens for s in aborted),
+        "num_run_out": len(run_out),
+        "arrival_to_end_ms": percentiles([s.arrival_to_end_ms for s in run_out], (50, 99)),
     }
 
 

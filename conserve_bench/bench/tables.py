@@ -116,7 +116,8 @@ def step_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
 
 PREEMPTION_COLUMNS = ("policy", "preemptions", "arrival to abort p50/p99 ms",
                       "layer group p50/p99 ms", "layer reached p50 (min-max)",
-                      "offline tokens discarded", "online queue p50/p99 ms")
+                      "offline tokens discarded", "run out (arrival to end p50/p99 ms)",
+                      "online queue p50/p99 ms")
 
 
 def preemption_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -133,7 +134,7 @@ def preemption_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
         rows.append((policy, str(p.get("num_preemptions", "-")),
                      _pair(p["arrival_to_abort_ms"]) if p else "-", _pair(group) if group else "-",
                      "-" if layer["p50"] is None else f"{layer['p50']:.0f} ({layer['min']}-{layer['max']})",
-                     str(p.get("offline_tokens_discarded", "-")), _pair(queue) if queue else "-"))
+                     str(p.get("offline_tokens_discarded", "-")), _run_out(p), _pair(queue) if queue else "-"))
     return rows
 
 
@@ -200,6 +201,16 @@ def _md_table(header, rows) -> list[str]:
 
 def _triple(values: dict[str, float | None]) -> str:
     return "/".join(_num(values[f"p{p}"], 1, 0) for p in PERCENTILES)
+
+
+def _run_out(preemptions: dict[str, Any]) -> str:
+    """Steps an arrival let run out, and its wait for their end (records before 2026-12-07
+    have neither: "-")."""
+    if "num_run_out" not in preemptions:
+        return "-"
+    if not preemptions["num_run_out"]:
+        return "0"
+    return f"{preemptions['num_run_out']} ({_pair(preemptions['arrival_to_end_ms'])})"
 
 
 def _pair(values: dict[str, float | None]) -> str:

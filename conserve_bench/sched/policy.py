@@ -108,7 +108,9 @@ class Targets:
     ttft_s: float
     tbt_s: float
     margin: float = DEFAULT_MARGIN
-    quantum_s: float | None = None  # None: QUANTUM_FRACTION of the TTFT target (SLO mode)
+    # how long an online arrival may wait behind offline-only work (`arrival_wait_s`): without
+    # layer-wise preemption the longest offline-only step. None: derived from the targets
+    quantum_s: float | None = None
     max_slowdown: float | None = None  # None: SLO mode
     reference_prompt_tokens: int = DEFAULT_REFERENCE_PROMPT_TOKENS
     # With layer-wise preemption: the offline-only step, sized for throughput (replaces the
@@ -119,7 +121,7 @@ class Targets:
     arrival_rate: float | None = None
 
     def __post_init__(self) -> None:
-        check_targets(self.ttft_s, self.tbt_s, self.margin, self.quantum_s)
+        check_targets(self.ttft_s, self.tbt_s, self.margin, self.quantum_s, self.preemptive)
         if self.max_slowdown is not None and not self.max_slowdown > 0:
             raise PolicyError(f"the slowdown share must be > 0, got {self.max_slowdown:g}")
         if self.reference_prompt_tokens < 1:
@@ -152,11 +154,21 @@ class Targets:
         (an arrival waits one layer group, not the step) and for what arrivals cut off it
         (`offline_step_for`), else how long an arrival may wait."""
         if self.preemptive:
-            return offline_step_for(self.offline_step_s, model.predict(StepShape()), self.arrival_rate)
+            return offline_step_for(self.offline_step_s, model.predict(StepShape()), self.arrival_rate,
+                                    self.arrival_wait_s(model))
         if not self.bounded or self.quantum_s is not None:
             return self.offline_budget_s
         share, floor = self._bounded_quantum(model)
         return floor + share
+
+    def arrival_wait_s(self, model: LatencyModel) -> float:
+        """How long an online arrival may wait behind offline-only work: the quantum (SLO mode,
+        or when given), else `max_slowdown` x the reference prompt's prefill. Without
+        layer-wise preemption it bounds the offline-only step; with it, what is left of a
+        step when an arrival comes (`run_out_share`)."""
+        if not self.bounded or self.quantum_s is not None:
+            return self.offline_budget_s
+        return self._bounded_quantum(model)[0]
 
     def _bounded_quantum(self, model: LatencyModel) -> tuple[float, float]:
         """The bounded mode's quantum as (the share of the reference prefill, the cost it is
@@ -184,6 +196,8 @@ class Targets:
                         "arrive more often), cut at a layer safepoint when online work arrives"
                         if self.preemptive else
                         f"offline-only steps <= {quantum:.0f} ms")
+        if self.preemptive and (wait := self.arrival_wait_s(model)):
+            offline_only += f" unless what is left of them takes <= {wait * 1e3:.0f} ms"
         if not self.bounded:
             return (f"{slos} (spent: steps with online work up to {self.mixed_budget_s * 1e3:.0f} "
                     f"ms, {offline_only})")
@@ -213,12 +227,16 @@ def check_tail_quantile(quantile: float | None) -> None:
 
 
 def check_targets(ttft_s: float | None, tbt_s: float | None, margin: float,
-                  quantum_s: float | None) -> None:
-    """What every set of targets obeys (None: not given, derived later); PolicyError if not."""
-    for name, value in (("TTFT target", ttft_s), ("TBT target", tbt_s),
-                        ("preemption quantum", quantum_s)):
+                  quantum_s: float | None, preemptive: bool = False) -> None:
+    """What every set of targets obeys (None: not given, derived later); PolicyError if not.
+    With layer-wise preemption the quantum may be 0: an arrival waits for no offline work
+    (every armed step is cut at its next safepoint, however little of it is left)."""
+    for name, value in (("TTFT target", ttft_s), ("TBT target", tbt_s)):
         if value is not None and not value > 0:
             raise PolicyError(f"the {name} must be > 0, got {value * 1e3:g} ms")
+    if quantum_s is not None and not (quantum_s >= 0 if preemptive else quantum_s > 0):
+        raise PolicyError(f"the preemption quantum must be {'>= 0' if preemptive else '> 0'}, "
+                          f"got {quantum_s * 1e3:g} ms")
     if not 0 <= margin < 1:
         raise PolicyError(f"the SLO margin must be in [0, 1), got {margin:g}")
 
@@ -247,17 +265,32 @@ def derived_max_slowdown(model_error: float | None, against_tail: bool = True) -
     return max(MIN_SLOWDOWN, HARM_BOUND / (1 + error) - 1)
 
 
-def offline_step_for(step_s: float, fixed_s: float, arrival_rate: float | None) -> float:
+def offline_step_for(step_s: float, fixed_s: float, arrival_rate: float | None,
+                     wait_s: float = 0.0) -> float:
     """The offline-only step under layer-wise preemption: `step_s` (sized for throughput)
     while online requests seldom arrive, shorter as they come more often.
 
-    NOTE: an arrival cuts the step and its work so far is lost. Arrivals at rate r lose about
-    r x T^2 / 2 of every step of T, and each step pays its fixed cost f: the share of engine
-    time lost, f / T + r x T / 2, is least at T = sqrt(2 f / r) (about 0.26 s at one arrival a
-    second on 2 CPU cores, 0.53 s at one every 4 s). Never below the fixed cost."""
+    NOTE: an arrival cuts the step and its work so far is lost, unless what is left of the
+    step fits in the wait an arrival may have behind offline work (`wait_s`): then it runs
+    out (`run_out_share`). Arrivals at rate r lose about r x (T - w)^2 / 2 of every step of T,
+    and each step pays its fixed cost f: the share of engine time lost,
+    f / T + r x (T - w)^2 / 2T, is least at T = sqrt(2 f / r + w^2) (with w = 0 about 0.26 s
+    at one arrival a second on 2 CPU cores, 0.53 s at one every 4 s). Never below the fixed
+    cost."""
     if not arrival_rate:
         return step_s
-    return min(step_s, max(fixed_s, math.sqrt(2 * fixed_s / arrival_rate)))
+    return min(step_s, max(fixed_s, math.sqrt(2 * fixed_s / arrival_rate + wait_s ** 2)))
+
+
+def run_out_share(predicted_s: float, wait_s: float) -> float:
+    """The share of an armed offline-only step's layers from which an arrival no longer cuts
+    it: what is left then, of a step predicted to take `predicted_s`, fits in `wait_s`, the
+    wait an arrival may have behind offline work (`Targets.arrival_wait_s`). The step's work
+    so far is kept, and the arrival waits no longer than it would behind an offline-only step
+    without layer-wise preemption. 0.0: never cut; 1.0: cut at any safepoint."""
+    if predicted_s <= wait_s:
+        return 0.0
+    return 1.0 - wait_s / predicted_s
 
 
 def safepoint_every(waits_for_device: bool) -> int:

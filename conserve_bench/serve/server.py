@@ -81,8 +81,9 @@ class ServeConfig:
     ttft_slo_ms: float | None = None  # None: derived from the latency profile
     tbt_slo_ms: float | None = None
     slo_margin: float = DEFAULT_MARGIN
-    quantum_ms: float | None = None  # None: `Targets.quantum_for` (bounded mode: the slowdown
-    # share of the reference prompt's prefill; with SLOs, QUANTUM_FRACTION of the TTFT target)
+    quantum_ms: float | None = None  # how long an arrival may wait behind offline-only work;
+    # None: `Targets.arrival_wait_s` (bounded mode: the slowdown share of the reference
+    # prompt's prefill; with SLOs, QUANTUM_FRACTION of the TTFT target)
     max_slowdown: float | None = None  # bounded mode's share; None: derived from the profile
     refit: bool = True  # plan with the live refit when it predicts the live steps better
     warm_start: bool = True  # start from the last server's live refit and tail margins (stored)
@@ -121,7 +122,7 @@ class ServeConfig:
                                    "latency profile: drop --no-profile, or use --policy priority")
         # NOTE: the policy's own rules, so a flag the engine would refuse fails here, at once.
         check_targets(_seconds(self.ttft_slo_ms), _seconds(self.tbt_slo_ms), self.slo_margin,
-                      _seconds(self.quantum_ms))
+                      _seconds(self.quantum_ms), preemptive=bool(self.preempts_layers))
         for name in ("max_slowdown", "offline_step_ms"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -216,9 +217,6 @@ class ServeConfig:
             raise ServeConfigError(f"--kv-checkpoint-gib must be >= 0, got {self.kv_checkpoint_gib:g}")
         if self.safepoint_every is not None and self.safepoint_every < 1:
             raise ServeConfigError(f"--safepoint-every must be >= 1, got {self.safepoint_every}")
-        if self.preempts_layers and self.quantum_ms is not None:
-            raise ServeConfigError("--quantum-ms caps offline-only steps only with "
-                                   "--layer-preemption off; with it on, use --offline-step-ms")
         if not self.preempts_layers and self.offline_step_ms is not None:
             raise ServeConfigError("--offline-step-ms sizes offline-only steps only with "
                                    "--layer-preemption on; with it off, use --quantum-ms")

@@ -32,7 +32,7 @@ from conserve_bench.vllm_plugin.connector_scheduler import ConnectorScheduler
 from conserve_bench.vllm_plugin.connector_worker import ConnectorWorker
 from conserve_bench.vllm_plugin.overrides import (SCHEDULER_CLS, WORKER_CLS, LayerPreemptionError,
                                                   connector_config)
-from conserve_bench.vllm_plugin.safepoints import AbortReport, StepMeta
+from conserve_bench.vllm_plugin.safepoints import AbortReport, RunOutReport, StepMeta
 
 
 class ConserveConnector(KVConnectorBase_V1):
@@ -90,7 +90,7 @@ class ConserveConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         self.connector_worker.end_step()
 
-    def build_connector_worker_meta(self) -> AbortReport | None:
+    def build_connector_worker_meta(self) -> AbortReport | RunOutReport | None:
         return self.connector_worker.report if self.connector_worker is not None else None
 
     def register_kv_caches(self, kv_caches) -> None:

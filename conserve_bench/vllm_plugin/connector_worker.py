@@ -14,7 +14,7 @@ from __future__ import annotations
 from conserve_bench.sched.policy import safepoint_every
 from conserve_bench.vllm_plugin.arrivals import ArrivalSignal
 from conserve_bench.vllm_plugin.overrides import ConnectorConfig
-from conserve_bench.vllm_plugin.safepoints import AbortReport, RunAheadBound, Safepoints, StepMeta
+from conserve_bench.vllm_plugin.safepoints import AbortReport, RunAheadBound, RunOutReport, Safepoints, StepMeta
 
 
 class ConnectorWorker:
@@ -29,9 +29,10 @@ class ConnectorWorker:
         self.pool = None  # the host pool, once vLLM registers its KV caches
 
     @property
-    def report(self) -> AbortReport | None:
-        """What the last step reports back: why it was abandoned, or None if it ran."""
-        return self.safepoints.report
+    def report(self) -> AbortReport | RunOutReport | None:
+        """What the last step reports back: why it was abandoned, that an arrival let it run
+        out, or None if it ran with none."""
+        return self.safepoints.report or self.safepoints.run_out
 
     def begin_step(self, meta: StepMeta) -> None:
         self.safepoints.begin(meta)

@@ -5,7 +5,8 @@ After vLLM has scheduled a step whose requests are all offline, `LayerPreemption
 the step changed. If the worker abandons the step at a safepoint, `undo` puts vLLM's
 state back before vLLM reads the empty output: computed tokens back to where the step began,
 the blocks it filled removed from the prefix cache (their KV is half written), and requests
-the step admitted back to the waiting queue. It never touches a step that ran to the end.
+the step admitted back to the waiting queue. It never touches a step that ran to the end; a
+step the worker let run out past an arrival (`ran_out`) settles that arrival as a cut would.
 
 Which arrivals still cut a step (`sched.arrivals.ArrivalBook`) is the policy's: this adapter
 tells it which online requests each step scheduled and which arrivals a cut was for, and reads
@@ -50,10 +51,10 @@ class LayerPreemption:
         """Note what vLLM's schedule() overwrites and a rollback has no other way to know."""
         self._was_prefill_chunk = {r.request_id: r.is_prefill_chunk for r in self.scheduler.running}
 
-    def after_schedule(self, output, offline_only: bool) -> None:
+    def after_schedule(self, output, offline_only: bool, run_out_from: float = 1.0) -> None:
         """Settle the arrivals whose requests `output` schedules first; arm it if it runs
         offline requests only (and no multimodal input, whose encoder outputs a rollback would
-        not restore)."""
+        not restore), to be cut before its `run_out_from` share of the layers."""
         self.armed = None
         for new in output.scheduled_new_reqs:
             request = self.scheduler.requests[new.req_id]
@@ -62,7 +63,7 @@ class LayerPreemption:
         requests = [self.scheduler.requests[r] for r in output.num_scheduled_tokens]
         if not offline_only or any(r.has_encoder_inputs for r in requests):
             return
-        self.connector.arm(output, self.arrivals.cut_above)
+        self.connector.arm(output, self.arrivals.cut_above, run_out_from)
         self.armed = (output, self._record(output))
 
     def holds_offline(self, limit_s: float) -> bool:
@@ -88,6 +89,13 @@ class LayerPreemption:
         admitted |= set(output.scheduled_cached_reqs.resumed_req_ids)
         return ArmedStep(tuple(output.num_scheduled_tokens.items()), frozenset(admitted),
                          frozenset(filled))
+
+    def ran_out(self, num_announced: int) -> None:
+        """The worker let the armed step run to the end past an arrival (little of it was
+        left): the `num_announced` arrivals are settled as if it had been cut for them, and
+        offline work waits for their requests (their hand-off) as after a cut."""
+        self.armed = None
+        self.arrivals.cut_for(num_announced, time.monotonic())
 
     def undo(self, step: ArmedStep, num_announced: int) -> None:
         """Roll vLLM's scheduler back to before `step` (whose worker abandoned it when

@@ -1,11 +1,13 @@
 """Layer-wise preemption, worker side: what a step carries from the scheduler (`StepMeta`:
 its arming, and its KV copies for checkpointing), the safepoint every k attention layers that
 abandons an armed step while an admitted online request waits for the engine (`Safepoints`,
-raising `StepAborted`), and what an abandoned step reports back (`AbortReport`). A step that is
-not armed pays nothing at a safepoint: no clock, no read, no device sync. Plain Python
-on vLLM's connector metadata classes: the connector's worker half (`connector_worker`) calls
-it from vLLM's `save_kv_layer`; it never touches a tensor. vLLM names relied on:
-docs/vllm-contract.md#connector."""
+raising `StepAborted`), and what an abandoned step reports back (`AbortReport`). Past its
+`run_out_from` share of the layers an armed step is let run to the end instead (what is left
+fits in the wait an arrival may have: `policy.run_out_share`), and reports that
+(`RunOutReport`). A step that is not armed pays nothing at a safepoint: no clock, no read, no
+device sync. Plain Python on vLLM's connector metadata classes: the connector's worker half
+(`connector_worker`) calls it from vLLM's `save_kv_layer`; it never touches a tensor. vLLM
+names relied on: docs/vllm-contract.md#connector."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class StepMeta(KVConnectorMetadata):
     step_index: int  # steps numbered by the scheduler-side connector, from 1
     cut_above: int | None = None  # armed: cut once more arrivals are announced; None: never
     forced_abort_layer: int | None = None  # the fault hook's: cut at this layer's safepoint
+    run_out_from: float = 1.0  # share of the layers from which an arrival lets it run out
     saves: tuple[tuple[int, int], ...] = ()  # (device block, host slot), after the step
     loads: tuple[tuple[int, int], ...] = ()  # (host slot, device block), before the step
     flush: bool = False  # requests with checkpoints were preempted: finish every save first
@@ -47,6 +50,20 @@ class AbortReport(KVConnectorWorkerMetadata):
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         return self  # NOTE: one worker: tensor and pipeline parallel size 1 are requirements
+
+
+@dataclass
+class RunOutReport(KVConnectorWorkerMetadata):
+    """An armed step an arrival came during, let run to the end: little of it was left."""
+
+    step_index: int
+    layer: int  # attention layers completed at the safepoint that saw the arrival
+    num_layers: int
+    arrival_ns: int  # when the last arrival was announced
+    num_announced: int  # arrivals announced then (each is settled by this step, as by a cut)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        return self  # NOTE: one worker, as for `AbortReport`
 
 
 class StepAborted(Exception):
@@ -102,11 +119,12 @@ class Safepoints:
         self._arrivals, self._bound, self._clock = arrivals, bound, clock
         self.meta: StepMeta | None = None
         self.report: AbortReport | None = None
+        self.run_out: RunOutReport | None = None
         self._layer = 0
         self._group_started_ns = 0
 
     def begin(self, meta: StepMeta) -> None:
-        self.meta, self.report, self._layer = meta, None, 0
+        self.meta, self.report, self.run_out, self._layer = meta, None, None, 0
         self._group_started_ns = self._clock()
 
     def after_layer(self) -> None:
@@ -120,7 +138,7 @@ class Safepoints:
 
     def _safepoint(self) -> None:
         meta = self.meta
-        if meta is None or meta.cut_above is None:
+        if meta is None or meta.cut_above is None or self.run_out is not None:
             return  # NOTE: first: a step that cannot be cut waits on nothing here
         if self._bound is not None:
             self._bound.at_safepoint()
@@ -128,7 +146,12 @@ class Safepoints:
         group_s, self._group_started_ns = (now - self._group_started_ns) / 1e9, now
         announced = self._arrivals.num_announced() if self._arrivals is not None else 0
         arrived = announced > meta.cut_above
-        if arrived or (meta.forced_abort_layer is not None and self._layer >= meta.forced_abort_layer):
+        forced = meta.forced_abort_layer is not None and self._layer >= meta.forced_abort_layer
+        if arrived and not forced and self._layer >= meta.run_out_from * self.num_layers:
+            self.run_out = RunOutReport(meta.step_index, self._layer, self.num_layers,
+                                        self._arrivals.last_arrival_ns(), announced)
+            return
+        if arrived or forced:
             if self._bound is not None:
                 self._bound.drain()  # NOTE: vLLM reuses pinned input buffers next step
             self.report = AbortReport(meta.step_index, self._layer, self.num_layers,

@@ -6,7 +6,9 @@ for the step, and makes vLLM's own `schedule()` carry the plan out. It also reco
 it to `refit.LiveModel`, which keeps the latency model true while serving (its state goes to
 the `"refit_state"` file, which the server reads). Without a `"policy"` entry there, it
 schedules exactly as vLLM does. With `ConserveConnector` loaded with layer preemption on it arms
-offline-only steps and rolls back the ones the worker abandons (`preemption.LayerPreemption`), tells the connector whether each step ran to the end (so its
+offline-only steps (to run out, not be cut, once what is left of them fits in an arrival's
+wait: `policy.run_out_share`) and rolls back the ones the worker abandons
+(`preemption.LayerPreemption`), tells the connector whether each step ran to the end (so its
 KV checkpoints are committed or dropped), and logs what each resumed request loaded. No
 policy decision lives here. vLLM names relied on: docs/vllm-contract.md#scheduler.
 """
@@ -25,7 +27,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from conserve_bench.sched.arrivals import ArrivalRate
 from conserve_bench.sched.policy import (Pending, PolicyConfig, StepPlan, TailFactors, Targets,
-                                         offline_to_preempt, plan_step)
+                                         offline_to_preempt, plan_step, run_out_share)
 from conserve_bench.sched.refit import LiveModel, RefitConfig, RefitStatus, TailMargin, WarmStart
 from conserve_bench.sched.steplog import ScheduledRequest
 from conserve_bench.vllm_plugin.connector import ConserveConnector
@@ -33,7 +35,7 @@ from conserve_bench.vllm_plugin.overrides import (POLICY, REFIT, REFIT_STATE, WA
                                                   is_online, step_log_path, wants_prompt_logprobs,
                                                   write_state)
 from conserve_bench.vllm_plugin.preemption import LayerPreemption
-from conserve_bench.vllm_plugin.safepoints import AbortReport
+from conserve_bench.vllm_plugin.safepoints import AbortReport, RunOutReport
 from conserve_bench.vllm_plugin.steplog import StepLogWriter, StepRecorder
 
 # NOTE: the reference prompt (`Targets.reference_prompt_tokens`) is the 90th percentile of the
@@ -133,7 +135,7 @@ class ConserveScheduler(Scheduler):
             self._planned.append((output, self.last_plan.kind))
         if self._preemption is not None:
             offline_only = 0 < output.total_num_scheduled_tokens == self._num_offline_tokens(output)
-            self._preemption.after_schedule(output, offline_only)
+            self._preemption.after_schedule(output, offline_only, self._run_out_from(offline_only))
         resume_notes = self._resume_notes()  # NOTE: taken every step, logged or not
         if self._recorder is not None:
             notes = {"offline_tokens": self._num_offline_tokens(output),
@@ -144,13 +146,17 @@ class ConserveScheduler(Scheduler):
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            model_runner_output: Any) -> dict[int, Any]:
-        report = _abort_report(model_runner_output)
+        report = _worker_report(model_runner_output)
+        aborted = isinstance(report, AbortReport)
         if self._connector_scheduler is not None:
-            self._connector_scheduler.step_finished(ran=report is None)
-        if report is not None:
+            self._connector_scheduler.step_finished(ran=not aborted)
+        if aborted:
             return self._abandoned(scheduler_output, model_runner_output, report)
+        run_out = isinstance(report, RunOutReport) and self._preemption is not None
+        if run_out:
+            self._preemption.ran_out(report.num_announced)
         if self._recorder is not None:
-            sample = self._recorder.executed(scheduler_output)
+            sample = self._recorder.executed(scheduler_output, _run_out_notes(report) if run_out else None)
             if sample is not None:
                 # NOTE: vLLM removes requests aborted during the step before this call; such a
                 # step is never fitted on.
@@ -159,6 +165,15 @@ class ConserveScheduler(Scheduler):
                 if self.live is not None:
                     self._observe(sample, usable)
         return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _run_out_from(self, offline_only: bool) -> float:
+        """The share of an offline-only step's layers from which an arrival lets it run out:
+        what is left of the step, at its kind's planning quantile, fits in an arrival's wait."""
+        if not offline_only or self.conserve_policy is None or self.last_plan is None:
+            return 1.0
+        model = self.live.model if self.live else self.conserve_policy.model
+        tail = self.tail.factors().offline if self.tail else 1.0
+        return run_out_share(self.last_plan.predicted_s * max(1.0, tail), self._targets.arrival_wait_s(model))
 
     def _tail_notes(self) -> dict[str, Any]:
         """The tail factor the step's kind was planned with (1.0: on the mean)."""
@@ -302,10 +317,18 @@ class ConserveScheduler(Scheduler):
                    if not is_online(self.requests[req_id].priority))
 
 
-def _abort_report(model_runner_output: Any) -> AbortReport | None:
+def _worker_report(model_runner_output: Any) -> AbortReport | RunOutReport | None:
     kv_output = getattr(model_runner_output, "kv_connector_output", None)
     meta = kv_output.kv_connector_worker_meta if kv_output is not None else None
-    return meta if isinstance(meta, AbortReport) else None
+    return meta if isinstance(meta, (AbortReport, RunOutReport)) else None
+
+
+def _run_out_notes(report: RunOutReport) -> dict[str, Any]:
+    """What the step log keeps of a step an arrival let run out: where it was, how long the
+    arrival waited for the step's end."""
+    return {"run_out_layer": report.layer, "num_layers": report.num_layers,
+            "arrival_to_end_ms": round((time.monotonic_ns() - report.arrival_ns) / 1e6, 3),
+            "arrival_ns": report.arrival_ns}
 
 
 def _abort_notes(report: AbortReport) -> dict[str, Any]:
