@@ -330,7 +330,8 @@ def bench(result: dict, config: dict) -> str:
     parts = [md_table(t.TABLE_COLUMNS, t.table_rows(report))]
     for columns, rows in ((t.GOAL_COLUMNS, t.goal_rows), (t.TAIL_COLUMNS, t.tail_rows),
                           (t.POOLED_COLUMNS, t.pooled_rows),
-                          (t.STEP_COLUMNS, t.step_rows), (t.PREEMPTION_COLUMNS, t.preemption_rows)):
+                          (t.STEP_COLUMNS, t.step_rows), (t.CLASS_COLUMNS, t.class_rows),
+                          (t.PREEMPTION_COLUMNS, t.preemption_rows)):
         if found := rows(report):
             parts.append(md_table(columns, found))
     return "\n\n".join(parts)

@@ -192,6 +192,38 @@ def test_the_steps_summary_measures_prediction_and_spread_on_steps_that_ran_to_t
     assert summary["prediction_rel_error"]["p99"] == pytest.approx(0.2 * 0.99)
 
 
+def test_prediction_by_step_class_shows_which_way_the_model_is_wrong_where():
+    from conserve_bench.bench.summary import MIN_CLASS_STEPS, prediction_by_class, step_class
+    from conserve_bench.bench.tables import class_rows
+    from conserve_bench.sched.latency import ChunkShape, StepShape
+
+    def decodes(n):
+        return StepShape(decode_context_lens=(100,) * n)
+
+    assert step_class(StepRecord(1.0, 0.03, 2, 0, shape=decodes(2))) == "online decodes 2"
+    assert step_class(StepRecord(1.0, 0.03, 6, 0, shape=decodes(6))) == "online decodes 5-8"
+    chunk = StepShape(prefills=(ChunkShape(300, 0),), decode_context_lens=(50,))
+    assert step_class(StepRecord(1.0, 0.3, 301, 300, shape=chunk)) == "mixed prefill 256-1023"
+    offline = StepShape(prefills=(ChunkShape(2000, 0),))
+    assert step_class(StepRecord(1.0, 2.0, 2000, 2000, shape=offline)) == "offline prefill 1024+"
+    assert step_class(StepRecord(1.0, 0.03, 2, 0)) is None  # no shape logged
+
+    n = MIN_CLASS_STEPS
+    steps = ([StepRecord(1.0, 0.036, 2, 0, predicted_s=0.030, shape=decodes(2))] * n  # 1.2x over
+             + [StepRecord(1.0, 0.027, 4, 0, predicted_s=0.030, shape=decodes(4))] * n  # 0.9x
+             + [StepRecord(1.0, 0.5, 4, 0, predicted_s=0.030, shape=decodes(4), aborted=True)]  # cut
+             + [StepRecord(1.0, 0.030, 1, 0, predicted_s=0.030, shape=decodes(1))] * (n - 1))  # too few
+    by_class = prediction_by_class(steps)
+    assert list(by_class) == ["online decodes 2", "online decodes 3-4"]
+    assert by_class["online decodes 2"]["p50"] == pytest.approx(1.2)
+    assert by_class["online decodes 3-4"] == {"num_steps": n, "p10": pytest.approx(0.9),
+                                              "p50": pytest.approx(0.9), "p90": pytest.approx(0.9)}
+    assert prediction_by_class(steps[-1:]) is None
+    report = {"policies": {"conserve": {"steps": {"prediction_by_class": by_class}},
+                           "online-only": {"steps": {"prediction_by_class": None}}}}
+    assert class_rows(report)[0] == ("conserve", "online decodes 2", str(n), "1.20 / 1.20 / 1.20")
+
+
 def test_kv_resumes_sum_what_steps_that_ran_loaded_and_recomputed():
     from conserve_bench.bench.summary import summarize_kv_resumes
 

@@ -25,6 +25,12 @@ from conserve_bench.sched.latency import Sample, StepShape, shape_spread
 from conserve_bench.sched.policy import step_kind
 
 PERCENTILES = (50, 90, 99)
+# Where the plan's latency model is wrong (`prediction_by_class`): decode-only steps by their
+# batch (a CPU's matrix kernels are not linear in it: on 2 cores a batch of 2 ran 9-19% over
+# its prediction, batches of 3 to 6 8-13% under), steps with prefill chunks by their tokens.
+DECODE_CLASSES = ((1, 1), (2, 2), (3, 4), (5, 8), (9, None))
+PREFILL_CLASSES = ((1, 63), (64, 255), (256, 1023), (1024, None))
+MIN_CLASS_STEPS = 8  # a class with fewer steps tells no bias
 GOAL_ATTAINMENT_RATIO = 0.95
 GOAL = ("conserve's goal: SLO attainment within 5% of online-only's (ratio >= 0.95) while "
         "harvesting as much offline work as the slack allows (offline-only tok/s x "
@@ -261,7 +267,35 @@ def summarize_steps(steps: tuple[StepRecord, ...], window_s: float) -> dict[str,
         "by_kind": by_kind,
         **prediction_errors([s for s, _ in inside]),
         "model_rel_error": _model_errors([s for s, _ in inside]),
+        "prediction_by_class": prediction_by_class([s for s, _ in inside]),
     }
+
+
+def step_class(step: StepRecord) -> str | None:
+    """"<kind> decodes N-M" for a decode-only step, "<kind> prefill N-M" (its prefill
+    tokens) for one with prefill chunks; None without a shape."""
+    if step.shape is None or not step.num_tokens:
+        return None
+    if not step.shape.prefills:
+        size, classes, what = step.shape.num_decodes, DECODE_CLASSES, "decodes"
+    else:
+        size, classes, what = step.shape.num_prefill_tokens, PREFILL_CLASSES, "prefill"
+    low, high = next((lo, hi) for lo, hi in classes if size >= lo and (hi is None or size <= hi))
+    bounds = f"{low}+" if high is None else str(low) if low == high else f"{low}-{high}"
+    return f"{step.kind} {what} {bounds}"
+
+
+def prediction_by_class(steps: Sequence[StepRecord]) -> dict[str, dict[str, Any]] | None:
+    """Measured over predicted time (the plan's prediction) by `step_class`, for the classes of
+    at least MIN_CLASS_STEPS steps that ran to the end: where the latency model is wrong
+    beyond the same-shape spread, and which way (None without predictions)."""
+    by_class: dict[str, list[float]] = {}
+    for step in steps:
+        if not step.aborted and step.predicted_s and (name := step_class(step)) is not None:
+            by_class.setdefault(name, []).append(step.step_s / step.predicted_s)
+    found = {name: {"num_steps": len(ratios), **percentiles(ratios, (10, 50, 90))}
+             for name, ratios in sorted(by_class.items()) if len(ratios) >= MIN_CLASS_STEPS}
+    return found or None
 
 
 def prediction_errors(steps: Sequence[StepRecord], pcts=PERCENTILES) -> dict[str, Any]:

@@ -114,6 +114,19 @@ def step_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+CLASS_COLUMNS = ("policy", "step class", "steps", "measured / predicted p10 / p50 / p90")
+
+
+def class_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Per policy with predictions and step class: where the plan's latency model is wrong."""
+    rows = []
+    for policy, s in report["policies"].items():
+        for name, c in ((s.get("steps") or {}).get("prediction_by_class") or {}).items():
+            rows.append((policy, name, str(c["num_steps"]),
+                         " / ".join(_num(c[p], 1, 2) for p in ("p10", "p50", "p90"))))
+    return rows
+
+
 PREEMPTION_COLUMNS = ("policy", "preemptions", "arrival to abort p50/p99 ms",
                       "layer group p50/p99 ms", "layer reached p50 (min-max)",
                       "offline tokens discarded", "run out (arrival to end p50/p99 ms)",
@@ -184,6 +197,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "Engine steps in the window (server step logs; a step counts by its share "
                   "inside the window):", ""]
         lines += _md_table(STEP_COLUMNS, rows)
+    if rows := class_rows(report):
+        lines += ["", "Where the latency model is wrong: each step's measured over predicted time, by "
+                  "step class (decode-only steps by batch, the others by prefill tokens; classes of "
+                  "8 steps or more):", ""]
+        lines += _md_table(CLASS_COLUMNS, rows)
     if rows := preemption_rows(report):
         lines += ["", "Layer-wise preemption and the server-side online queue (step logs):", ""]
         lines += _md_table(PREEMPTION_COLUMNS, rows)

@@ -56,10 +56,10 @@ def bench(
     """
     from conserve_bench.bench.setting import BenchSetting
     from conserve_bench.bench.phases import run_bench
-    from conserve_bench.bench.tables import (GOAL_COLUMNS, KV_RESUME_COLUMNS, PREEMPTION_COLUMNS,
-                                             POOLED_COLUMNS, STEP_COLUMNS, TABLE_COLUMNS, goal_rows,
-                                             kv_resume_rows, pooled_rows, preemption_rows, step_rows,
-                                             table_rows)
+    from conserve_bench.bench.tables import (CLASS_COLUMNS, GOAL_COLUMNS, KV_RESUME_COLUMNS,
+                                             PREEMPTION_COLUMNS, POOLED_COLUMNS, STEP_COLUMNS,
+                                             TABLE_COLUMNS, class_rows, goal_rows, kv_resume_rows,
+                                             pooled_rows, preemption_rows, step_rows, table_rows)
 
     data_dir = data_dir or default_data_dir()
     output_folder(output)
@@ -88,12 +88,14 @@ def bench(
                                  (GOAL_COLUMNS, goal_rows(report), report["goal"]),
                                  (POOLED_COLUMNS, pooled_rows(report), "each entry over its rounds"),
                                  (STEP_COLUMNS, step_rows(report), "engine steps in the window"),
+                                 (CLASS_COLUMNS, class_rows(report),
+                                  "where the latency model is wrong: measured / predicted by step class"),
                                  (PREEMPTION_COLUMNS, preemption_rows(report),
                                   "layer-wise preemption and the server-side online queue"),
                                  (KV_RESUME_COLUMNS, kv_resume_rows(report),
                                   "offline requests preempted for KV blocks, resumed")):
-        if columns is POOLED_COLUMNS and not rows:
-            continue  # NOTE: one round: nothing pooled
+        if columns in (POOLED_COLUMNS, CLASS_COLUMNS) and not rows:
+            continue  # NOTE: one round: nothing pooled; no policy planned: no predictions
         table = Table(*columns, title=title)
         for row in rows:
             table.add_row(*row)
