@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conserve_bench.bench.summary import (PERCENTILES, RATIO_METRICS, CounterSample, OnlineRecord,
+from conserve_bench.bench.summary import (AA_ENTRY, PERCENTILES, RATIO_METRICS, CounterSample, OnlineRecord,
                                         PhaseResult, StepRecord, build_report, counter_at, metric,
                                         percentiles, summarize_steps)
 from conserve_bench.bench.tables import goal_rows, render_markdown, step_rows, table_rows
@@ -93,7 +93,15 @@ def test_rounds_are_pooled_per_entry_against_online_onlys_rounds():
     tbt = pooled["tail_intervals"]["tbt_ms.p99"]
     assert tbt["ratio"] == pytest.approx(1.5, rel=0.1) and tbt["low"] < tbt["ratio"] < tbt["high"]
     assert report["pooled"]["online-only"]["tail_intervals"] is None
+    # the A/A row: online-only's second round against its first, as far apart as the host put them
+    aa = report["pooled"][AA_ENTRY]
+    assert (aa["rounds"], aa["requests"], aa["harvest_pct_of_slack"]) == (1, 60, None)
+    first, second = (report["policies"][p]["slo_attainment"] for p in ("online-only", "online-only#2"))
+    assert aa["slo_attainment_difference"] == pytest.approx(second - first)
+    tbt = aa["tail_intervals"]["tbt_ms.p99"]
+    assert tbt["ratio"] == pytest.approx(1.0, abs=0.15) and tbt["low"] < tbt["ratio"] < tbt["high"]
     assert "| conserve | 2 | 120 |" in render_markdown(report)
+    assert f"| {AA_ENTRY} | 1 | 60 |" in render_markdown(report)
     assert "pooled" not in build_report(CONFIG, offline_only, phases[:2])
 
 

@@ -31,6 +31,8 @@ PERCENTILES = (50, 90, 99)
 DECODE_CLASSES = ((1, 1), (2, 2), (3, 4), (5, 8), (9, None))
 PREFILL_CLASSES = ((1, 63), (64, 255), (256, 1023), (1024, None))
 MIN_CLASS_STEPS = 8  # a class with fewer steps tells no bias
+# `pool_rounds`' A/A row: online-only's later rounds against its first
+AA_ENTRY = "online-only A/A (later rounds vs the first)"
 GOAL_ATTAINMENT_RATIO = 0.95
 GOAL = ("conserve's goal: SLO attainment within 5% of online-only's (ratio >= 0.95) while "
         "harvesting as much offline work as the slack allows (offline-only tok/s x "
@@ -462,10 +464,13 @@ def pool_rounds(phases: list[PhaseResult], policies: dict[str, dict[str, Any]],
     """Per `--policies` entry, its rounds (`--rounds`) against online-only's rounds: the online
     requests of every round pooled (P99 ratios with a bootstrap interval), SLO attainment and
     offline tokens/s averaged over rounds (each round replays the same requests), the slack
-    averaged over online-only's rounds. Empty with one round.
+    averaged over online-only's rounds. Then AA_ENTRY: online-only's later rounds against its
+    first, the same way, how far apart one policy's runs land on this host (a target tighter
+    than that cannot be told from the host). Empty with one round.
 
     NOTE: the rounds alternate, so the host's drift between phases minutes apart (on 2-core
-    hosts here as large as the effects measured) falls on every policy alike."""
+    hosts here as large as the effects measured) falls on every policy alike. A bootstrap
+    interval resamples requests, not phases: it does not hold that drift; the A/A row shows it."""
     rounds: dict[str, list[str]] = {}
     for phase in phases:
         rounds.setdefault(phase.entry or phase.policy, []).append(phase.policy)
@@ -490,6 +495,16 @@ def pool_rounds(phases: list[PhaseResult], policies: dict[str, dict[str, Any]],
                                           else attainment - base_attainment),
             "offline_tokens_per_s": offline, "slack_tokens_per_s": slack,
             "harvest_pct_of_slack": _ratio(offline, slack, 100.0)}
+    first, later = base[0], base[1:]
+    attainment = _mean(policies[label]["slo_attainment"] for label in later)
+    first_attainment = policies[first]["slo_attainment"]
+    pooled[AA_ENTRY] = {
+        "rounds": len(later), "requests": sum(len(records[label]) for label in later),
+        "tail_intervals": tail_intervals([r for label in later for r in records[label]], records[first]),
+        "slo_attainment": attainment, "online_only_slo_attainment": first_attainment,
+        "slo_attainment_difference": (None if attainment is None or first_attainment is None
+                                      else attainment - first_attainment),
+        "offline_tokens_per_s": None, "slack_tokens_per_s": None, "harvest_pct_of_slack": None}
     return pooled
 
 
