@@ -227,18 +227,21 @@ def test_offline_work_waits_for_the_online_request_whose_arrival_cut_its_step(mo
     assert any(r.startswith("off") for r in run_step(scheduler).num_scheduled_tokens)
 
 
-def test_a_step_an_arrival_let_run_out_keeps_its_work_and_offline_work_waits_for_the_request(model_path):
+def test_a_step_an_arrival_let_run_out_keeps_its_work_and_offline_work_waits_for_the_request(model_path, tmp_path):
     """Past its run-out share (what is left fits in an arrival's wait) an armed step runs to
-    the end: its tokens count, and the arrival is settled as by a cut."""
+    the end: its tokens count, the step log notes where the arrival came, and the arrival is
+    settled as by a cut."""
     from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
     from conserve_bench.sched.policy import run_out_share
+    from conserve_bench.sched.steplog import read_step_log_with_notes
     from conserve_bench.vllm_plugin.overrides import ARRIVAL_KEY
     from conserve_bench.vllm_plugin.preemption import LayerPreemption
     from conserve_bench.vllm_plugin.safepoints import RunOutReport
 
     targets = Targets(ttft_s=2.0, tbt_s=0.2, max_slowdown=0.05, offline_step_s=0.5)
-    scheduler = make_scheduler(model_path, PolicyConfig(targets, CPU_MODEL))
+    scheduler = make_scheduler(model_path, PolicyConfig(targets, CPU_MODEL),
+                               step_log=str(tmp_path / "steps.jsonl"))
     armed = []
     scheduler._preemption = LayerPreemption(scheduler, SimpleNamespace(
         arm=lambda output, cut_above, run_out_from: armed.append((output, run_out_from))))
@@ -257,6 +260,10 @@ def test_a_step_an_arrival_let_run_out_keeps_its_work_and_offline_work_waits_for
         sampled_token_ids=[[] for _ in req_ids],
         kv_connector_output=KVConnectorOutput(kv_connector_worker_meta=report)))
     assert {r: scheduler.requests[r].num_computed_tokens for r in computed} == computed  # kept
+    sample, notes = read_step_log_with_notes(tmp_path / "steps.jsonl")[0]
+    assert (notes["run_out_layer"], notes["num_layers"], notes["arrival_ns"]) == (29, 30, report.arrival_ns)
+    assert notes["arrival_to_end_ms"] >= 0 and "aborted" not in notes
+    assert sample.shape.num_prefill_tokens == sum(step.num_scheduled_tokens.values())  # a real step
     assert run_step(scheduler).total_num_scheduled_tokens == 0  # arrival 1 is on its way
     add(scheduler, "on", 100, priority=0, first_token=4321, extra_args={ARRIVAL_KEY: 1})
     assert dict(run_step(scheduler).num_scheduled_tokens) == {"on": 100}

@@ -26,8 +26,8 @@ from conserve_bench.sched.policy import step_kind
 
 PERCENTILES = (50, 90, 99)
 # Where the plan's latency model is wrong (`prediction_by_class`): decode-only steps by their
-# batch (a CPU's matrix kernels are not linear in it: on 2 cores a batch of 2 ran 9-19% over
-# its prediction, batches of 3 to 6 8-13% under), steps with prefill chunks by their tokens.
+# batch (a CPU's matrix kernels are not linear in it: on 2 cores a batch of 2 ran 1.09-1.27x
+# its prediction at the median, batches of 3-4 0.88-0.99x), the others by their prefill tokens.
 DECODE_CLASSES = ((1, 1), (2, 2), (3, 4), (5, 8), (9, None))
 PREFILL_CLASSES = ((1, 63), (64, 255), (256, 1023), (1024, None))
 MIN_CLASS_STEPS = 8  # a class with fewer steps tells no bias

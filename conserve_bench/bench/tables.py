@@ -222,8 +222,8 @@ def _triple(values: dict[str, float | None]) -> str:
 
 
 def _run_out(preemptions: dict[str, Any]) -> str:
-    """Steps an arrival let run out, and its wait for their end (records before 2026-12-07
-    have neither: "-")."""
+    """Steps an arrival let run out, and its wait for their end (older records have neither:
+    "-")."""
     if "num_run_out" not in preemptions:
         return "-"
     if not preemptions["num_run_out"]:
