@@ -13,7 +13,7 @@ from conserve_bench.sched.steplog import (ScheduledRequest, from_line, read_step
                                           read_step_log_with_notes, step_shape, to_line)
 from conserve_bench.vllm_plugin.overrides import (SCHEDULER_CLS, conserve_config, engine_overrides,
                                                   step_log_path)
-from conserve_bench.vllm_plugin.steplog import StepLogWriter, StepRecorder
+from conserve_bench.vllm_plugin.steplog import CollectorTime, StepLogWriter, StepRecorder
 
 
 def test_prefill_chunks_and_decodes_are_told_apart_by_computed_tokens():
@@ -84,6 +84,46 @@ def test_step_time_is_from_scheduled_to_executed(tmp_path):
     sample = rec.executed(step)
     assert sample == Sample(StepShape((ChunkShape(8, 0),)), 0.25)
     assert read_step_log(tmp_path / "steps.jsonl")[0] == [sample]
+
+
+def test_a_steps_line_gives_the_collectors_time_inside_it(tmp_path):
+    """What of a step's time the garbage collector took (this process's, by `gc.callbacks`):
+    collections before the step or between steps are not the step's."""
+    import gc
+
+    clock = FakeClock()
+    collector = CollectorTime(clock)
+    rec = StepRecorder(StepLogWriter(tmp_path / "steps.jsonl"), clock, collector=collector)
+
+    def collect(start: float, end: float) -> None:
+        clock.now = start
+        collector("start", {"generation": 2})
+        clock.now = end
+        collector("stop", {"generation": 2, "collected": 0})
+
+    collect(0.0, 0.1)  # before any step
+    first, second = object(), object()
+    clock.now = 1.0
+    rec.scheduled(first, [ScheduledRequest(8, 0, 8)])
+    collect(1.1, 1.13)  # 30 ms inside the first step
+    clock.now = 1.5
+    rec.executed(first)
+    collect(1.6, 1.7)  # between the steps
+    clock.now = 2.0
+    rec.scheduled(second, [ScheduledRequest(1, 8, 8)])
+    clock.now = 2.2
+    rec.executed(second)
+    notes = [n for _, n in read_step_log_with_notes(tmp_path / "steps.jsonl")]
+    assert notes[0]["gc_ms"] == pytest.approx(30.0) and "gc_ms" not in notes[1]
+
+    live = CollectorTime().install()
+    try:
+        gc.collect()
+        assert live.total_s > 0  # the real collector calls it
+    finally:
+        rec.close()  # NOTE: removes only its own collector
+        live.remove()
+    assert live not in gc.callbacks and collector not in gc.callbacks
 
 
 def test_without_a_writer_steps_are_only_timed(tmp_path):

@@ -36,7 +36,7 @@ from conserve_bench.vllm_plugin.overrides import (POLICY, REFIT, REFIT_STATE, WA
                                                   write_state)
 from conserve_bench.vllm_plugin.preemption import LayerPreemption
 from conserve_bench.vllm_plugin.safepoints import AbortReport, RunOutReport
-from conserve_bench.vllm_plugin.steplog import StepLogWriter, StepRecorder
+from conserve_bench.vllm_plugin.steplog import CollectorTime, StepLogWriter, StepRecorder
 
 # NOTE: the reference prompt (`Targets.reference_prompt_tokens`) is the 90th percentile of the
 # last NUM_RECENT_PROMPTS online prompts: the promise is about P99 TTFT, which the longest
@@ -90,8 +90,8 @@ class ConserveScheduler(Scheduler):
         self._online_prompts: deque[int] = deque(maxlen=NUM_RECENT_PROMPTS)
         self._arrivals = ArrivalRate()
         path = step_log_path(self.vllm_config.additional_config)
-        self._recorder = (StepRecorder(StepLogWriter(path) if path else None)
-                          if path or self.live or self.tail else None)
+        self._recorder = (StepRecorder(StepLogWriter(path), collector=CollectorTime().install())
+                          if path else StepRecorder(None) if self.live or self.tail else None)
         # NOTE: the connector's scheduler half; None without ConserveConnector loaded
         self._connector_scheduler = (self.connector.connector_scheduler
                                      if isinstance(self.connector, ConserveConnector) else None)
