@@ -90,8 +90,11 @@ class ConserveScheduler(Scheduler):
         self._online_prompts: deque[int] = deque(maxlen=NUM_RECENT_PROMPTS)
         self._arrivals = ArrivalRate()
         path = step_log_path(self.vllm_config.additional_config)
-        self._recorder = (StepRecorder(StepLogWriter(path), collector=CollectorTime().install())
-                          if path else StepRecorder(None) if self.live or self.tail else None)
+        self._recorder: StepRecorder | None = None
+        if path:  # NOTE: a step log also gives the collector's time inside each step
+            self._recorder = StepRecorder(StepLogWriter(path), collector=CollectorTime().install())
+        elif self.live or self.tail:  # they only need steps timed
+            self._recorder = StepRecorder(None)
         # NOTE: the connector's scheduler half; None without ConserveConnector loaded
         self._connector_scheduler = (self.connector.connector_scheduler
                                      if isinstance(self.connector, ConserveConnector) else None)
