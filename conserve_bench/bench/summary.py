@@ -478,33 +478,28 @@ def pool_rounds(phases: list[PhaseResult], policies: dict[str, dict[str, Any]],
     if base is None or len(base) < 2:
         return {}
     records = {p.policy: p.records for p in phases}
-    base_records = [r for label in base for r in records[label]]
-    base_attainment = _mean(policies[label]["slo_attainment"] for label in base)
+
+    def against(labels: list[str], base_labels: list[str]) -> dict[str, Any]:
+        """`labels`' rounds pooled against `base_labels`' (requests, P99 ratios, attainment)."""
+        attainment = _mean(policies[label]["slo_attainment"] for label in labels)
+        base_attainment = _mean(policies[label]["slo_attainment"] for label in base_labels)
+        pooled_records = [r for label in labels for r in records[label]]
+        return {"rounds": len(labels), "requests": len(pooled_records),
+                "tail_intervals": (None if labels == base_labels else tail_intervals(
+                    pooled_records, [r for label in base_labels for r in records[label]])),
+                "slo_attainment": attainment, "online_only_slo_attainment": base_attainment,
+                "slo_attainment_difference": (None if attainment is None or base_attainment is None
+                                              else attainment - base_attainment)}
+
     slacks = [slack_of(offline_only_tokens_per_s, policies[label]) for label in base]
     slack = _mean(s and s["tokens_per_s"] for s in slacks)
     pooled = {}
     for entry, labels in rounds.items():
-        attainment = _mean(policies[label]["slo_attainment"] for label in labels)
         offline = _mean(policies[label]["offline_tokens_per_s"] for label in labels)
-        pooled[entry] = {
-            "rounds": len(labels), "requests": sum(len(records[label]) for label in labels),
-            "tail_intervals": (None if entry == ONLINE_ONLY else
-                               tail_intervals([r for label in labels for r in records[label]], base_records)),
-            "slo_attainment": attainment, "online_only_slo_attainment": base_attainment,
-            "slo_attainment_difference": (None if attainment is None or base_attainment is None
-                                          else attainment - base_attainment),
-            "offline_tokens_per_s": offline, "slack_tokens_per_s": slack,
-            "harvest_pct_of_slack": _ratio(offline, slack, 100.0)}
-    first, later = base[0], base[1:]
-    attainment = _mean(policies[label]["slo_attainment"] for label in later)
-    first_attainment = policies[first]["slo_attainment"]
-    pooled[AA_ENTRY] = {
-        "rounds": len(later), "requests": sum(len(records[label]) for label in later),
-        "tail_intervals": tail_intervals([r for label in later for r in records[label]], records[first]),
-        "slo_attainment": attainment, "online_only_slo_attainment": first_attainment,
-        "slo_attainment_difference": (None if attainment is None or first_attainment is None
-                                      else attainment - first_attainment),
-        "offline_tokens_per_s": None, "slack_tokens_per_s": None, "harvest_pct_of_slack": None}
+        pooled[entry] = {**against(labels, base), "offline_tokens_per_s": offline,
+                         "slack_tokens_per_s": slack, "harvest_pct_of_slack": _ratio(offline, slack, 100.0)}
+    pooled[AA_ENTRY] = {**against(base[1:], base[:1]), "offline_tokens_per_s": None,
+                        "slack_tokens_per_s": None, "harvest_pct_of_slack": None}
     return pooled
 
 
