@@ -119,7 +119,7 @@ class ConserveScheduler(Scheduler):
             output = super().schedule(throttle_prefills)
         else:
             self._make_room_for_online()
-            model = self.live.model if self.live else policy.model
+            model = self._planning_model
             tail = self.tail.factors() if self.tail else TailFactors()
             if self._targets.preemptive:
                 self._targets = replace(self._targets, arrival_rate=self._arrivals.per_s(time.monotonic()))
@@ -169,14 +169,20 @@ class ConserveScheduler(Scheduler):
                     self._observe(sample, usable)
         return super().update_from_output(scheduler_output, model_runner_output)
 
+    @property
+    def _planning_model(self):
+        """The latency model plans are made with: the live one (`LiveModel.model`), else the
+        policy's own."""
+        return self.live.model if self.live else self.conserve_policy.model
+
     def _run_out_from(self, offline_only: bool) -> float:
         """The share of an offline-only step's layers from which an arrival lets it run out:
         what is left of the step, at its kind's planning quantile, fits in an arrival's wait."""
         if not offline_only or self.conserve_policy is None or self.last_plan is None:
             return 1.0
-        model = self.live.model if self.live else self.conserve_policy.model
         tail = self.tail.factors().offline if self.tail else 1.0
-        return run_out_share(self.last_plan.predicted_s * max(1.0, tail), self._targets.arrival_wait_s(model))
+        return run_out_share(self.last_plan.predicted_s * max(1.0, tail),
+                             self._targets.arrival_wait_s(self._planning_model))
 
     def _tail_notes(self) -> dict[str, Any]:
         """The tail factor the step's kind was planned with (1.0: on the mean)."""
@@ -189,7 +195,7 @@ class ConserveScheduler(Scheduler):
         (before a refit replaces the model that planned it)."""
         kind = next((k for output, k in self._planned if output is scheduler_output), None)
         if self.tail is not None and usable and kind is not None:
-            model = self.live.model if self.live else self.conserve_policy.model
+            model = self._planning_model
             self.tail.observe(kind, model.predict(sample.shape), sample.step_s)
 
     def _observe(self, sample, usable: bool) -> None:
