@@ -211,7 +211,7 @@ def test_prediction_by_step_class_shows_which_way_the_model_is_wrong_where():
     assert step_class(StepRecord(1.0, 0.03, 2, 0, shape=decodes(2))) == "online decodes 2"
     assert step_class(StepRecord(1.0, 0.03, 6, 0, shape=decodes(6))) == "online decodes 5-8"
     chunk = StepShape(prefills=(ChunkShape(300, 0),), decode_context_lens=(50,))
-    assert step_class(StepRecord(1.0, 0.3, 301, 300, shape=chunk)) == "mixed prefill 256-1023"
+    assert step_class(StepRecord(1.0, 0.3, 301, 300, shape=chunk)) == "mixed prefill 256-1023 + decodes"
     offline = StepShape(prefills=(ChunkShape(2000, 0),))
     assert step_class(StepRecord(1.0, 2.0, 2000, 2000, shape=offline)) == "offline prefill 1024+"
     assert step_class(StepRecord(1.0, 0.03, 2, 0)) is None  # no shape logged

@@ -175,7 +175,8 @@ def test_the_next_server_starts_from_the_refit_and_margins_the_last_one_stored(t
     margins = TailFactors(online=1.05, mixed=1.5, offline=1.2)
     write_refit_state(str(tmp_path / "refit.json"), replace(status, tail=margins), refit_s=0.001)
     RefitWatcher(str(tmp_path / "refit.json"), store, profile.key).poll()
-    assert status.adopted and warm_start(cfg, profile) == WarmStart(status.refit, margins)
+    assert status.adopted and status.corrections  # the steps' classes, measured against the refit
+    assert warm_start(cfg, profile) == WarmStart(status.refit, margins, status.corrections)
     assert warm_start(replace(cfg, warm_start=False), profile) is None
     assert warm_start(replace(cfg, policy="online-only"), profile) is None
 

@@ -23,13 +23,12 @@ from typing import Any
 from conserve_bench.config import ServePolicy
 from conserve_bench.sched.latency import Sample, StepShape, shape_spread
 from conserve_bench.sched.policy import step_kind
+from conserve_bench.sched.sizes import size_class
 
 PERCENTILES = (50, 90, 99)
 # Where the plan's latency model is wrong (`prediction_by_class`): decode-only steps by their
 # batch (a CPU's matrix kernels are not linear in it: on 2 cores a batch of 2 ran 1.09-1.27x
 # its prediction at the median, batches of 3-4 0.88-0.99x), the others by their prefill tokens.
-DECODE_CLASSES = ((1, 1), (2, 2), (3, 4), (5, 8), (9, None))
-PREFILL_CLASSES = ((1, 63), (64, 255), (256, 1023), (1024, None))
 MIN_CLASS_STEPS = 8  # a class with fewer steps tells no bias
 # `pool_rounds`' A/A row: online-only's later rounds against its first
 AA_ENTRY = "online-only A/A (later rounds vs the first)"
@@ -274,17 +273,10 @@ def summarize_steps(steps: tuple[StepRecord, ...], window_s: float) -> dict[str,
 
 
 def step_class(step: StepRecord) -> str | None:
-    """"<kind> decodes N-M" for a decode-only step, "<kind> prefill N-M" (its prefill
-    tokens) for one with prefill chunks; None without a shape."""
-    if step.shape is None or not step.num_tokens:
-        return None
-    if not step.shape.prefills:
-        size, classes, what = step.shape.num_decodes, DECODE_CLASSES, "decodes"
-    else:
-        size, classes, what = step.shape.num_prefill_tokens, PREFILL_CLASSES, "prefill"
-    low, high = next((lo, hi) for lo, hi in classes if size >= lo and (hi is None or size <= hi))
-    bounds = f"{low}+" if high is None else str(low) if low == high else f"{low}-{high}"
-    return f"{step.kind} {what} {bounds}"
+    """"<kind> <size class>" (`sizes.size_class`: "online decodes 2", "mixed prefill 1-63 +
+    decodes"); None without a shape."""
+    name = size_class(step.shape) if step.shape is not None else None
+    return f"{step.kind} {name}" if name is not None else None
 
 
 def prediction_by_class(steps: Sequence[StepRecord]) -> dict[str, dict[str, Any]] | None:

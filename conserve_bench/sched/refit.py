@@ -7,7 +7,8 @@ each executed step and plans with `LiveModel.model`.
 
     live = LiveModel(profile_model)
     live.observe(sample)          # after every step; refits every `RefitConfig.every` steps
-    live.model, live.status       # the model that plans, and both models' live errors
+    live.model, live.status       # the linear model that plans, and both models' live errors
+    live.sized                    # that model corrected by size class: what the planner uses
 
 A restarted server starts from what the last one learned (`WarmStart`: the refit it planned
 with and its tail margins, stored with the profile) instead of from the idle profile.
@@ -16,11 +17,15 @@ with and its tail margins, stored with the profile) instead of from the idle pro
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+import numpy as np
 
 from conserve_bench.sched.latency import FitError, LatencyModel, Sample, StepTable, evaluate, fit
 from conserve_bench.sched.policy import TailFactors
+from conserve_bench.sched.sizes import SizedModel, size_class
 
 
 @dataclass(frozen=True)
@@ -37,9 +42,14 @@ class RefitConfig:
     # the profile's value instead of whatever fits the other features best.
     prior_weight: float = 0.01
     adopt: bool = True  # False: refit and report, but the profile's model always plans
+    # Size corrections (`SizeCorrections`): each size class's last `size_window` steps; a class
+    # is corrected from its `size_min_samples`th. size_window 0: no corrections.
+    size_window: int = 64
+    size_min_samples: int = 8
 
     def __post_init__(self) -> None:
-        if not (0 < self.judge_fraction < 1 and self.every >= 1 and self.window >= self.min_samples >= 8):
+        if not (0 < self.judge_fraction < 1 and self.every >= 1 and self.window >= self.min_samples >= 8
+                and self.size_window >= 0 and self.size_min_samples >= 1):
             raise ValueError(f"bad refit settings: {self}")
 
     @classmethod
@@ -61,64 +71,82 @@ class RefitStatus:
     num_refits: int
     num_steps: int  # live steps seen so far
     tail: TailFactors | None = None  # the tail margins when it ran (`TailMargin`), if kept
+    # the size corrections of the model that plans from now on (`SizeCorrections`)
+    corrections: Mapping[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"profile_error": asdict(self.profile_error), "refit_error": asdict(self.refit_error),
                 "adopted": self.adopted, "refit": self.refit.to_dict(),
                 "num_refits": self.num_refits, "num_steps": self.num_steps,
-                "tail": asdict(self.tail) if self.tail is not None else None}
+                "tail": asdict(self.tail) if self.tail is not None else None,
+                "corrections": dict(self.corrections)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RefitStatus:
-        tail = data.get("tail")  # NOTE: absent from refits stored before margins were kept
+        # NOTE: margins and corrections are absent from refits stored before they were kept
+        tail = data.get("tail")
         return cls(FitError(**data["profile_error"]), FitError(**data["refit_error"]),
                    bool(data["adopted"]), LatencyModel.from_dict(data["refit"]),
                    int(data["num_refits"]), int(data["num_steps"]),
-                   TailFactors(**tail) if tail else None)
+                   TailFactors(**tail) if tail else None, data.get("corrections") or {})
 
 
 @dataclass(frozen=True)
 class WarmStart:
     """What a server learned live, for the next one on the same profile to plan with from its
-    first step: the refit it had adopted (None: it planned with the profile's model) and the
-    tail margins it had measured. Without it a restarted server plans on the idle profile,
-    which under serving load underprices steps by 15-40% on a 2-core host, until its first
-    refit (about 80 steps), and on the mean until each step kind's margin counts (8 steps).
-    It is never trusted further than that: the first live refit is judged against the
-    profile's model alone, and each kind's margin is its live one from its 8th step.
+    first step: the refit it had adopted (None: it planned with the profile's model), its size
+    corrections and the tail margins it had measured. Without it a restarted server plans on
+    the idle profile, which under serving load underprices steps by 15-40% on a 2-core host,
+    until its first refit (about 80 steps), and on the mean until each step kind's margin
+    counts (8 steps). It is never trusted further than that: the first live refit is judged
+    against the profile's model alone, and each kind's margin and each size class's
+    correction is its live one from its 8th step.
 
         warm = WarmStart.from_status(stored_status)
-        LiveModel(profile_model, start=warm.model); TailMargin(0.9, prior=warm.tail)
+        LiveModel(profile_model, start=warm.model, corrections=warm.corrections)
+        TailMargin(0.9, prior=warm.tail)
     """
 
     model: LatencyModel | None = None
     tail: TailFactors = TailFactors()
+    corrections: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_status(cls, status: RefitStatus) -> WarmStart:
-        return cls(status.refit if status.adopted else None, status.tail or TailFactors())
+        return cls(status.refit if status.adopted else None, status.tail or TailFactors(),
+                   status.corrections)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model.to_dict() if self.model is not None else None, "tail": asdict(self.tail)}
+        return {"model": self.model.to_dict() if self.model is not None else None, "tail": asdict(self.tail),
+                "corrections": dict(self.corrections)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WarmStart:
         model = data.get("model")
-        return cls(LatencyModel.from_dict(model) if model else None, TailFactors(**data["tail"]))
+        return cls(LatencyModel.from_dict(model) if model else None, TailFactors(**data["tail"]),
+                   data.get("corrections") or {})
 
 
 class LiveModel:
-    """The profile's latency model, refitted from live steps when that predicts them better.
-    `start`: the model to plan with until the first refit (a `WarmStart`'s; None: the profile's)."""
+    """The profile's latency model, refitted from live steps when that predicts them better,
+    and corrected by size class (`sized`). `start`: the model to plan with until the first
+    refit, `corrections` each class's until it counts (a `WarmStart`'s; None: the profile's)."""
 
     def __init__(self, profile: LatencyModel, cfg: RefitConfig = RefitConfig(),
-                 start: LatencyModel | None = None):
+                 start: LatencyModel | None = None, corrections: Mapping[str, float] | None = None):
         self.profile, self.cfg = profile, cfg
         self.model = start if start is not None and cfg.adopt else profile  # the one that plans
+        self.sizes = (SizeCorrections(cfg.size_window, cfg.size_min_samples, corrections or {})
+                      if cfg.adopt and cfg.size_window else None)
         self.status: RefitStatus | None = None
         # NOTE: kept as feature rows, so that a refit is array work only (about a millisecond)
         self._window: deque[tuple[tuple[float, ...], float]] = deque(maxlen=cfg.window)
         self._num_steps = self._num_new = 0
+
+    @property
+    def sized(self) -> LatencyModel:
+        """`model` corrected by size class (`SizeCorrections`): what the planner plans with."""
+        return self.sizes.model(self.model) if self.sizes is not None else self.model
 
     @property
     def refit(self) -> LatencyModel | None:
@@ -135,13 +163,17 @@ class LiveModel:
         if not usable or self._num_steps <= self.cfg.warmup_steps or not sample.step_s > 0:
             return None
         self._window.append((sample.shape.features(), sample.step_s))
+        if self.sizes is not None:
+            self.sizes.observe(sample)
         self._num_new += 1
         if self._num_new < self.cfg.every or len(self._window) < self.cfg.min_samples:
             return None
         self._num_new = 0
         features, times = zip(*self._window)
-        self.status = self._refit(StepTable.from_rows(features, times))
-        self.model = self.status.refit if self.status.adopted else self.profile
+        status = self._refit(StepTable.from_rows(features, times))
+        self.model = status.refit if status.adopted else self.profile
+        corrections = self.sizes.model(self.model).corrections if self.sizes is not None else {}
+        self.status = replace(status, corrections=corrections)
         return self.status
 
     def _refit(self, samples: StepTable) -> RefitStatus:
@@ -154,6 +186,54 @@ class LiveModel:
         refit = fit(samples, self.profile, self.cfg.prior_weight)
         num_refits = 1 + (self.status.num_refits if self.status else 0)
         return RefitStatus(profile_error, refit_error, adopted, refit, num_refits, self._num_steps)
+
+
+class SizeCorrections:
+    """Where the linear model is wrong by a step's size, live: per size class
+    (`sizes.size_class`), the median of measured over predicted time of its last `window`
+    steps, against whichever model plans now (steps are kept, not ratios, so a refit is
+    judged on them afresh). A class of fewer than `min_samples` steps: its `prior` (a
+    `WarmStart`'s), else uncorrected.
+
+        sizes = SizeCorrections(64, 8)
+        sizes.observe(sample)                  # each usable step
+        sizes.model(live_model).predict(shape) # a `sizes.SizedModel`
+    """
+
+    def __init__(self, window: int, min_samples: int, prior: Mapping[str, float] | None = None):
+        self.window, self.min_samples = window, min_samples
+        self._steps: dict[str, deque[tuple[tuple[float, ...], float]]] = {}
+        self._corrections = dict(prior or {})
+        self._stale: set[str] = set()
+        self._sized: SizedModel | None = None
+        self._base: LatencyModel | None = None
+
+    def observe(self, sample: Sample) -> None:
+        name = size_class(sample.shape)
+        if name is not None and sample.step_s > 0:
+            self._steps.setdefault(name, deque(maxlen=self.window)).append(
+                (sample.shape.features(), sample.step_s))
+            self._stale.add(name)
+
+    def model(self, model: LatencyModel) -> SizedModel:
+        """`model` with the corrections measured against it. NOTE: recomputed for the classes
+        with new steps only (a class's window: about 0.1 ms), for all when `model` changed."""
+        stale = set(self._steps) if model is not self._base else self._stale
+        changed = [name for name in stale if self._update(name, model)]
+        if self._sized is None or changed or model is not self._base:
+            self._sized, self._base = SizedModel.of(model, self._corrections), model
+        self._stale = set()
+        return self._sized
+
+    def _update(self, name: str, model: LatencyModel) -> bool:
+        """Measure `name`'s correction against `model` afresh; whether it changed."""
+        steps = self._steps[name]
+        if len(steps) < self.min_samples:
+            return False
+        features, times = zip(*steps)
+        predicted = np.maximum(np.array(features) @ np.array(model.coefficients), 1e-12)
+        old, self._corrections[name] = self._corrections.get(name), float(np.median(times / predicted))
+        return self._corrections[name] != old
 
 
 def _better(candidate: FitError, incumbent: FitError) -> bool:

@@ -79,7 +79,7 @@ class ConserveScheduler(Scheduler):
         self.last_plan: StepPlan | None = None
         warm = WarmStart.from_dict(conserve[WARM_START]) if WARM_START in conserve else WarmStart()
         refit = RefitConfig.from_dict(conserve[REFIT]) if REFIT in conserve else RefitConfig()
-        self.live = (LiveModel(self.conserve_policy.model, refit, warm.model)
+        self.live = (LiveModel(self.conserve_policy.model, refit, warm.model, warm.corrections)
                      if self.conserve_policy is not None and REFIT in conserve else None)
         self.tail = (TailMargin(self.conserve_policy.tail_quantile, prior=warm.tail,
                                 warmup_steps=refit.warmup_steps)
@@ -171,9 +171,9 @@ class ConserveScheduler(Scheduler):
 
     @property
     def _planning_model(self):
-        """The latency model plans are made with: the live one (`LiveModel.model`), else the
-        policy's own."""
-        return self.live.model if self.live else self.conserve_policy.model
+        """The latency model plans are made with: the live one, corrected by size class
+        (`LiveModel.sized`), else the policy's own."""
+        return self.live.sized if self.live else self.conserve_policy.model
 
     def _run_out_from(self, offline_only: bool) -> float:
         """The share of an offline-only step's layers from which an arrival lets it run out:
