@@ -115,9 +115,9 @@ def test_a_class_counts_from_its_min_samples_th_step_and_keeps_its_prior_before(
     sizes = SizeCorrections(window=64, min_samples=8, prior={"decodes 2": 1.5})
     slow = [Sample(decodes(2), 1.2 * BASE.predict(decodes(2)))] * 7
     for sample in slow:
-        sizes.observe(sample)
+        sizes.observe(sample, BASE)
     assert sizes.model(BASE).corrections == {"decodes 2": 1.5}
-    sizes.observe(slow[0])
+    sizes.observe(slow[0], BASE)
     assert sizes.model(BASE).corrections["decodes 2"] == pytest.approx(1.2)
     faster = LatencyModel(tuple(1.2 * c for c in BASE.coefficients))
     assert sizes.model(faster).corrections["decodes 2"] == pytest.approx(1.0)  # measured afresh

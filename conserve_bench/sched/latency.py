@@ -145,13 +145,14 @@ class LatencyModel:
 
     def predict(self, shape: StepShape) -> float:
         """Predicted step time in seconds."""
-        return self._predict_features(shape.features())
+        return self.predict_features(shape.features())
 
     def prefill_attention_s(self, shape: StepShape) -> float:
         """The part of `predict(shape)` its prefill chunks' attention accounts for."""
         return self.coefficients[FEATURES.index("prefill_attention")] * shape.prefill_attention
 
-    def _predict_features(self, features: Sequence[float]) -> float:
+    def predict_features(self, features: Sequence[float]) -> float:
+        """Predicted step time in seconds for a row of `FEATURES` values (`StepShape.features`)."""
         return sum(c * f for c, f in zip(self.coefficients, features))
 
     def max_tokens_within(self, budget_s: float, base_shape: StepShape, context: int,
@@ -166,7 +167,7 @@ class LatencyModel:
         estimate = _solve_quadratic(c_ap / 2, slope, budget_s - self.predict(base_shape) - joins)
 
         def predict_n(n: int) -> float:
-            return self._predict_features(_features(
+            return self.predict_features(_features(
                 num_prefill + n, num_decodes, attention, twice_prefill_attention + n * (2 * context + n),
                 num_logprob + (n if prompt_logprobs else 0)))
 
@@ -182,7 +183,7 @@ class LatencyModel:
                                     budget_s - self.predict(base_shape) - joins)
 
         def predict_k(k: int) -> float:
-            return self._predict_features(_features(
+            return self.predict_features(_features(
                 num_prefill, num_decodes + k, attention + k * context_len, twice_prefill_attention,
                 num_logprob))
 

@@ -84,10 +84,10 @@ class SizedModel(LatencyModel):
         decodes = " + decodes" if base_shape.num_decodes else ""
         num_before = base_shape.num_prefill_tokens
         best = 0
-        for low, high, name in _spans("prefill", PREFILL_CLASSES, num_before, max_tokens):
+        for least, most, name in _spans("prefill", PREFILL_CLASSES, num_before, max_tokens):
             within = super().max_tokens_within(budget_s / self.corrections.get(name + decodes, 1.0),
-                                               base_shape, context, prompt_logprobs, high)
-            best = max(best, within) if within >= low else best
+                                               base_shape, context, prompt_logprobs, most)
+            best = max(best, within) if within >= least else best
         return best
 
     def max_decodes_within(self, budget_s: float, base_shape: StepShape, context_len: int,
@@ -97,10 +97,10 @@ class SizedModel(LatencyModel):
             return super().max_decodes_within(budget_s / self.corrections.get(name, 1.0),
                                               base_shape, context_len, max_decodes)
         best = 0
-        for low, high, name in _spans("decodes", DECODE_CLASSES, base_shape.num_decodes, max_decodes):
+        for least, most, name in _spans("decodes", DECODE_CLASSES, base_shape.num_decodes, max_decodes):
             within = super().max_decodes_within(budget_s / self.corrections.get(name, 1.0),
-                                                base_shape, context_len, high)
-            best = max(best, within) if within >= low else best
+                                                base_shape, context_len, most)
+            best = max(best, within) if within >= least else best
         return best
 
 

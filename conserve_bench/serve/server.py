@@ -309,8 +309,9 @@ def with_plugins(engine_cfg: EngineConfig, cfg: ServeConfig, profile, targets: T
 
 def warm_start(cfg: ServeConfig, profile) -> WarmStart | None:
     """What the last `conserve` server on this profile learned live (`refit.WarmStart`: its
-    adopted refit and tail margins, stored under the profile's key), or None: none stored,
-    another policy, or `--no-warm-start`. Logged in one line, with the refit's age."""
+    adopted refit, its size corrections and tail margins, stored under the profile's key), or
+    None: none stored, another policy, or `--no-warm-start`. Logged in one line, with the
+    refit's age."""
     if cfg.policy != ServePolicy.CONSERVE or not cfg.warm_start or profile is None:
         return None
     from conserve_bench.profiling.profiles import refit_for
@@ -322,10 +323,10 @@ def warm_start(cfg: ServeConfig, profile) -> WarmStart | None:
     status, stored_at = found
     warm = WarmStart.from_status(status)
     log.warning("conserve: warm start from the live refit stored %.0f s ago after %d steps: plans with "
-                "%s, tail margins mixed %.2f, offline %.2f (--no-warm-start: the profile's, 1.0)",
-                max(0.0, time.time() - stored_at), status.num_steps,
+                "%s, %d size corrections, tail margins mixed %.2f, offline %.2f (--no-warm-start: "
+                "the profile's, 1.0)", max(0.0, time.time() - stored_at), status.num_steps,
                 "the refit" if warm.model is not None and cfg.refit else "the profile's model",
-                warm.tail.mixed, warm.tail.offline)
+                len(warm.corrections), warm.tail.mixed, warm.tail.offline)
     return warm
 
 
