@@ -147,6 +147,9 @@ def test_the_server_shows_and_stores_what_the_engine_wrote(tmp_path, store):
     assert gauge("profile", "0.9") == pytest.approx(status.profile_error.p90_rel)
     assert gauge("refit", "0.5") == pytest.approx(status.refit_error.median_rel)
     assert REGISTRY.get_sample_value("conserve_latency_model_refit_adopted") == 1
+    assert status.corrections and all(
+        REGISTRY.get_sample_value("conserve_latency_model_size_correction", {"size_class": name})
+        == pytest.approx(value) for name, value in status.corrections.items())
     assert refit_for(store, key)[0] == status
 
 

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conserve_bench.sched.latency import ChunkShape, LatencyModel, Sample, StepShape
+from conserve_bench.sched.latency import ChunkShape, FitError, LatencyModel, Sample, StepShape
 from conserve_bench.sched.refit import LiveModel, RefitConfig, RefitStatus, SizeCorrections, WarmStart
-from conserve_bench.sched.sizes import SizedModel, size_class
+from conserve_bench.sched.sizes import ALL_STEPS, SizedModel, size_class
 
 BASE = LatencyModel((0.02, 1e-3, 0.8e-3, 1e-7, 1e-8, 0.5e-3, 1e-3))
 # a CPU's kernels: a decode batch of 2 runs 1.25x the linear model, of 3-4 0.9x
@@ -62,7 +62,7 @@ shapes = st.builds(
 @given(base=shapes, budget=st.floats(0.0, 0.8), context=st.integers(0, 900), cap=st.integers(1, 40),
        logprobs=st.booleans())
 def test_the_inversions_give_the_most_tokens_within_the_budget(base, budget, context, cap, logprobs):
-    sized = SizedModel.of(BASE, BIASED)
+    sized = SizedModel.of(BASE, BIASED, default=1.15)
 
     def most(within):
         return max(n for n in range(cap + 1) if n == 0 or within(n) <= budget)
@@ -99,8 +99,22 @@ def test_the_live_model_learns_each_classs_correction_and_plans_with_it():
     refitted = [(status, live.sized) for sample in live_steps(200, seed=2)
                 if (status := live.observe(sample)) is not None]
     status, sized = refitted[-1]
-    assert sized.base == live.model and status.corrections == dict(sized.corrections)
+    assert sized.base == live.model and status.corrections == {**sized.corrections, ALL_STEPS: sized.default}
     assert live.sized.corrections["decodes 2"] == pytest.approx(1.25, rel=0.1)
+
+
+def test_a_class_without_steps_of_its_own_is_priced_as_all_steps_are():
+    """Online decodes run 1.3x the model; an offline chunk beside them (a class no step has
+    shown yet) is priced 1.3x too, not by the bare model: it no longer fits a 5% share."""
+    sizes = SizeCorrections(window=64, min_samples=8)
+    for _ in range(8):
+        sizes.observe(Sample(decodes(1), 1.3 * BASE.predict(decodes(1))), BASE)
+    sized = sizes.model(BASE)
+    assert sized.default == pytest.approx(1.3) and "prefill 1-63 + decodes" not in sized.corrections
+    budget = 1.05 * sized.predict(decodes(1))
+    assert SizedModel.of(BASE, sized.corrections).max_tokens_within(budget, decodes(1), 0) >= 1
+    assert sized.max_tokens_within(budget, decodes(1), 0) == 0
+    assert sizes.measured(BASE) == {"decodes 1": pytest.approx(1.3), ALL_STEPS: pytest.approx(1.3)}
 
 
 def test_no_corrections_without_adoption_or_a_window():
@@ -124,16 +138,12 @@ def test_a_class_counts_from_its_min_samples_th_step_and_keeps_its_prior_before(
 
 
 def test_a_warm_start_carries_the_corrections_and_older_states_have_none():
-    status = RefitStatus(*_status_fields(), corrections={"decodes 2": 1.2})
+    status = RefitStatus(FitError(0.3, 0.4, 0.6, 50), FitError(0.05, 0.1, 0.2, 50), True, BASE, 3, 400,
+                         corrections={"decodes 2": 1.2})
     kept = RefitStatus.from_dict(json.loads(json.dumps(status.to_dict())))
-    assert WarmStart.from_dict(json.loads(json.dumps(WarmStart.from_status(kept).to_dict()))).corrections == {
-        "decodes 2": 1.2}
+    warm = WarmStart.from_dict(json.loads(json.dumps(WarmStart.from_status(kept).to_dict())))
+    assert warm.corrections == {"decodes 2": 1.2}
     older = {k: v for k, v in status.to_dict().items() if k != "corrections"}
     assert RefitStatus.from_dict(older).corrections == {}
     live = LiveModel(BASE, CFG, corrections={"decodes 2": 1.2})
     assert live.sized.predict(decodes(2)) == pytest.approx(1.2 * BASE.predict(decodes(2)))
-
-
-def _status_fields():
-    from conserve_bench.sched.latency import FitError
-    return FitError(0.3, 0.4, 0.6, 50), FitError(0.05, 0.1, 0.2, 50), True, BASE, 3, 400

@@ -12,7 +12,8 @@ no vLLM, no clock; `ConserveScheduler` feeds it each executed step and plans wit
     live.sized                    # that model corrected by size class: what the planner uses
 
 A restarted server starts from what the last one learned (`WarmStart`: the refit it planned
-with and its tail margins, stored with the profile) instead of from the idle profile.
+with, its size corrections and tail margins, stored with the profile) instead of from the
+idle profile.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 from conserve_bench.sched.latency import FitError, LatencyModel, Sample, StepTable, evaluate, fit
 from conserve_bench.sched.policy import TailFactors
-from conserve_bench.sched.sizes import SizedModel, size_class
+from conserve_bench.sched.sizes import ALL_STEPS, SizedModel, size_class
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ class LiveModel:
         features, times = zip(*self._window)
         status = self._refit(StepTable.from_rows(features, times))
         self.model = status.refit if status.adopted else self.profile
-        corrections = self.sizes.model(self.model).corrections if self.sizes is not None else {}
+        corrections = self.sizes.measured(self.model) if self.sizes is not None else {}
         self.status = replace(status, corrections=corrections)
         return self.status
 
@@ -193,11 +194,13 @@ class SizeCorrections:
     (`sizes.size_class`), the median of measured over predicted time of its last `window`
     steps, against whichever model plans now (the steps are kept, so that after a refit each
     class is measured against the new model). A class of fewer than `min_samples` steps: its
-    `prior` (a `WarmStart`'s), else uncorrected.
+    `prior` (a `WarmStart`'s), else the median over the last `window` steps of any class
+    (`sizes.ALL_STEPS`), else uncorrected.
 
         sizes = SizeCorrections(64, 8)
         sizes.observe(sample, live_model)      # each usable step
         sizes.model(live_model).predict(shape) # a `sizes.SizedModel`
+        sizes.measured(live_model)             # by class, and ALL_STEPS: what a warm start keeps
 
     NOTE: plain Python, a ratio per step and a median of 64 (9 us): it runs between two
     engine steps, where numpy on the same rows (0.07 ms alone) made the engine core's time
@@ -222,10 +225,16 @@ class SizeCorrections:
         if model is not self._base:
             self._measure_against(model)
         features = sample.shape.features()
-        self._steps.setdefault(name, deque(maxlen=self.window)).append((features, sample.step_s))
-        self._ratios.setdefault(name, deque(maxlen=self.window)).append(
-            sample.step_s / _predicted(model, features))
-        self._stale.add(name)
+        ratio = sample.step_s / _predicted(model, features)
+        for key in (name, ALL_STEPS):
+            self._steps.setdefault(key, deque(maxlen=self.window)).append((features, sample.step_s))
+            self._ratios.setdefault(key, deque(maxlen=self.window)).append(ratio)
+            self._stale.add(key)
+
+    def measured(self, model: LatencyModel) -> dict[str, float]:
+        """The corrections against `model`, by class and `ALL_STEPS`: what a warm start keeps."""
+        self.model(model)
+        return dict(self._corrections)
 
     def model(self, model: LatencyModel) -> SizedModel:
         """`model` with the corrections measured against it."""
@@ -235,7 +244,8 @@ class SizeCorrections:
             if len(self._ratios[name]) >= self.min_samples:
                 self._corrections[name] = statistics.median(self._ratios[name])
         if self._sized is None or self._stale:
-            self._sized = SizedModel.of(model, self._corrections)
+            by_class = {k: v for k, v in self._corrections.items() if k != ALL_STEPS}
+            self._sized = SizedModel.of(model, by_class, self._corrections.get(ALL_STEPS, 1.0))
         self._stale = set()
         return self._sized
 

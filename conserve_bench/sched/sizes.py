@@ -23,6 +23,7 @@ from conserve_bench.sched.latency import DEFAULT_MAX_TOKENS, LatencyModel, StepS
 # Size classes: (least, most) sizes, None = unbounded
 DECODE_CLASSES = ((1, 1), (2, 2), (3, 4), (5, 8), (9, None))
 PREFILL_CLASSES = ((1, 63), (64, 255), (256, 1023), (1024, None))
+ALL_STEPS = "all steps"  # stored beside the classes: the correction of a class without its own
 
 
 def size_class(shape: StepShape) -> str | None:
@@ -46,32 +47,40 @@ def _name(what: str, low: int, high: int | None) -> str:
 @dataclass(frozen=True)
 class SizedModel(LatencyModel):
     """A `LatencyModel` whose prediction for a step is scaled by its size class's entry in
-    `corrections` (measured over predicted, 1.0 where absent). Plans like its base: the
-    inversions find the most tokens within a budget class by class, each class's part of the
-    base model being monotone.
+    `corrections` (measured over predicted; `default` for a class without one). Plans like
+    its base: the inversions find the most tokens within a budget class by class, each
+    class's part of the base model being monotone.
 
         SizedModel(model.coefficients, model.fit_error, {"decodes 2": 1.2}).predict(shape)
     """
 
     corrections: Mapping[str, float] = field(default_factory=dict)
+    # NOTE: a class without steps of its own must not be priced below those with them: an
+    # offline chunk beside online decodes (a class seen only once offline work joins) would
+    # be priced by the bare model against online steps priced 1.3x over it, and fit a 5%
+    # share it overran by 27-39% (a `serve` test on 2 cores). `SizeCorrections` gives the
+    # median over all recent steps.
+    default: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not all(f > 0 for f in self.corrections.values()):
-            raise ValueError(f"size corrections must be > 0: {dict(self.corrections)}")
+        if not all(f > 0 for f in (*self.corrections.values(), self.default)):
+            raise ValueError(f"size corrections must be > 0: {dict(self.corrections)}, {self.default}")
         object.__setattr__(self, "corrections", MappingProxyType(dict(self.corrections)))
 
     @classmethod
-    def of(cls, model: LatencyModel, corrections: Mapping[str, float]) -> SizedModel:
-        return cls(model.coefficients, model.fit_error, corrections)
+    def of(cls, model: LatencyModel, corrections: Mapping[str, float], default: float = 1.0) -> SizedModel:
+        return cls(model.coefficients, model.fit_error, corrections, default)
 
     @property
     def base(self) -> LatencyModel:
         return LatencyModel(self.coefficients, self.fit_error)
 
     def correction(self, shape: StepShape) -> float:
-        name = size_class(shape)
-        return self.corrections.get(name, 1.0) if name is not None else 1.0
+        return self._correction(size_class(shape))
+
+    def _correction(self, name: str | None) -> float:
+        return self.corrections.get(name, self.default) if name is not None else 1.0
 
     def predict(self, shape: StepShape) -> float:
         return super().predict(shape) * self.correction(shape)
@@ -85,7 +94,7 @@ class SizedModel(LatencyModel):
         num_before = base_shape.num_prefill_tokens
         best = 0
         for least, most, name in _spans("prefill", PREFILL_CLASSES, num_before, max_tokens):
-            within = super().max_tokens_within(budget_s / self.corrections.get(name + decodes, 1.0),
+            within = super().max_tokens_within(budget_s / self._correction(name + decodes),
                                                base_shape, context, prompt_logprobs, most)
             best = max(best, within) if within >= least else best
         return best
@@ -94,11 +103,11 @@ class SizedModel(LatencyModel):
                            max_decodes: int = DEFAULT_MAX_TOKENS) -> int:
         if base_shape.prefills:  # NOTE: its class is the same for any number of decodes added
             name = size_class(base_shape.with_decodes([context_len]))
-            return super().max_decodes_within(budget_s / self.corrections.get(name, 1.0),
+            return super().max_decodes_within(budget_s / self._correction(name),
                                               base_shape, context_len, max_decodes)
         best = 0
         for least, most, name in _spans("decodes", DECODE_CLASSES, base_shape.num_decodes, max_decodes):
-            within = super().max_decodes_within(budget_s / self.corrections.get(name, 1.0),
+            within = super().max_decodes_within(budget_s / self._correction(name),
                                                 base_shape, context_len, most)
             best = max(best, within) if within >= least else best
         return best

@@ -55,6 +55,9 @@ _MODEL_ERROR = Gauge("conserve_latency_model_rel_error",
 _REFIT_ADOPTED = Gauge("conserve_latency_model_refit_adopted",
                        "1 while the live refit plans, 0 while the profile's model does.")
 _REFITS = Gauge("conserve_latency_model_refits", "Live refits since the engine started.")
+_SIZE_CORRECTION = Gauge("conserve_latency_model_size_correction",
+                         "Measured over predicted step time of a size class, by which the planner "
+                         "scales the linear model's prediction for it (1: uncorrected).", ["size_class"])
 _POOL_BYTES = Gauge("conserve_kv_checkpoint_bytes", "The KV checkpoint host pool, in bytes.",
                     ["state"])
 _POOL_REQUESTS = Gauge("conserve_kv_checkpoint_requests", "Offline requests tracked by the pool.")
@@ -183,6 +186,8 @@ class RefitWatcher:
                 _MODEL_ERROR.labels(model, quantile).set(value)
         _REFIT_ADOPTED.set(1 if status.adopted else 0)
         _REFITS.set(status.num_refits)
+        for size_class, correction in status.corrections.items():
+            _SIZE_CORRECTION.labels(size_class).set(correction)
 
 
 class CheckpointWatcher:
