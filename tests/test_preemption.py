@@ -155,6 +155,22 @@ def test_an_arrival_past_the_run_out_share_lets_the_step_run_to_the_end():
     assert run_layers(points, 10).layer == 8  # the fault hook cuts past the share all the same
 
 
+def test_a_step_running_slower_than_planned_is_cut_past_its_run_out_share():
+    """The plan armed a run-out from layer 6 of 10; the clock reads 1 ms a layer, so at layer
+    6 what is left at that pace is 4 ms: within a 5 ms wait it runs out, beyond 3 ms it is cut."""
+    from conserve_bench.vllm_plugin.safepoints import StepMeta
+
+    for wait_s, runs_out in ((0.005, True), (0.003, False)):
+        arrival = [0]
+        points = safepoints(arrival, every=1, num_layers=10)
+        points.begin(StepMeta(step_index=2, cut_above=0, run_out_from=0.6, run_out_wait_s=wait_s))
+        assert run_layers(points, 5) is None
+        arrival[0] = 1
+        report = run_layers(points, 5)
+        assert (points.run_out is not None, report is None) == (runs_out, runs_out)
+        assert runs_out or report.layer == 6
+
+
 def test_the_abort_layer_fault_hook_cuts_each_work_once_and_only_from_the_environment(tmp_path, monkeypatch):
     from conserve_bench.faults import ENV_VAR, fault_hook
     from conserve_bench.vllm_plugin.connector_scheduler import ConnectorScheduler
@@ -464,7 +480,7 @@ def test_undo_evicts_first_rolls_running_back_and_readmits_the_admitted_in_order
     for request, num in ((run, 1), (a, 6), (b, 4)):
         request.num_in_flight_tokens = num
     scheduler = FakeScheduler([run, a, b], {"run": [7, 8, 9, 10], "a": [20, 21], "b": [30, 31]})
-    connector = SimpleNamespace(arm=lambda output, cut_above, run_out_from: setattr(output, "cut_above", cut_above))
+    connector = SimpleNamespace(arm=lambda output, cut_above, *run_out: setattr(output, "cut_above", cut_above))
     preemption = LayerPreemption(scheduler, connector)
     preemption.arrivals.scheduled(1)
     preemption.before_schedule()  # "run" was decoding: not a prefill chunk before the step
@@ -495,8 +511,8 @@ def test_a_step_that_ran_out_past_an_arrival_settles_it_and_offline_work_waits_f
     output = SimpleNamespace(num_scheduled_tokens={"run": 1}, scheduled_new_reqs=[],
                              scheduled_cached_reqs=SimpleNamespace(resumed_req_ids=set()))
     preemption.before_schedule()
-    preemption.after_schedule(output, offline_only=True, run_out_from=0.7)
-    assert armed == [(output, 0, 0.7)]
+    preemption.after_schedule(output, offline_only=True, run_out_from=0.7, run_out_wait_s=0.02)
+    assert armed == [(output, 0, 0.7, 0.02)]
     preemption.ran_out(num_announced=1)
     assert preemption.armed_step(output) is None and scheduler.effects == []  # nothing undone
     assert preemption.arrivals.cut_above == 1  # arrival 1 cuts no step after this one

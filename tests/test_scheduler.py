@@ -244,12 +244,15 @@ def test_a_step_an_arrival_let_run_out_keeps_its_work_and_offline_work_waits_for
                                step_log=str(tmp_path / "steps.jsonl"))
     armed = []
     scheduler._preemption = LayerPreemption(scheduler, SimpleNamespace(
-        arm=lambda output, cut_above, run_out_from: armed.append((output, run_out_from))))
+        arm=lambda output, cut_above, run_out_from, run_out_wait_s: armed.append(
+            (output, run_out_from, run_out_wait_s))))
     for i in range(2):
         add(scheduler, f"off-{i}", 700, priority=1, first_token=1000 * i)
     step = scheduler.schedule()
     wait = targets.arrival_wait_s(CPU_MODEL)
-    assert armed == [(step, pytest.approx(run_out_share(scheduler.last_plan.predicted_s, wait)))]
+    # the worker holds the step's measured pace to the same wait
+    assert armed == [(step, pytest.approx(run_out_share(scheduler.last_plan.predicted_s, wait)),
+                      pytest.approx(wait))]
     assert 0 < armed[0][1] < 1
     computed = {r: scheduler.requests[r].num_computed_tokens for r in step.num_scheduled_tokens}
     report = RunOutReport(step_index=1, layer=29, num_layers=30, arrival_ns=time.monotonic_ns(),

@@ -11,6 +11,7 @@ docs/vllm-contract.md#connector-scheduler-half.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any
 
@@ -37,14 +38,16 @@ class ConnectorScheduler:
         self._num_steps += 1
         return self.checkpoints.step_meta(self._num_steps, scheduler_output, kv_cache_manager)
 
-    def arm(self, scheduler_output, cut_above: int, run_out_from: float = 1.0) -> None:
+    def arm(self, scheduler_output, cut_above: int, run_out_from: float = 1.0,
+            run_out_wait_s: float = math.inf) -> None:
         """Let this step be abandoned at a safepoint once more than `cut_above` arrivals are
-        announced, before its `run_out_from` share of the layers (called by the scheduler on
-        offline-only steps, after scheduling)."""
+        announced, before its `run_out_from` share of the layers or while more than
+        `run_out_wait_s` of it is left (called by the scheduler on offline-only steps, after
+        scheduling)."""
         meta = scheduler_output.kv_connector_metadata
         scheduler_output.kv_connector_metadata = dataclasses.replace(
             meta, cut_above=cut_above, forced_abort_layer=self._forced_layer(scheduler_output),
-            run_out_from=run_out_from)
+            run_out_from=run_out_from, run_out_wait_s=run_out_wait_s)
 
     def _forced_layer(self, scheduler_output) -> int | None:
         """The `connector.abort_layer` fault hook's layer, the first time this work is tried."""

@@ -15,6 +15,7 @@ vLLM's state. vLLM names relied on: docs/vllm-contract.md#preemption.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,10 +52,12 @@ class LayerPreemption:
         """Note what vLLM's schedule() overwrites and a rollback has no other way to know."""
         self._was_prefill_chunk = {r.request_id: r.is_prefill_chunk for r in self.scheduler.running}
 
-    def after_schedule(self, output, offline_only: bool, run_out_from: float = 1.0) -> None:
+    def after_schedule(self, output, offline_only: bool, run_out_from: float = 1.0,
+                       run_out_wait_s: float = math.inf) -> None:
         """Settle the arrivals whose requests `output` schedules first; arm it if it runs
         offline requests only (and no multimodal input, whose encoder outputs a rollback would
-        not restore), to be cut before its `run_out_from` share of the layers."""
+        not restore), to be cut before its `run_out_from` share of the layers or while more
+        than `run_out_wait_s` of it is left."""
         self.armed = None
         for new in output.scheduled_new_reqs:
             request = self.scheduler.requests[new.req_id]
@@ -63,7 +66,7 @@ class LayerPreemption:
         requests = [self.scheduler.requests[r] for r in output.num_scheduled_tokens]
         if not offline_only or any(r.has_encoder_inputs for r in requests):
             return
-        self.connector.arm(output, self.arrivals.cut_above, run_out_from)
+        self.connector.arm(output, self.arrivals.cut_above, run_out_from, run_out_wait_s)
         self.armed = (output, self._record(output))
 
     def holds_offline(self, limit_s: float) -> bool:

@@ -138,7 +138,7 @@ class ConserveScheduler(Scheduler):
             self._planned.append((output, self.last_plan.kind))
         if self._preemption is not None:
             offline_only = 0 < output.total_num_scheduled_tokens == self._num_offline_tokens(output)
-            self._preemption.after_schedule(output, offline_only, self._run_out_from(offline_only))
+            self._preemption.after_schedule(output, offline_only, *self._run_out(offline_only))
         resume_notes = self._resume_notes()  # NOTE: taken every step, logged or not
         if self._recorder is not None:
             notes = {"offline_tokens": self._num_offline_tokens(output),
@@ -175,14 +175,15 @@ class ConserveScheduler(Scheduler):
         (`LiveModel.sized`), else the policy's own."""
         return self.live.sized if self.live else self.conserve_policy.model
 
-    def _run_out_from(self, offline_only: bool) -> float:
-        """The share of an offline-only step's layers from which an arrival lets it run out:
-        what is left of the step, at its kind's planning quantile, fits in an arrival's wait."""
+    def _run_out(self, offline_only: bool) -> tuple[float, float]:
+        """When an arrival lets an offline-only step run out: (the share of its layers from
+        which what is left, at its kind's planning quantile, fits in an arrival's wait; that
+        wait, which the worker holds the step's measured pace to as well). (1, 0): never."""
         if not offline_only or self.conserve_policy is None or self.last_plan is None:
-            return 1.0
+            return 1.0, 0.0
         tail = self.tail.factors().offline if self.tail else 1.0
-        return run_out_share(self.last_plan.predicted_s * max(1.0, tail),
-                             self._targets.arrival_wait_s(self._planning_model))
+        wait_s = self._targets.arrival_wait_s(self._planning_model)
+        return run_out_share(self.last_plan.predicted_s * max(1.0, tail), wait_s), wait_s
 
     def _tail_notes(self) -> dict[str, Any]:
         """The tail factor the step's kind was planned with (1.0: on the mean)."""
