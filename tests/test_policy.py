@@ -23,6 +23,7 @@ from conserve_bench.sched.policy import (
     derived_max_slowdown,
     offline_to_preempt,
     plan_step,
+    within_reach,
 )
 
 # Coefficients fitted on this 2-core CPU with SmolLM2-135M (README, latency model).
@@ -306,6 +307,28 @@ def test_vllms_greedy_fill_reproduces_the_plan(case):
         filled[request.request_id] = min(request.num_new_tokens, budget)
         budget -= filled[request.request_id]
     assert filled == tokens(plan)
+
+
+@settings(max_examples=300, deadline=None)
+@given(plans)
+def test_waiting_requests_past_the_steps_tokens_change_no_plan(case):
+    """The scheduler prices only the waiting requests a step could reach: vLLM gives each
+    min(need, tokens left), so those past the step's tokens get none."""
+    online, offline, *rest = case
+    max_tokens = rest[3]
+    waiting = within_reach([r for r in online + offline if not r.running], max_tokens)
+    assert sum(r.num_new_tokens for r in waiting[:-1]) < max_tokens
+    reached = [r for r in online + offline if r.running] + waiting
+    plan, _ = make_plan(*case)
+    assert make_plan([r for r in reached if r in online], [r for r in reached if r in offline],
+                     *rest)[0] == plan
+
+
+def test_within_reach_stops_at_the_request_that_fills_the_step():
+    queue = [prefill("a", 30), prefill("b", 70), prefill("c", 5)]
+    assert [r.request_id for r in within_reach(queue, 100)] == ["a", "b"]
+    assert [r.request_id for r in within_reach(queue, 101)] == ["a", "b", "c"]
+    assert [r.request_id for r in within_reach(iter(queue), 20)] == ["a"]
 
 
 def _priced_one_by_one(step, request, budget_s, least_context=0):

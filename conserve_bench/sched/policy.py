@@ -13,7 +13,7 @@ torch, or read a clock. `scheduler.ConserveScheduler` builds the inputs and appl
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -422,6 +422,20 @@ def plan_step(online: Sequence[Pending], offline: Sequence[Pending], model: Late
         deferred.discard(first.request_id)
     return StepPlan(tuple(step.entries), frozenset(deferred), num_online_tokens, budget_s,
                     model.predict(step.shape), step.shape)
+
+
+def within_reach(waiting: Iterable[Pending], max_num_tokens: int) -> list[Pending]:
+    """The waiting requests a step of `max_num_tokens` could reach, in queue order: vLLM
+    gives each min(need, tokens left), so none after those whose needs add up to the step's
+    tokens gets one, and `plan_step` plans the same without them. NOTE: consumed lazily: the
+    scheduler prices a waiting request after its prefix-cache hit, a walk over its blocks
+    (~190 for a 3,000-token prompt), and the pump keeps up to 1.5x the batch's seats of
+    offline requests in flight."""
+    reachable, num_tokens, requests = [], 0, iter(waiting)
+    while num_tokens < max_num_tokens and (request := next(requests, None)) is not None:
+        reachable.append(request)
+        num_tokens += request.num_new_tokens
+    return reachable
 
 
 def _decodes_cost(offline: Sequence[Pending], model: LatencyModel) -> float:

@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
+from itertools import islice
 from typing import Any
 
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -27,7 +29,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from conserve_bench.sched.arrivals import ArrivalRate
 from conserve_bench.sched.policy import (Pending, PolicyConfig, StepPlan, TailFactors, Targets,
-                                         offline_to_preempt, plan_step, run_out_share)
+                                         offline_to_preempt, plan_step, run_out_share, within_reach)
 from conserve_bench.sched.refit import LiveModel, RefitConfig, RefitStatus, TailMargin, WarmStart
 from conserve_bench.sched.steplog import ScheduledRequest
 from conserve_bench.vllm_plugin.connector import ConserveConnector
@@ -231,15 +233,16 @@ class ConserveScheduler(Scheduler):
 
     def _pending(self) -> tuple[list[Pending], list[Pending]]:
         """(online, offline): running requests in running order, then the waiting ones vLLM
-        could still admit, in its queue order."""
+        could still admit and the step could reach (`policy.within_reach`), in its queue
+        order (online first: the lower priority numbers)."""
+        num_free_seqs = max(self.max_num_running_reqs - len(self.running), 0)
+        running = (self._as_pending(r, running=True) for r in self.running)
+        waiting = (self._as_pending(r, running=False) for r in islice(self.waiting, num_free_seqs))
         online: list[Pending] = []
         offline: list[Pending] = []
-        num_free_seqs = self.max_num_running_reqs - len(self.running)
-        waiting = [r for _, r in zip(range(max(num_free_seqs, 0)), self.waiting)]
-        for request, running in [(r, True) for r in self.running] + [(r, False) for r in waiting]:
-            pending = self._as_pending(request, running)
-            if pending is not None:
-                (online if is_online(request.priority) else offline).append(pending)
+        for pending in [*_present(running),
+                        *within_reach(_present(waiting), self.max_num_scheduled_tokens)]:
+            (online if is_online(self.requests[pending.request_id].priority) else offline).append(pending)
         return online, offline
 
     def _as_pending(self, request, running: bool) -> Pending | None:
@@ -325,6 +328,10 @@ class ConserveScheduler(Scheduler):
     def _num_offline_tokens(self, output: SchedulerOutput) -> int:
         return sum(n for req_id, n in output.num_scheduled_tokens.items()
                    if not is_online(self.requests[req_id].priority))
+
+
+def _present(pendings: Iterable[Pending | None]) -> Iterator[Pending]:
+    return (p for p in pendings if p is not None)
 
 
 def _worker_report(model_runner_output: Any) -> AbortReport | RunOutReport | None:
