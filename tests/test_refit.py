@@ -258,6 +258,27 @@ def test_the_tail_margin_is_each_kinds_quantile_of_measured_over_predicted():
     assert default.factors().mixed == pytest.approx(1.27)
 
 
+def test_a_margin_ages_out_with_the_servers_steps_and_so_does_its_prior():
+    """A high factor stops its kind's steps, and with them its own measurement: it must age
+    out, or the kind is never planned again (a mixed margin of 2.31 carried by warm starts
+    left no offline token beside online decodes in three rounds of `bench`)."""
+    from conserve_bench.sched.policy import TailFactors
+    from conserve_bench.sched.refit import TailMargin
+
+    margin = TailMargin(0.9, prior=TailFactors(offline=1.5), warmup_steps=0, max_age=100)
+    for _ in range(8):
+        margin.observe("mixed", 0.030, 0.060)
+    assert (margin.factors().mixed, margin.factors().offline) == (2.0, 1.5)
+    for _ in range(92):  # the mixed steps are among the server's last 100
+        margin.observe("online", 0.030, 0.030)
+    assert (margin.factors().mixed, margin.factors().offline) == (2.0, 1.5)
+    margin.observe("online", 0.030, 0.030)  # the first mixed step is not: 7 are too few
+    assert (margin.factors().mixed, margin.factors().offline) == (1.0, 1.0)
+    for _ in range(8):
+        margin.observe("mixed", 0.030, 0.036)  # measured anew
+    assert margin.factors().mixed == pytest.approx(1.2)
+
+
 def test_the_engines_first_steps_never_count_toward_a_margin():
     """A server's first step ran 2.2-4.4x its prediction in every run logged: among a kind's
     first 8 steps it alone would set the factor."""

@@ -421,6 +421,22 @@ def test_a_warm_start_plans_from_the_first_step_and_the_state_keeps_the_margins(
     assert WarmStart.from_status(RefitStatus.from_dict(state)).tail == scheduler.tail.factors()
 
 
+def test_a_kind_a_stale_margin_locked_out_is_planned_again_once_it_ages_out(model_path):
+    """A warm start's mixed margin of 3 leaves no room beside online decodes (the bounded
+    share is 20%); the server's own steps take over after `TAIL_MAX_AGE_STEPS`."""
+    from conserve_bench.sched.policy import TailFactors
+    from conserve_bench.sched.refit import TAIL_MAX_AGE_STEPS, WarmStart
+
+    warm = WarmStart(tail=TailFactors(mixed=3.0))
+    scheduler = make_scheduler(model_path, BOUNDED, warm_start=warm.to_dict())
+    add(scheduler, "on", 100, priority=0, max_tokens=TAIL_MAX_AGE_STEPS + 100)
+    add(scheduler, "off", 1000, priority=1)
+    kinds = [(run_step(scheduler), scheduler.last_plan.kind)[1]
+             for _ in range(TAIL_MAX_AGE_STEPS + 20)]
+    assert "mixed" not in kinds[:TAIL_MAX_AGE_STEPS]
+    assert "mixed" in kinds[TAIL_MAX_AGE_STEPS:]
+
+
 def test_a_step_whose_request_was_aborted_is_never_fitted_on(model_path, tmp_path):
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import RequestStatus

@@ -28,6 +28,10 @@ from conserve_bench.sched.latency import FitError, LatencyModel, Sample, StepTab
 from conserve_bench.sched.policy import TailFactors
 from conserve_bench.sched.sizes import ALL_STEPS, SizedModel, size_class
 
+# A tail margin counts a kind's steps among the server's last this many (`TailMargin`):
+# about 40 s of serving on 2 CPU cores, 3-4 windows of online decode steps.
+TAIL_MAX_AGE_STEPS = 1024
+
 
 @dataclass(frozen=True)
 class RefitConfig:
@@ -101,7 +105,7 @@ class WarmStart:
     until its first refit (about 80 steps), and on the mean until each step kind's margin
     counts (8 steps). It is never trusted further than that: the first live refit is judged
     against the profile's model alone, and each kind's margin and each size class's
-    correction is its live one from its 8th step.
+    correction is its live one from its 8th step (a margin for at most `TAIL_MAX_AGE_STEPS`).
 
         warm = WarmStart.from_status(stored_status)
         LiveModel(profile_model, start=warm.model, corrections=warm.corrections)
@@ -268,10 +272,18 @@ def _better(candidate: FitError, incumbent: FitError) -> bool:
 
 class TailMargin:
     """How much longer than predicted live steps run, per step kind, at `quantile`: the
-    `quantile` of (measured / predicted) over each kind's last `window` steps, never below 1
-    (a kind with fewer than `min_samples` steps: its `prior`, 1 unless a `WarmStart` gives
-    the last server's). The scheduler plans offline work with it (`policy.TailFactors`), so
-    that a step's slow tail, not its mean, stays within the budget.
+    `quantile` of (measured / predicted) over each kind's last `window` steps among the
+    server's last `max_age` steps, never below 1. A kind with fewer than `min_samples` of
+    them: its `prior` (1 unless a `WarmStart` gives the last server's) for the server's first
+    `max_age` steps, then 1. The scheduler plans offline work with it (`policy.TailFactors`),
+    so that a step's slow tail, not its mean, stays within the budget.
+
+    NOTE: a factor must age out. Planned against, a high one stops its kind's steps, and with
+    them its own measurement: a mixed-step margin of 2.31, carried from server to server by
+    warm starts, left no offline token beside an online decode in three rounds of `bench`,
+    where the planner, corrected by size class, priced small chunks there within the 5% share.
+    Once it ages out, the kind is planned on its prediction again, and its next
+    `min_samples` steps measure it anew.
 
         margin = TailMargin(0.9)
         margin.observe("mixed", predicted_s=0.050, step_s=0.061)   # after every usable step
@@ -288,10 +300,13 @@ class TailMargin:
     # a server's first step ran 2.2-4.4x its prediction in every run logged (first calls,
     # first allocations), and among a kind's first 8 steps it alone set the factor.
     def __init__(self, quantile: float, window: int = 256, min_samples: int = 8,
-                 prior: TailFactors = TailFactors(), warmup_steps: int = RefitConfig.warmup_steps):
+                 prior: TailFactors = TailFactors(), warmup_steps: int = RefitConfig.warmup_steps,
+                 max_age: int = TAIL_MAX_AGE_STEPS):
         self.quantile, self.min_samples, self.prior = quantile, min_samples, prior
-        self.warmup_steps = warmup_steps
-        self._ratios = {kind: deque(maxlen=window) for kind in self.KINDS}
+        self.warmup_steps, self.max_age = warmup_steps, max_age
+        # (the server's step number, measured / predicted), oldest first
+        self._ratios: dict[str, deque[tuple[int, float]]] = {kind: deque(maxlen=window)
+                                                              for kind in self.KINDS}
         self._factors = prior
         self._stale = False
         self._num_steps = 0
@@ -299,8 +314,13 @@ class TailMargin:
     def observe(self, kind: str, predicted_s: float, step_s: float) -> None:
         self._num_steps += 1
         if self._num_steps > self.warmup_steps and kind in self._ratios and predicted_s > 0 and step_s > 0:
-            self._ratios[kind].append(step_s / predicted_s)
+            self._ratios[kind].append((self._num_steps, step_s / predicted_s))
             self._stale = True
+        for ratios in self._ratios.values():
+            while ratios and self._num_steps - ratios[0][0] >= self.max_age:
+                ratios.popleft()
+                self._stale = True
+        self._stale |= self._num_steps == self.max_age + 1  # NOTE: the prior ages out
 
     def factors(self) -> TailFactors:
         if self._stale:
@@ -309,7 +329,7 @@ class TailMargin:
         return self._factors
 
     def _factor(self, kind: str) -> float:
-        ratios = sorted(self._ratios[kind])
+        ratios = sorted(ratio for _, ratio in self._ratios[kind])
         if len(ratios) < self.min_samples:
-            return getattr(self.prior, kind)
+            return getattr(self.prior, kind) if self._num_steps <= self.max_age else 1.0
         return max(1.0, ratios[min(len(ratios) - 1, int(self.quantile * len(ratios)))])
