@@ -68,9 +68,22 @@ def test_the_inversions_give_the_most_tokens_within_the_budget(base, budget, con
         return max(n for n in range(cap + 1) if n == 0 or within(n) <= budget)
 
     assert sized.max_decodes_within(budget, base, context, cap) == most(
-        lambda k: sized.predict(base.with_decodes([context] * k)))
+        lambda k: sized.predict_from(base, base.with_decodes([context] * k)))
     assert sized.max_tokens_within(budget, base, context, logprobs, cap) == most(
-        lambda n: sized.predict(base.with_chunk(ChunkShape(n, context, logprobs))))
+        lambda n: sized.predict_from(base, base.with_chunk(ChunkShape(n, context, logprobs))))
+
+
+def test_work_added_to_a_step_is_never_priced_below_the_steps_own_correction():
+    """Offline tokens beside one online decode: their class's correction (1.0 here) is below
+    the decode's own (1.2), and priced by it they would look cheaper than free."""
+    sized = SizedModel.of(BASE, {"decodes 1": 1.2, "prefill 1-63 + decodes": 1.0})
+    online = decodes(1)
+    budget = 1.05 * sized.predict(online)
+    assert sized.predict(online.with_chunk(ChunkShape(4, 0))) < budget  # by its own class: 4 fit
+    fits = sized.max_tokens_within(budget, online, 0, max_tokens=40)
+    assert fits == BASE.max_tokens_within(budget / 1.2, online, 0, max_tokens=40)
+    assert sized.predict_from(online, online.with_chunk(ChunkShape(fits, 0))) <= budget
+    assert sized.predict_from(StepShape(), decodes(1)) == sized.predict(decodes(1))  # nothing to grow from
 
 
 def live_steps(num: int, seed: int = 0) -> list[Sample]:
@@ -112,7 +125,9 @@ def test_a_class_without_steps_of_its_own_is_priced_as_all_steps_are():
     sized = sizes.model(BASE)
     assert sized.default == pytest.approx(1.3) and "prefill 1-63 + decodes" not in sized.corrections
     budget = 1.05 * sized.predict(decodes(1))
-    assert SizedModel.of(BASE, sized.corrections).max_tokens_within(budget, decodes(1), 0) >= 1
+    one_token = decodes(1).with_chunk(ChunkShape(1, 0))
+    assert SizedModel.of(BASE, sized.corrections).predict(one_token) < budget  # by the bare model
+    assert sized.predict(one_token) > budget
     assert sized.max_tokens_within(budget, decodes(1), 0) == 0
     assert sizes.measured(BASE) == {"decodes 1": pytest.approx(1.3), ALL_STEPS: pytest.approx(1.3)}
 
