@@ -91,7 +91,7 @@ MUTANTS = (
            ("tests/test_policy.py", "tests/test_scheduler.py")),
     Mutant("size corrections: work added to a step priced below the step's own correction",
            "conserve_bench/sched/sizes.py",
-           "return self.correction(base_shape) if size_class(base_shape) is not None else 0.0",
+           "return self._correction(name) if name is not None else 0.0",
            "return 0.0",
            ("tests/test_sizes.py",)),
     Mutant("batches: usage counts every token of a response as input",

@@ -98,7 +98,8 @@ class SizedModel(LatencyModel):
         return super().predict(shape) * max(self.correction(shape), self._floor(base_shape))
 
     def _floor(self, base_shape: StepShape) -> float:
-        return self.correction(base_shape) if size_class(base_shape) is not None else 0.0
+        name = size_class(base_shape)
+        return self._correction(name) if name is not None else 0.0
 
     def prefill_attention_s(self, shape: StepShape) -> float:
         return super().prefill_attention_s(shape) * self.correction(shape)
