@@ -136,3 +136,17 @@ def test_a_batch_record_of_some_phases_renders_those_and_the_aa_rows():
     assert batch_api.phases_arg("online-only, co-served") == ("online-only", "co-served")
     with pytest.raises(argparse.ArgumentTypeError, match="unknown phase alone"):
         batch_api.phases_arg("alone,co-served")
+
+
+def test_online_step_cost_counts_only_steps_without_an_offline_token():
+    from benchmarks.online_step_cost import PROMPT_TOKENS, step_times
+
+    def step(ms: float, prefill: int = 0, decodes: int = 0, offline: int = 0) -> str:
+        return json.dumps({"step_s": ms / 1e3, "prefills": [[prefill, 0]] if prefill else [],
+                           "decodes": [100] * decodes, "offline_tokens": offline})
+
+    lines = [step(300, prefill=PROMPT_TOKENS), step(30, decodes=1), step(34, decodes=4),
+             step(90, decodes=1, offline=1), step(500, prefill=PROMPT_TOKENS, offline=PROMPT_TOKENS),
+             step(36, decodes=8), step(40, decodes=2)]
+    times = step_times(lines)
+    assert times == pytest.approx({"prefill_ms": 300.0, "decode_1_ms": 30.0, "decode_4_8_ms": 35.0})
