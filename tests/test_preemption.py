@@ -385,6 +385,7 @@ def test_a_safepoint_every_layer_on_the_cpu_every_four_where_it_waits_for_the_gp
 
 def test_the_arrival_rate_counts_recent_arrivals_and_decays_while_none_comes():
     rate = ArrivalRate(num_recent=4)
+    rate.online_work(False, 0.0)  # never any online work: arrivals per second of wall time
     assert rate.per_s(5.0) is None
     rate.observe(10.0)
     assert rate.per_s(11.0) is None  # one arrival tells no rate
@@ -392,6 +393,27 @@ def test_the_arrival_rate_counts_recent_arrivals_and_decays_while_none_comes():
         rate.observe(t)
     assert rate.per_s(15.0) == pytest.approx(4 / 4.0)
     assert rate.per_s(51.0) == pytest.approx(4 / 40.0)
+
+
+def test_the_arrival_rate_is_per_second_without_online_work_and_counts_only_arrivals_then():
+    """Offline-only steps run only while the engine has no online work, so only arrivals
+    then cut one: a burst while online work runs leaves the rate where it was."""
+    rate = ArrivalRate()
+    rate.online_work(False, 0.0)
+    rate.observe(1.0)  # into an idle engine: counted
+    rate.online_work(True, 1.0)
+    for t in (1.1, 1.2, 1.3, 1.4, 1.5):  # the rest of the burst, while it runs
+        rate.observe(t)
+    rate.online_work(True, 2.0)
+    rate.online_work(False, 3.0)  # idle again from t=3
+    assert rate.per_s(4.0) is None  # one arrival counted: no rate yet
+    rate.observe(5.0)
+    # two arrivals with 2 s without online work between them (3-5 s; 1-3 s was busy)
+    assert rate.per_s(5.0) == pytest.approx(2 / 2.0)
+    rate.online_work(True, 5.0)
+    assert rate.per_s(60.0) == pytest.approx(2 / 2.0)  # busy: no time without online work passes
+    rate.online_work(False, 60.0)
+    assert rate.per_s(63.0) == pytest.approx(2 / 5.0)  # idle again: it decays
 
 
 def test_offline_steps_shorten_as_online_arrivals_come_more_often():

@@ -250,6 +250,41 @@ def test_offline_work_waits_for_the_online_request_whose_arrival_cut_its_step(mo
     assert any(r.startswith("off") for r in run_step(scheduler).num_scheduled_tokens)
 
 
+def test_offline_only_steps_are_sized_by_the_arrivals_that_come_without_online_work(model_path):
+    """A burst of online requests while online work runs cuts no offline step, so it does not
+    shorten them; arrivals into an engine without online work do."""
+    from conserve_bench.vllm_plugin.overrides import is_online
+
+    targets = Targets(ttft_s=2.0, tbt_s=0.2, max_slowdown=0.05, offline_step_s=0.5)
+
+    def offline_budget_after(arrive) -> float:
+        scheduler = make_scheduler(model_path, PolicyConfig(targets, CPU_MODEL))
+        add(scheduler, "off", 1900, priority=1)
+        run_step(scheduler)
+        arrive(scheduler)
+        while any(is_online(r.priority) for r in scheduler.requests.values()):
+            run_step(scheduler)
+        run_step(scheduler)
+        assert scheduler.last_plan.kind == "offline"
+        return scheduler.last_plan.budget_s
+
+    def burst(scheduler):
+        for i in range(6):
+            add(scheduler, f"on-{i}", 50, priority=0, first_token=100 * i)
+            if i == 0:
+                run_step(scheduler)  # online work runs from here on
+
+    def apart(scheduler):
+        for i in range(6):
+            add(scheduler, f"on-{i}", 50, priority=0, first_token=100 * i)
+            while any(is_online(r.priority) for r in scheduler.requests.values()):
+                run_step(scheduler)
+            run_step(scheduler)  # an offline step between them: no online work
+
+    assert offline_budget_after(burst) == pytest.approx(0.5)  # one arrival counted: no rate
+    assert offline_budget_after(apart) < 0.1  # six within milliseconds of online-free time
+
+
 def test_a_step_an_arrival_let_run_out_keeps_its_work_and_offline_work_waits_for_the_request(model_path, tmp_path):
     """Past its run-out share (what is left fits in an arrival's wait) an armed step runs to
     the end: its tokens count, the step log notes where the arrival came, and the arrival is

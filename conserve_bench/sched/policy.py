@@ -116,8 +116,9 @@ class Targets:
     # With layer-wise preemption: the offline-only step, sized for throughput (replaces the
     # quantum, since an arrival no longer waits for the step to end). None: no preemption.
     offline_step_s: float | None = None
-    # Online arrivals per second, recently (`arrivals.ArrivalRate`): a cut step's work is lost,
-    # so offline-only steps shorten as arrivals come more often (`offline_step_for`).
+    # Online arrivals per second of the engine's time without online work, recently
+    # (`arrivals.ArrivalRate`): the rate offline-only steps are cut at; a cut step's work is
+    # lost, so they shorten as arrivals come more often (`offline_step_for`).
     arrival_rate: float | None = None
 
     def __post_init__(self) -> None:
@@ -272,7 +273,8 @@ def offline_step_for(step_s: float, fixed_s: float, arrival_rate: float | None,
 
     NOTE: an arrival cuts the step and its work so far is lost, unless what is left of the
     step fits in the wait an arrival may have behind offline work (`wait_s`): then it runs
-    out (`run_out_share`). Arrivals at rate r lose about r x (T - w)^2 / 2 of every step of T,
+    out (`run_out_share`). Arrivals at rate r (per second of offline-only steps: those that
+    come while online work runs cut none) lose about r x (T - w)^2 / 2 of every step of T,
     and each step pays its fixed cost f: the share of engine time lost,
     f / T + r x (T - w)^2 / 2T, is least at T = sqrt(2 f / r + w^2) (with w = 0 about 0.26 s
     at one arrival a second on 2 CPU cores, 0.53 s at one every 4 s). Never below the fixed

@@ -123,13 +123,16 @@ class ConserveScheduler(Scheduler):
             self._make_room_for_online()
             model = self._planning_model
             tail = self.tail.factors() if self.tail else TailFactors()
+            online, offline = self._pending()
+            now = time.monotonic()
+            self._arrivals.online_work(bool(online), now)
             if self._targets.preemptive:
-                self._targets = replace(self._targets, arrival_rate=self._arrivals.per_s(time.monotonic()))
+                self._targets = replace(self._targets, arrival_rate=self._arrivals.per_s(now))
             # NOTE: held at most one offline-only step's time: a request that never reaches
             # the engine costs offline work no more than the step it cut would have run.
             held = (self._preemption is not None
                     and self._preemption.holds_offline(self._targets.quantum_for(model)))
-            self.last_plan = plan_step(*self._pending(), model, self._targets,
+            self.last_plan = plan_step(online, offline, model, self._targets,
                                        self.max_num_scheduled_tokens, policy.batch_apart, tail,
                                        offline_held=held)
             output = self._schedule_plan(self.last_plan, throttle_prefills)
