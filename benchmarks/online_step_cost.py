@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +101,9 @@ def _hold_offline(llm, rng: random.Random) -> None:
 
 def _generate(llm, prompts: list[list[int]]) -> None:
     """Online requests, stepped until they all finish (held offline requests stay held but for
-    what the policy fits beside them)."""
+    what the policy fits beside them). NOTE: in `serve`'s layout the engine core steps on its
+    own: between two requests here it may run an offline-only step, as a co-served engine does
+    between online requests; `step_times` leaves such steps out."""
     from vllm import SamplingParams
 
     from conserve_bench.vllm_plugin.overrides import ONLINE_PRIORITY
