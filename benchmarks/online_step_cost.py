@@ -37,6 +37,7 @@ PROMPT_TOKENS, OUTPUT_TOKENS = 256, 16
 # conserve-held: offline requests of an MMLU 5-shot prompt's length, and the steps they run
 # (a few chunks, some requests admitted) before the online requests come
 NUM_HELD, HELD_PROMPT_TOKENS, HELD_STEPS = 40, 1900, 12
+_ONLINE_IDS = itertools.count()  # online request ids, unique in the engine's process
 
 
 def run_engine(engine_name: str, num_prompts: int, out: Path, db: str) -> None:
@@ -61,7 +62,7 @@ def run_engine(engine_name: str, num_prompts: int, out: Path, db: str) -> None:
 def _engine(engine_name: str, work: Path, step_log: Path, db: str):
     """The engine as `serve` would load it under the engine's policy (see the module docstring),
     in `serve`'s layout: the engine core in a process of its own."""
-    from conserve_bench.config import default_kv_checkpoint_gib
+    from conserve_bench.config import DEFAULT_MODEL, default_kv_checkpoint_gib
     from conserve_bench.engine.local import Engine, engine_config, start_engine
     from conserve_bench.engine.models import resolve_model
     from conserve_bench.vllm_plugin.overrides import ConnectorConfig, engine_overrides
@@ -80,7 +81,7 @@ def _engine(engine_name: str, work: Path, step_log: Path, db: str):
     if engine_name == "conserve":  # NOTE: as `serve.server.connector_config` makes it
         connector = ConnectorConfig(layer_preemption=True, checkpoint_gib=default_kv_checkpoint_gib(),
                                     checkpoint_state_path=str(work / "checkpoints.json"))
-    return start_engine(resolve_model("smollm2-135m"), **engine_overrides(step_log=step_log, connector=connector),
+    return start_engine(resolve_model(DEFAULT_MODEL), **engine_overrides(step_log=step_log, connector=connector),
                         engine_core_in_process=False)
 
 
@@ -117,8 +118,6 @@ def _generate(llm, prompts: list[list[int]]) -> None:
     while pending:
         pending -= {o.request_id for o in llm.step() if o.finished}
 
-
-_ONLINE_IDS = itertools.count()
 
 
 def step_times(lines: list[str]) -> dict[str, float]:
@@ -167,6 +166,7 @@ def main() -> None:
     for key, name in (("ratio", "conserve"), ("held_ratio", "conserve-held")):
         result[key] = {shape: result[name][shape] / result["online-only"][shape] for shape in result[name]}
     write_measured("online_step_cost", result, args, host)
+
 
 if __name__ == "__main__":  # NOTE: vLLM spawns processes that re-import this file
     main()

@@ -43,25 +43,19 @@ def online_step_cost(result: dict, config: dict) -> str:
     shapes = (("prefill_ms", "a 256-token online prefill alone"), ("decode_1_ms", "one online decode"),
               ("decode_4_8_ms", "4-8 online decodes"))
     runs = result["runs"]
-    held = "conserve-held" in result  # NOTE: records before it had two engines
 
     def per_round(shape: str, name: str) -> str:
         return ", ".join(times(c[shape] / o[shape]) for o, c in zip(runs["online-only"], runs[name]))
 
-    rows = []
-    for shape, label in shapes:
-        row = [label, num(result["online-only"][shape], 1), num(result["conserve"][shape], 1),
-               f"{times(result['ratio'][shape])} ({per_round(shape, 'conserve')})"]
-        if held:
-            row += [num(result["conserve-held"][shape], 1),
-                    f"{times(result['held_ratio'][shape])} ({per_round(shape, 'conserve-held')})"]
-        rows.append(tuple(row))
-    header = ["step (no offline token in it)", "online-only engine ms", "conserve's mechanisms ms "
-              "(connector, worker)", "/ online-only (each round)"]
-    if held:
-        header += [f"conserve whole ms ({result['num_held']} offline requests held)",
-                   "/ online-only (each round)"]
-    table = md_table(tuple(header), rows)
+    rows = [(label, num(result["online-only"][shape], 1), num(result["conserve"][shape], 1),
+             f"{times(result['ratio'][shape])} ({per_round(shape, 'conserve')})",
+             num(result["conserve-held"][shape], 1),
+             f"{times(result['held_ratio'][shape])} ({per_round(shape, 'conserve-held')})")
+            for shape, label in shapes]
+    table = md_table(("step (no offline token in it)", "online-only engine ms",
+                      "conserve's mechanisms ms (connector, worker)", "/ online-only (each round)",
+                      f"conserve whole ms ({result['num_held']} offline requests held)",
+                      "/ online-only (each round)"), rows)
     return (f"{table}\n\nMedians over {config['rounds']} alternated rounds of fresh engines, each the "
             f"median of its steps ({config['prompts']} requests one at a time, then 4 and 8 together).")
 

@@ -257,13 +257,16 @@ def test_offline_only_steps_are_sized_by_the_arrivals_that_come_without_online_w
 
     targets = Targets(ttft_s=2.0, tbt_s=0.2, max_slowdown=0.05, offline_step_s=0.5)
 
+    def run_online_out(scheduler):
+        while any(is_online(r.priority) for r in scheduler.requests.values()):
+            run_step(scheduler)
+
     def offline_budget_after(arrive) -> float:
         scheduler = make_scheduler(model_path, PolicyConfig(targets, CPU_MODEL))
         add(scheduler, "off", 1900, priority=1)
         run_step(scheduler)
         arrive(scheduler)
-        while any(is_online(r.priority) for r in scheduler.requests.values()):
-            run_step(scheduler)
+        run_online_out(scheduler)
         run_step(scheduler)
         assert scheduler.last_plan.kind == "offline"
         return scheduler.last_plan.budget_s
@@ -277,8 +280,7 @@ def test_offline_only_steps_are_sized_by_the_arrivals_that_come_without_online_w
     def apart(scheduler):
         for i in range(6):
             add(scheduler, f"on-{i}", 50, priority=0, first_token=100 * i)
-            while any(is_online(r.priority) for r in scheduler.requests.values()):
-                run_step(scheduler)
+            run_online_out(scheduler)
             run_step(scheduler)  # an offline step between them: no online work
 
     assert offline_budget_after(burst) == pytest.approx(0.5)  # one arrival counted: no rate
