@@ -350,12 +350,37 @@ def demo_phases(result: dict, config: dict) -> str:
                       f"{num(r['wall_s'])} s") for r in result["layouts"]])
 
 
+def status_poll_cost(result: dict, config: dict) -> str:
+    quiet = result["modes"]["no polls"]
+
+    def row(mode: str) -> tuple[str, ...]:
+        m, polled = result["modes"][mode], mode == "polling"
+        return (mode, str(result["num_polls"]) if polled else "0",
+                f"{num(result['poll_ms_p50'])}/{num(result['poll_ms_p90'])}" if polled else "-",
+                str(m["num_steps"]), "/".join(num(m[f"decode_ms_p{q}"], 1) for q in (50, 90, 99)),
+                " / ".join(times(_ratio(m, quiet, f"decode_ms_p{q}")) for q in (90, 99)),
+                pct(m["offline_share"], 0))
+
+    table = md_table(("mode", "polls", "poll answered p50/p90 ms", "one-decode steps",
+                      "p50/p90/p99 ms", "p90 / p99 x no polls", "offline steps, share of the time"),
+                     [row("no polls"), row("polling")])
+    return (f"{table}\n\nOne `serve --policy conserve`, a job of {result['job_items']:,} items ({config['tasks']}) "
+            f"behind it, vLLM's client at {config['request_rate']:g} req/s in front; `GET /v1/jobs/{{id}}` every "
+            f"{config['poll_s']:g} s in {config['phases']} ABBA phases of {config['phase_s']:g} s. Steps: one "
+            "online decode and no offline token, from the server's step log.")
+
+
+def _ratio(mode: dict, base: dict, key: str):
+    return None if mode[key] is None or not base[key] else mode[key] / base[key]
+
+
 RENDERERS = {"gc_pause": gc_pause, "online_step_cost": online_step_cost, "layer_preemption": layer_preemption, "kv_checkpoint": kv_checkpoint, "kv_churn": kv_churn,
              "latency_accuracy": latency_accuracy, "lm_eval_speed": lm_eval_speed, "lm_eval_dropin": lm_eval_dropin,
              "house_side_by_side": house_side_by_side, "score_independence": score_independence,
              "nightly_resume": nightly_resume, "partial_generations": partial_generations,
              "store_fleet": store_fleet, "submit_vs_hf": submit_vs_hf, "vllm_bench_serve": vllm_bench_serve,
-             "faults": faults, "bench": bench, "demo_phases": demo_phases, "batch_api": batch_api}
+             "faults": faults, "bench": bench, "demo_phases": demo_phases, "batch_api": batch_api,
+             "status_poll_cost": status_poll_cost}
 
 
 # --- sharded runs ------------------------------------------------------------------------------

@@ -150,3 +150,24 @@ def test_online_step_cost_counts_only_steps_without_an_offline_token():
              step(36, decodes=8), step(40, decodes=2)]
     times = step_times(lines)
     assert times == pytest.approx({"prefill_ms": 300.0, "decode_1_ms": 30.0, "decode_4_8_ms": 35.0})
+
+
+def test_status_poll_cost_sorts_one_decode_steps_by_the_phase_they_ran_in():
+    from benchmarks.status_poll_cost import TRIM_S, by_mode, polling_in
+
+    assert [polling_in(i) for i in range(8)] == [True, False, False, True] * 2  # ABBA
+    phases = [{"polling": True, "start": 0.0, "end": 20.0}, {"polling": False, "start": 20.0, "end": 40.0}]
+
+    def step(end_at: float, ms: float, decodes: int = 1, offline: int = 0, prefill: int = 0) -> dict:
+        return {"end_at": end_at, "step_s": ms / 1e3, "decodes": [100] * decodes,
+                "prefills": [[prefill, 0]] if prefill else [], "offline_tokens": offline}
+
+    steps = [step(5, 80), step(6, 40), step(7, 500, decodes=0, offline=200, prefill=200),
+             step(8, 60, decodes=2), step(9, 300, prefill=256, decodes=0),
+             step(20 - TRIM_S / 2, 900),  # the poller's switch: left out
+             step(25, 30), step(26, 34), step(27, 100, decodes=1, offline=1)]
+    modes = by_mode(steps, phases)
+    assert modes["polling"]["num_steps"] == 2 and modes["polling"]["decode_ms_p50"] == pytest.approx(60.0)
+    assert modes["polling"]["decode_ms_p99"] == pytest.approx(79.6)
+    assert modes["polling"]["offline_share"] == pytest.approx(0.5 / (20 - 2 * TRIM_S))
+    assert modes["no polls"]["num_steps"] == 2 and modes["no polls"]["offline_share"] == pytest.approx(0.1 / 14)

@@ -282,3 +282,35 @@ def test_redact_hides_urls_and_server_paths_but_keeps_the_sentence():
                "or ../up has no test/ folder")
     assert redact(message) == ("cannot open <hidden> data directory '<hidden>' or <hidden> "
                                "or <hidden> has no test/ folder")
+
+
+def test_a_status_answer_is_reused_while_the_state_holds_and_it_is_young_against_its_cost(store, monkeypatch):
+    """Counting a job's items takes the server's CPU (the engine's, on a CPU-only host):
+    clients polling `GET /v1/jobs/{id}`, however often, take at most `POLL_SHARE` of it. The
+    job's state is always current, and an unknown job is still a 404."""
+    from conserve_bench.errors import JobNotFoundError
+    from conserve_bench.serve import jobapi
+
+    job = store.create_job(JobSpec(tasks=(TASK,)))
+    store.add_items(job.id, [WorkItem(f"k{i}", "loglikelihood", {"i": i}) for i in range(3)])
+    clock, counted = [0.0], []
+    count = jobapi.lifecycle.job_status
+
+    def counting(store_, job_id):
+        counted.append(job_id)
+        clock[0] += 0.05  # a count takes 50 ms: its answer is kept 50 ms / POLL_SHARE
+        return count(store_, job_id)
+
+    monkeypatch.setattr(jobapi.lifecycle, "job_status", counting)
+    statuses = jobapi.StatusCache(store, clock=lambda: clock[0])
+    assert statuses.status(job.id)["done"] == 0 and len(counted) == 1
+    store.complete_items("me", {w.key: [-1.0, True] for w in store.claim_items(job.id, "me", 1)})
+    clock[0] += 0.045 / jobapi.POLL_SHARE - 0.05  # just short of the 50 ms' share
+    assert statuses.status(job.id)["done"] == 0 and len(counted) == 1
+    clock[0] += 0.01 / jobapi.POLL_SHARE
+    assert statuses.status(job.id)["done"] == 1 and len(counted) == 2
+    store.cancel_job(job.id)
+    assert statuses.status(job.id)["state"] == "cancelled" and len(counted) == 3  # at once
+    with pytest.raises(JobNotFoundError):
+        statuses.status("no-such-job")
+    assert job_api(store).get("/v1/jobs/no-such-job").status_code == 404

@@ -13,6 +13,7 @@ from conserve_bench.errors import DatabaseURLError, JobNotFoundError
 from conserve_bench.store import MIGRATIONS, JobState, Store, WorkItem
 from conserve_bench.store.db import create_engine
 from conserve_bench.store.migrations import migrate
+from conserve_bench.store.repository import ANALYZE_AFTER_ITEMS
 from conserve_bench.store.schema import metadata
 
 
@@ -151,6 +152,53 @@ def test_items_are_shared_across_jobs_and_deduplicated(store):
     assert store.get_job(a.id).num_total == 3
     assert (store.get_job(b.id).num_done, store.get_job(b.id).num_total) == (3, 5)
     assert [w.key for w in store.claim_items(b.id, "me", limit=10)] == ["k3", "k4"]
+
+
+def test_a_jobs_progress_counts_its_own_items_by_state_owner_and_saved_tokens(store):
+    """What `status` and `GET /v1/jobs/{id}` show: each job counts the items linked to it
+    (one item shared by two jobs counts in both), and an unfinished item's saved tokens."""
+    a = store.create_job(JobSpec(tasks=("t",)))
+    b = store.create_job(JobSpec(tasks=("t",)))
+    store.add_items(a.id, items_for(4, "generate_until"))
+    store.add_items(b.id, items_for(2, "generate_until") + items_for(3, "generate_until", "b"))
+    store.claim_items(a.id, "r1", 3)  # k0, k1, k2
+    store.complete_items("r1", {"k0": "x", "k1": "y"})
+    assert store.save_partials("r1", {"k2": [1, 2, 3]}) == 1
+    store.claim_items(b.id, "r2", 1)  # b0 (k0 and k1 are done)
+    job_a, job_b = store.get_job(a.id), store.get_job(b.id)
+    assert (job_a.num_done, job_a.num_total, job_a.num_partial_items, job_a.num_partial_tokens) == (2, 4, 1, 3)
+    assert (job_b.num_done, job_b.num_total, job_b.num_partial_items, job_b.num_partial_tokens) == (2, 5, 0, 0)
+    assert [(j.id, j.num_done) for j in store.list_jobs()] == [(b.id, 2), (a.id, 2)]
+    assert {(r["id"], r["done"], r["running"]) for r in store.job_replicas(b.id)} == {("r1", 2, 0), ("r2", 0, 1)}
+    assert store.job_status(a.id) == (job_a, store.job_replicas(a.id))
+
+
+def test_a_status_poll_reads_an_index_of_the_items_never_their_rows(tmp_path):
+    """An item's row holds its prompt and result; a status poll that read them (11,000 for a
+    `mmlu --limit 50` job: 80 ms of CPU a `GET /v1/jobs/{id}`) took its time from the online
+    requests' steps. On SQLite every read of `items` a poll makes is covered by an index,
+    once a job's items have brought statistics; and a claim still walks its own index."""
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    job = store.create_job(JobSpec(tasks=("t",)))
+    store.add_items(job.id, items_for(ANALYZE_AFTER_ITEMS))
+    store.complete_items("me", {w.key: "done" for w in store.claim_items(job.id, "me", 10)})
+    statements = []
+    sa.event.listen(store.engine, "before_cursor_execute",
+                    lambda conn, cursor, sql, params, *_: statements.append((sql, params)))
+    store.get_job(job.id), store.list_jobs(), store.job_status(job.id)
+    polls = [(sql, params) for sql, params in statements if "items" in sql]
+    num_polled = len(statements)
+    store.claim_items(job.id, "me", 10)
+    (claim,) = [(sql, params) for sql, params in statements[num_polled:] if "UPDATE items" in sql]
+
+    def plan(sql, params) -> list[str]:
+        with store.engine.connect() as conn:
+            return [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)]
+
+    reads = [step for sql, params in polls for step in plan(sql, params)
+             if step.startswith(("SCAN items", "SEARCH items"))]
+    assert reads and all("COVERING INDEX" in step for step in reads), reads
+    assert any("ix_items_claim" in step for step in plan(*claim))
 
 
 def test_claims_follow_job_order_and_kind(store):

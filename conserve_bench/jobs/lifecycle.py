@@ -293,8 +293,8 @@ def cancel_job(store: Store, job_id: str) -> Job:
 def job_status(store: Store, job_id: str) -> dict[str, Any]:
     """What `status` and `GET /v1/jobs/{id}` show: the job, the replicas that computed or hold
     its items (per-replica progress), and its failed items with their errors."""
-    return {**store.get_job(job_id).to_dict(), "replicas": store.job_replicas(job_id),
-            "item_errors": store.item_errors(job_id)}
+    job, replicas = store.job_status(job_id)
+    return {**job.to_dict(), "replicas": replicas, "item_errors": store.item_errors(job_id)}
 
 
 JOBS_LISTED = 100  # `jobs` and `GET /v1/jobs`: the newest, unless asked for more

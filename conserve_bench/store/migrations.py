@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from conserve_bench.errors import StoreVersionError
 from conserve_bench.faults import fault_point
-from conserve_bench.store.db import lock_for_migration, write_transaction
+from conserve_bench.store.db import lock_for_migration, refresh_statistics, write_transaction
 from conserve_bench.store.schema import schema_version
 
 
@@ -192,10 +192,18 @@ def m008_batch_usage(conn: sa.Connection) -> None:
     _add_column(conn, "batches", sa.Column("usage", sa.Text))
 
 
+def m009_items_progress(conn: sa.Connection) -> None:
+    """A job's progress counted from an index, never the item rows (#36)."""
+    items = sa.Table("items", sa.MetaData(), sa.Column("key"), sa.Column("state"), sa.Column("owner"))
+    sa.Index("ix_items_progress", items.c.key, items.c.state, items.c.owner).create(conn)
+    refresh_statistics(conn, ["items", "job_items"])
+
+
 MIGRATIONS: list[Callable[[sa.Connection], None]] = [m001_initial, m002_profiles,
                                                       m003_profile_refits, m004_run_key,
                                                       m005_leases, m006_item_partials,
-                                                      m007_batches, m008_batch_usage]
+                                                      m007_batches, m008_batch_usage,
+                                                      m009_items_progress]
 
 
 def migrate(engine: sa.Engine, migrations=MIGRATIONS) -> int:

@@ -12,8 +12,10 @@ import sqlalchemy as sa
 from conserve_bench.store import leases
 from conserve_bench.store.base import StoreBase, chunks
 from conserve_bench.store.db import insert_ignore
-from conserve_bench.store.schema import items, job_items, workers
+from conserve_bench.store.schema import workers
 from conserve_bench.store.states import ItemState, ReplicaState
+
+OWNED_STATES = (ItemState.DONE, ItemState.RUNNING)  # a replica's share of a job: computed, held
 
 
 class ReplicaRows(StoreBase):
@@ -77,25 +79,16 @@ class ReplicaRows(StoreBase):
         rows = self._read(lambda conn: conn.execute(query).mappings().all())
         return [_replica_from_row(r) for r in rows]
 
-    def job_replicas(self, job_id: str) -> list[dict[str, Any]]:
-        """Per replica that holds or computed any of the job's items: id, host, label, live,
-        done (items it computed), running (items it holds now); most done first."""
-        counts = (sa.select(items.c.owner, items.c.state, sa.func.count().label("n"))
-                  .join(job_items, job_items.c.item_key == items.c.key)
-                  .where(job_items.c.job_id == job_id, items.c.owner.is_not(None),
-                         items.c.state.in_((ItemState.DONE, ItemState.RUNNING)))
-                  .group_by(items.c.owner, items.c.state))
-
-        def read(conn: sa.Connection):
-            found = conn.execute(counts).all()
-            owners = sorted({r.owner for r in found})
-            rows = conn.execute(sa.select(workers, self._live_replica.label("live"))
-                                .where(workers.c.id.in_(owners))).mappings().all() if owners else []
-            return found, {r["id"]: r for r in rows}
-
-        found, rows = self._read(read)
+    def _replicas_of(self, conn: sa.Connection, counts: Sequence[tuple[str, str, int]]) -> list[dict[str, Any]]:
+        """Per replica that holds or computed any of a job's items (`counts`: its done and
+        running items as (owner, state, items)): id, host, label, live, done (items it
+        computed), running (items it holds now); most done first."""
+        owners = sorted({owner for owner, _, _ in counts})
+        rows = {r["id"]: r for r in conn.execute(
+            sa.select(workers, self._live_replica.label("live")).where(workers.c.id.in_(owners))
+        ).mappings()} if owners else {}
         per_replica: dict[str, dict[str, Any]] = {}
-        for owner, state, n in found:
+        for owner, state, n in counts:
             row = rows.get(owner)
             entry = per_replica.setdefault(owner, {
                 "id": owner, "host": row["host"] if row else None,

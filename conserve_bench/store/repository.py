@@ -31,7 +31,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
@@ -46,7 +46,7 @@ from conserve_bench.store.partials import PartialRows
 from conserve_bench.store.profile_rows import ProfileRows
 from conserve_bench.store.schema import item_partials, items, job_items, jobs, workers
 from conserve_bench.store.states import CANCELLABLE_JOB_STATES, ItemState, JobState
-from conserve_bench.store.replicas import ReplicaRows
+from conserve_bench.store.replicas import OWNED_STATES, ReplicaRows
 
 MAX_ITEM_ERRORS = 5  # failed items `item_errors` lists
 ANALYZE_AFTER_ITEMS = 1000  # items added at once that refresh the planner's statistics
@@ -179,28 +179,31 @@ class Store(PartialRows, ReplicaRows, ProfileRows, BatchRows):
     def num_jobs(self) -> int:
         return self._read(lambda conn: conn.execute(sa.select(sa.func.count()).select_from(jobs)).scalar())
 
-    def _select_jobs(self, where, limit: int | None = None) -> list[Job]:
-        def count(state: ItemState):
-            return (sa.select(sa.func.count())
-                    .select_from(job_items.join(items, items.c.key == job_items.c.item_key))
-                    .where(job_items.c.job_id == jobs.c.id, items.c.state == state)
-                    .scalar_subquery())
+    def job_status(self, job_id: str) -> tuple[Job, list[dict[str, Any]]]:
+        """The job and its replicas (`job_replicas`) from one count of its items: what a
+        status poll reads."""
+        def read(conn: sa.Connection):
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().one_or_none()
+            if row is None:
+                raise JobNotFoundError(f"no job {job_id!r} in the store")
+            progress = _progress(conn, [job_id], by_owner=True).get(job_id, _Progress())
+            return _job_from_row(row, progress), self._replicas_of(conn, progress.by_owner)
 
-        partial = (job_items.join(items, items.c.key == job_items.c.item_key)
-                   .join(item_partials, item_partials.c.item_key == items.c.key))
-        partial_where = (job_items.c.job_id == jobs.c.id, items.c.state != ItemState.DONE,
-                         item_partials.c.num_tokens > 0)
-        num_partial_items = sa.select(sa.func.count()).select_from(partial).where(*partial_where)
-        num_partial_tokens = (sa.select(sa.func.coalesce(sa.func.sum(item_partials.c.num_tokens), 0))
-                              .select_from(partial).where(*partial_where))
-        query = sa.select(jobs, count(ItemState.DONE).label("num_done"),
-                          count(ItemState.FAILED).label("num_failed"),
-                          num_partial_items.scalar_subquery().label("num_partial_items"),
-                          num_partial_tokens.scalar_subquery().label("num_partial_tokens"),
-                          ).where(where)
-        query = query.order_by(jobs.c.created_at.desc()).limit(limit)
-        rows = self._read(lambda conn: conn.execute(query).mappings().all())
-        return [_job_from_row(r) for r in rows]
+        return self._read(read)
+
+    def job_replicas(self, job_id: str) -> list[dict[str, Any]]:
+        """`job_status`'s replicas: done and running items per replica, most done first."""
+        return self.job_status(job_id)[1]
+
+    def _select_jobs(self, where, limit: int | None = None) -> list[Job]:
+        query = sa.select(jobs).where(where).order_by(jobs.c.created_at.desc()).limit(limit)
+
+        def read(conn: sa.Connection):
+            rows = conn.execute(query).mappings().all()
+            progress = _progress(conn, [r["id"] for r in rows])
+            return [_job_from_row(r, progress.get(r["id"], _Progress())) for r in rows]
+
+        return self._read(read)
 
     def next_runnable_job(self, skip: Iterable[str] = ()) -> Job | None:
         """The oldest job that is queued or running (every replica of a fleet joins it), but
@@ -343,7 +346,7 @@ class Store(PartialRows, ReplicaRows, ProfileRows, BatchRows):
         conn.execute(jobs.update().where(jobs.c.id == job_id)
                      .values(num_total=total, updated_at=time.time()))
         if len(work) >= ANALYZE_AFTER_ITEMS:
-            refresh_statistics(conn, [items, job_items])
+            refresh_statistics(conn, [items.name, job_items.name])
 
     def claim_items(self, job_id: str, owner: str, limit: int, kind: str | None = None,
                     held: Iterable[str] = ()) -> list[WorkItem]:
@@ -496,11 +499,58 @@ def _retry_failed(job_id: str) -> sa.Update:
             .values(state=ItemState.PENDING, owner=None, num_failures=0))
 
 
-def _job_from_row(r) -> Job:
+@dataclass
+class _Progress:
+    """A job's items counted: done, failed, unfinished with saved tokens (and those tokens),
+    and its done and running items by owner, as `(owner, state, items)`."""
+
+    num_done: int = 0
+    num_failed: int = 0
+    num_partial_items: int = 0
+    num_partial_tokens: int = 0
+    by_owner: list[tuple[str, str, int]] = field(default_factory=list)
+
+    def add(self, owner: str | None, state: str | None, num: int, num_done: int, num_failed: int,
+            num_partial: int, partial_tokens: int) -> None:
+        self.num_done += num_done
+        self.num_failed += num_failed
+        self.num_partial_items += num_partial
+        self.num_partial_tokens += partial_tokens
+        if owner is not None and state in OWNED_STATES:
+            self.by_owner.append((owner, state, num))
+
+
+def _progress(conn: sa.Connection, job_ids: list[str], by_owner: bool = False) -> dict[str, _Progress]:
+    """Each job's `_Progress` (`by_owner`: with its replicas' counts), from one pass over its
+    items that reads `ix_items_progress` (and a partial's row only for an item that has one):
+    a status poll walks an index, never the items' prompts and results. NOTE: grouping by
+    owner too sorts the items (56 ms for all of MMLU on 2 CPU cores, against 29)."""
+    saved = sa.and_(items.c.state != ItemState.DONE, item_partials.c.num_tokens > 0)
+    keys = (job_items.c.job_id, items.c.owner, items.c.state) if by_owner else (job_items.c.job_id,)
+    query = (sa.select(*keys, sa.func.count(), _num(items.c.state == ItemState.DONE),
+                       _num(items.c.state == ItemState.FAILED), _num(saved),
+                       _num(saved, item_partials.c.num_tokens))
+             .select_from(job_items.join(items, items.c.key == job_items.c.item_key)
+                          .outerjoin(item_partials, item_partials.c.item_key == items.c.key))
+             .group_by(*keys))
+    progress: dict[str, _Progress] = {}
+    for chunk in chunks(job_ids):
+        for row in conn.execute(query.where(job_items.c.job_id.in_(chunk))):
+            job_id, owner, state = row[:3] if by_owner else (row[0], None, None)
+            progress.setdefault(job_id, _Progress()).add(owner, state, *(int(n) for n in row[len(keys):]))
+    return progress
+
+
+def _num(condition, value=1) -> sa.ColumnElement:
+    """How many rows meet `condition` (with `value`, the sum of it over those rows)."""
+    return sa.func.coalesce(sa.func.sum(sa.case((condition, value), else_=0)), 0)
+
+
+def _job_from_row(r, progress: _Progress) -> Job:
     return Job(
         id=r["id"], state=JobState(r["state"]), spec=JobSpec.from_dict(json.loads(r["spec"])),
-        num_total=r["num_total"], num_done=r["num_done"], created_at=r["created_at"],
+        num_total=r["num_total"], num_done=progress.num_done, created_at=r["created_at"],
         updated_at=r["updated_at"], run_s=r["run_s"], error=r["error"], run_key=r["run_key"],
-        num_failed=r["num_failed"],
-        num_partial_items=r["num_partial_items"], num_partial_tokens=r["num_partial_tokens"],
+        num_failed=progress.num_failed, num_partial_items=progress.num_partial_items,
+        num_partial_tokens=progress.num_partial_tokens,
     )

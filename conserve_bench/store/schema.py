@@ -55,6 +55,10 @@ items = sa.Table(
     # claims walk pending items in the order they were added, and expired leases by age
     sa.Index("ix_items_claim", "state", "seq"),
     sa.Index("ix_items_lease", "state", "lease_until"),
+    # a job's progress (its items by state and owner) is counted from this index alone: an
+    # item's row holds its prompt and result, and reading 11,000 of them for one `GET
+    # /v1/jobs/{id}` took 80 ms of the CPU the online requests' steps run on
+    sa.Index("ix_items_progress", "key", "state", "owner"),
 )
 
 job_items = sa.Table(
