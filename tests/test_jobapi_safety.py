@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 
 import pytest
 from fastapi import FastAPI
@@ -284,33 +285,48 @@ def test_redact_hides_urls_and_server_paths_but_keeps_the_sentence():
                                "or <hidden> has no test/ folder")
 
 
-def test_a_status_answer_is_reused_while_the_state_holds_and_it_is_young_against_its_cost(store, monkeypatch):
+def test_a_status_answer_is_reused_while_the_state_holds_and_it_is_young_against_its_cost():
     """Counting a job's items takes the server's CPU (the engine's, on a CPU-only host):
-    clients polling `GET /v1/jobs/{id}`, however often, take at most `POLL_SHARE` of it. The
-    job's state is always current, and an unknown job is still a 404."""
-    from conserve_bench.errors import JobNotFoundError
+    clients polling a subject, however often, take at most `POLL_SHARE` of it."""
+    from conserve_bench.serve.jobapi import POLL_SHARE, PollCache
+
+    clock, computed = [0.0], []
+
+    def count(done: int):
+        def compute():
+            computed.append(done)
+            clock[0] += 0.05  # a count takes 50 ms: its answer is kept 50 ms / POLL_SHARE
+            return {"done": done}
+        return compute
+
+    polls = PollCache(clock=lambda: clock[0])
+    assert polls.answer("j", "running", count(0)) == {"done": 0}
+    clock[0] += 0.045 / POLL_SHARE - 0.05  # just short of the 50 ms' share
+    assert polls.answer("j", "running", count(1)) == {"done": 0} and computed == [0]
+    assert polls.answer("k", "running", count(7)) == {"done": 7}  # each subject its own
+    clock[0] += 0.01 / POLL_SHARE
+    assert polls.answer("j", "running", count(2)) == {"done": 2}
+    assert polls.answer("j", "done", count(3)) == {"done": 3}  # a new state: counted at once
+
+
+def test_status_polls_of_a_job_reuse_its_count_until_its_state_changes(store, monkeypatch):
     from conserve_bench.serve import jobapi
 
     job = store.create_job(JobSpec(tasks=(TASK,)))
     store.add_items(job.id, [WorkItem(f"k{i}", "loglikelihood", {"i": i}) for i in range(3)])
-    clock, counted = [0.0], []
-    count = jobapi.lifecycle.job_status
+    counted, count = [], jobapi.lifecycle.job_status
 
-    def counting(store_, job_id):
+    def slow_count(store_, job_id):  # NOTE: 0.1 s: its answer is kept 5 s
         counted.append(job_id)
-        clock[0] += 0.05  # a count takes 50 ms: its answer is kept 50 ms / POLL_SHARE
+        time.sleep(0.1)
         return count(store_, job_id)
 
-    monkeypatch.setattr(jobapi.lifecycle, "job_status", counting)
-    statuses = jobapi.StatusCache(store, clock=lambda: clock[0])
-    assert statuses.status(job.id)["done"] == 0 and len(counted) == 1
+    monkeypatch.setattr(jobapi.lifecycle, "job_status", slow_count)
+    client = job_api(store)
+    assert client.get(f"/v1/jobs/{job.id}").json()["done"] == 0
     store.complete_items("me", {w.key: [-1.0, True] for w in store.claim_items(job.id, "me", 1)})
-    clock[0] += 0.045 / jobapi.POLL_SHARE - 0.05  # just short of the 50 ms' share
-    assert statuses.status(job.id)["done"] == 0 and len(counted) == 1
-    clock[0] += 0.01 / jobapi.POLL_SHARE
-    assert statuses.status(job.id)["done"] == 1 and len(counted) == 2
+    assert client.get(f"/v1/jobs/{job.id}").json()["done"] == 0 and len(counted) == 1  # reused
     store.cancel_job(job.id)
-    assert statuses.status(job.id)["state"] == "cancelled" and len(counted) == 3  # at once
-    with pytest.raises(JobNotFoundError):
-        statuses.status("no-such-job")
-    assert job_api(store).get("/v1/jobs/no-such-job").status_code == 404
+    answer = client.get(f"/v1/jobs/{job.id}").json()
+    assert (answer["state"], answer["done"], len(counted)) == ("cancelled", 1, 2)
+    assert client.get("/v1/jobs/no-such-job").status_code == 404 and len(counted) == 2

@@ -25,7 +25,7 @@ from conserve_bench.batches.lines import BatchFileError
 from conserve_bench.batches.objects import DEFAULT_COMPLETION_WINDOW, error_body, file_object
 from conserve_bench.errors import (ConserveError, EngineUnavailableError, JobNotFoundError,
                                    JobStateError, StoreUnavailableError, first_line)
-from conserve_bench.serve.jobapi import errors_route_class
+from conserve_bench.serve.jobapi import PollCache, errors_route_class
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def install_batch_api(app, store, model: str, fingerprint: str, served_urls: tup
 
     files = APIRouter(prefix=FILES_PATH, route_class=_route_class())
     batches = APIRouter(prefix=BATCHES_PATH, route_class=_route_class())
+    polls = PollCache()
 
     @files.post("")
     async def upload(file: UploadFile = File(...), purpose: str = Form(...)) -> dict[str, Any]:
@@ -93,7 +94,8 @@ def install_batch_api(app, store, model: str, fingerprint: str, served_urls: tup
 
     @batches.get("/{batch_id}")
     def retrieve(batch_id: str) -> dict[str, Any]:
-        return lifecycle.describe(store, store.get_batch(batch_id))
+        batch = store.get_batch(batch_id)  # NOTE: its status is always read afresh
+        return polls.answer(batch.id, batch.status.value, lambda: lifecycle.describe(store, batch))
 
     @batches.post("/{batch_id}/cancel")
     def cancel(batch_id: str) -> dict[str, Any]:

@@ -40,7 +40,7 @@ MAX_TASKS_PER_JOB = 64  # tasks (or groups) of one job, and tasks with fixed `sa
 MAX_NAME_CHARS = 200  # a task name (lm-eval's longest: 86) or a run key
 MAX_LABEL_CHARS = 64
 MAX_LIMIT = 1_000_000  # documents per task
-POLL_SHARE = 0.02  # `StatusCache`: the most of the server's time status answers may take
+POLL_SHARE = 0.02  # `PollCache`: the most of the server's time one subject's status polls take
 MAX_NUM_FEWSHOT = 64  # beyond any lm-eval task's few-shot split; the context cuts it anyway
 MAX_SAMPLES = 100_000  # doc indices in `samples`, over all its tasks
 MAX_DOC_INDEX = 2**31 - 1
@@ -137,7 +137,7 @@ def install_job_api(app, store, cfg, fingerprint: str, max_model_len: int | None
     from fastapi.responses import JSONResponse
 
     router = APIRouter(prefix="/v1/jobs", route_class=_route_class())
-    statuses = StatusCache(store)
+    polls = PollCache()
 
     @router.post("", status_code=201)
     def create(request: JobRequest):
@@ -172,7 +172,8 @@ def install_job_api(app, store, cfg, fingerprint: str, max_model_len: int | None
 
     @router.get("/{job_id}")
     def status(job_id: str) -> dict[str, Any]:
-        return statuses.status(job_id)
+        state = store.get_job_state(job_id).value  # NOTE: a 404 before anything is counted
+        return polls.answer(job_id, state, lambda: lifecycle.job_status(store, job_id))
 
     @router.get("/{job_id}/results")
     def results(job_id: str, full: bool = False) -> dict[str, Any]:
@@ -195,29 +196,29 @@ def install_job_api(app, store, cfg, fingerprint: str, max_model_len: int | None
     app.include_router(router)
 
 
-class StatusCache:
-    """`GET /v1/jobs/{id}`'s answers, each reused while the job's state is unchanged and it is
-    younger than `1 / POLL_SHARE` times what counting it took.
+class PollCache:
+    """Answers to status polls (`GET /v1/jobs/{id}`, `GET /v1/batches/{id}`), each reused
+    while its subject's state is unchanged and it is younger than `1 / POLL_SHARE` times what
+    computing it took.
 
     An answer counts the job's items on the server's CPU, which on a CPU-only host the
     engine's steps run on: 66 ms for all of MMLU on 2 cores, and a client polling that every
-    second made online decode steps 1.4x slower at P90. Reused this way, polls of a job take
-    at most `POLL_SHARE` of the server's time, however many clients ask how often; the
-    state (queued, running, done, failed, cancelled) is read afresh for every answer.
+    second made online decode steps 1.4x slower at P90. Reused this way, polls of one subject
+    take at most `POLL_SHARE` of the server's time, however many clients ask how often; the
+    caller reads the state (a job's, a batch's status) afresh for every answer.
     """
 
-    def __init__(self, store, share: float = POLL_SHARE, clock: Callable[[], float] = time.monotonic):
-        self.store, self.share, self.clock = store, share, clock
-        self._answers: dict[str, tuple[float, float, dict[str, Any]]] = {}  # (counted at, kept for s, answer)
+    def __init__(self, share: float = POLL_SHARE, clock: Callable[[], float] = time.monotonic):
+        self.share, self.clock = share, clock
+        self._answers: dict[str, tuple[float, float, str, dict[str, Any]]] = {}  # at, kept for s, state
 
-    def status(self, job_id: str) -> dict[str, Any]:
-        state = self.store.get_job_state(job_id).value  # NOTE: JobNotFoundError (a 404) first
+    def answer(self, key: str, state: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         now = self.clock()
-        counted_at, keep_s, answer = self._answers.get(job_id, (0.0, 0.0, None))
-        if answer is not None and answer["state"] == state and now - counted_at < keep_s:
+        computed_at, keep_s, known_state, answer = self._answers.get(key, (0.0, 0.0, "", {}))
+        if answer and known_state == state and now - computed_at < keep_s:
             return answer
-        answer = lifecycle.job_status(self.store, job_id)
-        self._answers[job_id] = (now, (self.clock() - now) / self.share, answer)
+        answer = compute()
+        self._answers[key] = (now, (self.clock() - now) / self.share, state, answer)
         return answer
 
 
