@@ -69,6 +69,26 @@ def test_a_continuation_of_no_tokens_after_no_context_scores_no_tokens(tokenizer
     assert encoder.encode_pair("", "\x16") == ([encoder.prefix_token_id], [])
 
 
+def test_choices_sharing_a_context_encode_it_once(tokenizer):
+    """An MMLU question's 4 choices: the context once and each whole string once (5
+    encodings, not 8), with the split lm-eval makes (`test_encode_pair_matches_lm_eval`)."""
+    encoded = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def encode(self, text, **kwargs):
+            encoded.append(text)
+            return tokenizer.encode(text, **kwargs)
+
+    context = "Question: 1+1?\nAnswer:"
+    work = [item("loglikelihood", context, f" {c}") for c in "ABCD"]
+    prompts, _ = build_prompts(work, Encoder(Counting(), 2048))
+    assert encoded == [context] + [context + f" {c}" for c in "ABCD"]
+    assert prompts == build_prompts(work, Encoder(tokenizer, 2048))[0]
+
+
 def test_single_token_choices_share_one_prompt(tokenizer):
     encoder = Encoder(tokenizer, 2048)
     work = [item("loglikelihood", "Question: 1+1?\nAnswer:", f" {c}") for c in "ABCD"]

@@ -163,7 +163,10 @@ class Encoder:
         # special tokens; for a tokenizer that adds no EOS that is the BOS token, then the text.
         return [bos, *ids]
 
-    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    def encode_pair(self, context: str, continuation: str,
+                    contexts: dict[str, list[int]] | None = None) -> tuple[list[int], list[int]]:
+        """lm-eval's (context, continuation) tokens. `contexts`: contexts encoded already
+        (read and filled), so that a question's choices encode their shared context once."""
         if context == "":
             cont = self.encode(continuation)
             if cont and cont[0] == self.prefix_token_id:
@@ -174,7 +177,11 @@ class Encoder:
             context, continuation = context[:-num_spaces], context[-num_spaces:] + continuation
         # NOTE: exactly lm-eval's split: the context as encoded alone, the continuation as the
         # rest of the whole encoding (even where a token straddles the boundary).
-        ctx = self.encode(context)
+        ctx = contexts.get(context) if contexts is not None else None
+        if ctx is None:
+            ctx = self.encode(context)
+            if contexts is not None:
+                contexts[context] = ctx
         return ctx, self.encode(context + continuation)[len(ctx):]
 
     def rolling_windows(self, text: str) -> list[tuple[list[int], list[int]]]:
@@ -194,9 +201,10 @@ def build_prompts(work: Sequence[Request], encoder: Encoder) -> tuple[list[Promp
     prompts: list[Prompt] = []
     num_parts: dict[str, int] = {}
     shared: dict[tuple[int, ...], Prompt] = {}
+    contexts: dict[str, list[int]] = {}  # NOTE: an MMLU question's 4 choices share a context
     for item in work:
         if item.kind == "loglikelihood":
-            prompt = _loglikelihood(item, encoder, shared)
+            prompt = _loglikelihood(item, encoder, shared, contexts)
         elif item.kind == "loglikelihood_rolling":
             windows = _rolling(item, encoder)
             prompts += windows
@@ -212,9 +220,9 @@ def build_prompts(work: Sequence[Request], encoder: Encoder) -> tuple[list[Promp
     return prompts, num_parts
 
 
-def _loglikelihood(item: Request, encoder: Encoder, shared: dict) -> Prompt | None:
+def _loglikelihood(item: Request, encoder: Encoder, shared: dict, contexts: dict) -> Prompt | None:
     context, continuation = item.args
-    ctx, cont = encoder.encode_pair(context, continuation)
+    ctx, cont = encoder.encode_pair(context, continuation, contexts)
     if len(cont) == 1 and 0 < len(ctx) <= encoder.max_prompt_len:
         # NOTE: one prompt per distinct context; returns None when an earlier item's prompt
         # already covers this context, so the caller adds nothing.
