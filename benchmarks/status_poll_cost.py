@@ -27,6 +27,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from benchmarks.common import add_measured_args, host_profile, write_measured
+from benchmarks.vllm_bench_serve import add_served_args, serve_args, vllm_bench_args
+from conserve_bench.config import ServePolicy
 
 TRIM_S = 3.0  # left out at each end of a phase: the poller's switch, the client's ramp
 POLLING, QUIET = "polling", "no polls"
@@ -34,21 +36,13 @@ POLLING, QUIET = "polling", "no polls"
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tasks", default="mmlu")
     parser.add_argument("--limit", type=int, default=0, help="Questions per subject (0: all).")
-    parser.add_argument("--num-fewshot", type=int, default=5)
-    parser.add_argument("--data-dir", default=os.environ.get("CONSERVE_BENCH_DATA", "../shared/data/mmlu"))
-    parser.add_argument("--db", default=os.environ.get("CONSERVE_BENCH_DB", "sqlite:///conserve.db"),
-                        help="Where this machine's latency profile is kept (measured into it first, unless --no-profile).")
-    parser.add_argument("--request-rate", type=float, default=0.25)
-    parser.add_argument("--input-len", type=int, default=256)
-    parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--poll-s", type=float, default=1.0)
     parser.add_argument("--phase-s", type=float, default=45.0)
     parser.add_argument("--phases", type=int, default=8, help="ABBA: polling, quiet, quiet, polling, ...")
     parser.add_argument("--out", default=None, help="Folder [results/status-poll-cost-<time>].")
+    add_served_args(parser)
     add_measured_args(parser, "status_poll_cost")
     return parser.parse_args()
 
@@ -91,21 +85,17 @@ def _percentiles(values: list[float], name: str) -> dict[str, float | None]:
 def run(args, out: Path) -> dict:
     from vllm.benchmarks.serve import main_async
 
-    from benchmarks.vllm_bench_serve import vllm_bench_args
     from conserve_bench.bench.phases import ProfileCache, wait_running
     from conserve_bench.engine.models import resolve_model
     from conserve_bench.serve.client import JobClient
     from conserve_bench.serve.process import ServerProcess
 
-    db_url = f"sqlite:///{(out / 'jobs.db').resolve()}"
-    ProfileCache(args.db, args.model).copy_to(db_url)
-    serve_args = ["--policy", "conserve", "--db", db_url, "--output", str(out), "--model", args.model,
-                  "--data-dir", os.path.abspath(args.data_dir), "--step-log", str(out / "steps.jsonl")]
+    _, flags = serve_args(ServePolicy.CONSERVE, out, args, ProfileCache(args.db, args.model))
     online = SimpleNamespace(input_len=args.input_len, output_len=args.output_len, seed=args.seed,
                              request_rate=args.request_rate,
                              num_prompts=int(args.request_rate * args.phase_s * (args.phases + 1)))
     phases, polls, client = [], [], {}
-    with ServerProcess(serve_args, out) as server:
+    with ServerProcess(flags, out) as server:
         jobs = JobClient(server.url, timeout_s=600)
         job = jobs.submit(args.tasks.split(","), limit=args.limit or None, num_fewshot=args.num_fewshot,
                           data_dir=os.path.abspath(args.data_dir))

@@ -48,22 +48,38 @@ METRICS = ("p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms")
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policies", default=",".join(p.value for p in POLICIES))
-    parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--num-prompts", type=int, default=60)
+    parser.add_argument("--offline-tasks", default="mmlu")
+    parser.add_argument("--offline-limit", type=int, default=50, help="Questions per subject (0: all).")
+    parser.add_argument("--serve-arg", action="append", default=[], help="Extra `serve` flag.")
+    parser.add_argument("--out", default=None, help="Folder [results/vllm-bench-serve-<time>].")
+    add_served_args(parser)
+    add_measured_args(parser, "vllm_bench_serve")
+    return parser.parse_args()
+
+
+def add_served_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of a fresh `serve` with a job behind it and vLLM's client in front, the same
+    in every benchmark that runs one: model, its latency profile, the job's data and shots,
+    the client's requests."""
+    parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--request-rate", type=float, default=0.25)
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--offline-tasks", default="mmlu")
-    parser.add_argument("--offline-limit", type=int, default=50, help="Questions per subject (0: all).")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-fewshot", type=int, default=5)
     parser.add_argument("--data-dir", default=os.environ.get("CONSERVE_BENCH_DATA", "../shared/data/mmlu"))
     parser.add_argument("--db", default=os.environ.get("CONSERVE_BENCH_DB", "sqlite:///conserve.db"),
                         help="Where this machine's latency profile is kept (measured into it first, unless --no-profile).")
-    parser.add_argument("--serve-arg", action="append", default=[], help="Extra `serve` flag.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="Folder [results/vllm-bench-serve-<time>].")
-    add_measured_args(parser, "vllm_bench_serve")
-    return parser.parse_args()
+
+
+def serve_args(policy: ServePolicy, folder: Path, args, profiles) -> tuple[str, list[str]]:
+    """A fresh server's store and flags: its own store in `folder` with this machine's profile
+    copied in (`profiles`: `bench.phases.ProfileCache`), its output and step log there too."""
+    db_url = f"sqlite:///{(folder / 'jobs.db').resolve()}"
+    profiles.copy_to(db_url)
+    return db_url, ["--policy", policy.value, "--db", db_url, "--output", str(folder), "--model", args.model,
+                    "--data-dir", os.path.abspath(args.data_dir), "--step-log", str(folder / "steps.jsonl")]
 
 
 def vllm_bench_args(args, url: str, model_path: str, served_name: str) -> argparse.Namespace:
@@ -159,12 +175,8 @@ def run_policy(args, policy: ServePolicy, out: Path, profiles, label: str | None
 
     phase_dir = out / (label or policy.value)
     phase_dir.mkdir(parents=True)
-    db_url = f"sqlite:///{(phase_dir / 'jobs.db').resolve()}"
-    profiles.copy_to(db_url)
-    serve_args = ["--policy", policy.value, "--db", db_url, "--output", str(phase_dir), "--model", args.model,
-                  "--data-dir", os.path.abspath(args.data_dir), "--step-log", str(phase_dir / "steps.jsonl"),
-                  *args.serve_arg]
-    with ServerProcess(serve_args, phase_dir) as server:
+    db_url, flags = serve_args(policy, phase_dir, args, profiles)
+    with ServerProcess([*flags, *args.serve_arg], phase_dir) as server:
         profiles.learn_from(db_url)
         jobs = JobClient(server.url, timeout_s=600)
         job = jobs.submit(args.offline_tasks.split(","), limit=args.offline_limit or None,

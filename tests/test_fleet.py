@@ -121,7 +121,7 @@ def test_a_sigkilled_replicas_items_are_reclaimed_after_its_lease(pg_store, tmp_
         wait_progress(pg_store, job.id, 0.3)
         victim.kill()
         victim.wait()
-        held = next(r["running"] for r in pg_store.job_replicas(job.id) if r["id"] == victim_id)
+        held = next(r["running"] for r in pg_store.job_status(job.id)[1] if r["id"] == victim_id)
         assert 0 < held <= MAX_INFLIGHT
         wait_done(pg_store, job.id)
         assert victim_id not in {w["id"] for w in pg_store.live_replicas()}
@@ -137,7 +137,7 @@ def test_sigterm_drains_one_replica_and_the_others_carry_on(pg_store, tmp_path):
         wait_progress(pg_store, job.id, 0.3)
         drained.send_signal(signal.SIGTERM)
         assert drained.wait(timeout=30) == 0
-        mine = [r for r in pg_store.job_replicas(job.id) if r["id"] == drained_id]
+        mine = [r for r in pg_store.job_status(job.id)[1] if r["id"] == drained_id]
         assert mine and mine[0]["running"] == 0 and not mine[0]["live"]
         assert pg_store.get_job_state(job.id) == "running"  # the other replica's
         wait_done(pg_store, job.id)
@@ -181,6 +181,6 @@ def test_submit_no_wait_records_a_task_job_that_the_replicas_run_together(pg_sto
         wait_done(pg_store, job["id"])
     done = pg_store.get_job(job["id"])
     assert done.num_done == done.num_total == 10
-    assert sum(r["done"] for r in pg_store.job_replicas(job["id"])) == 10
+    assert sum(r["done"] for r in pg_store.job_status(job["id"])[1]) == 10
     assert all(i["result"] == fake_result(i["key"], i["kind"]) for i in pg_store.job_items(job["id"]))
     assert "exact_match,none" in pg_store.get_results(job["id"])["results"]["conserve_tiny_gen"]

@@ -191,7 +191,7 @@ def test_the_last_live_replica_leaving_a_job_sets_its_state(store):
         assert store.start_job(job_id, replica_id)
     store.leave_job(job_id, "w1", JobState.QUEUED, "drained")
     assert store.get_job_state(job_id) == JobState.RUNNING  # w2 is still on it
-    assert store.job_replicas(job_id) == []  # no item claimed yet
+    assert store.job_status(job_id)[1] == []  # no item claimed yet
     store.leave_job(job_id, "w2", JobState.FAILED, "boom")
     job = store.get_job(job_id)
     assert (job.state, job.error) == (JobState.FAILED, "boom")
@@ -208,7 +208,7 @@ def test_job_replicas_shows_what_each_replica_computed_and_holds(store):
     for owner, n in (("w1", 3), ("w2", 2)):
         claimed = store.claim_items(job_id, owner, n)
         store.complete_items(owner, {w.key: 1 for w in claimed[:2]})
-    assert store.job_replicas(job_id) == [
+    assert store.job_status(job_id)[1] == [
         {"id": "w1", "host": "host-a", "label": "serve :8000", "live": True, "done": 2, "running": 1},
         {"id": "w2", "host": None, "label": None, "live": False, "done": 2, "running": 0}]
 

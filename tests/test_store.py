@@ -169,8 +169,8 @@ def test_a_jobs_progress_counts_its_own_items_by_state_owner_and_saved_tokens(st
     assert (job_a.num_done, job_a.num_total, job_a.num_partial_items, job_a.num_partial_tokens) == (2, 4, 1, 3)
     assert (job_b.num_done, job_b.num_total, job_b.num_partial_items, job_b.num_partial_tokens) == (2, 5, 0, 0)
     assert [(j.id, j.num_done) for j in store.list_jobs()] == [(b.id, 2), (a.id, 2)]
-    assert {(r["id"], r["done"], r["running"]) for r in store.job_replicas(b.id)} == {("r1", 2, 0), ("r2", 0, 1)}
-    assert store.job_status(a.id) == (job_a, store.job_replicas(a.id))
+    assert {(r["id"], r["done"], r["running"]) for r in store.job_status(b.id)[1]} == {("r1", 2, 0), ("r2", 0, 1)}
+    assert store.job_status(a.id)[0] == job_a
 
 
 def test_a_status_poll_reads_an_index_of_the_items_never_their_rows(tmp_path):

@@ -40,13 +40,13 @@ MAX_TASKS_PER_JOB = 64  # tasks (or groups) of one job, and tasks with fixed `sa
 MAX_NAME_CHARS = 200  # a task name (lm-eval's longest: 86) or a run key
 MAX_LABEL_CHARS = 64
 MAX_LIMIT = 1_000_000  # documents per task
-POLL_SHARE = 0.02  # `PollCache`: the most of the server's time one subject's status polls take
 MAX_NUM_FEWSHOT = 64  # beyond any lm-eval task's few-shot split; the context cuts it anyway
 MAX_SAMPLES = 100_000  # doc indices in `samples`, over all its tasks
 MAX_DOC_INDEX = 2**31 - 1
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 MAX_SYSTEM_INSTRUCTION_CHARS = 100_000  # a system prompt, not a document
 SHA256_HEX = r"^[0-9a-f]{64}$"
+POLL_SHARE = 0.02  # `PollCache`: the most of the server's time one subject's status polls take
 
 TaskName = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
 DocIndices = Annotated[list[Annotated[int, Field(ge=0, le=MAX_DOC_INDEX)]],

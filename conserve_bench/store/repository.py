@@ -180,8 +180,9 @@ class Store(PartialRows, ReplicaRows, ProfileRows, BatchRows):
         return self._read(lambda conn: conn.execute(sa.select(sa.func.count()).select_from(jobs)).scalar())
 
     def job_status(self, job_id: str) -> tuple[Job, list[dict[str, Any]]]:
-        """The job and its replicas (`job_replicas`) from one count of its items: what a
-        status poll reads."""
+        """The job and, per replica that holds or computed any of its items, its done and
+        running items (most done first), from one count of its items: what a status poll
+        reads."""
         def read(conn: sa.Connection):
             row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().one_or_none()
             if row is None:
@@ -190,10 +191,6 @@ class Store(PartialRows, ReplicaRows, ProfileRows, BatchRows):
             return _job_from_row(row, progress), self._replicas_of(conn, progress.by_owner)
 
         return self._read(read)
-
-    def job_replicas(self, job_id: str) -> list[dict[str, Any]]:
-        """`job_status`'s replicas: done and running items per replica, most done first."""
-        return self.job_status(job_id)[1]
 
     def _select_jobs(self, where, limit: int | None = None) -> list[Job]:
         query = sa.select(jobs).where(where).order_by(jobs.c.created_at.desc()).limit(limit)
