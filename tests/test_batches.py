@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+import sqlalchemy as sa
 
 from conserve_bench.batches import lifecycle
 from conserve_bench.batches.lines import BatchFileError, parse_lines
@@ -21,7 +22,7 @@ from conserve_bench.engine.openai_requests import OfflineClient, OpenAIRequestEn
 from conserve_bench.errors import InvalidRequestError, JobStateError
 from conserve_bench.serve.guard import DEFAULT_MAX_REQUEST_BYTES, GuardConfig
 from conserve_bench.serve.pump import OfflinePump
-from conserve_bench.store import BatchStatus, JobState
+from conserve_bench.store import BatchStatus, JobState, RequestCounts
 
 from .conftest import wait_for
 
@@ -151,8 +152,11 @@ def test_a_batch_runs_on_the_pump_and_delivers_its_files_in_input_order(store, l
         done = wait_status(store, batch.id, "completed")
     finally:
         pump.stop()
+    statements = []
+    sa.event.listen(store.engine, "before_cursor_execute", lambda conn, cursor, sql, *_: statements.append(sql))
     obj = lifecycle.describe(store, done)
     assert obj["request_counts"] == {"total": 7, "completed": 6, "failed": 1}
+    assert not [sql for sql in statements if "items" in sql]  # kept when it was finalized
     assert [obj[f"{s}_at"] is not None for s in ("in_progress", "finalizing", "completed")] == [True] * 3
     assert obj["metadata"] == {"night": "1"} and obj["model"] == "fake-model"
     outputs, errors = file_lines(store, done.output_file_id), file_lines(store, done.error_file_id)
@@ -185,6 +189,7 @@ def test_expiry_delivers_what_finished_and_reports_the_rest_expired(store, loop)
     delivered = file_lines(store, expired.output_file_id)
     unanswered = file_lines(store, expired.error_file_id)
     assert len(delivered) >= 4 and len(delivered) + len(unanswered) == 40
+    assert expired.request_counts == RequestCounts(total=40, completed=len(delivered), failed=0)
     assert {(e["error"]["code"], e["response"]) for e in unanswered} == {("batch_expired", None)}
     order = [line["custom_id"] for line in delivered + unanswered]
     assert sorted(order, key=lambda c: int(c[1:])) == [f"r{i}" for i in range(40)]

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conserve_bench.config import JobSpec
+from conserve_bench.config import JobSpec, LeaseConfig
 from conserve_bench.errors import DatabaseURLError, JobNotFoundError
 from conserve_bench.store import MIGRATIONS, JobState, Store, WorkItem
 from conserve_bench.store.db import create_engine
@@ -22,7 +22,7 @@ BOTH_DIALECTS = True  # every test taking `store` runs on SQLite and on PostgreS
 EXPECTED_SCHEMA = {
     "schema_version": {"version"},
     "jobs": {"id", "state", "spec", "num_total", "results", "error", "created_at",
-             "updated_at", "run_s", "run_key"},
+             "updated_at", "run_s", "run_key", "progress"},
     "items": {"key", "kind", "args", "state", "result", "owner", "claimed_at", "finished_at",
               "num_runs", "seq", "lease_until", "num_failures", "error"},
     "job_items": {"job_id", "item_key", "seq"},
@@ -38,7 +38,8 @@ EXPECTED_SCHEMA = {
     "batches": {"id", "job_id", "endpoint", "input_file_id", "completion_window", "status",
                 "num_lines", "line_errors", "metadata", "errors", "output_file_id",
                 "error_file_id", "created_at", "expires_at", "in_progress_at", "finalizing_at",
-                "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at", "usage"},
+                "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at", "usage",
+                "request_counts"},
 }
 
 
@@ -171,6 +172,33 @@ def test_a_jobs_progress_counts_its_own_items_by_state_owner_and_saved_tokens(st
     assert [(j.id, j.num_done) for j in store.list_jobs()] == [(b.id, 2), (a.id, 2)]
     assert {(r["id"], r["done"], r["running"]) for r in store.job_status(b.id)[1]} == {("r1", 2, 0), ("r2", 0, 1)}
     assert store.job_status(a.id)[0] == job_a
+
+
+def test_a_done_jobs_counts_stay_with_its_results_and_a_list_counts_only_live_jobs(store):
+    """A nightly store keeps every night's job, and `jobs` / `GET /v1/jobs` list up to 100:
+    each counted its items (35 ms of CPU for an MMLU job) on the CPU the engine's steps run
+    on. A done job's counts are written with its results: what they were computed from,
+    even once a job sharing its failed item retries that item."""
+    done = store.create_job(JobSpec(tasks=("t",)))
+    live = store.create_job(JobSpec(tasks=("t",)))
+    store.add_items(done.id, items_for(3))
+    store.add_items(live.id, items_for(4))  # k0-k2 shared
+    store.claim_items(done.id, "r", 2)
+    store.complete_items("r", {"k0": "x", "k1": "y"})
+    once = Store(store.url, LeaseConfig(max_attempts=1))
+    once.claim_items(done.id, "r", 1)
+    assert once.fail_items("r", {"k2": "boom"}) == 1
+    assert store.save_results(done.id, {"results": {}})
+    store.retry_failed_items(live.id)  # k2 back to pending: the live job's to run
+    statements = []
+    sa.event.listen(store.engine, "before_cursor_execute",
+                    lambda conn, cursor, sql, params, *_: statements.append((sql, str(params))))
+    listed = {j.id: (j.state, j.num_done, j.num_failed, j.num_total) for j in store.list_jobs()}
+    assert listed == {done.id: (JobState.DONE, 2, 1, 3), live.id: (JobState.QUEUED, 2, 0, 4)}
+    (counted,) = [params for sql, params in statements if "job_items" in sql]
+    assert live.id in counted and done.id not in counted
+    assert store.job_status(done.id)[0].num_failed == 1 and store.get_job(done.id).num_done == 2
+    assert store.job_spec(done.id) == done.spec
 
 
 def test_a_status_poll_reads_an_index_of_the_items_never_their_rows(tmp_path):

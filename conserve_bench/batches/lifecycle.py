@@ -26,7 +26,7 @@ from conserve_bench.batches.objects import (CANCELLABLE, CANCELLED, EXPIRED, RUN
                                             unanswered_line, window_seconds)
 from conserve_bench.config import JobSpec
 from conserve_bench.errors import InvalidRequestError, JobStateError
-from conserve_bench.store import Batch, BatchStatus, Store, WorkItem
+from conserve_bench.store import Batch, BatchStatus, RequestCounts, Store, WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
 def describe(store: Store, batch: Batch, now: float | None = None) -> dict[str, Any]:
     """OpenAI's Batch object, with its rate and ETA under `conserve`."""
     counts = store.batch_request_counts(batch)
-    model = store.get_job(batch.job_id).spec.model
+    model = store.job_spec(batch.job_id).model
     return batch_object(batch, counts, model, progress(counts, now or time.time(), batch))
 
 
@@ -120,8 +120,9 @@ def finalize(store: Store, batch_id: str, status: BatchStatus) -> bool:
     batch = store.get_batch(batch_id)
     if batch.status not in allowed:
         return False
-    outputs, errors = _file_lines(store, batch, status)
-    values: dict[str, Any] = {"usage": batch_usage(line["response"]["body"] for line in outputs)}
+    outputs, errors, counts = _file_lines(store, batch, status)
+    values: dict[str, Any] = {"usage": batch_usage(line["response"]["body"] for line in outputs),
+                              "request_counts": counts}
     for name, lines in (("output", outputs), ("error", errors)):
         if lines:
             content = "".join(json.dumps(line) + "\n" for line in lines).encode()
@@ -131,10 +132,12 @@ def finalize(store: Store, batch_id: str, status: BatchStatus) -> bool:
     return store.move_batch(batch.id, status, only_from=only_from, **values)
 
 
-def _file_lines(store: Store, batch: Batch, status: BatchStatus) -> tuple[list, list]:
-    """The output lines (answered 200) and error lines (refused, or never run), in input order."""
+def _file_lines(store: Store, batch: Batch, status: BatchStatus) -> tuple[list, list, RequestCounts]:
+    """The output lines (answered 200) and error lines (refused, or never run), in input
+    order, and the request counts they make (`Store.batch_request_counts`' for a batch
+    still running: a line never run is in neither count)."""
     unanswered = {BatchStatus.EXPIRED: EXPIRED, BatchStatus.CANCELLED: CANCELLED}.get(status)
-    outputs, errors = [], []
+    outputs, errors, num_refused = [], [], 0
     for item in store.job_items(batch.job_id, with_args=True):
         line = Line.from_args(item["args"])
         if line.index in batch.line_errors:
@@ -143,9 +146,12 @@ def _file_lines(store: Store, batch: Batch, status: BatchStatus) -> tuple[list, 
             result = item["result"]
             target = outputs if result["status_code"] == 200 else errors
             target.append(response_line(batch.id, line, result["status_code"], result["body"]))
+            num_refused += result["status_code"] != 200
         elif unanswered is not None:
             errors.append(unanswered_line(batch.id, line, *unanswered))
-    return outputs, errors
+    counts = RequestCounts(total=batch.num_lines, completed=len(outputs),
+                           failed=num_refused + len(batch.line_errors))
+    return outputs, errors, counts
 
 
 def cancel_batch(store: Store, batch_id: str) -> Batch:

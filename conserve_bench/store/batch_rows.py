@@ -61,6 +61,7 @@ class Batch:
     output_file_id: str | None = None
     error_file_id: str | None = None
     usage: dict[str, Any] | None = None  # the answered lines' token totals, once finalized
+    request_counts: RequestCounts | None = None  # what its files hold, once finalized
 
 
 class BatchRows(StoreBase):
@@ -167,9 +168,12 @@ class BatchRows(StoreBase):
     def move_batch(self, batch_id: str, to: BatchStatus, only_from: Iterable[BatchStatus],
                    **values: Any) -> bool:
         """Put the batch in `to` if it is in one of `only_from` now (one conditional UPDATE),
-        stamping when (`<to>_at`) and writing `values` (output file ids, errors, usage) with it."""
+        stamping when (`<to>_at`) and writing `values` (output file ids, errors, usage,
+        request counts) with it."""
         to = BatchStatus(to)
-        for name in ("errors", "usage"):
+        if isinstance(values.get("request_counts"), RequestCounts):
+            values["request_counts"] = values["request_counts"].to_dict()
+        for name in ("errors", "usage", "request_counts"):
             if values.get(name) is not None:
                 values[name] = json.dumps(values[name])
         stamp = {f"{to.value}_at": time.time()} if to.value in STAMPED else {}
@@ -179,7 +183,11 @@ class BatchRows(StoreBase):
             .values(status=to, **stamp, **values)).rowcount == 1)
 
     def batch_request_counts(self, batch: Batch) -> RequestCounts:
-        """Its lines answered 200, and those refused (by the endpoint, or at validation)."""
+        """Its lines answered 200, and those refused (by the endpoint, or at validation):
+        those its files hold once it is finalized, else counted from its done items (their
+        results' first bytes)."""
+        if batch.request_counts is not None:
+            return batch.request_counts
         done = sa.and_(items.c.state == ItemState.DONE)
         ok = sa.func.sum(sa.case((items.c.result.like(ANSWERED_OK), 1), else_=0))
         row = self._read(lambda conn: conn.execute(
@@ -202,4 +210,5 @@ def _batch_from_row(r) -> Batch:
         metadata=json.loads(r["metadata"]) if r["metadata"] else None,
         errors=json.loads(r["errors"]) if r["errors"] else None,
         output_file_id=r["output_file_id"], error_file_id=r["error_file_id"],
-        usage=json.loads(r["usage"]) if r["usage"] else None)
+        usage=json.loads(r["usage"]) if r["usage"] else None,
+        request_counts=RequestCounts(**json.loads(r["request_counts"])) if r["request_counts"] else None)

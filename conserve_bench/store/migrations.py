@@ -199,11 +199,18 @@ def m009_items_progress(conn: sa.Connection) -> None:
     refresh_statistics(conn, ["items", "job_items"])
 
 
+def m010_settled_counts(conn: sa.Connection) -> None:
+    """A done job's and a finalized batch's counts, kept with them: a list of jobs or
+    batches counts only the live ones' items (#36)."""
+    _add_column(conn, "jobs", sa.Column("progress", sa.Text))
+    _add_column(conn, "batches", sa.Column("request_counts", sa.Text))
+
+
 MIGRATIONS: list[Callable[[sa.Connection], None]] = [m001_initial, m002_profiles,
                                                       m003_profile_refits, m004_run_key,
                                                       m005_leases, m006_item_partials,
                                                       m007_batches, m008_batch_usage,
-                                                      m009_items_progress]
+                                                      m009_items_progress, m010_settled_counts]
 
 
 def migrate(engine: sa.Engine, migrations=MIGRATIONS) -> int:

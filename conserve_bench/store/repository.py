@@ -164,6 +164,14 @@ class Store(PartialRows, ReplicaRows, ProfileRows, BatchRows):
             raise JobNotFoundError(f"no job {job_id!r} in the store")
         return jobs_found[0]
 
+    def job_spec(self, job_id: str) -> JobSpec:
+        """Just what the job runs (no item counts)."""
+        spec = self._read(lambda conn: conn.execute(
+            sa.select(jobs.c.spec).where(jobs.c.id == job_id)).scalar())
+        if spec is None:
+            raise JobNotFoundError(f"no job {job_id!r} in the store")
+        return JobSpec.from_dict(json.loads(spec))
+
     def get_job_state(self, job_id: str) -> JobState:
         """Just the state (cheap: no item counts), e.g. to notice a cancel between commits."""
         state = self._read(lambda conn: conn.execute(
@@ -187,8 +195,8 @@ class Store(PartialRows, ReplicaRows, ProfileRows, BatchRows):
             row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().one_or_none()
             if row is None:
                 raise JobNotFoundError(f"no job {job_id!r} in the store")
-            progress = _progress(conn, [job_id], by_owner=True).get(job_id, _Progress())
-            return _job_from_row(row, progress), self._replicas_of(conn, progress.by_owner)
+            live = _progress(conn, [job_id], by_owner=True).get(job_id, _Progress())
+            return _job_from_row(row, _settled(row) or live), self._replicas_of(conn, live.by_owner)
 
         return self._read(read)
 
@@ -197,8 +205,8 @@ class Store(PartialRows, ReplicaRows, ProfileRows, BatchRows):
 
         def read(conn: sa.Connection):
             rows = conn.execute(query).mappings().all()
-            progress = _progress(conn, [r["id"] for r in rows])
-            return [_job_from_row(r, progress.get(r["id"], _Progress())) for r in rows]
+            progress = _progress(conn, [r["id"] for r in rows if _settled(r) is None])
+            return [_job_from_row(r, _settled(r) or progress.get(r["id"], _Progress())) for r in rows]
 
         return self._read(read)
 
@@ -302,11 +310,17 @@ class Store(PartialRows, ReplicaRows, ProfileRows, BatchRows):
 
         NOTE: conditional on the job not being cancelled: a cancel that won the race stays
         a cancel. A job done already (another replica finished it too) gets these results.
+        Its item counts are kept with them (`_settled`): a done job's items are all settled,
+        and listing jobs then counts only the live ones' items.
         """
-        return self._write(lambda conn: conn.execute(
-            jobs.update().where(jobs.c.id == job_id, jobs.c.state != JobState.CANCELLED)
-            .values(results=json.dumps(results), state=JobState.DONE, error=None,
-                    updated_at=time.time())).rowcount == 1)
+        def save(conn: sa.Connection) -> bool:
+            progress = _progress(conn, [job_id]).get(job_id, _Progress())
+            return conn.execute(
+                jobs.update().where(jobs.c.id == job_id, jobs.c.state != JobState.CANCELLED)
+                .values(results=json.dumps(results), state=JobState.DONE, error=None,
+                        progress=json.dumps(progress.counts()), updated_at=time.time())).rowcount == 1
+
+        return self._write(save)
 
     def get_results(self, job_id: str) -> dict[str, Any] | None:
         self.get_job(job_id)
@@ -507,6 +521,9 @@ class _Progress:
     num_partial_tokens: int = 0
     by_owner: list[tuple[str, str, int]] = field(default_factory=list)
 
+    def counts(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in SETTLED_COUNTS}
+
     def add(self, owner: str | None, state: str | None, num: int, num_done: int, num_failed: int,
             num_partial: int, partial_tokens: int) -> None:
         self.num_done += num_done
@@ -515,6 +532,17 @@ class _Progress:
         self.num_partial_tokens += partial_tokens
         if owner is not None and state in OWNED_STATES:
             self.by_owner.append((owner, state, num))
+
+
+SETTLED_COUNTS = ("num_done", "num_failed", "num_partial_items", "num_partial_tokens")
+
+
+def _settled(row) -> _Progress | None:
+    """A done job's counts, kept with its results; None for a job whose items may still
+    change (any other state: counted live)."""
+    if row["progress"] and row["state"] == JobState.DONE:
+        return _Progress(**json.loads(row["progress"]))
+    return None
 
 
 def _progress(conn: sa.Connection, job_ids: list[str], by_owner: bool = False) -> dict[str, _Progress]:

@@ -30,6 +30,8 @@ jobs = sa.Table(
     # NOTE: a caller's name for a job (`ci --run-key`): unique, yet many jobs have none, and
     # neither SQLite nor PostgreSQL counts NULLs as equal.
     sa.Column("run_key", sa.String(200)),
+    # JSON: a done job's item counts, frozen with its results (`Store.save_results`)
+    sa.Column("progress", sa.Text),
     sa.Index("ux_jobs_run_key", "run_key", unique=True),
 )
 
@@ -174,4 +176,5 @@ batches = sa.Table(
     *(sa.Column(f"{stamp}_at", sa.Float) for stamp in (
         "in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")),
     sa.Column("usage", sa.Text),  # JSON: the answered lines' token totals, once finalized
+    sa.Column("request_counts", sa.Text),  # JSON: its request counts, frozen when finalized
 )
