@@ -43,15 +43,33 @@ class BatchRequest(BaseModel):
     metadata: dict[str, str] | None = None
 
 
-def install_batch_api(app, store, model: str, fingerprint: str, served_urls: tuple[str, ...]) -> None:
+class BatchAnswers:
+    """Batch objects as the routes and the sweeper answer them: a batch still running counts
+    its lines (its done items' results), so its answer is reused while its status holds and it
+    is young against that cost (`jobapi.PollCache`), whoever asks; a finalized batch's counts
+    are kept in its row, and its answer is read afresh (and not kept)."""
+
+    def __init__(self, store, polls: PollCache | None = None):
+        self.store, self.polls = store, polls or PollCache()
+
+    def describe(self, batch) -> dict[str, Any]:
+        if batch.status.is_final:
+            self.polls.forget(batch.id)
+            return lifecycle.describe(self.store, batch)
+        return self.polls.answer(batch.id, batch.status.value, lambda: lifecycle.describe(self.store, batch))
+
+
+def install_batch_api(app, store, model: str, fingerprint: str, served_urls: tuple[str, ...],
+                      answers: BatchAnswers | None = None) -> None:
     """Add `/v1/files` and `/v1/batches` to `app`; batches of `served_urls` (the endpoints
-    the model serves) are keyed with the engine's `fingerprint`."""
+    the model serves) are keyed with the engine's `fingerprint`; `answers`: shared with the
+    server's `BatchSweeper`."""
     from fastapi import APIRouter, File, Form, Query, UploadFile
     from fastapi.responses import Response
 
     files = APIRouter(prefix=FILES_PATH, route_class=_route_class())
     batches = APIRouter(prefix=BATCHES_PATH, route_class=_route_class())
-    polls = PollCache()
+    answers = answers or BatchAnswers(store)
 
     @files.post("")
     async def upload(file: UploadFile = File(...), purpose: str = Form(...)) -> dict[str, Any]:
@@ -90,12 +108,11 @@ def install_batch_api(app, store, model: str, fingerprint: str, served_urls: tup
     @batches.get("")
     def list_batches(limit: int = Query(20, ge=1, le=100), after: str | None = None) -> dict[str, Any]:
         found = store.list_batches(limit + 1, after)
-        return _page([lifecycle.describe(store, b) for b in found[:limit]], has_more=len(found) > limit)
+        return _page([answers.describe(b) for b in found[:limit]], has_more=len(found) > limit)
 
     @batches.get("/{batch_id}")
     def retrieve(batch_id: str) -> dict[str, Any]:
-        batch = store.get_batch(batch_id)  # NOTE: its status is always read afresh
-        return polls.answer(batch.id, batch.status.value, lambda: lifecycle.describe(store, batch))
+        return answers.describe(store.get_batch(batch_id))  # NOTE: its status is always read afresh
 
     @batches.post("/{batch_id}/cancel")
     def cancel(batch_id: str) -> dict[str, Any]:
@@ -166,11 +183,13 @@ EXPORTED_BATCHES = 100  # the newest batches whose progress /metrics shows
 
 class BatchSweeper:
     """On the server's loop: ends the batches no run ends (`lifecycle.settle`: expired,
-    cancelled) and exports the newest batches' progress to `/metrics`. A store outage skips
-    a sweep; the next one catches up."""
+    cancelled) and exports the newest batches' progress to `/metrics`, answered as the
+    routes answer them (`BatchAnswers`: a running batch's lines are not counted every
+    second). A store outage skips a sweep; the next one catches up."""
 
-    def __init__(self, store, poll_s: float = SWEEP_S):
+    def __init__(self, store, answers: BatchAnswers | None = None, poll_s: float = SWEEP_S):
         self.store, self.poll_s = store, poll_s
+        self.answers = answers or BatchAnswers(store)
 
     async def run(self) -> None:
         import asyncio
@@ -185,7 +204,7 @@ class BatchSweeper:
         try:
             lifecycle.settle(self.store)
             for batch in self.store.list_batches(EXPORTED_BATCHES):
-                obj = lifecycle.describe(self.store, batch)
+                obj = self.answers.describe(batch)
                 batch_progress(batch.id, obj["request_counts"], obj["conserve"]["eta_s"])
         except StoreUnavailableError as e:
             log.warning("batch sweep skipped: %s", first_line(e))

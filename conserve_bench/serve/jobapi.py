@@ -221,6 +221,13 @@ class PollCache:
         self._answers[key] = (now, (self.clock() - now) / self.share, state, answer)
         return answer
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._answers
+
+    def forget(self, key: str) -> None:
+        """Drop `key`'s answer (its subject settled: nothing left to reuse)."""
+        self._answers.pop(key, None)
+
 
 def _checked_spec(request: JobRequest, cfg, max_model_len: int | None) -> JobSpec:
     """The job a request asks for, checked against this server: its context length, the data

@@ -418,7 +418,7 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
 
     from conserve_bench.engine.openai_requests import OpenAIHandlers, OpenAIRequestEngine
     from conserve_bench.serve.arrivals import tag_arrivals
-    from conserve_bench.serve.batchapi import BatchSweeper, install_batch_api
+    from conserve_bench.serve.batchapi import BatchAnswers, BatchSweeper, install_batch_api
     from conserve_bench.serve.guard import Guard, generation_routes
     from conserve_bench.serve.jobapi import install_job_api
     from conserve_bench.serve.metrics import CheckpointWatcher, OnlineMetrics, ProcessWatch, RefitWatcher
@@ -441,7 +441,8 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
         # NOTE: a batch's lines run through handlers of their own, vLLM's as its app has them,
         # over the same engine at offline priority (`engine.openai_requests`)
         handlers = await OpenAIHandlers.create(client, args, supported_tasks, cfg.partial_tokens)
-        install_batch_api(app, store, cfg.model, fingerprint, handlers.urls)
+        batch_answers = BatchAnswers(store)  # NOTE: the routes' and the sweeper's, one reuse
+        install_batch_api(app, store, cfg.model, fingerprint, handlers.urls, batch_answers)
         loop = asyncio.get_running_loop()
         adapter = AsyncEngineAdapter(client, loop, fingerprint,
                                      max_model_len, on_tokens=metrics.offline_tokens,
@@ -471,7 +472,7 @@ async def _serve(cfg: ServeConfig, engine_cfg: EngineConfig, targets: Targets, p
         try:
             await serve_until_stopped(server, pump, client, [
                 watcher.run(REFIT_POLL_S), CheckpointWatcher(checkpoint_state).run(REFIT_POLL_S),
-                store_watch.run(), BatchSweeper(store).run(), ProcessWatch().run()])
+                store_watch.run(), BatchSweeper(store, batch_answers).run(), ProcessWatch().run()])
         finally:
             watcher.poll()  # NOTE: the last refit the engine wrote is stored too
 
