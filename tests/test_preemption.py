@@ -538,7 +538,7 @@ def test_a_step_that_ran_out_past_an_arrival_settles_it_and_offline_work_waits_f
     preemption.ran_out(num_announced=1)
     assert preemption.armed_step(output) is None and scheduler.effects == []  # nothing undone
     assert preemption.arrivals.cut_above == 1  # arrival 1 cuts no step after this one
-    assert preemption.holds_offline(limit_s=10.0)  # its request is on its way
+    assert preemption.holds_offline(limit_s=lambda: 10.0)  # its request is on its way
 
 
 def test_steps_with_online_work_are_not_armed():

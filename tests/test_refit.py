@@ -11,6 +11,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conserve_bench.sched.latency import (FEATURES, ChunkShape, FitError, LatencyModel, Sample, StepShape,
                                           evaluate, fit)
@@ -55,6 +57,20 @@ def test_no_refit_before_warmup_and_enough_steps_then_every_n():
     statuses = feed(live, steps(PROFILE, 1 + 100, seed=1))  # usable steps 100, 150, 200
     assert [s.num_refits for s in statuses] == [1, 2, 3]
     assert [s.num_steps for s in statuses] == [110, 160, 210]
+
+
+def test_a_due_refit_waits_for_a_step_with_no_online_request_for_a_bounded_time():
+    """A refit takes milliseconds of the engine core's: run between two online decode steps
+    it lengthened every 32nd gap between an online request's tokens by 3-7 ms."""
+    live = LiveModel(PROFILE, replace(CFG, max_deferred_steps=30))
+    samples = steps(PROFILE, 400)
+    feed(live, samples[:109])  # due at the next usable step (the 100th)
+    busy = [live.observe(x, online_waits=True) for x in samples[109:129]]
+    assert busy == [None] * 20  # put off while online requests wait...
+    status = live.observe(samples[129], online_waits=False)
+    assert status is not None and status.num_steps == 130  # ...to the first step with none
+    busy = [live.observe(x, online_waits=True) for x in samples[130:300]]
+    assert [s.num_steps for s in busy if s is not None] == [210, 290]  # ...or 30 steps late
 
 
 def test_unusable_steps_are_never_fitted_on():
@@ -292,6 +308,32 @@ def test_the_engines_first_steps_never_count_toward_a_margin():
         margin.observe("offline", 0.5, 0.55)
     assert margin.factors().offline == pytest.approx(1.1)
     assert TailMargin(0.9).warmup_steps == RefitConfig().warmup_steps
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["online", "mixed", "offline", "idle"]),
+                          st.floats(0.5, 3.0)), min_size=40, max_size=120))
+def test_a_margin_is_its_kinds_quantile_over_the_ratios_still_counted(steps):
+    """Kept sorted as steps come and age out (the scheduler reads the factors every step):
+    each kind's factor is the quantile of exactly the ratios its window still holds."""
+    from conserve_bench.sched.policy import TailFactors
+    from conserve_bench.sched.refit import TailMargin
+
+    prior = TailFactors(online=1.2, mixed=1.7, offline=1.3)
+    margin = TailMargin(0.9, window=12, min_samples=3, prior=prior, warmup_steps=2, max_age=30)
+    counted: dict[str, list[tuple[int, float]]] = {k: [] for k in TailMargin.KINDS}
+    for number, (kind, ratio) in enumerate(steps, start=1):
+        margin.observe(kind, 0.1, 0.1 * ratio)
+        if number > 2 and kind in counted:
+            counted[kind] = (counted[kind] + [(number, 0.1 * ratio / 0.1)])[-12:]
+        for k in counted:
+            counted[k] = [(n, r) for n, r in counted[k] if number - n < 30]
+        got = margin.factors()
+        for k, held in counted.items():
+            ratios = sorted(r for _, r in held)
+            expected = (max(1.0, ratios[min(len(ratios) - 1, int(0.9 * len(ratios)))]) if len(ratios) >= 3
+                        else getattr(prior, k) if number <= 30 else 1.0)
+            assert getattr(got, k) == pytest.approx(expected), (k, number)
 
 
 def test_plans_are_sized_so_the_tail_not_the_mean_meets_the_budget():

@@ -50,6 +50,10 @@ class ArrivalBook:
             self._settled_beyond.add(number)
             self._advance()
 
+    def awaits(self) -> bool:
+        """Whether any arrival that cut a step still waits for its request to run."""
+        return bool(self._in_hand_off)
+
     def in_hand_off(self, now_s: float, limit_s: float) -> bool:
         """Whether an arrival cut a step less than `limit_s` ago and its request has not run
         yet (offline work waits for it); those cut longer ago are let go."""

@@ -131,7 +131,7 @@ class ConserveScheduler(Scheduler):
             # NOTE: held at most one offline-only step's time: a request that never reaches
             # the engine costs offline work no more than the step it cut would have run.
             held = (self._preemption is not None
-                    and self._preemption.holds_offline(self._targets.quantum_for(model)))
+                    and self._preemption.holds_offline(lambda: self._targets.quantum_for(model)))
             self.last_plan = plan_step(online, offline, model, self._targets,
                                        self.max_num_scheduled_tokens, policy.batch_apart, tail,
                                        offline_held=held)
@@ -207,11 +207,18 @@ class ConserveScheduler(Scheduler):
     def _observe(self, sample, usable: bool) -> None:
         """Feed the live model; after a refit, write its state for the server to read."""
         started = time.perf_counter()
-        status = self.live.observe(sample, usable)
+        status = self.live.observe(sample, usable, online_waits=self._online_waits())
         if status is not None and self._refit_state:
             # NOTE: with the margins, so that the next server starts from both (`WarmStart`)
             status = replace(status, tail=self.tail.factors() if self.tail else None)
             write_refit_state(self._refit_state, status, time.perf_counter() - started)
+
+    def _online_waits(self) -> bool:
+        """Whether an online request is in the engine, running or waiting (online requests
+        come first in vLLM's priority queue)."""
+        first_waiting = next(iter(self.waiting), None)
+        return ((first_waiting is not None and is_online(first_waiting.priority))
+                or any(is_online(r.priority) for r in self.running))
 
     def _abandoned(self, scheduler_output: SchedulerOutput, model_runner_output: Any,
                    report: AbortReport) -> dict[int, Any]:
