@@ -122,7 +122,7 @@ def finalize(store: Store, batch_id: str, status: BatchStatus) -> bool:
         return False
     outputs, errors, counts = _file_lines(store, batch, status)
     values: dict[str, Any] = {"usage": batch_usage(line["response"]["body"] for line in outputs),
-                              "request_counts": counts}
+                              "request_counts": counts.to_dict()}
     for name, lines in (("output", outputs), ("error", errors)):
         if lines:
             content = "".join(json.dumps(line) + "\n" for line in lines).encode()

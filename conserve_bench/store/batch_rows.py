@@ -171,8 +171,6 @@ class BatchRows(StoreBase):
         stamping when (`<to>_at`) and writing `values` (output file ids, errors, usage,
         request counts) with it."""
         to = BatchStatus(to)
-        if isinstance(values.get("request_counts"), RequestCounts):
-            values["request_counts"] = values["request_counts"].to_dict()
         for name in ("errors", "usage", "request_counts"):
             if values.get(name) is not None:
                 values[name] = json.dumps(values[name])
