@@ -64,12 +64,15 @@ def test_a_due_refit_waits_for_a_step_with_no_online_request_for_a_bounded_time(
     it lengthened every 32nd gap between an online request's tokens by 3-7 ms."""
     live = LiveModel(PROFILE, replace(CFG, max_deferred_steps=30))
     samples = steps(PROFILE, 400)
-    feed(live, samples[:109])  # due at the next usable step (the 100th)
-    busy = [live.observe(x, online_waits=True) for x in samples[109:129]]
+    asked = []
+    for x in samples[:109]:  # due at the next usable step (the 100th); until then never asked
+        assert live.observe(x, online_waits=lambda: asked.append(1) or True) is None
+    assert asked == []
+    busy = [live.observe(x, online_waits=lambda: True) for x in samples[109:129]]
     assert busy == [None] * 20  # put off while online requests wait...
-    status = live.observe(samples[129], online_waits=False)
+    status = live.observe(samples[129], online_waits=lambda: False)
     assert status is not None and status.num_steps == 130  # ...to the first step with none
-    busy = [live.observe(x, online_waits=True) for x in samples[130:300]]
+    busy = [live.observe(x, online_waits=lambda: True) for x in samples[130:300]]
     assert [s.num_steps for s in busy if s is not None] == [210, 290]  # ...or 30 steps late
 
 

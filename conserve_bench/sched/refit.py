@@ -21,7 +21,7 @@ from __future__ import annotations
 import bisect
 import statistics
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -164,13 +164,15 @@ class LiveModel:
         """The latest refit, adopted or not (None before the first)."""
         return None if self.status is None else self.status.refit
 
-    def observe(self, sample: Sample, usable: bool = True, online_waits: bool = False) -> RefitStatus | None:
+    def observe(self, sample: Sample, usable: bool = True,
+                online_waits: Callable[[], bool] = lambda: False) -> RefitStatus | None:
         """Add one executed step; refit when due. The new status when a refit ran.
 
         `usable` False: the step's time does not measure its whole shape (it was cut short,
         or its requests aborted), and it is never fitted on; nor are warm-up steps.
-        `online_waits`: an online request is in the engine (its next token waits for this
-        call): a due refit waits for a step without one, `cfg.max_deferred_steps` at most.
+        `online_waits()`, asked only when a refit is due: whether an online request is in the
+        engine (its next token waits for this call); a due refit then waits for a step
+        without one, `cfg.max_deferred_steps` at most.
         """
         self._num_steps += 1
         if usable and self._num_steps > self.cfg.warmup_steps and sample.step_s > 0:
@@ -180,7 +182,7 @@ class LiveModel:
             self._num_new += 1
         if self._num_new < self.cfg.every or len(self._window) < self.cfg.min_samples:
             return None
-        if online_waits and self._num_deferred < self.cfg.max_deferred_steps:
+        if self._num_deferred < self.cfg.max_deferred_steps and online_waits():
             self._num_deferred += 1
             return None
         self._num_new = self._num_deferred = 0

@@ -205,8 +205,9 @@ class Store(PartialRows, ReplicaRows, ProfileRows, BatchRows):
 
         def read(conn: sa.Connection):
             rows = conn.execute(query).mappings().all()
-            progress = _progress(conn, [r["id"] for r in rows if _settled(r) is None])
-            return [_job_from_row(r, _settled(r) or progress.get(r["id"], _Progress())) for r in rows]
+            settled = {r["id"]: _settled(r) for r in rows}
+            live = _progress(conn, [job_id for job_id, counts in settled.items() if counts is None])
+            return [_job_from_row(r, settled[r["id"]] or live.get(r["id"], _Progress())) for r in rows]
 
         return self._read(read)
 
@@ -323,7 +324,7 @@ class Store(PartialRows, ReplicaRows, ProfileRows, BatchRows):
         return self._write(save)
 
     def get_results(self, job_id: str) -> dict[str, Any] | None:
-        self.get_job(job_id)
+        self.get_job_state(job_id)  # NOTE: JobNotFoundError for a job that does not exist
         raw = self._read(lambda conn: conn.execute(
             sa.select(jobs.c.results).where(jobs.c.id == job_id)).scalar())
         return json.loads(raw) if raw else None
@@ -510,6 +511,9 @@ def _retry_failed(job_id: str) -> sa.Update:
             .values(state=ItemState.PENDING, owner=None, num_failures=0))
 
 
+SETTLED_COUNTS = ("num_done", "num_failed", "num_partial_items", "num_partial_tokens")  # `_Progress`'s kept
+
+
 @dataclass
 class _Progress:
     """A job's items counted: done, failed, unfinished with saved tokens (and those tokens),
@@ -532,9 +536,6 @@ class _Progress:
         self.num_partial_tokens += partial_tokens
         if owner is not None and state in OWNED_STATES:
             self.by_owner.append((owner, state, num))
-
-
-SETTLED_COUNTS = ("num_done", "num_failed", "num_partial_items", "num_partial_tokens")
 
 
 def _settled(row) -> _Progress | None:

@@ -207,18 +207,22 @@ class ConserveScheduler(Scheduler):
     def _observe(self, sample, usable: bool) -> None:
         """Feed the live model; after a refit, write its state for the server to read."""
         started = time.perf_counter()
-        status = self.live.observe(sample, usable, online_waits=self._online_waits())
+        status = self.live.observe(sample, usable, online_waits=self._online_waits)
         if status is not None and self._refit_state:
             # NOTE: with the margins, so that the next server starts from both (`WarmStart`)
             status = replace(status, tail=self.tail.factors() if self.tail else None)
             write_refit_state(self._refit_state, status, time.perf_counter() - started)
 
     def _online_waits(self) -> bool:
-        """Whether an online request is in the engine, running or waiting (online requests
-        come first in vLLM's priority queue)."""
-        first_waiting = next(iter(self.waiting), None)
-        return ((first_waiting is not None and is_online(first_waiting.priority))
+        """Whether an online request is in the engine, running or waiting."""
+        return (self._first_online_waiting() is not None
                 or any(is_online(r.priority) for r in self.running))
+
+    def _first_online_waiting(self):
+        """The waiting online request vLLM admits first, if any (priority order: online
+        requests come first)."""
+        first = next(iter(self.waiting), None)
+        return first if first is not None and is_online(first.priority) else None
 
     def _abandoned(self, scheduler_output: SchedulerOutput, model_runner_output: Any,
                    report: AbortReport) -> dict[int, Any]:
@@ -289,8 +293,8 @@ class ConserveScheduler(Scheduler):
     def _make_room_for_online(self) -> None:
         """Preempt offline requests holding the KV blocks or the batch seat that the next
         waiting online request needs."""
-        online_waiting = next(iter(self.waiting), None)  # priority order: online comes first
-        if online_waiting is None or not is_online(online_waiting.priority):
+        online_waiting = self._first_online_waiting()
+        if online_waiting is None:
             return
         num_needed = -(-min(online_waiting.num_tokens, self.max_num_scheduled_tokens)
                        // self.block_size)
