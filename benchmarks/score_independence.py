@@ -155,20 +155,22 @@ class OnlineBursts(threading.Thread):
 
 
 def step_log_counts(path: Path) -> dict[str, int]:
-    """From a step log: steps cut by an arrival (and by the fault hook), preempted requests
-    resumed, those that loaded KV from the checkpoint pool, and the tokens they loaded."""
+    """From a step log: steps cut by an arrival (and by the fault hook), steps an arrival let
+    run out (`policy.run_out_share`), preempted requests resumed, those that loaded KV from the
+    checkpoint pool, and the tokens they loaded."""
     from conserve_bench.sched.steplog import read_step_log_with_notes
 
-    cuts = forced = resumes = loaded_resumes = loaded_tokens = 0
+    cuts = forced = run_outs = resumes = loaded_resumes = loaded_tokens = 0
     for _, notes in read_step_log_with_notes(path):
         if notes.get("aborted"):
             cuts += notes.get("arrival_ns") is not None
             forced += notes.get("arrival_ns") is None
+        run_outs += notes.get("run_out_layer") is not None
         for _, num_loaded, _, _ in notes.get("kv_resumes", ()):
             resumes += 1
             loaded_resumes += num_loaded > 0
             loaded_tokens += num_loaded
-    return {"arrival_cuts": cuts, "forced_cuts": forced, "kv_resumes": resumes,
+    return {"arrival_cuts": cuts, "forced_cuts": forced, "arrival_run_outs": run_outs, "kv_resumes": resumes,
             "kv_resumes_loaded": loaded_resumes, "kv_loaded_tokens": loaded_tokens}
 
 
@@ -339,7 +341,7 @@ def summary(row: dict[str, Any], reference) -> str:
     c = compare(row["runs"], reference)
     return (f"max diff {c['max_logprob_diff']:.2e} nats, {c['is_greedy_flips']} is_greedy flips, "
             f"{c['texts_differ']} texts differ, scores equal {c['scores_equal']}; "
-            f"{row['arrival_cuts']} cuts, {row['kv_resumes_loaded']}/{row['kv_resumes']} resumes loaded; "
+            f"{row['arrival_cuts']} cuts, {row.get('arrival_run_outs', 0)} run out, {row['kv_resumes_loaded']}/{row['kv_resumes']} resumes loaded; "
             f"{row['wall_s']:.1f} s, {row['online_sent']} online")
 
 
