@@ -33,6 +33,11 @@ REQUIRE_POSTGRES = os.environ.get("CONSERVE_BENCH_REQUIRE_POSTGRES") == "1"
 # torch.compile: half the start-up, and the suite starts about ten. Layer-wise preemption's
 # engine test opts back in (tests/test_preemption_engine.py).
 os.environ.setdefault("CONSERVE_BENCH_ENFORCE_EAGER", "1")
+# NOTE: the suite runs up to three `serve` processes beside this one, each with vLLM's CPU KV
+# cache of this size (their engines take about 3.5 GB each at 2 GiB). Set, not defaulted: a
+# shell that exports a bigger one for its own servers (4 GiB: 5.5 GB each) had the kernel's
+# OOM killer end the suite silently on a 24 GiB host.
+os.environ["VLLM_CPU_KVCACHE_SPACE"] = "2"
 KEY = "test-key"  # the shared server's API key
 SERVER_MAX_INFLIGHT = 8
 
