@@ -9,6 +9,7 @@ itself; samples come from the caller.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -153,7 +154,10 @@ class LatencyModel:
 
     def predict_features(self, features: Sequence[float]) -> float:
         """Predicted step time in seconds for a row of `FEATURES` values (`StepShape.features`)."""
-        return sum(c * f for c, f in zip(self.coefficients, features))
+        # NOTE: the planner's innermost call (budget inversions, size corrections measured
+        # again after a refit); map(mul) sums the same products in the same order as a
+        # generator over zip, 3.4 times faster (0.32 against 1.10 us)
+        return sum(map(operator.mul, self.coefficients, features))
 
     def max_tokens_within(self, budget_s: float, base_shape: StepShape, context: int,
                           prompt_logprobs: bool = False,
