@@ -341,7 +341,7 @@ def summary(row: dict[str, Any], reference) -> str:
     c = compare(row["runs"], reference)
     return (f"max diff {c['max_logprob_diff']:.2e} nats, {c['is_greedy_flips']} is_greedy flips, "
             f"{c['texts_differ']} texts differ, scores equal {c['scores_equal']}; "
-            f"{row['arrival_cuts']} cuts, {row.get('arrival_run_outs', 0)} run out, {row['kv_resumes_loaded']}/{row['kv_resumes']} resumes loaded; "
+            f"{row['arrival_cuts']} cuts, {row['arrival_run_outs']} run out, {row['kv_resumes_loaded']}/{row['kv_resumes']} resumes loaded; "
             f"{row['wall_s']:.1f} s, {row['online_sent']} online")
 
 
